@@ -1,0 +1,30 @@
+# Quick start: `make demo` (main job end to end) and `make test` (the test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install demo test test-fast bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[packager,agent,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) examples/digits/demo.py
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(PY) benchmarks/build_multi_target.py
+	$(PY) benchmarks/quantization_quality.py
+
+clean:
+	rm -rf examples/digits/work dist .pytest_cache

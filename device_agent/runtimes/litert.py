@@ -1,0 +1,117 @@
+"""TFLite models: LiteRT (ai_edge_litert), else tflite_runtime (needs numpy<2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_agent.runtimes.base import Runtime, TensorInfo
+from edgebundle.errors import RuntimeUnavailableError
+
+EDGETPU_LIB = "libedgetpu.so.1"
+EDGETPU_OP = "edgetpu-custom-op"
+
+
+def _interpreter_module():
+    try:
+        from ai_edge_litert import interpreter as mod
+
+        return mod, "ai-edge-litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime import interpreter as mod  # last release 2.14 needs numpy<2
+
+        return mod, "tflite-runtime"
+    except ImportError:
+        raise RuntimeUnavailableError(
+            "no TFLite runtime is installed",
+            hint="pip install ai-edge-litert (Python 3.10-3.12, x86-64/aarch64); "
+                 "on older devices: pip install tflite-runtime 'numpy<2'") from None
+
+
+def _info(d: dict, name: str) -> TensorInfo:
+    scale, zp = d.get("quantization", (0.0, 0))
+    sig = d.get("shape_signature")
+    shape = tuple(int(x) for x in (sig if sig is not None and len(sig) else d["shape"]))
+    return TensorInfo(name=name, shape=shape, dtype=np.dtype(d["dtype"]).name,
+                      scale=float(scale) if scale else None, zero_point=int(zp) if scale else None)
+
+
+@dataclass
+class LiteRTRuntime(Runtime):
+    """Runs through the interpreter's tensor indices (not the signature runner's
+    per-call dict plumbing) so the adapter adds next to nothing per inference."""
+
+    _interp: object = None
+    _in_idx: tuple = ()
+    _out_idx: tuple = ()
+
+    @classmethod
+    def load(cls, path: str, *, threads: int = 0, delegates: tuple[str, ...] = (),
+             allow_cpu_fallback: bool = False, **_ignored) -> "LiteRTRuntime":
+        mod, dist = _interpreter_module()
+        model = open(path, "rb").read()
+        compiled = EDGETPU_OP.encode() in model
+        loaded_delegates, notes = [], []
+        if "edgetpu" in delegates:
+            try:
+                loaded_delegates.append(mod.load_delegate(EDGETPU_LIB))
+            except (ValueError, OSError) as e:
+                if compiled or not allow_cpu_fallback:
+                    raise RuntimeUnavailableError(
+                        f"the Edge TPU delegate {EDGETPU_LIB} could not be loaded ({e})",
+                        hint="install libedgetpu1-std from Coral's apt repository and plug in the "
+                             "Edge TPU; a compiled model cannot run without it") from None
+                notes.append(f"Edge TPU delegate unavailable ({e}); running on the CPU")
+        kwargs = {"num_threads": threads} if threads else {}
+        try:
+            interp = mod.Interpreter(model_content=model, experimental_delegates=loaded_delegates or None, **kwargs)
+            interp.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise RuntimeUnavailableError(f"{dist} could not load {path}: {e}") from None
+        sigs = interp.get_signature_list()
+        if sigs:
+            key = "serving_default" if "serving_default" in sigs else sorted(sigs)[0]
+            runner = interp.get_signature_runner(key)
+            ins = runner.get_input_details()
+            outs = runner.get_output_details()
+            in_names, out_names = sorted(ins), sorted(outs)
+            inputs = tuple(_info(ins[n], n) for n in in_names)
+            outputs = tuple(_info(outs[n], n) for n in out_names)
+            in_idx = tuple(ins[n]["index"] for n in in_names)
+            out_idx = tuple(outs[n]["index"] for n in out_names)
+        else:  # e.g. older edgetpu_compiler output: fall back to tensor names
+            ins, outs = interp.get_input_details(), interp.get_output_details()
+            inputs = tuple(_info(d, d["name"]) for d in ins)
+            outputs = tuple(_info(d, d["name"]) for d in outs)
+            in_idx = tuple(d["index"] for d in ins)
+            out_idx = tuple(d["index"] for d in outs)
+        delegate = "edgetpu" if loaded_delegates else ("xnnpack" if "xnnpack" in delegates else "cpu")
+        details = {"runtime": "litert", "package": dist, "version": getattr(mod, "__version__", None) or _dist_version(dist),
+                   "delegate": delegate, "edgetpu_compiled": compiled, "threads": threads or None, "notes": notes}
+        return cls(inputs=inputs, outputs=outputs, details=details, _interp=interp,
+                   _in_idx=in_idx, _out_idx=out_idx)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        it = self._interp
+        for info, idx in zip(self.inputs, self._in_idx):
+            it.set_tensor(idx, feeds[info.name])
+        it.invoke()
+        return {info.name: it.get_tensor(idx) for info, idx in zip(self.outputs, self._out_idx)}
+
+    def ops(self) -> list[str]:
+        """Op names in execution order (used by lint and reports)."""
+        return [d["op_name"] for d in self._interp._get_ops_details()]
+
+    def close(self) -> None:
+        self._interp = None
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None

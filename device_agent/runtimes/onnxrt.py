@@ -1,0 +1,77 @@
+"""ONNX models: ONNX Runtime with the bundle's providers, in order, among those available."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_agent.runtimes.base import Runtime, TensorInfo
+from edgebundle.errors import RuntimeUnavailableError
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+               "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int16)": "int16",
+               "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool"}
+
+
+def _info(arg) -> TensorInfo:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    return TensorInfo(name=arg.name, shape=shape, dtype=_ORT_DTYPES.get(arg.type, "float32"))
+
+
+def provider_options(name: str, *, cache_dir: str | None, trt_fp16: bool, trt_cache: bool) -> dict:
+    if name == "TensorrtExecutionProvider":
+        opts = {"trt_fp16_enable": trt_fp16}
+        if trt_cache and cache_dir:
+            os.makedirs(cache_dir, exist_ok=True)
+            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache_dir,
+                        trt_timing_cache_enable=True, trt_timing_cache_path=cache_dir)
+        return opts
+    return {}
+
+
+@dataclass
+class OnnxRuntime(Runtime):
+    _session: object = None
+    _out_names: tuple = ()
+
+    @classmethod
+    def load(cls, path: str, *, threads: int = 0, providers: tuple[str, ...] = (),
+             cache_dir: str | None = None, trt_fp16: bool = False, trt_cache: bool = False,
+             **_ignored) -> "OnnxRuntime":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RuntimeUnavailableError(
+                "onnxruntime is not installed",
+                hint="pip install onnxruntime (on Jetson: onnxruntime-gpu from NVIDIA's Jetson index)") from None
+        available = ort.get_available_providers()
+        wanted = list(providers) or ["CPUExecutionProvider"]
+        chosen = [p for p in wanted if p in available]
+        if not chosen:
+            raise RuntimeUnavailableError(
+                f"none of the bundle's providers {wanted} is available (this onnxruntime has {available})",
+                hint="install the onnxruntime build for this device (onnxruntime-gpu for CUDA/TensorRT)")
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        opts = [provider_options(p, cache_dir=cache_dir, trt_fp16=trt_fp16, trt_cache=trt_cache) for p in chosen]
+        try:
+            sess = ort.InferenceSession(str(path), sess_options=so, providers=chosen, provider_options=opts)
+        except Exception as e:  # onnxruntime raises its own untyped exceptions (Fail, InvalidGraph, ...)
+            raise RuntimeUnavailableError(f"onnxruntime could not load {path}: {e}") from None
+        inputs = tuple(_info(a) for a in sess.get_inputs())
+        outputs = tuple(_info(a) for a in sess.get_outputs())
+        in_use = sess.get_providers()
+        details = {"runtime": "onnxruntime", "version": ort.__version__, "providers": in_use,
+                   "provider": in_use[0] if in_use else None, "requested": wanted,
+                   "skipped": [p for p in wanted if p not in available], "threads": threads or None}
+        return cls(inputs=inputs, outputs=outputs, details=details, _session=sess,
+                   _out_names=tuple(o.name for o in outputs))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        res = self._session.run(self._out_names, feeds)
+        return dict(zip(self._out_names, res))
+
+    def close(self) -> None:
+        self._session = None

@@ -1,0 +1,41 @@
+"""Model format -> runtime adapter. Adding a runtime means adding one module and one line."""
+from __future__ import annotations
+
+from device_agent.runtimes.base import Runtime
+from edgebundle.errors import BundleError
+
+_RUNTIMES = {
+    "tflite": ("device_agent.runtimes.litert", "LiteRTRuntime"),
+    "onnx": ("device_agent.runtimes.onnxrt", "OnnxRuntime"),
+}
+
+
+def runtime_for_format(fmt: str) -> type[Runtime]:
+    import importlib
+
+    try:
+        module, cls = _RUNTIMES[fmt]
+    except KeyError:
+        raise BundleError(f"no runtime for model format {fmt!r}; known: {', '.join(_RUNTIMES)}") from None
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_runtime(path: str, *, fmt: str, threads: int = 0, delegates: tuple[str, ...] = (),
+                 providers: tuple[str, ...] = (), cache_dir: str | None = None, trt_fp16: bool = False,
+                 trt_cache: bool = False, allow_cpu_fallback: bool = False) -> Runtime:
+    """Load a model file with the adapter for its format (imports only that runtime)."""
+    return runtime_for_format(fmt).load(
+        str(path), threads=threads, delegates=tuple(delegates), providers=tuple(providers),
+        cache_dir=cache_dir, trt_fp16=trt_fp16, trt_cache=trt_cache, allow_cpu_fallback=allow_cpu_fallback)
+
+
+def load_from_manifest(path: str, manifest, *, cache_dir: str | None = None, threads: int | None = None,
+                       allow_cpu_fallback: bool | None = None) -> Runtime:
+    """Load a bundle's model with the runtime settings its manifest records."""
+    rt = manifest.runtime
+    fallback = bool(rt.get("cpu_fallback", False)) if allow_cpu_fallback is None else allow_cpu_fallback
+    return load_runtime(
+        path, fmt=manifest.format, threads=(rt.get("threads") or 0) if threads is None else threads,
+        delegates=tuple(rt.get("delegates") or ()), providers=tuple(rt.get("providers") or ()),
+        cache_dir=cache_dir, trt_fp16=bool(rt.get("tensorrt_fp16")), trt_cache=bool(rt.get("tensorrt_engine_cache")),
+        allow_cpu_fallback=fallback)

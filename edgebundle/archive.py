@@ -1,0 +1,255 @@
+"""Write and read bundle files safely.
+
+A bundle is a flat ZIP archive (see docs/bundle-format.md). Reading never trusts
+the archive: member names must be plain file names, links and directories are
+refused, sizes are capped, every member must be listed in the manifest with its
+sha256 and size, and hashes are checked while the bytes stream out.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+import zlib
+from typing import Iterable
+
+from edgebundle.errors import BundleError, VerificationError
+from edgebundle.manifest import FileEntry, Manifest
+
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # reserved: detached signature over manifest.json bytes
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_MEMBER_BYTES = 4 << 30
+MAX_MEMBERS = 64
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_bundle(
+    dest: str | os.PathLike,
+    manifest: Manifest,
+    files: dict[str, str | os.PathLike],
+    *,
+    signature: bytes | None = None,
+) -> Manifest:
+    """Write `files` plus the manifest (with their hashes filled in) to `dest`.
+
+    Atomic: the archive is written to a temporary file in the same directory,
+    flushed to disk, then renamed, so an interrupted build leaves no bundle.
+    """
+    dest = Path(dest)
+    for name in files:
+        _check_name(name)
+        if name in (MANIFEST, SIGNATURE):
+            raise BundleError(f"{name!r} is reserved for the bundle's own use")
+    entries = {name: FileEntry(sha256_file(p), os.path.getsize(p)) for name, p in files.items()}
+    manifest = manifest.with_files(entries)
+    Manifest.from_dict(manifest.to_dict())  # refuse to write what we could not read back
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                zf.writestr(_info(MANIFEST), manifest.to_json())
+                if signature is not None:
+                    zf.writestr(_info(SIGNATURE), signature)
+                for name, p in sorted(files.items()):
+                    with open(p, "rb") as src, zf.open(_info(name), "w", force_zip64=True) as out:
+                        for block in iter(lambda: src.read(_CHUNK), b""):
+                            out.write(block)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return manifest
+
+
+def _info(name: str) -> zipfile.ZipInfo:
+    zi = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))  # reproducible archives
+    zi.compress_type = zipfile.ZIP_DEFLATED
+    zi.external_attr = (stat.S_IFREG | 0o644) << 16
+    return zi
+
+
+def _check_name(name: str) -> None:
+    if not _NAME.match(name) or ".." in name:
+        raise BundleError(
+            f"bundle member name {name!r} is not allowed",
+            hint="members are plain file names (letters, digits, '.', '_', '-'), no folders",
+        )
+
+
+@dataclass
+class Bundle:
+    """An opened bundle whose structure and manifest were checked.
+
+    File contents are verified when read (`read`, `extract`), not on open, so
+    inspecting a large bundle stays cheap.
+    """
+
+    path: Path
+    manifest: Manifest
+    manifest_bytes: bytes
+    signature: bytes | None
+
+    def read(self, name: str) -> bytes:
+        """Read one member fully, verifying its size and sha256."""
+        with zipfile.ZipFile(self.path) as zf:
+            buf = bytearray()
+            self._stream(zf, name, buf.extend)
+            return bytes(buf)
+
+    def extract(self, dest_dir: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, Path]:
+        """Extract members into `dest_dir`, hashing as they stream; a bad member is
+        deleted and raises VerificationError. Returns name -> path."""
+        dest_dir = Path(dest_dir)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        out: dict[str, Path] = {}
+        with zipfile.ZipFile(self.path) as zf:
+            for name in names if names is not None else sorted(self.manifest.files):
+                target = dest_dir / name  # name was checked against _NAME on open
+                tmp = target.with_name(f".{name}.part")
+                try:
+                    with open(tmp, "wb") as f:
+                        self._stream(zf, name, f.write)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, target)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+                out[name] = target
+        return out
+
+    def _stream(self, zf: zipfile.ZipFile, name: str, sink) -> None:
+        entry = self.manifest.files.get(name)
+        if entry is None:
+            raise BundleError(f"{name!r} is not listed in the bundle's manifest")
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with zf.open(name) as src:
+                while block := src.read(_CHUNK):
+                    n += len(block)
+                    if n > entry.size:
+                        raise VerificationError(
+                            f"{name}: more bytes than the manifest's {entry.size}",
+                            problems=[f"{name}: size exceeds manifest"],
+                        )
+                    h.update(block)
+                    sink(block)
+        except (zipfile.BadZipFile, zlib.error) as e:
+            raise VerificationError(f"{name}: archive data is corrupt ({e})", problems=[f"{name}: corrupt"]) from None
+        if n != entry.size:
+            raise VerificationError(f"{name}: {n} bytes, manifest says {entry.size}",
+                                    problems=[f"{name}: size mismatch"])
+        if h.hexdigest() != entry.sha256:
+            raise VerificationError(
+                f"{name}: sha256 {h.hexdigest()[:16]}... does not match the manifest's {entry.sha256[:16]}...",
+                problems=[f"{name}: sha256 mismatch"],
+                hint="the bundle was modified or damaged after it was built; rebuild or re-download it",
+            )
+
+
+def open_bundle(path: str | os.PathLike) -> Bundle:
+    """Open a bundle and check its structure and manifest (not yet the file hashes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"bundle {str(path)!r} does not exist or is not a file")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BundleError(f"{path.name} is not an edgepack bundle (not a readable ZIP archive: {e})") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise BundleError(f"{path.name} has {len(infos)} members; at most {MAX_MEMBERS} are allowed")
+        seen: set[str] = set()
+        for zi in infos:
+            _check_member(zi, path.name)
+            if zi.filename in seen:
+                raise BundleError(f"{path.name}: member {zi.filename!r} appears twice")
+            seen.add(zi.filename)
+        if MANIFEST not in seen:
+            raise BundleError(f"{path.name} has no {MANIFEST}; it is not an edgepack bundle")
+        if zf.getinfo(MANIFEST).file_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path.name}: manifest.json is larger than {MAX_MANIFEST_BYTES} bytes")
+        with zf.open(MANIFEST) as f:
+            manifest_bytes = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path.name}: manifest.json is larger than {MAX_MANIFEST_BYTES} bytes")
+        manifest = Manifest.from_json(manifest_bytes)
+        signature = None
+        if SIGNATURE in seen:
+            with zf.open(SIGNATURE) as f:
+                signature = f.read(4096)
+        members = seen - {MANIFEST, SIGNATURE}
+        listed = set(manifest.files)
+        problems = [f"{n}: in the archive but not in the manifest" for n in sorted(members - listed)]
+        problems += [f"{n}: in the manifest but missing from the archive" for n in sorted(listed - members)]
+        for n in sorted(members & listed):
+            _check_name(n)
+            if zf.getinfo(n).file_size != manifest.files[n].size:
+                problems.append(f"{n}: archive says {zf.getinfo(n).file_size} bytes, manifest {manifest.files[n].size}")
+        if problems:
+            raise VerificationError(
+                f"{path.name}: archive does not match its manifest ({len(problems)} problem(s))",
+                problems=problems,
+                hint="the bundle was altered after it was built; rebuild it",
+            )
+    return Bundle(path=path, manifest=manifest, manifest_bytes=manifest_bytes, signature=signature)
+
+
+def _check_member(zi: zipfile.ZipInfo, bundle_name: str) -> None:
+    name = zi.filename
+    mode = zi.external_attr >> 16
+    if name.endswith("/") or zi.is_dir():
+        raise BundleError(f"{bundle_name}: member {name!r} is a directory; bundles are flat")
+    if mode and stat.S_ISLNK(mode):
+        raise BundleError(f"{bundle_name}: member {name!r} is a symbolic link; refused")
+    if mode and not stat.S_ISREG(mode):
+        raise BundleError(f"{bundle_name}: member {name!r} is not a regular file; refused")
+    if not _NAME.match(name) or ".." in name:
+        raise BundleError(
+            f"{bundle_name}: unsafe member name {name!r} (absolute path, '..' or a folder); refused",
+            hint="this file was not made by edgepack, or was tampered with",
+        )
+    if zi.file_size > MAX_MEMBER_BYTES:
+        raise BundleError(f"{bundle_name}: member {name!r} claims {zi.file_size} bytes, over the limit")
+
+
+def verify_bundle(path: str | os.PathLike) -> Bundle:
+    """Open a bundle and re-check every file's size and sha256 against the manifest.
+
+    Raises VerificationError listing every problem found, not just the first."""
+    bundle = open_bundle(path)
+    problems: list[str] = []
+    with zipfile.ZipFile(bundle.path) as zf:
+        for name in sorted(bundle.manifest.files):
+            try:
+                bundle._stream(zf, name, lambda _b: None)
+            except VerificationError as e:
+                problems.append(str(e).split("\n")[0])
+    if problems:
+        raise VerificationError(
+            f"{bundle.path.name}: {len(problems)} file(s) do not match the manifest",
+            problems=problems,
+            hint="the bundle was modified or damaged after it was built; rebuild or re-download it",
+        )
+    return bundle
+

@@ -1,0 +1,198 @@
+"""Bundle manifest: a versioned JSON document, see docs/bundle-format.md."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from edgebundle.errors import BundleError
+
+SCHEMA = "edgepack.bundle/1"
+MODEL_FORMATS = ("tflite", "onnx")
+DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
+
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?(?:\+[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*)?$"
+)
+
+
+def parse_version(text: str) -> tuple:
+    """Semantic version -> sortable key (prereleases sort before the release)."""
+    m = _SEMVER.match(text or "")
+    if not m:
+        raise BundleError(
+            f"version {text!r} is not a semantic version",
+            hint="use MAJOR.MINOR.PATCH, e.g. 1.2.0 or 2.0.0-rc.1",
+        )
+    major, minor, patch, pre = m.groups()
+    pre_key: tuple = (1,) if pre is None else (0,) + tuple(
+        (0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split(".")
+    )
+    return (int(major), int(minor), int(patch), pre_key)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Affine quantization of an integer tensor: real = scale * (q - zero_point)."""
+
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output as the device runtime sees it."""
+
+    name: str
+    shape: tuple[int, ...]  # concrete shape used for checks and benchmarks
+    dtype: str
+    shape_signature: tuple[int, ...] | None = None  # -1 marks a dynamic dimension
+    quantization: Quantization | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["shape_signature"] = list(self.shape_signature or self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        _require(d, ("name", "shape", "dtype"), "tensor")
+        if d["dtype"] not in DTYPES:
+            raise BundleError(f"tensor {d['name']!r} has unknown dtype {d['dtype']!r}")
+        q = d.get("quantization")
+        return cls(
+            name=str(d["name"]),
+            shape=tuple(int(x) for x in d["shape"]),
+            dtype=d["dtype"],
+            shape_signature=tuple(int(x) for x in d.get("shape_signature") or d["shape"]),
+            quantization=Quantization(float(q["scale"]), int(q["zero_point"])) if q else None,
+        )
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a bundle holds and how to run it. Nested free-form sections stay dicts
+    (report, provenance) because they are for people and dashboards, not code paths."""
+
+    name: str
+    version: str
+    target: dict  # {"name", "sha256", "profile": {...}}
+    format: str
+    precision: str
+    model_file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    runtime: dict  # {"name", "min_version", "delegate", "providers", "threads", ...}
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    quantization: dict = field(default_factory=dict)
+    preprocessing: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    golden: dict | None = None  # {"file", "count", "atol", "rtol"}
+    labels_file: str | None = None
+    production_ready: bool = True
+    warnings: tuple[str, ...] = ()
+    schema: str = SCHEMA
+
+    def with_files(self, files: dict[str, FileEntry]) -> "Manifest":
+        return replace(self, files=dict(files))
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": self.schema,
+            "name": self.name,
+            "version": self.version,
+            "target": self.target,
+            "format": self.format,
+            "precision": self.precision,
+            "model_file": self.model_file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "runtime": self.runtime,
+            "quantization": self.quantization,
+            "preprocessing": self.preprocessing,
+            "files": {k: asdict(v) for k, v in sorted(self.files.items())},
+            "provenance": self.provenance,
+            "report": self.report,
+            "golden": self.golden,
+            "labels_file": self.labels_file,
+            "production_ready": self.production_ready,
+            "warnings": list(self.warnings),
+        }
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Manifest":
+        try:
+            d = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"manifest.json is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise BundleError("manifest.json must hold a JSON object")
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        schema = d.get("schema")
+        if schema != SCHEMA:
+            raise BundleError(
+                f"unsupported manifest schema {schema!r} (this edgepack reads {SCHEMA!r})",
+                hint="upgrade edgepack / edgepack-agent, or rebuild the bundle",
+            )
+        _require(d, ("name", "version", "target", "format", "precision", "model_file",
+                     "inputs", "outputs", "runtime", "files"), "manifest")
+        if d["format"] not in MODEL_FORMATS:
+            raise BundleError(f"manifest format {d['format']!r} is not one of {MODEL_FORMATS}")
+        parse_version(d["version"])
+        try:
+            files = {str(k): FileEntry(str(v["sha256"]), int(v["size"])) for k, v in d["files"].items()}
+            inputs = tuple(TensorSpec.from_dict(t) for t in d["inputs"])
+            outputs = tuple(TensorSpec.from_dict(t) for t in d["outputs"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BundleError(f"manifest has a malformed entry: {e!r}") from None
+        if d["model_file"] not in files:
+            raise BundleError(f"manifest model_file {d['model_file']!r} is not listed in files")
+        return cls(
+            name=str(d["name"]),
+            version=str(d["version"]),
+            target=dict(d["target"]),
+            format=d["format"],
+            precision=str(d["precision"]),
+            model_file=d["model_file"],
+            inputs=inputs,
+            outputs=outputs,
+            runtime=dict(d["runtime"]),
+            files=files,
+            quantization=dict(d.get("quantization") or {}),
+            preprocessing=dict(d.get("preprocessing") or {}),
+            provenance=dict(d.get("provenance") or {}),
+            report=dict(d.get("report") or {}),
+            golden=d.get("golden"),
+            labels_file=d.get("labels_file"),
+            production_ready=bool(d.get("production_ready", True)),
+            warnings=tuple(d.get("warnings") or ()),
+        )
+
+    @property
+    def file_name(self) -> str:
+        """Canonical bundle file name: NAME-VERSION-TARGET.edgepack."""
+        return f"{self.name}-{self.version}-{self.target.get('name', 'custom')}.edgepack"
+
+
+def _require(d: Any, keys: tuple[str, ...], what: str) -> None:
+    if not isinstance(d, dict):
+        raise BundleError(f"{what} entry must be a JSON object")
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise BundleError(f"{what} is missing required field(s): {', '.join(missing)}")

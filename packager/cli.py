@@ -1,0 +1,206 @@
+"""`edgepack` command line: thin Click commands over the library.
+
+Only this module maps the exception family to exit codes and one-line messages."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from edgebundle.errors import (AccuracyGateError, BundleError, ConversionError, EdgepackError, InputError,
+                               RuntimeUnavailableError, VerificationError)
+from targets import CalibrationMethod, Precision
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines drown the report
+
+EXIT_CODES = (  # most specific first
+    (VerificationError, 5), (BundleError, 5), (AccuracyGateError, 4), (ConversionError, 3),
+    (InputError, 2), (RuntimeUnavailableError, 6), (EdgepackError, 1),
+)
+
+
+def exit_code(err: EdgepackError | str | None) -> int:
+    for cls, code in EXIT_CODES:
+        if isinstance(err, cls) or err == cls.__name__:
+            return code
+    return 1
+
+
+class EdgepackGroup(click.Group):
+    """Turns library errors into `error: ...` plus an exit code, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgepackError as e:
+            click.echo(f"error: {e}", err=True)
+            for p in getattr(e, "problems", [])[:20]:
+                click.echo(f"  - {p}", err=True)
+            ctx.exit(exit_code(e))
+
+
+def _progress(enabled: bool):
+    t0 = time.perf_counter()
+
+    def show(msg: str) -> None:
+        if enabled:
+            click.echo(f"[{time.perf_counter() - t0:6.1f}s] {msg}", err=True)
+
+    return show
+
+
+@click.group(cls=EdgepackGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgepack", message="edgepack %(version)s")
+def main() -> None:
+    """Package trained models into verified bundles for edge devices."""
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--target", "-t", "targets", multiple=True, required=True,
+              help="Built-in target name or a profile .yaml (repeatable). See `edgepack targets list`.")
+@click.option("--output", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
+              help="Folder for the bundles.")
+@click.option("--quantize", "precision", type=click.Choice([p.value for p in Precision]), default="auto",
+              show_default=True, help="Precision; auto = the target's default (a .tflite stays as it is).")
+@click.option("--calibration", help="Calibration data: .npz/.npy (first axis = samples), a folder of images, "
+                                    "or 'random' (smoke tests only).")
+@click.option("--calibration-samples", type=int, default=200, show_default=True)
+@click.option("--calibration-method", type=click.Choice([m.value for m in CalibrationMethod]),
+              help="ONNX static int8 calibration (default: the target's).")
+@click.option("--per-channel/--per-tensor", default=None, help="ONNX int8 weight quantization granularity.")
+@click.option("--validation", help=".npz with one array per input and optional labels 'y'.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...",
+              help="Fix dynamic dimensions of an input (repeatable).")
+@click.option("--max-accuracy-drop", type=float, help="Fail a target whose accuracy (or top-1 agreement) drops "
+                                                      "more than this many points.")
+@click.option("--allow-flex", is_flag=True, help="Allow TF Select (Flex) ops in TFLite bundles.")
+@click.option("--name", help="Bundle name (default: the model file's name).")
+@click.option("--version", "version", default="1.0.0", show_default=True, help="Semantic version of the bundle.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset for TensorFlow sources.")
+@click.option("--image-scale", type=float, default=1 / 255, show_default="1/255", help="Image folders: pixel scale.")
+@click.option("--image-mean", help="Image folders: per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
+@click.option("--image-std", help="Image folders: per-channel std after scaling.")
+@click.option("--labels", type=click.Path(exists=True, path_type=Path), help="labels.txt to ship in the bundle.")
+@click.option("--json", "as_json", is_flag=True, help="Print one machine-readable report (docs/build-report.md).")
+def build(model, targets, out_dir, precision, calibration, calibration_samples, calibration_method, per_channel,
+          validation, input_shapes, max_accuracy_drop, allow_flex, name, version, opset, image_scale, image_mean,
+          image_std, labels, as_json):
+    """Convert MODEL (SavedModel dir, .keras/.h5, .onnx, .tflite) into one bundle per target."""
+    from packager.build import BuildOptions, build as run_build
+    from packager.data import ImagePreprocessing
+    from packager.report import build_table
+    from packager.sources import parse_input_shapes
+
+    prep = ImagePreprocessing(scale=image_scale, mean=_floats(image_mean) or (0.0,), std=_floats(image_std) or (1.0,))
+    opts = BuildOptions(
+        model=model, targets=tuple(targets), out_dir=out_dir, precision=Precision(precision),
+        calibration=calibration, calibration_samples=calibration_samples, validation=validation,
+        input_shapes=tuple(parse_input_shapes(input_shapes).items()), max_accuracy_drop=max_accuracy_drop,
+        allow_flex=allow_flex, name=name, version=version, opset=opset, per_channel=per_channel,
+        calibration_method=CalibrationMethod(calibration_method) if calibration_method else None,
+        image_prep=prep, labels=labels)
+    result = run_build(opts, progress=_progress(sys.stderr.isatty() or not as_json))
+    report = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        click.echo(build_table(report))
+    failed = [r for r in result.results if not r.ok]
+    if failed:
+        raise SystemExit(exit_code(failed[0].error_kind))
+
+
+@main.group()
+def targets() -> None:
+    """List and show target profiles."""
+
+
+@targets.command("list")
+def targets_list():
+    """Built-in target profiles."""
+    from targets import builtin_names, load_profile
+
+    for n in builtin_names():
+        p = load_profile(n)
+        click.echo(f"{p.name:<12} {p.format.value:<7} default {p.default_precision.value:<6} {p.description}")
+
+
+@targets.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def targets_show(name, as_json):
+    """Show a profile (built-in NAME or a .yaml path)."""
+    from targets import load_profile
+
+    p = load_profile(name)
+    d = dict(p.to_dict(), sha256=p.sha256)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+    else:
+        for k, v in d.items():
+            click.echo(f"{k:<22} {', '.join(map(str, v)) if isinstance(v, list) else v}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(bundle, as_json):
+    """Show what a bundle holds (structure checked; use `verify` for hashes)."""
+    from edgebundle.archive import open_bundle
+    from packager.report import manifest_text
+
+    b = open_bundle(bundle)
+    if as_json:
+        click.echo(json.dumps(dict(b.manifest.to_dict(), signed=b.signature is not None), indent=2))
+    else:
+        click.echo(manifest_text(b.manifest.to_dict(), signed=b.signature is not None))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+def verify(bundle):
+    """Re-check every file's size and sha256 against the manifest."""
+    from edgebundle.archive import verify_bundle
+
+    b = verify_bundle(bundle)
+    m = b.manifest
+    click.echo(f"OK {bundle}: {len(m.files)} file(s) match the manifest "
+               f"({m.name} {m.version}, {m.target.get('name')}, {m.format} {m.precision})")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--runs", type=int, default=200, show_default=True)
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--threads", type=int, help="Override the profile's thread count.")
+@click.option("--max-seconds", type=float, default=20.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(bundle, runs, warmup, threads, max_seconds, as_json):
+    """Latency percentiles and throughput of BUNDLE on this host, with its runtime."""
+    from device_agent.bench import bench_bundle
+    from packager.report import bench_text
+
+    stats, details = bench_bundle(bundle, warmup=warmup, runs=runs, max_seconds=max_seconds, threads=threads,
+                                  allow_cpu_fallback=True)
+    if as_json:
+        click.echo(json.dumps({"bundle": str(bundle), "latency": stats.to_dict(), "runtime": details}, indent=2))
+    else:
+        click.echo(bench_text(stats.to_dict(), details))
+
+
+if __name__ == "__main__":
+    main()

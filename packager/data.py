@@ -1,0 +1,176 @@
+"""Calibration and validation data: .npy/.npz arrays, a folder of images, or random.
+
+A dataset is a list of per-sample feeds ({input name: array of the model's
+concrete input shape}) plus optional labels."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgebundle.errors import CalibrationError, InputError
+from packager.sources import InputSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How image files become model inputs: value * scale, then (v - mean) / std per channel."""
+
+    scale: float = 1 / 255
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def to_dict(self) -> dict:
+        return {"scale": self.scale, "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass
+class Dataset:
+    samples: list[dict[str, np.ndarray]]
+    labels: np.ndarray | None = None
+    source: str = ""
+    sha256: str | None = None
+    random: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def split(self, n_tail: int) -> tuple["Dataset", "Dataset"]:
+        """(head, tail) with the last n_tail samples held out."""
+        k = len(self) - n_tail
+        lab = self.labels
+        head = Dataset(self.samples[:k], None if lab is None else lab[:k], self.source, self.sha256, self.random)
+        tail = Dataset(self.samples[k:], None if lab is None else lab[k:], self.source + " (held out)",
+                       self.sha256, self.random)
+        return head, tail
+
+    def take(self, n: int) -> "Dataset":
+        lab = self.labels
+        return Dataset(self.samples[:n], None if lab is None else lab[:n], self.source, self.sha256, self.random)
+
+
+def load_dataset(spec: str, inputs: list[InputSpec], *, limit: int | None = None, what: str = "calibration",
+                 image_prep: ImagePreprocessing = ImagePreprocessing(), seed: int = 0) -> Dataset:
+    """Load `spec` (a path or 'random') as samples fitting `inputs` (shapes resolved)."""
+    if spec == RANDOM:
+        return random_dataset(inputs, n=limit or 100, seed=seed)
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"{what} data {spec!r} does not exist",
+                         hint=f"pass a .npz/.npy file, a folder of images, or '{RANDOM}'")
+    if path.is_dir():
+        arrays, labels = _images(path, inputs, image_prep, limit), None
+    elif path.suffix == ".npy":
+        if len(inputs) != 1:
+            raise CalibrationError(f"{path.name}: a .npy file holds one array but the model has {len(inputs)} inputs",
+                                   hint=f"use a .npz with one array per input: {', '.join(s.name for s in inputs)}")
+        arrays, labels = {inputs[0].name: _load_npy(path)}, None
+    elif path.suffix == ".npz":
+        arrays, labels = _npz(path, inputs)
+    else:
+        raise InputError(f"{what} data {path.name!r}: unsupported file type",
+                         hint="use .npz (one array per input, optional labels 'y'), .npy, or a folder of images")
+    counts = {k: len(v) for k, v in arrays.items()}
+    if len(set(counts.values())) != 1:
+        raise CalibrationError(f"{path.name}: inputs have different sample counts {counts}",
+                               hint="the first axis of every array is the sample axis")
+    n = next(iter(counts.values()))
+    if n == 0:
+        raise CalibrationError(f"{path.name} holds no samples")
+    if labels is not None and len(labels) != n:
+        raise CalibrationError(f"{path.name}: {len(labels)} labels for {n} samples")
+    n = min(n, limit) if limit else n
+    samples = [{s.name: _fit(arrays[s.name][i], s, path.name) for s in inputs} for i in range(n)]
+    return Dataset(samples, None if labels is None else labels[:n], source=str(path), sha256=_hash(path))
+
+
+def random_dataset(inputs: list[InputSpec], *, n: int, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        feeds = {}
+        for s in inputs:
+            dt = np.dtype(s.dtype)
+            feeds[s.name] = (rng.random(s.shape, dtype=np.float32).astype(dt) if dt.kind == "f"
+                             else rng.integers(0, 2, size=s.shape).astype(dt))
+        samples.append(feeds)
+    return Dataset(samples, source=RANDOM, random=True)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise CalibrationError(f"{path.name} is not a readable .npy array: {e}") from None
+
+
+def _npz(path: Path, inputs: list[InputSpec]) -> tuple[dict, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (ValueError, OSError) as e:
+        raise CalibrationError(f"{path.name} is not a readable .npz archive: {e}") from None
+    labels = data.pop("y", None)
+    names = [s.name for s in inputs]
+    if all(n in data for n in names):
+        return {n: data[n] for n in names}, labels
+    if len(inputs) == 1 and len(data) == 1:  # one unnamed array for a single-input model
+        return {names[0]: next(iter(data.values()))}, labels
+    if len(inputs) == 1 and "x" in data:
+        return {names[0]: data["x"]}, labels
+    raise CalibrationError(f"{path.name} has arrays {sorted(data)} but the model's inputs are {names}",
+                           hint="name each array after a model input (labels, if any, under 'y')")
+
+
+def _fit(x: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
+    """One sample -> exactly the input's concrete shape (adding the batch axis of 1)."""
+    x = np.asarray(x)
+    if x.shape != spec.shape:
+        if (1,) + x.shape == spec.shape:
+            x = x[None, ...]
+        else:
+            raise CalibrationError(
+                f"{src}: samples for input {spec.name!r} have shape {x.shape}, the model takes "
+                f"{spec.shape} (batch included)",
+                hint="the first axis of each array counts samples; each sample must match the input "
+                     "without its batch axis, or use --input-shape to fix dynamic dimensions")
+    dt = np.dtype(spec.dtype)
+    if x.dtype.kind == "f" and dt.kind in "iub":
+        raise CalibrationError(f"{src}: input {spec.name!r} takes {dt.name} but the data is {x.dtype.name}")
+    return x.astype(dt, copy=False)
+
+
+def _images(folder: Path, inputs: list[InputSpec], prep: ImagePreprocessing, limit: int | None) -> dict:
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise CalibrationError("a folder of images needs a model with one 4-D image input",
+                               hint="use a .npz with one array per input instead")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: limit or None]
+    if not files:
+        raise CalibrationError(f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    import tensorflow as tf  # packager-only path
+
+    spec = inputs[0]
+    nchw = spec.shape[1] in (1, 3) and spec.shape[3] not in (1, 3)
+    h, w, c = (spec.shape[2], spec.shape[3], spec.shape[1]) if nchw else spec.shape[1:]
+    out = []
+    for p in files:
+        try:
+            img = tf.io.decode_image(p.read_bytes(), channels=c, expand_animations=False)
+        except tf.errors.InvalidArgumentError:
+            raise CalibrationError(f"{p} is not a readable image") from None
+        img = tf.image.resize(tf.cast(img, tf.float32), (h, w)).numpy() * prep.scale
+        img = (img - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+        out.append(np.transpose(img, (2, 0, 1)) if nchw else img)
+    return {spec.name: np.stack(out).astype(np.float32)}
+
+
+def _hash(path: Path) -> str:
+    from packager.sources import sha256_path
+
+    return sha256_path(path) if path.exists() else hashlib.sha256(str(path).encode()).hexdigest()

@@ -1,0 +1,295 @@
+"""Source models: detect the format, load once, expose inputs, a float reference and
+the artifacts converters start from (a SavedModel directory, an ONNX graph, TFLite bytes)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from edgebundle.errors import ConversionError, InputError
+from edgebundle.manifest import TensorSpec
+
+Feeds = dict[str, np.ndarray]
+
+
+class SourceKind(str, Enum):
+    SAVED_MODEL = "savedmodel"
+    KERAS = "keras"
+    ONNX = "onnx"
+    TFLITE = "tflite"
+
+
+def detect_kind(path: Path) -> SourceKind:
+    if not path.exists():
+        raise InputError(f"model {str(path)!r} does not exist",
+                         hint="pass a SavedModel directory, a .keras/.h5 file, an .onnx file or a .tflite file")
+    if path.is_dir():
+        if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
+            return SourceKind.SAVED_MODEL
+        raise InputError(f"directory {str(path)!r} is not a TensorFlow SavedModel (no saved_model.pb in it)")
+    suffix = path.suffix.lower()
+    kinds = {".keras": SourceKind.KERAS, ".h5": SourceKind.KERAS, ".hdf5": SourceKind.KERAS,
+             ".onnx": SourceKind.ONNX, ".tflite": SourceKind.TFLITE}
+    if suffix not in kinds:
+        raise InputError(f"cannot tell the format of {path.name!r} (suffix {suffix or 'none'!r})",
+                         hint="supported: SavedModel directory, .keras, .h5, .onnx, .tflite")
+    return kinds[suffix]
+
+
+def sha256_path(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (names and contents, sorted)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir():
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def parse_input_shapes(items: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
+    """`NAME:D1,D2,...` (repeatable) -> {name: shape}."""
+    shapes = {}
+    for item in items:
+        name, sep, dims = item.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.split(",")) if dims.strip() else ()
+        except ValueError:
+            shape = None
+        if not sep or not name or shape is None or any(d <= 0 for d in shape):
+            raise InputError(f"--input-shape {item!r} is not NAME:D1,D2,... with positive sizes",
+                             hint="e.g. --input-shape image:1,224,224,3")
+        shapes[name] = shape
+    return shapes
+
+
+@dataclass
+class InputSpec:
+    name: str
+    signature: tuple[int | None, ...]  # None = dynamic
+    dtype: str
+    shape: tuple[int, ...] = ()  # resolved concrete shape
+
+    @property
+    def dynamic(self) -> bool:
+        return any(d is None for d in self.signature)
+
+
+def resolve_shapes(specs: list[InputSpec], given: dict[str, tuple[int, ...]], *, batch: int = 1) -> None:
+    """Fill each spec's concrete shape: --input-shape first, a dynamic batch as `batch`,
+    and any other dynamic dimension is a clear request for the flag."""
+    names = {s.name for s in specs}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise InputError(f"--input-shape names unknown input(s) {unknown}", hint=f"the model's inputs: {sorted(names)}")
+    for s in specs:
+        if s.name in given:
+            shape = given[s.name]
+            ok = len(shape) == len(s.signature) and all(d is None or d == g for d, g in zip(s.signature, shape))
+            if not ok:
+                raise InputError(f"--input-shape {s.name}:{','.join(map(str, shape))} does not fit the model's "
+                                 f"shape {_fmt(s.signature)}", hint="keep the fixed dimensions as they are")
+            s.shape = tuple(shape)
+            continue
+        dims = list(s.signature)
+        if dims and dims[0] is None:
+            dims[0] = batch
+        if any(d is None for d in dims):
+            example = ",".join(str(d) if d is not None else "N" for d in dims)
+            raise InputError(f"input {s.name!r} has dynamic dimensions {_fmt(s.signature)}",
+                             hint=f"fix them with --input-shape {s.name}:{example} (N = the size to use)")
+        s.shape = tuple(dims)
+
+
+def _fmt(sig) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in sig) + ")"
+
+
+@dataclass
+class Source:
+    """A loaded model. Subclasses fill inputs/outputs and implement `reference`."""
+
+    path: Path
+    kind: SourceKind
+    inputs: list[InputSpec] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    sha256: str = ""
+    workdir: Path | None = None
+
+    def reference(self, feeds: Feeds) -> Feeds:
+        raise NotImplementedError
+
+    def input_specs(self) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(name=s.name, shape=s.shape, dtype=s.dtype,
+                                shape_signature=tuple(-1 if d is None else d for d in s.signature))
+                     for s in self.inputs)
+
+
+class TFSource(Source):
+    """SavedModel or Keras model, normalised to a SavedModel with a serving signature."""
+
+    def __init__(self, path: Path, kind: SourceKind, workdir: Path):
+        super().__init__(path=path, kind=kind, workdir=workdir)
+        import tensorflow as tf
+
+        self._tf = tf
+        self.saved_model_dir = self._as_saved_model()
+        try:
+            self._loaded = tf.saved_model.load(str(self.saved_model_dir))
+        except Exception as e:  # TF raises many unrelated types for a broken SavedModel
+            raise InputError(f"could not load SavedModel {self.path}: {_first_line(e)}") from None
+        sigs = self._loaded.signatures
+        if not sigs:
+            raise InputError(f"SavedModel {self.path} has no serving signature",
+                             hint="export it with model.export(dir) (Keras) or tf.saved_model.save(..., signatures=...)")
+        self.signature_key = "serving_default" if "serving_default" in sigs else sorted(sigs)[0]
+        self._sig = sigs[self.signature_key]
+        spec = self._sig.structured_input_signature[1]
+        if not spec:
+            raise InputError(f"the serving signature of {self.path} takes positional inputs only",
+                             hint="re-export with named inputs (keras.Input(name=...))")
+        self.inputs = [InputSpec(n, tuple(spec[n].shape.as_list()) if spec[n].shape.rank is not None else (None,),
+                                 spec[n].dtype.name) for n in sorted(spec)]
+        self.outputs = sorted(self._sig.structured_outputs)
+        self._static: dict[tuple, Path] = {}
+
+    def _as_saved_model(self) -> Path:
+        if self.kind is SourceKind.SAVED_MODEL:
+            return self.path
+        import keras
+
+        try:
+            model = keras.models.load_model(str(self.path), compile=False)
+        except Exception as e:  # Keras raises ValueError, OSError, TypeError... for bad files
+            raise InputError(f"could not load Keras model {self.path.name}: {_first_line(e)}",
+                             hint="custom layers must be importable and registered (keras.saving.register_keras_serializable)") from None
+        out = self.workdir / "source_saved_model"
+        try:
+            model.export(str(out), verbose=False)
+        except Exception as e:
+            raise ConversionError(f"Keras could not export {self.path.name} as a SavedModel: {_first_line(e)}") from None
+        return out
+
+    def reference(self, feeds: Feeds) -> Feeds:
+        tf = self._tf
+        res = self._sig(**{k: tf.constant(v) for k, v in feeds.items()})
+        return {k: v.numpy() for k, v in res.items()}
+
+    def static_saved_model(self) -> Path:
+        """A SavedModel whose signature has the resolved static shapes (TFLite wants them)."""
+        key = tuple(s.shape for s in self.inputs)
+        if key in self._static:
+            return self._static[key]
+        tf = self._tf
+        if not any(s.dynamic for s in self.inputs):
+            self._static[key] = self.saved_model_dir
+            return self.saved_model_dir
+        sig, names = self._sig, [s.name for s in self.inputs]
+        fn = tf.function(lambda *args: sig(**dict(zip(names, args))),
+                         input_signature=[tf.TensorSpec(s.shape, s.dtype, name=s.name) for s in self.inputs])
+        module = tf.Module()
+        module.inner = self._loaded
+        module.fn = fn
+        out = self.workdir / f"static_saved_model_{len(self._static)}"
+        tf.saved_model.save(module, str(out), signatures={"serving_default": fn.get_concrete_function()})
+        self._static[key] = out
+        return out
+
+    def onnx_function(self):
+        """A tf.function with the model's own (possibly dynamic) signature returning the
+        outputs as a list in `self.outputs` order, for tf2onnx."""
+        tf = self._tf
+        sig, names, outs = self._sig, [s.name for s in self.inputs], self.outputs
+        specs = [tf.TensorSpec(s.signature, s.dtype, name=s.name) for s in self.inputs]
+        return tf.function(lambda *args: [sig(**dict(zip(names, args)))[o] for o in outs], input_signature=specs)
+
+
+class OnnxSource(Source):
+    def __init__(self, path: Path, kind: SourceKind, workdir: Path):
+        super().__init__(path=path, kind=kind, workdir=workdir)
+        import onnx
+
+        try:
+            self.model = onnx.load(str(path))
+            onnx.checker.check_model(self.model)
+        except Exception as e:  # protobuf DecodeError, ValidationError, ...
+            raise InputError(f"{path.name} is not a valid ONNX model: {_first_line(e)}",
+                             hint="re-export it, and check it with python -m onnx.checker") from None
+        from onnx import helper
+
+        init = {i.name for i in self.model.graph.initializer}
+        for vi in self.model.graph.input:
+            if vi.name in init:
+                continue
+            t = vi.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim)
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+            self.inputs.append(InputSpec(vi.name, dims, dtype))
+        self.outputs = [o.name for o in self.model.graph.output]
+        self._session = None
+
+    def reference(self, feeds: Feeds) -> Feeds:
+        if self._session is None:
+            import onnxruntime as ort
+
+            try:
+                self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+            except Exception as e:
+                raise InputError(f"onnxruntime cannot run {self.path.name}: {_first_line(e)}") from None
+        return dict(zip(self.outputs, self._session.run(self.outputs, feeds)))
+
+
+class TFLiteSource(Source):
+    """A ready .tflite: packaged as is; its own outputs are the reference."""
+
+    def __init__(self, path: Path, kind: SourceKind, workdir: Path):
+        super().__init__(path=path, kind=kind, workdir=workdir)
+        from device_agent.runtimes.litert import EDGETPU_OP, LiteRTRuntime
+        from edgebundle.errors import RuntimeUnavailableError
+
+        self.data = path.read_bytes()
+        self.edgetpu_compiled = EDGETPU_OP.encode() in self.data
+        if self.edgetpu_compiled:
+            self.runtime = None  # needs the Edge TPU to run; described from the flatbuffer instead
+            from packager.formats.tflite import describe_flatbuffer
+
+            ins, outs = describe_flatbuffer(self.data)
+        else:
+            try:
+                self.runtime = LiteRTRuntime.load(str(path))
+            except RuntimeUnavailableError as e:
+                raise InputError(f"{path.name} is not a valid TFLite model: {e}") from None
+            ins, outs = self.runtime.inputs, self.runtime.outputs
+        self.tensor_inputs, self.tensor_outputs = ins, outs
+        self.inputs = [InputSpec(i.name, tuple(None if d < 0 else d for d in i.shape), i.dtype) for i in ins]
+        self.outputs = [o.name for o in outs]
+
+    def reference(self, feeds: Feeds) -> Feeds:
+        if self.runtime is None:
+            raise ConversionError(f"{self.path.name} is compiled for the Edge TPU and cannot run on this host")
+        return self.runtime.infer(feeds)
+
+
+_LOADERS = {SourceKind.SAVED_MODEL: TFSource, SourceKind.KERAS: TFSource,
+            SourceKind.ONNX: OnnxSource, SourceKind.TFLITE: TFLiteSource}
+
+
+def load_source(path: str | os.PathLike, *, workdir: Path | None = None) -> Source:
+    path = Path(path)
+    kind = detect_kind(path)
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="edgepack-src-"))
+    src = _LOADERS[kind](path, kind, workdir)
+    src.sha256 = sha256_path(path)
+    return src
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
