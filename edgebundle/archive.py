@@ -24,7 +24,7 @@ from edgebundle.manifest import FileEntry, Manifest
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # reserved: detached signature over manifest.json bytes
 MAX_MANIFEST_BYTES = 4 << 20
-MAX_MEMBER_BYTES = 4 << 30
+MAX_MEMBER_BYTES = 2 << 30  # an edge model over 2 GiB is a mistake or an attack
 MAX_MEMBERS = 64
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
@@ -217,18 +217,17 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
 
 def _check_member(zi: zipfile.ZipInfo, bundle_name: str) -> None:
     name = zi.filename
-    mode = zi.external_attr >> 16
-    if name.endswith("/") or zi.is_dir():
-        raise BundleError(f"{bundle_name}: member {name!r} is a directory; bundles are flat")
-    if mode and stat.S_ISLNK(mode):
-        raise BundleError(f"{bundle_name}: member {name!r} is a symbolic link; refused")
-    if mode and not stat.S_ISREG(mode):
-        raise BundleError(f"{bundle_name}: member {name!r} is not a regular file; refused")
+    ftype = stat.S_IFMT(zi.external_attr >> 16)  # 0 when the archiver recorded no file type
     if not _NAME.match(name) or ".." in name:
         raise BundleError(
             f"{bundle_name}: unsafe member name {name!r} (absolute path, '..' or a folder); refused",
-            hint="this file was not made by edgepack, or was tampered with",
-        )
+            hint="this file was not made by edgepack, or was tampered with")
+    if zi.is_dir():
+        raise BundleError(f"{bundle_name}: member {name!r} is a directory; bundles are flat")
+    if ftype == stat.S_IFLNK:
+        raise BundleError(f"{bundle_name}: member {name!r} is a symbolic link; refused")
+    if ftype and ftype != stat.S_IFREG:
+        raise BundleError(f"{bundle_name}: member {name!r} is not a regular file; refused")
     if zi.file_size > MAX_MEMBER_BYTES:
         raise BundleError(f"{bundle_name}: member {name!r} claims {zi.file_size} bytes, over the limit")
 

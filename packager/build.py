@@ -20,7 +20,8 @@ import numpy as np
 from device_agent.bench import measure
 from device_agent.runtimes import load_runtime
 from edgebundle.archive import write_bundle
-from edgebundle.errors import AccuracyGateError, CalibrationError, EdgepackError, InputError, UnsupportedOpError
+from edgebundle.errors import (AccuracyGateError, CalibrationError, EdgepackError, InputError,
+                               RuntimeUnavailableError, UnsupportedOpError)
 from edgebundle.manifest import Manifest, Quantization, TensorSpec, parse_version
 from packager import edgetpu, lint
 from packager.data import RANDOM, Dataset, ImagePreprocessing, load_dataset, random_dataset
@@ -66,6 +67,7 @@ class TargetResult:
     report: dict = field(default_factory=dict)
     error: str | None = None
     error_kind: str | None = None
+    exc: EdgepackError | None = None  # for callers that map errors (the CLI's exit codes)
 
     def to_dict(self) -> dict:
         return {"target": self.target, "ok": self.ok, "bundle": str(self.bundle) if self.bundle else None,
@@ -121,7 +123,7 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
                                              work=work / profile.name, progress=progress))
             except EdgepackError as e:
                 progress(f"[{profile.name}] FAILED: {str(e).splitlines()[0]}")
-                results.append(TargetResult(target=profile.name, ok=False, error=str(e), error_kind=type(e).__name__,
+                results.append(TargetResult(target=profile.name, ok=False, error=str(e), error_kind=type(e).__name__, exc=e,
                                             report={"format": profile.format.value, "precision": precision.value}))
         info = {"calibration": _data_info(calib), "validation": _data_info(valid),
                 "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in source.inputs]}
@@ -139,7 +141,12 @@ def _resolve_precision(profile: TargetProfile, asked: Precision, source: Source)
         from packager.formats.tflite import detect_precision
 
         detected = detect_precision(source.data)
-        prec = detected if asked is Precision.AUTO else asked
+        if asked not in (Precision.AUTO, detected):
+            raise InputError(
+                f"{source.path.name} is already a {detected.value} TFLite model; edgepack cannot re-quantize "
+                f"a .tflite to {asked.value}",
+                hint="use --quantize auto to package it as is, or build from the original SavedModel/Keras model")
+        prec = detected
     else:
         prec = profile.default_precision if asked is Precision.AUTO else asked
     if prec not in profile.precisions:
@@ -195,7 +202,7 @@ def _host_runtime(path: Path, profile: TargetProfile, fmt: Format):
                         providers=("CPUExecutionProvider",))
 
 
-def _baseline(source: Source, profile: TargetProfile, shared: dict, opts: BuildOptions, work: Path) -> dict:
+def _baseline(source: Source, profile: TargetProfile, shared: dict, opts: BuildOptions, sample: dict) -> dict:
     """fp32 model of the target's format: its size and host latency (once per format and threads)."""
     key = ("baseline", profile.format, profile.threads)
     if key in shared:
@@ -213,7 +220,7 @@ def _baseline(source: Source, profile: TargetProfile, shared: dict, opts: BuildO
         shared[art_key] = path
     path = shared[art_key]
     rt = _host_runtime(path, profile, profile.format)
-    feeds = rt.sample_inputs()
+    feeds = rt.prepare(sample)
     stats = measure(lambda: rt.run(feeds), warmup=5, runs=opts.bench_runs, max_seconds=opts.bench_seconds)
     shared[key] = {"size_bytes": path.stat().st_size, "latency": stats.to_dict()}
     return shared[key]
@@ -244,36 +251,33 @@ def _build_target(opts: BuildOptions, *, name: str, source: Source, profile: Tar
             warnings.append(tpu.instructions)
     # Measure on the host with the device's runtime. An Edge-TPU-compiled model cannot run
     # here, so its numbers come from the same int8 model before compilation.
-    rt = _host_runtime(art.path, profile, profile.format)
-    inputs, outputs = _tensor_specs(rt, source)
+    try:
+        rt = _host_runtime(art.path, profile, profile.format)
+    except RuntimeUnavailableError:
+        if not (opts.allow_flex and _has_flex(art)):
+            raise
+        rt = None  # stock runtimes lack the Flex delegate: package it, clearly unvalidated
+    inputs, outputs = _tensor_specs(rt, source, art)
     if profile.format is Format.TFLITE:
         findings += lint.lint_tflite(art.path.read_bytes(), profile, allow_flex=opts.allow_flex,
                                      inputs=inputs, outputs=outputs)
     else:
         findings += lint.lint_onnx(art.path, profile)
     _fail_on(findings, profile)
-    progress(f"[{profile.name}] validating on {len(valid)} samples")
-    got = [rt.infer(s) for s in valid.samples]
-    names = [o.name for o in outputs]
-    missing = [n for n in names if n not in reference[0]]
-    if missing:
-        raise InputError(f"bundle outputs {missing} do not match the reference outputs {sorted(reference[0])}")
-    accuracy = compare(reference, got, names, valid.labels)
-    nan = sum(o["nan_or_inf"] for o in accuracy["outputs"].values())
-    if nan:
-        raise AccuracyGateError(f"{profile.name}: the {precision.value} model produced {nan} NaN/Inf values",
-                                hint="try fp16 or fp32, or check the calibration data's range")
-    drop = accuracy["accuracy_drop_points"]
-    if opts.max_accuracy_drop is not None and drop is not None and drop > opts.max_accuracy_drop:
-        raise AccuracyGateError(
-            f"{profile.name} {precision.value}: {accuracy['drop_metric']} dropped {drop:.2f} points, "
-            f"over --max-accuracy-drop {opts.max_accuracy_drop}; no bundle written",
-            hint=_gate_hint(profile, precision))
-    progress(f"[{profile.name}] measuring latency")
-    base = _baseline(source, profile, shared, opts, work)
-    feeds = rt.sample_inputs()
-    stats = measure(lambda: rt.run(feeds), warmup=5, runs=opts.bench_runs, max_seconds=opts.bench_seconds)
-    ratio = stats.p50_ms / base["latency"]["p50_ms"] if base["latency"]["p50_ms"] else None
+    accuracy, got, stats, base, ratio = None, [], None, None, None
+    if rt is None:
+        warnings.append("NOT VALIDATED: no runtime on this host can run its Flex ops, so there are no accuracy "
+                        "or latency figures and no golden outputs; the device needs LiteRT with the Flex delegate")
+    else:
+        progress(f"[{profile.name}] validating on {len(valid)} samples")
+        got = [rt.infer(s) for s in valid.samples]
+        accuracy = _check_accuracy(opts, profile, precision, reference, got, [o.name for o in outputs], valid)
+        progress(f"[{profile.name}] measuring latency")
+        base = _baseline(source, profile, shared, opts, valid.samples[0])
+        feeds = rt.prepare(valid.samples[0])  # native dtypes: the timing is the model's, not our I/O conversion
+        stats = measure(lambda: rt.run(feeds), warmup=5, runs=opts.bench_runs, max_seconds=opts.bench_seconds)
+        ratio = stats.p50_ms / base["latency"]["p50_ms"] if base["latency"]["p50_ms"] else None
+        rt.close()
     if precision in QUANTIZED and profile.is_cpu and ratio and ratio > 1.0:
         warnings.append(f"SLOWER THAN FP32: this {precision.value} bundle runs at {ratio:.2f}x the fp32 latency on "
                         f"this host ({stats.p50_ms:.3f} ms vs {base['latency']['p50_ms']:.3f} ms); "
@@ -282,30 +286,35 @@ def _build_target(opts: BuildOptions, *, name: str, source: Source, profile: Tar
         warnings.append("calibrated on RANDOM data: this bundle is not fit for production")
     if valid.random:
         warnings.append("accuracy figures come from random inputs (no validation data given)")
-    if drop is None:
+    if accuracy and accuracy["accuracy_drop_points"] is None:
         warnings.append("the primary output is not class scores: see max abs error and cosine similarity")
     final_model = tpu.model if tpu is not None and tpu.compiled else art.path
     model_name = "model_edgetpu.tflite" if final_model != art.path else art.path.name
     files = {model_name: final_model}
-    golden_in = valid.samples[:GOLDEN_COUNT]
-    golden_out = got[:GOLDEN_COUNT]
-    gpath = work / "golden.npz"
-    arrays = {f"input.{i}.{k}": v for i, s in enumerate(golden_in) for k, v in s.items()}
-    arrays.update({f"output.{i}.{k}": np.asarray(v) for i, s in enumerate(golden_out) for k, v in s.items()})
-    np.savez(gpath, **arrays)
-    files["golden.npz"] = gpath
+    golden = None
+    if got:
+        golden_in, golden_out = valid.samples[:GOLDEN_COUNT], got[:GOLDEN_COUNT]
+        gpath = work / "golden.npz"
+        arrays = {f"input.{i}.{k}": v for i, s in enumerate(golden_in) for k, v in s.items()}
+        arrays.update({f"output.{i}.{k}": np.asarray(v) for i, s in enumerate(golden_out) for k, v in s.items()})
+        np.savez(gpath, **arrays)
+        files["golden.npz"] = gpath
+        golden = {"file": "golden.npz", "count": len(golden_in),
+                  "atol": golden_tolerance(precision.value, golden_out), "rtol": 0.0}
     if opts.labels and Path(opts.labels).suffix == ".txt":
         files["labels.txt"] = Path(opts.labels)
     report = {
         "format": profile.format.value, "precision": precision.value,
-        "size_bytes": {"model": final_model.stat().st_size, "fp32_model": base["size_bytes"]},
-        "size_ratio": round(final_model.stat().st_size / base["size_bytes"], 4),
-        "latency_ms": {"fp32": base["latency"], "bundle": stats.to_dict(), "p50_ratio": ratio and round(ratio, 4),
-                       "host": platform.machine(), "runtime": rt.details},
+        "size_bytes": {"model": final_model.stat().st_size, "fp32_model": base and base["size_bytes"]},
+        "size_ratio": base and round(final_model.stat().st_size / base["size_bytes"], 4),
+        "latency_ms": base and {"fp32": base["latency"], "bundle": stats.to_dict(),
+                                "p50_ratio": ratio and round(ratio, 4), "host": platform.machine(),
+                                "runtime": rt.details},
         "accuracy": accuracy, "lint": [f.to_dict() for f in findings], "warnings": warnings,
         "quantization": art.quantization, "edgetpu": tpu.to_dict() if tpu else None,
     }
-    production_ready = not (valid.random or (calib is not None and calib.random and precision in CALIBRATED))
+    production_ready = rt is not None and not (valid.random or (calib is not None and calib.random
+                                                                and precision in CALIBRATED))
     manifest = Manifest(
         name=name, version=opts.version,
         target={"name": profile.name, "sha256": profile.sha256, "profile": profile.to_dict()},
@@ -313,14 +322,12 @@ def _build_target(opts: BuildOptions, *, name: str, source: Source, profile: Tar
         inputs=inputs, outputs=outputs, runtime=_runtime_section(profile, tpu, findings),
         quantization=dict(art.quantization, precision=precision.value),
         preprocessing=_preprocessing(opts), provenance=_provenance(source, calib, valid),
-        report=report, golden={"file": "golden.npz", "count": len(golden_in),
-                               "atol": golden_tolerance(precision.value, golden_out), "rtol": 0.0},
+        report=report, golden=golden,
         labels_file="labels.txt" if "labels.txt" in files else None,
         production_ready=production_ready, warnings=tuple(warnings))
     dest = Path(opts.out_dir) / manifest.file_name
     progress(f"[{profile.name}] writing {dest}")
     write_bundle(dest, manifest, files)
-    rt.close()
     report["size_bytes"]["bundle"] = dest.stat().st_size
     return TargetResult(target=profile.name, ok=True, bundle=dest, report=report)
 
@@ -342,19 +349,52 @@ def _gate_hint(profile: TargetProfile, precision: Precision) -> str:
             "or keep sensitive layers in float (quantization-aware training)")
 
 
-def _tensor_specs(rt, source: Source) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Manifest specs from the runtime (dtypes, quantization) with the source's resolved shapes."""
+def _tensor_specs(rt, source: Source, art: Artifact) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Manifest specs from the runtime (dtypes, quantization) with the source's resolved shapes;
+    from the flatbuffer when no runtime here can run the model."""
     resolved = {s.name: s.shape for s in source.inputs}
-    probe = rt.infer(rt.sample_inputs() if not source.inputs else
-                     {s.name: np.zeros(s.shape, s.dtype) for s in source.inputs}, raw=True)
+    if rt is None:
+        from packager.formats.tflite import describe_flatbuffer
+
+        ins_info, outs_info = describe_flatbuffer(art.path.read_bytes())
+        out_shapes = {t.name: tuple(max(d, 1) for d in t.shape) for t in outs_info}
+    else:
+        ins_info, outs_info = rt.inputs, rt.outputs
+        probe = rt.infer({s.name: np.zeros(s.shape, s.dtype) for s in source.inputs}, raw=True)
+        out_shapes = {k: v.shape for k, v in probe.items()}
 
     def spec(t, shape) -> TensorSpec:
         q = Quantization(t.scale, t.zero_point) if t.quantized else None
         return TensorSpec(name=t.name, shape=tuple(shape), dtype=t.dtype, shape_signature=tuple(t.shape), quantization=q)
 
-    ins = tuple(spec(t, resolved.get(t.name, tuple(max(d, 1) for d in t.shape))) for t in rt.inputs)
-    outs = tuple(spec(t, probe[t.name].shape) for t in rt.outputs)
+    ins = tuple(spec(t, resolved.get(t.name, tuple(max(d, 1) for d in t.shape))) for t in ins_info)
+    outs = tuple(spec(t, out_shapes[t.name]) for t in outs_info)
     return ins, outs
+
+
+def _has_flex(art: Artifact) -> bool:
+    from packager.formats.tflite import ops_with_versions
+
+    return art.format is Format.TFLITE and any(n.startswith("Flex") for n, _ in ops_with_versions(art.path.read_bytes()))
+
+
+def _check_accuracy(opts: BuildOptions, profile: TargetProfile, precision: Precision, reference: list, got: list,
+                    names: list[str], valid: Dataset) -> dict:
+    missing = [n for n in names if n not in reference[0]]
+    if missing:
+        raise InputError(f"bundle outputs {missing} do not match the reference outputs {sorted(reference[0])}")
+    accuracy = compare(reference, got, names, valid.labels)
+    nan = sum(o["nan_or_inf"] for o in accuracy["outputs"].values())
+    if nan:
+        raise AccuracyGateError(f"{profile.name}: the {precision.value} model produced {nan} NaN/Inf values",
+                                hint="try fp16 or fp32, or check the calibration data's range")
+    drop = accuracy["accuracy_drop_points"]
+    if opts.max_accuracy_drop is not None and drop is not None and drop > opts.max_accuracy_drop:
+        raise AccuracyGateError(
+            f"{profile.name} {precision.value}: {accuracy['drop_metric']} dropped {drop:.2f} points, "
+            f"over --max-accuracy-drop {opts.max_accuracy_drop}; no bundle written",
+            hint=_gate_hint(profile, precision))
+    return accuracy
 
 
 def _runtime_section(profile: TargetProfile, tpu, findings) -> dict:

@@ -23,9 +23,9 @@ EXIT_CODES = (  # most specific first
 )
 
 
-def exit_code(err: EdgepackError | str | None) -> int:
+def exit_code(err: EdgepackError | None) -> int:
     for cls, code in EXIT_CODES:
-        if isinstance(err, cls) or err == cls.__name__:
+        if isinstance(err, cls):
             return code
     return 1
 
@@ -121,7 +121,7 @@ def build(model, targets, out_dir, precision, calibration, calibration_samples, 
         click.echo(build_table(report))
     failed = [r for r in result.results if not r.ok]
     if failed:
-        raise SystemExit(exit_code(failed[0].error_kind))
+        raise SystemExit(exit_code(failed[0].exc))
 
 
 @main.group()

@@ -24,14 +24,14 @@ def build_table(report: dict) -> str:
             rows.append((t["target"], t.get("format", "-"), t.get("precision", "-"), "-", "-", "-", "-", "-",
                          f"FAILED ({t['error_kind']})"))
             continue
-        acc = t["accuracy"]
+        acc = t["accuracy"] or {"accuracy_bundle": None, "accuracy_drop_points": None, "top1_agreement": None}
         size, lat = t["size_bytes"], t["latency_ms"]
         accuracy = ("-" if acc["accuracy_bundle"] is None
                     else f"{_pct(acc['accuracy_bundle'])} (fp32 {_pct(acc['accuracy_reference'])})")
         drop = "-" if acc["accuracy_drop_points"] is None else f"{acc['accuracy_drop_points']:.2f} pt"
         rows.append((t["target"], t["format"], t["precision"],
-                     f"{human_bytes(size['model'])} ({t['size_ratio']:.2f}x)",
-                     f"{lat['bundle']['p50_ms']:.3f} ({lat['p50_ratio']:.2f}x)" if lat["p50_ratio"] else "-",
+                     f"{human_bytes(size['model'])}" + (f" ({t['size_ratio']:.2f}x)" if t["size_ratio"] else ""),
+                     f"{lat['bundle']['p50_ms']:.3f} ({lat['p50_ratio']:.2f}x)" if lat and lat["p50_ratio"] else "-",
                      _pct(acc["top1_agreement"]), accuracy, drop, t["bundle"]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

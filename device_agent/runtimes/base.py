@@ -53,6 +53,13 @@ class Runtime(ABC):
     def infer(self, feeds: dict[str, np.ndarray], *, raw: bool = False) -> dict[str, np.ndarray]:
         """Run once. Float inputs to quantized tensors are quantized and quantized
         outputs dequantized, unless `raw` (integer tensors then pass through)."""
+        out = self.run(self.prepare(feeds))
+        if raw:
+            return out
+        return {o.name: dequantize(out[o.name], o) if o.quantized else out[o.name] for o in self.outputs}
+
+    def prepare(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Check names and convert each input to the model's dtype (quantizing floats)."""
         prepared = {}
         for info in self.inputs:
             if info.name not in feeds:
@@ -63,10 +70,7 @@ class Runtime(ABC):
             elif x.dtype != np.dtype(info.dtype):
                 x = x.astype(info.dtype)
             prepared[info.name] = x
-        out = self.run(prepared)
-        if raw:
-            return out
-        return {o.name: dequantize(out[o.name], o) if o.quantized else out[o.name] for o in self.outputs}
+        return prepared
 
     def sample_inputs(self, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         """Random inputs of the right shape (dynamic dims as 1) for warm-up and benchmarks."""

@@ -49,8 +49,9 @@ class LiteRTRuntime(Runtime):
 
     @classmethod
     def load(cls, path: str, *, threads: int = 0, delegates: tuple[str, ...] = (),
-             allow_cpu_fallback: bool = False, **_ignored) -> "LiteRTRuntime":
-        mod, dist = _interpreter_module()
+             allow_cpu_fallback: bool = False, interpreter_module=None, **_ignored) -> "LiteRTRuntime":
+        # interpreter_module: the packager passes TensorFlow's (with the Flex delegate) for Flex models.
+        mod, dist = (interpreter_module, "tensorflow") if interpreter_module else _interpreter_module()
         model = open(path, "rb").read()
         compiled = EDGETPU_OP.encode() in model
         loaded_delegates, notes = [], []
@@ -70,17 +71,18 @@ class LiteRTRuntime(Runtime):
             interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise RuntimeUnavailableError(f"{dist} could not load {path}: {e}") from None
-        sigs = interp.get_signature_list()
+        # Map signature names to tensor indices without keeping a SignatureRunner alive: a live
+        # runner holds a reference to the interpreter, which then refuses to invoke().
+        sigs = interp._get_full_signature_list() or {}
+        by_index = {d["index"]: d for d in interp.get_input_details() + interp.get_output_details()}
         if sigs:
-            key = "serving_default" if "serving_default" in sigs else sorted(sigs)[0]
-            runner = interp.get_signature_runner(key)
-            ins = runner.get_input_details()
-            outs = runner.get_output_details()
+            sig = sigs["serving_default"] if "serving_default" in sigs else sigs[sorted(sigs)[0]]
+            ins, outs = sig["inputs"], sig["outputs"]
             in_names, out_names = sorted(ins), sorted(outs)
-            inputs = tuple(_info(ins[n], n) for n in in_names)
-            outputs = tuple(_info(outs[n], n) for n in out_names)
-            in_idx = tuple(ins[n]["index"] for n in in_names)
-            out_idx = tuple(outs[n]["index"] for n in out_names)
+            inputs = tuple(_info(by_index[ins[n]], n) for n in in_names)
+            outputs = tuple(_info(by_index[outs[n]], n) for n in out_names)
+            in_idx = tuple(ins[n] for n in in_names)
+            out_idx = tuple(outs[n] for n in out_names)
         else:  # e.g. older edgetpu_compiler output: fall back to tensor names
             ins, outs = interp.get_input_details(), interp.get_output_details()
             inputs = tuple(_info(d, d["name"]) for d in ins)

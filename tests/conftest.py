@@ -1,0 +1,93 @@
+"""Shared fixtures: small real models generated here (never committed), built once per session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples" / "digits"))
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The example's CNN trained on scikit-learn's digits; model + calibration/validation npz."""
+    from train import train
+
+    out = tmp_path_factory.mktemp("digits")
+    info = train(out, epochs=15)
+    return {"dir": out, "model": info["model"], "calibration": out / "calibration.npz",
+            "validation": out / "validation.npz", "labels": out / "labels.txt", "accuracy": info["test_accuracy"]}
+
+
+@pytest.fixture(scope="session")
+def digits_build(digits, tmp_path_factory):
+    """One build of the digits model for every built-in target (shared by many tests)."""
+    from packager.build import BuildOptions, build
+    from targets import builtin_names
+
+    out = tmp_path_factory.mktemp("digits-bundles")
+    opts = BuildOptions(model=digits["model"], targets=tuple(builtin_names()), out_dir=out,
+                        calibration=str(digits["calibration"]), validation=str(digits["validation"]),
+                        labels=digits["labels"], name="digits", version="1.0.0", bench_runs=20, bench_seconds=0.5)
+    return build(opts)
+
+
+def _save(model, path: Path) -> Path:
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Small untrained Keras models for the conversion matrix and the lint checks."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    d = tmp_path_factory.mktemp("models")
+    L = keras.layers
+    # Regression head (no softmax) so quantization error shows in the numbers.
+    inp = keras.Input((16, 16, 3), name="image")
+    h = L.Conv2D(8, 3, activation="relu")(inp)
+    h = L.DepthwiseConv2D(3, activation="relu")(h)
+    h = L.GlobalAveragePooling2D()(h)
+    cnn = keras.Model(inp, L.Dense(4, name="score")(h))
+    # Two inputs of different dtypes: float image + int64 scalar id.
+    img = keras.Input((8, 8, 1), name="image")
+    ids = keras.Input((), dtype="int64", name="sensor_id")
+    f = L.Flatten()(L.Conv2D(4, 3, activation="relu")(img))
+    e = L.Embedding(4, 8)(ids)
+    multi = keras.Model([img, ids], L.Dense(3)(L.Concatenate()([f, e])))
+    # Dynamic height/width.
+    dyn_in = keras.Input((None, None, 3), name="image")
+    dyn = keras.Model(dyn_in, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3, activation="relu")(dyn_in))))
+    return {"cnn": _save(cnn, d / "cnn.keras"), "multi": _save(multi, d / "multi.keras"),
+            "dynamic": _save(dyn, d / "dynamic.keras"), "dir": d}
+
+
+@pytest.fixture(scope="session")
+def flex_savedmodel(tmp_path_factory):
+    """A SavedModel whose ops (Cumprod, MatrixDeterminant) have no TFLite builtin."""
+    import tensorflow as tf
+
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": tf.linalg.det(tf.reshape(x, (-1, 2, 2)))[:, None] + tf.math.cumprod(x, axis=-1)}
+
+    d = tmp_path_factory.mktemp("flex") / "saved_model"
+    m = M()
+    tf.saved_model.save(m, str(d), signatures={"serving_default": m.serve})
+    return d
+
+
+@pytest.fixture(scope="session")
+def cnn_data(models):
+    rng = np.random.default_rng(0)
+    p = models["dir"] / "cnn_calib.npz"
+    np.savez(p, image=rng.random((64, 16, 16, 3), dtype=np.float32))
+    return p

@@ -1,0 +1,130 @@
+"""The `edgepack` CLI: bad input gets a clear message and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from packager.cli import main
+
+
+def run(*args):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    out = res.output + (res.stderr if hasattr(res, "stderr") else "")
+    assert "Traceback" not in out, out
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    return res.exit_code, out
+
+
+def test_help_and_targets():
+    code, out = run("--help")
+    assert code == 0 and "build" in out and "verify" in out
+    code, out = run("targets", "list")
+    assert code == 0 and "coral" in out and "jetson-gpu" in out
+    code, out = run("targets", "show", "coral", "--json")
+    assert code == 0 and json.loads(out[out.index("{"):])["delegates"] == ["edgetpu"]
+
+
+def test_missing_model(tmp_path):
+    code, out = run("build", tmp_path / "nope.keras", "-t", "arm-cpu")
+    assert code == 2 and "does not exist" in out
+
+
+def test_unknown_format(tmp_path):
+    p = tmp_path / "model.pt"
+    p.write_bytes(b"x")
+    code, out = run("build", p, "-t", "arm-cpu")
+    assert code == 2 and "cannot tell the format" in out
+
+
+def test_unknown_target(tmp_path):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(b"x")
+    code, out = run("build", p, "-t", "jetson-gpu2")
+    assert code == 2 and "unknown target 'jetson-gpu2'" in out and "did you mean 'jetson-gpu'" in out
+
+
+def test_malformed_profile(tmp_path):
+    prof = tmp_path / "mine.yaml"
+    prof.write_text("name: mine\nformat: tflite\ndefault_precision: int8\nprecisions: [int8]\nruntime: litert\n"
+                    "thread: 4\n")
+    p = tmp_path / "m.onnx"
+    p.write_bytes(b"x")
+    code, out = run("build", p, "-t", prof)
+    assert code == 2 and "unknown key(s) 'thread'" in out and "threads" in out
+
+
+@pytest.mark.slow
+def test_corrupt_onnx(tmp_path):
+    p = tmp_path / "broken.onnx"
+    p.write_bytes(b"\x08\x07garbage that is not a protobuf model")
+    code, out = run("build", p, "-t", "x86-cpu", "--quantize", "fp32", "-o", tmp_path / "out")
+    assert code == 2 and "not a valid ONNX model" in out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_int8_without_calibration(digits, tmp_path):
+    code, out = run("build", digits["model"], "-t", "arm-cpu", "-o", tmp_path)
+    assert code == 2 and "needs calibration data" in out and "--calibration" in out
+
+
+@pytest.mark.slow
+def test_calibration_shape_mismatch(digits, tmp_path):
+    bad = tmp_path / "calib.npz"
+    np.savez(bad, image=np.zeros((10, 28, 28, 1), np.float32))
+    code, out = run("build", digits["model"], "-t", "arm-cpu", "--calibration", bad, "-o", tmp_path / "out")
+    assert code == 2 and "have shape (28, 28, 1)" in out and "(1, 8, 8, 1)" in out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_flex_model_exit_code(flex_savedmodel, tmp_path):
+    code, out = run("build", flex_savedmodel, "-t", "arm-cpu", "--quantize", "fp32", "-o", tmp_path)
+    assert code == 3 and "Cumprod" in out and "FAILED" in out
+
+
+@pytest.mark.slow
+def test_build_json_inspect_verify_bench(digits, tmp_path):
+    code, out = run("build", digits["model"], "-t", "arm-cpu", "-t", "x86-cpu", "--calibration",
+                    digits["calibration"], "--validation", digits["validation"], "--name", "digits",
+                    "--version", "2.1.0", "-o", tmp_path, "--json")
+    assert code == 0, out
+    report = json.loads(out[out.index("{"):])
+    assert report["schema"] == "edgepack.build-report/1" and report["ok"]
+    for t in report["targets"]:
+        assert {"bundle", "format", "precision", "size_bytes", "latency_ms", "accuracy", "lint", "warnings"} <= set(t)
+        assert t["latency_ms"]["fp32"]["p50_ms"] > 0 and t["size_bytes"]["bundle"] > 0
+    bundle = tmp_path / "digits-2.1.0-arm-cpu.edgepack"
+    code, out = run("inspect", bundle)
+    assert code == 0 and "digits 2.1.0" in out and "scale=" not in out.split("inputs:")[1].split("\n")[1]
+    code, out = run("inspect", bundle, "--json")
+    assert code == 0 and json.loads(out)["target"]["name"] == "arm-cpu"
+    code, out = run("verify", bundle)
+    assert code == 0 and out.startswith("OK")
+    code, out = run("bench", bundle, "--runs", "20", "--json")
+    stats = json.loads(out)["latency"]
+    assert code == 0 and stats["runs"] >= 5 and stats["p99_ms"] >= stats["p50_ms"] > 0
+    # tamper: flip bytes inside the model member
+    bad = tmp_path / "tampered.edgepack"
+    with zipfile.ZipFile(bundle) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for zi in zin.infolist():
+            data = zin.read(zi.filename)
+            if zi.filename == "model.tflite":
+                data = data[:100] + bytes(b ^ 0xFF for b in data[100:110]) + data[110:]
+            zout.writestr(zi, data)
+    code, out = run("verify", bad)
+    assert code == 5 and "model.tflite: sha256" in out
+
+
+def test_verify_missing_and_garbage(tmp_path):
+    code, out = run("verify", tmp_path / "none.edgepack")
+    assert code == 5 and "does not exist" in out
+    p = tmp_path / "g.edgepack"
+    p.write_bytes(b"garbage")
+    code, out = run("verify", p)
+    assert code == 5 and "not an edgepack bundle" in out
