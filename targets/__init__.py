@@ -72,6 +72,9 @@ class TargetProfile:
     tensorrt_engine_cache: bool = False
     per_channel: bool = True
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
+    # ONNX int8 activations: uint8 (U8S8) is ORT's fast path on x86 CPUs; TensorRT wants
+    # symmetric int8 (S8S8) QDQ.
+    activation_dtype: IOType = IOType.INT8
     edgetpu_compile: bool = False
     cpu_fallback: bool = True  # may the agent run this bundle without its delegate?
     min_runtime_version: str = ""
@@ -101,7 +104,7 @@ class TargetProfile:
 
 
 _ENUMS = {"format": Format, "default_precision": Precision, "quantized_io": IOType,
-          "calibration_method": CalibrationMethod}
+          "calibration_method": CalibrationMethod, "activation_dtype": IOType}
 _REQUIRED = ("name", "format", "default_precision", "precisions", "runtime")
 
 
@@ -189,6 +192,9 @@ def _check_consistency(p: TargetProfile) -> None:
         raise ProfileError(f"profile {src}: 'delegates' apply to TFLite; ONNX profiles use 'providers'")
     if p.format is Format.TFLITE and p.providers:
         raise ProfileError(f"profile {src}: 'providers' apply to ONNX; TFLite profiles use 'delegates'")
+    if p.activation_dtype is IOType.FLOAT32:
+        raise ProfileError(f"profile {src}: 'activation_dtype' is for int8 quantization",
+                           hint="allowed values: int8, uint8")
     if p.edgetpu_compile and "edgetpu" not in p.delegates:
         raise ProfileError(f"profile {src}: 'edgetpu_compile' needs 'edgetpu' in 'delegates'")
     if "edgetpu" in p.delegates and (p.precisions != (Precision.INT8,) or not p.static_shapes):
