@@ -7,7 +7,6 @@ measures and either writes its bundle atomically or fails with nothing written.
 from __future__ import annotations
 
 import platform
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from edgebundle.errors import (AccuracyGateError, CalibrationError, EdgepackErro
                                RuntimeUnavailableError, UnsupportedOpError)
 from edgebundle.manifest import Manifest, Quantization, TensorSpec, parse_version
 from packager import edgetpu, lint
-from packager.data import RANDOM, Dataset, ImagePreprocessing, load_dataset, random_dataset
+from packager.data import Dataset, ImagePreprocessing, load_dataset, random_dataset
 from packager.evaluate import compare, golden_tolerance
 from packager.registry import Artifact, ConvertContext, get_converter
 from packager.sources import Source, SourceKind, load_source, resolve_shapes

@@ -91,3 +91,18 @@ def cnn_data(models):
     p = models["dir"] / "cnn_calib.npz"
     np.savez(p, image=rng.random((64, 16, 16, 3), dtype=np.float32))
     return p
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(digits_build):
+    """The digits arm-cpu (int8, float I/O) bundle."""
+    return next(r.bundle for r in digits_build.results if r.target == "arm-cpu")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    from brokers import Broker
+
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()

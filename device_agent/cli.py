@@ -1,0 +1,91 @@
+"""`edgepack-agent`: run a bundle on the device, or benchmark one. Thin over the library."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import click
+
+from edgebundle.errors import BundleError, EdgepackError, InputError, RuntimeUnavailableError
+
+EXIT_CODES = ((BundleError, 5), (InputError, 2), (RuntimeUnavailableError, 6), (EdgepackError, 1))
+
+
+class AgentGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgepackError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(next(code for cls, code in EXIT_CODES if isinstance(e, cls)))
+
+
+@click.group(cls=AgentGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgepack", message="edgepack-agent %(version)s")
+def main() -> None:
+    """edgepack device agent: serve a bundle locally, report over MQTT."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
+@click.option("--device-id", help="Device id (default: the host name).")
+@click.option("--group", "groups", multiple=True, help="Fleet group (repeatable).")
+@click.option("--broker", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; credentials may sit in the URL.")
+@click.option("--broker-username")
+@click.option("--broker-password", envvar="EDGEPACK_AGENT_BROKER_PASSWORD")
+@click.option("--broker-ca-file", type=click.Path(path_type=str))
+@click.option("--broker-cert-file", type=click.Path(path_type=str))
+@click.option("--broker-key-file", type=click.Path(path_type=str))
+@click.option("--topic-prefix", help="Topic root (default edgepack/v1).")
+@click.option("--data-dir", type=click.Path(path_type=Path))
+@click.option("--bundle", type=click.Path(path_type=Path), help="Initial bundle, used when the data "
+                                                              "directory holds no active one.")
+@click.option("--api-host", help="Bind address of the v2 API (default 127.0.0.1).")
+@click.option("--api-port", type=int, help="Port of the v2 API (default 8080).")
+@click.option("--api-token", envvar="EDGEPACK_AGENT_API_TOKEN", help="Require 'Authorization: Bearer TOKEN'.")
+@click.option("--telemetry-interval", type=float, help="Seconds between telemetry messages (default 30).")
+@click.option("--threads", type=int, help="Override the bundle's thread count.")
+@click.option("--log-format", type=click.Choice(["json", "text"]))
+def run(config_path, device_id, groups, broker, broker_username, broker_password, broker_ca_file,
+        broker_cert_file, broker_key_file, topic_prefix, data_dir, bundle, api_host, api_port, api_token,
+        telemetry_interval, threads, log_format):
+    """Serve the active bundle on the KServe v2 API and report to the broker until SIGTERM."""
+    from device_agent.config import load_config
+    from device_agent.service import Agent, setup_logging
+
+    cfg = load_config(path=config_path, device_id=device_id, groups=tuple(groups) or None, broker=broker,
+                      broker_username=broker_username, broker_password=broker_password,
+                      broker_ca_file=broker_ca_file, broker_cert_file=broker_cert_file,
+                      broker_key_file=broker_key_file, topic_prefix=topic_prefix, data_dir=data_dir,
+                      bundle=bundle, api_host=api_host, api_port=api_port, api_token=api_token,
+                      telemetry_interval=telemetry_interval, threads=threads, log_format=log_format)
+    setup_logging(cfg.log_format)
+    asyncio.run(Agent(cfg).run())
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--runs", type=int, default=200, show_default=True)
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--threads", type=int, help="Override the bundle's thread count.")
+@click.option("--max-seconds", type=float, default=20.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(bundle, runs, warmup, threads, max_seconds, as_json):
+    """Latency percentiles and throughput with the device runtime (same numbers as `edgepack bench`)."""
+    from device_agent.bench import bench_bundle
+
+    stats, details = bench_bundle(bundle, warmup=warmup, runs=runs, max_seconds=max_seconds, threads=threads)
+    s = stats.to_dict()
+    if as_json:
+        click.echo(json.dumps({"bundle": str(bundle), "latency": s, "runtime": details}, indent=2))
+        return
+    who = details.get("provider") or details.get("delegate") or ""
+    click.echo(f"{details.get('runtime')} {details.get('version') or ''} {who}\nruns {s['runs']} (warm-up "
+               f"{s['warmup']})\np50 {s['p50_ms']:.3f} ms  p90 {s['p90_ms']:.3f} ms  p95 {s['p95_ms']:.3f} ms  "
+               f"p99 {s['p99_ms']:.3f} ms  mean {s['mean_ms']:.3f} ms\nthroughput {s['throughput_ips']:.1f} "
+               "inferences/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Agent configuration: defaults < TOML file < EDGEPACK_AGENT_* environment < command-line flags."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from edgebundle.errors import InputError
+
+ENV_PREFIX = "EDGEPACK_AGENT_"
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    topic_prefix: str = "edgepack/v1"
+    keepalive: int = 30
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.url).scheme == "mqtts"
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return urlparse(self.url).port or (8883 if self.tls else 1883)
+
+    def validate(self) -> "BrokerConfig":
+        u = urlparse(self.url)
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
+            raise InputError(f"broker URL {self.url!r} is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        user = unquote(u.username) if u.username else self.username
+        pw = unquote(u.password) if u.password else self.password
+        for f in (self.ca_file, self.cert_file, self.key_file):
+            if f and not Path(f).is_file():
+                raise InputError(f"broker TLS file {f!r} does not exist")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise InputError("a client certificate needs both cert_file and key_file")
+        return replace(self, username=user, password=pw, topic_prefix=self.topic_prefix.strip("/"))
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    data_dir: Path
+    groups: tuple[str, ...] = ()
+    broker: BrokerConfig | None = None
+    bundle: Path | None = None
+    telemetry_interval: float = 30.0
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    api_token: str | None = None
+    max_body_bytes: int = 16 << 20
+    threads: int | None = None
+    buffer_max_messages: int = 10_000
+    buffer_max_bytes: int = 10 << 20
+    log_format: str = "json"
+
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# flat key -> (TOML section, key in section)
+_TOML = {"device_id": (None, "device_id"), "groups": (None, "groups"), "data_dir": (None, "data_dir"),
+         "bundle": (None, "bundle"), "telemetry_interval": (None, "telemetry_interval"),
+         "threads": (None, "threads"), "log_format": (None, "log_format"),
+         "api_host": ("api", "host"), "api_port": ("api", "port"), "api_token": ("api", "token"),
+         "max_body_bytes": ("api", "max_body_bytes"),
+         "broker": ("broker", "url"), "broker_username": ("broker", "username"),
+         "broker_password": ("broker", "password"), "broker_ca_file": ("broker", "ca_file"),
+         "broker_cert_file": ("broker", "cert_file"), "broker_key_file": ("broker", "key_file"),
+         "topic_prefix": ("broker", "topic_prefix"),
+         "buffer_max_messages": ("buffer", "max_messages"), "buffer_max_bytes": ("buffer", "max_bytes")}
+_INTS = {"api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes"}
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10 (JetPack 6)
+        import tomli as tomllib
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"config {path}: {e}") from None
+    flat, known = {}, {}
+    for key, (section, sub) in _TOML.items():
+        known.setdefault(section, set()).add(sub)
+        src = doc if section is None else doc.get(section, {})
+        if isinstance(src, dict) and sub in src:
+            flat[key] = src[sub]
+    for section, value in doc.items():
+        if isinstance(value, dict):
+            unknown = set(value) - known.get(section, set())
+            if section not in known or unknown:
+                raise InputError(f"config {path}: unknown key(s) in [{section}]: {sorted(unknown or value)}")
+        elif section not in known[None]:
+            raise InputError(f"config {path}: unknown key {section!r}",
+                             hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer]")
+    return flat
+
+
+def _from_env(env: dict) -> dict:
+    out = {}
+    for key in _TOML:
+        v = env.get(ENV_PREFIX + key.upper())
+        if v is not None and v != "":
+            out[key] = v.split(",") if key == "groups" else v
+    return out
+
+
+def load_config(*, path: str | Path | None = None, env: dict | None = None, **flags) -> AgentConfig:
+    """Merge the layers and validate. `flags` uses the flat keys of _TOML; None means unset."""
+    merged: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"config file {str(p)!r} does not exist")
+        merged.update(_read_toml(p))
+    merged.update(_from_env(os.environ if env is None else env))
+    merged.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    unknown = set(merged) - set(_TOML)
+    if unknown:
+        raise InputError(f"unknown setting(s) {sorted(unknown)}")
+    try:
+        for k in _INTS & set(merged):
+            merged[k] = int(merged[k])
+        if "telemetry_interval" in merged:
+            merged["telemetry_interval"] = float(merged["telemetry_interval"])
+    except (TypeError, ValueError) as e:
+        raise InputError(f"bad number in the agent settings: {e}") from None
+    device_id = str(merged.get("device_id") or socket.gethostname().split(".")[0])
+    if not _ID.match(device_id):
+        raise InputError(f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    groups = tuple(str(g).strip() for g in merged.get("groups", ()) if str(g).strip())
+    for g in groups:
+        if not _ID.match(g):
+            raise InputError(f"group {g!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    broker = None
+    if merged.get("broker"):
+        broker = BrokerConfig(
+            url=str(merged["broker"]), username=merged.get("broker_username"),
+            password=merged.get("broker_password"), ca_file=merged.get("broker_ca_file"),
+            cert_file=merged.get("broker_cert_file"), key_file=merged.get("broker_key_file"),
+            topic_prefix=str(merged.get("topic_prefix", "edgepack/v1"))).validate()
+    if float(merged.get("telemetry_interval", 30.0)) <= 0:
+        raise InputError("telemetry interval must be > 0 seconds")
+    if merged.get("log_format", "json") not in ("json", "text"):
+        raise InputError("log_format must be json or text")
+    kw = {f.name: merged[f.name] for f in fields(AgentConfig) if f.name in merged and f.name not in
+          ("device_id", "groups", "broker", "data_dir", "bundle")}
+    data_dir = Path(merged.get("data_dir") or Path.home() / ".local/share/edgepack-agent")
+    bundle = Path(merged["bundle"]) if merged.get("bundle") else None
+    return AgentConfig(device_id=device_id, groups=groups, broker=broker, data_dir=data_dir, bundle=bundle, **kw)
+
+
+__all__ = ["AgentConfig", "BrokerConfig", "load_config"]

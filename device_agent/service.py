@@ -1,0 +1,201 @@
+"""The agent process: model + local v2 API + MQTT status/telemetry with an offline buffer."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+
+from device_agent import __version__
+from device_agent.buffer import DiskQueue
+from device_agent.config import AgentConfig
+from device_agent.model import Model, load_bundle
+from device_agent.mqtt import MqttClient, Will, dumps
+from device_agent.stats import HostMetrics, InferenceStats, platform_info
+from device_agent.store import Store
+from edgebundle.errors import EdgepackError
+
+log = logging.getLogger("edgepack.agent")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Topics:
+    def __init__(self, prefix: str, device_id: str):
+        base = f"{prefix}/devices/{device_id}"
+        self.status, self.telemetry, self.events = f"{base}/status", f"{base}/telemetry", f"{base}/events"
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.store = Store(cfg.data_dir)
+        self.stats = InferenceStats()
+        self.host = HostMetrics(str(cfg.data_dir))
+        self.model: Model | None = None
+        self.model_error: str | None = None
+        self.started = now_iso()
+        self.topics = Topics(cfg.broker.topic_prefix if cfg.broker else "edgepack/v1", cfg.device_id)
+        self.queue = DiskQueue(cfg.data_dir / "telemetry.sqlite", max_messages=cfg.buffer_max_messages,
+                               max_bytes=cfg.buffer_max_bytes)
+        self.mqtt: MqttClient | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._drainer: threading.Thread | None = None
+
+    # ---- model ----
+    def load_initial(self) -> None:
+        """Active bundle from the data directory, else the configured initial bundle."""
+        path = self.store.active()
+        try:
+            if path is None and self.cfg.bundle is not None:
+                path, digest = self.store.add(self.cfg.bundle)
+                self.store.activate(path, digest)
+            if path is None:
+                self.model_error = "no bundle: pass --bundle or push one"
+                log.warning(self.model_error)
+                return
+            t0 = time.perf_counter()
+            self.model = load_bundle(path, model_dir=self.store.model_dir(path.name.split("-")[0]),
+                                     cache_dir=str(self.store.cache), threads=self.cfg.threads)
+            log.info("model ready", extra={"fields": {**self.model.describe(),
+                                                      "load_ms": round((time.perf_counter() - t0) * 1000, 1)}})
+        except EdgepackError as e:
+            self.model_error = str(e).split("\n")[0]
+            log.error("cannot load bundle %s: %s", path, e)
+
+    # ---- MQTT ----
+    def status(self, online: bool = True, reason: str | None = None) -> dict:
+        return {"device_id": self.cfg.device_id, "online": online, "reason": reason, "ts": now_iso(),
+                "groups": list(self.cfg.groups), "agent_version": __version__, "started": self.started,
+                "model": self.model.describe() if self.model else None, "model_error": self.model_error,
+                "platform": platform_info(), "api": {"host": self.cfg.api_host, "port": self.cfg.api_port}}
+
+    def _on_connect(self) -> None:
+        self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
+        self._wake.set()
+
+    def start_mqtt(self) -> None:
+        if not self.cfg.broker:
+            return
+        will = Will(self.topics.status, dumps({"device_id": self.cfg.device_id, "online": False,
+                                               "reason": "connection lost", "ts": None}))
+        self.mqtt = MqttClient(self.cfg.broker, client_id=f"edgepack-agent-{self.cfg.device_id}", will=will,
+                               on_connect=self._on_connect)
+        self.mqtt.start()
+        self._drainer = threading.Thread(target=self._drain, name="telemetry-drain", daemon=True)
+        self._drainer.start()
+
+    def telemetry(self) -> dict:
+        return {"device_id": self.cfg.device_id, "ts": now_iso(), "seq": self.queue.next_seq(),
+                "inference": self.stats.window(),
+                "totals": {"count": self.stats.total, "errors": self.stats.total_errors},
+                "system": self.host.snapshot(),
+                "buffer": {"queued": len(self.queue), "dropped_total": self.queue.dropped},
+                "model": {"name": self.model.name, "version": self.model.version} if self.model else None}
+
+    def emit_telemetry(self) -> None:
+        """Every record goes through the disk queue, so order holds across outages and restarts."""
+        dropped = self.queue.push(self.topics.telemetry, dumps(self.telemetry()))
+        if dropped:
+            log.warning("telemetry buffer full: dropped %d oldest message(s)", dropped)
+        self._wake.set()
+
+    def _drain(self) -> None:
+        """Send queued telemetry oldest first; delete each only after the broker's PUBACK."""
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            while self.mqtt and self.mqtt.connected.is_set() and not self._stop.is_set():
+                batch = self.queue.peek(50)
+                if not batch:
+                    break
+                for msg_id, topic, payload in batch:
+                    if not self.mqtt.publish_wait(topic, payload, qos=1, timeout=10):
+                        break
+                    self.queue.delete(msg_id)
+                else:
+                    continue
+                time.sleep(0.5)  # the link dropped mid-batch: let paho reconnect
+                break
+
+    # ---- run ----
+    async def run(self, *, ready: threading.Event | None = None) -> None:
+        from aiohttp import web
+
+        from device_agent.server import create_app
+
+        self.load_initial()
+        self.start_mqtt()
+        app = create_app(lambda: self.model, stats=self.stats, token=self.cfg.api_token,
+                         max_body_bytes=self.cfg.max_body_bytes)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.cfg.api_host, self.cfg.api_port)
+        await site.start()
+        log.info("serving KServe v2 API", extra={"fields": {"host": self.cfg.api_host, "port": self.cfg.api_port}})
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):  # not the main thread (embedded use)
+                pass
+        if ready:
+            ready.set()
+        self._stop_async = stop
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=self.cfg.telemetry_interval)
+                except asyncio.TimeoutError:
+                    self.emit_telemetry()
+        finally:
+            log.info("stopping")
+            await runner.cleanup()
+            self.shutdown()
+
+    def request_stop(self) -> None:
+        loop_stop = getattr(self, "_stop_async", None)
+        if loop_stop is not None:
+            loop_stop.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self.mqtt:
+            if self.mqtt.connected.is_set():
+                self.mqtt.publish_wait(self.topics.status, dumps(self.status(online=False, reason="stopped")),
+                                       qos=1, retain=True, timeout=3)
+            self.mqtt.stop()
+        if self._drainer:
+            self._drainer.join(timeout=5)
+        if self.model:
+            self.model.close()
+        self.queue.close()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, and any `extra={"fields": {...}}`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        d = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+             "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        d.update(getattr(record, "fields", {}) or {})
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
+        return json.dumps(d, default=str)
+
+
+def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
+    h = logging.StreamHandler()
+    h.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("edgepack")
+    root.handlers[:] = [h]
+    root.setLevel(level)
+    root.propagate = False
