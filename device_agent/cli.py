@@ -1,7 +1,6 @@
 """`edgepack-agent`: run a bundle on the device, or benchmark one. Thin over the library."""
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -52,8 +51,9 @@ def run(config_path, device_id, groups, broker, broker_username, broker_password
         telemetry_interval, threads, log_format):
     """Serve the active bundle on the KServe v2 API and report to the broker until SIGTERM."""
     from device_agent.config import load_config
-    from device_agent.service import Agent, setup_logging
+    from device_agent.service import Agent, limit_malloc_arenas, setup_logging
 
+    limit_malloc_arenas()
     cfg = load_config(path=config_path, device_id=device_id, groups=tuple(groups) or None, broker=broker,
                       broker_username=broker_username, broker_password=broker_password,
                       broker_ca_file=broker_ca_file, broker_cert_file=broker_cert_file,
@@ -61,7 +61,7 @@ def run(config_path, device_id, groups, broker, broker_username, broker_password
                       bundle=bundle, api_host=api_host, api_port=api_port, api_token=api_token,
                       telemetry_interval=telemetry_interval, threads=threads, log_format=log_format)
     setup_logging(cfg.log_format)
-    asyncio.run(Agent(cfg).run())
+    Agent(cfg).run()
 
 
 @main.command()

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.runtimes.base import Runtime
+from device_agent.runtimes.base import Runtime, dequantize, quantize
 from device_agent.runtimes.registry import load_from_manifest
-from edgebundle.archive import Bundle, open_bundle, sha256_file
+from edgebundle.archive import Bundle, open_bundle, sha256_file, verify_bundle
 from edgebundle.errors import InputError, VerificationError
 from edgebundle.manifest import Manifest
 
@@ -55,36 +55,51 @@ class Model:
                 "runtime_version": d.get("version"),
                 "provider": d.get("provider") or d.get("delegate"), "notes": d.get("notes") or []}
 
+    def __post_init__(self) -> None:
+        # Precomputed once: the per-request path below is a handful of comparisons.
+        rt = {t.name: t for t in self.runtime.inputs}
+        self._inputs = tuple((t.name, tuple(t.shape_signature or t.shape), np.dtype(t.dtype), rt.get(t.name))
+                             for t in self.manifest.inputs)
+        self._names = frozenset(t.name for t in self.manifest.inputs)
+        self._dequant = tuple(o for o in self.runtime.outputs if o.quantized)
+
     def validate(self, inputs: dict) -> dict[str, np.ndarray]:
-        """Check names, shapes and dtype kinds against the manifest; return arrays."""
-        specs = {t.name: t for t in self.manifest.inputs}
-        unknown = sorted(set(inputs) - set(specs))
-        if unknown:
-            raise InferenceError(f"unknown input(s) {unknown}; the model takes {sorted(specs)}")
-        missing = sorted(set(specs) - set(inputs))
-        if missing:
-            raise InferenceError(f"missing input(s) {missing}")
-        out = {}
-        for name, spec in specs.items():
-            x = np.asarray(inputs[name])
-            sig = spec.shape_signature or spec.shape
-            ok = len(x.shape) == len(sig) and all(s < 0 or s == d for s, d in zip(sig, x.shape))
-            if not ok:
+        """Check names, shapes and dtypes against the manifest; return arrays in the
+        model's dtypes (floats for quantized inputs are quantized here)."""
+        if len(inputs) != len(self._names) or not all(n in inputs for n in self._names):
+            unknown = sorted(set(inputs) - self._names)
+            if unknown:
+                raise InferenceError(f"unknown input(s) {unknown}; the model takes {sorted(self._names)}")
+            raise InferenceError(f"missing input(s) {sorted(self._names - set(inputs))}")
+        feeds = {}
+        for name, sig, want, info in self._inputs:
+            x = inputs[name]
+            if not isinstance(x, np.ndarray):
+                x = np.asarray(x)
+            shape = x.shape
+            if shape != sig and (len(shape) != len(sig) or any(s >= 0 and s != d for s, d in zip(sig, shape))):
                 raise InferenceError(f"input {name!r} has shape {list(x.shape)}; the model takes "
                                      f"{list(sig)} (-1 = any size)")
-            want = np.dtype(spec.dtype)
-            quantized_float = spec.quantization is not None and x.dtype.kind == "f"
-            if not quantized_float and _KINDS.get(x.dtype.kind) != _KINDS.get(want.kind):
-                raise InferenceError(f"input {name!r} is {x.dtype.name}; the model takes {want.name}"
-                                     + (" (or float32, quantized by the agent)" if spec.quantization else ""))
-            out[name] = x
-        return out
+            if x.dtype is not want and x.dtype != want:
+                if info is not None and info.quantized and x.dtype.kind == "f":
+                    x = quantize(x, info)
+                elif _KINDS.get(x.dtype.kind) == _KINDS.get(want.kind):
+                    x = x.astype(want)
+                else:
+                    raise InferenceError(f"input {name!r} is {x.dtype.name}; the model takes {want.name}"
+                                         + (" (or float32, quantized by the agent)" if info and info.quantized else ""))
+            feeds[name] = x
+        return feeds
 
     def infer(self, inputs: dict, *, raw: bool = False) -> dict[str, np.ndarray]:
         """Run once. Floats for quantized tensors are (de)quantized unless `raw`."""
         feeds = self.validate(inputs)
         with self._lock:
-            return self.runtime.infer(feeds, raw=raw)
+            out = self.runtime.run(feeds)
+        if not raw:
+            for o in self._dequant:
+                out[o.name] = dequantize(out[o.name], o)
+        return out
 
     def warm_up(self, runs: int = 3) -> float:
         """Run the golden (or random) inputs a few times; returns the last latency in ms."""
@@ -128,7 +143,7 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
     into `model_dir` (default: a folder next to the bundle keyed by its sha256), warmed up,
     and its golden outputs are checked; a mismatch raises VerificationError."""
     path = Path(path)
-    bundle = open_bundle(path)
+    bundle = verify_bundle(path)  # every file's hash, before anything is loaded
     m = bundle.manifest
     digest = sha256_file(path)
     model_dir = Path(model_dir) if model_dir else path.parent / f".{path.name}.{digest[:16]}"

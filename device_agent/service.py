@@ -1,7 +1,6 @@
 """The agent process: model + local v2 API + MQTT status/telemetry with an offline buffer."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import signal
@@ -63,6 +62,7 @@ class Agent:
             t0 = time.perf_counter()
             self.model = load_bundle(path, model_dir=self.store.model_dir(path.name.split("-")[0]),
                                      cache_dir=str(self.store.cache), threads=self.cfg.threads)
+            trim_memory()  # verification and extraction buffers
             log.info("model ready", extra={"fields": {**self.model.describe(),
                                                       "load_ms": round((time.perf_counter() - t0) * 1000, 1)}})
         except EdgepackError as e:
@@ -125,45 +125,36 @@ class Agent:
                 break
 
     # ---- run ----
-    async def run(self, *, ready: threading.Event | None = None) -> None:
-        from aiohttp import web
-
-        from device_agent.server import create_app
+    def start(self) -> None:
+        """Load the model, connect to the broker in the background, serve the API."""
+        from device_agent.server import ApiServer
 
         self.load_initial()
         self.start_mqtt()
-        app = create_app(lambda: self.model, stats=self.stats, token=self.cfg.api_token,
-                         max_body_bytes=self.cfg.max_body_bytes)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.cfg.api_host, self.cfg.api_port)
-        await site.start()
-        log.info("serving KServe v2 API", extra={"fields": {"host": self.cfg.api_host, "port": self.cfg.api_port}})
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):  # not the main thread (embedded use)
-                pass
+        self.api = ApiServer(lambda: self.model, stats=self.stats, host=self.cfg.api_host, port=self.cfg.api_port,
+                             token=self.cfg.api_token, max_body_bytes=self.cfg.max_body_bytes)
+        self.api.start()
+        log.info("serving KServe v2 API", extra={"fields": {"host": self.cfg.api_host, "port": self.api.port}})
+
+    def run(self, *, ready: threading.Event | None = None) -> None:
+        """start(), then emit telemetry every interval until SIGTERM/SIGINT or request_stop()."""
+        self.start()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
         if ready:
             ready.set()
-        self._stop_async = stop
         try:
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=self.cfg.telemetry_interval)
-                except asyncio.TimeoutError:
-                    self.emit_telemetry()
+            while not self._stop.wait(self.cfg.telemetry_interval):
+                self.emit_telemetry()
+                trim_memory()
         finally:
             log.info("stopping")
-            await runner.cleanup()
+            self.api.stop()
             self.shutdown()
 
     def request_stop(self) -> None:
-        loop_stop = getattr(self, "_stop_async", None)
-        if loop_stop is not None:
-            loop_stop.set()
+        self._stop.set()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -190,6 +181,36 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             d["exc"] = self.formatException(record.exc_info)
         return json.dumps(d, default=str)
+
+
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    return _LIBC
+
+
+def limit_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena and keeps freed memory in
+    it; on a 1-4 GB board that is RSS for nothing. Call before threads start. No-op elsewhere."""
+    libc = _libc()
+    if libc and hasattr(libc, "mallopt"):
+        libc.mallopt(-8, n)  # M_ARENA_MAX
+
+
+def trim_memory() -> None:
+    """Hand freed heap back to the OS (after loading a model, and periodically)."""
+    libc = _libc()
+    if libc and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:

@@ -31,7 +31,8 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Broker:
     """start()/stop() on a fixed port, so a restart comes back at the same address."""
 
-    kind = "mosquitto" if shutil.which("mosquitto") else "amqtt"
+    # EDGEPACK_TEST_BROKER=amqtt runs the suite against the embedded broker even where mosquitto exists.
+    kind = os.environ.get("EDGEPACK_TEST_BROKER") or ("mosquitto" if shutil.which("mosquitto") else "amqtt")
 
     def __init__(self, workdir: Path, *, tls: dict | None = None, users: dict | None = None):
         self.dir = Path(workdir)

@@ -144,14 +144,14 @@ def test_concurrent_clients(agent):
 def test_agent_never_imports_tensorflow(digits_bundle, tmp_path):
     """Run the agent in a fresh interpreter, serve a request, then list what got imported."""
     code = f"""
-import asyncio, json, sys, threading, urllib.request
+import json, sys, threading
 from device_agent.config import load_config
 from device_agent.service import Agent
 cfg = load_config(env={{}}, data_dir={str(tmp_path / 'd')!r}, bundle={str(digits_bundle)!r}, api_port=0,
                   telemetry_interval=60)
 agent = Agent(cfg)
 ready = threading.Event()
-t = threading.Thread(target=lambda: asyncio.run(agent.run(ready=ready)), daemon=True)
+t = threading.Thread(target=lambda: agent.run(ready=ready), daemon=True)
 t.start()
 assert ready.wait(30)
 out = agent.model.infer({{"image": __import__("numpy").zeros((1, 8, 8, 1), "float32")}})

@@ -95,12 +95,17 @@ class LiteRTRuntime(Runtime):
         return cls(inputs=inputs, outputs=outputs, details=details, _interp=interp,
                    _in_idx=in_idx, _out_idx=out_idx)
 
+    def __post_init__(self) -> None:
+        self._in_pairs = tuple((i.name, idx) for i, idx in zip(self.inputs, self._in_idx))
+        self._out_pairs = tuple((o.name, idx) for o, idx in zip(self.outputs, self._out_idx))
+
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         it = self._interp
-        for info, idx in zip(self.inputs, self._in_idx):
-            it.set_tensor(idx, feeds[info.name])
+        set_tensor, get_tensor = it.set_tensor, it.get_tensor
+        for name, idx in self._in_pairs:
+            set_tensor(idx, feeds[name])
         it.invoke()
-        return {info.name: it.get_tensor(idx) for info, idx in zip(self.outputs, self._out_idx)}
+        return {name: get_tensor(idx) for name, idx in self._out_pairs}
 
     def ops(self) -> list[str]:
         """Op names in execution order (used by lint and reports)."""

@@ -1,0 +1,45 @@
+"""Bundles the agent benchmarks run on, built once into benchmarks/.cache (git-ignored):
+the digits CNN (arm-cpu int8) and Keras MobileNetV2 (weights=None, 224x224, arm-cpu int8,
+random calibration: no real images or weights can be had here)."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def digits_bundle(target: str = "arm-cpu", version: str = "1.0.0") -> Path:
+    out = CACHE / f"digits-{version}-{target}.edgepack"
+    if not out.exists():
+        sys.path.insert(0, str(ROOT / "examples" / "digits"))
+        from train import train
+
+        from packager.build import BuildOptions, build
+
+        info = train(CACHE / "digits", epochs=20)
+        res = build(BuildOptions(model=info["model"], targets=(target,), out_dir=CACHE, name="digits",
+                                 version=version, calibration=str(CACHE / "digits" / "calibration.npz"),
+                                 validation=str(CACHE / "digits" / "validation.npz")))
+        assert res.ok, res.results[0].error
+    return out
+
+
+def mobilenet_bundle(target: str = "arm-cpu", precision: str = "int8") -> Path:
+    out = CACHE / f"mobilenetv2-1.0.0-{target}.edgepack"
+    if not out.exists():
+        import keras
+
+        from packager.build import BuildOptions, build
+        from targets import Precision
+
+        keras.utils.set_random_seed(0)
+        path = CACHE / "mobilenetv2.keras"
+        keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3)).save(path)
+        res = build(BuildOptions(model=path, targets=(target,), out_dir=CACHE, name="mobilenetv2",
+                                 precision=Precision(precision), calibration="random", calibration_samples=50))
+        assert res.ok, res.results[0].error
+    return out

@@ -1,0 +1,107 @@
+"""Agent pieces without a broker: configuration layers, the in-process API on every
+runtime the build host has, quantized I/O, and `edgepack-agent bench`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from device_agent.config import load_config
+from edgebundle.errors import InputError, RuntimeUnavailableError
+
+
+def test_config_layers(tmp_path):
+    toml = tmp_path / "agent.toml"
+    toml.write_text('device_id = "from-file"\ngroups = ["a", "b"]\ntelemetry_interval = 10\n'
+                    '[api]\nport = 9000\n[broker]\nurl = "mqtt://broker.local:1884"\nusername = "u"\n'
+                    '[buffer]\nmax_messages = 50\n')
+    cfg = load_config(path=toml, env={})
+    assert (cfg.device_id, cfg.groups, cfg.api_port, cfg.telemetry_interval) == ("from-file", ("a", "b"), 9000, 10.0)
+    assert cfg.broker.host == "broker.local" and cfg.broker.port == 1884 and cfg.buffer_max_messages == 50
+    env = {"EDGEPACK_AGENT_DEVICE_ID": "from-env", "EDGEPACK_AGENT_API_PORT": "9001",
+           "EDGEPACK_AGENT_GROUPS": "x,y"}
+    cfg = load_config(path=toml, env=env)
+    assert (cfg.device_id, cfg.api_port, cfg.groups) == ("from-env", 9001, ("x", "y"))
+    cfg = load_config(path=toml, env=env, device_id="from-flag", broker="mqtts://u2:p%40ss@h")
+    assert cfg.device_id == "from-flag" and cfg.broker.tls and cfg.broker.port == 8883
+    assert (cfg.broker.username, cfg.broker.password) == ("u2", "p@ss")
+
+
+@pytest.mark.parametrize("kw,fragment", [
+    ({"broker": "http://x"}, "is not mqtt://"),
+    ({"device_id": "bad/id"}, "device id"),
+    ({"groups": ("ok", "no+pe")}, "group"),
+    ({"broker": "mqtts://h", "broker_ca_file": "/nonexistent/ca.pem"}, "does not exist"),
+    ({"telemetry_interval": "0"}, "> 0"),
+])
+def test_config_errors(kw, fragment):
+    with pytest.raises(InputError, match=fragment.replace("+", r"\+")):
+        load_config(env={}, **kw)
+
+
+def test_config_unknown_key(tmp_path):
+    toml = tmp_path / "agent.toml"
+    toml.write_text('[api]\nprot = 1\n')
+    with pytest.raises(InputError, match="unknown key"):
+        load_config(path=toml, env={})
+
+
+@pytest.mark.slow
+def test_in_process_api_every_target(digits_build, digits, tmp_path):
+    from device_agent import load_bundle
+    from device_agent.model import InferenceError
+
+    val = np.load(digits["validation"])
+    x = val["image"][:1]
+    outs = {}
+    for r in digits_build.results:
+        if r.target == "coral":
+            # the host has no Edge TPU and the coral profile forbids CPU fallback: a clear error
+            with pytest.raises(RuntimeUnavailableError, match="libedgetpu"):
+                load_bundle(r.bundle, model_dir=tmp_path / r.target)
+            m = load_bundle(r.bundle, model_dir=tmp_path / r.target, allow_cpu_fallback=True)
+            assert "running on the CPU" in m.describe()["notes"][0]
+        else:
+            m = load_bundle(r.bundle, model_dir=tmp_path / r.target)
+        d = m.describe()
+        assert d["provider"] in ("xnnpack", "cpu", "CPUExecutionProvider"), d
+        out = m.infer({"image": x})
+        outs[r.target] = out[m.manifest.outputs[0].name]
+        assert outs[r.target].dtype == np.float32 and outs[r.target].shape == (1, 10)
+        with pytest.raises(InferenceError, match="has shape"):
+            m.infer({"image": x[:, :4]})
+        m.close()
+    top = {t: int(o.argmax()) for t, o in outs.items()}
+    assert len(set(top.values())) == 1, top  # every runtime agrees on the digit
+
+
+@pytest.mark.slow
+def test_quantized_io_float_and_raw(digits_build, tmp_path):
+    from device_agent import load_bundle
+
+    rpi5 = next(r.bundle for r in digits_build.results if r.target == "rpi5")  # int8 in, int8 out
+    m = load_bundle(rpi5, model_dir=tmp_path / "m")
+    spec_in, spec_out = m.manifest.inputs[0], m.manifest.outputs[0]
+    assert spec_in.dtype == "int8" and spec_in.quantization is not None
+    x = np.random.default_rng(0).random((1, 8, 8, 1), dtype=np.float32)
+    floats = m.infer({"image": x})["output_0"]
+    q = spec_in.quantization
+    xq = np.clip(np.round(x / q.scale) + q.zero_point, -128, 127).astype(np.int8)
+    raw = m.infer({"image": xq}, raw=True)["output_0"]
+    assert floats.dtype == np.float32 and raw.dtype == np.int8
+    qo = spec_out.quantization
+    np.testing.assert_allclose((raw.astype(np.float32) - qo.zero_point) * qo.scale, floats, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_agent_bench_cli(digits_bundle):
+    from device_agent.cli import main
+
+    res = CliRunner().invoke(main, ["bench", str(digits_bundle), "--runs", "30", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["latency"]["runs"] >= 5 and d["runtime"]["runtime"] == "litert"
+    res = CliRunner().invoke(main, ["bench", "/nonexistent.edgepack"])
+    assert res.exit_code == 5 and "does not exist" in res.output
