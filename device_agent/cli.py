@@ -46,9 +46,11 @@ def main() -> None:
 @click.option("--telemetry-interval", type=float, help="Seconds between telemetry messages (default 30).")
 @click.option("--threads", type=int, help="Override the bundle's thread count.")
 @click.option("--log-format", type=click.Choice(["json", "text"]))
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=str),
+              help="Ed25519 public key (PEM) that signs bundles (repeatable); with any, unsigned bundles are refused.")
 def run(config_path, device_id, groups, broker, broker_username, broker_password, broker_ca_file,
         broker_cert_file, broker_key_file, topic_prefix, data_dir, bundle, api_host, api_port, api_token,
-        telemetry_interval, threads, log_format):
+        telemetry_interval, threads, log_format, trusted_keys):
     """Serve the active bundle on the KServe v2 API and report to the broker until SIGTERM."""
     from device_agent.config import load_config
     from device_agent.service import Agent, limit_malloc_arenas, setup_logging
@@ -59,7 +61,8 @@ def run(config_path, device_id, groups, broker, broker_username, broker_password
                       broker_ca_file=broker_ca_file, broker_cert_file=broker_cert_file,
                       broker_key_file=broker_key_file, topic_prefix=topic_prefix, data_dir=data_dir,
                       bundle=bundle, api_host=api_host, api_port=api_port, api_token=api_token,
-                      telemetry_interval=telemetry_interval, threads=threads, log_format=log_format)
+                      telemetry_interval=telemetry_interval, threads=threads, log_format=log_format,
+                      trusted_keys=tuple(trusted_keys) or None)
     setup_logging(cfg.log_format)
     Agent(cfg).run()
 

@@ -66,6 +66,7 @@ class AgentConfig:
     buffer_max_messages: int = 10_000
     buffer_max_bytes: int = 10 << 20
     log_format: str = "json"
+    trusted_keys: tuple[str, ...] = ()  # Ed25519 public keys (PEM); when set, unsigned bundles are refused
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -79,7 +80,8 @@ _TOML = {"device_id": (None, "device_id"), "groups": (None, "groups"), "data_dir
          "broker_password": ("broker", "password"), "broker_ca_file": ("broker", "ca_file"),
          "broker_cert_file": ("broker", "cert_file"), "broker_key_file": ("broker", "key_file"),
          "topic_prefix": ("broker", "topic_prefix"),
-         "buffer_max_messages": ("buffer", "max_messages"), "buffer_max_bytes": ("buffer", "max_bytes")}
+         "buffer_max_messages": ("buffer", "max_messages"), "buffer_max_bytes": ("buffer", "max_bytes"),
+         "trusted_keys": ("ota", "trusted_keys")}
 _INTS = {"api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes"}
 
 
@@ -105,7 +107,7 @@ def _read_toml(path: Path) -> dict:
                 raise InputError(f"config {path}: unknown key(s) in [{section}]: {sorted(unknown or value)}")
         elif section not in known[None]:
             raise InputError(f"config {path}: unknown key {section!r}",
-                             hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer]")
+                             hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer] [ota]")
     return flat
 
 
@@ -114,7 +116,7 @@ def _from_env(env: dict) -> dict:
     for key in _TOML:
         v = env.get(ENV_PREFIX + key.upper())
         if v is not None and v != "":
-            out[key] = v.split(",") if key == "groups" else v
+            out[key] = v.split(",") if key in ("groups", "trusted_keys") else v
     return out
 
 
@@ -156,11 +158,16 @@ def load_config(*, path: str | Path | None = None, env: dict | None = None, **fl
         raise InputError("telemetry interval must be > 0 seconds")
     if merged.get("log_format", "json") not in ("json", "text"):
         raise InputError("log_format must be json or text")
+    keys = tuple(str(k) for k in merged.get("trusted_keys", ()) if str(k).strip())
+    for k in keys:
+        if not Path(k).is_file():
+            raise InputError(f"trusted key {k!r} does not exist")
     kw = {f.name: merged[f.name] for f in fields(AgentConfig) if f.name in merged and f.name not in
-          ("device_id", "groups", "broker", "data_dir", "bundle")}
+          ("device_id", "groups", "broker", "data_dir", "bundle", "trusted_keys")}
     data_dir = Path(merged.get("data_dir") or Path.home() / ".local/share/edgepack-agent")
     bundle = Path(merged["bundle"]) if merged.get("bundle") else None
-    return AgentConfig(device_id=device_id, groups=groups, broker=broker, data_dir=data_dir, bundle=bundle, **kw)
+    return AgentConfig(device_id=device_id, groups=groups, broker=broker, data_dir=data_dir, bundle=bundle,
+                       trusted_keys=keys, **kw)
 
 
 __all__ = ["AgentConfig", "BrokerConfig", "load_config"]

@@ -27,6 +27,25 @@ class InferenceError(InputError):
     """A request does not fit the model (name, shape, dtype)."""
 
 
+class ModelClosed(RuntimeError):
+    """The model was swapped out and closed; the caller should take the current one."""
+
+
+class Health:
+    """Per-model counters watched during an update's probation (off otherwise: zero cost)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = self.errors = self.nonfinite = 0
+        self.latencies: list[float] = []
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            lat = list(self.latencies)
+            return {"requests": self.requests, "errors": self.errors, "nonfinite": self.nonfinite,
+                    "p95_ms": float(np.percentile(lat, 95)) if lat else None}
+
+
 @dataclass
 class Model:
     """A loaded bundle. `infer` is safe to call from many threads: runtimes are not
@@ -37,6 +56,9 @@ class Model:
     bundle_sha256: str
     bundle_path: Path
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _closed: bool = False
+    _watch: bool = False
+    _golden: dict | None = None
 
     @property
     def name(self) -> str:
@@ -62,6 +84,16 @@ class Model:
                              for t in self.manifest.inputs)
         self._names = frozenset(t.name for t in self.manifest.inputs)
         self._dequant = tuple(o for o in self.runtime.outputs if o.quantized)
+        self.health = Health()
+
+    def watch(self, on: bool) -> None:
+        """Count requests, errors, NaN/Inf outputs and latencies (during probation)."""
+        if on:
+            self.health = Health()
+        self._watch = on
+
+    def health_snapshot(self) -> dict:
+        return self.health.snapshot()
 
     def validate(self, inputs: dict) -> dict[str, np.ndarray]:
         """Check names, shapes and dtypes against the manifest; return arrays in the
@@ -94,11 +126,42 @@ class Model:
     def infer(self, inputs: dict, *, raw: bool = False) -> dict[str, np.ndarray]:
         """Run once. Floats for quantized tensors are (de)quantized unless `raw`."""
         feeds = self.validate(inputs)
+        if self._watch:
+            return self._infer_watched(feeds, raw)
         with self._lock:
+            if self._closed:
+                raise ModelClosed(self.name)
             out = self.runtime.run(feeds)
         if not raw:
             for o in self._dequant:
                 out[o.name] = dequantize(out[o.name], o)
+        return out
+
+    def _infer_watched(self, feeds: dict, raw: bool) -> dict[str, np.ndarray]:
+        h = self.health
+        t0 = time.perf_counter()
+        try:
+            with self._lock:
+                if self._closed:
+                    raise ModelClosed(self.name)
+                out = self.runtime.run(feeds)
+        except ModelClosed:
+            raise
+        except Exception:
+            with h.lock:
+                h.requests += 1
+                h.errors += 1
+            raise
+        ms = (time.perf_counter() - t0) * 1000
+        if not raw:
+            for o in self._dequant:
+                out[o.name] = dequantize(out[o.name], o)
+        bad = sum(int(v.size - np.count_nonzero(np.isfinite(v))) for v in out.values() if v.dtype.kind == "f")
+        with h.lock:
+            h.requests += 1
+            h.nonfinite += bad
+            if len(h.latencies) < 10_000:
+                h.latencies.append(ms)
         return out
 
     def warm_up(self, runs: int = 3) -> float:
@@ -117,13 +180,21 @@ class Model:
         g = self.manifest.golden
         if not g:
             return {"checked": 0, "ok": True, "note": "bundle has no golden outputs"}
-        bundle = bundle or open_bundle(self.bundle_path)
-        with tempfile.TemporaryDirectory() as tmp:
-            arrays = dict(np.load(bundle.extract(tmp, [g["file"]])[g["file"]], allow_pickle=False))
+        if self._golden is None:
+            bundle = bundle or open_bundle(self.bundle_path)
+            with tempfile.TemporaryDirectory() as tmp:
+                with np.load(bundle.extract(tmp, [g["file"]])[g["file"]], allow_pickle=False) as z:
+                    self._golden = {k: z[k] for k in z.files}
+        arrays = self._golden
         worst = 0.0
         for i in range(int(g["count"])):
-            feeds = {t.name: arrays[f"input.{i}.{t.name}"] for t in self.manifest.inputs}
-            got = self.infer(feeds)
+            feeds = self.validate({t.name: arrays[f"input.{i}.{t.name}"] for t in self.manifest.inputs})
+            with self._lock:
+                if self._closed:
+                    raise ModelClosed(self.name)
+                got = self.runtime.run(feeds)
+            for o in self._dequant:
+                got[o.name] = dequantize(got[o.name], o)
             for t in self.manifest.outputs:
                 exp = arrays[f"output.{i}.{t.name}"]
                 err = np.abs(np.asarray(got[t.name], np.float64) - exp) - float(g.get("rtol", 0)) * np.abs(exp)
@@ -132,7 +203,9 @@ class Model:
                 "atol": float(g["atol"])}
 
     def close(self) -> None:
+        """Release the runtime once requests running on it have finished."""
         with self._lock:
+            self._closed = True
             self.runtime.close()
 
 

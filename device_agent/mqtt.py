@@ -85,6 +85,9 @@ class MqttClient:
     def subscribe(self, topic: str, qos: int = 1) -> None:
         self._client.subscribe(topic, qos=qos)
 
+    def unsubscribe(self, topic: str) -> None:
+        self._client.unsubscribe(topic)
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("broker refused the connection: %s", reason_code)

@@ -19,7 +19,7 @@ from typing import Callable
 
 from device_agent import __version__
 from device_agent.kserve import HEADER_LEN, decode_request, encode_response, tensor_meta
-from device_agent.model import Model
+from device_agent.model import Model, ModelClosed
 from device_agent.stats import InferenceStats
 from edgebundle.errors import EdgepackError
 
@@ -114,7 +114,11 @@ class ApiServer:
         try:
             req, arrays, wanted = decode_request(body, headers.get(HEADER_LEN))
             t0 = time.perf_counter()
-            results = model.infer(arrays)
+            try:
+                results = model.infer(arrays)
+            except ModelClosed:  # swapped out between routing and running: use the new one
+                model = self._model(model.name, None)
+                results = model.infer(arrays)
             ms = (time.perf_counter() - t0) * 1000
             payload, extra = encode_response(model=model.name, version=model.version, req=req, results=results,
                                              requested=wanted)

@@ -7,15 +7,20 @@ import signal
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 from device_agent import __version__
 from device_agent.buffer import DiskQueue
 from device_agent.config import AgentConfig
 from device_agent.model import Model, load_bundle
+from device_agent.ota.desired import Desired, resolve
+from device_agent.ota.transfer import MqttChunkFetcher
+from device_agent.ota.updater import Updater
 from device_agent.mqtt import MqttClient, Will, dumps
 from device_agent.stats import HostMetrics, InferenceStats, platform_info
 from device_agent.store import Store
 from edgebundle.errors import EdgepackError
+from edgebundle.signing import load_public_key
 
 log = logging.getLogger("edgepack.agent")
 
@@ -28,6 +33,11 @@ class Topics:
     def __init__(self, prefix: str, device_id: str):
         base = f"{prefix}/devices/{device_id}"
         self.status, self.telemetry, self.events = f"{base}/status", f"{base}/telemetry", f"{base}/events"
+        self.desired = f"{base}/desired"
+        self.prefix = prefix
+
+    def group_desired(self, group: str) -> str:
+        return f"{self.prefix}/groups/{group}/desired"
 
 
 class Agent:
@@ -35,7 +45,7 @@ class Agent:
         self.cfg = cfg
         self.store = Store(cfg.data_dir)
         self.stats = InferenceStats()
-        self.host = HostMetrics(str(cfg.data_dir))
+        self.metrics = HostMetrics(str(cfg.data_dir))
         self.model: Model | None = None
         self.model_error: str | None = None
         self.started = now_iso()
@@ -43,6 +53,10 @@ class Agent:
         self.queue = DiskQueue(cfg.data_dir / "telemetry.sqlite", max_messages=cfg.buffer_max_messages,
                                max_bytes=cfg.buffer_max_bytes)
         self.mqtt: MqttClient | None = None
+        self.trusted_keys = [load_public_key(p) for p in cfg.trusted_keys]
+        self.updater: Updater | None = None
+        self._desired: dict[str, Desired | None] = {}
+        self._swap_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._drainer: threading.Thread | None = None
@@ -60,8 +74,7 @@ class Agent:
                 log.warning(self.model_error)
                 return
             t0 = time.perf_counter()
-            self.model = load_bundle(path, model_dir=self.store.model_dir(path.name.split("-")[0]),
-                                     cache_dir=str(self.store.cache), threads=self.cfg.threads)
+            self.model = self.load(path)
             trim_memory()  # verification and extraction buffers
             log.info("model ready", extra={"fields": {**self.model.describe(),
                                                       "load_ms": round((time.perf_counter() - t0) * 1000, 1)}})
@@ -69,16 +82,62 @@ class Agent:
             self.model_error = str(e).split("\n")[0]
             log.error("cannot load bundle %s: %s", path, e)
 
+    # ---- the updater's host interface (device_agent.ota.updater.Host) ----
+    def load(self, path: Path) -> Model:
+        """Verify, load, warm up and golden-check a bundle from the store."""
+        return load_bundle(path, model_dir=self.store.model_dir(Path(path).name.split("-")[0]),
+                           cache_dir=str(self.store.cache), threads=self.cfg.threads)
+
+    def active_model(self) -> Model | None:
+        return self.model
+
+    def swap(self, model: Model) -> Model | None:
+        """One reference assignment: requests already holding the old model finish on it."""
+        with self._swap_lock:
+            old, self.model = self.model, model
+            self.model_error = None
+        log.info("serving %s %s", model.name, model.version, extra={"fields": model.describe()})
+        self.status_changed()
+        return old
+
+    def event(self, doc: dict) -> None:
+        """Update events share the telemetry queue: durable, ordered, delivered after outages."""
+        self.queue.push(self.topics.events, dumps({"device_id": self.cfg.device_id, "ts": now_iso(), **doc}))
+        self._wake.set()
+
+    def status_changed(self) -> None:
+        if self.mqtt and self.mqtt.connected.is_set():
+            self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
+
     # ---- MQTT ----
     def status(self, online: bool = True, reason: str | None = None) -> dict:
+        upd = self.updater.summary() if self.updater else None
         return {"device_id": self.cfg.device_id, "online": online, "reason": reason, "ts": now_iso(),
                 "groups": list(self.cfg.groups), "agent_version": __version__, "started": self.started,
                 "model": self.model.describe() if self.model else None, "model_error": self.model_error,
+                "previous_model": (upd or {}).get("previous"), "update": upd,
                 "platform": platform_info(), "api": {"host": self.cfg.api_host, "port": self.cfg.api_port}}
 
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
+        for topic in [self.topics.desired] + [self.topics.group_desired(g) for g in self.cfg.groups]:
+            self.mqtt.subscribe(topic, qos=1)
         self._wake.set()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.desired or topic.endswith("/desired"):
+            try:
+                self._desired[topic] = Desired.parse(payload, source=topic)
+            except EdgepackError as e:
+                log.error("%s", e)
+                self.event({"update_id": None, "state": "failed", "error": str(e).split("\n")[0]})
+                return
+            chosen = resolve(self._desired.get(self.topics.desired),
+                             [self._desired.get(self.topics.group_desired(g)) for g in self.cfg.groups])
+            if self.updater:
+                self.updater.set_desired(chosen)
+        elif self.updater:
+            self.updater.on_message(topic, payload)
 
     def start_mqtt(self) -> None:
         if not self.cfg.broker:
@@ -86,7 +145,7 @@ class Agent:
         will = Will(self.topics.status, dumps({"device_id": self.cfg.device_id, "online": False,
                                                "reason": "connection lost", "ts": None}))
         self.mqtt = MqttClient(self.cfg.broker, client_id=f"edgepack-agent-{self.cfg.device_id}", will=will,
-                               on_connect=self._on_connect)
+                               on_connect=self._on_connect, on_message=self._on_message)
         self.mqtt.start()
         self._drainer = threading.Thread(target=self._drain, name="telemetry-drain", daemon=True)
         self._drainer.start()
@@ -95,7 +154,7 @@ class Agent:
         return {"device_id": self.cfg.device_id, "ts": now_iso(), "seq": self.queue.next_seq(),
                 "inference": self.stats.window(),
                 "totals": {"count": self.stats.total, "errors": self.stats.total_errors},
-                "system": self.host.snapshot(),
+                "system": self.metrics.snapshot(),
                 "buffer": {"queued": len(self.queue), "dropped_total": self.queue.dropped},
                 "model": {"name": self.model.name, "version": self.model.version} if self.model else None}
 
@@ -129,8 +188,12 @@ class Agent:
         """Load the model, connect to the broker in the background, serve the API."""
         from device_agent.server import ApiServer
 
+        self.updater = Updater(self, self.cfg.data_dir)
+        self.updater.recover()  # an update cut off mid-switch rolls back before anything loads
         self.load_initial()
         self.start_mqtt()
+        self.updater.fetcher = MqttChunkFetcher(self.mqtt) if self.mqtt else None
+        self.updater.start()
         self.api = ApiServer(lambda: self.model, stats=self.stats, host=self.cfg.api_host, port=self.cfg.api_port,
                              token=self.cfg.api_token, max_body_bytes=self.cfg.max_body_bytes)
         self.api.start()
@@ -157,6 +220,8 @@ class Agent:
         self._stop.set()
 
     def shutdown(self) -> None:
+        if self.updater:
+            self.updater.stop()
         self._stop.set()
         self._wake.set()
         if self.mqtt:

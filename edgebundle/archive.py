@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 import zlib
-from typing import Iterable
+from typing import Callable, Iterable
 
 from edgebundle.errors import BundleError, VerificationError
 from edgebundle.manifest import FileEntry, Manifest
@@ -43,9 +43,10 @@ def write_bundle(
     manifest: Manifest,
     files: dict[str, str | os.PathLike],
     *,
-    signature: bytes | None = None,
+    signer: Callable[[bytes], bytes] | None = None,
 ) -> Manifest:
-    """Write `files` plus the manifest (with their hashes filled in) to `dest`.
+    """Write `files` plus the manifest (with their hashes filled in) to `dest`; `signer`
+    maps the manifest bytes to a signature (edgebundle.signing.sign).
 
     Atomic: the archive is written to a temporary file in the same directory,
     flushed to disk, then renamed, so an interrupted build leaves no bundle.
@@ -63,9 +64,10 @@ def write_bundle(
     try:
         with os.fdopen(fd, "wb") as raw:
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                zf.writestr(_info(MANIFEST), manifest.to_json())
-                if signature is not None:
-                    zf.writestr(_info(SIGNATURE), signature)
+                manifest_bytes = manifest.to_json()
+                zf.writestr(_info(MANIFEST), manifest_bytes)
+                if signer is not None:
+                    zf.writestr(_info(SIGNATURE), signer(manifest_bytes))
                 for name, p in sorted(files.items()):
                     with open(p, "rb") as src, zf.open(_info(name), "w", force_zip64=True) as out:
                         for block in iter(lambda: src.read(_CHUNK), b""):
@@ -252,3 +254,38 @@ def verify_bundle(path: str | os.PathLike) -> Bundle:
         )
     return bundle
 
+
+
+def sign_bundle(path: str | os.PathLike, private_key) -> bytes:
+    """Add (or replace) the signature over manifest.json; rewrites the archive atomically.
+    The manifest and files are checked first: a damaged bundle is never signed."""
+    from edgebundle import signing
+
+    bundle = verify_bundle(path)
+    signature = signing.sign(bundle.manifest_bytes, private_key)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with zipfile.ZipFile(path) as zin, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+                zout.writestr(_info(MANIFEST), bundle.manifest_bytes)
+                zout.writestr(_info(SIGNATURE), signature)
+                for name in sorted(bundle.manifest.files):
+                    with zin.open(name) as src, zout.open(_info(name), "w", force_zip64=True) as out:
+                        for block in iter(lambda: src.read(_CHUNK), b""):
+                            out.write(block)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return signature
+
+
+def verify_signed(path: str | os.PathLike, public_keys: list) -> tuple[Bundle, str]:
+    """verify_bundle plus the signature against `public_keys`; returns (bundle, key id)."""
+    from edgebundle import signing
+
+    bundle = verify_bundle(path)
+    return bundle, signing.verify(bundle.manifest_bytes, bundle.signature, public_keys)

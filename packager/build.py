@@ -56,6 +56,7 @@ class BuildOptions:
     labels: Path | None = None
     bench_runs: int = 50
     bench_seconds: float = 3.0
+    sign_key: Path | None = None  # Ed25519 private key: bundles are written signed
 
 
 @dataclass
@@ -100,6 +101,12 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
     except EdgepackError as e:
         raise InputError(f"--version: {e}", hint=e.hint) from None
     profiles = [load_profile(t) for t in opts.targets]  # fail fast, before TensorFlow loads
+    signer = None
+    if opts.sign_key:
+        from edgebundle import signing
+
+        key = signing.load_private_key(opts.sign_key)
+        signer = lambda manifest_bytes: signing.sign(manifest_bytes, key)  # noqa: E731
     if opts.calibration_samples < 1:
         raise InputError("--calibration-samples must be at least 1")
     name = opts.name or _default_name(opts.model)
@@ -119,7 +126,7 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
             try:
                 results.append(_build_target(opts, name=name, source=source, profile=profile, precision=precision,
                                              calib=calib, valid=valid, reference=reference, shared=shared,
-                                             work=work / profile.name, progress=progress))
+                                             work=work / profile.name, progress=progress, signer=signer))
             except EdgepackError as e:
                 progress(f"[{profile.name}] FAILED: {str(e).splitlines()[0]}")
                 results.append(TargetResult(target=profile.name, ok=False, error=str(e), error_kind=type(e).__name__, exc=e,
@@ -227,7 +234,7 @@ def _baseline(source: Source, profile: TargetProfile, shared: dict, opts: BuildO
 
 def _build_target(opts: BuildOptions, *, name: str, source: Source, profile: TargetProfile, precision: Precision,
                   calib: Dataset | None, valid: Dataset, reference: list, shared: dict, work: Path,
-                  progress: Progress) -> TargetResult:
+                  progress: Progress, signer=None) -> TargetResult:
     if getattr(source, "edgetpu_compiled", False):
         raise InputError(f"{source.path.name} is already compiled for the Edge TPU; edgepack cannot validate it here",
                          hint="build from the uncompiled int8 model on a host with edgetpu_compiler on PATH: "
@@ -326,7 +333,8 @@ def _build_target(opts: BuildOptions, *, name: str, source: Source, profile: Tar
         production_ready=production_ready, warnings=tuple(warnings))
     dest = Path(opts.out_dir) / manifest.file_name
     progress(f"[{profile.name}] writing {dest}")
-    write_bundle(dest, manifest, files)
+    write_bundle(dest, manifest, files, signer=signer)
+    report["signed"] = signer is not None
     report["size_bytes"]["bundle"] = dest.stat().st_size
     return TargetResult(target=profile.name, ok=True, bundle=dest, report=report)
 

@@ -95,10 +95,12 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--image-mean", help="Image folders: per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
 @click.option("--image-std", help="Image folders: per-channel std after scaling.")
 @click.option("--labels", type=click.Path(exists=True, path_type=Path), help="labels.txt to ship in the bundle.")
+@click.option("--sign-key", type=click.Path(exists=True, path_type=Path), help="Sign each bundle with this "
+                                                                            "Ed25519 private key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable report (docs/build-report.md).")
 def build(model, targets, out_dir, precision, calibration, calibration_samples, calibration_method, per_channel,
           validation, input_shapes, max_accuracy_drop, allow_flex, name, version, opset, image_scale, image_mean,
-          image_std, labels, as_json):
+          image_std, labels, sign_key, as_json):
     """Convert MODEL (SavedModel dir, .keras/.h5, .onnx, .tflite) into one bundle per target."""
     from packager.build import BuildOptions, build as run_build
     from packager.data import ImagePreprocessing
@@ -112,7 +114,7 @@ def build(model, targets, out_dir, precision, calibration, calibration_samples, 
         input_shapes=tuple(parse_input_shapes(input_shapes).items()), max_accuracy_drop=max_accuracy_drop,
         allow_flex=allow_flex, name=name, version=version, opset=opset, per_channel=per_channel,
         calibration_method=CalibrationMethod(calibration_method) if calibration_method else None,
-        image_prep=prep, labels=labels)
+        image_prep=prep, labels=labels, sign_key=sign_key)
     result = run_build(opts, progress=_progress(sys.stderr.isatty() or not as_json))
     report = result.to_dict()
     if as_json:
@@ -172,14 +174,22 @@ def inspect(bundle, as_json):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-def verify(bundle):
-    """Re-check every file's size and sha256 against the manifest."""
-    from edgebundle.archive import verify_bundle
+@click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(path_type=Path),
+              help="Also require a valid signature by one of these public keys (repeatable).")
+def verify(bundle, pubkeys):
+    """Re-check every file's size and sha256 against the manifest (and the signature)."""
+    from edgebundle.archive import verify_bundle, verify_signed
+    from edgebundle.signing import load_public_key
 
-    b = verify_bundle(bundle)
+    if pubkeys:
+        b, kid = verify_signed(bundle, [load_public_key(p) for p in pubkeys])
+    else:
+        b, kid = verify_bundle(bundle), None
     m = b.manifest
     click.echo(f"OK {bundle}: {len(m.files)} file(s) match the manifest "
-               f"({m.name} {m.version}, {m.target.get('name')}, {m.format} {m.precision})")
+               f"({m.name} {m.version}, {m.target.get('name')}, {m.format} {m.precision})"
+               + (f"; signed by key {kid}" if kid else ("; signed (not checked: no --pubkey)" if b.signature
+                                                        else "; unsigned")))
 
 
 @main.command()
@@ -201,6 +211,15 @@ def bench(bundle, runs, warmup, threads, max_seconds, as_json):
     else:
         click.echo(bench_text(stats.to_dict(), details))
 
+
+def _register() -> None:
+    from packager.cli_fleet import COMMANDS
+
+    for cmd in COMMANDS:
+        main.add_command(cmd)
+
+
+_register()
 
 if __name__ == "__main__":
     main()

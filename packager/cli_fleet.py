@@ -1,0 +1,154 @@
+"""`edgepack keys | sign | push | fleet | broker`: signing and the fleet side of the CLI."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from device_agent.config import BrokerConfig
+
+
+def _broker(url: str, username, password, ca_file, cert_file, key_file, prefix) -> BrokerConfig:
+    return BrokerConfig(url=url, username=username, password=password, ca_file=ca_file, cert_file=cert_file,
+                        key_file=key_file, topic_prefix=prefix).validate()
+
+
+def broker_options(f):
+    for opt in reversed([
+        click.option("--broker", "broker_url", default="mqtt://127.0.0.1:1883", show_default=True,
+                     envvar="EDGEPACK_BROKER", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"),
+        click.option("--broker-username", envvar="EDGEPACK_BROKER_USERNAME"),
+        click.option("--broker-password", envvar="EDGEPACK_BROKER_PASSWORD"),
+        click.option("--broker-ca-file", type=click.Path(exists=True)),
+        click.option("--broker-cert-file", type=click.Path(exists=True)),
+        click.option("--broker-key-file", type=click.Path(exists=True)),
+        click.option("--topic-prefix", default="edgepack/v1", show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _bc(kw) -> BrokerConfig:
+    return _broker(kw.pop("broker_url"), kw.pop("broker_username"), kw.pop("broker_password"),
+                   kw.pop("broker_ca_file"), kw.pop("broker_cert_file"), kw.pop("broker_key_file"),
+                   kw.pop("topic_prefix"))
+
+
+@click.group()
+def keys() -> None:
+    """Signing keys (Ed25519)."""
+
+
+@keys.command("generate")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("."), show_default=True)
+@click.option("--name", default="edgepack", show_default=True, help="Writes NAME.key (private) and NAME.pub.")
+def keys_generate(out_dir, name):
+    """Create a key pair: keep NAME.key secret, give NAME.pub to devices (--trusted-key)."""
+    from edgebundle.signing import generate_keys
+
+    kid = generate_keys(out_dir / f"{name}.key", out_dir / f"{name}.pub")
+    click.echo(f"key id {kid}\nprivate: {out_dir / (name + '.key')} (mode 0600)\npublic:  {out_dir / (name + '.pub')}")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path), help="Private key (PEM).")
+def sign(bundle, key_path):
+    """Sign BUNDLE's manifest (which hashes every file) in place, atomically."""
+    from edgebundle.archive import sign_bundle
+    from edgebundle.signing import load_private_key
+
+    sig = json.loads(sign_bundle(bundle, load_private_key(key_path)))
+    click.echo(f"signed {bundle} with key {sig['key_id']}")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.option("--device", help="Device id.")
+@click.option("--group", help="Fleet group.")
+@broker_options
+@click.option("--url", help="Devices download from this http(s):// or file:// URL instead of MQTT chunks.")
+@click.option("--chunk-size", type=int, default=256 << 10, show_default=True, help="Bytes per MQTT chunk.")
+@click.option("--allow-downgrade", is_flag=True, help="Let devices move to a lower version.")
+@click.option("--probation-seconds", type=float, default=30.0, show_default=True)
+@click.option("--probation-requests", type=int, default=200, show_default=True)
+@click.option("--max-error-rate", type=float, default=0.02, show_default=True)
+@click.option("--latency-budget-ms", type=float, help="p95 budget for staging and probation.")
+@click.option("--wait", is_flag=True, help="Follow each device until it commits, fails or rolls back.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="With --wait.")
+@click.option("--json", "as_json", is_flag=True)
+def push(bundle, device, group, url, chunk_size, allow_downgrade, probation_seconds, probation_requests,
+         max_error_rate, latency_budget_ms, wait, timeout, as_json, **kw):
+    """Make BUNDLE the desired model of a device or a group (retained: offline devices catch up)."""
+    from device_agent.ota.desired import Probation
+    from packager import fleet
+
+    def show(dev, ev):
+        if as_json:
+            return
+        prog = ev.get("progress") or {}
+        extra = f" {prog.get('percent')}%" if prog else ""
+        err = f" ({ev['error']})" if ev.get("error") else ""
+        click.echo(f"  {dev}: {ev.get('state')}{extra}{err}", err=True)
+
+    res = fleet.push(bundle, _bc(kw), device=device, group=group, url=url, chunk_size=chunk_size,
+                     allow_downgrade=allow_downgrade,
+                     probation=Probation(seconds=probation_seconds, requests=probation_requests,
+                                         max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
+                     staging_max_p95_ms=latency_budget_ms, wait=wait, timeout=timeout, progress=show)
+    d = res.desired
+    if as_json:
+        click.echo(json.dumps({"topic": res.topic, "desired": d, "devices": res.devices}, indent=2))
+    else:
+        click.echo(f"desired {d['name']} {d['version']} (sha256 {d['sha256'][:16]}..., update {d['update_id']}) "
+                   f"-> {res.topic}")
+        for dev, ev in sorted(res.devices.items()):
+            click.echo(f"  {dev:<20} {ev.get('state'):<12} {ev.get('error') or ''}")
+    if wait and not res.ok:
+        sys.exit(1)
+
+
+@click.group()
+def fleet() -> None:
+    """Watch the fleet."""
+
+
+@fleet.command("status")
+@broker_options
+@click.option("--group", help="Only devices in this group.")
+@click.option("--listen", type=float, default=2.0, show_default=True, help="Seconds to collect live telemetry.")
+@click.option("--json", "as_json", is_flag=True)
+def fleet_status(group, listen, as_json, **kw):
+    """Devices: online, model and version, update state, p95 latency, errors, last seen."""
+    from packager import fleet as fl
+
+    rows = fl.status(_bc(kw), group=group, listen_s=listen)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    head = ("device", "online", "model", "version", "update", "p95 ms", "errors", "last seen")
+    table = [head] + [(r["device_id"], {True: "yes", False: "NO"}.get(r["online"], "?"), r["model"] or "-",
+                       r["version"] or "-", r["update"] or "-",
+                       "-" if r["p95_ms"] is None else f"{r['p95_ms']:.2f}",
+                       "-" if r["errors"] is None else str(r["errors"]), r["last_seen"] or "-") for r in rows]
+    w = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    for row in table:
+        click.echo("  ".join(str(c).ljust(n) for c, n in zip(row, w)).rstrip())
+    if not rows:
+        click.echo("(no devices have reported)")
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=1883, show_default=True)
+def broker(host, port):
+    """Run the embedded MQTT broker (amqtt) for local trials, until Ctrl-C."""
+    from packager.broker import run
+
+    run(host, port, ready=lambda: click.echo(f"embedded MQTT broker on mqtt://{host}:{port} (Ctrl-C stops)",
+                                             err=True))
+
+
+COMMANDS = (keys, sign, push, fleet, broker)
