@@ -39,6 +39,7 @@ class MqttClient:
 
         self.cfg = cfg
         self.connected = threading.Event()
+        self._stopping = False
         self._on_connect_cb, self._on_message_cb = on_connect, on_message
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
                         protocol=mqtt.MQTTv311)  # 3.1.1: mosquitto and the embedded amqtt broker both speak it
@@ -61,6 +62,7 @@ class MqttClient:
         self._client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
@@ -98,7 +100,7 @@ class MqttClient:
             self._on_connect_cb()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self._stopping:
             log.warning("disconnected from the broker (%s); reconnecting with back-off", reason_code)
         self.connected.clear()
 

@@ -24,7 +24,7 @@ def wait_until(pred, timeout: float = 15.0, interval: float = 0.05, what: str = 
 
 class AgentProc:
     def __init__(self, data_dir: Path, *, bundle: Path | None, broker: str | None = None, device_id: str = "dev1",
-                 interval: float = 0.5, extra: tuple = (), port: int | None = None):
+                 interval: float = 0.5, extra: tuple = (), port: int | None = None, env: dict | None = None):
         self.port = port or free_port()
         self.data_dir, self.device_id = Path(data_dir), device_id
         self.cmd = [sys.executable, "-m", "device_agent.cli", "run", "--device-id", device_id, "--data-dir",
@@ -33,6 +33,7 @@ class AgentProc:
             self.cmd += ["--bundle", str(bundle)]
         if broker:
             self.cmd += ["--broker", broker]
+        self.env = env
         self.proc: subprocess.Popen | None = None
         self.log = Path(data_dir).parent / f"{device_id}-{self.port}.log"
 
@@ -42,12 +43,24 @@ class AgentProc:
 
     def start(self, *, wait_ready: bool = True) -> "AgentProc":
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        import os
+
+        env = dict(os.environ, **(self.env or {}))
+        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env)
         if wait_ready:
             wait_until(lambda: self._get("/v2/health/ready") == 200 or self.proc.poll() is not None, 30,
                        what="agent ready")
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
         return self
+
+    def metadata(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(self.base + "/v2/models/" + self.model_name, timeout=2) as r:
+                return json.loads(r.read())
+        except (OSError, ValueError):
+            return None
+
+    model_name = "digits"
 
     def _get(self, path: str) -> int | None:
         try:

@@ -1,0 +1,414 @@
+"""OTA updates end to end: real broker, real agent processes, real bundles."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import threading
+import urllib.request
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agents import AgentProc, Watcher, wait_until
+from device_agent.config import BrokerConfig
+from device_agent.ota.desired import Probation
+
+pytestmark = pytest.mark.slow
+QUICK = Probation(seconds=1.5, requests=1000)
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory):
+    from edgebundle.signing import generate_keys
+
+    d = tmp_path_factory.mktemp("keys")
+    generate_keys(d / "a.key", d / "a.pub")
+    generate_keys(d / "b.key", d / "b.pub")
+    return d
+
+
+@pytest.fixture(scope="session")
+def versions(digits, keys, tmp_path_factory):
+    """digits arm-cpu bundles: 1.0.0, 1.1.0, 0.9.0 signed with key a; 1.1.0 signed with b; 1.1.0 unsigned."""
+    from packager.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("versions")
+    made = {}
+    for tag, version, key in [("v1", "1.0.0", "a"), ("v2", "1.1.0", "a"), ("v09", "0.9.0", "a"),
+                              ("v2b", "1.1.0", "b"), ("v2u", "1.1.0", None)]:
+        res = build(BuildOptions(model=digits["model"], targets=("arm-cpu",), out_dir=out / tag, name="digits",
+                                 version=version, calibration=str(digits["calibration"]),
+                                 validation=str(digits["validation"]), bench_runs=5, bench_seconds=0.2,
+                                 sign_key=keys / f"{key}.key" if key else None))
+        assert res.ok, res.results[0].error
+        made[tag] = res.results[0].bundle
+    return made
+
+
+def _push(broker, bundle, *, device=None, group=None, wait=False, timeout=60, probation=QUICK, **kw):
+    from packager import fleet
+
+    return fleet.push(bundle, BrokerConfig(url=broker.url), device=device, group=group, wait=wait,
+                      timeout=timeout, probation=probation, chunk_size=4096, **kw)
+
+
+def _agent(tmp_path, broker, bundle, keys, *, device="dev1", group=None, env=None, name="data"):
+    extra = ("--trusted-key", str(keys / "a.pub"), "--log-format", "text")
+    if group:
+        extra += ("--group", group)
+    return AgentProc(tmp_path / name, bundle=bundle, broker=broker.url, device_id=device, interval=1.0,
+                     extra=extra, env=env).start()
+
+
+def _version(agent) -> str | None:
+    meta = agent.metadata()
+    return meta["versions"][0] if meta else None
+
+
+def _infer(agent, x=None) -> int:
+    x = np.full((1, 8, 8, 1), 0.5, np.float32) if x is None else x
+    body = json.dumps({"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.reshape(-1).tolist()}]}).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(agent.base + "/v2/models/digits/infer", data=body),
+                                    timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_push_to_device_switches_version(broker, versions, keys, tmp_path):
+    a = _agent(tmp_path, broker, versions["v1"], keys)
+    w = Watcher(broker.url, ["edgepack/v1/devices/dev1/#"])
+    try:
+        w.wait("dev1/status", lambda p: p.get("online") and p["model"]["version"] == "1.0.0")
+        res = _push(broker, versions["v2"], device="dev1", wait=True)
+        assert res.ok, res.devices
+        assert _version(a) == "1.1.0"
+        st = w.wait("dev1/status", lambda p: p["model"] and p["model"]["version"] == "1.1.0"
+                    and p["update"]["state"] == "committed")
+        assert st["previous_model"]["version"] == "1.0.0"
+        states = [e["state"] for e in w.of("dev1/events") if e.get("update_id") == res.desired["update_id"]]
+        for s in ("downloading", "verifying", "staging", "switching", "probation", "committed"):
+            assert s in states, states
+        assert states.index("verifying") < states.index("switching") < states.index("committed")
+        # the previous slot stays on disk for rollbacks
+        assert len(list((tmp_path / "data" / "bundles").glob("*.edgepack"))) == 2
+    finally:
+        w.stop()
+        a.stop()
+
+
+def test_offline_device_catches_up_via_group(broker, versions, keys, tmp_path):
+    a = _agent(tmp_path, broker, versions["v1"], keys, device="late", group="lab")
+    a.stop()
+    res = _push(broker, versions["v2"], group="lab")  # device is offline: desired state is retained
+    a2 = _agent(tmp_path, broker, None, keys, device="late", group="lab")
+    try:
+        wait_until(lambda: _version(a2) == "1.1.0" and _state(tmp_path) == "committed", 60,
+                   what="offline device reconciles")
+        ended = json.loads((tmp_path / "data" / "update.json").read_text())["ended"]
+        assert ended[res.desired["update_id"]] == "committed"
+    finally:
+        a2.stop()
+
+
+def test_eight_clients_see_no_errors_during_swap(broker, versions, keys, tmp_path):
+    a = _agent(tmp_path, broker, versions["v1"], keys)
+    codes, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set() and len(codes) < 20000:
+            codes.append(_infer(a))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        res = _push(broker, versions["v2"], device="dev1", wait=True)
+        assert res.ok, res.devices
+        wait_until(lambda: len(codes) > 50, 10, what="traffic")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+        a.stop()
+    assert len(codes) > 50 and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+
+
+def _failed_with(broker, agent, bundle, fragment, *, device="dev1", **kw):
+    res = _push(broker, bundle, device=device, wait=True, **kw)
+    ev = res.devices[device]
+    assert ev["state"] == "failed" and fragment in (ev.get("error") or ""), ev
+    assert _version(agent) == "1.0.0" and _infer(agent) == 200  # the old model keeps serving
+    return ev
+
+
+def test_refusals_keep_the_old_model(broker, versions, keys, tmp_path):
+    a = _agent(tmp_path, broker, versions["v1"], keys)
+    try:
+        _failed_with(broker, a, versions["v2b"], "does not verify with any trusted key")
+        _failed_with(broker, a, versions["v2u"], "not signed")
+        _failed_with(broker, a, versions["v09"], "downgrade refused")
+        # allowed on purpose
+        res = _push(broker, versions["v09"], device="dev1", wait=True, allow_downgrade=True)
+        assert res.ok and _version(a) == "0.9.0"
+    finally:
+        a.stop()
+
+
+def test_tampered_chunk_refused(broker, versions, keys, tmp_path):
+    a = _agent(tmp_path, broker, versions["v1"], keys)
+    a.stop()  # offline while the chunks sit on the broker
+    res = _push(broker, versions["v2"], device="dev1")
+    topic = res.desired["transfer"]["topic"] + "/chunks/3"
+    from device_agent.mqtt import MqttClient
+
+    c = MqttClient(BrokerConfig(url=broker.url), client_id="tamper")
+    c.start()
+    c.connected.wait(5)
+    assert c.publish_wait(topic, b"\x00" * 4096, retain=True)
+    c.stop()
+    w = Watcher(broker.url, ["edgepack/v1/devices/dev1/events"])
+    a2 = _agent(tmp_path, broker, None, keys)
+    try:
+        ev = w.wait("dev1/events", lambda e: e["state"] == "failed", timeout=60)
+        assert "chunk 3 sha256" in ev["error"]
+        assert _version(a2) == "1.0.0"
+        assert not list((tmp_path / "data" / "downloads").rglob("*.chunk"))  # nothing half-written kept
+    finally:
+        w.stop()
+        a2.stop()
+
+
+def _rebundle(src: Path, dest: Path, key: Path, replace: dict[str, bytes]) -> Path:
+    """Same manifest with some files replaced (hashes recomputed) and a valid signature: a bundle
+    that passes verification but is broken inside."""
+    from edgebundle.archive import open_bundle, write_bundle
+    from edgebundle import signing
+
+    b = open_bundle(src)
+    tmp = dest.parent / f"parts-{dest.stem}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    files = {}
+    with zipfile.ZipFile(src) as z:
+        for name in b.manifest.files:
+            p = tmp / name
+            p.write_bytes(replace.get(name, z.read(name)))
+            files[name] = p
+    k = signing.load_private_key(key)
+    write_bundle(dest, b.manifest, files, signer=lambda mb: signing.sign(mb, k))
+    return dest
+
+
+def test_golden_mismatch_and_warmup_failure_never_activate(broker, versions, keys, tmp_path):
+    import io
+
+    from edgebundle.archive import open_bundle
+
+    g = dict(np.load(io.BytesIO(open_bundle(versions["v2"]).read("golden.npz"))))
+    for k in g:
+        if k.startswith("output."):
+            g[k] = g[k] + 0.5
+    buf = io.BytesIO()
+    np.savez(buf, **g)
+    bad_golden = _rebundle(versions["v2"], tmp_path / "bad-golden.edgepack", keys / "a.key",
+                           {"golden.npz": buf.getvalue()})
+    bad_model = _rebundle(versions["v2"], tmp_path / "bad-model.edgepack", keys / "a.key",
+                          {"model.tflite": b"TFL3" + b"\x00" * 512})
+    a = _agent(tmp_path, broker, versions["v1"], keys)
+    try:
+        _failed_with(broker, a, bad_golden, "golden outputs differ")
+        _failed_with(broker, a, bad_model, "staging failed")
+    finally:
+        a.stop()
+
+
+@pytest.fixture(scope="session")
+def sqrt_bundles(keys, tmp_path_factory):
+    """'sq' 1.0.0 computes sqrt(|x|); 1.1.0 computes sqrt(x): healthy on the (positive) golden
+    inputs, NaN on negative traffic."""
+    import keras
+
+    from packager.build import BuildOptions, build
+    from targets import Precision
+
+    d = tmp_path_factory.mktemp("sq")
+    rng = np.random.default_rng(0)
+    np.savez(d / "val.npz", x=rng.random((20, 4), dtype=np.float32) + 0.1)
+    made = {}
+    for version, fn in (("1.0.0", lambda t: keras.ops.sqrt(keras.ops.abs(t))), ("1.1.0", keras.ops.sqrt)):
+        inp = keras.Input((4,), name="x")
+        m = keras.Model(inp, keras.layers.Lambda(fn)(inp))
+        path = d / f"sq{version}"  # a SavedModel: Keras refuses to reload Python lambdas (safe_mode)
+        m.export(str(path), verbose=False)
+        res = build(BuildOptions(model=path, targets=("arm-cpu",), out_dir=d / version, name="sq", version=version,
+                                 precision=Precision.FP32, validation=str(d / "val.npz"), bench_runs=5,
+                                 bench_seconds=0.2, sign_key=keys / "a.key"))
+        assert res.ok, res.results[0].error
+        made[version] = res.results[0].bundle
+    return made
+
+
+def test_unhealthy_in_probation_rolls_back(broker, sqrt_bundles, keys, tmp_path):
+    a = _agent(tmp_path, broker, sqrt_bundles["1.0.0"], keys)
+    a.model_name = "sq"
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                   "data": [-1.0, -2.0, 3.0, 4.0]}]}).encode()
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                urllib.request.urlopen(urllib.request.Request(a.base + "/v2/models/sq/infer", data=body), timeout=5)
+            except OSError:
+                pass
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        res = _push(broker, sqrt_bundles["1.1.0"], device="dev1", wait=True,
+                    probation=Probation(seconds=20, requests=100000))
+        ev = res.devices["dev1"]
+        assert ev["state"] == "rolled_back" and "NaN/Inf" in ev["error"], ev
+        assert _version(a) == "1.0.0"
+    finally:
+        stop.set()
+        t.join(10)
+        a.stop()
+
+
+def _publish_partial(broker, bundle: Path, device: str, upto: int, chunk_size: int = 2048) -> dict:
+    """Like `edgepack push`, but only the first `upto` chunks reach the broker (a slow publisher)."""
+    from device_agent.mqtt import MqttClient, dumps
+    from device_agent.ota.desired import Desired
+    from edgebundle.archive import sha256_file
+
+    data = bundle.read_bytes()
+    chunks = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)]
+    sha = sha256_file(bundle)
+    topic = f"edgepack/v1/bundles/{sha}"
+    d = Desired(update_id=uuid.uuid4().hex, name="digits", version="1.1.0", sha256=sha, size=len(data),
+                transfer={"method": "mqtt", "topic": topic, "chunk_size": chunk_size, "chunks": len(chunks),
+                          "chunk_sha256": [hashlib.sha256(c).hexdigest() for c in chunks]},
+                probation=QUICK)
+    c = MqttClient(BrokerConfig(url=broker.url), client_id=f"pub-{uuid.uuid4().hex[:6]}")
+    c.start()
+    c.connected.wait(5)
+    for i, chunk in enumerate(chunks[:upto]):
+        assert c.publish_wait(f"{topic}/chunks/{i}", chunk, retain=True)
+    assert c.publish_wait(f"edgepack/v1/devices/{device}/desired", dumps(d.to_dict()), retain=True)
+    c.stop()
+    return {"desired": d, "chunks": chunks, "topic": topic}
+
+
+def _publish_rest(broker, info: dict, start: int) -> None:
+    from device_agent.mqtt import MqttClient
+
+    c = MqttClient(BrokerConfig(url=broker.url), client_id=f"pub-{uuid.uuid4().hex[:6]}")
+    c.start()
+    c.connected.wait(5)
+    for i, chunk in enumerate(info["chunks"][start:], start):
+        assert c.publish_wait(f"{info['topic']}/chunks/{i}", chunk, retain=True)
+    c.stop()
+
+
+def _state(tmp_path) -> str | None:
+    try:
+        return json.loads((tmp_path / "data" / "update.json").read_text())["state"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_sigkill_during_download_resumes(broker, versions, keys, tmp_path):
+    a = _agent(tmp_path, broker, versions["v1"], keys)
+    info = _publish_partial(broker, versions["v2"], "dev1", upto=10)
+    chunk_dir = tmp_path / "data" / "downloads" / info["desired"].sha256[:16] / "chunks"
+    wait_until(lambda: len(list(chunk_dir.glob("*.chunk"))) >= 10, 30, what="10 chunks on disk")
+    a.stop("kill")
+    assert _state(tmp_path) == "downloading"
+    _publish_rest(broker, info, 10)
+    w = Watcher(broker.url, ["edgepack/v1/devices/dev1/events"])
+    a2 = _agent(tmp_path, broker, None, keys)
+    try:
+        wait_until(lambda: _version(a2) == "1.1.0" and _state(tmp_path) == "committed", 60, what="resumed update")
+        first = next(e for e in w.of("dev1/events") if e.get("progress"))
+        assert first["progress"]["bytes"] > 10 * 2048  # resumed: the 10 stored chunks were not fetched again
+    finally:
+        w.stop()
+        a2.stop()
+
+
+def test_sigkill_after_verifying_finishes_update(broker, versions, keys, tmp_path):
+    a = _agent(tmp_path, broker, versions["v1"], keys, env={"EDGEPACK_AGENT_FAULT_DELAY": "staging=60"})
+    _push(broker, versions["v2"], device="dev1")
+    wait_until(lambda: _state(tmp_path) == "staging", 30, what="verified, about to stage")
+    a.stop("kill")
+    assert _version(a) is None
+    a2 = _agent(tmp_path, broker, None, keys)
+    try:
+        assert _version(a2) == "1.0.0"  # comes back on the old, verified model first
+        wait_until(lambda: _version(a2) == "1.1.0" and _state(tmp_path) == "committed", 60, what="update finished")
+    finally:
+        a2.stop()
+
+
+def test_sigkill_during_switch_rolls_back(broker, versions, keys, tmp_path):
+    a = _agent(tmp_path, broker, versions["v1"], keys)
+    _push(broker, versions["v2"], device="dev1", probation=Probation(seconds=60, requests=100000))
+    wait_until(lambda: _state(tmp_path) == "probation" and _version(a) == "1.1.0", 30, what="switched, in probation")
+    a.stop("kill")
+    w = Watcher(broker.url, ["edgepack/v1/devices/dev1/events"])
+    a2 = _agent(tmp_path, broker, None, keys)
+    try:
+        assert _version(a2) == "1.0.0" and _infer(a2) == 200
+        ev = w.wait("dev1/events", lambda e: e["state"] == "rolled_back", timeout=30)
+        assert "restarted during probation" in ev["error"]
+        assert _state(tmp_path) == "rolled_back"
+    finally:
+        w.stop()
+        a2.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    d = tmp_path / "small"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:100]})")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_out_of_disk_fails_cleanly(broker, versions, keys, tmp_path, small_disk):
+    import keras
+
+    from packager.build import BuildOptions, build
+    from targets import Precision
+
+    inp = keras.Input((1000,), name="image")
+    big = keras.Model(inp, keras.layers.Dense(10)(keras.layers.Dense(1000)(inp)))  # ~4 MB fp32
+    big.save(tmp_path / "big.keras")
+    res = build(BuildOptions(model=tmp_path / "big.keras", targets=("arm-cpu",), out_dir=tmp_path / "big",
+                             name="digits", version="2.0.0", precision=Precision.FP32, bench_runs=3,
+                             bench_seconds=0.1, sign_key=keys / "a.key"))
+    assert res.ok
+    a = AgentProc(small_disk / "data", bundle=versions["v1"], broker=broker.url, device_id="dev1", interval=1.0,
+                  extra=("--trusted-key", str(keys / "a.pub"))).start()
+    try:
+        r = _push(broker, res.results[0].bundle, device="dev1", wait=True)
+        ev = r.devices["dev1"]
+        assert ev["state"] == "failed" and "disk space" in ev["error"], ev
+        assert _version(a) == "1.0.0" and _infer(a) == 200
+        assert not list((small_disk / "data" / "downloads").rglob("*.chunk"))
+        from edgebundle.archive import verify_bundle
+
+        for p in (small_disk / "data" / "bundles").glob("*.edgepack"):
+            verify_bundle(p)  # nothing corrupted
+    finally:
+        a.stop()
