@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) examples/digits/demo.py
+	$(VENV)/bin/edgepack demo --workdir examples/digits/work
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -4,7 +4,6 @@ random calibration: no real images or weights can be had here)."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -15,8 +14,7 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 def digits_bundle(target: str = "arm-cpu", version: str = "1.0.0") -> Path:
     out = CACHE / f"digits-{version}-{target}.edgepack"
     if not out.exists():
-        sys.path.insert(0, str(ROOT / "examples" / "digits"))
-        from train import train
+        from packager.examples.digits import train
 
         from packager.build import BuildOptions, build
 
@@ -29,7 +27,7 @@ def digits_bundle(target: str = "arm-cpu", version: str = "1.0.0") -> Path:
 
 
 def mobilenet_bundle(target: str = "arm-cpu", precision: str = "int8") -> Path:
-    out = CACHE / f"mobilenetv2-1.0.0-{target}.edgepack"
+    out = CACHE / precision / f"mobilenetv2-1.0.0-{target}.edgepack"
     if not out.exists():
         import keras
 
@@ -39,7 +37,7 @@ def mobilenet_bundle(target: str = "arm-cpu", precision: str = "int8") -> Path:
         keras.utils.set_random_seed(0)
         path = CACHE / "mobilenetv2.keras"
         keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3)).save(path)
-        res = build(BuildOptions(model=path, targets=(target,), out_dir=CACHE, name="mobilenetv2",
+        res = build(BuildOptions(model=path, targets=(target,), out_dir=CACHE / precision, name="mobilenetv2",
                                  precision=Precision(precision), calibration="random", calibration_samples=50))
         assert res.ok, res.results[0].error
     return out

@@ -52,7 +52,7 @@ def runtime_only_rss(model_file: Path) -> tuple[float, float]:
 
 def main() -> None:
     from _bundles import mobilenet_bundle
-    from _net import free_port
+    from _procs import free_port
 
     bundle = mobilenet_bundle()
     with tempfile.TemporaryDirectory() as tmp:

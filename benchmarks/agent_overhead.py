@@ -88,7 +88,7 @@ def bench(bundle: Path, seconds: float) -> dict:
         raw_ms, api_ms = np.concatenate(raws), np.concatenate(apis)
         model.close()
         # HTTP through a real agent process
-        from _net import free_port
+        from _procs import free_port
 
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--data-dir", f"{tmp}/agent",

@@ -72,8 +72,7 @@ def main() -> None:
         tmp = Path(tmp)
         model, calib = args.model, args.calibration
         if model is None:
-            sys.path.insert(0, str(ROOT / "examples" / "digits"))
-            from train import train
+            from packager.examples.digits import train
 
             info = train(tmp / "digits", epochs=10)
             model, calib = info["model"], tmp / "digits" / "calibration.npz"

@@ -19,7 +19,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples" / "digits"))
 
 
 def _rows(result) -> list[dict]:
@@ -56,7 +55,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=100)
     args = ap.parse_args()
     from packager.build import BuildOptions, build
-    from train import train
+    from packager.examples.digits import train
 
     checks = []
     with tempfile.TemporaryDirectory() as tmp:

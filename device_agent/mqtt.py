@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class MqttClient:
                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         if will is not None:
             c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.max_inflight_messages_set(64)  # bundle chunks: keep the pipe full on big transfers
         c.reconnect_delay_set(min_delay=max(1, int(min_backoff)), max_delay=max(1, int(max_backoff)))
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
@@ -95,6 +97,14 @@ class MqttClient:
             log.warning("broker refused the connection: %s", reason_code)
             return
         log.info("connected to %s:%s", self.cfg.host, self.cfg.port)
+        sock = client.socket()
+        if sock is not None and hasattr(sock, "setsockopt"):
+            # paho leaves Nagle on: a small packet (SUBSCRIBE, PUBACK) sent behind another unacked
+            # one then waits for the broker's delayed ACK, ~40 ms per exchange.
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         self.connected.set()
         if self._on_connect_cb:
             self._on_connect_cb()

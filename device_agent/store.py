@@ -44,16 +44,21 @@ class Store:
         for d in (self.bundles, self.models, self.cache):
             d.mkdir(parents=True, exist_ok=True)
 
-    def add(self, bundle: str | Path) -> tuple[Path, str]:
-        """Copy a bundle in (structure checked first); returns (path in store, sha256)."""
+    def add(self, bundle: str | Path, *, move: bool = False, sha256: str | None = None,
+            name: str | None = None) -> tuple[Path, str]:
+        """Copy (or, for a download already in the data directory, move) a bundle in;
+        returns (path in store, sha256)."""
         src = Path(bundle)
         open_bundle(src)
-        digest = sha256_file(src)
-        dest = self.bundles / f"{digest[:16]}-{src.name}"
+        digest = sha256 or sha256_file(src)
+        dest = self.bundles / f"{digest[:16]}-{name or src.name}"
         if not dest.exists():
-            tmp = dest.with_name(f".{dest.name}.part")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+            if move:
+                os.replace(src, dest)
+            else:
+                tmp = dest.with_name(f".{dest.name}.part")
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dest)
         return dest, digest
 
     def model_dir(self, sha256: str) -> Path:

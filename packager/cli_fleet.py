@@ -70,7 +70,7 @@ def sign(bundle, key_path):
 @click.option("--group", help="Fleet group.")
 @broker_options
 @click.option("--url", help="Devices download from this http(s):// or file:// URL instead of MQTT chunks.")
-@click.option("--chunk-size", type=int, default=256 << 10, show_default=True, help="Bytes per MQTT chunk.")
+@click.option("--chunk-size", type=int, default=1 << 20, show_default=True, help="Bytes per MQTT chunk.")
 @click.option("--allow-downgrade", is_flag=True, help="Let devices move to a lower version.")
 @click.option("--probation-seconds", type=float, default=30.0, show_default=True)
 @click.option("--probation-requests", type=int, default=200, show_default=True)
@@ -151,4 +151,24 @@ def broker(host, port):
                                              err=True))
 
 
-COMMANDS = (keys, sign, push, fleet, broker)
+@click.command()
+@click.option("--broker", "broker_url", help="Use this broker instead of starting the embedded one.")
+@click.option("--workdir", type=click.Path(path_type=Path), help="Keep models, bundles and logs here "
+                                                                   "(default: a new temporary folder).")
+def demo(broker_url, workdir):
+    """The whole loop on embedded defaults: build, serve, telemetry, signed OTA update."""
+    from packager.demo import run_demo
+
+    s = run_demo(workdir=workdir, broker_url=broker_url, say=lambda m: click.echo(m))
+    ok = s["update_state"] == "committed" and s["requests_failed"] == 0 and s["to_version"] == "1.1.0"
+    click.echo("== summary")
+    click.echo(f"   bundles built and signed: {s['bundles_built']}")
+    click.echo(f"   update digits {s['from_version']} -> {s['to_version']}: {s['update_state']} "
+               f"in {s['update_seconds']} s")
+    click.echo(f"   requests: {s['requests_ok']} ok, {s['requests_failed']} failed; accuracy {s['accuracy']:.2%}")
+    click.echo(f"   {'OK' if ok else 'FAILED'} in {s['seconds']} s; files in {s['workdir']}")
+    if not ok:
+        sys.exit(1)
+
+
+COMMANDS = (keys, sign, push, fleet, broker, demo)

@@ -15,10 +15,10 @@ from typing import Callable
 from device_agent.config import BrokerConfig
 from device_agent.mqtt import MqttClient, dumps
 from device_agent.ota.desired import SCHEMA, Desired, Probation
-from edgebundle.archive import sha256_file, verify_bundle
+from edgebundle.archive import open_bundle
 from edgebundle.errors import EdgepackError, InputError
 
-DEFAULT_CHUNK = 256 << 10
+DEFAULT_CHUNK = 1 << 20
 FINAL = ("committed", "failed", "rolled_back")
 
 
@@ -64,10 +64,10 @@ def status(broker: BrokerConfig, *, group: str | None = None, listen_s: float = 
     conn.stop()
     devices: dict[str, dict] = {}
     for topic, payload in conn.messages:
-        doc = _json(payload)
-        if not isinstance(doc, dict):
-            continue
-        dev = topic.split("/")[-2]
+        doc, parts = _json(payload), topic.split("/")
+        if not isinstance(doc, dict) or len(parts) < 3 or parts[-3] != "devices":
+            continue  # some brokers (amqtt) deliver retained messages of other topics on wildcard subscribe
+        dev = parts[-2]
         row = devices.setdefault(dev, {"device_id": dev})
         if topic.endswith("/status"):
             row["status"] = doc
@@ -111,9 +111,11 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
         raise InputError("give exactly one of --device or --group")
     if chunk_size < 1024 or chunk_size > (64 << 20):
         raise InputError("--chunk-size must be between 1 KiB and 64 MiB")
-    b = verify_bundle(bundle)
+    # Structure and manifest only: every device re-checks every hash and the signature, so the
+    # pusher reads the file once (whole-file and per-chunk sha256 in one pass).
+    b = open_bundle(bundle)
     m = b.manifest
-    sha = sha256_file(bundle)
+    sha, hashes = _hashes(bundle, chunk_size)
     size = Path(bundle).stat().st_size
     root = broker.topic_prefix
     if url:
@@ -130,11 +132,15 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     conn = _Conn(broker, watch, name="push")
     try:
         if not url:
-            _publish_chunks(conn.client, bundle, transfer)
+            transfer["chunk_sha256"] = hashes
         doc = desired.to_dict()
         doc["signature"] = _json(b.signature) if b.signature else None
+        # The record goes first, so online devices start pulling chunks while they are still being
+        # published (the transfer pipelines); offline ones find them retained later.
         if not conn.client.publish_wait(topic, dumps(doc), qos=1, retain=True, timeout=30):
             raise FleetError("the broker did not acknowledge the desired record")
+        if not url:
+            _publish_chunks(conn.client, bundle, transfer)
         result = PushResult(desired=doc, topic=topic)
         if wait:
             _follow(conn, result, device=device, group=group, timeout=timeout, expect=expect, progress=progress)
@@ -143,12 +149,20 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
         conn.stop()
 
 
-def _publish_chunks(client: MqttClient, bundle: Path, transfer: dict, window: int = 16) -> None:
+def _hashes(bundle: Path, chunk_size: int) -> tuple[str, list[str]]:
+    whole, chunks = hashlib.sha256(), []
+    with open(bundle, "rb") as f:
+        while chunk := f.read(chunk_size):
+            whole.update(chunk)
+            chunks.append(hashlib.sha256(chunk).hexdigest())
+    return whole.hexdigest(), chunks
+
+
+def _publish_chunks(client: MqttClient, bundle: Path, transfer: dict, window: int = 64) -> None:
     pending = []
     with open(bundle, "rb") as f:
         i = 0
         while chunk := f.read(transfer["chunk_size"]):
-            transfer["chunk_sha256"].append(hashlib.sha256(chunk).hexdigest())
             pending.append(client.publish(f"{transfer['topic']}/chunks/{i}", chunk, qos=1, retain=True))
             i += 1
             if len(pending) >= window:  # bounded in-flight: memory stays flat for big bundles
@@ -172,10 +186,10 @@ def _follow(conn: _Conn, result: PushResult, *, device, group, timeout, expect, 
                 conn.cond.wait(0.5)
             new, seen = conn.messages[seen:], len(conn.messages)
         for topic, payload in new:
-            doc = _json(payload)
-            if not isinstance(doc, dict):
+            doc, parts = _json(payload), topic.split("/")
+            if not isinstance(doc, dict) or len(parts) < 3 or parts[-3] != "devices":
                 continue
-            dev = topic.split("/")[-2]
+            dev = parts[-2]
             if topic.endswith("/status") and group and group in (doc.get("groups") or []) and device is None:
                 targets.add(dev)
             elif topic.endswith("/events") and doc.get("update_id") == uid:

@@ -10,13 +10,12 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples" / "digits"))
 
 
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):
     """The example's CNN trained on scikit-learn's digits; model + calibration/validation npz."""
-    from train import train
+    from packager.examples.digits import train
 
     out = tmp_path_factory.mktemp("digits")
     info = train(out, epochs=15)

@@ -92,6 +92,13 @@ def test_push_to_device_switches_version(broker, versions, keys, tmp_path):
         st = w.wait("dev1/status", lambda p: p["model"] and p["model"]["version"] == "1.1.0"
                     and p["update"]["state"] == "committed")
         assert st["previous_model"]["version"] == "1.0.0"
+        import jsonschema
+
+        schemas = Path(__file__).resolve().parent.parent / "docs" / "schemas"
+        jsonschema.validate(res.desired, json.loads((schemas / "desired.schema.json").read_text()))
+        jsonschema.validate(st, json.loads((schemas / "status.schema.json").read_text()))
+        for e in w.of("dev1/events"):
+            jsonschema.validate(e, json.loads((schemas / "event.schema.json").read_text()))
         states = [e["state"] for e in w.of("dev1/events") if e.get("update_id") == res.desired["update_id"]]
         for s in ("downloading", "verifying", "staging", "switching", "probation", "committed"):
             assert s in states, states
@@ -179,7 +186,7 @@ def test_tampered_chunk_refused(broker, versions, keys, tmp_path):
         ev = w.wait("dev1/events", lambda e: e["state"] == "failed", timeout=60)
         assert "chunk 3 sha256" in ev["error"]
         assert _version(a2) == "1.0.0"
-        assert not list((tmp_path / "data" / "downloads").rglob("*.chunk"))  # nothing half-written kept
+        assert not list((tmp_path / "data" / "downloads").rglob("bundle.part"))  # nothing half-written kept
     finally:
         w.stop()
         a2.stop()
@@ -327,16 +334,19 @@ def _state(tmp_path) -> str | None:
 def test_sigkill_during_download_resumes(broker, versions, keys, tmp_path):
     a = _agent(tmp_path, broker, versions["v1"], keys)
     info = _publish_partial(broker, versions["v2"], "dev1", upto=10)
-    chunk_dir = tmp_path / "data" / "downloads" / info["desired"].sha256[:16] / "chunks"
-    wait_until(lambda: len(list(chunk_dir.glob("*.chunk"))) >= 10, 30, what="10 chunks on disk")
+    done = tmp_path / "data" / "downloads" / info["desired"].sha256[:16] / "chunks.done"
+    wait_until(lambda: done.is_file() and len(done.read_text().split()) >= 10, 30, what="10 chunks on disk")
     a.stop("kill")
     assert _state(tmp_path) == "downloading"
     _publish_rest(broker, info, 10)
     w = Watcher(broker.url, ["edgepack/v1/devices/dev1/events"])
+    from datetime import datetime, timezone
+
+    restarted = datetime.now(timezone.utc).isoformat()
     a2 = _agent(tmp_path, broker, None, keys)
     try:
         wait_until(lambda: _version(a2) == "1.1.0" and _state(tmp_path) == "committed", 60, what="resumed update")
-        first = next(e for e in w.of("dev1/events") if e.get("progress"))
+        first = next(e for e in w.of("dev1/events") if e.get("progress") and e["ts"] > restarted)
         assert first["progress"]["bytes"] > 10 * 2048  # resumed: the 10 stored chunks were not fetched again
     finally:
         w.stop()
@@ -349,11 +359,18 @@ def test_sigkill_after_verifying_finishes_update(broker, versions, keys, tmp_pat
     wait_until(lambda: _state(tmp_path) == "staging", 30, what="verified, about to stage")
     a.stop("kill")
     assert _version(a) is None
-    a2 = _agent(tmp_path, broker, None, keys)
+    from datetime import datetime, timezone
+
+    w = Watcher(broker.url, ["edgepack/v1/devices/dev1/events"])
+    restarted = datetime.now(timezone.utc).isoformat()
+    a2 = _agent(tmp_path, broker, None, keys)  # ready means serving a verified model (the old one first)
     try:
-        assert _version(a2) == "1.0.0"  # comes back on the old, verified model first
+        assert _infer(a2) == 200
         wait_until(lambda: _version(a2) == "1.1.0" and _state(tmp_path) == "committed", 60, what="update finished")
+        after = [e["state"] for e in w.of("dev1/events") if e["ts"] > restarted]
+        assert after[0] == "verifying" and "downloading" not in after, after  # resumed, not re-downloaded
     finally:
+        w.stop()
         a2.stop()
 
 
@@ -405,7 +422,7 @@ def test_out_of_disk_fails_cleanly(broker, versions, keys, tmp_path, small_disk)
         ev = r.devices["dev1"]
         assert ev["state"] == "failed" and "disk space" in ev["error"], ev
         assert _version(a) == "1.0.0" and _infer(a) == 200
-        assert not list((small_disk / "data" / "downloads").rglob("*.chunk"))
+        assert not list((small_disk / "data" / "downloads").rglob("bundle.*"))
         from edgebundle.archive import verify_bundle
 
         for p in (small_disk / "data" / "bundles").glob("*.edgepack"):

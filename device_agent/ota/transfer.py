@@ -43,19 +43,6 @@ def check_space(path: Path, need: int, *, reserve: int = 8 << 20) -> None:
                             hint="free space on the device or use a smaller bundle")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TransferError(f"cannot write {path.name}: {e}") from None
-
-
 def _assemble(parts: list[Path], dest: Path, sha256: str) -> Path:
     h = hashlib.sha256()
     tmp = dest.with_name(f".{dest.name}.part")
@@ -81,7 +68,7 @@ def _assemble(parts: list[Path], dest: Path, sha256: str) -> Path:
 class MqttChunkFetcher:
     """Pull retained chunks with a bounded window of subscriptions."""
 
-    def __init__(self, mqtt, *, window: int = 8, stall_s: float = 20.0):
+    def __init__(self, mqtt, *, window: int = 16, stall_s: float = 20.0):
         self.mqtt, self.window, self.stall_s = mqtt, window, stall_s
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
@@ -98,27 +85,39 @@ class MqttChunkFetcher:
             return True
 
     def fetch(self, d: Desired, workdir: Path, *, progress: Progress, cancelled: Callable[[], bool]) -> Path:
+        """Chunks go straight to their offset in DATA/downloads/<sha>/bundle.part (indexes of the
+        stored ones in chunks.done), and the whole-file sha256 is computed as the prefix grows,
+        so there is no second pass over the data."""
         t = d.transfer
         final = workdir / "bundle.edgepack"
         if final.is_file():
             return final
-        parts_dir = workdir / "chunks"
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        check_space(workdir, d.size - sum(p.stat().st_size for p in parts_dir.glob("*.chunk")) + d.size)
-        n, hashes, base = int(t["chunks"]), list(t["chunk_sha256"]), t["topic"].rstrip("/") + "/chunks/"
-        path = lambda i: parts_dir / f"{i:06d}.chunk"  # noqa: E731
-        missing = [i for i in range(n) if not path(i).is_file()]
-        done_bytes = sum(path(i).stat().st_size for i in range(n) if path(i).is_file())
+        n, csize, hashes = int(t["chunks"]), int(t["chunk_size"]), list(t["chunk_sha256"])
+        base = t["topic"].rstrip("/") + "/chunks/"
+        part, done_file = workdir / "bundle.part", workdir / "chunks.done"
+        length = lambda i: min(csize, d.size - i * csize)  # noqa: E731
+        done = _resume(part, done_file, hashes, csize, d.size)
+        check_space(workdir, sum(length(i) for i in range(n) if i not in done))
+        missing = [i for i in range(n) if i not in done]
+        done_bytes = sum(length(i) for i in done)
         with self._lock:
             self._prefix, self._inbox = base, {}
         outstanding: dict[int, float] = {}
+        held: dict[int, bytes] = {}  # arrived ahead of the hash prefix (at most the window)
+        h, next_i = hashlib.sha256(), 0
         last_progress = time.monotonic()
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            if os.fstat(fd).st_size != d.size:
+                os.ftruncate(fd, d.size)  # sparse: blocks are allocated as chunks land
+            done_log = open(done_file, "a")
+            next_i = _advance(fd, h, next_i, done, held, length, csize)
             while missing or outstanding:
                 if cancelled():
                     raise Cancelled("update cancelled")
                 if not self.mqtt.connected.is_set():
-                    outstanding.clear()  # subscriptions die with the session; ask again after reconnect
+                    missing[:0] = sorted(outstanding)  # subscriptions die with the session: ask again later
+                    outstanding.clear()
                     if time.monotonic() - last_progress > 300:
                         raise TransientError("broker unreachable for 5 minutes during download")
                     time.sleep(0.2)
@@ -138,29 +137,82 @@ class MqttChunkFetcher:
                     self.mqtt.unsubscribe(topic)
                     del outstanding[i]
                     digest = hashlib.sha256(payload).hexdigest()
-                    if digest != hashes[i]:
+                    if digest != hashes[i] or len(payload) != length(i):
                         raise TransferError(f"chunk {i} sha256 {digest[:16]}... does not match the desired record's "
                                             f"{hashes[i][:16]}...: corrupted or tampered; refusing the update")
-                    _write_atomic(path(i), payload)
+                    try:
+                        os.pwrite(fd, payload, i * csize)
+                    except OSError as e:
+                        raise TransferError(f"cannot store chunk {i}: {e}") from None
+                    done.add(i)
+                    done_log.write(f"{i}\n")
+                    done_log.flush()
+                    held[i] = payload
+                    next_i = _advance(fd, h, next_i, done, held, length, csize)
                     done_bytes += len(payload)
                     last_progress = time.monotonic()
                     progress(done_bytes, d.size)
-                stale = [i for i, t0 in outstanding.items() if time.monotonic() - t0 > self.stall_s]
-                for i in stale:  # no retained chunk arrived: resubscribe (a lost SUBACK, a restarted broker)
-                    self.mqtt.unsubscribe(base + str(i))
+                for i in [i for i, t0 in outstanding.items() if time.monotonic() - t0 > self.stall_s]:
+                    self.mqtt.unsubscribe(base + str(i))  # nothing came: resubscribe (lost SUBACK, broker restart)
                     del outstanding[i]
                     missing.insert(0, i)
                 if time.monotonic() - last_progress > 120:
                     raise TransientError(f"no chunk arrived for 2 minutes ({len(missing) + len(outstanding)} left); "
                                          "is the bundle still published?")
+            os.fsync(fd)
+            done_log.close()
+        except TransferError:
+            os.close(fd)
+            fd = -1
+            part.unlink(missing_ok=True)
+            done_file.unlink(missing_ok=True)
+            raise
         finally:
             with self._lock:
                 self._prefix = None
             for i in outstanding:
                 self.mqtt.unsubscribe(base + str(i))
-        dest = _assemble([path(i) for i in range(n)], final, d.sha256)
-        shutil.rmtree(parts_dir, ignore_errors=True)
-        return dest
+            if fd >= 0:
+                os.close(fd)
+        if h.hexdigest() != d.sha256:
+            part.unlink(missing_ok=True)
+            done_file.unlink(missing_ok=True)
+            raise TransferError(f"downloaded bundle sha256 {h.hexdigest()[:16]}... does not match {d.sha256[:16]}...")
+        os.replace(part, final)
+        done_file.unlink(missing_ok=True)
+        return final
+
+
+def _resume(part: Path, done_file: Path, hashes: list[str], csize: int, size: int) -> set[int]:
+    """Chunks stored before a restart, each re-checked against its hash (no fsync per chunk)."""
+    if not (part.is_file() and done_file.is_file()) or part.stat().st_size != size:
+        part.unlink(missing_ok=True)
+        done_file.unlink(missing_ok=True)
+        return set()
+    done = set()
+    with open(part, "rb") as f:
+        for line in done_file.read_text().split():
+            try:
+                i = int(line)
+            except ValueError:
+                continue
+            if 0 <= i < len(hashes):
+                f.seek(i * csize)
+                if hashlib.sha256(f.read(min(csize, size - i * csize))).hexdigest() == hashes[i]:
+                    done.add(i)
+    done_file.write_text("".join(f"{i}\n" for i in sorted(done)))
+    return done
+
+
+def _advance(fd: int, h, next_i: int, done: set[int], held: dict[int, bytes], length, csize: int) -> int:
+    """Extend the running whole-file hash over every chunk now contiguous with the prefix."""
+    while next_i in done:
+        data = held.pop(next_i, None)
+        if data is None:
+            data = os.pread(fd, length(next_i), next_i * csize)
+        h.update(data)
+        next_i += 1
+    return next_i
 
 
 def fetch_url(d: Desired, workdir: Path, *, progress: Progress, cancelled: Callable[[], bool]) -> Path:

@@ -245,8 +245,12 @@ class Updater:
 
         work = self.downloads / d.sha256[:16]
         path = work / "bundle.edgepack"
+        cand = self.record.candidate
+        stored = self.host.store.root / cand["bundle"] if cand and cand.get("sha256") == d.sha256 else None
         if not path.is_file():
-            return State.DOWNLOADING
+            if stored is None or not stored.is_file():
+                return State.DOWNLOADING
+            path = stored  # resumed after a restart: the file already moved into the store
         try:
             bundle = verify_bundle(path)
             if self.host.trusted_keys:
@@ -263,9 +267,11 @@ class Updater:
             shutil.rmtree(work, ignore_errors=True)
             raise UpdateFailed(f"downgrade refused: {m.version} is lower than the running {active.version} "
                                "(push with --allow-downgrade to roll back on purpose)")
-        stored, digest = self.host.store.add(path)
+        if path != stored:
+            stored, _ = self.host.store.add(path, move=True, sha256=d.sha256,
+                                            name=f"{m.name}-{m.version}-{m.target.get('name')}.edgepack")
         shutil.rmtree(work, ignore_errors=True)
-        self.record.candidate = {"bundle": str(stored.relative_to(self.host.store.root)), "sha256": digest,
+        self.record.candidate = {"bundle": str(stored.relative_to(self.host.store.root)), "sha256": d.sha256,
                                  "version": m.version}
         return State.STAGING
 

@@ -1,0 +1,78 @@
+"""Processes the benchmarks start: a loopback mosquitto and a device agent."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise TimeoutError(what)
+
+
+def mosquitto(workdir: Path) -> tuple[subprocess.Popen, int]:
+    if not shutil.which("mosquitto"):
+        raise SystemExit("this benchmark needs mosquitto (apt-get install mosquitto mosquitto-clients)")
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    # set_tcp_nodelay: mosquitto leaves Nagle on by default, which holds small packets (SUBACK,
+    # a one-chunk bundle) for a delayed ACK: ~40 ms per round trip on loopback.
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
+                    + ("user root\n" if os.geteuid() == 0 else ""))
+    p = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    wait(up, 10, "mosquitto")
+    return p, port
+
+
+def agent(workdir: Path, bundle: Path, broker_port: int, *, device: str = "bench") -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--device-id", device, "--data-dir",
+                          str(workdir / f"agent-{device}"), "--bundle", str(bundle), "--api-port", str(port),
+                          "--broker", f"mqtt://127.0.0.1:{broker_port}", "--telemetry-interval", "60",
+                          "--log-format", "text"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready():
+        try:
+            with urllib.request.urlopen(base + "/v2/health/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    wait(ready, 30, "agent ready")
+    return p, base
+
+
+def stop(*procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
