@@ -25,6 +25,10 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/build_multi_target.py
 	$(PY) benchmarks/quantization_quality.py
+	$(PY) benchmarks/agent_overhead.py
+	$(PY) benchmarks/agent_footprint.py
+	$(PY) benchmarks/ota_latency.py
+	$(PY) benchmarks/swap_disruption.py
 
 clean:
 	rm -rf examples/digits/work dist .pytest_cache

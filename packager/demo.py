@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -116,6 +117,7 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
     t_start = time.perf_counter()
     work = Path(workdir or tempfile.mkdtemp(prefix="edgepack-demo-"))
     work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "agent-data", ignore_errors=True)  # a re-run starts the device from 1.0.0 again
     procs: list[subprocess.Popen] = []
     summary: dict = {"workdir": str(work)}
     try:

@@ -227,12 +227,39 @@ def test_golden_mismatch_and_warmup_failure_never_activate(broker, versions, key
                            {"golden.npz": buf.getvalue()})
     bad_model = _rebundle(versions["v2"], tmp_path / "bad-model.edgepack", keys / "a.key",
                           {"model.tflite": b"TFL3" + b"\x00" * 512})
+    raises = _onnx_that_raises(versions["v2"], tmp_path, keys / "a.key")
     a = _agent(tmp_path, broker, versions["v1"], keys)
     try:
         _failed_with(broker, a, bad_golden, "golden outputs differ")
         _failed_with(broker, a, bad_model, "staging failed")
+        ev = _failed_with(broker, a, raises, "staging failed")  # loads fine, raises on its first inference
+        assert "Reshape" in ev["error"] or "reshape" in ev["error"], ev
     finally:
         a.stop()
+
+
+def _onnx_that_raises(like: Path, tmp_path: Path, key: Path) -> Path:
+    """A signed ONNX bundle whose session loads but whose first run fails (Reshape to 7 values)."""
+    import dataclasses
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgebundle import signing
+    from edgebundle.archive import open_bundle, write_bundle
+
+    shape = numpy_helper.from_array(np.array([1, 7], np.int64), "shape")
+    g = helper.make_graph([helper.make_node("Reshape", ["image", "shape"], ["output_0"])], "raises",
+                          [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 8, 8, 1])],
+                          [helper.make_tensor_value_info("output_0", TensorProto.FLOAT, [1, 7])], [shape])
+    model = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    m = dataclasses.replace(open_bundle(like).manifest, format="onnx", model_file="model.onnx", golden=None,
+                            runtime={"name": "onnxruntime", "providers": ["CPUExecutionProvider"]})
+    k = signing.load_private_key(key)
+    dest = tmp_path / "raises.edgepack"
+    write_bundle(dest, m, {"model.onnx": model}, signer=lambda mb: signing.sign(mb, k))
+    return dest
 
 
 @pytest.fixture(scope="session")
