@@ -1,30 +1,14 @@
 """Processes the benchmarks start: a loopback mosquitto and a device agent."""
 from __future__ import annotations
 
+from packager.demo import free_port, port_open, wait_for
+
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise TimeoutError(what)
 
 
 def mosquitto(workdir: Path) -> tuple[subprocess.Popen, int]:
@@ -38,14 +22,7 @@ def mosquitto(workdir: Path) -> tuple[subprocess.Popen, int]:
                     + ("user root\n" if os.geteuid() == 0 else ""))
     p = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def up():
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    wait(up, 10, "mosquitto")
+    wait_for(lambda: port_open(port), 10, "mosquitto")
     return p, port
 
 
@@ -64,7 +41,7 @@ def agent(workdir: Path, bundle: Path, broker_port: int, *, device: str = "bench
         except OSError:
             return False
 
-    wait(ready, 30, "agent ready")
+    wait_for(ready, 30, "agent ready")
     return p, base
 
 

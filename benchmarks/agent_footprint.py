@@ -29,6 +29,22 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def start_to_ready(cmd: list[str], port: int) -> tuple[subprocess.Popen, float]:
+    """Start the agent; seconds until /v2/health/ready answers 200."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while time.perf_counter() - t0 < 60:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", "/v2/health/ready")
+            if c.getresponse().status == 200:
+                return proc, time.perf_counter() - t0
+        except OSError:
+            time.sleep(0.01)
+    proc.kill()
+    raise TimeoutError("agent not ready within 60 s")
+
+
 def py_time(code: str, runs: int = 5) -> float:
     vals = []
     for _ in range(runs):
@@ -57,20 +73,9 @@ def main() -> None:
     bundle = mobilenet_bundle()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--data-dir", f"{tmp}/d",
-                                 "--bundle", str(bundle), "--api-port", str(port), "--telemetry-interval", "600",
-                                 "--log-format", "text"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ready = None
-        while time.perf_counter() - t0 < 60:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                c.request("GET", "/v2/health/ready")
-                if c.getresponse().status == 200:
-                    ready = time.perf_counter() - t0
-                    break
-            except OSError:
-                time.sleep(0.01)
+        agent_cmd = [sys.executable, "-m", "device_agent.cli", "run", "--data-dir", f"{tmp}/d", "--api-port",
+                     str(port), "--telemetry-interval", "600", "--log-format", "text"]
+        proc, ready = start_to_ready(agent_cmd + ["--bundle", str(bundle)], port)
         first_start = ready
         # binary tensor extension, as tritonclient sends by default
         blob = bytes(224 * 224 * 3 * 4)
@@ -96,19 +101,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(15)
         # second start: the model is already extracted and verified in the data dir
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--data-dir", f"{tmp}/d",
-                                 "--api-port", str(port), "--telemetry-interval", "600", "--log-format", "text"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while time.perf_counter() - t0 < 60:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                c.request("GET", "/v2/health/ready")
-                if c.getresponse().status == 200:
-                    ready = time.perf_counter() - t0
-                    break
-            except OSError:
-                time.sleep(0.01)
+        proc, ready = start_to_ready(agent_cmd, port)
         proc.terminate()
         proc.wait(15)
         model_file = next(Path(tmp, "d", "models").rglob("*.tflite"))

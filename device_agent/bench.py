@@ -47,6 +47,16 @@ def measure(call: Callable[[], object], *, warmup: int = 5, runs: int = 100, max
         throughput_ips=float(len(ms) / ms.sum() * 1000.0) if ms.sum() > 0 else 0.0)
 
 
+def bench_text(stats: dict, details: dict) -> str:
+    """The report `edgepack bench` and `edgepack-agent bench` both print."""
+    who = details.get("provider") or details.get("delegate") or ""
+    return (f"{details.get('runtime')} {details.get('version') or ''} {who}\n"
+            f"runs {stats['runs']} (warm-up {stats['warmup']})\n"
+            f"p50 {stats['p50_ms']:.3f} ms  p90 {stats['p90_ms']:.3f} ms  p95 {stats['p95_ms']:.3f} ms  "
+            f"p99 {stats['p99_ms']:.3f} ms  mean {stats['mean_ms']:.3f} ms\n"
+            f"throughput {stats['throughput_ips']:.1f} inferences/s")
+
+
 def bench_runtime(runtime, *, warmup: int = 5, runs: int = 100, max_seconds: float = 10.0) -> LatencyStats:
     """Benchmark a loaded runtime adapter on random inputs of its own shapes."""
     feeds = runtime.sample_inputs()

@@ -76,18 +76,13 @@ def run(config_path, device_id, groups, broker, broker_username, broker_password
 @click.option("--json", "as_json", is_flag=True)
 def bench(bundle, runs, warmup, threads, max_seconds, as_json):
     """Latency percentiles and throughput with the device runtime (same numbers as `edgepack bench`)."""
-    from device_agent.bench import bench_bundle
+    from device_agent.bench import bench_bundle, bench_text
 
     stats, details = bench_bundle(bundle, warmup=warmup, runs=runs, max_seconds=max_seconds, threads=threads)
-    s = stats.to_dict()
     if as_json:
-        click.echo(json.dumps({"bundle": str(bundle), "latency": s, "runtime": details}, indent=2))
-        return
-    who = details.get("provider") or details.get("delegate") or ""
-    click.echo(f"{details.get('runtime')} {details.get('version') or ''} {who}\nruns {s['runs']} (warm-up "
-               f"{s['warmup']})\np50 {s['p50_ms']:.3f} ms  p90 {s['p90_ms']:.3f} ms  p95 {s['p95_ms']:.3f} ms  "
-               f"p99 {s['p99_ms']:.3f} ms  mean {s['mean_ms']:.3f} ms\nthroughput {s['throughput_ips']:.1f} "
-               "inferences/s")
+        click.echo(json.dumps({"bundle": str(bundle), "latency": stats.to_dict(), "runtime": details}, indent=2))
+    else:
+        click.echo(bench_text(stats.to_dict(), details))
 
 
 if __name__ == "__main__":

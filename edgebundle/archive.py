@@ -59,17 +59,25 @@ def write_bundle(
     entries = {name: FileEntry(sha256_file(p), os.path.getsize(p)) for name, p in files.items()}
     manifest = manifest.with_files(entries)
     Manifest.from_dict(manifest.to_dict())  # refuse to write what we could not read back
+    manifest_bytes = manifest.to_json()
+    signature = signer(manifest_bytes) if signer is not None else None
+    _write_zip(dest, manifest_bytes, signature, {name: (lambda p=p: open(p, "rb")) for name, p in files.items()})
+    return manifest
+
+
+def _write_zip(dest: Path, manifest_bytes: bytes, signature: bytes | None, members: dict) -> None:
+    """Write the archive to a temporary file next to `dest`, fsync, rename. `members` maps a
+    name to a callable opening its content for reading (streamed, never fully in memory)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as raw:
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-                manifest_bytes = manifest.to_json()
                 zf.writestr(_info(MANIFEST), manifest_bytes)
-                if signer is not None:
-                    zf.writestr(_info(SIGNATURE), signer(manifest_bytes))
-                for name, p in sorted(files.items()):
-                    with open(p, "rb") as src, zf.open(_info(name), "w", force_zip64=True) as out:
+                if signature is not None:
+                    zf.writestr(_info(SIGNATURE), signature)
+                for name, opener in sorted(members.items()):
+                    with opener() as src, zf.open(_info(name), "w", force_zip64=True) as out:
                         for block in iter(lambda: src.read(_CHUNK), b""):
                             out.write(block)
             raw.flush()
@@ -78,7 +86,6 @@ def write_bundle(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return manifest
 
 
 def _info(name: str) -> zipfile.ZipInfo:
@@ -263,23 +270,9 @@ def sign_bundle(path: str | os.PathLike, private_key) -> bytes:
 
     bundle = verify_bundle(path)
     signature = signing.sign(bundle.manifest_bytes, private_key)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with zipfile.ZipFile(path) as zin, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zout:
-                zout.writestr(_info(MANIFEST), bundle.manifest_bytes)
-                zout.writestr(_info(SIGNATURE), signature)
-                for name in sorted(bundle.manifest.files):
-                    with zin.open(name) as src, zout.open(_info(name), "w", force_zip64=True) as out:
-                        for block in iter(lambda: src.read(_CHUNK), b""):
-                            out.write(block)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with zipfile.ZipFile(path) as zin:
+        _write_zip(Path(path), bundle.manifest_bytes, signature,
+                   {name: (lambda n=name: zin.open(n)) for name in bundle.manifest.files})
     return signature
 
 

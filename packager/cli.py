@@ -201,8 +201,7 @@ def verify(bundle, pubkeys):
 @click.option("--json", "as_json", is_flag=True)
 def bench(bundle, runs, warmup, threads, max_seconds, as_json):
     """Latency percentiles and throughput of BUNDLE on this host, with its runtime."""
-    from device_agent.bench import bench_bundle
-    from packager.report import bench_text
+    from device_agent.bench import bench_bundle, bench_text
 
     stats, details = bench_bundle(bundle, warmup=warmup, runs=runs, max_seconds=max_seconds, threads=threads,
                                   allow_cpu_fallback=True)

@@ -33,13 +33,13 @@ class DemoError(EdgepackError):
     pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait(pred, timeout: float, what: str):
+def wait_for(pred, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()
@@ -49,7 +49,7 @@ def _wait(pred, timeout: float, what: str):
     raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _port_open(port: int) -> bool:
+def port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return True
@@ -140,14 +140,14 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
 
         say("== 3. broker and device agent")
         if broker_url is None:
-            port = _free_port()
+            port = free_port()
             procs.append(subprocess.Popen([sys.executable, "-m", "packager.cli", "broker", "--port", str(port)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            _wait(lambda: _port_open(port), 20, "the embedded broker")
+            wait_for(lambda: port_open(port), 20, "the embedded broker")
             broker_url = f"mqtt://127.0.0.1:{port}"
             say(f"   embedded MQTT broker on {broker_url}")
         broker = BrokerConfig(url=broker_url).validate()
-        api_port = _free_port()
+        api_port = free_port()
         agent_log = open(work / "agent.log", "ab")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "device_agent.cli", "run", "--device-id", "demo-pi", "--group", "demo",
@@ -163,7 +163,7 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
             except OSError:
                 return False
 
-        _wait(ready, 30, "the agent to be ready")
+        wait_for(ready, 30, "the agent to be ready")
         say(f"   agent demo-pi serving digits 1.0.0 on {base} (log: {work / 'agent.log'})")
 
         say("== 4. inference through the KServe v2 API")
@@ -172,7 +172,7 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
         for i in range(100):
             clients.one(i)
         say(f"   100 requests: {clients.ok} ok, accuracy {clients.correct / max(clients.ok, 1):.2%}")
-        tel = _wait(lambda: _telemetry(broker), 20, "telemetry")
+        tel = wait_for(lambda: _telemetry(broker), 20, "telemetry")
         inf = tel["inference"]
         say(f"   telemetry from {tel['device_id']}: {tel['totals']['count']} inferences so far, "
             f"p95 {((inf.get('latency_ms') or {}).get('p95'))} ms, RSS "

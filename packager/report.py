@@ -92,12 +92,3 @@ def _tensor(t: dict) -> str:
     q = t.get("quantization")
     qs = f"  scale={q['scale']:.6g} zero_point={q['zero_point']}" if q else ""
     return f"  {t['name']:<20} {t['dtype']:<8} {t['shape']}{qs}"
-
-
-def bench_text(stats: dict, details: dict) -> str:
-    who = details.get("provider") or details.get("delegate") or ""
-    return (f"{details.get('runtime')} {details.get('version') or ''} {who}\n"
-            f"runs {stats['runs']} (warm-up {stats['warmup']})\n"
-            f"p50 {stats['p50_ms']:.3f} ms  p90 {stats['p90_ms']:.3f} ms  p95 {stats['p95_ms']:.3f} ms  "
-            f"p99 {stats['p99_ms']:.3f} ms  mean {stats['mean_ms']:.3f} ms\n"
-            f"throughput {stats['throughput_ips']:.1f} inferences/s")
