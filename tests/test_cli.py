@@ -127,3 +127,30 @@ def test_verify_missing_and_garbage(tmp_path):
     p.write_bytes(b"garbage")
     code, out = run("verify", p)
     assert code == 5 and "not an edgepack bundle" in out
+
+
+@pytest.mark.slow
+def test_keys_sign_verify(digits_bundle, tmp_path):
+    code, out = run("keys", "generate", "--out", tmp_path, "--name", "a")
+    assert code == 0 and (tmp_path / "a.key").stat().st_mode & 0o777 == 0o600
+    run("keys", "generate", "--out", tmp_path, "--name", "b")
+    code, out = run("keys", "generate", "--out", tmp_path, "--name", "a")
+    assert code == 2 and "refusing to overwrite" in out
+    b = tmp_path / "d.edgepack"
+    b.write_bytes(digits_bundle.read_bytes())
+    code, out = run("verify", b, "--pubkey", tmp_path / "a.pub")
+    assert code == 5 and "not signed" in out
+    code, out = run("sign", b, "--key", tmp_path / "a.key")
+    assert code == 0 and "signed" in out
+    code, out = run("verify", b, "--pubkey", tmp_path / "a.pub")
+    assert code == 0 and "signed by key" in out
+    code, out = run("verify", b, "--pubkey", tmp_path / "b.pub")
+    assert code == 5 and "does not verify with any trusted key" in out
+    # the signature covers the manifest, the manifest every file: changing a file breaks it
+    bad = tmp_path / "bad.edgepack"
+    with zipfile.ZipFile(b) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for zi in zin.infolist():
+            data = zin.read(zi.filename)
+            zout.writestr(zi, data + b"x" if zi.filename == "golden.npz" else data)
+    code, out = run("verify", bad, "--pubkey", tmp_path / "a.pub")
+    assert code == 5

@@ -456,3 +456,32 @@ def test_out_of_disk_fails_cleanly(broker, versions, keys, tmp_path, small_disk)
             verify_bundle(p)  # nothing corrupted
     finally:
         a.stop()
+
+
+def test_url_transfer_http_and_file(broker, versions, keys, tmp_path):
+    """--url: the device downloads over HTTP (or file://) instead of MQTT chunks, same checks."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "www"
+    served.mkdir()
+    for tag in ("v2", "v1"):
+        (served / versions[tag].name).write_bytes(versions[tag].read_bytes())
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(served)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    a = _agent(tmp_path, broker, versions["v1"], keys)
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/{versions['v2'].name}"
+        res = _push(broker, versions["v2"], device="dev1", wait=True, url=url)
+        assert res.ok and res.desired["transfer"] == {"method": "url", "url": url}, res.devices
+        assert _version(a) == "1.1.0"
+        res = _push(broker, versions["v1"], device="dev1", wait=True, allow_downgrade=True,
+                    url=(served / versions["v1"].name).as_uri())
+        assert res.ok and _version(a) == "1.0.0", res.devices
+        res = _push(broker, versions["v2"], device="dev1", wait=True, url=url + ".missing")
+        ev = res.devices["dev1"]
+        assert ev["state"] == "failed" and "HTTP 404" in ev["error"], ev
+        assert _version(a) == "1.0.0"
+    finally:
+        a.stop()
+        httpd.shutdown()

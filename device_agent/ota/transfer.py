@@ -244,6 +244,11 @@ def fetch_url(d: Desired, workdir: Path, *, progress: Progress, cancelled: Calla
                     progress(done, d.size)
                 f.flush()
                 os.fsync(f.fileno())
+    except urllib.error.HTTPError as e:
+        if 400 <= e.code < 500 and e.code not in (408, 429):  # will not fix itself: give up
+            part.unlink(missing_ok=True)
+            raise TransferError(f"download from {url} failed: HTTP {e.code} {e.reason}") from None
+        raise TransientError(f"download from {url} failed: HTTP {e.code} {e.reason}") from None
     except (OSError, urllib.error.URLError) as e:
         if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
             part.unlink(missing_ok=True)
