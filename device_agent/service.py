@@ -84,19 +84,27 @@ class Agent:
 
     # ---- the updater's host interface (device_agent.ota.updater.Host) ----
     def load(self, path: Path) -> Model:
-        """Verify, load, warm up and golden-check a bundle from the store."""
+        """Verify (signature too, when keys are configured), load, warm up and golden-check a bundle.
+        The signature check needs only the manifest: load_bundle then checks every file against it."""
+        if self.trusted_keys:
+            from edgebundle import signing
+            from edgebundle.archive import open_bundle
+
+            b = open_bundle(path)
+            signing.verify(b.manifest_bytes, b.signature, self.trusted_keys)
         return load_bundle(path, model_dir=self.store.model_dir(Path(path).name.split("-")[0]),
                            cache_dir=str(self.store.cache), threads=self.cfg.threads)
 
     def active_model(self) -> Model | None:
         return self.model
 
-    def swap(self, model: Model) -> Model | None:
+    def swap(self, model: Model | None) -> Model | None:
         """One reference assignment: requests already holding the old model finish on it."""
         with self._swap_lock:
             old, self.model = self.model, model
-            self.model_error = None
-        log.info("serving %s %s", model.name, model.version, extra={"fields": model.describe()})
+            self.model_error = None if model else "no verified model to serve"
+        if model is not None:
+            log.info("serving %s %s", model.name, model.version, extra={"fields": model.describe()})
         self.status_changed()
         return old
 

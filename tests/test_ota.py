@@ -485,3 +485,14 @@ def test_url_transfer_http_and_file(broker, versions, keys, tmp_path):
     finally:
         a.stop()
         httpd.shutdown()
+
+
+def test_unsigned_initial_bundle_refused_when_keys_configured(versions, keys, tmp_path):
+    a = AgentProc(tmp_path / "data", bundle=versions["v2u"], interval=60,
+                  extra=("--trusted-key", str(keys / "a.pub"), "--log-format", "text")).start(wait_ready=False)
+    try:
+        wait_until(lambda: a._get("/v2/health/live") == 200, 30, what="agent up")
+        assert a._get("/v2/health/ready") == 503  # alive, but serving nothing unverified
+        assert "not signed" in a.log.read_text()
+    finally:
+        a.stop()

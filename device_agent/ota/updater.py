@@ -357,6 +357,9 @@ class Updater:
             self._previous_model = None
         elif prev:
             self.host.swap(self.host.load(self.host.store.root / prev["bundle"]))
+        else:  # the device had no model before this update: it goes back to serving none
+            self.host.store.write_state({})
+            self.host.swap(None)
         if bad is not None:
             bad.close()
         self._end(State.ROLLED_BACK, reason)
