@@ -496,3 +496,34 @@ def test_unsigned_initial_bundle_refused_when_keys_configured(versions, keys, tm
         assert "not signed" in a.log.read_text()
     finally:
         a.stop()
+
+
+def test_fleet_status_and_push_cli(broker, versions, keys, tmp_path):
+    from click.testing import CliRunner
+
+    from packager.cli import main
+
+    a = _agent(tmp_path, broker, versions["v1"], keys, device="cli-dev", group="cli")
+    try:
+        res = CliRunner().invoke(main, ["push", str(versions["v2u"]), "--group", "cli", "--broker", broker.url,
+                                        "--wait", "--timeout", "60", "--probation-seconds", "1"])
+        assert res.exit_code == 1 and "failed" in res.output and "not signed" in res.output, res.output
+        res = CliRunner().invoke(main, ["push", str(versions["v2"]), "--device", "cli-dev", "--broker", broker.url,
+                                        "--wait", "--timeout", "60", "--probation-seconds", "1", "--chunk-size",
+                                        "8192"])
+        assert res.exit_code == 0 and "committed" in res.output, res.output
+        res = CliRunner().invoke(main, ["fleet", "status", "--broker", broker.url, "--group", "cli", "--json",
+                                        "--listen", "2.5"])
+        assert res.exit_code == 0, res.output
+        rows = json.loads(res.output)
+        assert len(rows) == 1 and rows[0]["device_id"] == "cli-dev"
+        r = rows[0]
+        assert (r["online"], r["model"], r["version"], r["update"]) == (True, "digits", "1.1.0", "committed")
+        assert r["errors"] == 0 and r["last_seen"]
+        res = CliRunner().invoke(main, ["fleet", "status", "--broker", broker.url])
+        assert res.exit_code == 0 and "cli-dev" in res.output and "1.1.0" in res.output
+        res = CliRunner().invoke(main, ["push", str(versions["v2"]), "--device", "x", "--broker",
+                                        "mqtt://127.0.0.1:1"])
+        assert res.exit_code == 1 and "cannot reach the broker" in res.output
+    finally:
+        a.stop()
