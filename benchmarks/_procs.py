@@ -1,13 +1,12 @@
 """Processes the benchmarks start: a loopback mosquitto and a device agent."""
 from __future__ import annotations
 
-from packager.demo import free_port, port_open, wait_for
+from packager.demo import api_ready, free_port, port_open, wait_for
 
 import os
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 
@@ -33,15 +32,7 @@ def agent(workdir: Path, bundle: Path, broker_port: int, *, device: str = "bench
                           "--broker", f"mqtt://127.0.0.1:{broker_port}", "--telemetry-interval", "60",
                           "--log-format", "text"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-
-    def ready():
-        try:
-            with urllib.request.urlopen(base + "/v2/health/ready", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    wait_for(ready, 30, "agent ready")
+    wait_for(lambda: api_ready(base), 30, "agent ready")
     return p, base
 
 

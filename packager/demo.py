@@ -49,6 +49,15 @@ def wait_for(pred, timeout: float, what: str):
     raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def api_ready(base: str) -> bool:
+    """Does the agent at `base` answer /v2/health/ready with 200?"""
+    try:
+        with urllib.request.urlopen(base + "/v2/health/ready", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 def port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2):
@@ -155,15 +164,7 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
              "--api-port", str(api_port), "--telemetry-interval", "2", "--trusted-key", str(work / "demo.pub")],
             stdout=agent_log, stderr=subprocess.STDOUT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")))
         base = f"http://127.0.0.1:{api_port}"
-
-        def ready():
-            try:
-                with urllib.request.urlopen(base + "/v2/health/ready", timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_for(ready, 30, "the agent to be ready")
+        wait_for(lambda: api_ready(base), 30, "the agent to be ready")
         say(f"   agent demo-pi serving digits 1.0.0 on {base} (log: {work / 'agent.log'})")
 
         say("== 4. inference through the KServe v2 API")
