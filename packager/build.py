@@ -189,8 +189,6 @@ def _datasets(opts: BuildOptions, source: Source, plans, progress: Progress) -> 
     if valid is None:
         valid = random_dataset(source.inputs, n=16)
         valid.notes.append("no validation or calibration data: figures use random inputs")
-    if opts.labels is not None and valid.labels is None:
-        valid.labels = np.load(opts.labels, allow_pickle=False)
     return calib, valid
 
 
@@ -307,7 +305,7 @@ def _build_target(opts: BuildOptions, *, name: str, source: Source, profile: Tar
         files["golden.npz"] = gpath
         golden = {"file": "golden.npz", "count": len(golden_in),
                   "atol": golden_tolerance(precision.value, golden_out), "rtol": 0.0}
-    if opts.labels and Path(opts.labels).suffix == ".txt":
+    if opts.labels:
         files["labels.txt"] = Path(opts.labels)
     report = {
         "format": profile.format.value, "precision": precision.value,

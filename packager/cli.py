@@ -94,7 +94,8 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--image-scale", type=float, default=1 / 255, show_default="1/255", help="Image folders: pixel scale.")
 @click.option("--image-mean", help="Image folders: per-channel mean after scaling, e.g. 0.485,0.456,0.406.")
 @click.option("--image-std", help="Image folders: per-channel std after scaling.")
-@click.option("--labels", type=click.Path(exists=True, path_type=Path), help="labels.txt to ship in the bundle.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Class names, one per line, shipped in the bundle as labels.txt.")
 @click.option("--sign-key", type=click.Path(exists=True, path_type=Path), help="Sign each bundle with this "
                                                                             "Ed25519 private key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable report (docs/build-report.md).")

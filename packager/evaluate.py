@@ -41,7 +41,8 @@ def compare(ref: list[Feeds], got: list[Feeds], outputs: list[str], labels: np.n
         r, g = _stack(ref, primary).argmax(1), _stack(got, primary).argmax(1)
         res["top1_agreement"] = float(np.mean(r == g))
         if labels is not None:
-            y = np.asarray(labels).reshape(-1)[: len(r)].astype(np.int64)
+            y = np.asarray(labels)
+            y = (y.argmax(-1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1))[: len(r)].astype(np.int64)  # one-hot ok
             res["accuracy_reference"] = float(np.mean(r == y))
             res["accuracy_bundle"] = float(np.mean(g == y))
             res["accuracy_drop_points"] = round(100 * (res["accuracy_reference"] - res["accuracy_bundle"]), 4)
