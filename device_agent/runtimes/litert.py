@@ -1,6 +1,7 @@
 """TFLite models: LiteRT (ai_edge_litert), else tflite_runtime (needs numpy<2)."""
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,9 @@ class LiteRTRuntime(Runtime):
         loaded_delegates, notes = [], []
         if "edgetpu" in delegates:
             try:
+                # dlopen first: LiteRT's Delegate object raises from __del__ when the library is
+                # missing, which prints "Exception ignored" noise on every fallback.
+                ctypes.CDLL(EDGETPU_LIB)
                 loaded_delegates.append(mod.load_delegate(EDGETPU_LIB))
             except (ValueError, OSError) as e:
                 if compiled or not allow_cpu_fallback:
