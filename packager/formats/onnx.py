@@ -2,6 +2,7 @@
 quantization function per mode. ONNX sources start from their own graph."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from edgebundle.errors import ConversionError
@@ -81,12 +82,32 @@ def _preprocessed(ctx: ConvertContext) -> Path:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         out = Path(ctx.shared.get("workdir", ctx.out_dir)) / f"pre_opset{ctx.opset}.onnx"
+        t0 = time.time()
         try:
             quant_pre_process(str(_fp32_graph(ctx)), str(out), skip_symbolic_shape=False)
         except Exception:  # symbolic shape inference gives up on some graphs: quantize without it
+            _remove_symbolic_leftovers(since=t0)
             quant_pre_process(str(_fp32_graph(ctx)), str(out), skip_symbolic_shape=True)
         ctx.shared[key] = out
     return ctx.shared[key]
+
+
+def _remove_symbolic_leftovers(*, since: float) -> None:
+    """ORT's SymbolicShapeInference, when it gives up, dumps sym_shape_infer_temp.onnx and a
+    <uuid>.data file into the current directory. Remove exactly those (and only if just made)."""
+    import onnx
+
+    dump = Path("sym_shape_infer_temp.onnx")
+    if not dump.is_file() or dump.stat().st_mtime < since - 1:
+        return
+    try:
+        model = onnx.load(str(dump), load_external_data=False)
+        for t in model.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location" and "/" not in entry.value:
+                    Path(entry.value).unlink(missing_ok=True)
+    finally:
+        dump.unlink(missing_ok=True)
 
 
 def _mode_dynamic(ctx: ConvertContext) -> tuple[Path, dict]:
