@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from packager.demo import api_ready, free_port, port_open, wait_for
+from packager.demo import stop_processes as stop  # noqa: F401  (used by the scripts)
 
 import os
 import shutil
@@ -34,13 +35,3 @@ def agent(workdir: Path, bundle: Path, broker_port: int, *, device: str = "bench
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: api_ready(base), 30, "agent ready")
     return p, base
-
-
-def stop(*procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()

@@ -222,14 +222,19 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
             "seconds": round(time.perf_counter() - t_start, 1)})
         return summary
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+        stop_processes(*reversed(procs))
+
+
+def stop_processes(*procs: subprocess.Popen) -> None:
+    """SIGTERM each process, SIGKILL any that has not exited 15 s later."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
 
 
 def _telemetry(broker: BrokerConfig) -> dict | None:

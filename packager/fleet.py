@@ -14,7 +14,7 @@ from typing import Callable
 
 from device_agent.config import BrokerConfig
 from device_agent.mqtt import MqttClient, dumps
-from device_agent.ota.desired import SCHEMA, Desired, Probation
+from device_agent.ota.desired import Desired, Probation
 from edgebundle.archive import open_bundle
 from edgebundle.errors import EdgepackError, InputError
 
@@ -216,4 +216,4 @@ def clear(broker: BrokerConfig, *, device: str | None = None, group: str | None 
         conn.stop()
 
 
-__all__ = ["SCHEMA", "push", "status", "clear", "PushResult", "FleetError"]
+__all__ = ["push", "status", "clear", "PushResult", "FleetError"]
