@@ -57,9 +57,10 @@ def bench_text(stats: dict, details: dict) -> str:
             f"throughput {stats['throughput_ips']:.1f} inferences/s")
 
 
-def bench_runtime(runtime, *, warmup: int = 5, runs: int = 100, max_seconds: float = 10.0) -> LatencyStats:
-    """Benchmark a loaded runtime adapter on random inputs of its own shapes."""
-    feeds = runtime.sample_inputs()
+def bench_runtime(runtime, *, warmup: int = 5, runs: int = 100, max_seconds: float = 10.0,
+                  feeds: dict | None = None) -> LatencyStats:
+    """Benchmark a loaded runtime adapter on `feeds` (default: random inputs of its own shapes)."""
+    feeds = runtime.prepare(feeds) if feeds is not None else runtime.sample_inputs()
     return measure(lambda: runtime.run(feeds), warmup=warmup, runs=runs, max_seconds=max_seconds)
 
 
@@ -74,10 +75,77 @@ def bench_bundle(path, *, warmup: int = 10, runs: int = 200, max_seconds: float 
     bundle = open_bundle(path)
     m = bundle.manifest
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
-        files = bundle.extract(tmp, [m.model_file])  # hashes checked while extracting
+        files = bundle.extract(tmp, [m.model_file] + (["golden.npz"] if m.golden else []))  # hashes checked
         rt = load_from_manifest(str(files[m.model_file]), m, threads=threads, allow_cpu_fallback=allow_cpu_fallback)
         try:
-            stats = bench_runtime(rt, warmup=warmup, runs=runs, max_seconds=max_seconds)
+            stats = bench_runtime(rt, warmup=warmup, runs=runs, max_seconds=max_seconds,
+                                  feeds=_golden_input(files.get("golden.npz"), m))
         finally:
             rt.close()
     return stats, rt.details
+
+
+def _golden_input(path, manifest) -> dict | None:
+    """The first golden input of a bundle: a real sample (random values would crash models that
+    take ids or sample rates)."""
+    if path is None:
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return {t.name: z[f"input.0.{t.name}"] for t in manifest.inputs}
+
+
+def _open_model(path, tmp: str, *, like=None, threads: int | None):
+    """A bundle (verified, its manifest's runtime settings) or a bare .tflite/.onnx file (run
+    with the settings of `like`, the other bundle's manifest). Returns (runtime, manifest)."""
+    from pathlib import Path
+
+    from device_agent.runtimes.registry import load_from_manifest, load_runtime
+    from device_agent.timing import threads_for
+    from edgebundle.archive import open_bundle
+    from edgebundle.errors import InputError
+
+    path = Path(path)
+    if path.suffix in (".tflite", ".onnx"):
+        if like is None:
+            raise InputError(f"{path.name}: compare a bundle against a model file, not two model files")
+        rt = like.runtime
+        return load_runtime(path, fmt=path.suffix[1:], threads=threads or threads_for(rt.get("threads") or 0),
+                            delegates=tuple(d for d in rt.get("delegates") or () if d != "edgetpu"),
+                            providers=tuple(rt.get("providers") or ()), allow_cpu_fallback=True), None
+    bundle = open_bundle(path)
+    m = bundle.manifest
+    files = bundle.extract(Path(tmp) / path.name, [m.model_file] + (["golden.npz"] if m.golden else []))
+    rt = load_from_manifest(str(files[m.model_file]), m, threads=threads or threads_for(m.runtime.get("threads") or 0),
+                            allow_cpu_fallback=True)
+    return rt, (m, files.get("golden.npz"))
+
+
+def compare_bundles(path, against, *, threads: int | None = None, budget_s: float = 20.0,
+                    max_rounds: int = 400) -> dict:
+    """BUNDLE against another bundle or model file, interleaved in this process (see
+    device_agent.timing): the same measurement the build's speed gate makes."""
+    import tempfile
+
+    from device_agent.timing import compare, host_cores
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
+        rb, (m, golden) = _open_model(path, tmp, threads=threads)
+        ra, _ = _open_model(against, tmp, like=m, threads=threads)
+        feeds = _golden_input(golden, m) or rb.sample_inputs()  # the build times the first golden input too
+        fb, fa = rb.prepare(feeds), ra.prepare(feeds)
+        res = compare(lambda: ra.run(fa), lambda: rb.run(fb), budget_s=budget_s, max_rounds=max_rounds)
+        out = dict(res.to_dict(), bundle=str(path), against=str(against), host_cores=host_cores(),
+                   runtime=[rb.details, ra.details])
+        rb.close()
+        ra.close()
+    return out
+
+
+def compare_text(res: dict) -> str:
+    r = res["ratio"]
+    threads = res["runtime"][0].get("threads")
+    return (f"{res['bundle']}: {res['b_ms']:.4f} ms per inference\n"
+            f"{res['against']}: {res['a_ms']:.4f} ms per inference\n"
+            f"ratio {r['median']:.3f}x (inter-quartile {r['q1']:.3f}-{r['q3']:.3f}, {res['rounds']} interleaved rounds of "
+            f"{res['calls_per_block']} calls, {threads or 'default'} threads on {res['host_cores']} cores): "
+            f"{r['verdict']}")

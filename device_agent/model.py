@@ -164,9 +164,24 @@ class Model:
                 h.latencies.append(ms)
         return out
 
-    def warm_up(self, runs: int = 3) -> float:
-        """Run the golden (or random) inputs a few times; returns the last latency in ms."""
-        feeds = self.runtime.sample_inputs()
+    def golden_inputs(self, bundle: Bundle | None = None) -> list[dict] | None:
+        """The bundle's golden inputs: real samples from the build, in the model's shapes."""
+        g = self.manifest.golden
+        if not g:
+            return None
+        if self._golden is None:
+            bundle = bundle or open_bundle(self.bundle_path)
+            with tempfile.TemporaryDirectory() as tmp:
+                with np.load(bundle.extract(tmp, [g["file"]])[g["file"]], allow_pickle=False) as z:
+                    self._golden = {k: z[k] for k in z.files}
+        return [{t.name: self._golden[f"input.{i}.{t.name}"] for t in self.manifest.inputs}
+                for i in range(int(g["count"]))]
+
+    def warm_up(self, runs: int = 3, bundle: Bundle | None = None) -> float:
+        """Run the golden inputs (random ones only for a bundle without them) a few times; returns
+        the last latency in ms. Random values would crash models with ids or sample rates as inputs."""
+        golden = self.golden_inputs(bundle)
+        feeds = self.validate(golden[0]) if golden else self.runtime.sample_inputs()
         ms = 0.0
         for _ in range(max(1, runs)):
             t0 = time.perf_counter()
@@ -180,11 +195,7 @@ class Model:
         g = self.manifest.golden
         if not g:
             return {"checked": 0, "ok": True, "note": "bundle has no golden outputs"}
-        if self._golden is None:
-            bundle = bundle or open_bundle(self.bundle_path)
-            with tempfile.TemporaryDirectory() as tmp:
-                with np.load(bundle.extract(tmp, [g["file"]])[g["file"]], allow_pickle=False) as z:
-                    self._golden = {k: z[k] for k in z.files}
+        self.golden_inputs(bundle)
         arrays = self._golden
         worst = 0.0
         for i in range(int(g["count"])):
@@ -226,7 +237,7 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
     runtime = load_from_manifest(str(target), m, cache_dir=cache_dir, threads=threads,
                                  allow_cpu_fallback=allow_cpu_fallback)
     model = Model(manifest=m, runtime=runtime, bundle_sha256=digest, bundle_path=path)
-    model.warm_up(warmup)
+    model.warm_up(warmup, bundle=bundle)
     if check_golden:
         res = model.check_golden(bundle)
         if not res["ok"]:

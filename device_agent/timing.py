@@ -1,0 +1,205 @@
+"""Interleaved A/B latency: the way to compare two models on a noisy host.
+
+Timing one model, then the other, lets whatever else the machine does (another build, a
+thermal step, a TensorFlow thread pool winding down) land on one side only. Here both
+models are loaded in the same clean process (only the device runtime, never TensorFlow)
+and run in alternating blocks, A B B A A B ..., each block long enough for the timer
+to resolve; every round gives one ratio B/A. The figures are the median ratio and its
+inter-quartile range over rounds. Rounds stop when the median is stable or the time
+budget runs out.
+
+`python -m device_agent.timing --serve` is the worker the packager starts for its speed
+gate: JSON requests on stdin, one JSON reply per line on stdout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+
+BLOCK_SECONDS = 0.01  # long enough that per-block timer and loop overhead vanish
+MIN_ROUNDS = 8
+MAX_ROUNDS = 400
+STABLE = 0.02  # stop once the median ratio is known to about +-2 %
+# Differences under 5 % on the build host do not carry over to a device's CPU: "slower" needs
+# even the lower quartile of the per-round ratios above 1.05 ("faster": upper quartile < 0.95).
+NOISE_FLOOR = 0.05
+
+
+def host_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_for(profile_threads: int) -> int:
+    """Threads to time with: the profile's, but never more than this host has cores
+    (oversubscribed threads make latency noise, not a measurement)."""
+    cores = host_cores()
+    return min(profile_threads, cores) if profile_threads > 0 else cores
+
+
+@dataclass(frozen=True)
+class Ratio:
+    median: float
+    q1: float
+    q3: float
+
+    @property
+    def verdict(self) -> str:
+        """'slower' / 'faster' only when the whole inter-quartile range says so, beyond the floor."""
+        if self.q1 > 1 + NOISE_FLOOR:
+            return "slower"
+        if self.q3 < 1 - NOISE_FLOOR:
+            return "faster"
+        return "within noise"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """B (candidate) against A (baseline), from interleaved rounds."""
+
+    a_ms: float  # median per-call latency over blocks
+    b_ms: float
+    ratio: Ratio
+    rounds: int
+    calls_per_block: int
+    seconds: float
+    stable: bool  # stopped because the median settled or the verdict was clear, not by the budget
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ratio"] = {"median": round(self.ratio.median, 4), "q1": round(self.ratio.q1, 4),
+                      "q3": round(self.ratio.q3, 4), "verdict": self.ratio.verdict}
+        d["a_ms"], d["b_ms"], d["seconds"] = round(self.a_ms, 5), round(self.b_ms, 5), round(self.seconds, 2)
+        return d
+
+
+def _block(call: Callable[[], object], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        call()
+    return (time.perf_counter() - t0) / n
+
+
+def compare(a: Callable[[], object], b: Callable[[], object], *, budget_s: float = 3.0,
+            min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS) -> Comparison:
+    """Time `b` against `a` in alternating blocks until the median ratio is stable
+    (or `budget_s` is spent, with at least `min_rounds` rounds)."""
+    t_start = time.perf_counter()
+    for _ in range(3):  # warm-up: first calls allocate, JIT kernels, fill caches
+        a()
+        b()
+    single = max(min(_block(a, 1) for _ in range(3)), min(_block(b, 1) for _ in range(3)), 1e-7)
+    n = int(min(max(BLOCK_SECONDS / single, 1), 20_000))
+    ta, tb, ratios = [], [], []
+    deadline = t_start + budget_s
+    stable = decided = False
+    for i in range(max_rounds):
+        if i % 2 == 0:  # A B, then B A: drift within a round cancels out over rounds
+            x, y = _block(a, n), _block(b, n)
+        else:
+            y, x = _block(b, n), _block(a, n)
+        ta.append(x)
+        tb.append(y)
+        ratios.append(y / x)
+        if i + 1 >= min_rounds:
+            q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+            # Half-width of the median's ~95 % interval (the box plot's notch).
+            notch = 1.58 * (q3 - q1) / np.sqrt(len(ratios))
+            stable = notch <= STABLE * med
+            decided = med - notch > 1 + 2 * NOISE_FLOOR or med + notch < 1 - 2 * NOISE_FLOOR  # far from a tie
+            if stable or decided or time.perf_counter() > deadline:
+                break
+    q1, med, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
+    return Comparison(a_ms=float(np.median(ta)) * 1e3, b_ms=float(np.median(tb)) * 1e3,
+                      ratio=Ratio(med, q1, q3), rounds=len(ratios), calls_per_block=n,
+                      seconds=time.perf_counter() - t_start, stable=bool(stable or decided))
+
+
+def median_latency(call: Callable[[], object], *, budget_s: float = 1.0) -> float:
+    """Median per-call milliseconds over blocks, for a model on its own."""
+    for _ in range(3):
+        call()
+    n = int(min(max(BLOCK_SECONDS / max(_block(call, 1), 1e-7), 1), 20_000))
+    times, deadline = [], time.perf_counter() + budget_s
+    while len(times) < MIN_ROUNDS or (time.perf_counter() < deadline and len(times) < MAX_ROUNDS):
+        times.append(_block(call, n))
+    return float(np.median(times)) * 1e3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model file and the runtime settings the device will use for it."""
+
+    path: str
+    format: str
+    threads: int = 0
+    delegates: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        return cls(path=str(d["path"]), format=str(d["format"]), threads=int(d.get("threads") or 0),
+                   delegates=tuple(d.get("delegates") or ()),
+                   providers=tuple(d.get("providers") or ("CPUExecutionProvider",)))
+
+
+class Worker:
+    """Keeps loaded models between requests (the fp32 baseline is compared with several
+    candidates) and answers `compare` requests."""
+
+    def __init__(self):
+        self._loaded: dict[ModelSpec, object] = {}
+
+    def _runtime(self, spec: ModelSpec):
+        if spec not in self._loaded:
+            from device_agent.runtimes.registry import load_runtime
+
+            self._loaded[spec] = load_runtime(spec.path, fmt=spec.format, threads=spec.threads,
+                                              delegates=spec.delegates, providers=spec.providers,
+                                              allow_cpu_fallback=True)
+        return self._loaded[spec]
+
+    def handle(self, req: dict) -> dict:
+        with np.load(req["feeds"], allow_pickle=False) as z:
+            feeds = {k: z[k] for k in z.files}
+        a = ModelSpec.from_dict(req["a"])
+        ra = self._runtime(a)
+        if req.get("b") is None:  # one model on its own: the baseline itself was chosen
+            fa = ra.prepare(feeds)
+            ms = median_latency(lambda: ra.run(fa), budget_s=float(req.get("budget_s", 1.0)))
+            return {"a_ms": round(ms, 5), "b_ms": round(ms, 5), "baseline": True, "threads": [a.threads],
+                    "host_cores": host_cores(), "runtime": [ra.details]}
+        b = ModelSpec.from_dict(req["b"])
+        rb = self._runtime(b)
+        fa, fb = ra.prepare(feeds), rb.prepare(feeds)  # native dtypes: time the model, not our I/O
+        res = compare(lambda: ra.run(fa), lambda: rb.run(fb), budget_s=float(req.get("budget_s", 3.0)),
+                      max_rounds=int(req.get("max_rounds", MAX_ROUNDS)))
+        return dict(res.to_dict(), threads=[a.threads, b.threads], host_cores=host_cores(),
+                    runtime=[ra.details, rb.details])
+
+
+def serve(inp=sys.stdin, out=sys.stdout) -> None:
+    worker = Worker()
+    for line in inp:
+        if not line.strip():
+            continue
+        try:
+            reply = {"ok": True, **worker.handle(json.loads(line))}
+        except Exception as e:  # one bad request must not kill the worker: report it to the caller
+            reply = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        out.write(json.dumps(reply, default=str) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--serve"]:
+        sys.exit("usage: python -m device_agent.timing --serve")
+    serve()
