@@ -13,6 +13,7 @@ import click
 
 from edgebundle.errors import (AccuracyGateError, BundleError, ConversionError, EdgepackError, InputError,
                                RuntimeUnavailableError, VerificationError)
+from packager.candidates import Search
 from targets import CalibrationMethod, Precision
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines drown the report
@@ -75,7 +76,10 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--output", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
               help="Folder for the bundles.")
 @click.option("--quantize", "precision", type=click.Choice([p.value for p in Precision]), default="auto",
-              show_default=True, help="Precision; auto = the target's default (a .tflite stays as it is).")
+              show_default=True, help="Precision; auto = the fastest candidate that passes the gates, measured "
+                                      "(a .tflite stays as it is).")
+@click.option("--search", type=click.Choice([m.value for m in Search]), default="first", show_default=True,
+              help="auto: keep the first candidate that passes (first) or try all and keep the fastest (thorough).")
 @click.option("--calibration", help="Calibration data: .npz/.npy (first axis = samples), a folder of images, "
                                     "or 'random' (smoke tests only).")
 @click.option("--calibration-samples", type=int, default=200, show_default=True)
@@ -85,8 +89,12 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--validation", help=".npz with one array per input and optional labels 'y'.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...",
               help="Fix dynamic dimensions of an input (repeatable).")
-@click.option("--max-accuracy-drop", type=float, help="Fail a target whose accuracy (or top-1 agreement) drops "
-                                                      "more than this many points.")
+@click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
+              help="Accuracy gate: most points of accuracy (with labels) or top-1 agreement a bundle may lose.")
+@click.option("--min-similarity", type=float, default=0.99, show_default=True,
+              help="Accuracy gate for outputs that are not class scores: least cosine similarity to fp32 "
+                   "(and relative error at most sqrt(2(1-s))).")
+@click.option("--no-accuracy-gate", "no_gate", is_flag=True, help="Switch the accuracy gate off (the report says so).")
 @click.option("--allow-flex", is_flag=True, help="Allow TF Select (Flex) ops in TFLite bundles.")
 @click.option("--name", help="Bundle name (default: the model file's name).")
 @click.option("--version", "version", default="1.0.0", show_default=True, help="Semantic version of the bundle.")
@@ -99,9 +107,9 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--sign-key", type=click.Path(exists=True, path_type=Path), help="Sign each bundle with this "
                                                                             "Ed25519 private key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable report (docs/build-report.md).")
-def build(model, targets, out_dir, precision, calibration, calibration_samples, calibration_method, per_channel,
-          validation, input_shapes, max_accuracy_drop, allow_flex, name, version, opset, image_scale, image_mean,
-          image_std, labels, sign_key, as_json):
+def build(model, targets, out_dir, precision, search, calibration, calibration_samples, calibration_method,
+          per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, no_gate, allow_flex, name, version,
+          opset, image_scale, image_mean, image_std, labels, sign_key, as_json):
     """Convert MODEL (SavedModel dir, .keras/.h5, .onnx, .tflite) into one bundle per target."""
     from packager.build import BuildOptions, build as run_build
     from packager.data import ImagePreprocessing
@@ -110,9 +118,10 @@ def build(model, targets, out_dir, precision, calibration, calibration_samples, 
 
     prep = ImagePreprocessing(scale=image_scale, mean=_floats(image_mean) or (0.0,), std=_floats(image_std) or (1.0,))
     opts = BuildOptions(
-        model=model, targets=tuple(targets), out_dir=out_dir, precision=Precision(precision),
+        model=model, targets=tuple(targets), out_dir=out_dir, precision=Precision(precision), search=Search(search),
         calibration=calibration, calibration_samples=calibration_samples, validation=validation,
         input_shapes=tuple(parse_input_shapes(input_shapes).items()), max_accuracy_drop=max_accuracy_drop,
+        min_similarity=min_similarity, accuracy_gate=not no_gate,
         allow_flex=allow_flex, name=name, version=version, opset=opset, per_channel=per_channel,
         calibration_method=CalibrationMethod(calibration_method) if calibration_method else None,
         image_prep=prep, labels=labels, sign_key=sign_key)
@@ -195,15 +204,22 @@ def verify(bundle, pubkeys):
 
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--against", type=click.Path(path_type=Path),
+              help="Another bundle (or .tflite/.onnx file) to compare with, interleaved in one process: "
+                   "prints BUNDLE's latency as a ratio of AGAINST's with its spread.")
 @click.option("--runs", type=int, default=200, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, help="Override the profile's thread count.")
 @click.option("--max-seconds", type=float, default=20.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench(bundle, runs, warmup, threads, max_seconds, as_json):
+def bench(bundle, against, runs, warmup, threads, max_seconds, as_json):
     """Latency percentiles and throughput of BUNDLE on this host, with its runtime."""
-    from device_agent.bench import bench_bundle, bench_text
+    from device_agent.bench import bench_bundle, bench_text, compare_bundles, compare_text
 
+    if against:
+        res = compare_bundles(bundle, against, threads=threads, budget_s=max_seconds, max_rounds=runs)
+        click.echo(json.dumps(res, indent=2) if as_json else compare_text(res))
+        return
     stats, details = bench_bundle(bundle, warmup=warmup, runs=runs, max_seconds=max_seconds, threads=threads,
                                   allow_cpu_fallback=True)
     if as_json:

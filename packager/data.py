@@ -1,7 +1,9 @@
 """Calibration and validation data: .npy/.npz arrays, a folder of images, or random.
 
-A dataset is a list of per-sample feeds ({input name: array of the model's
-concrete input shape}) plus optional labels."""
+Arrays are read first (`read_arrays`), so that their shapes can fix the model's dynamic
+dimensions; then each becomes a Dataset: a list of per-sample feeds ({input name: array of
+the input's resolved shape}) plus optional labels. Random data is only ever made for float
+inputs: ids, lengths and sample rates cannot be made up."""
 from __future__ import annotations
 
 import hashlib
@@ -50,16 +52,28 @@ class Dataset:
                        self.sha256, self.random)
         return head, tail
 
-    def take(self, n: int) -> "Dataset":
-        lab = self.labels
-        return Dataset(self.samples[:n], None if lab is None else lab[:n], self.source, self.sha256, self.random)
+
+@dataclass
+class Arrays:
+    """Data as read from disk: one array per input, samples on axis 0."""
+
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    source: str
+    sha256: str | None
+
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape[1:]) for k, v in self.arrays.items()}
 
 
-def load_dataset(spec: str, inputs: list[InputSpec], *, limit: int | None = None, what: str = "calibration",
-                 image_prep: ImagePreprocessing = ImagePreprocessing(), seed: int = 0) -> Dataset:
-    """Load `spec` (a path or 'random') as samples fitting `inputs` (shapes resolved)."""
-    if spec == RANDOM:
-        return random_dataset(inputs, n=limit or 100, seed=seed)
+def is_images(spec: str | None) -> bool:
+    return bool(spec) and spec != RANDOM and Path(spec).is_dir()
+
+
+def read_arrays(spec: str, inputs: list[InputSpec], *, what: str, limit: int | None = None,
+                image_prep: ImagePreprocessing = ImagePreprocessing()) -> Arrays:
+    """Read `spec` (.npz, .npy or an image folder; not 'random'). Image folders need the
+    inputs' shapes resolved (they are resized to them)."""
     path = Path(spec)
     if not path.exists():
         raise InputError(f"{what} data {spec!r} does not exist",
@@ -69,37 +83,57 @@ def load_dataset(spec: str, inputs: list[InputSpec], *, limit: int | None = None
     elif path.suffix == ".npy":
         if len(inputs) != 1:
             raise CalibrationError(f"{path.name}: a .npy file holds one array but the model has {len(inputs)} inputs",
-                                   hint=f"use a .npz with one array per input: {', '.join(s.name for s in inputs)}")
+                                   hint=f"use a .npz with one array per input: {layout(inputs)}")
         arrays, labels = {inputs[0].name: _load_npy(path)}, None
     elif path.suffix == ".npz":
         arrays, labels = _npz(path, inputs)
     else:
         raise InputError(f"{what} data {path.name!r}: unsupported file type",
                          hint="use .npz (one array per input, optional labels 'y'), .npy, or a folder of images")
-    counts = {k: len(v) for k, v in arrays.items()}
+    counts = {k: (len(v) if v.ndim else 0) for k, v in arrays.items()}
     if len(set(counts.values())) != 1:
         raise CalibrationError(f"{path.name}: inputs have different sample counts {counts}",
                                hint="the first axis of every array is the sample axis")
     n = next(iter(counts.values()))
     if n == 0:
-        raise CalibrationError(f"{path.name} holds no samples")
+        raise CalibrationError(f"{path.name} holds no samples", hint=f"expected: {layout(inputs)}")
     if labels is not None and len(labels) != n:
         raise CalibrationError(f"{path.name}: {len(labels)} labels for {n} samples")
     n = min(n, limit) if limit else n
-    samples = [{s.name: _fit(arrays[s.name][i], s, path.name) for s in inputs} for i in range(n)]
-    return Dataset(samples, None if labels is None else labels[:n], source=str(path), sha256=_hash(path))
+    return Arrays({k: v[:n] for k, v in arrays.items()}, None if labels is None else labels[:n],
+                  source=str(path), sha256=_hash(path))
+
+
+def to_dataset(data: Arrays, inputs: list[InputSpec]) -> Dataset:
+    n = len(next(iter(data.arrays.values())))
+    name = Path(data.source).name
+    samples = [{s.name: _fit(data.arrays[s.name][i], s, name) for s in inputs} for i in range(n)]
+    return Dataset(samples, data.labels, source=data.source, sha256=data.sha256)
+
+
+def layout(inputs: list[InputSpec]) -> str:
+    """The .npz layout a model takes, e.g. "input: (N, 512) float32, sr: (N,) int64"."""
+    def dims(s: InputSpec) -> str:
+        sig = list(s.signature[1:]) if s.signature and s.signature[0] is None else list(s.signature)
+        return "(" + ", ".join(["N"] + ["?" if d is None else str(d) for d in sig]) + ("," if not sig else "") + ")"
+
+    return ", ".join(f"{s.name}: {dims(s)} {s.dtype}" for s in inputs) + " (N = samples; optional labels 'y')"
+
+
+def require_float_inputs(inputs: list[InputSpec]) -> None:
+    """Random data is only ever made for float inputs."""
+    fixed = [s.name for s in inputs if np.dtype(s.dtype).kind != "f"]
+    if fixed:
+        raise CalibrationError(
+            f"input(s) {fixed} are not float ({', '.join(s.dtype for s in inputs if s.name in fixed)}): edgepack "
+            "cannot make up values for them, so it needs real data to validate this model",
+            hint=f"pass --validation data.npz (or --calibration) holding {layout(inputs)}")
 
 
 def random_dataset(inputs: list[InputSpec], *, n: int, seed: int = 0) -> Dataset:
+    require_float_inputs(inputs)
     rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(n):
-        feeds = {}
-        for s in inputs:
-            dt = np.dtype(s.dtype)
-            feeds[s.name] = (rng.random(s.shape, dtype=np.float32).astype(dt) if dt.kind == "f"
-                             else rng.integers(0, 2, size=s.shape).astype(dt))
-        samples.append(feeds)
+    samples = [{s.name: rng.random(s.shape, dtype=np.float32).astype(s.dtype) for s in inputs} for _ in range(n)]
     return Dataset(samples, source=RANDOM, random=True)
 
 
@@ -125,11 +159,11 @@ def _npz(path: Path, inputs: list[InputSpec]) -> tuple[dict, np.ndarray | None]:
     if len(inputs) == 1 and "x" in data:
         return {names[0]: data["x"]}, labels
     raise CalibrationError(f"{path.name} has arrays {sorted(data)} but the model's inputs are {names}",
-                           hint="name each array after a model input (labels, if any, under 'y')")
+                           hint=f"name each array after a model input: {layout(inputs)}")
 
 
 def _fit(x: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
-    """One sample -> exactly the input's concrete shape (adding the batch axis of 1)."""
+    """One sample -> exactly the input's resolved shape (adding a batch axis of 1)."""
     x = np.asarray(x)
     if x.shape != spec.shape:
         if (1,) + x.shape == spec.shape:
@@ -139,7 +173,7 @@ def _fit(x: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
                 f"{src}: samples for input {spec.name!r} have shape {x.shape}, the model takes "
                 f"{spec.shape} (batch included)",
                 hint="the first axis of each array counts samples; each sample must match the input "
-                     "without its batch axis, or use --input-shape to fix dynamic dimensions")
+                     "with or without its batch axis")
     dt = np.dtype(spec.dtype)
     if x.dtype.kind == "f" and dt.kind in "iub":
         raise CalibrationError(f"{src}: input {spec.name!r} takes {dt.name} but the data is {x.dtype.name}")
@@ -147,15 +181,19 @@ def _fit(x: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
 
 
 def _images(folder: Path, inputs: list[InputSpec], prep: ImagePreprocessing, limit: int | None) -> dict:
-    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+    if len(inputs) != 1 or len(inputs[0].signature) != 4:
         raise CalibrationError("a folder of images needs a model with one 4-D image input",
                                hint="use a .npz with one array per input instead")
+    spec = inputs[0]
+    if not spec.shape:
+        raise CalibrationError(f"images are resized to the model's input size, and {spec.name!r} has dynamic "
+                               f"dimensions {spec.signature}",
+                               hint=f"fix them with --input-shape {spec.name}:1,H,W,C (or 1,C,H,W)")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: limit or None]
     if not files:
         raise CalibrationError(f"folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     import tensorflow as tf  # packager-only path
 
-    spec = inputs[0]
     nchw = spec.shape[1] in (1, 3) and spec.shape[3] not in (1, 3)
     h, w, c = (spec.shape[2], spec.shape[3], spec.shape[1]) if nchw else spec.shape[1:]
     out = []

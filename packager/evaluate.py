@@ -1,56 +1,136 @@
-"""Numbers against the float reference: agreement, error, cosine similarity, accuracy."""
+"""Numbers against the float reference, and the accuracy gate built on them.
+
+Every output is judged by what it holds:
+- class scores (one vector of >1 softmax probabilities per sample, or the primary output when
+  labels are given): top-1 agreement with the reference, and accuracy against the labels;
+- integer outputs (ids, argmax): exact agreement;
+- anything else (maps, boxes, embeddings, probabilities, states): cosine similarity and the
+  relative L2 error ||bundle - ref|| / ||ref||.
+
+The gate: with labels, the accuracy drop is at most `max_drop` points; class scores agree on
+top-1 for at least (100 - max_drop) % of samples; other outputs reach `min_similarity` and a
+relative error of at most sqrt(2 (1 - min_similarity)), which is what that cosine allows when
+the norms match (0.141 at 0.99), so a model that is right in direction but wrong in scale fails.
+"""
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
 Feeds = dict[str, np.ndarray]
 
 
+@dataclass(frozen=True)
+class Gate:
+    enabled: bool = True
+    max_drop: float = 1.0  # points of accuracy, or of top-1 agreement without labels
+    min_similarity: float = 0.99
+
+    @property
+    def max_relative_error(self) -> float:
+        return math.sqrt(2 * (1 - self.min_similarity))
+
+    def to_dict(self) -> dict:
+        return {"enabled": self.enabled, "max_drop_points": self.max_drop, "min_similarity": self.min_similarity,
+                "max_relative_error": round(self.max_relative_error, 4)}
+
+
 def _stack(rows: list[Feeds], name: str) -> np.ndarray:
     return np.stack([np.asarray(r[name], np.float64).reshape(-1) for r in rows])
 
 
-def is_class_scores(rows: list[Feeds], name: str) -> bool:
-    """One vector of >1 scores per sample (shape (C,) or (1, C))."""
+def output_kind(rows: list[Feeds], name: str, *, labelled: bool = False) -> str:
+    """'class_scores' for one vector per sample of softmax probabilities (or of scores the labels
+    refer to); a vector of landmarks or logits without labels is judged as 'values'."""
     x = np.asarray(rows[0][name])
-    return x.size > 1 and x.size == x.shape[-1]
+    if x.dtype.kind in "iub":
+        return "integers"
+    if x.size > 1 and x.size == x.shape[-1]:
+        if labelled:
+            return "class_scores"
+        r = _stack(rows, name)
+        if np.all(r >= -1e-6) and np.allclose(r.sum(axis=1), 1.0, atol=1e-2):
+            return "class_scores"
+    return "values"
+
+
+def _cosines(r: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Per sample when a sample holds several values, else one cosine over all samples."""
+    if r.shape[1] == 1:
+        r, g = r.T, g.T
+    nr, ng = np.linalg.norm(r, axis=1), np.linalg.norm(g, axis=1)
+    both_zero = (nr == 0) & (ng == 0)
+    return np.where(both_zero, 1.0, np.sum(r * g, axis=1) / np.maximum(nr * ng, 1e-30))
 
 
 def compare(ref: list[Feeds], got: list[Feeds], outputs: list[str], labels: np.ndarray | None = None) -> dict:
-    """Compare bundle outputs with the reference on the same inputs.
-
-    The first output is the primary one: top-1 agreement and accuracy use it when
-    it holds class scores. `accuracy_drop_points` is the accuracy drop in points when
-    labels exist, else 100 * (1 - top-1 agreement)."""
+    """Compare bundle outputs with the reference on the same inputs (see module doc)."""
     per_output = {}
     for name in outputs:
         r, g = _stack(ref, name), _stack(got, name)
-        nr, ng = np.linalg.norm(r, axis=1), np.linalg.norm(g, axis=1)
-        dot = np.sum(r * g, axis=1)
-        both_zero = (nr == 0) & (ng == 0)
-        cos = np.where(both_zero, 1.0, dot / np.maximum(nr * ng, 1e-30))
-        per_output[name] = {"max_abs_error": float(np.max(np.abs(r - g))),
-                            "mean_abs_error": float(np.mean(np.abs(r - g))),
-                            "mean_cosine_similarity": float(np.mean(cos)),
-                            "nan_or_inf": int(np.sum(~np.isfinite(g)))}
-    res = {"samples": len(ref), "primary_output": outputs[0], "outputs": per_output,
-           "top1_agreement": None, "accuracy_reference": None, "accuracy_bundle": None,
-           "accuracy_drop_points": None, "drop_metric": None}
+        finite = np.isfinite(g)
+        diff = np.where(finite, g, 0.0) - r
+        m = {"kind": output_kind(ref, name, labelled=labels is not None and name == outputs[0]), "nan_or_inf": int(np.sum(~finite)),
+             "max_abs_error": float(np.max(np.abs(diff))), "mean_abs_error": float(np.mean(np.abs(diff)))}
+        if m["kind"] == "class_scores":
+            m["top1_agreement"] = float(np.mean(r.argmax(1) == g.argmax(1)))
+        elif m["kind"] == "integers":
+            m["agreement"] = float(np.mean(np.all(r == g, axis=1)))
+        m["cosine_similarity"] = float(np.mean(_cosines(r, np.where(finite, g, 0.0))))
+        norm = float(np.linalg.norm(r))
+        m["relative_error"] = float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff) > 0)
+        per_output[name] = m
     primary = outputs[0]
-    if ref and is_class_scores(ref, primary):
-        r, g = _stack(ref, primary).argmax(1), _stack(got, primary).argmax(1)
-        res["top1_agreement"] = float(np.mean(r == g))
+    p = per_output[primary]
+    res = {"samples": len(ref), "primary_output": primary, "outputs": per_output,
+           "top1_agreement": p.get("top1_agreement"), "cosine_similarity": p["cosine_similarity"],
+           "accuracy_reference": None, "accuracy_bundle": None, "accuracy_drop_points": None, "drop_metric": None}
+    if p["kind"] == "class_scores":
         if labels is not None:
             y = np.asarray(labels)
-            y = (y.argmax(-1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1))[: len(r)].astype(np.int64)  # one-hot ok
-            res["accuracy_reference"] = float(np.mean(r == y))
-            res["accuracy_bundle"] = float(np.mean(g == y))
+            y = (y.argmax(-1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1))[: len(ref)].astype(np.int64)
+            ra, ga = _stack(ref, primary).argmax(1), _stack(got, primary).argmax(1)
+            res["accuracy_reference"] = float(np.mean(ra == y))
+            res["accuracy_bundle"] = float(np.mean(ga == y))
             res["accuracy_drop_points"] = round(100 * (res["accuracy_reference"] - res["accuracy_bundle"]), 4)
             res["drop_metric"] = "accuracy"
         else:
-            res["accuracy_drop_points"] = round(100 * (1 - res["top1_agreement"]), 4)
+            res["accuracy_drop_points"] = round(100 * (1 - p["top1_agreement"]), 4)
             res["drop_metric"] = "top1_agreement"
     return res
+
+
+def judge(metrics: dict, gate: Gate) -> list[str]:
+    """Why the bundle fails the gate (empty: it passes). NaN/Inf always fails."""
+    why = []
+    for name, m in metrics["outputs"].items():
+        if m["nan_or_inf"]:
+            why.append(f"{name}: {m['nan_or_inf']} NaN/Inf values")
+    if not gate.enabled:
+        return why
+    primary = metrics["primary_output"]
+    for name, m in metrics["outputs"].items():
+        if name == primary and metrics["accuracy_drop_points"] is not None:
+            drop = metrics["accuracy_drop_points"]
+            if drop > gate.max_drop:
+                what = "accuracy" if metrics["drop_metric"] == "accuracy" else "top-1 agreement"
+                why.append(f"{name}: {what} dropped {drop:.2f} points (max {gate.max_drop:g})")
+        elif m["kind"] == "class_scores":
+            if 100 * (1 - m["top1_agreement"]) > gate.max_drop:
+                why.append(f"{name}: top-1 agreement {100 * m['top1_agreement']:.1f} % "
+                           f"(min {100 - gate.max_drop:g} %)")
+        elif m["kind"] == "integers":
+            if 100 * (1 - m["agreement"]) > gate.max_drop:
+                why.append(f"{name}: {100 * m['agreement']:.1f} % of samples match exactly "
+                           f"(min {100 - gate.max_drop:g} %)")
+        else:
+            if m["cosine_similarity"] < gate.min_similarity:
+                why.append(f"{name}: cosine similarity {m['cosine_similarity']:.4f} (min {gate.min_similarity:g})")
+            if m["relative_error"] > gate.max_relative_error:
+                why.append(f"{name}: relative error {m['relative_error']:.3f} (max {gate.max_relative_error:.3f})")
+    return why
 
 
 GOLDEN_REL_TOL = {"fp32": 1e-3, "fp16": 1e-2, "dynamic": 3e-2, "int8": 6e-2, "int16x8": 2e-2}

@@ -1,29 +1,35 @@
-"""Converters keyed by (source kind, output format, precision).
+"""One backend per output format, found through this registry.
 
-Adding a format or a quantization mode means one module that registers its
-functions here; the build and the CLI's choices are driven by this table."""
+A backend converts a source into a candidate of its format, lints the result for the
+target, gives the graph view the sensitivity analysis reads, finishes the model for the
+device (the Edge TPU compile step) and says what to try when a candidate fails. Adding a
+format means one module that registers a Backend; the build and the CLI read this table."""
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from edgebundle.errors import ConversionError, InputError
-from targets import Format, Precision, TargetProfile, CalibrationMethod
+from edgebundle.errors import InputError
+from targets import CalibrationMethod, Format, Precision, TargetProfile
 
 
 @dataclass(frozen=True)
 class ConvertContext:
     source: object  # packager.sources.Source
     profile: TargetProfile
-    precision: Precision
+    candidate: object  # packager.candidates.Candidate
     out_dir: Path
+    cache: object  # packager.cache.BuildCache
     calibration: object = None  # packager.data.Dataset, for int8/int16x8
     allow_flex: bool = False
     opset: int = 17
     per_channel: bool = True
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
-    shared: dict = field(default_factory=dict)  # work shared by targets of one build (e.g. the fp32 ONNX graph)
+
+    @property
+    def precision(self) -> Precision:
+        return self.candidate.precision
 
 
 @dataclass(frozen=True)
@@ -32,11 +38,54 @@ class Artifact:
     format: Format
     precision: Precision
     quantization: dict = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
 
 
-Converter = Callable[[ConvertContext], Artifact]
-_CONVERTERS: dict[tuple[str, Format, Precision], Converter] = {}
+@dataclass(frozen=True)
+class Finished:
+    """The model as it goes into the bundle, after any device compile step."""
+
+    path: Path
+    name: str  # file name inside the bundle
+    compile_report: dict | None = None
+    warnings: tuple[str, ...] = ()
+
+
+class Backend(ABC):
+    format: Format
+    sources: tuple[str, ...]  # source kinds it converts from
+
+    @abstractmethod
+    def convert(self, ctx: ConvertContext) -> Artifact:
+        """The candidate `ctx.candidate` of this format, written under `ctx.out_dir`."""
+
+    @abstractmethod
+    def fp32(self, ctx: ConvertContext) -> Path:
+        """The float model of this format (computed once per build, kept in the cache)."""
+
+    @abstractmethod
+    def lint(self, art: Artifact, profile: TargetProfile, *, allow_flex: bool, inputs, outputs) -> list:
+        """Findings on the converted model (packager.lint.Finding)."""
+
+    @abstractmethod
+    def graph_view(self, art: Artifact, ctx: ConvertContext, samples: list[dict]):
+        """(sensitivity.GraphView, float tensors, candidate tensors) on `samples`."""
+
+    def variant(self, ctx: ConvertContext) -> str:
+        """The profile settings (besides format and precision) that change the converted file."""
+        return ""
+
+    def finish(self, art: Artifact, profile: TargetProfile, work: Path, *, name: str, version: str) -> Finished:
+        return Finished(path=art.path, name=art.path.name)
+
+    def gate_hint(self, profile: TargetProfile, precision: Precision) -> str:
+        return "give more representative calibration data, or choose a higher precision with --quantize"
+
+    def describe(self, path: Path):
+        """(inputs, outputs) as runtime TensorInfo, for models no runtime here can load."""
+        raise NotImplementedError(f"{self.format.value} models are described by their runtime")
+
+
+_BACKENDS: dict[Format, Backend] = {}
 # Pairs that cannot be built, with what to do instead.
 _UNSUPPORTED: dict[tuple[str, Format], str] = {
     ("onnx", Format.TFLITE): "ONNX -> TFLite is not supported: build from the original TensorFlow/Keras model, "
@@ -46,36 +95,20 @@ _UNSUPPORTED: dict[tuple[str, Format], str] = {
 }
 
 
-def register(*, kinds, fmt: Format, precisions) -> Callable[[Converter], Converter]:
-    def deco(fn: Converter) -> Converter:
-        for kind in kinds:
-            for prec in precisions:
-                _CONVERTERS[(str(kind.value), fmt, prec)] = fn
-        return fn
-
-    return deco
+def register(cls: type[Backend]) -> type[Backend]:
+    _BACKENDS[cls.format] = cls()
+    return cls
 
 
-def get_converter(kind: str, fmt: Format, precision: Precision) -> Converter:
+def backend(fmt: Format) -> Backend:
     import packager.formats  # noqa: F401  (fills the table)
 
-    fn = _CONVERTERS.get((kind, fmt, precision))
-    if fn is not None:
-        return fn
+    return _BACKENDS[fmt]
+
+
+def check_pair(kind: str, fmt: Format) -> None:
+    """Fail before any work when `kind` sources cannot become `fmt` models."""
     if (kind, fmt) in _UNSUPPORTED:
         raise InputError(_UNSUPPORTED[(kind, fmt)])
-    can = supported_precisions(kind, fmt)
-    if not can:
-        raise ConversionError(f"no converter from {kind} to {fmt.value}")
-    raise InputError(f"{kind} -> {fmt.value} cannot produce precision {precision.value!r}",
-                     hint=f"choose one of: {', '.join(p.value for p in can)}")
-
-
-def supported_precisions(kind: str, fmt: Format) -> list[Precision]:
-    import packager.formats  # noqa: F401
-
-    return [p for (k, f, p) in _CONVERTERS if k == kind and f is fmt]
-
-
-def all_precisions() -> list[str]:
-    return [p.value for p in Precision]
+    if kind not in backend(fmt).sources:
+        raise InputError(f"no converter from {kind} to {fmt.value}")

@@ -16,42 +16,76 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def build_table(report: dict) -> str:
-    rows = [("target", "format", "precision", "size (vs fp32)", "p50 ms (vs fp32)", "top-1 agree",
-             "accuracy", "drop", "result")]
-    for t in report["targets"]:
-        if not t["ok"]:
-            rows.append((t["target"], t.get("format", "-"), t.get("precision", "-"), "-", "-", "-", "-", "-",
-                         f"FAILED ({t['error_kind']})"))
-            continue
-        acc = t["accuracy"] or {"accuracy_bundle": None, "accuracy_drop_points": None, "top1_agreement": None}
-        size, lat = t["size_bytes"], t["latency_ms"]
-        accuracy = ("-" if acc["accuracy_bundle"] is None
-                    else f"{_pct(acc['accuracy_bundle'])} (fp32 {_pct(acc['accuracy_reference'])})")
-        drop = "-" if acc["accuracy_drop_points"] is None else f"{acc['accuracy_drop_points']:.2f} pt"
-        rows.append((t["target"], t["format"], t["precision"],
-                     f"{human_bytes(size['model'])}" + (f" ({t['size_ratio']:.2f}x)" if t["size_ratio"] else ""),
-                     f"{lat['bundle']['p50_ms']:.3f} ({lat['p50_ratio']:.2f}x)" if lat and lat["p50_ratio"] else "-",
-                     _pct(acc["top1_agreement"]), accuracy, drop, t["bundle"]))
+def _table(rows: list[tuple]) -> list[str]:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    out = ["\n".join(lines)]
-    shared = report.get("shared", {})
-    v = shared.get("validation") or {}
-    out.append(f"\nvalidation: {v.get('samples')} samples from {v.get('source')}"
-               + (" with labels" if v.get("labels") else "") + f"; build took {report['seconds']:.1f} s")
+    return lines
+
+
+def latency_text(lat: dict | None) -> str:
+    """'0.41x (0.40-0.43) 1.071 ms', or why there is no figure."""
+    if not lat:
+        return "-"
+    if "not_timed" in lat:
+        return "not timed here"
+    if lat.get("baseline"):
+        return f"{lat['b_ms']:.3f} ms (fp32 itself)"
+    r = lat["ratio"]
+    return f"{lat['b_ms']:.3f} ms {r['median']:.2f}x ({r['q1']:.2f}-{r['q3']:.2f})"
+
+
+def accuracy_text(acc: dict | None) -> str:
+    """A report's accuracy section, or a candidate row: the figure its gate looked at first."""
+    if not acc:
+        return "-"
+    if acc.get("accuracy_bundle") is not None:
+        return f"{_pct(acc['accuracy_bundle'])} (fp32 {_pct(acc['accuracy_reference'])})"
+    if acc.get("drop_metric") == "accuracy" and acc.get("accuracy_drop_points") is not None:
+        return f"drop {acc['accuracy_drop_points']:.2f} pt"
+    if acc.get("top1_agreement") is not None:
+        return f"top-1 agree {_pct(acc['top1_agreement'])}"
+    if acc.get("cosine_similarity") is not None:
+        return f"cosine {acc['cosine_similarity']:.4f}"
+    return "-"
+
+
+def build_table(report: dict) -> str:
+    rows = [("target", "format", "chosen", "size (vs fp32)", "host latency vs fp32 (IQR)", "accuracy", "result")]
     for t in report["targets"]:
+        if not t["ok"]:
+            rows.append((t["target"], t.get("format", "-"), "-", "-", "-", "-", f"FAILED ({t['error_kind']})"))
+            continue
+        size = t["size_bytes"]
+        rows.append((t["target"], t["format"], t["candidate"], f"{human_bytes(size['model'])} ({t['size_ratio']:.2f}x)",
+                     latency_text(t["latency_ms"]), accuracy_text(t["accuracy"]), t["bundle"]))
+    out = ["\n".join(_table(rows))]
+    shared = report.get("shared", {})
+    v, gate = shared.get("validation") or {}, shared.get("gate") or {}
+    gate_text = ("OFF" if not gate.get("enabled", True) else
+                 f"accuracy drop <= {gate.get('max_drop_points')} pt, cosine >= {gate.get('min_similarity')}")
+    out.append(f"\nvalidation: {v.get('samples')} samples from {v.get('source')}"
+               + (" with labels" if v.get("labels") else "") + f"; accuracy gate: {gate_text}; "
+               f"build took {report['seconds']:.1f} s")
+    for t in report["targets"]:
+        out.append(f"\n{t['target']}:")
+        cands = t.get("candidates") or []
+        if cands:
+            crow = [("candidate", "verdict", "size", "latency vs fp32 (IQR)", "accuracy", "why")]
+            for c in cands:
+                crow.append((c["candidate"], c["verdict"], human_bytes(c["size_bytes"]),
+                             latency_text(c["latency"]), accuracy_text(c), c["why"]))
+            out += ["  " + line for line in _table(crow)]
         notes = []
         if not t["ok"]:
             notes.append(f"error: {t['error']}")
+        elif (t.get("latency_ms") or {}).get("not_timed"):
+            notes.append(f"latency: {t['latency_ms']['not_timed']}")
         for f in t.get("lint", []):
             if f["level"] != "info":
                 notes.append(f"{f['level']}: [{f['code']}] {f['message']}")
         notes += [f"WARNING: {w}" for w in t.get("warnings", [])]
-        if notes:
-            out.append(f"\n{t['target']}:")
-            out += [f"  - {n}" for n in notes]
+        out += [f"  - {n}" for n in notes]
     return "\n".join(out)
 
 
@@ -74,9 +108,8 @@ def manifest_text(m: dict, *, signed: bool) -> str:
     rep = m.get("report") or {}
     if rep:
         acc, lat = rep.get("accuracy") or {}, rep.get("latency_ms") or {}
-        lines.append(f"report: size {rep.get('size_ratio')}x fp32; p50 {lat.get('bundle', {}).get('p50_ms')} ms "
-                     f"({lat.get('p50_ratio')}x fp32) on {lat.get('host')}; top-1 agreement "
-                     f"{_pct(acc.get('top1_agreement'))}; drop {acc.get('accuracy_drop_points')} pt")
+        lines.append(f"report: {rep.get('candidate')} chosen ({rep.get('choice')}); size {rep.get('size_ratio')}x "
+                     f"fp32; host latency {latency_text(lat)}; {accuracy_text(acc)}")
     prov = m.get("provenance") or {}
     src = prov.get("source_model") or {}
     lines.append(f"built {prov.get('created')} from {src.get('file')} ({src.get('format')}, sha256 "

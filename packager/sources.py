@@ -11,10 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebundle.errors import ConversionError, InputError
+from edgebundle.errors import CalibrationError, ConversionError, InputError
 from edgebundle.manifest import TensorSpec
 
 Feeds = dict[str, np.ndarray]
+
+
+class ReferenceFailed(InputError):
+    """The float model itself fails on the given data (a bad value for an id, a shape the graph
+    cannot take): the data, not the conversion, is what to fix."""
+
+    def __init__(self, message: str):
+        super().__init__(message, hint="check the validation/calibration data against what the model expects "
+                                       "(values of integer inputs, shapes of dynamic dimensions)")
 
 
 class SourceKind(str, Enum):
@@ -82,21 +91,28 @@ class InputSpec:
         return any(d is None for d in self.signature)
 
 
-def resolve_shapes(specs: list[InputSpec], given: dict[str, tuple[int, ...]], *, batch: int = 1) -> None:
-    """Fill each spec's concrete shape: --input-shape first, a dynamic batch as `batch`,
-    and any other dynamic dimension is a clear request for the flag."""
+def resolve_shapes(specs: list[InputSpec], given: dict[str, tuple[int, ...]], *,
+                   data: dict[str, tuple[int, ...]] | None = None, batch: int = 1) -> None:
+    """Fill each spec's concrete shape: --input-shape first, then the shape of the samples in
+    the validation/calibration data (with or without a batch axis), then a dynamic batch axis
+    (position 0) as `batch`; any other dynamic dimension is a clear request for data or the flag."""
     names = {s.name for s in specs}
     unknown = sorted(set(given) - names)
     if unknown:
         raise InputError(f"--input-shape names unknown input(s) {unknown}", hint=f"the model's inputs: {sorted(names)}")
+    data = data or {}
     for s in specs:
         if s.name in given:
-            shape = given[s.name]
-            ok = len(shape) == len(s.signature) and all(d is None or d == g for d, g in zip(s.signature, shape))
-            if not ok:
-                raise InputError(f"--input-shape {s.name}:{','.join(map(str, shape))} does not fit the model's "
-                                 f"shape {_fmt(s.signature)}", hint="keep the fixed dimensions as they are")
-            s.shape = tuple(shape)
+            s.shape = _checked(s, tuple(given[s.name]), f"--input-shape {s.name}:{','.join(map(str, given[s.name]))} "
+                               "does not fit", hint="keep the fixed dimensions as they are")
+            continue
+        if s.name in data:
+            sample = shape = tuple(data[s.name])
+            if len(shape) + 1 == len(s.signature) and s.signature[0] in (None, batch):
+                shape = (batch,) + shape  # samples given without their batch axis
+            s.shape = _checked(s, shape, f"the data's samples for input {s.name!r} have shape {sample}",
+                               hint="the first axis of each array counts samples; each sample must match the "
+                                    "input with or without its batch axis", error=CalibrationError)
             continue
         dims = list(s.signature)
         if dims and dims[0] is None:
@@ -104,8 +120,16 @@ def resolve_shapes(specs: list[InputSpec], given: dict[str, tuple[int, ...]], *,
         if any(d is None for d in dims):
             example = ",".join(str(d) if d is not None else "N" for d in dims)
             raise InputError(f"input {s.name!r} has dynamic dimensions {_fmt(s.signature)}",
-                             hint=f"fix them with --input-shape {s.name}:{example} (N = the size to use)")
+                             hint=f"give --validation (or --calibration) data, whose shapes fix them, or "
+                                  f"--input-shape {s.name}:{example} (N = the size to use)")
         s.shape = tuple(dims)
+
+
+def _checked(s: InputSpec, shape: tuple[int, ...], what: str, *, hint: str, error=InputError) -> tuple[int, ...]:
+    ok = len(shape) == len(s.signature) and all(d is None or d == g for d, g in zip(s.signature, shape))
+    if not ok or any(d <= 0 for d in shape):
+        raise error(f"{what}; the model's input {s.name!r} takes {_fmt(s.signature)} (? = any size)", hint=hint)
+    return shape
 
 
 def _fmt(sig) -> str:
@@ -179,7 +203,10 @@ class TFSource(Source):
 
     def reference(self, feeds: Feeds) -> Feeds:
         tf = self._tf
-        res = self._sig(**{k: tf.constant(v) for k, v in feeds.items()})
+        try:
+            res = self._sig(**{k: tf.constant(v) for k, v in feeds.items()})
+        except Exception as e:  # TF raises InvalidArgumentError and friends on bad inputs
+            raise ReferenceFailed(f"TensorFlow cannot run {self.path.name} on this data: {_first_line(e)}") from None
         return {k: v.numpy() for k, v in res.items()}
 
     def static_saved_model(self) -> Path:
@@ -243,7 +270,10 @@ class OnnxSource(Source):
                 self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
             except Exception as e:
                 raise InputError(f"onnxruntime cannot run {self.path.name}: {_first_line(e)}") from None
-        return dict(zip(self.outputs, self._session.run(self.outputs, feeds)))
+        try:
+            return dict(zip(self.outputs, self._session.run(self.outputs, feeds)))
+        except Exception as e:  # onnxruntime's Fail/InvalidArgument/RuntimeException
+            raise ReferenceFailed(f"onnxruntime cannot run {self.path.name} on this data: {_first_line(e)}") from None
 
 
 class TFLiteSource(Source):
@@ -274,7 +304,10 @@ class TFLiteSource(Source):
     def reference(self, feeds: Feeds) -> Feeds:
         if self.runtime is None:
             raise ConversionError(f"{self.path.name} is compiled for the Edge TPU and cannot run on this host")
-        return self.runtime.infer(feeds)
+        try:
+            return self.runtime.infer(feeds)
+        except (ValueError, RuntimeError) as e:
+            raise ReferenceFailed(f"LiteRT cannot run {self.path.name} on this data: {_first_line(e)}") from None
 
 
 _LOADERS = {SourceKind.SAVED_MODEL: TFSource, SourceKind.KERAS: TFSource,

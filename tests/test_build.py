@@ -8,14 +8,15 @@ import pytest
 
 from device_agent.runtimes.registry import load_from_manifest
 from edgebundle.archive import open_bundle, verify_bundle
-from edgebundle.errors import AccuracyGateError, InputError
+from edgebundle.errors import AccuracyGateError, CalibrationError, InputError
 from packager.build import BuildOptions, build
+from packager.candidates import Search
+from targets import Precision
 
 pytestmark = pytest.mark.slow
 
 
 def _opts(model, targets, out, **kw):
-    kw.setdefault("bench_runs", 10)
     kw.setdefault("bench_seconds", 0.3)
     return BuildOptions(model=model, targets=tuple(targets), out_dir=out, **kw)
 
@@ -36,7 +37,14 @@ def _keras_predict(model_path, feeds_list):
     return [np.asarray(m({n: f[n] for n in names}, training=False)) for f in feeds_list]
 
 
+def _cosine(a, b):
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 def test_digits_every_builtin_target(digits_build):
+    from device_agent.timing import host_cores
+
     res = digits_build
     assert res.ok, [r.error for r in res.results if not r.ok]
     assert {r.target for r in res.results} == {"arm-cpu", "coral", "jetson-gpu", "rpi5", "x86-cpu"}
@@ -45,13 +53,22 @@ def test_digits_every_builtin_target(digits_build):
         assert r.bundle.name == f"digits-1.0.0-{r.target}.edgepack"
         m = b.manifest
         assert m.target["name"] == r.target and len(m.target["sha256"]) == 64
+        assert m.precision == ("fp16" if r.target == "jetson-gpu" else "int8")
         assert m.provenance["source_model"]["sha256"] and m.provenance["calibration"]["sha256"]
         assert m.golden["count"] == 3 and "golden.npz" in m.files and "labels.txt" in m.files
-        assert r.report["accuracy"]["accuracy_reference"] > 0.9
-        assert r.report["latency_ms"]["bundle"]["p50_ms"] > 0
+        rep = r.report
+        assert rep["accuracy"]["accuracy_reference"] > 0.9 and rep["gate"]["max_drop_points"] == 1.0
+        assert [c["verdict"] for c in rep["candidates"]] == ["chosen"] and rep["choice"] == "the precision asked for"
+        lat = rep["latency_ms"]
+        if r.target in ("coral", "jetson-gpu"):  # accelerators: the host CPU says nothing about them
+            assert "not_timed" in lat and "measure on the device" in lat["not_timed"]
+        else:
+            ratio = lat["ratio"]
+            assert ratio["q1"] <= ratio["median"] <= ratio["q3"] and lat["a_ms"] > 0 and lat["b_ms"] > 0
+            assert lat["rounds"] >= 8 and max(lat["threads"]) <= host_cores()
+            assert lat["runtime"][1]["runtime"] == ("litert" if m.format == "tflite" else "onnxruntime")
     by = {r.target: r for r in res.results}
-    assert by["arm-cpu"].report["precision"] == "int8" and by["jetson-gpu"].report["precision"] == "fp16"
-    assert by["coral"].bundle and open_bundle(by["coral"].bundle).manifest.inputs[0].dtype == "uint8"
+    assert open_bundle(by["coral"].bundle).manifest.inputs[0].dtype == "uint8"
     assert open_bundle(by["rpi5"].bundle).manifest.inputs[0].dtype == "int8"
     assert by["arm-cpu"].report["size_ratio"] < 0.35
 
@@ -83,9 +100,6 @@ def test_bundles_match_keras_in_their_runtimes(digits_build, digits, tmp_path):
                 np.testing.assert_allclose(o[spec.name], g[f"output.{k}.{spec.name}"], atol=m.golden["atol"])
 
 
-# Relative max error and cosine similarity each precision must meet against Keras.
-TOL = {"fp32": (1e-4, 0.99999), "fp16": (1e-2, 0.9995), "dynamic": (6e-2, 0.995),
-       "int8": (0.12, 0.98), "int16x8": (2e-2, 0.999)}
 MATRIX = [("arm-cpu", p) for p in ("fp32", "fp16", "dynamic", "int8", "int16x8")] + \
          [("rpi5", p) for p in ("fp32", "fp16", "dynamic", "int16x8")] + \
          [("x86-cpu", p) for p in ("fp32", "fp16", "dynamic", "int8")] + \
@@ -93,25 +107,24 @@ MATRIX = [("arm-cpu", p) for p in ("fp32", "fp16", "dynamic", "int8", "int16x8")
 
 
 @pytest.mark.parametrize("target,precision", MATRIX)
-def test_conversion_matrix(models, cnn_data, tmp_path, target, precision):
-    from targets import Precision
-
-    res = build(_opts(models["cnn"], [target], tmp_path, precision=Precision(precision),
-                      calibration=str(cnn_data)))
+def test_conversion_matrix(digits, tmp_path, target, precision):
+    """Every (target, precision) pair converts, passes the gate and runs in the device runtime,
+    agreeing with Keras on real held-out digits."""
+    # Symmetric int8 for TensorRT costs digits 1.1 points (over the default gate, see the fixture):
+    # the matrix checks conversions with its own bounds below, so it allows 2 points.
+    res = build(_opts(digits["model"], [target], tmp_path, precision=Precision(precision), max_accuracy_drop=2.0,
+                      calibration=str(digits["calibration"]), validation=str(digits["validation"])))
     r = res.results[0]
     assert r.ok, r.error
     m = open_bundle(r.bundle).manifest
     assert m.precision == precision and m.format == ("onnx" if target in ("x86-cpu", "jetson-gpu") else "tflite")
-    rng = np.random.default_rng(7)
-    feeds = [{"image": rng.random((1, 16, 16, 3), dtype=np.float32)} for _ in range(8)]
-    ref = np.concatenate(_keras_predict(models["cnn"], feeds))
+    val = np.load(digits["validation"])
+    feeds = [{"image": val["image"][i:i + 1]} for i in range(40)]
+    ref = np.concatenate(_keras_predict(digits["model"], feeds))
     _, outs = _run_bundle(r.bundle, tmp_path, feeds)
-    got = np.concatenate([o["score"] if "score" in o else o[m.outputs[0].name] for o in outs])
-    rel, cos_min = TOL[precision]
-    scale = np.max(np.abs(ref))
-    assert np.max(np.abs(got - ref)) <= rel * scale + 1e-6, (np.max(np.abs(got - ref)), scale)
-    cos = np.sum(got * ref, 1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
-    assert cos.min() >= cos_min
+    got = np.concatenate([o[m.outputs[0].name] for o in outs])
+    assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.975
+    assert _cosine(got, ref).mean() >= {"fp32": 0.99999, "fp16": 0.999, "int16x8": 0.999}.get(precision, 0.98)
 
 
 def test_multi_input_mixed_dtypes(models, tmp_path):
@@ -131,14 +144,24 @@ def test_multi_input_mixed_dtypes(models, tmp_path):
         assert {i.name for i in m.inputs} == {"image", "sensor_id"}
         assert {i.dtype for i in m.inputs if i.name == "sensor_id"} <= {"int64", "int32"}
         got = np.concatenate([o[m.outputs[0].name] for o in outs])
-        assert np.max(np.abs(got - ref)) <= 0.12 * np.max(np.abs(ref)) + 1e-6, r.target
+        assert np.linalg.norm(got - ref) <= 0.15 * np.linalg.norm(ref), r.target  # the gate's bound, on new data
     assert set(os.listdir(".")) == before
 
 
-def test_dynamic_dims_need_input_shape_for_coral(models, tmp_path):
+def test_non_float_inputs_are_never_made_up(models, tmp_path):
+    """Without data, an int64 input stops the build with the .npz layout to give; no traceback."""
+    with pytest.raises(CalibrationError) as e:
+        build(_opts(models["multi"], ["x86-cpu"], tmp_path, precision=Precision.FP32))
+    msg = str(e.value)
+    assert "'sensor_id'" in msg and "int64" in msg and "cannot make up values" in msg
+    assert "sensor_id: (N,) int64" in e.value.hint and "image: (N, 8, 8, 1) float32" in e.value.hint
+    assert not list(tmp_path.glob("*.edgepack"))
+
+
+def test_dynamic_dims_from_data_or_input_shape(models, tmp_path):
     with pytest.raises(InputError) as e:
         build(_opts(models["dynamic"], ["coral"], tmp_path, calibration="random"))
-    assert "--input-shape image:1,N,N,3" in e.value.hint
+    assert "--input-shape image:1,N,N,3" in e.value.hint and "--validation" in e.value.hint
     assert not list(tmp_path.glob("*.edgepack"))
     res = build(_opts(models["dynamic"], ["coral", "x86-cpu"], tmp_path, calibration="random",
                       input_shapes=(("image", (1, 24, 24, 3)),)))
@@ -148,22 +171,92 @@ def test_dynamic_dims_need_input_shape_for_coral(models, tmp_path):
     assert not coral.production_ready and any("RANDOM" in w for w in coral.warnings)
     onnx_m = open_bundle(res.results[1].bundle).manifest
     assert -1 in onnx_m.inputs[0].shape_signature  # ONNX keeps the model's dynamic dims
+    # With data, its shapes fix the dimensions: no --input-shape needed.
+    data = tmp_path / "val.npz"
+    np.savez(data, image=np.random.default_rng(0).random((20, 20, 28, 3), dtype=np.float32))
+    res = build(_opts(models["dynamic"], ["arm-cpu", "x86-cpu"], tmp_path / "d", precision=Precision.FP32,
+                      validation=str(data)))
+    assert res.ok, [r.error for r in res.results]
+    arm, x86 = (open_bundle(r.bundle).manifest for r in res.results)
+    assert arm.inputs[0].shape == (1, 20, 28, 3) and arm.inputs[0].shape_signature == (1, 20, 28, 3)
+    assert x86.inputs[0].shape == (1, 20, 28, 3) and x86.inputs[0].shape_signature[1:3] == (-1, -1)
 
 
-def test_failed_accuracy_gate_leaves_no_bundle(digits, tmp_path):
-    calib = tmp_path / "bad_calib.npz"  # calibration that does not represent the data at all
-    np.savez(calib, image=np.full((50, 8, 8, 1), 0.001, np.float32))
-    res = build(_opts(digits["model"], ["arm-cpu"], tmp_path / "out", calibration=str(calib),
-                      validation=str(digits["validation"]), max_accuracy_drop=1.0))
+def test_explicit_precision_failing_the_gate_names_one_that_passes(tabular, tmp_path):
+    """The tabular model's raw features (0.05..4,000) do not survive int8 at the input: exit 4,
+    nothing written, and the hint names the precision that passes."""
+    res = build(_opts(tabular["model"], ["arm-cpu"], tmp_path / "out", precision=Precision.INT8,
+                      calibration=str(tabular["calibration"]), validation=str(tabular["validation"])))
     r = res.results[0]
     assert not r.ok and r.error_kind == AccuracyGateError.__name__
-    assert "over --max-accuracy-drop 1.0" in r.error and "calibration" in r.error
+    assert "fails the accuracy gate" in r.error and "accuracy dropped" in r.error
+    assert "--quantize fp16 passes the gate" in r.exc.hint or "--quantize int16x8 passes the gate" in r.exc.hint
+    assert r.report["candidates"][0]["verdict"] == "accuracy"
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
-def test_onnx_source(digits_build, digits, tmp_path):
-    from targets import Precision
+def test_auto_keeps_the_sensitive_nodes_in_float(tabular, tmp_path):
+    """int8 loses 30+ points; auto keeps the nodes that lose it in float and stays within 1 point."""
+    res = build(_opts(tabular["model"], ["arm-cpu", "x86-cpu"], tmp_path, calibration=str(tabular["calibration"]),
+                      validation=str(tabular["validation"])))
+    assert res.ok, [r.error for r in res.results]
+    for r in res.results:
+        rows = r.report["candidates"]
+        assert rows[0]["candidate"] == "int8" and rows[0]["verdict"] == "accuracy"
+        assert rows[0]["accuracy_drop_points"] > 10
+        assert r.report["accuracy"]["accuracy_drop_points"] <= 1.0
+        assert r.report["sensitivity"] and r.report["sensitivity"][0]["keep_float"]
+        mixed = [c for c in rows if c["float_nodes"]]
+        assert mixed and all(c["candidate"].startswith("int8+") for c in mixed)
+        assert [c["verdict"] for c in rows].count("chosen") == 1
 
+
+def test_auto_speed_gate_moves_down_the_ladder(digits, tmp_path):
+    """LiteRT's int16x8 kernels are reference code (~18x fp32 here): auto must not ship it."""
+    prof = tmp_path / "slow.yaml"
+    prof.write_text("name: slow16\nformat: tflite\ndefault_precision: int16x8\nprecisions: [int16x8, fp32]\n"
+                    "runtime: litert\nthreads: 2\n")
+    res = build(_opts(digits["model"], [str(prof)], tmp_path / "out", calibration=str(digits["calibration"]),
+                      validation=str(digits["validation"])))
+    r = res.results[0]
+    assert r.ok, r.error
+    first, last = r.report["candidates"][0], r.report["candidates"][-1]
+    assert first["candidate"] == "int16x8" and first["verdict"] == "slower" and first["latency"]["ratio"]["q1"] > 1.05
+    assert last["candidate"] == "fp32" and last["verdict"] == "chosen" and r.report["precision"] == "fp32"
+    assert r.report["latency_ms"]["baseline"] and not any("SLOWER" in w for w in r.report["warnings"])
+    # Asked for explicitly, the slow precision is built, with the warning in capitals.
+    res = build(_opts(digits["model"], [str(prof)], tmp_path / "out2", precision=Precision.INT16X8,
+                      calibration=str(digits["calibration"]), validation=str(digits["validation"])))
+    assert res.ok and any(w.startswith("SLOWER THAN FP32") for w in res.results[0].report["warnings"])
+
+
+def test_thorough_search_tries_every_candidate(digits, tmp_path):
+    res = build(_opts(digits["model"], ["x86-cpu"], tmp_path, search=Search.THOROUGH,
+                      calibration=str(digits["calibration"]), validation=str(digits["validation"])))
+    r = res.results[0]
+    assert r.ok, r.error
+    rows = r.report["candidates"]
+    assert [c["candidate"] for c in rows] == ["int8", "fp16", "fp32"]  # none lost accuracy: no mixed step
+    ok = [c for c in rows if c["verdict"] in ("passed", "chosen")]
+    chosen = next(c for c in rows if c["verdict"] == "chosen")
+    ratio = lambda c: c["latency"]["ratio"]["median"] if c["latency"] else 1.0  # noqa: E731 (fp32 is 1 by definition)
+    assert ratio(chosen) == min(ratio(c) for c in ok)
+    assert r.report["choice"] == (f"fastest of {len(ok)} candidates that pass both gates" if len(ok) > 1
+                                  else "first candidate on the ladder that passes both gates")
+
+
+def test_failed_target_leaves_no_bundle(digits, tmp_path):
+    calib = tmp_path / "bad_calib.npz"  # calibration that does not represent the data at all
+    np.savez(calib, image=np.full((50, 8, 8, 1), 0.001, np.float32))
+    res = build(_opts(digits["model"], ["arm-cpu"], tmp_path / "out", calibration=str(calib),
+                      validation=str(digits["validation"]), precision=Precision.INT8))
+    r = res.results[0]
+    assert not r.ok and r.error_kind == AccuracyGateError.__name__
+    assert "no bundle written" in r.error and "--quantize fp16 passes the gate" in r.exc.hint
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_onnx_source(digits, tmp_path):
     fp32 = build(_opts(digits["model"], ["x86-cpu"], tmp_path / "a", precision=Precision.FP32))
     src = tmp_path / "digits.onnx"
     with zipfile.ZipFile(fp32.results[0].bundle) as z:
@@ -177,8 +270,6 @@ def test_onnx_source(digits_build, digits, tmp_path):
 
 
 def test_tflite_source_packaged_as_is(digits, tmp_path):
-    from targets import Precision
-
     fp32 = build(_opts(digits["model"], ["arm-cpu"], tmp_path / "a", precision=Precision.FP32))
     src = tmp_path / "digits.tflite"
     with zipfile.ZipFile(fp32.results[0].bundle) as z:
@@ -189,6 +280,8 @@ def test_tflite_source_packaged_as_is(digits, tmp_path):
     assert open_bundle(r.bundle).read("model.tflite") == src.read_bytes()
     with pytest.raises(InputError, match="cannot re-quantize"):
         build(_opts(src, ["arm-cpu"], tmp_path / "c", precision=Precision.INT8, calibration="random"))
+    with pytest.raises(InputError, match="runs only int8"):
+        build(_opts(src, ["coral"], tmp_path / "d", validation=str(digits["validation"])))
 
 
 def test_image_folder_calibration(models, tmp_path):
@@ -200,7 +293,7 @@ def test_image_folder_calibration(models, tmp_path):
     for i in range(12):
         img = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)  # resized to 16x16 by edgepack
         (folder / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
-    res = build(_opts(models["cnn"], ["arm-cpu"], tmp_path / "out", calibration=str(folder)))
+    res = build(_opts(models["cnn"], ["arm-cpu"], tmp_path / "out", calibration=str(folder), precision=Precision.INT8))
     r = res.results[0]
     assert r.ok, r.error
     m = open_bundle(r.bundle).manifest
@@ -209,8 +302,6 @@ def test_image_folder_calibration(models, tmp_path):
 
 
 def test_flex_ops_refused_then_allowed(flex_savedmodel, tmp_path):
-    from targets import Precision
-
     res = build(_opts(flex_savedmodel, ["arm-cpu"], tmp_path, precision=Precision.FP32))
     r = res.results[0]
     assert not r.ok and r.error_kind == "UnsupportedOpError"

@@ -1,5 +1,5 @@
-"""edgetpu_compiler, when it is on PATH (x86-64 Debian/Ubuntu only); otherwise the exact
-command the user must run to finish a Coral bundle."""
+"""The Coral Edge TPU: the op mapping lint, and edgetpu_compiler when it is on PATH (x86-64
+Debian/Ubuntu only); otherwise the exact command the user must run to finish a Coral bundle."""
 from __future__ import annotations
 
 import re
@@ -9,8 +9,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgebundle.errors import ConversionError
+from packager.lint import Finding, Level
+from targets import TargetProfile
 
 COMPILER = "edgetpu_compiler"
+# TFLite builtins the Edge TPU compiler can map (Coral's published supported-op table).
+EDGETPU_OPS = frozenset({
+    "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS",
+    "FULLY_CONNECTED", "HARD_SWISH", "L2_NORMALIZATION", "LOGISTIC", "LSTM", "MAXIMUM", "MAX_POOL_2D",
+    "MEAN", "MINIMUM", "MUL", "PACK", "PAD", "PRELU", "QUANTIZE", "REDUCE_MAX", "REDUCE_MIN", "RELU",
+    "RELU6", "RELU_N1_TO_1", "RESHAPE", "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "RSQRT", "SLICE",
+    "SOFTMAX", "SPACE_TO_DEPTH", "SPLIT", "SQUARED_DIFFERENCE", "SQUEEZE", "STRIDED_SLICE", "SUB", "SUM",
+    "TANH", "TRANSPOSE", "TRANSPOSE_CONV", "edgetpu-custom-op",
+})
+# Newest op versions edgetpu_compiler 16 accepts, where newer TF emits newer ones (seen in practice).
+EDGETPU_MAX_VERSION = {"CONV_2D": 5, "EXP": 1}
+
+
+def lint(ops, inputs, outputs, profile: TargetProfile) -> list[Finding]:
+    out = []
+    for t in list(inputs) + list(outputs):
+        if t.dtype not in ("int8", "uint8"):
+            out.append(Finding(Level.ERROR, "edgetpu-io",
+                               f"{t.name!r} is {t.dtype}; the Edge TPU needs int8/uint8 I/O so QUANTIZE/DEQUANTIZE "
+                               "stay off the CPU (set quantized_io: uint8 or int8 in the profile)"))
+    first_bad = next((i for i, (name, _) in enumerate(ops) if name not in EDGETPU_OPS), None)
+    if first_bad is not None:
+        bad = sorted({n for n, _ in ops if n not in EDGETPU_OPS})
+        out.append(Finding(Level.WARNING, "edgetpu-fallback",
+                           f"op #{first_bad} {ops[first_bad][0]} cannot run on the Edge TPU; it and the "
+                           f"{len(ops) - first_bad - 1} ops after it fall back to the CPU "
+                           f"({first_bad} of {len(ops)} ops on the TPU). Unmappable: {', '.join(bad)}"))
+    else:
+        out.append(Finding(Level.INFO, "edgetpu-mapping", f"all {len(ops)} ops are on Coral's supported list"))
+    too_new = sorted({f"{n} v{v}" for n, v in ops if v > EDGETPU_MAX_VERSION.get(n, 99)})
+    if too_new:
+        out.append(Finding(Level.WARNING, "edgetpu-op-version",
+                           f"edgetpu_compiler 16 rejects op versions {', '.join(too_new)} that this TensorFlow "
+                           "emits; avoid the features that need them (e.g. grouped or dilated convolutions)"))
+    return out
 
 
 @dataclass(frozen=True)

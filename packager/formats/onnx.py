@@ -1,121 +1,23 @@
-"""ONNX output: tf2onnx for TensorFlow sources (once per build), then one ONNX Runtime
-quantization function per mode. ONNX sources start from their own graph."""
+"""ONNX output: one clean fp32 graph per build (tf2onnx for TensorFlow sources, the model
+itself for ONNX sources), then ONNX Runtime's quantizers. Static int8 calibrates once per
+build (ORT's calibration cache); candidates that keep nodes in float reuse the ranges."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import numpy as np
+
 from edgebundle.errors import ConversionError
-from packager.registry import Artifact, ConvertContext, register
-from packager.sources import SourceKind
-from targets import CalibrationMethod, Format, IOType, Precision
+from packager.formats import onnx_graph
+from packager.formats.sensitivity import GraphView, Lowered, Op, fake_quant
+from packager.lint import Finding, Level
+from packager.registry import Artifact, Backend, ConvertContext, register
+from targets import CalibrationMethod, Format, IOType, Precision, TargetProfile
 
-
-def _fp32_graph(ctx: ConvertContext) -> Path:
-    """The float ONNX graph every mode starts from; computed once per build and opset."""
-    key = ("onnx_fp32", ctx.opset)
-    if key in ctx.shared:
-        return ctx.shared[key]
-    src = ctx.source
-    if src.kind is SourceKind.ONNX:
-        path = src.path
-    else:
-        path = Path(ctx.shared.get("workdir", ctx.out_dir)) / f"fp32_opset{ctx.opset}.onnx"
-        _tf_to_onnx(src, path, ctx.opset)
-    ctx.shared[key] = path
-    return path
-
-
-def _tf_to_onnx(src, path: Path, opset: int) -> None:
-    import tf2onnx
-
-    fn = src.onnx_function()
-    try:
-        model, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=opset)
-    except Exception as e:  # tf2onnx raises bare Exceptions/ValueErrors for unsupported ops
-        raise ConversionError(f"tf2onnx could not convert the model (opset {opset}): {str(e).splitlines()[0][:300]}",
-                              hint="try another --opset (13-18), or a TFLite target") from None
-    _rename_outputs(model, src.outputs)
-    import onnx
-
-    onnx.save(model, str(path))
-
-
-def _rename_outputs(model, names: list[str]) -> None:
-    """Give graph outputs the source signature's names (tf2onnx uses 'Identity:0' etc.)."""
-    from onnx import helper
-
-    g = model.graph
-    for out, name in zip(list(g.output), names):
-        if out.name == name:
-            continue
-        g.node.append(helper.make_node("Identity", [out.name], [name], name=f"edgepack_out_{name}"))
-        out.name = name
-
-
-def _save(model, ctx: ConvertContext) -> Path:
-    import onnx
-
-    out = ctx.out_dir / "model.onnx"
-    onnx.save(model, str(out))
-    return out
-
-
-def _mode_fp32(ctx: ConvertContext) -> tuple[Path, dict]:
-    import onnx
-
-    return _save(onnx.load(str(_fp32_graph(ctx))), ctx), {}
-
-
-def _mode_fp16(ctx: ConvertContext) -> tuple[Path, dict]:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = convert_float_to_float16(onnx.load(str(_fp32_graph(ctx))), keep_io_types=True)
-    return _save(model, ctx), {"weights": "float16", "activations": "float16", "io": "float32"}
-
-
-def _preprocessed(ctx: ConvertContext) -> Path:
-    """ORT's recommended pre-processing (shape inference + optimisation) before quantizing."""
-    key = ("onnx_pre", ctx.opset)
-    if key not in ctx.shared:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        out = Path(ctx.shared.get("workdir", ctx.out_dir)) / f"pre_opset{ctx.opset}.onnx"
-        t0 = time.time()
-        try:
-            quant_pre_process(str(_fp32_graph(ctx)), str(out), skip_symbolic_shape=False)
-        except Exception:  # symbolic shape inference gives up on some graphs: quantize without it
-            _remove_symbolic_leftovers(since=t0)
-            quant_pre_process(str(_fp32_graph(ctx)), str(out), skip_symbolic_shape=True)
-        ctx.shared[key] = out
-    return ctx.shared[key]
-
-
-def _remove_symbolic_leftovers(*, since: float) -> None:
-    """ORT's SymbolicShapeInference, when it gives up, dumps sym_shape_infer_temp.onnx and a
-    <uuid>.data file into the current directory. Remove exactly those (and only if just made)."""
-    import onnx
-
-    dump = Path("sym_shape_infer_temp.onnx")
-    if not dump.is_file() or dump.stat().st_mtime < since - 1:
-        return
-    try:
-        model = onnx.load(str(dump), load_external_data=False)
-        for t in model.graph.initializer:
-            for entry in t.external_data:
-                if entry.key == "location" and "/" not in entry.value:
-                    Path(entry.value).unlink(missing_ok=True)
-    finally:
-        dump.unlink(missing_ok=True)
-
-
-def _mode_dynamic(ctx: ConvertContext) -> tuple[Path, dict]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    out = ctx.out_dir / "model.onnx"
-    quantize_dynamic(str(_preprocessed(ctx)), str(out), weight_type=QuantType.QInt8, per_channel=ctx.per_channel)
-    return out, {"weights": "int8", "activations": "float32 (quantized on the fly)", "per_channel": ctx.per_channel}
+_METHODS = {CalibrationMethod.MINMAX: "MinMax", CalibrationMethod.ENTROPY: "Entropy",
+            CalibrationMethod.PERCENTILE: "Percentile"}
+_PASS_THROUGH = ("QuantizeLinear", "DequantizeLinear", "Cast", "Identity")
 
 
 class _Reader:
@@ -128,39 +30,214 @@ class _Reader:
         return next(self._it, None)
 
 
-_METHODS = {CalibrationMethod.MINMAX: "MinMax", CalibrationMethod.ENTROPY: "Entropy",
-            CalibrationMethod.PERCENTILE: "Percentile"}
+def _preprocessed(ctx: ConvertContext, fp32: Path) -> Path:
+    """ORT's recommended pre-processing (shape inference + optimisation) before quantizing."""
+    cache = ctx.cache
+    if cache.onnx_preprocessed is None:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        out = cache.path("fp32-pre.onnx")
+        fp32 = _opset13(fp32, cache.path("fp32-opset13.onnx"))
+        t0 = time.time()
+        try:
+            quant_pre_process(str(fp32), str(out), skip_symbolic_shape=False)
+        except Exception:  # symbolic shape inference gives up on some graphs: pre-process without it
+            onnx_graph.remove_symbolic_leftovers(since=t0)
+            try:
+                quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
+            except Exception:  # e.g. the optimizer rejects a subgraph: quantize the plain graph
+                out = fp32
+        cache.onnx_preprocessed = out
+    return cache.onnx_preprocessed
 
 
-def _mode_int8(ctx: ConvertContext) -> tuple[Path, dict]:
+def _opset13(path: Path, out: Path) -> Path:
+    """Per-channel Q/DQ needs opset 13 (the `axis` of DequantizeLinear): older graphs (PaddleOCR's
+    exports are opset 11) are converted first, or ORT writes a model it then refuses to load."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(path))
+    if (_opset_of(model) or 13) >= 13:
+        return path
+    try:
+        onnx.save(version_converter.convert_version(model, 13), str(out))
+    except Exception as e:  # the converter lacks adapters for some ops
+        raise ConversionError(f"int8 needs ONNX opset 13 and the model's opset {_opset_of(model)} could not be "
+                              f"converted: {str(e).splitlines()[0][:200]}", hint="re-export the model at opset 13+") from None
+    return out
+
+
+def _quantized_nodes(path: Path) -> int:
+    """QuantizeLinear nodes anywhere in the graph (If/Loop bodies too)."""
+    import onnx
+
+    def count(g) -> int:
+        n = sum(1 for node in g.node if node.op_type == "QuantizeLinear")
+        return n + sum(count(a.g) for node in g.node for a in node.attribute if a.HasField("g"))
+
+    return count(onnx.load(str(path), load_external_data=False).graph)
+
+
+def _int8(ctx: ConvertContext, fp32: Path, out: Path) -> dict:
     from onnxruntime.quantization import CalibrationMethod as OrtMethod, QuantFormat, QuantType, quantize_static
 
-    out = ctx.out_dir / "model.onnx"
-    method = getattr(OrtMethod, _METHODS[ctx.calibration_method])
     act = ctx.profile.activation_dtype
+    method = ctx.calibration_method
+    calib_cache = ctx.cache.onnx_calibration.setdefault(method, ctx.cache.path(f"ort-calibration-{method.value}.json"))
     # uint8 asymmetric activations use ORT's fast U8S8 CPU kernels (MobileNetV2 here: 0.56x fp32
     # vs 0.95x for S8S8); int8 activations are made symmetric, as TensorRT requires.
     try:
-        quantize_static(str(_preprocessed(ctx)), str(out), _Reader(ctx.calibration.samples),
-                        quant_format=QuantFormat.QDQ, per_channel=ctx.per_channel,
-                        activation_type=QuantType.QUInt8 if act is IOType.UINT8 else QuantType.QInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=method,
-                        extra_options={"ActivationSymmetric": act is IOType.INT8, "WeightSymmetric": True})
-    except Exception as e:  # ORT quantizer raises plain exceptions
+        with onnx_graph.quiet(""):
+            quantize_static(str(_preprocessed(ctx, fp32)), str(out), _Reader(ctx.calibration.samples),
+                            quant_format=QuantFormat.QDQ, per_channel=ctx.per_channel,
+                            activation_type=QuantType.QUInt8 if act is IOType.UINT8 else QuantType.QInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=getattr(OrtMethod, _METHODS[method]),
+                            nodes_to_exclude=list(ctx.candidate.keep_float), calibration_cache_path=str(calib_cache),
+                            extra_options={"ActivationSymmetric": act is IOType.INT8, "WeightSymmetric": True})
+    except Exception as e:  # ORT's quantizer raises plain exceptions
         raise ConversionError(f"onnxruntime static quantization failed: {str(e).splitlines()[0][:300]}",
                               hint="try --quantize fp16, or another --calibration-method") from None
-    return out, {"weights": "int8", "activations": act.value, "format": "QDQ", "per_channel": ctx.per_channel,
-                 "calibration_method": ctx.calibration_method.value, "calibration_samples": len(ctx.calibration),
-                 "io": "float32"}
+    if not _quantized_nodes(out):
+        raise ConversionError("onnxruntime's quantizer quantized no node of this graph (its work may sit in "
+                              "If/Loop bodies, which it does not enter)", hint="use --quantize fp16 or fp32")
+    details = {"weights": "int8", "activations": act.value, "format": "QDQ", "per_channel": ctx.per_channel,
+               "calibration_method": method.value, "calibration_samples": len(ctx.calibration), "io": "float32"}
+    if ctx.candidate.keep_float:
+        details["float_nodes"] = list(ctx.candidate.keep_float)
+    return details
 
 
-MODES = {Precision.FP32: _mode_fp32, Precision.FP16: _mode_fp16,
-         Precision.DYNAMIC: _mode_dynamic, Precision.INT8: _mode_int8}
+def _fp16(ctx: ConvertContext, fp32: Path, out: Path) -> dict:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    keep = list(ctx.candidate.keep_float)
+    try:
+        model = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True, node_block_list=keep or None)
+        onnx.save(model, str(out))
+    except Exception as e:
+        raise ConversionError(f"fp16 conversion failed: {str(e).splitlines()[0][:300]}",
+                              hint="use --quantize fp32") from None
+    details = {"weights": "float16", "activations": "float16", "io": "float32"}
+    if keep:
+        details["float_nodes"] = keep
+    return details
 
 
-@register(kinds=(SourceKind.SAVED_MODEL, SourceKind.KERAS, SourceKind.ONNX), fmt=Format.ONNX,
-          precisions=tuple(MODES))
-def onnx_model(ctx: ConvertContext) -> Artifact:
-    path, details = MODES[ctx.precision](ctx)
-    details = dict(details, opset=ctx.opset)
-    return Artifact(path=path, format=Format.ONNX, precision=ctx.precision, quantization=details)
+def _dynamic(ctx: ConvertContext, fp32: Path, out: Path) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(str(_preprocessed(ctx, fp32)), str(out), weight_type=QuantType.QInt8,
+                         per_channel=ctx.per_channel)
+    except Exception as e:
+        raise ConversionError(f"onnxruntime dynamic quantization failed: {str(e).splitlines()[0][:300]}") from None
+    return {"weights": "int8", "activations": "float32 (quantized on the fly)", "per_channel": ctx.per_channel}
+
+
+MODES = {Precision.FP16: _fp16, Precision.DYNAMIC: _dynamic, Precision.INT8: _int8}
+
+
+@register
+class OnnxBackend(Backend):
+    format = Format.ONNX
+    sources = ("savedmodel", "keras", "onnx")
+
+    def fp32(self, ctx: ConvertContext) -> Path:
+        import onnx
+
+        cache = ctx.cache
+        if Format.ONNX not in cache.fp32:
+            out = cache.path(f"fp32-opset{ctx.opset}.onnx")
+            if ctx.source.kind.value == "onnx":
+                model = onnx.load(str(ctx.source.path))
+            else:
+                onnx_graph.tf_to_onnx(ctx.source, out, ctx.opset)
+                model = onnx.load(str(out))
+            onnx_graph.sanitize(model)
+            onnx.save(model, str(out))
+            cache.fp32[Format.ONNX] = out
+        return cache.fp32[Format.ONNX]
+
+    def convert(self, ctx: ConvertContext) -> Artifact:
+        import shutil
+
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        out = ctx.out_dir / "model.onnx"
+        fp32 = self.fp32(ctx)
+        if ctx.precision is Precision.FP32:
+            shutil.copyfile(fp32, out)
+            details = {}
+        else:
+            details = MODES[ctx.precision](ctx, fp32, out)
+        return Artifact(path=out, format=self.format, precision=ctx.precision,
+                        quantization=dict(details, opset=_opset(out)))
+
+    def variant(self, ctx: ConvertContext) -> str:
+        if ctx.precision is Precision.INT8:
+            return f"{ctx.profile.activation_dtype.value}-{ctx.per_channel}-{ctx.calibration_method.value}"
+        return str(ctx.per_channel) if ctx.precision is Precision.DYNAMIC else ""
+
+    def lint(self, art: Artifact, profile: TargetProfile, *, allow_flex: bool, inputs, outputs) -> list[Finding]:
+        import onnx
+
+        model = onnx.load(str(art.path), load_external_data=False)
+        out = []
+        custom = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx", "com.microsoft")})
+        if custom:
+            out.append(Finding(Level.WARNING, "custom-domain", f"custom op domains {custom} need their own kernels"))
+        if profile.static_shapes:
+            for vi in model.graph.input:
+                if any(not d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim):
+                    out.append(Finding(Level.ERROR, "dynamic-shape", f"input {vi.name!r} has dynamic dimensions"))
+        return out
+
+    def gate_hint(self, profile: TargetProfile, precision: Precision) -> str:
+        return ("try per-channel quantization (--per-channel), another --calibration-method (entropy, percentile), "
+                "more representative calibration data, or --quantize fp16 (--quantize auto tries these for you)")
+
+    def graph_view(self, art: Artifact, ctx: ConvertContext, samples: list[dict]):
+        import onnx
+        from onnx import numpy_helper
+
+        fp32 = self.fp32(ctx)
+        base = _preprocessed(ctx, fp32) if art.precision in (Precision.INT8, Precision.DYNAMIC) else fp32
+        if base not in ctx.cache.float_tensors:
+            ctx.cache.float_tensors[base] = onnx_graph.intermediates(onnx.load(str(base)), samples)
+        ref = ctx.cache.float_tensors[base]
+        model = onnx.load(str(art.path))
+        got = onnx_graph.intermediates(model, samples)
+        init = {t.name: t for t in model.graph.initializer}
+        ops, alias, lowered = [], {}, []
+        for n in model.graph.node:
+            if n.op_type == "Cast" and not any(a.name == "to" and a.i in (1, 10) for a in n.attribute):
+                ops.append(Op(n.name, n.op_type, tuple(n.input), tuple(n.output)))  # a real type change
+            elif n.op_type in _PASS_THROUGH:
+                a, b = n.input[0], n.output[0]
+                if b in ref and a not in ref:
+                    alias[a] = b
+                else:
+                    alias[b] = a
+                if n.op_type == "QuantizeLinear" and len(n.input) >= 3 and n.input[1] in init:
+                    scale = numpy_helper.to_array(init[n.input[1]])
+                    zp = numpy_helper.to_array(init[n.input[2]]) if n.input[2] in init else np.zeros((), np.uint8)
+                    if scale.size == 1:
+                        lowered.append(Lowered(a, fake_quant(float(scale), int(zp), zp.dtype)))
+            elif n.op_type != "Constant":
+                ops.append(Op(n.name, n.op_type, tuple(n.input), tuple(n.output)))
+        if art.precision is Precision.FP16:
+            lowered += [Lowered(t, lambda x: np.asarray(x, np.float32).astype(np.float16).astype(np.float64))
+                        for t, v in got.items() if v.dtype == np.float16]
+        return GraphView(tuple(ops), alias, tuple(lowered), channel_axis=1), ref, got
+
+
+
+def _opset(path: Path) -> int | None:
+    import onnx
+
+    return _opset_of(onnx.load(str(path), load_external_data=False))
+
+
+def _opset_of(model) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)

@@ -1,96 +1,122 @@
-"""TFLite output: TFLiteConverter from a (static-shape) SavedModel, one function per
-quantization mode, plus readers for the flatbuffer (ops, versions, tensor types)."""
+"""TFLite output: TFLiteConverter from a (static-shape) SavedModel, or a ready .tflite as is.
+
+int8 candidates share one calibration pass: the converter calibrates once
+(`_experimental_calibrate_only`), and each int8 candidate (full, or with nodes kept in float)
+is quantized from those statistics by the MLIR quantizer, which is what `convert()` does
+internally. int16x8 goes through the converter's own path (the MLIR quantizer cannot do it)."""
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
-from collections import Counter
+from pathlib import Path
+
+import numpy as np
 
 from edgebundle.errors import ConversionError, InputError, UnsupportedOpError
-from edgebundle.manifest import TensorSpec
-from packager.registry import Artifact, ConvertContext, register
-from packager.sources import SourceKind
-from targets import Format, IOType, Precision
+from packager.formats import edgetpu
+from packager.formats.sensitivity import GraphView, Lowered, Op, fake_quant
+from packager.formats.tflite_fb import describe_flatbuffer, detect_precision, ops_with_versions
+from packager.lint import Finding, Level
+from packager.registry import Artifact, Backend, ConvertContext, Finished, register
+from targets import Format, IOType, Precision, TargetProfile
 
 _FLEX = re.compile(r"TF Select ops:\s*([^\n]+)")
 _CUSTOM = re.compile(r"Custom ops:\s*([^\n]+)")
 
 
-def _mode_fp32(conv, ctx: ConvertContext) -> dict:
-    return {}
-
-
-def _mode_fp16(conv, ctx: ConvertContext) -> dict:
+def _converter(ctx: ConvertContext):
     import tensorflow as tf
 
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.target_spec.supported_types = [tf.float16]
-    return {"weights": "float16", "activations": "float32"}
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(ctx.source.static_saved_model()))
+    if ctx.allow_flex:
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    return conv
 
 
-def _mode_dynamic(conv, ctx: ConvertContext) -> dict:
-    import tensorflow as tf
-
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    return {"weights": "int8", "activations": "float32 (quantized on the fly)"}
-
-
-def _mode_int8(conv, ctx: ConvertContext) -> dict:
-    import tensorflow as tf
-
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = _representative(ctx)
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    io = ctx.profile.quantized_io
-    if io is not IOType.FLOAT32:
-        conv.inference_input_type = tf.int8 if io is IOType.INT8 else tf.uint8
-        conv.inference_output_type = conv.inference_input_type
-    return {"weights": "int8", "activations": "int8", "io": io.value, "per_channel": True,
-            "calibration_samples": len(ctx.calibration)}
-
-
-def _mode_int16x8(conv, ctx: ConvertContext) -> dict:
-    import tensorflow as tf
-
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = _representative(ctx)
-    conv.target_spec.supported_ops = [
-        tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-    return {"weights": "int8", "activations": "int16", "io": "float32",
-            "calibration_samples": len(ctx.calibration)}
-
-
-MODES = {Precision.FP32: _mode_fp32, Precision.FP16: _mode_fp16, Precision.DYNAMIC: _mode_dynamic,
-         Precision.INT8: _mode_int8, Precision.INT16X8: _mode_int16x8}
+def _run(conv, ctx: ConvertContext) -> bytes:
+    try:
+        with warnings.catch_warnings():  # the converter's calibrator uses the deprecated tf.lite.Interpreter
+            warnings.filterwarnings("ignore", message=r"[\s\S]*tf.lite.Interpreter is deprecated")
+            return conv.convert()
+    except Exception as e:  # ConverterError, plus assorted MLIR/RuntimeErrors
+        raise _conversion_error(e, ctx) from None
 
 
 def _representative(ctx: ConvertContext):
     samples = ctx.calibration.samples
-
-    def gen():
-        for feeds in samples:
-            yield {k: v for k, v in feeds.items()}
-
-    return gen
+    return lambda: (dict(feeds) for feeds in samples)
 
 
-@register(kinds=(SourceKind.SAVED_MODEL, SourceKind.KERAS), fmt=Format.TFLITE, precisions=tuple(MODES))
-def tflite_from_tf(ctx: ConvertContext) -> Artifact:
+def _int8_ops(conv, ctx: ConvertContext) -> None:
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(ctx.source.static_saved_model()))
-    details = MODES[ctx.precision](conv, ctx)
-    if ctx.allow_flex:
-        conv.target_spec.supported_ops = list(conv.target_spec.supported_ops) + [tf.lite.OpsSet.SELECT_TF_OPS]
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = _representative(ctx)
+    ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.target_spec.supported_ops = ops + ([tf.lite.OpsSet.SELECT_TF_OPS] if ctx.allow_flex else [])
+
+
+def _calibrated(ctx: ConvertContext) -> bytes:
+    """The float model with calibration statistics: one pass over the calibration data per build."""
+    cache = ctx.cache
+    if cache.tflite_calibrated is None:
+        conv = _converter(ctx)
+        _int8_ops(conv, ctx)
+        conv._experimental_calibrate_only = True  # what QuantizationDebugger uses too
+        cache.tflite_calibrated = _run(conv, ctx)
+    return cache.tflite_calibrated
+
+
+def _int8(ctx: ConvertContext) -> tuple[bytes, dict]:
+    import tensorflow as tf
+    from tensorflow.lite.python.convert import deduplicate_readonly_buffers, mlir_quantize
+
+    io = ctx.profile.quantized_io
+    io_type = {IOType.FLOAT32: tf.float32, IOType.INT8: tf.int8, IOType.UINT8: tf.uint8}[io]
+    keep = list(ctx.candidate.keep_float)
     try:
-        with warnings.catch_warnings():  # the converter's calibrator uses the deprecated tf.lite.Interpreter
-            warnings.filterwarnings("ignore", message=r"[\s\S]*tf.lite.Interpreter is deprecated")
-            data = conv.convert()
-    except Exception as e:  # ConverterError, plus assorted MLIR/RuntimeErrors
+        data = mlir_quantize(_calibrated(ctx), input_data_type=io_type, output_data_type=io_type,
+                             denylisted_nodes=keep or None)
+        data = deduplicate_readonly_buffers(data)
+    except Exception as e:  # the quantizer raises plain exceptions with MLIR diagnostics
         raise _conversion_error(e, ctx) from None
-    out = ctx.out_dir / "model.tflite"
-    out.write_bytes(data)
-    return Artifact(path=out, format=Format.TFLITE, precision=ctx.precision, quantization=details)
+    details = {"weights": "int8", "activations": "int8", "io": io.value, "per_channel": True,
+               "calibration_samples": len(ctx.calibration)}
+    if keep:
+        details["float_nodes"] = keep
+    return data, details
+
+
+def _fp16(ctx: ConvertContext) -> tuple[bytes, dict]:
+    import tensorflow as tf
+
+    conv = _converter(ctx)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.target_spec.supported_types = [tf.float16]
+    return _run(conv, ctx), {"weights": "float16", "activations": "float32"}
+
+
+def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
+    import tensorflow as tf
+
+    conv = _converter(ctx)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    return _run(conv, ctx), {"weights": "int8", "activations": "float32 (quantized on the fly)"}
+
+
+def _int16x8(ctx: ConvertContext) -> tuple[bytes, dict]:
+    import tensorflow as tf
+
+    conv = _converter(ctx)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = _representative(ctx)
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    return _run(conv, ctx), {"weights": "int8", "activations": "int16", "io": "float32",
+                             "calibration_samples": len(ctx.calibration)}
+
+
+MODES = {Precision.FP16: _fp16, Precision.DYNAMIC: _dynamic, Precision.INT8: _int8, Precision.INT16X8: _int16x8}
 
 
 def _conversion_error(e: Exception, ctx: ConvertContext) -> ConversionError:
@@ -108,109 +134,158 @@ def _conversion_error(e: Exception, ctx: ConvertContext) -> ConversionError:
     if custom:
         return UnsupportedOpError(f"the model needs custom ops the converter cannot lower: {custom.group(1)}")
     lines = [ln for ln in text.splitlines() if "error" in ln.lower()] or text.splitlines() or [type(e).__name__]
-    return ConversionError(f"TFLite conversion ({ctx.precision.value}) failed: {lines[-1].strip()[:400]}",
-                           hint="try another --quantize mode (fp16 or dynamic), or an ONNX target")
+    return ConversionError(f"TFLite conversion ({ctx.candidate.label}) failed: {lines[-1].strip()[:400]}",
+                           hint="try another --quantize mode (fp16 or fp32), or an ONNX target")
 
 
-# ---- reading a .tflite flatbuffer (TF's generated schema; packager-only) ----
+@register
+class TFLiteBackend(Backend):
+    format = Format.TFLITE
+    sources = ("savedmodel", "keras", "tflite")
 
-def _schema():
-    from tensorflow.lite.python import schema_py_generated as schema
+    def fp32(self, ctx: ConvertContext) -> Path:
+        cache = ctx.cache
+        if Format.TFLITE not in cache.fp32:
+            out = cache.path("fp32.tflite")
+            if ctx.source.kind.value == "tflite":
+                shutil.copyfile(ctx.source.path, out)
+            else:
+                out.write_bytes(_run(_converter(ctx), ctx))
+            cache.fp32[Format.TFLITE] = out
+        return cache.fp32[Format.TFLITE]
 
-    return schema
+    def convert(self, ctx: ConvertContext) -> Artifact:
+        out = ctx.out_dir / "model.tflite"
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        if ctx.source.kind.value == "tflite":
+            return self._as_is(ctx, out)
+        if ctx.precision is Precision.FP32:
+            shutil.copyfile(self.fp32(ctx), out)
+            return Artifact(path=out, format=self.format, precision=Precision.FP32)
+        data, details = MODES[ctx.precision](ctx)
+        out.write_bytes(data)
+        return Artifact(path=out, format=self.format, precision=ctx.precision, quantization=details)
+
+    def _as_is(self, ctx: ConvertContext, out: Path) -> Artifact:
+        """A ready .tflite is packaged unchanged; asking for another precision is an error."""
+        src = ctx.source
+        detected = detect_precision(src.data)
+        if ctx.precision is not detected:
+            raise InputError(
+                f"{src.path.name} is already a {detected.value} TFLite model; edgepack cannot re-quantize "
+                f"a .tflite to {ctx.precision.value}",
+                hint="use --quantize auto to package it as is, or build from the original SavedModel/Keras model")
+        shutil.copyfile(src.path, out)
+        return Artifact(path=out, format=self.format, precision=detected,
+                        quantization={"source": "packaged as is", "detected_precision": detected.value})
+
+    def variant(self, ctx: ConvertContext) -> str:
+        return ctx.profile.quantized_io.value if ctx.precision is Precision.INT8 else ""
+
+    def lint(self, art: Artifact, profile: TargetProfile, *, allow_flex: bool, inputs, outputs) -> list[Finding]:
+        ops = ops_with_versions(art.path.read_bytes())
+        out = []
+        flex = sorted({n for n, _ in ops if n.startswith("Flex")})
+        if flex:
+            out.append(Finding(Level.WARNING if allow_flex else Level.ERROR, "flex-ops",
+                               f"needs the TF Select (Flex) delegate for {', '.join(flex)}; "
+                               "stock LiteRT/tflite-runtime wheels on devices cannot run these"))
+        if profile.static_shapes:
+            for t in list(inputs) + list(outputs):
+                if any(d < 0 for d in (t.shape_signature or ())):
+                    out.append(Finding(Level.ERROR, "dynamic-shape", f"{t.name!r} has dynamic shape "
+                                       f"{t.shape_signature}; {profile.name} needs static shapes"))
+        if "edgetpu" in profile.delegates:
+            out += edgetpu.lint(ops, inputs, outputs, profile)
+        return out
+
+    def finish(self, art: Artifact, profile: TargetProfile, work: Path, *, name: str, version: str) -> Finished:
+        if not ("edgetpu" in profile.delegates and profile.edgetpu_compile):
+            return Finished(path=art.path, name=art.path.name)
+        tpu = edgetpu.compile_model(art.path, work, name=name, version=version)
+        if tpu.compiled:
+            return Finished(path=tpu.model, name="model_edgetpu.tflite", compile_report=tpu.to_dict())
+        return Finished(path=art.path, name=art.path.name, compile_report=tpu.to_dict(),
+                        warnings=(tpu.instructions,))
+
+    def gate_hint(self, profile: TargetProfile, precision: Precision) -> str:
+        return ("try more representative calibration data (--calibration-samples 500), --quantize int16x8 or fp16, "
+                "or keep sensitive layers in float (--quantize auto does this for you)")
+
+    def describe(self, path: Path):
+        return describe_flatbuffer(path.read_bytes())
+
+    def graph_view(self, art: Artifact, ctx: ConvertContext, samples: list[dict]):
+        fp32 = self.fp32(ctx)
+        if fp32 not in ctx.cache.float_tensors:
+            ctx.cache.float_tensors[fp32] = _tensors(fp32.read_bytes(), samples)[0]
+        ref = ctx.cache.float_tensors[fp32]
+        got, interp = _tensors(art.path.read_bytes(), samples)
+        details = {d["index"]: d for d in interp.get_tensor_details()}
+        ops, alias, lowered = [], {}, []
+        for op in interp._get_ops_details():
+            ins = [details[i]["name"] for i in op["inputs"] if i >= 0]
+            outs = [details[i]["name"] for i in op["outputs"] if i >= 0]
+            if op["op_name"] in ("QUANTIZE", "DEQUANTIZE") and ins and outs:
+                a, b = ins[0], outs[0]
+                if b in ref and a not in ref:
+                    alias[a] = b
+                else:
+                    alias[b] = a
+            elif op["op_name"] != "DELEGATE" and outs:
+                ops.append(Op(name=outs[0], kind=op["op_name"], inputs=tuple(ins), outputs=tuple(outs)))
+        seen = {t for op in interp._get_ops_details() for t in op["outputs"]}
+        seen |= {d["index"] for d in interp.get_input_details()}
+        for idx in seen:
+            d = details[idx]
+            scale, zp = _qparams(d)
+            if scale is not None:
+                lowered.append(Lowered(d["name"], fake_quant(scale, zp, np.dtype(d["dtype"]))))
+        return GraphView(tuple(ops), alias, tuple(lowered), channel_axis=-1), ref, got
 
 
-def _op_names() -> dict[int, str]:
-    schema = _schema()
-    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+def _qparams(d: dict) -> tuple[float | None, int | None]:
+    q = d.get("quantization_parameters") or {}
+    scales = q.get("scales")
+    if np.dtype(d["dtype"]).kind not in "iu" or scales is None or len(scales) != 1 or scales[0] <= 0:
+        return None, None
+    return float(scales[0]), int(q["zero_points"][0])
 
 
-_TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "bool", 7: "int16", 9: "int8"}
 
+def _tensors(data: bytes, samples: list[dict]):
+    """Every op's output (dequantized) on `samples`, stacked on axis 0; by tensor name."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-def read_model(data: bytes):
-    schema = _schema()
-    return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
-
-
-def ops_with_versions(data: bytes) -> list[tuple[str, int]]:
-    """(op name, op version) of each operator of the main subgraph, in execution order."""
-    model = read_model(data)
-    names = _op_names()
-    codes = []
-    for oc in model.operatorCodes:
-        code = max(oc.builtinCode, oc.deprecatedBuiltinCode)
-        name = names.get(code, f"BUILTIN_{code}")
-        if name == "CUSTOM":
-            name = (oc.customCode or b"").decode() if isinstance(oc.customCode, bytes) else str(oc.customCode)
-        codes.append((name, oc.version))
-    return [codes[op.opcodeIndex] for op in model.subgraphs[0].operators]
-
-
-def describe_flatbuffer(data: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Inputs and outputs straight from the flatbuffer (for models this host cannot run,
-    e.g. Edge-TPU-compiled ones). Names come from the signature def when there is one."""
-    from device_agent.runtimes.base import TensorInfo
-
-    model = read_model(data)
-    sg = model.subgraphs[0]
-    names_in, names_out = {}, {}
-    for sd in model.signatureDefs or []:
-        names_in.update({t.tensorIndex: t.name.decode() if isinstance(t.name, bytes) else t.name for t in sd.inputs})
-        names_out.update({t.tensorIndex: t.name.decode() if isinstance(t.name, bytes) else t.name for t in sd.outputs})
-
-    def info(idx: int, names: dict) -> TensorInfo:
-        t = sg.tensors[idx]
-        q = t.quantization
-        scale = float(q.scale[0]) if q is not None and q.scale is not None and len(q.scale) else None
-        zp = int(q.zeroPoint[0]) if scale is not None else None
-        name = names.get(idx) or (t.name.decode() if isinstance(t.name, bytes) else t.name)
-        shape = t.shapeSignature if t.shapeSignature is not None and len(t.shapeSignature) else t.shape
-        return TensorInfo(name=name, shape=tuple(int(x) for x in shape), dtype=_TYPES.get(t.type, "float32"),
-                          scale=scale, zero_point=zp)
-
-    ins = sorted((info(i, names_in) for i in sg.inputs), key=lambda t: t.name)
-    outs = sorted((info(i, names_out) for i in sg.outputs), key=lambda t: t.name)
-    return tuple(ins), tuple(outs)
-
-
-def detect_precision(data: bytes) -> Precision:
-    """Best guess of how a ready .tflite was quantized, from its tensor types."""
-    model = read_model(data)
-    sg = model.subgraphs[0]
-    io = set(sg.inputs) | set(sg.outputs)
-    const, act = Counter(), Counter()
-    for i, t in enumerate(sg.tensors):
-        buf = model.buffers[t.buffer] if t.buffer < len(model.buffers) else None
-        has_data = buf is not None and buf.data is not None and len(buf.data) > 0
-        if has_data:
-            const[_TYPES.get(t.type, "?")] += 1
-        elif i not in io:  # float I/O around an int8 core says nothing about the core
-            act[_TYPES.get(t.type, "?")] += 1
-    if act["int16"]:
-        return Precision.INT16X8
-    if (act["int8"] or act["uint8"]) and not act["float32"]:
-        return Precision.INT8
-    if const["float16"]:
-        return Precision.FP16
-    if const["int8"]:
-        return Precision.DYNAMIC
-    return Precision.FP32
-
-
-@register(kinds=(SourceKind.TFLITE,), fmt=Format.TFLITE, precisions=tuple(MODES))
-def tflite_as_is(ctx: ConvertContext) -> Artifact:
-    """A ready .tflite is packaged unchanged; asking for another precision is an error."""
-    import shutil
-
-    src = ctx.source
-    detected = detect_precision(src.data)
-    if ctx.precision is not detected:
-        raise InputError(
-            f"{src.path.name} is already a {detected.value} TFLite model; edgepack cannot re-quantize "
-            f"a .tflite to {ctx.precision.value}",
-            hint="use --quantize auto to package it as is, or build from the original SavedModel/Keras model")
-    out = ctx.out_dir / "model.tflite"
-    shutil.copyfile(src.path, out)
-    return Artifact(path=out, format=Format.TFLITE, precision=detected,
-                    quantization={"source": "packaged as is", "detected_precision": detected.value})
+    interp = Interpreter(model_content=data, experimental_preserve_all_tensors=True,
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interp.allocate_tensors()
+    sigs = interp._get_full_signature_list() or {}
+    sig = sigs.get("serving_default") or (sigs[sorted(sigs)[0]] if sigs else None)
+    by_name = {d["name"]: d for d in interp.get_input_details()}
+    details = {d["index"]: d for d in interp.get_tensor_details()}
+    wanted = {t for op in interp._get_ops_details() for t in op["outputs"] if t >= 0}
+    wanted |= set(by_name[n]["index"] for n in by_name)
+    rows: dict[str, list] = {}
+    for feeds in samples:
+        for name, x in feeds.items():
+            idx = sig["inputs"][name] if sig and name in sig["inputs"] else by_name[name]["index"]
+            d = details[idx]
+            scale, zp = _qparams(d)
+            x = np.asarray(x)
+            if scale is not None and x.dtype.kind == "f":
+                lim = np.iinfo(np.dtype(d["dtype"]))
+                x = np.clip(np.round(x / scale) + zp, lim.min, lim.max)
+            interp.set_tensor(idx, x.astype(d["dtype"]))
+        interp.invoke()
+        for idx in wanted:
+            d = details[idx]
+            try:
+                v = interp.get_tensor(idx)
+            except ValueError:  # tensors the interpreter did not keep
+                continue
+            scale, zp = _qparams(d)
+            v = (v.astype(np.float64) - zp) * scale if scale is not None else v
+            rows.setdefault(d["name"], []).append(np.array(v))
+    return {k: np.concatenate([r.reshape((1,) + r.shape) for r in v]) for k, v in rows.items()
+            if all(r.shape == v[0].shape for r in v)}, interp

@@ -1,0 +1,40 @@
+"""Work one build shares between targets and candidates: the float model of each format,
+one calibration pass per format, the float model's intermediate tensors for the
+sensitivity analysis, and the host timing worker."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from packager.timing import HostTimer
+from targets import CalibrationMethod, Format
+
+
+@dataclass(frozen=True)
+class ArtifactKey:
+    """What makes two targets' candidates the same file: arm-cpu and rpi5 share their fp16 model,
+    not their int8 one (their I/O types differ, which `variant` says)."""
+
+    format: Format
+    precision: str
+    keep_float: tuple[str, ...]
+    variant: str
+
+
+@dataclass
+class BuildCache:
+    workdir: Path
+    timer: HostTimer
+    fp32: dict[Format, Path] = field(default_factory=dict)
+    fp32_latency: dict[tuple[Format, int], dict] = field(default_factory=dict)  # (format, threads) -> ms figures
+    tflite_calibrated: bytes | None = None  # float model carrying calibration statistics
+    onnx_preprocessed: Path | None = None  # ORT's pre-processing of the fp32 graph, what int8 starts from
+    onnx_calibration: dict[CalibrationMethod, Path] = field(default_factory=dict)  # ORT calibration caches
+    float_tensors: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict)  # fp32 intermediates
+    artifacts: dict[ArtifactKey, object] = field(default_factory=dict)  # registry.Artifact, or the error it raised
+
+    def path(self, name: str) -> Path:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return self.workdir / name

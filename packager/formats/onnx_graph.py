@@ -1,0 +1,156 @@
+"""ONNX graph plumbing: TensorFlow -> ONNX, a clean fp32 graph every mode starts from, and
+every intermediate tensor of a model on a few samples (for the sensitivity analysis)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edgebundle.errors import ConversionError
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str, level: int = logging.ERROR):
+    """Raise these loggers' level for one call: tf2onnx logs full tracebacks for optimizer passes
+    it skips, and ORT's quantizer warns on the root logger about every per-channel axis it
+    adapts. Our own report says what happened; the levels are restored afterwards."""
+    saved = [(lg, lg.level) for lg in (logging.getLogger(n) for n in loggers)]
+    for lg, _ in saved:
+        lg.setLevel(max(level, lg.level))
+    try:
+        yield
+    finally:
+        for lg, old in saved:
+            lg.setLevel(old)
+
+
+def tf_to_onnx(src, path: Path, opset: int) -> None:
+    import onnx
+    import tf2onnx
+
+    fn = src.onnx_function()
+    try:
+        with quiet("tf2onnx"):
+            model, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=opset)
+    except Exception as e:  # tf2onnx raises bare Exceptions/ValueErrors for unsupported ops
+        raise ConversionError(f"tf2onnx could not convert the model (opset {opset}): {str(e).splitlines()[0][:300]}",
+                              hint="try another --opset (13-18), or a TFLite target") from None
+    _rename_outputs(model, src.outputs)
+    onnx.save(model, str(path))
+
+
+def _rename_outputs(model, names: list[str]) -> None:
+    """Give graph outputs the source signature's names (tf2onnx uses 'Identity:0' etc.)."""
+    from onnx import helper
+
+    g = model.graph
+    for out, name in zip(list(g.output), names):
+        if out.name == name:
+            continue
+        g.node.append(helper.make_node("Identity", [out.name], [name], name=f"edgepack_out_{name}"))
+        out.name = name
+
+
+def sanitize(model) -> list[str]:
+    """Make a graph every tool here accepts; returns what was changed.
+
+    - Graph inputs that are initializers (older exporters list them) or that no node reads
+      (tf2onnx turns variables it folded away, e.g. a Normalization layer's mean and variance,
+      into dangling inputs) are dropped: ONNX Runtime would otherwise demand them as feeds.
+    - Nodes without names get one: quantizers and fp16 block lists address nodes by name.
+    - Constant nodes become initializers: ORT's fp16 converter keeps a blocked node's
+      initializers in fp32 but mishandles blocked Constant nodes (PaddleOCR's exports hold a
+      BatchNormalization's mean and variance, ~15,000 apiece, in Constant nodes)."""
+    import onnx
+
+    g = model.graph
+    init = {i.name for i in g.initializer}
+    used = _read_names(g) | {o.name for o in g.output}
+    changes = []
+    for vi in list(g.input):
+        if vi.name in init or vi.name not in used:
+            g.input.remove(vi)
+            changes.append(f"dropped graph input {vi.name!r} ({'an initializer' if vi.name in init else 'unused'})")
+    outputs = {o.name for o in g.output}
+    folded = 0
+    for n in list(g.node):
+        if (n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.attribute) == 1
+                and n.attribute[0].name == "value" and n.output[0] not in outputs):
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = n.output[0]
+            g.initializer.append(t)
+            g.node.remove(n)
+            folded += 1
+    if folded:
+        changes.append(f"{folded} Constant nodes made initializers")
+    names = {n.name for n in g.node if n.name}
+    for i, n in enumerate(g.node):
+        if not n.name:
+            name = f"{n.op_type}_{i}"
+            while name in names:
+                name += "_"
+            n.name = name
+            names.add(name)
+    return changes
+
+
+def _read_names(graph) -> set[str]:
+    """Every name a node reads, in subgraphs too (If/Loop bodies read outer-scope tensors)."""
+    names = set()
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                names |= _read_names(sub)
+    return names
+
+
+def remove_symbolic_leftovers(*, since: float) -> None:
+    """ORT's SymbolicShapeInference, when it gives up, dumps sym_shape_infer_temp.onnx and a
+    <uuid>.data file into the current directory. Remove exactly those (and only if just made)."""
+    import onnx
+
+    dump = Path("sym_shape_infer_temp.onnx")
+    if not dump.is_file() or dump.stat().st_mtime < since - 1:
+        return
+    try:
+        model = onnx.load(str(dump), load_external_data=False)
+        for t in model.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location" and "/" not in entry.value:
+                    Path(entry.value).unlink(missing_ok=True)
+    finally:
+        dump.unlink(missing_ok=True)
+
+
+def intermediates(model, samples: list[dict]) -> dict[str, np.ndarray]:
+    """Every node output of `model` (a ModelProto) on `samples`, stacked on a new axis 0."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in m.graph.node:
+        if n.op_type in ("Constant", "QuantizeLinear"):  # constants and raw integers say nothing
+            continue
+        for o in n.output:
+            if o and o not in have:
+                m.graph.output.append(helper.ValueInfoProto(name=o))
+                have.add(o)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as written
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    feeds_names = {i.name for i in sess.get_inputs()}
+    rows: dict[str, list] = {}
+    for feeds in samples:
+        for name, v in zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in feeds_names})):
+            if isinstance(v, np.ndarray):
+                rows.setdefault(name, []).append(v)
+    return {k: np.stack(v) for k, v in rows.items() if all(r.shape == v[0].shape for r in v)}

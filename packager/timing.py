@@ -1,0 +1,91 @@
+"""Host latency for the build, measured where it means something: in a child process that
+has only the device runtime loaded (`python -m device_agent.timing --serve`), never in the
+build process, whose TensorFlow thread pools and freshly-touched memory turn timings into
+noise. Candidates are timed against the fp32 model in interleaved rounds."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from device_agent.timing import ModelSpec, host_cores, threads_for
+from edgebundle.errors import EdgepackError, RuntimeUnavailableError
+from targets import TargetProfile
+
+__all__ = ["HostTimer", "host_cores", "spec_for", "threads_for"]
+
+
+def spec_for(path: Path, profile: TargetProfile) -> ModelSpec:
+    """The device's runtime settings, on this host: accelerators it lacks are left out."""
+    return ModelSpec(path=str(path), format=profile.format.value, threads=threads_for(profile.threads),
+                     delegates=tuple(d for d in profile.delegates if d != "edgetpu"),
+                     providers=("CPUExecutionProvider",))
+
+
+class HostTimer:
+    """One worker process per build, started on first use; models stay loaded in it."""
+
+    def __init__(self, workdir: Path):
+        self._dir = Path(workdir)
+        self._proc: subprocess.Popen | None = None
+        self._n = 0
+
+    def compare(self, baseline: ModelSpec, candidate: ModelSpec | None, feeds: dict[str, np.ndarray], *,
+                budget_s: float, max_rounds: int = 400) -> dict:
+        """Interleaved timing of `candidate` against `baseline` (see device_agent.timing); with no
+        candidate, the baseline's own latency."""
+        self._n += 1
+        self._dir.mkdir(parents=True, exist_ok=True)
+        feeds_path = self._dir / f"timing-feeds-{self._n}.npz"
+        np.savez(feeds_path, **feeds)
+        req = {"a": vars(baseline), "b": vars(candidate) if candidate else None, "feeds": str(feeds_path), "budget_s": budget_s,
+               "max_rounds": max_rounds}
+        reply = self._ask(req)
+        if not reply.get("ok"):
+            raise RuntimeUnavailableError(f"timing on this host failed: {reply.get('error')}")
+        reply.pop("ok")
+        return reply
+
+    def _ask(self, req: dict) -> dict:
+        proc = self._start()
+        try:
+            proc.stdin.write(json.dumps(req) + "\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = ""
+        if not line:
+            self.close()
+            log = (self._dir / "timing-worker.log").read_text(errors="replace").strip().splitlines()[-3:]
+            raise EdgepackError("the timing worker process died", hint="its last words: " + " | ".join(log))
+        return json.loads(line)
+
+    def _start(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+            with open(self._dir / "timing-worker.log", "ab") as log:
+                self._proc = subprocess.Popen([sys.executable, "-m", "device_agent.timing", "--serve"],
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                              text=True, env=env)
+        return self._proc
+
+    def close(self) -> None:
+        if self._proc is not None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+                self._proc.wait(5)
+            self._proc = None
+
+    def __enter__(self) -> "HostTimer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
