@@ -2,8 +2,8 @@
 candidate's, on a few validation samples.
 
 Two kinds of loss are blamed, each measured as a per-channel normalised RMS error (RMS error
-of a channel over the channel's spread in the float model, averaged over channels, so a
-small-range feature next to a large one counts as much as the large one):
+of a channel over the channel's spread in the float model, capped at 1 and averaged over
+channels, so a small-range feature next to a large one counts as much as the large one):
 - a tensor the candidate stores in low precision that cannot hold its values: the float
   values put through the same storage (the candidate's own int8 scale and zero point, or
   fp16) lose too much. Keeping it in float means keeping its producer and consumers in float.
@@ -83,9 +83,13 @@ def nrmse(ref: np.ndarray, got: np.ndarray, axis: int) -> float:
     if not finite.all():
         return float("inf")
     err = np.sqrt(np.mean((got - ref) ** 2, axis=0))
-    spread = np.std(ref, axis=0)
-    floor = 1e-3 * float(np.std(ref)) + 1e-3 * float(np.mean(np.abs(ref))) + 1e-12
-    return float(np.mean(err / np.maximum(spread, floor)))
+    # Each channel against its own spread; a (nearly) constant channel against its own magnitude,
+    # and an all-zero one against a whisker of the tensor's scale (so it never divides by zero).
+    scale = np.maximum(np.std(ref, axis=0), 1e-2 * np.mean(np.abs(ref), axis=0))
+    floor = 1e-6 * (float(np.std(ref)) + float(np.mean(np.abs(ref)))) + 1e-12
+    # Capped at 1: a channel whose error reaches its own spread has lost its information, and a
+    # nearly dead channel must not outweigh the rest. The mean reads as "share of channels lost".
+    return float(np.mean(np.minimum(err / np.maximum(scale, floor), 1.0)))
 
 
 def blame(view: GraphView, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> list[Blame]:

@@ -1,0 +1,197 @@
+"""Fast tests of the pieces `--quantize auto` decides with: the accuracy gate, the per-node
+sensitivity analysis, the interleaved timing, the ladder, shapes from data, graph cleanup."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from edgebundle.errors import CalibrationError, InputError
+from packager.candidates import Step, fallbacks, ladder
+from packager.evaluate import Gate, compare, judge, output_kind
+from packager.formats import sensitivity as sens
+from packager.sources import InputSpec, resolve_shapes
+from targets import Precision, load_profile
+
+
+def _rows(a: np.ndarray, name="out") -> list[dict]:
+    return [{name: x[None]} for x in a]
+
+
+# ---- the accuracy gate ----
+
+def test_output_kinds():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(5), size=8).astype(np.float32)
+    assert output_kind(_rows(probs), "out") == "class_scores"
+    landmarks = rng.normal(size=(8, 63)).astype(np.float32)  # a vector, not a distribution
+    assert output_kind(_rows(landmarks), "out") == "values"
+    assert output_kind(_rows(landmarks), "out", labelled=True) == "class_scores"  # logits the labels refer to
+    assert output_kind(_rows(np.arange(8)[:, None]), "out") == "integers"
+
+
+def test_gate_on_class_scores_with_and_without_labels():
+    rng = np.random.default_rng(1)
+    ref = rng.dirichlet(np.ones(4), size=200)
+    got = ref.copy()
+    flip = np.arange(200) < 5  # 2.5 % of samples change their top class
+    got[flip] = np.roll(got[flip], 1, axis=1)
+    m = compare(_rows(ref), _rows(got), ["out"])
+    assert m["drop_metric"] == "top1_agreement" and m["accuracy_drop_points"] > 1.0
+    assert judge(m, Gate()) and not judge(m, Gate(max_drop=5.0))
+    labels = ref.argmax(1)
+    m = compare(_rows(ref), _rows(got), ["out"], labels=labels)
+    assert m["drop_metric"] == "accuracy" and m["accuracy_reference"] == 1.0
+    assert m["accuracy_drop_points"] == pytest.approx(100 * np.mean(got.argmax(1) != labels), abs=1e-6)
+
+
+def test_gate_on_values_catches_scale_errors_cosine_misses():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(16, 4, 32)).astype(np.float32)  # a map, not class scores
+    scaled = 1.3 * ref  # same direction, wrong size: cosine 1.0
+    m = compare(_rows(ref), _rows(scaled), ["out"])
+    assert m["outputs"]["out"]["cosine_similarity"] == pytest.approx(1.0)
+    why = judge(m, Gate())
+    assert len(why) == 1 and "relative error 0.300" in why[0]
+    close = ref + 0.02 * rng.normal(size=ref.shape).astype(np.float32)
+    assert not judge(compare(_rows(ref), _rows(close), ["out"]), Gate())
+    noise = rng.normal(size=ref.shape).astype(np.float32)
+    why = judge(compare(_rows(ref), _rows(noise), ["out"]), Gate())
+    assert any("cosine similarity" in w for w in why)
+    assert Gate(min_similarity=0.99).max_relative_error == pytest.approx(0.1414, abs=1e-4)
+
+
+def test_nan_fails_even_with_the_gate_off():
+    ref = np.ones((4, 3), np.float32)
+    got = ref.copy()
+    got[0, 0] = np.nan
+    m = compare(_rows(ref), _rows(got), ["out"])
+    assert m["outputs"]["out"]["nan_or_inf"] == 1
+    assert judge(m, Gate(enabled=False)) == ["out: 1 NaN/Inf values"]
+
+
+def test_scalar_outputs_compare_across_samples():
+    """One value per sample (a voice probability): cosine over the samples' vector."""
+    ref = np.linspace(0.05, 0.95, 20)[:, None]
+    m = compare(_rows(ref), _rows(ref[::-1]), ["out"])
+    assert m["outputs"]["out"]["kind"] == "values" and m["outputs"]["out"]["cosine_similarity"] < 0.9
+
+
+# ---- sensitivity ----
+
+def test_nrmse_weighs_every_channel():
+    """A small-range feature next to a large one: int8 with one scale wipes the small one out."""
+    rng = np.random.default_rng(3)
+    x = np.stack([rng.uniform(0, 0.1, 500), rng.uniform(0, 4000, 500)], axis=-1)[:, None, :]
+    q = sens.fake_quant(4000 / 255, 0, np.dtype(np.uint8))(x)
+    assert sens.nrmse(x, q, -1) > 0.4  # the small channel is lost: (~1 + ~0) / 2
+    fine = sens.fake_quant(0.1 / 255, 0, np.dtype(np.uint8))(x[..., :1])
+    assert sens.nrmse(x[..., :1], fine, -1) < 0.01
+
+
+def test_blame_finds_the_tensor_and_the_node():
+    rng = np.random.default_rng(4)
+    x = np.stack([rng.uniform(0, 0.1, 64), rng.uniform(0, 4000, 64)], axis=-1)[:, None, :]
+    ref = {"in": x, "a": x * 2, "b": np.tanh(x * 2)}
+    got = {"in": x, "a": x * 2, "b": np.tanh(x * 2) + rng.normal(0, 0.5, x.shape)}  # node B computes badly
+    view = sens.GraphView(ops=(sens.Op("A", "MUL", ("in",), ("a",)), sens.Op("B", "TANH", ("a",), ("b",))),
+                          alias={}, lowered=(sens.Lowered("a", sens.fake_quant(8000 / 255, 0, np.dtype(np.uint8))),),
+                          channel_axis=-1)
+    found = sens.blame(view, ref, got)
+    kinds = {(b.what, b.name): b for b in found}
+    assert kinds[("tensor", "a")].nodes == ("A", "B")  # keep its producer and consumer in float
+    assert kinds[("node", "B")].error > 0.1
+    assert all(found[i].error >= found[i + 1].error for i in range(len(found) - 1))
+    assert sens.pick(found, (), limit=2)[:1] in (("A",), ("B",))
+    assert set(sens.pick(found, (), limit=8)) == {"A", "B"}
+
+
+# ---- timing ----
+
+def test_interleaved_timing_tells_slower_from_equal():
+    from device_agent.timing import Ratio, compare as ab
+
+    res = ab(lambda: time.sleep(0.0005), lambda: time.sleep(0.002), budget_s=0.5)
+    assert res.ratio.verdict == "slower" and res.ratio.median > 2 and res.rounds >= 8 and res.seconds < 5
+    assert res.ratio.q1 <= res.ratio.median <= res.ratio.q3 and res.b_ms > res.a_ms
+    same = ab(lambda: time.sleep(0.001), lambda: time.sleep(0.001), budget_s=0.5)
+    assert same.ratio.verdict == "within noise" and same.seconds < 5
+    assert Ratio(1.04, 1.02, 1.06).verdict == "within noise"  # under the 5 % floor
+    assert Ratio(1.3, 1.2, 1.4).verdict == "slower" and Ratio(0.5, 0.45, 0.6).verdict == "faster"
+
+
+def test_threads_never_exceed_host_cores():
+    from device_agent.timing import host_cores, threads_for
+
+    assert threads_for(64) == host_cores() and threads_for(0) == host_cores() and threads_for(1) == 1
+
+
+# ---- the ladder ----
+
+def test_ladders_follow_the_profiles():
+    labels = lambda steps: [s.label for s in steps]  # noqa: E731
+    assert labels(ladder(load_profile("arm-cpu"), Precision.AUTO)) == ["int8", "int8-mixed", "int16x8", "fp16", "fp32"]
+    assert labels(ladder(load_profile("x86-cpu"), Precision.AUTO)) == ["int8", "int8-mixed", "fp16", "fp16-mixed",
+                                                                       "fp32"]
+    assert labels(ladder(load_profile("jetson-gpu"), Precision.AUTO)) == ["fp16", "fp16-mixed", "fp32"]
+    assert labels(ladder(load_profile("coral"), Precision.AUTO)) == ["int8"]  # nothing may leave the TPU
+    assert ladder(load_profile("arm-cpu"), Precision.FP16) == (Step(Precision.FP16),)
+    assert labels(fallbacks(load_profile("jetson-gpu"), Precision.INT8)) == ["int8-mixed", "fp16", "fp16-mixed", "fp32"]
+
+
+# ---- shapes from data ----
+
+def test_shapes_from_data_and_batch_axis():
+    specs = [InputSpec("input", (None, None), "float32"), InputSpec("state", (2, None, 128), "float32"),
+             InputSpec("sr", (), "int64")]
+    resolve_shapes(specs, {}, data={"input": (512,), "state": (2, 1, 128), "sr": ()})
+    assert [s.shape for s in specs] == [(1, 512), (2, 1, 128), ()]
+    with pytest.raises(InputError) as e:
+        resolve_shapes([InputSpec("state", (2, None, 128), "float32")], {})
+    assert "--input-shape state:2,N,128" in e.value.hint and "--validation" in e.value.hint
+    with pytest.raises(CalibrationError, match=r"have shape \(3, 1, 128\).*takes \(2, \?, 128\)"):
+        resolve_shapes([InputSpec("state", (2, None, 128), "float32")], {}, data={"state": (3, 1, 128)})
+
+
+def test_batch_lint_only_for_a_dynamic_first_axis():
+    from types import SimpleNamespace
+
+    from packager.lint import lint_source
+
+    coral = load_profile("coral")
+    state = InputSpec("state", (2, None, 128), "float32", shape=(2, 1, 128))
+    assert not [f for f in lint_source(SimpleNamespace(inputs=[state]), coral) if f.code == "batch-size"]
+    batch4 = InputSpec("x", (None, 16), "float32", shape=(4, 16))
+    found = [f for f in lint_source(SimpleNamespace(inputs=[batch4]), coral) if f.code == "batch-size"]
+    assert found and "runs batch 1" in found[0].message
+    # profiles that keep dynamic shapes do not freeze a batch
+    assert not [f for f in lint_source(SimpleNamespace(inputs=[batch4]), load_profile("x86-cpu"))
+                if f.code == "batch-size"]
+
+
+# ---- ONNX graph cleanup ----
+
+def test_sanitize_makes_tf2onnx_style_graphs_runnable():
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((3,), 2.0, np.float32), "w")
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones(3, np.float32))),
+             helper.make_node("Mul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "c"], ["y"])]  # unnamed
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3]),
+                                       helper.make_tensor_value_info("w", TensorProto.FLOAT, [3]),
+                                       helper.make_tensor_value_info("806:0", TensorProto.FLOAT, [3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], initializer=[w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    from packager.formats.onnx_graph import sanitize
+
+    changes = sanitize(model)
+    assert [i.name for i in model.graph.input] == ["x"]
+    assert any("'806:0' (unused)" in c for c in changes) and any("'w' (an initializer)" in c for c in changes)
+    assert all(n.name for n in model.graph.node) and not any(n.op_type == "Constant" for n in model.graph.node)
+    onnx.checker.check_model(model)
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": np.ones((1, 3), np.float32)})[0]
+    np.testing.assert_allclose(out, 3.0)
