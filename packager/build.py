@@ -79,6 +79,8 @@ class BuildResult:
     results: list[TargetResult]
     seconds: float
     shared: dict
+    name: str = ""
+    version: str = ""
 
     @property
     def ok(self) -> bool:
@@ -137,14 +139,16 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
                 results.append(tb.run())
             except EdgepackError as e:
                 progress(f"[{profile.name}] FAILED: {str(e).splitlines()[0]}")
-                report = {"format": profile.format.value, "candidates": [t.to_dict() for t in getattr(e, "trials", [])]}
+                trials = getattr(e, "trials", [])
+                report = {"format": profile.format.value, "candidates": [t.to_dict() for t in trials],
+                          "sensitivity": next((t.sensitivity for t in reversed(trials) if t.sensitivity), [])}
                 results.append(TargetResult(target=profile.name, ok=False, error=str(e), error_kind=type(e).__name__,
                                             exc=e, report=report))
         info = {"calibration": data_info(calib), "validation": data_info(valid), "gate": opts.gate.to_dict(),
                 "search": opts.search.value,
                 "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in source.inputs]}
         return BuildResult(model=str(opts.model), source_format=source.kind.value, results=results,
-                           seconds=time.perf_counter() - t0, shared=info)
+                           seconds=time.perf_counter() - t0, shared=info, name=name, version=opts.version)
 
 
 def _check(opts: BuildOptions) -> None:

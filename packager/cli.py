@@ -107,9 +107,12 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--sign-key", type=click.Path(exists=True, path_type=Path), help="Sign each bundle with this "
                                                                             "Ed25519 private key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable report (docs/build-report.md).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the HTML report (default: NAME-VERSION-report.html next to the bundles).")
+@click.option("--no-html", is_flag=True, help="Write no HTML report.")
 def build(model, targets, out_dir, precision, search, calibration, calibration_samples, calibration_method,
           per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, no_gate, allow_flex, name, version,
-          opset, image_scale, image_mean, image_std, labels, sign_key, as_json):
+          opset, image_scale, image_mean, image_std, labels, sign_key, as_json, html_path, no_html):
     """Convert MODEL (SavedModel dir, .keras/.h5, .onnx, .tflite) into one bundle per target."""
     from packager.build import BuildOptions, build as run_build
     from packager.data import ImagePreprocessing
@@ -127,10 +130,17 @@ def build(model, targets, out_dir, precision, search, calibration, calibration_s
         image_prep=prep, labels=labels, sign_key=sign_key)
     result = run_build(opts, progress=_progress(sys.stderr.isatty() or not as_json))
     report = result.to_dict()
+    if not no_html:
+        from packager import html_report
+
+        page = html_report.write(report, html_path or out_dir / f"{result.name}-{result.version}-report.html")
+        report["html"] = str(page)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
         click.echo(build_table(report))
+        if not no_html:
+            click.echo(f"\nreport: {report['html']}")
     failed = [r for r in result.results if not r.ok]
     if failed:
         raise SystemExit(exit_code(failed[0].exc))

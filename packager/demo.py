@@ -143,6 +143,9 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
                             bench_runs=30, bench_seconds=1.0)
         res = build(opts, progress=lambda m: say(f"   {m}"))
         say(build_table(res.to_dict()))
+        from packager import html_report
+
+        say(f"   report page: {html_report.write(res.to_dict(), work / 'bundles' / 'digits-1.0.0-report.html')}")
         if not res.ok:
             raise DemoError("some bundles failed to build; see the table above")
         v1 = next(r.bundle for r in res.results if r.target == "arm-cpu")
