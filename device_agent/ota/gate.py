@@ -71,13 +71,16 @@ class RecordGate:
                          hint="push over MQTT, or add the URL prefix to the device's [ota] allowed_urls")
         digest = hashlib.sha256(signed_bytes(doc)).hexdigest()
         with self._lock:
+            floor = self.floors.get(topic)
             if uid in self.seen:
                 if self.seen[uid] != digest:
                     raise refuse("this update_id was already used by a different record (a replay?)")
-                return d  # the same record again (retained, delivered on every reconnect)
-            floor = self.floors.get(topic)
+                if floor is None or floor.get("update_id") == uid:
+                    return d  # the same record again (retained: delivered on every reconnect)
+                raise refuse(f"a replayed record: update {floor['update_id']} (issued {floor.get('issued')}) "
+                             "replaced it on this topic")
             if floor and d.issued is not None and floor.get("issued"):
-                if parse_time(d.issued, what="issued") <= parse_time(floor["issued"], what="issued"):
+                if _time(d.issued) <= _time(floor["issued"]):
                     raise refuse(f"issued {d.issued}, not after the record already accepted on this topic "
                                  f"({floor['issued']}, update {floor['update_id']}): a replayed or out-of-date record")
             elif floor and d.issued is None and self.keyring.enabled:
@@ -85,8 +88,7 @@ class RecordGate:
             self.seen[uid] = digest
             while len(self.seen) > MAX_SEEN:
                 self.seen.pop(next(iter(self.seen)))
-            if d.issued is not None:
-                self.floors[topic] = {"issued": d.issued, "update_id": uid}
+            self.floors[topic] = {"issued": d.issued, "update_id": uid}
             self._save()
         return d
 
@@ -113,6 +115,13 @@ class RecordGate:
             atomic_write(self.path, json.dumps({"schema": 1, "floors": self.floors, "seen": self.seen}).encode())
         except OSError as e:  # disk full: kept in memory, written with the next record
             log.error("cannot persist accepted records to %s: %s", self.path, e)
+
+
+def _time(text: str):
+    try:
+        return parse_time(text, what="issued")
+    except ValueError:  # a damaged state file: the oldest possible time
+        return parse_time("1970-01-01T00:00:00+00:00", what="issued")
 
 
 def _doc(payload: bytes) -> dict:

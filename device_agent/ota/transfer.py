@@ -89,7 +89,7 @@ class MqttChunkFetcher:
         self.mqtt, self.window, self.stall_s, self.policy = mqtt, window, stall_s, policy
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
-        self._inbox: dict[int, bytes] = {}
+        self._inbox: dict[int, bytes | int] = {}  # index -> payload, or its length when it is too long
         self._prefix: str | None = None
         self._max_len = 0
         self._count = 0
@@ -102,9 +102,9 @@ class MqttChunkFetcher:
             if self._prefix is None or not topic.startswith(self._prefix):
                 return False
             tail = topic[len(self._prefix):]
-            if not (tail.isdigit() and len(tail) <= 9) or int(tail) >= self._count or len(payload) > self._max_len:
+            if not (tail.isdigit() and len(tail) <= 9) or int(tail) >= self._count:
                 return True
-            self._inbox[int(tail)] = payload
+            self._inbox[int(tail)] = payload if len(payload) <= self._max_len else len(payload)
             self._arrived.notify_all()
             return True
 
@@ -168,6 +168,9 @@ class MqttChunkFetcher:
                         continue
                     self.mqtt.unsubscribe(base + str(i))
                     del outstanding[i]
+                    if isinstance(payload, int):
+                        raise TransferError(f"chunk {i} is {payload} bytes, more than the chunk size of {csize}: "
+                                            "corrupted or tampered; refusing the update")
                     digest = hashlib.sha256(payload).hexdigest()
                     if digest != hashes[i] or len(payload) != length(i):
                         raise TransferError(f"chunk {i} sha256 {digest[:16]}... does not match the desired record's "
