@@ -236,3 +236,4 @@ def test_damaged_update_record_starts_idle(setup, content):
     u.recover()
     assert u.record.state is State.IDLE
     assert (path.with_name("update.json.corrupt").read_bytes() == content) or not content
+

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
 from edgebundle import signing
-from edgebundle.errors import InputError
+from edgebundle.errors import EdgepackError, InputError
 from edgebundle.jsonsafe import JsonError, loads
 from edgebundle.manifest import parse_version
 from edgebundle.trust import parse_time
@@ -143,7 +143,7 @@ class Desired:
         version = _text(d, "version", None, "a semantic version")
         try:
             parse_version(version)
-        except InputError as e:
+        except EdgepackError as e:
             raise ValueError(str(e).split("\n")[0]) from None
         sha = _text(d, "sha256", _SHA, "64 lowercase hex digits")
         size = _int(d, "size", 1, limits.max_bundle_bytes, hint="[ota] max_bundle_bytes")

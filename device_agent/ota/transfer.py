@@ -232,11 +232,10 @@ def _resume(part: Path, done_file: Path, hashes: list[str], csize: int, size: in
         return set()
     done = set()
     with open(part, "rb") as f:
-        for line in done_file.read_text().split():
-            try:
-                i = int(line)
-            except ValueError:
+        for line in done_file.read_bytes().split():  # bytes: a log damaged by a power loss is not text
+            if not line.isdigit() or len(line) > 9:
                 continue
+            i = int(line)
             if 0 <= i < len(hashes):
                 f.seek(i * csize)
                 if hashlib.sha256(f.read(min(csize, size - i * csize))).hexdigest() == hashes[i]:
