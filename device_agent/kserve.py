@@ -37,7 +37,7 @@ def tensor_meta(spec) -> dict:
 def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[str, np.ndarray], list[dict]]:
     """-> (request JSON, input arrays by name, requested outputs). InferenceError for anything malformed."""
     if header_length is not None:
-        if not header_length.strip().isdigit():
+        if not (header_length.isascii() and header_length.strip().isdigit()):
             raise InferenceError(f"{HEADER_LEN} {header_length[:40]!r} is not a number")
         n = int(header_length)
         if not 0 < n <= len(body):

@@ -273,7 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise HttpError(411, "send the body with a Content-Length (chunked bodies are not accepted)")
             return b""
-        if not length.strip().isdigit():  # "-1" would read to EOF, past the limit
+        if not (length.isascii() and length.strip().isdigit()):  # "-1" would read to EOF, past the limit
             self.close_connection = True
             raise HttpError(400, f"bad Content-Length {length[:40]!r}: a non-negative number of bytes")
         n = int(length)

@@ -185,19 +185,27 @@ class Bundle:
         h = hashlib.sha256()
         n = 0
         try:
-            with zf.open(name) as src:
-                while block := src.read(_CHUNK):
-                    n += len(block)
-                    if n > entry.size:
-                        raise VerificationError(
-                            f"{name}: more bytes than the manifest's {entry.size}",
-                            problems=[f"{name}: size exceeds manifest"],
-                        )
-                    h.update(block)
-                    sink(block)
-        except _ZIP_ERRORS as e:
+            src = zf.open(name)
+        except _ZIP_ERRORS + (OSError,) as e:
             raise VerificationError(f"{name}: archive data is corrupt ({type(e).__name__}: {e})",
                                     problems=[f"{name}: corrupt"]) from None
+        with src:
+            while True:
+                try:  # only reading the archive is guarded: a full disk in `sink` stays an OSError
+                    block = src.read(_CHUNK)
+                except _ZIP_ERRORS + (OSError,) as e:
+                    raise VerificationError(f"{name}: archive data is corrupt ({type(e).__name__}: {e})",
+                                            problems=[f"{name}: corrupt"]) from None
+                if not block:
+                    break
+                n += len(block)
+                if n > entry.size:
+                    raise VerificationError(
+                        f"{name}: more bytes than the manifest's {entry.size}",
+                        problems=[f"{name}: size exceeds manifest"],
+                    )
+                h.update(block)
+                sink(block)
         if n != entry.size:
             raise VerificationError(f"{name}: {n} bytes, manifest says {entry.size}",
                                     problems=[f"{name}: size mismatch"])
@@ -227,7 +235,7 @@ def open_bundle(path: str | os.PathLike) -> Bundle:
     try:
         with zf:
             return _open(zf, path)
-    except _ZIP_ERRORS as e:
+    except _ZIP_ERRORS + (OSError,) as e:
         raise BundleError(f"{path.name}: the ZIP structure is damaged ({type(e).__name__}: {e})") from None
 
 

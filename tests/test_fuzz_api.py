@@ -86,27 +86,49 @@ request = st.fixed_dictionaries(
         "id": st.text(max_size=5) | JSON})
 
 
-@FUZZ
-@given(body=st.binary(max_size=3000), header=st.none() | st.text(max_size=12))
-def test_fuzz_v2_raw_bytes(api, body, header):
-    _check(api, body, header, "v2 request: raw bytes")
+def test_fuzz_v2_raw_bytes(api):
+    name = "v2 request: raw bytes"
+
+    @FUZZ
+    @given(body=st.binary(max_size=3000), header=st.none() | st.text(max_size=12))
+    def run(body, header):
+        _check(api, body, header, name)
+
+    run()
+    report(name)
 
 
-@FUZZ
-@given(req=request, blob=st.binary(max_size=64), binary=st.booleans(), data=st.data())
-def test_fuzz_v2_structured(api, req, blob, binary, data):
-    head = json.dumps(req).encode()
-    if binary:
-        header = data.draw(st.just(str(len(head))) | st.text(max_size=6) | st.integers(-5, 5000).map(str))
-        _check(api, head + blob, header, "v2 request: JSON + binary extension")
-    else:
-        _check(api, head, None, "v2 request: JSON + binary extension")
+def test_fuzz_v2_structured(api):
+    name = "v2 request: JSON + binary extension"
+
+    @FUZZ
+    @given(req=request, blob=st.binary(max_size=64), binary=st.booleans(), data=st.data())
+    def run(req, blob, binary, data):
+        head = json.dumps(req).encode()
+        if binary:
+            header = data.draw(st.just(str(len(head))) | st.text(max_size=6) | st.integers(-5, 5000).map(str))
+            _check(api, head + blob, header, name)
+        else:
+            _check(api, head, None, name)
+
+    run()
+    report(name)
 
 
-@FUZZ
-@given(flips=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=6),
-       binary=st.booleans())
-def test_fuzz_v2_mutated_valid_request(api, flips, binary):
+def test_fuzz_v2_mutated_valid_request(api):
+    name = "v2 request: mutated valid request"
+
+    @FUZZ
+    @given(flips=st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=6),
+           binary=st.booleans())
+    def run(flips, binary):
+        _mutated(api, flips, binary, name)
+
+    run()
+    report(name)
+
+
+def _mutated(api, flips, binary, name):
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
     if binary:
         head = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
@@ -118,9 +140,4 @@ def test_fuzz_v2_mutated_valid_request(api, flips, binary):
                                                          "data": x.reshape(-1).tolist()}]}).encode()), None
     for pos, val in flips:
         body[pos % len(body)] = val
-    _check(api, bytes(body), header, "v2 request: mutated valid request")
-
-
-def test_fuzz_api_report():
-    for name in ("v2 request: raw bytes", "v2 request: JSON + binary extension", "v2 request: mutated valid request"):
-        report(name)
+    _check(api, bytes(body), header, name)

@@ -29,3 +29,37 @@ def test_record_with_bad_version_is_a_record_error(version):
            "size": 10, "transfer": {"method": "url", "url": "https://example.com/b"}}
     with pytest.raises(RecordError, match="version"):
         Desired.parse(json.dumps(doc).encode(), source="t")
+
+
+def test_non_ascii_digits_in_lengths_are_client_errors(tmp_path):
+    """v2 fuzzer: '¹'.isdigit() is true but int('¹') raises: a header length (or Content-Length,
+    or a chunk topic index) of '¹' answered 500 (or raised in the MQTT thread)."""
+    from device_agent.kserve import decode_request
+    from device_agent.model import InferenceError
+    from device_agent.ota.transfer import MqttChunkFetcher
+
+    with pytest.raises(InferenceError, match="not a number"):
+        decode_request(b"{}", "\u00b9")
+    f = MqttChunkFetcher(mqtt=None)
+    f._prefix, f._count, f._max_len = "t/chunks/", 4, 100
+    assert f.on_message("t/chunks/\u00b9", b"x") and not f._inbox
+
+
+def test_zip_with_a_bad_offset_is_a_bundle_error(tmp_path):
+    """Archive fuzzer: a local header offset damaged into a negative seek raised OSError(EINVAL)."""
+    import io
+    import zipfile
+
+    from edgebundle.archive import open_bundle
+    from edgebundle.errors import BundleError
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("manifest.json", b"{}")
+    raw = bytearray(buf.getvalue())
+    cd = raw.rfind(b"PK\x01\x02")
+    raw[cd + 42:cd + 46] = (0xFFFFFFF0).to_bytes(4, "little")  # relative offset of the local header
+    p = tmp_path / "b.edgepack"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(BundleError):
+        open_bundle(p)

@@ -102,7 +102,7 @@ class MqttChunkFetcher:
             if self._prefix is None or not topic.startswith(self._prefix):
                 return False
             tail = topic[len(self._prefix):]
-            if not (tail.isdigit() and len(tail) <= 9) or int(tail) >= self._count:
+            if not (tail.isascii() and tail.isdigit() and len(tail) <= 9) or int(tail) >= self._count:
                 return True
             self._inbox[int(tail)] = payload if len(payload) <= self._max_len else len(payload)
             self._arrived.notify_all()
@@ -233,7 +233,7 @@ def _resume(part: Path, done_file: Path, hashes: list[str], csize: int, size: in
     done = set()
     with open(part, "rb") as f:
         for line in done_file.read_bytes().split():  # bytes: a log damaged by a power loss is not text
-            if not line.isdigit() or len(line) > 9:
+            if not (line.isascii() and line.isdigit()) or len(line) > 9:
                 continue
             i = int(line)
             if 0 <= i < len(hashes):

@@ -115,13 +115,11 @@ class Updater:
         try:
             if r.state in LIVE:
                 try:
-                    self._restore_previous()
+                    outcome = self._restore_previous()
                 except OSError as e:  # disk full: the loop rolls back in memory once the agent runs
                     log.error("cannot restore the previous bundle in active.json: %s", e)
                     return
-                prev = (r.previous or {}).get("version")
-                self._end(State.ROLLED_BACK, f"the agent restarted during {r.state.value}; rolled back to "
-                                             + (prev if prev else "no model (the device had none before)"))
+                self._end(State.ROLLED_BACK, f"the agent restarted during {r.state.value}; {outcome}")
             elif r.state in (State.VERIFYING, State.STAGING):
                 r.attempts += 1
                 if r.attempts >= self.settings.max_attempts:
@@ -365,38 +363,48 @@ class Updater:
         return State.COMMITTED
 
     def _rollback(self, reason: str) -> State:
-        """Back to the previous model (or none, when the device had none before). Never raises."""
-        bad = self.host.active_model()
+        """Back to the previous model (or none, when the device had none before). Never raises.
+        If the switch never happened (it failed half-way), the old model is still serving and
+        only the staged candidate is closed."""
+        active = self.host.active_model()
+        cand = (self.record.candidate or {}).get("sha256")
+        switched = active is not None and cand is not None and active.bundle_sha256 == cand
+        self._cleanup_candidate()
         try:
             self._restore_previous()
-        except Exception as e:  # active.json could not be written (disk full): restart will retry
+        except Exception as e:  # active.json could not be written (disk full): a restart rolls back again
             log.error("rollback could not restore active.json: %s", e)
-        try:
-            prev = self.record.previous
-            if self._previous_model is not None:
-                self.host.swap(self._previous_model)
-                self._previous_model = None
-            elif prev:
-                self.host.swap(self.host.load(self.host.store.root / prev["bundle"]))
-            else:  # the device had no model before this update: it goes back to serving none
-                self.host.swap(None)
-            if bad is not None and bad is not self.host.active_model():
-                bad.close()
-        except Exception as e:
-            log.exception("rollback could not swap models back")
-            reason = f"{reason}; rolling back failed too ({type(e).__name__}: {e})"
+        if switched or (active is None and self.record.previous):
+            try:
+                prev = self.record.previous
+                if self._previous_model is not None:
+                    self.host.swap(self._previous_model)
+                    self._previous_model = None
+                elif prev:
+                    self.host.swap(self.host.load(self.host.store.root / prev["bundle"]))
+                else:  # the device had no model before this update: it goes back to serving none
+                    self.host.swap(None)
+                if active is not None and active is not self.host.active_model():
+                    active.close()
+            except Exception as e:
+                log.exception("rollback could not swap models back")
+                reason = f"{reason}; rolling back failed too ({type(e).__name__}: {e})"
         self._end(State.ROLLED_BACK, reason)
         return State.ROLLED_BACK
 
-    def _restore_previous(self) -> None:
-        """active.json back to the record's previous bundle, or empty when there was none."""
+    def _restore_previous(self) -> str:
+        """active.json back to the record's previous bundle, or empty when the device had none;
+        untouched when it does not name the candidate (the switch never reached it). Says which."""
         prev = self.record.previous
         store = self.host.store
+        cand = (self.record.candidate or {}).get("sha256")
+        if cand is None or store.read_state().get("sha256") != cand:
+            return "the switch had not happened: the previous model stays"
         if prev and (store.root / prev["bundle"]).is_file():
-            if store.read_state().get("sha256") != prev["sha256"]:
-                store.activate(store.root / prev["bundle"], prev["sha256"])
-        elif store.read_state():
-            store.write_state({})
+            store.activate(store.root / prev["bundle"], prev["sha256"])
+            return f"rolled back to {prev.get('version')}"
+        store.write_state({})
+        return "rolled back to no model (the device had none before)"
 
     # ---- terminal and intermediate transitions ----
     def _fail(self, reason: str) -> None:
