@@ -237,3 +237,19 @@ def test_damaged_update_record_starts_idle(setup, content):
     assert u.record.state is State.IDLE
     assert (path.with_name("update.json.corrupt").read_bytes() == content) or not content
 
+
+
+def test_restart_before_the_switch_touched_active_json(setup):
+    """Found by the fault matrix: killed just after entering SWITCHING (record persisted, active.json
+    not yet changed): recovery must leave the old model active, not clear active.json."""
+    host = setup["host"]
+    before = host.store.read_state()
+    d = _desired(_bundle(setup["src"], "1.1.0"))
+    path, sha = host.store.add(_bundle(setup["src"], "1.1.0"))
+    u = setup["make"]()
+    u._write(Record(state=State.SWITCHING, update_id=d.update_id, desired=d.to_dict(), previous=None,
+                    candidate={"bundle": str(path.relative_to(host.store.root)), "sha256": sha}))
+    u = setup["make"]()
+    u.recover()
+    assert u.record.state is State.ROLLED_BACK and "had not happened" in u.record.error
+    assert host.store.read_state() == before
