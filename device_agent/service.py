@@ -113,13 +113,15 @@ class Agent:
         bundle) and every hash are checked here."""
         path = Path(path)
         sha = path.name.split("-")[0]
-        if verified is None and self.keyring.enabled:
+        bundle = verified
+        if bundle is None:
             from edgebundle.archive import open_bundle
 
-            verified_sig = open_bundle(path)
-            self.keyring.verify_bundle(verified_sig.manifest_bytes, verified_sig.signature, history=True)
+            bundle = open_bundle(path)
+            if self.keyring.enabled:
+                self.keyring.verify_bundle(bundle.manifest_bytes, bundle.signature, history=True)
         return load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=str(self.store.cache),
-                           threads=self.cfg.threads, bundle=verified, verified=verified is not None)
+                           threads=self.cfg.threads, bundle=bundle, verified=verified is not None)
 
     def active_model(self) -> Model | None:
         return self.model

@@ -152,16 +152,16 @@ def fleet() -> None:
 @click.option("--listen", type=float, default=2.0, show_default=True, help="Seconds to collect live telemetry.")
 @click.option("--json", "as_json", is_flag=True)
 def fleet_status(group, listen, as_json, **kw):
-    """Devices: online, model and version, update state, p95 latency, errors, last seen."""
+    """Devices: online, model and version, update state, signed updates, p95 latency, errors, last seen."""
     from packager import fleet as fl
 
     rows = fl.status(_bc(kw), group=group, listen_s=listen)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    head = ("device", "online", "model", "version", "update", "p95 ms", "errors", "last seen")
+    head = ("device", "online", "model", "version", "update", "signed", "p95 ms", "errors", "last seen")
     table = [head] + [(r["device_id"], {True: "yes", False: "NO"}.get(r["online"], "?"), r["model"] or "-",
-                       r["version"] or "-", r["update"] or "-",
+                       r["version"] or "-", r["update"] or "-", {True: "yes", False: "NO"}.get(r["signed_updates"], "?"),
                        "-" if r["p95_ms"] is None else f"{r['p95_ms']:.2f}",
                        "-" if r["errors"] is None else str(r["errors"]), r["last_seen"] or "-") for r in rows]
     w = [max(len(str(row[i])) for row in table) for i in range(len(head))]

@@ -87,7 +87,10 @@ def status(broker: BrokerConfig, *, group: str | None = None, listen_s: float = 
         rows.append({"device_id": dev, "online": st.get("online"), "groups": st.get("groups") or [],
                      "model": model.get("name"), "version": model.get("version"),
                      "provider": model.get("provider"), "update": (st.get("update") or {}).get("state"),
-                     "update_error": (st.get("update") or {}).get("error"), "p95_ms": lat.get("p95"),
+                     "update_error": (st.get("update") or {}).get("error"),
+                     "update_issued": (st.get("update") or {}).get("issued"),
+                     "signed_updates": (st.get("ota") or {}).get("signed_updates"),
+                     "key_serial": (st.get("ota") or {}).get("key_serial"), "p95_ms": lat.get("p95"),
                      "errors": (tel.get("totals") or {}).get("errors"),
                      "last_seen": tel.get("ts") or st.get("ts")})
     return rows
