@@ -253,3 +253,29 @@ def test_restart_before_the_switch_touched_active_json(setup):
     u.recover()
     assert u.record.state is State.ROLLED_BACK and "had not happened" in u.record.error
     assert host.store.read_state() == before
+
+
+def test_a_failed_write_after_staging_does_not_leak_the_staged_model(setup, monkeypatch):
+    """Disk full just as staging ends: the write of the next state fails, staging is retried, and
+    the model staged the first time is closed (not kept in memory twice)."""
+    import device_agent.ota.updater as updater_mod
+
+    host, u = setup["host"], setup["make"]()
+    loaded = []
+    real_load, real_write = host.load, updater_mod.atomic_write
+
+    def load(path, *, verified=None):
+        loaded.append(real_load(path, verified=verified))
+        return loaded[-1]
+
+    def write(path, data):
+        if b'"state": "switching"' in data and len(loaded) == 1:
+            raise OSError(28, "No space left on device")
+        return real_write(path, data)
+
+    host.load = load
+    monkeypatch.setattr(updater_mod, "atomic_write", write)
+    u.set_desired(_desired(_bundle(setup["src"], "1.1.0")))
+    _drive(u)
+    assert u.record.state is State.COMMITTED and u.record.attempts == 1
+    assert len(loaded) == 2 and loaded[0].closed and host.model is loaded[1]

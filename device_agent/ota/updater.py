@@ -289,6 +289,9 @@ class Updater:
         cand = self.record.candidate
         if not cand:
             return State.VERIFYING
+        if self._candidate_model is not None:  # staged before, then the step failed: not twice in memory
+            self._candidate_model.close()
+            self._candidate_model = None
         verified = self._verified if self._verified is not None and self._verified.path.name == Path(
             cand["bundle"]).name else None
         try:
