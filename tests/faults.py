@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 FAULT_SEEDS = int(os.environ.get("EDGEPACK_FAULT_SEEDS", "1"))
-FAULT_FULL = os.environ.get("EDGEPACK_FAULT_FULL", "") == "1"
 UPDATE_STATES = ["downloading", "verifying", "staging", "switching", "probation"]
 FINAL = ("committed", "failed", "rolled_back")
 LIBFAKETIME = next((p for p in ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
