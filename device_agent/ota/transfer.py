@@ -113,7 +113,8 @@ class MqttChunkFetcher:
         stored ones in chunks.done), and the whole-file sha256 is computed as the prefix grows,
         so there is no second pass over the data."""
         t = d.transfer
-        assert isinstance(t, MqttTransfer)
+        if not isinstance(t, MqttTransfer):
+            raise TypeError("MqttChunkFetcher.fetch needs an MQTT transfer")
         final = workdir / "bundle.edgepack"
         if final.is_file():
             return final
