@@ -195,7 +195,26 @@ class Model:
         except Exception:  # the previous model cannot even run it (interface change, closed): not proof
             return False
 
-    def warm_up(self, runs: int = 3) -> float:
+    def golden_inputs(self, bundle: Bundle | None = None) -> list[dict] | None:
+        """The bundle's golden inputs: real samples from the build, in the model's shapes. Read
+        from the golden.npz extracted (hash-checked) next to the model, else from the bundle into
+        memory: never through the system temp dir (a small RAM disk on many devices)."""
+        g = self.manifest.golden
+        if not g:
+            return None
+        if self._golden is None:
+            if self.golden_path is not None:
+                src = self.golden_path
+            else:
+                import io
+
+                src = io.BytesIO((bundle or open_bundle(self.bundle_path)).read(g["file"]))
+            with np.load(src, allow_pickle=False) as z:
+                self._golden = {k: z[k] for k in z.files}
+        return [{t.name: self._golden[f"input.{i}.{t.name}"] for t in self.manifest.inputs}
+                for i in range(int(g["count"]))]
+
+    def warm_up(self, runs: int = 3, bundle: Bundle | None = None) -> float:
         """Run the golden (or random) inputs a few times; returns the last latency in ms."""
         feeds = self.runtime.sample_inputs()
         ms = 0.0
@@ -206,16 +225,12 @@ class Model:
             ms = (time.perf_counter() - t0) * 1000
         return ms
 
-    def check_golden(self) -> dict:
+    def check_golden(self, bundle: Bundle | None = None) -> dict:
         """Compare outputs on the bundle's golden inputs with the expected ones."""
         g = self.manifest.golden
         if not g:
             return {"checked": 0, "ok": True, "note": "bundle has no golden outputs"}
-        if self._golden is None:
-            if self.golden_path is None:
-                raise VerificationError(f"{self.bundle_path.name}: golden outputs were not extracted")
-            with np.load(self.golden_path, allow_pickle=False) as z:
-                self._golden = {k: z[k] for k in z.files}
+        self.golden_inputs(bundle)
         arrays = self._golden
         worst = 0.0
         for i in range(int(g["count"])):
