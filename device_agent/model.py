@@ -215,8 +215,10 @@ class Model:
                 for i in range(int(g["count"]))]
 
     def warm_up(self, runs: int = 3, bundle: Bundle | None = None) -> float:
-        """Run the golden (or random) inputs a few times; returns the last latency in ms."""
-        feeds = self.runtime.sample_inputs()
+        """Run the golden inputs (random ones only for a bundle without them) a few times; returns
+        the last latency in ms. Random values would crash models with ids or sample rates as inputs."""
+        golden = self.golden_inputs(bundle)
+        feeds = self.validate(golden[0]) if golden else self.runtime.sample_inputs()
         ms = 0.0
         for _ in range(max(1, runs)):
             t0 = time.perf_counter()
