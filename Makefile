@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install corpus demo test test-fast bench clean
+.PHONY: install corpus demo test test-fast bench hostile clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,6 +40,12 @@ bench: install corpus
 	$(PY) benchmarks/agent_footprint.py
 	$(PY) benchmarks/ota_latency.py
 	$(PY) benchmarks/swap_disruption.py
+
+# Hostile tests with figures (docs/security.md): long fuzz runs, the whole fault matrix, a broker outage.
+hostile: install
+	$(PY) benchmarks/fuzz_figures.py --examples 5000
+	$(PY) benchmarks/fault_matrix.py --seeds 5
+	$(PY) benchmarks/telemetry_outage.py --outage 60
 
 clean:
 	rm -rf examples/digits/work dist .pytest_cache

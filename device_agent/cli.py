@@ -47,10 +47,20 @@ def main() -> None:
 @click.option("--threads", type=int, help="Override the bundle's thread count.")
 @click.option("--log-format", type=click.Choice(["json", "text"]))
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=str),
-              help="Ed25519 public key (PEM) that signs bundles (repeatable); with any, unsigned bundles are refused.")
+              help="Ed25519 public key (PEM) that signs bundles and desired records (repeatable); with any, "
+                   "unsigned ones are refused.")
+@click.option("--root-key", "root_keys", multiple=True, type=click.Path(path_type=str),
+              help="Ed25519 root key (PEM) whose certificates make fleet keys trusted (repeatable; rotation).")
+@click.option("--allow-url", "allowed_urls", multiple=True,
+              help="URL prefix bundles may be downloaded from, e.g. https://models.example.com/fleet/ or "
+                   "file:///srv/models/ (repeatable; none: MQTT transfers only).")
+@click.option("--api-max-connections", type=int, help="Connections served at once (default 64); more get 503.")
+@click.option("--api-idle-timeout", type=float, help="Seconds an idle connection stays open (default 15).")
+@click.option("--api-request-timeout", type=float, help="Seconds to receive a whole request (default 60).")
 def run(config_path, device_id, groups, broker, broker_username, broker_password, broker_ca_file,
         broker_cert_file, broker_key_file, topic_prefix, data_dir, bundle, api_host, api_port, api_token,
-        telemetry_interval, threads, log_format, trusted_keys):
+        telemetry_interval, threads, log_format, trusted_keys, root_keys, allowed_urls, api_max_connections,
+        api_idle_timeout, api_request_timeout):
     """Serve the active bundle on the KServe v2 API and report to the broker until SIGTERM."""
     from device_agent.config import load_config
     from device_agent.service import Agent, limit_malloc_arenas, setup_logging
@@ -62,7 +72,9 @@ def run(config_path, device_id, groups, broker, broker_username, broker_password
                       broker_key_file=broker_key_file, topic_prefix=topic_prefix, data_dir=data_dir,
                       bundle=bundle, api_host=api_host, api_port=api_port, api_token=api_token,
                       telemetry_interval=telemetry_interval, threads=threads, log_format=log_format,
-                      trusted_keys=tuple(trusted_keys) or None)
+                      trusted_keys=tuple(trusted_keys) or None, root_keys=tuple(root_keys) or None,
+                      allowed_urls=tuple(allowed_urls) or None, api_max_connections=api_max_connections,
+                      api_idle_timeout=api_idle_timeout, api_request_timeout=api_request_timeout)
     setup_logging(cfg.log_format)
     Agent(cfg).run()
 

@@ -67,6 +67,18 @@ class AgentConfig:
     buffer_max_bytes: int = 10 << 20
     log_format: str = "json"
     trusted_keys: tuple[str, ...] = ()  # Ed25519 public keys (PEM); when set, unsigned bundles are refused
+    root_keys: tuple[str, ...] = ()  # Ed25519 root keys that certify fleet keys (rotation, docs/security.md)
+    allowed_urls: tuple[str, ...] = ()  # URL prefixes bundles may be downloaded from besides the broker
+    api_max_connections: int = 64
+    api_idle_timeout: float = 15.0  # seconds a connection may sit idle (and between bytes of a request)
+    api_request_timeout: float = 60.0  # seconds to receive a whole request (slowloris)
+    max_attempts: int = 5
+    max_bundle_bytes: int = 1 << 30
+    max_chunks: int = 16384
+    max_record_bytes: int = 1 << 20
+    min_transfer_rate: int = 16 << 10
+    transfer_grace_s: float = 120.0
+    fault_delay: str = ""  # "staging=30,probation=5": pause before states (crash rehearsals, tests)
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -81,8 +93,23 @@ _TOML = {"device_id": (None, "device_id"), "groups": (None, "groups"), "data_dir
          "broker_cert_file": ("broker", "cert_file"), "broker_key_file": ("broker", "key_file"),
          "topic_prefix": ("broker", "topic_prefix"),
          "buffer_max_messages": ("buffer", "max_messages"), "buffer_max_bytes": ("buffer", "max_bytes"),
-         "trusted_keys": ("ota", "trusted_keys")}
-_INTS = {"api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes"}
+         "trusted_keys": ("ota", "trusted_keys"), "root_keys": ("ota", "root_keys"),
+         "allowed_urls": ("ota", "allowed_urls"),
+         "api_max_connections": ("api", "max_connections"), "api_idle_timeout": ("api", "idle_timeout_s"),
+         "api_request_timeout": ("api", "request_timeout_s"),
+         "max_attempts": ("ota", "max_attempts"), "max_bundle_bytes": ("ota", "max_bundle_bytes"),
+         "max_chunks": ("ota", "max_chunks"), "max_record_bytes": ("ota", "max_record_bytes"),
+         "min_transfer_rate": ("ota", "min_transfer_rate"), "transfer_grace_s": ("ota", "transfer_grace_s"),
+         "fault_delay": ("ota", "fault_delay")}
+_INTS = {"api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes", "api_max_connections",
+         "max_attempts", "max_bundle_bytes", "max_chunks", "max_record_bytes", "min_transfer_rate"}
+_FLOATS = {"telemetry_interval", "api_idle_timeout", "api_request_timeout", "transfer_grace_s"}
+_LISTS = ("groups", "trusted_keys", "root_keys", "allowed_urls")
+# lower bounds: a setting below them is an error that names it
+_MIN = {"api_port": 0, "max_body_bytes": 1024, "threads": 1, "buffer_max_messages": 1, "buffer_max_bytes": 1024,
+        "api_max_connections": 1, "max_attempts": 1, "max_bundle_bytes": 1024, "max_chunks": 1,
+        "max_record_bytes": 1024, "min_transfer_rate": 1, "telemetry_interval": 1e-3, "api_idle_timeout": 0.1,
+        "api_request_timeout": 0.1, "transfer_grace_s": 0.0}
 
 
 def _read_toml(path: Path) -> dict:
@@ -116,7 +143,7 @@ def _from_env(env: dict) -> dict:
     for key in _TOML:
         v = env.get(ENV_PREFIX + key.upper())
         if v is not None and v != "":
-            out[key] = v.split(",") if key in ("groups", "trusted_keys") else v
+            out[key] = v.split(",") if key in _LISTS else v
     return out
 
 
@@ -133,13 +160,16 @@ def load_config(*, path: str | Path | None = None, env: dict | None = None, **fl
     unknown = set(merged) - set(_TOML)
     if unknown:
         raise InputError(f"unknown setting(s) {sorted(unknown)}")
-    try:
-        for k in _INTS & set(merged):
-            merged[k] = int(merged[k])
-        if "telemetry_interval" in merged:
-            merged["telemetry_interval"] = float(merged["telemetry_interval"])
-    except (TypeError, ValueError) as e:
-        raise InputError(f"bad number in the agent settings: {e}") from None
+    for k in (_INTS | _FLOATS) & set(merged):
+        try:
+            if isinstance(merged[k], bool):
+                raise ValueError("a boolean")
+            merged[k] = int(merged[k]) if k in _INTS else float(merged[k])
+        except (TypeError, ValueError) as e:
+            raise InputError(f"agent setting {k} must be a number ({e})") from None
+        if k in _MIN and not merged[k] >= _MIN[k]:
+            raise InputError(f"agent setting {k} must be at least {_MIN[k]}, not {merged[k]}"
+                             + (" (telemetry interval must be > 0 seconds)" if k == "telemetry_interval" else ""))
     device_id = str(merged.get("device_id") or socket.gethostname().split(".")[0])
     if not _ID.match(device_id):
         raise InputError(f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
@@ -154,20 +184,36 @@ def load_config(*, path: str | Path | None = None, env: dict | None = None, **fl
             password=merged.get("broker_password"), ca_file=merged.get("broker_ca_file"),
             cert_file=merged.get("broker_cert_file"), key_file=merged.get("broker_key_file"),
             topic_prefix=str(merged.get("topic_prefix", "edgepack/v1"))).validate()
-    if float(merged.get("telemetry_interval", 30.0)) <= 0:
-        raise InputError("telemetry interval must be > 0 seconds")
     if merged.get("log_format", "json") not in ("json", "text"):
         raise InputError("log_format must be json or text")
-    keys = tuple(str(k) for k in merged.get("trusted_keys", ()) if str(k).strip())
-    for k in keys:
-        if not Path(k).is_file():
-            raise InputError(f"trusted key {k!r} does not exist")
+    keys = {}
+    for kind in ("trusted_keys", "root_keys"):
+        keys[kind] = tuple(str(k) for k in merged.get(kind, ()) if str(k).strip())
+        for k in keys[kind]:
+            if not Path(k).is_file():
+                raise InputError(f"{kind[:-1].replace('_', ' ')} {k!r} does not exist")
+    urls = tuple(str(u).strip() for u in merged.get("allowed_urls", ()) if str(u).strip())
+    for u in urls:
+        _check_url_prefix(u)
+    from device_agent.ota.updater import parse_fault_delays
+
+    if merged.get("fault_delay") and not parse_fault_delays(str(merged["fault_delay"])):
+        raise InputError(f"fault_delay {merged['fault_delay']!r} is not STATE=SECONDS[,STATE=SECONDS]")
     kw = {f.name: merged[f.name] for f in fields(AgentConfig) if f.name in merged and f.name not in
-          ("device_id", "groups", "broker", "data_dir", "bundle", "trusted_keys")}
+          ("device_id", "groups", "broker", "data_dir", "bundle", "trusted_keys", "root_keys", "allowed_urls")}
     data_dir = Path(merged.get("data_dir") or Path.home() / ".local/share/edgepack-agent")
     bundle = Path(merged["bundle"]) if merged.get("bundle") else None
     return AgentConfig(device_id=device_id, groups=groups, broker=broker, data_dir=data_dir, bundle=bundle,
-                       trusted_keys=keys, **kw)
+                       trusted_keys=keys["trusted_keys"], root_keys=keys["root_keys"], allowed_urls=urls, **kw)
+
+
+def _check_url_prefix(u: str) -> None:
+    p = urlparse(u)
+    ok = (p.scheme in ("http", "https") and p.hostname) or (p.scheme == "file" and p.path.startswith("/")
+                                                             and p.netloc in ("", "localhost"))
+    if not ok or p.query or p.fragment or p.username:
+        raise InputError(f"allowed URL {u!r} must be an http(s)://HOST[/PATH] or file:///PATH prefix",
+                         hint="e.g. https://models.example.com/fleet/ or file:///srv/edgepack/")
 
 
 __all__ = ["AgentConfig", "BrokerConfig", "load_config"]

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import numpy as np
 
 from device_agent.runtimes.base import Runtime, dequantize, quantize
 from device_agent.runtimes.registry import load_from_manifest
-from edgebundle.archive import Bundle, open_bundle, sha256_file, verify_bundle
+from edgebundle.archive import Bundle, open_bundle, sha256_file
 from edgebundle.errors import InputError, VerificationError
 from edgebundle.manifest import Manifest
 
@@ -31,19 +30,29 @@ class ModelClosed(RuntimeError):
     """The model was swapped out and closed; the caller should take the current one."""
 
 
+MAX_GOLDEN_BYTES = 64 << 20  # golden arrays are loaded into memory
+
+
 class Health:
-    """Per-model counters watched during an update's probation (off otherwise: zero cost)."""
+    """Per-model counters watched during an update's probation (off otherwise: zero cost).
+    `nonfinite` counts NaN/Inf outputs the model is to blame for; `client_nonfinite` those the
+    request caused (a NaN/Inf input, or an input on which the previous model fails the same way)."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.requests = self.errors = self.nonfinite = 0
+        self.requests = self.errors = self.nonfinite = self.client_nonfinite = 0
         self.latencies: list[float] = []
 
     def snapshot(self) -> dict:
         with self.lock:
             lat = list(self.latencies)
             return {"requests": self.requests, "errors": self.errors, "nonfinite": self.nonfinite,
+                    "client_nonfinite": self.client_nonfinite,
                     "p95_ms": float(np.percentile(lat, 95)) if lat else None}
+
+
+def _nonfinite(arrays) -> int:
+    return sum(int(v.size - np.count_nonzero(np.isfinite(v))) for v in arrays if v.dtype.kind == "f")
 
 
 @dataclass
@@ -55,10 +64,12 @@ class Model:
     runtime: Runtime
     bundle_sha256: str
     bundle_path: Path
+    golden_path: Path | None = None  # extracted (hash-checked) golden.npz, next to the model file
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closed: bool = False
     _watch: bool = False
     _golden: dict | None = None
+    _reference: "Model | None" = None
 
     @property
     def name(self) -> str:
@@ -86,10 +97,13 @@ class Model:
         self._dequant = tuple(o for o in self.runtime.outputs if o.quantized)
         self.health = Health()
 
-    def watch(self, on: bool) -> None:
-        """Count requests, errors, NaN/Inf outputs and latencies (during probation)."""
+    def watch(self, on: bool, *, reference: "Model | None" = None) -> None:
+        """Count requests, errors, NaN/Inf outputs and latencies (during probation). `reference`
+        (the previous model, still loaded) decides whether a non-finite output is the model's
+        fault or the request's: it gets the same input only when that happens."""
         if on:
             self.health = Health()
+        self._reference = reference if on else None
         self._watch = on
 
     def health_snapshot(self) -> dict:
@@ -127,7 +141,7 @@ class Model:
         """Run once. Floats for quantized tensors are (de)quantized unless `raw`."""
         feeds = self.validate(inputs)
         if self._watch:
-            return self._infer_watched(feeds, raw)
+            return self._infer_watched(feeds, raw, inputs)
         with self._lock:
             if self._closed:
                 raise ModelClosed(self.name)
@@ -137,14 +151,15 @@ class Model:
                 out[o.name] = dequantize(out[o.name], o)
         return out
 
-    def _infer_watched(self, feeds: dict, raw: bool) -> dict[str, np.ndarray]:
+    def _infer_watched(self, feeds: dict, raw: bool, inputs: dict) -> dict[str, np.ndarray]:
         h = self.health
-        t0 = time.perf_counter()
         try:
             with self._lock:
                 if self._closed:
                     raise ModelClosed(self.name)
+                t0 = time.perf_counter()  # time inside the runtime: waiting for the lock is load, not the model
                 out = self.runtime.run(feeds)
+                ms = (time.perf_counter() - t0) * 1000
         except ModelClosed:
             raise
         except Exception:
@@ -152,28 +167,50 @@ class Model:
                 h.requests += 1
                 h.errors += 1
             raise
-        ms = (time.perf_counter() - t0) * 1000
         if not raw:
             for o in self._dequant:
                 out[o.name] = dequantize(out[o.name], o)
-        bad = sum(int(v.size - np.count_nonzero(np.isfinite(v))) for v in out.values() if v.dtype.kind == "f")
+        bad = _nonfinite(out.values())
+        client = bool(bad) and self._request_caused_it(inputs)
         with h.lock:
             h.requests += 1
-            h.nonfinite += bad
+            if client:
+                h.client_nonfinite += bad
+            else:
+                h.nonfinite += bad
             if len(h.latencies) < 10_000:
                 h.latencies.append(ms)
         return out
 
+    def _request_caused_it(self, inputs: dict) -> bool:
+        """A NaN/Inf input, or the previous model failing the same way on this input: the
+        request is to blame, not the model on probation."""
+        if _nonfinite(np.asarray(v) for v in inputs.values()):
+            return True
+        ref = self._reference
+        if ref is None:
+            return False
+        try:
+            return _nonfinite(ref.infer(inputs).values()) > 0
+        except Exception:  # the previous model cannot even run it (interface change, closed): not proof
+            return False
+
     def golden_inputs(self, bundle: Bundle | None = None) -> list[dict] | None:
-        """The bundle's golden inputs: real samples from the build, in the model's shapes."""
+        """The bundle's golden inputs: real samples from the build, in the model's shapes. Read
+        from the golden.npz extracted (hash-checked) next to the model, else from the bundle into
+        memory: never through the system temp dir (a small RAM disk on many devices)."""
         g = self.manifest.golden
         if not g:
             return None
         if self._golden is None:
-            bundle = bundle or open_bundle(self.bundle_path)
-            with tempfile.TemporaryDirectory() as tmp:
-                with np.load(bundle.extract(tmp, [g["file"]])[g["file"]], allow_pickle=False) as z:
-                    self._golden = {k: z[k] for k in z.files}
+            if self.golden_path is not None:
+                src = self.golden_path
+            else:
+                import io
+
+                src = io.BytesIO((bundle or open_bundle(self.bundle_path)).read(g["file"]))
+            with np.load(src, allow_pickle=False) as z:
+                self._golden = {k: z[k] for k in z.files}
         return [{t.name: self._golden[f"input.{i}.{t.name}"] for t in self.manifest.inputs}
                 for i in range(int(g["count"]))]
 
@@ -222,29 +259,44 @@ class Model:
 
 def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, threads: int | None = None,
                 cache_dir: str | None = None, allow_cpu_fallback: bool | None = None, check_golden: bool = True,
-                warmup: int = 3) -> Model:
-    """Verify and load a bundle. The model file is extracted (hash-checked while streaming)
-    into `model_dir` (default: a folder next to the bundle keyed by its sha256), warmed up,
-    and its golden outputs are checked; a mismatch raises VerificationError."""
+                warmup: int = 3, bundle: Bundle | None = None, verified: bool = False,
+                sha256: str | None = None) -> Model:
+    """Verify and load a bundle. One pass over the archive checks every member's hash and
+    extracts the model file and golden.npz into `model_dir` (default: a folder next to the
+    bundle keyed by its sha256); the model is then warmed up and its golden outputs checked (a
+    mismatch raises VerificationError). `bundle` + `verified=True`: the caller already ran that
+    pass (Bundle.verify with extraction into `model_dir`), so nothing is hashed twice."""
     path = Path(path)
-    bundle = verify_bundle(path)  # every file's hash, before anything is loaded
+    bundle = bundle or open_bundle(path)
     m = bundle.manifest
-    digest = sha256_file(path)
+    digest = sha256 or sha256_file(path)
     model_dir = Path(model_dir) if model_dir else path.parent / f".{path.name}.{digest[:16]}"
+    wanted = bundle_members_to_extract(m)
+    if not verified:
+        bundle.verify(extract_to=model_dir, extract=wanted)  # every file's hash, before anything is loaded
     target = model_dir / m.model_file
-    if not (target.is_file() and sha256_file(target) == m.files[m.model_file].sha256):
-        bundle.extract(model_dir, [m.model_file])
+    golden = model_dir / m.golden["file"] if m.golden else None
+    if golden is not None and golden.stat().st_size > MAX_GOLDEN_BYTES:
+        raise VerificationError(f"{path.name}: {m.golden['file']} is {golden.stat().st_size} bytes; golden data "
+                                f"over {MAX_GOLDEN_BYTES} bytes is refused (it is loaded into memory)")
     runtime = load_from_manifest(str(target), m, cache_dir=cache_dir, threads=threads,
                                  allow_cpu_fallback=allow_cpu_fallback)
-    model = Model(manifest=m, runtime=runtime, bundle_sha256=digest, bundle_path=path)
-    model.warm_up(warmup, bundle=bundle)
-    if check_golden:
-        res = model.check_golden(bundle)
-        if not res["ok"]:
-            model.close()
-            raise VerificationError(
-                f"{path.name}: golden outputs differ by {res['max_excess_error']:.4g} (> atol {res['atol']:.4g})",
-                hint="the model does not compute what it computed at build time on this runtime; "
-                     "check the runtime version, or rebuild the bundle")
+    model = Model(manifest=m, runtime=runtime, bundle_sha256=digest, bundle_path=path, golden_path=golden)
+    try:
+        model.warm_up(warmup)
+        if check_golden:
+            res = model.check_golden()
+            if not res["ok"]:
+                raise VerificationError(
+                    f"{path.name}: golden outputs differ by {res['max_excess_error']:.4g} (> atol {res['atol']:.4g})",
+                    hint="the model does not compute what it computed at build time on this runtime; "
+                         "check the runtime version, or rebuild the bundle")
+    except BaseException:
+        model.close()
+        raise
     return model
 
+
+def bundle_members_to_extract(m: Manifest) -> list[str]:
+    """What the device needs on disk: the model file and the golden data."""
+    return [m.model_file] + ([m.golden["file"]] if m.golden else [])

@@ -41,6 +41,7 @@ class MqttClient:
         self.cfg = cfg
         self.connected = threading.Event()
         self._stopping = False
+        self._subacks: dict[int, threading.Event] = {}
         self._on_connect_cb, self._on_message_cb = on_connect, on_message
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
                         protocol=mqtt.MQTTv311)  # 3.1.1: mosquitto and the embedded amqtt broker both speak it
@@ -56,6 +57,7 @@ class MqttClient:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         self._client = c
 
     def start(self) -> None:
@@ -89,8 +91,24 @@ class MqttClient:
     def subscribe(self, topic: str, qos: int = 1) -> None:
         self._client.subscribe(topic, qos=qos)
 
+    def subscribe_wait(self, topic: str, qos: int = 1, timeout: float = 10.0) -> bool:
+        """Subscribe and wait for the broker's SUBACK (retained messages follow it at once)."""
+        done = threading.Event()
+        rc, mid = self._client.subscribe(topic, qos=qos)
+        if rc != 0:
+            return False
+        self._subacks[mid] = done
+        ok = done.wait(timeout)
+        self._subacks.pop(mid, None)
+        return ok
+
     def unsubscribe(self, topic: str) -> None:
         self._client.unsubscribe(topic)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        ev = self._subacks.get(mid)
+        if ev is not None:
+            ev.set()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:

@@ -7,6 +7,7 @@ error answers in the protocol's format ({"error": "..."}) with a 4xx/5xx status;
 client sends can crash the agent."""
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
@@ -14,6 +15,7 @@ import re
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -34,20 +36,117 @@ class HttpError(Exception):
         self.status = status
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """At most `max_connections` connections are served at once (one thread each); more get a
+    prompt 503 and are closed. A connection idle for `idle_timeout_s` (between requests, or
+    between bytes of one) is closed, and a request must arrive whole within `request_timeout_s`
+    (a client trickling its headers cannot hold a thread)."""
+
+    max_connections: int = 64
+    idle_timeout_s: float = 15.0
+    request_timeout_s: float = 60.0
+
+
+_BUSY = json.dumps({"error": "too many connections; retry shortly"}).encode()
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                  b"Connection: close\r\nContent-Length: " + str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY)
+
+
+class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a bounded number of handler threads and request deadlines."""
+
+    daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst of clients is queued, not dropped (SYN retries take 1 s)
+
+    def __init__(self, address, handler, limits: ConnectionLimits):
+        self.limits = limits
+        self._slots = threading.BoundedSemaphore(limits.max_connections)
+        self._deadlines: dict[socket.socket, float | None] = {}
+        self._deadlines_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.warning("cannot accept a connection (%s); backing off", e)
+                time.sleep(0.1)  # out of descriptors: wait instead of spinning on a readable listener
+            raise
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the handler thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._deadlines_lock:
+                self._deadlines.pop(request, None)
+            self._slots.release()
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """Full: answer 503 without a thread, read what the client already sent (so closing does
+        not reset the connection before it reads the answer), close."""
+        try:
+            sock.setblocking(False)
+            sock.send(_BUSY_RESPONSE)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(1 << 16)
+        except OSError:
+            pass
+        self.close_request(sock)
+
+    def deadline(self, sock: socket.socket, seconds: float | None) -> None:
+        with self._deadlines_lock:
+            self._deadlines[sock] = None if seconds is None else time.monotonic() + seconds
+
+    def service_actions(self) -> None:
+        """Called by serve_forever at least every poll interval: cut requests past their deadline."""
+        now = time.monotonic()
+        with self._deadlines_lock:
+            late = [s for s, t in self._deadlines.items() if t is not None and now > t]
+            for s in late:
+                self._deadlines[s] = None
+        for s in late:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (OSError, ValueError)):  # the client went away, timed out, or was cut off
+            log.debug("connection from %s ended: %s", client_address, exc)
+        else:
+            log.exception("connection from %s failed", client_address)
+
+
 class ApiServer:
     """`get_model` returns the model serving right now (it may change between requests:
     a request keeps the model it started with, so a swap never breaks one in flight)."""
 
     def __init__(self, get_model: Callable[[], Model | None], *, stats: InferenceStats, host: str = "127.0.0.1",
-                 port: int = 8080, token: str | None = None, max_body_bytes: int = 16 << 20):
+                 port: int = 8080, token: str | None = None, max_body_bytes: int = 16 << 20,
+                 limits: ConnectionLimits = ConnectionLimits()):
         self.get_model, self.stats, self.token, self.max_body = get_model, stats, token, max_body_bytes
         api = self
 
         class Handler(_Handler):
             server_api = api
+            timeout = limits.idle_timeout_s  # StreamRequestHandler: socket timeout per recv/send
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server((host, port), Handler, limits)
         self._thread: threading.Thread | None = None
 
     @property
@@ -144,6 +243,14 @@ class _Handler(BaseHTTPRequestHandler):
         # add ~40 ms to every keep-alive response.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    def handle_one_request(self) -> None:
+        # the wait for the next request plus the request itself must fit the request deadline
+        self.server.deadline(self.connection, self.server.limits.request_timeout_s)
+        super().handle_one_request()
+
+    def log_error(self, fmt, *args) -> None:  # timeouts and bad request lines: not worth a warning
+        log.debug("%s " + fmt, self.address_string(), *args)
+
     def log_message(self, fmt, *args) -> None:  # route http.server's access log to our logger
         log.debug("%s " + fmt, self.address_string(), *args)
 
@@ -166,15 +273,18 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise HttpError(411, "send the body with a Content-Length (chunked bodies are not accepted)")
             return b""
-        try:
-            n = int(length)
-        except ValueError:
+        if not (length.isascii() and length.strip().isdigit()):  # "-1" would read to EOF, past the limit
             self.close_connection = True
-            raise HttpError(400, f"bad Content-Length {length!r}") from None
+            raise HttpError(400, f"bad Content-Length {length[:40]!r}: a non-negative number of bytes")
+        n = int(length)
         if n > self.server_api.max_body:
             self._discard(n)
             raise HttpError(413, f"request body over the limit of {self.server_api.max_body} bytes")
-        return self.rfile.read(n)
+        body = self.rfile.read(n)
+        if len(body) < n:
+            self.close_connection = True
+            raise HttpError(400, f"the body ended after {len(body)} of {n} bytes")
+        return body
 
     def _discard(self, n: int) -> None:
         """Read and drop a refused body (so the client gets to read our answer) unless it is
@@ -194,7 +304,9 @@ class _Handler(BaseHTTPRequestHandler):
         def read_body() -> bytes:
             nonlocal body_read
             body_read = True
-            return self._read_body()
+            body = self._read_body()
+            self.server.deadline(self.connection, None)  # the request is in: inference time is not counted
+            return body
 
         try:
             res = self.server_api.route(method, path, self.headers, read_body)
@@ -203,6 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as e:  # never let a request kill the server thread without an answer
             log.exception("request failed")
             res = (500, {"error": f"internal error: {type(e).__name__}"})
+        self.server.deadline(self.connection, None)
         if not body_read and self.headers.get("Content-Length") not in (None, "0"):
             self.close_connection = True  # unread body: do not reuse the connection
         status, payload = res[0], res[1]

@@ -10,13 +10,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from device_agent import __version__
-from device_agent.buffer import DiskQueue
+from device_agent.buffer import DiskQueue, QueueUnwritable
 from device_agent.config import AgentConfig
-from device_agent.model import Model, load_bundle
-from device_agent.ota.desired import Desired, resolve
-from device_agent.ota.transfer import MqttChunkFetcher
-from device_agent.ota.updater import Updater
-from device_agent.mqtt import MqttClient, Will, dumps
+from device_agent.model import Model, bundle_members_to_extract, load_bundle
+from device_agent.mqtt import MqttClient, MqttError, Will, dumps
+from device_agent.ota.desired import Desired, Limits, RecordError, resolve
+from device_agent.ota.gate import RecordGate, SourcePolicy
+from device_agent.ota.keyring import Keyring
+from device_agent.ota.transfer import MqttChunkFetcher, TransferPolicy
+from device_agent.ota.updater import Updater, UpdaterSettings, parse_fault_delays
 from device_agent.stats import HostMetrics, InferenceStats, platform_info
 from device_agent.store import Store
 from edgebundle.errors import EdgepackError
@@ -53,13 +55,24 @@ class Agent:
         self.queue = DiskQueue(cfg.data_dir / "telemetry.sqlite", max_messages=cfg.buffer_max_messages,
                                max_bytes=cfg.buffer_max_bytes)
         self.mqtt: MqttClient | None = None
-        self.trusted_keys = [load_public_key(p) for p in cfg.trusted_keys]
+        self.keyring = Keyring(direct=[load_public_key(p) for p in cfg.trusted_keys],
+                               roots=[load_public_key(p) for p in cfg.root_keys],
+                               state_path=cfg.data_dir / "trust.json")
+        self.transfer_policy = TransferPolicy(allowed_urls=cfg.allowed_urls, min_rate=cfg.min_transfer_rate,
+                                              grace_s=cfg.transfer_grace_s)
+        self.gate = RecordGate(keyring=self.keyring, limits=Limits(max_record_bytes=cfg.max_record_bytes,
+                                                                   max_bundle_bytes=cfg.max_bundle_bytes,
+                                                                   max_chunks=cfg.max_chunks),
+                               topic_prefix=self.topics.prefix, sources=SourcePolicy(allowed_urls=cfg.allowed_urls),
+                               state_path=cfg.data_dir / "records.json")
         self.updater: Updater | None = None
+        self._buffer_reported = None
         self._desired: dict[str, Desired | None] = {}
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._drainer: threading.Thread | None = None
+        self._group_topics = {self.topics.group_desired(g) for g in cfg.groups}
 
     # ---- model ----
     def load_initial(self) -> None:
@@ -78,22 +91,37 @@ class Agent:
             trim_memory()  # verification and extraction buffers
             log.info("model ready", extra={"fields": {**self.model.describe(),
                                                       "load_ms": round((time.perf_counter() - t0) * 1000, 1)}})
-        except EdgepackError as e:
+        except (EdgepackError, OSError) as e:  # serving nothing, and saying why (status: model_error)
             self.model_error = str(e).split("\n")[0]
             log.error("cannot load bundle %s: %s", path, e)
 
     # ---- the updater's host interface (device_agent.ota.updater.Host) ----
-    def load(self, path: Path) -> Model:
-        """Verify (signature too, when keys are configured), load, warm up and golden-check a bundle.
-        The signature check needs only the manifest: load_bundle then checks every file against it."""
-        if self.trusted_keys:
-            from edgebundle import signing
+    def verify(self, path: Path, *, sha256: str):
+        """An update's one verification pass: the signature (keys of the current generation), then
+        every member's hash, extracting the model files on the way. Returns the verified Bundle."""
+        from edgebundle.archive import open_bundle
+
+        b = open_bundle(path)
+        if self.keyring.enabled:
+            self.keyring.verify_bundle(b.manifest_bytes, b.signature)
+        b.verify(extract_to=self.store.model_dir(sha256), extract=bundle_members_to_extract(b.manifest))
+        return b
+
+    def load(self, path: Path, *, verified=None) -> Model:
+        """Load, warm up and golden-check a bundle. `verified` (from verify()) skips the hashing
+        pass; otherwise the signature (any key this device ever accepted: the active or previous
+        bundle) and every hash are checked here."""
+        path = Path(path)
+        sha = path.name.split("-")[0]
+        bundle = verified
+        if bundle is None:
             from edgebundle.archive import open_bundle
 
-            b = open_bundle(path)
-            signing.verify(b.manifest_bytes, b.signature, self.trusted_keys)
-        return load_bundle(path, model_dir=self.store.model_dir(Path(path).name.split("-")[0]),
-                           cache_dir=str(self.store.cache), threads=self.cfg.threads)
+            bundle = open_bundle(path)
+            if self.keyring.enabled:
+                self.keyring.verify_bundle(bundle.manifest_bytes, bundle.signature, history=True)
+        return load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=str(self.store.cache),
+                           threads=self.cfg.threads, bundle=bundle, verified=verified is not None)
 
     def active_model(self) -> Model | None:
         return self.model
@@ -109,8 +137,18 @@ class Agent:
         return old
 
     def event(self, doc: dict) -> None:
-        """Update events share the telemetry queue: durable, ordered, delivered after outages."""
-        self.queue.push(self.topics.events, dumps({"device_id": self.cfg.device_id, "ts": now_iso(), **doc}))
+        """Update events share the telemetry queue: durable, ordered, delivered after outages. When
+        the disk cannot take it, the event goes straight to the broker if connected (not durable)."""
+        payload = dumps({"device_id": self.cfg.device_id, "ts": now_iso(), **doc})
+        try:
+            self.queue.push(self.topics.events, payload)
+        except QueueUnwritable:
+            self._report_buffer()
+            if self.mqtt and self.mqtt.connected.is_set():
+                try:
+                    self.mqtt.publish(self.topics.events, payload, qos=1)
+                except MqttError:
+                    pass
         self._wake.set()
 
     def status_changed(self) -> None:
@@ -124,6 +162,8 @@ class Agent:
                 "groups": list(self.cfg.groups), "agent_version": __version__, "started": self.started,
                 "model": self.model.describe() if self.model else None, "model_error": self.model_error,
                 "previous_model": (upd or {}).get("previous"), "update": upd,
+                "ota": {**self.keyring.describe(), "allowed_urls": list(self.cfg.allowed_urls)},
+                "buffer": self.queue.health(),
                 "platform": platform_info(), "api": {"host": self.cfg.api_host, "port": self.cfg.api_port}}
 
     def _on_connect(self) -> None:
@@ -133,13 +173,14 @@ class Agent:
         self._wake.set()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic == self.topics.desired or topic.endswith("/desired"):
+        if topic == self.topics.desired or topic in self._group_topics:
             try:
-                self._desired[topic] = Desired.parse(payload, source=topic)
-            except EdgepackError as e:
+                d = self.gate.accept(payload, topic)
+            except RecordError as e:  # refused: say why, keep acting on what was accepted before
                 log.error("%s", e)
-                self.event({"update_id": None, "state": "failed", "error": str(e).split("\n")[0]})
+                self.event({"update_id": e.update_id, "state": "failed", "error": str(e).split("\n")[0]})
                 return
+            self._desired[topic] = d
             chosen = resolve(self._desired.get(self.topics.desired),
                              [self._desired.get(self.topics.group_desired(g)) for g in self.cfg.groups])
             if self.updater:
@@ -158,20 +199,33 @@ class Agent:
         self._drainer = threading.Thread(target=self._drain, name="telemetry-drain", daemon=True)
         self._drainer.start()
 
-    def telemetry(self) -> dict:
-        return {"device_id": self.cfg.device_id, "ts": now_iso(), "seq": self.queue.next_seq(),
+    def telemetry(self, seq: int) -> dict:
+        return {"device_id": self.cfg.device_id, "ts": now_iso(), "seq": seq,
                 "inference": self.stats.window(),
                 "totals": {"count": self.stats.total, "errors": self.stats.total_errors},
                 "system": self.metrics.snapshot(),
-                "buffer": {"queued": len(self.queue), "dropped_total": self.queue.dropped},
+                "buffer": self.queue.health(),
                 "model": {"name": self.model.name, "version": self.model.version} if self.model else None}
 
     def emit_telemetry(self) -> None:
-        """Every record goes through the disk queue, so order holds across outages and restarts."""
-        dropped = self.queue.push(self.topics.telemetry, dumps(self.telemetry()))
-        if dropped:
-            log.warning("telemetry buffer full: dropped %d oldest message(s)", dropped)
+        """Every record goes through the disk queue, so order holds across outages and restarts.
+        A full disk drops the sample and counts it (the status says so); the agent keeps going."""
+        try:
+            dropped = self.queue.push(self.topics.telemetry, dumps(self.telemetry(self.queue.next_seq())))
+            if dropped:
+                log.warning("telemetry buffer full: dropped %d oldest message(s)", dropped)
+        except QueueUnwritable:
+            pass
+        self._report_buffer()
         self._wake.set()
+
+    def _report_buffer(self) -> None:
+        """Publish the status when the buffer turns unwritable or writable again."""
+        state = self.queue.healthy
+        if state != self._buffer_reported:
+            self._buffer_reported = state
+            if not state or self.queue.write_errors:
+                self.status_changed()
 
     def _drain(self) -> None:
         """Send queued telemetry oldest first; delete each only after the broker's PUBACK."""
@@ -183,27 +237,35 @@ class Agent:
                 if not batch:
                     break
                 for msg_id, topic, payload in batch:
-                    if not self.mqtt.publish_wait(topic, payload, qos=1, timeout=10):
+                    if not self.mqtt.publish_wait(topic, payload, qos=1, timeout=10) or not self.queue.delete(msg_id):
                         break
-                    self.queue.delete(msg_id)
                 else:
                     continue
-                time.sleep(0.5)  # the link dropped mid-batch: let paho reconnect
+                time.sleep(0.5)  # the link dropped mid-batch (or the disk is full): let it recover
                 break
 
     # ---- run ----
     def start(self) -> None:
         """Load the model, connect to the broker in the background, serve the API."""
-        from device_agent.server import ApiServer
+        from device_agent.server import ApiServer, ConnectionLimits
 
-        self.updater = Updater(self, self.cfg.data_dir)
+        cfg = self.cfg
+        self.updater = Updater(self, cfg.data_dir, settings=UpdaterSettings(
+            max_attempts=cfg.max_attempts, transfer=self.transfer_policy,
+            fault_delays=parse_fault_delays(cfg.fault_delay)))
         self.updater.recover()  # an update cut off mid-switch rolls back before anything loads
         self.load_initial()
+        if cfg.broker and not self.keyring.enabled:
+            log.warning("no trusted keys (--trusted-key / --root-key): anyone who can publish to the broker "
+                        "can install any bundle on this device; configure keys in production")
         self.start_mqtt()
-        self.updater.fetcher = MqttChunkFetcher(self.mqtt) if self.mqtt else None
+        self.updater.fetcher = MqttChunkFetcher(self.mqtt, policy=self.transfer_policy) if self.mqtt else None
         self.updater.start()
-        self.api = ApiServer(lambda: self.model, stats=self.stats, host=self.cfg.api_host, port=self.cfg.api_port,
-                             token=self.cfg.api_token, max_body_bytes=self.cfg.max_body_bytes)
+        self.api = ApiServer(lambda: self.model, stats=self.stats, host=cfg.api_host, port=cfg.api_port,
+                             token=cfg.api_token, max_body_bytes=cfg.max_body_bytes,
+                             limits=ConnectionLimits(max_connections=cfg.api_max_connections,
+                                                     idle_timeout_s=cfg.api_idle_timeout,
+                                                     request_timeout_s=cfg.api_request_timeout))
         self.api.start()
         log.info("serving KServe v2 API", extra={"fields": {"host": self.cfg.api_host, "port": self.api.port}})
 

@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import stat
+import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -26,6 +27,14 @@ SIGNATURE = "manifest.sig"  # reserved: detached signature over manifest.json by
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_MEMBER_BYTES = 2 << 30  # an edge model over 2 GiB is a mistake or an attack
 MAX_MEMBERS = 64
+# Zip bombs: the members may together inflate to at most this many times the archive's size
+# (plus a small allowance for tiny bundles). Models barely compress; golden arrays of zeros do,
+# but they are small.
+MAX_EXPANSION = 16
+EXPANSION_SLACK = 16 << 20
+# What a malformed archive can make zipfile/zlib raise while reading it.
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError,
+               ValueError, struct.error, OverflowError)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
 
@@ -126,24 +135,48 @@ class Bundle:
     def extract(self, dest_dir: str | os.PathLike, names: Iterable[str] | None = None) -> dict[str, Path]:
         """Extract members into `dest_dir`, hashing as they stream; a bad member is
         deleted and raises VerificationError. Returns name -> path."""
-        dest_dir = Path(dest_dir)
-        dest_dir.mkdir(parents=True, exist_ok=True)
+        names = list(names) if names is not None else sorted(self.manifest.files)
+        with _zip(self.path) as zf:
+            return {name: self._extract_one(zf, name, Path(dest_dir)) for name in names}
+
+    def verify(self, *, extract_to: str | os.PathLike | None = None, extract: Iterable[str] = ()) -> dict[str, Path]:
+        """Check every member's size and sha256 in one pass; the members named in `extract` are
+        written to `extract_to` on the way (so nothing is inflated and hashed twice). Raises
+        VerificationError listing every problem; returns name -> extracted path."""
+        wanted = set(extract)
+        problems: list[str] = []
         out: dict[str, Path] = {}
-        with zipfile.ZipFile(self.path) as zf:
-            for name in names if names is not None else sorted(self.manifest.files):
-                target = dest_dir / name  # name was checked against _NAME on open
-                tmp = target.with_name(f".{name}.part")
+        with _zip(self.path) as zf:
+            for name in sorted(self.manifest.files):
                 try:
-                    with open(tmp, "wb") as f:
-                        self._stream(zf, name, f.write)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, target)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)
-                    raise
-                out[name] = target
+                    if name in wanted and extract_to is not None:
+                        out[name] = self._extract_one(zf, name, Path(extract_to))
+                    else:
+                        self._stream(zf, name, lambda _b: None)
+                except VerificationError as e:
+                    problems.append(str(e).split("\n")[0])
+        if problems:
+            raise VerificationError(
+                f"{self.path.name}: {len(problems)} file(s) do not match the manifest",
+                problems=problems,
+                hint="the bundle was modified or damaged after it was built; rebuild or re-download it",
+            )
         return out
+
+    def _extract_one(self, zf: zipfile.ZipFile, name: str, dest_dir: Path) -> Path:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        target = dest_dir / name  # name was checked against _NAME on open
+        tmp = target.with_name(f".{name}.part")
+        try:
+            with open(tmp, "wb") as f:
+                self._stream(zf, name, f.write)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return target
 
     def _stream(self, zf: zipfile.ZipFile, name: str, sink) -> None:
         entry = self.manifest.files.get(name)
@@ -152,18 +185,27 @@ class Bundle:
         h = hashlib.sha256()
         n = 0
         try:
-            with zf.open(name) as src:
-                while block := src.read(_CHUNK):
-                    n += len(block)
-                    if n > entry.size:
-                        raise VerificationError(
-                            f"{name}: more bytes than the manifest's {entry.size}",
-                            problems=[f"{name}: size exceeds manifest"],
-                        )
-                    h.update(block)
-                    sink(block)
-        except (zipfile.BadZipFile, zlib.error) as e:
-            raise VerificationError(f"{name}: archive data is corrupt ({e})", problems=[f"{name}: corrupt"]) from None
+            src = zf.open(name)
+        except _ZIP_ERRORS + (OSError,) as e:
+            raise VerificationError(f"{name}: archive data is corrupt ({type(e).__name__}: {e})",
+                                    problems=[f"{name}: corrupt"]) from None
+        with src:
+            while True:
+                try:  # only reading the archive is guarded: a full disk in `sink` stays an OSError
+                    block = src.read(_CHUNK)
+                except _ZIP_ERRORS + (OSError,) as e:
+                    raise VerificationError(f"{name}: archive data is corrupt ({type(e).__name__}: {e})",
+                                            problems=[f"{name}: corrupt"]) from None
+                if not block:
+                    break
+                n += len(block)
+                if n > entry.size:
+                    raise VerificationError(
+                        f"{name}: more bytes than the manifest's {entry.size}",
+                        problems=[f"{name}: size exceeds manifest"],
+                    )
+                h.update(block)
+                sink(block)
         if n != entry.size:
             raise VerificationError(f"{name}: {n} bytes, manifest says {entry.size}",
                                     problems=[f"{name}: size mismatch"])
@@ -175,52 +217,71 @@ class Bundle:
             )
 
 
+def _zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except OSError as e:
+        raise BundleError(f"cannot read bundle {path.name}: {e}") from None
+    except _ZIP_ERRORS as e:
+        raise BundleError(f"{path.name} is not an edgepack bundle (not a readable ZIP archive: {e})") from None
+
+
 def open_bundle(path: str | os.PathLike) -> Bundle:
     """Open a bundle and check its structure and manifest (not yet the file hashes)."""
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"bundle {str(path)!r} does not exist or is not a file")
+    zf = _zip(path)
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise BundleError(f"{path.name} is not an edgepack bundle (not a readable ZIP archive: {e})") from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > MAX_MEMBERS:
-            raise BundleError(f"{path.name} has {len(infos)} members; at most {MAX_MEMBERS} are allowed")
-        seen: set[str] = set()
-        for zi in infos:
-            _check_member(zi, path.name)
-            if zi.filename in seen:
-                raise BundleError(f"{path.name}: member {zi.filename!r} appears twice")
-            seen.add(zi.filename)
-        if MANIFEST not in seen:
-            raise BundleError(f"{path.name} has no {MANIFEST}; it is not an edgepack bundle")
-        if zf.getinfo(MANIFEST).file_size > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{path.name}: manifest.json is larger than {MAX_MANIFEST_BYTES} bytes")
-        with zf.open(MANIFEST) as f:
-            manifest_bytes = f.read(MAX_MANIFEST_BYTES + 1)
-        if len(manifest_bytes) > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{path.name}: manifest.json is larger than {MAX_MANIFEST_BYTES} bytes")
-        manifest = Manifest.from_json(manifest_bytes)
-        signature = None
-        if SIGNATURE in seen:
-            with zf.open(SIGNATURE) as f:
-                signature = f.read(4096)
-        members = seen - {MANIFEST, SIGNATURE}
-        listed = set(manifest.files)
-        problems = [f"{n}: in the archive but not in the manifest" for n in sorted(members - listed)]
-        problems += [f"{n}: in the manifest but missing from the archive" for n in sorted(listed - members)]
-        for n in sorted(members & listed):
-            _check_name(n)
-            if zf.getinfo(n).file_size != manifest.files[n].size:
-                problems.append(f"{n}: archive says {zf.getinfo(n).file_size} bytes, manifest {manifest.files[n].size}")
-        if problems:
-            raise VerificationError(
-                f"{path.name}: archive does not match its manifest ({len(problems)} problem(s))",
-                problems=problems,
-                hint="the bundle was altered after it was built; rebuild it",
-            )
+        with zf:
+            return _open(zf, path)
+    except _ZIP_ERRORS + (OSError,) as e:
+        raise BundleError(f"{path.name}: the ZIP structure is damaged ({type(e).__name__}: {e})") from None
+
+
+def _open(zf: zipfile.ZipFile, path: Path) -> Bundle:
+    infos = zf.infolist()
+    if len(infos) > MAX_MEMBERS:
+        raise BundleError(f"{path.name} has {len(infos)} members; at most {MAX_MEMBERS} are allowed")
+    seen: set[str] = set()
+    for zi in infos:
+        _check_member(zi, path.name)
+        if zi.filename in seen:
+            raise BundleError(f"{path.name}: member {zi.filename!r} appears twice")
+        seen.add(zi.filename)
+    if MANIFEST not in seen:
+        raise BundleError(f"{path.name} has no {MANIFEST}; it is not an edgepack bundle")
+    total = sum(zi.file_size for zi in infos)
+    allowed = MAX_EXPANSION * path.stat().st_size + EXPANSION_SLACK
+    if total > allowed:
+        raise BundleError(f"{path.name}: its members claim {total} bytes; an archive of {path.stat().st_size} "
+                          f"bytes that expands past {allowed} is refused (a zip bomb?)",
+                          hint="this file was not made by edgepack, or was tampered with")
+    if zf.getinfo(MANIFEST).file_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path.name}: manifest.json is larger than {MAX_MANIFEST_BYTES} bytes")
+    with zf.open(MANIFEST) as f:
+        manifest_bytes = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(manifest_bytes) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path.name}: manifest.json is larger than {MAX_MANIFEST_BYTES} bytes")
+    manifest = Manifest.from_json(manifest_bytes)
+    signature = None
+    if SIGNATURE in seen:
+        with zf.open(SIGNATURE) as f:
+            signature = f.read(4096)
+    members = seen - {MANIFEST, SIGNATURE}
+    listed = set(manifest.files)
+    problems = [f"{n}: in the archive but not in the manifest" for n in sorted(members - listed)]
+    problems += [f"{n}: in the manifest but missing from the archive" for n in sorted(listed - members)]
+    for n in sorted(members & listed):
+        _check_name(n)
+        if zf.getinfo(n).file_size != manifest.files[n].size:
+            problems.append(f"{n}: archive says {zf.getinfo(n).file_size} bytes, manifest {manifest.files[n].size}")
+    if problems:
+        raise VerificationError(
+            f"{path.name}: archive does not match its manifest ({len(problems)} problem(s))",
+            problems=problems,
+            hint="the bundle was altered after it was built; rebuild it",
+        )
     return Bundle(path=path, manifest=manifest, manifest_bytes=manifest_bytes, signature=signature)
 
 
@@ -246,30 +307,18 @@ def verify_bundle(path: str | os.PathLike) -> Bundle:
 
     Raises VerificationError listing every problem found, not just the first."""
     bundle = open_bundle(path)
-    problems: list[str] = []
-    with zipfile.ZipFile(bundle.path) as zf:
-        for name in sorted(bundle.manifest.files):
-            try:
-                bundle._stream(zf, name, lambda _b: None)
-            except VerificationError as e:
-                problems.append(str(e).split("\n")[0])
-    if problems:
-        raise VerificationError(
-            f"{bundle.path.name}: {len(problems)} file(s) do not match the manifest",
-            problems=problems,
-            hint="the bundle was modified or damaged after it was built; rebuild or re-download it",
-        )
+    bundle.verify()
     return bundle
 
 
-
-def sign_bundle(path: str | os.PathLike, private_key) -> bytes:
+def sign_bundle(path: str | os.PathLike, private_key, *, cert: dict | None = None) -> bytes:
     """Add (or replace) the signature over manifest.json; rewrites the archive atomically.
-    The manifest and files are checked first: a damaged bundle is never signed."""
+    The manifest and files are checked first: a damaged bundle is never signed. `cert` (the
+    key's certificate from a root key, edgebundle.trust) travels inside the signature."""
     from edgebundle import signing
 
     bundle = verify_bundle(path)
-    signature = signing.sign(bundle.manifest_bytes, private_key)
+    signature = signing.sign(bundle.manifest_bytes, private_key, cert=cert)
     with zipfile.ZipFile(path) as zin:
         _write_zip(Path(path), bundle.manifest_bytes, signature,
                    {name: (lambda n=name: zin.open(n)) for name in bundle.manifest.files})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -134,9 +135,11 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> "Manifest":
+        from edgebundle.jsonsafe import JsonError, loads
+
         try:
-            d = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            d = loads(data, max_depth=64)
+        except JsonError as e:
             raise BundleError(f"manifest.json is not valid JSON: {e}") from None
         if not isinstance(d, dict):
             raise BundleError("manifest.json must hold a JSON object")
@@ -152,17 +155,31 @@ class Manifest:
             )
         _require(d, ("name", "version", "target", "format", "precision", "model_file",
                      "inputs", "outputs", "runtime", "files"), "manifest")
+        try:
+            return cls._from_dict(d)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise BundleError(f"manifest has a malformed entry: {e!r}") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "Manifest":
         if d["format"] not in MODEL_FORMATS:
             raise BundleError(f"manifest format {d['format']!r} is not one of {MODEL_FORMATS}")
+        if not isinstance(d["version"], str) or not isinstance(d["name"], str):
+            raise BundleError("manifest name and version must be strings")
         parse_version(d["version"])
-        try:
-            files = {str(k): FileEntry(str(v["sha256"]), int(v["size"])) for k, v in d["files"].items()}
-            inputs = tuple(TensorSpec.from_dict(t) for t in d["inputs"])
-            outputs = tuple(TensorSpec.from_dict(t) for t in d["outputs"])
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise BundleError(f"manifest has a malformed entry: {e!r}") from None
-        if d["model_file"] not in files:
+        files = {str(k): FileEntry(str(v["sha256"]), _count(v["size"])) for k, v in d["files"].items()}
+        inputs = tuple(TensorSpec.from_dict(t) for t in d["inputs"])
+        outputs = tuple(TensorSpec.from_dict(t) for t in d["outputs"])
+        if not isinstance(d["model_file"], str) or d["model_file"] not in files:
             raise BundleError(f"manifest model_file {d['model_file']!r} is not listed in files")
+        golden = d.get("golden")
+        if golden is not None:
+            if not (isinstance(golden, dict) and golden.get("file") in files and _count(golden["count"]) >= 0
+                    and _number(golden["atol"]) >= 0 and _number(golden.get("rtol", 0)) >= 0):
+                raise BundleError("manifest golden must be {file (listed in files), count, atol, rtol}")
+        labels = d.get("labels_file")
+        if labels is not None and labels not in files:
+            raise BundleError(f"manifest labels_file {labels!r} is not listed in files")
         return cls(
             name=str(d["name"]),
             version=str(d["version"]),
@@ -178,16 +195,29 @@ class Manifest:
             preprocessing=dict(d.get("preprocessing") or {}),
             provenance=dict(d.get("provenance") or {}),
             report=dict(d.get("report") or {}),
-            golden=d.get("golden"),
-            labels_file=d.get("labels_file"),
+            golden=golden,
+            labels_file=labels,
             production_ready=bool(d.get("production_ready", True)),
-            warnings=tuple(d.get("warnings") or ()),
+            warnings=tuple(str(w) for w in d.get("warnings") or ()),
         )
 
     @property
     def file_name(self) -> str:
         """Canonical bundle file name: NAME-VERSION-TARGET.edgepack."""
         return f"{self.name}-{self.version}-{self.target.get('name', 'custom')}.edgepack"
+
+
+def _count(v) -> int:
+    """A non-negative JSON integer (not a bool, not a float)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+        raise ValueError(f"{v!r} is not a non-negative integer")
+    return int(v)
+
+
+def _number(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or v != v:
+        raise ValueError(f"{v!r} is not a number")
+    return float(v)
 
 
 def _require(d: Any, keys: tuple[str, ...], what: str) -> None:

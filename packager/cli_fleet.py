@@ -52,15 +52,41 @@ def keys_generate(out_dir, name):
     click.echo(f"key id {kid}\nprivate: {out_dir / (name + '.key')} (mode 0600)\npublic:  {out_dir / (name + '.pub')}")
 
 
+@keys.command("certify")
+@click.argument("fleet_pub", type=click.Path(exists=True, path_type=Path))
+@click.option("--root-key", required=True, type=click.Path(exists=True, path_type=Path),
+              help="The root private key (kept offline).")
+@click.option("--serial", type=int, required=True,
+              help="Key generation: devices refuse keys of a lower generation once they saw a higher one.")
+@click.option("--not-after", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+              help="Expiry (UTC); devices refuse the key after it (mind their clocks).")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), help="Default: FLEET_PUB with .cert.")
+def keys_certify(fleet_pub, root_key, serial, not_after, out_path):
+    """Certify a fleet key with the root key: devices that trust the root (--root-key) trust it."""
+    from datetime import timezone
+
+    from edgebundle.signing import load_private_key, load_public_key
+    from edgebundle.trust import certify
+
+    cert = certify(load_public_key(fleet_pub), load_private_key(root_key), serial=serial,
+                   not_after=not_after.replace(tzinfo=timezone.utc) if not_after else None)
+    out_path = out_path or fleet_pub.with_suffix(".cert")
+    out_path.write_text(json.dumps(cert, indent=2) + "\n")
+    click.echo(f"certified key {cert['key_id']} (generation {serial}) -> {out_path}")
+
+
 @click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--key", "key_path", required=True, type=click.Path(path_type=Path), help="Private key (PEM).")
-def sign(bundle, key_path):
+@click.option("--cert", "cert_path", type=click.Path(exists=True, path_type=Path),
+              help="The key's certificate (edgepack keys certify), carried in the signature.")
+def sign(bundle, key_path, cert_path):
     """Sign BUNDLE's manifest (which hashes every file) in place, atomically."""
     from edgebundle.archive import sign_bundle
     from edgebundle.signing import load_private_key
 
-    sig = json.loads(sign_bundle(bundle, load_private_key(key_path)))
+    cert = json.loads(cert_path.read_text()) if cert_path else None
+    sig = json.loads(sign_bundle(bundle, load_private_key(key_path), cert=cert))
     click.echo(f"signed {bundle} with key {sig['key_id']}")
 
 
@@ -76,11 +102,15 @@ def sign(bundle, key_path):
 @click.option("--probation-requests", type=int, default=200, show_default=True)
 @click.option("--max-error-rate", type=float, default=0.02, show_default=True)
 @click.option("--latency-budget-ms", type=float, help="p95 budget for staging and probation.")
+@click.option("--sign-key", type=click.Path(exists=True, path_type=Path),
+              help="Fleet private key that signs the desired record (devices with keys refuse unsigned records).")
+@click.option("--key-cert", type=click.Path(exists=True, path_type=Path),
+              help="Certificate of --sign-key from the root key (edgepack keys certify).")
 @click.option("--wait", is_flag=True, help="Follow each device until it commits, fails or rolls back.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="With --wait.")
 @click.option("--json", "as_json", is_flag=True)
 def push(bundle, device, group, url, chunk_size, allow_downgrade, probation_seconds, probation_requests,
-         max_error_rate, latency_budget_ms, wait, timeout, as_json, **kw):
+         max_error_rate, latency_budget_ms, sign_key, key_cert, wait, timeout, as_json, **kw):
     """Make BUNDLE the desired model of a device or a group (retained: offline devices catch up)."""
     from device_agent.ota.desired import Probation
     from packager import fleet
@@ -97,7 +127,8 @@ def push(bundle, device, group, url, chunk_size, allow_downgrade, probation_seco
                      allow_downgrade=allow_downgrade,
                      probation=Probation(seconds=probation_seconds, requests=probation_requests,
                                          max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
-                     staging_max_p95_ms=latency_budget_ms, wait=wait, timeout=timeout, progress=show)
+                     staging_max_p95_ms=latency_budget_ms, wait=wait, timeout=timeout, progress=show,
+                     sign_key=sign_key, key_cert=key_cert)
     d = res.desired
     if as_json:
         click.echo(json.dumps({"topic": res.topic, "desired": d, "devices": res.devices}, indent=2))
@@ -121,16 +152,16 @@ def fleet() -> None:
 @click.option("--listen", type=float, default=2.0, show_default=True, help="Seconds to collect live telemetry.")
 @click.option("--json", "as_json", is_flag=True)
 def fleet_status(group, listen, as_json, **kw):
-    """Devices: online, model and version, update state, p95 latency, errors, last seen."""
+    """Devices: online, model and version, update state, signed updates, p95 latency, errors, last seen."""
     from packager import fleet as fl
 
     rows = fl.status(_bc(kw), group=group, listen_s=listen)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    head = ("device", "online", "model", "version", "update", "p95 ms", "errors", "last seen")
+    head = ("device", "online", "model", "version", "update", "signed", "p95 ms", "errors", "last seen")
     table = [head] + [(r["device_id"], {True: "yes", False: "NO"}.get(r["online"], "?"), r["model"] or "-",
-                       r["version"] or "-", r["update"] or "-",
+                       r["version"] or "-", r["update"] or "-", {True: "yes", False: "NO"}.get(r["signed_updates"], "?"),
                        "-" if r["p95_ms"] is None else f"{r['p95_ms']:.2f}",
                        "-" if r["errors"] is None else str(r["errors"]), r["last_seen"] or "-") for r in rows]
     w = [max(len(str(row[i])) for row in table) for i in range(len(head))]
@@ -140,15 +171,61 @@ def fleet_status(group, listen, as_json, **kw):
         click.echo("(no devices have reported)")
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=1883, show_default=True)
-def broker(host, port):
-    """Run the embedded MQTT broker (amqtt) for local trials, until Ctrl-C."""
+@click.pass_context
+def broker(ctx, host, port):
+    """Run the embedded MQTT broker (amqtt) for local trials, until Ctrl-C; or `broker config`."""
+    if ctx.invoked_subcommand is not None:
+        return
     from packager.broker import run
 
     run(host, port, ready=lambda: click.echo(f"embedded MQTT broker on mqtt://{host}:{port} (Ctrl-C stops)",
                                              err=True))
+
+
+def _device_account(text: str):
+    from packager.broker import DeviceAccount
+
+    dev, _, groups = text.partition(":")
+    return DeviceAccount(device_id=dev, groups=tuple(g for g in groups.split(",") if g))
+
+
+@broker.command("config")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--device", "devices", multiple=True, required=True,
+              help="ID or ID:GROUP,GROUP (repeatable): one MQTT account per device.")
+@click.option("--fleet-user", "fleet_users", multiple=True, help="Fleet role account(s) (default: fleet).")
+@click.option("--listen", default="0.0.0.0:8883", show_default=True, help="HOST:PORT of the listener.")
+@click.option("--cafile", type=click.Path(exists=True), help="CA certificate (TLS).")
+@click.option("--certfile", type=click.Path(exists=True), help="The broker's certificate (TLS).")
+@click.option("--keyfile", type=click.Path(exists=True), help="The broker's private key (TLS).")
+@click.option("--require-client-cert", is_flag=True, help="Devices must also present a certificate.")
+@click.option("--no-tls", is_flag=True, help="Plain TCP: loopback trials only.")
+@click.option("--topic-prefix", default="edgepack/v1", show_default=True)
+@click.option("--run-as", help="System user mosquitto drops to (its `user` setting).")
+def broker_config(out_dir, devices, fleet_users, listen, cafile, certfile, keyfile, require_client_cert, no_tls,
+                  topic_prefix, run_as):
+    """Write mosquitto.conf, an ACL, a password file and per-device credentials for a fleet."""
+    from edgebundle.errors import InputError
+    from packager.broker import MosquittoSetup, TlsFiles, write_mosquitto_config
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--listen {listen!r} is not HOST:PORT")
+    tls = None
+    if not no_tls:
+        if not (cafile and certfile and keyfile):
+            raise InputError("TLS needs --cafile, --certfile and --keyfile (or --no-tls for a loopback trial)")
+        tls = TlsFiles(cafile=str(Path(cafile).resolve()), certfile=str(Path(certfile).resolve()),
+                       keyfile=str(Path(keyfile).resolve()))
+    res = write_mosquitto_config(MosquittoSetup(
+        out_dir=out_dir, devices=tuple(_device_account(d) for d in devices), fleet_users=fleet_users or ("fleet",),
+        topic_prefix=topic_prefix.strip("/"), host=host, port=int(port), tls=tls,
+        require_client_certificate=require_client_cert, run_as=run_as))
+    click.echo(f"wrote {res['conf']}, {res['acl']}, {res['passwd']}; credentials in {res['credentials']}/ (0600)")
+    click.echo(f"run: mosquitto -c {res['conf']}")
 
 
 @click.command()

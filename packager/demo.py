@@ -199,7 +199,7 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
         threads = clients.run(8)
         t0 = time.perf_counter()
         push = fleet.push(v2, broker, group="demo", wait=True, timeout=120, expect=["demo-pi"],
-                          probation=Probation(seconds=5, requests=500),
+                          probation=Probation(seconds=5, requests=500), sign_key=work / "demo.key",
                           progress=lambda dev, ev: say(f"   {dev}: {ev['state']}"
                                                        + (f" {ev['progress']['percent']}%" if ev.get("progress") else "")
                                                        + (f" ({ev['error']})" if ev.get("error") else "")))

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
 from device_agent.config import BrokerConfig
 from device_agent.mqtt import MqttClient, dumps
-from device_agent.ota.desired import Desired, Probation
+from device_agent.ota.desired import Desired, MqttTransfer, Probation, UrlTransfer, sign_record
 from edgebundle.archive import open_bundle
 from edgebundle.errors import EdgepackError, InputError
+from edgebundle.trust import parse_time
 
 DEFAULT_CHUNK = 1 << 20
 FINAL = ("committed", "failed", "rolled_back")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class FleetError(EdgepackError):
@@ -83,7 +87,10 @@ def status(broker: BrokerConfig, *, group: str | None = None, listen_s: float = 
         rows.append({"device_id": dev, "online": st.get("online"), "groups": st.get("groups") or [],
                      "model": model.get("name"), "version": model.get("version"),
                      "provider": model.get("provider"), "update": (st.get("update") or {}).get("state"),
-                     "update_error": (st.get("update") or {}).get("error"), "p95_ms": lat.get("p95"),
+                     "update_error": (st.get("update") or {}).get("error"),
+                     "update_issued": (st.get("update") or {}).get("issued"),
+                     "signed_updates": (st.get("ota") or {}).get("signed_updates"),
+                     "key_serial": (st.get("ota") or {}).get("key_serial"), "p95_ms": lat.get("p95"),
                      "errors": (tel.get("totals") or {}).get("errors"),
                      "last_seen": tel.get("ts") or st.get("ts")})
     return rows
@@ -104,13 +111,24 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
          url: str | None = None, chunk_size: int = DEFAULT_CHUNK, allow_downgrade: bool = False,
          probation: Probation = Probation(), staging_max_p95_ms: float | None = None,
          wait: bool = False, timeout: float = 600, expect: list[str] | None = None,
-         progress: Callable[[str, dict], None] = lambda _d, _e: None) -> PushResult:
+         progress: Callable[[str, dict], None] = lambda _d, _e: None,
+         sign_key=None, key_cert=None) -> PushResult:
     """Publish the bundle's chunks (retained) and the desired record (retained); with `wait`,
-    follow the target devices' events until each commits, fails, rolls back, or time runs out."""
+    follow the target devices' events until each commits, fails, rolls back, or time runs out.
+
+    `sign_key` (a private key or its PEM path) signs the record; devices with trusted keys refuse
+    unsigned records. `key_cert` (a certificate or its path) goes with the signature when the key
+    is a fleet key certified by a root key. The record's `issued` is now, or just after the
+    record already on the topic, so a pusher with a slow clock cannot make its record look older."""
     if (device is None) == (group is None):
         raise InputError("give exactly one of --device or --group")
+    name = device if device is not None else group
+    if not _ID.match(name or ""):
+        raise InputError(f"{'device id' if device is not None else 'group'} {name!r} must be 1-64 letters, digits, "
+                         "'.', '_' or '-'")
     if chunk_size < 1024 or chunk_size > (64 << 20):
         raise InputError("--chunk-size must be between 1 KiB and 64 MiB")
+    key, cert = _signer(sign_key, key_cert)
     # Structure and manifest only: every device re-checks every hash and the signature, so the
     # pusher reads the file once (whole-file and per-chunk sha256 in one pass).
     b = open_bundle(bundle)
@@ -118,23 +136,21 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     sha, hashes = _hashes(bundle, chunk_size)
     size = Path(bundle).stat().st_size
     root = broker.topic_prefix
-    if url:
-        transfer = {"method": "url", "url": url}
-    else:
-        transfer = {"method": "mqtt", "topic": f"{root}/bundles/{sha}", "chunk_size": chunk_size,
-                    "chunks": (size + chunk_size - 1) // chunk_size, "chunk_sha256": []}
-    desired = Desired(update_id=uuid.uuid4().hex, name=m.name, version=m.version, sha256=sha, size=size,
-                      transfer=transfer, allow_downgrade=allow_downgrade, probation=probation,
-                      staging_max_p95_ms=staging_max_p95_ms,
-                      issued=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    topic = f"{root}/devices/{device}/desired" if device else f"{root}/groups/{group}/desired"
+    transfer = (UrlTransfer(url=url) if url else
+                MqttTransfer(topic=f"{root}/bundles/{sha}", chunk_size=chunk_size,
+                             chunks=(size + chunk_size - 1) // chunk_size, chunk_sha256=tuple(hashes)))
+    target = f"devices/{device}" if device else f"groups/{group}"
+    topic = f"{root}/{target}/desired"
     watch = [f"{root}/devices/+/events", f"{root}/devices/+/status"] if wait else []
     conn = _Conn(broker, watch, name="push")
     try:
-        if not url:
-            transfer["chunk_sha256"] = hashes
+        desired = Desired(update_id=uuid.uuid4().hex, name=m.name, version=m.version, sha256=sha, size=size,
+                          transfer=transfer, allow_downgrade=allow_downgrade, probation=probation,
+                          staging_max_p95_ms=staging_max_p95_ms, issued=_issued_after(conn, topic), target=target)
         doc = desired.to_dict()
-        doc["signature"] = _json(b.signature) if b.signature else None
+        doc["signature"] = _json(b.signature) if b.signature else None  # informative: the bundle's own
+        if key is not None:
+            doc = sign_record(doc, key, cert=cert)
         # The record goes first, so online devices start pulling chunks while they are still being
         # published (the transfer pipelines); offline ones find them retained later.
         if not conn.client.publish_wait(topic, dumps(doc), qos=1, retain=True, timeout=30):
@@ -149,6 +165,50 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
         conn.stop()
 
 
+def _signer(sign_key, key_cert):
+    from edgebundle.signing import load_private_key
+
+    key = load_private_key(sign_key) if isinstance(sign_key, (str, os.PathLike)) else sign_key
+    cert = key_cert
+    if isinstance(key_cert, (str, os.PathLike)):
+        try:
+            cert = json.loads(Path(key_cert).read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read key certificate {key_cert}: {e}") from None
+    if cert is not None and key is None:
+        raise InputError("--key-cert goes with --sign-key")
+    if cert is not None:
+        from edgebundle.signing import key_id
+
+        if cert.get("key_id") != key_id(key.public_key()):
+            raise InputError(f"the certificate is for key {cert.get('key_id')}, not the signing key "
+                             f"{key_id(key.public_key())}")
+    return key, cert
+
+
+def _issued_after(conn: "_Conn", topic: str) -> str:
+    """Now (UTC, ms), or 1 ms after the `issued` of the record retained on `topic` if that is later."""
+    now = datetime.now(timezone.utc)
+    floor = None
+    if conn.client.subscribe_wait(topic, qos=1, timeout=10):
+        deadline = time.monotonic() + 0.2  # a retained record follows the SUBACK at once
+        while time.monotonic() < deadline and floor is None:
+            with conn.cond:
+                hit = [p for t, p in conn.messages if t == topic]
+                if not hit:
+                    conn.cond.wait(0.05)
+                    continue
+            doc = _json(hit[-1])
+            try:
+                floor = parse_time(doc["issued"], what="issued") if isinstance(doc, dict) and doc.get("issued") else now
+            except ValueError:
+                floor = now
+        conn.client.unsubscribe(topic)
+    if floor is not None and floor >= now:
+        now = floor + timedelta(milliseconds=1)
+    return now.isoformat(timespec="milliseconds")
+
+
 def _hashes(bundle: Path, chunk_size: int) -> tuple[str, list[str]]:
     whole, chunks = hashlib.sha256(), []
     with open(bundle, "rb") as f:
@@ -158,12 +218,12 @@ def _hashes(bundle: Path, chunk_size: int) -> tuple[str, list[str]]:
     return whole.hexdigest(), chunks
 
 
-def _publish_chunks(client: MqttClient, bundle: Path, transfer: dict, window: int = 64) -> None:
+def _publish_chunks(client: MqttClient, bundle: Path, transfer: MqttTransfer, window: int = 64) -> None:
     pending = []
     with open(bundle, "rb") as f:
         i = 0
-        while chunk := f.read(transfer["chunk_size"]):
-            pending.append(client.publish(f"{transfer['topic']}/chunks/{i}", chunk, qos=1, retain=True))
+        while chunk := f.read(transfer.chunk_size):
+            pending.append(client.publish(f"{transfer.topic}/chunks/{i}", chunk, qos=1, retain=True))
             i += 1
             if len(pending) >= window:  # bounded in-flight: memory stays flat for big bundles
                 for info in pending:

@@ -34,6 +34,7 @@ class AgentProc:
         if broker:
             self.cmd += ["--broker", broker]
         self.env = env
+        self.preexec = None  # e.g. resource limits for the agent process
         self.proc: subprocess.Popen | None = None
         self.log = Path(data_dir).parent / f"{device_id}-{self.port}.log"
 
@@ -46,7 +47,8 @@ class AgentProc:
         import os
 
         env = dict(os.environ, **(self.env or {}))
-        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=self.preexec)
         if wait_ready:
             wait_until(lambda: self._get("/v2/health/ready") == 200 or self.proc.poll() is not None, 30,
                        what="agent ready")

@@ -34,14 +34,15 @@ class Broker:
     # EDGEPACK_TEST_BROKER=amqtt runs the suite against the embedded broker even where mosquitto exists.
     kind = os.environ.get("EDGEPACK_TEST_BROKER") or ("mosquitto" if shutil.which("mosquitto") else "amqtt")
 
-    def __init__(self, workdir: Path, *, tls: dict | None = None, users: dict | None = None):
+    def __init__(self, workdir: Path, *, tls: dict | None = None, users: dict | None = None,
+                 persistent: bool = False):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.tls, self.users = tls, users
+        self.tls, self.users, self.persistent = tls, users, persistent
         self.proc: subprocess.Popen | None = None
-        if (tls or users) and self.kind != "mosquitto":
-            raise RuntimeError("TLS/password tests need mosquitto")
+        if (tls or users or persistent) and self.kind != "mosquitto":
+            raise RuntimeError("TLS/password/persistence tests need mosquitto")
 
     @property
     def url(self) -> str:
@@ -54,7 +55,10 @@ class Broker:
                            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
                            "    allow_anonymous: true\n")
             return [str(Path(sys.executable).with_name("amqtt")), "-c", str(cfg)]
-        lines = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr"]
+        # persistent: retained records and chunks survive a restart, as docs/security.md requires in production
+        persist = (["persistence true", f"persistence_location {self.dir}/", "autosave_interval 1"]
+                   if self.persistent else ["persistence false"])
+        lines = [f"listener {self.port} 127.0.0.1", *persist, "log_dest stderr"]
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to 'mosquitto' and cannot read our files
         if self.users:
@@ -78,9 +82,9 @@ class Broker:
         wait_port(self.port)
         return self
 
-    def stop(self) -> None:
+    def stop(self, sig: str = "term") -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+            (self.proc.kill if sig == "kill" else self.proc.terminate)()
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,75 @@ def broker(tmp_path):
     b = Broker(tmp_path / "broker").start()
     yield b
     b.stop()
+
+
+# ---- OTA fixtures shared by the OTA, security and fault tests ----
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory):
+    from edgebundle.signing import generate_keys
+
+    d = tmp_path_factory.mktemp("keys")
+    generate_keys(d / "a.key", d / "a.pub")
+    generate_keys(d / "b.key", d / "b.pub")
+    return d
+
+
+@pytest.fixture(scope="session")
+def versions(digits, keys, tmp_path_factory):
+    """digits arm-cpu bundles: 1.0.0, 1.1.0, 0.9.0 signed with key a; 1.1.0 signed with b; 1.1.0 unsigned."""
+    from packager.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("versions")
+    made = {}
+    for tag, version, key in [("v1", "1.0.0", "a"), ("v2", "1.1.0", "a"), ("v09", "0.9.0", "a"),
+                              ("v2b", "1.1.0", "b"), ("v2u", "1.1.0", None)]:
+        res = build(BuildOptions(model=digits["model"], targets=("arm-cpu",), out_dir=out / tag, name="digits",
+                                 version=version, calibration=str(digits["calibration"]),
+                                 validation=str(digits["validation"]), bench_runs=5, bench_seconds=0.2,
+                                 sign_key=keys / f"{key}.key" if key else None))
+        assert res.ok, res.results[0].error
+        made[tag] = res.results[0].bundle
+    return made
+
+
+@pytest.fixture(scope="session")
+def sqrt_bundles(keys, tmp_path_factory):
+    """'sq' 1.0.0 computes sqrt(|x|); 1.1.0 computes sqrt(x): healthy on the (positive) golden
+    inputs, NaN on negative traffic; 1.2.0 computes sqrt(|x|) again (a healthy update)."""
+    import keras
+
+    from packager.build import BuildOptions, build
+    from targets import Precision
+
+    d = tmp_path_factory.mktemp("sq")
+    rng = np.random.default_rng(0)
+    np.savez(d / "val.npz", x=rng.random((20, 4), dtype=np.float32) + 0.1)
+    made = {}
+    healthy = lambda t: keras.ops.sqrt(keras.ops.abs(t))  # noqa: E731
+    for version, fn in (("1.0.0", healthy), ("1.1.0", keras.ops.sqrt), ("1.2.0", healthy)):
+        inp = keras.Input((4,), name="x")
+        m = keras.Model(inp, keras.layers.Lambda(fn)(inp))
+        path = d / f"sq{version}"  # a SavedModel: Keras refuses to reload Python lambdas (safe_mode)
+        m.export(str(path), verbose=False)
+        res = build(BuildOptions(model=path, targets=("arm-cpu",), out_dir=d / version, name="sq", version=version,
+                                 precision=Precision.FP32, validation=str(d / "val.npz"), bench_runs=5,
+                                 bench_seconds=0.2, sign_key=keys / "a.key"))
+        assert res.ok, res.results[0].error
+        made[version] = res.results[0].bundle
+    return made
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (root only; skipped elsewhere): real ENOSPC, nothing simulated."""
+    yield from _tmpfs(tmp_path / "small", "2m")
+
+
+def _tmpfs(d, size: str):
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:100]})")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], capture_output=True)

@@ -1,12 +1,9 @@
 """OTA updates end to end: real broker, real agent processes, real bundles."""
 from __future__ import annotations
 
-import hashlib
 import json
-import subprocess
 import threading
 import urllib.request
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -16,48 +13,28 @@ import pytest
 from agents import AgentProc, Watcher, wait_until
 from device_agent.config import BrokerConfig
 from device_agent.ota.desired import Probation
+from otakit import Publisher, publish_record, record, sign_record
 
 pytestmark = pytest.mark.slow
 QUICK = Probation(seconds=1.5, requests=1000)
+FLEET_KEY: list[Path] = []  # the fleet key that signs desired records (the agents trust its public half)
 
 
-@pytest.fixture(scope="session")
-def keys(tmp_path_factory):
-    from edgebundle.signing import generate_keys
-
-    d = tmp_path_factory.mktemp("keys")
-    generate_keys(d / "a.key", d / "a.pub")
-    generate_keys(d / "b.key", d / "b.pub")
-    return d
-
-
-@pytest.fixture(scope="session")
-def versions(digits, keys, tmp_path_factory):
-    """digits arm-cpu bundles: 1.0.0, 1.1.0, 0.9.0 signed with key a; 1.1.0 signed with b; 1.1.0 unsigned."""
-    from packager.build import BuildOptions, build
-
-    out = tmp_path_factory.mktemp("versions")
-    made = {}
-    for tag, version, key in [("v1", "1.0.0", "a"), ("v2", "1.1.0", "a"), ("v09", "0.9.0", "a"),
-                              ("v2b", "1.1.0", "b"), ("v2u", "1.1.0", None)]:
-        res = build(BuildOptions(model=digits["model"], targets=("arm-cpu",), out_dir=out / tag, name="digits",
-                                 version=version, calibration=str(digits["calibration"]),
-                                 validation=str(digits["validation"]), bench_runs=5, bench_seconds=0.2,
-                                 sign_key=keys / f"{key}.key" if key else None))
-        assert res.ok, res.results[0].error
-        made[tag] = res.results[0].bundle
-    return made
+@pytest.fixture(autouse=True)
+def _fleet_key(keys):
+    FLEET_KEY[:] = [keys / "a.key"]
 
 
 def _push(broker, bundle, *, device=None, group=None, wait=False, timeout=60, probation=QUICK, **kw):
     from packager import fleet
 
+    kw.setdefault("sign_key", FLEET_KEY[0])
     return fleet.push(bundle, BrokerConfig(url=broker.url), device=device, group=group, wait=wait,
                       timeout=timeout, probation=probation, chunk_size=4096, **kw)
 
 
-def _agent(tmp_path, broker, bundle, keys, *, device="dev1", group=None, env=None, name="data"):
-    extra = ("--trusted-key", str(keys / "a.pub"), "--log-format", "text")
+def _agent(tmp_path, broker, bundle, keys, *, device="dev1", group=None, env=None, name="data", more=()):
+    extra = ("--trusted-key", str(keys / "a.pub"), "--log-format", "text", *more)
     if group:
         extra += ("--group", group)
     return AgentProc(tmp_path / name, bundle=bundle, broker=broker.url, device_id=device, interval=1.0,
@@ -262,30 +239,6 @@ def _onnx_that_raises(like: Path, tmp_path: Path, key: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="session")
-def sqrt_bundles(keys, tmp_path_factory):
-    """'sq' 1.0.0 computes sqrt(|x|); 1.1.0 computes sqrt(x): healthy on the (positive) golden
-    inputs, NaN on negative traffic."""
-    import keras
-
-    from packager.build import BuildOptions, build
-    from targets import Precision
-
-    d = tmp_path_factory.mktemp("sq")
-    rng = np.random.default_rng(0)
-    np.savez(d / "val.npz", x=rng.random((20, 4), dtype=np.float32) + 0.1)
-    made = {}
-    for version, fn in (("1.0.0", lambda t: keras.ops.sqrt(keras.ops.abs(t))), ("1.1.0", keras.ops.sqrt)):
-        inp = keras.Input((4,), name="x")
-        m = keras.Model(inp, keras.layers.Lambda(fn)(inp))
-        path = d / f"sq{version}"  # a SavedModel: Keras refuses to reload Python lambdas (safe_mode)
-        m.export(str(path), verbose=False)
-        res = build(BuildOptions(model=path, targets=("arm-cpu",), out_dir=d / version, name="sq", version=version,
-                                 precision=Precision.FP32, validation=str(d / "val.npz"), bench_runs=5,
-                                 bench_seconds=0.2, sign_key=keys / "a.key"))
-        assert res.ok, res.results[0].error
-        made[version] = res.results[0].bundle
-    return made
 
 
 def test_unhealthy_in_probation_rolls_back(broker, sqrt_bundles, keys, tmp_path):
@@ -318,37 +271,19 @@ def test_unhealthy_in_probation_rolls_back(broker, sqrt_bundles, keys, tmp_path)
 
 def _publish_partial(broker, bundle: Path, device: str, upto: int, chunk_size: int = 2048) -> dict:
     """Like `edgepack push`, but only the first `upto` chunks reach the broker (a slow publisher)."""
-    from device_agent.mqtt import MqttClient, dumps
-    from device_agent.ota.desired import Desired
-    from edgebundle.archive import sha256_file
-
-    data = bundle.read_bytes()
-    chunks = [data[i:i + chunk_size] for i in range(0, len(data), chunk_size)]
-    sha = sha256_file(bundle)
-    topic = f"edgepack/v1/bundles/{sha}"
-    d = Desired(update_id=uuid.uuid4().hex, name="digits", version="1.1.0", sha256=sha, size=len(data),
-                transfer={"method": "mqtt", "topic": topic, "chunk_size": chunk_size, "chunks": len(chunks),
-                          "chunk_sha256": [hashlib.sha256(c).hexdigest() for c in chunks]},
-                probation=QUICK)
-    c = MqttClient(BrokerConfig(url=broker.url), client_id=f"pub-{uuid.uuid4().hex[:6]}")
-    c.start()
-    c.connected.wait(5)
-    for i, chunk in enumerate(chunks[:upto]):
-        assert c.publish_wait(f"{topic}/chunks/{i}", chunk, retain=True)
-    assert c.publish_wait(f"edgepack/v1/devices/{device}/desired", dumps(d.to_dict()), retain=True)
-    c.stop()
-    return {"desired": d, "chunks": chunks, "topic": topic}
+    doc, chunks = record(bundle, target=f"devices/{device}", chunk_size=chunk_size)
+    doc = sign_record(doc, FLEET_KEY[0])
+    publish_record(broker, doc, chunks, upto=upto)
+    return {"desired": doc, "chunks": chunks}
 
 
 def _publish_rest(broker, info: dict, start: int) -> None:
-    from device_agent.mqtt import MqttClient
-
-    c = MqttClient(BrokerConfig(url=broker.url), client_id=f"pub-{uuid.uuid4().hex[:6]}")
-    c.start()
-    c.connected.wait(5)
-    for i, chunk in enumerate(info["chunks"][start:], start):
-        assert c.publish_wait(f"{info['topic']}/chunks/{i}", chunk, retain=True)
-    c.stop()
+    p = Publisher(broker.url)
+    try:
+        for i, chunk in enumerate(info["chunks"][start:], start):
+            p.publish(f"{info['desired']['transfer']['topic']}/chunks/{i}", chunk)
+    finally:
+        p.stop()
 
 
 def _state(tmp_path) -> str | None:
@@ -361,7 +296,7 @@ def _state(tmp_path) -> str | None:
 def test_sigkill_during_download_resumes(broker, versions, keys, tmp_path):
     a = _agent(tmp_path, broker, versions["v1"], keys)
     info = _publish_partial(broker, versions["v2"], "dev1", upto=10)
-    done = tmp_path / "data" / "downloads" / info["desired"].sha256[:16] / "chunks.done"
+    done = tmp_path / "data" / "downloads" / info["desired"]["sha256"][:16] / "chunks.done"
     wait_until(lambda: done.is_file() and len(done.read_text().split()) >= 10, 30, what="10 chunks on disk")
     a.stop("kill")
     assert _state(tmp_path) == "downloading"
@@ -418,15 +353,6 @@ def test_sigkill_during_switch_rolls_back(broker, versions, keys, tmp_path):
         a2.stop()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    d = tmp_path / "small"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(d)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:100]})")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def test_out_of_disk_fails_cleanly(broker, versions, keys, tmp_path, small_disk):
@@ -467,11 +393,26 @@ def test_url_transfer_http_and_file(broker, versions, keys, tmp_path):
     served.mkdir()
     for tag in ("v2", "v1"):
         (served / versions[tag].name).write_bytes(versions[tag].read_bytes())
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(served)))
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/elsewhere/"):  # a redirect off the allowed prefix (SSRF through a redirect)
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/{versions['v2'].name}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            super().do_GET()
+
+        def log_message(self, *a):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    a = _agent(tmp_path, broker, versions["v1"], keys)
+    base = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    a = _agent(tmp_path, broker, versions["v1"], keys, more=("--allow-url", base, "--allow-url", served.as_uri()))
     try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/{versions['v2'].name}"
+        url = base + versions["v2"].name
         res = _push(broker, versions["v2"], device="dev1", wait=True, url=url)
         assert res.ok and res.desired["transfer"] == {"method": "url", "url": url}, res.devices
         assert _version(a) == "1.1.0"
@@ -481,6 +422,9 @@ def test_url_transfer_http_and_file(broker, versions, keys, tmp_path):
         res = _push(broker, versions["v2"], device="dev1", wait=True, url=url + ".missing")
         ev = res.devices["dev1"]
         assert ev["state"] == "failed" and "HTTP 404" in ev["error"], ev
+        res = _push(broker, versions["v2"], device="dev1", wait=True, url=base + "elsewhere/x")
+        ev = res.devices["dev1"]
+        assert ev["state"] == "failed" and "redirected" in ev["error"], ev
         assert _version(a) == "1.0.0"
     finally:
         a.stop()
@@ -506,11 +450,12 @@ def test_fleet_status_and_push_cli(broker, versions, keys, tmp_path):
     a = _agent(tmp_path, broker, versions["v1"], keys, device="cli-dev", group="cli")
     try:
         res = CliRunner().invoke(main, ["push", str(versions["v2u"]), "--group", "cli", "--broker", broker.url,
-                                        "--wait", "--timeout", "60", "--probation-seconds", "1"])
+                                        "--wait", "--timeout", "60", "--probation-seconds", "1",
+                                        "--sign-key", str(keys / "a.key")])
         assert res.exit_code == 1 and "failed" in res.output and "not signed" in res.output, res.output
         res = CliRunner().invoke(main, ["push", str(versions["v2"]), "--device", "cli-dev", "--broker", broker.url,
                                         "--wait", "--timeout", "60", "--probation-seconds", "1", "--chunk-size",
-                                        "8192"])
+                                        "8192", "--sign-key", str(keys / "a.key")])
         assert res.exit_code == 0 and "committed" in res.output, res.output
         res = CliRunner().invoke(main, ["fleet", "status", "--broker", broker.url, "--group", "cli", "--json",
                                         "--listen", "2.5"])

@@ -14,14 +14,31 @@ import os
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from device_agent.ota.desired import Desired
+from device_agent.ota.desired import Desired, MqttTransfer, url_allowed
 from edgebundle.errors import EdgepackError
 
 Progress = Callable[[int, int], None]  # (bytes done, total)
+
+
+@dataclass(frozen=True)
+class TransferPolicy:
+    """Slow-retrieval and source limits (`[ota]` settings). A transfer must finish within
+    `grace_s + size / min_rate` seconds of broker-connected time, and make progress at least
+    every `stall_s`; URL transfers only from `allowed_urls` prefixes (redirects included)."""
+
+    allowed_urls: tuple[str, ...] = ()
+    min_rate: int = 16 << 10  # bytes per second
+    grace_s: float = 120.0
+    stall_s: float = 120.0
+
+    def deadline(self, remaining: int) -> float:
+        return self.grace_s + remaining / max(self.min_rate, 1)
 
 
 class TransferError(EdgepackError):
@@ -68,19 +85,26 @@ def _assemble(parts: list[Path], dest: Path, sha256: str) -> Path:
 class MqttChunkFetcher:
     """Pull retained chunks with a bounded window of subscriptions."""
 
-    def __init__(self, mqtt, *, window: int = 16, stall_s: float = 20.0):
-        self.mqtt, self.window, self.stall_s = mqtt, window, stall_s
+    def __init__(self, mqtt, *, window: int = 16, stall_s: float = 20.0, policy: TransferPolicy = TransferPolicy()):
+        self.mqtt, self.window, self.stall_s, self.policy = mqtt, window, stall_s, policy
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
-        self._inbox: dict[str, bytes] = {}
+        self._inbox: dict[int, bytes | int] = {}  # index -> payload, or its length when it is too long
         self._prefix: str | None = None
+        self._max_len = 0
+        self._count = 0
 
     def on_message(self, topic: str, payload: bytes) -> bool:
-        """Called from the MQTT thread; returns True when the message was a chunk for us."""
+        """Called from the MQTT thread; returns True when the message was a chunk for us. Anything
+        that is not a chunk index of the current transfer, or is longer than a chunk, is dropped
+        here (never buffered)."""
         with self._lock:
             if self._prefix is None or not topic.startswith(self._prefix):
                 return False
-            self._inbox[topic] = payload
+            tail = topic[len(self._prefix):]
+            if not (tail.isascii() and tail.isdigit() and len(tail) <= 9) or int(tail) >= self._count:
+                return True
+            self._inbox[int(tail)] = payload if len(payload) <= self._max_len else len(payload)
             self._arrived.notify_all()
             return True
 
@@ -89,11 +113,13 @@ class MqttChunkFetcher:
         stored ones in chunks.done), and the whole-file sha256 is computed as the prefix grows,
         so there is no second pass over the data."""
         t = d.transfer
+        if not isinstance(t, MqttTransfer):
+            raise TypeError("MqttChunkFetcher.fetch needs an MQTT transfer")
         final = workdir / "bundle.edgepack"
         if final.is_file():
             return final
-        n, csize, hashes = int(t["chunks"]), int(t["chunk_size"]), list(t["chunk_sha256"])
-        base = t["topic"].rstrip("/") + "/chunks/"
+        n, csize, hashes = t.chunks, t.chunk_size, list(t.chunk_sha256)
+        base = t.topic.rstrip("/") + "/chunks/"
         part, done_file = workdir / "bundle.part", workdir / "chunks.done"
         length = lambda i: min(csize, d.size - i * csize)  # noqa: E731
         done = _resume(part, done_file, hashes, csize, d.size)
@@ -101,10 +127,12 @@ class MqttChunkFetcher:
         missing = [i for i in range(n) if i not in done]
         done_bytes = sum(length(i) for i in done)
         with self._lock:
-            self._prefix, self._inbox = base, {}
+            self._prefix, self._inbox, self._max_len, self._count = base, {}, csize, n
         outstanding: dict[int, float] = {}
         held: dict[int, bytes] = {}  # arrived ahead of the hash prefix (at most the window)
         h, next_i = hashlib.sha256(), 0
+        budget = self.policy.deadline(d.size - done_bytes)  # seconds of broker-connected time
+        connected_s, last_tick = 0.0, time.monotonic()
         last_progress = time.monotonic()
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -115,13 +143,19 @@ class MqttChunkFetcher:
             while missing or outstanding:
                 if cancelled():
                     raise Cancelled("update cancelled")
+                now = time.monotonic()
                 if not self.mqtt.connected.is_set():
+                    # a broker outage is not the update's fault: wait (the clocks stop meanwhile)
                     missing[:0] = sorted(outstanding)  # subscriptions die with the session: ask again later
                     outstanding.clear()
-                    if time.monotonic() - last_progress > 300:
-                        raise TransientError("broker unreachable for 5 minutes during download")
+                    last_tick = last_progress = now
                     time.sleep(0.2)
                     continue
+                connected_s += now - last_tick
+                last_tick = now
+                if connected_s > budget:
+                    raise TransientError(f"download too slow: {done_bytes} of {d.size} bytes after {connected_s:.0f} s "
+                                         f"(at least {self.policy.min_rate} bytes/s expected)")
                 while missing and len(outstanding) < self.window:
                     i = missing.pop(0)
                     self.mqtt.subscribe(base + str(i), qos=1)
@@ -130,23 +164,25 @@ class MqttChunkFetcher:
                     if not self._inbox:
                         self._arrived.wait(0.5)
                     got, self._inbox = self._inbox, {}
-                for topic, payload in got.items():
-                    i = int(topic.rsplit("/", 1)[1])
+                for i, payload in sorted(got.items()):
                     if i not in outstanding:
                         continue
-                    self.mqtt.unsubscribe(topic)
+                    self.mqtt.unsubscribe(base + str(i))
                     del outstanding[i]
+                    if isinstance(payload, int):
+                        raise TransferError(f"chunk {i} is {payload} bytes, more than the chunk size of {csize}: "
+                                            "corrupted or tampered; refusing the update")
                     digest = hashlib.sha256(payload).hexdigest()
                     if digest != hashes[i] or len(payload) != length(i):
                         raise TransferError(f"chunk {i} sha256 {digest[:16]}... does not match the desired record's "
                                             f"{hashes[i][:16]}...: corrupted or tampered; refusing the update")
                     try:
                         os.pwrite(fd, payload, i * csize)
+                        done_log.write(f"{i}\n")
+                        done_log.flush()
                     except OSError as e:
                         raise TransferError(f"cannot store chunk {i}: {e}") from None
                     done.add(i)
-                    done_log.write(f"{i}\n")
-                    done_log.flush()
                     held[i] = payload
                     next_i = _advance(fd, h, next_i, done, held, length, csize)
                     done_bytes += len(payload)
@@ -156,9 +192,9 @@ class MqttChunkFetcher:
                     self.mqtt.unsubscribe(base + str(i))  # nothing came: resubscribe (lost SUBACK, broker restart)
                     del outstanding[i]
                     missing.insert(0, i)
-                if time.monotonic() - last_progress > 120:
-                    raise TransientError(f"no chunk arrived for 2 minutes ({len(missing) + len(outstanding)} left); "
-                                         "is the bundle still published?")
+                if time.monotonic() - last_progress > self.policy.stall_s:
+                    raise TransientError(f"no chunk arrived for {self.policy.stall_s:.0f} s "
+                                         f"({len(missing) + len(outstanding)} left); is the bundle still published?")
             os.fsync(fd)
             done_log.close()
         except TransferError:
@@ -167,6 +203,12 @@ class MqttChunkFetcher:
             part.unlink(missing_ok=True)
             done_file.unlink(missing_ok=True)
             raise
+        except OSError as e:  # ENOSPC and friends while writing the log or syncing: fatal, nothing kept
+            os.close(fd)
+            fd = -1
+            part.unlink(missing_ok=True)
+            done_file.unlink(missing_ok=True)
+            raise TransferError(f"cannot store the download: {e}") from None
         finally:
             with self._lock:
                 self._prefix = None
@@ -191,11 +233,10 @@ def _resume(part: Path, done_file: Path, hashes: list[str], csize: int, size: in
         return set()
     done = set()
     with open(part, "rb") as f:
-        for line in done_file.read_text().split():
-            try:
-                i = int(line)
-            except ValueError:
+        for line in done_file.read_bytes().split():  # bytes: a log damaged by a power loss is not text
+            if not (line.isascii() and line.isdigit()) or len(line) > 9:
                 continue
+            i = int(line)
             if 0 <= i < len(hashes):
                 f.seek(i * csize)
                 if hashlib.sha256(f.read(min(csize, size - i * csize))).hexdigest() == hashes[i]:
@@ -215,26 +256,58 @@ def _advance(fd: int, h, next_i: int, done: set[int], held: dict[int, bytes], le
     return next_i
 
 
-def fetch_url(d: Desired, workdir: Path, *, progress: Progress, cancelled: Callable[[], bool]) -> Path:
-    """http(s):// with Range resume, or file://; same size and hash checks."""
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to a URL the device's policy allows (else: SSRF through a redirect)."""
+
+    def __init__(self, allowed: tuple[str, ...]):
+        super().__init__()
+        self.allowed = allowed
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not url_allowed(newurl, self.allowed):
+            raise TransferError(f"the server redirected to {newurl[:200]!r}, which [ota] allowed_urls does not allow")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener(allowed: tuple[str, ...]) -> urllib.request.OpenerDirector:
+    o = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
+                    urllib.request.FileHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPErrorProcessor(), _Redirects(allowed)):
+        o.add_handler(handler)
+    return o
+
+
+def fetch_url(d: Desired, workdir: Path, *, progress: Progress, cancelled: Callable[[], bool],
+              policy: TransferPolicy = TransferPolicy()) -> Path:
+    """http(s):// with Range resume, or file://; same size and hash checks; only from sources
+    the policy allows, within the slow-retrieval deadline."""
     final = workdir / "bundle.edgepack"
     if final.is_file():
         return final
+    url = d.transfer.url
+    if not url_allowed(url, policy.allowed_urls):
+        raise TransferError(f"downloads from {url[:200]!r} are not allowed by [ota] allowed_urls")
     part = workdir / "download.part"
     have = part.stat().st_size if part.exists() else 0
+    if have > d.size:
+        part.unlink()
+        have = 0
     check_space(workdir, d.size - have)
-    url = d.transfer["url"]
+    t0 = time.monotonic()
+    deadline = t0 + policy.deadline(d.size - have)
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have and url.startswith("http") else {})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with _opener(policy.allowed_urls).open(req, timeout=min(30.0, policy.stall_s)) as r:
             status = getattr(r, "status", 200)
             if have and status != 206:
                 have = 0  # the server ignored Range: start over
+            read = getattr(r, "read1", r.read)  # what has arrived, not a full megabyte: the deadline holds
             with open(part, "ab" if have else "wb") as f:
                 if url.startswith("file://") and have:
                     r.read(have)
                 done = have
-                for block in iter(lambda: r.read(1 << 20), b""):
+                while block := read(1 << 16):
                     if cancelled():
                         raise Cancelled("update cancelled")
                     done += len(block)
@@ -242,6 +315,9 @@ def fetch_url(d: Desired, workdir: Path, *, progress: Progress, cancelled: Calla
                         raise TransferError(f"download is larger than the desired record's {d.size} bytes")
                     f.write(block)
                     progress(done, d.size)
+                    if time.monotonic() > deadline:
+                        raise TransientError(f"download too slow: {done} of {d.size} bytes after "
+                                             f"{time.monotonic() - t0:.0f} s (at least {policy.min_rate} bytes/s expected)")
                 f.flush()
                 os.fsync(f.fileno())
     except urllib.error.HTTPError as e:
@@ -249,7 +325,7 @@ def fetch_url(d: Desired, workdir: Path, *, progress: Progress, cancelled: Calla
             part.unlink(missing_ok=True)
             raise TransferError(f"download from {url} failed: HTTP {e.code} {e.reason}") from None
         raise TransientError(f"download from {url} failed: HTTP {e.code} {e.reason}") from None
-    except (OSError, urllib.error.URLError) as e:
+    except (OSError, urllib.error.URLError, ValueError) as e:
         if isinstance(e, OSError) and e.errno == 28:  # ENOSPC
             part.unlink(missing_ok=True)
             raise TransferError(f"out of disk space while downloading: {e}") from None

@@ -1,96 +1,72 @@
 """The update flow as explicit states, persisted so that a crash resumes or rolls back.
 
-      new desired record (update_id not seen, bundle differs from the active one)
+      new desired record (accepted by the gate, update_id not seen, bundle differs from the active one)
    IDLE ──────────────► DOWNLOADING ──► VERIFYING ──► STAGING ──► SWITCHING ──► PROBATION ──► COMMITTED
-                           │   ▲            │            │            │             │
-                           │   └ transient  │            │            │             └──► ROLLED_BACK
-                           └────────────────┴────────────┴──► FAILED  └ crash ─────────────► ROLLED_BACK
+                           │   ▲            │   ▲        │   ▲        │             │
+                           │   └ transient  │   └ retry  │   └ retry  │             └──► ROLLED_BACK
+                           └────────────────┴────────────┴──► FAILED  └ crash/raise ─────► ROLLED_BACK
 
-- DOWNLOADING: MQTT chunks or URL into DATA/downloads/<sha>; transient errors retry with back-off,
-  chunks already stored are kept (a restart resumes); a bad chunk or hash is fatal.
-- VERIFYING: every hash, the signature against the trusted keys (when any are configured), the
-  record's sha256, and anti-rollback (lower version refused unless allow_downgrade).
-- STAGING: a second runtime instance loads the bundle, warms up, must reproduce the golden
+- DOWNLOADING: MQTT chunks or an allowed URL into DATA/downloads/<sha>; chunks already stored are
+  kept (a restart resumes); a bad chunk or hash is fatal; too slow or stalled is transient.
+- VERIFYING: one pass over the archive: every hash, the model files extracted on the way; the
+  signature against the keys of the current generation; name/version against the record;
+  anti-rollback (lower version refused unless the signed record allows a downgrade).
+- STAGING: a second runtime instance loads the verified files, warms up, must reproduce the golden
   outputs and meet the latency budget. The old model keeps serving throughout.
 - SWITCHING: the record is persisted, active.json replaced atomically, then one reference swap:
   requests in flight finish on the old model, new ones go to the new one.
-- PROBATION: error rate, NaN/Inf outputs, p95 latency and periodic golden probes on the new model
-  for N seconds or M requests. The old model stays loaded, so a rollback is one swap back.
+- PROBATION: error rate, NaN/Inf outputs the model is to blame for, p95 latency and periodic golden
+  probes on the new model for N seconds or M requests. The old model stays loaded.
+- Failures: a deterministic one (bad hash, signature, version, golden check) ends as FAILED at
+  once. A transient one, or an unexpected exception, in DOWNLOADING/VERIFYING/STAGING is retried
+  with back-off, at most `max_attempts` times; a restart during VERIFYING/STAGING counts as an
+  attempt (a model that crashes the runtime ends as FAILED instead of a crash loop). Any failure
+  in SWITCHING/PROBATION (an exception included) rolls back: no state is ever skipped.
 - Crash or power loss: DOWNLOADING/VERIFYING/STAGING resume (the old model serves meanwhile);
-  SWITCHING/PROBATION roll back to the previous bundle, which stays on disk.
-COMMITTED, ROLLED_BACK and FAILED end an update_id: it is not retried; a new push is.
+  SWITCHING/PROBATION roll back to the previous bundle, which stays on disk (or to no model,
+  when the device had none).
+COMMITTED, ROLLED_BACK and FAILED end an update_id through `_end`, the one terminal exit; it is
+not retried; a new push is. Clock and host are injected (tests drive every edge with fakes).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from enum import Enum
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
-from device_agent.ota.desired import Desired
-from device_agent.ota.transfer import Cancelled, MqttChunkFetcher, TransferError, TransientError, fetch_url
+from device_agent.ota.desired import Desired, MqttTransfer
+from device_agent.ota.record import ENDED, LIVE, RESUMABLE, Record, State
+from device_agent.ota.transfer import Cancelled, MqttChunkFetcher, TransferError, TransferPolicy, TransientError, fetch_url
 from device_agent.store import Store, atomic_write
 from edgebundle.errors import EdgepackError
 from edgebundle.manifest import parse_version
 
+__all__ = ["Clock", "Host", "State", "Record", "UpdateFailed", "Updater", "UpdaterSettings"]
 log = logging.getLogger("edgepack.agent.ota")
-RECORD_SCHEMA = 1
 
 
-class State(str, Enum):
-    IDLE = "idle"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    STAGING = "staging"
-    SWITCHING = "switching"
-    PROBATION = "probation"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled_back"
-    FAILED = "failed"
+@dataclass(frozen=True)
+class Clock:
+    """Wall time (records, events) and monotonic time (deadlines, probation, back-off)."""
+
+    wall: Callable[[], float] = time.time
+    mono: Callable[[], float] = time.monotonic
 
 
-ENDED = (State.IDLE, State.COMMITTED, State.ROLLED_BACK, State.FAILED)
-RESUMABLE = (State.DOWNLOADING, State.VERIFYING, State.STAGING)
-
-
-@dataclass
-class Record:
-    """What is persisted in DATA/update.json (replaced atomically at every transition)."""
-
-    state: State = State.IDLE
-    update_id: str | None = None
-    desired: dict | None = None
-    previous: dict | None = None  # {"bundle": rel path, "sha256", "version"} of the model before the switch
-    candidate: dict | None = None
-    error: str | None = None
-    since: float = 0.0
-    ended: dict = field(default_factory=dict)  # update_id -> final state (never retried)
-    schema: int = RECORD_SCHEMA
-
-    def to_json(self) -> bytes:
-        d = asdict(self)
-        d["state"] = self.state.value
-        return json.dumps(d, indent=2).encode()
-
-    @classmethod
-    def load(cls, path: Path) -> "Record":
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return cls()
-        if d.get("schema") != RECORD_SCHEMA:
-            log.warning("update record schema %s is unknown; starting from idle", d.get("schema"))
-            return cls()
-        d["state"] = State(d["state"])
-        return cls(**d)
+@dataclass(frozen=True)
+class UpdaterSettings:
+    max_attempts: int = 5
+    backoff_s: float = 2.0  # doubles per attempt
+    max_backoff_s: float = 300.0
+    transfer: TransferPolicy = field(default_factory=TransferPolicy)
+    fault_delays: dict = field(default_factory=dict)  # state -> seconds to pause before it (rehearsing crashes)
 
 
 class Host(Protocol):
@@ -98,48 +74,62 @@ class Host(Protocol):
 
     store: Store
     mqtt: object
-    trusted_keys: list
 
     def active_model(self): ...
     def swap(self, model): ...
-    def load(self, path: Path): ...
+    def verify(self, path: Path, *, sha256: str): ...  # -> verified Bundle, model files extracted
+    def load(self, path: Path, *, verified=None): ...
     def event(self, doc: dict) -> None: ...
     def status_changed(self) -> None: ...
 
 
 class UpdateFailed(EdgepackError):
-    pass
+    """Deterministic: retrying this update cannot succeed."""
 
 
 class Updater:
-    def __init__(self, host: Host, data_dir: Path):
-        self.host = host
+    def __init__(self, host: Host, data_dir: Path, *, settings: UpdaterSettings = UpdaterSettings(),
+                 clock: Clock = Clock()):
+        self.host, self.settings, self.clock = host, settings, clock
         self.path = Path(data_dir) / "update.json"
         self.downloads = Path(data_dir) / "downloads"
         self.record = Record.load(self.path)
-        self.fetcher = MqttChunkFetcher(host.mqtt) if host.mqtt is not None else None
+        self.fetcher = (MqttChunkFetcher(host.mqtt, policy=settings.transfer) if host.mqtt is not None else None)
         self._desired: Desired | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._candidate_model = None
         self._previous_model = None
+        self._verified = None  # the Bundle VERIFYING checked (staging trusts it: verify once)
+        self._retry_at = 0.0
+        self._dirty = False  # the record in memory is newer than the one on disk (disk full)
         self._last_progress = 0.0
         self._thread: threading.Thread | None = None
-        self._fault = _fault_delays()
 
     # ---- lifecycle ----
     def recover(self) -> None:
-        """Before the agent loads its model: an update cut off while switching or on probation
-        is rolled back, so the agent starts on the previous (verified) bundle."""
+        """Before the agent loads its model: an update cut off while switching or on probation is
+        rolled back, so the agent starts on the previous (verified) bundle; one cut off while
+        verifying or staging counts an attempt; downloads of other updates are removed. Never raises."""
         r = self.record
-        if r.state in (State.SWITCHING, State.PROBATION):
-            prev = r.previous
-            if prev and (self.host.store.root / prev["bundle"]).is_file():
-                self.host.store.activate(self.host.store.root / prev["bundle"], prev["sha256"])
-            self._end(State.ROLLED_BACK, f"the agent restarted during {r.state.value}; rolled back to "
-                                         f"{(prev or {}).get('version')}")
-        elif r.state in (State.VERIFYING, State.STAGING):
-            self._set(State.VERIFYING)  # the downloaded file is re-checked from scratch
+        try:
+            if r.state in LIVE:
+                try:
+                    outcome = self._restore_previous()
+                except OSError as e:  # disk full: the loop rolls back in memory once the agent runs
+                    log.error("cannot restore the previous bundle in active.json: %s", e)
+                    return
+                self._end(State.ROLLED_BACK, f"the agent restarted during {r.state.value}; {outcome}")
+            elif r.state in (State.VERIFYING, State.STAGING):
+                r.attempts += 1
+                if r.attempts >= self.settings.max_attempts:
+                    self._fail(f"gave up after {r.attempts} attempts: the agent restarted during {r.state.value} "
+                               "each time (does the model crash the runtime?)")
+                else:
+                    self._set(State.VERIFYING)  # the downloaded file is re-checked from scratch
+        except Exception:  # the agent must start whatever the record says
+            log.exception("recovering the update record failed")
+        self._remove_stale_downloads()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="ota", daemon=True)
@@ -162,38 +152,55 @@ class Updater:
         r = self.record
         d = r.desired or {}
         return {"state": r.state.value, "update_id": r.update_id, "version": d.get("version"), "error": r.error,
-                "previous": r.previous}
+                "previous": r.previous, "attempts": r.attempts, "issued": d.get("issued")}
 
     # ---- the loop ----
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                if self._dirty:
+                    self._persist_quietly()
                 self._step()
-            except Exception:  # never let the update thread die: the agent must keep serving
+            except Exception:  # a bug in the loop itself: never let the update thread die
                 log.exception("update step failed")
-                time.sleep(2)
+                self._stop.wait(2)
             self._wake.wait(1.0)
             self._wake.clear()
 
     def _step(self) -> None:
         r = self.record
         d = self._desired
+        if r.state in LIVE:  # only after a handler failed to finish the live phase: never skip it
+            self._rollback(f"the update was interrupted during {r.state.value}")
+            return
         if r.state in RESUMABLE:
             if d is not None and d.update_id != r.update_id and not self._stop.is_set():
                 self._abandon(f"superseded by update {d.update_id}")
-            else:
-                self._run(Desired.parse(json.dumps(r.desired).encode(), source="update.json"))
-                return
+            elif self.clock.mono() >= self._retry_at:
+                try:
+                    current = Desired.from_dict(r.desired, source="update.json")
+                except EdgepackError as e:
+                    self._fail(f"the stored update record is unreadable: {str(e).splitlines()[0]}")
+                    return
+                self._run(current)
+            return
         if d is None or d.update_id in r.ended:
             return
         active = self.host.active_model()
         if active is not None and active.bundle_sha256 == d.sha256:
-            self.record.update_id, self.record.desired = d.update_id, d.to_dict()
+            self.record = dataclasses.replace(r, update_id=d.update_id, desired=d.to_dict(), attempts=0)
             self._end(State.COMMITTED, None, note="already running this bundle")
             return
-        self.record = Record(state=State.DOWNLOADING, update_id=d.update_id, desired=d.to_dict(),
-                             since=time.time(), ended=r.ended)
-        self._persist()
+        new = Record(state=State.DOWNLOADING, update_id=d.update_id, desired=d.to_dict(), since=self.clock.wall(),
+                     ended=r.ended)
+        try:
+            self._write(new)
+        except OSError as e:
+            log.error("cannot start update %s: %s", d.update_id, e)
+            self.record = new
+            self._fail(f"cannot write the update record: {e}")
+            return
+        self.record = new
         self._event(State.DOWNLOADING)
         self._run(d)
 
@@ -205,34 +212,40 @@ class Updater:
             self._inject_fault(state)
             try:
                 nxt = handlers[state](d)
+                if nxt is None or nxt in ENDED:  # waiting (superseded, stopping) or already ended
+                    return
+                self._set(nxt)
             except UpdateFailed as e:
-                self._cleanup_candidate()
-                self._end(State.FAILED, str(e).split("\n")[0])
+                if state in LIVE:
+                    self._rollback(str(e).split("\n")[0])
+                else:
+                    self._fail(str(e).split("\n")[0])
                 return
-            if nxt is None:  # transient: stay in this state, try again later
+            except Exception as e:  # transient (broker away, disk full) or unexpected: bounded, never skipped
+                transient = isinstance(e, (TransientError, OSError))
+                if not transient:
+                    log.exception("update %s: %s raised", self.record.update_id, state.value)
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if state in LIVE:
+                    self._rollback(f"{state.value} failed ({msg})")
+                else:
+                    self._retry(str(e).splitlines()[0] if transient and str(e) else msg)
                 return
-            if nxt in ENDED:
-                return
-            self._set(nxt)
 
-    # ---- state handlers: each returns the next state (None = retry later) ----
+    # ---- state handlers: each returns the next state (None = wait) ----
     def _downloading(self, d: Desired) -> State | None:
-        work = self.downloads / d.sha256[:16]
+        work = self._workdir(d.sha256)
         work.mkdir(parents=True, exist_ok=True)
         try:
-            if d.transfer["method"] == "mqtt":
+            if isinstance(d.transfer, MqttTransfer):
                 if self.fetcher is None:
                     raise UpdateFailed("MQTT transfer needs a broker connection")
                 self.fetcher.fetch(d, work, progress=self._progress, cancelled=self._superseded)
             else:
-                fetch_url(d, work, progress=self._progress, cancelled=self._superseded)
-        except TransientError as e:
-            log.warning("download paused: %s", e)
-            self._event(State.DOWNLOADING, error=f"retrying: {e}")
-            time.sleep(2)
-            return None
+                fetch_url(d, work, progress=self._progress, cancelled=self._superseded, policy=self.settings.transfer)
         except Cancelled:
-            self._abandon(f"superseded by update {self._desired.update_id if self._desired else '?'}")
+            if not self._stop.is_set():
+                self._abandon(f"superseded by update {self._desired.update_id if self._desired else '?'}")
             return None
         except TransferError as e:
             shutil.rmtree(work, ignore_errors=True)  # nothing half-written stays behind
@@ -240,10 +253,7 @@ class Updater:
         return State.VERIFYING
 
     def _verifying(self, d: Desired) -> State:
-        from edgebundle import signing
-        from edgebundle.archive import verify_bundle
-
-        work = self.downloads / d.sha256[:16]
+        work = self._workdir(d.sha256)
         path = work / "bundle.edgepack"
         cand = self.record.candidate
         stored = self.host.store.root / cand["bundle"] if cand and cand.get("sha256") == d.sha256 else None
@@ -252,9 +262,7 @@ class Updater:
                 return State.DOWNLOADING
             path = stored  # resumed after a restart: the file already moved into the store
         try:
-            bundle = verify_bundle(path)
-            if self.host.trusted_keys:
-                signing.verify(bundle.manifest_bytes, bundle.signature, self.host.trusted_keys)
+            bundle = self.host.verify(path, sha256=d.sha256)
         except EdgepackError as e:
             shutil.rmtree(work, ignore_errors=True)
             raise UpdateFailed(f"verification failed: {str(e).splitlines()[0]}") from None
@@ -270,15 +278,24 @@ class Updater:
         if path != stored:
             stored, _ = self.host.store.add(path, move=True, sha256=d.sha256,
                                             name=f"{m.name}-{m.version}-{m.target.get('name')}.edgepack")
+            bundle = dataclasses.replace(bundle, path=stored)
         shutil.rmtree(work, ignore_errors=True)
         self.record.candidate = {"bundle": str(stored.relative_to(self.host.store.root)), "sha256": d.sha256,
                                  "version": m.version}
+        self._verified = bundle
         return State.STAGING
 
     def _staging(self, d: Desired) -> State:
         cand = self.record.candidate
+        if not cand:
+            return State.VERIFYING
+        if self._candidate_model is not None:  # staged before, then the step failed: not twice in memory
+            self._candidate_model.close()
+            self._candidate_model = None
+        verified = self._verified if self._verified is not None and self._verified.path.name == Path(
+            cand["bundle"]).name else None
         try:
-            model = self.host.load(self.host.store.root / cand["bundle"])  # verify, warm up, golden check
+            model = self.host.load(self.host.store.root / cand["bundle"], verified=verified)  # warm-up, golden check
         except Exception as e:  # a model that cannot load or raises in warm-up is never activated
             raise UpdateFailed(f"staging failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         budget = d.staging_max_p95_ms
@@ -297,16 +314,16 @@ class Updater:
         return State.SWITCHING
 
     def _switching(self, d: Desired) -> State:
-        if self._candidate_model is None:  # resumed after a restart: stage again
+        if self._candidate_model is None:  # resumed after a restart or a retry: stage again
             return State.STAGING
         old = self.host.active_model()
         st = self.host.store.read_state()
         self.record.previous = ({"bundle": st.get("bundle"), "sha256": st.get("sha256"),
                                  "version": old.version if old else None} if st.get("bundle") else None)
-        self._persist()
+        self._write(self.record)  # before active.json changes: a crash from here on rolls back
         cand = self.record.candidate
         self.host.store.activate(self.host.store.root / cand["bundle"], cand["sha256"])
-        self._candidate_model.watch(True)
+        self._candidate_model.watch(True, reference=old)
         self._previous_model = self.host.swap(self._candidate_model)  # one reference swap
         self._candidate_model = None
         return State.PROBATION
@@ -314,11 +331,10 @@ class Updater:
     def _probation(self, d: Desired) -> State:
         model = self.host.active_model()
         if model is None or self._previous_model is None and self.record.previous:
-            # resumed without the old model in memory: recover() handles restarts; be safe
             return self._rollback("probation lost its previous model")
         p = d.probation
         self.host.status_changed()
-        t0 = time.monotonic()
+        t0 = self.clock.mono()
         next_probe = t0
         while not self._stop.is_set():
             h = model.health_snapshot()
@@ -328,17 +344,19 @@ class Updater:
                 return self._rollback(f"error rate {h['errors']}/{h['requests']} over {p.max_error_rate:.0%}")
             if p.max_p95_ms and h["p95_ms"] is not None and h["requests"] >= 20 and h["p95_ms"] > p.max_p95_ms:
                 return self._rollback(f"p95 latency {h['p95_ms']:.2f} ms over the budget of {p.max_p95_ms} ms")
-            if time.monotonic() >= next_probe:
-                next_probe = time.monotonic() + 1.0
+            if self.clock.mono() >= next_probe:
+                next_probe = self.clock.mono() + 1.0
                 try:
                     res = model.check_golden()
                 except Exception as e:
                     return self._rollback(f"golden probe raised {type(e).__name__}: {e}")
                 if not res["ok"]:
                     return self._rollback(f"golden probe off by {res['max_excess_error']:.4g}")
-            if time.monotonic() - t0 >= p.seconds or h["requests"] >= p.requests:
+            if self.clock.mono() - t0 >= p.seconds or h["requests"] >= p.requests:
                 break
-            time.sleep(0.1)
+            self._stop.wait(0.1)
+        if self._stop.is_set():
+            return None  # stopping: a restart finds PROBATION and rolls back
         model.watch(False)
         old, self._previous_model = self._previous_model, None
         if old is not None:
@@ -348,36 +366,129 @@ class Updater:
         return State.COMMITTED
 
     def _rollback(self, reason: str) -> State:
-        prev = self.record.previous
-        bad = self.host.active_model()
-        if prev:
-            self.host.store.activate(self.host.store.root / prev["bundle"], prev["sha256"])
-        if self._previous_model is not None:
-            self.host.swap(self._previous_model)
-            self._previous_model = None
-        elif prev:
-            self.host.swap(self.host.load(self.host.store.root / prev["bundle"]))
-        else:  # the device had no model before this update: it goes back to serving none
-            self.host.store.write_state({})
-            self.host.swap(None)
-        if bad is not None:
-            bad.close()
+        """Back to the previous model (or none, when the device had none before). Never raises.
+        If the switch never happened (it failed half-way), the old model is still serving and
+        only the staged candidate is closed."""
+        active = self.host.active_model()
+        cand = (self.record.candidate or {}).get("sha256")
+        switched = active is not None and cand is not None and active.bundle_sha256 == cand
+        self._cleanup_candidate()
+        try:
+            self._restore_previous()
+        except Exception as e:  # active.json could not be written (disk full): a restart rolls back again
+            log.error("rollback could not restore active.json: %s", e)
+        if switched or (active is None and self.record.previous):
+            try:
+                prev = self.record.previous
+                if self._previous_model is not None:
+                    self.host.swap(self._previous_model)
+                    self._previous_model = None
+                elif prev:
+                    self.host.swap(self.host.load(self.host.store.root / prev["bundle"]))
+                else:  # the device had no model before this update: it goes back to serving none
+                    self.host.swap(None)
+                if active is not None and active is not self.host.active_model():
+                    active.close()
+            except Exception as e:
+                log.exception("rollback could not swap models back")
+                reason = f"{reason}; rolling back failed too ({type(e).__name__}: {e})"
         self._end(State.ROLLED_BACK, reason)
         return State.ROLLED_BACK
 
+    def _restore_previous(self) -> str:
+        """active.json back to the record's previous bundle, or empty when the device had none;
+        untouched when it does not name the candidate (the switch never reached it). Says which."""
+        prev = self.record.previous
+        store = self.host.store
+        cand = (self.record.candidate or {}).get("sha256")
+        if cand is None or store.read_state().get("sha256") != cand:
+            return "the switch had not happened: the previous model stays"
+        if prev and (store.root / prev["bundle"]).is_file():
+            store.activate(store.root / prev["bundle"], prev["sha256"])
+            return f"rolled back to {prev.get('version')}"
+        store.write_state({})
+        return "rolled back to no model (the device had none before)"
+
+    # ---- terminal and intermediate transitions ----
+    def _fail(self, reason: str) -> None:
+        self._cleanup_candidate()
+        if self.record.desired and isinstance(self.record.desired.get("sha256"), str):
+            shutil.rmtree(self._workdir(self.record.desired["sha256"]), ignore_errors=True)
+        self._end(State.FAILED, reason)
+
+    def _retry(self, error: str) -> None:
+        """A transient failure: try again after a back-off, at most max_attempts times in all."""
+        r = self.record
+        r.attempts += 1
+        if r.attempts >= self.settings.max_attempts:
+            self._fail(f"gave up after {r.attempts} attempts: {error}")
+            return
+        delay = min(self.settings.backoff_s * 2 ** (r.attempts - 1), self.settings.max_backoff_s)
+        self._retry_at = self.clock.mono() + delay
+        self._persist_quietly()
+        log.warning("update %s: %s (attempt %d of %d; retrying in %.0f s)", r.update_id, error, r.attempts,
+                    self.settings.max_attempts, delay)
+        self._event(r.state, error=f"retrying in {delay:.0f} s (attempt {r.attempts} of "
+                                   f"{self.settings.max_attempts}): {error}")
+
+    def _abandon(self, reason: str) -> None:
+        self._fail(f"abandoned: {reason}")
+
+    def _end(self, state: State, error: str | None, note: str | None = None) -> None:
+        """The one exit of an update: COMMITTED, ROLLED_BACK or FAILED."""
+        r = self.record
+        r.state, r.error, r.since = state, error, self.clock.wall()
+        if r.update_id:
+            r.end(r.update_id, state)
+        self._persist_quietly()
+        self._event(state, error=error, note=note)
+        (log.info if state is State.COMMITTED else log.warning)(
+            "update %s %s%s", r.update_id, state.value, f": {error}" if error else "")
+        self.host.status_changed()
+
+    def _set(self, state: State) -> None:
+        """Persist the next state first; only then is it the state (a failed write changes nothing)."""
+        new = dataclasses.replace(self.record, state=state, since=self.clock.wall())
+        self._write(new)
+        self.record = new
+        self._event(state)
+
+    def _write(self, record: Record) -> None:
+        atomic_write(self.path, record.to_json())
+        self._dirty = False
+
+    def _persist_quietly(self) -> None:
+        try:
+            self._write(self.record)
+        except OSError as e:  # disk full: the loop writes it again; the agent keeps serving
+            self._dirty = True
+            log.error("cannot write %s: %s (will retry)", self.path, e)
+
     # ---- helpers ----
+    def _workdir(self, sha256: str) -> Path:
+        return self.downloads / sha256[:16]
+
+    def _remove_stale_downloads(self) -> None:
+        """Downloads that belong to no update in progress (superseded, failed before a restart)."""
+        keep = None
+        if self.record.state in (State.DOWNLOADING, State.VERIFYING) and self.record.desired:
+            keep = str(self.record.desired.get("sha256", ""))[:16]
+        try:
+            for p in self.downloads.iterdir() if self.downloads.is_dir() else ():
+                if p.name != keep:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("cannot clean %s: %s", self.downloads, e)
+
     def _superseded(self) -> bool:
         d = self._desired
         return self._stop.is_set() or (d is not None and d.update_id != self.record.update_id)
-
-    def _abandon(self, reason: str) -> None:
-        self._cleanup_candidate()
-        self._end(State.FAILED, f"abandoned: {reason}")
 
     def _cleanup_candidate(self) -> None:
         if self._candidate_model is not None:
             self._candidate_model.close()
             self._candidate_model = None
+        self._verified = None
 
     def _prune(self) -> None:
         """Keep the active bundle and the previous one (the rollback slot); drop the rest."""
@@ -391,30 +502,11 @@ class Updater:
                 shutil.rmtree(store.model_dir(p.name.split("-")[0]), ignore_errors=True)
 
     def _progress(self, done: int, total: int) -> None:
-        now = time.monotonic()
+        now = self.clock.mono()
         if now - self._last_progress >= 0.5 or done >= total:
             self._last_progress = now
             self._event(State.DOWNLOADING, progress={"bytes": done, "total": total,
                                                      "percent": round(100 * done / max(total, 1), 1)})
-
-    def _set(self, state: State) -> None:
-        self.record.state, self.record.since = state, time.time()
-        self._persist()
-        self._event(state)
-
-    def _end(self, state: State, error: str | None, note: str | None = None) -> None:
-        r = self.record
-        r.state, r.error, r.since = state, error, time.time()
-        if r.update_id:
-            r.ended[r.update_id] = state.value
-        self._persist()
-        self._event(state, error=error, note=note)
-        (log.info if state is State.COMMITTED else log.warning)(
-            "update %s %s%s", r.update_id, state.value, f": {error}" if error else "")
-        self.host.status_changed()
-
-    def _persist(self) -> None:
-        atomic_write(self.path, self.record.to_json())
 
     def _event(self, state: State, *, error: str | None = None, progress: dict | None = None,
                note: str | None = None) -> None:
@@ -426,17 +518,17 @@ class Updater:
                          "error": error, "note": note})
 
     def _inject_fault(self, state: State) -> None:
-        delay = self._fault.get(state.value)
+        delay = self.settings.fault_delays.get(state.value)
         if delay:
             log.warning("fault injection: pausing %.1f s before %s", delay, state.value)
-            time.sleep(delay)
+            self._stop.wait(delay)
 
 
-def _fault_delays() -> dict[str, float]:
+def parse_fault_delays(text: str) -> dict[str, float]:
     """EDGEPACK_AGENT_FAULT_DELAY="staging=5,probation=2": pause before entering a state, so
     crash-recovery tests (and operators rehearsing one) can kill the agent at a known point."""
     out = {}
-    for item in os.environ.get("EDGEPACK_AGENT_FAULT_DELAY", "").split(","):
+    for item in (text or "").split(","):
         if "=" in item:
             k, v = item.split("=", 1)
             try:

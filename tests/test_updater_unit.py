@@ -1,0 +1,281 @@
+"""The update state machine driven edge by edge with an injected host and clock (Mender-style):
+real bundle files and a real data directory, a fake runtime (no model is run here)."""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from device_agent.ota.desired import Desired, Probation, UrlTransfer
+from device_agent.ota.record import Record, State
+from device_agent.ota.transfer import TransferPolicy
+from device_agent.ota.updater import Clock, Updater, UpdaterSettings
+from device_agent.store import Store
+from edgebundle.archive import open_bundle, sha256_file, write_bundle
+from edgebundle.manifest import Manifest, TensorSpec
+
+
+class FakeClock:
+    """Wall time that can jump (NTP, a dead RTC), monotonic time that only moves forward."""
+
+    def __init__(self):
+        self.wall_t, self.mono_t = 1.8e9, 1000.0
+
+    def wall(self) -> float:
+        return self.wall_t
+
+    def mono(self) -> float:
+        self.mono_t += 0.5  # time passes whenever someone looks
+        return self.mono_t
+
+    def clock(self) -> Clock:
+        return Clock(wall=self.wall, mono=self.mono)
+
+
+class FakeModel:
+    def __init__(self, path: Path, *, health=None):
+        m = open_bundle(path).manifest
+        self.name, self.version, self.bundle_sha256 = m.name, m.version, sha256_file(path)
+        self.closed, self.watched, self._health = False, False, health
+
+    def watch(self, on, *, reference=None):
+        self.watched = on
+
+    def health_snapshot(self):
+        if self._health is not None:
+            return self._health()
+        return {"requests": 0, "errors": 0, "nonfinite": 0, "client_nonfinite": 0, "p95_ms": None}
+
+    def check_golden(self):
+        return {"ok": True, "checked": 0}
+
+    def close(self):
+        self.closed = True
+
+
+class FakeHost:
+    """The agent as the updater sees it; `verify_error`/`health` make a step fail on purpose."""
+
+    def __init__(self, data: Path):
+        self.store = Store(data)
+        self.mqtt = None
+        self.model: FakeModel | None = None
+        self.events: list[dict] = []
+        self.verify_error: list[BaseException] = []  # raised (and consumed) one per verify()
+        self.health = None
+
+    def active_model(self):
+        return self.model
+
+    def swap(self, model):
+        old, self.model = self.model, model
+        return old
+
+    def verify(self, path, *, sha256):
+        if self.verify_error:
+            raise self.verify_error.pop(0)
+        b = open_bundle(path)
+        b.verify()
+        return b
+
+    def load(self, path, *, verified=None):
+        return FakeModel(Path(path), health=self.health)
+
+    def event(self, doc):
+        self.events.append(doc)
+
+    def status_changed(self):
+        pass
+
+
+def _bundle(d: Path, version: str) -> Path:
+    model = d / f"model-{version}.bin"
+    model.write_bytes(f"not a real model {version}".encode() * 10)
+    m = Manifest(name="m", version=version, target={"name": "arm-cpu"}, format="tflite", precision="fp32",
+                 model_file="model.tflite", inputs=(TensorSpec("x", (1, 4), "float32"),),
+                 outputs=(TensorSpec("y", (1, 2), "float32"),), runtime={"name": "litert"})
+    dest = d / f"m-{version}.edgepack"
+    write_bundle(dest, m, {"model.tflite": model})
+    return dest
+
+
+def _desired(path: Path, **kw) -> Desired:
+    return Desired(update_id=uuid.uuid4().hex, name="m", version=open_bundle(path).manifest.version,
+                   sha256=sha256_file(path), size=path.stat().st_size, transfer=UrlTransfer(url=path.as_uri()),
+                   probation=kw.pop("probation", Probation(seconds=2, requests=10 ** 6)), **kw)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    host = FakeHost(tmp_path / "data")
+    v1 = _bundle(src, "1.0.0")
+    path, sha = host.store.add(v1)
+    host.store.activate(path, sha)
+    host.model = FakeModel(path)
+    clock = FakeClock()
+    settings = UpdaterSettings(max_attempts=3, backoff_s=0.0, transfer=TransferPolicy(allowed_urls=(src.as_uri(),)))
+
+    def make():
+        return Updater(host, tmp_path / "data", settings=settings, clock=clock.clock())
+
+    return {"host": host, "src": src, "make": make, "clock": clock, "data": tmp_path / "data"}
+
+
+def _drive(u: Updater, n: int = 10) -> None:
+    for _ in range(n):
+        u._step()
+        if u.record.state in (State.COMMITTED, State.FAILED, State.ROLLED_BACK):
+            return
+
+
+def _states(host) -> list[str]:
+    return [e["state"] for e in host.events if not e.get("progress")]
+
+
+def test_happy_path_every_state(setup):
+    host, u = setup["host"], setup["make"]()
+    d = _desired(_bundle(setup["src"], "1.1.0"))
+    u.set_desired(d)
+    _drive(u)
+    assert u.record.state is State.COMMITTED and host.model.version == "1.1.0"
+    assert _states(host) == ["downloading", "verifying", "staging", "switching", "probation", "committed"]
+    assert json.loads(u.path.read_text())["ended"][d.update_id] == "committed"
+
+
+def test_exception_in_probation_rolls_back_never_commits(setup):
+    """Finding 10, at the state machine: a handler that raises never skips a state."""
+    host, u = setup["host"], setup["make"]()
+    host.health = lambda: {"requests": "x"}  # a bug in a health check: TypeError/KeyError inside probation
+    u.set_desired(_desired(_bundle(setup["src"], "1.1.0")))
+    _drive(u)
+    assert u.record.state is State.ROLLED_BACK and "probation failed" in u.record.error
+    assert host.model.version == "1.0.0" and "committed" not in _states(host)
+
+
+def test_unexpected_errors_are_retried_a_bounded_number_of_times(setup):
+    host, u = setup["host"], setup["make"]()
+    host.verify_error[:] = [RuntimeError("runtime exploded")] * 10
+    u.set_desired(_desired(_bundle(setup["src"], "1.1.0")))
+    _drive(u, 20)
+    assert u.record.state is State.FAILED and "gave up after 3 attempts" in u.record.error
+    retries = [e for e in host.events if (e.get("error") or "").startswith("retrying")]
+    assert len(retries) == 2 and host.model.version == "1.0.0"
+
+
+def test_transient_error_then_success(setup):
+    host, u = setup["host"], setup["make"]()
+    host.verify_error[:] = [OSError(28, "No space left on device")]
+    u.set_desired(_desired(_bundle(setup["src"], "1.1.0")))
+    _drive(u)
+    assert u.record.state is State.COMMITTED and u.record.attempts == 1
+
+
+def test_restart_during_probation_of_first_model_serves_none(setup):
+    """Finding 11, at the state machine: no previous model -> rolled back to none, consistently."""
+    host = setup["host"]
+    host.model = None
+    d = _desired(_bundle(setup["src"], "1.1.0"))
+    path, sha = host.store.add(_bundle(setup["src"], "1.1.0"))
+    host.store.activate(path, sha)  # the candidate was switched in, then the agent died on probation
+    u = setup["make"]()
+    u._write(Record(state=State.PROBATION, update_id=d.update_id, desired=d.to_dict(), previous=None,
+                    candidate={"bundle": str(path.relative_to(host.store.root)), "sha256": sha}))
+    u = setup["make"]()
+    u.recover()
+    assert u.record.state is State.ROLLED_BACK and "no model" in u.record.error
+    assert host.store.read_state() == {} and host.store.active() is None
+
+
+def test_restarts_while_staging_end_the_update(setup):
+    """Finding 13 (crash loop), at the state machine: each restart in staging is an attempt."""
+    host = setup["host"]
+    d = _desired(_bundle(setup["src"], "1.1.0"))
+    for n in range(1, 4):
+        u = setup["make"]()
+        if n == 1:
+            u.record = Record(state=State.STAGING, update_id=d.update_id, desired=d.to_dict())
+            u._write(u.record)
+        u.recover()
+        if u.record.state is State.FAILED:
+            break
+        assert u.record.state is State.VERIFYING and u.record.attempts == n
+        u.record.state = State.STAGING
+        u._write(u.record)
+    assert u.record.state is State.FAILED and "restarted during" in u.record.error and n == 3
+    assert host.model.version == "1.0.0"
+
+
+def test_wall_clock_jumps_do_not_disturb_an_update(setup):
+    """Probation and back-off run on monotonic time: a wall clock thrown a year back or forward
+    (a Pi without RTC, an NTP step) neither stretches nor skips them."""
+    host, clock, u = setup["host"], setup["clock"], setup["make"]()
+    u.set_desired(_desired(_bundle(setup["src"], "1.1.0"), probation=Probation(seconds=5, requests=10 ** 6)))
+    clock.wall_t -= 365 * 86400
+    _drive(u)
+    assert u.record.state is State.COMMITTED
+    clock.wall_t += 2 * 365 * 86400
+    u.set_desired(_desired(_bundle(setup["src"], "1.2.0"), probation=Probation(seconds=5, requests=10 ** 6)))
+    _drive(u)
+    assert u.record.state is State.COMMITTED and host.model.version == "1.2.0"
+
+
+@pytest.mark.parametrize("content", [b"", b"{", b"[]", b'{"schema": 1, "state": "nope"}',
+                                     b'{"schema": 1, "state": "probation", "desired": null}',
+                                     b'{"schema": 1, "state": "idle", "ended": [1]}',
+                                     b'{"schema": 1, "state": "switching", "desired": {}, "previous": '
+                                     b'{"bundle": "../../etc/passwd", "sha256": "x"}}',
+                                     b'{"schema": 99, "state": "idle"}', b"[" * 100000])
+def test_damaged_update_record_starts_idle(setup, content):
+    path = setup["data"] / "update.json"
+    path.write_bytes(content)
+    u = setup["make"]()
+    u.recover()
+    assert u.record.state is State.IDLE
+    assert (path.with_name("update.json.corrupt").read_bytes() == content) or not content
+
+
+
+def test_restart_before_the_switch_touched_active_json(setup):
+    """Found by the fault matrix: killed just after entering SWITCHING (record persisted, active.json
+    not yet changed): recovery must leave the old model active, not clear active.json."""
+    host = setup["host"]
+    before = host.store.read_state()
+    d = _desired(_bundle(setup["src"], "1.1.0"))
+    path, sha = host.store.add(_bundle(setup["src"], "1.1.0"))
+    u = setup["make"]()
+    u._write(Record(state=State.SWITCHING, update_id=d.update_id, desired=d.to_dict(), previous=None,
+                    candidate={"bundle": str(path.relative_to(host.store.root)), "sha256": sha}))
+    u = setup["make"]()
+    u.recover()
+    assert u.record.state is State.ROLLED_BACK and "had not happened" in u.record.error
+    assert host.store.read_state() == before
+
+
+def test_a_failed_write_after_staging_does_not_leak_the_staged_model(setup, monkeypatch):
+    """Disk full just as staging ends: the write of the next state fails, staging is retried, and
+    the model staged the first time is closed (not kept in memory twice)."""
+    import device_agent.ota.updater as updater_mod
+
+    host, u = setup["host"], setup["make"]()
+    loaded = []
+    real_load, real_write = host.load, updater_mod.atomic_write
+
+    def load(path, *, verified=None):
+        loaded.append(real_load(path, verified=verified))
+        return loaded[-1]
+
+    def write(path, data):
+        if b'"state": "switching"' in data and len(loaded) == 1:
+            raise OSError(28, "No space left on device")
+        return real_write(path, data)
+
+    host.load = load
+    monkeypatch.setattr(updater_mod, "atomic_write", write)
+    u.set_desired(_desired(_bundle(setup["src"], "1.1.0")))
+    _drive(u)
+    assert u.record.state is State.COMMITTED and u.record.attempts == 1
+    assert len(loaded) == 2 and loaded[0].closed and host.model is loaded[1]
