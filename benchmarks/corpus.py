@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     from corpus_models import CORPUS
+    from edgebundle.errors import EdgepackError
     from packager.build import BuildOptions, build
     from packager.candidates import Search
     from targets import Precision
@@ -57,24 +58,33 @@ def main() -> None:
             out.mkdir()
             model = cm.path(out)
             calib, valid = cm.data(model, out)
-            t0 = time.perf_counter()
-            res = build(BuildOptions(model=model, targets=cm.targets + cm.refused, out_dir=out / "dist",
-                                     precision=Precision(args.precision), search=Search(args.search),
-                                     calibration=str(calib), validation=str(valid), name=cm.name))
-            secs = time.perf_counter() - t0
-            for r in res.results:
-                d = dict(row(cm.name, r), build_s=round(secs, 1), expect="refuse" if r.target in cm.refused else "fit")
+            for target in cm.targets:  # one build per target: its own build time
+                t0 = time.perf_counter()
+                res = build(BuildOptions(model=model, targets=(target,), out_dir=out / "dist",
+                                         precision=Precision(args.precision), search=Search(args.search),
+                                         calibration=str(calib), validation=str(valid), name=cm.name))
+                d = dict(row(cm.name, res.results[0]), build_s=round(time.perf_counter() - t0, 1))
                 rows.append(d)
                 print(json.dumps(d), flush=True)
-    print(f"\n{'model':<20}{'target':<12}{'chosen':<12}{'size':>6}  {'latency (IQR)':<20}{'accuracy':<24}tried")
+            for target in cm.refused:  # must refuse, before any conversion
+                try:
+                    build(BuildOptions(model=model, targets=(target,), out_dir=out / "refused",
+                                       calibration=str(calib), validation=str(valid)))
+                    refused = "NOT REFUSED"
+                except EdgepackError as e:
+                    refused = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
+                print(f"{cm.name} {target}: {refused}", flush=True)
+    print(f"\n{'model':<20}{'target':<12}{'chosen':<12}{'size':>6}  {'latency (IQR)':<20}{'accuracy':<26}{'build':>7}"
+          "  tried")
     for d in rows:
         if not d["ok"]:
-            print(f"{d['model']:<20}{d['target']:<12}{'-':<12}{'':>6}  {'':<20}{d['error_kind']:<24}{d['error'][:70]}")
+            print(f"{d['model']:<20}{d['target']:<12}{'-':<12}{'':>6}  {'':<20}{d['error_kind']:<26}{d['build_s']:>6.1f}s"
+                  f"  {d['error'][:70]}")
             continue
         lat = "-" if not d["latency"] else f"{d['latency'][0]:.2f}x ({d['latency'][1]:.2f}-{d['latency'][2]:.2f})"
         acc = (f"drop {d['drop']:.2f} pt ({d['metric']})" if d["drop"] is not None else f"cosine {d['cosine']:.4f}")
-        print(f"{d['model']:<20}{d['target']:<12}{d['chosen']:<12}{d['size_ratio']:>5.2f}x  {lat:<20}{acc:<24}"
-              f"{' '.join(d['tried'])}")
+        print(f"{d['model']:<20}{d['target']:<12}{d['chosen']:<12}{d['size_ratio']:>5.2f}x  {lat:<20}{acc:<26}"
+              f"{d['build_s']:>6.1f}s  {' '.join(d['tried'])}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
