@@ -299,8 +299,9 @@ class Updater:
         except Exception as e:  # a model that cannot load or raises in warm-up is never activated
             raise UpdateFailed(f"staging failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         budget = d.staging_max_p95_ms
-        if budget:
-            feeds = model.runtime.sample_inputs()
+        if budget:  # timed on the build's own samples: random values crash models taking ids or rates
+            golden = model.golden_inputs()
+            feeds = golden[0] if golden else model.runtime.sample_inputs()
             times = []
             for _ in range(30):
                 t0 = time.perf_counter()
