@@ -3,7 +3,10 @@
 A backend converts a source into a candidate of its format, lints the result for the
 target, gives the graph view the sensitivity analysis reads, finishes the model for the
 device (the Edge TPU compile step) and says what to try when a candidate fails. Adding a
-format means one module that registers a Backend; the build and the CLI read this table."""
+format means one module that registers a Backend; the build and the CLI read this table.
+
+A Bridge brings a source kind a backend does not read to one it does (ONNX -> SavedModel for
+TFLite); the backend then runs its own path (calibration, quantizers, lint) unchanged."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -26,6 +29,7 @@ class ConvertContext:
     opset: int = 17
     per_channel: bool = True
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
+    sample: dict | None = None  # one validation sample (feeds), for converters that check their result
 
     @property
     def precision(self) -> Precision:
@@ -85,11 +89,28 @@ class Backend(ABC):
         raise NotImplementedError(f"{self.format.value} models are described by their runtime")
 
 
+class Bridge(ABC):
+    """Converts a source of kind `kind` into the model file a `format` backend starts from."""
+
+    kind: str
+    format: Format
+
+    def check(self) -> None:
+        """Raise InputError, before any work, when the converter is not installed."""
+
+    @abstractmethod
+    def saved_model(self, ctx: ConvertContext) -> Path:
+        """A SavedModel with the source's interface at its resolved shapes (once per build)."""
+
+    def details(self, ctx: ConvertContext) -> dict:
+        """What the bundle records about the conversion (converter, I/O layout)."""
+        return {}
+
+
 _BACKENDS: dict[Format, Backend] = {}
+_BRIDGES: dict[tuple[str, Format], Bridge] = {}
 # Pairs that cannot be built, with what to do instead.
 _UNSUPPORTED: dict[tuple[str, Format], str] = {
-    ("onnx", Format.TFLITE): "ONNX -> TFLite is not supported: build from the original TensorFlow/Keras model, "
-                             "or use an ONNX target (jetson-gpu, x86-cpu). onnx2tf is a third-party route.",
     ("tflite", Format.ONNX): "a .tflite model can only be packaged for TFLite targets (arm-cpu, rpi5, coral); "
                              "build from the original model for ONNX targets",
 }
@@ -98,6 +119,18 @@ _UNSUPPORTED: dict[tuple[str, Format], str] = {
 def register(cls: type[Backend]) -> type[Backend]:
     _BACKENDS[cls.format] = cls()
     return cls
+
+
+def register_bridge(cls: type[Bridge]) -> type[Bridge]:
+    _BRIDGES[(cls.kind, cls.format)] = cls()
+    return cls
+
+
+def bridge(kind: str, fmt: Format) -> Bridge | None:
+    """The bridge that brings `kind` sources to `fmt`, or None when the backend reads them itself."""
+    import packager.formats  # noqa: F401
+
+    return _BRIDGES.get((kind, fmt))
 
 
 def backend(fmt: Format) -> Backend:
@@ -110,5 +143,10 @@ def check_pair(kind: str, fmt: Format) -> None:
     """Fail before any work when `kind` sources cannot become `fmt` models."""
     if (kind, fmt) in _UNSUPPORTED:
         raise InputError(_UNSUPPORTED[(kind, fmt)])
-    if kind not in backend(fmt).sources:
+    if kind in backend(fmt).sources:
+        return
+    via = bridge(kind, fmt)
+    if via is not None:
+        via.check()
+    else:
         raise InputError(f"no converter from {kind} to {fmt.value}")

@@ -145,7 +145,7 @@ class TargetBuild:
             source=self.env.source, profile=p, candidate=cand, out_dir=out_dir or self.work, cache=self.env.cache,
             calibration=self.env.calib, allow_flex=self.opts.allow_flex, opset=self.opts.opset,
             per_channel=p.per_channel if self.opts.per_channel is None else self.opts.per_channel,
-            calibration_method=self.opts.calibration_method or p.calibration_method)
+            calibration_method=self.opts.calibration_method or p.calibration_method, sample=self.env.valid.samples[0])
 
     # ---- one candidate ----
 

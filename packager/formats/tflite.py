@@ -1,4 +1,5 @@
 """TFLite output: TFLiteConverter from a (static-shape) SavedModel, or a ready .tflite as is.
+Sources it does not read itself come through a registry.Bridge (ONNX: packager/formats/onnx_tflite.py).
 
 int8 candidates share one calibration pass: the converter calibrates once
 (`_experimental_calibrate_only`), and each int8 candidate (full, or with nodes kept in float)
@@ -18,17 +19,28 @@ from packager.formats import edgetpu
 from packager.formats.sensitivity import GraphView, Lowered, Op, fake_quant
 from packager.formats.tflite_fb import describe_flatbuffer, detect_precision, ops_with_versions
 from packager.lint import Finding, Level
-from packager.registry import Artifact, Backend, ConvertContext, Finished, register
+from packager.registry import Artifact, Backend, ConvertContext, Finished, bridge, register
 from targets import Format, IOType, Precision, TargetProfile
 
 _FLEX = re.compile(r"TF Select ops:\s*([^\n]+)")
 _CUSTOM = re.compile(r"Custom ops:\s*([^\n]+)")
 
 
+def _saved_model(ctx: ConvertContext) -> Path:
+    via = bridge(ctx.source.kind.value, Format.TFLITE)
+    return via.saved_model(ctx) if via else ctx.source.static_saved_model()
+
+
+def _converted(ctx: ConvertContext) -> dict:
+    """What the artifact records about a bridged source's conversion (empty for TF sources)."""
+    via = bridge(ctx.source.kind.value, Format.TFLITE)
+    return via.details(ctx) if via else {}
+
+
 def _converter(ctx: ConvertContext):
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(ctx.source.static_saved_model()))
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(_saved_model(ctx)))
     if ctx.allow_flex:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
     return conv
@@ -161,10 +173,10 @@ class TFLiteBackend(Backend):
             return self._as_is(ctx, out)
         if ctx.precision is Precision.FP32:
             shutil.copyfile(self.fp32(ctx), out)
-            return Artifact(path=out, format=self.format, precision=Precision.FP32)
+            return Artifact(path=out, format=self.format, precision=Precision.FP32, quantization=_converted(ctx))
         data, details = MODES[ctx.precision](ctx)
         out.write_bytes(data)
-        return Artifact(path=out, format=self.format, precision=ctx.precision, quantization=details)
+        return Artifact(path=out, format=self.format, precision=ctx.precision, quantization={**details, **_converted(ctx)})
 
     def _as_is(self, ctx: ConvertContext, out: Path) -> Artifact:
         """A ready .tflite is packaged unchanged; asking for another precision is an error."""

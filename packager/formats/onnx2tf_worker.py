@@ -1,0 +1,154 @@
+"""ONNX -> SavedModel with onnx2tf, in its own process (`python -m packager.formats.onnx2tf_worker REQUEST`).
+
+onnx2tf changes its process on import (silences every warning, sets TF_USE_LEGACY_KERAS, turns on
+TensorFlow op determinism, lifts the recursion limit, seeds the global RNGs), so it never runs in
+the build's process. The request (JSON) names the ONNX file, the resolved input shapes, a sample
+to check the result on, and where to write the SavedModel and the result (JSON).
+
+The SavedModel keeps the ONNX model's interface: the same input and output names, dtypes, shapes
+and layout (NCHW inputs stay NCHW: onnx2tf transposes to NHWC inside; outputs that onnx2tf leaves
+in NHWC are transposed back). So the validation data, the golden outputs and the app's feeds are
+the same as for the ONNX model."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+# Node names onnx2tf turns into TensorFlow name scopes must match this.
+_SCOPE = re.compile(r"[^A-Za-z0-9_.\-/]")
+
+
+def prepare(path: Path, shapes: dict[str, list[int]]):
+    """The ONNX graph with static input shapes, every node named, shapes folded (onnxslim)."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(path))
+    for vi in model.graph.input:
+        if vi.name in shapes:
+            dims = vi.type.tensor_type.shape.dim
+            for d, size in zip(dims, shapes[vi.name]):
+                d.Clear()
+                d.dim_value = size
+    del model.graph.value_info[:]  # stale dynamic shapes; inferred again below
+    for out in model.graph.output:
+        for d in out.type.tensor_type.shape.dim:
+            d.Clear()
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        name = _SCOPE.sub("_", node.name) if node.name else f"{node.op_type}_{i}"
+        node.name = name if name not in seen else f"{name}_{i}"
+        seen.add(node.name)
+    model = shape_inference.infer_shapes(model, data_prop=True)
+    try:
+        import onnxslim
+
+        model = onnxslim.slim(model)  # folds Shape/Gather/Reshape chains onnx2tf mis-reads
+    except Exception:  # a graph onnxslim cannot fold is still worth a try unfolded
+        pass
+    return model
+
+
+def _ref_outputs(path: Path, names: list[str], feeds: dict) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(names, feeds)
+
+
+def _fix_layout(want: tuple[int, ...], ref: np.ndarray, value: np.ndarray):
+    """The permutation that brings onnx2tf's output back to the ONNX shape: none, or NHWC -> NCHW."""
+    rank = len(want)
+    options = []
+    if tuple(value.shape) == want:
+        options.append(None)
+    if rank >= 3:
+        perm = (0, rank - 1) + tuple(range(1, rank - 1))
+        if tuple(value.transpose(perm).shape) == want:
+            options.append(perm)
+    if not options:
+        return None, f"shape {tuple(value.shape)} is not the ONNX shape {want}"
+    errs = [np.abs((value if p is None else value.transpose(p)) - ref).max() if ref.size else 0.0 for p in options]
+    return options[int(np.argmin(errs))], None
+
+
+def convert(req: dict) -> dict:
+    import onnx2tf  # noqa: F401  (this process only)
+    import tensorflow as tf
+
+    src, out = Path(req["onnx"]), Path(req["out"])
+    shapes = {i["name"]: i["shape"] for i in req["inputs"]}
+    model = prepare(src, shapes)
+    static = out.parent / (out.name + "-static.onnx")
+    import onnx
+
+    onnx.save(model, str(static))
+    nodes = {n.name: n.op_type for n in model.graph.node}
+    layout_4d = [i["name"] for i in req["inputs"] if len(i["shape"]) in (3, 4, 5)]
+    try:
+        keras_model = onnx2tf.convert(
+            input_onnx_file_path=str(static), output_folder_path=str(out.parent / (out.name + "-onnx2tf")),
+            disable_model_save=True, not_use_onnxsim=True, not_use_opname_auto_generate=True,
+            non_verbose=True, verbosity="error", keep_ncw_or_nchw_or_ncdhw_input_names=layout_4d or None)
+    except Exception as e:  # onnx2tf raises whatever its op converters raise
+        node = getattr(e, "onnx_op_name", None)
+        return {"ok": False, "kind": "op", "node": node, "op": nodes.get(node), "message": _first_line(e)}
+    with np.load(req["sample"]) as z:
+        feeds = {i["name"]: z[i["name"]] for i in req["inputs"]}
+    names = [o.name for o in model.graph.output]
+    refs = _ref_outputs(static, names, feeds)
+    order = [i["name"] for i in req["inputs"]]
+    got = keras_model([tf.constant(feeds[n]) for n in order] if len(order) > 1 else tf.constant(feeds[order[0]]),
+                      training=False)
+    got = [np.asarray(g) for g in (got if isinstance(got, (list, tuple)) else [got])]
+    perms = []
+    for name, ref, value in zip(names, refs, got):
+        perm, why = _fix_layout(tuple(ref.shape), ref, value)
+        if why:
+            return {"ok": False, "kind": "shape", "node": name, "op": None, "message": f"output {name!r}: {why}"}
+        perms.append(perm)
+    specs = [tf.TensorSpec(i["shape"], tf.as_dtype(i["dtype"]), name=i["name"]) for i in req["inputs"]]
+    ref_shapes = [tuple(r.shape) for r in refs]
+
+    def serve(*args):
+        ys = keras_model(list(args) if len(args) > 1 else args[0], training=False)
+        ys = ys if isinstance(ys, (list, tuple)) else [ys]
+        res = {}
+        for name, y, perm, shape in zip(names, ys, perms, ref_shapes):
+            y = tf.transpose(y, perm) if perm else y
+            res[name] = tf.reshape(y, shape) if not y.shape.is_fully_defined() else y
+        return res
+
+    import tf_keras
+
+    archive = tf_keras.export.ExportArchive()  # tracks the Lambda layers' constants, as onnx2tf's own export
+    archive.track(keras_model)
+    archive.add_endpoint(name="serving_default", fn=serve, input_signature=specs)
+    archive.write_out(str(out))
+    return {"ok": True, "transposed_outputs": [n for n, p in zip(names, perms) if p],
+            "inputs_kept_nchw": layout_4d, "onnx2tf": onnx2tf.__version__}
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:400]
+
+
+def main(argv: list[str]) -> int:
+    req = json.loads(Path(argv[0]).read_text())
+    try:
+        res = convert(req)
+    except Exception as e:  # reported to the build as a ConversionError, with the trace for --debug
+        res = {"ok": False, "kind": "error", "node": None, "op": None, "message": _first_line(e),
+               "trace": traceback.format_exc()[-4000:]}
+    Path(req["result"]).write_text(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,153 @@
+"""ONNX -> TFLite: onnx2tf turns the ONNX graph into a SavedModel, and the TFLite backend takes it
+from there (fp32, fp16, dynamic, int8 with its one calibration pass, int16x8), exactly as for a
+TensorFlow source. Validation stays against the ONNX model in ONNX Runtime (the source's reference).
+
+The bundle keeps the ONNX model's interface: input and output names, shapes and layout (an NCHW
+image input stays NCHW; the transposes to TFLite's NHWC live inside the model), so the app feeds
+the device what it fed ONNX Runtime. The manifest's quantization section records the conversion.
+
+onnx2tf pins an older TensorFlow and NumPy than edgepack's; it is installed without its
+dependencies (`make install` does this) and runs in its own process (packager/formats/onnx2tf_worker.py),
+since importing it changes process-wide settings."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgebundle.errors import ConversionError, InputError, UnsupportedOpError
+from packager.registry import Bridge, ConvertContext, register_bridge
+from targets import Format
+
+TIMEOUT_S = 1800
+# What onnx2tf needs beyond edgepack's own packages (setup.cfg's onnx-tflite extra, plus
+# requirements-onnx2tf.txt installed with --no-deps).
+MODULES = ("onnx2tf", "tf_keras", "onnx_graphsurgeon", "sng4onnx", "onnxslim")
+INSTALL = "make install (or: pip install -e '.[onnx-tflite]' && pip install --no-deps -r requirements-onnx2tf.txt)"
+
+
+def _missing() -> list[str]:
+    return [m for m in MODULES if importlib.util.find_spec(m) is None]
+
+
+def converter_ops() -> frozenset[str]:
+    """The ONNX op types onnx2tf has a converter for (one module per op in onnx2tf/ops)."""
+    spec = importlib.util.find_spec("onnx2tf")  # finds the package without importing it
+    ops = Path(next(iter(spec.submodule_search_locations))) / "ops"
+    return frozenset(p.stem for p in ops.glob("*.py") if not p.stem.startswith("_"))
+
+
+def graph_ops(model) -> dict[str, str]:
+    """op type -> domain of every node, subgraphs (If, Loop, Scan bodies) included."""
+    from onnx import AttributeProto
+
+    out: dict[str, str] = {}
+    todo = [model.graph]
+    while todo:
+        g = todo.pop()
+        for n in g.node:
+            out.setdefault(n.op_type, n.domain or "ai.onnx")
+            for a in n.attribute:
+                if a.type == AttributeProto.GRAPH:
+                    todo.append(a.g)
+                elif a.type == AttributeProto.GRAPHS:
+                    todo.extend(a.graphs)
+    return out
+
+
+def unsupported_ops(model) -> list[str]:
+    known = converter_ops()
+    return sorted(f"{op}" if dom == "ai.onnx" else f"{dom}.{op}" for op, dom in graph_ops(model).items()
+                  if op not in known or dom not in ("ai.onnx", ""))
+
+
+@register_bridge
+class OnnxToTFLite(Bridge):
+    kind = "onnx"
+    format = Format.TFLITE
+
+    def check(self) -> None:
+        missing = _missing()
+        if missing:
+            raise InputError(f"ONNX -> TFLite needs onnx2tf and its helpers, and {', '.join(missing)} "
+                             "is not installed", hint=f"install them: {INSTALL}")
+
+    def saved_model(self, ctx: ConvertContext) -> Path:
+        src = ctx.source
+        key = ("onnx2tf", src.sha256, tuple((s.name, s.shape) for s in src.inputs))
+        cache = ctx.cache.bridged
+        if key not in cache:
+            try:
+                cache[key] = self._convert(ctx, ctx.cache.path(f"onnx2tf-{len(cache)}"))
+            except ConversionError as e:
+                cache[key] = e
+        if isinstance(cache[key], ConversionError):
+            raise cache[key]
+        return cache[key][0]
+
+    def details(self, ctx: ConvertContext) -> dict:
+        key = ("onnx2tf", ctx.source.sha256, tuple((s.name, s.shape) for s in ctx.source.inputs))
+        done = ctx.cache.bridged.get(key)
+        info = done[1] if isinstance(done, tuple) else {}
+        kept = info.get("inputs_kept_nchw") or []
+        return {"converted_from": "onnx", "converter": f"onnx2tf {info.get('onnx2tf', '?')}",
+                "io_layout": "as the ONNX model" + (f" (inputs {', '.join(kept)} stay channels-first; "
+                                                    "the model transposes to NHWC inside)" if kept else ""),
+                "outputs_transposed_back": info.get("transposed_outputs", [])}
+
+    def _convert(self, ctx: ConvertContext, work: Path) -> tuple[Path, dict]:
+        self.check()
+        src = ctx.source
+        bad = unsupported_ops(src.model)
+        if bad:
+            err = UnsupportedOpError(
+                f"{src.path.name} uses ONNX ops that onnx2tf cannot convert to TFLite: {', '.join(bad)}",
+                hint="pick an ONNX target (x86-cpu, jetson-gpu), or re-export the model without those ops "
+                     "(e.g. a lower/higher opset, or the post-processing outside the model)")
+            err.ops = bad
+            raise err
+        work.mkdir(parents=True, exist_ok=True)
+        sample = ctx.sample or {s.name: np.zeros(s.shape, s.dtype) for s in src.inputs}
+        np.savez(work / "sample.npz", **{s.name: np.asarray(sample[s.name]).reshape(s.shape) for s in src.inputs})
+        req = {"onnx": str(src.path), "out": str(work / "saved_model"), "sample": str(work / "sample.npz"),
+               "result": str(work / "result.json"),
+               "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in src.inputs]}
+        (work / "request.json").write_text(json.dumps(req))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+        with open(work / "onnx2tf.log", "wb") as log:
+            try:
+                proc = subprocess.run([sys.executable, "-m", "packager.formats.onnx2tf_worker", str(work / "request.json")],
+                                      stdout=log, stderr=subprocess.STDOUT, env=env, timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise ConversionError(f"onnx2tf did not convert {src.path.name} within {TIMEOUT_S} s",
+                                      hint="pick an ONNX target, or convert a smaller input shape") from None
+        res_path = work / "result.json"
+        if proc.returncode != 0 or not res_path.is_file():
+            tail = (work / "onnx2tf.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise ConversionError(f"the onnx2tf process ended with code {proc.returncode} converting "
+                                  f"{src.path.name}: {tail[0][:300]}", hint="it may have run out of memory")
+        res = json.loads(res_path.read_text())
+        if not res["ok"]:
+            raise _error(res, src.path.name)
+        return Path(req["out"]), res
+
+
+def _error(res: dict, model: str) -> ConversionError:
+    if res["kind"] == "op":
+        where = f"node {res['node']!r} ({res['op']})" if res.get("op") else "the graph"
+        err = UnsupportedOpError(f"onnx2tf cannot convert {where} of {model} to TFLite: {res['message']}",
+                                 hint="pick an ONNX target (x86-cpu, jetson-gpu), or re-export the model so "
+                                      f"that {res.get('op') or 'this node'} takes another form (another opset, "
+                                      "static shapes, the post-processing outside the model)")
+        err.ops = [res["op"]] if res.get("op") else []
+        return err
+    if res["kind"] == "shape":
+        return ConversionError(f"onnx2tf changed the interface of {model}: {res['message']}",
+                               hint="pick an ONNX target (x86-cpu, jetson-gpu)")
+    return ConversionError(f"ONNX -> TFLite conversion of {model} failed: {res['message']}",
+                           hint="pick an ONNX target (x86-cpu, jetson-gpu)")
