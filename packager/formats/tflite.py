@@ -38,9 +38,10 @@ def _converted(ctx: ConvertContext) -> dict:
 
 
 def _converter(ctx: ConvertContext):
+    saved = _saved_model(ctx)  # first: a bridge refuses unconvertible ops before TensorFlow loads
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(_saved_model(ctx)))
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved))
     if ctx.allow_flex:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
     return conv

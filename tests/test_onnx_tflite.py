@@ -1,0 +1,189 @@
+"""ONNX -> TFLite (packager/formats/onnx_tflite.py): tiny ONNX graphs made here with onnx.helper,
+converted by onnx2tf and the TFLite backend, validated against ONNX Runtime, and loaded the way
+the agent loads them. The real corpus models are in the `corpus` tier at the end."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from edgebundle.errors import InputError, UnsupportedOpError
+from packager.build import BuildOptions, build
+from packager.evaluate import Gate, compare, judge
+from targets import Precision
+
+
+def _tiny_cnn(path, *, seed=0):
+    """image (N, 3, 16, 16) -> conv 3x3 + relu -> conv 1x1: `features` (N, 4, 16, 16), channels-first;
+    and global pool -> dense -> softmax: `probs` (N, 3)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)), "b1": rng.normal(0, 0.1, 8), "w2": rng.normal(0, 0.4, (4, 8, 1, 1)),
+         "b2": np.zeros(4), "wd": rng.normal(0, 3.0, (4, 3)), "bd": np.zeros(3)}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in w.items()]
+    nodes = [helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["features"]),
+             helper.make_node("GlobalAveragePool", ["features"], ["gp"]),
+             helper.make_node("Flatten", ["gp"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "wd", "bd"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 4, 16, 16]),
+                               helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _data(tmp_path, n=64):
+    x = np.random.default_rng(1).normal(0, 1, (n, 3, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", image=x[:48])
+    np.savez(tmp_path / "valid.npz", image=x[48:])
+    return tmp_path / "calib.npz", tmp_path / "valid.npz"
+
+
+def _gelu_model(path):
+    """A contrib op (com.microsoft Gelu) that ONNX Runtime runs and onnx2tf has no converter for."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_unconvertible_ops_are_named_before_any_conversion(tmp_path):
+    model = _gelu_model(tmp_path / "gelu.onnx")
+    res = build(BuildOptions(model=model, targets=("arm-cpu",), out_dir=tmp_path / "out", precision=Precision.FP32))
+    r = res.results[0]
+    assert not r.ok and isinstance(r.exc, UnsupportedOpError)
+    assert "com.microsoft.Gelu" in r.error and "x86-cpu" in r.exc.hint and r.exc.ops == ["com.microsoft.Gelu"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_converter_is_refused_up_front(tmp_path, monkeypatch):
+    from packager.formats import onnx_tflite
+
+    monkeypatch.setattr(onnx_tflite, "MODULES", onnx_tflite.MODULES + ("onnx2tf_not_installed_here",))
+    with pytest.raises(InputError, match="onnx2tf_not_installed_here is not installed") as e:
+        build(BuildOptions(model=_tiny_cnn(tmp_path / "m.onnx"), targets=("rpi5",), out_dir=tmp_path / "out"))
+    assert "requirements-onnx2tf.txt" in e.value.hint
+
+
+def test_graph_ops_include_subgraphs():
+    from onnx import TensorProto, helper
+
+    from packager.formats.onnx_tflite import graph_ops, unsupported_ops
+
+    branch = helper.make_graph([helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], "b", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph)
+    assert graph_ops(model) == {"If": "ai.onnx", "Gelu": "com.microsoft"}
+    assert unsupported_ops(model) == ["com.microsoft.Gelu"]  # onnx2tf converts If
+
+
+def _against_onnx(bundle, model, samples, tmp_path):
+    """The bundle in the agent's loader (hashes, golden check) against the ONNX model in ONNX Runtime."""
+    import onnxruntime as ort
+
+    from device_agent import load_bundle
+
+    m = load_bundle(bundle, model_dir=tmp_path / f"m-{bundle.stem}", allow_cpu_fallback=True)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in m.manifest.outputs]
+    ref = [dict(zip(names, sess.run(names, s))) for s in samples]
+    got = [m.infer(s) for s in samples]
+    m.close()
+    return m.manifest, compare(ref, got, names)
+
+
+@pytest.mark.slow
+def test_tiny_cnn_keeps_the_onnx_interface_fp32_int8_coral(tmp_path):
+    model = _tiny_cnn(tmp_path / "tiny.onnx")
+    calib, valid = _data(tmp_path)
+    fresh = [{"image": x[None]} for x in np.random.default_rng(8).normal(0, 1, (6, 3, 16, 16)).astype(np.float32)]
+    fp32 = build(BuildOptions(model=model, targets=("arm-cpu",), out_dir=tmp_path / "a", precision=Precision.FP32,
+                              validation=str(valid), bench_seconds=0.2))
+    int8 = build(BuildOptions(model=model, targets=("arm-cpu", "coral"), out_dir=tmp_path / "b",
+                              precision=Precision.INT8, calibration=str(calib), validation=str(valid), bench_seconds=0.2))
+    assert fp32.ok and int8.ok, [r.error for r in fp32.results + int8.results if not r.ok]
+    for r in fp32.results + int8.results:
+        manifest, metrics = _against_onnx(r.bundle, model, fresh, tmp_path)
+        # the ONNX interface: names, channels-first shapes, both outputs
+        assert [(t.name, t.shape) for t in manifest.inputs] == [("image", (1, 3, 16, 16))]
+        assert sorted((t.name, t.shape) for t in manifest.outputs) == [("features", (1, 4, 16, 16)), ("probs", (1, 3))]
+        q = manifest.quantization
+        assert q["converted_from"] == "onnx" and q["converter"].startswith("onnx2tf ")
+        assert "channels-first" in q["io_layout"]
+        assert not judge(metrics, Gate(min_similarity=0.98)), (r.target, metrics)
+        assert not judge(r.report["accuracy"], Gate()), (r.target, r.report["accuracy"])
+    assert fp32.results[0].report["accuracy"]["outputs"]["features"]["relative_error"] < 1e-4
+    coral = int8.results[1]
+    assert coral.report["quantization"]["io"] == "uint8"
+    assert [t.dtype for t in _manifest(coral).inputs] == ["uint8"]
+    compiler = shutil.which("edgetpu_compiler") is not None  # the compile step as for any Coral build
+    assert coral.report["edgetpu"]["compiled"] is compiler
+    assert compiler or any("NOT compiled for the Edge TPU" in w for w in coral.report["warnings"])
+
+
+def _manifest(result):
+    from edgebundle.archive import open_bundle
+
+    return open_bundle(result.bundle).manifest
+
+
+# ---- the real corpus ----
+
+@pytest.mark.slow
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", ["ocr-orientation"])
+def test_corpus_onnx_model_reaches_arm_cpu_and_coral(name, tmp_path):
+    from corpus_models import CORPUS
+
+    cm = next(c for c in CORPUS if c.name == name)
+    if not cm.available():
+        pytest.skip(f"{cm.file} is not installed: run `make corpus`")
+    model = cm.path(tmp_path)
+    calib, valid = cm.data(model, tmp_path)
+    kw = dict(calibration=str(calib), validation=str(valid), name=name, bench_seconds=0.3)
+    fp32 = build(BuildOptions(model=model, targets=("arm-cpu",), out_dir=tmp_path / "a", precision=Precision.FP32, **kw))
+    int8 = build(BuildOptions(model=model, targets=("arm-cpu", "coral"), out_dir=tmp_path / "b",
+                              precision=Precision.INT8, **kw))
+    assert fp32.ok and int8.ok, [r.error for r in fp32.results + int8.results if not r.ok]
+    with np.load(calib) as z:
+        fresh = [{"x": z["x"][i][None]} for i in range(6)]  # calibration samples: the gate did not see them
+    for r in fp32.results + int8.results:
+        assert not judge(r.report["accuracy"], Gate()), (r.target, r.report["accuracy"])
+        manifest, metrics = _against_onnx(r.bundle, model, fresh, tmp_path)
+        assert manifest.inputs[0].name == "x" and manifest.inputs[0].shape[:2] == (1, 3)  # NCHW, as the ONNX model
+        assert not judge(metrics, Gate(max_drop=17.0, min_similarity=0.98)), (r.target, metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_corpus_silero_vad_names_the_node_onnx2tf_cannot_convert(tmp_path):
+    from corpus_models import CORPUS
+
+    cm = next(c for c in CORPUS if c.name == "silero-vad")
+    if not cm.available():
+        pytest.skip(f"{cm.file} is not installed: run `make corpus`")
+    model = cm.path(tmp_path)
+    calib, valid = cm.data(model, tmp_path)
+    res = build(BuildOptions(model=model, targets=("arm-cpu",), out_dir=tmp_path / "out", precision=Precision.FP32,
+                             validation=str(valid)))
+    r = res.results[0]
+    assert not r.ok and isinstance(r.exc, UnsupportedOpError)
+    assert "(If)" in r.error and "x86-cpu" in r.exc.hint
+    assert not (tmp_path / "out").exists()
