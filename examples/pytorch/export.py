@@ -1,7 +1,7 @@
 """PyTorch -> ONNX -> a Raspberry Pi bundle: the export step (needs torch and torchvision, which
 edgepack itself does not; CI starts from the ONNX file instead, see tests/test_onnx_tflite.py).
 
-    pip install torch torchvision            # CPU wheels are enough
+    pip install torch torchvision onnx onnxscript pillow scikit-learn   # CPU wheels are enough
     python examples/pytorch/export.py examples/pytorch/work [--images DIR] [--no-pretrained]
 
 Writes into the work folder:
@@ -29,11 +29,12 @@ def export(out: Path, *, pretrained: bool) -> Path:
     weights = torchvision.models.MobileNet_V3_Small_Weights.DEFAULT if pretrained else None
     model = torchvision.models.mobilenet_v3_small(weights=weights).eval()
     path = out / "mobilenet_v3_small.onnx"
-    # A named input and output, a dynamic batch axis, and an opset onnx2tf and ONNX Runtime both know.
+    # A named input and output, a dynamic batch axis, and an opset onnx2tf and ONNX Runtime both know
+    # (torch.export-based exporter, the default since PyTorch 2.9; it needs onnxscript).
     # The layout stays NCHW: the edgepack bundle takes NCHW too (the NHWC transposes live inside).
     torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(path), input_names=["image"],
                       output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=17, dynamo=False)
+                      opset_version=18)
     return path
 
 
