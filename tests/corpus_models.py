@@ -29,8 +29,8 @@ class CorpusModel:
     file: str  # path inside CORPUS_DIR ("" for models made here)
     targets: tuple[str, ...]  # targets it fits
     refused: tuple[str, ...]  # targets that must refuse it with a clear error
-    # (ONNX models reach the TFLite targets through onnx2tf: tests/test_onnx_tflite.py covers the
-    # detector and recognizer there, and Silero VAD, whose If/LSTM onnx2tf cannot convert)
+    # (ONNX models reach the TFLite targets through onnx2tf: tests/test_onnx_tflite.py builds the
+    # OCR models for them, and shows Silero VAD's If/LSTM refused by name)
     data: Callable[[Path, Path], tuple[Path, Path]]  # (model, out dir) -> (calibration.npz, validation.npz)
     make: Callable[[Path], Path] | None = None  # models made here: out dir -> model path
 
@@ -252,7 +252,7 @@ CORPUS = (
     CorpusModel("ocr-detector", "PP-OCRv4 text detector (ONNX, input (?, 3, ?, ?), probability map)",
                 f"{OCR}/ch_PP-OCRv4_det_infer.onnx", ONNX_TARGETS, (), ocr_det_data),
     CorpusModel("ocr-orientation", "PP-OCR text-line orientation classifier (ONNX, 0/180 degrees)",
-                f"{OCR}/ch_ppocr_mobile_v2.0_cls_infer.onnx", ONNX_TARGETS + TFLITE_TARGETS, (), ocr_cls_data),
+                f"{OCR}/ch_ppocr_mobile_v2.0_cls_infer.onnx", ONNX_TARGETS, (), ocr_cls_data),
     CorpusModel("ocr-recognizer", "PP-OCRv4 text recognizer (ONNX, dynamic width, CTC over 6,625 characters)",
                 f"{OCR}/ch_PP-OCRv4_rec_infer.onnx", ONNX_TARGETS, (), ocr_rec_data),
     CorpusModel("silero-vad", "Silero VAD v5 (ONNX, recurrent state (2, ?, 128), int64 sample rate)",

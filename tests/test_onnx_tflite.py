@@ -110,28 +110,24 @@ def _against_onnx(bundle, model, samples, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_cnn_keeps_the_onnx_interface_fp32_int8_coral(tmp_path):
+def test_tiny_cnn_keeps_the_onnx_interface_int8_arm_cpu_and_coral(tmp_path):
     model = _tiny_cnn(tmp_path / "tiny.onnx")
     calib, valid = _data(tmp_path)
     fresh = [{"image": x[None]} for x in np.random.default_rng(8).normal(0, 1, (6, 3, 16, 16)).astype(np.float32)]
-    fp32 = build(BuildOptions(model=model, targets=("arm-cpu",), out_dir=tmp_path / "a", precision=Precision.FP32,
-                              validation=str(valid), bench_seconds=0.2))
-    int8 = build(BuildOptions(model=model, targets=("arm-cpu", "coral"), out_dir=tmp_path / "b",
-                              precision=Precision.INT8, calibration=str(calib), validation=str(valid), bench_seconds=0.2))
-    assert fp32.ok and int8.ok, [r.error for r in fp32.results + int8.results if not r.ok]
-    for r in fp32.results + int8.results:
+    res = build(BuildOptions(model=model, targets=("arm-cpu", "coral"), out_dir=tmp_path / "out",
+                             precision=Precision.INT8, calibration=str(calib), validation=str(valid), bench_seconds=0.2))
+    assert res.ok, [r.error for r in res.results if not r.ok]
+    for r in res.results:
         manifest, metrics = _against_onnx(r.bundle, model, fresh, tmp_path)
-        # the ONNX interface: names, channels-first shapes, both outputs
+        # the ONNX interface: names, channels-first shapes (a 4-D output given back in NCHW), both outputs
         assert [(t.name, t.shape) for t in manifest.inputs] == [("image", (1, 3, 16, 16))]
         assert sorted((t.name, t.shape) for t in manifest.outputs) == [("features", (1, 4, 16, 16)), ("probs", (1, 3))]
         q = manifest.quantization
         assert q["converted_from"] == "onnx" and q["converter"].startswith("onnx2tf ")
-        assert "channels-first" in q["io_layout"]
-        assert not judge(metrics, Gate(min_similarity=0.98)), (r.target, metrics)
+        assert "channels-first" in q["io_layout"] and q["weights"] == "int8"
         assert not judge(r.report["accuracy"], Gate()), (r.target, r.report["accuracy"])
-    assert fp32.results[0].report["accuracy"]["outputs"]["features"]["relative_error"] < 1e-4
-    coral = int8.results[1]
-    assert coral.report["quantization"]["io"] == "uint8"
+        assert not judge(metrics, Gate(min_similarity=0.98)), (r.target, metrics)
+    coral = res.results[1]
     assert [t.dtype for t in _manifest(coral).inputs] == ["uint8"]
     compiler = shutil.which("edgetpu_compiler") is not None  # the compile step as for any Coral build
     assert coral.report["edgetpu"]["compiled"] is compiler
@@ -162,6 +158,8 @@ def test_corpus_onnx_model_reaches_arm_cpu_and_coral(name, tmp_path):
     int8 = build(BuildOptions(model=model, targets=("arm-cpu", "coral"), out_dir=tmp_path / "b",
                               precision=Precision.INT8, **kw))
     assert fp32.ok and int8.ok, [r.error for r in fp32.results + int8.results if not r.ok]
+    out = fp32.results[0].report["accuracy"]["outputs"]
+    assert max(m["relative_error"] for m in out.values()) < 1e-4  # fp32: the same function as the ONNX model
     with np.load(calib) as z:
         fresh = [{"x": z["x"][i][None]} for i in range(6)]  # calibration samples: the gate did not see them
     for r in fp32.results + int8.results:
@@ -187,3 +185,29 @@ def test_corpus_silero_vad_names_the_node_onnx2tf_cannot_convert(tmp_path):
     assert not r.ok and isinstance(r.exc, UnsupportedOpError)
     assert "(If)" in r.error and "x86-cpu" in r.exc.hint
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_corpus_detector_int8_for_arm_cpu_and_coral(tmp_path):
+    """PP-OCRv4's text detector: dynamic (?, 3, ?, ?) fixed by the data, a probability map out. Its full
+    int8 keeps cosine 0.97-0.98 on either path (ONNX Runtime's own int8 of it on x86: 0.978; see
+    docs/benchmarks.md), under the default 0.99, so this build sets the gate at 0.97 as a user would."""
+    from corpus_models import CORPUS
+
+    cm = next(c for c in CORPUS if c.name == "ocr-detector")
+    if not cm.available():
+        pytest.skip(f"{cm.file} is not installed: run `make corpus`")
+    model = cm.path(tmp_path)
+    calib, valid = cm.data(model, tmp_path)
+    res = build(BuildOptions(model=model, targets=("arm-cpu", "coral"), out_dir=tmp_path / "out", name="det",
+                             precision=Precision.INT8, calibration=str(calib), validation=str(valid),
+                             min_similarity=0.97, bench_seconds=0.3))
+    assert res.ok, [r.error for r in res.results if not r.ok]
+    with np.load(calib) as z:
+        fresh = [{"x": z["x"][i][None]} for i in range(3)]
+    for r in res.results:
+        manifest, metrics = _against_onnx(r.bundle, model, fresh, tmp_path)
+        assert [(t.name, t.shape) for t in manifest.inputs] == [("x", (1, 3, 224, 320))]
+        assert [(t.name, t.shape) for t in manifest.outputs] == [("sigmoid_0.tmp_0", (1, 1, 224, 320))]
+        assert not judge(metrics, Gate(min_similarity=0.96)), (r.target, metrics)

@@ -1,0 +1,72 @@
+"""ONNX -> TFLite on the real ONNX models of the corpus (tests/corpus_models.py): for each, an fp32
+arm-cpu build and one explicit int8 build for arm-cpu + coral (one onnx2tf conversion and one
+calibration pass serve both), with the accuracy gate at its defaults. Prints, per bundle or failed
+candidate: cosine / top-1 agreement against the ONNX model in ONNX Runtime, size and host latency
+against fp32, and build time; for comparison, the same model's int8 on the ONNX path (x86-cpu).
+
+    make corpus && python benchmarks/onnx_tflite.py [--models NAME ...] [--no-onnx-path]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+MODELS = ("ocr-orientation", "ocr-detector", "ocr-recognizer", "silero-vad")
+
+
+def figures(r) -> dict:
+    """The chosen bundle's figures, or the last candidate's when the target failed."""
+    rows = r.report.get("candidates") or [{}]
+    c = next((c for c in rows if c.get("verdict") == "chosen"), rows[-1])
+    lat = (c.get("latency") or {}).get("ratio") or {}
+    return {"target": r.target, "ok": r.ok, "candidate": c.get("candidate"), "verdict": c.get("verdict"),
+            "cosine": c.get("cosine_similarity"), "top1": c.get("top1_agreement"),
+            "size_kb": round(c["size_bytes"] / 1024, 1) if c.get("size_bytes") else None,
+            "latency_vs_fp32": lat.get("median"), "error": None if r.ok else r.error.splitlines()[0][:140]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="*", default=list(MODELS))
+    ap.add_argument("--no-onnx-path", action="store_true", help="skip the x86-cpu (ONNX Runtime int8) comparison")
+    args = ap.parse_args()
+    from corpus_models import CORPUS
+    from packager.build import BuildOptions, build
+    from targets import Precision
+
+    runs = [("fp32", ("arm-cpu",), Precision.FP32), ("int8", ("arm-cpu", "coral"), Precision.INT8)]
+    if not args.no_onnx_path:
+        runs.append(("onnx-int8", ("x86-cpu",), Precision.INT8))
+    with tempfile.TemporaryDirectory(prefix="edgepack-onnx-tflite-") as tmp:
+        for cm in CORPUS:
+            if cm.name not in args.models:
+                continue
+            if not cm.available():
+                print(f"{cm.name}: not installed (make corpus)")
+                continue
+            out = Path(tmp) / cm.name
+            out.mkdir()
+            model = cm.path(out)
+            calib, valid = cm.data(model, out)
+            for label, targets, prec in runs:
+                t0 = time.perf_counter()
+                res = build(BuildOptions(model=model, targets=targets, out_dir=out / label, precision=prec,
+                                         calibration=str(calib), validation=str(valid), name=cm.name,
+                                         bench_seconds=1.0))
+                secs = round(time.perf_counter() - t0, 1)
+                for r in res.results:
+                    print(json.dumps({"model": cm.name, "run": label, "build_s": secs, **figures(r)}), flush=True)
+                if label == "fp32" and not res.ok:
+                    break  # no conversion: the int8 build fails the same way
+
+
+if __name__ == "__main__":
+    main()
