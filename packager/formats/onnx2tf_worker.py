@@ -23,8 +23,49 @@ import numpy as np
 _SCOPE = re.compile(r"[^A-Za-z0-9_.\-/]")
 
 
+def relu6_sigmoids(model) -> int:
+    """HardSigmoid, and Clip to [0, 1], as relu6(6 x') / 6: onnx2tf writes them as min(max(x', 0), 1),
+    which TFLite fuses into RELU_0_TO_1, an op the Edge TPU compiler cannot map (everything after
+    the first one would run on the CPU); RELU6 and MUL map. Returns how many nodes it rewrote."""
+    from onnx import helper, numpy_helper
+
+    graph, consts = model.graph, {i.name: i for i in model.graph.initializer}
+    nodes, count = [], 0
+
+    def const(name: str, value: float) -> str:
+        if name not in consts:
+            consts[name] = numpy_helper.from_array(np.array(value, np.float32), name)
+            graph.initializer.append(consts[name])
+        return name
+
+    def scalar(name: str):
+        t = consts.get(name)
+        return float(numpy_helper.to_array(t)) if t is not None and numpy_helper.to_array(t).size == 1 else None
+
+    for n in graph.node:
+        x, y, tag = n.input[0] if n.input else "", n.output[0], f"edgepack_relu6_{count}"
+        if n.op_type == "HardSigmoid":
+            attrs = {a.name: a.f for a in n.attribute}
+            scale, shift = 6 * attrs.get("alpha", 0.2), 6 * attrs.get("beta", 0.5)
+        elif n.op_type == "Clip" and len(n.input) == 3 and (scalar(n.input[1]), scalar(n.input[2])) == (0.0, 1.0):
+            scale, shift = 6.0, 0.0
+        else:
+            nodes.append(n)
+            continue
+        nodes += [helper.make_node("Mul", [x, const(f"{tag}_scale", scale)], [f"{tag}_a"], name=f"{tag}_mul"),
+                  helper.make_node("Add", [f"{tag}_a", const(f"{tag}_shift", shift)], [f"{tag}_b"], name=f"{tag}_add"),
+                  helper.make_node("Clip", [f"{tag}_b", const("edgepack_zero", 0.0), const("edgepack_six", 6.0)],
+                                   [f"{tag}_c"], name=f"{tag}_clip"),
+                  helper.make_node("Mul", [f"{tag}_c", const("edgepack_sixth", 1 / 6)], [y], name=f"{tag}_div")]
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
 def prepare(path: Path, shapes: dict[str, list[int]]):
-    """The ONNX graph with static input shapes, every node named, shapes folded (onnxslim)."""
+    """The ONNX graph with static input shapes, every node named, shapes folded (onnxslim), and
+    HardSigmoid in a form the Edge TPU maps."""
     import onnx
     from onnx import shape_inference
 
@@ -44,6 +85,7 @@ def prepare(path: Path, shapes: dict[str, list[int]]):
         name = _SCOPE.sub("_", node.name) if node.name else f"{node.op_type}_{i}"
         node.name = name if name not in seen else f"{name}_{i}"
         seen.add(node.name)
+    relu6_sigmoids(model)
     model = shape_inference.infer_shapes(model, data_prop=True)
     try:
         import onnxslim
