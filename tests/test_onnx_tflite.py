@@ -16,7 +16,7 @@ from targets import Precision
 
 def _tiny_cnn(path, *, seed=0):
     """image (N, 3, 16, 16) -> conv 3x3 + relu -> conv 1x1: `features` (N, 4, 16, 16), channels-first;
-    and global pool -> dense -> softmax: `probs` (N, 3)."""
+    and global pool -> dense -> softmax: `head/probs:0` (N, 3), a name TensorFlow would not take."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -30,10 +30,10 @@ def _tiny_cnn(path, *, seed=0):
              helper.make_node("GlobalAveragePool", ["features"], ["gp"]),
              helper.make_node("Flatten", ["gp"], ["flat"]),
              helper.make_node("Gemm", ["flat", "wd", "bd"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["probs"], axis=1)]
+             helper.make_node("Softmax", ["logits"], ["head/probs:0"], axis=1)]
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
                               [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 4, 16, 16]),
-                               helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])], inits)
+                               helper.make_tensor_value_info("head/probs:0", TensorProto.FLOAT, ["N", 3])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, path)
@@ -94,6 +94,31 @@ def test_graph_ops_include_subgraphs():
     assert unsupported_ops(model) == ["com.microsoft.Gelu"]  # onnx2tf converts If
 
 
+def test_hard_sigmoid_rewritten_to_ops_the_edge_tpu_maps(tmp_path):
+    """HardSigmoid and Clip(0, 1) become Mul/Add/Clip(0, 6)/Mul (RELU6 on TFLite, not RELU_0_TO_1),
+    computing the same function in ONNX Runtime."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from packager.formats.onnx2tf_worker import relu6_sigmoids
+
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("lo", 0.0), ("hi", 1.0))]
+    nodes = [helper.make_node("HardSigmoid", ["x"], ["h"], alpha=0.1666667, beta=0.5),
+             helper.make_node("Clip", ["x", "lo", "hi"], ["c"]), helper.make_node("Add", ["h", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = {"x": np.linspace(-8, 8, 64).astype(np.float32)}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert relu6_sigmoids(model) == 2
+    onnx.checker.check_model(model)
+    assert {n.op_type for n in model.graph.node} == {"Mul", "Add", "Clip"}
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(after, before, atol=1e-6)
+
+
 def _against_onnx(bundle, model, samples, tmp_path):
     """The bundle in the agent's loader (hashes, golden check) against the ONNX model in ONNX Runtime."""
     import onnxruntime as ort
@@ -121,7 +146,7 @@ def test_tiny_cnn_keeps_the_onnx_interface_int8_arm_cpu_and_coral(tmp_path):
         manifest, metrics = _against_onnx(r.bundle, model, fresh, tmp_path)
         # the ONNX interface: names, channels-first shapes (a 4-D output given back in NCHW), both outputs
         assert [(t.name, t.shape) for t in manifest.inputs] == [("image", (1, 3, 16, 16))]
-        assert sorted((t.name, t.shape) for t in manifest.outputs) == [("features", (1, 4, 16, 16)), ("probs", (1, 3))]
+        assert sorted((t.name, t.shape) for t in manifest.outputs) == [("features", (1, 4, 16, 16)), ("head/probs:0", (1, 3))]
         q = manifest.quantization
         assert q["converted_from"] == "onnx" and q["converter"].startswith("onnx2tf ")
         assert "channels-first" in q["io_layout"] and q["weights"] == "int8"

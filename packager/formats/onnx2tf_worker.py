@@ -21,6 +21,9 @@ import numpy as np
 
 # Node names onnx2tf turns into TensorFlow name scopes must match this.
 _SCOPE = re.compile(r"[^A-Za-z0-9_.\-/]")
+_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+# Read from the working directory (else downloaded from GitHub) by onnx2tf for 3-channel image inputs.
+_ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
 
 def relu6_sigmoids(model) -> int:
@@ -63,6 +66,19 @@ def relu6_sigmoids(model) -> int:
     return count
 
 
+def _plain_output_names(model) -> None:
+    """Outputs whose names onnx2tf would change (it drops what it cannot find again, e.g. a name
+    with ':') get plain ones; the signature gives them their ONNX names back (in graph order)."""
+    for i, out in enumerate(model.graph.output):
+        if _PLAIN.match(out.name):
+            continue
+        new = f"edgepack_output_{i}"
+        for node in model.graph.node:
+            node.output[:] = [new if o == out.name else o for o in node.output]
+            node.input[:] = [new if x == out.name else x for x in node.input]
+        out.name = new
+
+
 def prepare(path: Path, shapes: dict[str, list[int]]):
     """The ONNX graph with static input shapes, every node named, shapes folded (onnxslim), and
     HardSigmoid in a form the Edge TPU maps."""
@@ -86,6 +102,7 @@ def prepare(path: Path, shapes: dict[str, list[int]]):
         node.name = name if name not in seen else f"{name}_{i}"
         seen.add(node.name)
     relu6_sigmoids(model)
+    _plain_output_names(model)
     model = shape_inference.infer_shapes(model, data_prop=True)
     try:
         import onnxslim
@@ -132,22 +149,34 @@ def convert(req: dict) -> dict:
     onnx.save(model, str(static))
     nodes = {n.name: n.op_type for n in model.graph.node}
     layout_4d = [i["name"] for i in req["inputs"] if len(i["shape"]) in (3, 4, 5)]
+    with np.load(req["sample"]) as z:
+        feeds = {i["name"]: z[i["name"]] for i in req["inputs"]}
+    # onnx2tf checks each op against ONNX Runtime on dummy inputs: give it the build's own sample,
+    # and a stand-in for the image file it would otherwise download for 3-channel inputs.
+    custom = []
+    for i, (name, x) in enumerate(feeds.items()):
+        np.save(out.parent / f"sample-{i}.npy", x)
+        custom.append([name, str(out.parent / f"sample-{i}.npy")])
+    np.save(Path.cwd() / _ONNX2TF_SAMPLE, np.zeros((1, 1, 1, 3), np.float32))
     try:
         keras_model = onnx2tf.convert(
             input_onnx_file_path=str(static), output_folder_path=str(out.parent / (out.name + "-onnx2tf")),
             disable_model_save=True, not_use_onnxsim=True, not_use_opname_auto_generate=True,
-            non_verbose=True, verbosity="error", keep_ncw_or_nchw_or_ncdhw_input_names=layout_4d or None)
+            non_verbose=True, verbosity="error", keep_ncw_or_nchw_or_ncdhw_input_names=layout_4d or None,
+            custom_input_op_name_np_data_path=custom)
     except Exception as e:  # onnx2tf raises whatever its op converters raise
         node = getattr(e, "onnx_op_name", None)
         return {"ok": False, "kind": "op", "node": node, "op": nodes.get(node), "message": _first_line(e)}
-    with np.load(req["sample"]) as z:
-        feeds = {i["name"]: z[i["name"]] for i in req["inputs"]}
-    names = [o.name for o in model.graph.output]
+    names = [o.name for o in model.graph.output]  # as prepared (plain)
+    onnx_names = [o.name for o in onnx.load(str(src), load_external_data=False).graph.output]
     refs = _ref_outputs(static, names, feeds)
     order = [i["name"] for i in req["inputs"]]
     got = keras_model([tf.constant(feeds[n]) for n in order] if len(order) > 1 else tf.constant(feeds[order[0]]),
                       training=False)
     got = [np.asarray(g) for g in (got if isinstance(got, (list, tuple)) else [got])]
+    if len(got) != len(names):
+        return {"ok": False, "kind": "shape", "node": None, "op": None,
+                "message": f"onnx2tf kept {len(got)} of the {len(names)} outputs {onnx_names}"}
     perms = []
     for name, ref, value in zip(names, refs, got):
         perm, why = _fix_layout(tuple(ref.shape), ref, value)
@@ -161,7 +190,7 @@ def convert(req: dict) -> dict:
         ys = keras_model(list(args) if len(args) > 1 else args[0], training=False)
         ys = ys if isinstance(ys, (list, tuple)) else [ys]
         res = {}
-        for name, y, perm, shape in zip(names, ys, perms, ref_shapes):
+        for name, y, perm, shape in zip(onnx_names, ys, perms, ref_shapes):
             y = tf.transpose(y, perm) if perm else y
             res[name] = tf.reshape(y, shape) if not y.shape.is_fully_defined() else y
         return res
@@ -172,7 +201,7 @@ def convert(req: dict) -> dict:
     archive.track(keras_model)
     archive.add_endpoint(name="serving_default", fn=serve, input_signature=specs)
     archive.write_out(str(out))
-    return {"ok": True, "transposed_outputs": [n for n, p in zip(names, perms) if p],
+    return {"ok": True, "transposed_outputs": [n for n, p in zip(onnx_names, perms) if p],
             "inputs_kept_nchw": layout_4d, "onnx2tf": onnx2tf.__version__}
 
 
@@ -185,7 +214,9 @@ def main(argv: list[str]) -> int:
     req = json.loads(Path(argv[0]).read_text())
     try:
         res = convert(req)
-    except Exception as e:  # reported to the build as a ConversionError, with the trace for --debug
+    except SystemExit:  # onnx2tf logs an error and calls sys.exit(1): the build reads the log
+        res = {"ok": False, "kind": "error", "node": None, "op": None, "message": ""}
+    except Exception as e:
         res = {"ok": False, "kind": "error", "node": None, "op": None, "message": _first_line(e),
                "trace": traceback.format_exc()[-4000:]}
     Path(req["result"]).write_text(json.dumps(res))

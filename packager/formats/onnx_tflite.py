@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,9 @@ TIMEOUT_S = 1800
 # What onnx2tf needs beyond edgepack's own packages (setup.cfg's onnx-tflite extra, plus
 # requirements-onnx2tf.txt installed with --no-deps).
 MODULES = ("onnx2tf", "tf_keras", "onnx_graphsurgeon", "sng4onnx", "onnxslim")
+# A SavedModel signature's input names (TensorFlow op names).
+_TF_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 INSTALL = "make install (or: pip install -e '.[onnx-tflite]' && pip install --no-deps -r requirements-onnx2tf.txt)"
 
 
@@ -78,9 +82,7 @@ class OnnxToTFLite(Bridge):
                              "is not installed", hint=f"install them: {INSTALL}")
 
     def saved_model(self, ctx: ConvertContext) -> Path:
-        src = ctx.source
-        key = ("onnx2tf", src.sha256, tuple((s.name, s.shape) for s in src.inputs))
-        cache = ctx.cache.bridged
+        key, cache = _key(ctx), ctx.cache.bridged
         if key not in cache:
             try:
                 cache[key] = self._convert(ctx, ctx.cache.path(f"onnx2tf-{len(cache)}"))
@@ -91,8 +93,7 @@ class OnnxToTFLite(Bridge):
         return cache[key][0]
 
     def details(self, ctx: ConvertContext) -> dict:
-        key = ("onnx2tf", ctx.source.sha256, tuple((s.name, s.shape) for s in ctx.source.inputs))
-        done = ctx.cache.bridged.get(key)
+        done = ctx.cache.bridged.get(_key(ctx))
         info = done[1] if isinstance(done, tuple) else {}
         kept = info.get("inputs_kept_nchw") or []
         return {"converted_from": "onnx", "converter": f"onnx2tf {info.get('onnx2tf', '?')}",
@@ -103,6 +104,11 @@ class OnnxToTFLite(Bridge):
     def _convert(self, ctx: ConvertContext, work: Path) -> tuple[Path, dict]:
         self.check()
         src = ctx.source
+        names = [s.name for s in src.inputs if not _TF_NAME.match(s.name)]
+        if names:
+            raise InputError(f"input name(s) {names} of {src.path.name} cannot be TFLite signature names",
+                             hint="rename the inputs (letters, digits and _ . / - only; e.g. input_names=[...] "
+                                  "in torch.onnx.export), or pick an ONNX target")
         bad = unsupported_ops(src.model)
         if bad:
             err = UnsupportedOpError(
@@ -122,19 +128,31 @@ class OnnxToTFLite(Bridge):
         with open(work / "onnx2tf.log", "wb") as log:
             try:
                 proc = subprocess.run([sys.executable, "-m", "packager.formats.onnx2tf_worker", str(work / "request.json")],
-                                      stdout=log, stderr=subprocess.STDOUT, env=env, timeout=TIMEOUT_S)
+                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, timeout=TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 raise ConversionError(f"onnx2tf did not convert {src.path.name} within {TIMEOUT_S} s",
                                       hint="pick an ONNX target, or convert a smaller input shape") from None
         res_path = work / "result.json"
         if proc.returncode != 0 or not res_path.is_file():
-            tail = (work / "onnx2tf.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise ConversionError(f"the onnx2tf process ended with code {proc.returncode} converting "
-                                  f"{src.path.name}: {tail[0][:300]}", hint="it may have run out of memory")
+                                  f"{src.path.name}: {_last_error(work / 'onnx2tf.log')}",
+                                  hint="it may have run out of memory")
         res = json.loads(res_path.read_text())
         if not res["ok"]:
+            res["message"] = res["message"] or _last_error(work / "onnx2tf.log")
             raise _error(res, src.path.name)
         return Path(req["out"]), res
+
+
+def _key(ctx: ConvertContext) -> tuple:
+    return ("onnx2tf", ctx.source.sha256, tuple((s.name, s.shape) for s in ctx.source.inputs))
+
+
+def _last_error(log: Path) -> str:
+    """onnx2tf's last ERROR line (it logs, then exits), else the log's last line."""
+    lines = [_ANSI.sub("", ln).strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "ERROR" in ln and "trace log" not in ln]
+    return ((errors or lines or ["no output"])[-1])[:300]
 
 
 def _error(res: dict, model: str) -> ConversionError:
