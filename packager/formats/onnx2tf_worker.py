@@ -202,7 +202,7 @@ def convert(req: dict) -> dict:
     archive.add_endpoint(name="serving_default", fn=serve, input_signature=specs)
     archive.write_out(str(out))
     return {"ok": True, "transposed_outputs": [n for n, p in zip(onnx_names, perms) if p],
-            "inputs_kept_nchw": layout_4d, "onnx2tf": onnx2tf.__version__}
+            "onnx2tf": onnx2tf.__version__}
 
 
 def _first_line(e: BaseException) -> str:

@@ -95,10 +95,9 @@ class OnnxToTFLite(Bridge):
     def details(self, ctx: ConvertContext) -> dict:
         done = ctx.cache.bridged.get(_key(ctx))
         info = done[1] if isinstance(done, tuple) else {}
-        kept = info.get("inputs_kept_nchw") or []
+        shapes = ", ".join(f"{s.name} {'x'.join(map(str, s.shape))}" for s in ctx.source.inputs)
         return {"converted_from": "onnx", "converter": f"onnx2tf {info.get('onnx2tf', '?')}",
-                "io_layout": "as the ONNX model" + (f" (inputs {', '.join(kept)} stay channels-first; "
-                                                    "the model transposes to NHWC inside)" if kept else ""),
+                "io_layout": f"as the ONNX model ({shapes}); onnx2tf's NHWC transposes are inside the model",
                 "outputs_transposed_back": info.get("transposed_outputs", [])}
 
     def _convert(self, ctx: ConvertContext, work: Path) -> tuple[Path, dict]:
