@@ -35,6 +35,7 @@ test-fast: install
 bench: install corpus
 	$(PY) benchmarks/build_multi_target.py
 	$(PY) benchmarks/corpus.py
+	$(PY) benchmarks/onnx_tflite.py
 	$(PY) benchmarks/auto_cost.py
 	$(PY) benchmarks/demo_ratios.py
 	$(PY) benchmarks/quantization_quality.py

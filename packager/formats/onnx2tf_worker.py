@@ -137,15 +137,14 @@ def _fix_layout(want: tuple[int, ...], ref: np.ndarray, value: np.ndarray):
 
 
 def convert(req: dict) -> dict:
-    import onnx2tf  # noqa: F401  (this process only)
+    import onnx
+    import onnx2tf  # first, in this process only: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
     import tensorflow as tf
 
     src, out = Path(req["onnx"]), Path(req["out"])
     shapes = {i["name"]: i["shape"] for i in req["inputs"]}
     model = prepare(src, shapes)
     static = out.parent / (out.name + "-static.onnx")
-    import onnx
-
     onnx.save(model, str(static))
     nodes = {n.name: n.op_type for n in model.graph.node}
     layout_4d = [i["name"] for i in req["inputs"] if len(i["shape"]) in (3, 4, 5)]

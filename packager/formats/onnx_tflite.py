@@ -126,8 +126,8 @@ class OnnxToTFLite(Bridge):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
         with open(work / "onnx2tf.log", "wb") as log:
             try:
-                proc = subprocess.run([sys.executable, "-m", "packager.formats.onnx2tf_worker", str(work / "request.json")],
-                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, timeout=TIMEOUT_S)
+                cmd = [sys.executable, "-m", "packager.formats.onnx2tf_worker", str(work / "request.json")]
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, timeout=TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 raise ConversionError(f"onnx2tf did not convert {src.path.name} within {TIMEOUT_S} s",
                                       hint="pick an ONNX target, or convert a smaller input shape") from None

@@ -177,7 +177,8 @@ class TFLiteBackend(Backend):
             return Artifact(path=out, format=self.format, precision=Precision.FP32, quantization=_converted(ctx))
         data, details = MODES[ctx.precision](ctx)
         out.write_bytes(data)
-        return Artifact(path=out, format=self.format, precision=ctx.precision, quantization={**details, **_converted(ctx)})
+        return Artifact(path=out, format=self.format, precision=ctx.precision,
+                        quantization={**details, **_converted(ctx)})
 
     def _as_is(self, ctx: ConvertContext, out: Path) -> Artifact:
         """A ready .tflite is packaged unchanged; asking for another precision is an error."""
