@@ -102,6 +102,9 @@ def manifest_text(m: dict, *, signed: bool) -> str:
     lines.append("outputs:")
     for t in m["outputs"]:
         lines.append(_tensor(t))
+    conv = m.get("quantization") or {}
+    if conv.get("io_layout"):  # a model converted from another format: which layout the app sends
+        lines.append(f"layout: {conv['io_layout']} ({conv.get('converter', '?')}, from {conv.get('converted_from')})")
     lines.append("files:")
     for name, f in m["files"].items():
         lines.append(f"  {name:<24} {human_bytes(f['size']):>10}  sha256 {f['sha256'][:16]}...")

@@ -154,6 +154,9 @@ def test_tiny_cnn_keeps_the_onnx_interface_int8_arm_cpu_and_coral(tmp_path):
         assert not judge(metrics, Gate(min_similarity=0.98)), (r.target, metrics)
     coral = res.results[1]
     assert [t.dtype for t in _manifest(coral).inputs] == ["uint8"]
+    from packager.report import manifest_text  # what `edgepack inspect` prints
+
+    assert "layout: as the ONNX model (image 1x3x16x16)" in manifest_text(_manifest(coral).to_dict(), signed=False)
     compiler = shutil.which("edgetpu_compiler") is not None  # the compile step as for any Coral build
     assert coral.report["edgetpu"]["compiled"] is compiler
     assert compiler or any("NOT compiled for the Edge TPU" in w for w in coral.report["warnings"])
