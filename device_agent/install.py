@@ -222,7 +222,7 @@ def _ensure_user(res: InstallResult) -> None:
     if shutil.which("useradd") is None:
         raise InstallError(f"no user {SERVICE_USER!r} and no useradd to create it: create a system user "
                            f"{SERVICE_USER!r} and run install again")
-    extra = [g for g in ("plugdev", "video") if _group_exists(grp, g)]
+    extra = [g for g in ("plugdev", "video", "apex") if _group_exists(grp, g)]
     cmd = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", str(STATE_DIR),
            "--shell", "/usr/sbin/nologin"] + (["--groups", ",".join(extra)] if extra else []) + [SERVICE_USER]
     r = subprocess.run(cmd, capture_output=True, text=True)
