@@ -14,13 +14,13 @@ from device_agent.buffer import DiskQueue, QueueUnwritable
 from device_agent.config import AgentConfig
 from device_agent.lifecycle import AgentState, Lifecycle
 from device_agent.model import Model, bundle_members_to_extract, load_bundle
-from device_agent.runtimes.registry import slow_load
 from device_agent.mqtt import MqttClient, MqttError, Will, dumps
 from device_agent.ota.desired import Desired, Limits, RecordError, resolve
 from device_agent.ota.gate import RecordGate, SourcePolicy
 from device_agent.ota.keyring import Keyring
 from device_agent.ota.transfer import MqttChunkFetcher, TransferPolicy
 from device_agent.ota.updater import Updater, UpdaterSettings, parse_fault_delays
+from device_agent.runtimes.registry import slow_load
 from device_agent.stats import HostMetrics, InferenceStats, platform_info
 from device_agent.store import Store
 from edgebundle.errors import EdgepackError
@@ -176,7 +176,8 @@ class Agent:
     def status(self, online: bool = True, reason: str | None = None) -> dict:
         upd = self.updater.summary() if self.updater else None
         return {"device_id": self.cfg.device_id, "online": online, "reason": reason, "ts": now_iso(),
-                "state": self.life.describe(), "groups": list(self.cfg.groups), "agent_version": __version__, "started": self.started,
+                "state": self.life.describe(), "groups": list(self.cfg.groups), "agent_version": __version__,
+                "started": self.started,
                 "model": self.model.describe() if self.model else None, "model_error": self.model_error,
                 "previous_model": (upd or {}).get("previous"), "update": upd,
                 "ota": {**self.keyring.describe(), "allowed_urls": list(self.cfg.allowed_urls)},

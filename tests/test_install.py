@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agents import AgentProc, Watcher, wait_until
+from agents import AgentProc, Watcher
 from brokers import free_port
 from tinybundles import log_bundle
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents import AgentProc, Watcher, wait_until
+from agents import AgentProc, Watcher
 from tinybundles import infer_body, log_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
