@@ -40,7 +40,8 @@ def start_to_ready(cmd: list[str], port: int) -> tuple[subprocess.Popen, float]:
             if c.getresponse().status == 200:
                 return proc, time.perf_counter() - t0
         except OSError:
-            time.sleep(0.01)
+            pass
+        time.sleep(0.01)  # after a 503 too: the API answers while the model loads; a busy poll would slow it
     proc.kill()
     raise TimeoutError("agent not ready within 60 s")
 

@@ -203,6 +203,10 @@ def load_config(*, path: str | Path | None = None, env: dict | None = None, **fl
           ("device_id", "groups", "broker", "data_dir", "bundle", "trusted_keys", "root_keys", "allowed_urls")}
     data_dir = Path(merged.get("data_dir") or Path.home() / ".local/share/edgepack-agent")
     bundle = Path(merged["bundle"]) if merged.get("bundle") else None
+    if bundle is not None and not bundle.is_file():
+        raise InputError(f"bundle {str(bundle)!r} (--bundle / bundle in the config) does not exist",
+                         hint="give the path of an existing .edgepack file, or leave it out to start without "
+                              "a model and wait for an update")
     return AgentConfig(device_id=device_id, groups=groups, broker=broker, data_dir=data_dir, bundle=bundle,
                        trusted_keys=keys["trusted_keys"], root_keys=keys["root_keys"], allowed_urls=urls, **kw)
 

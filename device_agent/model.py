@@ -137,21 +137,28 @@ class Model:
             feeds[name] = x
         return feeds
 
-    def infer(self, inputs: dict, *, raw: bool = False) -> dict[str, np.ndarray]:
-        """Run once. Floats for quantized tensors are (de)quantized unless `raw`."""
+    def infer(self, inputs: dict, *, raw: bool = False, stamps: list[float] | None = None) -> dict[str, np.ndarray]:
+        """Run once. Floats for quantized tensors are (de)quantized unless `raw`. `stamps` (for
+        /metrics) gets three perf_counter() readings: input checked, model lock taken, run done."""
         feeds = self.validate(inputs)
+        if stamps is not None:
+            stamps.append(time.perf_counter())
         if self._watch:
-            return self._infer_watched(feeds, raw, inputs)
+            return self._infer_watched(feeds, raw, inputs, stamps)
         with self._lock:
             if self._closed:
                 raise ModelClosed(self.name)
+            if stamps is not None:
+                stamps.append(time.perf_counter())
             out = self.runtime.run(feeds)
+            if stamps is not None:
+                stamps.append(time.perf_counter())
         if not raw:
             for o in self._dequant:
                 out[o.name] = dequantize(out[o.name], o)
         return out
 
-    def _infer_watched(self, feeds: dict, raw: bool, inputs: dict) -> dict[str, np.ndarray]:
+    def _infer_watched(self, feeds: dict, raw: bool, inputs: dict, stamps: list[float] | None) -> dict[str, np.ndarray]:
         h = self.health
         try:
             with self._lock:
@@ -159,7 +166,10 @@ class Model:
                     raise ModelClosed(self.name)
                 t0 = time.perf_counter()  # time inside the runtime: waiting for the lock is load, not the model
                 out = self.runtime.run(feeds)
-                ms = (time.perf_counter() - t0) * 1000
+                t1 = time.perf_counter()
+                ms = (t1 - t0) * 1000
+                if stamps is not None:
+                    stamps += (t0, t1)
         except ModelClosed:
             raise
         except Exception:

@@ -44,7 +44,7 @@ def _infer_body(x, name="image", datatype="FP32", shape=None):
 
 def test_health_and_metadata(agent):
     assert _req(agent, "/v2/health/live") == (200, {"live": True})
-    assert _req(agent, "/v2/health/ready") == (200, {"ready": True})
+    assert _req(agent, "/v2/health/ready") == (200, {"ready": True, "state": "serving"})
     code, meta = _req(agent, "/v2/models/digits")
     assert code == 200 and meta["versions"] == ["1.0.0"]
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [1, 8, 8, 1]}]

@@ -435,9 +435,10 @@ def test_unsigned_initial_bundle_refused_when_keys_configured(versions, keys, tm
     a = AgentProc(tmp_path / "data", bundle=versions["v2u"], interval=60,
                   extra=("--trusted-key", str(keys / "a.pub"), "--log-format", "text")).start(wait_ready=False)
     try:
-        wait_until(lambda: a._get("/v2/health/live") == 200, 30, what="agent up")
+        # the API answers while the bundle loads: wait for the refusal, not just for the API
+        wait_until(lambda: "not signed" in a.log.read_text(), 30, what="unsigned bundle refused")
+        assert a._get("/v2/health/live") == 200
         assert a._get("/v2/health/ready") == 503  # alive, but serving nothing unverified
-        assert "not signed" in a.log.read_text()
     finally:
         a.stop()
 

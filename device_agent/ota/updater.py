@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import shutil
 import threading
 import time
@@ -50,6 +51,13 @@ from edgebundle.manifest import parse_version
 
 __all__ = ["Clock", "Host", "State", "Record", "UpdateFailed", "Updater", "UpdaterSettings"]
 log = logging.getLogger("edgepack.agent.ota")
+
+
+def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rand: Callable[[], float] = random.random) -> float:
+    """Exponential back-off, capped, with full jitter: uniform in [0, min(cap, base * 2^(attempt-1))].
+    After an outage the devices of a fleet spread their retries instead of hitting the model
+    server in lockstep."""
+    return rand() * min(base_s * 2 ** max(attempt - 1, 0), cap_s)
 
 
 @dataclass(frozen=True)
@@ -424,7 +432,7 @@ class Updater:
         if r.attempts >= self.settings.max_attempts:
             self._fail(f"gave up after {r.attempts} attempts: {error}")
             return
-        delay = min(self.settings.backoff_s * 2 ** (r.attempts - 1), self.settings.max_backoff_s)
+        delay = backoff_delay(r.attempts, base_s=self.settings.backoff_s, cap_s=self.settings.max_backoff_s)
         self._retry_at = self.clock.mono() + delay
         self._persist_quietly()
         log.warning("update %s: %s (attempt %d of %d; retrying in %.0f s)", r.update_id, error, r.attempts,
