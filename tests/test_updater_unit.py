@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.ota.desired import Desired, Probation, UrlTransfer
+from edgeproto.desired import Desired, Probation, UrlTransfer
 from device_agent.ota.record import Record, State
 from device_agent.ota.transfer import TransferPolicy
 from device_agent.ota.updater import Clock, Updater, UpdaterSettings

@@ -41,12 +41,13 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from device_agent.ota.desired import Desired, MqttTransfer
 from device_agent.ota.record import ENDED, LIVE, RESUMABLE, Record, State
 from device_agent.ota.transfer import Cancelled, MqttChunkFetcher, TransferError, TransferPolicy, TransientError, fetch_url
 from device_agent.store import Store, atomic_write
 from edgebundle.errors import EdgepackError
 from edgebundle.manifest import parse_version
+from edgeproto.desired import Desired, MqttTransfer
+from edgeproto.records import UpdateEvent
 
 __all__ = ["Clock", "Host", "State", "Record", "UpdateFailed", "Updater", "UpdaterSettings"]
 log = logging.getLogger("edgepack.agent.ota")
@@ -513,10 +514,10 @@ class Updater:
                note: str | None = None) -> None:
         r = self.record
         d = r.desired or {}
-        self.host.event({"update_id": r.update_id, "state": state.value, "name": d.get("name"),
-                         "version": d.get("version"), "sha256": d.get("sha256"),
-                         "from_version": (r.previous or {}).get("version"), "progress": progress,
-                         "error": error, "note": note})
+        self.host.event(UpdateEvent(update_id=r.update_id, state=state.value, name=d.get("name"),
+                                    version=d.get("version"), sha256=d.get("sha256"),
+                                    from_version=(r.previous or {}).get("version"), progress=progress,
+                                    error=error, note=note).to_dict())
 
     def _inject_fault(self, state: State) -> None:
         delay = self.settings.fault_delays.get(state.value)

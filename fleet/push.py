@@ -1,12 +1,11 @@
-"""Fleet side: push a bundle as desired state (chunks retained on the broker), follow the
-devices' update events, and read the fleet's status. Uses the agent's MQTT wrapper."""
+"""Push a bundle as desired state (chunks retained on the broker) and follow the devices' update
+events; clear a desired record."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import re
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -14,86 +13,20 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
-from device_agent.config import BrokerConfig
-from device_agent.mqtt import MqttClient, dumps
-from device_agent.ota.desired import Desired, MqttTransfer, Probation, UrlTransfer, sign_record
 from edgebundle.archive import open_bundle
-from edgebundle.errors import EdgepackError, InputError
+from edgebundle.errors import InputError
 from edgebundle.trust import parse_time
+from edgeproto.broker import BrokerConfig
+from edgeproto.desired import Desired, MqttTransfer, Probation, UrlTransfer, sign_record
+from edgeproto.mqtt import MqttClient, dumps
+from edgeproto.records import FINAL_STATES
+from edgeproto.topics import Topics
+from fleet.conn import Collector, parse_json
+from fleet.errors import FleetError
 
 DEFAULT_CHUNK = 1 << 20
-FINAL = ("committed", "failed", "rolled_back")
+FINAL = FINAL_STATES
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class FleetError(EdgepackError):
-    pass
-
-
-class _Conn:
-    """A short-lived client that collects messages on some topics."""
-
-    def __init__(self, broker: BrokerConfig, topics: list[str], *, name: str):
-        self.messages: list[tuple[str, bytes]] = []
-        self.cond = threading.Condition()
-        self.client = MqttClient(broker, client_id=f"edgepack-{name}-{uuid.uuid4().hex[:8]}",
-                                 on_message=self._on, on_connect=lambda: [self.client.subscribe(t) for t in topics])
-        self.client.start()
-        if not self.client.connected.wait(10):
-            self.client.stop()
-            raise FleetError(f"cannot reach the broker at {broker.url}",
-                             hint="check --broker, or start one locally with: edgepack broker")
-
-    def _on(self, topic: str, payload: bytes) -> None:
-        with self.cond:
-            self.messages.append((topic, payload))
-            self.cond.notify_all()
-
-    def stop(self) -> None:
-        self.client.stop()
-
-
-def _json(payload: bytes):
-    try:
-        return json.loads(payload) if payload else None
-    except ValueError:
-        return None
-
-
-def status(broker: BrokerConfig, *, group: str | None = None, listen_s: float = 2.0) -> list[dict]:
-    """Retained status plus the telemetry that arrives within `listen_s`, one row per device."""
-    root = broker.topic_prefix
-    conn = _Conn(broker, [f"{root}/devices/+/status", f"{root}/devices/+/telemetry"], name="fleet")
-    time.sleep(listen_s)
-    conn.stop()
-    devices: dict[str, dict] = {}
-    for topic, payload in conn.messages:
-        doc, parts = _json(payload), topic.split("/")
-        if not isinstance(doc, dict) or len(parts) < 3 or parts[-3] != "devices":
-            continue  # some brokers (amqtt) deliver retained messages of other topics on wildcard subscribe
-        dev = parts[-2]
-        row = devices.setdefault(dev, {"device_id": dev})
-        if topic.endswith("/status"):
-            row["status"] = doc
-        else:
-            row["telemetry"] = doc
-    rows = []
-    for dev, d in sorted(devices.items()):
-        st, tel = d.get("status") or {}, d.get("telemetry") or {}
-        if group and group not in (st.get("groups") or []):
-            continue
-        model = st.get("model") or {}
-        lat = (tel.get("inference") or {}).get("latency_ms") or {}
-        rows.append({"device_id": dev, "online": st.get("online"), "groups": st.get("groups") or [],
-                     "model": model.get("name"), "version": model.get("version"),
-                     "provider": model.get("provider"), "update": (st.get("update") or {}).get("state"),
-                     "update_error": (st.get("update") or {}).get("error"),
-                     "update_issued": (st.get("update") or {}).get("issued"),
-                     "signed_updates": (st.get("ota") or {}).get("signed_updates"),
-                     "key_serial": (st.get("ota") or {}).get("key_serial"), "p95_ms": lat.get("p95"),
-                     "errors": (tel.get("totals") or {}).get("errors"),
-                     "last_seen": tel.get("ts") or st.get("ts")})
-    return rows
 
 
 @dataclass
@@ -135,20 +68,20 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     m = b.manifest
     sha, hashes = _hashes(bundle, chunk_size)
     size = Path(bundle).stat().st_size
-    root = broker.topic_prefix
+    topics = Topics(broker.topic_prefix)
     transfer = (UrlTransfer(url=url) if url else
-                MqttTransfer(topic=f"{root}/bundles/{sha}", chunk_size=chunk_size,
+                MqttTransfer(topic=topics.bundle(sha), chunk_size=chunk_size,
                              chunks=(size + chunk_size - 1) // chunk_size, chunk_sha256=tuple(hashes)))
     target = f"devices/{device}" if device else f"groups/{group}"
-    topic = f"{root}/{target}/desired"
-    watch = [f"{root}/devices/+/events", f"{root}/devices/+/status"] if wait else []
-    conn = _Conn(broker, watch, name="push")
+    topic = topics.target_desired(target)
+    watch = [topics.events(), topics.status()] if wait else []
+    conn = Collector(broker, watch, name="push")
     try:
         desired = Desired(update_id=uuid.uuid4().hex, name=m.name, version=m.version, sha256=sha, size=size,
                           transfer=transfer, allow_downgrade=allow_downgrade, probation=probation,
                           staging_max_p95_ms=staging_max_p95_ms, issued=_issued_after(conn, topic), target=target)
         doc = desired.to_dict()
-        doc["signature"] = _json(b.signature) if b.signature else None  # informative: the bundle's own
+        doc["signature"] = parse_json(b.signature) if b.signature else None  # informative: the bundle's own
         if key is not None:
             doc = sign_record(doc, key, cert=cert)
         # The record goes first, so online devices start pulling chunks while they are still being
@@ -186,7 +119,7 @@ def _signer(sign_key, key_cert):
     return key, cert
 
 
-def _issued_after(conn: "_Conn", topic: str) -> str:
+def _issued_after(conn: Collector, topic: str) -> str:
     """Now (UTC, ms), or 1 ms after the `issued` of the record retained on `topic` if that is later."""
     now = datetime.now(timezone.utc)
     floor = None
@@ -198,7 +131,7 @@ def _issued_after(conn: "_Conn", topic: str) -> str:
                 if not hit:
                     conn.cond.wait(0.05)
                     continue
-            doc = _json(hit[-1])
+            doc = parse_json(hit[-1])
             try:
                 floor = parse_time(doc["issued"], what="issued") if isinstance(doc, dict) and doc.get("issued") else now
             except ValueError:
@@ -223,7 +156,7 @@ def _publish_chunks(client: MqttClient, bundle: Path, transfer: MqttTransfer, wi
     with open(bundle, "rb") as f:
         i = 0
         while chunk := f.read(transfer.chunk_size):
-            pending.append(client.publish(f"{transfer.topic}/chunks/{i}", chunk, qos=1, retain=True))
+            pending.append(client.publish(Topics.chunk(transfer.topic, i), chunk, qos=1, retain=True))
             i += 1
             if len(pending) >= window:  # bounded in-flight: memory stays flat for big bundles
                 for info in pending:
@@ -233,26 +166,24 @@ def _publish_chunks(client: MqttClient, bundle: Path, transfer: MqttTransfer, wi
         info.wait_for_publish(60)
 
 
-def _follow(conn: _Conn, result: PushResult, *, device, group, timeout, expect, progress) -> None:
+def _follow(conn: Collector, result: PushResult, *, device, group, timeout, expect, progress) -> None:
     """Collect events for this update_id; the target set is the device, or the group's members
     from their retained status (plus `expect`)."""
     uid = result.desired["update_id"]
+    topics = Topics(conn.client.cfg.topic_prefix)
     targets = {device} if device else set(expect or [])
     deadline = time.monotonic() + timeout
     seen = 0
     while time.monotonic() < deadline:
-        with conn.cond:
-            if len(conn.messages) == seen:
-                conn.cond.wait(0.5)
-            new, seen = conn.messages[seen:], len(conn.messages)
+        new, seen = conn.take(seen, 0.5)
         for topic, payload in new:
-            doc, parts = _json(payload), topic.split("/")
-            if not isinstance(doc, dict) or len(parts) < 3 or parts[-3] != "devices":
+            hit, doc = topics.parse_device(topic), parse_json(payload)
+            if hit is None or not isinstance(doc, dict):
                 continue
-            dev = parts[-2]
-            if topic.endswith("/status") and group and group in (doc.get("groups") or []) and device is None:
+            dev, kind = hit
+            if kind == "status" and group and group in (doc.get("groups") or []) and device is None:
                 targets.add(dev)
-            elif topic.endswith("/events") and doc.get("update_id") == uid:
+            elif kind == "events" and doc.get("update_id") == uid:
                 result.devices[dev] = doc
                 progress(dev, doc)
         if targets and all(result.devices.get(t, {}).get("state") in FINAL for t in targets):
@@ -267,13 +198,13 @@ def _follow(conn: _Conn, result: PushResult, *, device, group, timeout, expect, 
 
 def clear(broker: BrokerConfig, *, device: str | None = None, group: str | None = None) -> None:
     """Remove a retained desired record (devices keep what they run)."""
-    root = broker.topic_prefix
-    topic = f"{root}/devices/{device}/desired" if device else f"{root}/groups/{group}/desired"
-    conn = _Conn(broker, [], name="clear")
+    topics = Topics(broker.topic_prefix)
+    topic = topics.desired(device) if device else topics.group_desired(group)
+    conn = Collector(broker, [], name="clear")
     try:
         conn.client.publish_wait(topic, b"", qos=1, retain=True)
     finally:
         conn.stop()
 
 
-__all__ = ["push", "status", "clear", "PushResult", "FleetError"]
+__all__ = ["push", "clear", "PushResult", "DEFAULT_CHUNK"]

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from device_agent.config import BrokerConfig
+from edgeproto.broker import BrokerConfig
 
 log = logging.getLogger("edgepack.agent.mqtt")
 
@@ -35,7 +35,7 @@ def dumps(obj) -> bytes:
 class MqttClient:
     def __init__(self, cfg: BrokerConfig, *, client_id: str, will: Will | None = None,
                  on_connect: Callable[[], None] | None = None, on_message: Callable[[str, bytes], None] | None = None,
-                 min_backoff: float = 1.0, max_backoff: float = 30.0):
+                 min_backoff: float = 1.0, max_backoff: float = 30.0, mqtt5: bool = False):
         import paho.mqtt.client as mqtt
 
         self.cfg = cfg
@@ -43,8 +43,12 @@ class MqttClient:
         self._stopping = False
         self._subacks: dict[int, threading.Event] = {}
         self._on_connect_cb, self._on_message_cb = on_connect, on_message
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
-                        protocol=mqtt.MQTTv311)  # 3.1.1: mosquitto and the embedded amqtt broker both speak it
+        self.mqtt5 = mqtt5
+        if mqtt5:  # shared subscriptions ($share/...) for scaled-out fleet consumers
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        else:  # 3.1.1: mosquitto and the embedded amqtt broker both speak it
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+                            protocol=mqtt.MQTTv311)
         if cfg.username:
             c.username_pw_set(cfg.username, cfg.password)
         if cfg.tls:
@@ -62,7 +66,8 @@ class MqttClient:
 
     def start(self) -> None:
         """Begin connecting in the background; never blocks on an unreachable broker."""
-        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+        extra = {"clean_start": True} if self.mqtt5 else {}
+        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive, **extra)
         self._client.loop_start()
 
     def stop(self) -> None:
