@@ -45,6 +45,8 @@ def _bc(kw) -> BrokerConfig:
 @click.option("--url", help="Devices download from this http(s):// or file:// URL instead of MQTT chunks.")
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True, help="Bytes per MQTT chunk.")
 @click.option("--allow-downgrade", is_flag=True, help="Let devices move to a lower version.")
+@click.option("--allow-interface-change", is_flag=True,
+              help="Let devices apply a model whose inputs/outputs differ from the running one (clients must be ready).")
 @click.option("--probation-seconds", type=float, default=30.0, show_default=True)
 @click.option("--probation-requests", type=int, default=200, show_default=True)
 @click.option("--max-error-rate", type=float, default=0.02, show_default=True)
@@ -56,8 +58,8 @@ def _bc(kw) -> BrokerConfig:
 @click.option("--wait", is_flag=True, help="Follow each device until it commits, fails or rolls back.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="With --wait.")
 @click.option("--json", "as_json", is_flag=True)
-def push(bundle, device, group, url, chunk_size, allow_downgrade, probation_seconds, probation_requests,
-         max_error_rate, latency_budget_ms, sign_key, key_cert, wait, timeout, as_json, **kw):
+def push(bundle, device, group, url, chunk_size, allow_downgrade, allow_interface_change, probation_seconds,
+         probation_requests, max_error_rate, latency_budget_ms, sign_key, key_cert, wait, timeout, as_json, **kw):
     """Make BUNDLE the desired model of a device or a group (retained: offline devices catch up)."""
     from edgeproto.desired import Probation
     from fleet.push import push as push_bundle
@@ -71,14 +73,16 @@ def push(bundle, device, group, url, chunk_size, allow_downgrade, probation_seco
         click.echo(f"  {dev}: {ev.get('state')}{extra}{err}", err=True)
 
     res = push_bundle(bundle, _bc(kw), device=device, group=group, url=url, chunk_size=chunk_size,
-                     allow_downgrade=allow_downgrade,
+                     allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
+                     warn=lambda m: click.echo(f"warning: {m}", err=True),
                      probation=Probation(seconds=probation_seconds, requests=probation_requests,
                                          max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
                      staging_max_p95_ms=latency_budget_ms, wait=wait, timeout=timeout, progress=show,
                      sign_key=sign_key, key_cert=key_cert)
     d = res.desired
     if as_json:
-        click.echo(json.dumps({"topic": res.topic, "desired": d, "devices": res.devices}, indent=2))
+        click.echo(json.dumps({"topic": res.topic, "desired": d, "devices": res.devices, "warnings": res.warnings},
+                              indent=2))
     else:
         click.echo(f"desired {d['name']} {d['version']} (sha256 {d['sha256'][:16]}..., update {d['update_id']}) "
                    f"-> {res.topic}")

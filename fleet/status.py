@@ -95,9 +95,11 @@ class FleetWatcher:
     """A connected FleetTable: subscribes to status and telemetry and keeps the table current
     until stop()."""
 
-    def __init__(self, broker: BrokerConfig, *, name: str = "fleet", table: FleetTable | None = None):
+    def __init__(self, broker: BrokerConfig, *, name: str = "fleet", table: FleetTable | None = None,
+                 telemetry: bool = True):
         self.table = table or FleetTable(Topics(broker.topic_prefix))
-        self._conn = Collector(broker, self.table.subscriptions, name=name, on_message=self.table.feed)
+        subs = self.table.subscriptions if telemetry else [self.table.topics.status()]
+        self._conn = Collector(broker, subs, name=name, on_message=self.table.feed)
 
     def settle(self, *, quiet_s: float = 0.3, max_s: float = 10.0) -> None:
         """Wait until retained records stop arriving (quiet for `quiet_s`), at most `max_s`."""
