@@ -208,6 +208,11 @@ def sign_record(doc: dict, private_key, *, cert: dict | None = None) -> dict:
     return out
 
 
+def parse_transfer(doc: dict, *, sha256: str, size: int, limits: Limits = Limits()) -> "MqttTransfer | UrlTransfer":
+    """A transfer object from its JSON form (as in a record); ValueError naming the field."""
+    return _transfer(doc, sha=sha256, size=size, limits=limits, topic_prefix=None)
+
+
 def resolve(device: "Desired | None", groups: list["Desired | None"]) -> "Desired | None":
     """Device beats group; among groups, the first in the agent's configured order wins."""
     if device is not None:
@@ -337,4 +342,4 @@ def _transfer(t, *, sha: str, size: int, limits: Limits, topic_prefix: str | Non
 
 
 __all__ = ["SCHEMA", "SIG_FIELD", "Desired", "Limits", "MqttTransfer", "Probation", "RecordError", "UrlTransfer",
-           "resolve", "sign_record", "signed_bytes", "url_allowed"]
+           "parse_transfer", "resolve", "sign_record", "signed_bytes", "url_allowed"]

@@ -8,6 +8,7 @@
     {root}/bundles/{sha256}/chunks/{i}   retained bundle chunks
     {root}/rollouts/{rollout_id}     retained rollout state (fleet side only)
     {root}/rollouts/{rollout_id}/lease   retained controller lease (fleet side only)
+    {root}/rollouts/{rollout_id}/control retained pause/abort request (fleet side only)
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ class Topics:
 
     def rollout_lease(self, rollout_id: str) -> str:
         return f"{self.rollout(rollout_id)}/lease"
+
+    def rollout_control(self, rollout_id: str) -> str:
+        return f"{self.rollout(rollout_id)}/control"
 
     def parse_device(self, topic: str) -> tuple[str, str] | None:
         """(device id, kind) for a device topic under this root, else None. Some brokers hand out

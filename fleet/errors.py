@@ -14,3 +14,7 @@ class RolloutError(FleetError):
 
 class RolloutStopped(FleetError):
     """A rollout gate failed: the wave was rolled back and the rollout stopped."""
+
+    def __init__(self, message: str, *, record=None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.record = record
