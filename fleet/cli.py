@@ -180,3 +180,12 @@ def broker_config(out_dir, devices, fleet_users, listen, cafile, certfile, keyfi
 
 
 COMMANDS = (push, fleet, broker)
+
+
+def _register_simulate() -> None:
+    from fleet.sim.cli import simulate
+
+    fleet.add_command(simulate)
+
+
+_register_simulate()

@@ -168,6 +168,7 @@ class SimDevice:
         self._dropped = False
         self._backlog: list[tuple[str, bytes]] = []  # events published while the link was down
         self.model: SimModel | None = None
+        self.switched = 0  # times it began serving a bundle other than its first (rollback excluded)
         self.initial_sha: str | None = None
         will = Will(self.topics.status, dumps({"device_id": device_id, "online": False, "reason": "connection lost",
                                                "ts": None}))
@@ -197,6 +198,8 @@ class SimDevice:
     def swap(self, model):
         self.catch_up()  # traffic so far belongs to the model that served it
         old, self.model = self.model, model
+        if model is not None and model.bundle_sha256 != self.initial_sha:
+            self.switched += 1
         self.status_changed()
         return old
 

@@ -129,6 +129,8 @@ class Simulator:
         return {"devices": len(self.devices), "connected": self.connected(),
                 "versions": dict(collections.Counter(d.version or "-" for d in self.devices)),
                 "updates": dict(collections.Counter(d.updater.record.state.value for d in self.devices)),
+                "ever_switched": sorted(d.device_id for d in self.devices if d.switched)[:20],
+                "ever_switched_count": sum(1 for d in self.devices if d.switched),
                 "faulty": {f.value: sum(1 for d in self.devices if f in d.faults) for f in Fault}}
 
     def _telemetry_loop(self) -> None:
