@@ -75,6 +75,7 @@ class MosquittoSetup:
     out_dir: Path
     devices: tuple[DeviceAccount, ...]
     fleet_users: tuple[str, ...] = ("fleet",)
+    collector_users: tuple[str, ...] = ()  # read-only: device status, telemetry, events (shared subscriptions too)
     topic_prefix: str = "edgepack/v1"
     host: str = "0.0.0.0"
     port: int = 8883
@@ -100,6 +101,9 @@ def acl_text(setup: MosquittoSetup) -> str:
     for user in setup.fleet_users:
         lines += ["# fleet role: desired records, bundle chunks, fleet status", f"user {user}",
                   f"topic readwrite {root}/#", ""]
+    for user in setup.collector_users:
+        lines += ["# collector role: reads what devices report, publishes nothing", f"user {user}",
+                  f"topic read {t.status()}", f"topic read {t.telemetry()}", f"topic read {t.events()}", ""]
     for dev in setup.devices:
         lines += [f"user {dev.device_id}", f"topic read {t.bundle('#')}"]
         lines += [f"topic read {t.group_desired(g)}" for g in dev.groups]
@@ -128,7 +132,7 @@ def write_mosquitto_config(setup: MosquittoSetup) -> dict:
     """Write mosquitto.conf, acl, passwd (hashed with mosquitto_passwd) and one credential file per
     user (credentials/USER.pass, mode 0600) into setup.out_dir. Existing credential files are kept,
     so adding a device does not change the others' passwords. Returns the paths and passwords."""
-    users = [d.device_id for d in setup.devices] + list(setup.fleet_users)
+    users = [d.device_id for d in setup.devices] + list(setup.fleet_users) + list(setup.collector_users)
     for u in users + [g for d in setup.devices for g in d.groups]:
         if not _ID.match(u):
             raise InputError(f"{u!r} is not a valid device id, group or user name (1-64 of [A-Za-z0-9_.-])")

@@ -148,6 +148,8 @@ def _device_account(text: str):
 @click.option("--device", "devices", multiple=True, required=True,
               help="ID or ID:GROUP,GROUP (repeatable): one MQTT account per device.")
 @click.option("--fleet-user", "fleet_users", multiple=True, help="Fleet role account(s) (default: fleet).")
+@click.option("--collector-user", "collector_users", multiple=True,
+              help="Read-only account(s) for telemetry/status consumers (MQTT 5 shared subscriptions).")
 @click.option("--listen", default="0.0.0.0:8883", show_default=True, help="HOST:PORT of the listener.")
 @click.option("--cafile", type=click.Path(exists=True), help="CA certificate (TLS).")
 @click.option("--certfile", type=click.Path(exists=True), help="The broker's certificate (TLS).")
@@ -156,8 +158,8 @@ def _device_account(text: str):
 @click.option("--no-tls", is_flag=True, help="Plain TCP: loopback trials only.")
 @click.option("--topic-prefix", default="edgepack/v1", show_default=True)
 @click.option("--run-as", help="System user mosquitto drops to (its `user` setting).")
-def broker_config(out_dir, devices, fleet_users, listen, cafile, certfile, keyfile, require_client_cert, no_tls,
-                  topic_prefix, run_as):
+def broker_config(out_dir, devices, fleet_users, collector_users, listen, cafile, certfile, keyfile,
+                  require_client_cert, no_tls, topic_prefix, run_as):
     """Write mosquitto.conf, an ACL, a password file and per-device credentials for a fleet."""
     from edgebundle.errors import InputError
     from fleet.broker import MosquittoSetup, TlsFiles, write_mosquitto_config
@@ -173,6 +175,7 @@ def broker_config(out_dir, devices, fleet_users, listen, cafile, certfile, keyfi
                        keyfile=str(Path(keyfile).resolve()))
     res = write_mosquitto_config(MosquittoSetup(
         out_dir=out_dir, devices=tuple(_device_account(d) for d in devices), fleet_users=fleet_users or ("fleet",),
+        collector_users=tuple(collector_users),
         topic_prefix=topic_prefix.strip("/"), host=host, port=int(port), tls=tls,
         require_client_certificate=require_client_cert, run_as=run_as))
     click.echo(f"wrote {res['conf']}, {res['acl']}, {res['passwd']}; credentials in {res['credentials']}/ (0600)")
