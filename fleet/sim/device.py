@@ -160,7 +160,7 @@ class SimDevice:
                                sources=SourcePolicy(), state_path=None)
         self._group_topics = [self.topics.group_desired(g) for g in s.groups]
         self._desired: dict[str, Desired | None] = {}
-        self._rng = random.Random(hash((s.seed, device_id)))
+        self._rng = random.Random(f"{s.seed}-{device_id}")  # str seeds are stable across runs
         self._lock = threading.Lock()
         self._traffic_t = time.monotonic()
         self._carry = 0.0
