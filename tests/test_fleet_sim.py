@@ -197,3 +197,27 @@ def test_collector_role_reads_reports_through_a_shared_subscription_and_writes_n
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_shared_network_loop_reconnects_after_a_broker_restart_and_a_dropped_link(big_broker, bundles):
+    """edgeproto.netloop: every client comes back after the broker restarts; a device told to drop
+    its link leaves its Last Will (online: false) and returns after its outage."""
+    from fleet.status import FleetWatcher
+
+    sim = _sim(big_broker, bundles["1.0.0"], 5)
+    try:
+        big_broker.stop()
+        wait_until(lambda: sim.connected() == 0, 10, what="every client notices the broker is gone")
+        big_broker.start()
+        assert sim.wait_connected(20) == 5
+        w = FleetWatcher(BrokerConfig(url=big_broker.url), telemetry=False)
+        try:
+            dev = sim.devices[0]
+            sim.net.drop(dev.mqtt.paho, 3.0)
+            wait_until(lambda: (e := w.table.get(dev.device_id)) is not None and e.status.online is False, 10,
+                       what="the Last Will says offline")
+            wait_until(lambda: w.table.get(dev.device_id).status.online is True, 15, what="back online")
+        finally:
+            w.stop()
+    finally:
+        sim.stop()
