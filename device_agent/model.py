@@ -17,6 +17,7 @@ from device_agent.runtimes.base import Runtime, dequantize, quantize
 from device_agent.runtimes.registry import load_from_manifest
 from edgebundle.archive import Bundle, open_bundle, sha256_file
 from edgebundle.errors import InputError, VerificationError
+from edgebundle.interface import interface_hash
 from edgebundle.manifest import Manifest
 
 _KINDS = {"f": "float", "i": "int", "u": "int", "b": "bool"}
@@ -83,6 +84,7 @@ class Model:
         """Status-topic view of the model (name, version, sha256, runtime in use)."""
         d = self.runtime.details
         return {"name": self.name, "version": self.version, "bundle_sha256": self.bundle_sha256,
+                "interface": interface_hash(self.manifest),
                 "target": self.manifest.target.get("name"), "format": self.manifest.format,
                 "precision": self.manifest.precision, "runtime": d.get("runtime"),
                 "runtime_version": d.get("version"),

@@ -14,8 +14,6 @@ from device_agent.buffer import DiskQueue, QueueUnwritable
 from device_agent.config import AgentConfig
 from device_agent.lifecycle import AgentState, Lifecycle
 from device_agent.model import Model, bundle_members_to_extract, load_bundle
-from device_agent.mqtt import MqttClient, MqttError, Will, dumps
-from device_agent.ota.desired import Desired, Limits, RecordError, resolve
 from device_agent.ota.gate import RecordGate, SourcePolicy
 from device_agent.ota.keyring import Keyring
 from device_agent.ota.transfer import MqttChunkFetcher, TransferPolicy
@@ -25,23 +23,15 @@ from device_agent.stats import HostMetrics, InferenceStats, platform_info
 from device_agent.store import Store
 from edgebundle.errors import EdgepackError
 from edgebundle.signing import load_public_key
+from edgeproto.desired import Desired, Limits, RecordError, resolve
+from edgeproto.mqtt import MqttClient, MqttError, Will, dumps
+from edgeproto.topics import ROOT, DeviceTopics
 
 log = logging.getLogger("edgepack.agent")
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-class Topics:
-    def __init__(self, prefix: str, device_id: str):
-        base = f"{prefix}/devices/{device_id}"
-        self.status, self.telemetry, self.events = f"{base}/status", f"{base}/telemetry", f"{base}/events"
-        self.desired = f"{base}/desired"
-        self.prefix = prefix
-
-    def group_desired(self, group: str) -> str:
-        return f"{self.prefix}/groups/{group}/desired"
 
 
 class Agent:
@@ -53,7 +43,7 @@ class Agent:
         self.model: Model | None = None
         self.model_error: str | None = None
         self.started = now_iso()
-        self.topics = Topics(cfg.broker.topic_prefix if cfg.broker else "edgepack/v1", cfg.device_id)
+        self.topics = DeviceTopics(cfg.broker.topic_prefix if cfg.broker else ROOT, cfg.device_id)
         self.queue = DiskQueue(cfg.data_dir / "telemetry.sqlite", max_messages=cfg.buffer_max_messages,
                                max_bytes=cfg.buffer_max_bytes)
         self.mqtt: MqttClient | None = None

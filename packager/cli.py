@@ -239,9 +239,12 @@ def bench(bundle, against, runs, warmup, threads, max_seconds, as_json):
 
 
 def _register() -> None:
-    from packager.cli_fleet import COMMANDS
+    """Commands that live with their own part: signing and the demo here, the fleet side in fleet/."""
+    from fleet.cli import COMMANDS as FLEET
+    from fleet.cli_rollout import COMMANDS as ROLLOUT
+    from packager.cli_keys import COMMANDS as KEYS
 
-    for cmd in COMMANDS:
+    for cmd in KEYS + FLEET + ROLLOUT:
         main.add_command(cmd)
 
 

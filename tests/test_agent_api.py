@@ -141,7 +141,7 @@ def test_concurrent_clients(agent):
     assert not errors and len(done) == 200
 
 
-def test_agent_never_imports_tensorflow(digits_bundle, tmp_path):
+def test_agent_never_imports_tensorflow_packager_or_fleet(digits_bundle, tmp_path):
     """Run the agent in a fresh interpreter, serve a request, then list what got imported."""
     code = f"""
 import json, sys, threading
@@ -155,7 +155,7 @@ t = threading.Thread(target=lambda: agent.run(ready=ready), daemon=True)
 t.start()
 assert ready.wait(30)
 out = agent.model.infer({{"image": __import__("numpy").zeros((1, 8, 8, 1), "float32")}})
-bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "packager", "onnx"))
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "packager", "fleet", "onnx"))
 print(json.dumps({{"bad": bad, "outputs": list(out)}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

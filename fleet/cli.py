@@ -1,4 +1,5 @@
-"""`edgepack keys | sign | push | fleet | broker`: signing and the fleet side of the CLI."""
+"""`edgepack push | fleet | broker`: the fleet side of the CLI (registered by packager.cli, so
+`edgepack` stays the one command)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from device_agent.config import BrokerConfig
+from edgeproto.broker import BrokerConfig
 
 
 def _broker(url: str, username, password, ca_file, cert_file, key_file, prefix) -> BrokerConfig:
@@ -36,60 +37,6 @@ def _bc(kw) -> BrokerConfig:
                    kw.pop("topic_prefix"))
 
 
-@click.group()
-def keys() -> None:
-    """Signing keys (Ed25519)."""
-
-
-@keys.command("generate")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("."), show_default=True)
-@click.option("--name", default="edgepack", show_default=True, help="Writes NAME.key (private) and NAME.pub.")
-def keys_generate(out_dir, name):
-    """Create a key pair: keep NAME.key secret, give NAME.pub to devices (--trusted-key)."""
-    from edgebundle.signing import generate_keys
-
-    kid = generate_keys(out_dir / f"{name}.key", out_dir / f"{name}.pub")
-    click.echo(f"key id {kid}\nprivate: {out_dir / (name + '.key')} (mode 0600)\npublic:  {out_dir / (name + '.pub')}")
-
-
-@keys.command("certify")
-@click.argument("fleet_pub", type=click.Path(exists=True, path_type=Path))
-@click.option("--root-key", required=True, type=click.Path(exists=True, path_type=Path),
-              help="The root private key (kept offline).")
-@click.option("--serial", type=int, required=True,
-              help="Key generation: devices refuse keys of a lower generation once they saw a higher one.")
-@click.option("--not-after", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
-              help="Expiry (UTC); devices refuse the key after it (mind their clocks).")
-@click.option("--out", "out_path", type=click.Path(path_type=Path), help="Default: FLEET_PUB with .cert.")
-def keys_certify(fleet_pub, root_key, serial, not_after, out_path):
-    """Certify a fleet key with the root key: devices that trust the root (--root-key) trust it."""
-    from datetime import timezone
-
-    from edgebundle.signing import load_private_key, load_public_key
-    from edgebundle.trust import certify
-
-    cert = certify(load_public_key(fleet_pub), load_private_key(root_key), serial=serial,
-                   not_after=not_after.replace(tzinfo=timezone.utc) if not_after else None)
-    out_path = out_path or fleet_pub.with_suffix(".cert")
-    out_path.write_text(json.dumps(cert, indent=2) + "\n")
-    click.echo(f"certified key {cert['key_id']} (generation {serial}) -> {out_path}")
-
-
-@click.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path), help="Private key (PEM).")
-@click.option("--cert", "cert_path", type=click.Path(exists=True, path_type=Path),
-              help="The key's certificate (edgepack keys certify), carried in the signature.")
-def sign(bundle, key_path, cert_path):
-    """Sign BUNDLE's manifest (which hashes every file) in place, atomically."""
-    from edgebundle.archive import sign_bundle
-    from edgebundle.signing import load_private_key
-
-    cert = json.loads(cert_path.read_text()) if cert_path else None
-    sig = json.loads(sign_bundle(bundle, load_private_key(key_path), cert=cert))
-    click.echo(f"signed {bundle} with key {sig['key_id']}")
-
-
 @click.command()
 @click.argument("bundle", type=click.Path(exists=True, path_type=Path))
 @click.option("--device", help="Device id.")
@@ -98,6 +45,8 @@ def sign(bundle, key_path, cert_path):
 @click.option("--url", help="Devices download from this http(s):// or file:// URL instead of MQTT chunks.")
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True, help="Bytes per MQTT chunk.")
 @click.option("--allow-downgrade", is_flag=True, help="Let devices move to a lower version.")
+@click.option("--allow-interface-change", is_flag=True,
+              help="Let devices apply a model whose inputs/outputs differ from the running one (clients must be ready).")
 @click.option("--probation-seconds", type=float, default=30.0, show_default=True)
 @click.option("--probation-requests", type=int, default=200, show_default=True)
 @click.option("--max-error-rate", type=float, default=0.02, show_default=True)
@@ -109,11 +58,11 @@ def sign(bundle, key_path, cert_path):
 @click.option("--wait", is_flag=True, help="Follow each device until it commits, fails or rolls back.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="With --wait.")
 @click.option("--json", "as_json", is_flag=True)
-def push(bundle, device, group, url, chunk_size, allow_downgrade, probation_seconds, probation_requests,
-         max_error_rate, latency_budget_ms, sign_key, key_cert, wait, timeout, as_json, **kw):
+def push(bundle, device, group, url, chunk_size, allow_downgrade, allow_interface_change, probation_seconds,
+         probation_requests, max_error_rate, latency_budget_ms, sign_key, key_cert, wait, timeout, as_json, **kw):
     """Make BUNDLE the desired model of a device or a group (retained: offline devices catch up)."""
-    from device_agent.ota.desired import Probation
-    from packager import fleet
+    from edgeproto.desired import Probation
+    from fleet.push import push as push_bundle
 
     def show(dev, ev):
         if as_json:
@@ -123,15 +72,17 @@ def push(bundle, device, group, url, chunk_size, allow_downgrade, probation_seco
         err = f" ({ev['error']})" if ev.get("error") else ""
         click.echo(f"  {dev}: {ev.get('state')}{extra}{err}", err=True)
 
-    res = fleet.push(bundle, _bc(kw), device=device, group=group, url=url, chunk_size=chunk_size,
-                     allow_downgrade=allow_downgrade,
+    res = push_bundle(bundle, _bc(kw), device=device, group=group, url=url, chunk_size=chunk_size,
+                     allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
+                     warn=lambda m: click.echo(f"warning: {m}", err=True),
                      probation=Probation(seconds=probation_seconds, requests=probation_requests,
                                          max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
                      staging_max_p95_ms=latency_budget_ms, wait=wait, timeout=timeout, progress=show,
                      sign_key=sign_key, key_cert=key_cert)
     d = res.desired
     if as_json:
-        click.echo(json.dumps({"topic": res.topic, "desired": d, "devices": res.devices}, indent=2))
+        click.echo(json.dumps({"topic": res.topic, "desired": d, "devices": res.devices, "warnings": res.warnings},
+                              indent=2))
     else:
         click.echo(f"desired {d['name']} {d['version']} (sha256 {d['sha256'][:16]}..., update {d['update_id']}) "
                    f"-> {res.topic}")
@@ -153,9 +104,9 @@ def fleet() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def fleet_status(group, listen, as_json, **kw):
     """Devices: online, model and version, update state, signed updates, p95 latency, errors, last seen."""
-    from packager import fleet as fl
+    from fleet.status import status
 
-    rows = fl.status(_bc(kw), group=group, listen_s=listen)
+    rows = status(_bc(kw), group=group, listen_s=listen)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -179,14 +130,14 @@ def broker(ctx, host, port):
     """Run the embedded MQTT broker (amqtt) for local trials, until Ctrl-C; or `broker config`."""
     if ctx.invoked_subcommand is not None:
         return
-    from packager.broker import run
+    from fleet.broker import run
 
     run(host, port, ready=lambda: click.echo(f"embedded MQTT broker on mqtt://{host}:{port} (Ctrl-C stops)",
                                              err=True))
 
 
 def _device_account(text: str):
-    from packager.broker import DeviceAccount
+    from fleet.broker import DeviceAccount
 
     dev, _, groups = text.partition(":")
     return DeviceAccount(device_id=dev, groups=tuple(g for g in groups.split(",") if g))
@@ -197,6 +148,8 @@ def _device_account(text: str):
 @click.option("--device", "devices", multiple=True, required=True,
               help="ID or ID:GROUP,GROUP (repeatable): one MQTT account per device.")
 @click.option("--fleet-user", "fleet_users", multiple=True, help="Fleet role account(s) (default: fleet).")
+@click.option("--collector-user", "collector_users", multiple=True,
+              help="Read-only account(s) for telemetry/status consumers (MQTT 5 shared subscriptions).")
 @click.option("--listen", default="0.0.0.0:8883", show_default=True, help="HOST:PORT of the listener.")
 @click.option("--cafile", type=click.Path(exists=True), help="CA certificate (TLS).")
 @click.option("--certfile", type=click.Path(exists=True), help="The broker's certificate (TLS).")
@@ -205,11 +158,11 @@ def _device_account(text: str):
 @click.option("--no-tls", is_flag=True, help="Plain TCP: loopback trials only.")
 @click.option("--topic-prefix", default="edgepack/v1", show_default=True)
 @click.option("--run-as", help="System user mosquitto drops to (its `user` setting).")
-def broker_config(out_dir, devices, fleet_users, listen, cafile, certfile, keyfile, require_client_cert, no_tls,
-                  topic_prefix, run_as):
+def broker_config(out_dir, devices, fleet_users, collector_users, listen, cafile, certfile, keyfile,
+                  require_client_cert, no_tls, topic_prefix, run_as):
     """Write mosquitto.conf, an ACL, a password file and per-device credentials for a fleet."""
     from edgebundle.errors import InputError
-    from packager.broker import MosquittoSetup, TlsFiles, write_mosquitto_config
+    from fleet.broker import MosquittoSetup, TlsFiles, write_mosquitto_config
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
@@ -222,30 +175,20 @@ def broker_config(out_dir, devices, fleet_users, listen, cafile, certfile, keyfi
                        keyfile=str(Path(keyfile).resolve()))
     res = write_mosquitto_config(MosquittoSetup(
         out_dir=out_dir, devices=tuple(_device_account(d) for d in devices), fleet_users=fleet_users or ("fleet",),
+        collector_users=tuple(collector_users),
         topic_prefix=topic_prefix.strip("/"), host=host, port=int(port), tls=tls,
         require_client_certificate=require_client_cert, run_as=run_as))
     click.echo(f"wrote {res['conf']}, {res['acl']}, {res['passwd']}; credentials in {res['credentials']}/ (0600)")
     click.echo(f"run: mosquitto -c {res['conf']}")
 
 
-@click.command()
-@click.option("--broker", "broker_url", help="Use this broker instead of starting the embedded one.")
-@click.option("--workdir", type=click.Path(path_type=Path), help="Keep models, bundles and logs here "
-                                                                   "(default: a new temporary folder).")
-def demo(broker_url, workdir):
-    """The whole loop on embedded defaults: build, serve, telemetry, signed OTA update."""
-    from packager.demo import run_demo
-
-    s = run_demo(workdir=workdir, broker_url=broker_url, say=lambda m: click.echo(m))
-    ok = s["update_state"] == "committed" and s["requests_failed"] == 0 and s["to_version"] == "1.1.0"
-    click.echo("== summary")
-    click.echo(f"   bundles built and signed: {s['bundles_built']}")
-    click.echo(f"   update digits {s['from_version']} -> {s['to_version']}: {s['update_state']} "
-               f"in {s['update_seconds']} s")
-    click.echo(f"   requests: {s['requests_ok']} ok, {s['requests_failed']} failed; accuracy {s['accuracy']:.2%}")
-    click.echo(f"   {'OK' if ok else 'FAILED'} in {s['seconds']} s; files in {s['workdir']}")
-    if not ok:
-        sys.exit(1)
+COMMANDS = (push, fleet, broker)
 
 
-COMMANDS = (keys, sign, push, fleet, broker, demo)
+def _register_simulate() -> None:
+    from fleet.sim.cli import simulate
+
+    fleet.add_command(simulate)
+
+
+_register_simulate()
