@@ -1,5 +1,4 @@
-"""The fleet simulator: many devices in one process through the agent's real update path."""
-from fleet.sim.device import Fault, SimDevice, SimModel
-from fleet.sim.simulator import Misbehaviour, SimSettings, Simulator, synthetic_bundle
+"""The fleet simulator: many devices in one process through the agent's real update path.
 
-__all__ = ["Fault", "Misbehaviour", "SimDevice", "SimModel", "SimSettings", "Simulator", "synthetic_bundle"]
+Import from `fleet.sim.simulator` / `fleet.sim.device`: they load the agent's update code, which
+`edgepack` itself must not pay for (or depend on) unless a simulation runs."""

@@ -43,7 +43,7 @@ def simulate(devices, bundle, groups, id_prefix, latency_ms, rate, telemetry_int
     """Run N devices in this process through the agent's real update path (MQTT, records, chunked
     transfer with hash checks, the update state machine, status/events/telemetry) over a stand-in
     runtime. Prints a JSON summary line every --report-every seconds."""
-    from fleet.sim import Misbehaviour, SimSettings, Simulator
+    from fleet.sim.simulator import Misbehaviour, SimSettings, Simulator
 
     sim = Simulator(_bc(kw), bundle, SimSettings(
         devices=devices, id_prefix=id_prefix, groups=tuple(groups) or ("sim",), latency_ms=latency_ms, rate=rate,
