@@ -30,6 +30,7 @@ from fleet.conn import Collector, parse_json
 from fleet.status import FleetTable
 
 HISTORY = 120  # p95 points kept per device (two minutes at a 1 s telemetry interval)
+STEPS = 12  # update steps kept per device (one update is 6-7 steps)
 MAX_STREAMS = 32  # concurrent event streams (each holds a thread)
 HEARTBEAT_S = 5.0  # a `tick` event at least this often: broker state, server clock, dead-client detection
 ROLLOUT_SCHEMAS = ("edgepack.rollout/1",)  # what fleet/rollout_state.py writes
@@ -72,9 +73,22 @@ class _Extra:
     update: dict | None = None  # the latest update step heard (status summary or event), with progress
     heard: float = 0.0  # time.time() when this server last heard from the device
     history: deque = None  # (time heard, p95 ms) of recent telemetry windows
+    steps: deque = None  # recent update steps (state changes), oldest first
 
     def __post_init__(self):
-        self.history = deque(maxlen=HISTORY)
+        self.history, self.steps = deque(maxlen=HISTORY), deque(maxlen=STEPS)
+
+    def step(self, update: dict, at: float, *, from_status: bool = False) -> None:
+        """Events are the ordered log of an update; the status summary (published directly, so it
+        can overtake queued events) only fills in updates whose events this page did not hear."""
+        mine = [s for s in self.steps if s["update_id"] == update["update_id"]]
+        if from_status and mine and (mine[-1]["state"] in FINAL_STATES or update["state"] not in FINAL_STATES):
+            return
+        self.update = update
+        last = self.steps[-1] if self.steps else None
+        if update["state"] != "idle" and (last is None or (last["state"], last["update_id"], last["error"]) !=
+                                          (update["state"], update["update_id"], update["error"])):
+            self.steps.append({"t": round(at, 3), **{k: update[k] for k in ("state", "update_id", "version", "error")}})
 
 
 class FleetView:
@@ -109,10 +123,9 @@ class FleetView:
                 return
             with self._cond:
                 x = self._extra.setdefault(dev, _Extra())
-                x.update = {"state": ev.state, "update_id": ev.update_id, "version": ev.version,
-                            "error": ev.error, "final": ev.final,
-                            "percent": (ev.progress or {}).get("percent") if ev.progress else None}
                 x.heard = time.time()
+                x.step({"state": ev.state, "update_id": ev.update_id, "version": ev.version, "error": ev.error,
+                        "final": ev.final, "percent": (ev.progress or {}).get("percent")}, x.heard)
                 self._bump(("device", dev))
             return
         if self.table.feed(topic, payload) is None:
@@ -126,8 +139,8 @@ class FleetView:
                 x.heard = time.time()
                 if kind == "status" and entry.status.update is not None:
                     u = entry.status.update
-                    x.update = {"state": u.state, "update_id": u.update_id, "version": u.version, "error": u.error,
-                                "final": u.state in FINAL_STATES, "percent": None}
+                    x.step({"state": u.state, "update_id": u.update_id, "version": u.version, "error": u.error,
+                            "final": u.state in FINAL_STATES, "percent": None}, x.heard, from_status=True)
                 elif kind == "telemetry" and entry.telemetry is not None and entry.telemetry.p95_ms is not None:
                     x.history.append((round(x.heard, 3), entry.telemetry.p95_ms))
             self._bump(("device", dev))
@@ -158,7 +171,7 @@ class FleetView:
         with self._cond:
             x = self._extra.get(dev) or _Extra()
             row.update(update_live=dict(x.update) if x.update else None, heard=x.heard or entry.updated,
-                       p95_history=[list(p) for p in x.history],
+                       p95_history=[list(p) for p in x.history], update_steps=list(x.steps),
                        model_error=_s(raw, "model_error"), reason=_s(raw, "reason"),
                        seq=tel.seq if tel else None,
                        throughput_ips=(tel.raw.get("inference") or {}).get("throughput_ips") if tel else None)

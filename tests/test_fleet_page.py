@@ -63,7 +63,20 @@ def test_view_rows_update_steps_history_and_rollouts():
     assert [p[1] for p in d1["p95_history"]] == [2.5, 3.5]
     assert d1["update_live"] == {"state": "downloading", "update_id": "u1", "version": "1.1.0", "error": None,
                                  "final": False, "percent": 50.0}
-    assert snap["devices"][1]["update_live"]["state"] == "committed" and snap["devices"][1]["update_live"]["final"]
+    assert [s["state"] for s in d1["update_steps"]] == ["downloading"]
+    d2 = snap["devices"][1]  # an update that ended before the page started: known from the status only
+    assert d2["update_live"]["state"] == "committed" and d2["update_live"]["final"]
+    assert [s["state"] for s in d2["update_steps"]] == ["committed"]
+    # a status that overtakes the queued events does not reorder the steps; the events carry on
+    for st in ("verifying", "switching"):
+        v.feed(f"{ROOT}/devices/d1/events", json.dumps({"update_id": "u1", "state": st, "version": "1.1.0"}).encode())
+    v.feed(f"{ROOT}/devices/d1/status", _status("d1", update={"state": "probation", "update_id": "u1"}))
+    v.feed(f"{ROOT}/devices/d1/events", json.dumps({"update_id": "u1", "state": "probation"}).encode())
+    v.feed(f"{ROOT}/devices/d1/events", json.dumps({"update_id": "u1", "state": "committed"}).encode())
+    d1 = v.device("d1")
+    assert [s["state"] for s in d1["update_steps"]] == ["downloading", "verifying", "switching", "probation",
+                                                        "committed"]
+    assert d1["update_live"]["state"] == "committed"
     assert [r["device_id"] for r in v.snapshot(group="b")["devices"]] == ["d2"]
 
     seq = v.seq
@@ -196,3 +209,99 @@ def test_fleet_page_over_mosquitto(broker):
             wait_until(lambda: snap()["devices"][0]["p95_ms"] == 1.5, 10, what="live telemetry")
     finally:
         pub.stop()
+
+
+_ROWS_JS = """return [...document.querySelectorAll('#devices tbody tr')].map(tr => ({id: tr.dataset.device,
+  seq: tr.dataset.seq, cells: Object.fromEntries([...tr.cells].map(td => [td.dataset.col, td.textContent]))}))"""
+
+
+_ROLLOUT_JS = """const box = document.querySelector(`.rollout[data-rollout="${arguments[0]}"]`);
+return box && {text: box.textContent, waves: [...box.querySelectorAll('.wave')].map(w => ({state: w.dataset.state,
+  text: w.textContent, cls: w.className}))}"""
+
+
+@pytest.mark.slow
+def test_fleet_page_in_browser(broker, versions, keys, tmp_path):
+    """Two real agents (one per group) on mosquitto, the page in headless Chromium: rows, live
+    telemetry without a reload, the group filter, an update's steps, a rollout record, no console errors."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from agents import wait_until
+    from browser import console_errors, headless_chrome, screenshot
+    from otakit import Publisher, agent, infer, push
+
+    def rows(d) -> dict:
+        return {r["id"]: r for r in d.execute_script(_ROWS_JS)}
+
+    north = agent(tmp_path, broker, versions["v1"], keys, device="north-1", group="north", name="n")
+    south = agent(tmp_path, broker, versions["v1"], keys, device="south-1", group="south", name="s")
+    try:
+        with FleetPage(BrokerConfig(url=broker.url), port=0) as page, headless_chrome(height=1500) as d:
+            d.get(page.url)
+            assert d.title == "edgepack fleet"
+            r = wait_until(lambda: (lambda x: x if len(x) == 2 and all(v["cells"]["online"] == "online"
+                                                                      for v in x.values()) else None)(rows(d)),
+                           20, what="both devices on the page")
+            for dev, group in (("north-1", "north"), ("south-1", "south")):
+                c = r[dev]["cells"]
+                assert (c["model"], c["version"], c["groups"], c["errors"]) == ("digits", "1.0.0", group, "0"), c
+            assert "connected" in d.execute_script("return document.getElementById('broker').textContent")
+
+            # live: requests on north-1 show up as a p95 and a longer chart line, with no reload
+            d.execute_script("window.notReloaded = true")
+            seq0 = int(rows(d)["north-1"]["seq"] or 0)
+            points = 'svg[data-chart=p95] polyline[data-device="north-1"]'
+            for i in range(40):  # ~3 telemetry windows with requests: a p95 and a line on the chart
+                assert infer(north) == 200
+                if i == 5:
+                    wait_until(lambda: rows(d)["north-1"]["cells"]["p95"] not in ("-", ""), 15, what="p95 on the page")
+                    live = rows(d)["north-1"]
+                    assert int(live["seq"]) > seq0 and float(live["cells"]["p95"]) > 0
+                time.sleep(0.08)
+            wait_until(lambda: d.execute_script(f"return +document.querySelector('{points}').dataset.n") >= 2, 10,
+                       what="p95 points on the chart")  # read in the page: the chart is redrawn as data arrives
+            assert d.execute_script("return window.notReloaded") is True
+            screenshot(d, "fleet-page.png")
+
+            # the group filter
+            Select(d.find_element(By.ID, "group")).select_by_value("south")
+            wait_until(lambda: set(rows(d)) == {"south-1"}, 5, what="filtered rows")
+            assert "group=south" in d.current_url
+            assert not d.find_elements(By.CSS_SELECTOR, 'svg[data-chart=p95] polyline[data-device="north-1"]')
+            screenshot(d, "fleet-page-group.png")
+            Select(d.find_element(By.ID, "group")).select_by_value("")
+            wait_until(lambda: set(rows(d)) == {"north-1", "south-1"}, 5, what="all rows again")
+
+            # an update: the steps show up as they happen, then the new version
+            res = push(broker, versions["v2"], device="south-1", sign=keys / "a.key")
+            wait_until(lambda: rows(d)["south-1"]["cells"]["version"] == "1.1.0"
+                       and rows(d)["south-1"]["cells"]["update"].startswith("committed"), 60, what="update committed")
+            steps = d.execute_script("return [...document.querySelectorAll('#activity li[data-device=\"south-1\"]')]"
+                                     ".map(li => li.dataset.state)")
+            assert steps[::-1] == ["downloading", "verifying", "staging", "switching", "probation", "committed"], steps
+            assert rows(d)["north-1"]["cells"]["version"] == "1.0.0"
+
+            # a rollout record (the format fleet/rollout_state.py retains) shows its waves
+            rec = _rollout("canary")
+            rec["waves"][0]["devices"], rec["waves"][0]["outcomes"] = ["south-1"], {"south-1": "committed"}
+            rec["bundle"]["version"], rec["group"] = "1.1.0", "south"
+            pub = Publisher(broker.url)
+            try:
+                pub.publish(f"{ROOT}/rollouts/canary", rec)
+            finally:
+                pub.stop()
+            box = wait_until(lambda: d.execute_script(_ROLLOUT_JS, "canary"), 10, what="rollout on the page")
+            assert "digits 1.1.0" in box["text"] and "group south" in box["text"] and "running" in box["text"]
+            assert [w["state"] for w in box["waves"]] == ["passed", "updating"]
+            assert "1/1 committed" in box["waves"][0]["text"] and "current" in box["waves"][1]["cls"]
+
+            # a device that stops shows offline
+            north.stop()
+            wait_until(lambda: rows(d)["north-1"]["cells"]["online"].startswith("offline"), 10, what="offline")
+            screenshot(d, "fleet-page-update.png")
+            assert console_errors(d) == []
+        assert res.desired["version"] == "1.1.0"
+    finally:
+        north.stop()
+        south.stop()
