@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
@@ -72,11 +72,8 @@ class _Extra:
 
     update: dict | None = None  # the latest update step heard (status summary or event), with progress
     heard: float = 0.0  # time.time() when this server last heard from the device
-    history: deque = None  # (time heard, p95 ms) of recent telemetry windows
-    steps: deque = None  # recent update steps (state changes), oldest first
-
-    def __post_init__(self):
-        self.history, self.steps = deque(maxlen=HISTORY), deque(maxlen=STEPS)
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (time heard, p95 ms) per window
+    steps: deque = field(default_factory=lambda: deque(maxlen=STEPS))  # recent update steps, oldest first
 
     def step(self, update: dict, at: float, *, from_status: bool = False) -> None:
         """Events are the ordered log of an update; the status summary (published directly, so it

@@ -10,6 +10,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from edgebundle.errors import InputError
 from edgeproto.broker import BrokerConfig
 from fleet.web import FleetPage, FleetView, PageServer, parse_listen, rollout_view
 
@@ -52,7 +53,7 @@ def test_view_rows_update_steps_history_and_rollouts():
     v.feed(f"{ROOT}/devices/d1/events", json.dumps({"update_id": "u1", "state": "downloading", "version": "1.1.0",
                                                     "progress": {"bytes": 1, "total": 2, "percent": 50.0}}).encode())
     # what must not break the view: another root, junk payloads, an event without a state, a lease topic
-    for topic, payload in ((f"other/v1/devices/x/status", _status("x")), (f"{ROOT}/devices/d1/telemetry", b"\xff{"),
+    for topic, payload in (("other/v1/devices/x/status", _status("x")), (f"{ROOT}/devices/d1/telemetry", b"\xff{"),
                            (f"{ROOT}/devices/d1/events", b'{"update_id": "u1"}'), (f"{ROOT}/devices/d3/telemetry", b"[1]"),
                            (f"{ROOT}/rollouts/r1/lease", b'{"owner": "x"}')):
         v.feed(topic, payload)
@@ -171,6 +172,22 @@ def test_server_json_and_event_stream():
         srv.server_close()
 
 
+def test_server_scope_and_broker_state():
+    """--group fixes the scope whatever the page asks; the broker's state is reported as it is."""
+    link = {"up": False}
+    srv = PageServer(_fed(), port=0, group="b", connected=lambda: link["up"])
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        snap = json.loads(_get(srv, "/api/fleet?group=a")[2])
+        assert [r["device_id"] for r in snap["devices"]] == ["d2"] and snap["scope"] == "b"
+        assert snap["broker"]["connected"] is False
+        link["up"] = True
+        assert json.loads(_get(srv, "/api/fleet")[2])["broker"]["connected"] is True
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_serve_cli_refuses_bad_listen_and_busy_port():
     from packager.cli import main
 
@@ -179,7 +196,7 @@ def test_serve_cli_refuses_bad_listen_and_busy_port():
     assert res.exit_code == 2 and "not HOST:PORT" in res.output
     srv = PageServer(FleetView(), port=0)
     try:
-        with pytest.raises(Exception, match="cannot listen"):
+        with pytest.raises(InputError, match="cannot listen"):
             PageServer(FleetView(), port=srv.server_address[1])
     finally:
         srv.server_close()
