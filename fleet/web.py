@@ -121,8 +121,9 @@ class FleetView:
             with self._cond:
                 x = self._extra.setdefault(dev, _Extra())
                 x.heard = time.time()
+                pct = (ev.progress or {}).get("percent")
                 x.step({"state": ev.state, "update_id": ev.update_id, "version": ev.version, "error": ev.error,
-                        "final": ev.final, "percent": (ev.progress or {}).get("percent")}, x.heard)
+                        "final": ev.final, "percent": pct if isinstance(pct, (int, float)) else None}, x.heard)
                 self._bump(("device", dev))
             return
         if self.table.feed(topic, payload) is None:
@@ -134,7 +135,7 @@ class FleetView:
             else:
                 x = self._extra.setdefault(dev, _Extra())
                 x.heard = time.time()
-                if kind == "status" and entry.status.update is not None:
+                if kind == "status" and entry.status.update is not None and entry.status.update.state:
                     u = entry.status.update
                     x.step({"state": u.state, "update_id": u.update_id, "version": u.version, "error": u.error,
                             "final": u.state in FINAL_STATES, "percent": None}, x.heard, from_status=True)

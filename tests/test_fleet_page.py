@@ -50,13 +50,15 @@ def test_view_rows_update_steps_history_and_rollouts():
     v = _fed()
     for seq, p95 in ((1, 2.5), (2, 3.5)):
         v.feed(f"{ROOT}/devices/d1/telemetry", _telemetry("d1", seq, p95))
-    v.feed(f"{ROOT}/devices/d1/events", json.dumps({"update_id": "u1", "state": "downloading", "version": "1.1.0",
-                                                    "progress": {"bytes": 1, "total": 2, "percent": 50.0}}).encode())
     # what must not break the view: another root, junk payloads, an event without a state, a lease topic
     for topic, payload in (("other/v1/devices/x/status", _status("x")), (f"{ROOT}/devices/d1/telemetry", b"\xff{"),
                            (f"{ROOT}/devices/d1/events", b'{"update_id": "u1"}'), (f"{ROOT}/devices/d3/telemetry", b"[1]"),
-                           (f"{ROOT}/rollouts/r1/lease", b'{"owner": "x"}')):
+                           (f"{ROOT}/rollouts/r1/lease", b'{"owner": "x"}'),
+                           (f"{ROOT}/devices/d1/events", b'{"update_id": "u1", "state": "downloading", "progress": {"percent": "x"}}'),
+                           (f"{ROOT}/devices/d2/status", _status("d2", groups=("b",), update={"state": 5}))):
         v.feed(topic, payload)
+    v.feed(f"{ROOT}/devices/d1/events", json.dumps({"update_id": "u1", "state": "downloading", "version": "1.1.0",
+                                                    "progress": {"bytes": 1, "total": 2, "percent": 50.0}}).encode())
     snap = v.snapshot()
     assert [r["device_id"] for r in snap["devices"]] == ["d1", "d2"] and snap["groups"] == ["a", "b"]
     d1 = snap["devices"][0]
@@ -98,6 +100,9 @@ def test_view_rows_update_steps_history_and_rollouts():
     assert {"rollout": "r1", "record": None} in items and {"device": "d2", "row": None} in items
     assert [r["id"] for r in v.rollouts()] == ["odd"] and [r["device_id"] for r in v.snapshot()["devices"]] == ["d1"]
     assert rollout_view("x", None) == {"id": "x", "readable": False}
+    v = _fed()
+    v.feed(f"{ROOT}/devices/d1/events", b'{"update_id": "u2", "state": "downloading", "progress": {"percent": "x"}}')
+    assert v.device("d1")["update_live"]["percent"] is None
 
 
 def _get(server, path, host=None):
