@@ -122,6 +122,24 @@ def fleet_status(group, listen, as_json, **kw):
         click.echo("(no devices have reported)")
 
 
+@fleet.command("serve")
+@broker_options
+@click.option("--listen", default="127.0.0.1:8780", show_default=True,
+              help="HOST:PORT of the page (port 0: a free one). Loopback by default: the page has no login, so "
+                   "anyone who can reach the address sees the fleet.")
+@click.option("--group", help="Only devices and rollouts of this group.")
+def fleet_serve(listen, group, **kw):
+    """Serve a live web page of the fleet (devices, p95, updates, rollouts) until Ctrl-C.
+    Binds to 127.0.0.1 unless --listen says otherwise."""
+    from fleet.web import is_loopback, parse_listen, serve
+
+    host, port = parse_listen(listen)
+    if not is_loopback(host):
+        click.echo(f"warning: serving on {host}, beyond this machine; the page has no login", err=True)
+    serve(_bc(kw), host=host, port=port, group=group,
+          ready=lambda url: click.echo(f"fleet page on {url} (Ctrl-C stops)", err=True))
+
+
 @click.group(invoke_without_command=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=1883, show_default=True)
