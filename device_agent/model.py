@@ -71,6 +71,8 @@ class Model:
     _watch: bool = False
     _golden: dict | None = None
     _reference: "Model | None" = None
+    _busy: int = 0
+    _busy_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
@@ -139,8 +141,22 @@ class Model:
             feeds[name] = x
         return feeds
 
+    @property
+    def in_flight(self) -> int:
+        """Requests running or waiting in infer() now (profile jobs pause while any are)."""
+        return self._busy
+
     def infer(self, inputs: dict, *, raw: bool = False) -> dict[str, np.ndarray]:
         """Run once. Floats for quantized tensors are (de)quantized unless `raw`."""
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            return self._infer(inputs, raw)
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+
+    def _infer(self, inputs: dict, raw: bool) -> dict[str, np.ndarray]:
         feeds = self.validate(inputs)
         if self._watch:
             return self._infer_watched(feeds, raw, inputs)

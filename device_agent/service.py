@@ -13,9 +13,11 @@ from device_agent import __version__
 from device_agent.buffer import DiskQueue, QueueUnwritable
 from device_agent.config import AgentConfig
 from device_agent.model import Model, bundle_members_to_extract, load_bundle
+from device_agent.profile import ProfilePolicy, Profiler, parse_delays
 from device_agent.ota.gate import RecordGate, SourcePolicy
 from device_agent.ota.keyring import Keyring
 from device_agent.ota.transfer import MqttChunkFetcher, TransferPolicy
+from device_agent.ota.record import LIVE, RESUMABLE
 from device_agent.ota.updater import Updater, UpdaterSettings, parse_fault_delays
 from device_agent.stats import HostMetrics, InferenceStats, platform_info
 from device_agent.store import Store
@@ -56,6 +58,7 @@ class Agent:
                                topic_prefix=self.topics.prefix, sources=SourcePolicy(allowed_urls=cfg.allowed_urls),
                                state_path=cfg.data_dir / "records.json")
         self.updater: Updater | None = None
+        self.profiler: Profiler | None = None
         self._buffer_reported = None
         self._desired: dict[str, Desired | None] = {}
         self._swap_lock = threading.Lock()
@@ -141,6 +144,16 @@ class Agent:
                     pass
         self._wake.set()
 
+    # ---- the profiler's host interface (device_agent.profile.Host) ----
+    @property
+    def device_id(self) -> str:
+        return self.cfg.device_id
+
+    def updating(self) -> bool:
+        return self.updater is not None and self.updater.record.state in RESUMABLE + LIVE
+
+    now = staticmethod(now_iso)
+
     def status_changed(self) -> None:
         if self.mqtt and self.mqtt.connected.is_set():
             self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
@@ -153,12 +166,13 @@ class Agent:
                 "model": self.model.describe() if self.model else None, "model_error": self.model_error,
                 "previous_model": (upd or {}).get("previous"), "update": upd,
                 "ota": {**self.keyring.describe(), "allowed_urls": list(self.cfg.allowed_urls)},
-                "buffer": self.queue.health(),
+                "buffer": self.queue.health(), "profile": self.profiler.summary() if self.profiler else None,
                 "platform": platform_info(), "api": {"host": self.cfg.api_host, "port": self.cfg.api_port}}
 
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
-        for topic in [self.topics.desired] + [self.topics.group_desired(g) for g in self.cfg.groups]:
+        for topic in [self.topics.desired, self.topics.profile_job] + [self.topics.group_desired(g)
+                                                                       for g in self.cfg.groups]:
             self.mqtt.subscribe(topic, qos=1)
         self._wake.set()
 
@@ -175,6 +189,11 @@ class Agent:
                              [self._desired.get(self.topics.group_desired(g)) for g in self.cfg.groups])
             if self.updater:
                 self.updater.set_desired(chosen)
+        elif topic == self.topics.profile_job:
+            if self.profiler:
+                self.profiler.on_job(payload, topic)
+        elif self.profiler and self.profiler.on_message(topic, payload):
+            return
         elif self.updater:
             self.updater.on_message(topic, payload)
 
@@ -195,6 +214,7 @@ class Agent:
                 "totals": {"count": self.stats.total, "errors": self.stats.total_errors},
                 "system": self.metrics.snapshot(),
                 "buffer": self.queue.health(),
+                "profile": self.profiler.summary() if self.profiler else None,
                 "model": {"name": self.model.name, "version": self.model.version} if self.model else None}
 
     def emit_telemetry(self) -> None:
@@ -251,6 +271,10 @@ class Agent:
         self.start_mqtt()
         self.updater.fetcher = MqttChunkFetcher(self.mqtt, policy=self.transfer_policy) if self.mqtt else None
         self.updater.start()
+        self.profiler = Profiler(self, workdir=cfg.data_dir / "profile", result_topic=self.topics.profile_result,
+                                 topic_prefix=self.topics.prefix, limits=self.gate.limits,
+                                 transfer=self.transfer_policy,
+                                 policy=ProfilePolicy(diagnostic_delay_ms=parse_delays(cfg.profile_diagnostic_delay)))
         self.api = ApiServer(lambda: self.model, stats=self.stats, host=cfg.api_host, port=cfg.api_port,
                              token=cfg.api_token, max_body_bytes=cfg.max_body_bytes,
                              limits=ConnectionLimits(max_connections=cfg.api_max_connections,
@@ -282,6 +306,8 @@ class Agent:
     def shutdown(self) -> None:
         if self.updater:
             self.updater.stop()
+        if self.profiler:
+            self.profiler.stop()
         self._stop.set()
         self._wake.set()
         if self.mqtt:
