@@ -157,3 +157,50 @@ def test_profile_job_records_are_parsed_strictly():
                                ("size", -1, "size")]:
         with pytest.raises(RecordError, match=said):
             ProfileJob.parse(json.dumps(dict(job, **{field: value})).encode(), source="t", topic_prefix=ROOT)
+
+
+def test_profile_on_lets_the_device_numbers_choose_the_precision(broker, digits, digits_build, tmp_path):
+    """An agent whose inferences of one precision are slowed (the diagnostic knob) stands in for a
+    device that disagrees with this host: where the host finds int8 slower than fp32 (LiteRT on
+    x86 often does for tiny models), the device slows fp32 and int8 is chosen; where the host finds
+    int8 fine, the device slows int8 and the build moves down the ladder."""
+    from packager.build import BuildOptions, build
+    from packager.device_profile import DeviceTarget
+
+    serving = _bundle(digits_build, "arm-cpu")  # int8, timed against fp32 on this host when it was built
+    host_int8_slower = next(r for r in digits_build.results if r.target == "arm-cpu").report["latency_ms"][
+        "ratio"]["verdict"] == "slower"
+    slowed = "fp32" if host_int8_slower else "int8"
+    a = AgentProc(tmp_path / "data", bundle=serving, broker=broker.url, extra=("--log-format", "text"),
+                  env={"EDGEPACK_AGENT_PROFILE_DIAGNOSTIC_DELAY": f"{slowed}=15"}).start()
+    w = Watcher(broker.url, [f"{ROOT}/devices/dev1/status"])
+    try:
+        w.wait("dev1/status", lambda s: s.get("online") is True)
+        res = build(BuildOptions(model=digits["model"], targets=("arm-cpu",), out_dir=tmp_path / "out", name="digits",
+                                 calibration=str(digits["calibration"]), validation=str(digits["validation"]),
+                                 bench_seconds=0.5,
+                                 profile_on=DeviceTarget(device="dev1", broker=BrokerConfig(url=broker.url),
+                                                         bench=BenchSettings(runs=30, warmup=2, max_seconds=1.0))))
+    finally:
+        w.stop()
+        a.stop()
+    [t] = res.results
+    assert t.ok, t.error
+    int8 = next(c for c in t.report["candidates"] if c["candidate"] == "int8")
+    host, device = int8["latency"]["ratio"], int8["device_latency"]["ratio"]
+    assert int8["accuracy_drop_points"] is not None and int8["size_bytes"] < t.report["size_bytes"]["fp32_model"]
+    if slowed == "int8":  # the host alone would have kept int8 (passed, smaller, not slower here)
+        assert host["verdict"] != "slower", host
+        assert device["verdict"] == "slower" and int8["device_latency"]["b_ms"] >= 15
+        assert int8["verdict"] == "slower" and "on device dev1" in int8["why"]
+        assert t.report["precision"] != "int8"
+    else:  # the host alone would have dropped int8 as slower; on the device it is far faster
+        assert host["verdict"] == "slower", host
+        assert device["verdict"] == "faster" and int8["device_latency"]["a_ms"] >= 15
+        assert t.report["precision"] == "int8" and int8["verdict"] == "chosen"
+    assert (t.report["device_latency"] or {}).get("device") == "dev1", json.dumps({k: v for k, v in t.report.items() if k != "candidates"}, default=str)[:3000]
+    assert res.to_dict()["shared"]["profiled_on"] == "dev1"
+    from packager.report import build_table
+
+    text = build_table(res.to_dict())
+    assert "device latency vs fp32" in text and "on dev1" in text
