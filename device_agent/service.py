@@ -192,10 +192,11 @@ class Agent:
         elif topic == self.topics.profile_job:
             if self.profiler:
                 self.profiler.on_job(payload, topic)
-        elif self.profiler and self.profiler.on_message(topic, payload):
-            return
-        elif self.updater:
-            self.updater.on_message(topic, payload)
+        else:  # chunks: a profile job and an update may fetch the same bundle; each takes what it asked for
+            if self.profiler:
+                self.profiler.on_message(topic, payload)
+            if self.updater:
+                self.updater.on_message(topic, payload)
 
     def start_mqtt(self) -> None:
         if not self.cfg.broker:
