@@ -261,7 +261,7 @@ class Profiler:
             if len(times) >= MIN_RUNS and timed > budget:
                 break
         ms = np.asarray(times) * 1000
-        pct = {f"p{q}": round(float(np.percentile(ms, q)), 4) for q in (50, 90, 95, 99)}
+        pct = {f"p{q}": round(float(np.percentile(ms, q)), 4) for q in (25, 50, 75, 90, 95, 99)}
         return {"latency_ms": {**pct, "mean": round(float(ms.mean()), 4), "min": round(float(ms.min()), 4)},
                 "throughput_ips": round(len(ms) / float(ms.sum()) * 1000, 3) if ms.sum() > 0 else None,
                 "runs": len(times), "warmup": b.warmup, "timed_s": round(timed, 3), "paused_s": round(paused, 3),

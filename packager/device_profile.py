@@ -4,8 +4,11 @@ Each quantized candidate of a CPU target, and that target's fp32 model, are wrap
 probe bundle (the candidate's model file, its golden outputs on the first validation samples,
 the target's runtime settings; signed like the build's bundles) and profiled on the device with
 a profile job (fleet.profile). The candidate's ratio is its device p50 over the fp32 model's device
-p50: "slower" above 1 + NOISE_FLOOR, "faster" below 1 - NOISE_FLOOR, as on the host. The host's
-interleaved figures are still measured and reported beside the device's."""
+p50. As on the host, a verdict needs the spread to agree, not just the medians: "slower" when even
+the candidate's fastest quarter (p25) is over 1 + NOISE_FLOOR times the fp32 model's p75, "faster"
+when its p75 is under 1 - NOISE_FLOOR times the fp32 p25; otherwise "within noise" (a busy device
+or a tiny model makes sequential timings noisy). The host's interleaved figures are still measured
+and reported beside the device's."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -52,11 +55,18 @@ def device_latency(tb, trial) -> dict:
     probe = _probe(tb, trial.artifact.path, trial.candidate.precision.value,
                    tb.work / f"device-{trial.candidate.label}.edgepack", outputs=trial.outputs, specs=trial.specs)
     cand = _profile(tb, probe)
-    a, b = fp32["latency_ms"]["p50"], cand["latency_ms"]["p50"]
+    fa, fb = fp32["latency_ms"], cand["latency_ms"]
+    a, b = fa["p50"], fb["p50"]
     ratio = b / a if a > 0 else float("inf")
-    verdict = "slower" if ratio > 1 + NOISE_FLOOR else "faster" if ratio < 1 - NOISE_FLOOR else "within noise"
+    if fb["p25"] > (1 + NOISE_FLOOR) * fa["p75"]:
+        verdict = "slower"
+    elif fb["p75"] < (1 - NOISE_FLOOR) * fa["p25"]:
+        verdict = "faster"
+    else:
+        verdict = "within noise"
     return {"device": target.device, "a_ms": a, "b_ms": b,
-            "ratio": {"median": round(ratio, 4), "verdict": verdict, "of": "p50"},
+            "ratio": {"median": round(ratio, 4), "q1_vs_q3": round(fb["p25"] / fa["p75"], 4) if fa["p75"] else None,
+                      "verdict": verdict, "of": "p50"},
             "fp32": _brief(fp32), "candidate": _brief(cand)}
 
 
