@@ -43,6 +43,7 @@ class AgentConfig:
     min_transfer_rate: int = 16 << 10
     transfer_grace_s: float = 120.0
     fault_delay: str = ""  # "staging=30,probation=5": pause before states (crash rehearsals, tests)
+    profile_diagnostic_delay: str = ""  # "int8=20": ms added per timed profile inference (diagnostics, tests)
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -64,7 +65,7 @@ _TOML = {"device_id": (None, "device_id"), "groups": (None, "groups"), "data_dir
          "max_attempts": ("ota", "max_attempts"), "max_bundle_bytes": ("ota", "max_bundle_bytes"),
          "max_chunks": ("ota", "max_chunks"), "max_record_bytes": ("ota", "max_record_bytes"),
          "min_transfer_rate": ("ota", "min_transfer_rate"), "transfer_grace_s": ("ota", "transfer_grace_s"),
-         "fault_delay": ("ota", "fault_delay")}
+         "fault_delay": ("ota", "fault_delay"), "profile_diagnostic_delay": ("profile", "diagnostic_delay")}
 _INTS = {"api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes", "api_max_connections",
          "max_attempts", "max_bundle_bytes", "max_chunks", "max_record_bytes", "min_transfer_rate"}
 _FLOATS = {"telemetry_interval", "api_idle_timeout", "api_request_timeout", "transfer_grace_s"}
@@ -98,7 +99,7 @@ def _read_toml(path: Path) -> dict:
                 raise InputError(f"config {path}: unknown key(s) in [{section}]: {sorted(unknown or value)}")
         elif section not in known[None]:
             raise InputError(f"config {path}: unknown key {section!r}",
-                             hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer] [ota]")
+                             hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer] [ota] [profile]")
     return flat
 
 
@@ -163,6 +164,13 @@ def load_config(*, path: str | Path | None = None, env: dict | None = None, **fl
 
     if merged.get("fault_delay") and not parse_fault_delays(str(merged["fault_delay"])):
         raise InputError(f"fault_delay {merged['fault_delay']!r} is not STATE=SECONDS[,STATE=SECONDS]")
+    if merged.get("profile_diagnostic_delay"):
+        from device_agent.profile import parse_delays
+
+        try:
+            parse_delays(str(merged["profile_diagnostic_delay"]))
+        except ValueError as e:
+            raise InputError(f"profile diagnostic_delay: {e}") from None
     kw = {f.name: merged[f.name] for f in fields(AgentConfig) if f.name in merged and f.name not in
           ("device_id", "groups", "broker", "data_dir", "bundle", "trusted_keys", "root_keys", "allowed_urls")}
     data_dir = Path(merged.get("data_dir") or Path.home() / ".local/share/edgepack-agent")

@@ -71,6 +71,8 @@ class Model:
     _watch: bool = False
     _golden: dict | None = None
     _reference: "Model | None" = None
+    _busy: int = 0
+    _busy_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
@@ -139,9 +141,23 @@ class Model:
             feeds[name] = x
         return feeds
 
+    @property
+    def in_flight(self) -> int:
+        """Requests running or waiting in infer() now (profile jobs pause while any are)."""
+        return self._busy
+
     def infer(self, inputs: dict, *, raw: bool = False, stamps: list[float] | None = None) -> dict[str, np.ndarray]:
         """Run once. Floats for quantized tensors are (de)quantized unless `raw`. `stamps` (for
         /metrics) gets three perf_counter() readings: input checked, model lock taken, run done."""
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            return self._infer(inputs, raw, stamps)
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+
+    def _infer(self, inputs: dict, raw: bool, stamps: list[float] | None) -> dict[str, np.ndarray]:
         feeds = self.validate(inputs)
         if stamps is not None:
             stamps.append(time.perf_counter())

@@ -14,9 +14,11 @@ from device_agent.buffer import DiskQueue, QueueUnwritable
 from device_agent.config import AgentConfig
 from device_agent.lifecycle import AgentState, Lifecycle
 from device_agent.model import Model, bundle_members_to_extract, load_bundle
+from device_agent.profile import ProfilePolicy, Profiler, parse_delays
 from device_agent.ota.gate import RecordGate, SourcePolicy
 from device_agent.ota.keyring import Keyring
 from device_agent.ota.transfer import MqttChunkFetcher, TransferPolicy
+from device_agent.ota.record import LIVE, RESUMABLE
 from device_agent.ota.updater import Updater, UpdaterSettings, parse_fault_delays
 from device_agent.runtimes.registry import slow_load
 from device_agent.stats import HostMetrics, InferenceStats, platform_info
@@ -58,6 +60,7 @@ class Agent:
                                topic_prefix=self.topics.prefix, sources=SourcePolicy(allowed_urls=cfg.allowed_urls),
                                state_path=cfg.data_dir / "records.json")
         self.updater: Updater | None = None
+        self.profiler: Profiler | None = None
         self._buffer_reported = None
         self._desired: dict[str, Desired | None] = {}
         self._swap_lock = threading.Lock()
@@ -158,6 +161,16 @@ class Agent:
                     pass
         self._wake.set()
 
+    # ---- the profiler's host interface (device_agent.profile.Host) ----
+    @property
+    def device_id(self) -> str:
+        return self.cfg.device_id
+
+    def updating(self) -> bool:
+        return self.updater is not None and self.updater.record.state in RESUMABLE + LIVE
+
+    now = staticmethod(now_iso)
+
     def status_changed(self) -> None:
         if self.mqtt and self.mqtt.connected.is_set():
             self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
@@ -171,12 +184,13 @@ class Agent:
                 "model": self.model.describe() if self.model else None, "model_error": self.model_error,
                 "previous_model": (upd or {}).get("previous"), "update": upd,
                 "ota": {**self.keyring.describe(), "allowed_urls": list(self.cfg.allowed_urls)},
-                "buffer": self.queue.health(),
+                "buffer": self.queue.health(), "profile": self.profiler.summary() if self.profiler else None,
                 "platform": platform_info(), "api": {"host": self.cfg.api_host, "port": self.cfg.api_port}}
 
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
-        for topic in [self.topics.desired] + [self.topics.group_desired(g) for g in self.cfg.groups]:
+        for topic in [self.topics.desired, self.topics.profile_job] + [self.topics.group_desired(g)
+                                                                       for g in self.cfg.groups]:
             self.mqtt.subscribe(topic, qos=1)
         self._wake.set()
 
@@ -193,8 +207,14 @@ class Agent:
                              [self._desired.get(self.topics.group_desired(g)) for g in self.cfg.groups])
             if self.updater:
                 self.updater.set_desired(chosen)
-        elif self.updater:
-            self.updater.on_message(topic, payload)
+        elif topic == self.topics.profile_job:
+            if self.profiler:
+                self.profiler.on_job(payload, topic)
+        else:  # chunks: a profile job and an update may fetch the same bundle; each takes what it asked for
+            if self.profiler:
+                self.profiler.on_message(topic, payload)
+            if self.updater:
+                self.updater.on_message(topic, payload)
 
     def start_mqtt(self) -> None:
         if not self.cfg.broker:
@@ -214,6 +234,7 @@ class Agent:
                            "nonfinite": self.stats.total_nonfinite},
                 "system": self.metrics.snapshot(),
                 "buffer": self.queue.health(),
+                "profile": self.profiler.summary() if self.profiler else None,
                 "model": {"name": self.model.name, "version": self.model.version} if self.model else None}
 
     def emit_telemetry(self) -> None:
@@ -271,6 +292,10 @@ class Agent:
                         "can install any bundle on this device; configure keys in production")
         self.start_mqtt()
         self.updater.fetcher = MqttChunkFetcher(self.mqtt, policy=self.transfer_policy) if self.mqtt else None
+        self.profiler = Profiler(self, workdir=cfg.data_dir / "profile", result_topic=self.topics.profile_result,
+                                 topic_prefix=self.topics.prefix, limits=self.gate.limits,
+                                 transfer=self.transfer_policy,
+                                 policy=ProfilePolicy(diagnostic_delay_ms=parse_delays(cfg.profile_diagnostic_delay)))
         self.api = ApiServer(lambda: self.model, stats=self.stats, host=cfg.api_host, port=cfg.api_port,
                              token=cfg.api_token, max_body_bytes=cfg.max_body_bytes,
                              limits=ConnectionLimits(max_connections=cfg.api_max_connections,
@@ -316,6 +341,8 @@ class Agent:
     def shutdown(self) -> None:
         if self.updater:
             self.updater.stop()
+        if self.profiler:
+            self.profiler.stop()
         self._stop.set()
         self._wake.set()
         if self.mqtt:

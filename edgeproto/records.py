@@ -182,5 +182,43 @@ class TelemetryWindow:
                    model_version=_str(model, "version"), raw=d)
 
 
+PROFILE_FINAL = ("done", "failed", "refused", "cancelled")
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """One message on `devices/{id}/profile/result`: a profile job's progress (accepted, running
+    with its phase) or its end (done, failed, refused, cancelled). `figures` holds the device's
+    measurements once done (docs/mqtt-protocol.md#profile-jobs)."""
+
+    device_id: str
+    job_id: str | None = None
+    state: str | None = None
+    phase: str | None = None
+    error: str | None = None
+    bundle: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+    ts: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in PROFILE_FINAL
+
+    def value(self, path: str) -> float | None:
+        """A numeric figure by dotted path ("latency_ms.p50", "load_ms")."""
+        return TelemetryWindow(device_id=self.device_id, raw=self.figures).value(path)
+
+    def to_dict(self) -> dict:
+        return {"device_id": self.device_id, "job_id": self.job_id, "state": self.state, "phase": self.phase,
+                "error": self.error, "bundle": self.bundle, "figures": self.figures, "ts": self.ts}
+
+    @classmethod
+    def from_dict(cls, device_id: str, d) -> "ProfileResult | None":
+        if not isinstance(d, dict):
+            return None
+        return cls(device_id=device_id, job_id=_str(d, "job_id"), state=_str(d, "state"), phase=_str(d, "phase"),
+                   error=_str(d, "error"), bundle=_obj(d, "bundle"), figures=_obj(d, "figures"), ts=_str(d, "ts"))
+
+
 __all__ = ["FINAL_STATES", "UpdateState", "ModelInfo", "UpdateSummary", "DeviceStatus", "UpdateEvent",
-           "TelemetryWindow"]
+           "TelemetryWindow", "PROFILE_FINAL", "ProfileResult"]

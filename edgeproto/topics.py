@@ -5,6 +5,8 @@
     {root}/devices/{id}/events       update events (one per state change)
     {root}/devices/{id}/desired      retained desired record for one device
     {root}/groups/{group}/desired    retained desired record for a group
+    {root}/devices/{id}/profile/job      profile jobs for one device (fleet -> agent, not retained)
+    {root}/devices/{id}/profile/result   profile job progress and results (agent -> fleet, not retained)
     {root}/bundles/{sha256}/chunks/{i}   retained bundle chunks
     {root}/rollouts/{rollout_id}     retained rollout state (fleet side only)
     {root}/rollouts/{rollout_id}/lease   retained controller lease (fleet side only)
@@ -41,6 +43,12 @@ class Topics:
 
     def group_desired(self, group: str) -> str:
         return f"{self.root}/groups/{group}/desired"
+
+    def profile_job(self, device: str) -> str:
+        return self.device(device, "profile/job")
+
+    def profile_result(self, device: str = "+") -> str:
+        return self.device(device, "profile/result")
 
     def target_desired(self, target: str) -> str:
         """`target` is a desired record's target: 'devices/ID' or 'groups/NAME'."""
@@ -110,3 +118,11 @@ class DeviceTopics:
 
     def group_desired(self, group: str) -> str:
         return self._t.group_desired(group)
+
+    @property
+    def profile_job(self) -> str:
+        return self._t.profile_job(self.device_id)
+
+    @property
+    def profile_result(self) -> str:
+        return self._t.profile_result(self.device_id)

@@ -97,7 +97,9 @@ def acl_text(setup: MosquittoSetup) -> str:
              f"pattern write {t.status('%u')}",
              f"pattern write {t.telemetry('%u')}",
              f"pattern write {t.events('%u')}",
-             f"pattern read {t.desired('%u')}", ""]
+             f"pattern read {t.desired('%u')}",
+             f"pattern read {t.profile_job('%u')}",
+             f"pattern write {t.profile_result('%u')}", ""]
     for user in setup.fleet_users:
         lines += ["# fleet role: desired records, bundle chunks, fleet status", f"user {user}",
                   f"topic readwrite {root}/#", ""]

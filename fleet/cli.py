@@ -1,4 +1,4 @@
-"""`edgepack push | fleet | broker`: the fleet side of the CLI (registered by packager.cli, so
+"""`edgepack push | profile | fleet | broker`: the fleet side of the CLI (registered by packager.cli, so
 `edgepack` stays the one command)."""
 from __future__ import annotations
 
@@ -89,6 +89,61 @@ def push(bundle, device, group, url, chunk_size, allow_downgrade, allow_interfac
         for dev, ev in sorted(res.devices.items()):
             click.echo(f"  {dev:<20} {ev.get('state'):<12} {ev.get('error') or ''}")
     if wait and not res.ok:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--device", required=True, help="Id of the running device that measures the bundles.")
+@broker_options
+@click.option("--threads", type=int, help="Threads the device times with (default: each bundle's own setting).")
+@click.option("--runs", type=int, default=200, show_default=True, help="Timed runs per bundle (at most).")
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--max-seconds", type=float, default=20.0, show_default=True, help="Timed seconds per bundle (at most).")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds to wait for each job once the device accepted it.")
+@click.option("--chunk-size", type=int, default=1 << 20, show_default=True, help="Bytes per MQTT chunk.")
+@click.option("--sign-key", type=click.Path(exists=True, path_type=Path),
+              help="Fleet private key that signs the job (devices with keys refuse unsigned jobs).")
+@click.option("--key-cert", type=click.Path(exists=True, path_type=Path),
+              help="Certificate of --sign-key from the root key (edgepack keys certify).")
+@click.option("--json", "as_json", is_flag=True)
+def profile(bundles, device, threads, runs, warmup, max_seconds, timeout, chunk_size, sign_key, key_cert, as_json,
+            **kw):
+    """Measure BUNDLEs on a running device (a profile job: fetched, checked, loaded beside the serving
+    model, benchmarked, discarded; never activated)."""
+    from edgebundle.errors import InputError
+    from edgeproto.jobs import MAX_BENCH_SECONDS, BenchSettings
+    from fleet.profile import Timeouts, profile as run_profile, result_row
+
+    if threads is not None and not 1 <= threads <= 256:
+        raise InputError("--threads must be between 1 and 256")
+    if runs < 5 or warmup < 0 or not 0 < max_seconds <= MAX_BENCH_SECONDS or timeout <= 0:
+        raise InputError(f"--runs must be at least 5, --warmup at least 0, --max-seconds in (0, "
+                         f"{MAX_BENCH_SECONDS:g}] and --timeout positive")
+
+    def show(r):
+        if not as_json and not r.final:
+            click.echo(f"  {r.device_id}: {r.state}{' ' + r.phase if r.phase else ''}", err=True)
+
+    results = run_profile(list(bundles), _bc(kw), device=device, sign_key=sign_key, key_cert=key_cert,
+                          bench=BenchSettings(threads=threads, runs=runs, warmup=warmup, max_seconds=max_seconds),
+                          timeouts=Timeouts(job_s=timeout), chunk_size=chunk_size, progress=show)
+    rows = [dict(result_row(r), file=str(b)) for r, b in zip(results, bundles)]
+    if as_json:
+        click.echo(json.dumps({"device": device, "results": [r.to_dict() for r in results], "rows": rows}, indent=2))
+        return
+    head = ("bundle", "precision", "p50 ms", "p95 ms", "p99 ms", "inf/s", "load ms", "RSS +MB", "provider", "golden")
+    fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
+    table = [head] + [(r["file"], r["precision"] or "-", fmt(r["p50_ms"]), fmt(r["p95_ms"]), fmt(r["p99_ms"]),
+                       fmt(r["throughput_ips"], "{:.1f}"), fmt(r["load_ms"], "{:.1f}"),
+                       fmt(None if r["rss_delta_bytes"] is None else r["rss_delta_bytes"] / 2 ** 20, "{:.1f}"),
+                       r["provider"] or "-", {True: "ok", False: "FAILED"}.get(r["golden_ok"], "-")) for r in rows]
+    w = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    click.echo(f"measured on {device}:")
+    for row in table:
+        click.echo("  ".join(str(c).ljust(n) for c, n in zip(row, w)).rstrip())
+    if any(r["golden_ok"] is False for r in rows):
         sys.exit(1)
 
 
@@ -200,7 +255,7 @@ def broker_config(out_dir, devices, fleet_users, collector_users, listen, cafile
     click.echo(f"run: mosquitto -c {res['conf']}")
 
 
-COMMANDS = (push, fleet, broker)
+COMMANDS = (push, profile, fleet, broker)
 
 
 def _register_simulate() -> None:

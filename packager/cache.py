@@ -34,6 +34,7 @@ class BuildCache:
     onnx_calibration: dict[CalibrationMethod, Path] = field(default_factory=dict)  # ORT calibration caches
     float_tensors: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict)  # fp32 intermediates
     artifacts: dict[ArtifactKey, object] = field(default_factory=dict)  # registry.Artifact, or the error it raised
+    device_profiles: dict[tuple[str, str], dict] = field(default_factory=dict)  # (target, fp32 path) -> device figures
 
     def path(self, name: str) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
