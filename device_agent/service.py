@@ -267,7 +267,13 @@ class Agent:
                 if not batch:
                     break
                 for msg_id, topic, payload in batch:
-                    if not self.mqtt.publish_wait(topic, payload, qos=1, timeout=10) or not self.queue.delete(msg_id):
+                    if not self.queue.sending(msg_id):
+                        continue  # dropped to stay within the bound after it was peeked (counted)
+                    try:
+                        sent = self.mqtt.publish_wait(topic, payload, qos=1, timeout=10)
+                    finally:
+                        self.queue.sending(None)
+                    if not sent or not self.queue.delete(msg_id):
                         break
                 else:
                     continue
