@@ -40,7 +40,8 @@ def start_to_ready(cmd: list[str], port: int) -> tuple[subprocess.Popen, float]:
             if c.getresponse().status == 200:
                 return proc, time.perf_counter() - t0
         except OSError:
-            time.sleep(0.01)
+            pass
+        time.sleep(0.01)  # after a 503 too: the API answers while the model loads; a busy poll would slow it
     proc.kill()
     raise TimeoutError("agent not ready within 60 s")
 
@@ -107,7 +108,7 @@ def main() -> None:
         model_file = next(Path(tmp, "d", "models").rglob("*.tflite"))
         py_base, rt_rss = runtime_only_rss(model_file)
     imp = py_time("import device_agent")
-    imp_run = py_time("import device_agent.service, device_agent.server, device_agent.mqtt, device_agent.runtimes.litert")
+    imp_run = py_time("import device_agent.service, device_agent.server, edgeproto.mqtt, device_agent.runtimes.litert")
     print(f"bundle: {bundle.name} ({bundle.stat().st_size / 1e6:.1f} MB)")
     print(f"agent RSS after 50 binary-tensor requests: {agent_rss:.1f} MB (target <= 80 MB); "
           f"after 10 more plain-JSON requests: {json_rss:.1f} MB")

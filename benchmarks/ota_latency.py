@@ -45,9 +45,9 @@ def main() -> None:
     args = ap.parse_args()
     from _bundles import digits_bundle, mobilenet_bundle
     from _procs import agent, mosquitto, stop
-    from device_agent.config import BrokerConfig
-    from device_agent.ota.desired import Probation
-    from packager import fleet
+    from edgeproto.broker import BrokerConfig
+    from edgeproto.desired import Probation
+    import fleet
 
     import paho.mqtt.client  # noqa: F401  once per process (8 ms here), outside the timed pushes
 

@@ -31,9 +31,9 @@ def main() -> None:
     args = ap.parse_args()
     from _bundles import digits_bundle
     from _procs import agent, mosquitto, stop
-    from device_agent.config import BrokerConfig
-    from device_agent.ota.desired import Probation
-    from packager import fleet
+    from edgeproto.broker import BrokerConfig
+    from edgeproto.desired import Probation
+    import fleet
 
     v1, v2 = digits_bundle(version="1.0.0"), digits_bundle(version="1.1.0")
     samples: list[tuple[float, float, int]] = []  # (wall time, ms, status)

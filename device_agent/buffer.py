@@ -28,6 +28,7 @@ class DiskQueue:
         self.write_errors = 0  # messages that could not be written (disk full...), since start
         self.last_error: str | None = None  # the last write error, None once a write succeeds again
         self._lock = threading.Lock()
+        self._sending: int | None = None  # the message being published (see sending())
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -71,7 +72,13 @@ class DiskQueue:
                     count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM queue").fetchone()
                     dropped = 0
                     while count > self.max_messages or (size > self.max_bytes and count > 1):
-                        oldest, osize = db.execute("SELECT id, size FROM queue ORDER BY id LIMIT 1").fetchone()
+                        # never the message on its way to the broker: it may arrive, and then it
+                        # would be counted both as dropped and as delivered
+                        row = db.execute("SELECT id, size FROM queue WHERE id != ? ORDER BY id LIMIT 1",
+                                         (self._sending if self._sending is not None else -1,)).fetchone()
+                        if row is None:
+                            break
+                        oldest, osize = row
                         db.execute("DELETE FROM queue WHERE id = ?", (oldest,))
                         count, size, dropped = count - 1, size - osize, dropped + 1
                     if dropped:
@@ -87,6 +94,21 @@ class DiskQueue:
                 log.warning("telemetry buffer writable again (%d message(s) were dropped)", self.write_errors)
                 self.last_error = None
             return dropped
+
+    def sending(self, msg_id: int | None) -> bool:
+        """Mark the message being published (None when done): push() drops around it. False when
+        the message was dropped since it was peeked (it is counted as dropped: do not send it)."""
+        with self._lock:
+            self._sending = None
+            if msg_id is None:
+                return True
+            try:
+                if self._db.execute("SELECT 1 FROM queue WHERE id = ?", (msg_id,)).fetchone() is None:
+                    return False
+            except sqlite3.Error:
+                pass  # cannot tell: send it (at least once)
+            self._sending = msg_id
+            return True
 
     def peek(self, n: int = 50) -> list[tuple[int, str, bytes]]:
         with self._lock:

@@ -80,6 +80,48 @@ def run(config_path, device_id, groups, broker, broker_username, broker_password
 
 
 @main.command()
+@click.option("--root", type=click.Path(path_type=Path), default="/", show_default=True,
+              help="Install under this folder instead of / (staging an image, tests).")
+@click.option("--prefix", type=click.Path(path_type=Path), help="Folder (a venv) holding bin/edgepack-agent "
+                                                                  "[default: this agent's].")
+@click.option("--device-id")
+@click.option("--group", "groups", multiple=True)
+@click.option("--broker", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT].")
+@click.option("--broker-username")
+@click.option("--broker-password", envvar="EDGEPACK_AGENT_BROKER_PASSWORD")
+@click.option("--broker-ca-file", type=click.Path(path_type=Path))
+@click.option("--broker-cert-file", type=click.Path(path_type=Path))
+@click.option("--broker-key-file", type=click.Path(path_type=Path))
+@click.option("--bundle", type=click.Path(path_type=Path), help="Initial bundle (copied to /etc/edgepack/initial).")
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path))
+@click.option("--root-key", "root_keys", multiple=True, type=click.Path(path_type=Path))
+@click.option("--allow-url", "allowed_urls", multiple=True)
+@click.option("--api-host", default="127.0.0.1", show_default=True)
+@click.option("--api-port", type=int, default=8080, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing config and unit (the data directory is kept).")
+@click.option("--enable", is_flag=True, help="Then systemctl daemon-reload and enable --now (real root only).")
+def install(root, prefix, device_id, groups, broker, broker_username, broker_password, broker_ca_file,
+            broker_cert_file, broker_key_file, bundle, trusted_keys, root_keys, allowed_urls, api_host, api_port,
+            force, enable):
+    """Install the agent as a hardened systemd service: config, keys, unit (docs/devices/)."""
+    import sys
+
+    from device_agent.install import InstallOptions
+    from device_agent.install import install as do_install
+
+    res = do_install(InstallOptions(
+        root=root, prefix=prefix or Path(sys.prefix), device_id=device_id, groups=tuple(groups), broker=broker,
+        broker_username=broker_username, broker_password=broker_password, broker_ca_file=broker_ca_file,
+        broker_cert_file=broker_cert_file, broker_key_file=broker_key_file, bundle=bundle,
+        trusted_keys=tuple(trusted_keys), root_keys=tuple(root_keys), allowed_urls=tuple(allowed_urls),
+        api_host=api_host, api_port=api_port, force=force, enable=enable))
+    for p in res.written:
+        click.echo(f"wrote {p}")
+    for n in res.notes:
+        click.echo(n)
+
+
+@main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--runs", type=int, default=200, show_default=True)
 @click.option("--warmup", type=int, default=10, show_default=True)

@@ -4,50 +4,14 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 from edgebundle.errors import InputError
+from edgeproto.broker import BrokerConfig  # noqa: F401  (re-exported: the agent's config names it)
 
 ENV_PREFIX = "EDGEPACK_AGENT_"
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    url: str
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    topic_prefix: str = "edgepack/v1"
-    keepalive: int = 30
-
-    @property
-    def tls(self) -> bool:
-        return urlparse(self.url).scheme == "mqtts"
-
-    @property
-    def host(self) -> str:
-        return urlparse(self.url).hostname or "127.0.0.1"
-
-    @property
-    def port(self) -> int:
-        return urlparse(self.url).port or (8883 if self.tls else 1883)
-
-    def validate(self) -> "BrokerConfig":
-        u = urlparse(self.url)
-        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-            raise InputError(f"broker URL {self.url!r} is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-        user = unquote(u.username) if u.username else self.username
-        pw = unquote(u.password) if u.password else self.password
-        for f in (self.ca_file, self.cert_file, self.key_file):
-            if f and not Path(f).is_file():
-                raise InputError(f"broker TLS file {f!r} does not exist")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise InputError("a client certificate needs both cert_file and key_file")
-        return replace(self, username=user, password=pw, topic_prefix=self.topic_prefix.strip("/"))
 
 
 @dataclass(frozen=True)
@@ -79,6 +43,7 @@ class AgentConfig:
     min_transfer_rate: int = 16 << 10
     transfer_grace_s: float = 120.0
     fault_delay: str = ""  # "staging=30,probation=5": pause before states (crash rehearsals, tests)
+    profile_diagnostic_delay: str = ""  # "int8=20": ms added per timed profile inference (diagnostics, tests)
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -100,7 +65,7 @@ _TOML = {"device_id": (None, "device_id"), "groups": (None, "groups"), "data_dir
          "max_attempts": ("ota", "max_attempts"), "max_bundle_bytes": ("ota", "max_bundle_bytes"),
          "max_chunks": ("ota", "max_chunks"), "max_record_bytes": ("ota", "max_record_bytes"),
          "min_transfer_rate": ("ota", "min_transfer_rate"), "transfer_grace_s": ("ota", "transfer_grace_s"),
-         "fault_delay": ("ota", "fault_delay")}
+         "fault_delay": ("ota", "fault_delay"), "profile_diagnostic_delay": ("profile", "diagnostic_delay")}
 _INTS = {"api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes", "api_max_connections",
          "max_attempts", "max_bundle_bytes", "max_chunks", "max_record_bytes", "min_transfer_rate"}
 _FLOATS = {"telemetry_interval", "api_idle_timeout", "api_request_timeout", "transfer_grace_s"}
@@ -134,7 +99,7 @@ def _read_toml(path: Path) -> dict:
                 raise InputError(f"config {path}: unknown key(s) in [{section}]: {sorted(unknown or value)}")
         elif section not in known[None]:
             raise InputError(f"config {path}: unknown key {section!r}",
-                             hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer] [ota]")
+                             hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer] [ota] [profile]")
     return flat
 
 
@@ -199,10 +164,21 @@ def load_config(*, path: str | Path | None = None, env: dict | None = None, **fl
 
     if merged.get("fault_delay") and not parse_fault_delays(str(merged["fault_delay"])):
         raise InputError(f"fault_delay {merged['fault_delay']!r} is not STATE=SECONDS[,STATE=SECONDS]")
+    if merged.get("profile_diagnostic_delay"):
+        from device_agent.profile import parse_delays
+
+        try:
+            parse_delays(str(merged["profile_diagnostic_delay"]))
+        except ValueError as e:
+            raise InputError(f"profile diagnostic_delay: {e}") from None
     kw = {f.name: merged[f.name] for f in fields(AgentConfig) if f.name in merged and f.name not in
           ("device_id", "groups", "broker", "data_dir", "bundle", "trusted_keys", "root_keys", "allowed_urls")}
     data_dir = Path(merged.get("data_dir") or Path.home() / ".local/share/edgepack-agent")
     bundle = Path(merged["bundle"]) if merged.get("bundle") else None
+    if bundle is not None and not bundle.is_file():
+        raise InputError(f"bundle {str(bundle)!r} (--bundle / bundle in the config) does not exist",
+                         hint="give the path of an existing .edgepack file, or leave it out to start without "
+                              "a model and wait for an update")
     return AgentConfig(device_id=device_id, groups=groups, broker=broker, data_dir=data_dir, bundle=bundle,
                        trusted_keys=keys["trusted_keys"], root_keys=keys["root_keys"], allowed_urls=urls, **kw)
 

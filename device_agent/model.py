@@ -17,6 +17,7 @@ from device_agent.runtimes.base import Runtime, dequantize, quantize
 from device_agent.runtimes.registry import load_from_manifest
 from edgebundle.archive import Bundle, open_bundle, sha256_file
 from edgebundle.errors import InputError, VerificationError
+from edgebundle.interface import interface_hash
 from edgebundle.manifest import Manifest
 
 _KINDS = {"f": "float", "i": "int", "u": "int", "b": "bool"}
@@ -70,6 +71,8 @@ class Model:
     _watch: bool = False
     _golden: dict | None = None
     _reference: "Model | None" = None
+    _busy: int = 0
+    _busy_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
@@ -83,6 +86,7 @@ class Model:
         """Status-topic view of the model (name, version, sha256, runtime in use)."""
         d = self.runtime.details
         return {"name": self.name, "version": self.version, "bundle_sha256": self.bundle_sha256,
+                "interface": interface_hash(self.manifest),
                 "target": self.manifest.target.get("name"), "format": self.manifest.format,
                 "precision": self.manifest.precision, "runtime": d.get("runtime"),
                 "runtime_version": d.get("version"),
@@ -137,21 +141,42 @@ class Model:
             feeds[name] = x
         return feeds
 
-    def infer(self, inputs: dict, *, raw: bool = False) -> dict[str, np.ndarray]:
-        """Run once. Floats for quantized tensors are (de)quantized unless `raw`."""
+    @property
+    def in_flight(self) -> int:
+        """Requests running or waiting in infer() now (profile jobs pause while any are)."""
+        return self._busy
+
+    def infer(self, inputs: dict, *, raw: bool = False, stamps: list[float] | None = None) -> dict[str, np.ndarray]:
+        """Run once. Floats for quantized tensors are (de)quantized unless `raw`. `stamps` (for
+        /metrics) gets three perf_counter() readings: input checked, model lock taken, run done."""
+        with self._busy_lock:
+            self._busy += 1
+        try:
+            return self._infer(inputs, raw, stamps)
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+
+    def _infer(self, inputs: dict, raw: bool, stamps: list[float] | None) -> dict[str, np.ndarray]:
         feeds = self.validate(inputs)
+        if stamps is not None:
+            stamps.append(time.perf_counter())
         if self._watch:
-            return self._infer_watched(feeds, raw, inputs)
+            return self._infer_watched(feeds, raw, inputs, stamps)
         with self._lock:
             if self._closed:
                 raise ModelClosed(self.name)
+            if stamps is not None:
+                stamps.append(time.perf_counter())
             out = self.runtime.run(feeds)
+            if stamps is not None:
+                stamps.append(time.perf_counter())
         if not raw:
             for o in self._dequant:
                 out[o.name] = dequantize(out[o.name], o)
         return out
 
-    def _infer_watched(self, feeds: dict, raw: bool, inputs: dict) -> dict[str, np.ndarray]:
+    def _infer_watched(self, feeds: dict, raw: bool, inputs: dict, stamps: list[float] | None) -> dict[str, np.ndarray]:
         h = self.health
         try:
             with self._lock:
@@ -159,7 +184,10 @@ class Model:
                     raise ModelClosed(self.name)
                 t0 = time.perf_counter()  # time inside the runtime: waiting for the lock is load, not the model
                 out = self.runtime.run(feeds)
-                ms = (time.perf_counter() - t0) * 1000
+                t1 = time.perf_counter()
+                ms = (t1 - t0) * 1000
+                if stamps is not None:
+                    stamps += (t0, t1)
         except ModelClosed:
             raise
         except Exception:

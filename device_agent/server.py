@@ -22,11 +22,12 @@ from typing import Callable
 from device_agent import __version__
 from device_agent.kserve import HEADER_LEN, decode_request, encode_response, tensor_meta
 from device_agent.model import Model, ModelClosed
-from device_agent.stats import InferenceStats
+from device_agent.stats import InferenceStats, Phases, has_nonfinite
 from edgebundle.errors import EdgepackError
 
 log = logging.getLogger("edgepack.agent.api")
 
+_AGENT_VIEWS = ("/metrics", "/status", "/stats")
 _MODEL = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?/?$")
 
 
@@ -47,6 +48,17 @@ class ConnectionLimits:
     idle_timeout_s: float = 15.0
     request_timeout_s: float = 60.0
 
+
+@dataclass(frozen=True)
+class Views:
+    """What the agent shows besides the model API; a bare server (tests, benchmarks) has none."""
+
+    metrics: Callable[[], str] | None = None  # Prometheus text exposition (GET /metrics)
+    status: Callable[[], dict] | None = None  # the status document, as retained on MQTT (GET /status)
+    state: Callable[[], str] | None = None  # "loading model", "building engine", "serving", ... (readiness)
+
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 _BUSY = json.dumps({"error": "too many connections; retry shortly"}).encode()
 _BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
@@ -138,8 +150,9 @@ class ApiServer:
 
     def __init__(self, get_model: Callable[[], Model | None], *, stats: InferenceStats, host: str = "127.0.0.1",
                  port: int = 8080, token: str | None = None, max_body_bytes: int = 16 << 20,
-                 limits: ConnectionLimits = ConnectionLimits()):
+                 limits: ConnectionLimits = ConnectionLimits(), views: Views = Views()):
         self.get_model, self.stats, self.token, self.max_body = get_model, stats, token, max_body_bytes
+        self.views = views
         api = self
 
         class Handler(_Handler):
@@ -171,8 +184,13 @@ class ApiServer:
                 return 200, {"live": True}
             if path == "/v2/health/ready":
                 ok = self.get_model() is not None
-                return (200 if ok else 503), {"ready": ok}
+                body = {"ready": ok}
+                if self.views.state:
+                    body["state"] = self.views.state()
+                return (200 if ok else 503), body
             return 200, {"name": "edgepack-agent", "version": __version__, "extensions": ["binary_tensor_data"]}
+        if path in _AGENT_VIEWS:
+            return self._agent_view(method, path, headers)
         m = _MODEL.match(path)
         if not m:
             raise HttpError(404, f"no such endpoint {path}")
@@ -193,6 +211,24 @@ class ApiServer:
                                "bundle_sha256": model.bundle_sha256}}
         return self._infer(model, headers, read_body())
 
+    def _agent_view(self, method: str, path: str, headers):
+        """/metrics (Prometheus), /status (the retained status document), /stats (the current
+        telemetry window, not reset). Behind the bearer token when one is set, like the models."""
+        if method != "GET":
+            raise HttpError(405, f"{method} is not allowed on {path}")
+        self._authorize(headers)
+        if path == "/metrics":
+            if self.views.metrics is None:
+                raise HttpError(404, "this server exports no metrics")
+            return 200, self.views.metrics().encode(), {"Content-Type": PROMETHEUS_TEXT}
+        if path == "/status":
+            if self.views.status is None:
+                raise HttpError(404, "this server has no status document")
+            return 200, self.views.status()
+        return 200, {"window": self.stats.window(reset=False),
+                     "totals": {"count": self.stats.total, "errors": self.stats.total_errors,
+                                "nonfinite": self.stats.total_nonfinite}}
+
     def _authorize(self, headers) -> None:
         if self.token:
             given = headers.get("Authorization", "")
@@ -210,26 +246,48 @@ class ApiServer:
         return model
 
     def _infer(self, model: Model, headers, body: bytes):
+        t_start = time.perf_counter()
+        stamps: list[float] = []  # input checked, lock taken, run done (Model.infer)
         try:
             req, arrays, wanted = decode_request(body, headers.get(HEADER_LEN))
             t0 = time.perf_counter()
             try:
-                results = model.infer(arrays)
+                results = model.infer(arrays, stamps=stamps)
             except ModelClosed:  # swapped out between routing and running: use the new one
                 model = self._model(model.name, None)
-                results = model.infer(arrays)
+                stamps.clear()
+                results = model.infer(arrays, stamps=stamps)
             ms = (time.perf_counter() - t0) * 1000
+            nonfinite = has_nonfinite(results.values())
             payload, extra = encode_response(model=model.name, version=model.version, req=req, results=results,
                                              requested=wanted)
         except EdgepackError as e:  # InferenceError and friends: the client's fault
-            self.stats.record(None, ok=False)
+            self.stats.record(None, ok=False, model=(model.name, model.version))
             raise HttpError(400, str(e).split("\n")[0]) from None
         except Exception as e:  # a runtime failure on valid input: report it, keep serving
-            self.stats.record(None, ok=False)
+            self.stats.record(None, ok=False, model=(model.name, model.version))
             log.exception("inference failed")
             raise HttpError(500, f"inference failed: {type(e).__name__}: {e}") from None
-        self.stats.record(ms)
+        t_end = time.perf_counter()
+        phases = None
+        if len(stamps) == 3:
+            checked, locked, ran = stamps
+            phases = Phases(input_s=checked - t_start, queue_s=locked - checked, infer_s=ran - locked,
+                            output_s=t_end - ran)
+        self.stats.record(ms, nonfinite=nonfinite, model=(model.name, model.version), phases=phases,
+                          batch=_batch(model, arrays))
         return 200, payload, extra
+
+
+def _batch(model: Model, arrays: dict) -> int:
+    """Inferences in one request (Triton's nv_inference_count): the leading dimension of the first
+    input when the model declares it dynamic, else 1."""
+    first = model.manifest.inputs[0]
+    sig = first.shape_signature or first.shape
+    x = arrays.get(first.name)
+    if sig and sig[0] in (-1, None) and x is not None and getattr(x, "ndim", 0):
+        return int(x.shape[0])
+    return 1
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -12,34 +12,28 @@ from pathlib import Path
 from device_agent import __version__
 from device_agent.buffer import DiskQueue, QueueUnwritable
 from device_agent.config import AgentConfig
+from device_agent.lifecycle import AgentState, Lifecycle
 from device_agent.model import Model, bundle_members_to_extract, load_bundle
-from device_agent.mqtt import MqttClient, MqttError, Will, dumps
-from device_agent.ota.desired import Desired, Limits, RecordError, resolve
+from device_agent.profile import ProfilePolicy, Profiler, parse_delays
 from device_agent.ota.gate import RecordGate, SourcePolicy
 from device_agent.ota.keyring import Keyring
 from device_agent.ota.transfer import MqttChunkFetcher, TransferPolicy
+from device_agent.ota.record import LIVE, RESUMABLE
 from device_agent.ota.updater import Updater, UpdaterSettings, parse_fault_delays
+from device_agent.runtimes.registry import slow_load
 from device_agent.stats import HostMetrics, InferenceStats, platform_info
 from device_agent.store import Store
 from edgebundle.errors import EdgepackError
 from edgebundle.signing import load_public_key
+from edgeproto.desired import Desired, Limits, RecordError, resolve
+from edgeproto.mqtt import MqttClient, MqttError, Will, dumps
+from edgeproto.topics import ROOT, DeviceTopics
 
 log = logging.getLogger("edgepack.agent")
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-class Topics:
-    def __init__(self, prefix: str, device_id: str):
-        base = f"{prefix}/devices/{device_id}"
-        self.status, self.telemetry, self.events = f"{base}/status", f"{base}/telemetry", f"{base}/events"
-        self.desired = f"{base}/desired"
-        self.prefix = prefix
-
-    def group_desired(self, group: str) -> str:
-        return f"{self.prefix}/groups/{group}/desired"
 
 
 class Agent:
@@ -51,7 +45,7 @@ class Agent:
         self.model: Model | None = None
         self.model_error: str | None = None
         self.started = now_iso()
-        self.topics = Topics(cfg.broker.topic_prefix if cfg.broker else "edgepack/v1", cfg.device_id)
+        self.topics = DeviceTopics(cfg.broker.topic_prefix if cfg.broker else ROOT, cfg.device_id)
         self.queue = DiskQueue(cfg.data_dir / "telemetry.sqlite", max_messages=cfg.buffer_max_messages,
                                max_bytes=cfg.buffer_max_bytes)
         self.mqtt: MqttClient | None = None
@@ -66,6 +60,7 @@ class Agent:
                                topic_prefix=self.topics.prefix, sources=SourcePolicy(allowed_urls=cfg.allowed_urls),
                                state_path=cfg.data_dir / "records.json")
         self.updater: Updater | None = None
+        self.profiler: Profiler | None = None
         self._buffer_reported = None
         self._desired: dict[str, Desired | None] = {}
         self._swap_lock = threading.Lock()
@@ -73,6 +68,8 @@ class Agent:
         self._wake = threading.Event()
         self._drainer: threading.Thread | None = None
         self._group_topics = {self.topics.group_desired(g) for g in cfg.groups}
+        self.api = None
+        self.life = Lifecycle(on_change=self.status_changed, healthy=self.healthy)
 
     # ---- model ----
     def load_initial(self) -> None:
@@ -87,7 +84,8 @@ class Agent:
                 log.warning(self.model_error)
                 return
             t0 = time.perf_counter()
-            self.model = self.load(path)
+            self.life.set(AgentState.LOADING, path.name)
+            self.model = self.load(path, initial=True)
             trim_memory()  # verification and extraction buffers
             log.info("model ready", extra={"fields": {**self.model.describe(),
                                                       "load_ms": round((time.perf_counter() - t0) * 1000, 1)}})
@@ -107,7 +105,7 @@ class Agent:
         b.verify(extract_to=self.store.model_dir(sha256), extract=bundle_members_to_extract(b.manifest))
         return b
 
-    def load(self, path: Path, *, verified=None) -> Model:
+    def load(self, path: Path, *, verified=None, initial: bool = False) -> Model:
         """Load, warm up and golden-check a bundle. `verified` (from verify()) skips the hashing
         pass; otherwise the signature (any key this device ever accepted: the active or previous
         bundle) and every hash are checked here."""
@@ -120,8 +118,18 @@ class Agent:
             bundle = open_bundle(path)
             if self.keyring.enabled:
                 self.keyring.verify_bundle(bundle.manifest_bytes, bundle.signature, history=True)
-        return load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=str(self.store.cache),
-                           threads=self.cfg.threads, bundle=bundle, verified=verified is not None)
+        # one engine cache folder per bundle: "no engine in it yet" then means a build is coming
+        cache = str(self.store.cache / sha[:16])
+        load = lambda: load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=cache,  # noqa: E731
+                                   threads=self.cfg.threads, bundle=bundle, verified=verified is not None)
+        why = slow_load(bundle.manifest, cache_dir=cache)
+        if why is None:
+            return load()
+        log.info("building %s: this can take minutes; the agent is working, not hung", why)
+        if not initial:  # an update's staging: the old model keeps serving, the updater reports progress
+            return load()
+        with self.life.slow_phase(AgentState.BUILDING, why):
+            return load()
 
     def active_model(self) -> Model | None:
         return self.model
@@ -133,6 +141,8 @@ class Agent:
             self.model_error = None if model else "no verified model to serve"
         if model is not None:
             log.info("serving %s %s", model.name, model.version, extra={"fields": model.describe()})
+        if self.life.state in (AgentState.SERVING, AgentState.NO_MODEL):
+            self.life.set(AgentState.SERVING if model else AgentState.NO_MODEL, None if model else self.model_error)
         self.status_changed()
         return old
 
@@ -151,6 +161,16 @@ class Agent:
                     pass
         self._wake.set()
 
+    # ---- the profiler's host interface (device_agent.profile.Host) ----
+    @property
+    def device_id(self) -> str:
+        return self.cfg.device_id
+
+    def updating(self) -> bool:
+        return self.updater is not None and self.updater.record.state in RESUMABLE + LIVE
+
+    now = staticmethod(now_iso)
+
     def status_changed(self) -> None:
         if self.mqtt and self.mqtt.connected.is_set():
             self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
@@ -159,16 +179,18 @@ class Agent:
     def status(self, online: bool = True, reason: str | None = None) -> dict:
         upd = self.updater.summary() if self.updater else None
         return {"device_id": self.cfg.device_id, "online": online, "reason": reason, "ts": now_iso(),
-                "groups": list(self.cfg.groups), "agent_version": __version__, "started": self.started,
+                "state": self.life.describe(), "groups": list(self.cfg.groups), "agent_version": __version__,
+                "started": self.started,
                 "model": self.model.describe() if self.model else None, "model_error": self.model_error,
                 "previous_model": (upd or {}).get("previous"), "update": upd,
                 "ota": {**self.keyring.describe(), "allowed_urls": list(self.cfg.allowed_urls)},
-                "buffer": self.queue.health(),
+                "buffer": self.queue.health(), "profile": self.profiler.summary() if self.profiler else None,
                 "platform": platform_info(), "api": {"host": self.cfg.api_host, "port": self.cfg.api_port}}
 
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
-        for topic in [self.topics.desired] + [self.topics.group_desired(g) for g in self.cfg.groups]:
+        for topic in [self.topics.desired, self.topics.profile_job] + [self.topics.group_desired(g)
+                                                                       for g in self.cfg.groups]:
             self.mqtt.subscribe(topic, qos=1)
         self._wake.set()
 
@@ -185,8 +207,14 @@ class Agent:
                              [self._desired.get(self.topics.group_desired(g)) for g in self.cfg.groups])
             if self.updater:
                 self.updater.set_desired(chosen)
-        elif self.updater:
-            self.updater.on_message(topic, payload)
+        elif topic == self.topics.profile_job:
+            if self.profiler:
+                self.profiler.on_job(payload, topic)
+        else:  # chunks: a profile job and an update may fetch the same bundle; each takes what it asked for
+            if self.profiler:
+                self.profiler.on_message(topic, payload)
+            if self.updater:
+                self.updater.on_message(topic, payload)
 
     def start_mqtt(self) -> None:
         if not self.cfg.broker:
@@ -202,9 +230,11 @@ class Agent:
     def telemetry(self, seq: int) -> dict:
         return {"device_id": self.cfg.device_id, "ts": now_iso(), "seq": seq,
                 "inference": self.stats.window(),
-                "totals": {"count": self.stats.total, "errors": self.stats.total_errors},
+                "totals": {"count": self.stats.total, "errors": self.stats.total_errors,
+                           "nonfinite": self.stats.total_nonfinite},
                 "system": self.metrics.snapshot(),
                 "buffer": self.queue.health(),
+                "profile": self.profiler.summary() if self.profiler else None,
                 "model": {"name": self.model.name, "version": self.model.version} if self.model else None}
 
     def emit_telemetry(self) -> None:
@@ -237,7 +267,13 @@ class Agent:
                 if not batch:
                     break
                 for msg_id, topic, payload in batch:
-                    if not self.mqtt.publish_wait(topic, payload, qos=1, timeout=10) or not self.queue.delete(msg_id):
+                    if not self.queue.sending(msg_id):
+                        continue  # dropped to stay within the bound after it was peeked (counted)
+                    try:
+                        sent = self.mqtt.publish_wait(topic, payload, qos=1, timeout=10)
+                    finally:
+                        self.queue.sending(None)
+                    if not sent or not self.queue.delete(msg_id):
                         break
                 else:
                     continue
@@ -246,28 +282,46 @@ class Agent:
 
     # ---- run ----
     def start(self) -> None:
-        """Load the model, connect to the broker in the background, serve the API."""
-        from device_agent.server import ApiServer, ConnectionLimits
+        """Connect to the broker in the background and serve the API, then load the model: while
+        it loads (minutes when TensorRT builds engines) the retained status and /v2/health/ready
+        say so instead of looking hung."""
+        from device_agent.metrics import render_metrics
+        from device_agent.server import ApiServer, ConnectionLimits, Views
 
         cfg = self.cfg
         self.updater = Updater(self, cfg.data_dir, settings=UpdaterSettings(
             max_attempts=cfg.max_attempts, transfer=self.transfer_policy,
             fault_delays=parse_fault_delays(cfg.fault_delay)))
         self.updater.recover()  # an update cut off mid-switch rolls back before anything loads
-        self.load_initial()
         if cfg.broker and not self.keyring.enabled:
             log.warning("no trusted keys (--trusted-key / --root-key): anyone who can publish to the broker "
                         "can install any bundle on this device; configure keys in production")
         self.start_mqtt()
         self.updater.fetcher = MqttChunkFetcher(self.mqtt, policy=self.transfer_policy) if self.mqtt else None
-        self.updater.start()
+        self.profiler = Profiler(self, workdir=cfg.data_dir / "profile", result_topic=self.topics.profile_result,
+                                 topic_prefix=self.topics.prefix, limits=self.gate.limits,
+                                 transfer=self.transfer_policy,
+                                 policy=ProfilePolicy(diagnostic_delay_ms=parse_delays(cfg.profile_diagnostic_delay)))
         self.api = ApiServer(lambda: self.model, stats=self.stats, host=cfg.api_host, port=cfg.api_port,
                              token=cfg.api_token, max_body_bytes=cfg.max_body_bytes,
                              limits=ConnectionLimits(max_connections=cfg.api_max_connections,
                                                      idle_timeout_s=cfg.api_idle_timeout,
-                                                     request_timeout_s=cfg.api_request_timeout))
+                                                     request_timeout_s=cfg.api_request_timeout),
+                             views=Views(metrics=lambda: render_metrics(self), status=self.status,
+                                         state=lambda: self.life.state.value))
         self.api.start()
         log.info("serving KServe v2 API", extra={"fields": {"host": self.cfg.api_host, "port": self.api.port}})
+        self.load_initial()
+        self.updater.start()
+        # READY=1 for systemd: the model serves (or the agent knowingly serves none, waiting for an update)
+        self.life.set(AgentState.SERVING if self.model else AgentState.NO_MODEL,
+                      None if self.model else self.model_error)
+        self.life.start_watchdog()
+
+    def healthy(self) -> bool:
+        """For the systemd watchdog: the API and update threads are alive."""
+        threads = [self.api._thread if self.api else None, self.updater._thread if self.updater else None]
+        return all(t is None or t.is_alive() for t in threads)
 
     def run(self, *, ready: threading.Event | None = None) -> None:
         """start(), then emit telemetry every interval until SIGTERM/SIGINT or request_stop()."""
@@ -282,9 +336,10 @@ class Agent:
                 self.emit_telemetry()
                 trim_memory()
         finally:
-            log.info("stopping")
+            self.life.set(AgentState.STOPPING)
             self.api.stop()
             self.shutdown()
+            self.life.close()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -292,6 +347,8 @@ class Agent:
     def shutdown(self) -> None:
         if self.updater:
             self.updater.stop()
+        if self.profiler:
+            self.profiler.stop()
         self._stop.set()
         self._wake.set()
         if self.mqtt:
@@ -316,6 +373,27 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             d["exc"] = self.formatException(record.exc_info)
         return json.dumps(d, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """`ts LEVEL logger: msg key=value ...`: the same fields as the JSON lines, for people."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None) or {}
+        if not fields:
+            return line
+        head, nl, tail = line.partition("\n")  # a traceback stays below the fields
+        kv = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        return f"{head} {kv}{nl}{tail}"
+
+
+def _text_value(v) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str, separators=(",", ":"))
+    return json.dumps(s) if (not s or any(c in s for c in " \"=\n")) and not s.startswith(("{", "[")) else s
 
 
 _LIBC = None
@@ -350,7 +428,7 @@ def trim_memory() -> None:
 
 def setup_logging(fmt: str = "json", level: int = logging.INFO) -> None:
     h = logging.StreamHandler()
-    h.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    h.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("edgepack")
     root.handlers[:] = [h]
     root.setLevel(level)

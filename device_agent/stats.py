@@ -1,50 +1,209 @@
 """Inference counters and latency windows, plus host metrics, for telemetry."""
 from __future__ import annotations
 
+import bisect
 import glob
+import math
 import os
 import platform
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 
+# Quantile buckets: 1 us .. 1000 s, each 2 % wider than the last, so a quantile read from a bucket
+# (its geometric middle) is within 1 % of the true sample. At most ~1,050 counters per window,
+# whatever the request rate: memory is bounded and nothing is ever dropped.
+_MIN_MS, _GROWTH = 1e-3, 1.02
+_LOG_GROWTH = math.log(_GROWTH)
+_NBUCKETS = int(math.log(1e6 / _MIN_MS) / _LOG_GROWTH) + 1
+
+# Prometheus histogram bounds (seconds): 100 us .. 10 s, the usual 1-2.5-5 steps.
+PROM_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                 5.0, 10.0)
+
+
+class LogHistogram:
+    """Streaming latency quantiles (ms) in bounded memory: a sparse log-bucket histogram plus an
+    exact count, sum, min and max. Quantiles are within 1 % of the exact value. Not thread-safe
+    (InferenceStats holds the lock)."""
+
+    __slots__ = ("counts", "n", "sum", "min", "max")
+
+    def __init__(self):
+        self.counts: dict[int, int] = {}
+        self.n, self.sum, self.min, self.max = 0, 0.0, math.inf, 0.0
+
+    def add(self, ms: float) -> None:
+        i = int(math.log(ms / _MIN_MS) / _LOG_GROWTH) if ms > _MIN_MS else 0
+        i = min(i, _NBUCKETS - 1)
+        self.counts[i] = self.counts.get(i, 0) + 1
+        self.n += 1
+        self.sum += ms
+        if ms < self.min:
+            self.min = ms
+        if ms > self.max:
+            self.max = ms
+
+    def quantile(self, q: float) -> float | None:
+        """Nearest-rank quantile (0 < q <= 1), None when empty."""
+        if not self.n:
+            return None
+        rank, seen = max(1, math.ceil(q * self.n)), 0
+        for i in sorted(self.counts):
+            seen += self.counts[i]
+            if seen >= rank:
+                mid = _MIN_MS * _GROWTH ** (i + 0.5)
+                return min(max(mid, self.min), self.max)
+        return self.max
+
+    def summary(self) -> dict | None:
+        if not self.n:
+            return None
+        return {"p50": round(self.quantile(0.50), 4), "p95": round(self.quantile(0.95), 4),
+                "p99": round(self.quantile(0.99), 4), "mean": round(self.sum / self.n, 4)}
+
+
+class PromHistogram:
+    """A cumulative Prometheus histogram (seconds) over fixed bounds; count and sum are exact."""
+
+    __slots__ = ("counts", "count", "sum")
+
+    def __init__(self):
+        self.counts = [0] * (len(PROM_BOUNDS_S) + 1)  # the last one is +Inf
+        self.count, self.sum = 0, 0.0
+
+    def observe(self, s: float) -> None:
+        self.counts[bisect.bisect_left(PROM_BOUNDS_S, s)] += 1
+        self.count += 1
+        self.sum += s
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, acc = [], 0
+        for bound, c in zip(PROM_BOUNDS_S + (math.inf,), self.counts):
+            acc += c
+            out.append(("+Inf" if bound == math.inf else repr(bound), acc))
+        return out
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Where one request's time went (seconds), Triton's split: decoding and checking the input,
+    waiting for the model (it runs one request at a time), the runtime itself, encoding the output."""
+
+    input_s: float = 0.0
+    queue_s: float = 0.0
+    infer_s: float = 0.0
+    output_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.input_s + self.queue_s + self.infer_s + self.output_s
+
+
+class ModelCounters:
+    """Cumulative per-(model, version) counters and histograms for /metrics (Triton's names)."""
+
+    __slots__ = ("success", "failure", "inferences", "executions", "nonfinite", "request_us", "queue_us",
+                 "input_us", "infer_us", "output_us", "request_h", "queue_h", "compute_h")
+
+    def __init__(self):
+        self.success = self.failure = self.inferences = self.executions = self.nonfinite = 0
+        self.request_us = self.queue_us = self.input_us = self.infer_us = self.output_us = 0
+        self.request_h, self.queue_h, self.compute_h = PromHistogram(), PromHistogram(), PromHistogram()
+
+
 class InferenceStats:
-    """Thread-safe: request handlers record, the telemetry loop takes windows."""
+    """Thread-safe: request handlers record, the telemetry loop takes windows, /metrics reads the
+    cumulative counters. Every request is counted (no sample cap); memory stays bounded."""
 
-    def __init__(self, max_samples: int = 100_000):
+    MAX_MODELS = 8  # per-model series kept for /metrics (the oldest served model is dropped first)
+
+    def __init__(self):
         self._lock = threading.Lock()
-        self._lat: list[float] = []
-        self._errors = 0
-        self._max = max_samples
-        self.total = 0
-        self.total_errors = 0
+        self._hist = LogHistogram()
+        self._errors = self._nonfinite = 0
+        self.total = self.total_errors = self.total_nonfinite = 0
         self._since = time.monotonic()
+        self._models: dict[tuple[str, str], ModelCounters] = {}
 
-    def record(self, ms: float | None, *, ok: bool = True) -> None:
+    def _counters(self, model: tuple[str, str] | None) -> ModelCounters | None:
+        if model is None:
+            return None
+        c = self._models.get(model)
+        if c is None:
+            if len(self._models) >= self.MAX_MODELS:
+                del self._models[next(iter(self._models))]
+            c = self._models[model] = ModelCounters()
+        return c
+
+    def record(self, ms: float | None, *, ok: bool = True, nonfinite: bool = False,
+               model: tuple[str, str] | None = None, phases: Phases | None = None, batch: int = 1) -> None:
+        """One request: `ms` its latency (successes), `nonfinite` whether a float output held NaN/Inf,
+        `model` (name, version) and `phases` for the per-model /metrics series."""
         with self._lock:
-            if ok:
-                self.total += 1
-                if len(self._lat) < self._max:
-                    self._lat.append(ms or 0.0)
-            else:
+            c = self._counters(model)
+            if not ok:
                 self._errors += 1
                 self.total_errors += 1
+                if c is not None:
+                    c.failure += 1
+                return
+            self.total += 1
+            self._hist.add(ms or 0.0)
+            if nonfinite:
+                self._nonfinite += 1
+                self.total_nonfinite += 1
+            if c is None:
+                return
+            c.success += 1
+            c.executions += 1
+            c.inferences += batch
+            c.nonfinite += bool(nonfinite)
+            total_s = phases.total_s if phases else (ms or 0.0) / 1000
+            c.request_us += int(total_s * 1e6)
+            c.request_h.observe(total_s)
+            if phases:
+                c.queue_us += int(phases.queue_s * 1e6)
+                c.input_us += int(phases.input_s * 1e6)
+                c.infer_us += int(phases.infer_s * 1e6)
+                c.output_us += int(phases.output_s * 1e6)
+                c.queue_h.observe(phases.queue_s)
+                c.compute_h.observe(phases.input_s + phases.infer_s + phases.output_s)
 
-    def window(self) -> dict:
+    def window(self, *, reset: bool = True) -> dict:
+        """The telemetry window since the last reset: count, errors, nonfinite, throughput and
+        latency percentiles (ms). `reset=False` peeks (the HTTP /stats view)."""
         with self._lock:
-            lat, errors, since = self._lat, self._errors, self._since
-            self._lat, self._errors, self._since = [], 0, time.monotonic()
+            hist, errors, nonfinite, since = self._hist, self._errors, self._nonfinite, self._since
+            stats = hist.summary()  # under the lock: a peek must not race the next record()
+            if reset:
+                self._hist, self._errors, self._nonfinite, self._since = LogHistogram(), 0, 0, time.monotonic()
         span = max(time.monotonic() - since, 1e-9)
-        stats = None
-        if lat:
-            a = np.asarray(lat)
-            stats = {"p50": round(float(np.percentile(a, 50)), 4), "p95": round(float(np.percentile(a, 95)), 4),
-                     "p99": round(float(np.percentile(a, 99)), 4), "mean": round(float(a.mean()), 4)}
-        return {"count": len(lat), "errors": errors, "window_s": round(span, 3),
-                "throughput_ips": round(len(lat) / span, 3), "latency_ms": stats}
+        return {"count": hist.n, "errors": errors, "nonfinite": nonfinite, "window_s": round(span, 3),
+                "throughput_ips": round(hist.n / span, 3), "latency_ms": stats}
+
+    def per_model(self) -> list[tuple[tuple[str, str], ModelCounters]]:
+        """A consistent copy of the per-model counters, for rendering /metrics."""
+        import copy
+
+        with self._lock:
+            return [(k, copy.deepcopy(v)) for k, v in self._models.items()]
+
+
+def has_nonfinite(arrays) -> bool:
+    """Whether any float array holds NaN or Inf. The fast path is one float64 sum per array (NaN
+    and Inf propagate through it; float64 cannot overflow on float32 data); only a non-finite sum
+    is confirmed element-wise (a float64 output near 1e308 could overflow the sum)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow and inf - inf are the point here
+        for a in arrays:
+            if a.dtype.kind == "f" and a.size and not math.isfinite(float(np.sum(a, dtype=np.float64))):
+                if not np.isfinite(a).all():
+                    return True
+    return False
 
 
 class HostMetrics:

@@ -74,12 +74,28 @@ def write_bundle(
     return manifest
 
 
+def file_mode() -> int:
+    """The mode open() would give a new file: 0666 less the process umask (0644 under umask 022).
+    Read from /proc (setting the umask to read it is not thread-safe); elsewhere the dance."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_zip(dest: Path, manifest_bytes: bytes, signature: bytes | None, members: dict) -> None:
     """Write the archive to a temporary file next to `dest`, fsync, rename. `members` maps a
     name to a callable opening its content for reading (streamed, never fully in memory)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would keep web servers and CI artifacts out
         with os.fdopen(fd, "wb") as raw:
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 zf.writestr(_info(MANIFEST), manifest_bytes)

@@ -51,6 +51,7 @@ class BuildOptions:
     bench_seconds: float = 2.0  # time budget of each interleaved candidate-vs-fp32 timing
     bench_runs: int = 400  # most interleaved rounds per timing
     sign_key: Path | None = None  # Ed25519 private key: bundles are written signed
+    profile_on: object | None = None  # packager.device_profile.DeviceTarget: the device's timings decide
 
     @property
     def gate(self) -> Gate:
@@ -146,6 +147,7 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
                                             exc=e, report=report))
         info = {"calibration": data_info(calib), "validation": data_info(valid), "gate": opts.gate.to_dict(),
                 "search": opts.search.value,
+                "profiled_on": opts.profile_on.device if opts.profile_on is not None else None,
                 "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in source.inputs]}
         return BuildResult(model=str(opts.model), source_format=source.kind.value, results=results,
                            seconds=time.perf_counter() - t0, shared=info, name=name, version=opts.version)

@@ -35,6 +35,7 @@ class BuildCache:
     float_tensors: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict)  # fp32 intermediates
     artifacts: dict[ArtifactKey, object] = field(default_factory=dict)  # registry.Artifact, or the error it raised
     bridged: dict[tuple, object] = field(default_factory=dict)  # registry.Bridge results (a path or the error)
+    device_profiles: dict[tuple[str, str], dict] = field(default_factory=dict)  # (target, fp32 path) -> device figures
 
     def path(self, name: str) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)

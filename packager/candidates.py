@@ -51,6 +51,7 @@ class Trial:
     size_bytes: int | None = None
     accuracy: dict | None = None
     latency: dict | None = None  # device_agent.timing comparison vs fp32
+    device_latency: dict | None = None  # the same on the device (--profile-on): decides the speed gate
     sensitivity: list = field(default_factory=list)  # the nodes that lose the most, when computed
     seconds: float = 0.0
     # Not reported: what the build needs to package or analyse this candidate.
@@ -71,7 +72,7 @@ class Trial:
                 if self.candidate else [], "verdict": self.verdict, "why": self.why, "size_bytes": self.size_bytes,
                 "accuracy_drop_points": acc.get("accuracy_drop_points"), "drop_metric": acc.get("drop_metric"),
                 "top1_agreement": acc.get("top1_agreement"), "cosine_similarity": acc.get("cosine_similarity"),
-                "latency": self.latency, "seconds": round(self.seconds, 2)}
+                "latency": self.latency, "device_latency": self.device_latency, "seconds": round(self.seconds, 2)}
 
 
 # Order of expected speed on CPUs and accelerators alike; each format keeps what it can do.

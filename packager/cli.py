@@ -54,6 +54,22 @@ def _progress(enabled: bool):
     return show
 
 
+def _broker_options(f):
+    from fleet.cli import broker_options
+
+    return broker_options(f)
+
+
+def _device_target(device: str | None, kw: dict):
+    """--profile-on with the broker options, as a DeviceTarget (None without --profile-on)."""
+    if device is None:
+        return None
+    from fleet.cli import _bc
+    from packager.device_profile import DeviceTarget
+
+    return DeviceTarget(device=device, broker=_bc(kw))
+
+
 @click.group(cls=EdgepackGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgepack", message="edgepack %(version)s")
 def main() -> None:
@@ -110,9 +126,12 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the HTML report (default: NAME-VERSION-report.html next to the bundles).")
 @click.option("--no-html", is_flag=True, help="Write no HTML report.")
+@click.option("--profile-on", help="Device id: its agent measures the candidates (profile jobs over --broker) and "
+                                   "its figures, not this host's, decide the speed gate.")
+@_broker_options
 def build(model, targets, out_dir, precision, search, calibration, calibration_samples, calibration_method,
           per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, no_gate, allow_flex, name, version,
-          opset, image_scale, image_mean, image_std, labels, sign_key, as_json, html_path, no_html):
+          opset, image_scale, image_mean, image_std, labels, sign_key, as_json, html_path, no_html, profile_on, **kw):
     """Convert MODEL (SavedModel dir, .keras/.h5, .onnx, .tflite) into one bundle per target."""
     from packager.build import BuildOptions, build as run_build
     from packager.data import ImagePreprocessing
@@ -127,7 +146,7 @@ def build(model, targets, out_dir, precision, search, calibration, calibration_s
         min_similarity=min_similarity, accuracy_gate=not no_gate,
         allow_flex=allow_flex, name=name, version=version, opset=opset, per_channel=per_channel,
         calibration_method=CalibrationMethod(calibration_method) if calibration_method else None,
-        image_prep=prep, labels=labels, sign_key=sign_key)
+        image_prep=prep, labels=labels, sign_key=sign_key, profile_on=_device_target(profile_on, kw))
     result = run_build(opts, progress=_progress(sys.stderr.isatty() or not as_json))
     report = result.to_dict()
     if not no_html:
@@ -239,9 +258,12 @@ def bench(bundle, against, runs, warmup, threads, max_seconds, as_json):
 
 
 def _register() -> None:
-    from packager.cli_fleet import COMMANDS
+    """Commands that live with their own part: signing and the demo here, the fleet side in fleet/."""
+    from fleet.cli import COMMANDS as FLEET
+    from fleet.cli_rollout import COMMANDS as ROLLOUT
+    from packager.cli_keys import COMMANDS as KEYS
 
-    for cmd in COMMANDS:
+    for cmd in KEYS + FLEET + ROLLOUT:
         main.add_command(cmd)
 
 

@@ -22,8 +22,8 @@ from typing import Callable
 
 import numpy as np
 
-from device_agent.config import BrokerConfig
-from device_agent.ota.desired import Probation
+from edgeproto.broker import BrokerConfig
+from edgeproto.desired import Probation
 from edgebundle.errors import EdgepackError
 
 Say = Callable[[str], None]
@@ -116,8 +116,8 @@ class Clients:
 
 
 def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say: Say = print) -> dict:
+    import fleet
     from edgebundle.signing import generate_keys
-    from packager import fleet
     from packager.build import BuildOptions, build
     from packager.examples.digits import train
     from packager.report import build_table
@@ -241,9 +241,10 @@ def stop_processes(*procs: subprocess.Popen) -> None:
 
 
 def _telemetry(broker: BrokerConfig) -> dict | None:
-    from packager import fleet
+    from edgeproto.topics import Topics
+    from fleet.conn import Collector
 
-    rows = fleet._Conn(broker, [f"{broker.topic_prefix}/devices/demo-pi/telemetry"], name="demo")
+    rows = Collector(broker, [Topics(broker.topic_prefix).telemetry("demo-pi")], name="demo")
     try:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:

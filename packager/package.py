@@ -45,6 +45,7 @@ def package(tb, chosen: Trial, trials: list[Trial]) -> TargetResult:
         "candidate": chosen.candidate.label, "choice": chosen.why,
         "size_bytes": {"model": size, "fp32_model": base.stat().st_size},
         "size_ratio": round(size / base.stat().st_size, 4), "latency_ms": latency,
+        "device_latency": chosen.device_latency,
         "accuracy": chosen.accuracy, "gate": opts.gate.to_dict(),
         "candidates": [t.to_dict() for t in trials], "lint": [f.to_dict() for f in chosen.findings],
         "warnings": warnings, "quantization": art.quantization, "edgetpu": finished.compile_report,

@@ -35,6 +35,13 @@ def latency_text(lat: dict | None) -> str:
     return f"{lat['b_ms']:.3f} ms {r['median']:.2f}x ({r['q1']:.2f}-{r['q3']:.2f})"
 
 
+def device_text(lat: dict | None) -> str:
+    """'0.95 ms 2.10x on pi-7' (p50 against the fp32 model's p50 on that device), or '-'."""
+    if not lat:
+        return "-"
+    return f"{lat['b_ms']:.3f} ms {lat['ratio']['median']:.2f}x on {lat['device']}"
+
+
 def accuracy_text(acc: dict | None) -> str:
     """A report's accuracy section, or a candidate row: the figure its gate looked at first."""
     if not acc:
@@ -59,6 +66,9 @@ def build_table(report: dict) -> str:
         size = t["size_bytes"]
         rows.append((t["target"], t["format"], t["candidate"], f"{human_bytes(size['model'])} ({t['size_ratio']:.2f}x)",
                      latency_text(t["latency_ms"]), accuracy_text(t["accuracy"]), t["bundle"]))
+    if any(t.get("device_latency") for t in report["targets"] if t["ok"]):  # --profile-on: host and device
+        rows = [r[:5] + (("device latency vs fp32",) if i == 0 else (device_text(t.get("device_latency")),)) + r[5:]
+                for i, (r, t) in enumerate(zip(rows, [None] + report["targets"]))]
     out = ["\n".join(_table(rows))]
     shared = report.get("shared", {})
     v, gate = shared.get("validation") or {}, shared.get("gate") or {}
@@ -71,10 +81,13 @@ def build_table(report: dict) -> str:
         out.append(f"\n{t['target']}:")
         cands = t.get("candidates") or []
         if cands:
-            crow = [("candidate", "verdict", "size", "latency vs fp32 (IQR)", "accuracy", "why")]
+            on_device = any(c.get("device_latency") for c in cands)
+            crow = [("candidate", "verdict", "size", "host latency vs fp32 (IQR)") + (("device",) if on_device else ())
+                    + ("accuracy", "why")]
             for c in cands:
-                crow.append((c["candidate"], c["verdict"], human_bytes(c["size_bytes"]),
-                             latency_text(c["latency"]), accuracy_text(c), c["why"]))
+                crow.append((c["candidate"], c["verdict"], human_bytes(c["size_bytes"]), latency_text(c["latency"]))
+                            + ((device_text(c.get("device_latency")),) if on_device else ())
+                            + (accuracy_text(c), c["why"]))
             out += ["  " + line for line in _table(crow)]
         notes = []
         if not t["ok"]:

@@ -219,7 +219,17 @@ class TargetBuild:
         if self.profile.is_cpu and quantized:
             trial.latency = self.latency(trial.artifact)
             r = trial.latency["ratio"]
-            if self.auto and r["verdict"] == "slower":
+            if self.opts.profile_on is not None:  # the device's figures decide; the host's are reported beside
+                from packager.device_profile import device_latency
+
+                trial.device_latency = device_latency(self, trial)
+                r = trial.device_latency["ratio"]
+                if self.auto and r["verdict"] == "slower":
+                    trial.verdict = "slower"
+                    trial.why = (f"{r['median']:.2f}x the fp32 p50 latency on device {trial.device_latency['device']} "
+                                 f"(host: {trial.latency['ratio']['median']:.2f}x)")
+                    return
+            elif self.auto and r["verdict"] == "slower":
                 trial.verdict = "slower"
                 trial.why = (f"{r['median']:.2f}x the fp32 latency (inter-quartile {r['q1']:.2f}-{r['q3']:.2f}x over "
                              f"{trial.latency['rounds']} interleaved rounds)")
@@ -261,7 +271,7 @@ class TargetBuild:
         if not passed:
             raise self._failure(trials)
         if self.opts.search is Search.THOROUGH and len(passed) > 1:
-            chosen = min(passed, key=lambda t: t.latency["ratio"]["median"] if t.latency else 1.0)
+            chosen = min(passed, key=lambda t: (t.device_latency or t.latency or {"ratio": {"median": 1.0}})["ratio"]["median"])
             chosen.why = f"fastest of {len(passed)} candidates that pass both gates"
         else:
             chosen = passed[0]

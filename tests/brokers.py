@@ -35,13 +35,14 @@ class Broker:
     kind = os.environ.get("EDGEPACK_TEST_BROKER") or ("mosquitto" if shutil.which("mosquitto") else "amqtt")
 
     def __init__(self, workdir: Path, *, tls: dict | None = None, users: dict | None = None,
-                 persistent: bool = False):
+                 persistent: bool = False, extra: tuple[str, ...] = ()):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.tls, self.users, self.persistent = tls, users, persistent
+        self.extra = tuple(extra)  # more mosquitto.conf lines (limits, bridges)
         self.proc: subprocess.Popen | None = None
-        if (tls or users or persistent) and self.kind != "mosquitto":
+        if (tls or users or persistent or extra) and self.kind != "mosquitto":
             raise RuntimeError("TLS/password/persistence tests need mosquitto")
 
     @property
@@ -73,7 +74,7 @@ class Broker:
             lines += [f"cafile {self.tls['ca']}", f"certfile {self.tls['cert']}", f"keyfile {self.tls['key']}",
                       "require_certificate true", "tls_version tlsv1.2"]
         cfg = self.dir / "mosquitto.conf"
-        cfg.write_text("\n".join(lines) + "\n")
+        cfg.write_text("\n".join(lines + list(self.extra)) + "\n")
         return ["mosquitto", "-c", str(cfg)]
 
     def start(self) -> "Broker":

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from agents import AgentProc, wait_until
-from device_agent.config import BrokerConfig
-from device_agent.ota.desired import Probation
+from edgeproto.broker import BrokerConfig
+from edgeproto.desired import Probation
 
 QUICK = Probation(seconds=1.5, requests=1000)
 ROOT = "edgepack/v1"
@@ -21,7 +21,7 @@ ROOT = "edgepack/v1"
 
 def push(broker, bundle, *, device=None, group=None, wait=False, timeout=60, probation=QUICK, sign=None, **kw):
     """`edgepack push` as a library call; `sign` is the private key that signs the record."""
-    from packager import fleet
+    import fleet
 
     if sign is not None:
         kw["sign_key"] = sign
@@ -93,7 +93,7 @@ def record(bundle: Path, *, target: str, chunk_size: int = 4096, issued: str | N
 
 
 def sign_record(doc: dict, key_path: Path, *, cert: dict | None = None) -> dict:
-    from device_agent.ota.desired import sign_record as _sign
+    from edgeproto.desired import sign_record as _sign
     from edgebundle.signing import load_private_key
 
     return _sign(doc, load_private_key(key_path), cert=cert)

@@ -44,7 +44,7 @@ def _infer_body(x, name="image", datatype="FP32", shape=None):
 
 def test_health_and_metadata(agent):
     assert _req(agent, "/v2/health/live") == (200, {"live": True})
-    assert _req(agent, "/v2/health/ready") == (200, {"ready": True})
+    assert _req(agent, "/v2/health/ready") == (200, {"ready": True, "state": "serving"})
     code, meta = _req(agent, "/v2/models/digits")
     assert code == 200 and meta["versions"] == ["1.0.0"]
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [1, 8, 8, 1]}]
@@ -141,7 +141,7 @@ def test_concurrent_clients(agent):
     assert not errors and len(done) == 200
 
 
-def test_agent_never_imports_tensorflow(digits_bundle, tmp_path):
+def test_agent_never_imports_tensorflow_packager_or_fleet(digits_bundle, tmp_path):
     """Run the agent in a fresh interpreter, serve a request, then list what got imported."""
     code = f"""
 import json, sys, threading
@@ -155,7 +155,7 @@ t = threading.Thread(target=lambda: agent.run(ready=ready), daemon=True)
 t.start()
 assert ready.wait(30)
 out = agent.model.infer({{"image": __import__("numpy").zeros((1, 8, 8, 1), "float32")}})
-bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "packager", "onnx"))
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf2onnx", "packager", "fleet", "onnx"))
 print(json.dumps({{"bad": bad, "outputs": list(out)}}))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -177,3 +177,21 @@ def test_tls_with_client_certificate_and_password(digits_bundle, tmp_path):
         w.stop()
     finally:
         b.stop()
+
+
+def test_buffer_never_drops_the_message_being_sent(tmp_path):
+    """A drop while a message is on its way to the broker would count it both as dropped and as
+    delivered; a message dropped after it was peeked must not be sent."""
+    from device_agent.buffer import DiskQueue
+
+    q = DiskQueue(tmp_path / "q.sqlite", max_messages=3, max_bytes=1 << 20)
+    for i in range(3):
+        q.push("t", json.dumps({"i": i}).encode())
+    batch = q.peek(10)
+    assert q.sending(batch[0][0])  # message 0 is being published
+    q.push("t", b'{"i": 3}')  # over the bound: 1 goes, not the one in flight
+    assert [json.loads(p)["i"] for _, _, p in q.peek(10)] == [0, 2, 3] and q.dropped == 1
+    assert q.sending(None) and q.delete(batch[0][0])
+    assert not q.sending(batch[1][0])  # dropped since the peek: not sent again
+    assert q.sending(batch[2][0])
+    q.close()

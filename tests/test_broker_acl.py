@@ -147,9 +147,9 @@ def test_acl_keeps_devices_to_their_own_topics(fleet_broker):
 def test_agent_and_push_work_through_the_acl(fleet_broker, versions, keys, tmp_path):
     """The ACL is not only tight, it is enough: a device with its own credentials reports, takes a
     signed update through TLS, and the fleet user follows it."""
-    from device_agent.config import BrokerConfig
-    from device_agent.ota.desired import Probation
-    from packager import fleet
+    from edgeproto.broker import BrokerConfig
+    from edgeproto.desired import Probation
+    import fleet
 
     creds = fleet_broker["creds"]
     a = AgentProc(tmp_path / "data", bundle=versions["v1"], broker=fleet_broker["url"], device_id="dev1",

@@ -16,7 +16,7 @@ import pytest
 
 from agents import AgentProc, Watcher, wait_until
 from brokers import Broker
-from device_agent.ota.desired import Probation
+from edgeproto.desired import Probation
 from faults import (FAULT_SEEDS, FINAL, LIBFAKETIME, UPDATE_STATES, check_device, ended, fill_disk,
                     report, update_record)
 from otakit import ROOT, Publisher, infer, publish_record, push, record, sign_record

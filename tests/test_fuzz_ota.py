@@ -44,7 +44,7 @@ def _valid_record(size: int = 5000, chunk: int = 1024) -> dict:
 # ---- desired records ----
 
 def test_fuzz_desired_record_bytes():
-    from device_agent.ota.desired import Desired, RecordError
+    from edgeproto.desired import Desired, RecordError
 
     @FUZZ
     @given(payload=st.binary(max_size=2000) | JSON.map(lambda v: json.dumps(v).encode()))
@@ -65,7 +65,7 @@ def test_fuzz_desired_record_mutated():
     @FUZZ
     @given(data=st.data())
     def run(data):
-        from device_agent.ota.desired import Desired, RecordError
+        from edgeproto.desired import Desired, RecordError
 
         TRIED["desired record: mutated valid record"] += 1
         doc = mutate(_valid_record(), data)
@@ -97,7 +97,7 @@ def test_fuzz_signed_record_changes_are_refused(signer):
     @FUZZ
     @given(data=st.data())
     def run(data):
-        from device_agent.ota.desired import Limits, RecordError, sign_record
+        from edgeproto.desired import Limits, RecordError, sign_record
         from device_agent.ota.gate import RecordGate, SourcePolicy
         from device_agent.ota.keyring import Keyring
 
@@ -149,7 +149,7 @@ def test_fuzz_chunk_messages():
     @FUZZ
     @given(size=st.integers(1, 6000), chunk=st.integers(64, 2048), data=st.data())
     def run(size, chunk, data):
-        from device_agent.ota.desired import Desired
+        from edgeproto.desired import Desired
         from device_agent.ota.transfer import MqttChunkFetcher, TransferError
 
         TRIED["chunk messages"] += 1

@@ -23,7 +23,7 @@ def test_damaged_download_log_is_ignored(tmp_path):
 def test_record_with_bad_version_is_a_record_error(version):
     """Signed-record fuzzer: a record whose version is not semantic raised BundleError (from the
     manifest's version parser), which the agent did not report as a refused record."""
-    from device_agent.ota.desired import Desired, RecordError
+    from edgeproto.desired import Desired, RecordError
 
     doc = {"schema": "edgepack.desired/1", "update_id": "u1", "name": "m", "version": version, "sha256": "0" * 64,
            "size": 10, "transfer": {"method": "url", "url": "https://example.com/b"}}

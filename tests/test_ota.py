@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from agents import AgentProc, Watcher, wait_until
-from device_agent.config import BrokerConfig
-from device_agent.ota.desired import Probation
+from edgeproto.broker import BrokerConfig
+from edgeproto.desired import Probation
 from otakit import Publisher, publish_record, record, sign_record
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def _fleet_key(keys):
 
 
 def _push(broker, bundle, *, device=None, group=None, wait=False, timeout=60, probation=QUICK, **kw):
-    from packager import fleet
+    import fleet
 
     kw.setdefault("sign_key", FLEET_KEY[0])
     return fleet.push(bundle, BrokerConfig(url=broker.url), device=device, group=group, wait=wait,
@@ -150,7 +150,7 @@ def test_tampered_chunk_refused(broker, versions, keys, tmp_path):
     a.stop()  # offline while the chunks sit on the broker
     res = _push(broker, versions["v2"], device="dev1")
     topic = res.desired["transfer"]["topic"] + "/chunks/3"
-    from device_agent.mqtt import MqttClient
+    from edgeproto.mqtt import MqttClient
 
     c = MqttClient(BrokerConfig(url=broker.url), client_id="tamper")
     c.start()
@@ -435,9 +435,10 @@ def test_unsigned_initial_bundle_refused_when_keys_configured(versions, keys, tm
     a = AgentProc(tmp_path / "data", bundle=versions["v2u"], interval=60,
                   extra=("--trusted-key", str(keys / "a.pub"), "--log-format", "text")).start(wait_ready=False)
     try:
-        wait_until(lambda: a._get("/v2/health/live") == 200, 30, what="agent up")
+        # the API answers while the bundle loads: wait for the refusal, not just for the API
+        wait_until(lambda: "not signed" in a.log.read_text(), 30, what="unsigned bundle refused")
+        assert a._get("/v2/health/live") == 200
         assert a._get("/v2/health/ready") == 503  # alive, but serving nothing unverified
-        assert "not signed" in a.log.read_text()
     finally:
         a.stop()
 

@@ -14,7 +14,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from agents import Watcher, wait_until
-from device_agent.ota.desired import Probation
+from edgeproto.desired import Probation
 from otakit import (ROOT, agent, events, infer, publish_record, push, record, sign_record, version,
                     wait_final)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agents import AgentProc, Watcher, wait_until
-from device_agent.ota.desired import Probation
+from edgeproto.desired import Probation
 from otakit import ROOT, agent, infer, publish_record, push, record, state, version, wait_final
 
 pytestmark = pytest.mark.slow

@@ -2,13 +2,14 @@
 real bundle files and a real data directory, a fake runtime (no model is run here)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from pathlib import Path
 
 import pytest
 
-from device_agent.ota.desired import Desired, Probation, UrlTransfer
+from edgeproto.desired import Desired, Probation, UrlTransfer
 from device_agent.ota.record import Record, State
 from device_agent.ota.transfer import TransferPolicy
 from device_agent.ota.updater import Clock, Updater, UpdaterSettings
@@ -37,6 +38,7 @@ class FakeClock:
 class FakeModel:
     def __init__(self, path: Path, *, health=None):
         m = open_bundle(path).manifest
+        self.manifest = m
         self.name, self.version, self.bundle_sha256 = m.name, m.version, sha256_file(path)
         self.closed, self.watched, self._health = False, False, health
 
@@ -90,11 +92,11 @@ class FakeHost:
         pass
 
 
-def _bundle(d: Path, version: str) -> Path:
+def _bundle(d: Path, version: str, *, inputs=(TensorSpec("x", (1, 4), "float32"),)) -> Path:
     model = d / f"model-{version}.bin"
     model.write_bytes(f"not a real model {version}".encode() * 10)
     m = Manifest(name="m", version=version, target={"name": "arm-cpu"}, format="tflite", precision="fp32",
-                 model_file="model.tflite", inputs=(TensorSpec("x", (1, 4), "float32"),),
+                 model_file="model.tflite", inputs=tuple(inputs),
                  outputs=(TensorSpec("y", (1, 2), "float32"),), runtime={"name": "litert"})
     dest = d / f"m-{version}.edgepack"
     write_bundle(dest, m, {"model.tflite": model})
@@ -279,3 +281,57 @@ def test_a_failed_write_after_staging_does_not_leak_the_staged_model(setup, monk
     _drive(u)
     assert u.record.state is State.COMMITTED and u.record.attempts == 1
     assert len(loaded) == 2 and loaded[0].closed and host.model is loaded[1]
+
+
+def test_interface_change_is_refused_in_staging_with_the_differences(setup):
+    host, u = setup["host"], setup["make"]()
+    new = _bundle(setup["src"], "1.1.0", inputs=(TensorSpec("input_layer", (1, 4), "float32"),))
+    u.set_desired(_desired(new))
+    _drive(u)
+    assert u.record.state is State.FAILED and host.model.version == "1.0.0"
+    err = u.record.error
+    assert "interface change refused" in err and "input 'x' removed" in err and "input 'input_layer' added" in err
+    assert "--allow-interface-change" in err and "switching" not in _states(host)
+
+
+def test_interface_change_applies_when_the_record_allows_it(setup):
+    host, u = setup["host"], setup["make"]()
+    new = _bundle(setup["src"], "1.1.0", inputs=(TensorSpec("x", (-1, 4), "float32", shape_signature=(-1, 4)),))
+    u.set_desired(_desired(new, allow_interface_change=True))
+    _drive(u)
+    assert u.record.state is State.COMMITTED and host.model.version == "1.1.0"
+
+
+def test_a_loop_that_keeps_raising_backs_off_reports_and_gives_up(setup):
+    """Not a handler: the step itself raises (here a host call) every time. Bounded, with events."""
+    host, u = setup["host"], setup["make"]()
+    d = _desired(_bundle(setup["src"], "1.1.0"))
+    u.set_desired(d)
+
+    def broken():
+        raise RuntimeError("host is broken")
+
+    host.active_model = broken
+    u.settings = dataclasses.replace(u.settings, backoff_s=1.0)
+    assert [u.tick() for _ in range(3)] == [1.0, 2.0, 4.0]  # doubling back-off, not every 2 s forever
+    mine = [e for e in host.events if e["update_id"] == d.update_id]
+    assert [e["state"] for e in mine] == ["idle", "idle", "failed"]
+    assert "attempt 1 of 3" in mine[0]["error"] and "gave up after 3 attempts" in mine[-1]["error"]
+    assert u.record.ended[d.update_id] == "failed"
+    host.active_model = lambda: host.model
+    assert u.tick() == 0.0 and len(host.events) == 3  # ended: not retried, no more events
+
+
+@pytest.mark.parametrize("state", [State.DOWNLOADING, State.VERIFYING, State.STAGING])
+def test_resume_edges_after_a_restart(setup, state):
+    """DOWNLOADING/VERIFYING/STAGING cut off by a restart resume (VERIFYING re-checks from scratch)."""
+    host, u = setup["host"], setup["make"]()
+    d = _desired(_bundle(setup["src"], "1.1.0"))
+    u.record = Record(state=state, update_id=d.update_id, desired=d.to_dict(), since=1.0)
+    u._write(u.record)
+    again = setup["make"]()
+    again.recover()
+    assert again.record.state is (State.DOWNLOADING if state is State.DOWNLOADING else State.VERIFYING)
+    again.set_desired(d)
+    _drive(again)
+    assert again.record.state is State.COMMITTED and host.model.version == "1.1.0"

@@ -16,10 +16,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_agent.ota.desired import Desired, Limits, RecordError, UrlTransfer, signed_bytes, url_allowed
 from device_agent.ota.keyring import Keyring
 from edgebundle.errors import EdgepackError
 from edgebundle.trust import parse_time
+from edgeproto.desired import Desired, Limits, RecordError, UrlTransfer, signed_bytes, url_allowed
 
 log = logging.getLogger("edgepack.agent.ota")
 MAX_SEEN = 512

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from device_agent.ota.desired import Desired, MqttTransfer, url_allowed
 from edgebundle.errors import EdgepackError
+from edgeproto.desired import Desired, MqttTransfer, url_allowed
 
 Progress = Callable[[int, int], None]  # (bytes done, total)
 

@@ -6,13 +6,26 @@
                            │   └ transient  │   └ retry  │   └ retry  │             └──► ROLLED_BACK
                            └────────────────┴────────────┴──► FAILED  └ crash/raise ─────► ROLLED_BACK
 
+   Resume edges (agent restart, read from DATA/update.json by recover() and the first _step):
+      DOWNLOADING ──► DOWNLOADING   chunks already stored are kept, the rest fetched
+      VERIFYING, STAGING ──► VERIFYING   one attempt counted; at max_attempts ──► FAILED
+      SWITCHING, PROBATION ──► ROLLED_BACK   previous bundle back in active.json before any load
+      VERIFYING ──► DOWNLOADING      the downloaded file is gone (cleaned, disk trouble)
+      STAGING, SWITCHING (in memory: no staged model after a retry) ──► STAGING / VERIFYING
+      any resumable state ──► FAILED ("abandoned")   a newer update_id arrived meanwhile
+   A pass of the loop that raises (not a handler: the loop itself, or a host call) is retried with
+   back-off and an event per attempt; at max_attempts the update in hand ends (FAILED, or
+   ROLLED_BACK when live).
+
 - DOWNLOADING: MQTT chunks or an allowed URL into DATA/downloads/<sha>; chunks already stored are
   kept (a restart resumes); a bad chunk or hash is fatal; too slow or stalled is transient.
 - VERIFYING: one pass over the archive: every hash, the model files extracted on the way; the
   signature against the keys of the current generation; name/version against the record;
   anti-rollback (lower version refused unless the signed record allows a downgrade).
 - STAGING: a second runtime instance loads the verified files, warms up, must reproduce the golden
-  outputs and meet the latency budget. The old model keeps serving throughout.
+  outputs and meet the latency budget; its interface (input/output names, dtypes, shapes with
+  dynamic axes) must equal the active model's unless the record allows a change. The old model
+  keeps serving throughout.
 - SWITCHING: the record is persisted, active.json replaced atomically, then one reference swap:
   requests in flight finish on the old model, new ones go to the new one.
 - PROBATION: error rate, NaN/Inf outputs the model is to blame for, p95 latency and periodic golden
@@ -32,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import shutil
 import threading
 import time
@@ -41,15 +55,24 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from device_agent.ota.desired import Desired, MqttTransfer
 from device_agent.ota.record import ENDED, LIVE, RESUMABLE, Record, State
 from device_agent.ota.transfer import Cancelled, MqttChunkFetcher, TransferError, TransferPolicy, TransientError, fetch_url
 from device_agent.store import Store, atomic_write
 from edgebundle.errors import EdgepackError
+from edgebundle.interface import interface_diff
 from edgebundle.manifest import parse_version
+from edgeproto.desired import Desired, MqttTransfer
+from edgeproto.records import UpdateEvent
 
 __all__ = ["Clock", "Host", "State", "Record", "UpdateFailed", "Updater", "UpdaterSettings"]
 log = logging.getLogger("edgepack.agent.ota")
+
+
+def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rand: Callable[[], float] = random.random) -> float:
+    """Exponential back-off, capped, with full jitter: uniform in [0, min(cap, base * 2^(attempt-1))].
+    After an outage the devices of a fleet spread their retries instead of hitting the model
+    server in lockstep."""
+    return rand() * min(base_s * 2 ** max(attempt - 1, 0), cap_s)
 
 
 @dataclass(frozen=True)
@@ -104,6 +127,7 @@ class Updater:
         self._retry_at = 0.0
         self._dirty = False  # the record in memory is newer than the one on disk (disk full)
         self._last_progress = 0.0
+        self._step_failures = 0  # consecutive passes of the loop that raised
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle ----
@@ -157,15 +181,49 @@ class Updater:
     # ---- the loop ----
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                if self._dirty:
-                    self._persist_quietly()
-                self._step()
-            except Exception:  # a bug in the loop itself: never let the update thread die
-                log.exception("update step failed")
-                self._stop.wait(2)
+            pause = self.tick()
+            if pause:
+                self._stop.wait(pause)
             self._wake.wait(1.0)
             self._wake.clear()
+
+    def tick(self) -> float:
+        """One pass of the loop; returns seconds to pause first (back-off after a raising step).
+        A step that keeps raising (a bug, a host call failing every time) is retried with back-off
+        and an event each time, and after `max_attempts` the update in hand ends through `_end`."""
+        try:
+            if self._dirty:
+                self._persist_quietly()
+            self._step()
+            self._step_failures = 0
+            return 0.0
+        except Exception as e:  # a bug in the loop itself: never let the update thread die
+            self._step_failures += 1
+            n = self._step_failures
+            log.exception("update step failed (%d of %d)", n, self.settings.max_attempts)
+            msg = f"the update step raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            try:
+                self._step_failed(msg, n)
+            except Exception:  # reporting must not take the loop down either
+                log.exception("reporting the failed step failed")
+            return min(self.settings.backoff_s * 2 ** (n - 1), self.settings.max_backoff_s)
+
+    def _step_failed(self, msg: str, n: int) -> None:
+        r, d = self.record, self._desired
+        if n < self.settings.max_attempts:
+            uid = r.update_id if r.state not in ENDED else (d.update_id if d else None)
+            if uid is not None:
+                self.host.event(UpdateEvent(update_id=uid, state=r.state.value if r.state not in ENDED else "idle",
+                                            error=f"{msg} (attempt {n} of {self.settings.max_attempts})").to_dict())
+            return
+        self._step_failures = 0
+        if r.state in LIVE:
+            self._rollback(f"gave up after {n} attempts: {msg}")
+        elif r.state in RESUMABLE:
+            self._fail(f"gave up after {n} attempts: {msg}")
+        elif d is not None and d.update_id not in r.ended:  # it raised before the update even started
+            self.record = dataclasses.replace(r, update_id=d.update_id, desired=d.to_dict(), attempts=n)
+            self._end(State.FAILED, f"gave up after {n} attempts: {msg}")
 
     def _step(self) -> None:
         r = self.record
@@ -298,6 +356,15 @@ class Updater:
             model = self.host.load(self.host.store.root / cand["bundle"], verified=verified)  # warm-up, golden check
         except Exception as e:  # a model that cannot load or raises in warm-up is never activated
             raise UpdateFailed(f"staging failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        active = self.host.active_model()
+        changes = interface_diff(active.manifest, model.manifest) if active is not None else []
+        if changes and not d.allow_interface_change:  # clients of the running model would break
+            model.close()
+            raise UpdateFailed(f"interface change refused: {'; '.join(changes)} (clients of {active.version} would "
+                               "fail; push with --allow-interface-change once they are ready)")
+        if changes:
+            log.warning("update %s changes the model interface (allowed by the record): %s", d.update_id,
+                        "; ".join(changes))
         budget = d.staging_max_p95_ms
         if budget:  # timed on the build's own samples: random values crash models taking ids or rates
             golden = model.golden_inputs()
@@ -424,7 +491,7 @@ class Updater:
         if r.attempts >= self.settings.max_attempts:
             self._fail(f"gave up after {r.attempts} attempts: {error}")
             return
-        delay = min(self.settings.backoff_s * 2 ** (r.attempts - 1), self.settings.max_backoff_s)
+        delay = backoff_delay(r.attempts, base_s=self.settings.backoff_s, cap_s=self.settings.max_backoff_s)
         self._retry_at = self.clock.mono() + delay
         self._persist_quietly()
         log.warning("update %s: %s (attempt %d of %d; retrying in %.0f s)", r.update_id, error, r.attempts,
@@ -513,10 +580,10 @@ class Updater:
                note: str | None = None) -> None:
         r = self.record
         d = r.desired or {}
-        self.host.event({"update_id": r.update_id, "state": state.value, "name": d.get("name"),
-                         "version": d.get("version"), "sha256": d.get("sha256"),
-                         "from_version": (r.previous or {}).get("version"), "progress": progress,
-                         "error": error, "note": note})
+        self.host.event(UpdateEvent(update_id=r.update_id, state=state.value, name=d.get("name"),
+                                    version=d.get("version"), sha256=d.get("sha256"),
+                                    from_version=(r.previous or {}).get("version"), progress=progress,
+                                    error=error, note=note).to_dict())
 
     def _inject_fault(self, state: State) -> None:
         delay = self.settings.fault_delays.get(state.value)

@@ -47,6 +47,13 @@ class Runtime(ABC):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on native-dtype tensors keyed by input name."""
 
+    @classmethod
+    def slow_load(cls, *, providers: tuple[str, ...] = (), cache_dir: str | None = None,
+                  trt_cache: bool = False) -> str | None:
+        """What makes loading slow this time (e.g. "TensorRT engines for this model"), or None.
+        The agent shows it as its state so a start that takes minutes does not look hung."""
+        return None
+
     def close(self) -> None:
         """Release the model (override where the runtime holds native resources)."""
 

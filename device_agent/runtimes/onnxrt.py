@@ -30,6 +30,13 @@ def provider_options(name: str, *, cache_dir: str | None, trt_fp16: bool, trt_ca
     return {}
 
 
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 @dataclass
 class OnnxRuntime(Runtime):
     _session: object = None
@@ -68,6 +75,24 @@ class OnnxRuntime(Runtime):
                    "skipped": [p for p in wanted if p not in available], "threads": threads or None}
         return cls(inputs=inputs, outputs=outputs, details=details, _session=sess,
                    _out_names=tuple(o.name for o in outputs))
+
+    @classmethod
+    def slow_load(cls, *, providers: tuple[str, ...] = (), cache_dir: str | None = None,
+                  trt_cache: bool = False, **_ignored) -> str | None:
+        """The TensorRT EP compiles engines while the session is created (minutes on a Jetson);
+        with the engine cache on, only when the model's cache folder holds no engine yet."""
+        if "TensorrtExecutionProvider" not in providers:
+            return None
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
+        if "TensorrtExecutionProvider" not in ort.get_available_providers():
+            return None
+        if trt_cache and cache_dir and any(n.endswith(".engine") for n in _listdir(cache_dir)):
+            return None
+        return "TensorRT engines for this model" + (" (first start; cached afterwards)" if trt_cache and cache_dir
+                                                    else " (engine cache off: every start)")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         res = self._session.run(self._out_names, feeds)

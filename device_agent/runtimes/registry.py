@@ -39,3 +39,11 @@ def load_from_manifest(path: str, manifest, *, cache_dir: str | None = None, thr
         delegates=tuple(rt.get("delegates") or ()), providers=tuple(rt.get("providers") or ()),
         cache_dir=cache_dir, trt_fp16=bool(rt.get("tensorrt_fp16")), trt_cache=bool(rt.get("tensorrt_engine_cache")),
         allow_cpu_fallback=fallback)
+
+
+def slow_load(manifest, *, cache_dir: str | None = None) -> str | None:
+    """Why loading this bundle's model will be slow on this device (None: it will not be)."""
+    rt = manifest.runtime
+    return runtime_for_format(manifest.format).slow_load(
+        providers=tuple(rt.get("providers") or ()), cache_dir=cache_dir,
+        trt_cache=bool(rt.get("tensorrt_engine_cache")))

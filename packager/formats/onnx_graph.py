@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,54 @@ def tf_to_onnx(src, path: Path, opset: int) -> None:
         raise ConversionError(f"tf2onnx could not convert the model (opset {opset}): {str(e).splitlines()[0][:300]}",
                               hint="try another --opset (13-18), or a TFLite target") from None
     _rename_outputs(model, src.outputs)
+    canonical_names(model)
     onnx.save(model, str(path))
+
+
+_GENERATED = re.compile(r"^(.*)__\d+(:\d+)?$")
+
+
+def canonical_names(model) -> int:
+    """Renumber tf2onnx's generated names (`Transpose__30`, `const_axes__24:0`) in graph order.
+    tf2onnx numbers them from a counter whose order varies between processes, so the same model
+    converted twice gave different bytes: builds would not be reproducible and a rebuilt fp32
+    model could not be recognised as the one a report timed. Returns how many names changed."""
+    g = model.graph
+    if any(a.HasField("g") or len(a.graphs) for n in g.node for a in n.attribute):
+        return 0  # subgraphs read outer names: leave such graphs as they are
+    keep = {v.name for v in g.input} | {v.name for v in g.output}
+    consts = {t.name for t in g.initializer}
+    mapping: dict[str, str] = {}
+
+    def new(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in mapping:
+            m = _GENERATED.match(name)
+            if not m:
+                return name
+            # constants tf2onnx merged by value keep either name: call them by position instead
+            base = "const" if name in consts else m.group(1)
+            mapping[name] = f"{base}__{len(mapping)}{m.group(2) or ''}"
+        return mapping[name]
+
+    for n in g.node:  # numbered in node order, the one order tf2onnx keeps stable
+        n.name = new(n.name)
+        n.input[:] = [new(x) for x in n.input]
+        n.output[:] = [new(x) for x in n.output]
+    first_use = {x: i for i, n in reversed(list(enumerate(g.node))) for x in n.input}
+    inits = sorted(g.initializer, key=lambda t: (first_use.get(new(t.name), len(g.node)), new(t.name)))
+    renamed = []
+    for t in inits:
+        c = type(t)()
+        c.CopyFrom(t)
+        c.name = new(t.name)
+        renamed.append(c)
+    del g.initializer[:]
+    g.initializer.extend(renamed)
+    for vi in g.value_info:
+        vi.name = new(vi.name)
+    return sum(k != v for k, v in mapping.items())
 
 
 def _rename_outputs(model, names: list[str]) -> None:

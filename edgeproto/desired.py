@@ -9,7 +9,7 @@ the agent parses and checks them. A record is a JSON object; a signed one carrie
 over the canonical JSON (edgebundle.signing.canonical_json) of the record without that member.
 `cert` is present when the signing key is a fleet key certified by a root key (edgebundle.trust).
 Everything that changes what a device runs or how it judges a model is inside the signed bytes:
-bundle, size, transfer, version, downgrade permission, probation and latency thresholds, the
+bundle, size, transfer, version, downgrade and interface-change permissions, probation and latency thresholds, the
 target topic (`target`), `issued` and `update_id` (replay protection)."""
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ class Desired:
     size: int
     transfer: MqttTransfer | UrlTransfer
     allow_downgrade: bool = False
+    allow_interface_change: bool = False  # inputs/outputs may differ from the running model's
     probation: Probation = field(default_factory=Probation)
     staging_max_p95_ms: float | None = None
     issued: str | None = None  # UTC timestamp of the push (replay protection)
@@ -151,6 +152,9 @@ class Desired:
         allow_downgrade = d.get("allow_downgrade", False)
         if not isinstance(allow_downgrade, bool):
             raise ValueError("allow_downgrade must be true or false")
+        allow_interface_change = d.get("allow_interface_change", False)
+        if not isinstance(allow_interface_change, bool):
+            raise ValueError("allow_interface_change must be true or false")
         p = _section(d, "probation", ("seconds", "requests", "max_error_rate", "max_p95_ms"))
         probation = Probation(seconds=_num(p, "probation.seconds", "seconds", 0.0, 86400.0, Probation.seconds),
                               requests=_int(p, "requests", 1, 10 ** 9, default=Probation.requests,
@@ -169,7 +173,8 @@ class Desired:
         if sig is not None and not isinstance(sig, dict):
             raise ValueError(f"{SIG_FIELD} must be an object")
         return cls(update_id=uid, name=name, version=version, sha256=sha, size=size, transfer=transfer,
-                   allow_downgrade=allow_downgrade, probation=probation, staging_max_p95_ms=_opt_ms(st, "staging.max_p95_ms"),
+                   allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
+                   probation=probation, staging_max_p95_ms=_opt_ms(st, "staging.max_p95_ms"),
                    issued=issued, target=target, signature=sig, source=source)
 
     def to_dict(self) -> dict:
@@ -181,6 +186,8 @@ class Desired:
                            "max_error_rate": self.probation.max_error_rate,
                            "max_p95_ms": self.probation.max_p95_ms},
              "staging": {"max_p95_ms": self.staging_max_p95_ms}, "issued": self.issued}
+        if self.allow_interface_change:  # only when set: records of older pushers stay byte-identical
+            d["allow_interface_change"] = True
         if self.target is not None:
             d["target"] = self.target
         return d
@@ -199,6 +206,11 @@ def sign_record(doc: dict, private_key, *, cert: dict | None = None) -> dict:
         block["cert"] = cert
     out[SIG_FIELD] = block
     return out
+
+
+def parse_transfer(doc: dict, *, sha256: str, size: int, limits: Limits = Limits()) -> "MqttTransfer | UrlTransfer":
+    """A transfer object from its JSON form (as in a record); ValueError naming the field."""
+    return _transfer(doc, sha=sha256, size=size, limits=limits, topic_prefix=None)
 
 
 def resolve(device: "Desired | None", groups: list["Desired | None"]) -> "Desired | None":
@@ -330,4 +342,4 @@ def _transfer(t, *, sha: str, size: int, limits: Limits, topic_prefix: str | Non
 
 
 __all__ = ["SCHEMA", "SIG_FIELD", "Desired", "Limits", "MqttTransfer", "Probation", "RecordError", "UrlTransfer",
-           "resolve", "sign_record", "signed_bytes", "url_allowed"]
+           "parse_transfer", "resolve", "sign_record", "signed_bytes", "url_allowed"]

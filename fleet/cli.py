@@ -1,4 +1,5 @@
-"""`edgepack keys | sign | push | fleet | broker`: signing and the fleet side of the CLI."""
+"""`edgepack push | profile | fleet | broker`: the fleet side of the CLI (registered by packager.cli, so
+`edgepack` stays the one command)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from device_agent.config import BrokerConfig
+from edgeproto.broker import BrokerConfig
 
 
 def _broker(url: str, username, password, ca_file, cert_file, key_file, prefix) -> BrokerConfig:
@@ -36,60 +37,6 @@ def _bc(kw) -> BrokerConfig:
                    kw.pop("topic_prefix"))
 
 
-@click.group()
-def keys() -> None:
-    """Signing keys (Ed25519)."""
-
-
-@keys.command("generate")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("."), show_default=True)
-@click.option("--name", default="edgepack", show_default=True, help="Writes NAME.key (private) and NAME.pub.")
-def keys_generate(out_dir, name):
-    """Create a key pair: keep NAME.key secret, give NAME.pub to devices (--trusted-key)."""
-    from edgebundle.signing import generate_keys
-
-    kid = generate_keys(out_dir / f"{name}.key", out_dir / f"{name}.pub")
-    click.echo(f"key id {kid}\nprivate: {out_dir / (name + '.key')} (mode 0600)\npublic:  {out_dir / (name + '.pub')}")
-
-
-@keys.command("certify")
-@click.argument("fleet_pub", type=click.Path(exists=True, path_type=Path))
-@click.option("--root-key", required=True, type=click.Path(exists=True, path_type=Path),
-              help="The root private key (kept offline).")
-@click.option("--serial", type=int, required=True,
-              help="Key generation: devices refuse keys of a lower generation once they saw a higher one.")
-@click.option("--not-after", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
-              help="Expiry (UTC); devices refuse the key after it (mind their clocks).")
-@click.option("--out", "out_path", type=click.Path(path_type=Path), help="Default: FLEET_PUB with .cert.")
-def keys_certify(fleet_pub, root_key, serial, not_after, out_path):
-    """Certify a fleet key with the root key: devices that trust the root (--root-key) trust it."""
-    from datetime import timezone
-
-    from edgebundle.signing import load_private_key, load_public_key
-    from edgebundle.trust import certify
-
-    cert = certify(load_public_key(fleet_pub), load_private_key(root_key), serial=serial,
-                   not_after=not_after.replace(tzinfo=timezone.utc) if not_after else None)
-    out_path = out_path or fleet_pub.with_suffix(".cert")
-    out_path.write_text(json.dumps(cert, indent=2) + "\n")
-    click.echo(f"certified key {cert['key_id']} (generation {serial}) -> {out_path}")
-
-
-@click.command()
-@click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path), help="Private key (PEM).")
-@click.option("--cert", "cert_path", type=click.Path(exists=True, path_type=Path),
-              help="The key's certificate (edgepack keys certify), carried in the signature.")
-def sign(bundle, key_path, cert_path):
-    """Sign BUNDLE's manifest (which hashes every file) in place, atomically."""
-    from edgebundle.archive import sign_bundle
-    from edgebundle.signing import load_private_key
-
-    cert = json.loads(cert_path.read_text()) if cert_path else None
-    sig = json.loads(sign_bundle(bundle, load_private_key(key_path), cert=cert))
-    click.echo(f"signed {bundle} with key {sig['key_id']}")
-
-
 @click.command()
 @click.argument("bundle", type=click.Path(exists=True, path_type=Path))
 @click.option("--device", help="Device id.")
@@ -98,6 +45,8 @@ def sign(bundle, key_path, cert_path):
 @click.option("--url", help="Devices download from this http(s):// or file:// URL instead of MQTT chunks.")
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True, help="Bytes per MQTT chunk.")
 @click.option("--allow-downgrade", is_flag=True, help="Let devices move to a lower version.")
+@click.option("--allow-interface-change", is_flag=True,
+              help="Let devices apply a model whose inputs/outputs differ from the running one (clients must be ready).")
 @click.option("--probation-seconds", type=float, default=30.0, show_default=True)
 @click.option("--probation-requests", type=int, default=200, show_default=True)
 @click.option("--max-error-rate", type=float, default=0.02, show_default=True)
@@ -109,11 +58,11 @@ def sign(bundle, key_path, cert_path):
 @click.option("--wait", is_flag=True, help="Follow each device until it commits, fails or rolls back.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="With --wait.")
 @click.option("--json", "as_json", is_flag=True)
-def push(bundle, device, group, url, chunk_size, allow_downgrade, probation_seconds, probation_requests,
-         max_error_rate, latency_budget_ms, sign_key, key_cert, wait, timeout, as_json, **kw):
+def push(bundle, device, group, url, chunk_size, allow_downgrade, allow_interface_change, probation_seconds,
+         probation_requests, max_error_rate, latency_budget_ms, sign_key, key_cert, wait, timeout, as_json, **kw):
     """Make BUNDLE the desired model of a device or a group (retained: offline devices catch up)."""
-    from device_agent.ota.desired import Probation
-    from packager import fleet
+    from edgeproto.desired import Probation
+    from fleet.push import push as push_bundle
 
     def show(dev, ev):
         if as_json:
@@ -123,21 +72,78 @@ def push(bundle, device, group, url, chunk_size, allow_downgrade, probation_seco
         err = f" ({ev['error']})" if ev.get("error") else ""
         click.echo(f"  {dev}: {ev.get('state')}{extra}{err}", err=True)
 
-    res = fleet.push(bundle, _bc(kw), device=device, group=group, url=url, chunk_size=chunk_size,
-                     allow_downgrade=allow_downgrade,
+    res = push_bundle(bundle, _bc(kw), device=device, group=group, url=url, chunk_size=chunk_size,
+                     allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
+                     warn=lambda m: click.echo(f"warning: {m}", err=True),
                      probation=Probation(seconds=probation_seconds, requests=probation_requests,
                                          max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
                      staging_max_p95_ms=latency_budget_ms, wait=wait, timeout=timeout, progress=show,
                      sign_key=sign_key, key_cert=key_cert)
     d = res.desired
     if as_json:
-        click.echo(json.dumps({"topic": res.topic, "desired": d, "devices": res.devices}, indent=2))
+        click.echo(json.dumps({"topic": res.topic, "desired": d, "devices": res.devices, "warnings": res.warnings},
+                              indent=2))
     else:
         click.echo(f"desired {d['name']} {d['version']} (sha256 {d['sha256'][:16]}..., update {d['update_id']}) "
                    f"-> {res.topic}")
         for dev, ev in sorted(res.devices.items()):
             click.echo(f"  {dev:<20} {ev.get('state'):<12} {ev.get('error') or ''}")
     if wait and not res.ok:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--device", required=True, help="Id of the running device that measures the bundles.")
+@broker_options
+@click.option("--threads", type=int, help="Threads the device times with (default: each bundle's own setting).")
+@click.option("--runs", type=int, default=200, show_default=True, help="Timed runs per bundle (at most).")
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--max-seconds", type=float, default=20.0, show_default=True, help="Timed seconds per bundle (at most).")
+@click.option("--timeout", type=float, default=300.0, show_default=True,
+              help="Seconds to wait for each job once the device accepted it.")
+@click.option("--chunk-size", type=int, default=1 << 20, show_default=True, help="Bytes per MQTT chunk.")
+@click.option("--sign-key", type=click.Path(exists=True, path_type=Path),
+              help="Fleet private key that signs the job (devices with keys refuse unsigned jobs).")
+@click.option("--key-cert", type=click.Path(exists=True, path_type=Path),
+              help="Certificate of --sign-key from the root key (edgepack keys certify).")
+@click.option("--json", "as_json", is_flag=True)
+def profile(bundles, device, threads, runs, warmup, max_seconds, timeout, chunk_size, sign_key, key_cert, as_json,
+            **kw):
+    """Measure BUNDLEs on a running device (a profile job: fetched, checked, loaded beside the serving
+    model, benchmarked, discarded; never activated)."""
+    from edgebundle.errors import InputError
+    from edgeproto.jobs import MAX_BENCH_SECONDS, BenchSettings
+    from fleet.profile import Timeouts, profile as run_profile, result_row
+
+    if threads is not None and not 1 <= threads <= 256:
+        raise InputError("--threads must be between 1 and 256")
+    if runs < 5 or warmup < 0 or not 0 < max_seconds <= MAX_BENCH_SECONDS or timeout <= 0:
+        raise InputError(f"--runs must be at least 5, --warmup at least 0, --max-seconds in (0, "
+                         f"{MAX_BENCH_SECONDS:g}] and --timeout positive")
+
+    def show(r):
+        if not as_json and not r.final:
+            click.echo(f"  {r.device_id}: {r.state}{' ' + r.phase if r.phase else ''}", err=True)
+
+    results = run_profile(list(bundles), _bc(kw), device=device, sign_key=sign_key, key_cert=key_cert,
+                          bench=BenchSettings(threads=threads, runs=runs, warmup=warmup, max_seconds=max_seconds),
+                          timeouts=Timeouts(job_s=timeout), chunk_size=chunk_size, progress=show)
+    rows = [dict(result_row(r), file=str(b)) for r, b in zip(results, bundles)]
+    if as_json:
+        click.echo(json.dumps({"device": device, "results": [r.to_dict() for r in results], "rows": rows}, indent=2))
+        return
+    head = ("bundle", "precision", "p50 ms", "p95 ms", "p99 ms", "inf/s", "load ms", "RSS +MB", "provider", "golden")
+    fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
+    table = [head] + [(r["file"], r["precision"] or "-", fmt(r["p50_ms"]), fmt(r["p95_ms"]), fmt(r["p99_ms"]),
+                       fmt(r["throughput_ips"], "{:.1f}"), fmt(r["load_ms"], "{:.1f}"),
+                       fmt(None if r["rss_delta_bytes"] is None else r["rss_delta_bytes"] / 2 ** 20, "{:.1f}"),
+                       r["provider"] or "-", {True: "ok", False: "FAILED"}.get(r["golden_ok"], "-")) for r in rows]
+    w = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    click.echo(f"measured on {device}:")
+    for row in table:
+        click.echo("  ".join(str(c).ljust(n) for c, n in zip(row, w)).rstrip())
+    if any(r["golden_ok"] is False for r in rows):
         sys.exit(1)
 
 
@@ -153,9 +159,9 @@ def fleet() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def fleet_status(group, listen, as_json, **kw):
     """Devices: online, model and version, update state, signed updates, p95 latency, errors, last seen."""
-    from packager import fleet as fl
+    from fleet.status import status
 
-    rows = fl.status(_bc(kw), group=group, listen_s=listen)
+    rows = status(_bc(kw), group=group, listen_s=listen)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -171,6 +177,24 @@ def fleet_status(group, listen, as_json, **kw):
         click.echo("(no devices have reported)")
 
 
+@fleet.command("serve")
+@broker_options
+@click.option("--listen", default="127.0.0.1:8780", show_default=True,
+              help="HOST:PORT of the page (port 0: a free one). Loopback by default: the page has no login, so "
+                   "anyone who can reach the address sees the fleet.")
+@click.option("--group", help="Only devices and rollouts of this group.")
+def fleet_serve(listen, group, **kw):
+    """Serve a live web page of the fleet (devices, p95, updates, rollouts) until Ctrl-C.
+    Binds to 127.0.0.1 unless --listen says otherwise."""
+    from fleet.web import is_loopback, parse_listen, serve
+
+    host, port = parse_listen(listen)
+    if not is_loopback(host):
+        click.echo(f"warning: serving on {host}, beyond this machine; the page has no login", err=True)
+    serve(_bc(kw), host=host, port=port, group=group,
+          ready=lambda url: click.echo(f"fleet page on {url} (Ctrl-C stops)", err=True))
+
+
 @click.group(invoke_without_command=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=1883, show_default=True)
@@ -179,14 +203,14 @@ def broker(ctx, host, port):
     """Run the embedded MQTT broker (amqtt) for local trials, until Ctrl-C; or `broker config`."""
     if ctx.invoked_subcommand is not None:
         return
-    from packager.broker import run
+    from fleet.broker import run
 
     run(host, port, ready=lambda: click.echo(f"embedded MQTT broker on mqtt://{host}:{port} (Ctrl-C stops)",
                                              err=True))
 
 
 def _device_account(text: str):
-    from packager.broker import DeviceAccount
+    from fleet.broker import DeviceAccount
 
     dev, _, groups = text.partition(":")
     return DeviceAccount(device_id=dev, groups=tuple(g for g in groups.split(",") if g))
@@ -197,6 +221,8 @@ def _device_account(text: str):
 @click.option("--device", "devices", multiple=True, required=True,
               help="ID or ID:GROUP,GROUP (repeatable): one MQTT account per device.")
 @click.option("--fleet-user", "fleet_users", multiple=True, help="Fleet role account(s) (default: fleet).")
+@click.option("--collector-user", "collector_users", multiple=True,
+              help="Read-only account(s) for telemetry/status consumers (MQTT 5 shared subscriptions).")
 @click.option("--listen", default="0.0.0.0:8883", show_default=True, help="HOST:PORT of the listener.")
 @click.option("--cafile", type=click.Path(exists=True), help="CA certificate (TLS).")
 @click.option("--certfile", type=click.Path(exists=True), help="The broker's certificate (TLS).")
@@ -205,11 +231,11 @@ def _device_account(text: str):
 @click.option("--no-tls", is_flag=True, help="Plain TCP: loopback trials only.")
 @click.option("--topic-prefix", default="edgepack/v1", show_default=True)
 @click.option("--run-as", help="System user mosquitto drops to (its `user` setting).")
-def broker_config(out_dir, devices, fleet_users, listen, cafile, certfile, keyfile, require_client_cert, no_tls,
-                  topic_prefix, run_as):
+def broker_config(out_dir, devices, fleet_users, collector_users, listen, cafile, certfile, keyfile,
+                  require_client_cert, no_tls, topic_prefix, run_as):
     """Write mosquitto.conf, an ACL, a password file and per-device credentials for a fleet."""
     from edgebundle.errors import InputError
-    from packager.broker import MosquittoSetup, TlsFiles, write_mosquitto_config
+    from fleet.broker import MosquittoSetup, TlsFiles, write_mosquitto_config
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
@@ -222,30 +248,20 @@ def broker_config(out_dir, devices, fleet_users, listen, cafile, certfile, keyfi
                        keyfile=str(Path(keyfile).resolve()))
     res = write_mosquitto_config(MosquittoSetup(
         out_dir=out_dir, devices=tuple(_device_account(d) for d in devices), fleet_users=fleet_users or ("fleet",),
+        collector_users=tuple(collector_users),
         topic_prefix=topic_prefix.strip("/"), host=host, port=int(port), tls=tls,
         require_client_certificate=require_client_cert, run_as=run_as))
     click.echo(f"wrote {res['conf']}, {res['acl']}, {res['passwd']}; credentials in {res['credentials']}/ (0600)")
     click.echo(f"run: mosquitto -c {res['conf']}")
 
 
-@click.command()
-@click.option("--broker", "broker_url", help="Use this broker instead of starting the embedded one.")
-@click.option("--workdir", type=click.Path(path_type=Path), help="Keep models, bundles and logs here "
-                                                                   "(default: a new temporary folder).")
-def demo(broker_url, workdir):
-    """The whole loop on embedded defaults: build, serve, telemetry, signed OTA update."""
-    from packager.demo import run_demo
-
-    s = run_demo(workdir=workdir, broker_url=broker_url, say=lambda m: click.echo(m))
-    ok = s["update_state"] == "committed" and s["requests_failed"] == 0 and s["to_version"] == "1.1.0"
-    click.echo("== summary")
-    click.echo(f"   bundles built and signed: {s['bundles_built']}")
-    click.echo(f"   update digits {s['from_version']} -> {s['to_version']}: {s['update_state']} "
-               f"in {s['update_seconds']} s")
-    click.echo(f"   requests: {s['requests_ok']} ok, {s['requests_failed']} failed; accuracy {s['accuracy']:.2%}")
-    click.echo(f"   {'OK' if ok else 'FAILED'} in {s['seconds']} s; files in {s['workdir']}")
-    if not ok:
-        sys.exit(1)
+COMMANDS = (push, profile, fleet, broker)
 
 
-COMMANDS = (keys, sign, push, fleet, broker, demo)
+def _register_simulate() -> None:
+    from fleet.sim.cli import simulate
+
+    fleet.add_command(simulate)
+
+
+_register_simulate()

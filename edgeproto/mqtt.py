@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from device_agent.config import BrokerConfig
+from edgeproto.broker import BrokerConfig
 
 log = logging.getLogger("edgepack.agent.mqtt")
 
@@ -35,7 +35,9 @@ def dumps(obj) -> bytes:
 class MqttClient:
     def __init__(self, cfg: BrokerConfig, *, client_id: str, will: Will | None = None,
                  on_connect: Callable[[], None] | None = None, on_message: Callable[[str, bytes], None] | None = None,
-                 min_backoff: float = 1.0, max_backoff: float = 30.0):
+                 min_backoff: float = 1.0, max_backoff: float = 30.0, mqtt5: bool = False, loop=None):
+        """`loop`: an edgeproto.netloop.NetLoop that drives this client (many clients, one thread);
+        None: paho's own network thread."""
         import paho.mqtt.client as mqtt
 
         self.cfg = cfg
@@ -43,8 +45,13 @@ class MqttClient:
         self._stopping = False
         self._subacks: dict[int, threading.Event] = {}
         self._on_connect_cb, self._on_message_cb = on_connect, on_message
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
-                        protocol=mqtt.MQTTv311)  # 3.1.1: mosquitto and the embedded amqtt broker both speak it
+        self.mqtt5 = mqtt5
+        self._loop, self._backoff = loop, (min_backoff, max_backoff)
+        if mqtt5:  # shared subscriptions ($share/...) for scaled-out fleet consumers
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        else:  # 3.1.1: mosquitto and the embedded amqtt broker both speak it
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+                            protocol=mqtt.MQTTv311)
         if cfg.username:
             c.username_pw_set(cfg.username, cfg.password)
         if cfg.tls:
@@ -60,15 +67,27 @@ class MqttClient:
         c.on_subscribe = self._on_subscribe
         self._client = c
 
+    @property
+    def paho(self):
+        """The paho client underneath (a NetLoop drives it by this handle)."""
+        return self._client
+
     def start(self) -> None:
         """Begin connecting in the background; never blocks on an unreachable broker."""
-        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
-        self._client.loop_start()
+        extra = {"clean_start": True} if self.mqtt5 else {}
+        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive, **extra)
+        if self._loop is not None:
+            self._loop.add(self._client, min_backoff=self._backoff[0], max_backoff=self._backoff[1])
+        else:
+            self._client.loop_start()
 
     def stop(self) -> None:
         self._stopping = True
-        self._client.disconnect()
-        self._client.loop_stop()
+        if self._loop is not None:
+            self._loop.remove(self._client)
+        else:
+            self._client.disconnect()
+            self._client.loop_stop()
         self.connected.clear()
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False):
@@ -123,6 +142,8 @@ class MqttClient:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        if self._loop is not None:
+            self._loop.connected(client)
         self.connected.set()
         if self._on_connect_cb:
             self._on_connect_cb()

@@ -1,0 +1,185 @@
+"""GET /metrics: the agent in the Prometheus text exposition format (version 0.0.4).
+
+Written by hand (a few dozen lines, no dependency, nothing imported at start-up). Names follow
+Triton's where they map, so dashboards and alerts written for Triton work unchanged:
+
+    nv_inference_request_success / _failure        requests (labels model, version)
+    nv_inference_count / nv_inference_exec_count    inferences (batch items) / model executions
+    nv_inference_request_duration_us                cumulative microseconds, as in Triton (counters:
+    nv_inference_queue_duration_us                  rate(duration) / rate(success) is the mean)
+    nv_inference_compute_{input,infer,output}_duration_us
+
+Triton's duration series are counters; the distributions are histograms of their own, in seconds
+as Prometheus recommends: edgepack_inference_{request,queue,compute}_duration_seconds. The rest:
+model and agent info, agent and update state, NaN/Inf outputs, MQTT link, telemetry buffer,
+host readings and the standard process_* series. docs/metrics.md lists every name.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from device_agent import __version__
+from device_agent.lifecycle import AgentState
+from device_agent.ota.record import State as UpdateState
+from device_agent.stats import PromHistogram
+
+
+def _escape(v) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(labels: dict | None) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def _num(v) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    v = float(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(v)
+
+
+class Exposition:
+    """Collects families in order; `text()` renders them."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.names: list[str] = []
+
+    def family(self, name: str, kind: str, help_: str, samples) -> None:
+        """samples: [(labels or None, value)]; nothing is written for an empty family but its header."""
+        self.names.append(name)
+        self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+        self.lines += [f"{name}{_labels(lb)} {_num(v)}" for lb, v in samples]
+
+    def histogram(self, name: str, help_: str, series: list[tuple[dict, PromHistogram]]) -> None:
+        self.names.append(name)
+        self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
+        for lb, h in series:
+            for le, acc in h.cumulative():
+                self.lines.append(f"{name}_bucket{_labels({**lb, 'le': le})} {acc}")
+            self.lines.append(f"{name}_sum{_labels(lb)} {_num(h.sum)}")
+            self.lines.append(f"{name}_count{_labels(lb)} {h.count}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+_TRITON = (  # (name, help, ModelCounters attribute)
+    ("nv_inference_request_success", "Number of successful inference requests", "success"),
+    ("nv_inference_request_failure", "Number of failed inference requests", "failure"),
+    ("nv_inference_count", "Number of inferences performed (a batch of N counts N)", "inferences"),
+    ("nv_inference_exec_count", "Number of model executions performed", "executions"),
+    ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds", "request_us"),
+    ("nv_inference_queue_duration_us", "Cumulative time requests waited for the model, in microseconds",
+     "queue_us"),
+    ("nv_inference_compute_input_duration_us", "Cumulative input decode and check time in microseconds",
+     "input_us"),
+    ("nv_inference_compute_infer_duration_us", "Cumulative model run time in microseconds", "infer_us"),
+    ("nv_inference_compute_output_duration_us", "Cumulative output encode time in microseconds", "output_us"),
+)
+
+
+def _read_status() -> dict[str, int]:
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmSize"):
+                    out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
+def render_metrics(agent) -> str:
+    """The whole exposition for one scrape of `agent` (a device_agent.service.Agent)."""
+    e = Exposition()
+    per_model = agent.stats.per_model()
+    for name, help_, attr in _TRITON:
+        e.family(name, "counter", help_,
+                 [({"model": m, "version": v}, getattr(c, attr)) for (m, v), c in per_model])
+    e.family("edgepack_inference_nonfinite_total", "counter",
+             "Successful inferences whose float outputs held NaN or Inf",
+             [({"model": m, "version": v}, c.nonfinite) for (m, v), c in per_model])
+    for part, attr, what in (("request", "request_h", "whole request (decode, queue, run, encode)"),
+                             ("queue", "queue_h", "wait for the model (one request runs at a time)"),
+                             ("compute", "compute_h", "decode, run and encode, without the queue")):
+        e.histogram(f"edgepack_inference_{part}_duration_seconds", f"Inference time: {what}",
+                    [({"model": m, "version": v}, getattr(c, attr)) for (m, v), c in per_model])
+
+    model = agent.model
+    e.family("edgepack_agent_info", "gauge", "The agent: version and device id",
+             [({"version": __version__, "device_id": agent.cfg.device_id}, 1)])
+    state = agent.life.state
+    e.family("edgepack_agent_state", "gauge", "The agent's state (1 for the current one)",
+             [({"state": s.value}, int(s is state)) for s in AgentState])
+    e.family("edgepack_model_ready", "gauge", "Whether a model is loaded and serving", [(None, model is not None)])
+    if model is not None:
+        d = model.describe()
+        e.family("edgepack_model_info", "gauge", "The model being served",
+                 [({"model": d["name"], "version": d["version"], "bundle_sha256": d["bundle_sha256"],
+                    "runtime": d.get("runtime") or "", "provider": d.get("provider") or "",
+                    "precision": d.get("precision") or "", "target": d.get("target") or ""}, 1)])
+    else:
+        e.family("edgepack_model_info", "gauge", "The model being served", [])
+    upd = agent.updater.summary() if agent.updater else {"state": "idle", "attempts": 0}
+    e.family("edgepack_update_state", "gauge", "The over-the-air update's state (1 for the current one)",
+             [({"state": s.value}, int(s.value == upd["state"])) for s in UpdateState])
+    e.family("edgepack_update_attempts", "gauge", "Attempts of the current update", [(None, upd.get("attempts") or 0)])
+    connected = bool(agent.mqtt and agent.mqtt.connected.is_set())
+    e.family("edgepack_mqtt_connected", "gauge", "Whether the agent is connected to its MQTT broker",
+             [(None, connected)])
+
+    buf = agent.queue.health()
+    e.family("edgepack_telemetry_buffer_messages", "gauge", "Telemetry and events waiting in the disk buffer",
+             [(None, buf["queued"])])
+    e.family("edgepack_telemetry_buffer_dropped_total", "counter",
+             "Buffered messages dropped to stay within the buffer's bounds", [(None, buf["dropped_total"])])
+    e.family("edgepack_telemetry_buffer_write_errors_total", "counter",
+             "Messages the disk buffer could not store (disk full, I/O error)", [(None, buf["write_errors"])])
+
+    host = agent.metrics
+    temp = host.temperature_c()
+    e.family("edgepack_host_temperature_celsius", "gauge", "Hottest thermal zone",
+             [] if temp is None else [(None, temp)])
+    mem = host.memory()
+    e.family("edgepack_host_memory_available_bytes", "gauge", "MemAvailable",
+             [] if mem["available_bytes"] is None else [(None, mem["available_bytes"])])
+    try:
+        free = os.statvfs(host.disk_path)
+        e.family("edgepack_host_disk_free_bytes", "gauge", "Free bytes on the data directory's file system",
+                 [(None, free.f_bavail * free.f_frsize)])
+    except OSError:
+        e.family("edgepack_host_disk_free_bytes", "gauge", "Free bytes on the data directory's file system", [])
+
+    st = _read_status()
+    t = os.times()
+    e.family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds",
+             [(None, round(t.user + t.system, 3))])
+    e.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes",
+             [(None, st["VmRSS"])] if "VmRSS" in st else [])
+    e.family("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes",
+             [(None, st["VmSize"])] if "VmSize" in st else [])
+    fds = _open_fds()
+    e.family("process_open_fds", "gauge", "Number of open file descriptors", [] if fds is None else [(None, fds)])
+    e.family("process_start_time_seconds", "gauge", "Start time of the agent since the Unix epoch in seconds",
+             [(None, round(host.started, 3))])
+    return e.text()

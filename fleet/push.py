@@ -1,0 +1,296 @@
+"""Push a bundle as desired state (chunks retained on the broker) and follow the devices' update
+events; clear a desired record."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+from edgebundle.archive import open_bundle
+from edgebundle.errors import InputError
+from edgebundle.trust import parse_time
+from edgeproto.broker import BrokerConfig
+from edgeproto.desired import Desired, MqttTransfer, Probation, UrlTransfer, sign_record
+from edgeproto.mqtt import MqttClient, dumps
+from edgeproto.records import FINAL_STATES
+from edgeproto.topics import Topics
+from fleet.conn import Collector, parse_json
+from fleet.errors import FleetError
+
+DEFAULT_CHUNK = 1 << 20
+FINAL = FINAL_STATES
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class PushResult:
+    desired: dict
+    topic: str
+    devices: dict[str, dict] = field(default_factory=dict)  # device -> last event
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(e.get("state") == "committed" for e in self.devices.values())
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A bundle ready to publish: what the desired record says about it."""
+
+    path: Path
+    name: str
+    version: str
+    sha256: str
+    size: int
+    transfer: MqttTransfer | UrlTransfer
+    interface: str  # edgebundle.interface.interface_hash of its manifest
+    bundle_signature: dict | None
+
+
+@dataclass(frozen=True)
+class Signer:
+    key: object = None
+    cert: dict | None = None
+
+    @classmethod
+    def load(cls, sign_key=None, key_cert=None) -> "Signer":
+        key, cert = _signer(sign_key, key_cert)
+        return cls(key=key, cert=cert)
+
+
+def prepare(bundle: Path, topics: Topics, *, url: str | None = None, chunk_size: int = DEFAULT_CHUNK) -> Prepared:
+    """Structure and manifest only: every device re-checks every hash and the signature, so the
+    pusher reads the file once (whole-file and per-chunk sha256 in one pass)."""
+    if chunk_size < 1024 or chunk_size > (64 << 20):
+        raise InputError("--chunk-size must be between 1 KiB and 64 MiB")
+    from edgebundle.interface import interface_hash
+
+    b = open_bundle(bundle)
+    m = b.manifest
+    sha, hashes = _hashes(bundle, chunk_size)
+    size = Path(bundle).stat().st_size
+    transfer = (UrlTransfer(url=url) if url else
+                MqttTransfer(topic=topics.bundle(sha), chunk_size=chunk_size,
+                             chunks=(size + chunk_size - 1) // chunk_size, chunk_sha256=tuple(hashes)))
+    return Prepared(path=Path(bundle), name=m.name, version=m.version, sha256=sha, size=size, transfer=transfer,
+                    interface=interface_hash(m), bundle_signature=parse_json(b.signature) if b.signature else None)
+
+
+def make_record(p: Prepared, *, target: str, update_id: str, issued: str, signer: Signer = Signer(),
+                allow_downgrade: bool = False, allow_interface_change: bool = False,
+                probation: Probation = Probation(), staging_max_p95_ms: float | None = None) -> dict:
+    """The desired record for `target` ('devices/ID' or 'groups/NAME'), signed when `signer` has a key."""
+    desired = Desired(update_id=update_id, name=p.name, version=p.version, sha256=p.sha256, size=p.size,
+                      transfer=p.transfer, allow_downgrade=allow_downgrade,
+                      allow_interface_change=allow_interface_change, probation=probation,
+                      staging_max_p95_ms=staging_max_p95_ms, issued=issued, target=target)
+    doc = desired.to_dict()
+    doc["signature"] = p.bundle_signature  # informative: the bundle's own
+    return sign_record(doc, signer.key, cert=signer.cert) if signer.key is not None else doc
+
+
+def publish_record(client: MqttClient, topic: str, doc: dict | None) -> None:
+    """Retained, acknowledged; None clears the topic."""
+    if not client.publish_wait(topic, dumps(doc) if doc is not None else b"", qos=1, retain=True, timeout=30):
+        raise FleetError(f"the broker did not acknowledge the desired record on {topic}")
+
+
+def interface_warnings(table, p: Prepared, *, devices: list[str] | None = None, group: str | None = None,
+                       allowed: bool = False) -> list[str]:
+    """Devices (from a FleetTable of retained status) whose running model has another interface."""
+    entries = [e for e in table.entries(group=group) if devices is None or e.status.device_id in devices]
+    differ = sorted(e.status.device_id for e in entries
+                    if e.status.model and e.status.model.interface and e.status.model.interface != p.interface)
+    if not differ:
+        return []
+    names = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
+    if allowed:
+        return [f"{len(differ)} device(s) run a model with another interface (inputs/outputs) than "
+                f"{p.name} {p.version}: {names}; --allow-interface-change applies it: their clients must be ready"]
+    return [f"{len(differ)} device(s) run a model with another interface (inputs/outputs) than {p.name} "
+            f"{p.version}: {names}; they will refuse the update (push with --allow-interface-change once "
+            "their clients are ready)"]
+
+
+def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group: str | None = None,
+         url: str | None = None, chunk_size: int = DEFAULT_CHUNK, allow_downgrade: bool = False,
+         allow_interface_change: bool = False,
+         probation: Probation = Probation(), staging_max_p95_ms: float | None = None,
+         wait: bool = False, timeout: float = 600, expect: list[str] | None = None,
+         progress: Callable[[str, dict], None] = lambda _d, _e: None,
+         warn: Callable[[str], None] = lambda _m: None, check_interface: bool = True,
+         sign_key=None, key_cert=None) -> PushResult:
+    """Publish the bundle's chunks (retained) and the desired record (retained); with `wait`,
+    follow the target devices' events until each commits, fails, rolls back, or time runs out.
+
+    Before publishing, the devices' retained status is read (`check_interface`): devices whose
+    model has another interface than the bundle are named through `warn` and in the result.
+    `sign_key` (a private key or its PEM path) signs the record; devices with trusted keys refuse
+    unsigned records. `key_cert` (a certificate or its path) goes with the signature when the key
+    is a fleet key certified by a root key. The record's `issued` is now, or just after the
+    record already on the topic, so a pusher with a slow clock cannot make its record look older."""
+    if (device is None) == (group is None):
+        raise InputError("give exactly one of --device or --group")
+    name = device if device is not None else group
+    if not _ID.match(name or ""):
+        raise InputError(f"{'device id' if device is not None else 'group'} {name!r} must be 1-64 letters, digits, "
+                         "'.', '_' or '-'")
+    signer = Signer.load(sign_key, key_cert)
+    topics = Topics(broker.topic_prefix)
+    p = prepare(bundle, topics, url=url, chunk_size=chunk_size)
+    warnings = []
+    if check_interface:
+        from fleet.status import FleetWatcher
+
+        w = FleetWatcher(broker, name="push-check", telemetry=False)
+        try:
+            w.settle(quiet_s=0.2, max_s=5.0)
+        finally:
+            w.stop()
+        warnings = interface_warnings(w.table, p, devices=[device] if device else None, group=group,
+                                      allowed=allow_interface_change)
+        for msg in warnings:
+            warn(msg)
+    target = f"devices/{device}" if device else f"groups/{group}"
+    topic = topics.target_desired(target)
+    watch = [topics.events(), topics.status()] if wait else []
+    conn = Collector(broker, watch, name="push")
+    try:
+        doc = make_record(p, target=target, update_id=uuid.uuid4().hex, issued=_issued_after(conn, topic),
+                          signer=signer, allow_downgrade=allow_downgrade,
+                          allow_interface_change=allow_interface_change, probation=probation,
+                          staging_max_p95_ms=staging_max_p95_ms)
+        # The record goes first, so online devices start pulling chunks while they are still being
+        # published (the transfer pipelines); offline ones find them retained later.
+        publish_record(conn.client, topic, doc)
+        if not url:
+            publish_chunks(conn.client, p)
+        result = PushResult(desired=doc, topic=topic, warnings=warnings)
+        if wait:
+            _follow(conn, result, device=device, group=group, timeout=timeout, expect=expect, progress=progress)
+        return result
+    finally:
+        conn.stop()
+
+
+def _signer(sign_key, key_cert):
+    from edgebundle.signing import load_private_key
+
+    key = load_private_key(sign_key) if isinstance(sign_key, (str, os.PathLike)) else sign_key
+    cert = key_cert
+    if isinstance(key_cert, (str, os.PathLike)):
+        try:
+            cert = json.loads(Path(key_cert).read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read key certificate {key_cert}: {e}") from None
+    if cert is not None and key is None:
+        raise InputError("--key-cert goes with --sign-key")
+    if cert is not None:
+        from edgebundle.signing import key_id
+
+        if cert.get("key_id") != key_id(key.public_key()):
+            raise InputError(f"the certificate is for key {cert.get('key_id')}, not the signing key "
+                             f"{key_id(key.public_key())}")
+    return key, cert
+
+
+def _issued_after(conn: Collector, topic: str) -> str:
+    """Now (UTC, ms), or 1 ms after the `issued` of the record retained on `topic` if that is later."""
+    now = datetime.now(timezone.utc)
+    floor = None
+    if conn.client.subscribe_wait(topic, qos=1, timeout=10):
+        deadline = time.monotonic() + 0.2  # a retained record follows the SUBACK at once
+        while time.monotonic() < deadline and floor is None:
+            with conn.cond:
+                hit = [p for t, p in conn.messages if t == topic]
+                if not hit:
+                    conn.cond.wait(0.05)
+                    continue
+            doc = parse_json(hit[-1])
+            try:
+                floor = parse_time(doc["issued"], what="issued") if isinstance(doc, dict) and doc.get("issued") else now
+            except ValueError:
+                floor = now
+        conn.client.unsubscribe(topic)
+    if floor is not None and floor >= now:
+        now = floor + timedelta(milliseconds=1)
+    return now.isoformat(timespec="milliseconds")
+
+
+def _hashes(bundle: Path, chunk_size: int) -> tuple[str, list[str]]:
+    whole, chunks = hashlib.sha256(), []
+    with open(bundle, "rb") as f:
+        while chunk := f.read(chunk_size):
+            whole.update(chunk)
+            chunks.append(hashlib.sha256(chunk).hexdigest())
+    return whole.hexdigest(), chunks
+
+
+def publish_chunks(client: MqttClient, p: Prepared, window: int = 64) -> None:
+    """Every chunk, retained, with a bounded number in flight (memory stays flat for big bundles)."""
+    transfer = p.transfer
+    pending = []
+    with open(p.path, "rb") as f:
+        i = 0
+        while chunk := f.read(transfer.chunk_size):
+            pending.append(client.publish(Topics.chunk(transfer.topic, i), chunk, qos=1, retain=True))
+            i += 1
+            if len(pending) >= window:
+                for info in pending:
+                    info.wait_for_publish(60)
+                pending.clear()
+    for info in pending:
+        info.wait_for_publish(60)
+
+
+def _follow(conn: Collector, result: PushResult, *, device, group, timeout, expect, progress) -> None:
+    """Collect events for this update_id; the target set is the device, or the group's members
+    from their retained status (plus `expect`)."""
+    uid = result.desired["update_id"]
+    topics = Topics(conn.client.cfg.topic_prefix)
+    targets = {device} if device else set(expect or [])
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        new, seen = conn.take(seen, 0.5)
+        for topic, payload in new:
+            hit, doc = topics.parse_device(topic), parse_json(payload)
+            if hit is None or not isinstance(doc, dict):
+                continue
+            dev, kind = hit
+            if kind == "status" and group and group in (doc.get("groups") or []) and device is None:
+                targets.add(dev)
+            elif kind == "events" and doc.get("update_id") == uid:
+                result.devices[dev] = doc
+                progress(dev, doc)
+        if targets and all(result.devices.get(t, {}).get("state") in FINAL for t in targets):
+            return
+    for t in targets:
+        if result.devices.get(t, {}).get("state") not in FINAL:
+            result.devices[t] = {**result.devices.get(t, {}), "state": "timed_out",
+                                 "error": f"no final state within {timeout:.0f} s"}
+    if not targets:
+        result.devices["(none)"] = {"state": "timed_out", "error": f"no device of group {group!r} reported"}
+
+
+def clear(broker: BrokerConfig, *, device: str | None = None, group: str | None = None) -> None:
+    """Remove a retained desired record (devices keep what they run)."""
+    topics = Topics(broker.topic_prefix)
+    topic = topics.desired(device) if device else topics.group_desired(group)
+    conn = Collector(broker, [], name="clear")
+    try:
+        conn.client.publish_wait(topic, b"", qos=1, retain=True)
+    finally:
+        conn.stop()
+
+
+__all__ = ["push", "clear", "prepare", "make_record", "publish_record", "publish_chunks", "interface_warnings",
+           "PushResult", "Prepared", "Signer", "DEFAULT_CHUNK"]

@@ -1,0 +1,128 @@
+"""The fleet's device table, kept from retained status records and live telemetry.
+
+`FleetTable` is the library part: feed it (topic, payload) from any MQTT client and read rows at
+any time (thread-safe), so a long-running consumer (a web page, a rollout controller) keeps one
+up to date; `FleetWatcher` connects and feeds one; `status()` is `edgepack fleet status`."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from edgeproto.broker import BrokerConfig
+from edgeproto.records import DeviceStatus, TelemetryWindow
+from edgeproto.topics import Topics
+from fleet.conn import Collector, parse_json
+
+
+@dataclass
+class DeviceEntry:
+    status: DeviceStatus
+    telemetry: TelemetryWindow | None = None
+    status_raw: dict | None = None
+    updated: float = 0.0  # time.time() of the last message
+
+    def row(self) -> dict:
+        st, tel = self.status, self.telemetry
+        m, u = st.model, st.update
+        raw_tel = tel.raw if tel else {}
+        totals = raw_tel.get("totals") if isinstance(raw_tel.get("totals"), dict) else {}
+        return {"device_id": st.device_id, "online": st.online, "groups": list(st.groups),
+                "model": m.name if m else None, "version": m.version if m else None,
+                "provider": m.provider if m else None, "interface": m.interface if m else None,
+                "update": u.state if u else None, "update_error": u.error if u else None,
+                "update_issued": u.issued if u else None, "signed_updates": st.signed_updates,
+                "key_serial": st.key_serial, "p95_ms": tel.p95_ms if tel else None,
+                "errors": totals.get("errors"), "last_seen": (tel.ts if tel else None) or st.ts}
+
+
+class FleetTable:
+    """device id -> DeviceEntry, from `{root}/devices/+/status` and `.../telemetry` messages."""
+
+    def __init__(self, topics: Topics = Topics()):
+        self.topics = topics
+        self._lock = threading.Lock()
+        self._devices: dict[str, DeviceEntry] = {}
+        self.version = 0  # bumped on every change (cheap "anything new?" check for pollers)
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return [self.topics.status(), self.topics.telemetry()]
+
+    def feed(self, topic: str, payload: bytes) -> str | None:
+        """Take one message; returns the device id it updated, or None if it was not ours."""
+        hit = self.topics.parse_device(topic)
+        if hit is None or hit[1] not in ("status", "telemetry"):
+            return None
+        dev, kind = hit
+        doc = parse_json(payload)
+        with self._lock:
+            e = self._devices.get(dev)
+            if doc is None and kind == "status":  # a cleared retained status: the device was removed
+                self._devices.pop(dev, None)
+                self.version += 1
+                return dev
+            if not isinstance(doc, dict):
+                return None
+            if e is None:
+                e = self._devices[dev] = DeviceEntry(status=DeviceStatus(device_id=dev))
+            if kind == "status":
+                e.status, e.status_raw = DeviceStatus.from_dict(dev, doc), doc
+            else:
+                e.telemetry = TelemetryWindow.from_dict(dev, doc)
+            e.updated = time.time()
+            self.version += 1
+        return dev
+
+    def get(self, device: str) -> DeviceEntry | None:
+        with self._lock:
+            return self._devices.get(device)
+
+    def entries(self, *, group: str | None = None) -> list[DeviceEntry]:
+        with self._lock:
+            items = sorted(self._devices.items())
+        return [e for _, e in items if group is None or group in e.status.groups]
+
+    def rows(self, *, group: str | None = None) -> list[dict]:
+        return [e.row() for e in self.entries(group=group)]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._devices)
+
+
+class FleetWatcher:
+    """A connected FleetTable: subscribes to status and telemetry and keeps the table current
+    until stop()."""
+
+    def __init__(self, broker: BrokerConfig, *, name: str = "fleet", table: FleetTable | None = None,
+                 telemetry: bool = True):
+        self.table = table or FleetTable(Topics(broker.topic_prefix))
+        subs = self.table.subscriptions if telemetry else [self.table.topics.status()]
+        self._conn = Collector(broker, subs, name=name, on_message=self.table.feed)
+
+    def settle(self, *, quiet_s: float = 0.3, max_s: float = 10.0) -> None:
+        """Wait until retained records stop arriving (quiet for `quiet_s`), at most `max_s`."""
+        deadline, last, seen = time.monotonic() + max_s, time.monotonic(), self.table.version
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            if self.table.version != seen:
+                seen, last = self.table.version, time.monotonic()
+            elif time.monotonic() - last >= quiet_s:
+                return
+
+    def stop(self) -> None:
+        self._conn.stop()
+
+
+def status(broker: BrokerConfig, *, group: str | None = None, listen_s: float = 2.0) -> list[dict]:
+    """Retained status plus the telemetry that arrives within `listen_s`, one row per device."""
+    w = FleetWatcher(broker)
+    try:
+        time.sleep(listen_s)
+    finally:
+        w.stop()
+    return w.table.rows(group=group)
+
+
+__all__ = ["DeviceEntry", "FleetTable", "FleetWatcher", "status"]

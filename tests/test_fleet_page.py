@@ -1,0 +1,329 @@
+"""`edgepack fleet serve`: the view and its JSON/SSE endpoints (fast), then the page in a real
+headless browser against real agents and mosquitto (slow)."""
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from edgebundle.errors import InputError
+from edgeproto.broker import BrokerConfig
+from fleet.web import FleetPage, FleetView, PageServer, parse_listen, rollout_view
+
+ROOT = "edgepack/v1"
+
+
+def _status(dev, *, groups=("a",), version="1.0.0", online=True, update=None):
+    return json.dumps({"device_id": dev, "online": online, "groups": list(groups), "ts": "2026-11-23T00:00:00+00:00",
+                       "model": {"name": "digits", "version": version}, "update": update}).encode()
+
+
+def _telemetry(dev, seq, p95):
+    return json.dumps({"device_id": dev, "seq": seq, "ts": "2026-11-23T00:00:01+00:00",
+                       "inference": {"count": 10, "errors": 0, "throughput_ips": 5.0, "latency_ms": {"p95": p95}},
+                       "totals": {"count": 10 * seq, "errors": 1}}).encode()
+
+
+def _rollout(rid="r1", *, status="running", current=1):
+    return {"schema": "edgepack.rollout/1", "id": rid, "group": "a", "status": status, "current": current,
+            "bundle": {"name": "digits", "version": "1.1.0", "sha256": "0" * 64},
+            "previous": None, "settings": {}, "baseline": {}, "reason": None, "created": 1.0, "updated": 2.0,
+            "controller": "ctl", "waves": [
+                {"devices": ["d1"], "state": "passed", "update_id": "r1-w1", "started": 1.0,
+                 "outcomes": {"d1": "committed"}, "readings": {}, "summary": "p95 ok", "times": {}},
+                {"devices": ["d2", "d3"], "state": "updating", "update_id": "r1-w2", "started": 2.0,
+                 "outcomes": {"d2": "committed"}, "readings": {}, "summary": None, "times": {}}]}
+
+
+def _fed() -> FleetView:
+    v = FleetView()
+    v.feed(f"{ROOT}/devices/d1/status", _status("d1", groups=("a",)))
+    v.feed(f"{ROOT}/devices/d2/status", _status("d2", groups=("b",), update={"state": "committed", "version": "1.0.0"}))
+    return v
+
+
+def test_view_rows_update_steps_history_and_rollouts():
+    v = _fed()
+    for seq, p95 in ((1, 2.5), (2, 3.5)):
+        v.feed(f"{ROOT}/devices/d1/telemetry", _telemetry("d1", seq, p95))
+    # what must not break the view: another root, junk payloads, an event without a state, a lease topic
+    for topic, payload in (("other/v1/devices/x/status", _status("x")), (f"{ROOT}/devices/d1/telemetry", b"\xff{"),
+                           (f"{ROOT}/devices/d1/events", b'{"update_id": "u1"}'), (f"{ROOT}/devices/d3/telemetry", b"[1]"),
+                           (f"{ROOT}/rollouts/r1/lease", b'{"owner": "x"}'),
+                           (f"{ROOT}/devices/d1/events", b'{"update_id": "u1", "state": "downloading", "progress": {"percent": "x"}}'),
+                           (f"{ROOT}/devices/d2/status", _status("d2", groups=("b",), update={"state": 5}))):
+        v.feed(topic, payload)
+    v.feed(f"{ROOT}/devices/d1/events", json.dumps({"update_id": "u1", "state": "downloading", "version": "1.1.0",
+                                                    "progress": {"bytes": 1, "total": 2, "percent": 50.0}}).encode())
+    snap = v.snapshot()
+    assert [r["device_id"] for r in snap["devices"]] == ["d1", "d2"] and snap["groups"] == ["a", "b"]
+    d1 = snap["devices"][0]
+    assert (d1["model"], d1["version"], d1["p95_ms"], d1["errors"], d1["seq"]) == ("digits", "1.0.0", 3.5, 1, 2)
+    assert [p[1] for p in d1["p95_history"]] == [2.5, 3.5]
+    assert d1["update_live"] == {"state": "downloading", "update_id": "u1", "version": "1.1.0", "error": None,
+                                 "final": False, "percent": 50.0}
+    assert [s["state"] for s in d1["update_steps"]] == ["downloading"]
+    d2 = snap["devices"][1]  # an update that ended before the page started: known from the status only
+    assert d2["update_live"]["state"] == "committed" and d2["update_live"]["final"]
+    assert [s["state"] for s in d2["update_steps"]] == ["committed"]
+    # a status that overtakes the queued events does not reorder the steps; the events carry on
+    for st in ("verifying", "switching"):
+        v.feed(f"{ROOT}/devices/d1/events", json.dumps({"update_id": "u1", "state": st, "version": "1.1.0"}).encode())
+    v.feed(f"{ROOT}/devices/d1/status", _status("d1", update={"state": "probation", "update_id": "u1"}))
+    v.feed(f"{ROOT}/devices/d1/events", json.dumps({"update_id": "u1", "state": "probation"}).encode())
+    v.feed(f"{ROOT}/devices/d1/events", json.dumps({"update_id": "u1", "state": "committed"}).encode())
+    d1 = v.device("d1")
+    assert [s["state"] for s in d1["update_steps"]] == ["downloading", "verifying", "switching", "probation",
+                                                        "committed"]
+    assert d1["update_live"]["state"] == "committed"
+    assert [r["device_id"] for r in v.snapshot(group="b")["devices"]] == ["d2"]
+
+    seq = v.seq
+    v.feed(f"{ROOT}/rollouts/r1", json.dumps(_rollout()).encode())
+    v.feed(f"{ROOT}/rollouts/odd", json.dumps({"schema": "edgepack.rollout/9", "waves": "nonsense"}).encode())
+    seq2, items = v.changes(seq, timeout=0)
+    assert seq2 == seq + 2 and {i["rollout"] for i in items} == {"r1", "odd"}
+    ro = {r["id"]: r for r in v.rollouts()}
+    assert ro["odd"]["readable"] is False and ro["odd"]["waves"] == []
+    r1 = ro["r1"]
+    assert (r1["name"], r1["version"], r1["group"], r1["status"], r1["current"]) == ("digits", "1.1.0", "a", "running", 1)
+    assert [(w["state"], w["committed"], len(w["devices"])) for w in r1["waves"]] == [("passed", 1, 1), ("updating", 1, 2)]
+    assert v.rollouts(group="b") == [ro["odd"]]  # a record without a group shows in every group
+
+    v.feed(f"{ROOT}/rollouts/r1", b"")  # cleared retained record
+    v.feed(f"{ROOT}/devices/d2/status", b"")  # a removed device
+    _, items = v.changes(seq2, timeout=0)
+    assert {"rollout": "r1", "record": None} in items and {"device": "d2", "row": None} in items
+    assert [r["id"] for r in v.rollouts()] == ["odd"] and [r["device_id"] for r in v.snapshot()["devices"]] == ["d1"]
+    assert rollout_view("x", None) == {"id": "x", "readable": False}
+    v = _fed()
+    v.feed(f"{ROOT}/devices/d1/events", b'{"update_id": "u2", "state": "downloading", "progress": {"percent": "x"}}')
+    assert v.device("d1")["update_live"]["percent"] is None
+
+
+def _get(server, path, host=None):
+    c = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+    c.request("GET", path, headers={"Host": host} if host else {})
+    r = c.getresponse()
+    return r.status, dict(r.getheaders()), r.read()
+
+
+class _Stream:
+    """An SSE reader with a bounded wait per event."""
+
+    def __init__(self, server, path):
+        self.c = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=8)
+        self.c.request("GET", path)
+        self.r = self.c.getresponse()
+        assert self.r.status == 200 and self.r.getheader("Content-Type") == "text/event-stream"
+
+    def next(self, name: str, max_events: int = 20) -> dict:
+        for _ in range(max_events):
+            event, data = None, None
+            while True:
+                line = self.r.fp.readline().decode()
+                assert line, "stream ended"
+                if line == "\n":
+                    break
+                key, _, value = line.rstrip("\n").partition(": ")
+                event, data = (value, data) if key == "event" else (event, value if key == "data" else data)
+            if event == name:
+                return json.loads(data)
+        raise AssertionError(f"no {name} event in {max_events}")
+
+    def close(self):
+        self.c.close()
+
+
+def test_server_json_and_event_stream():
+    v = _fed()
+    srv = PageServer(v, port=0, broker_url="mqtt://127.0.0.1:1")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        code, headers, body = _get(srv, "/")
+        assert code == 200 and headers["Content-Type"].startswith("text/html")
+        assert "connect-src 'self'" in headers["Content-Security-Policy"]
+        page = body.decode()
+        assert "<script src" not in page and 'href="http' not in page and "EventSource" in page
+        code, _, body = _get(srv, "/api/fleet?group=a")
+        snap = json.loads(body)
+        assert code == 200 and [r["device_id"] for r in snap["devices"]] == ["d1"] and snap["broker"]["connected"]
+        assert _get(srv, "/nope")[0] == 404
+        assert _get(srv, "/api/fleet", host="evil.example:8780")[0] == 403  # DNS rebinding
+        assert _get(srv, "/api/fleet", host="localhost:8780")[0] == 200
+
+        s = _Stream(srv, "/api/stream?group=a")
+        try:
+            assert [r["device_id"] for r in s.next("snapshot")["devices"]] == ["d1"]
+            v.feed(f"{ROOT}/devices/d2/telemetry", _telemetry("d2", 1, 9.0))  # group b: comes as "not ours"
+            v.feed(f"{ROOT}/devices/d1/telemetry", _telemetry("d1", 7, 4.25))
+            got = {}
+            deadline = time.monotonic() + 5
+            while "d1" not in got and time.monotonic() < deadline:
+                ev = s.next("device")
+                got[ev["device"]] = ev["row"]
+            assert got["d1"]["p95_ms"] == 4.25 and got["d1"]["seq"] == 7 and got.get("d2", None) is None
+            v.feed(f"{ROOT}/rollouts/r1", json.dumps(_rollout()).encode())
+            assert s.next("rollout")["record"]["waves"][1]["committed"] == 1
+        finally:
+            s.close()
+    finally:
+        v.close()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_server_scope_and_broker_state():
+    """--group fixes the scope whatever the page asks; the broker's state is reported as it is."""
+    link = {"up": False}
+    srv = PageServer(_fed(), port=0, group="b", connected=lambda: link["up"])
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        snap = json.loads(_get(srv, "/api/fleet?group=a")[2])
+        assert [r["device_id"] for r in snap["devices"]] == ["d2"] and snap["scope"] == "b"
+        assert snap["broker"]["connected"] is False
+        link["up"] = True
+        assert json.loads(_get(srv, "/api/fleet")[2])["broker"]["connected"] is True
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_serve_cli_refuses_bad_listen_and_busy_port():
+    from packager.cli import main
+
+    assert parse_listen("[::1]:0") == ("::1", 0)
+    res = CliRunner().invoke(main, ["fleet", "serve", "--listen", "localhost"])
+    assert res.exit_code == 2 and "not HOST:PORT" in res.output
+    srv = PageServer(FleetView(), port=0)
+    try:
+        with pytest.raises(InputError, match="cannot listen"):
+            PageServer(FleetView(), port=srv.server_address[1])
+    finally:
+        srv.server_close()
+    assert "127.0.0.1" in CliRunner().invoke(main, ["fleet", "serve", "--help"]).output
+
+
+def test_fleet_page_over_mosquitto(broker):
+    """The page's feed from a real broker: retained status and rollout records, live telemetry."""
+    from otakit import Publisher
+
+    from agents import wait_until
+
+    pub = Publisher(broker.url)
+    try:
+        pub.publish(f"{ROOT}/devices/m1/status", json.loads(_status("m1")))
+        pub.publish(f"{ROOT}/rollouts/r1", _rollout())
+        with FleetPage(BrokerConfig(url=broker.url), port=0) as page:
+            def snap():
+                c = http.client.HTTPConnection("127.0.0.1", page.server.server_address[1], timeout=5)
+                c.request("GET", "/api/fleet")
+                return json.loads(c.getresponse().read())
+
+            s = wait_until(lambda: (lambda x: x if x["devices"] and x["rollouts"] else None)(snap()), 10,
+                           what="retained records on the page")
+            assert s["devices"][0]["version"] == "1.0.0" and s["rollouts"][0]["id"] == "r1" and s["broker"]["connected"]
+            pub.publish(f"{ROOT}/devices/m1/telemetry", json.loads(_telemetry("m1", 3, 1.5)), retain=False)
+            wait_until(lambda: snap()["devices"][0]["p95_ms"] == 1.5, 10, what="live telemetry")
+    finally:
+        pub.stop()
+
+
+_ROWS_JS = """return [...document.querySelectorAll('#devices tbody tr')].map(tr => ({id: tr.dataset.device,
+  seq: tr.dataset.seq, cells: Object.fromEntries([...tr.cells].map(td => [td.dataset.col, td.textContent]))}))"""
+
+
+_ROLLOUT_JS = """const box = document.querySelector(`.rollout[data-rollout="${arguments[0]}"]`);
+return box && {text: box.textContent, waves: [...box.querySelectorAll('.wave')].map(w => ({state: w.dataset.state,
+  text: w.textContent, cls: w.className}))}"""
+
+
+@pytest.mark.slow
+def test_fleet_page_in_browser(broker, versions, keys, tmp_path):
+    """Two real agents (one per group) on mosquitto, the page in headless Chromium: rows, live
+    telemetry without a reload, the group filter, an update's steps, a rollout record, no console errors."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from agents import wait_until
+    from browser import console_errors, headless_chrome, screenshot
+    from otakit import Publisher, agent, infer, push
+
+    def rows(d) -> dict:
+        return {r["id"]: r for r in d.execute_script(_ROWS_JS)}
+
+    north = agent(tmp_path, broker, versions["v1"], keys, device="north-1", group="north", name="n")
+    south = agent(tmp_path, broker, versions["v1"], keys, device="south-1", group="south", name="s")
+    try:
+        with FleetPage(BrokerConfig(url=broker.url), port=0) as page, headless_chrome(height=1500) as d:
+            d.get(page.url)
+            assert d.title == "edgepack fleet"
+            r = wait_until(lambda: (lambda x: x if len(x) == 2 and all(v["cells"]["online"] == "online"
+                                                                      for v in x.values()) else None)(rows(d)),
+                           20, what="both devices on the page")
+            for dev, group in (("north-1", "north"), ("south-1", "south")):
+                c = r[dev]["cells"]
+                assert (c["model"], c["version"], c["groups"], c["errors"]) == ("digits", "1.0.0", group, "0"), c
+            assert "connected" in d.execute_script("return document.getElementById('broker').textContent")
+
+            # live: requests on north-1 show up as a p95 and a longer chart line, with no reload
+            d.execute_script("window.notReloaded = true")
+            seq0 = int(rows(d)["north-1"]["seq"] or 0)
+            points = 'svg[data-chart=p95] polyline[data-device="north-1"]'
+            for i in range(40):  # ~3 telemetry windows with requests: a p95 and a line on the chart
+                assert infer(north) == 200
+                if i == 5:
+                    wait_until(lambda: rows(d)["north-1"]["cells"]["p95"] not in ("-", ""), 15, what="p95 on the page")
+                    live = rows(d)["north-1"]
+                    assert int(live["seq"]) > seq0 and float(live["cells"]["p95"]) > 0
+                time.sleep(0.08)
+            wait_until(lambda: d.execute_script(f"return +document.querySelector('{points}').dataset.n") >= 2, 10,
+                       what="p95 points on the chart")  # read in the page: the chart is redrawn as data arrives
+            assert d.execute_script("return window.notReloaded") is True
+            screenshot(d, "fleet-page.png")
+
+            # the group filter
+            Select(d.find_element(By.ID, "group")).select_by_value("south")
+            wait_until(lambda: set(rows(d)) == {"south-1"}, 5, what="filtered rows")
+            assert "group=south" in d.current_url
+            assert not d.find_elements(By.CSS_SELECTOR, 'svg[data-chart=p95] polyline[data-device="north-1"]')
+            screenshot(d, "fleet-page-group.png")
+            Select(d.find_element(By.ID, "group")).select_by_value("")
+            wait_until(lambda: set(rows(d)) == {"north-1", "south-1"}, 5, what="all rows again")
+
+            # an update: the steps show up as they happen, then the new version
+            res = push(broker, versions["v2"], device="south-1", sign=keys / "a.key")
+            wait_until(lambda: rows(d)["south-1"]["cells"]["version"] == "1.1.0"
+                       and rows(d)["south-1"]["cells"]["update"].startswith("committed"), 60, what="update committed")
+            steps = d.execute_script("return [...document.querySelectorAll('#activity li[data-device=\"south-1\"]')]"
+                                     ".map(li => li.dataset.state)")
+            assert steps[::-1] == ["downloading", "verifying", "staging", "switching", "probation", "committed"], steps
+            assert rows(d)["north-1"]["cells"]["version"] == "1.0.0"
+
+            # a rollout record (the format fleet/rollout_state.py retains) shows its waves
+            rec = _rollout("canary")
+            rec["waves"][0]["devices"], rec["waves"][0]["outcomes"] = ["south-1"], {"south-1": "committed"}
+            rec["bundle"]["version"], rec["group"] = "1.1.0", "south"
+            pub = Publisher(broker.url)
+            try:
+                pub.publish(f"{ROOT}/rollouts/canary", rec)
+            finally:
+                pub.stop()
+            box = wait_until(lambda: d.execute_script(_ROLLOUT_JS, "canary"), 10, what="rollout on the page")
+            assert "digits 1.1.0" in box["text"] and "group south" in box["text"] and "running" in box["text"]
+            assert [w["state"] for w in box["waves"]] == ["passed", "updating"]
+            assert "1/1 committed" in box["waves"][0]["text"] and "current" in box["waves"][1]["cls"]
+
+            # a device that stops shows offline
+            north.stop()
+            wait_until(lambda: rows(d)["north-1"]["cells"]["online"].startswith("offline"), 10, what="offline")
+            screenshot(d, "fleet-page-update.png")
+            assert console_errors(d) == []
+        assert res.desired["version"] == "1.1.0"
+    finally:
+        north.stop()
+        south.stop()

@@ -1,0 +1,53 @@
+"""The shared protocol package (edgeproto) and the floors: the agent, the fleet side and the
+protocol import only downwards."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from edgeproto.records import DeviceStatus, TelemetryWindow, UpdateEvent
+from edgeproto.topics import DeviceTopics, Topics, shared
+
+
+def _imported(stmt: str) -> set[str]:
+    code = f"import json, sys\n{stmt}\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return set(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+def test_floors_import_only_downwards():
+    heavy = {"tensorflow", "keras", "tf2onnx", "onnx"}
+    proto = _imported("import edgeproto.topics, edgeproto.records, edgeproto.desired, edgeproto.mqtt, edgeproto.broker")
+    assert not proto & (heavy | {"packager", "fleet", "device_agent"}), proto
+    fleet = _imported("import fleet, fleet.cli, fleet.status, fleet.push, fleet.broker")
+    assert not fleet & (heavy | {"packager", "device_agent"}), fleet
+
+
+def test_topics_build_and_parse():
+    t = Topics("site/v1")
+    assert t.status("d1") == "site/v1/devices/d1/status" and t.telemetry() == "site/v1/devices/+/telemetry"
+    assert t.group_desired("g") == "site/v1/groups/g/desired" == t.target_desired("groups/g")
+    assert Topics.chunk(t.bundle("ab"), 3) == "site/v1/bundles/ab/chunks/3"
+    assert t.parse_device("site/v1/devices/d1/telemetry") == ("d1", "telemetry")
+    assert t.parse_device("other/v1/devices/d1/status") is None
+    assert t.parse_device("site/v1/devices/d1/unknown") is None
+    assert shared("collectors", t.telemetry()) == "$share/collectors/site/v1/devices/+/telemetry"
+    d = DeviceTopics("site/v1", "d1")
+    assert (d.status, d.desired, d.group_desired("g")) == (t.status("d1"), t.desired("d1"), t.group_desired("g"))
+
+
+def test_records_read_leniently():
+    st = DeviceStatus.from_dict("d1", {"online": "yes", "groups": ["a", 3], "model": {"name": "m", "version": 7},
+                                       "ota": {"signed_updates": True, "key_serial": 2}})
+    assert st.online is None and st.groups == ("a",) and st.model.name == "m" and st.model.version is None
+    assert st.signed_updates is True and st.key_serial == 2
+    assert DeviceStatus.from_dict("d2", "garbage").model is None
+    tel = TelemetryWindow.from_dict("d1", {"inference": {"count": 10, "errors": 1, "latency_ms": {"p95": 2.5}},
+                                           "system": {"cpu_percent": 12}})
+    assert (tel.count, tel.errors, tel.nonfinite, tel.p95_ms) == (10, 1, 0, 2.5)  # nonfinite missing: 0
+    assert tel.value("system.cpu_percent") == 12.0 and tel.value("system.nope") is None
+    ev = UpdateEvent.from_dict({"update_id": "u1", "state": "rolled_back", "error": "slow"})
+    assert ev.final and UpdateEvent.from_dict(ev.to_dict()) == ev
+    assert UpdateEvent.from_dict(None) is None
