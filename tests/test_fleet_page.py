@@ -262,9 +262,10 @@ def test_fleet_page_in_browser(broker, versions, keys, tmp_path):
         with FleetPage(BrokerConfig(url=broker.url), port=0) as page, headless_chrome(height=1500) as d:
             d.get(page.url)
             assert d.title == "edgepack fleet"
-            r = wait_until(lambda: (lambda x: x if len(x) == 2 and all(v["cells"]["online"] == "online"
-                                                                      for v in x.values()) else None)(rows(d)),
-                           20, what="both devices on the page")
+            # online comes with the retained status, the error count with the first telemetry
+            r = wait_until(lambda: (lambda x: x if len(x) == 2 and all(
+                v["cells"]["online"] == "online" and v["cells"]["errors"] != "-" for v in x.values()) else None)(rows(d)),
+                           20, what="both devices on the page with their first telemetry")
             for dev, group in (("north-1", "north"), ("south-1", "south")):
                 c = r[dev]["cells"]
                 assert (c["model"], c["version"], c["groups"], c["errors"]) == ("digits", "1.0.0", group, "0"), c

@@ -154,7 +154,7 @@ class SimDevice:
         self.topics = DeviceTopics(sim.broker.topic_prefix, device_id)
         self.data = sim.data_dir / device_id
         self.store = PooledStore(self.data, sim.pool)
-        self.stats = InferenceStats(max_samples=20_000)
+        self.stats = InferenceStats()
         self.keyring = Keyring(direct=list(sim.trusted), roots=[], state_path=None)
         self.gate = RecordGate(keyring=self.keyring, limits=Limits(), topic_prefix=self.topics.prefix,
                                sources=SourcePolicy(), state_path=None)
