@@ -148,4 +148,6 @@ def compare_text(res: dict) -> str:
             f"{res['against']}: {res['a_ms']:.4f} ms per inference\n"
             f"ratio {r['median']:.3f}x (inter-quartile {r['q1']:.3f}-{r['q3']:.3f}, {res['rounds']} interleaved rounds of "
             f"{res['calls_per_block']} calls, {threads or 'default'} threads on {res['host_cores']} cores): "
-            f"{r['verdict']}")
+            f"{r['verdict']}" + ("" if r.get("resolved", True) else
+                                 "; UNRESOLVED: the rounds disagree too much for the median to mean anything "
+                                 "(a model this fast, or a busy host)"))

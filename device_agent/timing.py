@@ -29,6 +29,10 @@ STABLE = 0.02  # stop once the median ratio is known to about +-2 %
 # Differences under 5 % on the build host do not carry over to a device's CPU: "slower" needs
 # even the lower quartile of the per-round ratios above 1.05 ("faster": upper quartile < 0.95).
 NOISE_FLOOR = 0.05
+# A ratio whose inter-quartile range is wider than half its median is not a measurement: tiny
+# models (a few microseconds a call) on a busy or 2-core host time bimodally. Such ratios are
+# reported as unresolved, never as a figure (the digits demo read 0.50x one run and 1.07x the next).
+UNRESOLVED_SPREAD = 0.5
 
 
 def host_cores() -> int:
@@ -50,6 +54,11 @@ class Ratio:
     median: float
     q1: float
     q3: float
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the rounds agree well enough for the median to mean something."""
+        return self.q3 - self.q1 <= UNRESOLVED_SPREAD * self.median
 
     @property
     def verdict(self) -> str:
@@ -76,7 +85,8 @@ class Comparison:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["ratio"] = {"median": round(self.ratio.median, 4), "q1": round(self.ratio.q1, 4),
-                      "q3": round(self.ratio.q3, 4), "verdict": self.ratio.verdict}
+                      "q3": round(self.ratio.q3, 4), "verdict": self.ratio.verdict,
+                      "resolved": self.ratio.resolved}
         d["a_ms"], d["b_ms"], d["seconds"] = round(self.a_ms, 5), round(self.b_ms, 5), round(self.seconds, 2)
         return d
 

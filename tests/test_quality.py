@@ -223,3 +223,17 @@ def test_canonical_names_make_tf2onnx_output_reproducible():
     out = ort.InferenceSession(a.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": np.ones((1, 3), np.float32)})[0]
     np.testing.assert_allclose(out, 3.0)
+
+
+def test_ratio_too_spread_to_mean_anything_is_reported_unresolved():
+    from device_agent.timing import Ratio
+    from packager.report import latency_text
+
+    wide, tight = Ratio(0.50, 0.21, 0.76), Ratio(1.03, 0.99, 1.05)
+    assert not wide.resolved and wide.verdict == "within noise"
+    assert tight.resolved
+    lat = {"b_ms": 0.005, "ratio": {"median": 0.5, "q1": 0.21, "q3": 0.76, "verdict": "within noise", "resolved": False}}
+    assert "unresolved" in latency_text(lat) and "0.50x" not in latency_text(lat)
+    lat["ratio"].update(median=1.03, q1=0.99, q3=1.05, resolved=True)
+    assert latency_text(lat).endswith("1.03x (0.99-1.05)")
+    assert Ratio(2.0, 1.2, 3.5).verdict == "slower"  # wide but wholly above 1: still slower
