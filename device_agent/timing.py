@@ -62,7 +62,11 @@ class Ratio:
 
     @property
     def verdict(self) -> str:
-        """'slower' / 'faster' only when the whole inter-quartile range says so, beyond the floor."""
+        """'slower' / 'faster' only when the whole inter-quartile range says so, beyond the floor;
+        'unresolved' when the rounds disagree too much to say anything (the gate lets it pass,
+        as within noise)."""
+        if not self.resolved:
+            return "unresolved"
         if self.q1 > 1 + NOISE_FLOOR:
             return "slower"
         if self.q3 < 1 - NOISE_FLOOR:

@@ -230,10 +230,10 @@ def test_ratio_too_spread_to_mean_anything_is_reported_unresolved():
     from packager.report import latency_text
 
     wide, tight = Ratio(0.50, 0.21, 0.76), Ratio(1.03, 0.99, 1.05)
-    assert not wide.resolved and wide.verdict == "within noise"
+    assert not wide.resolved and wide.verdict == "unresolved"  # its q3 < 0.95 must not read as faster
     assert tight.resolved
     lat = {"b_ms": 0.005, "ratio": {"median": 0.5, "q1": 0.21, "q3": 0.76, "verdict": "within noise", "resolved": False}}
     assert "unresolved" in latency_text(lat) and "0.50x" not in latency_text(lat)
     lat["ratio"].update(median=1.03, q1=0.99, q3=1.05, resolved=True)
     assert latency_text(lat).endswith("1.03x (0.99-1.05)")
-    assert Ratio(2.0, 1.2, 3.5).verdict == "slower"  # wide but wholly above 1: still slower
+    assert Ratio(2.0, 1.8, 2.3).verdict == "slower" and Ratio(0.5, 0.45, 0.55).verdict == "faster"
