@@ -189,13 +189,15 @@ def test_profile_on_lets_the_device_numbers_choose_the_precision(broker, digits,
     int8 = next(c for c in t.report["candidates"] if c["candidate"] == "int8")
     host, device = int8["latency"]["ratio"], int8["device_latency"]["ratio"]
     assert int8["accuracy_drop_points"] is not None and int8["size_bytes"] < t.report["size_bytes"]["fp32_model"]
-    if slowed == "int8":  # the host alone would have kept int8 (passed, smaller, not slower here)
-        assert host["verdict"] != "slower", host
+    # The host's verdict on a few-microsecond model can differ between two builds (the fixture's and
+    # this one): what is asserted is that the device's figures, far from the host's, decide.
+    if slowed == "int8":  # the host alone kept int8 when the fixture was built
+        assert device["median"] > 2 * host["median"], (host, device)
         assert device["verdict"] == "slower" and int8["device_latency"]["b_ms"] >= 15
         assert int8["verdict"] == "slower" and "on device dev1" in int8["why"]
         assert t.report["precision"] != "int8"
-    else:  # the host alone would have dropped int8 as slower; on the device it is far faster
-        assert host["verdict"] == "slower", host
+    else:  # the host alone dropped int8 as slower; on the device it is far faster
+        assert device["median"] < host["median"] / 2, (host, device)
         assert device["verdict"] == "faster" and int8["device_latency"]["a_ms"] >= 15
         assert t.report["precision"] == "int8" and int8["verdict"] == "chosen"
     if t.report["precision"] != "fp32":  # a quantized choice passed the device's gate and says so
