@@ -140,15 +140,7 @@ class Desired:
         if d.get("schema") != SCHEMA:
             raise ValueError(f"schema {d.get('schema')!r}, expected {SCHEMA!r}")
         uid = _text(d, "update_id", _UPDATE_ID, "1-64 letters, digits, '.', '_' or '-'")
-        name = _text(d, "name", _NAME, "1-128 characters, no '/' or control characters")
-        version = _text(d, "version", None, "a semantic version")
-        try:
-            parse_version(version)
-        except EdgepackError as e:
-            raise ValueError(str(e).split("\n")[0]) from None
-        sha = _text(d, "sha256", _SHA, "64 lowercase hex digits")
-        size = _int(d, "size", 1, limits.max_bundle_bytes, hint="[ota] max_bundle_bytes")
-        transfer = _transfer(d.get("transfer"), sha=sha, size=size, limits=limits, topic_prefix=topic_prefix)
+        name, version, sha, size, transfer = bundle_fields(d, limits=limits, topic_prefix=topic_prefix)
         allow_downgrade = d.get("allow_downgrade", False)
         if not isinstance(allow_downgrade, bool):
             raise ValueError("allow_downgrade must be true or false")
@@ -308,6 +300,21 @@ def _section(d: dict, key: str, known: tuple[str, ...]) -> dict:
     if unknown:
         raise ValueError(f"{key} has unknown field(s) {sorted(unknown)}; known: {list(known)}")
     return v
+
+
+def bundle_fields(d: dict, *, limits: Limits, topic_prefix: str | None) -> tuple:
+    """The bundle a record names (desired records and profile jobs alike): name, version,
+    sha256, size and how to fetch it, each checked. ValueError says which field is wrong."""
+    name = _text(d, "name", _NAME, "1-128 characters, no '/' or control characters")
+    version = _text(d, "version", None, "a semantic version")
+    try:
+        parse_version(version)
+    except EdgepackError as e:
+        raise ValueError(str(e).split("\n")[0]) from None
+    sha = _text(d, "sha256", _SHA, "64 lowercase hex digits")
+    size = _int(d, "size", 1, limits.max_bundle_bytes, hint="[ota] max_bundle_bytes")
+    transfer = _transfer(d.get("transfer"), sha=sha, size=size, limits=limits, topic_prefix=topic_prefix)
+    return name, version, sha, size, transfer
 
 
 def _transfer(t, *, sha: str, size: int, limits: Limits, topic_prefix: str | None):

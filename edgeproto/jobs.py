@@ -12,12 +12,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from edgebundle.errors import EdgepackError
 from edgebundle.jsonsafe import JsonError, loads
-from edgebundle.manifest import parse_version
 from edgebundle.trust import parse_time
-from edgeproto.desired import (_NAME, _SHA, _TARGET, MAX_JSON_DEPTH, SIG_FIELD, Desired, Limits, MqttTransfer,
-                               RecordError, UrlTransfer, _int, _section, _text, _transfer)
+from edgeproto.desired import (_TARGET, MAX_JSON_DEPTH, SIG_FIELD, Desired, Limits, MqttTransfer, RecordError,
+                               UrlTransfer, _int, _section, _text, bundle_fields)
 
 SCHEMA = "edgepack.profile-job/1"
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -86,15 +84,7 @@ class ProfileJob:
         if d.get("schema") != SCHEMA:
             raise ValueError(f"schema {d.get('schema')!r}, expected {SCHEMA!r}")
         jid = _text(d, "job_id", _JOB_ID, "1-64 letters, digits, '.', '_' or '-'")
-        name = _text(d, "name", _NAME, "1-128 characters, no '/' or control characters")
-        version = _text(d, "version", None, "a semantic version")
-        try:
-            parse_version(version)
-        except EdgepackError as e:
-            raise ValueError(str(e).split("\n")[0]) from None
-        sha = _text(d, "sha256", _SHA, "64 lowercase hex digits")
-        size = _int(d, "size", 1, limits.max_bundle_bytes, hint="[ota] max_bundle_bytes")
-        transfer = _transfer(d.get("transfer"), sha=sha, size=size, limits=limits, topic_prefix=topic_prefix)
+        name, version, sha, size, transfer = bundle_fields(d, limits=limits, topic_prefix=topic_prefix)
         target = d.get("target")
         if not isinstance(target, str) or not _TARGET.match(target) or not target.startswith("devices/"):
             raise ValueError("target must be 'devices/ID'")

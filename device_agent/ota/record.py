@@ -10,8 +10,9 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
+
+from edgeproto.records import UpdateState
 
 log = logging.getLogger("edgepack.agent.ota")
 RECORD_SCHEMA = 1
@@ -19,17 +20,8 @@ MAX_ENDED = 512  # update_ids remembered as finished (the gate refuses older rec
 MAX_RECORD_BYTES = 4 << 20
 
 
-class State(str, Enum):
-    IDLE = "idle"
-    DOWNLOADING = "downloading"
-    VERIFYING = "verifying"
-    STAGING = "staging"
-    SWITCHING = "switching"
-    PROBATION = "probation"
-    COMMITTED = "committed"
-    ROLLED_BACK = "rolled_back"
-    FAILED = "failed"
-
+# The states are the protocol's: update events report them as they are.
+State = UpdateState
 
 ENDED = (State.IDLE, State.COMMITTED, State.ROLLED_BACK, State.FAILED)
 RESUMABLE = (State.DOWNLOADING, State.VERIFYING, State.STAGING)
