@@ -452,6 +452,11 @@ def start(bundle: Path, broker: BrokerConfig, *, group: str, settings: RolloutSe
     from fleet.gates import plan_waves as _check
 
     _check(["x"], settings.waves)  # a bad --waves fails before anything is published
+    from edgebundle.archive import open_bundle
+
+    for b in (bundle, previous_bundle):  # a file that is not a bundle fails before the broker is asked
+        if b is not None:
+            open_bundle(b)
     rid = rollout_id or f"{group}-{uuid.uuid4().hex[:6]}"
     c = Controller(broker, rid, signer=signer, say=say)
     try:

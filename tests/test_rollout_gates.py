@@ -57,3 +57,15 @@ def test_judge_wave_counts_failures_against_max_failed():
         Gates(max_failed="lots").allowed_failures(4)
     with pytest.raises(InputError, match="--gate-field"):
         FieldGate.parse("cpu > 3")
+
+
+def test_rollout_start_checks_the_bundle_before_the_broker(tmp_path):
+    from edgebundle.errors import EdgepackError
+    from edgeproto.broker import BrokerConfig
+    from fleet import rollout
+
+    bogus = tmp_path / "model.edgepack"
+    bogus.write_bytes(b"not a bundle")
+    with pytest.raises(EdgepackError) as e:  # port 1: nothing listens, but the bundle is wrong first
+        rollout.start(bogus, BrokerConfig(url="mqtt://127.0.0.1:1"), group="g")
+    assert "broker" not in str(e.value).lower()
