@@ -3,34 +3,16 @@ real agents, real mosquitto, real bundles."""
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 
 from agents import AgentProc, Watcher, wait_until
+from faults import fill_disk
 from edgeproto.desired import Probation
 from otakit import ROOT, agent, infer, publish_record, push, record, state, version, wait_final
 
 pytestmark = pytest.mark.slow
-
-
-def _fill(path: Path) -> Path:
-    """Take every free byte of the file system holding `path` (a real ENOSPC for the next write)."""
-    filler = path / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        for n in (1 << 16, 4096, 1):
-            block = b"\0" * n
-            while True:
-                try:
-                    os.write(fd, block)
-                except OSError:
-                    break
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_full_disk_does_not_stop_the_agent(broker, digits_bundle, keys, small_disk):
@@ -41,7 +23,7 @@ def test_full_disk_does_not_stop_the_agent(broker, digits_bundle, keys, small_di
     w = Watcher(broker.url, [f"{ROOT}/devices/dev1/#"])
     try:
         w.wait("dev1/telemetry")
-        filler = _fill(small_disk)
+        filler = fill_disk(small_disk)
         st = w.wait("dev1/status", lambda p: ((p.get("buffer") or {}).get("write_errors") or 0) > 0, timeout=15)
         assert "full" in st["buffer"]["error"], st["buffer"]
         time.sleep(1.0)
