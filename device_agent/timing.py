@@ -62,13 +62,14 @@ class Ratio:
 
     @property
     def verdict(self) -> str:
-        """'slower' / 'faster' only when the whole inter-quartile range says so, beyond the floor;
-        'unresolved' when the rounds disagree too much to say anything (the gate lets it pass,
-        as within noise)."""
-        if not self.resolved:
-            return "unresolved"
+        """'slower' / 'faster' only when the whole inter-quartile range says so, beyond the floor.
+        'slower' stands even when the rounds are spread (three rounds in four slower is evidence,
+        and rejecting a candidate only falls back to fp32); a claim of 'faster' needs resolved
+        rounds, else 'unresolved' (the gate lets it pass, as within noise)."""
         if self.q1 > 1 + NOISE_FLOOR:
             return "slower"
+        if not self.resolved:
+            return "unresolved"
         if self.q3 < 1 - NOISE_FLOOR:
             return "faster"
         return "within noise"
@@ -128,7 +129,10 @@ def compare(a: Callable[[], object], b: Callable[[], object], *, budget_s: float
             # Half-width of the median's ~95 % interval (the box plot's notch).
             notch = 1.58 * (q3 - q1) / np.sqrt(len(ratios))
             stable = notch <= STABLE * med
-            decided = med - notch > 1 + 2 * NOISE_FLOOR or med + notch < 1 - 2 * NOISE_FLOOR  # far from a tie
+            # Far from a tie: clearly slower, or clearly faster with rounds that agree (spread rounds
+            # go on to the budget, where a claim of faster may still resolve).
+            decided = med - notch > 1 + 2 * NOISE_FLOOR or (
+                med + notch < 1 - 2 * NOISE_FLOOR and q3 - q1 <= UNRESOLVED_SPREAD * med)
             if stable or decided or time.perf_counter() > deadline:
                 break
     q1, med, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))

@@ -32,6 +32,8 @@ def latency_text(lat: dict | None) -> str:
     if lat.get("baseline"):
         return f"{lat['b_ms']:.3f} ms (fp32 itself)"
     r = lat["ratio"]
+    if r.get("resolved") is False and r.get("verdict") == "slower":
+        return f"{lat['b_ms']:.3f} ms slower ({r['q1']:.2f}-{r['q3']:.2f}x: too spread for one figure)"
     if r.get("resolved") is False:
         return f"{lat['b_ms']:.3f} ms unresolved ({r['q1']:.2f}-{r['q3']:.2f}x: too fast to time here)"
     return f"{lat['b_ms']:.3f} ms {r['median']:.2f}x ({r['q1']:.2f}-{r['q3']:.2f})"

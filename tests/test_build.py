@@ -221,7 +221,8 @@ def test_auto_speed_gate_moves_down_the_ladder(digits, tmp_path):
     r = res.results[0]
     assert r.ok, r.error
     first, last = r.report["candidates"][0], r.report["candidates"][-1]
-    assert first["candidate"] == "int16x8" and first["verdict"] == "slower" and first["latency"]["ratio"]["q1"] > 1.05
+    assert first["candidate"] == "int16x8" and first["verdict"] == "slower" and first["latency"]["ratio"]["q1"] > 1.05, \
+        first["latency"]
     assert last["candidate"] == "fp32" and last["verdict"] == "chosen" and r.report["precision"] == "fp32"
     assert r.report["latency_ms"]["baseline"] and not any("SLOWER" in w for w in r.report["warnings"])
     # Asked for explicitly, the slow precision is built, with the warning in capitals.

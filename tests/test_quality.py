@@ -237,3 +237,8 @@ def test_ratio_too_spread_to_mean_anything_is_reported_unresolved():
     lat["ratio"].update(median=1.03, q1=0.99, q3=1.05, resolved=True)
     assert latency_text(lat).endswith("1.03x (0.99-1.05)")
     assert Ratio(2.0, 1.8, 2.3).verdict == "slower" and Ratio(0.5, 0.45, 0.55).verdict == "faster"
+    # Spread, but three rounds in four slower: still slower (CI once shipped a 16x int16x8 as "unresolved").
+    spread = Ratio(16.0, 6.0, 24.0)
+    assert not spread.resolved and spread.verdict == "slower"
+    lat["ratio"].update(median=16.0, q1=6.0, q3=24.0, resolved=False, verdict="slower")
+    assert "slower (6.00-24.00x" in latency_text(lat)
