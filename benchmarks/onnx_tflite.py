@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-MODELS = ("ocr-orientation", "ocr-detector", "ocr-recognizer", "silero-vad")
+MODELS = ("ocr-orientation", "page-orientation", "wake-embedding", "ocr-detector", "ocr-recognizer", "silero-vad")
 
 
 def figures(r) -> dict:

