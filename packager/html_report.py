@@ -10,7 +10,7 @@ import html
 import math
 from pathlib import Path
 
-from packager.report import accuracy_text, human_bytes, latency_text
+from packager.report import accuracy_text, device_text, human_bytes, latency_text
 
 COLORS = {"chosen": "#1a7f37", "passed": "#0969da", "accuracy": "#cf222e", "slower": "#bc4c00",
           "no gain": "#8250df", "error": "#6e7781", "skipped": "#6e7781", "not tried": "#6e7781"}
@@ -204,12 +204,17 @@ def _target_section(t: dict) -> str:
                  f'{_e(t["choice"])}.</p>')
     else:
         head += f'<p><span class="fail">failed ({_e(t["error_kind"])})</span> {_e(t["error"])}</p>'
+    cands = t.get("candidates", [])
+    dev = any(c.get("device_latency") for c in cands)  # --profile-on: the device's figures decided
     rows = "".join(f"<tr><td>{_e(c['candidate'])}</td><td style='color:{COLORS.get(c['verdict'], '#000')}'>"
                    f"{_e(c['verdict'])}</td><td>{_e(human_bytes(c['size_bytes']))}</td>"
-                   f"<td>{_e(latency_text(c['latency']))}</td><td>{_e(accuracy_text(c))}</td><td>{_e(c['why'])}</td></tr>"
-                   for c in t.get("candidates", []))
-    table = ("<table><tr><th>candidate</th><th>verdict</th><th>size</th><th>latency vs fp32 (IQR)</th>"
-             f"<th>accuracy</th><th>why</th></tr>{rows}</table>") if rows else ""
+                   f"<td>{_e(latency_text(c['latency']))}</td>"
+                   + (f"<td>{_e(device_text(c.get('device_latency')))}</td>" if dev else "")
+                   + f"<td>{_e(accuracy_text(c))}</td><td>{_e(c['why'])}</td></tr>"
+                   for c in cands)
+    table = ("<table><tr><th>candidate</th><th>verdict</th><th>size</th><th>host latency vs fp32 (IQR)</th>"
+             + ("<th>device latency vs fp32 (p50)</th>" if dev else "")
+             + f"<th>accuracy</th><th>why</th></tr>{rows}</table>") if rows else ""
     notes = [f"{f['level']}: [{f['code']}] {f['message']}" for f in t.get("lint", [])
              if f["level"] != "info" and not f["code"].startswith("edgetpu")]
     notes += [f"WARNING: {w}" for w in t.get("warnings", [])]
@@ -222,12 +227,15 @@ def _target_section(t: dict) -> str:
 def render(report: dict) -> str:
     shared = report.get("shared", {})
     v, gate = shared.get("validation") or {}, shared.get("gate") or {}
+    dev = any(t.get("device_latency") for t in report["targets"] if t["ok"])
     summary = "".join(
         f"<tr><td><a href='#{_e(t['target'])}'>{_e(t['target'])}</a></td><td>{_e(t.get('format', '-'))}</td>"
         + (f"<td>{_e(t['candidate'])}</td><td>{_e(human_bytes(t['size_bytes']['model']))} ({t['size_ratio']:.2f}x)</td>"
-           f"<td>{_e(latency_text(t['latency_ms']))}</td><td>{_e(accuracy_text(t['accuracy']))}</td>"
-           f"<td class='ok'>{_e(Path(t['bundle']).name)}</td>" if t["ok"] else
-           f"<td colspan='4'>-</td><td class='fail'>FAILED ({_e(t['error_kind'])})</td>") + "</tr>"
+           f"<td>{_e(latency_text(t['latency_ms']))}</td>"
+           + (f"<td>{_e(device_text(t.get('device_latency')))}</td>" if dev else "")
+           + f"<td>{_e(accuracy_text(t['accuracy']))}</td><td class='ok'>{_e(Path(t['bundle']).name)}</td>"
+           if t["ok"] else
+           f"<td colspan='{5 if dev else 4}'>-</td><td class='fail'>FAILED ({_e(t['error_kind'])})</td>") + "</tr>"
         for t in report["targets"])
     gate_text = ("OFF" if not gate.get("enabled", True) else
                  f"accuracy drop &le; {gate.get('max_drop_points')} pt, cosine &ge; {gate.get('min_similarity')}, "
@@ -237,7 +245,8 @@ def render(report: dict) -> str:
             f"samples from {_e(v.get('source'))}{' with labels' if v.get('labels') else ''}; accuracy gate: "
             f"{gate_text}; search: {_e(shared.get('search', 'first'))}.</p>"
             "<table><tr><th>target</th><th>format</th><th>chosen</th><th>size (vs fp32)</th>"
-            f"<th>host latency vs fp32 (IQR)</th><th>accuracy</th><th>bundle</th></tr>{summary}</table>"
+            "<th>host latency vs fp32 (IQR)</th>" + ("<th>device latency vs fp32 (p50)</th>" if dev else "")
+            + f"<th>accuracy</th><th>bundle</th></tr>{summary}</table>"
             "<h2>Targets: size and host latency against fp32</h2>" + _targets_chart(report["targets"])
             + "".join(_target_section(t) for t in report["targets"]))
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>edgepack build report: "

@@ -207,3 +207,7 @@ def test_profile_on_lets_the_device_numbers_choose_the_precision(broker, digits,
 
     text = build_table(res.to_dict())
     assert "on dev1" in text.split("arm-cpu:")[1]  # the candidate table shows the device beside the host
+    from packager.html_report import render  # and so does the HTML report (--report-html)
+
+    page = render(res.to_dict())
+    assert "device latency vs fp32 (p50)" in page and "on dev1" in page.split('id="arm-cpu"')[1]
