@@ -22,19 +22,32 @@ MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # torchvision's ImageNet nor
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def export(out: Path, *, pretrained: bool) -> Path:
+def export(out: Path, *, pretrained: bool, data: np.ndarray) -> Path:
     import torch
     import torchvision
 
     weights = torchvision.models.MobileNet_V3_Small_Weights.DEFAULT if pretrained else None
-    model = torchvision.models.mobilenet_v3_small(weights=weights).eval()
+    model = torchvision.models.mobilenet_v3_small(weights=weights)
+    if not pretrained:
+        # Random weights with default BatchNorm statistics shrink the signal layer by layer (logits
+        # ~1e-9): nothing a quantizer can represent. Estimating the statistics on the images gives
+        # an untrained but well-scaled network, enough to try the flow without a download.
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the batches below
+        model.train()
+        with torch.no_grad():
+            for i in range(0, len(data), 25):
+                model(torch.from_numpy(data[i:i + 25]))
+    model.eval()
     path = out / "mobilenet_v3_small.onnx"
     # A named input and output, a dynamic batch axis, and an opset onnx2tf and ONNX Runtime both know
     # (torch.export-based exporter, the default since PyTorch 2.9; it needs onnxscript).
     # The layout stays NCHW: the edgepack bundle takes NCHW too (the NHWC transposes live inside).
     torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(path), input_names=["image"],
                       output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=18)
+                      opset_version=18, external_data=False)  # one file (weights inside; < 2 GB)
     return path
 
 
@@ -67,11 +80,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
     ap.add_argument("--images", type=Path, help="a folder of your own .jpg/.png images (150 or more)")
-    ap.add_argument("--no-pretrained", action="store_true", help="random weights (no download)")
+    ap.add_argument("--no-pretrained", action="store_true",
+                    help="random weights (no download), BatchNorm statistics estimated on the calibration images")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    path = export(args.out, pretrained=not args.no_pretrained)
     x = preprocess(images(args.images, 150))
+    path = export(args.out, pretrained=not args.no_pretrained, data=x[:100])
     np.savez(args.out / "calibration.npz", image=x[:100])
     np.savez(args.out / "validation.npz", image=x[100:])
     print(f"wrote {path}, calibration.npz ({len(x[:100])} images), validation.npz ({len(x[100:])} images)")
