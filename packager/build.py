@@ -124,6 +124,8 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
     name = opts.name or _default_name(opts.model)
     with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp, HostTimer(Path(tmp) / "timing") as timer:
         work = Path(tmp)
+        if any(p.is_cpu for p in profiles):  # CPU targets are timed on this host
+            timer.start()
         progress(f"loading {opts.model}")
         source = load_source(opts.model, workdir=work)
         calib, valid = _datasets(opts, source, profiles, progress)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.timing import HostTimer
+from packager.timing import HostTimer, ModelSpec
 from targets import CalibrationMethod, Format
 
 
@@ -28,7 +28,7 @@ class BuildCache:
     workdir: Path
     timer: HostTimer
     fp32: dict[Format, Path] = field(default_factory=dict)
-    fp32_latency: dict[tuple[Format, int], dict] = field(default_factory=dict)  # (format, threads) -> ms figures
+    fp32_latency: dict[ModelSpec, dict] = field(default_factory=dict)  # fp32 as timed: its own latency
     tflite_calibrated: bytes | None = None  # float model carrying calibration statistics
     onnx_preprocessed: Path | None = None  # ORT's pre-processing of the fp32 graph, what int8 starts from
     onnx_calibration: dict[CalibrationMethod, Path] = field(default_factory=dict)  # ORT calibration caches

@@ -116,6 +116,7 @@ class TargetBuild:
         out: list[Trial] = []
         found = self._blame(base)
         keep: tuple[str, ...] = ()
+        prev = base
         for r in range(MIXED_ROUNDS):
             more = sensitivity.pick(found, keep, limit=2 ** (r + 1))
             if more == keep:
@@ -123,8 +124,12 @@ class TargetBuild:
             keep = more
             trial = self._try(step, Candidate(step.precision, keep))
             out.append(trial)
-            if trial.verdict != "accuracy" or (len(out) > 1 and _loss(trial) >= _loss(out[-2])):
-                break  # passed, failed otherwise, or keeping more in float stopped helping
+            # Passed, failed otherwise, or keeping nodes in float did not lower the loss at all (the plain
+            # candidate's included: then the analysis is not finding where it is lost, and another round
+            # of it, ~a conversion and an analysis each, would only find more of the same).
+            if trial.verdict != "accuracy" or _loss(trial) >= _loss(prev):
+                break
+            prev = trial
             found = self._blame(trial)
         return out
 
@@ -217,7 +222,7 @@ class TargetBuild:
         """Speed gate: CPU targets, candidates below fp32, --quantize auto."""
         quantized = trial.candidate.precision is not Precision.FP32 and self.env.source.kind.value != "tflite"
         if self.profile.is_cpu and quantized:
-            trial.latency = self.latency(trial.artifact)
+            trial.latency = self.latency(trial.artifact, label=trial.candidate.label)
             r = trial.latency["ratio"]
             if self.opts.profile_on is not None:  # the device's figures decide; the host's are reported beside
                 from packager.device_profile import device_latency
@@ -242,16 +247,23 @@ class TargetBuild:
                 return
         trial.verdict = "passed"
 
-    def latency(self, art: Artifact, *, baseline: bool = False) -> dict:
+    def latency(self, art: Artifact, *, baseline: bool = False, label: str = "") -> dict:
         """The candidate against fp32, interleaved in the clean timing worker (or, for the fp32
         model itself, its own latency)."""
+        base = spec_for(self.backend.fp32(self._ctx(Candidate(Precision.FP32))), self.profile)
+        known = self.env.cache.fp32_latency.get(base)
+        if baseline and known is not None:  # fp32 itself was chosen: it was timed beside the candidates
+            return dict(known, profile_threads=self.profile.threads)
         self.say("timing in a clean process" + ("" if baseline else " against fp32"))
-        base = self.backend.fp32(self._ctx(Candidate(Precision.FP32)))
-        res = self.env.cache.timer.compare(spec_for(base, self.profile),
-                                           None if baseline else spec_for(art.path, self.profile),
+        res = self.env.cache.timer.compare(base, None if baseline else spec_for(art.path, self.profile),
                                            self.env.valid.samples[0], budget_s=self.opts.bench_seconds,
                                            max_rounds=self.opts.bench_runs)
         res["profile_threads"] = self.profile.threads
+        if not baseline:  # the fp32 side of an interleaved comparison is fp32's own latency, same worker
+            self.env.cache.fp32_latency[base] = {
+                "a_ms": res["a_ms"], "b_ms": res["a_ms"], "baseline": True, "threads": res["threads"][:1],
+                "host_cores": res["host_cores"], "runtime": res["runtime"][:1],
+                "from": f"fp32's side of {res['rounds']} interleaved rounds against {label or art.precision.value}"}
         return res
 
     def _runtime(self, art: Artifact):

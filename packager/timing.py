@@ -16,7 +16,7 @@ from device_agent.timing import ModelSpec, host_cores, threads_for
 from edgebundle.errors import EdgepackError, RuntimeUnavailableError
 from targets import TargetProfile
 
-__all__ = ["HostTimer", "host_cores", "spec_for", "threads_for"]
+__all__ = ["HostTimer", "ModelSpec", "host_cores", "spec_for", "threads_for"]
 
 
 def spec_for(path: Path, profile: TargetProfile) -> ModelSpec:
@@ -63,6 +63,11 @@ class HostTimer:
             log = (self._dir / "timing-worker.log").read_text(errors="replace").strip().splitlines()[-3:]
             raise EdgepackError("the timing worker process died", hint="its last words: " + " | ".join(log))
         return json.loads(line)
+
+    def start(self) -> None:
+        """Start the worker now (a build whose targets time on this CPU calls it first): its Python and
+        numpy imports then overlap the build's own loading instead of delaying the first timing."""
+        self._start()
 
     def _start(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
