@@ -13,7 +13,9 @@ gate: JSON requests on stdin, one JSON reply per line on stdout.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -103,10 +105,24 @@ def _block(call: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def q1_interval(ratios: list[float]) -> tuple[float, float]:
+    """A distribution-free ~95 % interval for the lower quartile of the rounds' ratios (order
+    statistics: the k-th smallest of n rounds lies below the true quartile with probability
+    P(Binomial(n, 1/4) >= k)); infinite ends until there are enough rounds to bound them."""
+    x, n = sorted(ratios), len(ratios)
+    pmf = [math.comb(n, i) * 0.25 ** i * 0.75 ** (n - i) for i in range(n + 1)]
+    below = list(itertools.accumulate(pmf))  # below[k] = P(Binomial <= k)
+    k_lo = max((k for k in range(1, n + 1) if 1 - below[k - 1] >= 0.975), default=0)
+    k_hi = min((k for k in range(1, n + 1) if below[k - 1] >= 0.975), default=n + 1)
+    return (x[k_lo - 1] if k_lo else -math.inf), (x[k_hi - 1] if k_hi <= n else math.inf)
+
+
 def compare(a: Callable[[], object], b: Callable[[], object], *, budget_s: float = 3.0,
-            min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS) -> Comparison:
-    """Time `b` against `a` in alternating blocks until the median ratio is stable
-    (or `budget_s` is spent, with at least `min_rounds` rounds)."""
+            min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS, question: str = "verdict") -> Comparison:
+    """Time `b` against `a` in alternating blocks until the median ratio is stable, the verdict is
+    clear (or `budget_s` is spent, with at least `min_rounds` rounds). A `question` of "slower" says
+    the caller needs only to know whether `b` is slower (a speed gate, for a candidate that does not
+    need to be faster to be worth it): the rounds then also stop once that answer is settled."""
     t_start = time.perf_counter()
     for _ in range(3):  # warm-up: first calls allocate, JIT kernels, fill caches
         a()
@@ -133,6 +149,11 @@ def compare(a: Callable[[], object], b: Callable[[], object], *, budget_s: float
             # go on to the budget, where a claim of faster may still resolve).
             decided = med - notch > 1 + 2 * NOISE_FLOOR or (
                 med + notch < 1 - 2 * NOISE_FLOOR and q3 - q1 <= UNRESOLVED_SPREAD * med)
+            if not (stable or decided):
+                # 'slower' is the lower quartile above the floor: once its interval is wholly above, more
+                # rounds will not undo it; wholly below, they will not make it slower.
+                lo, hi = q1_interval(ratios)
+                decided = lo > 1 + NOISE_FLOOR or (question == "slower" and hi <= 1 + NOISE_FLOOR)
             if stable or decided or time.perf_counter() > deadline:
                 break
     q1, med, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
@@ -199,9 +220,9 @@ class Worker:
         rb = self._runtime(b)
         fa, fb = ra.prepare(feeds), rb.prepare(feeds)  # native dtypes: time the model, not our I/O
         res = compare(lambda: ra.run(fa), lambda: rb.run(fb), budget_s=float(req.get("budget_s", 3.0)),
-                      max_rounds=int(req.get("max_rounds", MAX_ROUNDS)))
+                      max_rounds=int(req.get("max_rounds", MAX_ROUNDS)), question=str(req.get("question", "verdict")))
         return dict(res.to_dict(), threads=[a.threads, b.threads], host_cores=host_cores(),
-                    runtime=[ra.details, rb.details])
+                    runtime=[ra.details, rb.details], question=str(req.get("question", "verdict")))
 
 
 def serve(inp=sys.stdin, out=sys.stdout) -> None:

@@ -222,7 +222,13 @@ class TargetBuild:
         """Speed gate: CPU targets, candidates below fp32, --quantize auto."""
         quantized = trial.candidate.precision is not Precision.FP32 and self.env.source.kind.value != "tflite"
         if self.profile.is_cpu and quantized:
-            trial.latency = self.latency(trial.artifact, label=trial.candidate.label)
+            fp32_size = self.backend.fp32(self._ctx(trial.candidate)).stat().st_size
+            # Auto's first-pass search asks the host one thing of a smaller candidate: is it slower than fp32?
+            # ('faster' only matters to one no smaller, and to --search thorough, which ranks the medians.)
+            only_slower = (self.auto and self.opts.search is Search.FIRST and self.opts.profile_on is None
+                           and trial.size_bytes < fp32_size)
+            trial.latency = self.latency(trial.artifact, label=trial.candidate.label,
+                                         question="slower" if only_slower else "verdict")
             r = trial.latency["ratio"]
             if self.opts.profile_on is not None:  # the device's figures decide; the host's are reported beside
                 from packager.device_profile import device_latency
@@ -239,7 +245,6 @@ class TargetBuild:
                 trial.why = (f"{r['median']:.2f}x the fp32 latency (inter-quartile {r['q1']:.2f}-{r['q3']:.2f}x over "
                              f"{trial.latency['rounds']} interleaved rounds)")
                 return
-            fp32_size = self.backend.fp32(self._ctx(trial.candidate)).stat().st_size
             if self.auto and trial.size_bytes >= fp32_size and r["verdict"] != "faster":
                 trial.verdict = "no gain"
                 trial.why = (f"no smaller than fp32 ({trial.size_bytes / fp32_size:.2f}x) and not faster "
@@ -247,7 +252,7 @@ class TargetBuild:
                 return
         trial.verdict = "passed"
 
-    def latency(self, art: Artifact, *, baseline: bool = False, label: str = "") -> dict:
+    def latency(self, art: Artifact, *, baseline: bool = False, label: str = "", question: str = "verdict") -> dict:
         """The candidate against fp32, interleaved in the clean timing worker (or, for the fp32
         model itself, its own latency)."""
         base = spec_for(self.backend.fp32(self._ctx(Candidate(Precision.FP32))), self.profile)
@@ -257,7 +262,7 @@ class TargetBuild:
         self.say("timing in a clean process" + ("" if baseline else " against fp32"))
         res = self.env.cache.timer.compare(base, None if baseline else spec_for(art.path, self.profile),
                                            self.env.valid.samples[0], budget_s=self.opts.bench_seconds,
-                                           max_rounds=self.opts.bench_runs)
+                                           max_rounds=self.opts.bench_runs, question=question)
         res["profile_threads"] = self.profile.threads
         if not baseline:  # the fp32 side of an interleaved comparison is fp32's own latency, same worker
             self.env.cache.fp32_latency[base] = {

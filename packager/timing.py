@@ -35,15 +35,15 @@ class HostTimer:
         self._n = 0
 
     def compare(self, baseline: ModelSpec, candidate: ModelSpec | None, feeds: dict[str, np.ndarray], *,
-                budget_s: float, max_rounds: int = 400) -> dict:
-        """Interleaved timing of `candidate` against `baseline` (see device_agent.timing); with no
-        candidate, the baseline's own latency."""
+                budget_s: float, max_rounds: int = 400, question: str = "verdict") -> dict:
+        """Interleaved timing of `candidate` against `baseline` (see device_agent.timing: `question`
+        "slower" ends the rounds once that is settled); with no candidate, the baseline's own latency."""
         self._n += 1
         self._dir.mkdir(parents=True, exist_ok=True)
         feeds_path = self._dir / f"timing-feeds-{self._n}.npz"
         np.savez(feeds_path, **feeds)
         req = {"a": vars(baseline), "b": vars(candidate) if candidate else None, "feeds": str(feeds_path), "budget_s": budget_s,
-               "max_rounds": max_rounds}
+               "max_rounds": max_rounds, "question": question}
         reply = self._ask(req)
         if not reply.get("ok"):
             raise RuntimeUnavailableError(f"timing on this host failed: {reply.get('error')}")

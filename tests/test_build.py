@@ -225,6 +225,8 @@ def test_auto_speed_gate_moves_down_the_ladder(digits, tmp_path):
         first["latency"]
     assert last["candidate"] == "fp32" and last["verdict"] == "chosen" and r.report["precision"] == "fp32"
     assert r.report["latency_ms"]["baseline"] and not any("SLOWER" in w for w in r.report["warnings"])
+    # fp32's own latency is its side of the int16x8 comparison, not a second timing
+    assert r.report["latency_ms"]["from"].endswith("interleaved rounds against int16x8"), r.report["latency_ms"]
     # Asked for explicitly, the slow precision is built, with the warning in capitals.
     res = build(_opts(digits["model"], [str(prof)], tmp_path / "out2", precision=Precision.INT16X8,
                       calibration=str(digits["calibration"]), validation=str(digits["validation"])))

@@ -121,6 +121,20 @@ def test_interleaved_timing_tells_slower_from_equal():
     assert Ratio(1.3, 1.2, 1.4).verdict == "slower" and Ratio(0.5, 0.45, 0.6).verdict == "faster"
 
 
+def test_lower_quartile_interval_settles_the_slower_verdict():
+    """The rounds stop once the lower quartile's interval is on one side of the 5 % floor: no bound
+    from a handful of rounds, tight bounds from many that agree."""
+    from device_agent.timing import q1_interval
+
+    lo, hi = q1_interval([1.5] * 8)
+    assert lo == -np.inf and hi == 1.5  # 8 rounds cannot bound the quartile from below
+    lo, hi = q1_interval([1.2] * 30 + [0.9] * 2)  # two odd rounds in 32: still settled slower
+    assert lo > 1.05 and hi == 1.2
+    lo, hi = q1_interval(list(np.linspace(0.9, 1.5, 40)))  # quartile on the floor: not settled either way
+    assert lo < 1.05 < hi
+    assert q1_interval(list(np.linspace(0.8, 1.3, 40)))[1] < 1.05  # settled: not slower
+
+
 def test_threads_never_exceed_host_cores():
     from device_agent.timing import host_cores, threads_for
 
@@ -195,6 +209,35 @@ def test_sanitize_makes_tf2onnx_style_graphs_runnable():
     out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": np.ones((1, 3), np.float32)})[0]
     np.testing.assert_allclose(out, 3.0)
+
+
+def test_intermediates_stack_every_node_output_per_sample():
+    """Samples after the first are written into their rows in place; a tensor whose shape changes
+    with the sample (NonZero) cannot be stacked and is left out, the others kept."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from packager.formats.onnx_graph import intermediates
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Mul", ["r", "x"], ["y"], name="mul"),
+             helper.make_node("NonZero", ["r"], ["nz"], name="nz")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    same = [{"x": np.array([[1, 2, 3, 4]], np.float32) * (i + 1)} for i in range(3)]  # NonZero: same shape
+    got = intermediates(model, same)
+    assert set(got) == {"r", "y", "nz"} and got["y"].shape == (3, 1, 4)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for i, s in enumerate(same):
+        np.testing.assert_array_equal(got["y"][i], ref.run(None, s)[0])
+        np.testing.assert_array_equal(got["r"][i], np.maximum(s["x"], 0))
+    mixed = [{"x": rng.normal(size=(1, 4)).astype(np.float32)} for _ in range(4)]
+    mixed[2]["x"][:] = -1  # NonZero finds nothing in this one
+    got = intermediates(model, mixed)
+    assert "nz" not in got and got["y"].shape == (4, 1, 4)
+    for i, s in enumerate(mixed):
+        np.testing.assert_array_equal(got["y"][i], ref.run(None, s)[0])
 
 
 def test_canonical_names_make_tf2onnx_output_reproducible():
