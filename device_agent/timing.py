@@ -5,8 +5,8 @@ thermal step, a TensorFlow thread pool winding down) land on one side only. Here
 models are loaded in the same clean process (only the device runtime, never TensorFlow)
 and run in alternating blocks, A B B A A B ..., each block long enough for the timer
 to resolve; every round gives one ratio B/A. The figures are the median ratio and its
-inter-quartile range over rounds. Rounds stop when the median is stable or the time
-budget runs out.
+inter-quartile range over rounds. Rounds stop when the median is stable, when the verdict
+is clear (see `compare`), or when the time budget runs out.
 
 `python -m device_agent.timing --serve` is the worker the packager starts for its speed
 gate: JSON requests on stdin, one JSON reply per line on stdout.
