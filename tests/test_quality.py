@@ -219,8 +219,8 @@ def test_intermediates_stack_every_node_output_per_sample():
 
     from packager.formats.onnx_graph import intermediates
 
-    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Mul", ["r", "x"], ["y"], name="mul"),
-             helper.make_node("NonZero", ["r"], ["nz"], name="nz")]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "x"], ["y"], name="mul"), helper.make_node("NonZero", ["r"], ["nz"], name="nz")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
