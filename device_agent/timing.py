@@ -145,10 +145,12 @@ def compare(a: Callable[[], object], b: Callable[[], object], *, budget_s: float
             # Half-width of the median's ~95 % interval (the box plot's notch).
             notch = 1.58 * (q3 - q1) / np.sqrt(len(ratios))
             stable = notch <= STABLE * med
-            # Far from a tie: clearly slower, or clearly faster with rounds that agree (spread rounds
-            # go on to the budget, where a claim of faster may still resolve).
-            decided = med - notch > 1 + 2 * NOISE_FLOOR or (
-                med + notch < 1 - 2 * NOISE_FLOOR and q3 - q1 <= UNRESOLVED_SPREAD * med)
+            # Far from a tie, and the verdict already says so: a median far above 1 over bimodal rounds
+            # (lower quartile still near 1) reads 'within noise', so such rounds go on to the budget,
+            # as do spread rounds where a claim of faster may still resolve.
+            now = Ratio(float(med), float(q1), float(q3)).verdict
+            decided = (med - notch > 1 + 2 * NOISE_FLOOR and now == "slower") or (
+                med + notch < 1 - 2 * NOISE_FLOOR and now == "faster")
             if not (stable or decided):
                 # 'slower' is the lower quartile above the floor: once its interval is wholly above, more
                 # rounds will not undo it; wholly below, they will not make it slower.
