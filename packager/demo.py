@@ -183,7 +183,7 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
             f"{(tel['system']['process_rss_bytes'] or 0) / 1e6:.1f} MB, cpu {tel['system']['cpu_percent']}%")
 
         say("== 5. build and sign v1.1.0 (trained longer)")
-        info2 = train(work / "v2", epochs=30, seed=1)
+        info2 = train(work / "v2", epochs=15, start=info["model"])  # v1 plus 15 epochs
         res2 = build(BuildOptions(model=info2["model"], targets=("arm-cpu",), out_dir=work / "bundles",
                                   calibration=str(work / "v2" / "calibration.npz"),
                                   validation=str(work / "v2" / "validation.npz"), name="digits", version="1.1.0",

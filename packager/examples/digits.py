@@ -12,7 +12,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def train(out: Path, *, epochs: int = 30, seed: int = 0, width: int = 16) -> dict:
+def train(out: Path, *, epochs: int = 30, seed: int = 0, width: int = 16, start: Path | None = None) -> dict:
+    """`start`: a model this function wrote before (same seed, so the same split), trained `epochs` more."""
     import numpy as np
     import keras
     from sklearn.datasets import load_digits
@@ -23,15 +24,19 @@ def train(out: Path, *, epochs: int = 30, seed: int = 0, width: int = 16) -> dic
     x = (digits.images / 16.0).astype("float32")[..., None]  # (1797, 8, 8, 1) in [0, 1]
     y = digits.target.astype("int64")
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
-    inp = keras.Input((8, 8, 1), name="image")
-    h = keras.layers.Conv2D(width, 3, padding="same", activation="relu")(inp)
-    h = keras.layers.Conv2D(width * 2, 3, padding="same", activation="relu")(h)
-    h = keras.layers.MaxPooling2D()(h)
-    h = keras.layers.Flatten()(h)
-    h = keras.layers.Dense(64, activation="relu")(h)
-    outp = keras.layers.Dense(10, activation="softmax", name="probs")(h)
-    model = keras.Model(inp, outp, name="digits_cnn")
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    if start is not None:
+        model = keras.models.load_model(start)  # weights and optimizer state: training goes on
+    else:
+        inp = keras.Input((8, 8, 1), name="image")
+        h = keras.layers.Conv2D(width, 3, padding="same", activation="relu")(inp)
+        h = keras.layers.Conv2D(width * 2, 3, padding="same", activation="relu")(h)
+        h = keras.layers.MaxPooling2D()(h)
+        h = keras.layers.Flatten()(h)
+        h = keras.layers.Dense(64, activation="relu")(h)
+        outp = keras.layers.Dense(10, activation="softmax", name="probs")(h)
+        model = keras.Model(inp, outp, name="digits_cnn")
+        model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
     model.fit(x_train, y_train, epochs=epochs, batch_size=64, verbose=0)
     _, acc = model.evaluate(x_test, y_test, verbose=0)
     out.mkdir(parents=True, exist_ok=True)
