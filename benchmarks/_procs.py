@@ -1,13 +1,17 @@
-"""Processes the benchmarks start: a loopback mosquitto and a device agent."""
+"""Processes the benchmarks start: a loopback mosquitto and a device agent; and client load on it."""
 from __future__ import annotations
 
 from packager.demo import api_ready, free_port, port_open, wait_for
 from packager.demo import stop_processes as stop  # noqa: F401  (used by the scripts)
 
+import http.client
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 
@@ -35,3 +39,44 @@ def agent(workdir: Path, bundle: Path, broker_port: int, *, device: str = "bench
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: api_ready(base), 30, "agent ready")
     return p, base
+
+
+class Load:
+    """Clients posting the digits model's inference in a loop over keep-alive connections; each
+    request recorded as (wall time, ms, HTTP status; 0 when the connection failed)."""
+
+    BODY = json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8, 1], "datatype": "FP32",
+                                   "data": [0.5] * 64}]}).encode()
+
+    def __init__(self, base: str):
+        self.host, self.port = base.split("//")[1].split(":")
+        self.samples: list[tuple[float, float, int]] = []
+        self._lock, self._halt, self._threads = threading.Lock(), threading.Event(), []
+
+    def _conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, int(self.port), timeout=10)
+
+    def _client(self) -> None:
+        conn, n = self._conn(), 0
+        while not self._halt.is_set() and n < 500_000:
+            n += 1
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/v2/models/digits/infer", body=self.BODY)
+                r = conn.getresponse()
+                r.read()
+                status = r.status
+            except OSError:
+                status, conn = 0, self._conn()
+            with self._lock:
+                self.samples.append((time.time(), (time.perf_counter() - t0) * 1000, status))
+
+    def start(self, clients: int) -> None:
+        self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        for t in self._threads:
+            t.join(15)

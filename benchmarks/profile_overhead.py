@@ -11,11 +11,8 @@ the job returned are printed with how long it paused for production traffic.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,44 +29,20 @@ def main() -> None:
     ap.add_argument("--probe", choices=("digits", "mobilenet"), default="mobilenet")
     args = ap.parse_args()
     from _bundles import digits_bundle, mobilenet_bundle
-    from _procs import agent, mosquitto, stop
+    from _procs import Load, agent, mosquitto, stop
     from edgeproto.broker import BrokerConfig
     from edgeproto.jobs import BenchSettings
     from fleet.profile import Timeouts, profile
 
     serving = digits_bundle()
     probe = mobilenet_bundle() if args.probe == "mobilenet" else digits_bundle(target="x86-cpu")
-    samples: list[tuple[float, float, int]] = []  # (wall time, ms, status)
-    lock, halt = threading.Lock(), threading.Event()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         broker, port = mosquitto(tmp)
         a, base = agent(tmp, serving, port)
-        host, api_port = base.split("//")[1].split(":")
-        body = json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8, 1], "datatype": "FP32",
-                                       "data": [0.5] * 64}]}).encode()
-
-        def client():
-            conn = http.client.HTTPConnection(host, int(api_port), timeout=10)
-            n = 0
-            while not halt.is_set() and n < 500_000:
-                n += 1
-                t0 = time.perf_counter()
-                try:
-                    conn.request("POST", "/v2/models/digits/infer", body=body)
-                    r = conn.getresponse()
-                    r.read()
-                    status = r.status
-                except OSError:
-                    status = 0
-                    conn = http.client.HTTPConnection(host, int(api_port), timeout=10)
-                with lock:
-                    samples.append((time.time(), (time.perf_counter() - t0) * 1000, status))
-
-        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        load = Load(base)
         try:
-            for t in threads:
-                t.start()
+            load.start(args.clients)
             time.sleep(args.steady)
             t0 = time.time()
             [r] = profile([probe], BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), device="bench",
@@ -77,11 +50,9 @@ def main() -> None:
             t1 = time.time()
             time.sleep(1.0)
         finally:
-            halt.set()
-            for t in threads:
-                t.join(15)
+            load.stop()
             stop(a, broker)
-    s = np.array(samples)
+    s = np.array(load.samples)
     steady, during = s[s[:, 0] < t0], s[(s[:, 0] >= t0) & (s[:, 0] <= t1)]
     failed = int(np.sum(s[:, 2] != 200))
     f = r.figures

@@ -9,11 +9,8 @@ first update event until commit).
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -30,43 +27,19 @@ def main() -> None:
     ap.add_argument("--steady", type=float, default=5.0)
     args = ap.parse_args()
     from _bundles import digits_bundle
-    from _procs import agent, mosquitto, stop
+    from _procs import Load, agent, mosquitto, stop
     from edgeproto.broker import BrokerConfig
     from edgeproto.desired import Probation
     import fleet
 
     v1, v2 = digits_bundle(version="1.0.0"), digits_bundle(version="1.1.0")
-    samples: list[tuple[float, float, int]] = []  # (wall time, ms, status)
-    lock, halt = threading.Lock(), threading.Event()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         broker, port = mosquitto(tmp)
         a, base = agent(tmp, v1, port)
-        host, api_port = base.split("//")[1].split(":")
-        body = json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8, 1], "datatype": "FP32",
-                                       "data": [0.5] * 64}]}).encode()
-
-        def client():
-            conn = http.client.HTTPConnection(host, int(api_port), timeout=10)
-            n = 0
-            while not halt.is_set() and n < 500_000:
-                n += 1
-                t0 = time.perf_counter()
-                try:
-                    conn.request("POST", "/v2/models/digits/infer", body=body)
-                    r = conn.getresponse()
-                    r.read()
-                    status = r.status
-                except OSError:
-                    status = 0
-                    conn = http.client.HTTPConnection(host, int(api_port), timeout=10)
-                with lock:
-                    samples.append((time.time(), (time.perf_counter() - t0) * 1000, status))
-
-        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        load = Load(base)
         try:
-            for t in threads:
-                t.start()
+            load.start(args.clients)
             time.sleep(args.steady)
             t_push = time.time()
             events = []
@@ -74,13 +47,11 @@ def main() -> None:
                              probation=Probation(seconds=3, requests=10**6), progress=lambda d, e: events.append(e))
             time.sleep(1.0)
         finally:
-            halt.set()
-            for t in threads:
-                t.join(15)
+            load.stop()
             stop(a, broker)
     assert res.ok, res.devices
     when = {e["state"]: datetime.fromisoformat(e["ts"]).timestamp() for e in reversed(events)}
-    s = np.array(samples)
+    s = np.array(load.samples)
     steady = s[s[:, 0] < t_push]
     window = s[(s[:, 0] >= when["switching"] - 0.5) & (s[:, 0] <= when["switching"] + 0.5)]
     update = s[(s[:, 0] >= t_push) & (s[:, 0] <= when["committed"])]
