@@ -24,20 +24,14 @@ def main() -> None:
     args = ap.parse_args()
     import numpy as np
 
-    from corpus_models import CORPUS
+    from corpus_models import prepared
     from edgebundle.errors import EdgepackError
     from packager.build import BuildOptions, build
     from targets import Precision, load_profile
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgepack-autocost-") as tmp:
-        for cm in CORPUS:
-            if (args.models and cm.name not in args.models) or not cm.available():
-                continue
-            out = Path(tmp) / cm.name
-            out.mkdir()
-            model = cm.path(out)
-            calib, valid = cm.data(model, out)
+        for cm, out, model, calib, valid in prepared(Path(tmp), args.models):
             for target in cm.targets:
                 fixed = load_profile(target).default_precision
                 if model.suffix == ".tflite":  # auto packages a ready .tflite as it is: nothing to compare

@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", help="a fixed precision instead of auto (for cost comparisons)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    from corpus_models import CORPUS
+    from corpus_models import prepared
     from edgebundle.errors import EdgepackError
     from packager.build import BuildOptions, build
     from packager.candidates import Search
@@ -48,16 +48,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgepack-corpus-") as tmp:
-        for cm in CORPUS:
-            if args.models and cm.name not in args.models:
-                continue
-            if not cm.available():
-                print(f"{cm.name}: not installed (make corpus)")
-                continue
-            out = Path(tmp) / cm.name
-            out.mkdir()
-            model = cm.path(out)
-            calib, valid = cm.data(model, out)
+        for cm, out, model, calib, valid in prepared(Path(tmp), args.models):
             for target in cm.targets:  # one build per target: its own build time
                 t0 = time.perf_counter()
                 res = build(BuildOptions(model=model, targets=(target,), out_dir=out / "dist",

@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--no-onnx-path", action="store_true", help="skip the x86-cpu (ONNX Runtime int8) comparison")
     args = ap.parse_args()
-    from corpus_models import CORPUS
+    from corpus_models import prepared
     from packager.build import BuildOptions, build
     from targets import Precision
 
@@ -46,16 +46,7 @@ def main() -> None:
     if not args.no_onnx_path:
         runs.append(("onnx-int8", ("x86-cpu",), Precision.INT8))
     with tempfile.TemporaryDirectory(prefix="edgepack-onnx-tflite-") as tmp:
-        for cm in CORPUS:
-            if cm.name not in args.models:
-                continue
-            if not cm.available():
-                print(f"{cm.name}: not installed (make corpus)")
-                continue
-            out = Path(tmp) / cm.name
-            out.mkdir()
-            model = cm.path(out)
-            calib, valid = cm.data(model, out)
+        for cm, out, model, calib, valid in prepared(Path(tmp), args.models):
             for label, targets, prec in runs:
                 t0 = time.perf_counter()
                 res = build(BuildOptions(model=model, targets=targets, out_dir=out / label, precision=prec,

@@ -304,3 +304,18 @@ CORPUS = (
     CorpusModel("tabular", "MLP with a Normalization layer on breast cancer features (trained here)", "",
                 ALL_TARGETS, (), tabular_data, make=tabular),
 )
+
+
+def prepared(root: Path, names=None, say: Callable[[str], None] = print):
+    """(model, its folder, path, calibration.npz, validation.npz) for each corpus model named (all when `names`
+    is empty), its files made under root/NAME; models not installed are skipped with a line said."""
+    for cm in CORPUS:
+        if names and cm.name not in names:
+            continue
+        if not cm.available():
+            say(f"{cm.name}: not installed (make corpus)")
+            continue
+        out = root / cm.name
+        out.mkdir(parents=True, exist_ok=True)
+        model = cm.path(out)
+        yield (cm, out, model, *cm.data(model, out))
