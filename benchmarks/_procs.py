@@ -1,8 +1,8 @@
 """Processes the benchmarks start: a loopback mosquitto and a device agent; and client load on it."""
 from __future__ import annotations
 
-from packager.demo import api_ready, free_port, port_open, wait_for
-from packager.demo import stop_processes as stop  # noqa: F401  (used by the scripts)
+from edgepack.demo import api_ready, free_port, port_open, wait_for
+from edgepack.demo import stop_processes as stop  # noqa: F401  (used by the scripts)
 
 import http.client
 import json

@@ -108,7 +108,7 @@ def main() -> None:
         model_file = next(Path(tmp, "d", "models").rglob("*.tflite"))
         py_base, rt_rss = runtime_only_rss(model_file)
     imp = py_time("import device_agent")
-    imp_run = py_time("import device_agent.service, device_agent.server, edgeproto.mqtt, device_agent.runtimes.litert")
+    imp_run = py_time("import device_agent.service, device_agent.server, edgeproto.mqtt, edgeruntime.litert")
     print(f"bundle: {bundle.name} ({bundle.stat().st_size / 1e6:.1f} MB)")
     print(f"agent RSS after 50 binary-tensor requests: {agent_rss:.1f} MB (target <= 80 MB); "
           f"after 10 more plain-JSON requests: {json_rss:.1f} MB")

@@ -76,7 +76,7 @@ def main() -> None:
 
             info = train(tmp / "digits", epochs=10)
             model, calib = info["model"], tmp / "digits" / "calibration.npz"
-        edgepack = [sys.executable, "-m", "packager.cli", "build", str(model), "--calibration", str(calib),
+        edgepack = [sys.executable, "-m", "edgepack.cli", "build", str(model), "--calibration", str(calib),
                     "-o", str(tmp / "bundles")] + [a for t in TARGETS for a in ("-t", t)]
         ours = min(_time(edgepack, env) for _ in range(args.repeat))
         plain = {}

@@ -183,7 +183,7 @@ def main() -> None:
     a = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children (broker, simulator) inherit it
-    from fleet.sim.simulator import synthetic_bundle
+    from edgepack.sim.simulator import synthetic_bundle
 
     with tempfile.TemporaryDirectory(prefix="fleet-scale-") as tmp:
         work = Path(tmp)

@@ -130,7 +130,7 @@ def install(root, prefix, device_id, groups, broker, broker_username, broker_pas
 @click.option("--json", "as_json", is_flag=True)
 def bench(bundle, runs, warmup, threads, max_seconds, as_json):
     """Latency percentiles and throughput with the device runtime (same numbers as `edgepack bench`)."""
-    from device_agent.bench import bench_bundle, bench_text
+    from edgeruntime.bench import bench_bundle, bench_text
 
     stats, details = bench_bundle(bundle, warmup=warmup, runs=runs, max_seconds=max_seconds, threads=threads)
     if as_json:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.runtimes.base import Runtime, dequantize, quantize
-from device_agent.runtimes.registry import load_from_manifest
+from edgeruntime.base import Runtime, dequantize, quantize
+from edgeruntime.registry import load_from_manifest
 from edgebundle.archive import Bundle, open_bundle, sha256_file
 from edgebundle.errors import InputError, VerificationError
 from edgebundle.interface import interface_hash

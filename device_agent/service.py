@@ -20,7 +20,7 @@ from device_agent.ota.keyring import Keyring
 from device_agent.ota.transfer import MqttChunkFetcher, TransferPolicy
 from device_agent.ota.record import LIVE, RESUMABLE
 from device_agent.ota.updater import Updater, UpdaterSettings, parse_fault_delays
-from device_agent.runtimes.registry import slow_load
+from edgeruntime.registry import slow_load
 from device_agent.stats import HostMetrics, InferenceStats, platform_info
 from device_agent.store import Store
 from edgebundle.errors import EdgepackError

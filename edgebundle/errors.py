@@ -56,3 +56,12 @@ class VerificationError(BundleError):
 
 class RuntimeUnavailableError(EdgepackError):
     """The runtime or delegate a bundle needs is not installed here."""
+
+
+class Reported(EdgepackError):
+    """An error the command already showed (the build's report lists each failed target): the CLI
+    exits with its cause's code and prints nothing more."""
+
+    def __init__(self, cause: EdgepackError):
+        super().__init__(str(cause))
+        self.cause = cause

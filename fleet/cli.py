@@ -1,5 +1,5 @@
-"""`edgepack push | profile | fleet | broker`: the fleet side of the CLI (registered by packager.cli, so
-`edgepack` stays the one command)."""
+"""`edgepack push | profile | fleet | broker`: the fleet side of the CLI (assembled into the one
+`edgepack` command by edgepack.cli)."""
 from __future__ import annotations
 
 import json
@@ -8,33 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgeproto.broker import BrokerConfig
-
-
-def _broker(url: str, username, password, ca_file, cert_file, key_file, prefix) -> BrokerConfig:
-    return BrokerConfig(url=url, username=username, password=password, ca_file=ca_file, cert_file=cert_file,
-                        key_file=key_file, topic_prefix=prefix).validate()
-
-
-def broker_options(f):
-    for opt in reversed([
-        click.option("--broker", "broker_url", default="mqtt://127.0.0.1:1883", show_default=True,
-                     envvar="EDGEPACK_BROKER", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"),
-        click.option("--broker-username", envvar="EDGEPACK_BROKER_USERNAME"),
-        click.option("--broker-password", envvar="EDGEPACK_BROKER_PASSWORD"),
-        click.option("--broker-ca-file", type=click.Path(exists=True)),
-        click.option("--broker-cert-file", type=click.Path(exists=True)),
-        click.option("--broker-key-file", type=click.Path(exists=True)),
-        click.option("--topic-prefix", default="edgepack/v1", show_default=True),
-    ]):
-        f = opt(f)
-    return f
-
-
-def _bc(kw) -> BrokerConfig:
-    return _broker(kw.pop("broker_url"), kw.pop("broker_username"), kw.pop("broker_password"),
-                   kw.pop("broker_ca_file"), kw.pop("broker_cert_file"), kw.pop("broker_key_file"),
-                   kw.pop("topic_prefix"))
+from edgeproto.cli_options import broker_config, broker_options
 
 
 @click.command()
@@ -72,7 +46,7 @@ def push(bundle, device, group, url, chunk_size, allow_downgrade, allow_interfac
         err = f" ({ev['error']})" if ev.get("error") else ""
         click.echo(f"  {dev}: {ev.get('state')}{extra}{err}", err=True)
 
-    res = push_bundle(bundle, _bc(kw), device=device, group=group, url=url, chunk_size=chunk_size,
+    res = push_bundle(bundle, broker_config(kw), device=device, group=group, url=url, chunk_size=chunk_size,
                      allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
                      warn=lambda m: click.echo(f"warning: {m}", err=True),
                      probation=Probation(seconds=probation_seconds, requests=probation_requests,
@@ -126,7 +100,7 @@ def profile(bundles, device, threads, runs, warmup, max_seconds, timeout, chunk_
         if not as_json and not r.final:
             click.echo(f"  {r.device_id}: {r.state}{' ' + r.phase if r.phase else ''}", err=True)
 
-    results = run_profile(list(bundles), _bc(kw), device=device, sign_key=sign_key, key_cert=key_cert,
+    results = run_profile(list(bundles), broker_config(kw), device=device, sign_key=sign_key, key_cert=key_cert,
                           bench=BenchSettings(threads=threads, runs=runs, warmup=warmup, max_seconds=max_seconds),
                           timeouts=Timeouts(job_s=timeout), chunk_size=chunk_size, progress=show)
     rows = [dict(result_row(r), file=str(b)) for r, b in zip(results, bundles)]
@@ -161,7 +135,7 @@ def fleet_status(group, listen, as_json, **kw):
     """Devices: online, model and version, update state, signed updates, p95 latency, errors, last seen."""
     from fleet.status import status
 
-    rows = status(_bc(kw), group=group, listen_s=listen)
+    rows = status(broker_config(kw), group=group, listen_s=listen)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -191,7 +165,7 @@ def fleet_serve(listen, group, **kw):
     host, port = parse_listen(listen)
     if not is_loopback(host):
         click.echo(f"warning: serving on {host}, beyond this machine; the page has no login", err=True)
-    serve(_bc(kw), host=host, port=port, group=group,
+    serve(broker_config(kw), host=host, port=port, group=group,
           ready=lambda url: click.echo(f"fleet page on {url} (Ctrl-C stops)", err=True))
 
 
@@ -257,11 +231,3 @@ def broker_config(out_dir, devices, fleet_users, collector_users, listen, cafile
 
 COMMANDS = (push, profile, fleet, broker)
 
-
-def _register_simulate() -> None:
-    from fleet.sim.cli import simulate
-
-    fleet.add_command(simulate)
-
-
-_register_simulate()

@@ -50,7 +50,7 @@ class Trial:
     why: str = ""
     size_bytes: int | None = None
     accuracy: dict | None = None
-    latency: dict | None = None  # device_agent.timing comparison vs fp32
+    latency: dict | None = None  # edgeruntime.timing comparison vs fp32
     device_latency: dict | None = None  # the same on the device (--profile-on): decides the speed gate
     sensitivity: list = field(default_factory=list)  # the nodes that lose the most, when computed
     seconds: float = 0.0

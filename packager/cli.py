@@ -1,47 +1,34 @@
-"""`edgepack` command line: thin Click commands over the library.
-
-Only this module maps the exception family to exit codes and one-line messages."""
+"""The packager's `edgepack` commands (build, targets, inspect, verify, bench): thin Click commands
+over the library. edgepack.cli assembles them with the fleet's into the one `edgepack` command and
+alone maps the exception family to exit codes."""
 from __future__ import annotations
 
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import click
 
-from edgebundle.errors import (AccuracyGateError, BundleError, ConversionError, EdgepackError, InputError,
-                               RuntimeUnavailableError, VerificationError)
+from edgebundle.errors import Reported
+from edgeproto.cli_options import broker_config, broker_options
 from packager.candidates import Search
 from targets import CalibrationMethod, Precision
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING lines drown the report
 
-EXIT_CODES = (  # most specific first
-    (VerificationError, 5), (BundleError, 5), (AccuracyGateError, 4), (ConversionError, 3),
-    (InputError, 2), (RuntimeUnavailableError, 6), (EdgepackError, 1),
-)
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the assembled `edgepack` command hands these commands from the packager's peers."""
+
+    device_profiler: Callable | None = None  # packager.device_profile.Profiler, from the fleet side
 
 
-def exit_code(err: EdgepackError | None) -> int:
-    for cls, code in EXIT_CODES:
-        if isinstance(err, cls):
-            return code
-    return 1
-
-
-class EdgepackGroup(click.Group):
-    """Turns library errors into `error: ...` plus an exit code, never a traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except EdgepackError as e:
-            click.echo(f"error: {e}", err=True)
-            for p in getattr(e, "problems", [])[:20]:
-                click.echo(f"  - {p}", err=True)
-            ctx.exit(exit_code(e))
+pass_wiring = click.make_pass_decorator(Wiring, ensure=True)
 
 
 def _progress(enabled: bool):
@@ -54,26 +41,13 @@ def _progress(enabled: bool):
     return show
 
 
-def _broker_options(f):
-    from fleet.cli import broker_options
-
-    return broker_options(f)
-
-
-def _device_target(device: str | None, kw: dict):
+def _device_target(device: str | None, kw: dict, wiring: Wiring):
     """--profile-on with the broker options, as a DeviceTarget (None without --profile-on)."""
     if device is None:
         return None
-    from fleet.cli import _bc
     from packager.device_profile import DeviceTarget
 
-    return DeviceTarget(device=device, broker=_bc(kw))
-
-
-@click.group(cls=EdgepackGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="edgepack", message="edgepack %(version)s")
-def main() -> None:
-    """Package trained models into verified bundles for edge devices."""
+    return DeviceTarget(device=device, broker=broker_config(kw), profiler=wiring.device_profiler)
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -85,7 +59,7 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
         raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
 
 
-@main.command()
+@click.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--target", "-t", "targets", multiple=True, required=True,
               help="Built-in target name or a profile .yaml (repeatable). See `edgepack targets list`.")
@@ -128,8 +102,9 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--no-html", is_flag=True, help="Write no HTML report.")
 @click.option("--profile-on", help="Device id: its agent measures the candidates (profile jobs over --broker) and "
                                    "its figures, not this host's, decide the speed gate.")
-@_broker_options
-def build(model, targets, out_dir, precision, search, calibration, calibration_samples, calibration_method,
+@broker_options
+@pass_wiring
+def build(wiring, model, targets, out_dir, precision, search, calibration, calibration_samples, calibration_method,
           per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, no_gate, allow_flex, name, version,
           opset, image_scale, image_mean, image_std, labels, sign_key, as_json, html_path, no_html, profile_on, **kw):
     """Convert MODEL (SavedModel dir, .keras/.h5, .onnx, .tflite) into one bundle per target."""
@@ -146,7 +121,7 @@ def build(model, targets, out_dir, precision, search, calibration, calibration_s
         min_similarity=min_similarity, accuracy_gate=not no_gate,
         allow_flex=allow_flex, name=name, version=version, opset=opset, per_channel=per_channel,
         calibration_method=CalibrationMethod(calibration_method) if calibration_method else None,
-        image_prep=prep, labels=labels, sign_key=sign_key, profile_on=_device_target(profile_on, kw))
+        image_prep=prep, labels=labels, sign_key=sign_key, profile_on=_device_target(profile_on, kw, wiring))
     result = run_build(opts, progress=_progress(sys.stderr.isatty() or not as_json))
     report = result.to_dict()
     if not no_html:
@@ -162,10 +137,10 @@ def build(model, targets, out_dir, precision, search, calibration, calibration_s
             click.echo(f"\nreport: {report['html']}")
     failed = [r for r in result.results if not r.ok]
     if failed:
-        raise SystemExit(exit_code(failed[0].exc))
+        raise Reported(failed[0].exc)
 
 
-@main.group()
+@click.group()
 def targets() -> None:
     """List and show target profiles."""
 
@@ -196,7 +171,7 @@ def targets_show(name, as_json):
             click.echo(f"{k:<22} {', '.join(map(str, v)) if isinstance(v, list) else v}")
 
 
-@main.command()
+@click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def inspect(bundle, as_json):
@@ -211,7 +186,7 @@ def inspect(bundle, as_json):
         click.echo(manifest_text(b.manifest.to_dict(), signed=b.signature is not None))
 
 
-@main.command()
+@click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(path_type=Path),
               help="Also require a valid signature by one of these public keys (repeatable).")
@@ -231,7 +206,7 @@ def verify(bundle, pubkeys):
                                                         else "; unsigned")))
 
 
-@main.command()
+@click.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--against", type=click.Path(path_type=Path),
               help="Another bundle (or .tflite/.onnx file) to compare with, interleaved in one process: "
@@ -243,7 +218,7 @@ def verify(bundle, pubkeys):
 @click.option("--json", "as_json", is_flag=True)
 def bench(bundle, against, runs, warmup, threads, max_seconds, as_json):
     """Latency percentiles and throughput of BUNDLE on this host, with its runtime."""
-    from device_agent.bench import bench_bundle, bench_text, compare_bundles, compare_text
+    from edgeruntime.bench import bench_bundle, bench_text, compare_bundles, compare_text
 
     if against:
         res = compare_bundles(bundle, against, threads=threads, budget_s=max_seconds, max_rounds=runs)
@@ -257,17 +232,4 @@ def bench(bundle, against, runs, warmup, threads, max_seconds, as_json):
         click.echo(bench_text(stats.to_dict(), details))
 
 
-def _register() -> None:
-    """Commands that live with their own part: signing and the demo here, the fleet side in fleet/."""
-    from fleet.cli import COMMANDS as FLEET
-    from fleet.cli_rollout import COMMANDS as ROLLOUT
-    from packager.cli_keys import COMMANDS as KEYS
-
-    for cmd in KEYS + FLEET + ROLLOUT:
-        main.add_command(cmd)
-
-
-_register()
-
-if __name__ == "__main__":
-    main()
+COMMANDS = (build, targets, inspect, verify, bench)

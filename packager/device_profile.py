@@ -3,7 +3,7 @@
 Each quantized candidate of a CPU target, and that target's fp32 model, are wrapped in a small
 probe bundle (the candidate's model file, its golden outputs on the first validation samples,
 the target's runtime settings; signed like the build's bundles) and profiled on the device with
-a profile job (fleet.profile). The candidate's ratio is its device p50 over the fp32 model's device
+a profile job (the fleet side's, handed in by the `edgepack` command as a Profiler). The candidate's ratio is its device p50 over the fp32 model's device
 p50. As on the host, a verdict needs the spread to agree, not just the medians: "slower" when even
 the candidate's fastest quarter (p25) is over 1 + NOISE_FLOOR times the fp32 model's p75, "faster"
 when its p75 is under 1 - NOISE_FLOOR times the fp32 p25; otherwise "within noise" (a busy device
@@ -14,15 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 
-from device_agent.timing import NOISE_FLOOR
+from edgeruntime.timing import NOISE_FLOOR
 from edgebundle.errors import InputError
 from edgeproto.broker import BrokerConfig
 from edgeproto.jobs import BenchSettings
 
 GOLDEN_COUNT = 3
+
+# (probe bundles, the DeviceTarget, the signing key) -> each bundle's profile-job figures
+Profiler = Callable[[list[Path], "DeviceTarget", "Path | None"], list[dict]]
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class DeviceTarget:
     broker: BrokerConfig
     bench: BenchSettings = field(default_factory=lambda: BenchSettings(runs=200, warmup=5, max_seconds=5.0))
     timeout_s: float = 300.0
+    profiler: Profiler | None = None  # runs the profile jobs (fleet.profile, wired in by edgepack.cli)
 
     def __post_init__(self):
         import re
@@ -77,17 +82,16 @@ def _brief(f: dict) -> dict:
 
 
 def _profile(tb, probe: Path) -> dict:
-    from fleet.profile import Timeouts, profile
-
     target: DeviceTarget = tb.opts.profile_on
-    [r] = profile([probe], target.broker, device=target.device, bench=target.bench,
-                  timeouts=Timeouts(job_s=target.timeout_s), sign_key=tb.opts.sign_key)
-    return r.figures
+    if target.profiler is None:
+        raise InputError("--profile-on needs the fleet side to run profile jobs; use the `edgepack` command")
+    [figures] = target.profiler([probe], target, tb.opts.sign_key)
+    return figures
 
 
 def _probe(tb, model: Path, precision: str, dest: Path, *, outputs=None, specs=None) -> Path:
     """A bundle that only a profile job will ever load: the model file, golden outputs, runtime settings."""
-    from device_agent.runtimes import load_runtime
+    from edgeruntime import load_runtime
     from edgebundle.archive import write_bundle
     from edgebundle.manifest import Manifest
     from packager.evaluate import golden_tolerance

@@ -281,7 +281,7 @@ class TFLiteSource(Source):
 
     def __init__(self, path: Path, kind: SourceKind, workdir: Path):
         super().__init__(path=path, kind=kind, workdir=workdir)
-        from device_agent.runtimes.litert import EDGETPU_OP, LiteRTRuntime
+        from edgeruntime.litert import EDGETPU_OP, LiteRTRuntime
         from edgebundle.errors import RuntimeUnavailableError
 
         self.data = path.read_bytes()

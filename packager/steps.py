@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from device_agent.runtimes import load_runtime
+from edgeruntime import load_runtime
 from edgebundle.errors import (AccuracyGateError, ConversionError, EdgepackError, InputError,
                                RuntimeUnavailableError, UnsupportedOpError)
 from edgebundle.manifest import Quantization, TensorSpec

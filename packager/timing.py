@@ -1,5 +1,5 @@
 """Host latency for the build, measured where it means something: in a child process that
-has only the device runtime loaded (`python -m device_agent.timing --serve`), never in the
+has only the device runtime loaded (`python -m edgeruntime.timing --serve`), never in the
 build process, whose TensorFlow thread pools and freshly-touched memory turn timings into
 noise. Candidates are timed against the fp32 model in interleaved rounds."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agent.timing import ModelSpec, host_cores, threads_for
+from edgeruntime.timing import ModelSpec, host_cores, threads_for
 from edgebundle.errors import EdgepackError, RuntimeUnavailableError
 from targets import TargetProfile
 
@@ -36,7 +36,7 @@ class HostTimer:
 
     def compare(self, baseline: ModelSpec, candidate: ModelSpec | None, feeds: dict[str, np.ndarray], *,
                 budget_s: float, max_rounds: int = 400, question: str = "verdict") -> dict:
-        """Interleaved timing of `candidate` against `baseline` (see device_agent.timing: `question`
+        """Interleaved timing of `candidate` against `baseline` (see edgeruntime.timing: `question`
         "slower" ends the rounds once that is settled); with no candidate, the baseline's own latency."""
         self._n += 1
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ class HostTimer:
             self._dir.mkdir(parents=True, exist_ok=True)
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
             with open(self._dir / "timing-worker.log", "ab") as log:
-                self._proc = subprocess.Popen([sys.executable, "-m", "device_agent.timing", "--serve"],
+                self._proc = subprocess.Popen([sys.executable, "-m", "edgeruntime.timing", "--serve"],
                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                                               text=True, env=env)
         return self._proc

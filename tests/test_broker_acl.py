@@ -74,7 +74,7 @@ def fleet_broker(tmp_path):
     """mosquitto running exactly the configuration `edgepack broker config` writes."""
     from click.testing import CliRunner
 
-    from packager.cli import main
+    from edgepack.cli import main
 
     pki = make_pki(tmp_path)
     port = free_port()

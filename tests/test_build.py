@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from device_agent.runtimes.registry import load_from_manifest
+from edgeruntime.registry import load_from_manifest
 from edgebundle.archive import open_bundle, verify_bundle
 from edgebundle.errors import AccuracyGateError, CalibrationError, InputError
 from packager.build import BuildOptions, build
@@ -43,7 +43,7 @@ def _cosine(a, b):
 
 
 def test_digits_every_builtin_target(digits_build):
-    from device_agent.timing import host_cores
+    from edgeruntime.timing import host_cores
 
     res = digits_build
     assert res.ok, [r.error for r in res.results if not r.ok]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from packager.cli import main
+from edgepack.cli import main
 
 
 def run(*args):

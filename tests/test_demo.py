@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 def test_edgepack_demo_runs_and_updates(tmp_path, broker):
     # against the test broker (mosquitto in CI); the embedded one is covered by test_demo_embedded_broker
-    res = subprocess.run([sys.executable, "-m", "packager.cli", "demo", "--workdir", str(tmp_path / "w"),
+    res = subprocess.run([sys.executable, "-m", "edgepack.cli", "demo", "--workdir", str(tmp_path / "w"),
                           "--broker", broker.url], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     out = res.stdout
@@ -21,7 +21,7 @@ def test_edgepack_demo_runs_and_updates(tmp_path, broker):
 
 
 def test_demo_embedded_broker_and_cleanup(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "packager.cli", "demo", "--workdir", str(tmp_path / "w")],
+    res = subprocess.run([sys.executable, "-m", "edgepack.cli", "demo", "--workdir", str(tmp_path / "w")],
                          capture_output=True, text=True, timeout=600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "embedded MQTT broker on mqtt://127.0.0.1:" in res.stdout

@@ -194,7 +194,7 @@ def test_server_scope_and_broker_state():
 
 
 def test_serve_cli_refuses_bad_listen_and_busy_port():
-    from packager.cli import main
+    from edgepack.cli import main
 
     assert parse_listen("[::1]:0") == ("::1", 0)
     res = CliRunner().invoke(main, ["fleet", "serve", "--listen", "localhost"])

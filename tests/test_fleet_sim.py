@@ -20,7 +20,7 @@ from fleet import rollout as ro
 from fleet.conn import Collector
 from fleet.errors import RolloutStopped
 from fleet.rollout_state import RolloutSettings
-from fleet.sim.simulator import Misbehaviour, SimSettings, Simulator, synthetic_bundle
+from edgepack.sim.simulator import Misbehaviour, SimSettings, Simulator, synthetic_bundle
 
 pytestmark = pytest.mark.skipif(Broker.kind != "mosquitto", reason="needs mosquitto (limits, bridges, MQTT 5)")
 LIMITS = ("max_queued_messages 100000",)  # the default 100 drops a burst of 60 devices' messages

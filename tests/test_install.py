@@ -314,7 +314,7 @@ def test_onnx_slow_load_predicate(tmp_path):
     """Without the TensorRT EP (this host) nothing is slow; CPU-only bundles never are."""
     import onnxruntime as ort
 
-    from device_agent.runtimes.onnxrt import OnnxRuntime
+    from edgeruntime.onnxrt import OnnxRuntime
 
     assert OnnxRuntime.slow_load(providers=("CPUExecutionProvider",), cache_dir=str(tmp_path)) is None
     trt = OnnxRuntime.slow_load(providers=("TensorrtExecutionProvider", "CPUExecutionProvider"),

@@ -446,7 +446,7 @@ def test_unsigned_initial_bundle_refused_when_keys_configured(versions, keys, tm
 def test_fleet_status_and_push_cli(broker, versions, keys, tmp_path):
     from click.testing import CliRunner
 
-    from packager.cli import main
+    from edgepack.cli import main
 
     a = _agent(tmp_path, broker, versions["v1"], keys, device="cli-dev", group="cli")
     try:

@@ -129,7 +129,7 @@ def test_untrusted_profile_bundles_and_jobs_are_refused_when_keys_are_configured
 def test_profile_says_clearly_when_the_device_is_unknown_or_offline(broker, digits_bundle, tmp_path):
     from click.testing import CliRunner
 
-    from packager.cli import main
+    from edgepack.cli import main
 
     res = CliRunner().invoke(main, ["profile", str(digits_bundle), "--device", "nobody", "--broker", broker.url])
     assert res.exit_code == 1 and "has never reported" in res.output and "Traceback" not in res.output
@@ -165,6 +165,7 @@ def test_profile_on_lets_the_device_numbers_choose_the_precision(broker, digits,
     x86 often does for tiny models), the device slows fp32 and int8 is chosen; where the host finds
     int8 fine, the device slows int8 and the build moves down the ladder."""
     from packager.build import BuildOptions, build
+    from edgepack.cli import profile_on_device
     from packager.device_profile import DeviceTarget
 
     serving = _bundle(digits_build, "arm-cpu")  # int8, timed against fp32 on this host when it was built
@@ -180,7 +181,8 @@ def test_profile_on_lets_the_device_numbers_choose_the_precision(broker, digits,
                                  calibration=str(digits["calibration"]), validation=str(digits["validation"]),
                                  bench_seconds=0.5,
                                  profile_on=DeviceTarget(device="dev1", broker=BrokerConfig(url=broker.url),
-                                                         bench=BenchSettings(runs=30, warmup=2, max_seconds=1.0))))
+                                                         bench=BenchSettings(runs=30, warmup=2, max_seconds=1.0),
+                                                         profiler=profile_on_device)))
     finally:
         w.stop()
         a.stop()

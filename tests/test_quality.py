@@ -110,7 +110,7 @@ def test_blame_finds_the_tensor_and_the_node():
 # ---- timing ----
 
 def test_interleaved_timing_tells_slower_from_equal():
-    from device_agent.timing import Ratio, compare as ab
+    from edgeruntime.timing import Ratio, compare as ab
 
     res = ab(lambda: time.sleep(0.0005), lambda: time.sleep(0.002), budget_s=0.5)
     assert res.ratio.verdict == "slower" and res.ratio.median > 2 and res.rounds >= 8 and res.seconds < 5
@@ -124,7 +124,7 @@ def test_interleaved_timing_tells_slower_from_equal():
 def test_lower_quartile_interval_settles_the_slower_verdict():
     """The rounds stop once the lower quartile's interval is on one side of the 5 % floor: no bound
     from a handful of rounds, tight bounds from many that agree."""
-    from device_agent.timing import q1_interval
+    from edgeruntime.timing import q1_interval
 
     lo, hi = q1_interval([1.5] * 8)
     assert lo == -np.inf and hi == 1.5  # 8 rounds cannot bound the quartile from below
@@ -136,7 +136,7 @@ def test_lower_quartile_interval_settles_the_slower_verdict():
 
 
 def test_threads_never_exceed_host_cores():
-    from device_agent.timing import host_cores, threads_for
+    from edgeruntime.timing import host_cores, threads_for
 
     assert threads_for(64) == host_cores() and threads_for(0) == host_cores() and threads_for(1) == 1
 
@@ -269,7 +269,7 @@ def test_canonical_names_make_tf2onnx_output_reproducible():
 
 
 def test_ratio_too_spread_to_mean_anything_is_reported_unresolved():
-    from device_agent.timing import Ratio
+    from edgeruntime.timing import Ratio
     from packager.report import latency_text
 
     wide, tight = Ratio(0.50, 0.21, 0.76), Ratio(1.03, 0.99, 1.05)

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from browser import console_errors, headless_chrome, screenshot
-from packager.cli import main
+from edgepack.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -157,7 +157,7 @@ def test_bad_bundle_stops_in_the_canary_and_goes_back(tmp_path, broker, keys, rb
 
 def test_controller_killed_mid_rollout_then_resume_finishes(tmp_path, broker, keys, rb):
     f = Fleet(tmp_path, broker, rb["1.0.0"], keys, 3)
-    cmd = [sys.executable, "-m", "packager.cli", "rollout", "start", str(rb["1.1.0"]), "--group", "g",
+    cmd = [sys.executable, "-m", "edgepack.cli", "rollout", "start", str(rb["1.1.0"]), "--group", "g",
            "--broker", broker.url, "--id", "r1", "--waves", "1,100%", "--soak", "6", "--baseline-seconds", "3",
            "--wave-timeout", "60", "--lease-seconds", "3", "--max-latency-ratio", "20", "--previous",
            str(rb["1.0.0"]), "--sign-key", str(keys / "a.key"), "--probation-seconds", "1.5",

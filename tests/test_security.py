@@ -277,7 +277,7 @@ def test_withheld_update_shows_in_push_wait(broker, versions, keys, tmp_path):
     that is slow, but the fleet sees it: `push --wait` ends with timed_out and exit code 1."""
     from click.testing import CliRunner
 
-    from packager.cli import main
+    from edgepack.cli import main
 
     res = CliRunner().invoke(main, ["push", str(versions["v2"]), "--device", "never-online", "--broker", broker.url,
                                     "--wait", "--timeout", "2", "--sign-key", str(keys / "a.key")])

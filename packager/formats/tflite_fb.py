@@ -45,7 +45,7 @@ def ops_with_versions(data: bytes) -> list[tuple[str, int]]:
 def describe_flatbuffer(data: bytes) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """Inputs and outputs straight from the flatbuffer (for models this host cannot run,
     e.g. Edge-TPU-compiled ones). Names come from the signature def when there is one."""
-    from device_agent.runtimes.base import TensorInfo
+    from edgeruntime.base import TensorInfo
 
     model = read_model(data)
     sg = model.subgraphs[0]

@@ -153,7 +153,7 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
         say("== 3. broker and device agent")
         if broker_url is None:
             port = free_port()
-            procs.append(subprocess.Popen([sys.executable, "-m", "packager.cli", "broker", "--port", str(port)],
+            procs.append(subprocess.Popen([sys.executable, "-m", "edgepack.cli", "broker", "--port", str(port)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_for(lambda: port_open(port), 20, "the embedded broker")
             broker_url = f"mqtt://127.0.0.1:{port}"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agent.runtimes.base import Runtime, TensorInfo
+from edgeruntime.base import Runtime, TensorInfo
 from edgebundle.errors import RuntimeUnavailableError
 
 EDGETPU_LIB = "libedgetpu.so.1"

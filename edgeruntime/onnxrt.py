@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agent.runtimes.base import Runtime, TensorInfo
+from edgeruntime.base import Runtime, TensorInfo
 from edgebundle.errors import RuntimeUnavailableError
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",

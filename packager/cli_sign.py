@@ -1,8 +1,7 @@
-"""`edgepack keys | sign | demo`: signing keys and bundles, and the whole loop on embedded defaults."""
+"""`edgepack keys | sign`: signing keys and bundles."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -62,24 +61,4 @@ def sign(bundle, key_path, cert_path):
     click.echo(f"signed {bundle} with key {sig['key_id']}")
 
 
-@click.command()
-@click.option("--broker", "broker_url", help="Use this broker instead of starting the embedded one.")
-@click.option("--workdir", type=click.Path(path_type=Path), help="Keep models, bundles and logs here "
-                                                                   "(default: a new temporary folder).")
-def demo(broker_url, workdir):
-    """The whole loop on embedded defaults: build, serve, telemetry, signed OTA update."""
-    from packager.demo import run_demo
-
-    s = run_demo(workdir=workdir, broker_url=broker_url, say=lambda m: click.echo(m))
-    ok = s["update_state"] == "committed" and s["requests_failed"] == 0 and s["to_version"] == "1.1.0"
-    click.echo("== summary")
-    click.echo(f"   bundles built and signed: {s['bundles_built']}")
-    click.echo(f"   update digits {s['from_version']} -> {s['to_version']}: {s['update_state']} "
-               f"in {s['update_seconds']} s")
-    click.echo(f"   requests: {s['requests_ok']} ok, {s['requests_failed']} failed; accuracy {s['accuracy']:.2%}")
-    click.echo(f"   {'OK' if ok else 'FAILED'} in {s['seconds']} s; files in {s['workdir']}")
-    if not ok:
-        sys.exit(1)
-
-
-COMMANDS = (keys, sign, demo)
+COMMANDS = (keys, sign)

@@ -1,4 +1,4 @@
 """The fleet simulator: many devices in one process through the agent's real update path.
 
-Import from `fleet.sim.simulator` / `fleet.sim.device`: they load the agent's update code, which
+Import from `edgepack.sim.simulator` / `edgepack.sim.device`: they load the agent's update code, which
 `edgepack` itself must not pay for (or depend on) unless a simulation runs."""

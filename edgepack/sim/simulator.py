@@ -1,5 +1,5 @@
 """A fleet in one process: N SimDevices on one network thread (edgeproto.netloop), one telemetry
-scheduler, and an update thread per device (the agent's own Updater). See fleet/sim/device.py
+scheduler, and an update thread per device (the agent's own Updater). See edgepack/sim/device.py
 for what is real and what is stood in, and docs/ota.md ("A fleet on one box")."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from edgebundle.errors import InputError
 from edgebundle.signing import load_public_key
 from edgeproto.broker import BrokerConfig
 from edgeproto.netloop import NetLoop
-from fleet.sim.device import BundlePool, Fault, SimDevice
+from edgepack.sim.device import BundlePool, Fault, SimDevice
 
 log = logging.getLogger("edgepack.sim")
 

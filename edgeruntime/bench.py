@@ -69,7 +69,7 @@ def bench_bundle(path, *, warmup: int = 10, runs: int = 200, max_seconds: float 
     """Verify a bundle, load its model with the manifest's runtime settings, benchmark it."""
     import tempfile
 
-    from device_agent.runtimes.registry import load_from_manifest
+    from edgeruntime.registry import load_from_manifest
     from edgebundle.archive import open_bundle
 
     bundle = open_bundle(path)
@@ -99,8 +99,8 @@ def _open_model(path, tmp: str, *, like=None, threads: int | None):
     with the settings of `like`, the other bundle's manifest). Returns (runtime, manifest)."""
     from pathlib import Path
 
-    from device_agent.runtimes.registry import load_from_manifest, load_runtime
-    from device_agent.timing import threads_for
+    from edgeruntime.registry import load_from_manifest, load_runtime
+    from edgeruntime.timing import threads_for
     from edgebundle.archive import open_bundle
     from edgebundle.errors import InputError
 
@@ -123,10 +123,10 @@ def _open_model(path, tmp: str, *, like=None, threads: int | None):
 def compare_bundles(path, against, *, threads: int | None = None, budget_s: float = 20.0,
                     max_rounds: int = 400) -> dict:
     """BUNDLE against another bundle or model file, interleaved in this process (see
-    device_agent.timing): the same measurement the build's speed gate makes."""
+    edgeruntime.timing): the same measurement the build's speed gate makes."""
     import tempfile
 
-    from device_agent.timing import compare, host_cores
+    from edgeruntime.timing import compare, host_cores
 
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
         rb, (m, golden) = _open_model(path, tmp, threads=threads)

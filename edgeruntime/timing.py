@@ -8,7 +8,7 @@ to resolve; every round gives one ratio B/A. The figures are the median ratio an
 inter-quartile range over rounds. Rounds stop when the median is stable, when the verdict
 is clear (see `compare`), or when the time budget runs out.
 
-`python -m device_agent.timing --serve` is the worker the packager starts for its speed
+`python -m edgeruntime.timing --serve` is the worker the packager starts for its speed
 gate: JSON requests on stdin, one JSON reply per line on stdout.
 """
 from __future__ import annotations
@@ -201,7 +201,7 @@ class Worker:
 
     def _runtime(self, spec: ModelSpec):
         if spec not in self._loaded:
-            from device_agent.runtimes.registry import load_runtime
+            from edgeruntime.registry import load_runtime
 
             self._loaded[spec] = load_runtime(spec.path, fmt=spec.format, threads=spec.threads,
                                               delegates=spec.delegates, providers=spec.providers,
@@ -242,5 +242,5 @@ def serve(inp=sys.stdin, out=sys.stdout) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--serve"]:
-        sys.exit("usage: python -m device_agent.timing --serve")
+        sys.exit("usage: python -m edgeruntime.timing --serve")
     serve()

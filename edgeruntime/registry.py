@@ -1,12 +1,12 @@
 """Model format -> runtime adapter. Adding a runtime means adding one module and one line."""
 from __future__ import annotations
 
-from device_agent.runtimes.base import Runtime
+from edgeruntime.base import Runtime
 from edgebundle.errors import BundleError
 
 _RUNTIMES = {
-    "tflite": ("device_agent.runtimes.litert", "LiteRTRuntime"),
-    "onnx": ("device_agent.runtimes.onnxrt", "OnnxRuntime"),
+    "tflite": ("edgeruntime.litert", "LiteRTRuntime"),
+    "onnx": ("edgeruntime.onnxrt", "OnnxRuntime"),
 }
 
 
