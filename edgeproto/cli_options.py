@@ -26,7 +26,7 @@ def broker_options(f):
     return f
 
 
-def broker_config(kw: dict) -> BrokerConfig:
+def broker_from_options(kw: dict) -> BrokerConfig:
     """Take the broker options out of a command's keyword arguments (checked)."""
     url, username, password, ca_file, cert_file, key_file, prefix = (kw.pop(n) for n in _NAMES)
     return BrokerConfig(url=url, username=username, password=password, ca_file=ca_file, cert_file=cert_file,

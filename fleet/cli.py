@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from edgeproto.cli_options import broker_config, broker_options
+from edgeproto.cli_options import broker_from_options, broker_options
 
 
 @click.command()
@@ -46,7 +46,7 @@ def push(bundle, device, group, url, chunk_size, allow_downgrade, allow_interfac
         err = f" ({ev['error']})" if ev.get("error") else ""
         click.echo(f"  {dev}: {ev.get('state')}{extra}{err}", err=True)
 
-    res = push_bundle(bundle, broker_config(kw), device=device, group=group, url=url, chunk_size=chunk_size,
+    res = push_bundle(bundle, broker_from_options(kw), device=device, group=group, url=url, chunk_size=chunk_size,
                      allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
                      warn=lambda m: click.echo(f"warning: {m}", err=True),
                      probation=Probation(seconds=probation_seconds, requests=probation_requests,
@@ -100,7 +100,8 @@ def profile(bundles, device, threads, runs, warmup, max_seconds, timeout, chunk_
         if not as_json and not r.final:
             click.echo(f"  {r.device_id}: {r.state}{' ' + r.phase if r.phase else ''}", err=True)
 
-    results = run_profile(list(bundles), broker_config(kw), device=device, sign_key=sign_key, key_cert=key_cert,
+    results = run_profile(list(bundles), broker_from_options(kw), device=device, sign_key=sign_key,
+                          key_cert=key_cert,
                           bench=BenchSettings(threads=threads, runs=runs, warmup=warmup, max_seconds=max_seconds),
                           timeouts=Timeouts(job_s=timeout), chunk_size=chunk_size, progress=show)
     rows = [dict(result_row(r), file=str(b)) for r, b in zip(results, bundles)]
@@ -135,7 +136,7 @@ def fleet_status(group, listen, as_json, **kw):
     """Devices: online, model and version, update state, signed updates, p95 latency, errors, last seen."""
     from fleet.status import status
 
-    rows = status(broker_config(kw), group=group, listen_s=listen)
+    rows = status(broker_from_options(kw), group=group, listen_s=listen)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -165,7 +166,7 @@ def fleet_serve(listen, group, **kw):
     host, port = parse_listen(listen)
     if not is_loopback(host):
         click.echo(f"warning: serving on {host}, beyond this machine; the page has no login", err=True)
-    serve(broker_config(kw), host=host, port=port, group=group,
+    serve(broker_from_options(kw), host=host, port=port, group=group,
           ready=lambda url: click.echo(f"fleet page on {url} (Ctrl-C stops)", err=True))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgeproto.cli_options import broker_config, broker_options
+from edgeproto.cli_options import broker_from_options, broker_options
 
 
 def _signing(f):
@@ -88,7 +88,7 @@ def rollout_start(bundle, group, sign_key, key_cert, rollout_id, waves, soak_s, 
                                lease_s=lease_seconds, gates=gates, allow_interface_change=allow_interface_change,
                                probation=Probation(seconds=probation_seconds, requests=probation_requests,
                                                    max_error_rate=max_error_rate))
-    rec = ro.start(bundle, broker_config(kw), group=group, settings=settings, rollout_id=rollout_id,
+    rec = ro.start(bundle, broker_from_options(kw), group=group, settings=settings, rollout_id=rollout_id,
                    previous_bundle=previous_bundle, signer=_signer(sign_key, key_cert), chunk_size=chunk_size,
                    say=_say)
     _show(rec, as_json)
@@ -104,7 +104,7 @@ def rollout_status(rollout_id, as_json, **kw):
     """One rollout (or all retained ones): status, waves, gate readings."""
     from fleet import rollout as ro
 
-    recs = ro.status(broker_config(kw), rollout_id)
+    recs = ro.status(broker_from_options(kw), rollout_id)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in recs], indent=2))
         return
@@ -123,7 +123,7 @@ def rollout_resume(rollout_id, sign_key, key_cert, as_json, **kw):
     """Continue a paused rollout, or one whose controller died (waits for its lease to expire)."""
     from fleet import rollout as ro
 
-    rec = ro.resume(broker_config(kw), rollout_id, signer=_signer(sign_key, key_cert), say=_say)
+    rec = ro.resume(broker_from_options(kw), rollout_id, signer=_signer(sign_key, key_cert), say=_say)
     _show(rec, as_json)
     if rec.status != "done":
         sys.exit(3 if rec.status == "paused" else 1)
@@ -136,7 +136,7 @@ def rollout_pause(rollout_id, **kw):
     """Stop before the next step; `resume` continues (from any machine)."""
     from fleet import rollout as ro
 
-    _show(ro.request(broker_config(kw), rollout_id, "pause", say=_say), False)
+    _show(ro.request(broker_from_options(kw), rollout_id, "pause", say=_say), False)
 
 
 @rollout.command("abort")
@@ -148,7 +148,8 @@ def rollout_abort(rollout_id, sign_key, key_cert, keep, **kw):
     """End the rollout; devices it switched go back to the previous version unless --keep."""
     from fleet import rollout as ro
 
-    _show(ro.request(broker_config(kw), rollout_id, "abort", rollback=not keep, signer=_signer(sign_key, key_cert), say=_say),
+    _show(ro.request(broker_from_options(kw), rollout_id, "abort", rollback=not keep,
+                     signer=_signer(sign_key, key_cert), say=_say),
           False)
 
 

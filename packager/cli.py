@@ -14,7 +14,7 @@ from typing import Callable
 import click
 
 from edgebundle.errors import Reported
-from edgeproto.cli_options import broker_config, broker_options
+from edgeproto.cli_options import broker_from_options, broker_options
 from packager.candidates import Search
 from targets import CalibrationMethod, Precision
 
@@ -47,7 +47,7 @@ def _device_target(device: str | None, kw: dict, wiring: Wiring):
         return None
     from packager.device_profile import DeviceTarget
 
-    return DeviceTarget(device=device, broker=broker_config(kw), profiler=wiring.device_profiler)
+    return DeviceTarget(device=device, broker=broker_from_options(kw), profiler=wiring.device_profiler)
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgeproto.cli_options import broker_config, broker_options
+from edgeproto.cli_options import broker_from_options, broker_options
 
 
 @click.command("simulate")
@@ -45,7 +45,7 @@ def simulate(devices, bundle, groups, id_prefix, latency_ms, rate, telemetry_int
     runtime. Prints a JSON summary line every --report-every seconds."""
     from edgepack.sim.simulator import Misbehaviour, SimSettings, Simulator
 
-    sim = Simulator(broker_config(kw), bundle, SimSettings(
+    sim = Simulator(broker_from_options(kw), bundle, SimSettings(
         devices=devices, id_prefix=id_prefix, groups=tuple(groups) or ("sim",), latency_ms=latency_ms, rate=rate,
         telemetry_s=telemetry_interval, seed=seed, data_dir=data_dir, trusted_keys=tuple(trusted)),
         Misbehaviour(fail_staging=fail_staging, slow=slow, slow_factor=slow_factor, errors=errors,
