@@ -9,6 +9,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import tiers
 from brokers import free_port
 
 
@@ -43,6 +44,7 @@ class AgentProc:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, *, wait_ready: bool = True) -> "AgentProc":
+        tiers.require("agent", "a device agent process")
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
         import os
 

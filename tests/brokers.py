@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import tiers
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -78,6 +80,7 @@ class Broker:
         return ["mosquitto", "-c", str(cfg)]
 
     def start(self) -> "Broker":
+        tiers.require("broker", "an MQTT broker")
         log = open(self.dir / "broker.log", "ab")
         self.proc = subprocess.Popen(self._config(), stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port)

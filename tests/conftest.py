@@ -10,6 +10,26 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+PROCESS_MARKERS = ("broker", "agent")  # tests that start these processes are slow (tests/tiers.py)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Before -m selects: the broker fixture implies the broker marker; broker and agent imply slow."""
+    for item in items:
+        if "broker" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.broker)
+        if any(item.get_closest_marker(m) for m in PROCESS_MARKERS):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """The test's markers, before any of its fixtures (module-scoped ones too) start a process."""
+    import tiers
+
+    tiers.enter(frozenset(m.name for m in item.iter_markers()))
+
 
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):

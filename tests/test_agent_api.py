@@ -12,7 +12,7 @@ import pytest
 
 from agents import AgentProc
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.agent]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from agents import AgentProc, Watcher, wait_until
 from brokers import Broker
 from pki import make_pki as _make_pki
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.agent, pytest.mark.broker]
 SCHEMAS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 
 

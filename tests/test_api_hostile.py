@@ -14,7 +14,7 @@ import pytest
 
 from agents import AgentProc, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.agent]
 PATH = "/v2/models/digits/infer"
 
 

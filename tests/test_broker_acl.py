@@ -15,7 +15,7 @@ from agents import AgentProc, wait_until
 from brokers import Broker, free_port, wait_port
 from pki import make_pki
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.agent,
               pytest.mark.skipif(Broker.kind != "mosquitto", reason="needs mosquitto (apt-get install mosquitto)")]
 ROOT = "edgepack/v1"
 

@@ -21,7 +21,7 @@ from faults import (FAULT_SEEDS, FINAL, LIBFAKETIME, UPDATE_STATES, check_device
                     report, update_record)
 from otakit import ROOT, Publisher, infer, publish_record, push, record, sign_record
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.agent, pytest.mark.broker]
 
 
 def _agent(data, broker, bundle, keys, *, env=None, port=None, interval=1.0):

@@ -243,6 +243,7 @@ return box && {text: box.textContent, waves: [...box.querySelectorAll('.wave')].
 
 
 @pytest.mark.slow
+@pytest.mark.agent
 def test_fleet_page_in_browser(broker, versions, keys, tmp_path):
     """Two real agents (one per group) on mosquitto, the page in headless Chromium: rows, live
     telemetry without a reload, the group filter, an update's steps, a rollout record, no console errors."""

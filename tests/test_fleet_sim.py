@@ -22,7 +22,8 @@ from fleet.errors import RolloutStopped
 from fleet.rollout_state import RolloutSettings
 from edgepack.sim.simulator import Misbehaviour, SimSettings, Simulator, synthetic_bundle
 
-pytestmark = pytest.mark.skipif(Broker.kind != "mosquitto", reason="needs mosquitto (limits, bridges, MQTT 5)")
+pytestmark = [pytest.mark.broker,
+              pytest.mark.skipif(Broker.kind != "mosquitto", reason="needs mosquitto (limits, bridges, MQTT 5)")]
 LIMITS = ("max_queued_messages 100000",)  # the default 100 drops a burst of 60 devices' messages
 QUICK = Probation(seconds=1.0, requests=10 ** 6)
 

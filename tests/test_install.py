@@ -45,6 +45,7 @@ def _toml(path: Path) -> dict:
 
 
 # ---- install ----
+@pytest.mark.agent
 def test_install_stages_a_working_service(tmp_path):
     bundle = log_bundle(tmp_path / "b")
     key = _pem(tmp_path / "fleet.pem")
@@ -182,6 +183,7 @@ class FakeSystemd:
         self.sock.close()
 
 
+@pytest.mark.agent
 def test_notify_and_watchdog_protocol_with_a_real_agent(tmp_path):
     sd = FakeSystemd(tmp_path / "notify")
     a = AgentProc(tmp_path / "data", bundle=log_bundle(tmp_path / "b"),

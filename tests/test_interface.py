@@ -12,7 +12,7 @@ import pytest
 
 from otakit import QUICK, agent, infer, push, version
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.agent]
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,8 @@ def _value(fam, name=None, **labels) -> float:
     return got[0]
 
 
+@pytest.mark.broker
+@pytest.mark.agent
 def test_metrics_endpoint_counts_what_the_agent_served(served):
     a, w = served
     ok, nan, bad = 12, 5, 3
@@ -177,6 +179,7 @@ def test_metrics_endpoint_counts_what_the_agent_served(served):
     assert sum(x["errors"] for x in windows) == bad
 
 
+@pytest.mark.agent
 def test_metrics_sit_behind_the_api_token(tmp_path):
     a = AgentProc(tmp_path / "data", bundle=log_bundle(tmp_path / "b"), extra=("--api-token", "s3cret")).start()
     try:
@@ -208,6 +211,8 @@ def _queried_metrics(dashboard: dict) -> set[str]:
     return names
 
 
+@pytest.mark.broker
+@pytest.mark.agent
 def test_grafana_dashboard_queries_only_what_the_agent_exports(served):
     a, _ = served
     path = ROOT / "deploy" / "grafana" / "edgepack-agent.json"

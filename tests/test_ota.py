@@ -15,7 +15,7 @@ from edgeproto.broker import BrokerConfig
 from edgeproto.desired import Probation
 from otakit import Publisher, publish_record, record, sign_record
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.agent]
 QUICK = Probation(seconds=1.5, requests=1000)
 FLEET_KEY: list[Path] = []  # the fleet key that signs desired records (the agents trust its public half)
 

@@ -53,6 +53,7 @@ def test_missing_explicit_bundle_exits_2(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.agent
 def test_text_logs_keep_the_structured_fields(tmp_path):
     a = AgentProc(tmp_path / "data", bundle=log_bundle(tmp_path / "b"), extra=("--log-format", "text")).start()
     a.stop()

@@ -59,6 +59,7 @@ class Clients:
         self._t.join(15)
 
 
+@pytest.mark.agent
 def test_profile_reports_device_figures_and_never_touches_the_serving_model(broker, digits_build, tmp_path):
     serving, probe = _bundle(digits_build, "arm-cpu"), _bundle(digits_build, "x86-cpu")
     a = AgentProc(tmp_path / "data", bundle=serving, broker=broker.url, extra=("--log-format", "text")).start()
@@ -106,6 +107,7 @@ def _tamper(src: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.agent
 def test_untrusted_profile_bundles_and_jobs_are_refused_when_keys_are_configured(broker, versions, keys, tmp_path):
     from fleet.profile import ProfileRefused
 
@@ -126,6 +128,7 @@ def test_untrusted_profile_bundles_and_jobs_are_refused_when_keys_are_configured
         a.stop()
 
 
+@pytest.mark.agent
 def test_profile_says_clearly_when_the_device_is_unknown_or_offline(broker, digits_bundle, tmp_path):
     from click.testing import CliRunner
 
@@ -159,6 +162,7 @@ def test_profile_job_records_are_parsed_strictly():
             ProfileJob.parse(json.dumps(dict(job, **{field: value})).encode(), source="t", topic_prefix=ROOT)
 
 
+@pytest.mark.agent
 def test_profile_on_lets_the_device_numbers_choose_the_precision(broker, digits, digits_build, tmp_path):
     """An agent whose inferences of one precision are slowed (the diagnostic knob) stands in for a
     device that disagrees with this host: where the host finds int8 slower than fp32 (LiteRT on

@@ -20,7 +20,7 @@ from fleet.push import Signer
 from fleet.rollout_state import RolloutSettings
 from otakit import agent, infer, version
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.agent]
 QUICK = Probation(seconds=1.5, requests=1000)
 
 

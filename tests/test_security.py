@@ -18,7 +18,7 @@ from edgeproto.desired import Probation
 from otakit import (ROOT, agent, events, infer, publish_record, push, record, sign_record, version,
                     wait_final)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.agent]
 
 
 def test_rollback_attack_with_unsigned_record_is_refused(broker, versions, keys, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 
 from agents import AgentProc, Watcher, wait_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.agent]
 BOUND = 15
 
 

@@ -12,7 +12,7 @@ from faults import fill_disk
 from edgeproto.desired import Probation
 from otakit import ROOT, agent, infer, publish_record, push, record, state, version, wait_final
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.agent]
 
 
 def test_full_disk_does_not_stop_the_agent(broker, digits_bundle, keys, small_disk):
