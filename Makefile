@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 $(VENV)/.installed: setup.cfg pyproject.toml requirements-onnx2tf.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[packager,onnx-tflite,agent,dev]'
+	$(PY) -m pip install -q -e '.[packager,onnx-tflite,agent,text,dev]'
 	$(PY) -m pip install -q --no-deps -r requirements-onnx2tf.txt
 	touch $@
 
