@@ -9,7 +9,8 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 $(VENV)/.installed: setup.cfg pyproject.toml requirements-onnx2tf.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[packager,onnx-tflite,agent,text,dev]'
+	$(PY) -m pip install -q 'torch==2.13.0+cpu'  # the CPU build for the hf extra (a CUDA build is 5.8 GB)
+	$(PY) -m pip install -q -e '.[packager,onnx-tflite,agent,text,hf,dev]'
 	$(PY) -m pip install -q --no-deps -r requirements-onnx2tf.txt
 	touch $@
 

@@ -42,3 +42,42 @@ def tokenizer_json(path: Path, *, vocab_size: int = 400) -> Path:
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     tok.save(str(path))
     return path
+
+
+def tiny_hf_folder(dest: Path, *, kind: str = "sentence", layers: int = 2, seed: int = 0) -> Path:
+    """A Hugging Face folder with random weights and the tokenizer above: `sentence` (BERT with
+    sentence-transformers mean pooling + Normalize), `classifier` (BertForSequenceClassification,
+    3 labels) or `distilbert` (DistilBertModel: another family, no token_type_ids)."""
+    import torch
+    import transformers
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer_json(dest / "tokenizer.json")
+    vocab = len(__import__("json").loads((dest / "tokenizer.json").read_text())["model"]["vocab"])
+    torch.manual_seed(seed)
+    if kind == "distilbert":
+        cfg = transformers.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=layers, n_heads=2, hidden_dim=64,
+                                            max_position_embeddings=64)
+        model = transformers.DistilBertModel(cfg)
+    else:
+        cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64, hidden_act="gelu")
+        if kind == "classifier":
+            cfg.id2label = {0: "negative", 1: "neutral", 2: "positive"}
+            cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+            model = transformers.BertForSequenceClassification(cfg)
+        else:
+            model = transformers.BertModel(cfg)
+    model.eval().save_pretrained(str(dest))
+    (dest / "tokenizer_config.json").write_text('{"model_max_length": 64, "pad_token": "[PAD]", "cls_token": "[CLS]", '
+                                                '"sep_token": "[SEP]", "unk_token": "[UNK]", "do_lower_case": true}')
+    if kind == "sentence":
+        (dest / "modules.json").write_text(
+            '[{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},'
+            ' {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},'
+            ' {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]')
+        (dest / "1_Pooling").mkdir(exist_ok=True)
+        (dest / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 32, "pooling_mode_cls_token": '
+                                                        'false, "pooling_mode_mean_tokens": true}')
+        (dest / "sentence_bert_config.json").write_text('{"max_seq_length": 48, "do_lower_case": false}')
+    return dest

@@ -1,0 +1,72 @@
+"""Hugging Face folders exported to ONNX in the worker process (packager/hf_export.py), checked in
+ONNX Runtime against torch on real sentences tokenized by the bundle's own tokenizer code."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgebundle.errors import InputError
+from textkit import sentences, tiny_hf_folder
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+def _torch_outputs(folder, kind, feeds):
+    import torch
+    import transformers
+
+    cls = {"classifier": transformers.AutoModelForSequenceClassification}.get(kind, transformers.AutoModel)
+    m = cls.from_pretrained(str(folder), local_files_only=True).eval()
+    with torch.no_grad():
+        out = m(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    if kind == "classifier":
+        return out.logits.numpy()
+    h, mask = out.last_hidden_state.numpy(), feeds["attention_mask"][..., None]
+    if kind == "sentence":
+        v = (h * mask).sum(1) / mask.sum(1)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+    return h
+
+
+@pytest.mark.parametrize("kind,task,output", [("sentence", "feature-extraction", "sentence_embedding"),
+                                              ("classifier", "text-classification", "logits"),
+                                              ("distilbert", "feature-extraction", "last_hidden_state")])
+def test_export_matches_torch_on_real_text_at_any_length(tmp_path, kind, task, output):
+    import onnxruntime as ort
+
+    from edgeruntime.text import TextEncoder
+    from packager.hf_export import export_onnx, read_folder
+
+    folder = read_folder(tiny_hf_folder(tmp_path / kind, kind=kind))
+    assert folder.task.value == task and folder.output == output
+    assert folder.max_length == (48 if kind == "sentence" else 64)
+    if kind == "classifier":
+        assert folder.labels == ("negative", "neutral", "positive")
+    ans = export_onnx(folder, tmp_path / "model.onnx")
+    expect_inputs = ["input_ids", "attention_mask"] + ([] if kind == "distilbert" else ["token_type_ids"])
+    assert ans["inputs"] == expect_inputs and ans["max_relative_error"] < 1e-4
+    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == [output]
+    enc = TextEncoder.from_file(folder.tokenizer, folder.text_settings(ans["inputs"]))
+    for texts in (["Return the value."], sentences(3, seed=5)):  # one short text; a padded batch of three
+        feeds = enc.encode(texts).feeds
+        got = sess.run(None, feeds)[0]
+        want = _torch_outputs(folder.path, kind, feeds)
+        if kind == "distilbert":  # padded positions hold whatever: compare the real tokens
+            m = feeds["attention_mask"].astype(bool)
+            got, want = got[m], want[m]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_folders_without_what_the_export_needs_are_refused_clearly(tmp_path):
+    from packager.hf_export import read_folder
+
+    folder = tiny_hf_folder(tmp_path / "m", kind="classifier")
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(InputError, match="no tokenizer.json"):
+        read_folder(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(InputError, match="not a Hugging Face model folder"):
+        read_folder(folder)
