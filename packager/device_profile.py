@@ -5,9 +5,10 @@ probe bundle (the candidate's model file, its golden outputs on the first valida
 the target's runtime settings; signed like the build's bundles) and profiled on the device with
 a profile job (the fleet side's, handed in by the `edgepack` command as a Profiler). The
 candidate's ratio is its device p50 over the fp32 model's device p50. As on the host, a verdict
-needs the spread to agree, not just the medians: "slower" when even the candidate's fastest quarter (p25) is over 1 + NOISE_FLOOR times the fp32 model's p75, "faster"
-when its p75 is under 1 - NOISE_FLOOR times the fp32 p25; otherwise "within noise" (a busy device
-or a tiny model makes sequential timings noisy). The host's interleaved figures are still measured
+needs the spread to agree, not just the medians: "slower" when even the candidate's fastest
+quarter (p25) is over 1 + NOISE_FLOOR times the fp32 model's p75, "faster" when its p75 is under
+1 - NOISE_FLOOR times the fp32 p25; otherwise "within noise" (a busy device or a tiny model makes
+sequential timings noisy). The host's interleaved figures are still measured
 and reported beside the device's."""
 from __future__ import annotations
 
