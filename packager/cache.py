@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.timing import HostTimer, ModelSpec
+from edgeruntime.timing import ModelSpec
+from packager.timing import HostTimer
 from targets import CalibrationMethod, Format
 
 

@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARN
 class Wiring:
     """What the assembled `edgepack` command hands these commands from the packager's peers."""
 
-    device_profiler: Callable | None = None  # packager.device_profile.Profiler, from the fleet side
+    device_profiler: Callable | None = None  # packager.options.Profiler, from the fleet side
 
 
 pass_wiring = click.make_pass_decorator(Wiring, ensure=True)
@@ -45,7 +45,7 @@ def _device_target(device: str | None, kw: dict, wiring: Wiring):
     """--profile-on with the broker options, as a DeviceTarget (None without --profile-on)."""
     if device is None:
         return None
-    from packager.device_profile import DeviceTarget
+    from packager.options import DeviceTarget
 
     return DeviceTarget(device=device, broker=broker_from_options(kw), profiler=wiring.device_profiler)
 
@@ -148,7 +148,8 @@ def targets() -> None:
 @targets.command("list")
 def targets_list():
     """Built-in target profiles."""
-    from targets import builtin_names, load_profile
+    from packager.profiles import load_profile
+    from targets import builtin_names
 
     for n in builtin_names():
         p = load_profile(n)
@@ -160,7 +161,7 @@ def targets_list():
 @click.option("--json", "as_json", is_flag=True)
 def targets_show(name, as_json):
     """Show a profile (built-in NAME or a .yaml path)."""
-    from targets import load_profile
+    from packager.profiles import load_profile
 
     p = load_profile(name)
     d = dict(p.to_dict(), sha256=p.sha256)

@@ -212,3 +212,11 @@ def _hash(path: Path) -> str:
     from packager.sources import sha256_path
 
     return sha256_path(path) if path.exists() else hashlib.sha256(str(path).encode()).hexdigest()
+
+
+def data_info(d: Dataset | None) -> dict | None:
+    """A dataset as the build report and the bundle's provenance record it."""
+    if d is None:
+        return None
+    return {"source": d.source, "samples": len(d), "sha256": d.sha256, "random": d.random,
+            "labels": d.labels is not None, "notes": d.notes}

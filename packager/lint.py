@@ -1,5 +1,5 @@
 """Findings: what a target cannot run or should watch. Format-independent checks live here;
-each format backend lints its converted models (packager/formats/)."""
+each format backend lints the source for its devices and its converted models (packager/formats/)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -41,11 +41,6 @@ def lint_source(source, profile: TargetProfile) -> list[Finding]:
             out.append(Finding(Level.ERROR, "batch-size",
                                f"{profile.name} runs batch {profile.batch}; input {s.name!r} would be frozen at "
                                f"batch {s.shape[0]} (shape {s.shape})"))
-    if "edgetpu" in profile.delegates:
-        for s in source.inputs:
-            if s.dtype not in ("float32", "int8", "uint8"):
-                out.append(Finding(Level.WARNING, "edgetpu-io",
-                                   f"input {s.name!r} is {s.dtype}; the Edge TPU maps only 8-bit tensors"))
     return out
 
 

@@ -1,9 +1,12 @@
-"""One backend per output format, found through this registry.
+"""One backend per output format (and per device accelerator), found through this registry.
 
-A backend converts a source into a candidate of its format, lints the result for the
-target, gives the graph view the sensitivity analysis reads, finishes the model for the
-device (the Edge TPU compile step) and says what to try when a candidate fails. Adding a
-format means one module that registers a Backend; the build and the CLI read this table.
+A backend owns everything the build knows about its format: the precisions it can write, the
+ladder `--quantize auto` walks, the rule for packaging a ready model as it is, the runtime
+settings candidates run with on this host, the lint of converted models, the graph view the
+sensitivity analysis reads, the device's finishing step and the hints when a candidate fails.
+A backend for an accelerator (packager/formats/edgetpu.py) refines its format's backend and
+serves the profiles that name its delegate. Adding a precision or a format means editing or
+adding one module under packager/formats/; importing `packager.formats` fills this table.
 
 A Bridge brings a source kind a backend does not read to one it does (ONNX -> SavedModel for
 TFLite); the backend then runs its own path (calibration, quantizers, lint) unchanged."""
@@ -12,19 +15,27 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from edgebundle.errors import InputError
+from edgeruntime import Runtime, load_runtime
+from edgeruntime.timing import ModelSpec, threads_for
+from packager.cache import BuildCache
+from packager.candidates import Candidate, Step
+from packager.data import Dataset
+from packager.lint import Finding
+from packager.sources import Source
 from targets import CalibrationMethod, Format, Precision, TargetProfile
 
 
 @dataclass(frozen=True)
 class ConvertContext:
-    source: object  # packager.sources.Source
+    source: Source
     profile: TargetProfile
-    candidate: object  # packager.candidates.Candidate
+    candidate: Candidate
     out_dir: Path
-    cache: object  # packager.cache.BuildCache
-    calibration: object = None  # packager.data.Dataset, for int8/int16x8
+    cache: BuildCache
+    calibration: Dataset | None = None  # for the calibrated precisions
     allow_flex: bool = False
     opset: int = 17
     per_channel: bool = True
@@ -51,12 +62,19 @@ class Finished:
     path: Path
     name: str  # file name inside the bundle
     compile_report: dict | None = None
+    compiled: bool | None = None  # None: the device has no compile step
     warnings: tuple[str, ...] = ()
 
 
 class Backend(ABC):
     format: Format
     sources: tuple[str, ...]  # source kinds it converts from
+    precisions: tuple[Precision, ...]  # what the format can do at all (profiles are checked against it)
+    calibrated: tuple[Precision, ...] = ()  # precisions that need calibration data
+    ladder_steps: tuple[Step, ...] = ()  # `--quantize auto`, in order of expected speed
+    mixed_ok = True  # may a candidate keep nodes in float?
+    delegate: str | None = None  # the accelerator delegate whose profiles this backend serves
+    accelerators: tuple[str, ...] = ()  # delegates/providers the host cannot time
 
     @abstractmethod
     def convert(self, ctx: ConvertContext) -> Artifact:
@@ -67,12 +85,70 @@ class Backend(ABC):
         """The float model of this format (computed once per build, kept in the cache)."""
 
     @abstractmethod
-    def lint(self, art: Artifact, profile: TargetProfile, *, allow_flex: bool, inputs, outputs) -> list:
-        """Findings on the converted model (packager.lint.Finding)."""
+    def lint(self, art: Artifact, profile: TargetProfile, *, allow_flex: bool, inputs, outputs) -> list[Finding]:
+        """Findings on the converted model."""
 
     @abstractmethod
     def graph_view(self, art: Artifact, ctx: ConvertContext, samples: list[dict]):
         """(sensitivity.GraphView, float tensors, candidate tensors) on `samples`."""
+
+    # ---- the ladder ----
+
+    def ladder(self, profile: TargetProfile, asked: Precision) -> tuple[Step, ...]:
+        """The steps to try: one for an explicit precision, else the profile's slice of the ladder."""
+        if asked is not Precision.AUTO:
+            return (Step(asked),)
+        steps = self._allowed(profile)
+        start = next(i for i, s in enumerate(steps) if s.precision is profile.default_precision)
+        return tuple(steps[start:])
+
+    def fallbacks(self, profile: TargetProfile, asked: Precision) -> tuple[Step, ...]:
+        """After an explicit precision fails the gate: what the build tries to name one that passes."""
+        steps = self._allowed(profile)
+        after = [i for i, s in enumerate(steps) if s.precision is asked and not s.mixed]
+        return tuple(steps[after[0] + 1:]) if after else ()
+
+    def _allowed(self, profile: TargetProfile) -> list[Step]:
+        return [s for s in self.ladder_steps if s.precision in profile.precisions and (self.mixed_ok or not s.mixed)]
+
+    def skip(self, step: Step, slower: frozenset[Precision]) -> str | None:
+        """Why `step` is not worth trying once the precisions in `slower` were slower than fp32."""
+        return None
+
+    # ---- sources packaged as they are ----
+
+    def packages_as_is(self, source: Source) -> bool:
+        """Is `source` already a model of this format, packaged unchanged (no ladder, no speed gate)?"""
+        return False
+
+    def plan(self, source: Source, profile: TargetProfile, asked: Precision) -> tuple[Step, ...]:
+        """The steps for `source`; raises InputError for what cannot be built."""
+        return self.ladder(profile, asked)
+
+    def lint_source(self, source: Source, profile: TargetProfile) -> list[Finding]:
+        """Before converting: what this backend's devices need of the source."""
+        return []
+
+    # ---- this host and the device ----
+
+    def host_spec(self, path: Path, profile: TargetProfile) -> ModelSpec:
+        """The device's runtime settings, on this host: accelerators it lacks are left out."""
+        return ModelSpec(path=str(path), format=self.format.value, threads=threads_for(profile.threads),
+                         delegates=self.host_delegates(profile), providers=("CPUExecutionProvider",))
+
+    def host_delegates(self, profile: TargetProfile) -> tuple[str, ...]:
+        return profile.delegates
+
+    def host_runtime(self, path: Path, profile: TargetProfile) -> Runtime:
+        spec = self.host_spec(path, profile)
+        return load_runtime(path, fmt=spec.format, threads=spec.threads, delegates=spec.delegates,
+                            providers=spec.providers)
+
+    def not_timed(self, profile: TargetProfile) -> str:
+        """Why this host cannot time a model the device runs on an accelerator."""
+        accel = [x for x in profile.delegates + profile.providers if x in self.accelerators]
+        return (f"{profile.name} runs this model on {accel[0]}; the host's CPU cannot say how fast it will be "
+                "(measure on the device: edgepack-agent bench)")
 
     def variant(self, ctx: ConvertContext) -> str:
         """The profile settings (besides format and precision) that change the converted file."""
@@ -81,7 +157,9 @@ class Backend(ABC):
     def finish(self, art: Artifact, profile: TargetProfile, work: Path, *, name: str, version: str) -> Finished:
         return Finished(path=art.path, name=art.path.name)
 
-    def gate_hint(self, profile: TargetProfile, precision: Precision) -> str:
+    def gate_hint(self, profile: TargetProfile, precision: Precision, *, lossy: Callable[[], list[str]]) -> str:
+        """What to try after the accuracy gate failed; `lossy()` names the nodes that lose the most
+        (a sensitivity analysis: a conversion and an inference each, so called only when used)."""
         return "give more representative calibration data, or choose a higher precision with --quantize"
 
     def describe(self, path: Path):
@@ -107,7 +185,7 @@ class Bridge(ABC):
         return {}
 
 
-_BACKENDS: dict[Format, Backend] = {}
+_BACKENDS: dict[tuple[Format, str | None], Backend] = {}
 _BRIDGES: dict[tuple[str, Format], Bridge] = {}
 # Pairs that cannot be built, with what to do instead.
 _UNSUPPORTED: dict[tuple[str, Format], str] = {
@@ -117,7 +195,7 @@ _UNSUPPORTED: dict[tuple[str, Format], str] = {
 
 
 def register(cls: type[Backend]) -> type[Backend]:
-    _BACKENDS[cls.format] = cls()
+    _BACKENDS[(cls.format, cls.delegate)] = cls()
     return cls
 
 
@@ -128,15 +206,18 @@ def register_bridge(cls: type[Bridge]) -> type[Bridge]:
 
 def bridge(kind: str, fmt: Format) -> Bridge | None:
     """The bridge that brings `kind` sources to `fmt`, or None when the backend reads them itself."""
-    import packager.formats  # noqa: F401
-
     return _BRIDGES.get((kind, fmt))
 
 
 def backend(fmt: Format) -> Backend:
-    import packager.formats  # noqa: F401  (fills the table)
+    """The format's own backend (what it can do at all, what it converts from)."""
+    return _BACKENDS[(fmt, None)]
 
-    return _BACKENDS[fmt]
+
+def backend_for(profile: TargetProfile) -> Backend:
+    """The backend that builds for `profile`: its accelerator's when one is registered, else its format's."""
+    return next((_BACKENDS[(profile.format, d)] for d in profile.delegates if (profile.format, d) in _BACKENDS),
+                backend(profile.format))
 
 
 def check_pair(kind: str, fmt: Format) -> None:

@@ -288,7 +288,7 @@ class TFLiteSource(Source):
         self.edgetpu_compiled = EDGETPU_OP.encode() in self.data
         if self.edgetpu_compiled:
             self.runtime = None  # needs the Edge TPU to run; described from the flatbuffer instead
-            from packager.formats.tflite import describe_flatbuffer
+            from packager.tflite_fb import describe_flatbuffer
 
             ins, outs = describe_flatbuffer(self.data)
         else:

@@ -1,105 +1,95 @@
-"""One target of a build: walk the candidate ladder, then package the chosen candidate.
+"""One target of a build: plan its steps, walk the candidates, keep one.
 
     step -> candidate -> convert -> lint -> validate (accuracy gate) -> measure (speed gate)
-         -> next step, or package
+         -> next step, or the Chosen candidate, finished for the device, handed to packaging
 
-A candidate that fails the accuracy gate is followed, for int8 (and ONNX fp16), by the same
-precision with the nodes that lose the most kept in float (packager/formats/sensitivity.py),
-in up to three rounds. The speed gate applies on CPU targets under --quantize auto: a
-candidate slower than fp32 beyond the measured noise moves the build down the ladder."""
+What the format allows (precisions, ladder, a ready model packaged as is, the device's finishing
+step) comes from the target's backend (packager/formats/). A candidate that fails the accuracy
+gate is followed, for int8 (and ONNX fp16), by the same precision with the nodes that lose the
+most kept in float (packager/formats/sensitivity.py), in up to three rounds. The speed gate
+applies on CPU targets under --quantize auto: a candidate slower than fp32 beyond the measured
+noise moves the build down the ladder."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from edgeruntime import load_runtime
 from edgebundle.errors import (AccuracyGateError, ConversionError, EdgepackError, InputError,
                                RuntimeUnavailableError, UnsupportedOpError)
-from edgebundle.manifest import Quantization, TensorSpec
+from edgeruntime import Runtime
 from packager import lint
 from packager.cache import ArtifactKey
-from packager.candidates import CALIBRATED, Candidate, Search, Step, Trial, fallbacks, ladder
+from packager.candidates import Candidate, Search, Step
+from packager.contents import tensor_specs
+from packager.device_profile import device_latency
 from packager.evaluate import compare, judge
-from packager.formats import sensitivity
-from packager.registry import Artifact, ConvertContext, backend, check_pair
-from packager.timing import spec_for, threads_for
+from packager.formats import backend_for, check_pair, sensitivity
+from packager.options import BuildInputs
+from packager.registry import Artifact, ConvertContext
+from packager.results import Chosen, Trial
 from targets import Precision, TargetProfile
 
 ANALYSIS_SAMPLES = 4
 MIXED_ROUNDS = 3
 
 
-class TargetBuild:
-    def __init__(self, env, profile: TargetProfile, work: Path):
-        self.env, self.opts, self.profile, self.work = env, env.opts, profile, work
-        self.backend = backend(profile.format)
-        self.auto = env.opts.precision is Precision.AUTO
+class CandidateSearch:
+    """One target's walk down its ladder, from the plan to the Chosen candidate."""
+
+    def __init__(self, inputs: BuildInputs, profile: TargetProfile, work: Path):
+        self.inputs, self.opts, self.profile, self.work = inputs, inputs.opts, profile, work
+        self.backend = backend_for(profile)
+        self.auto = inputs.opts.precision is Precision.AUTO
+        self.steps: tuple[Step, ...] = ()
         self._n = 0
 
     def say(self, msg: str) -> None:
-        self.env.progress(f"[{self.profile.name}] {msg}")
+        self.inputs.progress(f"[{self.profile.name}] {msg}")
 
     def plan(self) -> tuple[Step, ...]:
         """Check the source against the target and list the steps; raises on bad input."""
-        self._precheck()
-        self.steps = self._steps()
-        return self.steps
-
-    def run(self):
-        from packager.package import package
-
-        self.work.mkdir(parents=True, exist_ok=True)
-        trials = self._walk(self.steps)
-        chosen = self._choose(trials)
-        return package(self, chosen, trials)
-
-    # ---- plan ----
-
-    def _precheck(self) -> None:
-        src = self.env.source
-        if getattr(src, "edgetpu_compiled", False):
-            raise InputError(f"{src.path.name} is already compiled for the Edge TPU; edgepack cannot validate it here",
-                             hint="build from the uncompiled int8 model on a host with edgetpu_compiler on PATH: "
-                                  "edgepack compiles it and validates the int8 model it came from")
-        check_pair(src.kind.value, self.profile.format)
-        fail_on(lint.lint_source(src, self.profile), self.profile)
-
-    def _steps(self) -> tuple[Step, ...]:
-        p, asked, src = self.profile, self.opts.precision, self.env.source
-        if src.kind.value == "tflite":  # packaged as it is: its own precision is the only candidate
-            from packager.formats.tflite_fb import detect_precision
-
-            detected = detect_precision(src.data)
-            if detected not in p.precisions:
-                raise InputError(f"{src.path.name} is a {detected.value} TFLite model and {p.name} runs only "
-                                 f"{', '.join(x.value for x in p.precisions)}; edgepack cannot re-quantize a .tflite",
-                                 hint="build from the original SavedModel/Keras model, which edgepack can quantize")
-            if asked not in (Precision.AUTO, detected):
-                raise InputError(
-                    f"{src.path.name} is already a {detected.value} TFLite model; edgepack cannot re-quantize "
-                    f"a .tflite to {asked.value}",
-                    hint="use --quantize auto to package it as is, or build from the original SavedModel/Keras model")
-            steps = (Step(detected),)
-        else:
-            steps = ladder(p, asked)
+        src, p = self.inputs.source, self.profile
+        check_pair(src.kind.value, p.format)
+        fail_on(lint.lint_source(src, p) + self.backend.lint_source(src, p), p)
+        steps = self.backend.plan(src, p, self.opts.precision)
         bad = [s.precision.value for s in steps if s.precision not in p.precisions]
         if bad:
             raise InputError(f"target {p.name} does not take precision {bad[0]!r}",
                              hint=f"{p.name} takes: {', '.join(x.value for x in p.precisions)}")
+        self.steps = steps
         return steps
+
+    def run(self) -> Chosen:
+        """Walk the steps, keep one candidate and finish it for the device; raises when none passes."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        trials = self._walk(self.steps)
+        trial = self._choose(trials)
+        finished = self.backend.finish(trial.artifact, self.profile, self.work, name=self.inputs.name,
+                                       version=self.opts.version)
+        return Chosen(profile=self.profile, trial=trial, trials=tuple(trials), finished=finished,
+                      latency=self._chosen_latency(trial), fp32=self.fp32(trial.candidate),
+                      calibrated=trial.candidate.precision in self.backend.calibrated, work=self.work)
+
+    def _chosen_latency(self, trial: Trial) -> dict:
+        if trial.latency:
+            return trial.latency
+        if trial.accuracy is None:
+            return {"not_timed": "no runtime on this host can run this model"}
+        if self.profile.is_cpu:
+            return self.latency(trial.artifact, baseline=True)
+        return {"not_timed": self.backend.not_timed(self.profile)}
 
     # ---- walk ----
 
     def _walk(self, steps: tuple[Step, ...]) -> list[Trial]:
         trials: list[Trial] = []
         for step in steps:
-            if step.precision in CALIBRATED and self.env.calib is None:
+            if step.precision in self.backend.calibrated and self.inputs.calib is None:
                 trials.append(Trial(step, verdict="skipped", why="no calibration data (pass --calibration)"))
                 continue
-            if step.precision is Precision.INT16X8 and any(t.step.precision is Precision.INT8 and t.verdict == "slower"
-                                                            for t in trials):
-                trials.append(Trial(step, verdict="skipped", why="int8 was already slower than fp32 here, and "
-                                                                  "int16x8 kernels are slower than int8"))
+            skip = self.backend.skip(step, frozenset(t.step.precision for t in trials if t.verdict == "slower"))
+            if skip:
+                trials.append(Trial(step, verdict="skipped", why=skip))
                 continue
             if step.mixed:
                 base = next((t for t in reversed(trials) if t.step == Step(step.precision)), None)
@@ -137,20 +127,21 @@ class TargetBuild:
         """Sensitivity analysis of a candidate that failed the accuracy gate (kept on the trial)."""
         if trial.sensitivity or trial.artifact is None:
             return trial.blamed
-        samples = self.env.valid.samples[:ANALYSIS_SAMPLES]
+        samples = self.inputs.valid.samples[:ANALYSIS_SAMPLES]
         self.say(f"{trial.candidate.label}: which nodes lose the accuracy")
-        view, ref, got = self.backend.graph_view(trial.artifact, self._ctx(trial.candidate), samples)
+        view, ref, got = self.backend.graph_view(trial.artifact, self.context(trial.candidate), samples)
         trial.blamed = sensitivity.blame(view, ref, got)
         trial.sensitivity = [b.to_dict() for b in trial.blamed[:10]]
         return trial.blamed
 
-    def _ctx(self, cand: Candidate, out_dir: Path | None = None) -> ConvertContext:
+    def context(self, cand: Candidate, out_dir: Path | None = None) -> ConvertContext:
+        """What the backend converts `cand` with, for this target."""
         p = self.profile
         return ConvertContext(
-            source=self.env.source, profile=p, candidate=cand, out_dir=out_dir or self.work, cache=self.env.cache,
-            calibration=self.env.calib, allow_flex=self.opts.allow_flex, opset=self.opts.opset,
+            source=self.inputs.source, profile=p, candidate=cand, out_dir=out_dir or self.work, cache=self.inputs.cache,
+            calibration=self.inputs.calib, allow_flex=self.opts.allow_flex, opset=self.opts.opset,
             per_channel=p.per_channel if self.opts.per_channel is None else self.opts.per_channel,
-            calibration_method=self.opts.calibration_method or p.calibration_method, sample=self.env.valid.samples[0])
+            calibration_method=self.opts.calibration_method or p.calibration_method, sample=self.inputs.valid.samples[0])
 
     # ---- one candidate ----
 
@@ -174,22 +165,22 @@ class TargetBuild:
 
     def _convert(self, cand: Candidate) -> Artifact:
         """Convert, or reuse what another target of this build converted to the same file."""
-        ctx = self._ctx(cand, self.work / f"{self._n}-{cand.label}")
+        ctx = self.context(cand, self.work / f"{self._n}-{cand.label}")
         key = ArtifactKey(self.profile.format, cand.precision.value, cand.keep_float, self.backend.variant(ctx))
-        cached = self.env.cache.artifacts.get(key)
+        cached = self.inputs.cache.artifacts.get(key)
         if cached is None:
             self.say(f"{cand.label}: converting")
             try:
                 cached = self.backend.convert(ctx)
             except ConversionError as e:
                 cached = e
-            self.env.cache.artifacts[key] = cached
+            self.inputs.cache.artifacts[key] = cached
         if isinstance(cached, ConversionError):
             raise cached
         return cached
 
     def _validate(self, trial: Trial) -> None:
-        art, env = trial.artifact, self.env
+        art, inputs = trial.artifact, self.inputs
         try:
             rt = self._runtime(art)
         except RuntimeUnavailableError as e:
@@ -197,32 +188,34 @@ class TargetBuild:
                 raise
             trial.verdict, trial.why = "error", f"converted, but the runtime cannot load it: {str(e).splitlines()[0][:300]}"
             return
-        trial.specs = tensor_specs(rt, env.source, art, self.backend, env.valid.samples[0])
+        trial.specs = tensor_specs(rt, inputs.source, described=lambda: self.backend.describe(art.path),
+                                   sample=inputs.valid.samples[0])
         trial.findings = self.backend.lint(art, self.profile, allow_flex=self.opts.allow_flex,
                                            inputs=trial.specs[0], outputs=trial.specs[1])
         fail_on(trial.findings, self.profile)
         if rt is None:  # Flex ops: no runtime here can run it, so it cannot be judged
             trial.verdict, trial.why = "passed", "NOT VALIDATED: no runtime on this host has the Flex delegate"
             return
-        self.say(f"{trial.candidate.label}: validating on {len(env.valid)} samples")
+        self.say(f"{trial.candidate.label}: validating on {len(inputs.valid)} samples")
         try:
-            trial.outputs = [rt.infer(s) for s in env.valid.samples]
+            trial.outputs = [rt.infer(s) for s in inputs.valid.samples]
         finally:
             rt.close()
         names = [o.name for o in trial.specs[1]]
-        missing = [n for n in names if n not in env.reference[0]]
+        missing = [n for n in names if n not in inputs.reference[0]]
         if missing:
-            raise InputError(f"bundle outputs {missing} do not match the reference outputs {sorted(env.reference[0])}")
-        trial.accuracy = compare(env.reference, trial.outputs, names, env.valid.labels)
+            raise InputError(f"bundle outputs {missing} do not match the reference outputs {sorted(inputs.reference[0])}")
+        trial.accuracy = compare(inputs.reference, trial.outputs, names, inputs.valid.labels)
         why = judge(trial.accuracy, self.opts.gate)
         if why:
             trial.verdict, trial.why = "accuracy", "; ".join(why)
 
     def _measure(self, trial: Trial) -> None:
         """Speed gate: CPU targets, candidates below fp32, --quantize auto."""
-        quantized = trial.candidate.precision is not Precision.FP32 and self.env.source.kind.value != "tflite"
+        as_is = self.backend.packages_as_is(self.inputs.source)
+        quantized = trial.candidate.precision is not Precision.FP32 and not as_is
         if self.profile.is_cpu and quantized:
-            fp32_size = self.backend.fp32(self._ctx(trial.candidate)).stat().st_size
+            fp32_size = self.fp32(trial.candidate).stat().st_size
             # Auto's first-pass search asks the host one thing of a smaller candidate: is it slower than fp32?
             # ('faster' only matters to one no smaller, and to --search thorough, which ranks the medians.)
             only_slower = (self.auto and self.opts.search is Search.FIRST and self.opts.profile_on is None
@@ -231,9 +224,9 @@ class TargetBuild:
                                          question="slower" if only_slower else "verdict")
             r = trial.latency["ratio"]
             if self.opts.profile_on is not None:  # the device's figures decide; the host's are reported beside
-                from packager.device_profile import device_latency
-
-                trial.device_latency = device_latency(self, trial)
+                trial.device_latency = device_latency(trial, inputs=self.inputs, profile=self.profile,
+                                                      backend=self.backend, fp32=self.fp32(trial.candidate),
+                                                      work=self.work)
                 r = trial.device_latency["ratio"]
                 if self.auto and r["verdict"] == "slower":
                     trial.verdict = "slower"
@@ -255,29 +248,31 @@ class TargetBuild:
     def latency(self, art: Artifact, *, baseline: bool = False, label: str = "", question: str = "verdict") -> dict:
         """The candidate against fp32, interleaved in the clean timing worker (or, for the fp32
         model itself, its own latency)."""
-        base = spec_for(self.backend.fp32(self._ctx(Candidate(Precision.FP32))), self.profile)
-        known = self.env.cache.fp32_latency.get(base)
+        base = self.backend.host_spec(self.fp32(Candidate(Precision.FP32)), self.profile)
+        known = self.inputs.cache.fp32_latency.get(base)
         if baseline and known is not None:  # fp32 itself was chosen: it was timed beside the candidates
             return dict(known, profile_threads=self.profile.threads)
         self.say("timing in a clean process" + ("" if baseline else " against fp32"))
-        res = self.env.cache.timer.compare(base, None if baseline else spec_for(art.path, self.profile),
-                                           self.env.valid.samples[0], budget_s=self.opts.bench_seconds,
-                                           max_rounds=self.opts.bench_runs, question=question)
+        res = self.inputs.cache.timer.compare(base, None if baseline else self.backend.host_spec(art.path, self.profile),
+                                              self.inputs.valid.samples[0], budget_s=self.opts.bench_seconds,
+                                              max_rounds=self.opts.bench_runs, question=question)
         res["profile_threads"] = self.profile.threads
         if not baseline:  # the fp32 side of an interleaved comparison is fp32's own latency, same worker
-            self.env.cache.fp32_latency[base] = {
+            self.inputs.cache.fp32_latency[base] = {
                 "a_ms": res["a_ms"], "b_ms": res["a_ms"], "baseline": True, "threads": res["threads"][:1],
                 "host_cores": res["host_cores"], "runtime": res["runtime"][:1],
                 "from": f"fp32's side of {res['rounds']} interleaved rounds against {label or art.precision.value}"}
         return res
 
-    def _runtime(self, art: Artifact):
+    def fp32(self, cand: Candidate) -> Path:
+        """The format's float model (built once per build; `cand` only names a conversion that fails)."""
+        return self.backend.fp32(self.context(cand))
+
+    def _runtime(self, art: Artifact) -> Runtime | None:
         try:
-            return load_runtime(art.path, fmt=art.format.value, threads=threads_for(self.profile.threads),
-                                delegates=tuple(d for d in self.profile.delegates if d != "edgetpu"),
-                                providers=("CPUExecutionProvider",))
+            return self.backend.host_runtime(art.path, self.profile)
         except RuntimeUnavailableError:
-            if self.opts.allow_flex and _has_flex(art):
+            if self.opts.allow_flex and self.backend.needs_flex(art):
                 return None  # stock runtimes lack the Flex delegate: packaged, clearly unvalidated
             raise
 
@@ -304,12 +299,8 @@ class TargetBuild:
             err = ConversionError(f"{p.name}: no candidate could be built ({rows})",
                                   hint="try another --quantize or --opset, or another target")
         else:
-            hint = self.backend.gate_hint(p, last.step.precision)
-            if "edgetpu" in p.delegates:
-                worst = self._blame(last)[:5]
-                if worst:
-                    hint = "where int8 loses the accuracy: " + "; ".join(b.text() for b in worst) + ". " + hint
-            elif not self.auto:
+            hint = self.backend.gate_hint(p, last.step.precision, lossy=lambda: [b.text() for b in self._blame(last)])
+            if not self.auto:
                 hint = self._passing_hint(last) or hint
             err = AccuracyGateError(f"{p.name}: fails the accuracy gate ({rows}); no bundle written", hint=hint)
         err.trials = trials
@@ -317,8 +308,8 @@ class TargetBuild:
 
     def _passing_hint(self, failed: Trial) -> str | None:
         """After an explicit precision failed: the next precision down the ladder that passes."""
-        for step in fallbacks(self.profile, failed.step.precision):
-            if step.mixed or (step.precision in CALIBRATED and self.env.calib is None):
+        for step in self.backend.fallbacks(self.profile, failed.step.precision):
+            if step.mixed or (step.precision in self.backend.calibrated and self.inputs.calib is None):
                 continue
             trial = Trial(step, Candidate(step.precision))
             try:
@@ -342,37 +333,10 @@ def _loss(trial: Trial) -> float:
     return 1 - min(m["cosine_similarity"] for m in acc["outputs"].values()) if acc.get("outputs") else float("inf")
 
 
-def fail_on(findings: list, profile: TargetProfile) -> None:
+def fail_on(findings: list[lint.Finding], profile: TargetProfile) -> None:
     errs = lint.errors(findings)
     if errs:
         err = UnsupportedOpError(f"{profile.name}: " + "; ".join(f.message for f in errs),
                                  hint="see `edgepack targets show " + profile.name + "` for what this target needs")
         err.findings = findings
         raise err
-
-
-def tensor_specs(rt, source, art: Artifact, back, sample: dict) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Manifest specs from the runtime (dtypes, quantization) with the source's resolved shapes
-    (outputs: as `sample` gives them); from the model file when no runtime here can run it."""
-    resolved = {s.name: s.shape for s in source.inputs}
-    if rt is None:
-        ins_info, outs_info = back.describe(art.path)
-        out_shapes = {t.name: tuple(max(d, 1) for d in t.shape) for t in outs_info}
-    else:
-        ins_info, outs_info = rt.inputs, rt.outputs
-        probe = rt.infer(sample, raw=True)
-        out_shapes = {k: v.shape for k, v in probe.items()}
-
-    def spec(t, shape) -> TensorSpec:
-        q = Quantization(t.scale, t.zero_point) if t.quantized else None
-        return TensorSpec(name=t.name, shape=tuple(shape), dtype=t.dtype, shape_signature=tuple(t.shape), quantization=q)
-
-    ins = tuple(spec(t, resolved.get(t.name, tuple(max(d, 1) for d in t.shape))) for t in ins_info)
-    outs = tuple(spec(t, out_shapes[t.name]) for t in outs_info)
-    return ins, outs
-
-
-def _has_flex(art: Artifact) -> bool:
-    from packager.formats.tflite_fb import ops_with_versions
-
-    return art.format.value == "tflite" and any(n.startswith("Flex") for n, _ in ops_with_versions(art.path.read_bytes()))

@@ -1,7 +1,8 @@
 """Host latency for the build, measured where it means something: in a child process that
 has only the device runtime loaded (`python -m edgeruntime.timing --serve`), never in the
 build process, whose TensorFlow thread pools and freshly-touched memory turn timings into
-noise. Candidates are timed against the fp32 model in interleaved rounds."""
+noise. Candidates are timed against the fp32 model in interleaved rounds, with the runtime
+settings their backend gives (Backend.host_spec)."""
 from __future__ import annotations
 
 import json
@@ -12,18 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeruntime.timing import ModelSpec, host_cores, threads_for
+from edgeruntime.timing import ModelSpec
 from edgebundle.errors import EdgepackError, RuntimeUnavailableError
-from targets import TargetProfile
 
-__all__ = ["HostTimer", "ModelSpec", "host_cores", "spec_for", "threads_for"]
-
-
-def spec_for(path: Path, profile: TargetProfile) -> ModelSpec:
-    """The device's runtime settings, on this host: accelerators it lacks are left out."""
-    return ModelSpec(path=str(path), format=profile.format.value, threads=threads_for(profile.threads),
-                     delegates=tuple(d for d in profile.delegates if d != "edgetpu"),
-                     providers=("CPUExecutionProvider",))
+__all__ = ["HostTimer"]
 
 
 class HostTimer:

@@ -2,7 +2,9 @@
 
 Built-in profiles live next to this file (`*.yaml`); users pass their own with
 `--target ./my-profile.yaml`. Every key is checked: an unknown key or a value
-outside the allowed set is an error naming the key and the allowed values.
+outside the allowed set is an error naming the key and the allowed values. What
+each format can do at all is its packager backend's to say: the packager hands it
+in as `can_do` (packager/profiles.py), since this layer sits below the packager.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from enum import Enum
 from pathlib import Path
+from typing import Callable
 
 from edgebundle.errors import ProfileError
 
@@ -43,11 +46,8 @@ class IOType(str, Enum):
     UINT8 = "uint8"
 
 
-# What each output format can do at all; a profile may narrow it further.
-FORMAT_PRECISIONS = {
-    Format.TFLITE: (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8, Precision.INT16X8),
-    Format.ONNX: (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8),
-}
+# The precisions a format can do at all (a profile may narrow them further).
+CanDo = Callable[[Format], tuple[Precision, ...]]
 FORMAT_RUNTIMES = {Format.TFLITE: ("litert",), Format.ONNX: ("onnxruntime",)}
 DELEGATES = ("xnnpack", "edgetpu")
 PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider",
@@ -112,8 +112,8 @@ def _choices(enum) -> str:
     return ", ".join(e.value for e in enum if e is not Precision.AUTO)
 
 
-def profile_from_dict(d: object, *, source: str) -> TargetProfile:
-    """Validate a parsed profile document and build the dataclass."""
+def profile_from_dict(d: object, *, source: str, can_do: CanDo | None = None) -> TargetProfile:
+    """Validate a parsed profile document and build the dataclass; with `can_do`, its precisions too."""
     if not isinstance(d, dict):
         raise ProfileError(f"profile {source}: expected a mapping of keys to values at the top level")
     allowed = {f.name for f in fields(TargetProfile)} - {"source"}
@@ -159,7 +159,7 @@ def profile_from_dict(d: object, *, source: str) -> TargetProfile:
                 raise ProfileError(f"profile {source}: {key!r} must be a string, not {value!r}")
             kw[key] = value
     profile = TargetProfile(source=source, **kw)
-    _check_consistency(profile)
+    _check_consistency(profile, can_do)
     return profile
 
 
@@ -174,9 +174,9 @@ def _enum(enum, key: str, value: object, source: str):
     return member
 
 
-def _check_consistency(p: TargetProfile) -> None:
+def _check_consistency(p: TargetProfile, can_do: CanDo | None) -> None:
     src = p.source
-    can = FORMAT_PRECISIONS[p.format]
+    can = can_do(p.format) if can_do is not None else p.precisions
     for prec in p.precisions:
         if prec not in can:
             raise ProfileError(
@@ -206,8 +206,8 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
 
 
-def load_profile(name_or_path: str) -> TargetProfile:
-    """Load a built-in profile by name, or a user's profile from a .yaml/.yml path."""
+def load_profile(name_or_path: str, *, can_do: CanDo | None = None) -> TargetProfile:
+    """Load a built-in profile by name, or a user's profile from a .yaml/.yml path (see profile_from_dict)."""
     import yaml  # packager dependency; the agent never loads profiles
 
     looks_like_path = name_or_path.endswith((".yaml", ".yml")) or "/" in name_or_path
@@ -225,4 +225,4 @@ def load_profile(name_or_path: str) -> TargetProfile:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ProfileError(f"profile {path}: not valid YAML ({e})") from None
-    return profile_from_dict(doc, source=str(path) if looks_like_path else f"builtin:{path.stem}")
+    return profile_from_dict(doc, source=str(path) if looks_like_path else f"builtin:{path.stem}", can_do=can_do)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from edgebundle.errors import CalibrationError, InputError
-from packager.candidates import Step, fallbacks, ladder
+from packager.candidates import Step
 from packager.evaluate import Gate, compare, judge, output_kind
-from packager.formats import sensitivity as sens
+from packager.formats import backend_for, sensitivity as sens
 from packager.sources import InputSpec, resolve_shapes
 from targets import Precision, load_profile
 
@@ -142,6 +142,14 @@ def test_threads_never_exceed_host_cores():
 
 
 # ---- the ladder ----
+
+def ladder(profile, asked):
+    return backend_for(profile).ladder(profile, asked)
+
+
+def fallbacks(profile, asked):
+    return backend_for(profile).fallbacks(profile, asked)
+
 
 def test_ladders_follow_the_profiles():
     labels = lambda steps: [s.label for s in steps]  # noqa: E731

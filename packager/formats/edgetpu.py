@@ -1,5 +1,10 @@
-"""The Coral Edge TPU: the op mapping lint, and edgetpu_compiler when it is on PATH (x86-64
-Debian/Ubuntu only); otherwise the exact command the user must run to finish a Coral bundle."""
+"""The Coral Edge TPU, a backend over TFLite for the profiles whose delegates name `edgetpu`.
+
+Everything the build knows about the Edge TPU lives here: full int8 with no node kept in float,
+8-bit I/O and the op mapping lint, the delegate this host cannot load (and so cannot time), the
+failed-gate hint naming the layers that lose the accuracy, and edgetpu_compiler when it is on
+PATH (x86-64 Debian/Ubuntu only); otherwise the exact command the user must run to finish a
+Coral bundle."""
 from __future__ import annotations
 
 import re
@@ -9,10 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgebundle.errors import ConversionError
+from packager.formats.tflite import TFLiteBackend
 from packager.lint import Finding, Level
-from targets import TargetProfile
+from packager.registry import Artifact, Finished, register
+from packager.sources import Source
+from packager.tflite_fb import ops_with_versions
+from targets import Precision, TargetProfile
 
 COMPILER = "edgetpu_compiler"
+DELEGATE = "edgetpu"
 # TFLite builtins the Edge TPU compiler can map (Coral's published supported-op table).
 EDGETPU_OPS = frozenset({
     "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS",
@@ -26,7 +36,7 @@ EDGETPU_OPS = frozenset({
 EDGETPU_MAX_VERSION = {"CONV_2D": 5, "EXP": 1}
 
 
-def lint(ops, inputs, outputs, profile: TargetProfile) -> list[Finding]:
+def lint_model(ops, inputs, outputs) -> list[Finding]:
     out = []
     for t in list(inputs) + list(outputs):
         if t.dtype not in ("int8", "uint8"):
@@ -91,3 +101,36 @@ def compile_model(model: Path, out_dir: Path, *, name: str, version: str) -> Com
     return CompileResult(compiled=True, model=compiled, version=ver and ver.group(1),
                          ops_on_tpu=on_tpu and int(on_tpu.group(1)), ops_on_cpu=on_cpu and int(on_cpu.group(1)),
                          op_table=table)
+
+
+@register
+class EdgeTPUBackend(TFLiteBackend):
+    delegate = DELEGATE
+    accelerators = (DELEGATE,)
+    mixed_ok = False  # a node kept in float runs on the CPU, and so does everything after it
+
+    def lint_source(self, source: Source, profile: TargetProfile) -> list[Finding]:
+        return [Finding(Level.WARNING, "edgetpu-io", f"input {s.name!r} is {s.dtype}; the Edge TPU maps only 8-bit "
+                                                     "tensors")
+                for s in source.inputs if s.dtype not in ("float32", "int8", "uint8")]
+
+    def lint(self, art: Artifact, profile: TargetProfile, *, allow_flex: bool, inputs, outputs) -> list[Finding]:
+        found = super().lint(art, profile, allow_flex=allow_flex, inputs=inputs, outputs=outputs)
+        return found + lint_model(ops_with_versions(art.path.read_bytes()), inputs, outputs)
+
+    def host_delegates(self, profile: TargetProfile) -> tuple[str, ...]:
+        return tuple(d for d in profile.delegates if d != DELEGATE)
+
+    def finish(self, art: Artifact, profile: TargetProfile, work: Path, *, name: str, version: str) -> Finished:
+        if not profile.edgetpu_compile:
+            return Finished(path=art.path, name=art.path.name, compiled=False)
+        tpu = compile_model(art.path, work, name=name, version=version)
+        if tpu.compiled:
+            return Finished(path=tpu.model, name="model_edgetpu.tflite", compile_report=tpu.to_dict(), compiled=True)
+        return Finished(path=art.path, name=art.path.name, compile_report=tpu.to_dict(), compiled=False,
+                        warnings=(tpu.instructions,))
+
+    def gate_hint(self, profile: TargetProfile, precision: Precision, *, lossy) -> str:
+        hint = super().gate_hint(profile, precision, lossy=lossy)
+        worst = lossy()[:5]
+        return f"where int8 loses the accuracy: {'; '.join(worst)}. {hint}" if worst else hint

@@ -1,6 +1,7 @@
 """ONNX output: one clean fp32 graph per build (tf2onnx for TensorFlow sources, the model
 itself for ONNX sources), then ONNX Runtime's quantizers. Static int8 calibrates once per
-build (ORT's calibration cache); candidates that keep nodes in float reuse the ranges."""
+build (ORT's calibration cache); candidates that keep nodes in float reuse the ranges. Its precisions,
+its `auto` ladder and the quantizer for each precision (MODES) live here."""
 from __future__ import annotations
 
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebundle.errors import ConversionError
+from packager.candidates import Step
 from packager.formats import onnx_graph
 from packager.formats.sensitivity import GraphView, Lowered, Op, fake_quant
 from packager.lint import Finding, Level
@@ -143,6 +145,11 @@ MODES = {Precision.FP16: _fp16, Precision.DYNAMIC: _dynamic, Precision.INT8: _in
 class OnnxBackend(Backend):
     format = Format.ONNX
     sources = ("savedmodel", "keras", "onnx")
+    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+    calibrated = (Precision.INT8,)
+    ladder_steps = (Step(Precision.INT8), Step(Precision.INT8, mixed=True), Step(Precision.FP16),
+                    Step(Precision.FP16, mixed=True), Step(Precision.FP32))
+    accelerators = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
     def fp32(self, ctx: ConvertContext) -> Path:
         import onnx
@@ -193,7 +200,7 @@ class OnnxBackend(Backend):
                     out.append(Finding(Level.ERROR, "dynamic-shape", f"input {vi.name!r} has dynamic dimensions"))
         return out
 
-    def gate_hint(self, profile: TargetProfile, precision: Precision) -> str:
+    def gate_hint(self, profile: TargetProfile, precision: Precision, *, lossy) -> str:
         return ("try per-channel quantization (--per-channel), another --calibration-method (entropy, percentile), "
                 "more representative calibration data, or --quantize fp16 (--quantize auto tries these for you)")
 

@@ -1,5 +1,6 @@
 """TFLite output: TFLiteConverter from a (static-shape) SavedModel, or a ready .tflite as is.
 Sources it does not read itself come through a registry.Bridge (ONNX: packager/formats/onnx_tflite.py).
+Its precisions, its `auto` ladder and the converter for each precision (MODES) live here.
 
 int8 candidates share one calibration pass: the converter calibrates once
 (`_experimental_calibrate_only`), and each int8 candidate (full, or with nodes kept in float)
@@ -15,11 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from edgebundle.errors import ConversionError, InputError, UnsupportedOpError
-from packager.formats import edgetpu
+from packager.candidates import Step
 from packager.formats.sensitivity import GraphView, Lowered, Op, fake_quant
-from packager.formats.tflite_fb import describe_flatbuffer, detect_precision, ops_with_versions
 from packager.lint import Finding, Level
-from packager.registry import Artifact, Backend, ConvertContext, Finished, bridge, register
+from packager.registry import Artifact, Backend, ConvertContext, bridge, register
+from packager.sources import Source, SourceKind
+from packager.tflite_fb import describe_flatbuffer, detect_precision, ops_with_versions
 from targets import Format, IOType, Precision, TargetProfile
 
 _FLEX = re.compile(r"TF Select ops:\s*([^\n]+)")
@@ -155,12 +157,47 @@ def _conversion_error(e: Exception, ctx: ConvertContext) -> ConversionError:
 class TFLiteBackend(Backend):
     format = Format.TFLITE
     sources = ("savedmodel", "keras", "tflite")
+    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8, Precision.INT16X8)
+    calibrated = (Precision.INT8, Precision.INT16X8)
+    ladder_steps = (Step(Precision.INT8), Step(Precision.INT8, mixed=True), Step(Precision.INT16X8),
+                    Step(Precision.FP16), Step(Precision.FP32))
+
+    def skip(self, step: Step, slower: frozenset[Precision]) -> str | None:
+        if step.precision is Precision.INT16X8 and Precision.INT8 in slower:
+            return "int8 was already slower than fp32 here, and int16x8 kernels are slower than int8"
+        return None
+
+    def packages_as_is(self, source: Source) -> bool:
+        return source.kind is SourceKind.TFLITE
+
+    def plan(self, source: Source, profile: TargetProfile, asked: Precision) -> tuple[Step, ...]:
+        """A ready .tflite is packaged as it is: its own precision is the only candidate."""
+        if not self.packages_as_is(source):
+            return super().plan(source, profile, asked)
+        if source.edgetpu_compiled:
+            raise InputError(f"{source.path.name} is already compiled for the Edge TPU; edgepack cannot validate it "
+                             "here", hint="build from the uncompiled int8 model on a host with edgetpu_compiler on "
+                                          "PATH: edgepack compiles it and validates the int8 model it came from")
+        detected = detect_precision(source.data)
+        if detected not in profile.precisions:
+            raise InputError(f"{source.path.name} is a {detected.value} TFLite model and {profile.name} runs only "
+                             f"{', '.join(x.value for x in profile.precisions)}; edgepack cannot re-quantize a .tflite",
+                             hint="build from the original SavedModel/Keras model, which edgepack can quantize")
+        if asked not in (Precision.AUTO, detected):
+            raise InputError(
+                f"{source.path.name} is already a {detected.value} TFLite model; edgepack cannot re-quantize "
+                f"a .tflite to {asked.value}",
+                hint="use --quantize auto to package it as is, or build from the original SavedModel/Keras model")
+        return (Step(detected),)
+
+    def needs_flex(self, art: Artifact) -> bool:
+        return any(n.startswith("Flex") for n, _ in ops_with_versions(art.path.read_bytes()))
 
     def fp32(self, ctx: ConvertContext) -> Path:
         cache = ctx.cache
         if Format.TFLITE not in cache.fp32:
             out = cache.path("fp32.tflite")
-            if ctx.source.kind.value == "tflite":
+            if self.packages_as_is(ctx.source):
                 shutil.copyfile(ctx.source.path, out)
             else:
                 out.write_bytes(_run(_converter(ctx), ctx))
@@ -170,7 +207,7 @@ class TFLiteBackend(Backend):
     def convert(self, ctx: ConvertContext) -> Artifact:
         out = ctx.out_dir / "model.tflite"
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        if ctx.source.kind.value == "tflite":
+        if self.packages_as_is(ctx.source):
             return self._as_is(ctx, out)
         if ctx.precision is Precision.FP32:
             shutil.copyfile(self.fp32(ctx), out)
@@ -209,20 +246,9 @@ class TFLiteBackend(Backend):
                 if any(d < 0 for d in (t.shape_signature or ())):
                     out.append(Finding(Level.ERROR, "dynamic-shape", f"{t.name!r} has dynamic shape "
                                        f"{t.shape_signature}; {profile.name} needs static shapes"))
-        if "edgetpu" in profile.delegates:
-            out += edgetpu.lint(ops, inputs, outputs, profile)
         return out
 
-    def finish(self, art: Artifact, profile: TargetProfile, work: Path, *, name: str, version: str) -> Finished:
-        if not ("edgetpu" in profile.delegates and profile.edgetpu_compile):
-            return Finished(path=art.path, name=art.path.name)
-        tpu = edgetpu.compile_model(art.path, work, name=name, version=version)
-        if tpu.compiled:
-            return Finished(path=tpu.model, name="model_edgetpu.tflite", compile_report=tpu.to_dict())
-        return Finished(path=art.path, name=art.path.name, compile_report=tpu.to_dict(),
-                        warnings=(tpu.instructions,))
-
-    def gate_hint(self, profile: TargetProfile, precision: Precision) -> str:
+    def gate_hint(self, profile: TargetProfile, precision: Precision, *, lossy) -> str:
         return ("try more representative calibration data (--calibration-samples 500), --quantize int16x8 or fp16, "
                 "or keep sensitive layers in float (--quantize auto does this for you)")
 

@@ -1,0 +1,84 @@
+"""What one build is given: the user's BuildOptions (with a DeviceTarget for --profile-on), and,
+once the model and data are loaded, the BuildInputs every target of the build reads."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from edgebundle.errors import InputError
+from edgeproto.broker import BrokerConfig
+from edgeproto.jobs import BenchSettings
+from packager.cache import BuildCache
+from packager.candidates import Search
+from packager.data import Dataset, ImagePreprocessing
+from packager.evaluate import Gate
+from packager.sources import Source
+from targets import CalibrationMethod, Precision
+
+Progress = Callable[[str], None]
+# (probe bundles, the DeviceTarget, the signing key) -> each bundle's profile-job figures
+Profiler = Callable[[list[Path], "DeviceTarget", "Path | None"], list[dict]]
+
+
+@dataclass(frozen=True)
+class DeviceTarget:
+    """Which device measures, through which broker, for how long per bundle."""
+
+    device: str
+    broker: BrokerConfig
+    bench: BenchSettings = field(default_factory=lambda: BenchSettings(runs=200, warmup=5, max_seconds=5.0))
+    timeout_s: float = 300.0
+    profiler: Profiler | None = None  # runs the profile jobs (fleet.profile, wired in by edgepack.cli)
+
+    def __post_init__(self):
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", self.device or ""):
+            raise InputError(f"--profile-on {self.device!r} is not a device id (1-64 letters, digits, '.', '_', '-')")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    model: Path
+    targets: tuple[str, ...]
+    out_dir: Path
+    precision: Precision = Precision.AUTO
+    search: Search = Search.FIRST
+    calibration: str | None = None  # path or "random"
+    calibration_samples: int = 200
+    validation: str | None = None
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    accuracy_gate: bool = True
+    max_accuracy_drop: float = 1.0  # points (accuracy with labels, else top-1 agreement)
+    min_similarity: float = 0.99  # cosine, for outputs that are not class scores
+    allow_flex: bool = False
+    name: str | None = None
+    version: str = "1.0.0"
+    opset: int = 17
+    per_channel: bool | None = None  # None = the profile's choice
+    calibration_method: CalibrationMethod | None = None
+    image_prep: ImagePreprocessing = ImagePreprocessing()
+    labels: Path | None = None
+    bench_seconds: float = 2.0  # time budget of each interleaved candidate-vs-fp32 timing
+    bench_runs: int = 400  # most interleaved rounds per timing
+    sign_key: Path | None = None  # Ed25519 private key: bundles are written signed
+    profile_on: DeviceTarget | None = None  # the device whose timings decide the speed gate
+
+    @property
+    def gate(self) -> Gate:
+        return Gate(enabled=self.accuracy_gate, max_drop=self.max_accuracy_drop, min_similarity=self.min_similarity)
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """What every target of one build reads: loaded once, before any target converts."""
+
+    opts: BuildOptions
+    name: str  # the bundles' name
+    source: Source
+    calib: Dataset | None
+    valid: Dataset
+    reference: list[dict]  # the source's outputs on each validation sample
+    cache: BuildCache
+    progress: Progress
+    signer: Callable[[bytes], bytes] | None
