@@ -11,11 +11,12 @@ where a controller stands, and any controller continues from there (`rollout res
       │           │            │                    the group's record, status DONE
       │           └────────────┴──► ROLLING_BACK ──► ROLLED_BACK ──► status STOPPED
       └ (baseline telemetry heard first; the wave's records sent once UPDATING is saved)
-   Before each step, and while waiting in one (not once a wave is going back), a retained control
-   request: "pause" ──► status PAUSED (resume continues at the same wave and state);
+   Before PENDING, UPDATING and SOAKING, and while they wait, a retained control request:
+   "pause" ──► status PAUSED (resume continues at the same wave and state);
    "abort" ──► status ABORTED (the devices it switched go back, unless --keep).
    Resume edges: UPDATING follows the devices' retained status (events are not retained);
-   SOAKING soaks again from the start (telemetry is not retained); ROLLING_BACK sends back again.
+   SOAKING soaks again from the start (telemetry is not retained); ROLLING_BACK sends back again;
+   ROLLED_BACK (the controller died before saving STOPPED) stops.
 
 Each handler returns the wave's next state; the loop saves the record when it changes (a handler
 saves earlier where the order matters). Mechanics, all over the existing protocol (agents need
@@ -50,7 +51,9 @@ from fleet.rollout_plan import plan, prepared
 from fleet.rollout_state import ACTIVE, RolloutRecord, RolloutSettings, RolloutStatus, Wave, WaveState, check_id
 
 Say = Callable[[str], None]
-GOING_BACK = (WaveState.ROLLING_BACK.value, WaveState.ROLLED_BACK.value)
+# a pause or abort request is acted on before these steps (and while they wait), not once a wave
+# has passed (the next one comes first) or is going back (that finishes first)
+CONTROL_POINTS = (WaveState.PENDING.value, WaveState.UPDATING.value, WaveState.SOAKING.value)
 
 
 def _window(tel: TelemetryWindow, paths: list[str]) -> Window:
@@ -127,7 +130,7 @@ class Controller:
                 self._finish(r)
                 break
             w = r.waves[r.current]
-            if w.state not in GOING_BACK and self._control_requested():
+            if w.state in CONTROL_POINTS and self._control_requested():
                 break
             nxt = self._handlers[WaveState(w.state)](r, w)
             if nxt.value != w.state:
