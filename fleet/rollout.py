@@ -427,8 +427,10 @@ def status(broker: BrokerConfig, rollout_id: str | None = None, *, listen_s: flo
         msgs = list(conn.messages)
     finally:
         conn.stop()
-    out = {}
-    for _t, payload in msgs:
+    out, head = {}, topics.rollout("")
+    for topic, payload in msgs:
+        if not topic.startswith(head) or "/" in topic[len(head):]:  # some brokers hand out other retained topics
+            continue
         doc = parse_json(payload)
         if isinstance(doc, dict) and doc.get("schema"):
             try:
