@@ -3,235 +3,120 @@ wave's devices (update failures, and model KPIs from telemetry against each devi
 pre-update readings). A failing gate stops the rollout: the wave goes back to the previous
 version, the rest of the group is never touched.
 
-Mechanics, all over the existing protocol (agents need nothing new): a wave's devices get
-per-device desired records (device beats group); a failed wave's devices that switched get a
-per-device record for the previous version (allow_downgrade); at the end the group's record
-holds the new version and the per-device records are cleared (devices joining later get it).
-The rollout record is retained (fleet.rollout_state); one controller drives it at a time, holding
-a lease that it renews; a controller that dies leaves the lease to expire and `resume` goes on."""
+The rollout record (fleet.rollout_state) is retained; its status and the current wave's state say
+where a controller stands, and any controller continues from there (`rollout resume`):
+
+   status RUNNING, the current wave (record.waves[current]) in:
+   PENDING ──► UPDATING ──► SOAKING ──► PASSED ──► the next wave's PENDING; after the last wave:
+      │           │            │                    the group's record, status DONE
+      │           └────────────┴──► ROLLING_BACK ──► ROLLED_BACK ──► status STOPPED
+      └ (baseline telemetry heard first; the wave's records sent once UPDATING is saved)
+   Before PENDING, UPDATING and SOAKING, and while they wait, a retained control request:
+   "pause" ──► status PAUSED (resume continues at the same wave and state);
+   "abort" ──► status ABORTED (the devices it switched go back, unless --keep).
+   Resume edges: UPDATING follows the devices' retained status (events are not retained);
+   SOAKING soaks again from the start (telemetry is not retained); ROLLING_BACK sends back again;
+   ROLLED_BACK (the controller died before saving STOPPED) stops.
+
+Each handler returns the wave's next state; the loop saves the record when it changes (a handler
+saves earlier where the order matters). Mechanics, all over the existing protocol (agents need
+nothing new): a wave's devices get per-device desired records (device beats group); a failed
+wave's devices that switched get a per-device record for the previous version (allow_downgrade);
+at the end the group's record holds the new version and the per-device records are cleared
+(devices joining later get it). One controller drives a rollout at a time, holding a lease
+(fleet.rollout_lease). The MQTT client and the clock are injected (fleet.rollout_link): tests
+drive every transition over an in-memory broker."""
 from __future__ import annotations
 
-import collections
 import socket
-import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+from edgebundle.archive import open_bundle
+from edgebundle.trust import parse_time
 from edgeproto.broker import BrokerConfig
-from edgeproto.desired import parse_transfer
-from edgeproto.mqtt import dumps
-from edgeproto.records import FINAL_STATES, TelemetryWindow
+from edgeproto.records import TelemetryWindow
 from edgeproto.topics import Topics
 from fleet.conn import Collector, parse_json
 from fleet.errors import RolloutError, RolloutStopped
 from fleet.gates import Window, baseline_p95, judge_device, judge_wave, plan_waves
-from fleet.push import (Prepared, Signer, interface_warnings, make_record, prepare, publish_chunks,
-                        publish_record)
-from fleet.rollout_state import (ACTIVE, RolloutRecord, RolloutSettings, RolloutStatus, Wave, WaveState,
-                                 check_id)
-from fleet.status import FleetTable
+from fleet.push import Prepared, Signer, make_record, publish_record
+from fleet.rollout_lease import Lease
+from fleet.rollout_link import Client, Clock, Inbox, publish_retained
+from fleet.rollout_plan import plan, prepared
+from fleet.rollout_state import ACTIVE, RolloutRecord, RolloutSettings, RolloutStatus, Wave, WaveState, check_id
 
 Say = Callable[[str], None]
-HISTORY = 32  # telemetry windows kept per device
+# a pause or abort request is acted on before these steps (and while they wait), not once a wave
+# has passed (the next one comes first) or is going back (that finishes first)
+CONTROL_POINTS = (WaveState.PENDING.value, WaveState.UPDATING.value, WaveState.SOAKING.value)
 
 
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _bundle_dict(p: Prepared) -> dict:
-    return {"name": p.name, "version": p.version, "sha256": p.sha256, "size": p.size, "interface": p.interface,
-            "transfer": p.transfer.to_dict(), "bundle_signature": p.bundle_signature}
-
-
-def _prepared(d: dict) -> Prepared:
-    return Prepared(path=Path("-"), name=d["name"], version=d["version"], sha256=d["sha256"], size=d["size"],
-                    transfer=parse_transfer(d["transfer"], sha256=d["sha256"], size=d["size"]),
-                    interface=d.get("interface") or "", bundle_signature=d.get("bundle_signature"))
+def _window(tel: TelemetryWindow, paths: list[str]) -> Window:
+    return Window(count=tel.count, errors=tel.errors, nonfinite=tel.nonfinite, p95_ms=tel.p95_ms,
+                  fields={g: tel.value(g) for g in paths})
 
 
 class Controller:
-    """One connection that watches status, telemetry, events and the rollout's own topics, and
-    drives one rollout. Use start() for a new rollout, or resume(); both return the final record
-    or raise RolloutStopped when a gate stopped it."""
+    """Drives one rollout through an injected MQTT client and clock; `inbox` keeps what arrives on
+    the connection (its owner feeds it). create() then run(); or resume(); or request()."""
 
-    def __init__(self, broker: BrokerConfig, rollout_id: str, *, signer: Signer = Signer(), say: Say = lambda _m: None,
-                 holder: str | None = None, mono: Callable[[], float] = time.monotonic):
-        self.broker, self.id, self.signer, self.say, self.mono = broker, check_id(rollout_id), signer, say, mono
-        self.topics = Topics(broker.topic_prefix)
+    def __init__(self, client: Client, inbox: Inbox, *, signer: Signer = Signer(), say: Say = lambda _m: None,
+                 holder: str | None = None, clock: Clock = Clock()):
+        self.client, self.inbox, self.clock, self.signer, self.say = client, inbox, clock, signer, say
+        self.id, self.topics = inbox.id, inbox.topics
         self.holder = holder or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-        self.table = FleetTable(self.topics)
-        self._lock = threading.Lock()
-        self.windows: dict[str, collections.deque] = {}  # device -> (received mono, version, Window)
-        self.outcomes: dict[str, dict[str, str]] = {}  # update_id -> device -> final state
-        self.remote: dict | None = None
-        self.lease: dict | None = None
-        self.control: dict | None = None
-        self.group_desired: dict | None = None
-        self._group_topic: str | None = None
-        self._lease_renewed = 0.0
+        self.lease = Lease(client, inbox, holder=self.holder, clock=clock, say=say)
         self.record: RolloutRecord | None = None
-        self.connected_at = mono()
-        subs = [self.topics.status(), self.topics.telemetry(), self.topics.events(), self.topics.rollout(self.id),
-                self.topics.rollout_lease(self.id), self.topics.rollout_control(self.id)]
-        self.conn = Collector(broker, subs, name=f"rollout-{self.id}"[:40], on_message=self._on)
+        self.settings: RolloutSettings | None = None  # the record's, once there is one
+        self.listening_since = clock.mono()  # telemetry heard from then on makes the baselines
+        self._handlers = {WaveState.PENDING: self._start_wave, WaveState.UPDATING: self._updating,
+                          WaveState.SOAKING: self._soaking, WaveState.PASSED: self._passed,
+                          WaveState.ROLLING_BACK: self._rolling_back, WaveState.ROLLED_BACK: self._rolled_back}
 
-    # ---- what arrives ----
-    def _on(self, topic: str, payload: bytes) -> None:
-        t = self.topics
-        if topic == t.rollout(self.id):
-            self.remote = parse_json(payload)
-        elif topic == t.rollout_lease(self.id):
-            self.lease = parse_json(payload)
-        elif topic == t.rollout_control(self.id):
-            self.control = parse_json(payload)
-        elif topic == self._group_topic:
-            self.group_desired = parse_json(payload)
-        else:
-            dev = self.table.feed(topic, payload)
-            hit = t.parse_device(topic)
-            if dev is None or hit is None:
-                if hit and hit[1] == "events":
-                    self._event(hit[0], payload)
-                return
-            if hit[1] == "telemetry":
-                tel = TelemetryWindow.from_dict(dev, parse_json(payload))
-                w = Window(count=tel.count, errors=tel.errors, nonfinite=tel.nonfinite, p95_ms=tel.p95_ms,
-                           fields={g: tel.value(g) for g in self._field_paths()})
-                with self._lock:
-                    self.windows.setdefault(dev, collections.deque(maxlen=HISTORY)).append(
-                        (self.mono(), tel.model_version, w))
-            elif hit[1] == "status":
-                e = self.table.get(dev)
-                u = e.status.update if e else None
-                if u and u.update_id and u.state in FINAL_STATES:
-                    with self._lock:
-                        self.outcomes.setdefault(u.update_id, {})[dev] = u.state
-
-    def _event(self, dev: str, payload: bytes) -> None:
-        doc = parse_json(payload)
-        if isinstance(doc, dict) and doc.get("state") in FINAL_STATES and isinstance(doc.get("update_id"), str):
-            with self._lock:
-                self.outcomes.setdefault(doc["update_id"], {})[dev] = doc["state"]
-
-    def _field_paths(self) -> list[str]:
-        r = self.record
-        return [g.path for g in r.settings_obj.gates.fields] if r is not None else []
-
-    # ---- lease and record ----
-    def _publish(self, topic: str, doc: dict | None) -> None:
-        if not self.conn.client.publish_wait(topic, dumps(doc) if doc is not None else b"", qos=1, retain=True,
-                                             timeout=30):
-            raise RolloutError(f"the broker did not acknowledge {topic}")
+    # ---- the record ----
+    def _use(self, record: RolloutRecord) -> RolloutRecord:
+        self.record, self.settings = record, record.parsed_settings
+        return record
 
     def save(self) -> None:
         r = self.record
-        r.updated, r.controller = time.time(), self.holder
-        self._publish(self.topics.rollout(self.id), r.to_dict())
-
-    def acquire(self, *, wait_s: float) -> None:
-        """Take the lease: free, expired, or ours. Waits up to `wait_s` for a dead controller's lease
-        to expire. Retained messages carry no compare-and-set: after writing, the lease is read back
-        once more so that two controllers starting together see one winner."""
-        deadline = self.mono() + wait_s
-        ttl = self.record.settings_obj.lease_s if self.record else 30.0
-        time.sleep(0.3)  # the retained lease follows the SUBACK
-        while True:
-            cur = self.lease
-            if not cur or cur.get("holder") == self.holder or float(cur.get("expires", 0)) < time.time():
-                self._publish(self.topics.rollout_lease(self.id), {"holder": self.holder, "expires": time.time() + ttl})
-                time.sleep(0.5)
-                if (self.lease or {}).get("holder") == self.holder:
-                    self._lease_renewed = self.mono()
-                    return
-            left = float((self.lease or {}).get("expires", 0)) - time.time()
-            if self.mono() > deadline:
-                raise RolloutError(f"rollout {self.id} is driven by {(self.lease or {}).get('holder')} (lease for "
-                                   f"another {max(left, 0):.0f} s)",
-                                   hint="a controller that died leaves its lease to expire; run resume again then")
-            self.say(f"waiting for the lease of {(self.lease or {}).get('holder')} to expire ({max(left, 0):.0f} s)")
-            time.sleep(min(max(left, 0.5), 2.0))
-
-    def _renew(self) -> None:
-        ttl = self.record.settings_obj.lease_s
-        if self.mono() - self._lease_renewed >= ttl / 3:
-            holder = (self.lease or {}).get("holder")
-            if holder not in (None, self.holder) and float(self.lease.get("expires", 0)) > time.time():
-                raise RolloutError(f"rollout {self.id}: the lease was taken over by {holder}; this controller stops")
-            self._publish(self.topics.rollout_lease(self.id), {"holder": self.holder, "expires": time.time() + ttl})
-            self._lease_renewed = self.mono()
-
-    def release(self) -> None:
-        try:
-            if (self.lease or {}).get("holder") == self.holder:
-                self._publish(self.topics.rollout_lease(self.id), None)
-        finally:
-            self.conn.stop()
+        r.updated, r.controller = self.clock.wall(), self.holder
+        publish_retained(self.client, self.topics.rollout(self.id), r.to_dict())
 
     def load(self, *, timeout: float = 5.0) -> RolloutRecord:
-        deadline = self.mono() + timeout
-        while self.remote is None and self.mono() < deadline:
-            time.sleep(0.05)
-        if self.remote is None:
+        deadline = self.clock.mono() + timeout
+        while self.inbox.record is None and self.clock.mono() < deadline:
+            self.clock.sleep(0.05)
+        if self.inbox.record is None:
             raise RolloutError(f"no rollout {self.id!r} on the broker", hint="list them with: edgepack rollout status")
-        self.record = RolloutRecord.from_dict(self.remote)
-        return self.record
+        return self._use(RolloutRecord.from_dict(self.inbox.record))
+
+    def _watch_group(self, group: str) -> None:
+        if self.inbox.group_topic is None:
+            self.inbox.group_topic = self.topics.group_desired(group)
+            self.client.subscribe_wait(self.inbox.group_topic)
 
     # ---- start ----
     def create(self, bundle: Path, *, group: str, settings: RolloutSettings, previous_bundle: Path | None = None,
                chunk_size: int = 1 << 20, settle_s: float = 5.0) -> RolloutRecord:
-        """Plan the waves from the group's devices (their retained status), publish the chunks,
-        and write the record. Nothing is sent to any device yet."""
-        self._group_topic = self.topics.group_desired(group)
-        self.conn.client.subscribe_wait(self._group_topic)
-        self._settle(settle_s)
-        if self.remote is not None and self.remote.get("status") in [s.value for s in ACTIVE]:
-            raise RolloutError(f"rollout {self.id} exists and is {self.remote.get('status')}",
-                               hint=f"edgepack rollout resume {self.id}, or abort it first")
-        devices = sorted(e.status.device_id for e in self.table.entries(group=group))
-        if not devices:
-            raise RolloutError(f"no device of group {group!r} has reported a status",
-                               hint="check the group name and that the devices are connected")
-        p = prepare(bundle, self.topics, chunk_size=chunk_size)
-        prev = self._previous(p, group, previous_bundle, chunk_size)
-        waves = plan_waves(devices, settings.waves)
-        for msg in interface_warnings(self.table, p, devices=devices, allowed=settings.allow_interface_change):
-            self.say(f"warning: {msg}")
-        publish_chunks(self.conn.client, p)
-        self.record = RolloutRecord(id=self.id, group=group, bundle=_bundle_dict(p), previous=prev,
-                                    settings=settings.to_dict(), waves=[Wave(devices=w) for w in waves])
-        self.acquire(wait_s=0)
-        self._publish(self.topics.rollout_control(self.id), None)
+        """Plan the rollout (fleet.rollout_plan), take the lease and write the record. Nothing is
+        sent to any device yet."""
+        self._watch_group(group)
+        r = self._use(plan(bundle, inbox=self.inbox, client=self.client, clock=self.clock, say=self.say, group=group,
+                           settings=settings, previous_bundle=previous_bundle, chunk_size=chunk_size,
+                           settle_s=settle_s))
+        self.lease.acquire(ttl=settings.lease_s, wait_s=0)
+        publish_retained(self.client, self.topics.rollout_control(self.id), None)
         self.save()
-        self.say(f"rollout {self.id}: {p.name} {p.version} to {len(devices)} device(s) of {group} in waves of "
-                 f"{[len(w) for w in waves]}")
-        return self.record
-
-    def _previous(self, p: Prepared, group: str, previous_bundle: Path | None, chunk_size: int) -> dict:
-        if previous_bundle is not None:
-            prev = prepare(previous_bundle, self.topics, chunk_size=chunk_size)
-            publish_chunks(self.conn.client, prev)
-            return _bundle_dict(prev)
-        g = self.group_desired
-        if isinstance(g, dict) and g.get("sha256") and g.get("sha256") != p.sha256:
-            return {k: g.get(k) for k in ("name", "version", "sha256", "size", "transfer")} | {
-                "interface": None, "bundle_signature": g.get("signature")}
-        if isinstance(g, dict) and g.get("sha256") == p.sha256:
-            raise RolloutError(f"group {group!r} already has {p.name} {p.version} as its desired model")
-        raise RolloutError(f"group {group!r} has no desired record to go back to if a wave fails",
-                           hint="pass --previous BUNDLE (the bundle the group runs now)")
-
-    def _settle(self, max_s: float) -> None:
-        deadline, last, seen = self.mono() + max_s, self.mono(), self.table.version
-        while self.mono() < deadline:
-            time.sleep(0.05)
-            if self.table.version != seen:
-                seen, last = self.table.version, self.mono()
-            elif self.mono() - last >= 0.3:
-                return
+        sizes = [len(w.devices) for w in r.waves]
+        self.say(f"rollout {self.id}: {r.bundle['name']} {r.bundle['version']} to {sum(sizes)} device(s) of {group} "
+                 f"in waves of {sizes}")
+        return r
 
     # ---- drive ----
     def run(self) -> RolloutRecord:
@@ -239,189 +124,182 @@ class Controller:
         r = self.record
         if r.status == RolloutStatus.PAUSED.value:
             r.status = RolloutStatus.RUNNING.value
-        if self._group_topic is None:
-            self._group_topic = self.topics.group_desired(r.group)
-            self.conn.client.subscribe_wait(self._group_topic)
-        s = r.settings_obj
-        while r.current < len(r.waves):
+        self._watch_group(r.group)
+        while r.status == RolloutStatus.RUNNING.value:
+            if r.current >= len(r.waves):
+                self._finish(r)
+                break
             w = r.waves[r.current]
-            if self._control_requested():
-                return r
-            if w.state == WaveState.PENDING.value:
-                self._start_wave(r, w, s)
-            if w.state == WaveState.UPDATING.value:
-                if not self._wait_updates(r, w, s):
-                    return r
-            if w.state == WaveState.SOAKING.value:
-                if not self._soak(r, w, s):
-                    return r
-            if w.state == WaveState.ROLLING_BACK.value:
-                self._rollback_wave(r, w, s)
-                return self._stop(r, RolloutStatus.STOPPED, r.reason or "a gate failed")
-            if w.state == WaveState.PASSED.value:
-                r.current += 1
-                self.save()
-        self._finish(r, s)
+            if w.state in CONTROL_POINTS and self._control_requested():
+                break
+            nxt = self._handlers[WaveState(w.state)](r, w)
+            if nxt.value != w.state:
+                self._enter(w, nxt)
         return r
 
-    def _start_wave(self, r: RolloutRecord, w: Wave, s: RolloutSettings) -> None:
-        n = r.current + 1
-        left = s.baseline_s - (self.mono() - self.connected_at)
+    def _enter(self, w: Wave, state: WaveState) -> None:
+        w.state = state.value
+        self.save()
+
+    def _start_wave(self, r: RolloutRecord, w: Wave) -> WaveState:
+        s, n = self.settings, r.current + 1
+        left = s.baseline_s - (self.clock.mono() - self.listening_since)
         if left > 0:  # each device's own p95 before the update needs some telemetry
             self.say(f"wave {n}: listening {left:.0f} s for pre-update telemetry")
-            self._sleep(left)
+            self._wait(left)
         version = r.bundle["version"]
-        with self._lock:
-            for dev in w.devices:
-                pre = [win for _t, v, win in self.windows.get(dev, ()) if v != version]
-                r.baseline[dev] = baseline_p95(pre[-10:])
-        w.update_id, w.started, w.state = f"{r.id}-w{n}", time.time(), WaveState.UPDATING.value
-        self.save()  # before the records: a controller killed now resumes by re-sending them
-        p, issued = _prepared(r.bundle), _now_iso()
         for dev in w.devices:
-            target = f"devices/{dev}"
-            doc = make_record(p, target=target, update_id=w.update_id, issued=issued, signer=self.signer,
-                              allow_interface_change=s.allow_interface_change, probation=s.probation)
-            publish_record(self.conn.client, self.topics.target_desired(target), doc)
+            pre = [_window(tel, []) for _t, v, tel in self.inbox.telemetry(dev) if v != version]
+            r.baseline[dev] = baseline_p95(pre[-10:])
+        w.update_id, w.started = f"{r.id}-w{n}", self.clock.wall()
+        self._enter(w, WaveState.UPDATING)  # saved before the records go out
+        self._send(prepared(r.bundle), w.devices, w.update_id, allow_interface_change=s.allow_interface_change)
         self.say(f"wave {n}: {len(w.devices)} device(s) updating to {version}")
+        return WaveState.UPDATING
 
-    def _wait_updates(self, r: RolloutRecord, w: Wave, s: RolloutSettings) -> bool:
-        n, t0 = r.current + 1, self.mono()
-        deadline = t0 + max(s.wave_timeout_s - (time.time() - (w.started or time.time())), 0)
+    def _updating(self, r: RolloutRecord, w: Wave) -> WaveState:
+        """Until every device of the wave reached a final state, too many failed, or the wave timed out."""
+        s, n, t0 = self.settings, r.current + 1, self.clock.mono()
+        deadline = t0 + max(s.wave_timeout_s - (self.clock.wall() - (w.started or self.clock.wall())), 0)
         allowed = s.gates.allowed_failures(len(w.devices))
         while True:
-            with self._lock:
-                got = dict(self.outcomes.get(w.update_id, {}))
+            got = self.inbox.outcomes(w.update_id)
             w.outcomes = {d: got[d] for d in w.devices if d in got}
-            bad = [d for d, o in w.outcomes.items() if o != "committed"]
-            if len(bad) > allowed:
-                return self._fail(r, w, f"wave {n}: {len(bad)} device(s) did not update ("
-                                  + ", ".join(f"{d}: {w.outcomes[d]}" for d in sorted(bad)[:5]) + f"; at most {allowed})")
-            if len(w.outcomes) == len(w.devices) or self.mono() > deadline:
+            if len(_failed(w)) > allowed:
+                return self._stopping(r, f"wave {n}: {_failures(w, allowed, 'did not update')}")
+            if len(w.outcomes) == len(w.devices) or self.clock.mono() > deadline:
                 break
             if self._control_requested():
-                return False
-            self._renew()
-            time.sleep(0.2)
+                return WaveState.UPDATING
+            self.lease.renew()
+            self.clock.sleep(0.2)
         for d in w.devices:
             w.outcomes.setdefault(d, "timed_out")
-        w.times["update_s"] = round(self.mono() - t0, 2)
-        bad = [d for d, o in w.outcomes.items() if o != "committed"]
-        if len(bad) > allowed:
-            return self._fail(r, w, f"wave {n}: {len(bad)} device(s) did not update in time or failed ("
-                              + ", ".join(f"{d}: {w.outcomes[d]}" for d in sorted(bad)[:5]) + f"; at most {allowed})")
-        w.state = WaveState.SOAKING.value
-        self.save()
-        return True
+        w.times["update_s"] = round(self.clock.mono() - t0, 2)
+        if len(_failed(w)) > allowed:
+            return self._stopping(r, f"wave {n}: {_failures(w, allowed, 'did not update in time or failed')}")
+        return WaveState.SOAKING
 
-    def _soak(self, r: RolloutRecord, w: Wave, s: RolloutSettings) -> bool:
+    def _soaking(self, r: RolloutRecord, w: Wave) -> WaveState:
         """Soak from now (a resumed controller soaks the wave again: telemetry is not retained)."""
-        n, start = r.current + 1, self.mono()
+        s, n, start = self.settings, r.current + 1, self.clock.mono()
         self.say(f"wave {n}: soaking {s.soak_s:.0f} s")
-        while self.mono() - start < s.soak_s:
+        while self.clock.mono() - start < s.soak_s:
             if self._control_requested():
-                return False
-            self._renew()
-            time.sleep(min(0.5, max(s.soak_s - (self.mono() - start), 0.01)))
-        version = r.bundle["version"]
-        with self._lock:
-            for dev in w.devices:
-                wins = [win for t, v, win in self.windows.get(dev, ()) if v == version and t >= start]
-                w.readings[dev] = judge_device(outcome=w.outcomes.get(dev), baseline=r.baseline.get(dev),
-                                               windows=wins, gates=s.gates)
-        w.times["soak_s"] = round(self.mono() - start, 2)
-        ok, summary = judge_wave(w.readings, s.gates)
-        w.summary = summary
+                return WaveState.SOAKING
+            self.lease.renew()
+            self.clock.sleep(min(0.5, max(s.soak_s - (self.clock.mono() - start), 0.01)))
+        version, paths = r.bundle["version"], [g.path for g in s.gates.fields]
+        for dev in w.devices:
+            wins = [_window(tel, paths) for t, v, tel in self.inbox.telemetry(dev) if v == version and t >= start]
+            w.readings[dev] = judge_device(outcome=w.outcomes.get(dev), baseline=r.baseline.get(dev), windows=wins,
+                                           gates=s.gates)
+        w.times["soak_s"] = round(self.clock.mono() - start, 2)
+        ok, w.summary = judge_wave(w.readings, s.gates)
         if not ok:
-            return self._fail(r, w, f"wave {n}: {summary}")
-        w.state = WaveState.PASSED.value
-        self.save()
-        self.say(f"wave {n}: passed ({summary})")
-        return True
+            return self._stopping(r, f"wave {n}: {w.summary}")
+        self._enter(w, WaveState.PASSED)
+        self.say(f"wave {n}: passed ({w.summary})")
+        return WaveState.PASSED
 
-    def _fail(self, r: RolloutRecord, w: Wave, reason: str) -> bool:
+    def _passed(self, r: RolloutRecord, w: Wave) -> WaveState:
+        r.current += 1
+        self.save()
+        return WaveState.PASSED
+
+    def _stopping(self, r: RolloutRecord, reason: str) -> WaveState:
         self.say(f"stopping: {reason}")
-        r.reason, w.state = reason, WaveState.ROLLING_BACK.value
-        self.save()
-        self._rollback_wave(r, w, r.settings_obj)
-        self._stop(r, RolloutStatus.STOPPED, reason)
-        return False
+        r.reason = reason
+        return WaveState.ROLLING_BACK
 
-    def _rollback_wave(self, r: RolloutRecord, w: Wave, s: RolloutSettings) -> None:
+    def _rolling_back(self, r: RolloutRecord, w: Wave) -> WaveState:
         """Devices of the wave that run the new version get a record for the previous one; then the
         wave's per-device records are cleared (they fall back to the group's record)."""
-        self._send_back(r, w.devices, f"{w.update_id or r.id}-back", s)
-        w.state = WaveState.ROLLED_BACK.value
-        self.save()
+        self._send_back(r, w.devices, f"{w.update_id or r.id}-back")
+        return WaveState.ROLLED_BACK
 
-    def _send_back(self, r: RolloutRecord, devices: list[str], update_id: str, s: RolloutSettings) -> None:
-        t0, new = self.mono(), r.bundle["sha256"]
-        switched = [d for d in devices if (e := self.table.get(d)) and e.status.model
+    def _rolled_back(self, r: RolloutRecord, w: Wave) -> WaveState:
+        self._stop(r, RolloutStatus.STOPPED, r.reason or "a gate failed")
+        return WaveState.ROLLED_BACK
+
+    def _send_back(self, r: RolloutRecord, devices: list[str], update_id: str) -> None:
+        """`devices` that run the new version get a record for the previous one and are waited for
+        (at most the wave timeout); then all their per-device records are cleared."""
+        s, t0, new = self.settings, self.clock.mono(), r.bundle["sha256"]
+        table = self.inbox.table
+        switched = [d for d in devices if (e := table.get(d)) and e.status.model
                     and e.status.model.bundle_sha256 == new]
         if switched and r.previous:
-            p, issued = _prepared(r.previous), _now_iso()
-            for dev in switched:
-                target = f"devices/{dev}"
-                doc = make_record(p, target=target, update_id=update_id, issued=issued, signer=self.signer,
-                                  allow_downgrade=True, allow_interface_change=True, probation=s.probation)
-                publish_record(self.conn.client, self.topics.target_desired(target), doc)
+            p = prepared(r.previous)
+            self._send(p, switched, update_id, allow_downgrade=True, allow_interface_change=True)
             self.say(f"rolling back {len(switched)} device(s) to {p.version}")
-            deadline = self.mono() + s.wave_timeout_s
-            while self.mono() < deadline:
-                with self._lock:
-                    got = self.outcomes.get(update_id, {})
-                    if all(d in got for d in switched):
-                        break
-                self._renew()
-                time.sleep(0.2)
-            with self._lock:
-                got = dict(self.outcomes.get(update_id, {}))
+            deadline = self.clock.mono() + s.wave_timeout_s
+            while self.clock.mono() < deadline and not set(switched) <= set(self.inbox.outcomes(update_id)):
+                self.lease.renew()
+                self.clock.sleep(0.2)
+            got = self.inbox.outcomes(update_id)
             stuck = [d for d in switched if got.get(d) != "committed"]
             if stuck:
                 r.reason = (r.reason or "") + f"; rollback did not complete on {', '.join(stuck[:5])}"
-        for dev in devices:
-            publish_record(self.conn.client, self.topics.desired(dev), None)
-        self.record.waves[r.current].times["rollback_s"] = round(self.mono() - t0, 2)
+        self._clear(devices)
+        r.waves[r.current].times["rollback_s"] = round(self.clock.mono() - t0, 2)
 
-    def _finish(self, r: RolloutRecord, s: RolloutSettings) -> None:
+    def _finish(self, r: RolloutRecord) -> None:
         """The group's record takes the new version; the per-device records go."""
-        from edgebundle.trust import parse_time
-
-        p = _prepared(r.bundle)
-        topic = self.topics.group_desired(r.group)
-        issued = datetime.now(timezone.utc)
+        s, p = self.settings, prepared(r.bundle)
+        issued = self.clock.now()
         try:  # after the record on the topic, whatever this machine's clock says (devices refuse older)
-            floor = parse_time((self.group_desired or {}).get("issued") or "", what="issued")
+            floor = parse_time((self.inbox.group_desired or {}).get("issued") or "", what="issued")
             issued = max(issued, floor + timedelta(milliseconds=1))
         except (ValueError, TypeError):
             pass
         doc = make_record(p, target=f"groups/{r.group}", update_id=f"{r.id}-group",
                           issued=issued.isoformat(timespec="milliseconds"), signer=self.signer,
                           allow_interface_change=s.allow_interface_change, probation=s.probation)
-        publish_record(self.conn.client, topic, doc)
-        for w in r.waves:
-            for dev in w.devices:
-                publish_record(self.conn.client, self.topics.desired(dev), None)
+        publish_record(self.client, self.topics.group_desired(r.group), doc)
+        self._clear([d for w in r.waves for d in w.devices])
         self._stop(r, RolloutStatus.DONE, None)
         self.say(f"rollout {r.id}: done; group {r.group} desires {p.name} {p.version}")
+
+    def _send(self, p: Prepared, devices: list[str], update_id: str, **allow: bool) -> None:
+        """A per-device desired record for each of `devices` (signed when the signer has a key)."""
+        issued = self.clock.iso()
+        for dev in devices:
+            target = f"devices/{dev}"
+            doc = make_record(p, target=target, update_id=update_id, issued=issued, signer=self.signer,
+                              probation=self.settings.probation, **allow)
+            publish_record(self.client, self.topics.target_desired(target), doc)
+
+    def _clear(self, devices: list[str]) -> None:
+        """Their per-device records go: they fall back to the group's record."""
+        for dev in devices:
+            publish_record(self.client, self.topics.desired(dev), None)
 
     def _stop(self, r: RolloutRecord, status: RolloutStatus, reason: str | None) -> RolloutRecord:
         r.status, r.reason = status.value, reason
         self.save()
         return r
 
-    # ---- pause / abort ----
+    def _wait(self, seconds: float) -> None:
+        end = self.clock.mono() + seconds
+        while self.clock.mono() < end:
+            self.lease.renew()
+            self.clock.sleep(min(0.5, max(end - self.clock.mono(), 0.01)))
+
+    # ---- pause / abort / resume ----
     def _control_requested(self) -> bool:
-        c = self.control
+        """Acts on a retained pause or abort request; True when it did (the record says which)."""
+        return self._act(self.inbox.control)
+
+    def _act(self, c) -> bool:
         if not isinstance(c, dict):
             return False
-        action = c.get("action")
         r = self.record
-        if action == "pause":
+        if c.get("action") == "pause":
             self._stop(r, RolloutStatus.PAUSED, f"paused by {c.get('by') or 'an operator'}")
             self.say(f"rollout {r.id}: paused at wave {r.current + 1}")
             return True
-        if action == "abort":
+        if c.get("action") == "abort":
             self.abort(rollback=bool(c.get("rollback", True)))
             return True
         return False
@@ -431,58 +309,100 @@ class Controller:
         r = self.record
         touched = [d for w in r.waves[: r.current + 1] if w.state != WaveState.PENDING.value for d in w.devices]
         if rollback and touched:
-            self._send_back(r, touched, f"{r.id}-abort", r.settings_obj)
+            self._send_back(r, touched, f"{r.id}-abort")
         else:
-            for dev in touched:
-                publish_record(self.conn.client, self.topics.desired(dev), None)
-        self._publish(self.topics.rollout_control(self.id), None)
+            self._clear(touched)
+        publish_retained(self.client, self.topics.rollout_control(self.id), None)
         return self._stop(r, RolloutStatus.ABORTED, "aborted by an operator" + ("" if rollback else " (devices kept)"))
 
-    def _sleep(self, seconds: float) -> None:
-        end = self.mono() + seconds
-        while self.mono() < end:
-            self._renew()
-            time.sleep(min(0.5, max(end - self.mono(), 0.01)))
+    def resume(self, *, wait_s: float | None = None) -> RolloutRecord:
+        """Continue from the retained record, once the lease is ours (a dead controller's expires)."""
+        r = self.load()
+        if r.status not in [s.value for s in ACTIVE]:
+            raise RolloutError(f"rollout {self.id} is {r.status}: nothing to resume")
+        lease_s = self.settings.lease_s
+        self.lease.acquire(ttl=lease_s, wait_s=lease_s + 5 if wait_s is None else wait_s)
+        publish_retained(self.client, self.topics.rollout_control(self.id), None)
+        self.inbox.control = None
+        self.listening_since = self.clock.mono()
+        self.say(f"rollout {self.id}: resuming at wave {r.current + 1} ({r.waves[r.current].state})"
+                 if r.current < len(r.waves) else f"rollout {self.id}: finishing")
+        return self.run()
+
+    def request(self, action: str, *, rollback: bool = True, wait_s: float = 60.0) -> RolloutRecord:
+        """pause or abort: ask the running controller (retained control message); when none holds
+        the lease, do it here."""
+        r = self.load()
+        if r.status not in [s.value for s in ACTIVE]:
+            raise RolloutError(f"rollout {self.id} is {r.status}")
+        holder, live = (self.inbox.lease or {}).get("holder"), self.lease.held()
+        control = self.topics.rollout_control(self.id)
+        publish_retained(self.client, control, {"action": action, "rollback": rollback, "ts": self.clock.iso(),
+                                                "by": self.holder})
+        if not live:
+            self.lease.acquire(ttl=self.settings.lease_s, wait_s=0)
+            if action == "pause":  # nobody else is to act on it (its echo may clear the inbox at once)
+                publish_retained(self.client, control, None)
+            self._act({"action": action, "rollback": rollback, "by": self.holder})
+            return self.record
+        want = {"pause": RolloutStatus.PAUSED.value, "abort": RolloutStatus.ABORTED.value}[action]
+        deadline = self.clock.mono() + wait_s
+        while self.clock.mono() < deadline:
+            remote = self.inbox.record
+            if isinstance(remote, dict) and remote.get("status") in (want, RolloutStatus.DONE.value,
+                                                                     RolloutStatus.STOPPED.value):
+                if action == "pause":
+                    publish_retained(self.client, control, None)
+                return RolloutRecord.from_dict(remote)
+            self.clock.sleep(0.2)
+        raise RolloutError(f"the controller of {self.id} ({holder}) did not {action} within {wait_s:.0f} s",
+                           hint="it acts between steps; check `edgepack rollout status`")
+
+
+def _failed(w: Wave) -> list[str]:
+    return sorted(d for d, o in w.outcomes.items() if o != "committed")
+
+
+def _failures(w: Wave, allowed: int, what: str) -> str:
+    bad = _failed(w)
+    return (f"{len(bad)} device(s) {what} (" + ", ".join(f"{d}: {w.outcomes[d]}" for d in bad[:5])
+            + f"; at most {allowed})")
+
+
+@contextmanager
+def _connected(broker: BrokerConfig, rollout_id: str, *, signer: Signer, say: Say) -> Iterator[Controller]:
+    """A controller on its own broker connection; its lease is released and the connection closed
+    on the way out."""
+    inbox = Inbox(Topics(broker.topic_prefix), check_id(rollout_id))
+    conn = Collector(broker, inbox.subscriptions, name=f"rollout-{rollout_id}"[:40], on_message=inbox.feed)
+    c = Controller(conn.client, inbox, signer=signer, say=say)
+    try:
+        yield c
+    finally:
+        try:
+            c.lease.release()
+        finally:
+            conn.stop()
 
 
 def start(bundle: Path, broker: BrokerConfig, *, group: str, settings: RolloutSettings = RolloutSettings(),
           rollout_id: str | None = None, previous_bundle: Path | None = None, signer: Signer = Signer(),
           chunk_size: int = 1 << 20, say: Say = lambda _m: None) -> RolloutRecord:
     """Create and drive a rollout. RolloutStopped when a gate stopped it (the record says why)."""
-    from fleet.gates import plan_waves as _check
-
-    _check(["x"], settings.waves)  # a bad --waves fails before anything is published
-    from edgebundle.archive import open_bundle
-
+    plan_waves(["x"], settings.waves)  # a bad --waves fails before anything is published
     for b in (bundle, previous_bundle):  # a file that is not a bundle fails before the broker is asked
         if b is not None:
             open_bundle(b)
-    rid = rollout_id or f"{group}-{uuid.uuid4().hex[:6]}"
-    c = Controller(broker, rid, signer=signer, say=say)
-    try:
+    with _connected(broker, rollout_id or f"{group}-{uuid.uuid4().hex[:6]}", signer=signer, say=say) as c:
         c.create(bundle, group=group, settings=settings, previous_bundle=previous_bundle, chunk_size=chunk_size)
         return _outcome(c.run())
-    finally:
-        c.release()
 
 
 def resume(broker: BrokerConfig, rollout_id: str, *, signer: Signer = Signer(), say: Say = lambda _m: None,
            wait_s: float | None = None) -> RolloutRecord:
     """Continue a rollout from its retained record (from any machine)."""
-    c = Controller(broker, rollout_id, signer=signer, say=say)
-    try:
-        r = c.load()
-        if r.status not in [s.value for s in ACTIVE]:
-            raise RolloutError(f"rollout {rollout_id} is {r.status}: nothing to resume")
-        c.acquire(wait_s=r.settings_obj.lease_s + 5 if wait_s is None else wait_s)
-        c._publish(c.topics.rollout_control(rollout_id), None)
-        c.control = None
-        c.connected_at = c.mono()
-        say(f"rollout {rollout_id}: resuming at wave {r.current + 1} ({r.waves[r.current].state})"
-            if r.current < len(r.waves) else f"rollout {rollout_id}: finishing")
-        return _outcome(c.run())
-    finally:
-        c.release()
+    with _connected(broker, rollout_id, signer=signer, say=say) as c:
+        return _outcome(c.resume(wait_s=wait_s))
 
 
 def _outcome(r: RolloutRecord) -> RolloutRecord:
@@ -493,37 +413,9 @@ def _outcome(r: RolloutRecord) -> RolloutRecord:
 
 def request(broker: BrokerConfig, rollout_id: str, action: str, *, rollback: bool = True, signer: Signer = Signer(),
             say: Say = lambda _m: None, wait_s: float = 60.0) -> RolloutRecord:
-    """pause or abort: ask the running controller (retained control message); when none holds the
-    lease, do it here."""
-    c = Controller(broker, rollout_id, signer=signer, say=say)
-    try:
-        r = c.load()
-        if r.status not in [s.value for s in ACTIVE]:
-            raise RolloutError(f"rollout {rollout_id} is {r.status}")
-        lease = c.lease or {}
-        live = lease.get("holder") and float(lease.get("expires", 0)) > time.time()
-        c._publish(c.topics.rollout_control(rollout_id), {"action": action, "rollback": rollback, "ts": _now_iso(),
-                                                          "by": c.holder})
-        if not live:
-            c.acquire(wait_s=0)
-            c.control = {"action": action, "rollback": rollback, "by": c.holder}
-            if action == "pause":
-                c._publish(c.topics.rollout_control(rollout_id), None)
-            c._control_requested()
-            return c.record
-        want = {"pause": RolloutStatus.PAUSED.value, "abort": RolloutStatus.ABORTED.value}[action]
-        deadline = c.mono() + wait_s
-        while c.mono() < deadline:
-            if isinstance(c.remote, dict) and c.remote.get("status") in (want, RolloutStatus.DONE.value,
-                                                                         RolloutStatus.STOPPED.value):
-                if action == "pause":
-                    c._publish(c.topics.rollout_control(rollout_id), None)
-                return RolloutRecord.from_dict(c.remote)
-            time.sleep(0.2)
-        raise RolloutError(f"the controller of {rollout_id} ({lease.get('holder')}) did not {action} within {wait_s:.0f} s",
-                           hint="it acts between steps; check `edgepack rollout status`")
-    finally:
-        c.release()
+    """pause or abort (Controller.request) on a connection of its own."""
+    with _connected(broker, rollout_id, signer=signer, say=say) as c:
+        return c.request(action, rollback=rollback, wait_s=wait_s)
 
 
 def status(broker: BrokerConfig, rollout_id: str | None = None, *, listen_s: float = 1.0) -> list[RolloutRecord]:
@@ -535,8 +427,10 @@ def status(broker: BrokerConfig, rollout_id: str | None = None, *, listen_s: flo
         msgs = list(conn.messages)
     finally:
         conn.stop()
-    out = {}
-    for _t, payload in msgs:
+    out, head = {}, topics.rollout("")
+    for topic, payload in msgs:
+        if not topic.startswith(head) or "/" in topic[len(head):]:  # some brokers hand out other retained topics
+            continue
         doc = parse_json(payload)
         if isinstance(doc, dict) and doc.get("schema"):
             try:

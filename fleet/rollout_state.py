@@ -108,7 +108,8 @@ class RolloutRecord:
         return cls(**d)
 
     @property
-    def settings_obj(self) -> RolloutSettings:
+    def parsed_settings(self) -> RolloutSettings:
+        """`settings` (the record's JSON dict) read back as RolloutSettings."""
         return RolloutSettings.from_dict(self.settings)
 
     def summary_lines(self) -> list[str]:

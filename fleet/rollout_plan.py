@@ -1,0 +1,82 @@
+"""A new rollout's plan (fleet.rollout): the group's devices from their retained status, the waves,
+the bundle and the version that a failed wave goes back to. The bundles' chunks are published
+(retained); nothing is sent to any device and the record is not written yet."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from edgeproto.desired import parse_transfer
+from fleet.errors import RolloutError
+from fleet.gates import plan_waves
+from fleet.push import Prepared, interface_warnings, prepare, publish_chunks
+from fleet.rollout_link import Client, Clock, Inbox
+from fleet.rollout_state import ACTIVE, RolloutRecord, RolloutSettings, Wave
+from fleet.status import FleetTable
+
+
+def bundle_dict(p: Prepared) -> dict:
+    """What the rollout record keeps of a bundle (enough to make desired records for it)."""
+    return {"name": p.name, "version": p.version, "sha256": p.sha256, "size": p.size, "interface": p.interface,
+            "transfer": p.transfer.to_dict(), "bundle_signature": p.bundle_signature}
+
+
+def prepared(d: dict) -> Prepared:
+    """A bundle_dict back as Prepared (its file is not needed: the chunks are on the broker)."""
+    return Prepared(path=Path("-"), name=d["name"], version=d["version"], sha256=d["sha256"], size=d["size"],
+                    transfer=parse_transfer(d["transfer"], sha256=d["sha256"], size=d["size"]),
+                    interface=d.get("interface") or "", bundle_signature=d.get("bundle_signature"))
+
+
+def plan(bundle: Path, *, inbox: Inbox, client: Client, clock: Clock, say: Callable[[str], None], group: str,
+         settings: RolloutSettings, previous_bundle: Path | None, chunk_size: int, settle_s: float) -> RolloutRecord:
+    """The record of a new rollout (its first wave pending). `inbox` must already hear the group's
+    desired record: without `previous_bundle` that is what a failed wave goes back to."""
+    _settle(inbox.table, clock, settle_s)
+    remote = inbox.record
+    if remote is not None and remote.get("status") in [s.value for s in ACTIVE]:
+        raise RolloutError(f"rollout {inbox.id} exists and is {remote.get('status')}",
+                           hint=f"edgepack rollout resume {inbox.id}, or abort it first")
+    devices = sorted(e.status.device_id for e in inbox.table.entries(group=group))
+    if not devices:
+        raise RolloutError(f"no device of group {group!r} has reported a status",
+                           hint="check the group name and that the devices are connected")
+    p = prepare(bundle, inbox.topics, chunk_size=chunk_size)
+    if previous_bundle is not None:
+        prev = prepare(previous_bundle, inbox.topics, chunk_size=chunk_size)
+        publish_chunks(client, prev)
+        previous = bundle_dict(prev)
+    else:
+        previous = _group_previous(p, group, inbox.group_desired)
+    waves = plan_waves(devices, settings.waves)
+    for msg in interface_warnings(inbox.table, p, devices=devices, allowed=settings.allow_interface_change):
+        say(f"warning: {msg}")
+    publish_chunks(client, p)
+    now = clock.wall()
+    return RolloutRecord(id=inbox.id, group=group, bundle=bundle_dict(p), previous=previous,
+                         settings=settings.to_dict(), waves=[Wave(devices=w) for w in waves], created=now, updated=now)
+
+
+def _group_previous(p: Prepared, group: str, g) -> dict:
+    """The group's current desired record, as what a failed wave goes back to."""
+    if isinstance(g, dict) and g.get("sha256") and g.get("sha256") != p.sha256:
+        return {k: g.get(k) for k in ("name", "version", "sha256", "size", "transfer")} | {
+            "interface": None, "bundle_signature": g.get("signature")}
+    if isinstance(g, dict) and g.get("sha256") == p.sha256:
+        raise RolloutError(f"group {group!r} already has {p.name} {p.version} as its desired model")
+    raise RolloutError(f"group {group!r} has no desired record to go back to if a wave fails",
+                       hint="pass --previous BUNDLE (the bundle the group runs now)")
+
+
+def _settle(table: FleetTable, clock: Clock, max_s: float) -> None:
+    """Until the retained status records stop arriving (quiet for 0.3 s), at most `max_s`."""
+    deadline, last, seen = clock.mono() + max_s, clock.mono(), table.version
+    while clock.mono() < deadline:
+        clock.sleep(0.05)
+        if table.version != seen:
+            seen, last = table.version, clock.mono()
+        elif clock.mono() - last >= 0.3:
+            return
+
+
+__all__ = ["plan", "bundle_dict", "prepared"]
