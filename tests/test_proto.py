@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import pytest
+
+from edgeproto.bundleref import BundleRef, Limits, MqttTransfer, RecordError
+from edgeproto.desired import Desired
+from edgeproto.jobs import ProfileJob
 from edgeproto.records import DeviceStatus, TelemetryWindow, UpdateEvent
 from edgeproto.topics import DeviceTopics, Topics, shared
 
@@ -51,3 +57,32 @@ def test_records_read_leniently():
     ev = UpdateEvent.from_dict({"update_id": "u1", "state": "rolled_back", "error": "slow"})
     assert ev.final and UpdateEvent.from_dict(ev.to_dict()) == ev
     assert UpdateEvent.from_dict(None) is None
+
+
+SHA = "a" * 64
+BUNDLE = {"name": "m", "version": "1.0.0", "sha256": SHA, "size": 10,
+          "transfer": {"method": "mqtt", "topic": f"r/bundles/{SHA}", "chunk_size": 4, "chunks": 3,
+                       "chunk_sha256": ["b" * 64] * 3}}
+RECORDS = [(Desired, {"schema": "edgepack.desired/1", "update_id": "u1"}, "desired record"),
+           (ProfileJob, {"schema": "edgepack.profile-job/1", "job_id": "j1", "target": "devices/d1"}, "profile job")]
+
+
+@pytest.mark.parametrize("cls,head,what", RECORDS)
+def test_desired_records_and_profile_jobs_name_a_bundle_alike(cls, head, what):
+    rec = cls.parse(json.dumps({**head, **BUNDLE}).encode(), source="t", topic_prefix="r")
+    assert rec.bundle == BundleRef(name="m", version="1.0.0", sha256=SHA, size=10, transfer=MqttTransfer(
+        topic=f"r/bundles/{SHA}", chunk_size=4, chunks=3, chunk_sha256=("b" * 64,) * 3))
+    assert rec.mismatch(SimpleNamespace(name="m", version="1.0.0"), named_by="it") is None
+    assert rec.mismatch(SimpleNamespace(name="m", version="2.0.0"), named_by="the job") == \
+        "the bundle is m 2.0.0, the job says m 1.0.0"
+    for field, value, said in [("size", 0, "size 0 is outside"), ("version", "1.0", "version"),
+                               ("sha256", "A" * 64, "sha256 must be 64 lowercase"), ("name", "a/b", "name must be"),
+                               ("transfer", {"method": "ftp"}, "unknown transfer method"),
+                               ("record_signature", [], "record_signature must be an object")]:
+        with pytest.raises(RecordError, match=f"malformed {what} on t: {said}") as e:
+            cls.parse(json.dumps({**head, **BUNDLE, field: value}).encode(), source="t", topic_prefix="r")
+        assert e.value.update_id == next(iter(v for k, v in head.items() if k.endswith("_id")))
+    with pytest.raises(RecordError, match=f"{what} on t is 2 bytes; at most 1 are accepted"):
+        cls.parse(b"{}", source="t", limits=Limits(max_record_bytes=1))
+    with pytest.raises(RecordError, match=f"{what} on t is not valid JSON"):
+        cls.parse(b"{", source="t")
