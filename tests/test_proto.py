@@ -27,7 +27,8 @@ def _imported(stmt: str) -> set[str]:
 
 def test_floors_import_only_downwards():
     heavy = {"tensorflow", "keras", "tf2onnx", "onnx"}
-    proto = _imported("import edgeproto.topics, edgeproto.records, edgeproto.desired, edgeproto.mqtt, edgeproto.broker")
+    proto = _imported("import edgeproto.topics, edgeproto.records, edgeproto.desired, edgeproto.jobs, "
+                      "edgeproto.documents, edgeproto.mqtt, edgeproto.broker")
     assert not proto & (heavy | {"packager", "fleet", "device_agent"}), proto
     fleet = _imported("import fleet, fleet.cli, fleet.status, fleet.push, fleet.broker")
     assert not fleet & (heavy | {"packager", "device_agent"}), fleet
