@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from edgebundle.errors import EdgepackError, InputError
 from edgebundle.jsonsafe import JsonError, loads
-from edgebundle.manifest import parse_version
+from edgebundle.manifest import Manifest, parse_version
 from edgebundle.trust import parse_time
 
 SIG_FIELD = "record_signature"
@@ -88,7 +88,7 @@ class BundleRef:
         """Only the bundle a record names (what the fetchers read)."""
         return BundleRef(**{f.name: getattr(self, f.name) for f in fields(BundleRef)})
 
-    def mismatch(self, manifest, *, named_by: str) -> str | None:
+    def mismatch(self, manifest: Manifest, *, named_by: str) -> str | None:
         """Why the verified bundle is not the one this record names (None: it is)."""
         if (manifest.name, manifest.version) == (self.name, self.version):
             return None

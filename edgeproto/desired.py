@@ -163,7 +163,8 @@ def _port(u) -> int | None:
 
 def _probation(p: dict) -> Probation:
     return Probation(seconds=number(p, "probation.seconds", "seconds", 0.0, 86400.0, Probation.seconds),
-                     requests=integer(p, "requests", 1, 10 ** 9, default=Probation.requests, what="probation.requests"),
+                     requests=integer(p, "requests", 1, 10 ** 9, default=Probation.requests,
+                                      what="probation.requests"),
                      max_error_rate=number(p, "probation.max_error_rate", "max_error_rate", 0.0, 1.0,
                                            Probation.max_error_rate),
                      max_p95_ms=_opt_ms(p, "probation.max_p95_ms"))
@@ -178,5 +179,5 @@ def _opt_ms(d: dict, what: str) -> float | None:
     return float(v)
 
 
-__all__ = ["SCHEMA", "SIG_FIELD", "BundleRef", "Desired", "Limits", "MqttTransfer", "Probation", "RecordError", "UrlTransfer",
-           "parse_transfer", "resolve", "sign_record", "signed_bytes", "url_allowed"]
+__all__ = ["SCHEMA", "SIG_FIELD", "BundleRef", "Desired", "Limits", "MqttTransfer", "Probation", "RecordError",
+           "UrlTransfer", "parse_transfer", "resolve", "sign_record", "signed_bytes", "url_allowed"]
