@@ -71,7 +71,7 @@ def bench(bundle: Path, seconds: float) -> dict:
         m = model.manifest
         spec = m.inputs[0]
         x = np.random.default_rng(0).random(spec.shape, dtype=np.float32)
-        it = Interpreter(model_path=str(Path(tmp) / m.model_file), num_threads=m.runtime.get("threads") or None)
+        it = Interpreter(model_path=str(Path(tmp) / m.model_file), num_threads=m.runtime.threads or None)
         it.allocate_tensors()
         i, o = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
 

@@ -19,6 +19,7 @@ from edgebundle.archive import Bundle, open_bundle, sha256_file
 from edgebundle.errors import InputError, VerificationError
 from edgebundle.interface import interface_hash
 from edgebundle.manifest import Manifest
+from edgeproto.documents import model_section
 
 _KINDS = {"f": "float", "i": "int", "u": "int", "b": "bool"}
 
@@ -85,12 +86,9 @@ class Model:
     def describe(self) -> dict:
         """Status-topic view of the model (name, version, sha256, runtime in use)."""
         d = self.runtime.details
-        return {"name": self.name, "version": self.version, "bundle_sha256": self.bundle_sha256,
-                "interface": interface_hash(self.manifest),
-                "target": self.manifest.target.get("name"), "format": self.manifest.format,
-                "precision": self.manifest.precision, "runtime": d.get("runtime"),
-                "runtime_version": d.get("version"),
-                "provider": d.get("provider") or d.get("delegate"), "notes": d.get("notes") or []}
+        return model_section(self.manifest, bundle_sha256=self.bundle_sha256, interface=interface_hash(self.manifest),
+                             runtime=d.get("runtime"), runtime_version=d.get("version"),
+                             provider=d.get("provider") or d.get("delegate"), notes=d.get("notes") or [])
 
     def __post_init__(self) -> None:
         # Precomputed once: the per-request path below is a handful of comparisons.

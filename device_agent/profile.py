@@ -203,9 +203,9 @@ class Profiler:
         if self.host.keyring.enabled:
             self.host.keyring.verify_bundle(b.manifest_bytes, b.signature)
         b.verify(extract_to=model_dir, extract=bundle_members_to_extract(b.manifest))
-        if (b.manifest.name, b.manifest.version) != (job.name, job.version):
-            raise JobFailed(f"the bundle is {b.manifest.name} {b.manifest.version}, the job says {job.name} "
-                            f"{job.version}")
+        why = job.mismatch(b.manifest, named_by="the job")
+        if why:
+            raise JobFailed(why)
         return b
 
     def _measure(self, job: ProfileJob, path: Path, bundle, model_dir: Path, stopping, deadline: float) -> dict:

@@ -26,14 +26,12 @@ from device_agent.store import Store
 from edgebundle.errors import EdgepackError
 from edgebundle.signing import load_public_key
 from edgeproto.desired import Desired, Limits, RecordError, resolve
+from edgeproto.documents import (AgentStatus, AgentTelemetry, StatusDocument, TelemetryDocument, Totals, last_will,
+                                 now_iso)
 from edgeproto.mqtt import MqttClient, MqttError, Will, dumps
 from edgeproto.topics import ROOT, DeviceTopics
 
 log = logging.getLogger("edgepack.agent")
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class Agent:
@@ -177,15 +175,14 @@ class Agent:
 
     # ---- MQTT ----
     def status(self, online: bool = True, reason: str | None = None) -> dict:
-        upd = self.updater.summary() if self.updater else None
-        return {"device_id": self.cfg.device_id, "online": online, "reason": reason, "ts": now_iso(),
-                "state": self.life.describe(), "groups": list(self.cfg.groups), "agent_version": __version__,
-                "started": self.started,
-                "model": self.model.describe() if self.model else None, "model_error": self.model_error,
-                "previous_model": (upd or {}).get("previous"), "update": upd,
-                "ota": {**self.keyring.describe(), "allowed_urls": list(self.cfg.allowed_urls)},
-                "buffer": self.queue.health(), "profile": self.profiler.summary() if self.profiler else None,
-                "platform": platform_info(), "api": {"host": self.cfg.api_host, "port": self.cfg.api_port}}
+        agent = AgentStatus(state=self.life.describe(), started=self.started, buffer=self.queue.health(),
+                            profile=self.profiler.summary() if self.profiler else None, platform=platform_info(),
+                            api={"host": self.cfg.api_host, "port": self.cfg.api_port})
+        return StatusDocument(
+            device_id=self.cfg.device_id, online=online, reason=reason, ts=now_iso(), groups=tuple(self.cfg.groups),
+            agent_version=__version__, model=self.model.describe() if self.model else None,
+            model_error=self.model_error, update=self.updater.summary() if self.updater else None,
+            ota={**self.keyring.describe(), "allowed_urls": list(self.cfg.allowed_urls)}, agent=agent).to_dict()
 
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
@@ -219,8 +216,7 @@ class Agent:
     def start_mqtt(self) -> None:
         if not self.cfg.broker:
             return
-        will = Will(self.topics.status, dumps({"device_id": self.cfg.device_id, "online": False,
-                                               "reason": "connection lost", "ts": None}))
+        will = Will(self.topics.status, dumps(last_will(self.cfg.device_id)))
         self.mqtt = MqttClient(self.cfg.broker, client_id=f"edgepack-agent-{self.cfg.device_id}", will=will,
                                on_connect=self._on_connect, on_message=self._on_message)
         self.mqtt.start()
@@ -228,14 +224,14 @@ class Agent:
         self._drainer.start()
 
     def telemetry(self, seq: int) -> dict:
-        return {"device_id": self.cfg.device_id, "ts": now_iso(), "seq": seq,
-                "inference": self.stats.window(),
-                "totals": {"count": self.stats.total, "errors": self.stats.total_errors,
-                           "nonfinite": self.stats.total_nonfinite},
-                "system": self.metrics.snapshot(),
-                "buffer": self.queue.health(),
-                "profile": self.profiler.summary() if self.profiler else None,
-                "model": {"name": self.model.name, "version": self.model.version} if self.model else None}
+        st, model = self.stats, self.model
+        return TelemetryDocument(
+            device_id=self.cfg.device_id, ts=now_iso(), seq=seq, inference=st.window(),
+            totals=Totals(count=st.total, errors=st.total_errors, nonfinite=st.total_nonfinite),
+            system=self.metrics.snapshot(), model_name=model.name if model else None,
+            model_version=model.version if model else None,
+            agent=AgentTelemetry(buffer=self.queue.health(),
+                                 profile=self.profiler.summary() if self.profiler else None)).to_dict()
 
     def emit_telemetry(self) -> None:
         """Every record goes through the disk queue, so order holds across outages and restarts.

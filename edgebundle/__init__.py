@@ -8,7 +8,7 @@ from edgebundle.errors import (
     EdgepackError,
     VerificationError,
 )
-from edgebundle.manifest import Manifest, TensorSpec, SCHEMA
+from edgebundle.manifest import Manifest, RuntimeSpec, TensorSpec, SCHEMA
 from edgebundle.archive import Bundle, open_bundle, verify_bundle, write_bundle
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "BundleError",
     "EdgepackError",
     "Manifest",
+    "RuntimeSpec",
     "SCHEMA",
     "TensorSpec",
     "VerificationError",

@@ -11,6 +11,8 @@ from edgebundle.errors import BundleError
 
 SCHEMA = "edgepack.bundle/1"
 MODEL_FORMATS = ("tflite", "onnx")
+RUNTIME_KEYS = ("name", "min_version", "threads", "delegates", "providers", "tensorrt_fp16",
+                "tensorrt_engine_cache", "cpu_fallback", "flex", "edgetpu_compiled")
 DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
 
 _SEMVER = re.compile(
@@ -74,6 +76,60 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class RuntimeSpec:
+    """How the device runs the model: the manifest's `runtime` section, as the packager writes it.
+
+    `keys` are the keys the section was written with, in order, and `extra` keeps the ones this
+    edgepack does not know verbatim: a manifest read and written again keeps its bytes (older
+    bundles, hand-made manifests and newer fields alike). A null reads as the field's default."""
+
+    name: str | None = None
+    min_version: str | None = None
+    threads: int = 0  # 0: the runtime's default
+    delegates: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()
+    tensorrt_fp16: bool = False
+    tensorrt_engine_cache: bool = False
+    cpu_fallback: bool = False
+    flex: bool = False  # the model needs the Flex delegate
+    edgetpu_compiled: bool | None = None  # None: not an Edge TPU target
+    extra: dict = field(default_factory=dict)
+    keys: tuple[str, ...] = RUNTIME_KEYS
+
+    def to_dict(self) -> dict:
+        return {k: self._json(k) for k in self.keys}
+
+    def _json(self, key: str):
+        if key in self.extra:
+            return self.extra[key]
+        v = getattr(self, key)
+        return list(v) if isinstance(v, tuple) else v
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RuntimeSpec":
+        if not isinstance(d, dict):
+            raise BundleError("manifest runtime must be a JSON object")
+        known = {k: _runtime_value(k, v) for k, v in d.items() if k in RUNTIME_KEYS and v is not None}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in RUNTIME_KEYS}, keys=tuple(d))
+
+
+def _runtime_value(key: str, v):
+    """A known runtime field's value, type-checked (BundleError names the field)."""
+    if key in ("name", "min_version"):
+        ok = isinstance(v, str)
+    elif key == "threads":
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    elif key in ("delegates", "providers"):
+        ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        v = tuple(v) if ok else v
+    else:
+        ok = isinstance(v, bool)
+    if not ok:
+        raise BundleError(f"manifest runtime.{key} has the wrong type: {v!r:.80}")
+    return v
+
+
+@dataclass(frozen=True)
 class FileEntry:
     sha256: str
     size: int
@@ -81,8 +137,8 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a bundle holds and how to run it. Nested free-form sections stay dicts
-    (report, provenance) because they are for people and dashboards, not code paths."""
+    """What a bundle holds and how to run it. Code reads `runtime` typed (RuntimeSpec); nested
+    free-form sections stay dicts (report, provenance): they are for people and dashboards."""
 
     name: str
     version: str
@@ -92,7 +148,7 @@ class Manifest:
     model_file: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    runtime: dict  # {"name", "min_version", "delegate", "providers", "threads", ...}
+    runtime: RuntimeSpec  # a dict is taken too (and read as one)
     files: dict[str, FileEntry] = field(default_factory=dict)
     quantization: dict = field(default_factory=dict)
     preprocessing: dict = field(default_factory=dict)
@@ -103,6 +159,10 @@ class Manifest:
     production_ready: bool = True
     warnings: tuple[str, ...] = ()
     schema: str = SCHEMA
+
+    def __post_init__(self) -> None:
+        if isinstance(self.runtime, dict):
+            object.__setattr__(self, "runtime", RuntimeSpec.from_dict(self.runtime))
 
     def with_files(self, files: dict[str, FileEntry]) -> "Manifest":
         return replace(self, files=dict(files))
@@ -118,7 +178,7 @@ class Manifest:
             "model_file": self.model_file,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
-            "runtime": self.runtime,
+            "runtime": self.runtime.to_dict(),
             "quantization": self.quantization,
             "preprocessing": self.preprocessing,
             "files": {k: asdict(v) for k, v in sorted(self.files.items())},
@@ -189,7 +249,7 @@ class Manifest:
             model_file=d["model_file"],
             inputs=inputs,
             outputs=outputs,
-            runtime=dict(d["runtime"]),
+            runtime=RuntimeSpec.from_dict(d["runtime"]),
             files=files,
             quantization=dict(d.get("quantization") or {}),
             preprocessing=dict(d.get("preprocessing") or {}),

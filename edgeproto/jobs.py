@@ -9,16 +9,12 @@ included. Strict parsing: a RecordError names the field, with the job_id when it
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
-from edgebundle.jsonsafe import JsonError, loads
-from edgebundle.trust import parse_time
-from edgeproto.desired import (_TARGET, MAX_JSON_DEPTH, SIG_FIELD, Desired, Limits, MqttTransfer, RecordError,
-                               UrlTransfer, _int, _section, _text, bundle_fields)
+from edgeproto.bundleref import (TARGET, BundleRef, Limits, checked, integer, issued, load_record, parse_bundle_ref,
+                                 record_id, section, signature)
 
 SCHEMA = "edgepack.profile-job/1"
-_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_BENCH_SECONDS = 120.0  # the timed part of one job; the agent caps it again ([profile] settings)
 
 
@@ -36,22 +32,18 @@ class BenchSettings:
 
 
 @dataclass(frozen=True)
-class ProfileJob:
+class ProfileJob(BundleRef):
+    """Benchmark the bundle (BundleRef) on one device, beside the serving model."""
+
     job_id: str
-    name: str
-    version: str
-    sha256: str
-    size: int
-    transfer: MqttTransfer | UrlTransfer
     target: str  # "devices/{id}"
     issued: str | None = None
     bench: BenchSettings = field(default_factory=BenchSettings)
     signature: dict | None = None
 
-    def as_transfer(self) -> Desired:
-        """The fetchers take a Desired (they read sha256, size and transfer from it)."""
-        return Desired(update_id=self.job_id, name=self.name, version=self.version, sha256=self.sha256,
-                       size=self.size, transfer=self.transfer, issued=self.issued, target=self.target)
+    def as_transfer(self) -> BundleRef:
+        """What the fetchers read (sha256, size and transfer): the job's bundle."""
+        return self.bundle
 
     def to_dict(self) -> dict:
         return {"schema": SCHEMA, "job_id": self.job_id, "target": self.target, "issued": self.issued,
@@ -61,53 +53,34 @@ class ProfileJob:
     @classmethod
     def parse(cls, payload: bytes, *, source: str, limits: Limits = Limits(),
               topic_prefix: str | None = None) -> "ProfileJob":
-        if len(payload) > limits.max_record_bytes:
-            raise RecordError(f"profile job on {source} is {len(payload)} bytes; at most {limits.max_record_bytes} "
-                              "are accepted")
-        try:
-            doc = loads(payload, max_depth=MAX_JSON_DEPTH)
-        except JsonError as e:
-            raise RecordError(f"profile job on {source} is not valid JSON: {e}") from None
-        jid = doc.get("job_id") if isinstance(doc, dict) else None
-        jid = jid if isinstance(jid, str) and _JOB_ID.match(jid) else None
-        try:
-            return cls._from_dict(doc, source=source, limits=limits, topic_prefix=topic_prefix)
-        except (ValueError, TypeError, KeyError, OverflowError) as e:
-            msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-            raise RecordError(f"malformed profile job on {source}: {msg}", update_id=jid,
-                              hint="send profile jobs with `edgepack profile`") from None
+        doc = load_record(payload, what="profile job", source=source, limits=limits)
+        return checked(lambda d: cls._from_dict(d, limits=limits, topic_prefix=topic_prefix), doc, what="profile job",
+                       source=source, id_key="job_id", hint="send profile jobs with `edgepack profile`")
 
     @classmethod
-    def _from_dict(cls, d, *, source: str, limits: Limits, topic_prefix: str | None) -> "ProfileJob":
-        if not isinstance(d, dict):
-            raise ValueError("a profile job is a JSON object")
-        if d.get("schema") != SCHEMA:
-            raise ValueError(f"schema {d.get('schema')!r}, expected {SCHEMA!r}")
-        jid = _text(d, "job_id", _JOB_ID, "1-64 letters, digits, '.', '_' or '-'")
-        name, version, sha, size, transfer = bundle_fields(d, limits=limits, topic_prefix=topic_prefix)
+    def _from_dict(cls, d, *, limits: Limits, topic_prefix: str | None) -> "ProfileJob":
+        jid = record_id(d, schema=SCHEMA, what="profile job", id_key="job_id")
+        ref = parse_bundle_ref(d, limits=limits, topic_prefix=topic_prefix)
         target = d.get("target")
-        if not isinstance(target, str) or not _TARGET.match(target) or not target.startswith("devices/"):
+        if not isinstance(target, str) or not TARGET.match(target) or not target.startswith("devices/"):
             raise ValueError("target must be 'devices/ID'")
-        issued = d.get("issued")
-        if issued is not None:
-            parse_time(issued, what="issued")
-        b = _section(d, "bench", ("threads", "runs", "warmup", "max_seconds"))
-        threads = b.get("threads")
-        if threads is not None:
-            threads = _int(b, "threads", 1, 256, what="bench.threads")
-        secs = b.get("max_seconds", BenchSettings.max_seconds)
-        if isinstance(secs, bool) or not isinstance(secs, (int, float)) or not math.isfinite(secs) \
-                or not 0 < secs <= MAX_BENCH_SECONDS:
-            raise ValueError(f"bench.max_seconds must be a number in (0, {MAX_BENCH_SECONDS:g}], not {secs!r:.40}")
-        bench = BenchSettings(threads=threads, runs=_int(b, "runs", 5, 100_000, default=BenchSettings.runs,
-                                                         what="bench.runs"),
-                              warmup=_int(b, "warmup", 0, 1000, default=BenchSettings.warmup, what="bench.warmup"),
-                              max_seconds=float(secs))
-        sig = d.get(SIG_FIELD)
-        if sig is not None and not isinstance(sig, dict):
-            raise ValueError(f"{SIG_FIELD} must be an object")
-        return cls(job_id=jid, name=name, version=version, sha256=sha, size=size, transfer=transfer, target=target,
-                   issued=issued, bench=bench, signature=sig)
+        when = issued(d)
+        bench = _bench(section(d, "bench", ("threads", "runs", "warmup", "max_seconds")))
+        return cls(**vars(ref), job_id=jid, target=target, issued=when, bench=bench, signature=signature(d))
+
+
+def _bench(b: dict) -> BenchSettings:
+    threads = b.get("threads")
+    if threads is not None:
+        threads = integer(b, "threads", 1, 256, what="bench.threads")
+    secs = b.get("max_seconds", BenchSettings.max_seconds)
+    if isinstance(secs, bool) or not isinstance(secs, (int, float)) or not math.isfinite(secs) \
+            or not 0 < secs <= MAX_BENCH_SECONDS:
+        raise ValueError(f"bench.max_seconds must be a number in (0, {MAX_BENCH_SECONDS:g}], not {secs!r:.40}")
+    return BenchSettings(threads=threads, runs=integer(b, "runs", 5, 100_000, default=BenchSettings.runs,
+                                                       what="bench.runs"),
+                         warmup=integer(b, "warmup", 0, 1000, default=BenchSettings.warmup, what="bench.warmup"),
+                         max_seconds=float(secs))
 
 
 __all__ = ["SCHEMA", "BenchSettings", "ProfileJob", "MAX_BENCH_SECONDS"]

@@ -109,13 +109,13 @@ def _open_model(path, tmp: str, *, like=None, threads: int | None):
         if like is None:
             raise InputError(f"{path.name}: compare a bundle against a model file, not two model files")
         rt = like.runtime
-        return load_runtime(path, fmt=path.suffix[1:], threads=threads or threads_for(rt.get("threads") or 0),
-                            delegates=tuple(d for d in rt.get("delegates") or () if d != "edgetpu"),
-                            providers=tuple(rt.get("providers") or ()), allow_cpu_fallback=True), None
+        return load_runtime(path, fmt=path.suffix[1:], threads=threads or threads_for(rt.threads),
+                            delegates=tuple(d for d in rt.delegates if d != "edgetpu"),
+                            providers=rt.providers, allow_cpu_fallback=True), None
     bundle = open_bundle(path)
     m = bundle.manifest
     files = bundle.extract(Path(tmp) / path.name, [m.model_file] + (["golden.npz"] if m.golden else []))
-    rt = load_from_manifest(str(files[m.model_file]), m, threads=threads or threads_for(m.runtime.get("threads") or 0),
+    rt = load_from_manifest(str(files[m.model_file]), m, threads=threads or threads_for(m.runtime.threads),
                             allow_cpu_fallback=True)
     return rt, (m, files.get("golden.npz"))
 

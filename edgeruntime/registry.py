@@ -33,17 +33,13 @@ def load_from_manifest(path: str, manifest, *, cache_dir: str | None = None, thr
                        allow_cpu_fallback: bool | None = None) -> Runtime:
     """Load a bundle's model with the runtime settings its manifest records."""
     rt = manifest.runtime
-    fallback = bool(rt.get("cpu_fallback", False)) if allow_cpu_fallback is None else allow_cpu_fallback
     return load_runtime(
-        path, fmt=manifest.format, threads=(rt.get("threads") or 0) if threads is None else threads,
-        delegates=tuple(rt.get("delegates") or ()), providers=tuple(rt.get("providers") or ()),
-        cache_dir=cache_dir, trt_fp16=bool(rt.get("tensorrt_fp16")), trt_cache=bool(rt.get("tensorrt_engine_cache")),
-        allow_cpu_fallback=fallback)
+        path, fmt=manifest.format, threads=rt.threads if threads is None else threads, delegates=rt.delegates,
+        providers=rt.providers, cache_dir=cache_dir, trt_fp16=rt.tensorrt_fp16, trt_cache=rt.tensorrt_engine_cache,
+        allow_cpu_fallback=rt.cpu_fallback if allow_cpu_fallback is None else allow_cpu_fallback)
 
 
 def slow_load(manifest, *, cache_dir: str | None = None) -> str | None:
     """Why loading this bundle's model will be slow on this device (None: it will not be)."""
-    rt = manifest.runtime
     return runtime_for_format(manifest.format).slow_load(
-        providers=tuple(rt.get("providers") or ()), cache_dir=cache_dir,
-        trt_cache=bool(rt.get("tensorrt_engine_cache")))
+        providers=manifest.runtime.providers, cache_dir=cache_dir, trt_cache=manifest.runtime.tensorrt_engine_cache)

@@ -314,7 +314,7 @@ def test_flex_ops_refused_then_allowed(flex_savedmodel, tmp_path):
     r = allowed.results[0]
     assert r.ok, r.error
     assert any(f["code"] == "flex-ops" and f["level"] == "warning" for f in r.report["lint"])
-    assert open_bundle(r.bundle).manifest.runtime["flex"] is True
+    assert open_bundle(r.bundle).manifest.runtime.flex is True
 
 
 def test_coral_lint_reports_cpu_fallback(tmp_path):
@@ -359,4 +359,4 @@ echo "CONV_2D                        2          Mapped to Edge TPU"
     assert tpu["compiled"] and tpu["ops_on_tpu"] == 5 and tpu["compiler_version"] == "16.0.384591198"
     assert tpu["op_table"][0] == {"op": "CONV_2D", "count": 2, "status": "Mapped to Edge TPU"}
     m = open_bundle(r.bundle).manifest
-    assert m.model_file == "model_edgetpu.tflite" and m.runtime["edgetpu_compiled"] is True
+    assert m.model_file == "model_edgetpu.tflite" and m.runtime.edgetpu_compiled is True

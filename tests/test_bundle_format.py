@@ -7,7 +7,7 @@ import pytest
 
 from edgebundle.archive import MANIFEST, open_bundle, verify_bundle, write_bundle
 from edgebundle.errors import BundleError, VerificationError
-from edgebundle.manifest import Manifest, TensorSpec, parse_version
+from edgebundle.manifest import FileEntry, Manifest, RuntimeSpec, TensorSpec, parse_version
 
 
 def _manifest(**kw):
@@ -155,3 +155,42 @@ def test_semver_ordering():
     assert parse_version("2.0.0-alpha") < parse_version("2.0.0-alpha.1") < parse_version("2.0.0-beta")
     with pytest.raises(BundleError, match="semantic version"):
         parse_version("1.0")
+
+
+PACKAGER_RUNTIME = {"name": "litert", "min_version": "1.2.0", "threads": 4, "delegates": ["xnnpack"], "providers": [],
+                    "tensorrt_fp16": False, "tensorrt_engine_cache": False, "cpu_fallback": True, "flex": False,
+                    "edgetpu_compiled": None}
+
+
+def test_runtime_is_typed_and_its_json_unchanged():
+    m = _manifest(runtime=dict(PACKAGER_RUNTIME))
+    assert isinstance(m.runtime, RuntimeSpec) and m.runtime.threads == 4 and m.runtime.delegates == ("xnnpack",)
+    assert m.runtime.cpu_fallback is True and m.runtime.edgetpu_compiled is None
+    assert m.to_dict()["runtime"] == PACKAGER_RUNTIME and list(m.to_dict()["runtime"]) == list(PACKAGER_RUNTIME)
+    assert m.runtime.to_dict() == RuntimeSpec(**{**PACKAGER_RUNTIME, "delegates": ("xnnpack",)}).to_dict()
+    m = m.with_files({"model.tflite": FileEntry("0" * 64, 1)})
+    again = Manifest.from_json(m.to_json())
+    assert again.runtime == m.runtime and again.to_json() == m.to_json()
+
+
+def test_runtime_of_older_and_newer_bundles_round_trips(tmp_path):
+    """Missing keys read as defaults and stay missing; unknown keys stay where they were; the
+    manifest bytes (what signatures cover) do not change on a read and a write."""
+    rt = {"name": "onnxruntime", "future_option": {"a": [1, 2]}, "providers": ["CPUExecutionProvider"]}
+    m = _manifest(runtime=rt)
+    assert m.runtime.providers == ("CPUExecutionProvider",) and m.runtime.threads == 0 and not m.runtime.cpu_fallback
+    assert m.runtime.extra == {"future_option": {"a": [1, 2]}}
+    assert list(m.to_dict()["runtime"].items()) == list(rt.items())
+    model = tmp_path / "model.tflite"
+    model.write_bytes(b"model")
+    write_bundle(tmp_path / "b.edgepack", m, {"model.tflite": model})
+    b = verify_bundle(tmp_path / "b.edgepack")
+    assert b.manifest.to_json() == b.manifest_bytes and b.manifest.runtime == m.runtime
+
+
+@pytest.mark.parametrize("key,value", [("threads", "4"), ("threads", -1), ("delegates", "xnnpack"),
+                                       ("cpu_fallback", 1), ("name", 7)])
+def test_runtime_field_of_the_wrong_type_is_refused(key, value):
+    with pytest.raises(BundleError, match=f"runtime.{key}"):
+        Manifest.from_dict({**_manifest().to_dict(), "runtime": {"name": "litert", key: value},
+                            "files": {"model.tflite": {"sha256": "0" * 64, "size": 1}}})

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import pytest
+
+from edgeproto.bundleref import BundleRef, Limits, MqttTransfer, RecordError
+from edgeproto.desired import Desired
+from edgeproto.documents import (AgentStatus, AgentTelemetry, StatusDocument, TelemetryDocument, Totals, last_will,
+                                 model_section)
+from edgeproto.jobs import ProfileJob
 from edgeproto.records import DeviceStatus, TelemetryWindow, UpdateEvent
 from edgeproto.topics import DeviceTopics, Topics, shared
 
@@ -19,7 +27,8 @@ def _imported(stmt: str) -> set[str]:
 
 def test_floors_import_only_downwards():
     heavy = {"tensorflow", "keras", "tf2onnx", "onnx"}
-    proto = _imported("import edgeproto.topics, edgeproto.records, edgeproto.desired, edgeproto.mqtt, edgeproto.broker")
+    proto = _imported("import edgeproto.topics, edgeproto.records, edgeproto.desired, edgeproto.jobs, "
+                      "edgeproto.documents, edgeproto.mqtt, edgeproto.broker")
     assert not proto & (heavy | {"packager", "fleet", "device_agent"}), proto
     fleet = _imported("import fleet, fleet.cli, fleet.status, fleet.push, fleet.broker")
     assert not fleet & (heavy | {"packager", "device_agent"}), fleet
@@ -51,3 +60,76 @@ def test_records_read_leniently():
     ev = UpdateEvent.from_dict({"update_id": "u1", "state": "rolled_back", "error": "slow"})
     assert ev.final and UpdateEvent.from_dict(ev.to_dict()) == ev
     assert UpdateEvent.from_dict(None) is None
+
+
+SHA = "a" * 64
+BUNDLE = {"name": "m", "version": "1.0.0", "sha256": SHA, "size": 10,
+          "transfer": {"method": "mqtt", "topic": f"r/bundles/{SHA}", "chunk_size": 4, "chunks": 3,
+                       "chunk_sha256": ["b" * 64] * 3}}
+RECORDS = [(Desired, {"schema": "edgepack.desired/1", "update_id": "u1"}, "desired record"),
+           (ProfileJob, {"schema": "edgepack.profile-job/1", "job_id": "j1", "target": "devices/d1"}, "profile job")]
+
+
+@pytest.mark.parametrize("cls,head,what", RECORDS)
+def test_desired_records_and_profile_jobs_name_a_bundle_alike(cls, head, what):
+    rec = cls.parse(json.dumps({**head, **BUNDLE}).encode(), source="t", topic_prefix="r")
+    assert rec.bundle == BundleRef(name="m", version="1.0.0", sha256=SHA, size=10, transfer=MqttTransfer(
+        topic=f"r/bundles/{SHA}", chunk_size=4, chunks=3, chunk_sha256=("b" * 64,) * 3))
+    assert rec.mismatch(SimpleNamespace(name="m", version="1.0.0"), named_by="it") is None
+    assert rec.mismatch(SimpleNamespace(name="m", version="2.0.0"), named_by="the job") == \
+        "the bundle is m 2.0.0, the job says m 1.0.0"
+    for field, value, said in [("size", 0, "size 0 is outside"), ("version", "1.0", "version"),
+                               ("sha256", "A" * 64, "sha256 must be 64 lowercase"), ("name", "a/b", "name must be"),
+                               ("transfer", {"method": "ftp"}, "unknown transfer method"),
+                               ("record_signature", [], "record_signature must be an object")]:
+        with pytest.raises(RecordError, match=f"malformed {what} on t: {said}") as e:
+            cls.parse(json.dumps({**head, **BUNDLE, field: value}).encode(), source="t", topic_prefix="r")
+        assert e.value.update_id == next(iter(v for k, v in head.items() if k.endswith("_id")))
+    with pytest.raises(RecordError, match=f"{what} on t is 2 bytes; at most 1 are accepted"):
+        cls.parse(b"{}", source="t", limits=Limits(max_record_bytes=1))
+    with pytest.raises(RecordError, match=f"{what} on t is not valid JSON"):
+        cls.parse(b"{", source="t")
+
+
+def test_status_and_telemetry_documents_of_agent_and_simulator():
+    """One writer for both: the keys, values and order of the protocol, the agent's sections only
+    when an agent writes (docs/schemas/)."""
+    import jsonschema
+    from pathlib import Path
+
+    from edgebundle.manifest import Manifest, TensorSpec
+
+    schemas = Path(__file__).resolve().parent.parent / "docs" / "schemas"
+    man = Manifest(name="m", version="1.0.0", target={"name": "arm-cpu"}, format="tflite", precision="int8",
+                   model_file="model.tflite", inputs=(TensorSpec("x", (1, 2), "float32"),),
+                   outputs=(TensorSpec("y", (1, 2), "float32"),), runtime={"name": "litert"})
+    model = model_section(man, bundle_sha256=SHA, interface="0123456789abcdef", runtime="litert", runtime_version="1.4",
+                          provider="xnnpack", notes=[])
+    assert list(model) == ["name", "version", "bundle_sha256", "interface", "target", "format", "precision",
+                           "runtime", "runtime_version", "provider", "notes"] and model["target"] == "arm-cpu"
+    upd = {"state": "committed", "previous": {"version": "0.9.0"}}
+    buf = {"queued": 0, "dropped_total": 0}
+    common = dict(device_id="d1", ts="t", groups=("g",), model=model, model_error=None, update=upd, ota={"k": 1})
+    agent = StatusDocument(**common, agent_version="0.1.0", agent=AgentStatus(
+        state={"state": "serving"}, started="s", buffer=buf, profile=None, platform={}, api={})).to_dict()
+    assert list(agent) == ["device_id", "online", "reason", "ts", "state", "groups", "agent_version", "started",
+                           "model", "model_error", "previous_model", "update", "ota", "buffer", "profile", "platform",
+                           "api"]
+    assert agent["previous_model"] == {"version": "0.9.0"} and agent["online"] is True and agent["profile"] is None
+    sim = StatusDocument(**common, agent_version="sim", sim={"faults": [], "base_ms": 10.0}).to_dict()
+    assert list(sim) == ["device_id", "online", "reason", "ts", "groups", "agent_version", "model", "model_error",
+                         "previous_model", "update", "ota", "sim"]
+    for doc in (agent, sim, last_will("d1")):
+        jsonschema.validate(doc, json.loads((schemas / "status.schema.json").read_text()))
+    window = {"count": 0, "errors": 0, "nonfinite": 0, "window_s": 1.0, "throughput_ips": 0.0, "latency_ms": None}
+    tel = TelemetryDocument(device_id="d1", ts="t", seq=3, inference=window,
+                            totals=Totals(count=5, errors=1, nonfinite=0), system={}, model_name="m",
+                            model_version="1.0.0",
+                            agent=AgentTelemetry(buffer=buf, profile=None)).to_dict()
+    assert list(tel) == ["device_id", "ts", "seq", "inference", "totals", "system", "buffer", "profile", "model"]
+    assert tel["totals"] == {"count": 5, "errors": 1, "nonfinite": 0}
+    assert tel["model"] == {"name": "m", "version": "1.0.0"}
+    simtel = TelemetryDocument(device_id="d1", ts="t", seq=3, inference=window, totals=Totals(count=5, errors=1),
+                               system={}).to_dict()
+    assert simtel == {"device_id": "d1", "ts": "t", "seq": 3, "inference": window, "totals": {"count": 5, "errors": 1},
+                      "system": {}, "model": None}

@@ -17,7 +17,6 @@ import os
 import random
 import threading
 import time
-from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from device_agent.store import Store
 from edgebundle.archive import open_bundle, sha256_file
 from edgebundle.interface import interface_hash
 from edgeproto.desired import Desired, Limits, RecordError, resolve
+from edgeproto.documents import StatusDocument, TelemetryDocument, Totals, last_will, model_section, now_iso
 from edgeproto.mqtt import MqttClient, MqttError, Will, dumps
 from edgeproto.topics import DeviceTopics
 
@@ -40,10 +40,6 @@ class Fault(str, Enum):
     SLOW = "slow"  # runs `slow_factor` x slower on any bundle but its first
     ERRORS = "errors"  # `error_rate` of requests fail on any bundle but its first
     DROP = "drop"  # loses its network link for `drop_s` when an update starts
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class BundlePool:
@@ -102,10 +98,9 @@ class SimModel:
         self._interface = interface_hash(manifest)
 
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "bundle_sha256": self.bundle_sha256,
-                "interface": self._interface, "target": self.manifest.target.get("name"),
-                "format": self.manifest.format, "precision": self.manifest.precision, "runtime": "sim",
-                "runtime_version": None, "provider": "sim", "notes": ["simulated device: nothing is loaded"]}
+        return model_section(self.manifest, bundle_sha256=self.bundle_sha256, interface=self._interface,
+                             runtime="sim", runtime_version=None, provider="sim",
+                             notes=["simulated device: nothing is loaded"])
 
     def observe(self, ms: float, ok: bool) -> None:
         with self._lock:
@@ -170,8 +165,7 @@ class SimDevice:
         self.model: SimModel | None = None
         self.switched = 0  # times it began serving a bundle other than its first (rollback excluded)
         self.initial_sha: str | None = None
-        will = Will(self.topics.status, dumps({"device_id": device_id, "online": False, "reason": "connection lost",
-                                               "ts": None}))
+        will = Will(self.topics.status, dumps(last_will(device_id)))
         self.mqtt = MqttClient(sim.broker, client_id=f"edgepack-sim-{device_id}", will=will,
                                on_connect=self._on_connect, on_message=self._on_message, loop=sim.net)
         self.updater = Updater(self, self.data, settings=UpdaterSettings(max_attempts=s.max_attempts))
@@ -235,13 +229,11 @@ class SimDevice:
 
     # ---- MQTT ----
     def status(self) -> dict:
-        upd = self.updater.summary()
-        return {"device_id": self.device_id, "online": True, "reason": None, "ts": now_iso(),
-                "groups": list(self.sim.settings.groups), "agent_version": "sim",
-                "model": self.model.describe() if self.model else None,
-                "model_error": None if self.model else "no model", "previous_model": upd.get("previous"),
-                "update": upd, "ota": {**self.keyring.describe(), "allowed_urls": []},
-                "sim": {"faults": sorted(f.value for f in self.faults), "base_ms": round(self.base_ms, 3)}}
+        return StatusDocument(
+            device_id=self.device_id, ts=now_iso(), groups=tuple(self.sim.settings.groups), agent_version="sim",
+            model=self.model.describe() if self.model else None, model_error=None if self.model else "no model",
+            update=self.updater.summary(), ota={**self.keyring.describe(), "allowed_urls": []},
+            sim={"faults": sorted(f.value for f in self.faults), "base_ms": round(self.base_ms, 3)}).to_dict()
 
     def _send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         try:
@@ -301,9 +293,9 @@ class SimDevice:
         self.catch_up()
         m = self.model
         self._seq += 1
-        doc = {"device_id": self.device_id, "ts": now_iso(), "seq": self._seq, "inference": self.stats.window(),
-               "totals": {"count": self.stats.total, "errors": self.stats.total_errors}, "system": {},
-               "model": {"name": m.name, "version": m.version} if m else None}
+        doc = TelemetryDocument(device_id=self.device_id, ts=now_iso(), seq=self._seq, inference=self.stats.window(),
+                                totals=Totals(count=self.stats.total, errors=self.stats.total_errors), system={},
+                                model_name=m.name if m else None, model_version=m.version if m else None).to_dict()
         try:
             self.mqtt.publish(self.topics.telemetry, dumps(doc), qos=1)
             return True

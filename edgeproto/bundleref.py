@@ -1,0 +1,245 @@
+"""What a desired record or a profile job names (BundleRef: a bundle and how to fetch it), and
+the strict reading both records share: size and JSON limits, the record's head (schema, id), the
+field checks, each raising ValueError naming the field, turned into one RecordError per record.
+
+Standard library and edgebundle only (agents import it)."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+from typing import Callable, TypeVar
+from urllib.parse import urlparse
+
+from edgebundle.errors import EdgepackError, InputError
+from edgebundle.jsonsafe import JsonError, loads
+from edgebundle.manifest import Manifest, parse_version
+from edgebundle.trust import parse_time
+
+SIG_FIELD = "record_signature"
+MAX_JSON_DEPTH = 8
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+RECORD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # update_id, job_id
+RECORD_ID_TEXT = "1-64 letters, digits, '.', '_' or '-'"
+_NAME = re.compile(r"^[^\x00-\x1f\x7f/\\]{1,128}$")
+TARGET = re.compile(r"^(devices|groups)/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_TOPIC = re.compile(r"^[^\x00+#]{1,512}$")
+T = TypeVar("T")
+
+
+class RecordError(InputError):
+    """A desired record (or profile job) is malformed or refused. `update_id` is set when it could
+    be read, so the refusal can be reported against that update."""
+
+    def __init__(self, message: str, *, update_id: str | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.update_id = update_id
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an agent accepts from a record (endless-data defence); `[ota]` settings."""
+
+    max_record_bytes: int = 1 << 20
+    max_bundle_bytes: int = 1 << 30
+    max_chunks: int = 16384
+    max_chunk_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class MqttTransfer:
+    """Retained chunks on `{topic}/chunks/{i}`, each with its sha256."""
+
+    topic: str
+    chunk_size: int
+    chunks: int
+    chunk_sha256: tuple[str, ...]
+    method: str = "mqtt"
+
+    def to_dict(self) -> dict:
+        return {"method": "mqtt", "topic": self.topic, "chunk_size": self.chunk_size, "chunks": self.chunks,
+                "chunk_sha256": list(self.chunk_sha256)}
+
+
+@dataclass(frozen=True)
+class UrlTransfer:
+    """http(s):// with Range resume, or file://; only from sources the device's config allows."""
+
+    url: str
+    method: str = "url"
+
+    def to_dict(self) -> dict:
+        return {"method": "url", "url": self.url}
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """The bundle a record names: what the fetchers need (sha256, size, transfer) and what the
+    verified bundle's manifest must say (name, version). Desired and ProfileJob extend it."""
+
+    name: str
+    version: str
+    sha256: str
+    size: int
+    transfer: MqttTransfer | UrlTransfer
+
+    @property
+    def bundle(self) -> "BundleRef":
+        """Only the bundle a record names (what the fetchers read)."""
+        return BundleRef(**{f.name: getattr(self, f.name) for f in fields(BundleRef)})
+
+    def mismatch(self, manifest: Manifest, *, named_by: str) -> str | None:
+        """Why the verified bundle is not the one this record names (None: it is)."""
+        if (manifest.name, manifest.version) == (self.name, self.version):
+            return None
+        return f"the bundle is {manifest.name} {manifest.version}, {named_by} says {self.name} {self.version}"
+
+
+def parse_bundle_ref(d: dict, *, limits: Limits, topic_prefix: str | None) -> BundleRef:
+    """The bundle fields of a record (desired records and profile jobs alike), each checked;
+    ValueError says which one is wrong."""
+    name = text(d, "name", _NAME, "1-128 characters, no '/' or control characters")
+    version = text(d, "version", None, "a semantic version")
+    try:
+        parse_version(version)
+    except EdgepackError as e:
+        raise ValueError(str(e).split("\n")[0]) from None
+    sha = text(d, "sha256", _SHA, "64 lowercase hex digits")
+    size = integer(d, "size", 1, limits.max_bundle_bytes, hint="[ota] max_bundle_bytes")
+    transfer = _transfer(d.get("transfer"), sha=sha, size=size, limits=limits, topic_prefix=topic_prefix)
+    return BundleRef(name=name, version=version, sha256=sha, size=size, transfer=transfer)
+
+
+def parse_transfer(doc: dict, *, sha256: str, size: int, limits: Limits = Limits()) -> MqttTransfer | UrlTransfer:
+    """A transfer object from its JSON form (as in a record); ValueError naming the field."""
+    return _transfer(doc, sha=sha256, size=size, limits=limits, topic_prefix=None)
+
+
+# ---- reading a record: limits, head, errors ----
+
+def load_record(payload: bytes, *, what: str, source: str, limits: Limits, size_hint: str = "") -> object:
+    """A record's JSON document; RecordError when it is over the size limit or not JSON."""
+    if len(payload) > limits.max_record_bytes:
+        raise RecordError(f"{what} on {source} is {len(payload)} bytes; at most {limits.max_record_bytes} "
+                          f"are accepted{size_hint}")
+    try:
+        return loads(payload, max_depth=MAX_JSON_DEPTH)
+    except JsonError as e:
+        raise RecordError(f"{what} on {source} is not valid JSON: {e}") from None
+
+
+def checked(build: Callable[[object], T], doc, *, what: str, source: str, id_key: str, hint: str) -> T:
+    """build(doc), with a field error turned into one RecordError naming the record (and its id,
+    when that much could be read)."""
+    rid = doc.get(id_key) if isinstance(doc, dict) else None
+    rid = rid if isinstance(rid, str) and RECORD_ID.match(rid) else None
+    try:
+        return build(doc)
+    except (ValueError, TypeError, KeyError, OverflowError) as e:
+        msg = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        raise RecordError(f"malformed {what} on {source}: {msg}", update_id=rid, hint=hint) from None
+
+
+def record_id(d, *, schema: str, what: str, id_key: str) -> str:
+    """The head every record starts with: a JSON object of `schema`, with a well-formed id."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a {what} is a JSON object")
+    if d.get("schema") != schema:
+        raise ValueError(f"schema {d.get('schema')!r}, expected {schema!r}")
+    return text(d, id_key, RECORD_ID, RECORD_ID_TEXT)
+
+
+def issued(d: dict) -> str | None:
+    """`issued`, a UTC timestamp when present (replay protection)."""
+    v = d.get("issued")
+    if v is not None:
+        parse_time(v, what="issued")
+    return v
+
+
+def signature(d: dict) -> dict | None:
+    """`record_signature` as received (checked by the agent's RecordGate, not here)."""
+    sig = d.get(SIG_FIELD)
+    if sig is not None and not isinstance(sig, dict):
+        raise ValueError(f"{SIG_FIELD} must be an object")
+    return sig
+
+
+# ---- field checks: each raises ValueError naming the field ----
+
+def text(d: dict, key: str, pattern, what: str) -> str:
+    v = d.get(key)
+    if not isinstance(v, str) or (pattern is not None and not pattern.match(v)) or len(v) > 256:
+        raise ValueError(f"{key} must be {what}, not {v!r:.80}")
+    return v
+
+
+def integer(d: dict, key: str, lo: int, hi: int, *, default: int | None = None, what: str | None = None,
+            hint: str | None = None) -> int:
+    what = what or key
+    if key not in d and default is not None:
+        return default
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{what} must be an integer, not {v!r:.80}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{what} {v} is outside {lo}..{hi}" + (f" ({hint})" if hint else ""))
+    return v
+
+
+def number(d: dict, what: str, key: str, lo: float, hi: float, default: float) -> float:
+    if key not in d:
+        return default
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{what} must be a number, not {v!r:.80}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{what} {v} is outside {lo:g}..{hi:g}")
+    return float(v)
+
+
+def section(d: dict, key: str, known: tuple[str, ...]) -> dict:
+    v = d.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError(f"{key} must be an object")
+    unknown = set(v) - set(known)
+    if unknown:
+        raise ValueError(f"{key} has unknown field(s) {sorted(unknown)}; known: {list(known)}")
+    return v
+
+
+def _transfer(t, *, sha: str, size: int, limits: Limits, topic_prefix: str | None) -> MqttTransfer | UrlTransfer:
+    if not isinstance(t, dict):
+        raise ValueError("transfer must be an object")
+    method = t.get("method")
+    if method == "mqtt":
+        return _mqtt_transfer(t, sha=sha, size=size, limits=limits, topic_prefix=topic_prefix)
+    if method == "url":
+        url = t.get("url")
+        if not isinstance(url, str) or len(url) > 2048 or any(ord(c) < 33 for c in url):
+            raise ValueError("transfer.url must be a URL of at most 2048 characters without spaces")
+        if urlparse(url).scheme not in ("http", "https", "file"):
+            raise ValueError("transfer.url must be http://, https:// or file://")
+        return UrlTransfer(url=url)
+    raise ValueError(f"unknown transfer method {method!r:.40}; one of 'mqtt', 'url'")
+
+
+def _mqtt_transfer(t: dict, *, sha: str, size: int, limits: Limits, topic_prefix: str | None) -> MqttTransfer:
+    topic = t.get("topic")
+    if not isinstance(topic, str) or not _TOPIC.match(topic):
+        raise ValueError("transfer.topic must be a topic name without wildcards")
+    want = f"{topic_prefix}/bundles/{sha}" if topic_prefix is not None else None
+    if (want is not None and topic != want) or not topic.endswith(f"/bundles/{sha}"):
+        raise ValueError(f"transfer.topic must be {want or '{root}/bundles/{sha256}'}, not {topic!r:.120}")
+    csize = integer(t, "chunk_size", 1, limits.max_chunk_bytes, what="transfer.chunk_size")
+    chunks = integer(t, "chunks", 1, limits.max_chunks, what="transfer.chunks", hint="[ota] max_chunks")
+    if chunks != -(-size // csize):
+        raise ValueError(f"transfer.chunks is {chunks}, but {size} bytes in chunks of {csize} make "
+                         f"{-(-size // csize)}")
+    hashes = t.get("chunk_sha256")
+    if not isinstance(hashes, list) or len(hashes) != chunks or not all(
+            isinstance(h, str) and _SHA.match(h) for h in hashes):
+        raise ValueError("transfer.chunk_sha256 must list one 64-hex sha256 per chunk")
+    return MqttTransfer(topic=topic, chunk_size=csize, chunks=chunks, chunk_sha256=tuple(hashes))
