@@ -14,8 +14,8 @@ from typing import Callable
 from edgebundle.errors import CalibrationError, EdgepackError, InputError
 from edgebundle.manifest import parse_version
 from packager.cache import BuildCache
-from packager.data import (RANDOM, Dataset, data_info, is_images, random_dataset, read_arrays, require_float_inputs,
-                           to_dataset)
+from packager.data import (RANDOM, Dataset, align_texts, data_info, is_images, random_dataset, read_arrays,
+                           require_float_inputs, to_dataset)
 from packager.formats import backend_for, check_pair
 from packager.options import BuildInputs, BuildOptions, Progress
 from packager.package import package
@@ -35,7 +35,7 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
     profiles = [load_profile(t) for t in opts.targets]  # fail fast, before TensorFlow loads
     kind = detect_kind(Path(opts.model))
     for p in profiles:
-        check_pair(kind.value, p.format)
+        check_pair(kind.converts_as.value, p.format)
     signer = _signer(opts.sign_key)
     name = opts.name or _default_name(opts.model)
     with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp, HostTimer(Path(tmp) / "timing") as timer:
@@ -57,7 +57,7 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
                 "search": opts.search.value,
                 "profiled_on": opts.profile_on.device if opts.profile_on is not None else None,
                 "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in source.inputs]}
-        return BuildResult(model=str(opts.model), source_format=source.kind.value, results=results,
+        return BuildResult(model=str(opts.model), source_format=source.format_name, results=results,
                            seconds=time.perf_counter() - t0, shared=info, name=name, version=opts.version)
 
 
@@ -124,7 +124,9 @@ def _datasets(opts: BuildOptions, source: Source, profiles: list[TargetProfile],
                               ("calibration", opts.calibration, opts.calibration_samples + holdout)):
         if spec and spec != RANDOM and not is_images(spec):
             progress(f"loading {what} data from {spec}")
-            read[what] = read_arrays(spec, source.inputs, what=what, limit=limit)
+            read[what] = read_arrays(spec, source.inputs, what=what, limit=limit, text=source.text)
+    if source.text is not None and read:
+        align_texts(read, source.text)
     shapes = (read.get("validation") or read.get("calibration"))
     if shapes is None and not is_images(opts.validation) and not is_images(opts.calibration):
         require_float_inputs(source.inputs)  # no data at all: say so before asking for shapes

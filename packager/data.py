@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from edgebundle.errors import CalibrationError, InputError
-from packager.sources import InputSpec
+from packager.sources import InputSpec, TextInfo
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+TEXT_SUFFIXES = (".txt", ".jsonl")
 RANDOM = "random"
 
 
@@ -66,19 +67,38 @@ class Arrays:
         return {k: tuple(v.shape[1:]) for k, v in self.arrays.items()}
 
 
+def align_texts(read: dict[str, Arrays], text: TextInfo) -> None:
+    """Tokenized text files padded to one sequence length (the longest), so every sample fits the
+    shape the data fixes; the attention mask keeps the padding out of the model's result."""
+    texts = [a for a in read.values() if Path(a.source).suffix in TEXT_SUFFIXES]
+    if not texts:
+        return
+    width = max(next(iter(a.arrays.values())).shape[1] for a in texts)
+    pads = {name: (text.settings.pad_id if role.value == "ids" else 0) for name, role in text.settings.inputs}
+    for a in texts:
+        for k, v in a.arrays.items():
+            if v.shape[1] < width:
+                a.arrays[k] = np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=pads.get(k, 0))
+
+
 def is_images(spec: str | None) -> bool:
     return bool(spec) and spec != RANDOM and Path(spec).is_dir()
 
 
 def read_arrays(spec: str, inputs: list[InputSpec], *, what: str, limit: int | None = None,
-                image_prep: ImagePreprocessing = ImagePreprocessing()) -> Arrays:
-    """Read `spec` (.npz, .npy or an image folder; not 'random'). Image folders need the
-    inputs' shapes resolved (they are resized to them)."""
+                image_prep: ImagePreprocessing = ImagePreprocessing(), text: TextInfo | None = None) -> Arrays:
+    """Read `spec` (.npz, .npy, an image folder, or text for text models; not 'random'). Image
+    folders need the inputs' shapes resolved (they are resized to them)."""
     path = Path(spec)
     if not path.exists():
         raise InputError(f"{what} data {spec!r} does not exist",
-                         hint=f"pass a .npz/.npy file, a folder of images, or '{RANDOM}'")
-    if path.is_dir():
+                         hint=f"pass a .npz/.npy file, a folder of images, a .txt/.jsonl of texts, or '{RANDOM}'")
+    if path.suffix in TEXT_SUFFIXES:
+        if text is None:
+            raise InputError(f"{what} data {path.name} is text, and this model takes no text",
+                             hint="text data needs a Hugging Face folder as the model (its tokenizer tokenizes it)")
+        arrays, labels = _texts(path, text, limit)
+    elif path.is_dir():
         arrays, labels = _images(path, inputs, image_prep, limit), None
     elif path.suffix == ".npy":
         if len(inputs) != 1:
@@ -178,6 +198,49 @@ def _fit(x: np.ndarray, spec: InputSpec, src: str) -> np.ndarray:
     if x.dtype.kind == "f" and dt.kind in "iub":
         raise CalibrationError(f"{src}: input {spec.name!r} takes {dt.name} but the data is {x.dtype.name}")
     return x.astype(dt, copy=False)
+
+
+def _texts(path: Path, text: TextInfo, limit: int | None) -> tuple[dict, np.ndarray | None]:
+    """One text per line (.txt), or JSON lines with "text" and an optional "label" (a class index or
+    name), tokenized by the model's tokenizer and padded to the longest text read (at most its
+    max_length; the model masks the padding)."""
+    texts, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".txt":
+                texts.append(line.rstrip("\n"))
+            else:
+                texts.append(_jsonl_text(path, i, line, text.labels, labels))
+            if limit and len(texts) >= limit:
+                break
+    if labels and len(labels) != len(texts):
+        raise CalibrationError(f"{path.name}: {len(labels)} of {len(texts)} lines have a label; give all or none")
+    enc = text.encoder().encode(texts, length=None)
+    return enc.feeds, np.asarray(labels, np.int64) if labels else None
+
+
+def _jsonl_text(path: Path, line_no: int, line: str, names: tuple[str, ...], labels: list) -> str:
+    import json
+
+    try:
+        d = json.loads(line)
+        t = d["text"]
+    except (ValueError, KeyError, TypeError):
+        raise CalibrationError(f"{path.name}:{line_no} is not a JSON object with a \"text\"",
+                               hint='one object per line: {"text": "...", "label": 1}') from None
+    if not isinstance(t, str):
+        raise CalibrationError(f"{path.name}:{line_no}: \"text\" is not a string")
+    if "label" in d:
+        lab = d["label"]
+        if isinstance(lab, str) and lab in names:
+            lab = names.index(lab)
+        if not isinstance(lab, int) or isinstance(lab, bool) or (names and not 0 <= lab < len(names)):
+            raise CalibrationError(f"{path.name}:{line_no}: label {d['label']!r} is not one of the model's classes",
+                                   hint=f"a class index or one of {list(names)}" if names else "a class index")
+        labels.append(lab)
+    return t
 
 
 def _images(folder: Path, inputs: list[InputSpec], prep: ImagePreprocessing, limit: int | None) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 
 from edgebundle.errors import CalibrationError, ConversionError, InputError
 from edgebundle.manifest import TensorSpec
+from edgeruntime.text import TextEncoder, TextSettings
 
 Feeds = dict[str, np.ndarray]
 
@@ -31,16 +32,27 @@ class SourceKind(str, Enum):
     KERAS = "keras"
     ONNX = "onnx"
     TFLITE = "tflite"
+    HF = "hf"  # a Hugging Face folder: exported to ONNX first (packager/hf_export.py)
+
+    @property
+    def converts_as(self) -> "SourceKind":
+        """The kind the converters see: a Hugging Face folder reaches them as its ONNX export."""
+        return SourceKind.ONNX if self is SourceKind.HF else self
 
 
 def detect_kind(path: Path) -> SourceKind:
     if not path.exists():
         raise InputError(f"model {str(path)!r} does not exist",
-                         hint="pass a SavedModel directory, a .keras/.h5 file, an .onnx file or a .tflite file")
+                         hint="pass a SavedModel directory, a Hugging Face folder, a .keras/.h5 file, an .onnx file or a .tflite file")
     if path.is_dir():
+        from packager.hf_export import is_hf_folder
+
         if (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file():
             return SourceKind.SAVED_MODEL
-        raise InputError(f"directory {str(path)!r} is not a TensorFlow SavedModel (no saved_model.pb in it)")
+        if is_hf_folder(path):
+            return SourceKind.HF
+        raise InputError(f"directory {str(path)!r} is neither a TensorFlow SavedModel (no saved_model.pb in it) nor a "
+                         "Hugging Face model folder (config.json and model.safetensors or pytorch_model.bin)")
     suffix = path.suffix.lower()
     kinds = {".keras": SourceKind.KERAS, ".h5": SourceKind.KERAS, ".hdf5": SourceKind.KERAS,
              ".onnx": SourceKind.ONNX, ".tflite": SourceKind.TFLITE}
@@ -136,6 +148,18 @@ def _fmt(sig) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in sig) + ")"
 
 
+@dataclass(frozen=True)
+class TextInfo:
+    """A text model's tokenizer and settings: the bundle carries both, and text data is tokenized with them."""
+
+    tokenizer: Path  # tokenizer.json
+    settings: TextSettings
+    labels: tuple[str, ...] = ()  # class names of a classifier, in index order
+
+    def encoder(self) -> TextEncoder:
+        return TextEncoder.from_file(self.tokenizer, self.settings)
+
+
 @dataclass
 class Source:
     """A loaded model. Subclasses fill inputs/outputs and implement `reference`."""
@@ -146,6 +170,13 @@ class Source:
     outputs: list[str] = field(default_factory=list)
     sha256: str = ""
     workdir: Path | None = None
+    origin: SourceKind | None = None  # what the user gave, when it was converted first (a Hugging Face folder)
+    origin_path: Path | None = None
+    text: TextInfo | None = None  # text models: the tokenizer that goes into the bundle
+
+    @property
+    def format_name(self) -> str:
+        return (self.origin or self.kind).value
 
     def reference(self, feeds: Feeds) -> Feeds:
         raise NotImplementedError
@@ -276,6 +307,23 @@ class OnnxSource(Source):
             raise ReferenceFailed(f"onnxruntime cannot run {self.path.name} on this data: {_first_line(e)}") from None
 
 
+class HfSource(OnnxSource):
+    """A Hugging Face folder, exported to ONNX in a worker process; from then on an ONNX source
+    that carries its tokenizer."""
+
+    def __init__(self, path: Path, kind: SourceKind, workdir: Path):
+        from packager.hf_export import export_onnx, read_folder
+
+        folder = read_folder(path)
+        onnx_path = workdir / f"{path.name}.onnx"
+        ans = export_onnx(folder, onnx_path)
+        super().__init__(onnx_path, SourceKind.ONNX, workdir)
+        self.origin, self.origin_path, self.hf = SourceKind.HF, path, folder
+        self.export = ans
+        self.text = TextInfo(tokenizer=folder.tokenizer, settings=folder.text_settings(ans["inputs"]),
+                             labels=folder.labels)
+
+
 class TFLiteSource(Source):
     """A ready .tflite: packaged as is; its own outputs are the reference."""
 
@@ -311,7 +359,7 @@ class TFLiteSource(Source):
 
 
 _LOADERS = {SourceKind.SAVED_MODEL: TFSource, SourceKind.KERAS: TFSource,
-            SourceKind.ONNX: OnnxSource, SourceKind.TFLITE: TFLiteSource}
+            SourceKind.ONNX: OnnxSource, SourceKind.TFLITE: TFLiteSource, SourceKind.HF: HfSource}
 
 
 def load_source(path: str | os.PathLike, *, workdir: Path | None = None) -> Source:

@@ -131,8 +131,10 @@ def _dynamic(ctx: ConvertContext, fp32: Path, out: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
+        # DefaultTensorType: ORT cannot always infer the type of a weight fed through a reshape (BERT's
+        # attention output); every weight it quantizes is float32.
         quantize_dynamic(str(_preprocessed(ctx, fp32)), str(out), weight_type=QuantType.QInt8,
-                         per_channel=ctx.per_channel)
+                         per_channel=ctx.per_channel, extra_options={"DefaultTensorType": 1})
     except Exception as e:
         raise ConversionError(f"onnxruntime dynamic quantization failed: {str(e).splitlines()[0][:300]}") from None
     return {"weights": "int8", "activations": "float32 (quantized on the fly)", "per_channel": ctx.per_channel}
@@ -150,6 +152,16 @@ class OnnxBackend(Backend):
     ladder_steps = (Step(Precision.INT8), Step(Precision.INT8, mixed=True), Step(Precision.FP16),
                     Step(Precision.FP16, mixed=True), Step(Precision.FP32))
     accelerators = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+    def plan(self, source, profile: TargetProfile, asked: Precision) -> tuple[Step, ...]:
+        """Graphs whose weights sit in MatMul/Gemm (transformers) try dynamic int8 first on CPU targets:
+        ORT's int8 MatMul kernels quantize activations per call, so nothing is calibrated (static int8
+        loses such models to the attention mask and Softmax), and the speed gate still decides."""
+        steps = super().plan(source, profile, asked)
+        if (asked is Precision.AUTO and profile.is_cpu and Precision.DYNAMIC in profile.precisions
+                and getattr(source, "model", None) is not None and onnx_graph.matmul_weight_share(source.model) >= 0.5):
+            return (Step(Precision.DYNAMIC),) + tuple(s for s in steps if s.precision is not Precision.DYNAMIC)
+        return steps
 
     def fp32(self, ctx: ConvertContext) -> Path:
         import onnx
