@@ -19,6 +19,7 @@ DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32":
              "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
              "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 _BY_DTYPE = {np.dtype(v).name: k for k, v in DATATYPES.items()}
+BYTES = "BYTES"  # text: JSON strings, or (binary extension) each element a 4-byte little-endian length + UTF-8
 HEADER_LEN = "Inference-Header-Content-Length"
 MAX_DEPTH = 40  # nesting of the JSON header: tensors nest `data` lists by rank
 MAX_RANK = 32
@@ -32,6 +33,9 @@ def datatype(dtype: str) -> str:
 
 def tensor_meta(spec) -> dict:
     return {"name": spec.name, "datatype": datatype(spec.dtype), "shape": list(spec.shape_signature or spec.shape)}
+
+
+TEXT_META = {"name": "text", "datatype": BYTES, "shape": [-1]}  # text bundles also take text in place of tokens
 
 
 def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[str, np.ndarray], list[dict]]:
@@ -67,13 +71,17 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[s
             raise InferenceError("input 'name' must be a string of 1-256 characters")
         if name in arrays:
             raise InferenceError(f"input {name!r} appears twice")
-        if not isinstance(dt, str) or dt not in DATATYPES:
-            raise InferenceError(f"input {name!r}: unknown datatype {str(dt)[:20]!r}; one of {sorted(DATATYPES)}")
+        if not isinstance(dt, str) or (dt not in DATATYPES and dt != BYTES):
+            raise InferenceError(f"input {name!r}: unknown datatype {str(dt)[:20]!r}; one of "
+                                 f"{sorted([*DATATYPES, BYTES])}")
         shape = _shape(name, t["shape"])
         count = math.prod(shape)
         if count > MAX_ELEMENTS:
             raise InferenceError(f"input {name!r}: shape {shape} has {count} elements; at most {MAX_ELEMENTS}")
         params = _params(t, f"input {name!r}")
+        if dt == BYTES:
+            arrays[name], offset = _strings(name, t, params, shape, binary, offset)
+            continue
         dtype = np.dtype(DATATYPES[dt])
         if "binary_data_size" in params:
             size = params["binary_data_size"]
@@ -101,6 +109,37 @@ def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[s
         if not isinstance(_params(o, f"output {o['name'][:64]!r}").get("binary_data", False), bool):
             raise InferenceError(f"output {o['name'][:64]!r}: parameters.binary_data must be true or false")
     return req, arrays, outputs
+
+
+def _strings(name: str, t: dict, params: dict, shape: list[int], binary, offset: int) -> tuple[list[str], int]:
+    """A BYTES tensor as a list of strings (rank 1: one text per element)."""
+    if len(shape) != 1:
+        raise InferenceError(f"input {name!r}: BYTES inputs are rank 1 (one text per element), not shape {shape}")
+    if "binary_data_size" in params:
+        size = params["binary_data_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise InferenceError(f"input {name!r}: binary_data_size must be a non-negative integer within the body")
+        raw, items, i = bytes(binary[offset:offset + size]), [], 0
+        while i < len(raw):
+            if i + 4 > len(raw):
+                raise InferenceError(f"input {name!r}: BYTES element {len(items)} has a truncated length prefix")
+            n = int.from_bytes(raw[i:i + 4], "little")
+            if i + 4 + n > len(raw):
+                raise InferenceError(f"input {name!r}: BYTES element {len(items)} runs past its binary data")
+            items.append(raw[i + 4:i + 4 + n])
+            i += 4 + n
+        offset += size
+    else:
+        data = t.get("data")
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise InferenceError(f"input {name!r}: BYTES 'data' must be a list of strings")
+        items = data
+    if len(items) != shape[0]:
+        raise InferenceError(f"input {name!r}: {len(items)} values for shape {shape}")
+    try:
+        return [x.decode("utf-8") if isinstance(x, bytes) else x for x in items], offset
+    except UnicodeDecodeError as e:
+        raise InferenceError(f"input {name!r}: BYTES element is not UTF-8 ({e.reason})") from None
 
 
 def _params(obj: dict, what: str) -> dict:

@@ -15,8 +15,9 @@ import numpy as np
 
 from edgeruntime.base import Runtime, dequantize, quantize
 from edgeruntime.registry import load_from_manifest
+from edgeruntime.text import TextEncoder, TextSettings, parity_problems
 from edgebundle.archive import Bundle, open_bundle, sha256_file
-from edgebundle.errors import InputError, VerificationError
+from edgebundle.errors import BundleError, InputError, RuntimeUnavailableError, VerificationError
 from edgebundle.interface import interface_hash
 from edgebundle.manifest import Manifest
 from edgeproto.documents import model_section
@@ -33,6 +34,8 @@ class ModelClosed(RuntimeError):
 
 
 MAX_GOLDEN_BYTES = 64 << 20  # golden arrays are loaded into memory
+TEXT_INPUT = "text"  # text bundles take `{"text": [str, ...]}` as well as their token tensors
+TOKENS, TRUNCATED = "text_tokens", "text_truncated"  # returned with a text request's outputs
 
 
 class Health:
@@ -74,6 +77,7 @@ class Model:
     _reference: "Model | None" = None
     _busy: int = 0
     _busy_lock: threading.Lock = field(default_factory=threading.Lock)
+    text: TextEncoder | None = None  # text bundles: tokenizes `{"text": [...]}` requests on the device
 
     @property
     def name(self) -> str:
@@ -114,6 +118,8 @@ class Model:
     def validate(self, inputs: dict) -> dict[str, np.ndarray]:
         """Check names, shapes and dtypes against the manifest; return arrays in the
         model's dtypes (floats for quantized inputs are quantized here)."""
+        if TEXT_INPUT in inputs and TEXT_INPUT not in self._names:
+            return self._tokenized(inputs)
         if len(inputs) != len(self._names) or not all(n in inputs for n in self._names):
             unknown = sorted(set(inputs) - self._names)
             if unknown:
@@ -139,6 +145,24 @@ class Model:
             feeds[name] = x
         return feeds
 
+    def _tokenized(self, inputs: dict) -> dict[str, np.ndarray]:
+        """`{"text": [str, ...]}`: the bundle's tokenizer makes the token tensors (padded to the
+        longest text, or to the smallest length bucket that holds it)."""
+        if self.text is None:
+            why = ("the agent lacks the `tokenizers` library (pip install 'edgepack[text]')"
+                   if self.manifest.text else "this model takes no text")
+            raise InferenceError(f"input 'text' cannot be served: {why}; send {sorted(self._names)} instead")
+        if len(inputs) != 1:
+            raise InferenceError(f"input 'text' comes alone; got {sorted(inputs)}")
+        texts = inputs[TEXT_INPUT]
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
+            raise InferenceError("input 'text' must be a non-empty list of strings")
+        enc = self.text.encode(list(texts))
+        feeds = self.validate(enc.feeds)
+        feeds[TOKENS] = np.asarray(enc.lengths, np.int64)
+        feeds[TRUNCATED] = np.asarray(enc.truncated, np.bool_)
+        return feeds
+
     @property
     def in_flight(self) -> int:
         """Requests running or waiting in infer() now (profile jobs pause while any are)."""
@@ -157,6 +181,12 @@ class Model:
 
     def _infer(self, inputs: dict, raw: bool, stamps: list[float] | None) -> dict[str, np.ndarray]:
         feeds = self.validate(inputs)
+        if TOKENS in feeds:  # a text request: the token counts and truncation flags go back with the outputs
+            notes = {k: feeds.pop(k) for k in (TOKENS, TRUNCATED)}
+            return dict(self._run(feeds, raw, inputs, stamps), **notes)
+        return self._run(feeds, raw, inputs, stamps)
+
+    def _run(self, feeds: dict, raw: bool, inputs: dict, stamps: list[float] | None) -> dict[str, np.ndarray]:
         if stamps is not None:
             stamps.append(time.perf_counter())
         if self._watch:
@@ -211,7 +241,7 @@ class Model:
     def _request_caused_it(self, inputs: dict) -> bool:
         """A NaN/Inf input, or the previous model failing the same way on this input: the
         request is to blame, not the model on probation."""
-        if _nonfinite(np.asarray(v) for v in inputs.values()):
+        if TEXT_INPUT not in inputs and _nonfinite(np.asarray(v) for v in inputs.values()):
             return True
         ref = self._reference
         if ref is None:
@@ -309,6 +339,7 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
                                  allow_cpu_fallback=allow_cpu_fallback)
     model = Model(manifest=m, runtime=runtime, bundle_sha256=digest, bundle_path=path, golden_path=golden)
     try:
+        model.text = _text_encoder(m, model_dir, path.name)
         model.warm_up(warmup)
         if check_golden:
             res = model.check_golden()
@@ -324,5 +355,26 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
 
 
 def bundle_members_to_extract(m: Manifest) -> list[str]:
-    """What the device needs on disk: the model file and the golden data."""
-    return [m.model_file] + ([m.golden["file"]] if m.golden else [])
+    """What the device needs on disk: the model file, the golden data and a text model's tokenizer."""
+    return [m.model_file] + ([m.golden["file"]] if m.golden else []) + ([m.text["tokenizer"]] if m.text else [])
+
+
+def _text_encoder(m: Manifest, model_dir: Path, bundle_name: str) -> TextEncoder | None:
+    """A text bundle's tokenizer, after its parity check: the golden texts must give the ids the
+    build computed, or a drifted tokenizer library would feed the model other tokens than it was
+    validated on. None where `tokenizers` is not installed (token tensors still work)."""
+    if not m.text:
+        return None
+    try:
+        enc = TextEncoder.from_file(model_dir / m.text["tokenizer"], TextSettings.from_dict(m.text["settings"]))
+    except RuntimeUnavailableError:
+        return None
+    except InputError as e:
+        raise BundleError(f"{bundle_name}: {e}") from None
+    problems = parity_problems(enc, m.text["golden_texts"], m.text["golden_ids"])
+    if problems:
+        raise VerificationError(f"{bundle_name}: this device's tokenizer does not reproduce the bundle's golden "
+                                f"token ids ({len(problems)} of {len(m.text['golden_texts'])} texts differ)",
+                                problems=problems, hint="install the tokenizers version the bundle was built with "
+                                                        "(see its provenance), or rebuild the bundle")
+    return enc

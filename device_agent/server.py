@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from device_agent import __version__
-from device_agent.kserve import HEADER_LEN, decode_request, encode_response, tensor_meta
+from device_agent.kserve import HEADER_LEN, TEXT_META, decode_request, encode_response, tensor_meta
 from device_agent.model import Model, ModelClosed
 from device_agent.stats import InferenceStats, Phases, has_nonfinite
 from edgebundle.errors import EdgepackError
@@ -206,7 +206,8 @@ class ApiServer:
             return 200, {
                 "name": model.name, "versions": [model.version],
                 "platform": f"{man.format}_{model.runtime.details.get('runtime')}",
-                "inputs": [tensor_meta(t) for t in man.inputs], "outputs": [tensor_meta(t) for t in man.outputs],
+                "inputs": [tensor_meta(t) for t in man.inputs] + ([TEXT_META] if man.text else []),
+                "outputs": [tensor_meta(t) for t in man.outputs],
                 "parameters": {"precision": man.precision, "target": man.target.get("name"),
                                "bundle_sha256": model.bundle_sha256}}
         return self._infer(model, headers, read_body())

@@ -159,6 +159,9 @@ class Manifest:
     production_ready: bool = True
     warnings: tuple[str, ...] = ()
     schema: str = SCHEMA
+    # Text models: {"tokenizer": file, "settings": {...}, "golden_texts": [...], "golden_ids": [[...]]};
+    # absent (not null) in the JSON of other bundles, so their manifests read as before.
+    text: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.runtime, dict):
@@ -188,6 +191,7 @@ class Manifest:
             "labels_file": self.labels_file,
             "production_ready": self.production_ready,
             "warnings": list(self.warnings),
+            **({"text": self.text} if self.text is not None else {}),
         }
 
     def to_json(self) -> bytes:
@@ -240,6 +244,9 @@ class Manifest:
         labels = d.get("labels_file")
         if labels is not None and labels not in files:
             raise BundleError(f"manifest labels_file {labels!r} is not listed in files")
+        text = d.get("text")
+        if text is not None:
+            _check_text(text, files)
         return cls(
             name=str(d["name"]),
             version=str(d["version"]),
@@ -258,6 +265,7 @@ class Manifest:
             golden=golden,
             labels_file=labels,
             production_ready=bool(d.get("production_ready", True)),
+            text=text,
             warnings=tuple(str(w) for w in d.get("warnings") or ()),
         )
 
@@ -286,3 +294,15 @@ def _require(d: Any, keys: tuple[str, ...], what: str) -> None:
     missing = [k for k in keys if k not in d]
     if missing:
         raise BundleError(f"{what} is missing required field(s): {', '.join(missing)}")
+
+
+def _check_text(text, files: dict) -> None:
+    """The text section's shape (its settings are read by edgeruntime.text on the device)."""
+    ok = (isinstance(text, dict) and text.get("tokenizer") in files and isinstance(text.get("settings"), dict)
+          and isinstance(text.get("golden_texts"), list) and isinstance(text.get("golden_ids"), list)
+          and len(text["golden_texts"]) == len(text["golden_ids"])
+          and all(isinstance(t, str) for t in text["golden_texts"])
+          and all(isinstance(ids, list) and all(isinstance(i, int) for i in ids) for ids in text["golden_ids"]))
+    if not ok:
+        raise BundleError("manifest text must be {tokenizer (listed in files), settings, golden_texts, golden_ids "
+                          "(one list of token ids per golden text)}")

@@ -65,3 +65,23 @@ def manifest(profile: TargetProfile, *, name: str, version: str, precision: str,
                     format=profile.format.value, precision=precision, model_file=model_file, inputs=specs[0],
                     outputs=specs[1], runtime=runtime_section(profile, flex=flex, compiled=compiled), golden=golden,
                     **sections)
+
+
+# The tokenizer parity check's texts: casing, accents, punctuation, digits, non-Latin scripts, an
+# emoji and a text past any max_length, where a drifted tokenizer library shows first.
+PARITY_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "HELLO, World! It's 3.14159 -- isn't it?",
+    "Café naïve résumé façade: déjà vu, Œuvre, straße.",
+    "東京は日本の首都です。 Привет, мир! مرحبا",
+    "e-mail: someone@example.org; URL https://example.org/a?b=c#d \U0001F600 #edge",
+    " ".join(["tokenization"] * 600),
+)
+
+
+def text_section(text) -> dict:
+    """The manifest's text section: the tokenizer file, its settings, and golden texts with the ids
+    this build's tokenizer gives them (the device re-tokenizes them at load and refuses a mismatch)."""
+    enc = text.encoder()
+    return {"tokenizer": "tokenizer.json", "settings": text.settings.to_dict(), "golden_texts": list(PARITY_TEXTS),
+            "golden_ids": enc.ids(list(PARITY_TEXTS))}

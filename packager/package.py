@@ -25,8 +25,14 @@ def package(chosen: Chosen, inputs: BuildInputs) -> TargetResult:
         gpath = chosen.work / "golden.npz"
         golden = contents.write_golden(gpath, inputs.valid.samples, trial.outputs, precision=precision.value)
         files["golden.npz"] = gpath
+    text = inputs.source.text
     if opts.labels:
         files["labels.txt"] = Path(opts.labels)
+    elif text is not None and text.labels:  # a classifier's id2label
+        files["labels.txt"] = chosen.work / "labels.txt"
+        files["labels.txt"].write_text("".join(f"{name}\n" for name in text.labels))
+    if text is not None:
+        files["tokenizer.json"] = text.tokenizer
     size, fp32_size = finished.path.stat().st_size, chosen.fp32.stat().st_size
     report = {
         "format": profile.format.value, "precision": precision.value,
@@ -48,7 +54,7 @@ def package(chosen: Chosen, inputs: BuildInputs) -> TargetResult:
         compiled=finished.compiled, quantization=dict(art.quantization, precision=precision.value),
         preprocessing=_preprocessing(opts), provenance=_provenance(inputs), report=report,
         labels_file="labels.txt" if "labels.txt" in files else None, production_ready=production_ready,
-        warnings=tuple(warnings))
+        warnings=tuple(warnings), text=contents.text_section(text) if text is not None else None)
     dest = Path(opts.out_dir) / manifest.file_name
     inputs.progress(f"[{profile.name}] {trial.candidate.label}: writing {dest}")
     write_bundle(dest, manifest, files, signer=inputs.signer)
@@ -94,7 +100,8 @@ def _preprocessing(opts: BuildOptions) -> dict:
 
 def _versions() -> dict:
     out = {}
-    for dist in ("edgepack", "tensorflow-cpu", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "numpy"):
+    for dist in ("edgepack", "tensorflow-cpu", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "numpy", "torch",
+                 "transformers", "tokenizers"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -104,7 +111,8 @@ def _versions() -> dict:
 
 def _provenance(inputs: BuildInputs) -> dict:
     src = inputs.source
-    return {"source_model": {"file": src.path.name, "format": src.kind.value, "sha256": src.sha256},
+    return {"source_model": {"file": (src.origin_path or src.path).name, "format": src.format_name,
+                             "sha256": src.sha256},
             "calibration": data_info(inputs.calib), "validation": data_info(inputs.valid),
             "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "host": {"machine": platform.machine(), "python": platform.python_version()}}
