@@ -41,6 +41,19 @@ def test_config_errors(kw, fragment):
         load_config(env={}, **kw)
 
 
+def test_config_takes_paths_from_the_command_line_as_text(tmp_path):
+    """`run` hands its --broker-*-file paths over as Path objects (declared once with `install`):
+    the configuration and its messages see the same text the TOML file would give."""
+    from pathlib import Path
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    cfg = load_config(env={}, broker="mqtts://h", broker_ca_file=ca)
+    assert cfg.broker.ca_file == str(ca)
+    with pytest.raises(InputError, match=r"broker TLS file '/nonexistent/ca.pem' does not exist"):
+        load_config(env={}, broker="mqtts://h", broker_ca_file=Path("/nonexistent/ca.pem"))
+
+
 def test_config_unknown_key(tmp_path):
     toml = tmp_path / "agent.toml"
     toml.write_text('[api]\nprot = 1\n')
