@@ -110,7 +110,7 @@ class Agent:
         pass; otherwise the signature (any key this device ever accepted: the active or previous
         bundle) and every hash are checked here."""
         path = Path(path)
-        sha = path.name.split("-")[0]
+        sha = self.store.sha256(path)  # known when the update just stored it: not hashed again
         bundle = verified
         if bundle is None:
             from edgebundle.archive import open_bundle
@@ -119,9 +119,10 @@ class Agent:
             if self.keyring.enabled:
                 self.keyring.verify_bundle(bundle.manifest_bytes, bundle.signature, history=True)
         # one engine cache folder per bundle: "no engine in it yet" then means a build is coming
-        cache = str(self.store.cache / sha[:16])
+        cache = str(self.store.cache_dir(sha))
         load = lambda: load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=cache,  # noqa: E731
-                                   threads=self.cfg.threads, bundle=bundle, verified=verified is not None)
+                                   threads=self.cfg.threads, bundle=bundle, verified=verified is not None,
+                                   sha256=sha)
         why = slow_load(bundle.manifest, cache_dir=cache)
         if why is None:
             return load()

@@ -61,6 +61,66 @@ def test_config_unknown_key(tmp_path):
         load_config(path=toml, env={})
 
 
+class CountingSha256:
+    """hashlib.sha256 as it is, remembering each hash object that ends on `target`."""
+
+    real, target, finished = None, None, []
+
+    def __init__(self, data=b"", **kw):
+        self._h = self.real(data, **kw)
+
+    def update(self, data):
+        self._h.update(data)
+
+    def digest(self):
+        return self._h.digest()
+
+    def hexdigest(self):
+        out = self._h.hexdigest()
+        if out == self.target and not any(h is self for h in self.finished):
+            self.finished.append(self)
+        return out
+
+
+def test_an_update_hashes_its_bundle_once(tmp_path, monkeypatch):
+    """Verify while streaming: the transfer hashes the bundle as it writes it; verification, the
+    store and staging are handed that sha256 instead of reading the whole file again. The real
+    agent is the updater's host (a tiny ONNX model, no broker)."""
+    import hashlib
+
+    from tinybundles import log_bundle
+
+    from device_agent.ota.record import State
+    from device_agent.ota.transfer import TransferPolicy
+    from device_agent.ota.updater import Updater, UpdaterSettings
+    from device_agent.service import Agent
+    from edgebundle.archive import sha256_file
+    from edgeproto.desired import Desired, Probation, UrlTransfer
+
+    new = log_bundle(tmp_path / "src", version="1.1.0")
+    cfg = load_config(env={}, data_dir=tmp_path / "data", bundle=log_bundle(tmp_path / "old"), api_port=0)
+    agent = Agent(cfg)
+    agent.load_initial()
+    u = Updater(agent, cfg.data_dir, settings=UpdaterSettings(
+        transfer=TransferPolicy(allowed_urls=((tmp_path / "src").as_uri(),))))
+    d = Desired(update_id="u1", name="logm", version="1.1.0", sha256=sha256_file(new), size=new.stat().st_size,
+                transfer=UrlTransfer(url=new.as_uri()), probation=Probation(seconds=0.3, requests=10 ** 6))
+    monkeypatch.setattr(CountingSha256, "real", hashlib.sha256)
+    monkeypatch.setattr(CountingSha256, "target", d.sha256)
+    monkeypatch.setattr(CountingSha256, "finished", [])
+    monkeypatch.setattr(hashlib, "sha256", CountingSha256)
+    try:
+        u.set_desired(d)
+        for _ in range(10):
+            if u.tick() or u.record.state is State.COMMITTED:
+                break
+        assert u.record.state is State.COMMITTED, u.record.error
+        assert agent.model.version == "1.1.0" and agent.model.bundle_sha256 == d.sha256
+        assert len(CountingSha256.finished) == 1
+    finally:
+        agent.shutdown()
+
+
 @pytest.mark.slow
 def test_in_process_api_every_target(digits_build, digits, tmp_path):
     from device_agent import load_bundle

@@ -185,7 +185,7 @@ def test_restart_during_probation_of_first_model_serves_none(setup):
     host.store.activate(path, sha)  # the candidate was switched in, then the agent died on probation
     u = setup["make"]()
     u._write(Record(state=State.PROBATION, update_id=d.update_id, desired=d.to_dict(), previous=None,
-                    candidate={"bundle": str(path.relative_to(host.store.root)), "sha256": sha}))
+                    candidate={"bundle": host.store.ref(path), "sha256": sha}))
     u = setup["make"]()
     u.recover()
     assert u.record.state is State.ROLLED_BACK and "no model" in u.record.error
@@ -250,7 +250,7 @@ def test_restart_before_the_switch_touched_active_json(setup):
     path, sha = host.store.add(_bundle(setup["src"], "1.1.0"))
     u = setup["make"]()
     u._write(Record(state=State.SWITCHING, update_id=d.update_id, desired=d.to_dict(), previous=None,
-                    candidate={"bundle": str(path.relative_to(host.store.root)), "sha256": sha}))
+                    candidate={"bundle": host.store.ref(path), "sha256": sha}))
     u = setup["make"]()
     u.recover()
     assert u.record.state is State.ROLLED_BACK and "had not happened" in u.record.error
@@ -335,3 +335,22 @@ def test_resume_edges_after_a_restart(setup, state):
     again.set_desired(d)
     _drive(again)
     assert again.record.state is State.COMMITTED and host.model.version == "1.1.0"
+
+
+def test_only_the_store_knows_its_layout(setup):
+    """Records name stored bundles by a ref the Store gives and takes back; pruning keeps the refs
+    it is handed, with their extracted models, and drops the rest."""
+    store = setup["host"].store
+    kept, kept_sha = store.add(_bundle(setup["src"], "1.1.0"))
+    gone, gone_sha = store.add(_bundle(setup["src"], "1.2.0"))
+    for sha in (kept_sha, gone_sha):
+        store.model_dir(sha).mkdir()
+    assert store.path(store.ref(kept)) == kept and not Path(store.ref(kept)).is_absolute()
+    assert store.sha256(kept) == kept_sha
+    store.activate(kept, kept_sha)
+    assert store.active_slot() == {"bundle": store.ref(kept), "sha256": kept_sha} == store.read_state()
+    store.prune({store.ref(kept)})
+    assert kept.is_file() and store.model_dir(kept_sha).is_dir()
+    assert not gone.exists() and not store.model_dir(gone_sha).exists()
+    store.deactivate()
+    assert store.active_slot() is None and store.active() is None and store.active_sha256() is None

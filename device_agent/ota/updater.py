@@ -314,7 +314,7 @@ class Updater:
         work = self._workdir(d.sha256)
         path = work / "bundle.edgepack"
         cand = self.record.candidate
-        stored = self.host.store.root / cand["bundle"] if cand and cand.get("sha256") == d.sha256 else None
+        stored = self.host.store.path(cand["bundle"]) if cand and cand.get("sha256") == d.sha256 else None
         if not path.is_file():
             if stored is None or not stored.is_file():
                 return State.DOWNLOADING
@@ -338,8 +338,7 @@ class Updater:
                                             name=f"{m.name}-{m.version}-{m.target.get('name')}.edgepack")
             bundle = dataclasses.replace(bundle, path=stored)
         shutil.rmtree(work, ignore_errors=True)
-        self.record.candidate = {"bundle": str(stored.relative_to(self.host.store.root)), "sha256": d.sha256,
-                                 "version": m.version}
+        self.record.candidate = {"bundle": self.host.store.ref(stored), "sha256": d.sha256, "version": m.version}
         self._verified = bundle
         return State.STAGING
 
@@ -353,7 +352,7 @@ class Updater:
         verified = self._verified if self._verified is not None and self._verified.path.name == Path(
             cand["bundle"]).name else None
         try:
-            model = self.host.load(self.host.store.root / cand["bundle"], verified=verified)  # warm-up, golden check
+            model = self.host.load(self.host.store.path(cand["bundle"]), verified=verified)  # warm-up, golden check
         except Exception as e:  # a model that cannot load or raises in warm-up is never activated
             raise UpdateFailed(f"staging failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         active = self.host.active_model()
@@ -385,12 +384,11 @@ class Updater:
         if self._candidate_model is None:  # resumed after a restart or a retry: stage again
             return State.STAGING
         old = self.host.active_model()
-        st = self.host.store.read_state()
-        self.record.previous = ({"bundle": st.get("bundle"), "sha256": st.get("sha256"),
-                                 "version": old.version if old else None} if st.get("bundle") else None)
+        slot = self.host.store.active_slot()
+        self.record.previous = {**slot, "version": old.version if old else None} if slot else None
         self._write(self.record)  # before active.json changes: a crash from here on rolls back
         cand = self.record.candidate
-        self.host.store.activate(self.host.store.root / cand["bundle"], cand["sha256"])
+        self.host.store.activate(self.host.store.path(cand["bundle"]), cand["sha256"])
         self._candidate_model.watch(True, reference=old)
         self._previous_model = self.host.swap(self._candidate_model)  # one reference swap
         self._candidate_model = None
@@ -452,7 +450,7 @@ class Updater:
                     self.host.swap(self._previous_model)
                     self._previous_model = None
                 elif prev:
-                    self.host.swap(self.host.load(self.host.store.root / prev["bundle"]))
+                    self.host.swap(self.host.load(self.host.store.path(prev["bundle"])))
                 else:  # the device had no model before this update: it goes back to serving none
                     self.host.swap(None)
                 if active is not None and active is not self.host.active_model():
@@ -469,12 +467,12 @@ class Updater:
         prev = self.record.previous
         store = self.host.store
         cand = (self.record.candidate or {}).get("sha256")
-        if cand is None or store.read_state().get("sha256") != cand:
+        if cand is None or store.active_sha256() != cand:
             return "the switch had not happened: the previous model stays"
-        if prev and (store.root / prev["bundle"]).is_file():
-            store.activate(store.root / prev["bundle"], prev["sha256"])
+        if prev and store.path(prev["bundle"]).is_file():
+            store.activate(store.path(prev["bundle"]), prev["sha256"])
             return f"rolled back to {prev.get('version')}"
-        store.write_state({})
+        store.deactivate()
         return "rolled back to no model (the device had none before)"
 
     # ---- terminal and intermediate transitions ----
@@ -560,14 +558,8 @@ class Updater:
 
     def _prune(self) -> None:
         """Keep the active bundle and the previous one (the rollback slot); drop the rest."""
-        store = self.host.store
-        keep = {Path(store.read_state().get("bundle", "")).name}
-        if self.record.previous:
-            keep.add(Path(self.record.previous["bundle"]).name)
-        for p in store.bundles.glob("*.edgepack"):
-            if p.name not in keep:
-                p.unlink(missing_ok=True)
-                shutil.rmtree(store.model_dir(p.name.split("-")[0]), ignore_errors=True)
+        slots = (self.host.store.active_slot(), self.record.previous)
+        self.host.store.prune({slot["bundle"] for slot in slots if slot})
 
     def _progress(self, done: int, total: int) -> None:
         now = self.clock.mono()
