@@ -217,13 +217,18 @@ class Agent:
             if self.updater:
                 self.updater.on_message(topic, payload)
 
-    def start_mqtt(self) -> None:
+    def _mqtt_client(self) -> MqttClient | None:
+        """The broker session, built but not connected (its chunk fetcher goes to the updater first)."""
         if not self.cfg.broker:
-            return
+            return None
         will = Will(self.topics.status, dumps({"device_id": self.cfg.device_id, "online": False,
                                                "reason": "connection lost", "ts": None}))
-        self.mqtt = MqttClient(self.cfg.broker, client_id=f"edgepack-agent-{self.cfg.device_id}", will=will,
-                               on_connect=self._on_connect, on_message=self._on_message)
+        return MqttClient(self.cfg.broker, client_id=f"edgepack-agent-{self.cfg.device_id}", will=will,
+                          on_connect=self._on_connect, on_message=self._on_message)
+
+    def start_mqtt(self) -> None:
+        if self.mqtt is None:
+            return
         self.mqtt.start()
         self._drainer = threading.Thread(target=self._drain, name="telemetry-drain", daemon=True)
         self._drainer.start()
@@ -290,7 +295,9 @@ class Agent:
         from device_agent.server import ApiServer, ConnectionLimits, Views
 
         cfg = self.cfg
-        self.updater = Updater(self, cfg.data_dir, settings=UpdaterSettings(
+        self.mqtt = self._mqtt_client()
+        fetcher = MqttChunkFetcher(self.mqtt, policy=self.transfer_policy) if self.mqtt else None
+        self.updater = Updater(self, cfg.data_dir, fetcher=fetcher, settings=UpdaterSettings(
             max_attempts=cfg.max_attempts, transfer=self.transfer_policy,
             fault_delays=parse_fault_delays(cfg.fault_delay)))
         self.updater.recover()  # an update cut off mid-switch rolls back before anything loads
@@ -298,7 +305,6 @@ class Agent:
             log.warning("no trusted keys (--trusted-key / --root-key): anyone who can publish to the broker "
                         "can install any bundle on this device; configure keys in production")
         self.start_mqtt()
-        self.updater.fetcher = MqttChunkFetcher(self.mqtt, policy=self.transfer_policy) if self.mqtt else None
         self.profiler = Profiler(self, workdir=cfg.data_dir / "profile", result_topic=self.topics.profile_result,
                                  topic_prefix=self.topics.prefix, limits=self.gate.limits,
                                  transfer=self.transfer_policy,

@@ -61,6 +61,25 @@ def test_config_unknown_key(tmp_path):
         load_config(path=toml, env={})
 
 
+def test_the_agent_hands_its_fetcher_to_the_updater(tmp_path):
+    """The updater downloads MQTT transfers with a fetcher on the agent's own session and transfer
+    policy, in place before the session connects (tests/test_updater_unit.py proves an injected
+    fetcher is the one used). No broker: nothing connects."""
+    from device_agent.ota.transfer import MqttChunkFetcher
+    from device_agent.service import Agent
+
+    cfg = load_config(env={}, data_dir=tmp_path / "data", broker="mqtt://127.0.0.1:9", api_port=0)
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        f = agent.updater.fetcher
+        assert isinstance(f, MqttChunkFetcher) and f.mqtt is agent.mqtt and f.policy is agent.transfer_policy
+    finally:
+        agent.api.stop()
+        agent.shutdown()
+        agent.life.close()
+
+
 class CountingSha256:
     """hashlib.sha256 as it is, remembering each hash object that ends on `target`."""
 

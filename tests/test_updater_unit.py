@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
-from edgeproto.desired import Desired, Probation, UrlTransfer
+from edgeproto.desired import Desired, MqttTransfer, Probation, UrlTransfer
 from device_agent.ota.record import Record, State
 from device_agent.ota.transfer import TransferPolicy
 from device_agent.ota.updater import Clock, Updater, UpdaterSettings
@@ -335,6 +336,51 @@ def test_resume_edges_after_a_restart(setup, state):
     again.set_desired(d)
     _drive(again)
     assert again.record.state is State.COMMITTED and host.model.version == "1.1.0"
+
+
+class FakeFetcher:
+    """An MQTT transfer stood in: the bundle lands where the real fetcher puts it (that one hashes
+    while it writes; tests/test_fuzz_ota.py drives it), and every call is recorded."""
+
+    def __init__(self, src: Path):
+        self.src, self.fetched, self.messages = src, [], []
+
+    def on_message(self, topic, payload):
+        self.messages.append(topic)
+        return True
+
+    def fetch(self, d, workdir, *, progress, cancelled):
+        self.fetched.append(d.update_id)
+        final = workdir / "bundle.edgepack"
+        shutil.copyfile(self.src, final)
+        progress(d.size, d.size)
+        return final
+
+
+class NoSession:
+    """An MQTT session nothing may touch: a fetcher built on it instead of the injected one fails."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the updater used its host's MQTT session ({name})")
+
+
+def test_the_injected_fetcher_is_the_one_used(setup, tmp_path):
+    """The agent hands the updater the fetcher its MQTT session feeds; the updater builds none of
+    its own over it (it used to, and the agent overwrote it afterwards)."""
+    host = setup["host"]
+    host.mqtt = NoSession()
+    new = _bundle(setup["src"], "1.1.0")
+    fake = FakeFetcher(new)
+    u = Updater(host, setup["data"], settings=UpdaterSettings(max_attempts=3, backoff_s=0.0),
+                clock=setup["clock"].clock(), fetcher=fake)
+    sha = sha256_file(new)
+    d = dataclasses.replace(_desired(new), transfer=MqttTransfer(topic=f"t/bundles/{sha}", chunk_size=1 << 20,
+                                                                 chunks=1, chunk_sha256=(sha,)))
+    assert u.on_message(f"t/bundles/{sha}/chunks/0", b"x") and fake.messages == [f"t/bundles/{sha}/chunks/0"]
+    u.set_desired(d)
+    _drive(u)
+    assert u.record.state is State.COMMITTED and host.model.version == "1.1.0"
+    assert fake.fetched == [d.update_id]
 
 
 def test_only_the_store_knows_its_layout(setup):

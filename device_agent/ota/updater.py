@@ -56,7 +56,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from device_agent.ota.record import ENDED, LIVE, RESUMABLE, Record, State
-from device_agent.ota.transfer import Cancelled, MqttChunkFetcher, TransferError, TransferPolicy, TransientError, fetch_url
+from device_agent.ota.transfer import (Cancelled, ChunkFetcher, MqttChunkFetcher, TransferError, TransferPolicy,
+                                      TransientError, fetch_url)
 from device_agent.store import Store, atomic_write
 from edgebundle.errors import EdgepackError
 from edgebundle.interface import interface_diff
@@ -96,7 +97,7 @@ class Host(Protocol):
     """What the updater needs from the agent (injected, so tests can drive it with fakes)."""
 
     store: Store
-    mqtt: object
+    mqtt: object  # the MQTT session, when no fetcher is injected
 
     def active_model(self): ...
     def swap(self, model): ...
@@ -112,12 +113,16 @@ class UpdateFailed(EdgepackError):
 
 class Updater:
     def __init__(self, host: Host, data_dir: Path, *, settings: UpdaterSettings = UpdaterSettings(),
-                 clock: Clock = Clock()):
+                 clock: Clock = Clock(), fetcher: ChunkFetcher | None = None):
+        """`fetcher` pulls MQTT transfers: the agent injects the one its MQTT session feeds; without
+        one, the updater builds it on `host.mqtt` (None: MQTT transfers fail, URL ones still work)."""
         self.host, self.settings, self.clock = host, settings, clock
         self.path = Path(data_dir) / "update.json"
         self.downloads = Path(data_dir) / "downloads"
         self.record = Record.load(self.path)
-        self.fetcher = (MqttChunkFetcher(host.mqtt, policy=settings.transfer) if host.mqtt is not None else None)
+        if fetcher is None and host.mqtt is not None:
+            fetcher = MqttChunkFetcher(host.mqtt, policy=settings.transfer)
+        self.fetcher = fetcher
         self._desired: Desired | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
