@@ -400,3 +400,27 @@ def test_only_the_store_knows_its_layout(setup):
     assert not gone.exists() and not store.model_dir(gone_sha).exists()
     store.deactivate()
     assert store.active_slot() is None and store.active() is None and store.active_sha256() is None
+
+
+@pytest.mark.parametrize("content", [None, b"", b"[]", b"7", b'{"floors": {}}', b"\xff\xfe"])
+def test_a_missing_or_damaged_gatekeeper_file_reads_as_nothing(tmp_path, content, caplog):
+    """records.json and trust.json never stop the agent: a damaged one is said in the log."""
+    from device_agent.ota.statefile import read_state
+
+    path = tmp_path / "records.json"
+    if content is not None:
+        path.write_bytes(content)
+    assert read_state(path, ("floors", "seen"), otherwise="starting over") is None
+    assert ("starting over" in caplog.text) is (content is not None)
+
+
+def test_gatekeeper_files_round_trip_and_survive_a_full_disk(tmp_path, caplog):
+    from device_agent.ota.statefile import read_state, write_state
+
+    path = tmp_path / "trust.json"
+    write_state(path, {"schema": 1, "min_serial": 2, "certs": {}}, what="the key generation", indent=2)
+    assert read_state(path, ("min_serial", "certs"), otherwise="-") == {"min_serial": 2, "certs": {}}
+    path.unlink()
+    path.mkdir()  # the write cannot replace it: logged, nothing raised
+    write_state(path, {"min_serial": 3}, what="the key generation")
+    assert "cannot persist the key generation" in caplog.text
