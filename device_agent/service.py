@@ -110,7 +110,6 @@ class Agent:
         pass; otherwise the signature (any key this device ever accepted: the active or previous
         bundle) and every hash are checked here."""
         path = Path(path)
-        sha = self.store.sha256(path)  # known when the update just stored it: not hashed again
         bundle = verified
         if bundle is None:
             from edgebundle.archive import open_bundle
@@ -118,6 +117,7 @@ class Agent:
             bundle = open_bundle(path)
             if self.keyring.enabled:
                 self.keyring.verify_bundle(bundle.manifest_bytes, bundle.signature, history=True)
+        sha = self.store.sha256(path)  # known when the update just stored it: not hashed again
         # one engine cache folder per bundle: "no engine in it yet" then means a build is coming
         cache = str(self.store.cache_dir(sha))
         load = lambda: load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=cache,  # noqa: E731
