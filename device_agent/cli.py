@@ -25,7 +25,8 @@ def broker_options(url_help: str):
     keeps its own help for the URL."""
     options = [click.option("--broker", help=url_help), click.option("--broker-username"),
                click.option("--broker-password", envvar="EDGEPACK_AGENT_BROKER_PASSWORD")]
-    options += [click.option(f"--broker-{kind}-file", type=click.Path(path_type=Path)) for kind in ("ca", "cert", "key")]
+    options += [click.option(f"--broker-{kind}-file", type=click.Path(path_type=Path))
+                for kind in ("ca", "cert", "key")]
 
     def decorate(f):
         for option in reversed(options):

@@ -66,7 +66,7 @@ def _discard(*paths: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _complete(h, part: Path, final: Path, sha256: str, *, what: str) -> Path:
+def _complete(h, part: Path, *, final: Path, sha256: str, what: str) -> Path:
     """The hash computed while the file was written decides: it becomes the bundle, or goes."""
     if h.hexdigest() != sha256:
         part.unlink(missing_ok=True)
@@ -214,7 +214,7 @@ class MqttChunkFetcher:
             if fd >= 0:
                 os.close(fd)
         try:
-            return _complete(h, part, final, d.sha256, what="downloaded")
+            return _complete(h, part, final=final, sha256=d.sha256, what="downloaded")
         finally:
             done_file.unlink(missing_ok=True)
 
@@ -335,4 +335,4 @@ def fetch_url(d: Desired, workdir: Path, *, progress: Progress, cancelled: Calla
             part.unlink(missing_ok=True)
             raise TransferError(f"out of disk space while downloading: {e}") from None
         raise TransientError(f"download from {url} failed: {e}") from None
-    return _complete(h, part, final, d.sha256, what="assembled")
+    return _complete(h, part, final=final, sha256=d.sha256, what="assembled")
