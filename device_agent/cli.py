@@ -20,6 +20,22 @@ class AgentGroup(click.Group):
             ctx.exit(next(code for cls, code in EXIT_CODES if isinstance(e, cls)))
 
 
+def broker_options(url_help: str):
+    """--broker, its credentials and TLS files, declared once for `run` and `install`; each command
+    keeps its own help for the URL."""
+    options = [click.option("--broker", help=url_help), click.option("--broker-username"),
+               click.option("--broker-password", envvar="EDGEPACK_AGENT_BROKER_PASSWORD")]
+    options += [click.option(f"--broker-{kind}-file", type=click.Path(path_type=Path))
+                for kind in ("ca", "cert", "key")]
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
 @click.group(cls=AgentGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgepack", message="edgepack-agent %(version)s")
 def main() -> None:
@@ -30,12 +46,7 @@ def main() -> None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML configuration file.")
 @click.option("--device-id", help="Device id (default: the host name).")
 @click.option("--group", "groups", multiple=True, help="Fleet group (repeatable).")
-@click.option("--broker", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; credentials may sit in the URL.")
-@click.option("--broker-username")
-@click.option("--broker-password", envvar="EDGEPACK_AGENT_BROKER_PASSWORD")
-@click.option("--broker-ca-file", type=click.Path(path_type=str))
-@click.option("--broker-cert-file", type=click.Path(path_type=str))
-@click.option("--broker-key-file", type=click.Path(path_type=str))
+@broker_options("mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; credentials may sit in the URL.")
 @click.option("--topic-prefix", help="Topic root (default edgepack/v1).")
 @click.option("--data-dir", type=click.Path(path_type=Path))
 @click.option("--bundle", type=click.Path(path_type=Path), help="Initial bundle, used when the data "
@@ -86,12 +97,7 @@ def run(config_path, device_id, groups, broker, broker_username, broker_password
                                                                   "[default: this agent's].")
 @click.option("--device-id")
 @click.option("--group", "groups", multiple=True)
-@click.option("--broker", help="mqtt://HOST[:PORT] or mqtts://HOST[:PORT].")
-@click.option("--broker-username")
-@click.option("--broker-password", envvar="EDGEPACK_AGENT_BROKER_PASSWORD")
-@click.option("--broker-ca-file", type=click.Path(path_type=Path))
-@click.option("--broker-cert-file", type=click.Path(path_type=Path))
-@click.option("--broker-key-file", type=click.Path(path_type=Path))
+@broker_options("mqtt://HOST[:PORT] or mqtts://HOST[:PORT].")
 @click.option("--bundle", type=click.Path(path_type=Path), help="Initial bundle (copied to /etc/edgepack/initial).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path))
 @click.option("--root-key", "root_keys", multiple=True, type=click.Path(path_type=Path))

@@ -121,7 +121,9 @@ def load_config(*, path: str | Path | None = None, env: dict | None = None, **fl
             raise InputError(f"config file {str(p)!r} does not exist")
         merged.update(_read_toml(p))
     merged.update(_from_env(os.environ if env is None else env))
-    merged.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    # paths from the command line become text, as the file and the environment give them
+    merged.update({k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in flags.items()
+                   if v is not None and v != ()})
     unknown = set(merged) - set(_TOML)
     if unknown:
         raise InputError(f"unknown setting(s) {sorted(unknown)}")

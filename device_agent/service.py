@@ -108,7 +108,6 @@ class Agent:
         pass; otherwise the signature (any key this device ever accepted: the active or previous
         bundle) and every hash are checked here."""
         path = Path(path)
-        sha = path.name.split("-")[0]
         bundle = verified
         if bundle is None:
             from edgebundle.archive import open_bundle
@@ -116,10 +115,12 @@ class Agent:
             bundle = open_bundle(path)
             if self.keyring.enabled:
                 self.keyring.verify_bundle(bundle.manifest_bytes, bundle.signature, history=True)
+        sha = self.store.sha256(path)  # known when the update just stored it: not hashed again
         # one engine cache folder per bundle: "no engine in it yet" then means a build is coming
-        cache = str(self.store.cache / sha[:16])
+        cache = str(self.store.cache_dir(sha))
         load = lambda: load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=cache,  # noqa: E731
-                                   threads=self.cfg.threads, bundle=bundle, verified=verified is not None)
+                                   threads=self.cfg.threads, bundle=bundle, verified=verified is not None,
+                                   sha256=sha)
         why = slow_load(bundle.manifest, cache_dir=cache)
         if why is None:
             return load()
@@ -213,12 +214,17 @@ class Agent:
             if self.updater:
                 self.updater.on_message(topic, payload)
 
-    def start_mqtt(self) -> None:
+    def _mqtt_client(self) -> MqttClient | None:
+        """The broker session, built but not connected (its chunk fetcher goes to the updater first)."""
         if not self.cfg.broker:
-            return
+            return None
         will = Will(self.topics.status, dumps(last_will(self.cfg.device_id)))
-        self.mqtt = MqttClient(self.cfg.broker, client_id=f"edgepack-agent-{self.cfg.device_id}", will=will,
-                               on_connect=self._on_connect, on_message=self._on_message)
+        return MqttClient(self.cfg.broker, client_id=f"edgepack-agent-{self.cfg.device_id}", will=will,
+                          on_connect=self._on_connect, on_message=self._on_message)
+
+    def start_mqtt(self) -> None:
+        if self.mqtt is None:
+            return
         self.mqtt.start()
         self._drainer = threading.Thread(target=self._drain, name="telemetry-drain", daemon=True)
         self._drainer.start()
@@ -285,7 +291,9 @@ class Agent:
         from device_agent.server import ApiServer, ConnectionLimits, Views
 
         cfg = self.cfg
-        self.updater = Updater(self, cfg.data_dir, settings=UpdaterSettings(
+        self.mqtt = self._mqtt_client()
+        fetcher = MqttChunkFetcher(self.mqtt, policy=self.transfer_policy) if self.mqtt else None
+        self.updater = Updater(self, cfg.data_dir, fetcher=fetcher, settings=UpdaterSettings(
             max_attempts=cfg.max_attempts, transfer=self.transfer_policy,
             fault_delays=parse_fault_delays(cfg.fault_delay)))
         self.updater.recover()  # an update cut off mid-switch rolls back before anything loads
@@ -293,7 +301,6 @@ class Agent:
             log.warning("no trusted keys (--trusted-key / --root-key): anyone who can publish to the broker "
                         "can install any bundle on this device; configure keys in production")
         self.start_mqtt()
-        self.updater.fetcher = MqttChunkFetcher(self.mqtt, policy=self.transfer_policy) if self.mqtt else None
         self.profiler = Profiler(self, workdir=cfg.data_dir / "profile", result_topic=self.topics.profile_result,
                                  topic_prefix=self.topics.prefix, limits=self.gate.limits,
                                  transfer=self.transfer_policy,

@@ -36,6 +36,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class Store:
+    """The one place that knows the data directory's layout: callers hold a stored bundle's path,
+    or the `ref` (its path relative to the data directory) that records and active.json name it by."""
+
     def __init__(self, data_dir: str | Path):
         self.root = Path(data_dir)
         self.bundles = self.root / "bundles"
@@ -43,11 +46,13 @@ class Store:
         self.cache = self.root / "cache"
         for d in (self.bundles, self.models, self.cache):
             d.mkdir(parents=True, exist_ok=True)
+        self._digests: dict[str, str] = {}  # file name in bundles/ -> sha256, for those added by this process
 
     def add(self, bundle: str | Path, *, move: bool = False, sha256: str | None = None,
             name: str | None = None) -> tuple[Path, str]:
         """Copy (or, for a download already in the data directory, move) a bundle in;
-        returns (path in store, sha256)."""
+        returns (path in store, sha256). `sha256`: the caller already hashed this very file
+        (a transfer hashes as it writes), so it is not hashed again."""
         src = Path(bundle)
         open_bundle(src)
         digest = sha256 or sha256_file(src)
@@ -59,10 +64,26 @@ class Store:
                 tmp = dest.with_name(f".{dest.name}.part")
                 shutil.copyfile(src, tmp)
                 os.replace(tmp, dest)
+        self._digests[dest.name] = digest
         return dest, digest
+
+    def sha256(self, path: Path) -> str:
+        """A stored bundle's sha256: the one add() had in this process, else hashed now (after a
+        restart a file is not taken on its name's word)."""
+        return self._digests.get(Path(path).name) or sha256_file(path)
+
+    def ref(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.root))
+
+    def path(self, ref: str) -> Path:
+        return self.root / ref
 
     def model_dir(self, sha256: str) -> Path:
         return self.models / sha256[:16]
+
+    def cache_dir(self, sha256: str) -> Path:
+        """Runtime caches (compiled engines) of one bundle."""
+        return self.cache / sha256[:16]
 
     def read_state(self) -> dict:
         p = self.root / "active.json"
@@ -76,10 +97,31 @@ class Store:
 
     def active(self) -> Path | None:
         rel = self.read_state().get("bundle")
-        p = self.root / rel if rel else None
+        p = self.path(rel) if rel else None
         return p if p and p.is_file() else None
+
+    def active_slot(self) -> dict | None:
+        """{"bundle": ref, "sha256": ...} as active.json names it; None when it names none."""
+        st = self.read_state()
+        return {"bundle": st["bundle"], "sha256": st.get("sha256")} if st.get("bundle") else None
+
+    def active_sha256(self) -> str | None:
+        return self.read_state().get("sha256")
 
     def activate(self, path: Path, sha256: str) -> None:
         state = self.read_state()
-        state.update(bundle=str(path.relative_to(self.root)), sha256=sha256)
+        state.update(bundle=self.ref(path), sha256=sha256)
         self.write_state(state)
+
+    def deactivate(self) -> None:
+        """No active bundle (the device serves none)."""
+        self.write_state({})
+
+    def prune(self, keep: set[str]) -> None:
+        """Drop every bundle but those named in `keep` (refs), with its extracted model files."""
+        names = {Path(ref).name for ref in keep}
+        for p in self.bundles.glob("*.edgepack"):
+            if p.name not in names:
+                p.unlink(missing_ok=True)
+                shutil.rmtree(self.model_dir(p.name.split("-")[0]), ignore_errors=True)
+                self._digests.pop(p.name, None)

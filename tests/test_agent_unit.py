@@ -41,11 +41,103 @@ def test_config_errors(kw, fragment):
         load_config(env={}, **kw)
 
 
+def test_config_takes_paths_from_the_command_line_as_text(tmp_path):
+    """`run` hands its --broker-*-file paths over as Path objects (declared once with `install`):
+    the configuration and its messages see the same text the TOML file would give."""
+    from pathlib import Path
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked here")
+    cfg = load_config(env={}, broker="mqtts://h", broker_ca_file=ca)
+    assert cfg.broker.ca_file == str(ca)
+    with pytest.raises(InputError, match=r"broker TLS file '/nonexistent/ca.pem' does not exist"):
+        load_config(env={}, broker="mqtts://h", broker_ca_file=Path("/nonexistent/ca.pem"))
+
+
 def test_config_unknown_key(tmp_path):
     toml = tmp_path / "agent.toml"
     toml.write_text('[api]\nprot = 1\n')
     with pytest.raises(InputError, match="unknown key"):
         load_config(path=toml, env={})
+
+
+def test_the_agent_hands_its_fetcher_to_the_updater(tmp_path):
+    """The updater downloads MQTT transfers with a fetcher on the agent's own session and transfer
+    policy, in place before the session connects (tests/test_updater_unit.py proves an injected
+    fetcher is the one used). No broker: nothing connects."""
+    from device_agent.ota.transfer import MqttChunkFetcher
+    from device_agent.service import Agent
+
+    cfg = load_config(env={}, data_dir=tmp_path / "data", broker="mqtt://127.0.0.1:9", api_port=0)
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        f = agent.updater.fetcher
+        assert isinstance(f, MqttChunkFetcher) and f.mqtt is agent.mqtt and f.policy is agent.transfer_policy
+    finally:
+        agent.api.stop()
+        agent.shutdown()
+        agent.life.close()
+
+
+class CountingSha256:
+    """hashlib.sha256 as it is, remembering each hash object that ends on `target`."""
+
+    real, target, finished = None, None, []
+
+    def __init__(self, data=b"", **kw):
+        self._h = self.real(data, **kw)
+
+    def update(self, data):
+        self._h.update(data)
+
+    def digest(self):
+        return self._h.digest()
+
+    def hexdigest(self):
+        out = self._h.hexdigest()
+        if out == self.target and not any(h is self for h in self.finished):
+            self.finished.append(self)
+        return out
+
+
+def test_an_update_hashes_its_bundle_once(tmp_path, monkeypatch):
+    """Verify while streaming: the transfer hashes the bundle as it writes it; verification, the
+    store and staging are handed that sha256 instead of reading the whole file again. The real
+    agent is the updater's host (a tiny ONNX model, no broker)."""
+    import hashlib
+
+    from tinybundles import log_bundle
+
+    from device_agent.ota.record import State
+    from device_agent.ota.transfer import TransferPolicy
+    from device_agent.ota.updater import Updater, UpdaterSettings
+    from device_agent.service import Agent
+    from edgebundle.archive import sha256_file
+    from edgeproto.desired import Desired, Probation, UrlTransfer
+
+    new = log_bundle(tmp_path / "src", version="1.1.0")
+    cfg = load_config(env={}, data_dir=tmp_path / "data", bundle=log_bundle(tmp_path / "old"), api_port=0)
+    agent = Agent(cfg)
+    agent.load_initial()
+    u = Updater(agent, cfg.data_dir, settings=UpdaterSettings(
+        transfer=TransferPolicy(allowed_urls=((tmp_path / "src").as_uri(),))))
+    d = Desired(update_id="u1", name="logm", version="1.1.0", sha256=sha256_file(new), size=new.stat().st_size,
+                transfer=UrlTransfer(url=new.as_uri()), probation=Probation(seconds=0.3, requests=10 ** 6))
+    monkeypatch.setattr(CountingSha256, "real", hashlib.sha256)
+    monkeypatch.setattr(CountingSha256, "target", d.sha256)
+    monkeypatch.setattr(CountingSha256, "finished", [])
+    monkeypatch.setattr(hashlib, "sha256", CountingSha256)
+    try:
+        u.set_desired(d)
+        for _ in range(10):
+            if u.tick() or u.record.state is State.COMMITTED:
+                break
+        assert u.record.state is State.COMMITTED, u.record.error
+        assert agent.model.version == "1.1.0" and agent.model.bundle_sha256 == d.sha256
+        assert len(CountingSha256.finished) == 1
+    finally:
+        agent.shutdown()
 
 
 @pytest.mark.slow

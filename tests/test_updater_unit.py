@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
-from edgeproto.desired import Desired, Probation, UrlTransfer
+from edgeproto.desired import Desired, MqttTransfer, Probation, UrlTransfer
 from device_agent.ota.record import Record, State
 from device_agent.ota.transfer import TransferPolicy
 from device_agent.ota.updater import Clock, Updater, UpdaterSettings
@@ -185,7 +186,7 @@ def test_restart_during_probation_of_first_model_serves_none(setup):
     host.store.activate(path, sha)  # the candidate was switched in, then the agent died on probation
     u = setup["make"]()
     u._write(Record(state=State.PROBATION, update_id=d.update_id, desired=d.to_dict(), previous=None,
-                    candidate={"bundle": str(path.relative_to(host.store.root)), "sha256": sha}))
+                    candidate={"bundle": host.store.ref(path), "sha256": sha}))
     u = setup["make"]()
     u.recover()
     assert u.record.state is State.ROLLED_BACK and "no model" in u.record.error
@@ -250,7 +251,7 @@ def test_restart_before_the_switch_touched_active_json(setup):
     path, sha = host.store.add(_bundle(setup["src"], "1.1.0"))
     u = setup["make"]()
     u._write(Record(state=State.SWITCHING, update_id=d.update_id, desired=d.to_dict(), previous=None,
-                    candidate={"bundle": str(path.relative_to(host.store.root)), "sha256": sha}))
+                    candidate={"bundle": host.store.ref(path), "sha256": sha}))
     u = setup["make"]()
     u.recover()
     assert u.record.state is State.ROLLED_BACK and "had not happened" in u.record.error
@@ -335,3 +336,91 @@ def test_resume_edges_after_a_restart(setup, state):
     again.set_desired(d)
     _drive(again)
     assert again.record.state is State.COMMITTED and host.model.version == "1.1.0"
+
+
+class FakeFetcher:
+    """An MQTT transfer stood in: the bundle lands where the real fetcher puts it (that one hashes
+    while it writes; tests/test_fuzz_ota.py drives it), and every call is recorded."""
+
+    def __init__(self, src: Path):
+        self.src, self.fetched, self.messages = src, [], []
+
+    def on_message(self, topic, payload):
+        self.messages.append(topic)
+        return True
+
+    def fetch(self, d, workdir, *, progress, cancelled):
+        self.fetched.append(d.update_id)
+        final = workdir / "bundle.edgepack"
+        shutil.copyfile(self.src, final)
+        progress(d.size, d.size)
+        return final
+
+
+class NoSession:
+    """An MQTT session nothing may touch: a fetcher built on it instead of the injected one fails."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the updater used its host's MQTT session ({name})")
+
+
+def test_the_injected_fetcher_is_the_one_used(setup, tmp_path):
+    """The agent hands the updater the fetcher its MQTT session feeds; the updater builds none of
+    its own over it (it used to, and the agent overwrote it afterwards)."""
+    host = setup["host"]
+    host.mqtt = NoSession()
+    new = _bundle(setup["src"], "1.1.0")
+    fake = FakeFetcher(new)
+    u = Updater(host, setup["data"], settings=UpdaterSettings(max_attempts=3, backoff_s=0.0),
+                clock=setup["clock"].clock(), fetcher=fake)
+    sha = sha256_file(new)
+    d = dataclasses.replace(_desired(new), transfer=MqttTransfer(topic=f"t/bundles/{sha}", chunk_size=1 << 20,
+                                                                 chunks=1, chunk_sha256=(sha,)))
+    assert u.on_message(f"t/bundles/{sha}/chunks/0", b"x") and fake.messages == [f"t/bundles/{sha}/chunks/0"]
+    u.set_desired(d)
+    _drive(u)
+    assert u.record.state is State.COMMITTED and host.model.version == "1.1.0"
+    assert fake.fetched == [d.update_id]
+
+
+def test_only_the_store_knows_its_layout(setup):
+    """Records name stored bundles by a ref the Store gives and takes back; pruning keeps the refs
+    it is handed, with their extracted models, and drops the rest."""
+    store = setup["host"].store
+    kept, kept_sha = store.add(_bundle(setup["src"], "1.1.0"))
+    gone, gone_sha = store.add(_bundle(setup["src"], "1.2.0"))
+    for sha in (kept_sha, gone_sha):
+        store.model_dir(sha).mkdir()
+    assert store.path(store.ref(kept)) == kept and not Path(store.ref(kept)).is_absolute()
+    assert store.sha256(kept) == kept_sha
+    store.activate(kept, kept_sha)
+    assert store.active_slot() == {"bundle": store.ref(kept), "sha256": kept_sha} == store.read_state()
+    store.prune({store.ref(kept)})
+    assert kept.is_file() and store.model_dir(kept_sha).is_dir()
+    assert not gone.exists() and not store.model_dir(gone_sha).exists()
+    store.deactivate()
+    assert store.active_slot() is None and store.active() is None and store.active_sha256() is None
+
+
+@pytest.mark.parametrize("content", [None, b"", b"[]", b"7", b'{"floors": {}}', b"\xff\xfe"])
+def test_a_missing_or_damaged_gatekeeper_file_reads_as_nothing(tmp_path, content, caplog):
+    """records.json and trust.json never stop the agent: a damaged one is said in the log."""
+    from device_agent.ota.statefile import read_state
+
+    path = tmp_path / "records.json"
+    if content is not None:
+        path.write_bytes(content)
+    assert read_state(path, ("floors", "seen"), otherwise="starting over") is None
+    assert ("starting over" in caplog.text) is (content is not None)
+
+
+def test_gatekeeper_files_round_trip_and_survive_a_full_disk(tmp_path, caplog):
+    from device_agent.ota.statefile import read_state, write_state
+
+    path = tmp_path / "trust.json"
+    write_state(path, {"schema": 1, "min_serial": 2, "certs": {}}, what="the key generation", indent=2)
+    assert read_state(path, ("min_serial", "certs"), otherwise="-") == {"min_serial": 2, "certs": {}}
+    path.unlink()
+    path.mkdir()  # the write cannot replace it: logged, nothing raised
+    write_state(path, {"min_serial": 3}, what="the key generation")
+    assert "cannot persist the key generation" in caplog.text

@@ -10,18 +10,16 @@ device without a real-time clock or with a jumping clock is not affected."""
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from device_agent.ota.keyring import Keyring
+from device_agent.ota.statefile import read_state, write_state
 from edgebundle.errors import EdgepackError
 from edgebundle.trust import parse_time
 from edgeproto.desired import Desired, Limits, RecordError, UrlTransfer, signed_bytes, url_allowed
 
-log = logging.getLogger("edgepack.agent.ota")
 MAX_SEEN = 512
 
 
@@ -93,28 +91,13 @@ class RecordGate:
         return d
 
     def _load(self) -> None:
-        if self.path is None:
-            return
-        try:
-            doc = json.loads(self.path.read_text())
-            floors, seen = doc["floors"], doc["seen"]
-            if isinstance(floors, dict) and isinstance(seen, dict):
-                self.floors = {str(k): v for k, v in floors.items() if isinstance(v, dict)}
-                self.seen = {str(k): str(v) for k, v in seen.items()}
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.error("cannot read %s (%s); replay protection restarts from the next record", self.path, e)
+        doc = read_state(self.path, ("floors", "seen"), otherwise="replay protection restarts from the next record")
+        if doc and isinstance(doc["floors"], dict) and isinstance(doc["seen"], dict):
+            self.floors = {str(k): v for k, v in doc["floors"].items() if isinstance(v, dict)}
+            self.seen = {str(k): str(v) for k, v in doc["seen"].items()}
 
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        from device_agent.store import atomic_write
-
-        try:
-            atomic_write(self.path, json.dumps({"schema": 1, "floors": self.floors, "seen": self.seen}).encode())
-        except OSError as e:  # disk full: kept in memory, written with the next record
-            log.error("cannot persist accepted records to %s: %s", self.path, e)
+    def _save(self) -> None:  # disk full: kept in memory, written with the next record
+        write_state(self.path, {"schema": 1, "floors": self.floors, "seen": self.seen}, what="accepted records")
 
 
 def _time(text: str):

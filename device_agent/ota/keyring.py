@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from device_agent.ota.statefile import read_state, write_state
 from edgebundle import signing
 from edgebundle.errors import VerificationError
 from edgebundle.trust import KeyCert, verify_cert
@@ -111,25 +112,11 @@ class Keyring:
         return datetime.fromtimestamp(self.clock(), timezone.utc)
 
     def _load(self) -> None:
-        if self.path is None:
-            return
-        try:
-            d = json.loads(self.path.read_text())
-            serial, certs = d["min_serial"], d["certs"]
-            if isinstance(serial, int) and not isinstance(serial, bool) and isinstance(certs, dict):
-                self.min_serial, self.certs = serial, {str(k): v for k, v in certs.items()}
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.error("cannot read %s (%s); starting with no certified keys", self.path, e)
+        doc = read_state(self.path, ("min_serial", "certs"), otherwise="starting with no certified keys")
+        serial = doc["min_serial"] if doc else None
+        if isinstance(serial, int) and not isinstance(serial, bool) and isinstance(doc["certs"], dict):
+            self.min_serial, self.certs = serial, {str(k): v for k, v in doc["certs"].items()}
 
-    def _save(self) -> None:
-        if self.path is None:
-            return
-        from device_agent.store import atomic_write
-
-        try:
-            atomic_write(self.path, json.dumps({"schema": 1, "min_serial": self.min_serial, "certs": self.certs},
-                                               indent=2).encode())
-        except OSError as e:  # kept in memory; written again with the next accepted certificate
-            log.error("cannot persist the key generation to %s: %s", self.path, e)
+    def _save(self) -> None:  # kept in memory; written again with the next accepted certificate
+        write_state(self.path, {"schema": 1, "min_serial": self.min_serial, "certs": self.certs},
+                    what="the key generation", indent=2)

@@ -6,7 +6,8 @@ delivered on subscribe) and unsubscribing once a chunk is stored. So the broker 
 more than the window for the device (mosquitto keeps only 100 queued messages per offline
 client by default), a device that was offline fetches whenever it returns, and a restart
 resumes from the chunks already on disk. Every chunk is checked against its sha256 before it
-is written; the assembled file against the bundle's sha256."""
+is written; the whole file against the bundle's sha256, hashed as it is written (no second pass:
+the next step is handed a file whose sha256 is the desired record's)."""
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from edgebundle.errors import EdgepackError
 from edgeproto.desired import Desired, MqttTransfer, url_allowed
@@ -60,26 +61,27 @@ def check_space(path: Path, need: int, *, reserve: int = 8 << 20) -> None:
                             hint="free space on the device or use a smaller bundle")
 
 
-def _assemble(parts: list[Path], dest: Path, sha256: str) -> Path:
-    h = hashlib.sha256()
-    tmp = dest.with_name(f".{dest.name}.part")
-    try:
-        with open(tmp, "wb") as out:
-            for p in parts:
-                with open(p, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-                        out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise TransferError(f"cannot assemble the bundle: {e}") from None
+def _discard(*paths: Path) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def _complete(h, part: Path, *, final: Path, sha256: str, what: str) -> Path:
+    """The hash computed while the file was written decides: it becomes the bundle, or goes."""
     if h.hexdigest() != sha256:
-        tmp.unlink(missing_ok=True)
-        raise TransferError(f"assembled bundle sha256 {h.hexdigest()[:16]}... does not match {sha256[:16]}...")
-    os.replace(tmp, dest)
-    return dest
+        part.unlink(missing_ok=True)
+        raise TransferError(f"{what} bundle sha256 {h.hexdigest()[:16]}... does not match {sha256[:16]}...")
+    os.replace(part, final)
+    return final
+
+
+class ChunkFetcher(Protocol):
+    """Pulls an MQTT transfer into a work folder, fed the chunk messages of the agent's session
+    (injected into the updater; tests pass fakes)."""
+
+    def on_message(self, topic: str, payload: bytes) -> bool: ...
+
+    def fetch(self, d: Desired, workdir: Path, *, progress: Progress, cancelled: Callable[[], bool]) -> Path: ...
 
 
 class MqttChunkFetcher:
@@ -197,17 +199,12 @@ class MqttChunkFetcher:
                                          f"({len(missing) + len(outstanding)} left); is the bundle still published?")
             os.fsync(fd)
             done_log.close()
-        except TransferError:
+        except (TransferError, OSError) as e:  # fatal, nothing kept (ENOSPC while writing the log or syncing)
             os.close(fd)
             fd = -1
-            part.unlink(missing_ok=True)
-            done_file.unlink(missing_ok=True)
-            raise
-        except OSError as e:  # ENOSPC and friends while writing the log or syncing: fatal, nothing kept
-            os.close(fd)
-            fd = -1
-            part.unlink(missing_ok=True)
-            done_file.unlink(missing_ok=True)
+            _discard(part, done_file)
+            if isinstance(e, TransferError):
+                raise
             raise TransferError(f"cannot store the download: {e}") from None
         finally:
             with self._lock:
@@ -216,20 +213,16 @@ class MqttChunkFetcher:
                 self.mqtt.unsubscribe(base + str(i))
             if fd >= 0:
                 os.close(fd)
-        if h.hexdigest() != d.sha256:
-            part.unlink(missing_ok=True)
+        try:
+            return _complete(h, part, final=final, sha256=d.sha256, what="downloaded")
+        finally:
             done_file.unlink(missing_ok=True)
-            raise TransferError(f"downloaded bundle sha256 {h.hexdigest()[:16]}... does not match {d.sha256[:16]}...")
-        os.replace(part, final)
-        done_file.unlink(missing_ok=True)
-        return final
 
 
 def _resume(part: Path, done_file: Path, hashes: list[str], csize: int, size: int) -> set[int]:
     """Chunks stored before a restart, each re-checked against its hash (no fsync per chunk)."""
     if not (part.is_file() and done_file.is_file()) or part.stat().st_size != size:
-        part.unlink(missing_ok=True)
-        done_file.unlink(missing_ok=True)
+        _discard(part, done_file)
         return set()
     done = set()
     with open(part, "rb") as f:
@@ -278,10 +271,20 @@ def _opener(allowed: tuple[str, ...]) -> urllib.request.OpenerDirector:
     return o
 
 
+def _hash_prefix(path: Path, n: int):
+    """A running sha256 over the first `n` bytes of a download being resumed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while n > 0 and (block := f.read(min(n, 1 << 20))):
+            h.update(block)
+            n -= len(block)
+    return h
+
+
 def fetch_url(d: Desired, workdir: Path, *, progress: Progress, cancelled: Callable[[], bool],
               policy: TransferPolicy = TransferPolicy()) -> Path:
-    """http(s):// with Range resume, or file://; same size and hash checks; only from sources
-    the policy allows, within the slow-retrieval deadline."""
+    """http(s):// with Range resume, or file://; same size and hash checks, the hash computed as
+    the bytes are written; only from sources the policy allows, within the slow-retrieval deadline."""
     final = workdir / "bundle.edgepack"
     if final.is_file():
         return final
@@ -302,6 +305,7 @@ def fetch_url(d: Desired, workdir: Path, *, progress: Progress, cancelled: Calla
             status = getattr(r, "status", 200)
             if have and status != 206:
                 have = 0  # the server ignored Range: start over
+            h = _hash_prefix(part, have) if have else hashlib.sha256()
             read = getattr(r, "read1", r.read)  # what has arrived, not a full megabyte: the deadline holds
             with open(part, "ab" if have else "wb") as f:
                 if url.startswith("file://") and have:
@@ -314,6 +318,7 @@ def fetch_url(d: Desired, workdir: Path, *, progress: Progress, cancelled: Calla
                     if done > d.size:
                         raise TransferError(f"download is larger than the desired record's {d.size} bytes")
                     f.write(block)
+                    h.update(block)
                     progress(done, d.size)
                     if time.monotonic() > deadline:
                         raise TransientError(f"download too slow: {done} of {d.size} bytes after "
@@ -330,6 +335,4 @@ def fetch_url(d: Desired, workdir: Path, *, progress: Progress, cancelled: Calla
             part.unlink(missing_ok=True)
             raise TransferError(f"out of disk space while downloading: {e}") from None
         raise TransientError(f"download from {url} failed: {e}") from None
-    dest = _assemble([part], final, d.sha256)
-    part.unlink(missing_ok=True)
-    return dest
+    return _complete(h, part, final=final, sha256=d.sha256, what="assembled")

@@ -56,7 +56,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from device_agent.ota.record import ENDED, LIVE, RESUMABLE, Record, State
-from device_agent.ota.transfer import Cancelled, MqttChunkFetcher, TransferError, TransferPolicy, TransientError, fetch_url
+from device_agent.ota.transfer import (Cancelled, ChunkFetcher, MqttChunkFetcher, TransferError, TransferPolicy,
+                                      TransientError, fetch_url)
 from device_agent.store import Store, atomic_write
 from edgebundle.errors import EdgepackError
 from edgebundle.interface import interface_diff
@@ -96,7 +97,7 @@ class Host(Protocol):
     """What the updater needs from the agent (injected, so tests can drive it with fakes)."""
 
     store: Store
-    mqtt: object
+    mqtt: object  # the MQTT session, when no fetcher is injected
 
     def active_model(self): ...
     def swap(self, model): ...
@@ -112,12 +113,16 @@ class UpdateFailed(EdgepackError):
 
 class Updater:
     def __init__(self, host: Host, data_dir: Path, *, settings: UpdaterSettings = UpdaterSettings(),
-                 clock: Clock = Clock()):
+                 clock: Clock = Clock(), fetcher: ChunkFetcher | None = None):
+        """`fetcher` pulls MQTT transfers: the agent injects the one its MQTT session feeds; without
+        one, the updater builds it on `host.mqtt` (None: MQTT transfers fail, URL ones still work)."""
         self.host, self.settings, self.clock = host, settings, clock
         self.path = Path(data_dir) / "update.json"
         self.downloads = Path(data_dir) / "downloads"
         self.record = Record.load(self.path)
-        self.fetcher = (MqttChunkFetcher(host.mqtt, policy=settings.transfer) if host.mqtt is not None else None)
+        if fetcher is None and host.mqtt is not None:
+            fetcher = MqttChunkFetcher(host.mqtt, policy=settings.transfer)
+        self.fetcher = fetcher
         self._desired: Desired | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -314,7 +319,7 @@ class Updater:
         work = self._workdir(d.sha256)
         path = work / "bundle.edgepack"
         cand = self.record.candidate
-        stored = self.host.store.root / cand["bundle"] if cand and cand.get("sha256") == d.sha256 else None
+        stored = self.host.store.path(cand["bundle"]) if cand and cand.get("sha256") == d.sha256 else None
         if not path.is_file():
             if stored is None or not stored.is_file():
                 return State.DOWNLOADING
@@ -325,9 +330,10 @@ class Updater:
             shutil.rmtree(work, ignore_errors=True)
             raise UpdateFailed(f"verification failed: {str(e).splitlines()[0]}") from None
         m = bundle.manifest
-        if (m.name, m.version) != (d.name, d.version):
+        why = d.mismatch(m, named_by="the desired record")
+        if why:
             shutil.rmtree(work, ignore_errors=True)
-            raise UpdateFailed(f"the bundle is {m.name} {m.version}, the desired record says {d.name} {d.version}")
+            raise UpdateFailed(why)
         active = self.host.active_model()
         if active is not None and parse_version(m.version) < parse_version(active.version) and not d.allow_downgrade:
             shutil.rmtree(work, ignore_errors=True)
@@ -338,8 +344,7 @@ class Updater:
                                             name=f"{m.name}-{m.version}-{m.target.get('name')}.edgepack")
             bundle = dataclasses.replace(bundle, path=stored)
         shutil.rmtree(work, ignore_errors=True)
-        self.record.candidate = {"bundle": str(stored.relative_to(self.host.store.root)), "sha256": d.sha256,
-                                 "version": m.version}
+        self.record.candidate = {"bundle": self.host.store.ref(stored), "sha256": d.sha256, "version": m.version}
         self._verified = bundle
         return State.STAGING
 
@@ -353,7 +358,7 @@ class Updater:
         verified = self._verified if self._verified is not None and self._verified.path.name == Path(
             cand["bundle"]).name else None
         try:
-            model = self.host.load(self.host.store.root / cand["bundle"], verified=verified)  # warm-up, golden check
+            model = self.host.load(self.host.store.path(cand["bundle"]), verified=verified)  # warm-up, golden check
         except Exception as e:  # a model that cannot load or raises in warm-up is never activated
             raise UpdateFailed(f"staging failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         active = self.host.active_model()
@@ -385,12 +390,11 @@ class Updater:
         if self._candidate_model is None:  # resumed after a restart or a retry: stage again
             return State.STAGING
         old = self.host.active_model()
-        st = self.host.store.read_state()
-        self.record.previous = ({"bundle": st.get("bundle"), "sha256": st.get("sha256"),
-                                 "version": old.version if old else None} if st.get("bundle") else None)
+        slot = self.host.store.active_slot()
+        self.record.previous = {**slot, "version": old.version if old else None} if slot else None
         self._write(self.record)  # before active.json changes: a crash from here on rolls back
         cand = self.record.candidate
-        self.host.store.activate(self.host.store.root / cand["bundle"], cand["sha256"])
+        self.host.store.activate(self.host.store.path(cand["bundle"]), cand["sha256"])
         self._candidate_model.watch(True, reference=old)
         self._previous_model = self.host.swap(self._candidate_model)  # one reference swap
         self._candidate_model = None
@@ -452,7 +456,7 @@ class Updater:
                     self.host.swap(self._previous_model)
                     self._previous_model = None
                 elif prev:
-                    self.host.swap(self.host.load(self.host.store.root / prev["bundle"]))
+                    self.host.swap(self.host.load(self.host.store.path(prev["bundle"])))
                 else:  # the device had no model before this update: it goes back to serving none
                     self.host.swap(None)
                 if active is not None and active is not self.host.active_model():
@@ -469,12 +473,12 @@ class Updater:
         prev = self.record.previous
         store = self.host.store
         cand = (self.record.candidate or {}).get("sha256")
-        if cand is None or store.read_state().get("sha256") != cand:
+        if cand is None or store.active_sha256() != cand:
             return "the switch had not happened: the previous model stays"
-        if prev and (store.root / prev["bundle"]).is_file():
-            store.activate(store.root / prev["bundle"], prev["sha256"])
+        if prev and store.path(prev["bundle"]).is_file():
+            store.activate(store.path(prev["bundle"]), prev["sha256"])
             return f"rolled back to {prev.get('version')}"
-        store.write_state({})
+        store.deactivate()
         return "rolled back to no model (the device had none before)"
 
     # ---- terminal and intermediate transitions ----
@@ -560,14 +564,8 @@ class Updater:
 
     def _prune(self) -> None:
         """Keep the active bundle and the previous one (the rollback slot); drop the rest."""
-        store = self.host.store
-        keep = {Path(store.read_state().get("bundle", "")).name}
-        if self.record.previous:
-            keep.add(Path(self.record.previous["bundle"]).name)
-        for p in store.bundles.glob("*.edgepack"):
-            if p.name not in keep:
-                p.unlink(missing_ok=True)
-                shutil.rmtree(store.model_dir(p.name.split("-")[0]), ignore_errors=True)
+        slots = (self.host.store.active_slot(), self.record.previous)
+        self.host.store.prune({slot["bundle"] for slot in slots if slot})
 
     def _progress(self, done: int, total: int) -> None:
         now = self.clock.mono()
