@@ -138,6 +138,21 @@ class TextEncoder:
         return self._tok.encode_batch(list(texts))
 
 
+def text_settings(tokenizer_json, inputs: list[str], *, max_length: int, special_tokens: dict,
+                  buckets: tuple[int, ...] = ()) -> TextSettings:
+    """Settings for a model whose inputs are `inputs` (Hugging Face names), with the pad id and the
+    lower-casing read from the tokenizer file itself."""
+    import json
+
+    tok = _tokenizers().Tokenizer.from_file(str(tokenizer_json))
+    pad_id = tok.token_to_id(special_tokens.get("pad_token") or "[PAD]")
+    with open(tokenizer_json, encoding="utf-8") as f:
+        norm = json.load(f).get("normalizer") or {}
+    return TextSettings(max_length=max_length, inputs=tuple((n, STANDARD_INPUTS[n]) for n in inputs),
+                        pad_id=0 if pad_id is None else pad_id, buckets=buckets, lowercase=norm.get("lowercase"),
+                        special_tokens=dict(special_tokens))
+
+
 def parity_problems(encoder: TextEncoder, texts: list[str], expected: list[list[int]]) -> list[str]:
     """Golden texts whose token ids differ from those computed at build time (a drifted tokenizer library)."""
     got = encoder.ids(texts)
@@ -152,4 +167,4 @@ def parity_problems(encoder: TextEncoder, texts: list[str], expected: list[list[
     return out
 
 
-__all__ = ["Encoded", "Role", "STANDARD_INPUTS", "TextEncoder", "TextSettings", "parity_problems"]
+__all__ = ["Encoded", "Role", "STANDARD_INPUTS", "TextEncoder", "TextSettings", "parity_problems", "text_settings"]

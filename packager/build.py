@@ -21,7 +21,7 @@ from packager.options import BuildInputs, BuildOptions, Progress
 from packager.package import package
 from packager.profiles import load_profile
 from packager.results import BuildResult, TargetResult, sensitivity_of
-from packager.sources import ReferenceFailed, Source, detect_kind, load_source, resolve_shapes
+from packager.sources import ReferenceFailed, Source, attach_tokenizer, detect_kind, load_source, resolve_shapes
 from packager.steps import CandidateSearch
 from packager.timing import HostTimer
 from targets import TargetProfile
@@ -44,6 +44,8 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
             timer.start()
         progress(f"loading {opts.model}")
         source = load_source(opts.model, workdir=work)
+        if opts.tokenizer:
+            attach_tokenizer(source, opts.tokenizer)
         calib, valid = _datasets(opts, source, profiles, progress)
         progress(f"float reference on {len(valid)} validation samples")
         inputs = BuildInputs(opts=opts, name=name, source=source, calib=calib, valid=valid,

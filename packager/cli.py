@@ -94,6 +94,9 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--image-std", help="Image folders: per-channel std after scaling.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Class names, one per line, shipped in the bundle as labels.txt.")
+@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
+              help="An ONNX text model's tokenizer.json (or the Hugging Face folder it came from): shipped in the "
+                   "bundle, and .txt/.jsonl data is tokenized with it.")
 @click.option("--sign-key", type=click.Path(exists=True, path_type=Path), help="Sign each bundle with this "
                                                                             "Ed25519 private key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable report (docs/build-report.md).")
@@ -106,8 +109,8 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @pass_wiring
 def build(wiring, model, targets, out_dir, precision, search, calibration, calibration_samples, calibration_method,
           per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, no_gate, allow_flex, name, version,
-          opset, image_scale, image_mean, image_std, labels, sign_key, as_json, html_path, no_html, profile_on, **kw):
-    """Convert MODEL (SavedModel dir, .keras/.h5, .onnx, .tflite) into one bundle per target."""
+          opset, image_scale, image_mean, image_std, labels, tokenizer, sign_key, as_json, html_path, no_html, profile_on, **kw):
+    """Convert MODEL (SavedModel dir, Hugging Face folder, .keras/.h5, .onnx, .tflite) into one bundle per target."""
     from packager.build import BuildOptions, build as run_build
     from packager.data import ImagePreprocessing
     from packager.report import build_table
@@ -121,7 +124,7 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
         min_similarity=min_similarity, accuracy_gate=not no_gate,
         allow_flex=allow_flex, name=name, version=version, opset=opset, per_channel=per_channel,
         calibration_method=CalibrationMethod(calibration_method) if calibration_method else None,
-        image_prep=prep, labels=labels, sign_key=sign_key, profile_on=_device_target(profile_on, kw, wiring))
+        image_prep=prep, labels=labels, tokenizer=tokenizer, sign_key=sign_key, profile_on=_device_target(profile_on, kw, wiring))
     result = run_build(opts, progress=_progress(sys.stderr.isatty() or not as_json))
     report = result.to_dict()
     if not no_html:

