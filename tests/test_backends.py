@@ -77,8 +77,12 @@ def test_the_edge_tpu_backend_owns_the_edge_tpu():
     assert tpu.not_timed(coral).startswith("coral runs this model on edgetpu; the host's CPU cannot say")
     # 8-bit I/O
     ids = InputSpec("ids", (1, 4), "int64", shape=(1, 4))
-    src = type("Src", (), {"inputs": [ids]})()
+    src = type("Src", (), {"inputs": [ids], "text": None})()
     assert [f.code for f in tpu.lint_source(src, coral)] == ["edgetpu-io"] and tfl.lint_source(src, arm) == []
+    # a text model (token ids) is refused outright: nothing of it could be mapped
+    text = type("Src", (), {"inputs": [ids], "text": object()})()
+    [f] = tpu.lint_source(text, coral)
+    assert f.code == "edgetpu-text" and f.level.value == "error" and "token ids above 255" in f.message
 
 
 def test_gate_hints_name_the_layers_only_on_the_edge_tpu():
