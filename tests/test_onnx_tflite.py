@@ -245,3 +245,15 @@ def test_corpus_detector_int8_for_arm_cpu_and_coral(tmp_path):
         assert [(t.name, t.shape) for t in manifest.inputs] == [("x", (1, 3, 224, 320))]
         assert [(t.name, t.shape) for t in manifest.outputs] == [("sigmoid_0.tmp_0", (1, 1, 224, 320))]
         assert not judge(metrics, Gate(min_similarity=0.96)), (r.target, metrics)
+
+
+@pytest.mark.slow
+def test_a_model_given_by_a_relative_path_reaches_tflite(tmp_path, monkeypatch):
+    """The onnx2tf worker runs in a directory of its own: MODEL given relative to the user's must still resolve."""
+    _tiny_cnn(tmp_path / "tiny.onnx")
+    calib, valid = _data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    res = build(BuildOptions(model="tiny.onnx", targets=("arm-cpu",), out_dir=tmp_path / "out",
+                             precision=Precision.FP32, calibration=str(calib), validation=str(valid),
+                             bench_seconds=0.2))
+    assert res.ok, [r.error for r in res.results if not r.ok]

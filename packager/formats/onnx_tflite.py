@@ -119,8 +119,9 @@ class OnnxToTFLite(Bridge):
         work.mkdir(parents=True, exist_ok=True)
         sample = ctx.sample or {s.name: np.zeros(s.shape, s.dtype) for s in src.inputs}
         np.savez(work / "sample.npz", **{s.name: np.asarray(sample[s.name]).reshape(s.shape) for s in src.inputs})
-        req = {"onnx": str(src.path), "out": str(work / "saved_model"), "sample": str(work / "sample.npz"),
-               "result": str(work / "result.json"),
+        # absolute: the worker runs in another directory, and a MODEL given as a relative path must still resolve
+        req = {"onnx": str(Path(src.path).resolve()), "out": str(work / "saved_model"),
+               "sample": str(work / "sample.npz"), "result": str(work / "result.json"),
                "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in src.inputs]}
         (work / "request.json").write_text(json.dumps(req))
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
