@@ -216,9 +216,10 @@ def test_agent_serves_text_over_kserve_bytes_json_and_binary(sentence, tmp_path)
     texts = sentence["held_out"][:3]
     local = load_bundle(bundle)
     try:
-        want = local.infer({"text": texts})["sentence_embedding"]
+        ref = local.infer({"text": texts})
     finally:
         local.close()
+    want = ref["sentence_embedding"]
     a = AgentProc(tmp_path / "data", bundle=bundle, interval=60, extra=("--log-format", "text"))
     a.model_name = "enc"
     a.start()
@@ -229,9 +230,12 @@ def test_agent_serves_text_over_kserve_bytes_json_and_binary(sentence, tmp_path)
         req = urllib.request.Request(a.base + "/v2/models/enc/infer", data=json.dumps(body).encode())
         with urllib.request.urlopen(req, timeout=10) as r:
             res = json.loads(r.read())
-        out = {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in res["outputs"]}
-        np.testing.assert_allclose(out["sentence_embedding"], want, atol=1e-5)
-        assert out["text_truncated"].tolist() == [0, 0, 0]
+        out = {o["name"]: o for o in res["outputs"]}
+        got = np.asarray(out["sentence_embedding"]["data"], np.float32).reshape(out["sentence_embedding"]["shape"])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert out["text_truncated"]["datatype"] == "BOOL" and out["text_tokens"]["datatype"] == "INT64"
+        assert out["text_truncated"]["data"] == ref["text_truncated"].tolist()
+        assert out["text_tokens"]["data"] == ref["text_tokens"].tolist()
         client = httpclient.InferenceServerClient(url=a.base.removeprefix("http://"))
         inp = httpclient.InferInput("text", [len(texts)], "BYTES")
         inp.set_data_from_numpy(np.asarray(texts, dtype=object), binary_data=True)
