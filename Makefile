@@ -38,7 +38,7 @@ bench: install corpus
 	$(PY) benchmarks/corpus.py
 	$(PY) benchmarks/onnx_tflite.py
 	$(PY) benchmarks/auto_cost.py
-	$(PY) benchmarks/transformers.py
+	$(PY) benchmarks/text_models.py
 	$(PY) benchmarks/demo_ratios.py
 	$(PY) benchmarks/quantization_quality.py
 	$(PY) benchmarks/agent_overhead.py

@@ -3,7 +3,7 @@ against the ONNX Runtime anchors a user would otherwise reach for, timed side by
 child process (only onnxruntime loaded, 2 threads, batch 1, interleaved rounds) at 16 and 128
 tokens, three times. Also tries the TFLite targets and says what stops them.
 
-    make corpus && python benchmarks/transformers.py [--runs 3] [--rounds 60]
+    make corpus && python benchmarks/text_models.py [--runs 3] [--rounds 60]
 
 Anchors: ORT fp32 (the folder's export), ORT dynamic int8 (quantize_dynamic, per-channel QInt8:
 ORT's BERT recipe, what Optimum's avx2/arm64 presets do), and ORT's transformer optimizer (attention,
@@ -56,17 +56,15 @@ def anchors(fp32: Path, out: Path, cfg: dict) -> dict[str, Path]:
     return {"ORT fp32": fp32, "ORT dynamic int8": dyn, "ORT optimizer + dynamic int8": opt_dyn}
 
 
-def cosines(models: dict[str, Path], folder: Path, texts: list[str]) -> dict[str, tuple[float, float]]:
+def cosines(models: dict[str, Path], folder: Path, texts: list[str], want) -> dict[str, tuple[float, float]]:
     import numpy as np
     import onnxruntime as ort
 
     from edgeruntime.text import TextEncoder
     from packager.hf_export import read_folder
-    from textkit import torch_sentence_embeddings
 
     f = read_folder(folder)
     enc = TextEncoder.from_file(f.tokenizer, f.text_settings(["input_ids", "attention_mask", "token_type_ids"]))
-    want = torch_sentence_embeddings(folder, texts, max_length=f.max_length)
     out = {}
     for name, path in models.items():
         s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -83,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     from edgebundle.archive import open_bundle
     from packager.build import BuildOptions, build
-    from textkit import minilm_folder, sentences
+    from textkit import minilm_folder, sentences, torch_sentence_embeddings
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -91,6 +89,9 @@ def main() -> None:
         if folder is None:
             raise SystemExit("all-MiniLM-L6-v2 is not in the corpus: run `make corpus` first")
         texts = sentences(460, seed=31)
+        # torch first, before this process loads TensorFlow and onnxruntime.transformers (which make
+        # transformers' torch models unavailable here)
+        want = torch_sentence_embeddings(folder, texts[400:], max_length=256)
         (tmp / "calib.txt").write_text("\n".join(texts[:300]) + "\n")
         (tmp / "valid.txt").write_text("\n".join(texts[300:400]) + "\n")
         res = build(BuildOptions(model=folder, targets=("x86-cpu", "arm-cpu"), out_dir=tmp / "out", name="minilm",
@@ -111,7 +112,7 @@ def main() -> None:
         models = anchors(fp32, tmp, json.loads((folder / "config.json").read_text()))
         label = f"edgepack x86-cpu auto ({x86.report['candidate']})"
         models[label] = tmp / "bundle" / b.manifest.model_file
-        acc = cosines(models, folder, texts[400:])
+        acc = cosines(models, folder, texts[400:], want)
         spec = json.dumps({n: str(p) for n, p in models.items()})
         runs = {16: [], 128: []}
         for _ in range(args.runs):
