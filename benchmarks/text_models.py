@@ -81,6 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     from edgebundle.archive import open_bundle
     from packager.build import BuildOptions, build
+    from packager.hf_export import export_onnx, read_folder
     from textkit import minilm_folder, sentences, torch_sentence_embeddings
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,9 +90,8 @@ def main() -> None:
         if folder is None:
             raise SystemExit("all-MiniLM-L6-v2 is not in the corpus: run `make corpus` first")
         texts = sentences(460, seed=31)
-        # torch first, before this process loads TensorFlow and onnxruntime.transformers (which make
-        # transformers' torch models unavailable here)
-        want = torch_sentence_embeddings(folder, texts[400:], max_length=256)
+        # the reference: the folder's model in torch on the held-out texts
+        want = torch_sentence_embeddings(folder, texts[400:], max_length=read_folder(folder).max_length)
         (tmp / "calib.txt").write_text("\n".join(texts[:300]) + "\n")
         (tmp / "valid.txt").write_text("\n".join(texts[300:400]) + "\n")
         res = build(BuildOptions(model=folder, targets=("x86-cpu", "arm-cpu"), out_dir=tmp / "out", name="minilm",
@@ -105,8 +105,6 @@ def main() -> None:
         b = open_bundle(x86.bundle)
         (tmp / "bundle").mkdir()
         b.verify(extract_to=tmp / "bundle", extract=[b.manifest.model_file])
-        from packager.hf_export import export_onnx, read_folder
-
         fp32 = tmp / "fp32.onnx"
         export_onnx(read_folder(folder), fp32)
         models = anchors(fp32, tmp, json.loads((folder / "config.json").read_text()))

@@ -15,7 +15,7 @@ import numpy as np
 
 from edgeruntime.base import Runtime, dequantize, quantize
 from edgeruntime.registry import load_from_manifest
-from edgeruntime.text import TextEncoder, TextSettings, parity_problems
+from edgeruntime.text import Encoded, TextEncoder, TextSettings, parity_problems
 from edgebundle.archive import Bundle, open_bundle, sha256_file
 from edgebundle.errors import BundleError, InputError, RuntimeUnavailableError, VerificationError
 from edgebundle.interface import interface_hash
@@ -118,8 +118,6 @@ class Model:
     def validate(self, inputs: dict) -> dict[str, np.ndarray]:
         """Check names, shapes and dtypes against the manifest; return arrays in the
         model's dtypes (floats for quantized inputs are quantized here)."""
-        if TEXT_INPUT in inputs and TEXT_INPUT not in self._names:
-            return self._tokenized(inputs)
         if len(inputs) != len(self._names) or not all(n in inputs for n in self._names):
             unknown = sorted(set(inputs) - self._names)
             if unknown:
@@ -145,7 +143,7 @@ class Model:
             feeds[name] = x
         return feeds
 
-    def _tokenized(self, inputs: dict) -> dict[str, np.ndarray]:
+    def _tokenized(self, inputs: dict) -> Encoded:
         """`{"text": [str, ...]}`: the bundle's tokenizer makes the token tensors (padded to the
         longest text, or to the smallest length bucket that holds it)."""
         if self.text is None:
@@ -157,11 +155,7 @@ class Model:
         texts = inputs[TEXT_INPUT]
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise InferenceError("input 'text' must be a non-empty list of strings")
-        enc = self.text.encode(list(texts))
-        feeds = self.validate(enc.feeds)
-        feeds[TOKENS] = np.asarray(enc.lengths, np.int64)
-        feeds[TRUNCATED] = np.asarray(enc.truncated, np.bool_)
-        return feeds
+        return self.text.encode(list(texts))
 
     @property
     def in_flight(self) -> int:
@@ -180,11 +174,11 @@ class Model:
                 self._busy -= 1
 
     def _infer(self, inputs: dict, raw: bool, stamps: list[float] | None) -> dict[str, np.ndarray]:
-        feeds = self.validate(inputs)
-        if TOKENS in feeds:  # a text request: the token counts and truncation flags go back with the outputs
-            notes = {k: feeds.pop(k) for k in (TOKENS, TRUNCATED)}
-            return dict(self._run(feeds, raw, inputs, stamps), **notes)
-        return self._run(feeds, raw, inputs, stamps)
+        if TEXT_INPUT in inputs and TEXT_INPUT not in self._names:
+            enc = self._tokenized(inputs)  # the token counts and truncation flags go back with the outputs
+            return dict(self._run(self.validate(enc.feeds), raw, inputs, stamps),
+                        **{TOKENS: np.asarray(enc.lengths, np.int64), TRUNCATED: np.asarray(enc.truncated, np.bool_)})
+        return self._run(self.validate(inputs), raw, inputs, stamps)
 
     def _run(self, feeds: dict, raw: bool, inputs: dict, stamps: list[float] | None) -> dict[str, np.ndarray]:
         if stamps is not None:

@@ -318,8 +318,7 @@ class HfSource(OnnxSource):
         onnx_path = workdir / f"{path.name}.onnx"
         ans = export_onnx(folder, onnx_path)
         super().__init__(onnx_path, SourceKind.ONNX, workdir)
-        self.origin, self.origin_path, self.hf = SourceKind.HF, path, folder
-        self.export = ans
+        self.origin, self.origin_path = SourceKind.HF, path
         self.text = TextInfo(tokenizer=folder.tokenizer, settings=folder.text_settings(ans["inputs"]),
                              labels=folder.labels)
 

@@ -50,12 +50,14 @@ def tiny_hf_folder(dest: Path, *, kind: str = "sentence", layers: int = 2, seed:
     """A Hugging Face folder with random weights and the tokenizer above: `sentence` (BERT with
     sentence-transformers mean pooling + Normalize), `classifier` (BertForSequenceClassification,
     3 labels) or `distilbert` (DistilBertModel: another family, no token_type_ids)."""
+    import json
+
     import torch
     import transformers
 
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer_json(dest / "tokenizer.json")
-    vocab = len(__import__("json").loads((dest / "tokenizer.json").read_text())["model"]["vocab"])
+    vocab = len(json.loads((dest / "tokenizer.json").read_text())["model"]["vocab"])
     torch.manual_seed(seed)
     if kind == "distilbert":
         cfg = transformers.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=layers, n_heads=2, hidden_dim=64,
