@@ -25,7 +25,8 @@ def test_status_and_telemetry_follow_the_schemas(broker, digits_bundle, tmp_path
     a = AgentProc(tmp_path / "data", bundle=digits_bundle, broker=broker.url, device_id="pi-1",
                   extra=("--group", "kitchen", "--group", "pi4")).start()
     try:
-        st = w.wait("pi-1/status", lambda p: p["online"])
+        # the first retained status comes while the model loads (model: null); wait for it to serve
+        st = w.wait("pi-1/status", lambda p: p["online"] and p["model"] is not None)
         _validate(st, "status")
         assert st["groups"] == ["kitchen", "pi4"] and st["model"]["name"] == "digits"
         assert st["model"]["runtime"] == "litert" and st["model"]["provider"] == "xnnpack"
