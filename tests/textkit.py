@@ -46,10 +46,12 @@ def tokenizer_json(path: Path, *, vocab_size: int = 400) -> Path:
     return path
 
 
-def tiny_hf_folder(dest: Path, *, kind: str = "sentence", layers: int = 2, seed: int = 0) -> Path:
+def tiny_hf_folder(dest: Path, *, kind: str = "sentence", layers: int = 2, seed: int = 0,
+                   act: str = "gelu") -> Path:
     """A Hugging Face folder with random weights and the tokenizer above: `sentence` (BERT with
     sentence-transformers mean pooling + Normalize), `classifier` (BertForSequenceClassification,
-    3 labels) or `distilbert` (DistilBertModel: another family, no token_type_ids)."""
+    3 labels) or `distilbert` (DistilBertModel: another family, no token_type_ids). `act`: the
+    BERT's hidden_act ("gelu" is the exact, Erf form every real BERT uses; "gelu_new" the tanh one)."""
     import json
 
     import torch
@@ -65,7 +67,7 @@ def tiny_hf_folder(dest: Path, *, kind: str = "sentence", layers: int = 2, seed:
         model = transformers.DistilBertModel(cfg)
     else:
         cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                                      intermediate_size=64, max_position_embeddings=64, hidden_act="gelu")
+                                      intermediate_size=64, max_position_embeddings=64, hidden_act=act)
         if kind == "classifier":
             cfg.id2label = {0: "negative", 1: "neutral", 2: "positive"}
             cfg.label2id = {v: k for k, v in cfg.id2label.items()}
