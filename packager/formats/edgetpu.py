@@ -103,6 +103,20 @@ def compile_model(model: Path, out_dir: Path, *, name: str, version: str) -> Com
                          op_table=table)
 
 
+def _input_finding(spec) -> Finding:
+    """Integer inputs (token ids, indices) are refused: the converter quantizes only float inputs to
+    8 bits, so the model would keep a wide integer input the Edge TPU cannot take, and ids index an
+    embedding (GATHER, not an Edge TPU op) that, with everything after it, would run on the CPU."""
+    if spec.dtype.startswith(("int", "uint")):
+        return Finding(Level.ERROR, "edgetpu-io",
+                       f"input {spec.name!r} is {spec.dtype} (integer ids, such as "
+                       "token ids): the Edge TPU maps only 8-bit tensors, token ids above 255 cannot be 8-bit, and the "
+                       "embedding lookup (gather) they feed is no Edge TPU op, so it and everything after it would "
+                       "run on the CPU; build for a CPU or GPU target instead")
+    return Finding(Level.WARNING, "edgetpu-io", f"input {spec.name!r} is {spec.dtype}; the Edge TPU maps only 8-bit "
+                                                "tensors")
+
+
 @register
 class EdgeTPUBackend(TFLiteBackend):
     delegate = DELEGATE
@@ -116,9 +130,7 @@ class EdgeTPUBackend(TFLiteBackend):
                             f"{[s.name for s in source.inputs]} are {source.inputs[0].dtype} and the Edge TPU maps "
                             "only 8-bit tensors (token ids above 255 cannot be 8-bit), so the embedding lookup, "
                             "and everything after it, would run on the CPU; build for a CPU or GPU target instead")]
-        return [Finding(Level.WARNING, "edgetpu-io", f"input {s.name!r} is {s.dtype}; the Edge TPU maps only 8-bit "
-                                                     "tensors")
-                for s in source.inputs if s.dtype not in ("float32", "int8", "uint8")]
+        return [_input_finding(s) for s in source.inputs if s.dtype not in ("float32", "int8", "uint8")]
 
     def lint(self, art: Artifact, profile: TargetProfile, *, allow_flex: bool, inputs, outputs) -> list[Finding]:
         found = super().lint(art, profile, allow_flex=allow_flex, inputs=inputs, outputs=outputs)
