@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgebundle.errors import ConversionError
+from edgebundle.errors import ConversionError, UnsupportedOpError
+
+ONNX_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")  # the domains onnx's schema registry defines
 
 
 @contextlib.contextmanager
@@ -33,14 +35,102 @@ def tf_to_onnx(src, path: Path, opset: int) -> None:
 
     fn = src.onnx_function()
     try:
-        with quiet("tf2onnx"):
+        # CRITICAL: tf2onnx logs each op it leaves unconverted as an error; Erfc is rewritten
+        # below, and any other such op is refused by name
+        with quiet("tf2onnx", level=logging.CRITICAL):
             model, _ = tf2onnx.convert.from_function(fn, input_signature=fn.input_signature, opset=opset)
     except Exception as e:  # tf2onnx raises bare Exceptions/ValueErrors for unsupported ops
         raise ConversionError(f"tf2onnx could not convert the model (opset {opset}): {str(e).splitlines()[0][:300]}",
                               hint="try another --opset (13-18), or a TFLite target") from None
+    rewrite_erfc(model)
+    refuse_unknown_ops(model)
     _rename_outputs(model, src.outputs)
     canonical_names(model)
     onnx.save(model, str(path))
+
+
+def _graphs(graph):
+    """The graph and every subgraph in it (If/Loop bodies), depth first."""
+    yield graph
+    for n in graph.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _graphs(sub)
+
+
+def rewrite_erfc(model) -> int:
+    """Rewrite each `Erfc(x)` as `1 - Erf(x)`; returns how many. TensorFlow's exact GELU (Keras'
+    `gelu(x, approximate=False)`) is 0.5·x·erfc(-x/√2), tf2onnx copies the TensorFlow op Erfc
+    into the graph as is, and Erfc is no ONNX op: ONNX Runtime refuses the whole model. 1 - erf(x)
+    loses erfc's relative precision only where it is below float epsilon, where GELU is ~0 anyway."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not any(n.op_type == "Erfc" and n.domain in ONNX_DOMAINS for g in _graphs(model.graph) for n in g.node):
+        return 0
+    types = _elem_types(model)
+    done = 0
+    for g in _graphs(model.graph):
+        ones: dict[int, str] = {}
+        nodes = []
+        for n in g.node:
+            if n.op_type != "Erfc" or n.domain not in ONNX_DOMAINS:
+                nodes.append(n)
+                continue
+            elem = types[n.output[0]] = types.get(n.input[0], TensorProto.FLOAT)  # an Erfc after an Erfc
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+            if elem not in ones:
+                ones[elem] = f"edgepack_one_{dtype.name}_{len(ones)}"
+                g.initializer.append(numpy_helper.from_array(np.ones((), dtype), ones[elem]))
+            erf = f"{n.output[0]}/erf"
+            nodes += [helper.make_node("Erf", [n.input[0]], [erf], name=f"{n.name}/erf"),
+                      helper.make_node("Sub", [ones[elem], erf], [n.output[0]], name=n.name)]
+            done += 1
+        del g.node[:]
+        g.node.extend(nodes)
+    return done
+
+
+def _elem_types(model) -> dict[str, int]:
+    """The element type of each tensor, as declared (tf2onnx declares nearly all) or inferred."""
+    import onnx
+
+    try:
+        model = onnx.shape_inference.infer_shapes(model)  # a copy; it stops at ops it has no schema for
+    except (ValueError, onnx.shape_inference.InferenceError):  # over 2 GB, or an inconsistent graph
+        pass
+    known = {}
+    for g in _graphs(model.graph):
+        known.update({t.name: t.data_type for t in g.initializer})
+        for vi in list(g.input) + list(g.value_info) + list(g.output):
+            if vi.type.HasField("tensor_type"):
+                known[vi.name] = vi.type.tensor_type.elem_type
+    return known
+
+
+def unknown_ops(model) -> list[str]:
+    """The op types of nodes in the ONNX domains that onnx's schema registry does not define at the
+    model's opset: ONNX Runtime refuses a graph holding any of them as invalid."""
+    import onnx
+
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+
+    def known(n) -> bool:
+        domain = "" if n.domain == "ai.onnx" else n.domain
+        return domain in opsets and onnx.defs.has(n.op_type, opsets[domain], domain)
+
+    return sorted({n.op_type for g in _graphs(model.graph) for n in g.node if n.domain in ONNX_DOMAINS and not known(n)})
+
+
+def refuse_unknown_ops(model) -> None:
+    """tf2onnx copies a TensorFlow op it cannot convert (Lgamma, Erfinv...) into the graph under its
+    TensorFlow name and only logs it: refuse such a graph here, naming the ops, rather than let ONNX
+    Runtime refuse it later as an invalid model."""
+    unknown = unknown_ops(model)
+    if unknown:
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        raise UnsupportedOpError(f"tf2onnx left TensorFlow ops in the graph that are not ONNX ops (opset {opset}): "
+                                 f"{', '.join(unknown)}", hint="build for a TFLite target (arm-cpu, rpi5), or replace "
+                                 "the layers that use these ops")
 
 
 _GENERATED = re.compile(r"^(.*)__\d+(:\d+)?$")
@@ -147,13 +237,7 @@ def sanitize(model) -> list[str]:
 
 def _read_names(graph) -> set[str]:
     """Every name a node reads, in subgraphs too (If/Loop bodies read outer-scope tensors)."""
-    names = set()
-    for n in graph.node:
-        names.update(n.input)
-        for a in n.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                names |= _read_names(sub)
-    return names
+    return {x for g in _graphs(graph) for n in g.node for x in n.input}
 
 
 def remove_symbolic_leftovers(*, since: float) -> None:
