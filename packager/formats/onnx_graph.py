@@ -118,7 +118,8 @@ def unknown_ops(model) -> list[str]:
         domain = "" if n.domain == "ai.onnx" else n.domain
         return domain in opsets and onnx.defs.has(n.op_type, opsets[domain], domain)
 
-    return sorted({n.op_type for g in _graphs(model.graph) for n in g.node if n.domain in ONNX_DOMAINS and not known(n)})
+    nodes = (n for g in _graphs(model.graph) for n in g.node)
+    return sorted({n.op_type for n in nodes if n.domain in ONNX_DOMAINS and not known(n)})
 
 
 def refuse_unknown_ops(model) -> None:
