@@ -387,8 +387,11 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
     model = Model(manifest=m, runtime=runtime, bundle_sha256=digest, bundle_path=path, golden_path=golden)
     try:
         for b in (m.text or {}).get("buckets") or ():  # one interpreter per length: no resize at request time
-            model.buckets[b["length"]] = load_from_manifest(str(model_dir / b["file"]), m, cache_dir=cache_dir,
-                                                            threads=threads, allow_cpu_fallback=allow_cpu_fallback)
+            rt = model.buckets[b["length"]] = load_from_manifest(str(model_dir / b["file"]), m, cache_dir=cache_dir,
+                                                                 threads=threads, allow_cpu_fallback=allow_cpu_fallback)
+            if any(t.shape[-1:] != (b["length"],) for t in rt.inputs):
+                raise BundleError(f"{path.name}: length bucket {b['file']} takes {[list(t.shape) for t in rt.inputs]}, "
+                                  f"not sequence length {b['length']}", hint="rebuild the bundle")
         model.text = _text_encoder(m, model_dir, path.name)
         model.warm_up(warmup)
         if check_golden:

@@ -121,9 +121,13 @@ def plan(search, chosen: Chosen, inputs: BuildInputs) -> Plan:
                               for d in (inputs.calib, inputs.valid) if d is not None and not d.random])
     if not bucketed(profile, source):
         return Plan(trt_profile=trt_profile(profile, source, lengths))
+    top, width = source.text.settings.max_length, source.inputs[0].shape[-1]
+    if width != top:  # token arrays narrower than max_length fixed the model's length
+        return Plan(notes=(f"no length buckets: the model was converted at length {width}, not max_length {top}; "
+                           f"every text runs at {width} and is cut there",))
     valid_lengths = token_lengths(inputs.valid.samples, source.text.settings)
     buckets, notes = [], []
-    for length in choose_buckets(lengths, source.text.settings.max_length):
+    for length in choose_buckets(lengths, top):
         inputs.progress(f"[{profile.name}] {chosen.trial.candidate.label} at length {length}: converting")
         try:
             buckets.append(_bucket(search, chosen, inputs, length=length, fits=np.flatnonzero(valid_lengths <= length)))
