@@ -184,7 +184,8 @@ class Model:
             return self._infer_text(self._texts(inputs), raw, inputs, stamps)
         return self._run(self.validate(inputs), raw, inputs, stamps)
 
-    def _infer_text(self, texts: list[str], raw: bool, inputs: dict, stamps: list[float] | None) -> dict[str, np.ndarray]:
+    def _infer_text(self, texts: list[str], raw: bool, inputs: dict,
+                    stamps: list[float] | None) -> dict[str, np.ndarray]:
         """Tokenized here, in runs of at most the model's batch, each at the smallest length bucket that
         holds its texts (no buckets: its longest text); per-text token counts, truncation flags and
         lengths go back with the outputs."""
@@ -326,7 +327,8 @@ class Model:
         self.golden_inputs(bundle)
         arrays, rtol = self._golden, float(g.get("rtol", 0))
         pairs = [({t.name: arrays[f"input.{i}.{t.name}"] for t in self.manifest.inputs},
-                  {t.name: arrays[f"output.{i}.{t.name}"] for t in self.manifest.outputs}) for i in range(int(g["count"]))]
+                  {t.name: arrays[f"output.{i}.{t.name}"] for t in self.manifest.outputs})
+                 for i in range(int(g["count"]))]
         worst = self._excess(self.runtime, pairs, rtol)
         res = {"checked": int(g["count"]), "ok": worst <= float(g["atol"]), "max_excess_error": worst,
                "atol": float(g["atol"])}
@@ -431,7 +433,8 @@ def _text_encoder(m: Manifest, model_dir: Path, bundle_name: str) -> TextEncoder
     if not m.text:
         return None
     try:
-        enc = TextEncoder.from_file(model_dir / m.text["tokenizer"], _fixed_length(TextSettings.from_dict(m.text["settings"]), m))
+        settings = _fixed_length(TextSettings.from_dict(m.text["settings"]), m)
+        enc = TextEncoder.from_file(model_dir / m.text["tokenizer"], settings)
     except RuntimeUnavailableError:
         return None
     except InputError as e:

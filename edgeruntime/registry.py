@@ -36,7 +36,8 @@ def load_from_manifest(path: str, manifest, *, cache_dir: str | None = None, thr
     return load_runtime(
         path, fmt=manifest.format, threads=rt.threads if threads is None else threads, delegates=rt.delegates,
         providers=rt.providers, cache_dir=cache_dir, trt_fp16=rt.tensorrt_fp16, trt_cache=rt.tensorrt_engine_cache,
-        trt_profile=rt.tensorrt_profile, allow_cpu_fallback=rt.cpu_fallback if allow_cpu_fallback is None else allow_cpu_fallback)
+        trt_profile=rt.tensorrt_profile,
+        allow_cpu_fallback=rt.cpu_fallback if allow_cpu_fallback is None else allow_cpu_fallback)
 
 
 def slow_load(manifest, *, cache_dir: str | None = None) -> str | None:
