@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from edgeruntime.base import Runtime, dequantize, quantize
 from edgeruntime.registry import load_from_manifest
-from edgeruntime.text import Encoded, TextEncoder, TextSettings, parity_problems
+from edgeruntime.text import TextEncoder, TextSettings, parity_problems
 from edgebundle.archive import Bundle, open_bundle, sha256_file
 from edgebundle.errors import BundleError, InputError, RuntimeUnavailableError, VerificationError
 from edgebundle.interface import interface_hash
@@ -35,7 +35,9 @@ class ModelClosed(RuntimeError):
 
 MAX_GOLDEN_BYTES = 64 << 20  # golden arrays are loaded into memory
 TEXT_INPUT = "text"  # text bundles take `{"text": [str, ...]}` as well as their token tensors
-TOKENS, TRUNCATED = "text_tokens", "text_truncated"  # returned with a text request's outputs
+# Returned with a text request's outputs, per text: its tokens, whether it was cut at max_length, and
+# the sequence length it ran at (its length bucket on TFLite, the request's longest text on ONNX Runtime).
+TOKENS, TRUNCATED, LENGTH = "text_tokens", "text_truncated", "text_length"
 
 
 class Health:
@@ -78,6 +80,7 @@ class Model:
     _busy: int = 0
     _busy_lock: threading.Lock = field(default_factory=threading.Lock)
     text: TextEncoder | None = None  # text bundles: tokenizes `{"text": [...]}` requests on the device
+    buckets: dict[int, Runtime] = field(default_factory=dict)  # a TFLite text bundle's shorter-length models
 
     @property
     def name(self) -> str:
@@ -102,6 +105,10 @@ class Model:
         self._names = frozenset(t.name for t in self.manifest.inputs)
         self._dequant = tuple(o for o in self.runtime.outputs if o.quantized)
         self.health = Health()
+        # Most texts per run: a static batch axis (TFLite), the TensorRT profile's largest batch, else any number.
+        sig = (self.manifest.inputs[0].shape_signature or self.manifest.inputs[0].shape) if self.manifest.inputs else ()
+        trt = self.manifest.runtime.tensorrt_profile
+        self._text_step = sig[0] if sig and sig[0] > 0 else min(r["max"][0] for r in trt.values()) if trt else 0
 
     def watch(self, on: bool, *, reference: "Model | None" = None) -> None:
         """Count requests, errors, NaN/Inf outputs and latencies (during probation). `reference`
@@ -143,9 +150,8 @@ class Model:
             feeds[name] = x
         return feeds
 
-    def _tokenized(self, inputs: dict) -> Encoded:
-        """`{"text": [str, ...]}`: the bundle's tokenizer makes the token tensors (padded to the
-        longest text, or to the smallest length bucket that holds it)."""
+    def _texts(self, inputs: dict) -> list[str]:
+        """`{"text": [str, ...]}`, checked: the bundle's tokenizer makes the token tensors from it."""
         if self.text is None:
             why = ("the agent lacks the `tokenizers` library (pip install 'edgepack[text]')"
                    if self.manifest.text else "this model takes no text")
@@ -155,7 +161,7 @@ class Model:
         texts = inputs[TEXT_INPUT]
         if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts):
             raise InferenceError("input 'text' must be a non-empty list of strings")
-        return self.text.encode(list(texts))
+        return list(texts)
 
     @property
     def in_flight(self) -> int:
@@ -175,37 +181,62 @@ class Model:
 
     def _infer(self, inputs: dict, raw: bool, stamps: list[float] | None) -> dict[str, np.ndarray]:
         if TEXT_INPUT in inputs and TEXT_INPUT not in self._names:
-            enc = self._tokenized(inputs)  # the token counts and truncation flags go back with the outputs
-            return dict(self._run(self.validate(enc.feeds), raw, inputs, stamps),
-                        **{TOKENS: np.asarray(enc.lengths, np.int64), TRUNCATED: np.asarray(enc.truncated, np.bool_)})
+            return self._infer_text(self._texts(inputs), raw, inputs, stamps)
         return self._run(self.validate(inputs), raw, inputs, stamps)
 
-    def _run(self, feeds: dict, raw: bool, inputs: dict, stamps: list[float] | None) -> dict[str, np.ndarray]:
+    def _infer_text(self, texts: list[str], raw: bool, inputs: dict,
+                    stamps: list[float] | None) -> dict[str, np.ndarray]:
+        """Tokenized here, in runs of at most the model's batch, each at the smallest length bucket that
+        holds its texts (no buckets: its longest text); per-text token counts, truncation flags and
+        lengths go back with the outputs."""
+        step = self._text_step or len(texts)
+        runs, marks = [], []
+        for i in range(0, len(texts), step):
+            enc = self.text.encode(texts[i:i + step])
+            rt = self.buckets.get(enc.length)  # None: the main model
+            mine: list[float] | None = [] if stamps is not None else None
+            runs.append((enc, self._run(self.validate(enc.feeds) if rt is None else rt.prepare(enc.feeds),
+                                        raw, inputs, mine, runtime=rt)))
+            marks.append(mine)
+        if stamps is not None:  # checked, lock taken (first run), done (last run)
+            stamps += (marks[0][0], marks[0][1], marks[-1][-1])
+        out = {n: _stacked([o[n] for _, o in runs]) for n in runs[0][1]}
+        encs = [e for e, _ in runs]
+        return dict(out, **{TOKENS: np.asarray([n for e in encs for n in e.lengths], np.int64),
+                            TRUNCATED: np.asarray([c for e in encs for c in e.truncated], np.bool_),
+                            LENGTH: np.asarray([e.length for e in encs for _ in e.lengths], np.int64)})
+
+    def _run(self, feeds: dict, raw: bool, inputs: dict, stamps: list[float] | None, *,
+             runtime: Runtime | None = None) -> dict[str, np.ndarray]:
+        rt = runtime or self.runtime
         if stamps is not None:
             stamps.append(time.perf_counter())
         if self._watch:
-            return self._infer_watched(feeds, raw, inputs, stamps)
+            return self._infer_watched(feeds, raw, inputs, stamps, rt)
         with self._lock:
             if self._closed:
                 raise ModelClosed(self.name)
             if stamps is not None:
                 stamps.append(time.perf_counter())
-            out = self.runtime.run(feeds)
+            out = rt.run(feeds)
             if stamps is not None:
                 stamps.append(time.perf_counter())
-        if not raw:
-            for o in self._dequant:
-                out[o.name] = dequantize(out[o.name], o)
+        return out if raw else self._dequantized(out, rt)
+
+    def _dequantized(self, out: dict, rt: Runtime) -> dict[str, np.ndarray]:
+        for o in self._dequant if rt is self.runtime else (o for o in rt.outputs if o.quantized):
+            out[o.name] = dequantize(out[o.name], o)
         return out
 
-    def _infer_watched(self, feeds: dict, raw: bool, inputs: dict, stamps: list[float] | None) -> dict[str, np.ndarray]:
+    def _infer_watched(self, feeds: dict, raw: bool, inputs: dict, stamps: list[float] | None,
+                       rt: Runtime) -> dict[str, np.ndarray]:
         h = self.health
         try:
             with self._lock:
                 if self._closed:
                     raise ModelClosed(self.name)
                 t0 = time.perf_counter()  # time inside the runtime: waiting for the lock is load, not the model
-                out = self.runtime.run(feeds)
+                out = rt.run(feeds)
                 t1 = time.perf_counter()
                 ms = (t1 - t0) * 1000
                 if stamps is not None:
@@ -218,8 +249,7 @@ class Model:
                 h.errors += 1
             raise
         if not raw:
-            for o in self._dequant:
-                out[o.name] = dequantize(out[o.name], o)
+            out = self._dequantized(out, rt)
         bad = _nonfinite(out.values())
         client = bool(bad) and self._request_caused_it(inputs)
         with h.lock:
@@ -265,46 +295,71 @@ class Model:
                 for i in range(int(g["count"]))]
 
     def warm_up(self, runs: int = 3, bundle: Bundle | None = None) -> float:
-        """Run the golden inputs (random ones only for a bundle without them) a few times; returns
-        the last latency in ms. Random values would crash models with ids or sample rates as inputs."""
+        """Run the golden inputs (random ones only for a bundle without them) a few times, and each
+        length bucket on its own; returns the main model's last latency in ms. Random values would
+        crash models with ids or sample rates as inputs."""
         golden = self.golden_inputs(bundle)
-        feeds = self.validate(golden[0]) if golden else self.runtime.sample_inputs()
+        ms = self._warm(self.runtime, self.validate(golden[0]) if golden else self.runtime.sample_inputs(), runs)
+        for length, rt in self.buckets.items():
+            self._warm(rt, rt.prepare(self._bucket_golden(length, 0)[0]) if golden else rt.sample_inputs(), runs)
+        return ms
+
+    def _warm(self, rt: Runtime, feeds: dict, runs: int) -> float:
         ms = 0.0
         for _ in range(max(1, runs)):
             t0 = time.perf_counter()
             with self._lock:
-                self.runtime.run(feeds)
+                rt.run(feeds)
             ms = (time.perf_counter() - t0) * 1000
         return ms
 
+    def _bucket_golden(self, length: int, i: int) -> tuple[dict, dict]:
+        pre = f"bucket.{length}."
+        return ({t.name: self._golden[f"{pre}input.{i}.{t.name}"] for t in self.manifest.inputs},
+                {t.name: self._golden[f"{pre}output.{i}.{t.name}"] for t in self.manifest.outputs})
+
     def check_golden(self, bundle: Bundle | None = None) -> dict:
-        """Compare outputs on the bundle's golden inputs with the expected ones."""
+        """Compare outputs on the bundle's golden inputs with the expected ones (each length bucket's
+        on its own golden inputs: `buckets`, by length)."""
         g = self.manifest.golden
         if not g:
             return {"checked": 0, "ok": True, "note": "bundle has no golden outputs"}
         self.golden_inputs(bundle)
-        arrays = self._golden
+        arrays, rtol = self._golden, float(g.get("rtol", 0))
+        pairs = [({t.name: arrays[f"input.{i}.{t.name}"] for t in self.manifest.inputs},
+                  {t.name: arrays[f"output.{i}.{t.name}"] for t in self.manifest.outputs})
+                 for i in range(int(g["count"]))]
+        worst = self._excess(self.runtime, pairs, rtol)
+        res = {"checked": int(g["count"]), "ok": worst <= float(g["atol"]), "max_excess_error": worst,
+               "atol": float(g["atol"])}
+        for b in (self.manifest.text or {}).get("buckets") or ():
+            n, atol = b["length"], float(b["atol"])
+            w = self._excess(self.buckets[n], [self._bucket_golden(n, i) for i in range(b["golden"])], rtol)
+            res.setdefault("buckets", {})[n] = {"checked": b["golden"], "ok": w <= atol, "max_excess_error": w,
+                                                "atol": atol}
+            res["ok"] = res["ok"] and w <= atol
+        return res
+
+    def _excess(self, rt: Runtime, pairs: list[tuple[dict, dict]], rtol: float) -> float:
+        """The largest error beyond rtol of `rt`'s outputs on (inputs, expected outputs) pairs."""
         worst = 0.0
-        for i in range(int(g["count"])):
-            feeds = self.validate({t.name: arrays[f"input.{i}.{t.name}"] for t in self.manifest.inputs})
+        for feeds, expected in pairs:
+            feeds = self.validate(feeds) if rt is self.runtime else rt.prepare(feeds)
             with self._lock:
                 if self._closed:
                     raise ModelClosed(self.name)
-                got = self.runtime.run(feeds)
-            for o in self._dequant:
-                got[o.name] = dequantize(got[o.name], o)
-            for t in self.manifest.outputs:
-                exp = arrays[f"output.{i}.{t.name}"]
-                err = np.abs(np.asarray(got[t.name], np.float64) - exp) - float(g.get("rtol", 0)) * np.abs(exp)
+                got = self._dequantized(rt.run(feeds), rt)
+            for name, exp in expected.items():
+                err = np.abs(np.asarray(got[name], np.float64) - exp) - rtol * np.abs(exp)
                 worst = max(worst, float(np.max(err)))
-        return {"checked": int(g["count"]), "ok": worst <= float(g["atol"]), "max_excess_error": worst,
-                "atol": float(g["atol"])}
+        return worst
 
     def close(self) -> None:
-        """Release the runtime once requests running on it have finished."""
+        """Release the runtimes once requests running on them have finished."""
         with self._lock:
             self._closed = True
-            self.runtime.close()
+            for rt in (self.runtime, *self.buckets.values()):
+                rt.close()
 
 
 def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, threads: int | None = None,
@@ -333,24 +388,42 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
                                  allow_cpu_fallback=allow_cpu_fallback)
     model = Model(manifest=m, runtime=runtime, bundle_sha256=digest, bundle_path=path, golden_path=golden)
     try:
+        for b in (m.text or {}).get("buckets") or ():  # one interpreter per length: no resize at request time
+            rt = model.buckets[b["length"]] = load_from_manifest(str(model_dir / b["file"]), m, cache_dir=cache_dir,
+                                                                 threads=threads, allow_cpu_fallback=allow_cpu_fallback)
+            if any(t.shape[-1:] != (b["length"],) for t in rt.inputs):
+                raise BundleError(f"{path.name}: length bucket {b['file']} takes {[list(t.shape) for t in rt.inputs]}, "
+                                  f"not sequence length {b['length']}", hint="rebuild the bundle")
         model.text = _text_encoder(m, model_dir, path.name)
         model.warm_up(warmup)
         if check_golden:
-            res = model.check_golden()
-            if not res["ok"]:
-                raise VerificationError(
-                    f"{path.name}: golden outputs differ by {res['max_excess_error']:.4g} (> atol {res['atol']:.4g})",
-                    hint="the model does not compute what it computed at build time on this runtime; "
-                         "check the runtime version, or rebuild the bundle")
+            _check_golden(model, path.name)
     except BaseException:
         model.close()
         raise
     return model
 
 
+def _check_golden(model: Model, bundle_name: str) -> None:
+    res = model.check_golden()
+    if res["ok"]:
+        return
+    hint = ("the model does not compute what it computed at build time on this runtime; "
+            "check the runtime version, or rebuild the bundle")
+    if res["max_excess_error"] > res["atol"]:
+        raise VerificationError(f"{bundle_name}: golden outputs differ by {res['max_excess_error']:.4g} "
+                                f"(> atol {res['atol']:.4g})", hint=hint)
+    bad = ", ".join(f"{n} tokens by {r['max_excess_error']:.4g} (> atol {r['atol']:.4g})"
+                    for n, r in res["buckets"].items() if not r["ok"])
+    raise VerificationError(f"{bundle_name}: golden outputs of the length bucket model(s) differ: {bad}", hint=hint)
+
+
 def bundle_members_to_extract(m: Manifest) -> list[str]:
-    """What the device needs on disk: the model file, the golden data and a text model's tokenizer."""
-    return [m.model_file] + ([m.golden["file"]] if m.golden else []) + ([m.text["tokenizer"]] if m.text else [])
+    """What the device needs on disk: the model file (and a TFLite text bundle's length buckets), the
+    golden data and a text model's tokenizer."""
+    buckets = [b["file"] for b in (m.text or {}).get("buckets") or ()]
+    return ([m.model_file] + buckets + ([m.golden["file"]] if m.golden else [])
+            + ([m.text["tokenizer"]] if m.text else []))
 
 
 def _text_encoder(m: Manifest, model_dir: Path, bundle_name: str) -> TextEncoder | None:
@@ -360,7 +433,8 @@ def _text_encoder(m: Manifest, model_dir: Path, bundle_name: str) -> TextEncoder
     if not m.text:
         return None
     try:
-        enc = TextEncoder.from_file(model_dir / m.text["tokenizer"], TextSettings.from_dict(m.text["settings"]))
+        settings = _fixed_length(TextSettings.from_dict(m.text["settings"]), m)
+        enc = TextEncoder.from_file(model_dir / m.text["tokenizer"], settings)
     except RuntimeUnavailableError:
         return None
     except InputError as e:
@@ -372,3 +446,21 @@ def _text_encoder(m: Manifest, model_dir: Path, bundle_name: str) -> TextEncoder
                                 problems=problems, hint="install the tokenizers version the bundle was built with "
                                                         "(see its provenance), or rebuild the bundle")
     return enc
+
+
+def _fixed_length(settings: TextSettings, m: Manifest) -> TextSettings:
+    """A text model with a fixed sequence length and no buckets (a TFLite bundle of an older edgepack)
+    takes every text padded to that length, and cut there."""
+    sig = (m.inputs[0].shape_signature or m.inputs[0].shape) if m.inputs else ()
+    if settings.buckets or len(sig) != 2 or sig[1] <= 0:
+        return settings
+    n = min(settings.max_length, sig[1])
+    return replace(settings, max_length=n, buckets=(n,))
+
+
+def _stacked(parts: list[np.ndarray]) -> np.ndarray:
+    """Outputs of several runs as one batch; per-token outputs of shorter runs padded with zeros."""
+    if len(parts) == 1:
+        return parts[0]
+    shape = tuple(max(p.shape[d] for p in parts) for d in range(1, parts[0].ndim))
+    return np.concatenate([np.pad(p, [(0, 0)] + [(0, n - k) for n, k in zip(shape, p.shape[1:])]) for p in parts])

@@ -13,6 +13,7 @@ SCHEMA = "edgepack.bundle/1"
 MODEL_FORMATS = ("tflite", "onnx")
 RUNTIME_KEYS = ("name", "min_version", "threads", "delegates", "providers", "tensorrt_fp16",
                 "tensorrt_engine_cache", "cpu_fallback", "flex", "edgetpu_compiled")
+OPTIONAL_RUNTIME_KEYS = ("tensorrt_profile",)  # written only where set: older manifests lack them
 DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
 
 _SEMVER = re.compile(
@@ -93,6 +94,8 @@ class RuntimeSpec:
     cpu_fallback: bool = False
     flex: bool = False  # the model needs the Flex delegate
     edgetpu_compiled: bool | None = None  # None: not an Edge TPU target
+    # TensorRT optimisation profile of a dynamic-shape model: {input: {"min": [...], "opt": [...], "max": [...]}}
+    tensorrt_profile: dict | None = None
     extra: dict = field(default_factory=dict)
     keys: tuple[str, ...] = RUNTIME_KEYS
 
@@ -109,8 +112,9 @@ class RuntimeSpec:
     def from_dict(cls, d: dict) -> "RuntimeSpec":
         if not isinstance(d, dict):
             raise BundleError("manifest runtime must be a JSON object")
-        known = {k: _runtime_value(k, v) for k, v in d.items() if k in RUNTIME_KEYS and v is not None}
-        return cls(**known, extra={k: v for k, v in d.items() if k not in RUNTIME_KEYS}, keys=tuple(d))
+        names = RUNTIME_KEYS + OPTIONAL_RUNTIME_KEYS
+        known = {k: _runtime_value(k, v) for k, v in d.items() if k in names and v is not None}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names}, keys=tuple(d))
 
 
 def _runtime_value(key: str, v):
@@ -122,6 +126,8 @@ def _runtime_value(key: str, v):
     elif key in ("delegates", "providers"):
         ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
         v = tuple(v) if ok else v
+    elif key == "tensorrt_profile":
+        ok = isinstance(v, dict) and all(isinstance(k, str) and _shape_range(r) for k, r in v.items())
     else:
         ok = isinstance(v, bool)
     if not ok:
@@ -296,6 +302,17 @@ def _require(d: Any, keys: tuple[str, ...], what: str) -> None:
         raise BundleError(f"{what} is missing required field(s): {', '.join(missing)}")
 
 
+def _shape_range(r) -> bool:
+    """{"min", "opt", "max"}: shapes of one rank, positive, min <= opt <= max in every dimension."""
+    if not isinstance(r, dict) or set(r) != {"min", "opt", "max"}:
+        return False
+    shapes = [r["min"], r["opt"], r["max"]]
+    if not all(isinstance(x, list) and len(x) == len(shapes[0]) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in x) for x in shapes):
+        return False
+    return all(a <= b <= c for a, b, c in zip(*shapes))
+
+
 def _check_text(text, files: dict) -> None:
     """The text section's shape (its settings are read by edgeruntime.text on the device)."""
     ok = (isinstance(text, dict) and text.get("tokenizer") in files and isinstance(text.get("settings"), dict)
@@ -306,3 +323,13 @@ def _check_text(text, files: dict) -> None:
     if not ok:
         raise BundleError("manifest text must be {tokenizer (listed in files), settings, golden_texts, golden_ids "
                           "(one list of token ids per golden text)}")
+    buckets = text.get("buckets")
+    if buckets is None:
+        return
+    ok = (isinstance(buckets, list) and all(
+        isinstance(b, dict) and b.get("file") in files and _count(b.get("length", -1)) > 0
+        and _count(b.get("golden", -1)) >= 0 and _number(b.get("atol")) >= 0 for b in buckets)
+        and [b["length"] for b in buckets] == list(text["settings"].get("buckets") or [None])[:-1])
+    if not ok:
+        raise BundleError("manifest text.buckets must be [{length, file (listed in files), golden, atol}], one per "
+                          "length of text.settings.buckets below max_length, shortest first")

@@ -19,15 +19,26 @@ def _info(arg) -> TensorInfo:
     return TensorInfo(name=arg.name, shape=shape, dtype=_ORT_DTYPES.get(arg.type, "float32"))
 
 
-def provider_options(name: str, *, cache_dir: str | None, trt_fp16: bool, trt_cache: bool) -> dict:
+def provider_options(name: str, *, cache_dir: str | None, trt_fp16: bool, trt_cache: bool,
+                     trt_profile: dict | None = None) -> dict:
     if name == "TensorrtExecutionProvider":
         opts = {"trt_fp16_enable": trt_fp16}
         if trt_cache and cache_dir:
             os.makedirs(cache_dir, exist_ok=True)
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache_dir,
                         trt_timing_cache_enable=True, trt_timing_cache_path=cache_dir)
+        if trt_profile:
+            opts.update(profile_shapes(trt_profile))
         return opts
     return {}
+
+
+def profile_shapes(profile: dict) -> dict[str, str]:
+    """A manifest's TensorRT optimisation profile ({input: {"min", "opt", "max"}}) as the TensorRT EP's
+    explicit-profile options, e.g. trt_profile_min_shapes="input_ids:1x1,attention_mask:1x1": the engine
+    is built once for that range instead of being rebuilt for each new input shape."""
+    return {f"trt_profile_{k}_shapes": ",".join(f"{name}:{'x'.join(map(str, r[k]))}" for name, r in profile.items())
+            for k in ("min", "opt", "max")}
 
 
 def _listdir(path: str) -> list[str]:
@@ -45,7 +56,7 @@ class OnnxRuntime(Runtime):
     @classmethod
     def load(cls, path: str, *, threads: int = 0, providers: tuple[str, ...] = (),
              cache_dir: str | None = None, trt_fp16: bool = False, trt_cache: bool = False,
-             **_ignored) -> "OnnxRuntime":
+             trt_profile: dict | None = None, **_ignored) -> "OnnxRuntime":
         try:
             import onnxruntime as ort
         except ImportError:
@@ -62,7 +73,8 @@ class OnnxRuntime(Runtime):
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
-        opts = [provider_options(p, cache_dir=cache_dir, trt_fp16=trt_fp16, trt_cache=trt_cache) for p in chosen]
+        opts = [provider_options(p, cache_dir=cache_dir, trt_fp16=trt_fp16, trt_cache=trt_cache,
+                                 trt_profile=trt_profile) for p in chosen]
         try:
             sess = ort.InferenceSession(str(path), sess_options=so, providers=chosen, provider_options=opts)
         except Exception as e:  # onnxruntime raises its own untyped exceptions (Fail, InvalidGraph, ...)

@@ -22,11 +22,11 @@ def runtime_for_format(fmt: str) -> type[Runtime]:
 
 def load_runtime(path: str, *, fmt: str, threads: int = 0, delegates: tuple[str, ...] = (),
                  providers: tuple[str, ...] = (), cache_dir: str | None = None, trt_fp16: bool = False,
-                 trt_cache: bool = False, allow_cpu_fallback: bool = False) -> Runtime:
+                 trt_cache: bool = False, allow_cpu_fallback: bool = False, trt_profile: dict | None = None) -> Runtime:
     """Load a model file with the adapter for its format (imports only that runtime)."""
     return runtime_for_format(fmt).load(
-        str(path), threads=threads, delegates=tuple(delegates), providers=tuple(providers),
-        cache_dir=cache_dir, trt_fp16=trt_fp16, trt_cache=trt_cache, allow_cpu_fallback=allow_cpu_fallback)
+        str(path), threads=threads, delegates=tuple(delegates), providers=tuple(providers), cache_dir=cache_dir,
+        trt_fp16=trt_fp16, trt_cache=trt_cache, trt_profile=trt_profile, allow_cpu_fallback=allow_cpu_fallback)
 
 
 def load_from_manifest(path: str, manifest, *, cache_dir: str | None = None, threads: int | None = None,
@@ -36,6 +36,7 @@ def load_from_manifest(path: str, manifest, *, cache_dir: str | None = None, thr
     return load_runtime(
         path, fmt=manifest.format, threads=rt.threads if threads is None else threads, delegates=rt.delegates,
         providers=rt.providers, cache_dir=cache_dir, trt_fp16=rt.tensorrt_fp16, trt_cache=rt.tensorrt_engine_cache,
+        trt_profile=rt.tensorrt_profile,
         allow_cpu_fallback=rt.cpu_fallback if allow_cpu_fallback is None else allow_cpu_fallback)
 
 

@@ -18,6 +18,7 @@ from packager.data import (RANDOM, Dataset, align_texts, data_info, is_images, r
                            require_float_inputs, to_dataset)
 from packager.formats import backend_for, check_pair
 from packager.options import BuildInputs, BuildOptions, Progress
+from packager import sequence
 from packager.package import package
 from packager.profiles import load_profile
 from packager.results import BuildResult, TargetResult, sensitivity_of
@@ -67,7 +68,8 @@ def _target(search: CandidateSearch, inputs: BuildInputs) -> TargetResult:
     """One target: its chosen candidate packaged, or what failed, with the candidates it tried."""
     profile = search.profile
     try:
-        return package(search.run(), inputs)
+        chosen = search.run()
+        return package(chosen, inputs, sequence.plan(search, chosen, inputs))
     except EdgepackError as e:
         inputs.progress(f"[{profile.name}] FAILED: {str(e).splitlines()[0]}")
         trials = getattr(e, "trials", [])
@@ -127,8 +129,9 @@ def _datasets(opts: BuildOptions, source: Source, profiles: list[TargetProfile],
         if spec and spec != RANDOM and not is_images(spec):
             progress(f"loading {what} data from {spec}")
             read[what] = read_arrays(spec, source.inputs, what=what, limit=limit, text=source.text)
-    if source.text is not None and read:
-        align_texts(read, source.text)
+    if source.text is not None and read:  # length-bucketed targets convert their main model at max_length
+        bucketed = any(sequence.bucketed(p, source) for p in profiles)
+        align_texts(read, source.text, at_least=source.text.settings.max_length if bucketed else 0)
     shapes = (read.get("validation") or read.get("calibration"))
     if shapes is None and not is_images(opts.validation) and not is_images(opts.calibration):
         require_float_inputs(source.inputs)  # no data at all: say so before asking for shapes

@@ -39,32 +39,43 @@ def tensor_specs(rt: Runtime | None, source: Source, *, described, sample: dict)
     return ins, outs
 
 
-def write_golden(dest: Path, samples: list[dict], outputs: list[dict], *, precision: str) -> dict:
-    """The first validation samples and the model's outputs on them, for the device's golden check;
-    returns the manifest's golden section."""
+def write_golden(dest: Path, samples: list[dict], outputs: list[dict], *, precision: str, buckets=()) -> dict:
+    """The first validation samples and the model's outputs on them, for the device's golden check,
+    and each length bucket's own (`bucket.LENGTH.input...`); returns the manifest's golden section."""
     samples, outs = samples[:GOLDEN_COUNT], outputs[:GOLDEN_COUNT]
-    arrays = {f"input.{i}.{k}": v for i, s in enumerate(samples) for k, v in s.items()}
-    arrays.update({f"output.{i}.{k}": np.asarray(v) for i, s in enumerate(outs) for k, v in s.items()})
+    arrays = _golden_arrays("", samples, outs)
+    for b in buckets:
+        arrays.update(_golden_arrays(f"bucket.{b.length}.", b.golden_inputs, b.golden_outputs))
     np.savez(dest, **arrays)
     return {"file": "golden.npz", "count": len(samples), "atol": golden_tolerance(precision, outs), "rtol": 0.0}
 
 
-def runtime_section(profile: TargetProfile, *, flex: bool, compiled: bool | None) -> dict:
-    """The manifest's runtime settings: what the device loads the model with."""
-    return {"name": profile.runtime, "min_version": profile.min_runtime_version, "threads": profile.threads,
-            "delegates": list(profile.delegates), "providers": list(profile.providers),
-            "tensorrt_fp16": profile.tensorrt_fp16, "tensorrt_engine_cache": profile.tensorrt_engine_cache,
-            "cpu_fallback": profile.cpu_fallback, "flex": flex, "edgetpu_compiled": compiled}
+def _golden_arrays(prefix: str, samples, outputs) -> dict[str, np.ndarray]:
+    arrays = {f"{prefix}input.{i}.{k}": np.asarray(v) for i, s in enumerate(samples) for k, v in s.items()}
+    arrays.update({f"{prefix}output.{i}.{k}": np.asarray(v) for i, s in enumerate(outputs) for k, v in s.items()})
+    return arrays
+
+
+def runtime_section(profile: TargetProfile, *, flex: bool, compiled: bool | None,
+                    trt_profile: dict | None = None) -> dict:
+    """The manifest's runtime settings: what the device loads the model with (a TensorRT
+    optimisation profile only where the build computed one: older manifests lack the key)."""
+    out = {"name": profile.runtime, "min_version": profile.min_runtime_version, "threads": profile.threads,
+           "delegates": list(profile.delegates), "providers": list(profile.providers),
+           "tensorrt_fp16": profile.tensorrt_fp16, "tensorrt_engine_cache": profile.tensorrt_engine_cache,
+           "cpu_fallback": profile.cpu_fallback, "flex": flex, "edgetpu_compiled": compiled}
+    return dict(out, tensorrt_profile=trt_profile) if trt_profile else out
 
 
 def manifest(profile: TargetProfile, *, name: str, version: str, precision: str, model_file: str, specs: Specs,
-             golden: dict | None, flex: bool = False, compiled: bool | None = None, **sections) -> Manifest:
+             golden: dict | None, flex: bool = False, compiled: bool | None = None, trt_profile: dict | None = None,
+             **sections) -> Manifest:
     """A bundle's manifest for `profile`; `sections` are the Manifest's optional fields (report, ...)."""
     return Manifest(name=name, version=version,
                     target={"name": profile.name, "sha256": profile.sha256, "profile": profile.to_dict()},
                     format=profile.format.value, precision=precision, model_file=model_file, inputs=specs[0],
-                    outputs=specs[1], runtime=runtime_section(profile, flex=flex, compiled=compiled), golden=golden,
-                    **sections)
+                    outputs=specs[1], golden=golden,
+                    runtime=runtime_section(profile, flex=flex, compiled=compiled, trt_profile=trt_profile), **sections)
 
 
 # The tokenizer parity check's texts: casing, accents, punctuation, digits, non-Latin scripts, an
@@ -79,9 +90,11 @@ PARITY_TEXTS = (
 )
 
 
-def text_section(text) -> dict:
-    """The manifest's text section: the tokenizer file, its settings, and golden texts with the ids
-    this build's tokenizer gives them (the device re-tokenizes them at load and refuses a mismatch)."""
+def text_section(text, *, settings=None, buckets=()) -> dict:
+    """The manifest's text section: the tokenizer file, its settings (`settings`: with a TFLite
+    bundle's length buckets), golden texts with the ids this build's tokenizer gives them (the device
+    re-tokenizes them at load and refuses a mismatch) and the bucket models (sequence.Bucket)."""
     enc = text.encoder()
-    return {"tokenizer": "tokenizer.json", "settings": text.settings.to_dict(), "golden_texts": list(PARITY_TEXTS),
-            "golden_ids": enc.ids(list(PARITY_TEXTS))}
+    out = {"tokenizer": "tokenizer.json", "settings": (settings or text.settings).to_dict(),
+           "golden_texts": list(PARITY_TEXTS), "golden_ids": enc.ids(list(PARITY_TEXTS))}
+    return dict(out, buckets=[b.to_dict() for b in buckets]) if buckets else out

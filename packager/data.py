@@ -67,13 +67,13 @@ class Arrays:
         return {k: tuple(v.shape[1:]) for k, v in self.arrays.items()}
 
 
-def align_texts(read: dict[str, Arrays], text: TextInfo) -> None:
-    """Tokenized text files padded to one sequence length (the longest), so every sample fits the
-    shape the data fixes; the attention mask keeps the padding out of the model's result."""
+def align_texts(read: dict[str, Arrays], text: TextInfo, *, at_least: int = 0) -> None:
+    """Tokenized text files padded to one sequence length (the longest, or `at_least`), so every
+    sample fits the shape the data fixes; the attention mask keeps the padding out of the model's result."""
     texts = [a for a in read.values() if Path(a.source).suffix in TEXT_SUFFIXES]
     if not texts:
         return
-    width = max(next(iter(a.arrays.values())).shape[1] for a in texts)
+    width = max([at_least] + [next(iter(a.arrays.values())).shape[1] for a in texts])
     pads = {name: (text.settings.pad_id if role.value == "ids" else 0) for name, role in text.settings.inputs}
     for a in texts:
         for k, v in a.arrays.items():

@@ -12,18 +12,20 @@ from packager import contents
 from packager.data import data_info
 from packager.options import BuildInputs, BuildOptions
 from packager.results import Chosen, TargetResult, sensitivity_of
+from packager.sequence import Plan
 from targets import Precision
 
 
-def package(chosen: Chosen, inputs: BuildInputs) -> TargetResult:
+def package(chosen: Chosen, inputs: BuildInputs, seq: Plan = Plan()) -> TargetResult:
     opts, profile, trial, finished = inputs.opts, chosen.profile, chosen.trial, chosen.finished
     art, precision = trial.artifact, trial.candidate.precision
-    warnings = _warnings(chosen, inputs) + list(finished.warnings)
-    files = {finished.name: finished.path}
+    warnings = _warnings(chosen, inputs) + list(finished.warnings) + list(seq.notes)
+    files = {finished.name: finished.path, **{b.file: b.path for b in seq.buckets}}
     golden = None
     if trial.outputs:
         gpath = chosen.work / "golden.npz"
-        golden = contents.write_golden(gpath, inputs.valid.samples, trial.outputs, precision=precision.value)
+        golden = contents.write_golden(gpath, inputs.valid.samples, trial.outputs, precision=precision.value,
+                                       buckets=seq.buckets)
         files["golden.npz"] = gpath
     text = inputs.source.text
     if opts.labels:
@@ -46,6 +48,8 @@ def package(chosen: Chosen, inputs: BuildInputs) -> TargetResult:
         "sensitivity": sensitivity_of(list(chosen.trials)),
         "fp32_sha256": sha256_file(chosen.fp32),
     }
+    if seq.buckets or seq.notes or seq.trt_profile:
+        report["sequence"] = _sequence_report(seq)
     calib = inputs.calib if chosen.calibrated else None
     production_ready = trial.accuracy is not None and not (inputs.valid.random or (calib is not None and calib.random))
     manifest = contents.manifest(
@@ -54,13 +58,23 @@ def package(chosen: Chosen, inputs: BuildInputs) -> TargetResult:
         compiled=finished.compiled, quantization=dict(art.quantization, precision=precision.value),
         preprocessing=_preprocessing(opts), provenance=_provenance(inputs), report=report,
         labels_file="labels.txt" if "labels.txt" in files else None, production_ready=production_ready,
-        warnings=tuple(warnings), text=contents.text_section(text) if text is not None else None)
+        warnings=tuple(warnings), trt_profile=seq.trt_profile,
+        text=contents.text_section(text, settings=seq.settings(text.settings), buckets=seq.buckets)
+        if text is not None else None)
     dest = Path(opts.out_dir) / manifest.file_name
     inputs.progress(f"[{profile.name}] {trial.candidate.label}: writing {dest}")
     write_bundle(dest, manifest, files, signer=inputs.signer)
     report["signed"] = inputs.signer is not None
     report["size_bytes"]["bundle"] = dest.stat().st_size
     return TargetResult(target=profile.name, ok=True, bundle=dest, report=report)
+
+
+def _sequence_report(seq: Plan) -> dict:
+    """The report's view of the sequence plan: each bucket's size and accuracy, what was left out."""
+    return {"buckets": [{"length": b.length, "file": b.file, "size_bytes": b.path.stat().st_size,
+                         "validated_on": b.accuracy["samples"], "cosine_similarity": b.accuracy["cosine_similarity"],
+                         "accuracy_drop_points": b.accuracy["accuracy_drop_points"]} for b in seq.buckets],
+            "left_out": list(seq.notes), "tensorrt_profile": seq.trt_profile}
 
 
 def _warnings(chosen: Chosen, inputs: BuildInputs) -> list[str]:

@@ -1,0 +1,185 @@
+"""Sequence length of text models, from the token lengths of the build's own texts.
+
+- TFLite: resizing an interpreter's inputs re-initialises XNNPACK (every kernel prepared again,
+  about a run's cost), so a bundle holds one model per length bucket instead. The candidate search
+  runs at max_length; the precision it chose is then converted again at each smaller bucket,
+  validated against the source on the validation texts that fit it, and packaged beside the main
+  model. The agent runs each text in the smallest bucket that holds it. A bucket that does not
+  convert or fails the gate is left out and said so: its texts run in the next larger one.
+- jetson-gpu: the TensorRT EP builds its engine for one optimisation profile (min/opt/max shape of
+  each dynamic input); the bundle records one from the data (opt: the median length) and the agent
+  passes it to the EP. ONNX Runtime on a CPU takes any length: requests run unpadded.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgebundle.errors import AccuracyGateError, EdgepackError
+from edgeruntime.text import Role, TextSettings
+from packager.cache import BuildCache
+from packager.data import Dataset
+from packager.evaluate import compare, golden_tolerance, judge
+from packager.options import BuildInputs
+from packager.results import Chosen
+from packager.sources import InputSpec, Source
+from targets import Format, TargetProfile
+
+QUANTILES = (0.1, 0.5, 0.9)  # each names a bucket: the power of two at or above that share of the lengths
+MIN_BUCKET = 8
+MOST_BUCKETS = 4
+GOLDEN_PER_BUCKET = 3
+TRT = "TensorrtExecutionProvider"
+TRT_MAX_BATCH = 8  # texts per run on a TensorRT engine (the agent splits bigger requests)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One smaller-length model of a TFLite text bundle, validated, with its golden data."""
+
+    length: int
+    path: Path
+    file: str  # its name in the bundle
+    accuracy: dict
+    golden_inputs: tuple[dict, ...]
+    golden_outputs: tuple[dict, ...]
+    atol: float
+
+    def to_dict(self) -> dict:
+        """The manifest's entry (text.buckets)."""
+        return {"length": self.length, "file": self.file, "golden": len(self.golden_inputs), "atol": self.atol}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a target's bundle records about sequence length."""
+
+    buckets: tuple[Bucket, ...] = ()
+    notes: tuple[str, ...] = ()  # buckets left out, and why
+    trt_profile: dict | None = None  # the manifest's runtime.tensorrt_profile
+
+    def settings(self, text: TextSettings) -> TextSettings:
+        """The bundle's text settings: its buckets, ending at max_length (no buckets: any length)."""
+        if not self.buckets:
+            return text
+        return replace(text, buckets=tuple(b.length for b in self.buckets) + (text.max_length,))
+
+
+def token_lengths(samples: list[dict], settings: TextSettings) -> np.ndarray:
+    """Tokens per sample (special tokens included): the attention mask's sum, else the ids up to the last non-pad."""
+    roles = dict(settings.inputs)
+    mask = next((n for n, r in roles.items() if r is Role.MASK), None)
+    ids = next(n for n, r in roles.items() if r is Role.IDS)
+    if mask is not None:
+        return np.asarray([int(np.asarray(s[mask]).sum()) for s in samples], np.int64)
+    return np.asarray([int(np.flatnonzero(np.asarray(s[ids]).reshape(-1) != settings.pad_id).max(initial=-1)) + 1
+                       for s in samples], np.int64)
+
+
+def choose_buckets(lengths, max_length: int) -> tuple[int, ...]:
+    """Bucket lengths below max_length: for each quantile of the data's lengths, the power of two
+    (at least MIN_BUCKET) at or above it; max_length itself is the bundle's main model."""
+    if len(lengths) == 0:
+        return ()
+    sizes = {max(MIN_BUCKET, 1 << int(np.ceil(np.log2(max(q, 1))))) for q in np.quantile(lengths, QUANTILES)}
+    return tuple(sorted(b for b in sizes if b < max_length))[-(MOST_BUCKETS - 1):]
+
+
+def bucketed(profile: TargetProfile, source: Source) -> bool:
+    """Does this target get length buckets? TFLite (static shapes) text models with a dynamic sequence axis."""
+    return (profile.format is Format.TFLITE and profile.static_shapes and source.text is not None
+            and all(len(s.signature) == 2 and s.signature[1] is None for s in source.inputs))
+
+
+def trt_profile(profile: TargetProfile, source: Source, lengths) -> dict | None:
+    """{input: {"min", "opt", "max"}} for a TensorRT text target: batch 1..TRT_MAX_BATCH (opt 1), sequence
+    1..max_length (opt: the data's median length); fixed dimensions as they are."""
+    if TRT not in profile.providers or source.text is None or len(lengths) == 0:
+        return None
+    top = source.text.settings.max_length
+    opt = int(min(top, max(1, np.median(lengths))))
+    out = {}
+    for s in source.inputs:
+        sig = s.signature
+        if not any(d is None for d in sig):
+            continue
+        ranges = [(d, d, d) if d is not None else (1, 1, TRT_MAX_BATCH) if i == 0 else
+                  (1, opt, top) if i == len(sig) - 1 else (s.shape[i],) * 3 for i, d in enumerate(sig)]
+        out[s.name] = {k: [r[j] for r in ranges] for j, k in enumerate(("min", "opt", "max"))}
+    return out or None
+
+
+def plan(search, chosen: Chosen, inputs: BuildInputs) -> Plan:
+    """A target's sequence plan: its TensorRT profile, or its converted and validated length buckets."""
+    profile, source = chosen.profile, inputs.source
+    if source.text is None:
+        return Plan()
+    lengths = np.concatenate([token_lengths(d.samples, source.text.settings)
+                              for d in (inputs.calib, inputs.valid) if d is not None and not d.random])
+    if not bucketed(profile, source):
+        return Plan(trt_profile=trt_profile(profile, source, lengths))
+    top, width = source.text.settings.max_length, source.inputs[0].shape[-1]
+    if width != top:  # token arrays narrower than max_length fixed the model's length
+        return Plan(notes=(f"no length buckets: the model was converted at length {width}, not max_length {top}; "
+                           f"every text runs at {width} and is cut there",))
+    valid_lengths = token_lengths(inputs.valid.samples, source.text.settings)
+    buckets, notes = [], []
+    for length in choose_buckets(lengths, top):
+        inputs.progress(f"[{profile.name}] {chosen.trial.candidate.label} at length {length}: converting")
+        try:
+            buckets.append(_bucket(search, chosen, inputs, length=length, fits=np.flatnonzero(valid_lengths <= length)))
+        except EdgepackError as e:
+            notes.append(f"length bucket {length} left out (its texts run at the next length): "
+                         f"{str(e).splitlines()[0][:300]}")
+    return Plan(buckets=tuple(buckets), notes=tuple(notes))
+
+
+def _bucket(search, chosen: Chosen, inputs: BuildInputs, *, length: int, fits: np.ndarray) -> Bucket:
+    """The chosen precision converted at `length` and validated on the texts that fit it."""
+    if len(fits) == 0:
+        raise AccuracyGateError(f"no validation text is {length} tokens or shorter, so it cannot be validated")
+    work = chosen.work / f"length-{length}"
+    valid = [cut(inputs.valid.samples[i], length) for i in fits]
+    ctx = replace(search.context(chosen.trial.candidate, work), source=at_length(inputs.source, length),
+                  cache=BuildCache(workdir=work / "cache", timer=inputs.cache.timer), sample=valid[0],
+                  calibration=cut_dataset(inputs.calib, length) if chosen.calibrated else None)
+    art = search.backend.convert(ctx)
+    rt = search.backend.host_runtime(art.path, chosen.profile)
+    try:
+        outs = [rt.infer(s) for s in valid]
+    finally:
+        rt.close()
+    names = [o.name for o in chosen.trial.specs[1]]
+    labels = inputs.valid.labels[fits] if inputs.valid.labels is not None else None
+    acc = compare([inputs.reference[i] for i in fits], outs, names, labels)
+    why = judge(acc, inputs.opts.gate)
+    if why:
+        raise AccuracyGateError(f"fails the accuracy gate on its {len(fits)} texts: {'; '.join(why)}")
+    finished = search.backend.finish(art, chosen.profile, work, name=inputs.name, version=inputs.opts.version)
+    stem, suffix = Path(chosen.finished.name).stem, Path(chosen.finished.name).suffix
+    n = GOLDEN_PER_BUCKET
+    return Bucket(length=length, path=finished.path, file=f"{stem}.len{length}{suffix}", accuracy=acc,
+                  golden_inputs=tuple(valid[:n]), golden_outputs=tuple(outs[:n]),
+                  atol=golden_tolerance(chosen.trial.candidate.precision.value, outs[:n]))
+
+
+def at_length(source: Source, length: int) -> Source:
+    """The source with its [batch, sequence] inputs resolved at `length` (converters cache per shape)."""
+    src = copy.copy(source)
+    src.inputs = [InputSpec(s.name, s.signature, s.dtype, tuple(s.shape[:-1]) + (length,)) for s in source.inputs]
+    return src
+
+
+def cut(sample: dict, length: int) -> dict:
+    """A [batch, sequence] sample's first `length` positions."""
+    return {k: np.ascontiguousarray(np.asarray(v)[..., :length]) for k, v in sample.items()}
+
+
+def cut_dataset(data: Dataset | None, length: int) -> Dataset | None:
+    """Calibration data at `length`: texts longer than it cut (their statistics still count)."""
+    if data is None:
+        return None
+    return replace(data, samples=[cut(s, length) for s in data.samples], notes=list(data.notes))
