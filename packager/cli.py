@@ -84,6 +84,9 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--min-similarity", type=float, default=0.99, show_default=True,
               help="Accuracy gate for outputs that are not class scores: least cosine similarity to fp32 "
                    "(and relative error at most sqrt(2(1-s))).")
+@click.option("--min-neighbours", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Accuracy gate for embeddings (unit-length vectors): least share of validation samples whose "
+                   "nearest neighbour stays the same (0 switches the ranking check off).")
 @click.option("--no-accuracy-gate", "no_gate", is_flag=True, help="Switch the accuracy gate off (the report says so).")
 @click.option("--allow-flex", is_flag=True, help="Allow TF Select (Flex) ops in TFLite bundles.")
 @click.option("--name", help="Bundle name (default: the model file's name).")
@@ -108,8 +111,8 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @broker_options
 @pass_wiring
 def build(wiring, model, targets, out_dir, precision, search, calibration, calibration_samples, calibration_method,
-          per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, no_gate, allow_flex, name, version,
-          opset, image_scale, image_mean, image_std, labels, tokenizer, sign_key, as_json, html_path, no_html, profile_on, **kw):
+          per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, min_neighbours, no_gate, allow_flex,
+          name, version, opset, image_scale, image_mean, image_std, labels, tokenizer, sign_key, as_json, html_path, no_html, profile_on, **kw):
     """Convert MODEL (SavedModel dir, Hugging Face folder, .keras/.h5, .onnx, .tflite) into one bundle per target."""
     from packager.build import BuildOptions, build as run_build
     from packager.data import ImagePreprocessing
@@ -121,7 +124,7 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
         model=model, targets=tuple(targets), out_dir=out_dir, precision=Precision(precision), search=Search(search),
         calibration=calibration, calibration_samples=calibration_samples, validation=validation,
         input_shapes=tuple(parse_input_shapes(input_shapes).items()), max_accuracy_drop=max_accuracy_drop,
-        min_similarity=min_similarity, accuracy_gate=not no_gate,
+        min_similarity=min_similarity, min_neighbours=min_neighbours, accuracy_gate=not no_gate,
         allow_flex=allow_flex, name=name, version=version, opset=opset, per_channel=per_channel,
         calibration_method=CalibrationMethod(calibration_method) if calibration_method else None,
         image_prep=prep, labels=labels, tokenizer=tokenizer, sign_key=sign_key, profile_on=_device_target(profile_on, kw, wiring))

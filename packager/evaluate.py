@@ -4,13 +4,19 @@ Every output is judged by what it holds:
 - class scores (one vector of >1 softmax probabilities per sample, or the primary output when
   labels are given): top-1 agreement with the reference, and accuracy against the labels;
 - integer outputs (ids, argmax): exact agreement;
+- embeddings (one unit-length vector per sample, what retrieval and similarity search compare):
+  cosine and relative error as below, plus a ranking check: each sample's nearest other sample
+  (by cosine) is the same in the bundle's space as in the reference's;
 - anything else (maps, boxes, embeddings, probabilities, states): cosine similarity and the
   relative L2 error ||bundle - ref|| / ||ref||.
 
 The gate: with labels, the accuracy drop is at most `max_drop` points; class scores agree on
 top-1 for at least (100 - max_drop) % of samples; other outputs reach `min_similarity` and a
 relative error of at most sqrt(2 (1 - min_similarity)), which is what that cosine allows when
-the norms match (0.141 at 0.99), so a model that is right in direction but wrong in scale fails.
+the norms match (0.141 at 0.99), so a model that is right in direction but wrong in scale fails;
+embeddings keep the nearest neighbour for at least `min_neighbours` of the samples. A cosine of
+0.99 still reorders near ties (texts whose two closest neighbours differ by < 0.01), which is what
+a search over these embeddings would return wrong.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ class Gate:
     enabled: bool = True
     max_drop: float = 1.0  # points of accuracy, or of top-1 agreement without labels
     min_similarity: float = 0.99
+    min_neighbours: float = 0.95  # embeddings: share of samples whose nearest neighbour is kept
 
     @property
     def max_relative_error(self) -> float:
@@ -34,6 +41,7 @@ class Gate:
 
     def to_dict(self) -> dict:
         return {"enabled": self.enabled, "max_drop_points": self.max_drop, "min_similarity": self.min_similarity,
+                "min_neighbours": self.min_neighbours,
                 "max_relative_error": round(self.max_relative_error, 4)}
 
 
@@ -43,7 +51,8 @@ def _stack(rows: list[Feeds], name: str) -> np.ndarray:
 
 def output_kind(rows: list[Feeds], name: str, *, labelled: bool = False) -> str:
     """'class_scores' for one vector per sample of softmax probabilities (or of scores the labels
-    refer to); a vector of landmarks or logits without labels is judged as 'values'."""
+    refer to); 'embeddings' for one unit-length vector per sample (an L2-normalised sentence or face
+    embedding); a vector of landmarks or logits without labels is judged as 'values'."""
     x = np.asarray(rows[0][name])
     if x.dtype.kind in "iub":
         return "integers"
@@ -53,7 +62,23 @@ def output_kind(rows: list[Feeds], name: str, *, labelled: bool = False) -> str:
         r = _stack(rows, name)
         if np.all(r >= -1e-6) and np.allclose(r.sum(axis=1), 1.0, atol=1e-2):
             return "class_scores"
+        if x.size >= MIN_EMBEDDING and len(rows) >= 3 and np.allclose(np.linalg.norm(r, axis=1), 1.0, atol=1e-3):
+            return "embeddings"
     return "values"
+
+
+MIN_EMBEDDING = 8  # values per sample; shorter unit vectors are directions, not embeddings
+
+
+def neighbour_agreement(r: np.ndarray, g: np.ndarray) -> float:
+    """Share of samples whose nearest other sample (by cosine) is the same in `g` as in `r`."""
+    def nearest(e: np.ndarray) -> np.ndarray:
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-30)
+        s = e @ e.T
+        np.fill_diagonal(s, -np.inf)
+        return s.argmax(axis=1)
+
+    return float(np.mean(nearest(r) == nearest(g)))
 
 
 def _cosines(r: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -78,6 +103,8 @@ def compare(ref: list[Feeds], got: list[Feeds], outputs: list[str], labels: np.n
             m["top1_agreement"] = float(np.mean(r.argmax(1) == g.argmax(1)))
         elif m["kind"] == "integers":
             m["agreement"] = float(np.mean(np.all(r == g, axis=1)))
+        elif m["kind"] == "embeddings":
+            m["neighbour_agreement"] = neighbour_agreement(r, np.where(finite, g, 0.0))
         m["cosine_similarity"] = float(np.mean(_cosines(r, np.where(finite, g, 0.0))))
         norm = float(np.linalg.norm(r))
         m["relative_error"] = float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff) > 0)
@@ -130,10 +157,14 @@ def judge(metrics: dict, gate: Gate) -> list[str]:
                 why.append(f"{name}: cosine similarity {m['cosine_similarity']:.4f} (min {gate.min_similarity:g})")
             if m["relative_error"] > gate.max_relative_error:
                 why.append(f"{name}: relative error {m['relative_error']:.3f} (max {gate.max_relative_error:.3f})")
+            kept = m.get("neighbour_agreement")
+            if kept is not None and kept < gate.min_neighbours:
+                why.append(f"{name}: nearest neighbour kept for {100 * kept:.1f} % of {metrics['samples']} samples "
+                           f"(min {100 * gate.min_neighbours:g} %)")
     return why
 
 
-GOLDEN_REL_TOL = {"fp32": 1e-3, "fp16": 1e-2, "dynamic": 3e-2, "int8": 6e-2, "int16x8": 2e-2}
+GOLDEN_REL_TOL = {"fp32": 1e-3, "fp16": 1e-2, "dynamic": 3e-2, "dynamic-block": 2e-2, "int8": 6e-2, "int16x8": 2e-2}
 
 
 def golden_tolerance(precision: str, outputs: list[Feeds]) -> float:

@@ -51,6 +51,7 @@ class BuildOptions:
     accuracy_gate: bool = True
     max_accuracy_drop: float = 1.0  # points (accuracy with labels, else top-1 agreement)
     min_similarity: float = 0.99  # cosine, for outputs that are not class scores
+    min_neighbours: float = 0.95  # embeddings: share of validation samples that keep their nearest neighbour
     allow_flex: bool = False
     name: str | None = None
     version: str = "1.0.0"
@@ -67,7 +68,8 @@ class BuildOptions:
 
     @property
     def gate(self) -> Gate:
-        return Gate(enabled=self.accuracy_gate, max_drop=self.max_accuracy_drop, min_similarity=self.min_similarity)
+        return Gate(enabled=self.accuracy_gate, max_drop=self.max_accuracy_drop, min_similarity=self.min_similarity,
+                    min_neighbours=self.min_neighbours)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ def accuracy_text(acc: dict | None) -> str:
     if acc.get("top1_agreement") is not None:
         return f"top-1 agree {_pct(acc['top1_agreement'])}"
     if acc.get("cosine_similarity") is not None:
-        return f"cosine {acc['cosine_similarity']:.4f}"
+        kept = (acc.get("outputs") or {}).get(acc.get("primary_output"), {}).get("neighbour_agreement")
+        return f"cosine {acc['cosine_similarity']:.4f}" + ("" if kept is None else f", neighbours {_pct(kept)}")
     return "-"
 
 

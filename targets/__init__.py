@@ -30,6 +30,7 @@ class Precision(str, Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     DYNAMIC = "dynamic"
+    DYNAMIC_BLOCK = "dynamic-block"  # int8 weights and activations per block of values (ORT MatMulNBits)
     INT8 = "int8"
     INT16X8 = "int16x8"
 

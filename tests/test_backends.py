@@ -43,7 +43,7 @@ def test_a_precision_the_format_cannot_do_is_refused_in_the_profile(tmp_path):
     with pytest.raises(ProfileError) as e:
         load_profile(str(bad))
     assert str(e.value) == (f"profile {bad}: 'precisions' has 'int16x8', which format 'onnx' cannot do\n"
-                            "  hint: allowed values for onnx: fp32, fp16, dynamic, int8")
+                            "  hint: allowed values for onnx: fp32, fp16, dynamic, dynamic-block, int8")
     from edgepack.cli import main
 
     res = CliRunner().invoke(main, ["targets", "show", str(bad)])

@@ -140,27 +140,56 @@ def _dynamic(ctx: ConvertContext, fp32: Path, out: Path) -> dict:
     return {"weights": "int8", "activations": "float32 (quantized on the fly)", "per_channel": ctx.per_channel}
 
 
-MODES = {Precision.FP16: _fp16, Precision.DYNAMIC: _dynamic, Precision.INT8: _int8}
+def _dynamic_block(ctx: ConvertContext, fp32: Path, out: Path) -> dict:
+    """int8 weights in blocks of BLOCK values along the input axis, each with its own scale, in ORT's
+    MatMulNBits; accuracy level 4 multiplies in int8 with the activations quantized per block on the
+    fly. ORT's per-tensor dynamic int8 gives a whole activation one scale, and a transformer's outlier
+    channels cost it the ranking of near ties (MiniLM: cosine 0.993, nearest neighbour kept for 87 %);
+    per block: cosine 0.999, 97 %, at 0.7-0.8x fp32 against dynamic's 0.5x."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    cfg = DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True, accuracy_level=4, bits=8)
+    try:
+        with onnx_graph.quiet("onnxruntime.quantization.matmul_nbits_quantizer"):
+            q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=8, block_size=BLOCK, is_symmetric=True,
+                                     accuracy_level=4, algo_config=cfg)
+            q.process()
+            q.model.save_model_to_file(str(out), use_external_data_format=False)
+    except Exception as e:
+        raise ConversionError(f"onnxruntime block quantization failed: {str(e).splitlines()[0][:300]}",
+                              hint="try --quantize dynamic or fp32") from None
+    if not any(n.op_type == "MatMulNBits" for n in onnx.load(str(out), load_external_data=False).graph.node):
+        raise ConversionError("no MatMul of this graph has constant weights that block quantization can take",
+                              hint="try --quantize dynamic or int8")
+    return {"weights": f"int8 per block of {BLOCK}", "activations": f"int8 per block of {BLOCK}, on the fly",
+            "op": "com.microsoft.MatMulNBits", "accuracy_level": 4}
+
+
+BLOCK = 128  # MiniLM: 128 keeps the neighbours for 97 % (64: 97 %, 256: 95.5 %) at the lowest latency
+MODES = {Precision.FP16: _fp16, Precision.DYNAMIC: _dynamic, Precision.DYNAMIC_BLOCK: _dynamic_block,
+         Precision.INT8: _int8}
 
 
 @register
 class OnnxBackend(Backend):
     format = Format.ONNX
     sources = ("savedmodel", "keras", "onnx")
-    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.INT8)
+    precisions = (Precision.FP32, Precision.FP16, Precision.DYNAMIC, Precision.DYNAMIC_BLOCK, Precision.INT8)
     calibrated = (Precision.INT8,)
     ladder_steps = (Step(Precision.INT8), Step(Precision.INT8, mixed=True), Step(Precision.FP16),
                     Step(Precision.FP16, mixed=True), Step(Precision.FP32))
     accelerators = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
     def plan(self, source, profile: TargetProfile, asked: Precision) -> tuple[Step, ...]:
-        """Graphs whose weights sit in MatMul/Gemm (transformers) try dynamic int8 first on CPU targets:
-        ORT's int8 MatMul kernels quantize activations per call, so nothing is calibrated (static int8
-        loses such models to the attention mask and Softmax), and the speed gate still decides."""
+        """Graphs whose weights sit in MatMul/Gemm (transformers) try dynamic int8 first on CPU targets,
+        then int8 per block: ORT's int8 MatMul kernels quantize activations per call, so nothing is
+        calibrated (static int8 loses such models to the attention mask and Softmax), and the gates
+        decide. Other graphs never try these (ORT's dynamic int8 is ~15x slower on CNNs)."""
         steps = super().plan(source, profile, asked)
-        if (asked is Precision.AUTO and profile.is_cpu and Precision.DYNAMIC in profile.precisions
-                and getattr(source, "model", None) is not None and onnx_graph.matmul_weight_share(source.model) >= 0.5):
-            return (Step(Precision.DYNAMIC),) + tuple(s for s in steps if s.precision is not Precision.DYNAMIC)
+        first = tuple(p for p in (Precision.DYNAMIC, Precision.DYNAMIC_BLOCK) if p in profile.precisions)
+        if asked is Precision.AUTO and profile.is_cpu and first and _matmul_heavy(source):
+            return tuple(Step(p) for p in first) + tuple(s for s in steps if s.precision not in first)
         return steps
 
     def fp32(self, ctx: ConvertContext) -> Path:
@@ -250,6 +279,11 @@ class OnnxBackend(Backend):
                         for t, v in got.items() if v.dtype == np.float16]
         return GraphView(tuple(ops), alias, tuple(lowered), channel_axis=1), ref, got
 
+
+
+def _matmul_heavy(source) -> bool:
+    model = getattr(source, "model", None)
+    return model is not None and onnx_graph.matmul_weight_share(model) >= 0.5
 
 
 def _opset(path: Path) -> int | None:
