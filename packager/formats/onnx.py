@@ -4,6 +4,7 @@ build (ORT's calibration cache); candidates that keep nodes in float reuse the r
 its `auto` ladder and the quantizer for each precision (MODES) live here."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -41,14 +42,16 @@ def _preprocessed(ctx: ConvertContext, fp32: Path) -> Path:
         out = cache.path("fp32-pre.onnx")
         fp32 = _opset13(fp32, cache.path("fp32-opset13.onnx"))
         t0 = time.time()
-        try:
-            quant_pre_process(str(fp32), str(out), skip_symbolic_shape=False)
-        except Exception:  # symbolic shape inference gives up on some graphs: pre-process without it
-            onnx_graph.remove_symbolic_leftovers(since=t0)
+        # its logger prints a full traceback for a graph it gives up on; the fallbacks below say what happened
+        with onnx_graph.quiet("onnxruntime.quantization.shape_inference", level=logging.CRITICAL):
             try:
-                quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
-            except Exception:  # e.g. the optimizer rejects a subgraph: quantize the plain graph
-                out = fp32
+                quant_pre_process(str(fp32), str(out), skip_symbolic_shape=False)
+            except Exception:  # symbolic shape inference gives up on some graphs: pre-process without it
+                onnx_graph.remove_symbolic_leftovers(since=t0)
+                try:
+                    quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
+                except Exception:  # e.g. the optimizer rejects a subgraph: quantize the plain graph
+                    out = fp32
         cache.onnx_preprocessed = out
     return cache.onnx_preprocessed
 
