@@ -1,0 +1,87 @@
+"""BERT-class models to TFLite (arm-cpu, rpi5): the exact GELU and ReduceL2 rewritten for the ONNX ->
+TFLite bridge (fast tests on graphs made here with onnx.helper, ONNX Runtime's outputs equal before
+and after), then tiny generated BERTs built with `--quantize auto` (slow)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from packager.formats.onnx_rewrite import expand_reduce_l2, for_tflite, fuse_exact_gelu
+
+
+def _model(nodes, inits, *, opset, shape=(2, 16)):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+                              [numpy_helper.from_array(np.asarray(v, np.float32 if k != "axes" else np.int64), k)
+                               for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def _two_gelus():
+    """torch's exact GELU, (x * (1 + erf(x / sqrt 2))) * 0.5, then tf2onnx's, (0.5 * x) * (1 + erf(x * 1/sqrt 2))
+    with its constants in Constant nodes, then one Erf that is no GELU (x / 2)."""
+    from onnx import helper, numpy_helper
+
+    const = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.float32)))
+             for name, v in (("c_isqrt2", 1 / np.sqrt(2)), ("c_one", 1.0), ("c_half", 0.5))]
+    nodes = const + [
+        helper.make_node("Div", ["x", "sqrt2"], ["a1"]), helper.make_node("Erf", ["a1"], ["a2"]),
+        helper.make_node("Add", ["a2", "one"], ["a3"]), helper.make_node("Mul", ["x", "a3"], ["a4"]),
+        helper.make_node("Mul", ["a4", "half"], ["g1"]),
+        helper.make_node("Mul", ["c_isqrt2", "g1"], ["b1"]), helper.make_node("Erf", ["b1"], ["b2"]),
+        helper.make_node("Add", ["c_one", "b2"], ["b3"]), helper.make_node("Mul", ["c_half", "g1"], ["b4"]),
+        helper.make_node("Mul", ["b4", "b3"], ["g2"]),
+        helper.make_node("Div", ["g2", "two"], ["e1"]), helper.make_node("Erf", ["e1"], ["e2"]),
+        helper.make_node("Add", ["e2", "g2"], ["y"])]
+    return _model(nodes, {"sqrt2": np.sqrt(2), "one": 1.0, "half": 0.5, "two": 2.0}, opset=17)
+
+
+def test_exact_gelu_becomes_one_gelu_node_with_the_same_outputs():
+    import onnx
+
+    x = np.linspace(-6, 6, 32, dtype=np.float32).reshape(2, 16)
+    model = _two_gelus()
+    before = _run(model, x)
+    rewritten, done = for_tflite(model)
+    onnx.checker.check_model(rewritten)
+    ops = [n.op_type for n in rewritten.graph.node if n.op_type != "Constant"]
+    assert done == {"gelu_fused": 2, "opset": "upgraded to 20 for the Gelu op"}
+    assert ops == ["Gelu", "Gelu", "Div", "Erf", "Add"]  # the Erf that is no GELU stays
+    np.testing.assert_allclose(_run(rewritten, x), before, rtol=1e-6, atol=1e-6)
+
+
+def test_a_gelu_whose_parts_are_used_elsewhere_is_left_alone():
+    from onnx import helper
+
+    nodes = [helper.make_node("Div", ["x", "sqrt2"], ["a1"]), helper.make_node("Erf", ["a1"], ["a2"]),
+             helper.make_node("Add", ["a2", "one"], ["a3"]), helper.make_node("Mul", ["x", "a3"], ["a4"]),
+             helper.make_node("Mul", ["a4", "half"], ["g"]), helper.make_node("Add", ["g", "a2"], ["y"])]
+    model = _model(nodes, {"sqrt2": np.sqrt(2), "one": 1.0, "half": 0.5}, opset=20)
+    assert fuse_exact_gelu(model) == 0 and [n.op_type for n in model.graph.node][:2] == ["Div", "Erf"]
+
+
+@pytest.mark.parametrize("opset,axes_input", [(11, False), (13, False), (17, False), (18, True), (20, True)])
+def test_reduce_l2_becomes_sqrt_of_a_sum_of_squares_at_every_opset(opset, axes_input):
+    import onnx
+    from onnx import helper
+
+    inputs, attrs = (["x", "axes"], {}) if axes_input else (["x"], {"axes": [1]})
+    nodes = [helper.make_node("ReduceL2", inputs, ["n"], keepdims=1, **attrs), helper.make_node("Div", ["x", "n"], ["y"])]
+    model = _model(nodes, {"axes": [1]} if axes_input else {}, opset=opset, shape=(3, 8))
+    x = np.random.default_rng(opset).normal(0, 2, (3, 8)).astype(np.float32)
+    before = _run(model, x)
+    assert expand_reduce_l2(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["Mul", "ReduceSum", "Sqrt", "Div"]
+    np.testing.assert_allclose(_run(model, x), before, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(_run(model, x), axis=1), 1.0, rtol=1e-5)
