@@ -85,3 +85,94 @@ def test_reduce_l2_becomes_sqrt_of_a_sum_of_squares_at_every_opset(opset, axes_i
     assert [n.op_type for n in model.graph.node] == ["Mul", "ReduceSum", "Sqrt", "Div"]
     np.testing.assert_allclose(_run(model, x), before, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(_run(model, x), axis=1), 1.0, rtol=1e-5)
+
+
+# ---- tiny generated BERTs (exact GELU) built for arm-cpu ----
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    pytest.importorskip("torch")
+    from textkit import sentences, tiny_hf_folder
+
+    d = tmp_path_factory.mktemp("gelu")
+    texts = sentences(220, seed=5)
+    (d / "calib.txt").write_text("\n".join(texts[:160]) + "\n")
+    (d / "valid.txt").write_text("\n".join(texts[160:]) + "\n")
+    return tiny_hf_folder(d / "encoder", kind="sentence", act="gelu"), d
+
+
+def _build(encoder, tmp_path, monkeypatch, **opts):
+    """A build whose system temp dir is `tmp_path/tmp` (its children's too): what it leaves there is a leak."""
+    import tempfile
+
+    from packager.build import BuildOptions, build
+
+    folder, d = encoder
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    res = build(BuildOptions(model=folder, targets=("arm-cpu",), out_dir=tmp_path / "out", name="enc",
+                             calibration=str(d / "calib.txt"), validation=str(d / "valid.txt"), bench_seconds=0.5,
+                             **opts))
+    # .ses: a 51-byte session-id file the native runtimes (ONNX Runtime, LiteRT) write once per temp dir
+    return res, sorted(p.name for p in tmp.iterdir() if p.name != ".ses")
+
+
+def _embed(bundle_path, folder, texts):
+    """The bundle's embeddings of `texts`, fed as token tensors padded to its static length."""
+    from device_agent import load_bundle
+    from edgeruntime.text import TextEncoder, TextSettings
+
+    model = load_bundle(bundle_path, allow_cpu_fallback=True)
+    try:
+        m = model.manifest
+        enc = TextEncoder.from_file(folder / "tokenizer.json", TextSettings.from_dict(m.text["settings"]))
+        width = m.inputs[0].shape[1]
+        texts = [t for t in texts if len(enc.ids([t])[0]) <= width]
+        return texts, np.concatenate([model.infer(enc.encode([t], length=width).feeds)["sentence_embedding"]
+                                      for t in texts])
+    finally:
+        model.close()
+
+
+@pytest.mark.slow
+def test_exact_gelu_bert_builds_for_arm_cpu_with_the_gelu_builtin(encoder, tmp_path, monkeypatch):
+    from edgebundle.archive import open_bundle
+    from packager.tflite_fb import ops_with_versions
+    from textkit import sentences, torch_sentence_embeddings
+
+    res, left = _build(encoder, tmp_path, monkeypatch)
+    assert res.ok, [r.error for r in res.results]
+    assert left == []  # the build folder and every child's scratch are gone
+    r = res.results[0]
+    first = r.report["candidates"][0]
+    assert first["candidate"] == "dynamic", r.report["candidates"]  # a transformer tries dynamic int8 first
+    assert first["verdict"] == "chosen" or "x the fp32 latency" in first["why"], first  # or the measured reason
+    bundle = open_bundle(r.bundle)
+    ops = {name for name, _ in ops_with_versions(bundle.read("model.tflite"))}
+    assert "GELU" in ops and not any(o.startswith("Flex") for o in ops), sorted(ops)
+    q = bundle.manifest.quantization
+    assert q["graph_rewrites"] == {"gelu_fused": 2, "opset": "upgraded to 20 for the Gelu op", "reduce_l2_expanded": 1}
+    texts, got = _embed(r.bundle, encoder[0], sentences(30, seed=77))
+    want = torch_sentence_embeddings(encoder[0], texts, max_length=64)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1)
+    assert len(texts) >= 20 and cos.mean() >= 0.99 and cos.min() >= 0.98, (cos.mean(), cos.min())
+
+
+@pytest.mark.slow
+def test_a_converter_that_aborts_is_one_failed_candidate(encoder, tmp_path, monkeypatch):
+    """The int8 quantizer's child really dies of SIGABRT (the worker's test-only fault hook); the build
+    tries the other candidates, ships one, and leaves nothing in the temp dir."""
+    from packager.candidates import Search
+    from packager.formats.tflite_worker import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "int8")
+    res, left = _build(encoder, tmp_path, monkeypatch, search=Search.THOROUGH)
+    assert res.ok, [r.error for r in res.results]
+    assert left == []
+    rows = {c["candidate"]: c for c in res.results[0].report["candidates"]}
+    assert rows["int8"]["verdict"] == "error"
+    assert rows["int8"]["why"] == "the TFLite converter crashed (SIGABRT) on the int8 model"
+    assert "input_ids" in rows["int16x8"]["why"] and "integer" in rows["int16x8"]["why"]
+    assert any(c["verdict"] == "chosen" for c in rows.values())
