@@ -26,6 +26,7 @@ from targets import Format, IOType, Precision, TargetProfile
 
 _FLEX = re.compile(r"TF Select ops:\s*([^\n]+)")
 _CUSTOM = re.compile(r"Custom ops:\s*([^\n]+)")
+_EMPTY = re.compile(r"Empty min/max for tensor (?:serving_default_)?([^\s:]+)")
 
 
 def _saved_model(ctx: ConvertContext) -> Path:
@@ -71,14 +72,14 @@ def _in_child(step: str, ctx: ConvertContext, *, what: str, samples: list[dict] 
 def _probe(path: Path, ctx: ConvertContext, what: str, *, mode: str = "device") -> None:
     """Load and run `path` once in a child before this process does: as the device runs it
     (validation), or with every tensor kept and no delegate (`analysis`, the sensitivity analysis)."""
-    _in_child("probe", ctx, what=what, samples=[ctx.sample] if ctx.sample else [], model=str(path), mode=mode)
+    _in_child("probe", ctx, what=what, samples=[ctx.sample] if ctx.sample else [], model=path, mode=mode)
 
 
 def _calibrated(ctx: ConvertContext) -> Path:
     """The float model with calibration statistics: one pass over the calibration data per build."""
     out = ctx.cache.path("tflite-calibrated.tflite")
     if not out.is_file():
-        data = _in_child("calibrate", ctx, what="the calibration pass", saved_model=str(_saved_model(ctx)),
+        data = _in_child("calibrate", ctx, what="the calibration pass", saved_model=_saved_model(ctx),
                          allow_flex=ctx.allow_flex)
         out.write_bytes(data)
     return out
@@ -88,7 +89,7 @@ def _int8(ctx: ConvertContext) -> tuple[bytes, dict]:
     io = ctx.profile.quantized_io
     keep = list(ctx.candidate.keep_float)
     calibrated = _calibrated(ctx)  # raises edgepack's own error (e.g. the op TFLite lacks): not wrapped again
-    data = _in_child("int8", ctx, what=f"the {ctx.candidate.label} model", samples=[], calibrated=str(calibrated),
+    data = _in_child("int8", ctx, what=f"the {ctx.candidate.label} model", samples=[], calibrated=calibrated,
                      io=io.value, keep=keep)
     details = {"weights": "int8", "activations": "int8", "io": io.value, "per_channel": True,
                "calibration_samples": len(ctx.calibration)}
@@ -115,12 +116,7 @@ def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
 
 
 def _int16x8(ctx: ConvertContext) -> tuple[bytes, dict]:
-    ints = [s.name for s in ctx.source.inputs if np.dtype(s.dtype).kind in "iub"]
-    if ints:  # the converter's int16x8 calibrator wants min/max for every input, integers included
-        raise ConversionError(f"int16x8 quantizes every input and {', '.join(ints)} {'is' if len(ints) == 1 else 'are'} "
-                              "integer (token ids, masks), which have no int16 range to calibrate",
-                              hint="dynamic int8, fp16 or fp32 keep integer inputs as they are")
-    data = _in_child("int16x8", ctx, what="the int16x8 model", saved_model=str(_saved_model(ctx)))
+    data = _in_child("int16x8", ctx, what="the int16x8 model", saved_model=_saved_model(ctx))
     return data, {"weights": "int8", "activations": "int16", "io": "float32",
                   "calibration_samples": len(ctx.calibration)}
 
@@ -138,6 +134,13 @@ def _conversion_error(text: str, ctx: ConvertContext) -> ConversionError:
                  "or pass --allow-flex (the device then needs a LiteRT build with the Flex delegate)")
         err.ops = ops
         return err
+    empty = _EMPTY.search(text)
+    ints = {s.name for s in ctx.source.inputs if np.dtype(s.dtype).kind in "iub"}
+    if empty and empty.group(1) in ints:
+        return ConversionError(f"{ctx.candidate.label}: TFLite's int16x8 quantizer wants a float range for the integer "
+                               f"input {empty.group(1)!r} (token ids and masks are never quantized) and cannot "
+                               "leave it out in this model",
+                               hint="dynamic int8, fp16 or fp32 keep integer inputs as they are")
     custom = _CUSTOM.search(text)
     if custom:
         return UnsupportedOpError(f"the model needs custom ops the converter cannot lower: {custom.group(1)}")

@@ -30,6 +30,8 @@ FAULT_ENV = "EDGEPACK_TEST_WORKER_FAULT"
 def run(step: str, work: Path, *, samples: list[dict], what: str, **req) -> Path:
     """Run `step` in a child; the model file it wrote (none for a probe). Raises ConversionError when the child failed
     (its error text as `text`), crashed or ran out of time."""
+    work = work.resolve()  # the child runs in `work`: every path it is given is absolute
+    req = {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in req.items()}
     work.mkdir(parents=True, exist_ok=True)
     np.savez(work / f"{step}-samples.npz", **{f"{i}:{k}": np.asarray(v) for i, s in enumerate(samples)
                                               for k, v in s.items()})
@@ -40,7 +42,7 @@ def run(step: str, work: Path, *, samples: list[dict], what: str, **req) -> Path
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     with open(work / f"{step}.log", "wb") as log:
         try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=TIMEOUT_S)
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
             raise ConversionError(f"the TFLite {_tool(step)} did not finish {what} within {TIMEOUT_S} s",
                                   hint="try another --quantize mode (dynamic, fp16 or fp32)") from None
