@@ -112,9 +112,9 @@ def _build(encoder, tmp_path, monkeypatch, **opts):
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    res = build(BuildOptions(model=folder, targets=("arm-cpu",), out_dir=tmp_path / "out", name="enc",
-                             calibration=str(d / "calib.txt"), validation=str(d / "valid.txt"), bench_seconds=0.5,
-                             **opts))
+    opts = {"targets": ("arm-cpu",), "bench_seconds": 0.5, **opts}
+    res = build(BuildOptions(model=folder, out_dir=tmp_path / "out", name="enc", calibration=str(d / "calib.txt"),
+                             validation=str(d / "valid.txt"), **opts))
     # .ses: a 51-byte session-id file the native runtimes (ONNX Runtime, LiteRT) write once per temp dir
     return res, sorted(p.name for p in tmp.iterdir() if p.name != ".ses")
 
@@ -176,3 +176,40 @@ def test_a_converter_that_aborts_is_one_failed_candidate(encoder, tmp_path, monk
     assert rows["int8"]["why"] == "the TFLite converter crashed (SIGABRT) on the int8 model"
     assert "input_ids" in rows["int16x8"]["why"] and "integer" in rows["int16x8"]["why"]
     assert any(c["verdict"] == "chosen" for c in rows.values())
+
+
+@pytest.mark.slow
+def test_the_int8_bert_that_aborts_litert_without_delegates_is_caught_in_a_child(encoder, tmp_path, monkeypatch):
+    """The issue's abort, for real: LiteRT aborts in allocate_tensors of a full int8 BERT under
+    BUILTIN_WITHOUT_DEFAULT_DELEGATES (what the sensitivity analysis runs), while the same model runs
+    with XNNPACK. The probe child dies of SIGABRT and the build process gets a ConversionError."""
+    from edgebundle.archive import open_bundle
+    from edgebundle.errors import ConversionError
+    from packager.formats import tflite_worker
+    from targets import Precision
+
+    res, _ = _build(encoder, tmp_path, monkeypatch, precision=Precision.INT8)
+    assert res.ok, [r.error for r in res.results]
+
+    model = tmp_path / "int8.tflite"
+    model.write_bytes(open_bundle(res.results[0].bundle).read("model.tflite"))
+    tflite_worker.run("probe", tmp_path / "device", samples=[], what="the int8 model", model=model, mode="device")
+    with pytest.raises(ConversionError) as e:
+        tflite_worker.run("probe", tmp_path / "analysis", samples=[], what="the int8 model", model=model, mode="analysis")
+    assert str(e.value).splitlines()[0] == "the TFLite interpreter crashed (SIGABRT) on the int8 model"
+
+
+@pytest.mark.slow
+def test_auto_goes_on_when_the_sensitivity_analysis_would_abort(encoder, tmp_path, monkeypatch):
+    """int8 misses a strict gate, so auto analyses it to keep nodes in float: LiteRT aborts on that
+    model (see above) in the analysis child, the mixed rounds are dropped with the reason, and fp32 ships."""
+    profile = tmp_path / "int8cpu.yaml"
+    profile.write_text("name: int8cpu\nformat: tflite\ndefault_precision: int8\nprecisions: [int8, fp32]\n"
+                       "static_shapes: true\nbatch: 1\nruntime: litert\nthreads: 2\n")
+    res, left = _build(encoder, tmp_path, monkeypatch, targets=(str(profile),), min_similarity=0.99999)
+    assert res.ok, [r.error for r in res.results]
+    assert left == []
+    rows = res.results[0].report["candidates"]
+    assert [(c["candidate"], c["verdict"]) for c in rows] == [("int8", "accuracy"), ("fp32", "chosen")], rows
+    assert rows[0]["why"].endswith("; no sensitivity analysis: the TFLite interpreter crashed (SIGABRT) on the int8 "
+                                   "model without delegates"), rows[0]["why"]
