@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from packager.formats.onnx_rewrite import expand_reduce_l2, for_tflite, fuse_exact_gelu
+from targets import Precision
 
 
 def _model(nodes, inits, *, opset, shape=(2, 16)):
@@ -213,3 +214,38 @@ def test_auto_goes_on_when_the_sensitivity_analysis_would_abort(encoder, tmp_pat
     assert [(c["candidate"], c["verdict"]) for c in rows] == [("int8", "accuracy"), ("fp32", "chosen")], rows
     assert rows[0]["why"].endswith("; no sensitivity analysis: the TFLite interpreter crashed (SIGABRT) on the int8 "
                                    "model without delegates"), rows[0]["why"]
+
+
+def test_matmul_graphs_try_dynamic_int8_first_on_tflite_cpu_targets(tmp_path):
+    """A transformer-like ONNX graph (its weights in MatMul) starts arm-cpu's auto ladder at dynamic
+    int8; explicit precisions and Coral keep their own steps."""
+    import onnx
+    from onnx import helper
+
+    from packager.formats import backend_for
+    from packager.profiles import load_profile
+    from packager.sources import load_source
+
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], {"w": np.eye(16)}, opset=17, shape=(16, 16))
+    onnx.save(model, tmp_path / "dense.onnx")
+    src = load_source(tmp_path / "dense.onnx", workdir=tmp_path)
+    arm = load_profile("arm-cpu")
+    labels = [s.label for s in backend_for(arm).plan(src, arm, Precision.AUTO)]
+    assert labels == ["dynamic", "int8", "int8-mixed", "int16x8", "fp16", "fp32"]
+    assert [s.label for s in backend_for(arm).plan(src, arm, Precision.INT8)] == ["int8"]
+    coral = load_profile("coral")
+    assert "dynamic" not in [s.label for s in backend_for(coral).plan(src, coral, Precision.AUTO)]
+
+
+def test_calibrated_precisions_are_skipped_once_dynamic_int8_lost_the_gate():
+    from packager.candidates import Candidate, Step
+    from packager.results import Trial
+    from packager.steps import _lost_before
+
+    calibrated = (Precision.INT8, Precision.INT16X8)
+    lost = [Trial(Step(Precision.DYNAMIC), Candidate(Precision.DYNAMIC), verdict="accuracy")]
+    slower = [Trial(Step(Precision.DYNAMIC), Candidate(Precision.DYNAMIC), verdict="slower")]
+    assert "already failed the accuracy gate" in _lost_before(Step(Precision.INT8), lost, calibrated)
+    assert _lost_before(Step(Precision.INT16X8), lost, calibrated)
+    assert _lost_before(Step(Precision.FP16), lost, calibrated) is None
+    assert _lost_before(Step(Precision.INT8), slower, calibrated) is None  # int8 may still be faster

@@ -5,7 +5,10 @@ Its precisions, its `auto` ladder and the converter for each precision (MODES) l
 int8 candidates share one calibration pass: the converter calibrates once
 (`_experimental_calibrate_only`), and each int8 candidate (full, or with nodes kept in float)
 is quantized from those statistics by the MLIR quantizer, which is what `convert()` does
-internally. int16x8 goes through the converter's own path (the MLIR quantizer cannot do it)."""
+internally. int16x8 goes through the converter's own path (the MLIR quantizer cannot do it).
+These steps, and a first load and run of every converted model, happen in a child process
+(tflite_worker.py): TFLite's kernels and quantizers can abort, and an abort must fail one
+candidate, not the build."""
 from __future__ import annotations
 
 import re
@@ -22,7 +25,7 @@ from packager.lint import Finding, Level
 from packager.registry import Artifact, Backend, ConvertContext, bridge, register
 from packager.sources import Source, SourceKind
 from packager.tflite_fb import describe_flatbuffer, detect_precision, ops_with_versions
-from targets import Format, IOType, Precision, TargetProfile
+from targets import Format, Precision, TargetProfile
 
 _FLEX = re.compile(r"TF Select ops:\s*([^\n]+)")
 _CUSTOM = re.compile(r"Custom ops:\s*([^\n]+)")
@@ -88,7 +91,7 @@ def _calibrated(ctx: ConvertContext) -> Path:
 def _int8(ctx: ConvertContext) -> tuple[bytes, dict]:
     io = ctx.profile.quantized_io
     keep = list(ctx.candidate.keep_float)
-    calibrated = _calibrated(ctx)  # raises edgepack's own error (e.g. the op TFLite lacks): not wrapped again
+    calibrated = _calibrated(ctx)  # its error (e.g. the op TFLite lacks) reaches the build as it is
     data = _in_child("int8", ctx, what=f"the {ctx.candidate.label} model", samples=[], calibrated=calibrated,
                      io=io.value, keep=keep)
     details = {"weights": "int8", "activations": "int8", "io": io.value, "per_channel": True,

@@ -1,8 +1,9 @@
 """The TFLite steps that can abort the process, run in a child (`python -m packager.formats.tflite_worker
 REQUEST`): calibration, the int8 and int16x8 quantizers, and a first load and run of every converted
 model in the interpreter (a model whose kernels abort in `allocate_tensors`, as full int8 BERTs do
-under BUILTIN_WITHOUT_DEFAULT_DELEGATES, would otherwise take the whole build down with it). The parent
-(packager/formats/tflite.py, `run`) turns a child killed by a signal into one failed candidate.
+under BUILTIN_WITHOUT_DEFAULT_DELEGATES, would otherwise take the whole build down with it). `run`, the
+parent's side (called by packager/formats/tflite.py), turns a child killed by a signal into a ConversionError:
+one failed candidate.
 
 The request (JSON) names the step, its files and a samples file (.npz); the result is written to
 `out` (a model) and `result` (JSON: ok, or the error's text for the parent to classify).
