@@ -87,7 +87,8 @@ class CandidateSearch:
             if step.precision in self.backend.calibrated and self.inputs.calib is None:
                 trials.append(Trial(step, verdict="skipped", why="no calibration data (pass --calibration)"))
                 continue
-            skip = self.backend.skip(step, frozenset(t.step.precision for t in trials if t.verdict == "slower"))
+            skip = (self.backend.skip(step, frozenset(t.step.precision for t in trials if t.verdict == "slower"))
+                    or _lost_before(step, trials, self.backend.calibrated))
             if skip:
                 trials.append(Trial(step, verdict="skipped", why=skip))
                 continue
@@ -129,7 +130,11 @@ class CandidateSearch:
             return trial.blamed
         samples = self.inputs.valid.samples[:ANALYSIS_SAMPLES]
         self.say(f"{trial.candidate.label}: which nodes lose the accuracy")
-        view, ref, got = self.backend.graph_view(trial.artifact, self.context(trial.candidate), samples)
+        try:
+            view, ref, got = self.backend.graph_view(trial.artifact, self.context(trial.candidate), samples)
+        except ConversionError as e:  # e.g. the interpreter aborts on this model without delegates
+            trial.why += f"; no sensitivity analysis: {str(e).splitlines()[0]}"
+            return trial.blamed
         trial.blamed = sensitivity.blame(view, ref, got)
         trial.sensitivity = [b.to_dict() for b in trial.blamed[:10]]
         return trial.blamed
@@ -323,6 +328,16 @@ class CandidateSearch:
                        else f"cosine {acc.get('cosine_similarity', 0):.4f}")
                 return f"--quantize {step.precision.value} passes the gate ({fig})"
         return None
+
+
+def _lost_before(step: Step, trials: list[Trial], calibrated: tuple[Precision, ...]) -> str | None:
+    """A calibrated (activations in integers) precision after dynamic int8 lost the accuracy gate:
+    dynamic quantizes the weights alone, so quantizing the activations too only loses more."""
+    lost = any(t.step == Step(Precision.DYNAMIC) and t.verdict == "accuracy" for t in trials)
+    if lost and step.precision in calibrated:
+        return (f"dynamic int8 (int8 weights only) already failed the accuracy gate; {step.precision.value} "
+                "quantizes the activations too")
+    return None
 
 
 def _loss(trial: Trial) -> float:

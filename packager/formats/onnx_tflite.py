@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edgebundle.errors import ConversionError, InputError, UnsupportedOpError
+from packager.formats import onnx_rewrite
 from packager.registry import Bridge, ConvertContext, register_bridge
 from targets import Format
 
@@ -98,9 +99,12 @@ class OnnxToTFLite(Bridge):
         shapes = ", ".join(f"{s.name} {'x'.join(map(str, s.shape))}" for s in ctx.source.inputs)
         return {"converted_from": "onnx", "converter": f"onnx2tf {info.get('onnx2tf', '?')}",
                 "io_layout": f"as the ONNX model ({shapes}); onnx2tf's NHWC transposes are inside the model",
-                "outputs_transposed_back": info.get("transposed_outputs", [])}
+                "outputs_transposed_back": info.get("transposed_outputs", []),
+                "graph_rewrites": info.get("rewrites", {})}
 
     def _convert(self, ctx: ConvertContext, work: Path) -> tuple[Path, dict]:
+        import onnx
+
         self.check()
         src = ctx.source
         names = [s.name for s in src.inputs if not _TF_NAME.match(s.name)]
@@ -108,7 +112,8 @@ class OnnxToTFLite(Bridge):
             raise InputError(f"input name(s) {names} of {src.path.name} cannot be TFLite signature names",
                              hint="rename the inputs (letters, digits and _ . / - only; e.g. input_names=[...] "
                                   "in torch.onnx.export), or pick an ONNX target")
-        bad = unsupported_ops(src.model)
+        model, rewrites = _rewritten(src.model)
+        bad = unsupported_ops(model)
         if bad:
             err = UnsupportedOpError(
                 f"{src.path.name} uses ONNX ops that onnx2tf cannot convert to TFLite: {', '.join(bad)}",
@@ -117,10 +122,12 @@ class OnnxToTFLite(Bridge):
             err.ops = bad
             raise err
         work.mkdir(parents=True, exist_ok=True)
+        bridged = work / "bridge.onnx"  # what onnx2tf converts; ONNX Runtime validates against the source
+        onnx.save(model, str(bridged))
         sample = ctx.sample or {s.name: np.zeros(s.shape, s.dtype) for s in src.inputs}
         np.savez(work / "sample.npz", **{s.name: np.asarray(sample[s.name]).reshape(s.shape) for s in src.inputs})
         # absolute: the worker runs in another directory, and a MODEL given as a relative path must still resolve
-        req = {"onnx": str(Path(src.path).resolve()), "out": str(work / "saved_model"),
+        req = {"onnx": str(bridged.resolve()), "out": str(work / "saved_model"),
                "sample": str(work / "sample.npz"), "result": str(work / "result.json"),
                "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in src.inputs]}
         (work / "request.json").write_text(json.dumps(req))
@@ -141,7 +148,16 @@ class OnnxToTFLite(Bridge):
         if not res["ok"]:
             res["message"] = res["message"] or _last_error(work / "onnx2tf.log")
             raise _error(res, src.path.name)
-        return Path(req["out"]), res
+        return Path(req["out"]), dict(res, rewrites=rewrites)
+
+
+def _rewritten(model) -> tuple[object, dict]:
+    """A copy of the source graph with the ops TFLite lacks rewritten (onnx_rewrite.py)."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return onnx_rewrite.for_tflite(copy)
 
 
 def _key(ctx: ConvertContext) -> tuple:

@@ -5,12 +5,15 @@ Its precisions, its `auto` ladder and the converter for each precision (MODES) l
 int8 candidates share one calibration pass: the converter calibrates once
 (`_experimental_calibrate_only`), and each int8 candidate (full, or with nodes kept in float)
 is quantized from those statistics by the MLIR quantizer, which is what `convert()` does
-internally. int16x8 goes through the converter's own path (the MLIR quantizer cannot do it)."""
+internally. int16x8 goes through the converter's own path (the MLIR quantizer cannot do it).
+These steps, and a first load and run of every converted model, happen in a child process
+(tflite_worker.py): TFLite's kernels and quantizers can abort, and an abort must fail one
+candidate, not the build."""
 from __future__ import annotations
 
 import re
 import shutil
-import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +25,11 @@ from packager.lint import Finding, Level
 from packager.registry import Artifact, Backend, ConvertContext, bridge, register
 from packager.sources import Source, SourceKind
 from packager.tflite_fb import describe_flatbuffer, detect_precision, ops_with_versions
-from targets import Format, IOType, Precision, TargetProfile
+from targets import Format, Precision, TargetProfile
 
 _FLEX = re.compile(r"TF Select ops:\s*([^\n]+)")
 _CUSTOM = re.compile(r"Custom ops:\s*([^\n]+)")
+_EMPTY = re.compile(r"Empty min/max for tensor (?:serving_default_)?([^\s:]+)")
 
 
 def _saved_model(ctx: ConvertContext) -> Path:
@@ -51,51 +55,45 @@ def _converter(ctx: ConvertContext):
 
 def _run(conv, ctx: ConvertContext) -> bytes:
     try:
-        with warnings.catch_warnings():  # the converter's calibrator uses the deprecated tf.lite.Interpreter
-            warnings.filterwarnings("ignore", message=r"[\s\S]*tf.lite.Interpreter is deprecated")
-            return conv.convert()
+        return conv.convert()
     except Exception as e:  # ConverterError, plus assorted MLIR/RuntimeErrors
-        raise _conversion_error(e, ctx) from None
+        raise _conversion_error(str(e), ctx) from None
 
 
-def _representative(ctx: ConvertContext):
-    samples = ctx.calibration.samples
-    return lambda: (dict(feeds) for feeds in samples)
+def _in_child(step: str, ctx: ConvertContext, *, what: str, samples: list[dict] | None = None, **req) -> bytes:
+    """A step that can abort the process, in tflite_worker's child: a crash fails this candidate only."""
+    from packager.formats import tflite_worker  # not at import: `python -m` runs it as __main__
+
+    samples = ctx.calibration.samples if samples is None else samples
+    try:
+        out = tflite_worker.run(step, ctx.out_dir, samples=samples, what=what, **req)
+    except ConversionError as e:
+        raise (_conversion_error(e.text, ctx) if hasattr(e, "text") else e) from None
+    return out.read_bytes() if out.is_file() else b""
 
 
-def _int8_ops(conv, ctx: ConvertContext) -> None:
-    import tensorflow as tf
-
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = _representative(ctx)
-    ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    conv.target_spec.supported_ops = ops + ([tf.lite.OpsSet.SELECT_TF_OPS] if ctx.allow_flex else [])
+def _probe(path: Path, ctx: ConvertContext, what: str, *, mode: str = "device") -> None:
+    """Load and run `path` once in a child before this process does: as the device runs it
+    (validation), or with every tensor kept and no delegate (`analysis`, the sensitivity analysis)."""
+    _in_child("probe", ctx, what=what, samples=[ctx.sample] if ctx.sample else [], model=path, mode=mode)
 
 
-def _calibrated(ctx: ConvertContext) -> bytes:
+def _calibrated(ctx: ConvertContext) -> Path:
     """The float model with calibration statistics: one pass over the calibration data per build."""
-    cache = ctx.cache
-    if cache.tflite_calibrated is None:
-        conv = _converter(ctx)
-        _int8_ops(conv, ctx)
-        conv._experimental_calibrate_only = True  # what QuantizationDebugger uses too
-        cache.tflite_calibrated = _run(conv, ctx)
-    return cache.tflite_calibrated
+    out = ctx.cache.path("tflite-calibrated.tflite")
+    if not out.is_file():
+        data = _in_child("calibrate", ctx, what="the calibration pass", saved_model=_saved_model(ctx),
+                         allow_flex=ctx.allow_flex)
+        out.write_bytes(data)
+    return out
 
 
 def _int8(ctx: ConvertContext) -> tuple[bytes, dict]:
-    import tensorflow as tf
-    from tensorflow.lite.python.convert import deduplicate_readonly_buffers, mlir_quantize
-
     io = ctx.profile.quantized_io
-    io_type = {IOType.FLOAT32: tf.float32, IOType.INT8: tf.int8, IOType.UINT8: tf.uint8}[io]
     keep = list(ctx.candidate.keep_float)
-    try:
-        data = mlir_quantize(_calibrated(ctx), input_data_type=io_type, output_data_type=io_type,
-                             denylisted_nodes=keep or None)
-        data = deduplicate_readonly_buffers(data)
-    except Exception as e:  # the quantizer raises plain exceptions with MLIR diagnostics
-        raise _conversion_error(e, ctx) from None
+    calibrated = _calibrated(ctx)  # its error (e.g. the op TFLite lacks) reaches the build as it is
+    data = _in_child("int8", ctx, what=f"the {ctx.candidate.label} model", samples=[], calibrated=calibrated,
+                     io=io.value, keep=keep)
     details = {"weights": "int8", "activations": "int8", "io": io.value, "per_channel": True,
                "calibration_samples": len(ctx.calibration)}
     if keep:
@@ -121,21 +119,15 @@ def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
 
 
 def _int16x8(ctx: ConvertContext) -> tuple[bytes, dict]:
-    import tensorflow as tf
-
-    conv = _converter(ctx)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.representative_dataset = _representative(ctx)
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-    return _run(conv, ctx), {"weights": "int8", "activations": "int16", "io": "float32",
-                             "calibration_samples": len(ctx.calibration)}
+    data = _in_child("int16x8", ctx, what="the int16x8 model", saved_model=_saved_model(ctx))
+    return data, {"weights": "int8", "activations": "int16", "io": "float32",
+                  "calibration_samples": len(ctx.calibration)}
 
 
 MODES = {Precision.FP16: _fp16, Precision.DYNAMIC: _dynamic, Precision.INT8: _int8, Precision.INT16X8: _int16x8}
 
 
-def _conversion_error(e: Exception, ctx: ConvertContext) -> ConversionError:
-    text = str(e)
+def _conversion_error(text: str, ctx: ConvertContext) -> ConversionError:
     flex = _FLEX.search(text)
     if flex:
         ops = [o.strip() for o in flex.group(1).split(",") if o.strip()]
@@ -145,10 +137,17 @@ def _conversion_error(e: Exception, ctx: ConvertContext) -> ConversionError:
                  "or pass --allow-flex (the device then needs a LiteRT build with the Flex delegate)")
         err.ops = ops
         return err
+    empty = _EMPTY.search(text)
+    ints = {s.name for s in ctx.source.inputs if np.dtype(s.dtype).kind in "iub"}
+    if empty and empty.group(1) in ints:
+        return ConversionError(f"{ctx.candidate.label}: TFLite's int16x8 quantizer wants a float range for the integer "
+                               f"input {empty.group(1)!r} (token ids and masks are never quantized) and cannot "
+                               "leave it out in this model",
+                               hint="dynamic int8, fp16 or fp32 keep integer inputs as they are")
     custom = _CUSTOM.search(text)
     if custom:
         return UnsupportedOpError(f"the model needs custom ops the converter cannot lower: {custom.group(1)}")
-    lines = [ln for ln in text.splitlines() if "error" in ln.lower()] or text.splitlines() or [type(e).__name__]
+    lines = [ln for ln in text.splitlines() if "error" in ln.lower()] or text.splitlines() or ["no message"]
     return ConversionError(f"TFLite conversion ({ctx.candidate.label}) failed: {lines[-1].strip()[:400]}",
                            hint="try another --quantize mode (fp16 or fp32), or an ONNX target")
 
@@ -171,9 +170,15 @@ class TFLiteBackend(Backend):
         return source.kind is SourceKind.TFLITE
 
     def plan(self, source: Source, profile: TargetProfile, asked: Precision) -> tuple[Step, ...]:
-        """A ready .tflite is packaged as it is: its own precision is the only candidate."""
+        """A ready .tflite is packaged as it is: its own precision is the only candidate. Graphs whose
+        weights sit in MatMul/Gemm (transformers) try dynamic-range int8 first on CPU targets, as the
+        ONNX backend does: weights in int8, activations quantized per call, nothing calibrated (full
+        int8 quantizes LayerNorm and Softmax, where transformers lose the accuracy); the speed gate decides."""
         if not self.packages_as_is(source):
-            return super().plan(source, profile, asked)
+            steps = super().plan(source, profile, asked)
+            if asked is Precision.AUTO and profile.is_cpu and Precision.DYNAMIC in profile.precisions and _dense(source):
+                return (Step(Precision.DYNAMIC),) + tuple(s for s in steps if s.precision is not Precision.DYNAMIC)
+            return steps
         if source.edgetpu_compiled:
             raise InputError(f"{source.path.name} is already compiled for the Edge TPU; edgepack cannot validate it "
                              "here", hint="build from the uncompiled int8 model on a host with edgetpu_compiler on "
@@ -201,6 +206,7 @@ class TFLiteBackend(Backend):
                 shutil.copyfile(ctx.source.path, out)
             else:
                 out.write_bytes(_run(_converter(ctx), ctx))
+                _probe(out, replace(ctx, out_dir=cache.path("fp32-probe")), "the fp32 model")
             cache.fp32[Format.TFLITE] = out
         return cache.fp32[Format.TFLITE]
 
@@ -214,6 +220,7 @@ class TFLiteBackend(Backend):
             return Artifact(path=out, format=self.format, precision=Precision.FP32, quantization=_converted(ctx))
         data, details = MODES[ctx.precision](ctx)
         out.write_bytes(data)
+        _probe(out, ctx, f"the {ctx.candidate.label} model")
         return Artifact(path=out, format=self.format, precision=ctx.precision,
                         quantization={**details, **_converted(ctx)})
 
@@ -257,8 +264,11 @@ class TFLiteBackend(Backend):
 
     def graph_view(self, art: Artifact, ctx: ConvertContext, samples: list[dict]):
         fp32 = self.fp32(ctx)
+        probe = replace(ctx, out_dir=art.path.parent / "analysis")
         if fp32 not in ctx.cache.float_tensors:
+            _probe(fp32, probe, "the fp32 model without delegates", mode="analysis")
             ctx.cache.float_tensors[fp32] = _tensors(fp32.read_bytes(), samples)[0]
+        _probe(art.path, probe, f"the {art.precision.value} model without delegates", mode="analysis")
         ref = ctx.cache.float_tensors[fp32]
         got, interp = _tensors(art.path.read_bytes(), samples)
         details = {d["index"]: d for d in interp.get_tensor_details()}
@@ -282,6 +292,14 @@ class TFLiteBackend(Backend):
             if scale is not None:
                 lowered.append(Lowered(d["name"], fake_quant(scale, zp, np.dtype(d["dtype"]))))
         return GraphView(tuple(ops), alias, tuple(lowered), channel_axis=-1), ref, got
+
+
+def _dense(source: Source) -> bool:
+    """Most weights feed MatMul/Gemm (an ONNX source: transformers, MLPs), not convolutions."""
+    from packager.formats import onnx_graph
+
+    model = getattr(source, "model", None)
+    return model is not None and onnx_graph.matmul_weight_share(model) >= 0.5
 
 
 def _qparams(d: dict) -> tuple[float | None, int | None]:
