@@ -30,7 +30,6 @@ class BuildCache:
     timer: HostTimer
     fp32: dict[Format, Path] = field(default_factory=dict)
     fp32_latency: dict[ModelSpec, dict] = field(default_factory=dict)  # fp32 as timed: its own latency
-    tflite_calibrated: bytes | None = None  # float model carrying calibration statistics
     onnx_preprocessed: Path | None = None  # ORT's pre-processing of the fp32 graph, what int8 starts from
     onnx_calibration: dict[CalibrationMethod, Path] = field(default_factory=dict)  # ORT calibration caches
     float_tensors: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict)  # fp32 intermediates
