@@ -111,8 +111,8 @@ class Backend(ABC):
     def _allowed(self, profile: TargetProfile) -> list[Step]:
         return [s for s in self.ladder_steps if s.precision in profile.precisions and (self.mixed_ok or not s.mixed)]
 
-    def skip(self, step: Step, slower: frozenset[Precision]) -> str | None:
-        """Why `step` is not worth trying once the precisions in `slower` were slower than fp32."""
+    def skip(self, step: Step, slower: frozenset[Precision], profile: TargetProfile) -> str | None:
+        """Why `auto` does not try `step` on `profile` (the precisions in `slower` were slower than fp32)."""
         return None
 
     # ---- sources packaged as they are ----

@@ -87,8 +87,9 @@ class CandidateSearch:
             if step.precision in self.backend.calibrated and self.inputs.calib is None:
                 trials.append(Trial(step, verdict="skipped", why="no calibration data (pass --calibration)"))
                 continue
-            skip = (self.backend.skip(step, frozenset(t.step.precision for t in trials if t.verdict == "slower"))
-                    or _lost_before(step, trials, self.backend.calibrated))
+            slower = frozenset(t.step.precision for t in trials if t.verdict == "slower")
+            skip = self.auto and (self.backend.skip(step, slower, self.profile)
+                                  or _lost_before(step, trials, self.backend.calibrated))
             if skip:
                 trials.append(Trial(step, verdict="skipped", why=skip))
                 continue

@@ -99,10 +99,17 @@ def test_gate_hints_name_the_layers_only_on_the_edge_tpu():
 
 
 def test_int16x8_is_skipped_once_int8_was_slower():
-    tfl = backend(Format.TFLITE)
-    assert "int16x8 kernels are slower" in tfl.skip(Step(Precision.INT16X8), frozenset({Precision.INT8}))
-    assert tfl.skip(Step(Precision.INT16X8), frozenset()) is None
-    assert backend(Format.ONNX).skip(Step(Precision.FP16), frozenset({Precision.INT8})) is None
+    tfl, arm = backend(Format.TFLITE), load_profile("arm-cpu")
+    assert "int16x8 kernels are slower" in tfl.skip(Step(Precision.INT16X8), frozenset({Precision.INT8}), arm)
+    assert tfl.skip(Step(Precision.INT16X8), frozenset(), arm) is None
+
+
+def test_auto_skips_onnx_fp16_on_a_cpu_but_not_on_a_gpu():
+    onnx = backend(Format.ONNX)
+    why = onnx.skip(Step(Precision.FP16), frozenset(), load_profile("x86-cpu"))
+    assert "slower than fp32" in why and "--quantize fp16" in why
+    assert onnx.skip(Step(Precision.FP16, mixed=True), frozenset(), load_profile("x86-cpu")) is None
+    assert onnx.skip(Step(Precision.FP16), frozenset(), load_profile("jetson-gpu")) is None
 
 
 def test_runtime_section_is_written_once_for_every_target():

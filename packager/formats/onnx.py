@@ -195,6 +195,12 @@ class OnnxBackend(Backend):
             return tuple(Step(p) for p in first) + tuple(s for s in steps if s.precision not in first)
         return steps
 
+    def skip(self, step: Step, slower: frozenset[Precision], profile: TargetProfile) -> str | None:
+        if step.precision is Precision.FP16 and not step.mixed and profile.is_cpu:
+            return ("fp16 on a CPU runs as casts around fp32 kernels (1.1-1.3x slower than fp32, measured): "
+                    "auto keeps fp32; --quantize fp16 builds it when half the size matters more")
+        return None
+
     def fp32(self, ctx: ConvertContext) -> Path:
         import onnx
 

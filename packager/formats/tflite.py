@@ -161,7 +161,7 @@ class TFLiteBackend(Backend):
     ladder_steps = (Step(Precision.INT8), Step(Precision.INT8, mixed=True), Step(Precision.INT16X8),
                     Step(Precision.FP16), Step(Precision.FP32))
 
-    def skip(self, step: Step, slower: frozenset[Precision]) -> str | None:
+    def skip(self, step: Step, slower: frozenset[Precision], profile: TargetProfile) -> str | None:
         if step.precision is Precision.INT16X8 and Precision.INT8 in slower:
             return "int8 was already slower than fp32 here, and int16x8 kernels are slower than int8"
         return None
