@@ -53,15 +53,35 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
                              reference=_reference(source, valid), cache=BuildCache(workdir=work / "cache", timer=timer),
                              progress=progress, signer=signer)
         searches = [CandidateSearch(inputs, p, work / p.name) for p in profiles]
-        for search in searches:  # what no target can build is bad input: fail before any conversion
-            search.plan()
-        results = [_target(search, inputs) for search in searches]
+        refused = _plan(searches, progress)
+        results = [_refusal(s, refused[s]) if s in refused else _target(s, inputs) for s in searches]
         info = {"calibration": data_info(calib), "validation": data_info(valid), "gate": opts.gate.to_dict(),
                 "search": opts.search.value,
                 "profiled_on": opts.profile_on.device if opts.profile_on is not None else None,
                 "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in source.inputs]}
         return BuildResult(model=str(opts.model), source_format=source.format_name, results=results,
                            seconds=time.perf_counter() - t0, shared=info, name=name, version=opts.version)
+
+
+def _plan(searches: list[CandidateSearch], progress: Progress) -> dict[CandidateSearch, EdgepackError]:
+    """Plan every target before any conversion. What no target can build is bad input and raises;
+    a target that refuses the source (coral and a text model) fails on its own, up front, and the
+    others build."""
+    refused = {}
+    for search in searches:
+        try:
+            search.plan()
+        except EdgepackError as e:
+            refused[search] = e
+            progress(f"[{search.profile.name}] REFUSED: {str(e).splitlines()[0]}")
+    if len(refused) == len(searches):
+        raise next(iter(refused.values()))
+    return refused
+
+
+def _refusal(search: CandidateSearch, e: EdgepackError) -> TargetResult:
+    return TargetResult(target=search.profile.name, ok=False, error=str(e), error_kind=type(e).__name__, exc=e,
+                        report={"format": search.profile.format.value, "candidates": [], "sensitivity": []})
 
 
 def _target(search: CandidateSearch, inputs: BuildInputs) -> TargetResult:

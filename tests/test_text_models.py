@@ -45,13 +45,13 @@ def _torch_embed(folder, texts):
 
 @pytest.fixture(scope="module")
 def sentence(tmp_path_factory):
-    """A tiny sentence encoder built for x86-cpu (auto) and jetson-gpu from text files."""
+    """A tiny sentence encoder built for x86-cpu (auto), jetson-gpu and coral (which refuses it) from text files."""
     from packager.build import BuildOptions, build
 
     d = tmp_path_factory.mktemp("sentence")
     folder = tiny_hf_folder(d / "encoder", kind="sentence")
     texts = sentences(260, seed=11)
-    res = build(BuildOptions(model=folder, targets=("x86-cpu", "jetson-gpu"), out_dir=d / "out", name="enc",
+    res = build(BuildOptions(model=folder, targets=("x86-cpu", "jetson-gpu", "coral"), out_dir=d / "out", name="enc",
                              calibration=str(_texts(d / "calib.txt", texts[:200])),
                              validation=str(_texts(d / "valid.txt", texts[200:])), bench_seconds=0.5))
     return {"folder": folder, "res": res, "held_out": sentences(40, seed=99), "dir": d}
@@ -65,11 +65,16 @@ def test_hf_folder_builds_with_its_tokenizer_and_dynamic_int8_first(sentence):
     from edgebundle.archive import open_bundle
 
     res = sentence["res"]
-    assert res.ok, [r.error for r in res.results]
+    built = [r for r in res.results if r.target != "coral"]
+    assert all(r.ok for r in built), [r.error for r in built]
     assert res.source_format == "hf"
+    # coral refuses up front, on its own: the other targets still build
+    coral = _bundle(res, "coral")
+    assert not coral.ok and coral.error_kind == "UnsupportedOpError" and "token ids above 255" in coral.error, coral.error
+    assert coral.report["candidates"] == [] and not list((sentence["dir"] / "out").glob("*coral*"))
     x86 = _bundle(res, "x86-cpu")
     assert x86.report["candidates"][0]["candidate"] == "dynamic"  # transformers try dynamic int8 first
-    for t in res.results:
+    for t in built:
         b = open_bundle(t.bundle)
         m = b.manifest
         assert "tokenizer.json" in m.files and m.text["tokenizer"] == "tokenizer.json"
