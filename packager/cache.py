@@ -36,6 +36,13 @@ class BuildCache:
     artifacts: dict[ArtifactKey, object] = field(default_factory=dict)  # registry.Artifact, or the error it raised
     bridged: dict[tuple, object] = field(default_factory=dict)  # registry.Bridge results (a path or the error)
     device_profiles: dict[tuple[str, str], dict] = field(default_factory=dict)  # (target, fp32 path) -> device figures
+    lengths: dict[int, "BuildCache"] = field(default_factory=dict)  # text length buckets: arm-cpu and rpi5 share one
+
+    def at_length(self, length: int) -> "BuildCache":
+        """The cache of the source resolved at another sequence length (packager/sequence.py)."""
+        if length not in self.lengths:
+            self.lengths[length] = BuildCache(workdir=self.workdir / f"length-{length}", timer=self.timer)
+        return self.lengths[length]
 
     def path(self, name: str) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,6 @@ import numpy as np
 
 from edgebundle.errors import AccuracyGateError, EdgepackError
 from edgeruntime.text import Role, TextSettings
-from packager.cache import BuildCache
 from packager.data import Dataset
 from packager.evaluate import compare, golden_tolerance, judge
 from packager.options import BuildInputs
@@ -144,7 +143,7 @@ def _bucket(search, chosen: Chosen, inputs: BuildInputs, *, length: int, fits: n
     work = chosen.work / f"length-{length}"
     valid = [cut(inputs.valid.samples[i], length) for i in fits]
     ctx = replace(search.context(chosen.trial.candidate, work), source=at_length(inputs.source, length),
-                  cache=BuildCache(workdir=work / "cache", timer=inputs.cache.timer), sample=valid[0],
+                  cache=inputs.cache.at_length(length), sample=valid[0],
                   calibration=cut_dataset(inputs.calib, length) if chosen.calibrated else None)
     art = search.backend.convert(ctx)
     rt = search.backend.host_runtime(art.path, chosen.profile)
