@@ -99,7 +99,7 @@ def test_build_json_inspect_verify_bench(digits, tmp_path):
     report = json.loads(out[out.index("{"):])
     assert report["schema"] == "edgepack.build-report/2" and report["ok"]
     assert report["shared"]["gate"] == {"enabled": True, "max_drop_points": 1.0, "min_similarity": 0.99,
-                                        "max_relative_error": 0.1414}
+                                        "min_neighbours": 0.95, "max_relative_error": 0.1414}
     for t in report["targets"]:
         assert {"bundle", "format", "precision", "candidate", "choice", "candidates", "size_bytes", "latency_ms",
                 "accuracy", "gate", "lint", "warnings"} <= set(t)
