@@ -31,6 +31,27 @@ def test_output_kinds():
     assert output_kind(_rows(np.arange(8)[:, None]), "out") == "integers"
 
 
+def test_embeddings_face_the_ranking_check():
+    """Unit-length vectors are embeddings: a bundle that keeps the cosine but swaps near neighbours
+    fails on the ranking, and --min-neighbours 0 switches that check off."""
+    rng = np.random.default_rng(3)
+    base = np.repeat(rng.normal(size=(8, 32)), 3, axis=0)
+    pairs = base + 0.05 * rng.normal(size=base.shape)  # clusters of three: near ties inside each
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    ref = unit(pairs)
+    assert output_kind(_rows(ref), "out") == "embeddings"
+    assert output_kind(_rows(ref * 2), "out") == "values"  # not unit length: no ranking check
+    same = compare(_rows(ref), _rows(ref), ["out"])
+    assert same["outputs"]["out"]["neighbour_agreement"] == 1.0 and not judge(same, Gate())
+    # noise as large as the spread inside a cluster: cosine stays above 0.99, the near ties reorder
+    noisy = unit(pairs + 0.05 * rng.normal(size=pairs.shape))
+    m = compare(_rows(ref), _rows(noisy), ["out"])
+    kept = m["outputs"]["out"]["neighbour_agreement"]
+    assert m["cosine_similarity"] > 0.99 and kept < 0.95
+    assert judge(m, Gate()) == [f"out: nearest neighbour kept for {100 * kept:.1f} % of 24 samples (min 95 %)"]
+    assert not judge(m, Gate(min_neighbours=0.0))
+
+
 def test_gate_on_class_scores_with_and_without_labels():
     rng = np.random.default_rng(1)
     ref = rng.dirichlet(np.ones(4), size=200)
