@@ -6,9 +6,10 @@ int8 candidates share one calibration pass: the converter calibrates once
 (`_experimental_calibrate_only`), and each int8 candidate (full, or with nodes kept in float)
 is quantized from those statistics by the MLIR quantizer, which is what `convert()` does
 internally. int16x8 goes through the converter's own path (the MLIR quantizer cannot do it).
-These steps, and a first load and run of every converted model, happen in a child process
-(tflite_worker.py): TFLite's kernels and quantizers can abort, and an abort must fail one
-candidate, not the build."""
+These steps, and a first load and run of every int8/int16x8 model (and of any model before the
+sensitivity analysis runs it without delegates), happen in a child process (tflite_worker.py):
+TFLite's integer kernels and quantizers can abort, and an abort must fail one candidate, not the
+build. Float and dynamic-range models load in-process (a child per model cost the suite minutes)."""
 from __future__ import annotations
 
 import re
@@ -206,7 +207,6 @@ class TFLiteBackend(Backend):
                 shutil.copyfile(ctx.source.path, out)
             else:
                 out.write_bytes(_run(_converter(ctx), ctx))
-                _probe(out, replace(ctx, out_dir=cache.path("fp32-probe")), "the fp32 model")
             cache.fp32[Format.TFLITE] = out
         return cache.fp32[Format.TFLITE]
 
@@ -220,7 +220,8 @@ class TFLiteBackend(Backend):
             return Artifact(path=out, format=self.format, precision=Precision.FP32, quantization=_converted(ctx))
         data, details = MODES[ctx.precision](ctx)
         out.write_bytes(data)
-        _probe(out, ctx, f"the {ctx.candidate.label} model")
+        if ctx.precision in self.calibrated:  # integer kernels are where LiteRT aborted (a BERT's full int8)
+            _probe(out, ctx, f"the {ctx.candidate.label} model")
         return Artifact(path=out, format=self.format, precision=ctx.precision,
                         quantization={**details, **_converted(ctx)})
 
