@@ -114,12 +114,12 @@ def test_minilm_folder_builds_for_every_target(minilm):
     _check_all(_build(minilm["folder"], minilm, "folder"), minilm)
 
 
-def test_users_own_onnx_export_builds_for_both_formats(minilm):
-    """One target per format (rpi5 and jetson-gpu take the same paths as arm-cpu and x86-cpu, with
-    other threads and precisions): the corpus tier's time goes to the folder's four."""
+def test_users_own_onnx_export_takes_its_tokenizer(minilm):
+    """x86-cpu only: the graph is the folder's (the same torch recipe), built above for all four
+    targets; what this adds is a user's own export with --tokenizer, judged the same way."""
     onnx_path = minilm["dir"] / "own.onnx"
     subprocess.run([sys.executable, "-c", EXPORT, str(minilm["folder"]), str(onnx_path)], check=True, timeout=600)
-    _check_all(_build(onnx_path, minilm, "own", ("x86-cpu", "arm-cpu"), tokenizer=minilm["folder"]), minilm)
+    _check_all(_build(onnx_path, minilm, "own", ("x86-cpu",), tokenizer=minilm["folder"]), minilm)
 
 
 def _nearest(e: np.ndarray) -> np.ndarray:
