@@ -278,15 +278,22 @@ def test_jetson_bundle_records_a_tensorrt_profile_and_falls_back_to_the_cpu(buil
     np.testing.assert_allclose(out["sentence_embedding"][0], out["sentence_embedding"][8], atol=1e-5)
 
 
+def _unpacked(bundle, tmp_path):
+    """The bundle's manifest and its members unpacked under tmp_path/parts (to write an edited copy)."""
+    from edgebundle.archive import open_bundle
+
+    parts = tmp_path / "parts"
+    with zipfile.ZipFile(bundle) as z:
+        z.extractall(parts)
+    return open_bundle(bundle).manifest, parts
+
+
 @pytest.mark.slow
 def test_an_older_single_model_tflite_text_bundle_still_loads_and_pads_to_its_length(built, tmp_path):
-    from edgebundle.archive import open_bundle, write_bundle
+    from edgebundle.archive import write_bundle
 
     src = built["bundles"]["arm-cpu"]
-    m = open_bundle(src).manifest
-    parts = tmp_path / "parts"
-    with zipfile.ZipFile(src) as z:
-        z.extractall(parts)
+    m, parts = _unpacked(src, tmp_path)
     text = {k: v for k, v in m.text.items() if k != "buckets"}
     text["settings"] = dict(text["settings"], buckets=[])  # what edgepack wrote before buckets
     old = tmp_path / "old.edgepack"
@@ -301,13 +308,10 @@ def test_an_older_single_model_tflite_text_bundle_still_loads_and_pads_to_its_le
 @pytest.mark.slow
 def test_a_bucket_file_of_the_wrong_length_is_refused_at_load(built, tmp_path):
     from device_agent import load_bundle
-    from edgebundle.archive import open_bundle, write_bundle
+    from edgebundle.archive import write_bundle
 
     src = built["bundles"]["arm-cpu"]
-    m = open_bundle(src).manifest
-    parts = tmp_path / "parts"
-    with zipfile.ZipFile(src) as z:
-        z.extractall(parts)
+    m, parts = _unpacked(src, tmp_path)
     bucket = m.text["buckets"][0]["file"]
     (parts / bucket).write_bytes((parts / m.model_file).read_bytes())  # the 48-token model where 32 belongs
     bad = tmp_path / "swapped.edgepack"
