@@ -22,7 +22,9 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 RECORD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # update_id, job_id
 RECORD_ID_TEXT = "1-64 letters, digits, '.', '_' or '-'"
 _NAME = re.compile(r"^[^\x00-\x1f\x7f/\\]{1,128}$")
-TARGET = re.compile(r"^(devices|groups)/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+MODEL_NAME = re.compile(rf"^{_ID}$")  # a model on a device: topics, URLs and folders name it
+TARGET = re.compile(rf"^(devices|groups)/{_ID}(/models/{_ID})?$")
 _TOPIC = re.compile(r"^[^\x00+#]{1,512}$")
 T = TypeVar("T")
 

@@ -44,7 +44,7 @@ class Desired(BundleRef):
     probation: Probation = field(default_factory=Probation)
     staging_max_p95_ms: float | None = None
     issued: str | None = None  # UTC timestamp of the push (replay protection)
-    target: str | None = None  # "devices/{id}" or "groups/{name}": the topic the record is meant for
+    target: str | None = None  # "devices/{id}" or "groups/{name}" [+ "/models/{model}"]: the record's topic
     signature: dict | None = None  # record_signature as received (None: unsigned)
     source: str = ""  # the topic it came from (device or group)
 
@@ -78,9 +78,7 @@ class Desired(BundleRef):
         probation = _probation(section(d, "probation", ("seconds", "requests", "max_error_rate", "max_p95_ms")))
         st = section(d, "staging", ("max_p95_ms",))
         when = issued(d)
-        target = d.get("target")
-        if target is not None and (not isinstance(target, str) or not TARGET.match(target)):
-            raise ValueError("target must be 'devices/ID' or 'groups/NAME'")
+        target = _target(d)
         sig = signature(d)
         return cls(**vars(ref), update_id=uid, allow_downgrade=allow_downgrade,
                    allow_interface_change=allow_interface_change, probation=probation,
@@ -101,6 +99,54 @@ class Desired(BundleRef):
         if self.target is not None:
             d["target"] = self.target
         return d
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A signed request to unload one model of a device and delete its files: a desired record
+    with `"remove": true` instead of a bundle, on a model's topic."""
+
+    update_id: str
+    issued: str | None = None
+    target: str | None = None
+    signature: dict | None = None
+    source: str = ""
+
+    @classmethod
+    def _from_dict(cls, d, *, source: str) -> "Removal":
+        uid = record_id(d, schema=SCHEMA, what="desired record", id_key="update_id")
+        extra = set(d) - {"schema", "update_id", "remove", "issued", "target", SIG_FIELD}
+        if extra:
+            raise ValueError(f"a removal names no bundle; unexpected field(s) {sorted(extra)}")
+        return cls(update_id=uid, issued=issued(d), target=_target(d), signature=signature(d), source=source)
+
+    def to_dict(self) -> dict:
+        d = {"schema": SCHEMA, "update_id": self.update_id, "remove": True, "issued": self.issued}
+        if self.target is not None:
+            d["target"] = self.target
+        return d
+
+
+def parse_record(payload: bytes, *, source: str, limits: Limits = Limits(),
+                 topic_prefix: str | None = None) -> "Desired | Removal | None":
+    """What a desired topic holds: a bundle to run (Desired), a removal, or nothing (cleared)."""
+    if not payload:
+        return None
+    doc = load_record(payload, what="desired record", source=source, limits=limits,
+                      size_hint=" ([ota] max_record_bytes)")
+    if isinstance(doc, dict) and doc.get("remove") is not None:
+        if doc.get("remove") is not True:
+            raise RecordError(f"malformed desired record on {source}: remove must be true when present")
+        return checked(lambda x: Removal._from_dict(x, source=source), doc, what="desired record", source=source,
+                       id_key="update_id", hint="remove models with `edgepack push --remove --model NAME`")
+    return Desired.from_dict(doc, source=source, limits=limits, topic_prefix=topic_prefix)
+
+
+def _target(d: dict) -> str | None:
+    target = d.get("target")
+    if target is not None and (not isinstance(target, str) or not TARGET.match(target)):
+        raise ValueError("target must be 'devices/ID' or 'groups/NAME', optionally + '/models/MODEL'")
+    return target
 
 
 def signed_bytes(doc: dict) -> bytes:
@@ -179,5 +225,6 @@ def _opt_ms(d: dict, what: str) -> float | None:
     return float(v)
 
 
-__all__ = ["SCHEMA", "SIG_FIELD", "BundleRef", "Desired", "Limits", "MqttTransfer", "Probation", "RecordError",
+__all__ = ["SCHEMA", "SIG_FIELD", "BundleRef", "Desired", "Limits", "MqttTransfer", "Probation", "RecordError", "Removal",
+           "parse_record",
            "UrlTransfer", "parse_transfer", "resolve", "sign_record", "signed_bytes", "url_allowed"]

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from edgebundle.manifest import Manifest
 
 STATUS_KEYS = ("device_id", "online", "reason", "ts", "state", "groups", "agent_version", "started", "model",
-               "model_error", "previous_model", "update", "ota", "buffer", "profile", "platform", "api", "sim")
+               "model_error", "previous_model", "update", "models", "ota", "buffer", "profile", "platform", "api", "sim")
 
 
 def now_iso() -> str:
@@ -33,6 +33,14 @@ def model_section(manifest: Manifest, *, bundle_sha256: str, interface: str, run
             "provider": provider, "notes": notes}
 
 
+def model_entry(*, model: dict | None, error: str | None, update: dict | None, threads: int | None,
+                memory: dict | None) -> dict:
+    """One model of a device in the status's `models` (keyed by the model's name on the device):
+    what it serves, why not, its update and the resources it was given."""
+    return {"model": model, "model_error": error, "previous_model": (update or {}).get("previous"),
+            "update": update, "threads": threads, "memory": memory}
+
+
 @dataclass(frozen=True)
 class AgentStatus:
     """The status sections only a real agent has (a simulated device has no lifecycle, disk
@@ -49,7 +57,8 @@ class AgentStatus:
 @dataclass(frozen=True)
 class StatusDocument:
     """The retained status (`devices/{id}/status`). `update` is the updater's summary; the
-    previous model is read from it."""
+    previous model is read from it. `models` (model_entry per name) lists every model of the
+    device; `model`, `model_error` and `update` repeat the first one's, as one-model agents wrote them."""
 
     device_id: str
     ts: str
@@ -63,12 +72,15 @@ class StatusDocument:
     reason: str | None = None  # why offline
     agent: AgentStatus | None = None
     sim: dict | None = None  # a simulated device's faults and base latency
+    models: dict | None = None  # name -> model_entry(); None: a writer that predates several models
 
     def to_dict(self) -> dict:
         d = {"device_id": self.device_id, "online": self.online, "reason": self.reason, "ts": self.ts,
              "groups": list(self.groups), "agent_version": self.agent_version, "model": self.model,
              "model_error": self.model_error, "previous_model": (self.update or {}).get("previous"),
              "update": self.update, "ota": self.ota}
+        if self.models is not None:
+            d["models"] = self.models
         if self.agent is not None:
             d.update(vars(self.agent))
         if self.sim is not None:
@@ -102,7 +114,9 @@ class AgentTelemetry:
 @dataclass(frozen=True)
 class TelemetryDocument:
     """One telemetry window (`devices/{id}/telemetry`): the inferences since the previous one
-    (`inference`, InferenceStats.window()), the totals, the host, and the model serving."""
+    (`inference`, InferenceStats.window()), the totals, the host, and the model serving.
+    `models` holds the same window, totals and version per model (keyed by name); `inference`,
+    `totals` and `model` stay the device's sum and its first model, as one-model agents wrote them."""
 
     device_id: str
     ts: str
@@ -113,6 +127,7 @@ class TelemetryDocument:
     model_name: str | None = None  # None: no model serving
     model_version: str | None = None
     agent: AgentTelemetry | None = None
+    models: dict | None = None  # name -> {"version", "inference", "totals"}
 
     def to_dict(self) -> dict:
         d = {"device_id": self.device_id, "ts": self.ts, "seq": self.seq, "inference": self.inference,
@@ -120,4 +135,6 @@ class TelemetryDocument:
         if self.agent is not None:
             d.update(vars(self.agent))
         d["model"] = None if self.model_name is None else {"name": self.model_name, "version": self.model_version}
+        if self.models is not None:
+            d["models"] = self.models
         return d

@@ -62,7 +62,8 @@ class ProfileJob(BundleRef):
         jid = record_id(d, schema=SCHEMA, what="profile job", id_key="job_id")
         ref = parse_bundle_ref(d, limits=limits, topic_prefix=topic_prefix)
         target = d.get("target")
-        if not isinstance(target, str) or not TARGET.match(target) or not target.startswith("devices/"):
+        if not isinstance(target, str) or not TARGET.match(target) or not target.startswith("devices/") \
+                or "/models/" in target:
             raise ValueError("target must be 'devices/ID'")
         when = issued(d)
         bench = _bench(section(d, "bench", ("threads", "runs", "warmup", "max_seconds")))

@@ -5,11 +5,12 @@ purpose: a record from an older or newer agent, or a damaged one, gives None/def
 cannot read instead of raising, so one bad device never breaks a fleet-wide view."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
 
-FINAL_STATES = ("committed", "failed", "rolled_back")
+FINAL_STATES = ("committed", "failed", "rolled_back", "removed")
 
 
 class UpdateState(str, Enum):
@@ -24,6 +25,7 @@ class UpdateState(str, Enum):
     COMMITTED = "committed"
     ROLLED_BACK = "rolled_back"
     FAILED = "failed"
+    REMOVED = "removed"  # a removal record unloaded the model and deleted its files
 
 
 def _str(d: dict, key: str) -> str | None:
@@ -81,8 +83,24 @@ class UpdateSummary:
 
 
 @dataclass(frozen=True)
+class ModelSlot:
+    """One model of a device, as its status lists it under `models`."""
+
+    model: ModelInfo | None = None
+    update: UpdateSummary | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, d) -> "ModelSlot":
+        d = d if isinstance(d, dict) else {}
+        return cls(model=ModelInfo.from_dict(d.get("model")), update=UpdateSummary.from_dict(d.get("update")),
+                   error=_str(d, "model_error"))
+
+
+@dataclass(frozen=True)
 class DeviceStatus:
-    """The retained status record (`devices/{id}/status`)."""
+    """The retained status record (`devices/{id}/status`). `models` is empty for agents that
+    serve one model and predate the `models` section."""
 
     device_id: str
     online: bool | None = None
@@ -93,6 +111,16 @@ class DeviceStatus:
     key_serial: int | None = None
     ts: str | None = None
     reason: str | None = None
+    models: dict = field(default_factory=dict)  # name -> ModelSlot
+
+    def for_model(self, name: str | None) -> "DeviceStatus":
+        """This status seen through one model: `model` and `update` become that model's. An agent
+        without `models` serves one model, which answers for any name (old-style devices keep
+        updating); a name the device does not have gives no model and no update."""
+        if name is None or not self.models:
+            return self
+        slot = self.models.get(name, ModelSlot())
+        return dataclasses.replace(self, model=slot.model, update=slot.update)
 
     @classmethod
     def from_dict(cls, device_id: str, d) -> "DeviceStatus":
@@ -105,7 +133,8 @@ class DeviceStatus:
                    groups=tuple(g for g in groups if isinstance(g, str)) if isinstance(groups, list) else (),
                    model=ModelInfo.from_dict(d.get("model")), update=UpdateSummary.from_dict(d.get("update")),
                    signed_updates=ota.get("signed_updates") if isinstance(ota.get("signed_updates"), bool) else None,
-                   key_serial=_int(ota, "key_serial"), ts=_str(d, "ts"), reason=_str(d, "reason"))
+                   key_serial=_int(ota, "key_serial"), ts=_str(d, "ts"), reason=_str(d, "reason"),
+                   models={k: ModelSlot.from_dict(v) for k, v in _obj(d, "models").items() if isinstance(k, str)})
 
 
 @dataclass(frozen=True)
@@ -121,15 +150,16 @@ class UpdateEvent:
     progress: dict | None = None
     error: str | None = None
     note: str | None = None
+    model: str | None = None  # the model on the device this update is for (None: an older agent)
 
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATES
 
     def to_dict(self) -> dict:
-        return {"update_id": self.update_id, "state": self.state, "name": self.name, "version": self.version,
-                "sha256": self.sha256, "from_version": self.from_version, "progress": self.progress,
-                "error": self.error, "note": self.note}
+        return {"update_id": self.update_id, "state": self.state, "model": self.model, "name": self.name,
+                "version": self.version, "sha256": self.sha256, "from_version": self.from_version,
+                "progress": self.progress, "error": self.error, "note": self.note}
 
     @classmethod
     def from_dict(cls, d) -> "UpdateEvent | None":
@@ -138,7 +168,8 @@ class UpdateEvent:
         prog = d.get("progress")
         return cls(update_id=_str(d, "update_id"), state=_str(d, "state"), name=_str(d, "name"),
                    version=_str(d, "version"), sha256=_str(d, "sha256"), from_version=_str(d, "from_version"),
-                   progress=prog if isinstance(prog, dict) else None, error=_str(d, "error"), note=_str(d, "note"))
+                   progress=prog if isinstance(prog, dict) else None, error=_str(d, "error"), note=_str(d, "note"),
+                   model=_str(d, "model"))
 
 
 @dataclass(frozen=True)
@@ -169,6 +200,19 @@ class TelemetryWindow:
         if isinstance(cur, bool) or not isinstance(cur, (int, float)) or not math.isfinite(cur):
             return None
         return float(cur)
+
+    def for_model(self, name: str | None) -> "TelemetryWindow":
+        """The window of one model (from `models`); an agent without `models` serves one model,
+        whose window is the whole; a model the device does not report has an empty window."""
+        models = self.raw.get("models")
+        if name is None or not isinstance(models, dict):
+            return self
+        m = models.get(name)
+        if not isinstance(m, dict):
+            return TelemetryWindow(device_id=self.device_id, seq=self.seq, ts=self.ts)
+        doc = {**self.raw, "inference": _obj(m, "inference"), "totals": _obj(m, "totals"),
+               "model": {"name": name, "version": _str(m, "version")}}
+        return TelemetryWindow.from_dict(self.device_id, doc)
 
     @classmethod
     def from_dict(cls, device_id: str, d) -> "TelemetryWindow":
@@ -220,5 +264,5 @@ class ProfileResult:
                    error=_str(d, "error"), bundle=_obj(d, "bundle"), figures=_obj(d, "figures"), ts=_str(d, "ts"))
 
 
-__all__ = ["FINAL_STATES", "UpdateState", "ModelInfo", "UpdateSummary", "DeviceStatus", "UpdateEvent",
+__all__ = ["FINAL_STATES", "UpdateState", "ModelInfo", "ModelSlot", "UpdateSummary", "DeviceStatus", "UpdateEvent",
            "TelemetryWindow", "PROFILE_FINAL", "ProfileResult"]

@@ -5,6 +5,8 @@
     {root}/devices/{id}/events       update events (one per state change)
     {root}/devices/{id}/desired      retained desired record for one device
     {root}/groups/{group}/desired    retained desired record for a group
+    {root}/devices/{id}/models/{name}/desired   retained desired record for one model of a device
+    {root}/groups/{group}/models/{name}/desired retained desired record for one model of a group
     {root}/devices/{id}/profile/job      profile jobs for one device (fleet -> agent, not retained)
     {root}/devices/{id}/profile/result   profile job progress and results (agent -> fleet, not retained)
     {root}/bundles/{sha256}/chunks/{i}   retained bundle chunks
@@ -50,8 +52,15 @@ class Topics:
     def profile_result(self, device: str = "+") -> str:
         return self.device(device, "profile/result")
 
+    def model_desired(self, device: str, model: str) -> str:
+        return self.device(device, f"models/{model}/desired")
+
+    def group_model_desired(self, group: str, model: str) -> str:
+        return f"{self.root}/groups/{group}/models/{model}/desired"
+
     def target_desired(self, target: str) -> str:
-        """`target` is a desired record's target: 'devices/ID' or 'groups/NAME'."""
+        """`target` is a desired record's target: 'devices/ID' or 'groups/NAME', optionally followed
+        by '/models/MODEL'."""
         return f"{self.root}/{target}/desired"
 
     def bundle(self, sha256: str) -> str:
@@ -78,6 +87,19 @@ class Topics:
             return None
         dev, _, kind = topic[len(head):].partition("/")
         return (dev, kind) if dev and kind in DEVICE_KINDS else None
+
+
+def target(scope: str, name: str, model: str | None = None) -> str:
+    """A desired record's `target`: 'devices/ID' or 'groups/NAME', '/models/MODEL' for one model."""
+    return f"{scope}/{name}" + (f"/models/{model}" if model else "")
+
+
+def model_of(topic: str) -> str | None:
+    """The model a desired topic addresses ('.../models/{name}/desired'); None for a device's or
+    group's own (old-style) desired topic."""
+    head, _, tail = topic.rpartition("/models/")
+    name, _, kind = tail.partition("/")
+    return name if head and kind == "desired" and name else None
 
 
 def shared(group: str, topic_filter: str) -> str:
@@ -118,6 +140,12 @@ class DeviceTopics:
 
     def group_desired(self, group: str) -> str:
         return self._t.group_desired(group)
+
+    def model_desired(self, model: str = "+") -> str:
+        return self._t.model_desired(self.device_id, model)
+
+    def group_model_desired(self, group: str, model: str = "+") -> str:
+        return self._t.group_model_desired(group, model)
 
     @property
     def profile_job(self) -> str:

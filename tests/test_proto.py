@@ -133,3 +133,47 @@ def test_status_and_telemetry_documents_of_agent_and_simulator():
                                system={}).to_dict()
     assert simtel == {"device_id": "d1", "ts": "t", "seq": 3, "inference": window, "totals": {"count": 5, "errors": 1},
                       "system": {}, "model": None}
+
+
+def test_model_topics_targets_and_removals():
+    """Several models per device: a model's topics, its `target`, and a removal record."""
+    from edgeproto.desired import Removal, parse_record
+    from edgeproto.topics import model_of, target
+
+    t, dt = Topics("r/v1"), DeviceTopics("r/v1", "d1")
+    assert dt.model_desired("cls") == "r/v1/devices/d1/models/cls/desired" == t.target_desired(
+        target("devices", "d1", "cls"))
+    assert dt.model_desired() == "r/v1/devices/d1/models/+/desired"
+    assert t.group_model_desired("g", "cls") == "r/v1/groups/g/models/cls/desired"
+    assert model_of(dt.model_desired("cls")) == "cls" and model_of(dt.desired) is None
+    assert t.parse_device(dt.model_desired("cls")) is None  # not a device-level kind
+    doc = {"schema": "edgepack.desired/1", "update_id": "u1", "remove": True, "issued": "2026-01-01T00:00:00Z",
+           "target": "devices/d1/models/cls"}
+    rec = parse_record(json.dumps(doc).encode(), source="x")
+    assert isinstance(rec, Removal) and rec.target == "devices/d1/models/cls" and rec.to_dict() == doc
+    assert parse_record(b"", source="x") is None
+    for bad, why in (({**doc, "remove": False}, "remove must be true"), ({**doc, "name": "m"}, "no bundle"),
+                     ({**doc, "target": "devices/d1/models/a/b"}, "target must be")):
+        with pytest.raises(RecordError, match=why):
+            parse_record(json.dumps(bad).encode(), source="x")
+
+
+def test_status_and_telemetry_seen_through_one_model():
+    """A fleet reads one model of a device; an old agent's one model answers for any name."""
+    old = DeviceStatus.from_dict("d", {"model": {"name": "a", "version": "1.0.0"}, "update": {"state": "committed"}})
+    assert old.for_model("b").model.version == "1.0.0" and old.for_model("b").update.state == "committed"
+    new = DeviceStatus.from_dict("d", {"model": {"name": "a", "version": "1.0.0"}, "models": {
+        "a": {"model": {"name": "a", "version": "1.0.0"}, "update": None},
+        "b": {"model": {"name": "b", "version": "2.0.0"}, "update": {"state": "probation", "update_id": "u"}}}})
+    assert new.for_model("b").model.version == "2.0.0" and new.for_model("b").update.update_id == "u"
+    assert new.for_model("a").update is None and new.for_model("zz").model is None
+    assert new.for_model(None).model.name == "a"
+    raw = {"inference": {"count": 10, "errors": 1}, "model": {"name": "a", "version": "1.0.0"}, "models": {
+        "a": {"version": "1.0.0", "inference": {"count": 4, "errors": 0, "latency_ms": {"p95": 2.0}}},
+        "b": {"version": "2.0.0", "inference": {"count": 6, "errors": 1, "latency_ms": {"p95": 5.0}}}}}
+    w = TelemetryWindow.from_dict("d", raw)
+    assert (w.count, w.for_model("b").count, w.for_model("b").p95_ms) == (10, 6, 5.0)
+    assert w.for_model("b").model_version == "2.0.0" and w.for_model("zz").count == 0
+    assert TelemetryWindow.from_dict("d", {"inference": {"count": 3}}).for_model("b").count == 3
+    ev = UpdateEvent(update_id="u", state="removed", model="b")
+    assert UpdateEvent.from_dict(ev.to_dict()) == ev and ev.final

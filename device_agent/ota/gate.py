@@ -18,7 +18,7 @@ from device_agent.ota.keyring import Keyring
 from device_agent.ota.statefile import read_state, write_state
 from edgebundle.errors import EdgepackError
 from edgebundle.trust import parse_time
-from edgeproto.desired import Desired, Limits, RecordError, UrlTransfer, signed_bytes, url_allowed
+from edgeproto.desired import Desired, Limits, RecordError, Removal, UrlTransfer, parse_record, signed_bytes, url_allowed
 
 MAX_SEEN = 512
 
@@ -39,10 +39,10 @@ class RecordGate:
         self.seen: dict[str, str] = {}  # update_id -> record digest
         self._load()
 
-    def accept(self, payload: bytes, topic: str) -> Desired | None:
+    def accept(self, payload: bytes, topic: str) -> Desired | Removal | None:
         """The record to act on, None for a cleared topic; RecordError (with the update_id when
-        it could be read) for anything refused, saying why."""
-        d = Desired.parse(payload, source=topic, limits=self.limits, topic_prefix=self.prefix)
+        it could be read) for anything refused, saying why. A removal passes the same checks."""
+        d = parse_record(payload, source=topic, limits=self.limits, topic_prefix=self.prefix)
         if d is None:
             return None
         uid = d.update_id
@@ -63,7 +63,7 @@ class RecordGate:
                 self.keyring.verify_record(signed_bytes(doc), d.signature)
             except EdgepackError as e:
                 raise refuse(str(e).split("\n")[0], hint=getattr(e, "hint", None)) from None
-        if isinstance(d.transfer, UrlTransfer) and not url_allowed(d.transfer.url, self.sources.allowed_urls):
+        if isinstance(d, Desired) and isinstance(d.transfer, UrlTransfer) and not url_allowed(d.transfer.url, self.sources.allowed_urls):
             raise refuse(f"downloads from {d.transfer.url[:200]!r} are not allowed by this device "
                          f"([ota] allowed_urls: {list(self.sources.allowed_urls) or 'none'})",
                          hint="push over MQTT, or add the URL prefix to the device's [ota] allowed_urls")
