@@ -27,8 +27,8 @@ def digits_bundle(target: str = "arm-cpu", version: str = "1.0.0") -> Path:
     return out
 
 
-def mobilenet_bundle(target: str = "arm-cpu", precision: str = "int8") -> Path:
-    out = CACHE / precision / f"mobilenetv2-1.0.0-{target}.edgepack"
+def mobilenet_bundle(target: str = "arm-cpu", precision: str = "int8", version: str = "1.0.0") -> Path:
+    out = CACHE / precision / f"mobilenetv2-{version}-{target}.edgepack"
     if not out.exists():
         import keras
 
@@ -39,6 +39,7 @@ def mobilenet_bundle(target: str = "arm-cpu", precision: str = "int8") -> Path:
         path = CACHE / "mobilenetv2.keras"
         keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3)).save(path)
         res = build(BuildOptions(model=path, targets=(target,), out_dir=CACHE / precision, name="mobilenetv2",
+                                 version=version,
                                  precision=Precision(precision), calibration="random", calibration_samples=50,
                                  accuracy_gate=False))  # untrained weights, random inputs: nothing to judge
         assert res.ok, res.results[0].error

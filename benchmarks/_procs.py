@@ -30,26 +30,31 @@ def mosquitto(workdir: Path) -> tuple[subprocess.Popen, int]:
     return p, port
 
 
-def agent(workdir: Path, bundle: Path, broker_port: int, *, device: str = "bench") -> tuple[subprocess.Popen, str]:
+def agent(workdir: Path, bundle: Path | list[Path], broker_port: int | None, *,
+          device: str = "bench") -> tuple[subprocess.Popen, str]:
+    """An agent serving `bundle` (a list: several models in one agent), on the broker when given."""
     port = free_port()
+    bundles = [a for b in (bundle if isinstance(bundle, list) else [bundle]) for a in ("--bundle", str(b))]
+    broker = ["--broker", f"mqtt://127.0.0.1:{broker_port}"] if broker_port else []
     p = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "run", "--device-id", device, "--data-dir",
-                          str(workdir / f"agent-{device}"), "--bundle", str(bundle), "--api-port", str(port),
-                          "--broker", f"mqtt://127.0.0.1:{broker_port}", "--telemetry-interval", "60",
-                          "--log-format", "text"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          str(workdir / f"agent-{device}"), *bundles, "--api-port", str(port), *broker,
+                          "--telemetry-interval", "60", "--log-format", "text"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: api_ready(base), 30, "agent ready")
     return p, base
 
 
 class Load:
-    """Clients posting the digits model's inference in a loop over keep-alive connections; each
-    request recorded as (wall time, ms, HTTP status; 0 when the connection failed)."""
+    """Clients posting a model's inference (default: the digits model) in a loop over keep-alive
+    connections; each request recorded as (wall time, ms, HTTP status; 0 when the connection failed)."""
 
     BODY = json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8, 1], "datatype": "FP32",
                                    "data": [0.5] * 64}]}).encode()
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, *, model: str = "digits", body: bytes | None = None):
         self.host, self.port = base.split("//")[1].split(":")
+        self.path, self.body = f"/v2/models/{model}/infer", body or self.BODY
         self.samples: list[tuple[float, float, int]] = []
         self._lock, self._halt, self._threads = threading.Lock(), threading.Event(), []
 
@@ -62,7 +67,7 @@ class Load:
             n += 1
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/v2/models/digits/infer", body=self.BODY)
+                conn.request("POST", self.path, body=self.body)
                 r = conn.getresponse()
                 r.read()
                 status = r.status

@@ -49,8 +49,11 @@ def main() -> None:
 @broker_options("mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; credentials may sit in the URL.")
 @click.option("--topic-prefix", help="Topic root (default edgepack/v1).")
 @click.option("--data-dir", type=click.Path(path_type=Path))
-@click.option("--bundle", type=click.Path(path_type=Path), help="Initial bundle, used when the data "
-                                                              "directory holds no active one.")
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(path_type=Path),
+              help="Initial bundle of a model, used while the data directory holds no active one for it "
+                   "(repeatable: one per model; a model's name is its bundle's name).")
+@click.option("--memory-budget-mb", type=int, help="Memory all models may need together (default: no budget; "
+                                                   "MemAvailable is always checked).")
 @click.option("--api-host", help="Bind address of the v2 API (default 127.0.0.1).")
 @click.option("--api-port", type=int, help="Port of the v2 API (default 8080).")
 @click.option("--api-token", envvar="EDGEPACK_AGENT_API_TOKEN", help="Require 'Authorization: Bearer TOKEN'.")
@@ -69,7 +72,7 @@ def main() -> None:
 @click.option("--api-idle-timeout", type=float, help="Seconds an idle connection stays open (default 15).")
 @click.option("--api-request-timeout", type=float, help="Seconds to receive a whole request (default 60).")
 def run(config_path, device_id, groups, broker, broker_username, broker_password, broker_ca_file,
-        broker_cert_file, broker_key_file, topic_prefix, data_dir, bundle, api_host, api_port, api_token,
+        broker_cert_file, broker_key_file, topic_prefix, data_dir, bundles, memory_budget_mb, api_host, api_port, api_token,
         telemetry_interval, threads, log_format, trusted_keys, root_keys, allowed_urls, api_max_connections,
         api_idle_timeout, api_request_timeout):
     """Serve the active bundle on the KServe v2 API and report to the broker until SIGTERM."""
@@ -81,7 +84,8 @@ def run(config_path, device_id, groups, broker, broker_username, broker_password
                       broker_username=broker_username, broker_password=broker_password,
                       broker_ca_file=broker_ca_file, broker_cert_file=broker_cert_file,
                       broker_key_file=broker_key_file, topic_prefix=topic_prefix, data_dir=data_dir,
-                      bundle=bundle, api_host=api_host, api_port=api_port, api_token=api_token,
+                      bundle=tuple(bundles) or None, memory_budget_mb=memory_budget_mb, api_host=api_host,
+                      api_port=api_port, api_token=api_token,
                       telemetry_interval=telemetry_interval, threads=threads, log_format=log_format,
                       trusted_keys=tuple(trusted_keys) or None, root_keys=tuple(root_keys) or None,
                       allowed_urls=tuple(allowed_urls) or None, api_max_connections=api_max_connections,

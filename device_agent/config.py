@@ -15,6 +15,15 @@ ENV_PREFIX = "EDGEPACK_AGENT_"
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """One model the agent serves (`--bundle`, repeatable, or a `[[models]]` table): its initial
+    bundle (used while the device holds no active one for that model) and its runtime threads."""
+
+    bundle: Path
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     data_dir: Path
@@ -44,6 +53,9 @@ class AgentConfig:
     transfer_grace_s: float = 120.0
     fault_delay: str = ""  # "staging=30,probation=5": pause before states (crash rehearsals, tests)
     profile_diagnostic_delay: str = ""  # "int8=20": ms added per timed profile inference (diagnostics, tests)
+    models: tuple[ModelConfig, ...] = ()  # every configured model; `bundle` is the first one's
+    memory_budget_mb: int = 0  # what all models may need together (0: no budget, MemAvailable only)
+    memory_reserve_mb: int = 64  # MemAvailable kept free when a model is admitted
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -65,13 +77,14 @@ _TOML = {"device_id": (None, "device_id"), "groups": (None, "groups"), "data_dir
          "max_attempts": ("ota", "max_attempts"), "max_bundle_bytes": ("ota", "max_bundle_bytes"),
          "max_chunks": ("ota", "max_chunks"), "max_record_bytes": ("ota", "max_record_bytes"),
          "min_transfer_rate": ("ota", "min_transfer_rate"), "transfer_grace_s": ("ota", "transfer_grace_s"),
-         "fault_delay": ("ota", "fault_delay"), "profile_diagnostic_delay": ("profile", "diagnostic_delay")}
-_INTS = {"api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes", "api_max_connections",
+         "fault_delay": ("ota", "fault_delay"), "profile_diagnostic_delay": ("profile", "diagnostic_delay"),
+         "memory_budget_mb": (None, "memory_budget_mb"), "memory_reserve_mb": (None, "memory_reserve_mb")}
+_INTS = {"memory_budget_mb", "memory_reserve_mb", "api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes", "api_max_connections",
          "max_attempts", "max_bundle_bytes", "max_chunks", "max_record_bytes", "min_transfer_rate"}
 _FLOATS = {"telemetry_interval", "api_idle_timeout", "api_request_timeout", "transfer_grace_s"}
 _LISTS = ("groups", "trusted_keys", "root_keys", "allowed_urls")
 # lower bounds: a setting below them is an error that names it
-_MIN = {"api_port": 0, "max_body_bytes": 1024, "threads": 1, "buffer_max_messages": 1, "buffer_max_bytes": 1024,
+_MIN = {"memory_budget_mb": 0, "memory_reserve_mb": 0, "api_port": 0, "max_body_bytes": 1024, "threads": 1, "buffer_max_messages": 1, "buffer_max_bytes": 1024,
         "api_max_connections": 1, "max_attempts": 1, "max_bundle_bytes": 1024, "max_chunks": 1,
         "max_record_bytes": 1024, "min_transfer_rate": 1, "telemetry_interval": 1e-3, "api_idle_timeout": 0.1,
         "api_request_timeout": 0.1, "transfer_grace_s": 0.0}
@@ -92,6 +105,8 @@ def _read_toml(path: Path) -> dict:
         src = doc if section is None else doc.get(section, {})
         if isinstance(src, dict) and sub in src:
             flat[key] = src[sub]
+    if "models" in doc:
+        flat["models"] = _models(doc.pop("models"), path)
     for section, value in doc.items():
         if isinstance(value, dict):
             unknown = set(value) - known.get(section, set())
@@ -101,6 +116,18 @@ def _read_toml(path: Path) -> dict:
             raise InputError(f"config {path}: unknown key {section!r}",
                              hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer] [ota] [profile]")
     return flat
+
+
+def _models(value, path: Path) -> list[dict]:
+    """`[[models]]` tables: `bundle` (required) and `threads`."""
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise InputError(f"config {path}: models must be [[models]] tables with a bundle each")
+    for m in value:
+        unknown = set(m) - {"bundle", "threads"}
+        if unknown or "bundle" not in m:
+            raise InputError(f"config {path}: a [[models]] table takes bundle (required) and threads, not "
+                             f"{sorted(unknown) or 'no bundle'}")
+    return value
 
 
 def _from_env(env: dict) -> dict:
@@ -124,6 +151,7 @@ def load_config(*, path: str | Path | None = None, env: dict | None = None, **fl
     # paths from the command line become text, as the file and the environment give them
     merged.update({k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in flags.items()
                    if v is not None and v != ()})
+    models = merged.pop("models", None)
     unknown = set(merged) - set(_TOML)
     if unknown:
         raise InputError(f"unknown setting(s) {sorted(unknown)}")
@@ -174,15 +202,33 @@ def load_config(*, path: str | Path | None = None, env: dict | None = None, **fl
         except ValueError as e:
             raise InputError(f"profile diagnostic_delay: {e}") from None
     kw = {f.name: merged[f.name] for f in fields(AgentConfig) if f.name in merged and f.name not in
-          ("device_id", "groups", "broker", "data_dir", "bundle", "trusted_keys", "root_keys", "allowed_urls")}
+          ("device_id", "groups", "broker", "data_dir", "bundle", "trusted_keys", "root_keys", "allowed_urls",
+           "models")}
     data_dir = Path(merged.get("data_dir") or Path.home() / ".local/share/edgepack-agent")
-    bundle = Path(merged["bundle"]) if merged.get("bundle") else None
-    if bundle is not None and not bundle.is_file():
-        raise InputError(f"bundle {str(bundle)!r} (--bundle / bundle in the config) does not exist",
-                         hint="give the path of an existing .edgepack file, or leave it out to start without "
-                              "a model and wait for an update")
-    return AgentConfig(device_id=device_id, groups=groups, broker=broker, data_dir=data_dir, bundle=bundle,
+    specs = _model_configs(merged.get("bundle"), models)
+    return AgentConfig(device_id=device_id, groups=groups, broker=broker, data_dir=data_dir,
+                       bundle=specs[0].bundle if specs else None, models=specs,
                        trusted_keys=keys["trusted_keys"], root_keys=keys["root_keys"], allowed_urls=urls, **kw)
+
+
+def _model_configs(bundle, models: list[dict] | None) -> tuple[ModelConfig, ...]:
+    """`--bundle` (repeatable; a flag replaces the file's list) or `bundle` / `[[models]]` in the file."""
+    if bundle:
+        items = [{"bundle": b} for b in (bundle if isinstance(bundle, (list, tuple)) else [bundle])]
+    else:
+        items = models or []
+    out = []
+    for m in items:
+        path = Path(str(m["bundle"]))
+        if not path.is_file():
+            raise InputError(f"bundle {str(path)!r} (--bundle / bundle or [[models]] in the config) does not exist",
+                             hint="give the path of an existing .edgepack file, or leave it out to start without "
+                                  "a model and wait for an update")
+        threads = m.get("threads")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InputError(f"threads of the model {path.name} must be an integer >= 1, not {threads!r}")
+        out.append(ModelConfig(bundle=path, threads=threads))
+    return tuple(out)
 
 
 def _check_url_prefix(u: str) -> None:
@@ -194,4 +240,4 @@ def _check_url_prefix(u: str) -> None:
                          hint="e.g. https://models.example.com/fleet/ or file:///srv/edgepack/")
 
 
-__all__ = ["AgentConfig", "BrokerConfig", "load_config"]
+__all__ = ["AgentConfig", "BrokerConfig", "ModelConfig", "load_config"]

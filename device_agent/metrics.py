@@ -125,25 +125,33 @@ def render_metrics(agent) -> str:
         e.histogram(f"edgepack_inference_{part}_duration_seconds", f"Inference time: {what}",
                     [({"model": m, "version": v}, getattr(c, attr)) for (m, v), c in per_model])
 
-    model = agent.model
     e.family("edgepack_agent_info", "gauge", "The agent: version and device id",
              [({"version": __version__, "device_id": agent.cfg.device_id}, 1)])
     state = agent.life.state
     e.family("edgepack_agent_state", "gauge", "The agent's state (1 for the current one)",
              [({"state": s.value}, int(s is state)) for s in AgentState])
-    e.family("edgepack_model_ready", "gauge", "Whether a model is loaded and serving", [(None, model is not None)])
-    if model is not None:
-        d = model.describe()
-        e.family("edgepack_model_info", "gauge", "The model being served",
-                 [({"model": d["name"], "version": d["version"], "bundle_sha256": d["bundle_sha256"],
-                    "runtime": d.get("runtime") or "", "provider": d.get("provider") or "",
-                    "precision": d.get("precision") or "", "target": d.get("target") or ""}, 1)])
-    else:
-        e.family("edgepack_model_info", "gauge", "The model being served", [])
-    upd = agent.updater.summary() if agent.updater else {"state": "idle", "attempts": 0}
+    slots = [s for s in list(agent.slots) if s.name]
+    e.family("edgepack_model_ready", "gauge", "Whether the model is loaded and serving",
+             [({"model": s.name}, s.ready) for s in slots])
+    info = []
+    for s in slots:
+        if s.model is not None:
+            d = s.model.describe()
+            info.append(({"model": s.name, "bundle_name": d["name"], "version": d["version"],
+                          "bundle_sha256": d["bundle_sha256"], "runtime": d.get("runtime") or "",
+                          "provider": d.get("provider") or "", "precision": d.get("precision") or "",
+                          "target": d.get("target") or "", "threads": str(s.threads or "")}, 1))
+    e.family("edgepack_model_info", "gauge", "The models being served", info)
+    e.family("edgepack_model_memory_need_bytes", "gauge",
+             "Memory a model needs (its manifest, or estimated from its files): what admission checks",
+             [({"model": s.name, "source": s.memory.source}, s.memory.need_bytes) for s in slots if s.memory])
+    e.family("edgepack_model_memory_loaded_bytes", "gauge", "RSS growth when the model loaded",
+             [({"model": s.name}, s.memory.loaded_bytes) for s in slots if s.memory and s.memory.loaded_bytes])
+    upd = [(s.name, s.updater.summary() if s.updater else {"state": "idle", "attempts": 0}) for s in slots]
     e.family("edgepack_update_state", "gauge", "The over-the-air update's state (1 for the current one)",
-             [({"state": s.value}, int(s.value == upd["state"])) for s in UpdateState])
-    e.family("edgepack_update_attempts", "gauge", "Attempts of the current update", [(None, upd.get("attempts") or 0)])
+             [({"model": n, "state": st.value}, int(st.value == u["state"])) for n, u in upd for st in UpdateState])
+    e.family("edgepack_update_attempts", "gauge", "Attempts of the current update",
+             [({"model": n}, u.get("attempts") or 0) for n, u in upd])
     connected = bool(agent.mqtt and agent.mqtt.connected.is_set())
     e.family("edgepack_mqtt_connected", "gauge", "Whether the agent is connected to its MQTT broker",
              [(None, connected)])

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from typing import Callable
+
 import numpy as np
 
 from edgeruntime.base import Runtime, dequantize, quantize
@@ -81,6 +83,7 @@ class Model:
     _busy_lock: threading.Lock = field(default_factory=threading.Lock)
     text: TextEncoder | None = None  # text bundles: tokenizes `{"text": [...]}` requests on the device
     buckets: dict[int, Runtime] = field(default_factory=dict)  # a TFLite text bundle's shorter-length models
+    pause: Callable[[], None] | None = None  # while staging: called before each warm-up or golden run (yield)
 
     @property
     def name(self) -> str:
@@ -307,6 +310,8 @@ class Model:
     def _warm(self, rt: Runtime, feeds: dict, runs: int) -> float:
         ms = 0.0
         for _ in range(max(1, runs)):
+            if self.pause:
+                self.pause()
             t0 = time.perf_counter()
             with self._lock:
                 rt.run(feeds)
@@ -344,6 +349,8 @@ class Model:
         """The largest error beyond rtol of `rt`'s outputs on (inputs, expected outputs) pairs."""
         worst = 0.0
         for feeds, expected in pairs:
+            if self.pause:
+                self.pause()
             feeds = self.validate(feeds) if rt is self.runtime else rt.prepare(feeds)
             with self._lock:
                 if self._closed:
@@ -365,12 +372,13 @@ class Model:
 def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, threads: int | None = None,
                 cache_dir: str | None = None, allow_cpu_fallback: bool | None = None, check_golden: bool = True,
                 warmup: int = 3, bundle: Bundle | None = None, verified: bool = False,
-                sha256: str | None = None) -> Model:
+                sha256: str | None = None, pause: Callable[[], None] | None = None) -> Model:
     """Verify and load a bundle. One pass over the archive checks every member's hash and
     extracts the model file and golden.npz into `model_dir` (default: a folder next to the
     bundle keyed by its sha256); the model is then warmed up and its golden outputs checked (a
     mismatch raises VerificationError). `bundle` + `verified=True`: the caller already ran that
-    pass (Bundle.verify with extraction into `model_dir`), so nothing is hashed twice."""
+    pass (Bundle.verify with extraction into `model_dir`), so nothing is hashed twice. `pause` runs
+    before each warm-up and golden run: staging beside live models yields to their requests."""
     path = Path(path)
     bundle = bundle or open_bundle(path)
     m = bundle.manifest
@@ -395,9 +403,11 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
                 raise BundleError(f"{path.name}: length bucket {b['file']} takes {[list(t.shape) for t in rt.inputs]}, "
                                   f"not sequence length {b['length']}", hint="rebuild the bundle")
         model.text = _text_encoder(m, model_dir, path.name)
+        model.pause = pause
         model.warm_up(warmup)
         if check_golden:
             _check_golden(model, path.name)
+        model.pause = None
     except BaseException:
         model.close()
         raise

@@ -28,6 +28,7 @@ from edgebundle.errors import EdgepackError
 log = logging.getLogger("edgepack.agent.api")
 
 _AGENT_VIEWS = ("/metrics", "/status", "/stats")
+_REPO = re.compile(r"^/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)/?$")
 _MODEL = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?/?$")
 
 
@@ -144,14 +145,43 @@ class _Server(ThreadingHTTPServer):
             log.exception("connection from %s failed", client_address)
 
 
-class ApiServer:
-    """`get_model` returns the model serving right now (it may change between requests:
-    a request keeps the model it started with, so a swap never breaks one in flight)."""
+class OneModel:
+    """The repository of a bare server (tests, benchmarks): one model, from a callable."""
 
-    def __init__(self, get_model: Callable[[], Model | None], *, stats: InferenceStats, host: str = "127.0.0.1",
+    def __init__(self, get_model: Callable[[], Model | None]):
+        self.get_model = get_model
+
+    def model(self, name: str):
+        m = self.get_model()
+        return (name, m) if m is None or m.name == name else None
+
+    def names(self) -> list[str]:
+        m = self.get_model()
+        return [m.name] if m else []
+
+    def ready(self) -> bool:
+        return self.get_model() is not None
+
+    def index(self) -> list[dict]:
+        m = self.get_model()
+        return [{"name": m.name, "version": m.version, "state": "READY", "reason": ""}] if m else []
+
+    def load(self, name: str) -> None:
+        raise HttpError(400, "this server cannot load models")
+
+    unload = load
+
+
+class ApiServer:
+    """`repository` (device_agent.repository.AgentRepository; a callable: one model) gives the model
+    serving under a name right now (it may change between requests: a request keeps the model it
+    started with, so a swap never breaks one in flight)."""
+
+    def __init__(self, repository, *, stats: InferenceStats, host: str = "127.0.0.1",
                  port: int = 8080, token: str | None = None, max_body_bytes: int = 16 << 20,
                  limits: ConnectionLimits = ConnectionLimits(), views: Views = Views()):
-        self.get_model, self.stats, self.token, self.max_body = get_model, stats, token, max_body_bytes
+        self.repo = OneModel(repository) if callable(repository) else repository
+        self.stats, self.token, self.max_body = stats, token, max_body_bytes
         self.views = views
         api = self
 
@@ -183,7 +213,7 @@ class ApiServer:
             if path == "/v2/health/live":
                 return 200, {"live": True}
             if path == "/v2/health/ready":
-                ok = self.get_model() is not None
+                ok = self.repo.ready()
                 body = {"ready": ok}
                 if self.views.state:
                     body["state"] = self.views.state()
@@ -191,6 +221,8 @@ class ApiServer:
             return 200, {"name": "edgepack-agent", "version": __version__, "extensions": ["binary_tensor_data"]}
         if path in _AGENT_VIEWS:
             return self._agent_view(method, path, headers)
+        if path.startswith("/v2/repository/"):
+            return self._repository(method, path, headers, read_body)
         m = _MODEL.match(path)
         if not m:
             raise HttpError(404, f"no such endpoint {path}")
@@ -198,7 +230,7 @@ class ApiServer:
         action = m.group("action")
         if (action == "/infer") != (method == "POST") or method not in ("GET", "POST"):
             raise HttpError(405, f"{method} is not allowed on {path}")
-        model = self._model(m.group("name"), m.group("version"))
+        slot, model = self._model(m.group("name"), m.group("version"))
         if action == "/ready":
             return 200, {"name": model.name, "ready": True}
         if action is None:
@@ -210,7 +242,33 @@ class ApiServer:
                 "outputs": [tensor_meta(t) for t in man.outputs],
                 "parameters": {"precision": man.precision, "target": man.target.get("name"),
                                "bundle_sha256": model.bundle_sha256}}
-        return self._infer(model, headers, read_body())
+        return self._infer(slot, model, headers, read_body())
+
+    def _repository(self, method: str, path: str, headers, read_body: Callable[[], bytes]):
+        """Triton's model repository extension: POST /v2/repository/index lists the models;
+        /v2/repository/models/NAME/load and /unload need the API token (they stop a model serving)."""
+        if method != "POST":
+            raise HttpError(405, f"{method} is not allowed on {path}")
+        self._authorize(headers)
+        body = read_body()
+        if path == "/v2/repository/index":
+            try:
+                want_ready = bool(json.loads(body or b"{}").get("ready", False))
+            except (ValueError, AttributeError):
+                raise HttpError(400, "the index request body must be a JSON object") from None
+            return 200, [e for e in self.repo.index() if not want_ready or e["state"] == "READY"]
+        m = _REPO.match(path)
+        if not m:
+            raise HttpError(404, f"no such endpoint {path}")
+        if not self.token:
+            raise HttpError(403, "loading and unloading models needs an API token (--api-token)")
+        try:
+            (self.repo.load if m.group("action") == "load" else self.repo.unload)(m.group("name"))
+        except LookupError:
+            raise HttpError(404, f"unknown model {m.group('name')!r}; this agent serves {self.repo.names()}") from None
+        except EdgepackError as e:
+            raise HttpError(409, str(e).split("\n")[0]) from None
+        return 200, {}
 
     def _agent_view(self, method: str, path: str, headers):
         """/metrics (Prometheus), /status (the retained status document), /stats (the current
@@ -236,17 +294,21 @@ class ApiServer:
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
                 raise HttpError(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
 
-    def _model(self, name: str, version: str | None) -> Model:
-        model = self.get_model()  # pinned for this request: a swap cannot change it midway
+    def _model(self, name: str, version: str | None) -> tuple[str, Model]:
+        found = self.repo.model(name)  # the model is pinned for this request: a swap cannot change it midway
+        if found is None:
+            names = self.repo.names()
+            if not names:
+                raise HttpError(503, "no model is loaded yet")
+            raise HttpError(404, f"unknown model {name!r}; this agent serves {', '.join(map(repr, names))}")
+        slot, model = found
         if model is None:
-            raise HttpError(503, "no model is loaded yet")
-        if name != model.name:
-            raise HttpError(404, f"unknown model {name!r}; this agent serves {model.name!r}")
+            raise HttpError(503, f"model {name!r} is not loaded (yet)")
         if version is not None and version != model.version:
             raise HttpError(404, f"model {name!r} has no version {version!r} (serving {model.version})")
-        return model
+        return slot, model
 
-    def _infer(self, model: Model, headers, body: bytes):
+    def _infer(self, slot: str, model: Model, headers, body: bytes):
         t_start = time.perf_counter()
         stamps: list[float] = []  # input checked, lock taken, run done (Model.infer)
         try:
@@ -255,7 +317,7 @@ class ApiServer:
             try:
                 results = model.infer(arrays, stamps=stamps)
             except ModelClosed:  # swapped out between routing and running: use the new one
-                model = self._model(model.name, None)
+                _, model = self._model(slot, None)
                 stamps.clear()
                 results = model.infer(arrays, stamps=stamps)
             ms = (time.perf_counter() - t0) * 1000
@@ -263,10 +325,10 @@ class ApiServer:
             payload, extra = encode_response(model=model.name, version=model.version, req=req, results=results,
                                              requested=wanted)
         except EdgepackError as e:  # InferenceError and friends: the client's fault
-            self.stats.record(None, ok=False, model=(model.name, model.version))
+            self.stats.record(None, ok=False, model=(model.name, model.version), slot=slot)
             raise HttpError(400, str(e).split("\n")[0]) from None
         except Exception as e:  # a runtime failure on valid input: report it, keep serving
-            self.stats.record(None, ok=False, model=(model.name, model.version))
+            self.stats.record(None, ok=False, model=(model.name, model.version), slot=slot)
             log.exception("inference failed")
             raise HttpError(500, f"inference failed: {type(e).__name__}: {e}") from None
         t_end = time.perf_counter()
@@ -276,7 +338,7 @@ class ApiServer:
             phases = Phases(input_s=checked - t_start, queue_s=locked - checked, infer_s=ran - locked,
                             output_s=t_end - ran)
         self.stats.record(ms, nonfinite=nonfinite, model=(model.name, model.version), phases=phases,
-                          batch=_batch(model, arrays))
+                          batch=_batch(model, arrays), slot=slot)
         return 200, payload, extra
 
 

@@ -7,29 +7,29 @@ import signal
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 from device_agent import __version__
 from device_agent.buffer import DiskQueue, QueueUnwritable
 from device_agent.config import AgentConfig
 from device_agent.lifecycle import AgentState, Lifecycle
-from device_agent.model import Model, bundle_members_to_extract, load_bundle
+from device_agent.model import Model
+from device_agent.repository import AgentRepository
+from device_agent.slot import MB, OTHERS, MemoryRefused, ModelSlot, cpu_share, discover, primary_name, slot_name
 from device_agent.profile import ProfilePolicy, Profiler, parse_delays
 from device_agent.ota.gate import RecordGate, SourcePolicy
 from device_agent.ota.keyring import Keyring
 from device_agent.ota.transfer import MqttChunkFetcher, TransferPolicy
 from device_agent.ota.record import LIVE, RESUMABLE
 from device_agent.ota.updater import Updater, UpdaterSettings, parse_fault_delays
-from edgeruntime.registry import slow_load
 from device_agent.stats import HostMetrics, InferenceStats, platform_info
-from device_agent.store import Store
-from edgebundle.errors import EdgepackError
+from edgebundle.archive import open_bundle
+from edgebundle.errors import EdgepackError, InputError
 from edgebundle.signing import load_public_key
-from edgeproto.desired import Desired, Limits, RecordError, resolve
+from edgeproto.desired import Limits, RecordError, Removal
 from edgeproto.documents import (AgentStatus, AgentTelemetry, StatusDocument, TelemetryDocument, Totals, last_will,
                                  now_iso)
 from edgeproto.mqtt import MqttClient, MqttError, Will, dumps
-from edgeproto.topics import ROOT, DeviceTopics
+from edgeproto.topics import ROOT, DeviceTopics, model_of
 
 log = logging.getLogger("edgepack.agent")
 
@@ -37,13 +37,12 @@ log = logging.getLogger("edgepack.agent")
 class Agent:
     def __init__(self, cfg: AgentConfig):
         self.cfg = cfg
-        self.store = Store(cfg.data_dir)
         self.stats = InferenceStats()
         self.metrics = HostMetrics(str(cfg.data_dir))
-        self.model: Model | None = None
-        self.model_error: str | None = None
+        self.slots: list[ModelSlot] = []  # the first one keeps the data directory's top level
         self.started = now_iso()
         self.topics = DeviceTopics(cfg.broker.topic_prefix if cfg.broker else ROOT, cfg.device_id)
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.queue = DiskQueue(cfg.data_dir / "telemetry.sqlite", max_messages=cfg.buffer_max_messages,
                                max_bytes=cfg.buffer_max_bytes)
         self.mqtt: MqttClient | None = None
@@ -57,11 +56,9 @@ class Agent:
                                                                    max_chunks=cfg.max_chunks),
                                topic_prefix=self.topics.prefix, sources=SourcePolicy(allowed_urls=cfg.allowed_urls),
                                state_path=cfg.data_dir / "records.json")
-        self.updater: Updater | None = None
         self.profiler: Profiler | None = None
         self._buffer_reported = None
-        self._desired: dict[str, Desired | None] = {}
-        self._swap_lock = threading.Lock()
+        self._slots_lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._drainer: threading.Thread | None = None
@@ -69,81 +66,126 @@ class Agent:
         self.api = None
         self.life = Lifecycle(on_change=self.status_changed, healthy=self.healthy)
 
-    # ---- model ----
-    def load_initial(self) -> None:
-        """Active bundle from the data directory, else the configured initial bundle."""
-        path = self.store.active()
-        try:
-            if path is None and self.cfg.bundle is not None:
-                path, digest = self.store.add(self.cfg.bundle)
-                self.store.activate(path, digest)
-            if path is None:
-                self.model_error = "no bundle: pass --bundle or push one"
-                log.warning(self.model_error)
-                return
-            t0 = time.perf_counter()
-            self.life.set(AgentState.LOADING, path.name)
-            self.model = self.load(path, initial=True)
-            trim_memory()  # verification and extraction buffers
-            log.info("model ready", extra={"fields": {**self.model.describe(),
-                                                      "load_ms": round((time.perf_counter() - t0) * 1000, 1)}})
-        except (EdgepackError, OSError) as e:  # serving nothing, and saying why (status: model_error)
-            self.model_error = str(e).split("\n")[0]
-            log.error("cannot load bundle %s: %s", path, e)
+    # ---- the models ----
+    @property
+    def model(self) -> Model | None:
+        """The first model (what a one-model agent serves)."""
+        return self.slots[0].model if self.slots else None
 
-    # ---- the updater's host interface (device_agent.ota.updater.Host) ----
-    def verify(self, path: Path, *, sha256: str):
-        """An update's one verification pass: the signature (keys of the current generation), then
-        every member's hash, extracting the model files on the way. Returns the verified Bundle."""
-        from edgebundle.archive import open_bundle
+    @property
+    def model_error(self) -> str | None:
+        return self.slots[0].model_error if self.slots else "no bundle: pass --bundle or push one"
 
-        b = open_bundle(path)
-        if self.keyring.enabled:
-            self.keyring.verify_bundle(b.manifest_bytes, b.signature)
-        b.verify(extract_to=self.store.model_dir(sha256), extract=bundle_members_to_extract(b.manifest))
-        return b
+    @property
+    def updater(self) -> Updater | None:
+        return self.slots[0].updater if self.slots else None
 
-    def load(self, path: Path, *, verified=None, initial: bool = False) -> Model:
-        """Load, warm up and golden-check a bundle. `verified` (from verify()) skips the hashing
-        pass; otherwise the signature (any key this device ever accepted: the active or previous
-        bundle) and every hash are checked here."""
-        path = Path(path)
-        bundle = verified
-        if bundle is None:
-            from edgebundle.archive import open_bundle
+    @property
+    def store(self):
+        return self.slots[0].store if self.slots else None
 
-            bundle = open_bundle(path)
-            if self.keyring.enabled:
-                self.keyring.verify_bundle(bundle.manifest_bytes, bundle.signature, history=True)
-        sha = self.store.sha256(path)  # known when the update just stored it: not hashed again
-        # one engine cache folder per bundle: "no engine in it yet" then means a build is coming
-        cache = str(self.store.cache_dir(sha))
-        load = lambda: load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=cache,  # noqa: E731
-                                   threads=self.cfg.threads, bundle=bundle, verified=verified is not None,
-                                   sha256=sha)
-        why = slow_load(bundle.manifest, cache_dir=cache)
-        if why is None:
-            return load()
-        log.info("building %s: this can take minutes; the agent is working, not hung", why)
-        if not initial:  # an update's staging: the old model keeps serving, the updater reports progress
-            return load()
-        with self.life.slow_phase(AgentState.BUILDING, why):
-            return load()
+    def slot(self, name: str) -> ModelSlot | None:
+        """The slot named `name`, else the one whose model carries that name (a one-model device
+        whose update renamed its model keeps answering to both)."""
+        with self._slots_lock:
+            return next((s for s in self.slots if s.name == name), None) or next(
+                (s for s in self.slots if s.model is not None and s.model.name == name), None)
 
-    def active_model(self) -> Model | None:
-        return self.model
+    def _plan_slots(self) -> None:
+        """The slots: the first model at the data directory's top level (named by active.json, its
+        active bundle, its update in progress, or the first configured bundle), then every model
+        under models.d/, then configured bundles no slot holds yet."""
+        cfg = self.cfg
+        configured = []  # (name, bundle, threads)
+        for m in cfg.models:
+            name = slot_name(open_bundle(m.bundle).manifest.name)
+            if any(name == c[0] for c in configured):
+                raise InputError(f"two configured bundles are both named {name!r} ({m.bundle})",
+                                 hint="each model on a device needs its own name: build with --name")
+            configured.append((name, m.bundle, m.threads))
+        primary = ModelSlot(self, primary_name(cfg.data_dir), cfg.data_dir, threads=None)
+        slots = [primary] + [ModelSlot(self, p.name, p, threads=None) for p in discover(cfg.data_dir)]
+        for name, bundle, threads in configured:
+            s = next((x for x in slots if x.name == name), None)
+            if s is None and primary.name is None:
+                s, primary.name = primary, name
+            if s is None:
+                s = ModelSlot(self, name, cfg.data_dir / OTHERS / name, threads=None)
+                slots.append(s)
+            s.initial, s.threads = bundle, threads
+        if primary.name is None and len(slots) > 1:  # an emptied first slot: nothing to serve there
+            slots.remove(primary)
+        for s in slots:
+            s.threads = s.threads or cfg.threads or (cpu_share(len(slots)) if len(slots) > 1 else None)
+        self.slots = slots
 
-    def swap(self, model: Model | None) -> Model | None:
-        """One reference assignment: requests already holding the old model finish on it."""
-        with self._swap_lock:
-            old, self.model = self.model, model
-            self.model_error = None if model else "no verified model to serve"
-        if model is not None:
-            log.info("serving %s %s", model.name, model.version, extra={"fields": model.describe()})
+    def _new_slot(self, name: str) -> ModelSlot:
+        """A model a record adds at run time: its own folder (or the top level when there is none)."""
+        with self._slots_lock:
+            if not self.slots:
+                s = ModelSlot(self, name, self.cfg.data_dir, threads=self.cfg.threads)
+            else:
+                s = ModelSlot(self, name, self.cfg.data_dir / OTHERS / name,
+                              threads=self.cfg.threads or cpu_share(len(self.slots) + 1))
+            s.start_updater(self._updater_settings(), self._fetcher())
+            self.slots.append(s)
+        s.updater.start()
+        log.info("added model %s (threads %s)", name, s.threads)
+        return s
+
+    def remove(self, s: ModelSlot, update_id: str) -> None:
+        """A signed removal: unload the model, delete its files, report `removed`."""
+        version = s.model.version if s.model else None
+        with self._slots_lock:
+            s.remove()
+            if s in self.slots:
+                self.slots.remove(s)
+        self.stats.forget(s.name)
+        self.event({"update_id": update_id, "state": "removed", "model": s.name, "version": version})
+        self.models_changed()
+
+    def models_changed(self) -> None:
         if self.life.state in (AgentState.SERVING, AgentState.NO_MODEL):
-            self.life.set(AgentState.SERVING if model else AgentState.NO_MODEL, None if model else self.model_error)
+            ok = any(s.model for s in self.slots)
+            self.life.set(AgentState.SERVING if ok else AgentState.NO_MODEL, None if ok else self.model_error)
         self.status_changed()
-        return old
+
+    def ready(self) -> bool:
+        """Every model the device is meant to serve serves: each configured one and each with an
+        active bundle (one unloaded on purpose, or whose first install failed, does not count)."""
+        with self._slots_lock:
+            meant = [s for s in self.slots if not s.unloaded and (s.initial or s.store.active_slot())]
+            return all(s.model is not None for s in meant) if meant else any(s.model for s in self.slots)
+
+    def admit(self, slot: ModelSlot, need) -> None:
+        """Refuse a model that would not fit before it loads (MemoryRefused names the figures):
+        MemAvailable less a reserve, and the configured budget less what the loaded models need
+        (the slot's own old model included: it keeps serving until the new one commits)."""
+        avail = self.metrics.memory()["available_bytes"]
+        reserve, budget = self.cfg.memory_reserve_mb * MB, self.cfg.memory_budget_mb * MB
+        with self._slots_lock:
+            taken = sum(s.memory.need_bytes for s in self.slots if s.model is not None and s.memory)
+        why = []
+        if avail is not None and need.need_bytes > avail - reserve:
+            why.append(f"the {max(avail - reserve, 0) / MB:.0f} MB available (MemAvailable {avail / MB:.0f} MB "
+                       f"less a {reserve / MB:.0f} MB reserve)")
+        if budget and taken + need.need_bytes > budget:
+            why.append(f"the {(budget - taken) / MB:.0f} MB left of the {budget / MB:.0f} MB memory budget "
+                       f"({taken / MB:.0f} MB taken by the models loaded)")
+        if why:
+            raise MemoryRefused(f"model {slot.name} needs about {need.need_bytes / MB:.0f} MB ({need.source}), "
+                                f"more than {' and '.join(why)}",
+                                hint="free memory, remove or unload a model, or raise memory_budget_mb")
+
+    def yield_to_traffic(self, slot: ModelSlot):
+        """While a model stages, each warm-up or golden run first waits (up to 0.25 s) for the
+        requests running on the device's models: an update never starves live traffic."""
+        def pause() -> None:
+            deadline = time.monotonic() + 0.25
+            while time.monotonic() < deadline and any(s.model is not None and s.model.in_flight
+                                                      for s in list(self.slots)):
+                time.sleep(0.002)
+        return pause
 
     def event(self, doc: dict) -> None:
         """Update events share the telemetry queue: durable, ordered, delivered after outages. When
@@ -165,8 +207,13 @@ class Agent:
     def device_id(self) -> str:
         return self.cfg.device_id
 
+    def active_model(self) -> Model | None:
+        """The model a profile job yields to: the busiest one now."""
+        models = [s.model for s in self.slots if s.model is not None]
+        return max(models, key=lambda m: m.in_flight, default=None)
+
     def updating(self) -> bool:
-        return self.updater is not None and self.updater.record.state in RESUMABLE + LIVE
+        return any(s.updater is not None and s.updater.record.state in RESUMABLE + LIVE for s in self.slots)
 
     now = staticmethod(now_iso)
 
@@ -179,48 +226,97 @@ class Agent:
         agent = AgentStatus(state=self.life.describe(), started=self.started, buffer=self.queue.health(),
                             profile=self.profiler.summary() if self.profiler else None, platform=platform_info(),
                             api={"host": self.cfg.api_host, "port": self.cfg.api_port})
+        slots = list(self.slots)
+        first = slots[0] if slots else None
         return StatusDocument(
             device_id=self.cfg.device_id, online=online, reason=reason, ts=now_iso(), groups=tuple(self.cfg.groups),
-            agent_version=__version__, model=self.model.describe() if self.model else None,
-            model_error=self.model_error, update=self.updater.summary() if self.updater else None,
-            ota={**self.keyring.describe(), "allowed_urls": list(self.cfg.allowed_urls)}, agent=agent).to_dict()
+            agent_version=__version__, model=first.model.describe() if first and first.model else None,
+            model_error=self.model_error, update=first.updater.summary() if first and first.updater else None,
+            ota={**self.keyring.describe(), "allowed_urls": list(self.cfg.allowed_urls)}, agent=agent,
+            models={s.name: s.entry() for s in slots if s.name}).to_dict()
+
+    def _subscriptions(self) -> list[str]:
+        t = self.topics
+        return [t.desired, t.model_desired(), t.profile_job] + [x for g in self.cfg.groups
+                                                                 for x in (t.group_desired(g), t.group_model_desired(g))]
 
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
-        for topic in [self.topics.desired, self.topics.profile_job] + [self.topics.group_desired(g)
-                                                                       for g in self.cfg.groups]:
+        for topic in self._subscriptions():
             self.mqtt.subscribe(topic, qos=1)
         self._wake.set()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic == self.topics.desired or topic in self._group_topics:
+        model = model_of(topic)
+        if topic == self.topics.desired or topic in self._group_topics or (model and self._desired_topic(topic)):
             try:
                 d = self.gate.accept(payload, topic)
             except RecordError as e:  # refused: say why, keep acting on what was accepted before
                 log.error("%s", e)
-                self.event({"update_id": e.update_id, "state": "failed", "error": str(e).split("\n")[0]})
+                self.event({"update_id": e.update_id, "state": "failed", "model": model,
+                            "error": str(e).split("\n")[0]})
                 return
-            self._desired[topic] = d
-            chosen = resolve(self._desired.get(self.topics.desired),
-                             [self._desired.get(self.topics.group_desired(g)) for g in self.cfg.groups])
-            if self.updater:
-                self.updater.set_desired(chosen)
+            self._route(topic, model, d)
         elif topic == self.topics.profile_job:
             if self.profiler:
                 self.profiler.on_job(payload, topic)
-        else:  # chunks: a profile job and an update may fetch the same bundle; each takes what it asked for
+        else:  # chunks: a profile job and updates may fetch the same bundle; each takes what it asked for
             if self.profiler:
                 self.profiler.on_message(topic, payload)
-            if self.updater:
-                self.updater.on_message(topic, payload)
+            for s in list(self.slots):
+                if s.updater:
+                    s.updater.on_message(topic, payload)
+
+    def _desired_topic(self, topic: str) -> bool:
+        t = self.topics
+        return topic.startswith(f"{t.prefix}/devices/{self.cfg.device_id}/models/") or any(
+            topic.startswith(f"{t.prefix}/groups/{g}/models/") for g in self.cfg.groups)
+
+    def _route(self, topic: str, model: str | None, d) -> None:
+        """Give an accepted record to the model it addresses: a model's topic names it; the
+        device's and groups' own topics address the first model (one-model devices, old pushers)."""
+        with self._slots_lock:
+            s = self.slot(model) if model else (self.slots[0] if self.slots else None)
+            if s is None and d is not None and not isinstance(d, Removal):
+                try:
+                    s = self._new_slot(slot_name(model or d.name))
+                except EdgepackError as e:
+                    self.event({"update_id": d.update_id, "state": "failed", "model": model,
+                                "error": str(e).split("\n")[0]})
+                    return
+            if s is None:
+                return
+            s.desired[topic] = d
+            chosen = self._resolve(s)
+        if isinstance(chosen, Removal):
+            if s.model is not None or s.updater and s.updater.record.state in RESUMABLE + LIVE:
+                self.remove(s, chosen.update_id)
+        elif s.updater:
+            s.updater.set_desired(chosen)
+
+    def _resolve(self, s: ModelSlot):
+        """A model's own records first (device, then groups in the configured order); for the first
+        model, then the device's and the groups' own (old-style) records."""
+        t, groups = self.topics, self.cfg.groups
+        order = [t.model_desired(s.name)] + [t.group_model_desired(g, s.name) for g in groups] if s.name else []
+        if s is self.slots[0]:
+            order += [t.desired] + [t.group_desired(g) for g in groups]
+        return next((s.desired[k] for k in order if s.desired.get(k) is not None), None)
 
     def _mqtt_client(self) -> MqttClient | None:
-        """The broker session, built but not connected (its chunk fetcher goes to the updater first)."""
+        """The broker session, built but not connected (its chunk fetchers go to the updaters first)."""
         if not self.cfg.broker:
             return None
         will = Will(self.topics.status, dumps(last_will(self.cfg.device_id)))
         return MqttClient(self.cfg.broker, client_id=f"edgepack-agent-{self.cfg.device_id}", will=will,
                           on_connect=self._on_connect, on_message=self._on_message)
+
+    def _fetcher(self):
+        return MqttChunkFetcher(self.mqtt, policy=self.transfer_policy) if self.mqtt else None
+
+    def _updater_settings(self) -> UpdaterSettings:
+        return UpdaterSettings(max_attempts=self.cfg.max_attempts, transfer=self.transfer_policy,
+                               fault_delays=parse_fault_delays(self.cfg.fault_delay))
 
     def start_mqtt(self) -> None:
         if self.mqtt is None:
@@ -237,7 +333,8 @@ class Agent:
             system=self.metrics.snapshot(), model_name=model.name if model else None,
             model_version=model.version if model else None,
             agent=AgentTelemetry(buffer=self.queue.health(),
-                                 profile=self.profiler.summary() if self.profiler else None)).to_dict()
+                                 profile=self.profiler.summary() if self.profiler else None),
+            models={s.name: s.telemetry(st) for s in list(self.slots) if s.name}).to_dict()
 
     def emit_telemetry(self) -> None:
         """Every record goes through the disk queue, so order holds across outages and restarts.
@@ -292,11 +389,9 @@ class Agent:
 
         cfg = self.cfg
         self.mqtt = self._mqtt_client()
-        fetcher = MqttChunkFetcher(self.mqtt, policy=self.transfer_policy) if self.mqtt else None
-        self.updater = Updater(self, cfg.data_dir, fetcher=fetcher, settings=UpdaterSettings(
-            max_attempts=cfg.max_attempts, transfer=self.transfer_policy,
-            fault_delays=parse_fault_delays(cfg.fault_delay)))
-        self.updater.recover()  # an update cut off mid-switch rolls back before anything loads
+        self._plan_slots()
+        for slot in self.slots:
+            slot.start_updater(self._updater_settings(), self._fetcher())
         if cfg.broker and not self.keyring.enabled:
             log.warning("no trusted keys (--trusted-key / --root-key): anyone who can publish to the broker "
                         "can install any bundle on this device; configure keys in production")
@@ -305,7 +400,7 @@ class Agent:
                                  topic_prefix=self.topics.prefix, limits=self.gate.limits,
                                  transfer=self.transfer_policy,
                                  policy=ProfilePolicy(diagnostic_delay_ms=parse_delays(cfg.profile_diagnostic_delay)))
-        self.api = ApiServer(lambda: self.model, stats=self.stats, host=cfg.api_host, port=cfg.api_port,
+        self.api = ApiServer(AgentRepository(self), stats=self.stats, host=cfg.api_host, port=cfg.api_port,
                              token=cfg.api_token, max_body_bytes=cfg.max_body_bytes,
                              limits=ConnectionLimits(max_connections=cfg.api_max_connections,
                                                      idle_timeout_s=cfg.api_idle_timeout,
@@ -314,16 +409,20 @@ class Agent:
                                          state=lambda: self.life.state.value))
         self.api.start()
         log.info("serving KServe v2 API", extra={"fields": {"host": self.cfg.api_host, "port": self.api.port}})
-        self.load_initial()
-        self.updater.start()
-        # READY=1 for systemd: the model serves (or the agent knowingly serves none, waiting for an update)
-        self.life.set(AgentState.SERVING if self.model else AgentState.NO_MODEL,
-                      None if self.model else self.model_error)
+        self.life.set(AgentState.LOADING, ", ".join(s.name or "model" for s in self.slots) or None)
+        for slot in list(self.slots):
+            slot.load_initial()
+        trim_memory()  # verification and extraction buffers
+        for slot in list(self.slots):
+            slot.updater.start()
+        # READY=1 for systemd: the models serve (or the agent knowingly serves none, waiting for an update)
+        ok = any(s.model for s in self.slots)
+        self.life.set(AgentState.SERVING if ok else AgentState.NO_MODEL, None if ok else self.model_error)
         self.life.start_watchdog()
 
     def healthy(self) -> bool:
         """For the systemd watchdog: the API and update threads are alive."""
-        threads = [self.api._thread if self.api else None, self.updater._thread if self.updater else None]
+        threads = [self.api._thread if self.api else None] + [s.updater._thread for s in self.slots if s.updater]
         return all(t is None or t.is_alive() for t in threads)
 
     def run(self, *, ready: threading.Event | None = None) -> None:
@@ -348,8 +447,9 @@ class Agent:
         self._stop.set()
 
     def shutdown(self) -> None:
-        if self.updater:
-            self.updater.stop()
+        for slot in list(self.slots):
+            if slot.updater:
+                slot.updater.stop()
         if self.profiler:
             self.profiler.stop()
         self._stop.set()
@@ -361,8 +461,9 @@ class Agent:
             self.mqtt.stop()
         if self._drainer:
             self._drainer.join(timeout=5)
-        if self.model:
-            self.model.close()
+        for slot in list(self.slots):
+            if slot.model:
+                slot.model.close()
         self.queue.close()
 
 

@@ -116,19 +116,66 @@ class ModelCounters:
         self.request_h, self.queue_h, self.compute_h = PromHistogram(), PromHistogram(), PromHistogram()
 
 
+class _Window:
+    """One telemetry window (reset each time it is taken) and the totals since the start."""
+
+    __slots__ = ("hist", "errors", "nonfinite", "since", "total", "total_errors", "total_nonfinite")
+
+    def __init__(self):
+        self.hist, self.errors, self.nonfinite, self.since = LogHistogram(), 0, 0, time.monotonic()
+        self.total = self.total_errors = self.total_nonfinite = 0
+
+    def add(self, ms: float | None, *, ok: bool, nonfinite: bool) -> None:
+        if not ok:
+            self.errors += 1
+            self.total_errors += 1
+            return
+        self.total += 1
+        self.hist.add(ms or 0.0)
+        if nonfinite:
+            self.nonfinite += 1
+            self.total_nonfinite += 1
+
+    def take(self, reset: bool) -> dict:
+        hist, errors, nonfinite, since = self.hist, self.errors, self.nonfinite, self.since
+        stats = hist.summary()  # under the caller's lock: a peek must not race the next record()
+        if reset:
+            self.hist, self.errors, self.nonfinite, self.since = LogHistogram(), 0, 0, time.monotonic()
+        span = max(time.monotonic() - since, 1e-9)
+        return {"count": hist.n, "errors": errors, "nonfinite": nonfinite, "window_s": round(span, 3),
+                "throughput_ips": round(hist.n / span, 3), "latency_ms": stats}
+
+
 class InferenceStats:
     """Thread-safe: request handlers record, the telemetry loop takes windows, /metrics reads the
     cumulative counters. Every request is counted (no sample cap); memory stays bounded."""
 
     MAX_MODELS = 8  # per-model series kept for /metrics (the oldest served model is dropped first)
 
+    MAX_SLOTS = 32  # per-slot windows (one per model name the agent serves)
+
     def __init__(self):
         self._lock = threading.Lock()
-        self._hist = LogHistogram()
-        self._errors = self._nonfinite = 0
-        self.total = self.total_errors = self.total_nonfinite = 0
-        self._since = time.monotonic()
+        self._all = _Window()
+        self._slots: dict[str, _Window] = {}
         self._models: dict[tuple[str, str], ModelCounters] = {}
+
+    @property
+    def total(self) -> int:
+        return self._all.total
+
+    @property
+    def total_errors(self) -> int:
+        return self._all.total_errors
+
+    @property
+    def total_nonfinite(self) -> int:
+        return self._all.total_nonfinite
+
+    def totals(self, slot: str | None = None) -> dict:
+        """Inferences since the start: the agent's, or one slot's (a model name on the device)."""
+        w = self._all if slot is None else self._slots.get(slot, _Window())
+        return {"count": w.total, "errors": w.total_errors, "nonfinite": w.total_nonfinite}
 
     def _counters(self, model: tuple[str, str] | None) -> ModelCounters | None:
         if model is None:
@@ -141,22 +188,23 @@ class InferenceStats:
         return c
 
     def record(self, ms: float | None, *, ok: bool = True, nonfinite: bool = False,
-               model: tuple[str, str] | None = None, phases: Phases | None = None, batch: int = 1) -> None:
+               model: tuple[str, str] | None = None, phases: Phases | None = None, batch: int = 1,
+               slot: str | None = None) -> None:
         """One request: `ms` its latency (successes), `nonfinite` whether a float output held NaN/Inf,
-        `model` (name, version) and `phases` for the per-model /metrics series."""
+        `model` (name, version) and `phases` for the per-model /metrics series, `slot` (the model's
+        name on the device; default the model's own) for its telemetry window."""
         with self._lock:
             c = self._counters(model)
+            key = slot or (model[0] if model else None)
+            w = None if key is None else self._slots.get(key)
+            if w is None and key is not None and len(self._slots) < self.MAX_SLOTS:
+                w = self._slots[key] = _Window()
+            for win in (self._all, w) if w is not None else (self._all,):
+                win.add(ms, ok=ok, nonfinite=nonfinite)
             if not ok:
-                self._errors += 1
-                self.total_errors += 1
                 if c is not None:
                     c.failure += 1
                 return
-            self.total += 1
-            self._hist.add(ms or 0.0)
-            if nonfinite:
-                self._nonfinite += 1
-                self.total_nonfinite += 1
             if c is None:
                 return
             c.success += 1
@@ -174,17 +222,17 @@ class InferenceStats:
                 c.queue_h.observe(phases.queue_s)
                 c.compute_h.observe(phases.input_s + phases.infer_s + phases.output_s)
 
-    def window(self, *, reset: bool = True) -> dict:
-        """The telemetry window since the last reset: count, errors, nonfinite, throughput and
-        latency percentiles (ms). `reset=False` peeks (the HTTP /stats view)."""
+    def window(self, *, reset: bool = True, slot: str | None = None) -> dict:
+        """The telemetry window since the last reset (the agent's, or one slot's): count, errors,
+        nonfinite, throughput and latency percentiles (ms). `reset=False` peeks (the HTTP /stats view)."""
         with self._lock:
-            hist, errors, nonfinite, since = self._hist, self._errors, self._nonfinite, self._since
-            stats = hist.summary()  # under the lock: a peek must not race the next record()
-            if reset:
-                self._hist, self._errors, self._nonfinite, self._since = LogHistogram(), 0, 0, time.monotonic()
-        span = max(time.monotonic() - since, 1e-9)
-        return {"count": hist.n, "errors": errors, "nonfinite": nonfinite, "window_s": round(span, 3),
-                "throughput_ips": round(hist.n / span, 3), "latency_ms": stats}
+            w = self._all if slot is None else self._slots.setdefault(slot, _Window())
+            return w.take(reset)
+
+    def forget(self, slot: str) -> None:
+        """A removed model's window goes with it."""
+        with self._lock:
+            self._slots.pop(slot, None)
 
     def per_model(self) -> list[tuple[tuple[str, str], ModelCounters]]:
         """A consistent copy of the per-model counters, for rendering /metrics."""

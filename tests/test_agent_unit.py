@@ -119,8 +119,10 @@ def test_an_update_hashes_its_bundle_once(tmp_path, monkeypatch):
     new = log_bundle(tmp_path / "src", version="1.1.0")
     cfg = load_config(env={}, data_dir=tmp_path / "data", bundle=log_bundle(tmp_path / "old"), api_port=0)
     agent = Agent(cfg)
-    agent.load_initial()
-    u = Updater(agent, cfg.data_dir, settings=UpdaterSettings(
+    agent._plan_slots()
+    slot = agent.slots[0]  # the updater's host: the agent's one model
+    slot.load_initial()
+    u = Updater(slot, cfg.data_dir, settings=UpdaterSettings(
         transfer=TransferPolicy(allowed_urls=((tmp_path / "src").as_uri(),))))
     d = Desired(update_id="u1", name="logm", version="1.1.0", sha256=sha256_file(new), size=new.stat().st_size,
                 transfer=UrlTransfer(url=new.as_uri()), probation=Probation(seconds=0.3, requests=10 ** 6))

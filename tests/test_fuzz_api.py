@@ -58,7 +58,7 @@ def _check(api, body: bytes, header: str | None, name: str) -> None:
     TRIED[name] += 1
     headers = {} if header is None else {"Inference-Header-Content-Length": header}
     try:
-        res = server._infer(model, headers, body)
+        res = server._infer(model.name, model, headers, body)
     except HttpError as e:
         assert 400 <= e.status < 500, (e.status, str(e))
         assert str(e)

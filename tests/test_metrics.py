@@ -37,14 +37,15 @@ def test_every_request_is_counted_past_150k():
     for key, want in zip(("p50", "p95", "p99"), exact):
         assert w["latency_ms"][key] == pytest.approx(want, rel=0.011), key
     assert w["latency_ms"]["mean"] == pytest.approx(lat.mean(), abs=1e-4)  # exact, rounded
-    assert len(s._hist.counts) == 0 and s.total == 160_000  # the window was reset; totals were not
+    assert len(s._all.hist.counts) == 0 and s.total == 160_000  # the window was reset; totals were not
+    assert s.window(slot="m")["count"] == 160_000 and s.totals("m")["errors"] == 7  # the model's own window
     (_, c), = s.per_model()
     assert (c.success, c.failure, c.nonfinite, c.request_h.count) == (160_000, 7, 160, 160_000)
     # bounded memory: at most one counter per log bucket, however many requests
     s2 = InferenceStats()
     for ms in rng.uniform(0.0, 5e6, 20_000).tolist():  # also far past the top bucket
         s2.record(ms)
-    assert len(s2._hist.counts) <= _NBUCKETS
+    assert len(s2._all.hist.counts) <= _NBUCKETS
     assert s2.window()["latency_ms"]["p99"] <= 5e6
 
 

@@ -1,0 +1,268 @@
+"""One named model of the agent: its bundles, its update lifecycle and the model it serves.
+
+Every model on a device lives in a slot with its own store (bundles, extracted files, engine caches,
+active.json), its own updater (update.json, downloads, retry budget, probation, rollback) and its
+own thread count. The first model keeps the data directory's top level, as a one-model agent laid it
+out (nothing moves when an agent is upgraded); every other model lives in `models.d/NAME/`.
+
+A slot is the updater's Host for its model (device_agent.ota.updater.Host): the agent around it
+holds what models share (keys, the MQTT session, the telemetry queue, the API)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from device_agent.model import Model, bundle_members_to_extract, load_bundle
+from device_agent.ota.updater import Updater, UpdaterSettings
+from device_agent.store import Store
+from edgebundle.archive import open_bundle
+from edgebundle.errors import EdgepackError
+from edgebundle.manifest import Manifest
+from edgeproto.bundleref import MODEL_NAME
+from edgeproto.documents import model_entry
+from edgeruntime.registry import slow_load
+
+log = logging.getLogger("edgepack.agent")
+OTHERS = "models.d"  # every model but the first: DATA/models.d/NAME/
+MB = 1 << 20
+
+
+class MemoryRefused(EdgepackError):
+    """A model would not fit in what the device has left: refused before it loads."""
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What a model needs: recorded in its manifest (measured at build time or by a profile job),
+    else estimated from its files; and what it took when it loaded here (RSS growth)."""
+
+    need_bytes: int
+    source: str  # "manifest" or "estimate"
+    loaded_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"need_bytes": self.need_bytes, "source": self.source, "loaded_bytes": self.loaded_bytes}
+
+
+def memory_need(manifest: Manifest, model_bytes: int) -> Memory:
+    """A runtime holds the weights once, plus its arena and the interpreter (measured with the
+    digits CNN and MiniLM on ORT and TFLite: RSS growth 1.3-2.1x the model files, +8-20 MB)."""
+    recorded = manifest.runtime.extra.get("memory_bytes")
+    if isinstance(recorded, int) and recorded > 0:
+        return Memory(need_bytes=recorded, source="manifest")
+    return Memory(need_bytes=int(model_bytes * 2.2) + 24 * MB, source="estimate")
+
+
+def slot_name(name: str) -> str:
+    """A bundle's name as the name of a model on the device (topics, URLs and folders use it)."""
+    if not MODEL_NAME.match(name):
+        raise EdgepackError(f"model name {name!r} cannot name a model on a device: 1-64 letters, digits, '.', "
+                            "'_' or '-', starting with a letter or digit", hint="build the bundle with --name NAME")
+    return name
+
+
+class ModelSlot:
+    def __init__(self, agent, name: str | None, root: Path, *, threads: int | None, initial: Path | None = None):
+        self.agent, self.name, self.root = agent, name, Path(root)
+        self.store = Store(root)
+        self.threads = threads
+        self.initial = initial  # the configured bundle, used while the slot holds no active one
+        self.model: Model | None = None
+        self.model_error: str | None = None
+        self.memory: Memory | None = None
+        self.updater: Updater | None = None
+        self.desired: dict = {}  # topic -> the record accepted there (Desired, Removal or None)
+        self.unloaded = False  # the repository API unloaded it: not ready, files kept
+        self._swap_lock = threading.Lock()
+
+    @property
+    def primary(self) -> bool:
+        return self.root == self.agent.cfg.data_dir
+
+    # ---- start ----
+    def start_updater(self, settings: UpdaterSettings, fetcher) -> None:
+        self.updater = Updater(self, self.root, settings=settings, fetcher=fetcher)
+        self.updater.recover()  # an update cut off mid-switch rolls back before anything loads
+
+    def load_initial(self) -> None:
+        """The active bundle of this slot, else its configured initial bundle."""
+        path = self.store.active()
+        try:
+            if path is None and self.initial is not None:
+                path, digest = self.store.add(self.initial)
+                self.store.activate(path, digest)
+            if path is None:
+                self.model_error = "no bundle: pass --bundle or push one"
+                log.warning("%s: %s", self.name or "model", self.model_error)
+                return
+            t0 = time.perf_counter()
+            self.model = self.load(path, initial=True)
+            self.name = self.name or self.model.name
+            state = self.store.read_state()
+            if self.primary and state.get("model") != self.name:  # the slot keeps its name across renames
+                self.store.write_state({**state, "model": self.name})
+            log.info("model ready", extra={"fields": {**self.model.describe(), "slot": self.name,
+                                                      "load_ms": round((time.perf_counter() - t0) * 1000, 1)}})
+        except (EdgepackError, OSError) as e:  # serving nothing, and saying why (status: model_error)
+            self.model_error = str(e).split("\n")[0]
+            log.error("cannot load bundle %s: %s", path, e)
+
+    # ---- the updater's host interface ----
+    @property
+    def mqtt(self):
+        return self.agent.mqtt
+
+    def verify(self, path: Path, *, sha256: str):
+        """An update's one verification pass: the signature (keys of the current generation), then
+        every member's hash, extracting the model files on the way. Returns the verified Bundle."""
+        b = open_bundle(path)
+        keyring = self.agent.keyring
+        if keyring.enabled:
+            keyring.verify_bundle(b.manifest_bytes, b.signature)
+        b.verify(extract_to=self.store.model_dir(sha256), extract=bundle_members_to_extract(b.manifest))
+        return b
+
+    def load(self, path: Path, *, verified=None, initial: bool = False) -> Model:
+        """Load, warm up and golden-check a bundle. `verified` (from verify()) skips the hashing
+        pass; otherwise the signature (any key this device ever accepted) and every hash are checked
+        here. An update's staging (`verified`) is first checked against the memory left, and yields
+        to the other models' requests while it warms up."""
+        path = Path(path)
+        bundle = verified
+        if bundle is None:
+            bundle = open_bundle(path)
+            if self.agent.keyring.enabled:
+                self.agent.keyring.verify_bundle(bundle.manifest_bytes, bundle.signature, history=True)
+        sha = self.store.sha256(path)
+        need = memory_need(bundle.manifest, _model_bytes(self.store.model_dir(sha)) or path.stat().st_size)
+        if verified is not None:
+            self.agent.admit(self, need)
+        cache = str(self.store.cache_dir(sha))  # one engine cache per bundle: empty means a build is coming
+        pause = self.agent.yield_to_traffic(self) if not initial else None
+        rss0 = self.agent.metrics.rss_bytes()
+
+        def load() -> Model:
+            m = load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=cache, threads=self.threads,
+                            bundle=bundle, verified=verified is not None, sha256=sha, pause=pause)
+            rss1 = self.agent.metrics.rss_bytes()
+            grew = rss1 - rss0 if rss0 and rss1 and rss1 > rss0 else None
+            self.memory = Memory(need.need_bytes, need.source, grew)
+            return m
+
+        why = slow_load(bundle.manifest, cache_dir=cache)
+        if why is None:
+            return load()
+        log.info("building %s: this can take minutes; the agent is working, not hung", why)
+        if not initial:  # an update's staging: the old model keeps serving, the updater reports progress
+            return load()
+        from device_agent.lifecycle import AgentState
+
+        with self.agent.life.slow_phase(AgentState.BUILDING, why):
+            return load()
+
+    def active_model(self) -> Model | None:
+        return self.model
+
+    def swap(self, model: Model | None) -> Model | None:
+        """One reference assignment: requests already holding the old model finish on it."""
+        with self._swap_lock:
+            old, self.model = self.model, model
+            self.model_error = None if model else "no verified model to serve"
+        if model is not None:
+            self.name = self.name or model.name
+            log.info("serving %s %s", model.name, model.version, extra={"fields": {**model.describe(),
+                                                                                  "slot": self.name}})
+        self.agent.models_changed()
+        return old
+
+    def event(self, doc: dict) -> None:
+        self.agent.event({**doc, "model": self.name or doc.get("name")})
+
+    def status_changed(self) -> None:
+        self.agent.status_changed()
+
+    # ---- views ----
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and not self.unloaded
+
+    def entry(self) -> dict:
+        """This model in the status's `models`."""
+        return model_entry(model=self.model.describe() if self.model else None,
+                           error="unloaded through the repository API" if self.unloaded and not self.model_error
+                           else self.model_error,
+                           update=self.updater.summary() if self.updater else None, threads=self.threads,
+                           memory=self.memory.to_dict() if self.memory else None)
+
+    def telemetry(self, stats) -> dict:
+        model = self.model
+        return {"version": model.version if model else None, "inference": stats.window(slot=self.name),
+                "totals": stats.totals(self.name)}
+
+    # ---- removal ----
+    def remove(self) -> None:
+        """Stop the updater, close the model and delete the slot's files (the first model's slot
+        keeps the data directory itself, emptied of this model's files)."""
+        if self.updater:
+            self.updater.stop()
+        old = self.swap(None)
+        if old is not None:
+            old.close()
+        if self.primary:
+            self.store.deactivate()
+            self.store.prune(set())
+            for p in (self.root / "update.json", self.root / "downloads"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            shutil.rmtree(self.store.cache, ignore_errors=True)
+            self.store.cache.mkdir(exist_ok=True)
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def primary_name(data_dir: Path) -> str | None:
+    """The name of the model at the data directory's top level: recorded in active.json, else its
+    active bundle's (a one-model agent's directory), else its first update's; None when empty."""
+    store = Store(data_dir)
+    name = store.read_state().get("model")
+    if isinstance(name, str) and MODEL_NAME.match(name):
+        return name
+    path = store.active()
+    try:
+        name = open_bundle(path).manifest.name if path else None
+    except (EdgepackError, OSError):
+        name = None
+    if name is None:
+        from device_agent.ota.record import Record
+
+        name = ((Record.load(Path(data_dir) / "update.json").desired or {}).get("name"))
+    return name if isinstance(name, str) and MODEL_NAME.match(name) else None
+
+
+def _model_bytes(folder: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.name.endswith(".npz"))
+    except OSError:
+        return 0
+
+
+def discover(data_dir: Path) -> list[Path]:
+    """Slot folders of the models after the first (DATA/models.d/NAME/), in name order."""
+    d = Path(data_dir) / OTHERS
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.is_dir() and MODEL_NAME.match(p.name))
+
+
+def cpu_share(n_models: int, cores: int | None = None) -> int:
+    """Threads per model when several share the device: the cores split between them."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, n_models))
+
+
+__all__ = ["Memory", "MemoryRefused", "ModelSlot", "OTHERS", "cpu_share", "discover", "memory_need", "primary_name",
+           "slot_name"]
