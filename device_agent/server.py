@@ -12,7 +12,6 @@ import hmac
 import json
 import logging
 import re
-import selectors
 import socket
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Callable
 
 from device_agent import __version__
 from device_agent.kserve import HEADER_LEN, TEXT_META, decode_request, encode_response, tensor_meta
+from device_agent.linger import Lingering
 from device_agent.model import Model, ModelClosed
 from device_agent.stats import InferenceStats, Phases, has_nonfinite
 from edgebundle.errors import EdgepackError
@@ -66,104 +66,6 @@ _BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: applicatio
                   b"Connection: close\r\nContent-Length: " + str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY)
 
 
-# Lingering close of a refused connection (_Lingering). A refused client may send on for LINGER_S
-# (Apache's short lingering close, its DoS-minded 2 s) and up to LINGER_BYTES (the default
-# max_body_bytes: any body the agent would take) before its connection closes. At most LINGER_MAX
-# refusals linger at once: a flood of refused clients holds one thread and that many sockets.
-LINGER_S = 2.0
-LINGER_BYTES = 16 << 20
-LINGER_MAX = 32
-
-
-class _Lingering:
-    """Lingering close (Apache, nginx) for refused connections: after the 503 and a half-close, read
-    and drop what each client still sends until it closes (or LINGER_S, LINGER_BYTES), then close.
-    Closing with a body unread would reset the connection: a client still sending its body got a
-    broken pipe instead of the 503. One thread with one selector drains them all, started when a
-    refusal comes and gone when none lingers; the accept thread only hands sockets over."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._new: list[socket.socket] = []  # handed over, not yet picked up by the thread
-        self._count = 0  # lingering now, picked up or not
-        self._wake: socket.socket | None = None  # pokes the running thread; None: no thread runs
-
-    def add(self, sock: socket.socket) -> bool:
-        """Linger on `sock` (non-blocking, its 503 sent); False when LINGER_MAX already do."""
-        with self._lock:
-            if self._count >= LINGER_MAX or not self._poke():
-                return False
-            self._count += 1
-            self._new.append(sock)
-        return True
-
-    def _poke(self) -> bool:
-        """Wake the draining thread to pick up a socket, or start one; False if none can start."""
-        if self._wake is not None:
-            try:
-                self._wake.send(b"\0")
-            except BlockingIOError:  # poked already
-                pass
-            return True
-        wake, woken = socket.socketpair()
-        try:
-            threading.Thread(target=self._run, args=(woken,), name="v2-api-linger", daemon=True).start()
-        except RuntimeError:  # out of threads
-            wake.close()
-            woken.close()
-            return False
-        wake.setblocking(False)
-        self._wake = wake
-        return True
-
-    def _run(self, woken: socket.socket) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(woken, selectors.EVENT_READ)  # data None: the wake-up socket
-        buf = bytearray(1 << 16)
-        while deadlines := self._pick_up(sel):
-            for key, _ in sel.select(max(0.0, min(deadlines) - time.monotonic())):
-                if key.data is None:
-                    woken.recv(1 << 12)
-                elif _drained(key, buf):
-                    self._close(sel, key.fileobj)
-            now = time.monotonic()
-            for key in [k for k in sel.get_map().values() if k.data and k.data[0] <= now]:
-                self._close(sel, key.fileobj)
-        sel.close()
-        woken.close()
-
-    def _pick_up(self, sel: selectors.BaseSelector) -> list[float]:
-        """Register the sockets handed over; their deadlines, or none (and the thread ends)."""
-        with self._lock:
-            for s in self._new:
-                sel.register(s, selectors.EVENT_READ, [time.monotonic() + LINGER_S, LINGER_BYTES])
-            self._new.clear()
-            deadlines = [k.data[0] for k in sel.get_map().values() if k.data]
-            if not deadlines:
-                self._wake.close()
-                self._wake = None
-            return deadlines
-
-    def _close(self, sel: selectors.BaseSelector, sock: socket.socket) -> None:
-        sel.unregister(sock)
-        sock.close()
-        with self._lock:
-            self._count -= 1
-
-
-def _drained(key: selectors.SelectorKey, buf: bytearray) -> bool:
-    """Read and drop what a lingering client sent; True when it is done: closed, reset, or sent
-    all it may (key.data: [deadline, bytes it may still send])."""
-    try:
-        n = key.fileobj.recv_into(buf)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    key.data[1] -= n
-    return n == 0 or key.data[1] <= 0
-
-
 class _Server(ThreadingHTTPServer):
     """ThreadingHTTPServer with a bounded number of handler threads and request deadlines."""
 
@@ -173,7 +75,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address, handler, limits: ConnectionLimits):
         self.limits = limits
         self._slots = threading.BoundedSemaphore(limits.max_connections)
-        self._lingering = _Lingering()
+        self._lingering = Lingering()
         self._deadlines: dict[socket.socket, float | None] = {}
         self._deadlines_lock = threading.Lock()
         super().__init__(address, handler)
@@ -206,8 +108,8 @@ class _Server(ThreadingHTTPServer):
             self._slots.release()
 
     def _refuse(self, sock: socket.socket) -> None:
-        """Full: answer 503 without a handler thread, half-close, and linger (_Lingering); past
-        LINGER_MAX lingering refusals, read what the client already sent and close at once."""
+        """Full: answer 503 without a handler thread, half-close, and linger (device_agent.linger);
+        past its bound, read what the client already sent and close at once."""
         try:
             sock.setblocking(False)
             sock.send(_BUSY_RESPONSE)

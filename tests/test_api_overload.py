@@ -106,9 +106,9 @@ def _fds() -> int:
 def test_a_flood_of_refused_clients_holds_one_thread_and_bounded_sockets(full, monkeypatch):
     """50 refused clients that send a request and stay connected: each reads its 503; one thread
     lingers on the first LINGER_MAX (the rest are closed at once), and ends when they leave."""
-    from device_agent import server as server_module
+    from device_agent import linger
 
-    monkeypatch.setattr(server_module, "LINGER_S", 10.0)  # a slow test machine still sees them linger
+    monkeypatch.setattr(linger, "LINGER_S", 10.0)  # a slow test machine still sees them linger
     server, _ = full
     wait_until(lambda: _lingering() == 0, 5, what="no lingering refusals before the flood")
     threads, fds = threading.active_count(), _fds()
@@ -121,7 +121,7 @@ def test_a_flood_of_refused_clients_holds_one_thread_and_bounded_sockets(full, m
         assert _lingering() == 1 and threading.active_count() <= threads + 1
         # the server's side: LINGER_MAX lingering sockets, plus the thread's selector and wake-up pair
         # (the accept thread closes the others just after their answer: wait for it)
-        bound = len(clients) + server_module.LINGER_MAX + 3
+        bound = len(clients) + linger.LINGER_MAX + 3
         wait_until(lambda: _fds() - fds <= bound, 5, what=f"at most {bound} more descriptors")
     finally:
         for c in clients:
@@ -135,18 +135,18 @@ def test_a_flood_of_refused_clients_holds_one_thread_and_bounded_sockets(full, m
 def test_lingering_is_bounded_in_time_and_bytes(full, monkeypatch):
     """A refused client that neither closes nor stops sending is cut off: after LINGER_S, or once
     it has sent LINGER_BYTES."""
-    from device_agent import server as server_module
+    from device_agent import linger
 
     server, _ = full
-    monkeypatch.setattr(server_module, "LINGER_S", 0.5)
+    monkeypatch.setattr(linger, "LINGER_S", 0.5)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as idle:
         idle.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
         assert idle.recv(4096).startswith(b"HTTP/1.1 503 ")
         wait_until(lambda: _lingering() == 1, 3, what="the refusal to linger")
         wait_until(lambda: _lingering() == 0, 3, what="the linger to end after LINGER_S")  # idle is still open
 
-    monkeypatch.setattr(server_module, "LINGER_S", 10.0)
-    monkeypatch.setattr(server_module, "LINGER_BYTES", 1 << 20)
+    monkeypatch.setattr(linger, "LINGER_S", 10.0)
+    monkeypatch.setattr(linger, "LINGER_BYTES", 1 << 20)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as flood:
         flood.sendall(b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n")
         with pytest.raises((BrokenPipeError, ConnectionResetError)):
