@@ -21,6 +21,7 @@ from typing import Callable
 
 from device_agent import __version__
 from device_agent.kserve import HEADER_LEN, TEXT_META, decode_request, encode_response, tensor_meta
+from device_agent.linger import Lingering
 from device_agent.model import Model, ModelClosed
 from device_agent.stats import InferenceStats, Phases, has_nonfinite
 from edgebundle.errors import EdgepackError
@@ -75,6 +76,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address, handler, limits: ConnectionLimits):
         self.limits = limits
         self._slots = threading.BoundedSemaphore(limits.max_connections)
+        self._lingering = Lingering()
         self._deadlines: dict[socket.socket, float | None] = {}
         self._deadlines_lock = threading.Lock()
         super().__init__(address, handler)
@@ -107,12 +109,14 @@ class _Server(ThreadingHTTPServer):
             self._slots.release()
 
     def _refuse(self, sock: socket.socket) -> None:
-        """Full: answer 503 without a thread, read what the client already sent (so closing does
-        not reset the connection before it reads the answer), close."""
+        """Full: answer 503 without a handler thread, half-close, and linger (device_agent.linger);
+        past its bound, read what the client already sent and close at once."""
         try:
             sock.setblocking(False)
             sock.send(_BUSY_RESPONSE)
             sock.shutdown(socket.SHUT_WR)
+            if self._lingering.add(sock):
+                return
             sock.recv(1 << 16)
         except OSError:
             pass
