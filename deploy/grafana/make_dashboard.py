@@ -68,7 +68,7 @@ def dashboard() -> dict:
             (f"edgepack_host_temperature_celsius{{{SEL}}}", "temperature C {{instance}}"),
             (f"edgepack_host_memory_available_bytes{{{SEL}}} / 1e6", "memory available MB {{instance}}"),
             (f"edgepack_host_disk_free_bytes{{{SEL}}} / 1e9", "disk free GB {{instance}}"),
-            (f"edgepack_model_ready{{{SEL}}}", "model ready {{instance}}")], x=0, y=32, w=24),
+            (f"edgepack_model_ready{{{SEL}}}", "model ready {{instance}} {{model}}")], x=0, y=32, w=24),
     ]
     return {
         "__inputs": [{"name": "DS_PROMETHEUS", "label": "Prometheus", "type": "datasource", "pluginId": "prometheus",
