@@ -29,9 +29,11 @@ def prepared(d: dict) -> Prepared:
 
 
 def plan(bundle: Path, *, inbox: Inbox, client: Client, clock: Clock, say: Callable[[str], None], group: str,
-         settings: RolloutSettings, previous_bundle: Path | None, chunk_size: int, settle_s: float) -> RolloutRecord:
-    """The record of a new rollout (its first wave pending). `inbox` must already hear the group's
-    desired record: without `previous_bundle` that is what a failed wave goes back to."""
+         settings: RolloutSettings, model: str | None, previous_bundle: Path | None, chunk_size: int,
+         settle_s: float) -> RolloutRecord:
+    """The record of a new rollout of `model` (None: the devices' own topics; its first wave
+    pending). `inbox` must already hear the group's desired record for the model: without
+    `previous_bundle` that is what a failed wave goes back to."""
     _settle(inbox.table, clock, settle_s)
     remote = inbox.record
     if remote is not None and remote.get("status") in [s.value for s in ACTIVE]:
@@ -47,14 +49,26 @@ def plan(bundle: Path, *, inbox: Inbox, client: Client, clock: Clock, say: Calla
         publish_chunks(client, prev)
         previous = bundle_dict(prev)
     else:
-        previous = _group_previous(p, group, inbox.group_desired)
+        previous = _group_previous(p, group, _group_record(inbox, model))
     waves = plan_waves(devices, settings.waves)
-    for msg in interface_warnings(inbox.table, p, devices=devices, allowed=settings.allow_interface_change):
+    for msg in interface_warnings(inbox.table, p, devices=devices, allowed=settings.allow_interface_change,
+                                  model=model):
         say(f"warning: {msg}")
     publish_chunks(client, p)
     now = clock.wall()
     return RolloutRecord(id=inbox.id, group=group, bundle=bundle_dict(p), previous=previous,
-                         settings=settings.to_dict(), waves=[Wave(devices=w) for w in waves], created=now, updated=now)
+                         settings=settings.to_dict(), waves=[Wave(devices=w) for w in waves], created=now, updated=now,
+                         model=model)
+
+
+def _group_record(inbox: Inbox, model: str | None):
+    """The group's record for the model. A fleet that predates several models keeps its record on
+    the group's own topic, which its devices' first model follows: a model's first rollout goes
+    back to that one when it names a bundle of the model's name (no migration step)."""
+    legacy = inbox.legacy_desired
+    if inbox.group_desired is None and model is not None and isinstance(legacy, dict) and legacy.get("name") == model:
+        return legacy
+    return inbox.group_desired
 
 
 def _group_previous(p: Prepared, group: str, g) -> dict:
