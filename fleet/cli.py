@@ -149,7 +149,8 @@ def fleet() -> None:
 @click.option("--listen", type=float, default=2.0, show_default=True, help="Seconds to collect live telemetry.")
 @click.option("--json", "as_json", is_flag=True)
 def fleet_status(group, listen, as_json, **kw):
-    """Devices: online, model and version, update state, signed updates, p95 latency, errors, last seen."""
+    """Devices, one line per model: online, model and version, update state, signed updates, p95
+    latency and errors of that model, last seen. --json: the device rows with their `models`."""
     from fleet.status import status
 
     rows = status(broker_from_options(kw), group=group, listen_s=listen)
@@ -157,15 +158,24 @@ def fleet_status(group, listen, as_json, **kw):
         click.echo(json.dumps(rows, indent=2))
         return
     head = ("device", "online", "model", "version", "update", "signed", "p95 ms", "errors", "last seen")
-    table = [head] + [(r["device_id"], {True: "yes", False: "NO"}.get(r["online"], "?"), r["model"] or "-",
-                       r["version"] or "-", r["update"] or "-", {True: "yes", False: "NO"}.get(r["signed_updates"], "?"),
-                       "-" if r["p95_ms"] is None else f"{r['p95_ms']:.2f}",
-                       "-" if r["errors"] is None else str(r["errors"]), r["last_seen"] or "-") for r in rows]
+    table = [head] + [line for r in rows for line in _status_lines(r)]
     w = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for row in table:
         click.echo("  ".join(str(c).ljust(n) for c, n in zip(row, w)).rstrip())
     if not rows:
         click.echo("(no devices have reported)")
+
+
+def _status_lines(r: dict) -> list[tuple]:
+    """A device's lines of `fleet status`: the device's columns on the first, one model per line."""
+    dev = (r["device_id"], {True: "yes", False: "NO"}.get(r["online"], "?"))
+    tail = ({True: "yes", False: "NO"}.get(r["signed_updates"], "?"),)
+    models = r["models"] or [{"name": None, "version": None, "update": None, "p95_ms": r["p95_ms"],
+                              "errors": r["errors"]}]
+    return [(*(dev if i == 0 else ("", "")), m["name"] or "-", m["version"] or "-", m["update"] or "-",
+             *(tail if i == 0 else ("",)), "-" if m["p95_ms"] is None else f"{m['p95_ms']:.2f}",
+             "-" if m["errors"] is None else str(m["errors"]), (r["last_seen"] or "-") if i == 0 else "")
+            for i, m in enumerate(models)]
 
 
 @fleet.command("serve")
