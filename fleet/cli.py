@@ -43,7 +43,7 @@ def push(bundle, device, group, model, device_topic, remove, url, chunk_size, al
     """Make BUNDLE the desired version of a model on a device or a group (retained: offline devices
     catch up); or, with --remove, take a model off them."""
     from edgeproto.desired import Probation
-    from fleet import push as fp
+    from fleet.push import push as push_bundle, remove as remove_model
 
     def show(dev, ev):
         if as_json:
@@ -59,16 +59,17 @@ def push(bundle, device, group, model, device_topic, remove, url, chunk_size, al
         raise click.UsageError("--remove takes a model off the devices: give --model NAME, not --device-topic")
     broker = broker_from_options(kw)
     if remove:
-        res = fp.remove(broker, model=model, device=device, group=group, wait=wait, timeout=timeout, progress=show,
-                        sign_key=sign_key, key_cert=key_cert)
+        res = remove_model(broker, model=model, device=device, group=group, wait=wait, timeout=timeout, progress=show,
+                           sign_key=sign_key, key_cert=key_cert)
     else:
-        res = fp.push(bundle, broker, device=device, group=group, model=model, device_topic=device_topic, url=url,
-                      chunk_size=chunk_size, allow_downgrade=allow_downgrade,
-                      allow_interface_change=allow_interface_change, warn=lambda m: click.echo(f"warning: {m}", err=True),
-                      probation=Probation(seconds=probation_seconds, requests=probation_requests,
-                                          max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
-                      staging_max_p95_ms=latency_budget_ms, wait=wait, timeout=timeout, progress=show,
-                      sign_key=sign_key, key_cert=key_cert)
+        res = push_bundle(bundle, broker, device=device, group=group, model=model, device_topic=device_topic,
+                          url=url, chunk_size=chunk_size, allow_downgrade=allow_downgrade,
+                          allow_interface_change=allow_interface_change,
+                          warn=lambda m: click.echo(f"warning: {m}", err=True),
+                          probation=Probation(seconds=probation_seconds, requests=probation_requests,
+                                              max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
+                          staging_max_p95_ms=latency_budget_ms, wait=wait, timeout=timeout, progress=show,
+                          sign_key=sign_key, key_cert=key_cert)
     d = res.desired
     if as_json:
         click.echo(json.dumps({"topic": res.topic, "desired": d, "devices": res.devices, "warnings": res.warnings},

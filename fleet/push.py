@@ -344,8 +344,9 @@ def publish_chunks(client: MqttClient, p: Prepared, window: int = 64) -> None:
 
 def _follow(conn: Collector, result: PushResult, *, addr: Address, follow: Follow) -> None:
     """Collect events for this update_id; the target set is the device, or the group's members
-    from their retained status (plus `expect`). A device's status seen through the model also
-    gives a final state whose event this connection missed."""
+    that serve the model (from their retained status) or answer with an event (a model new to
+    them), plus `expect`. A device's status seen through the model also gives a final state whose
+    event this connection missed."""
     uid = result.desired["update_id"]
     topics = Topics(conn.client.cfg.topic_prefix)
     targets = {addr.device} if addr.device else set(follow.expect)
@@ -359,11 +360,13 @@ def _follow(conn: Collector, result: PushResult, *, addr: Address, follow: Follo
                 continue
             dev, kind = hit
             if kind == "status":
-                _status_seen(result, dev, DeviceStatus.from_dict(dev, doc).for_model(addr.model), uid, follow)
-                if addr.group and addr.group in (doc.get("groups") or []):
+                st = DeviceStatus.from_dict(dev, doc).for_model(addr.model)
+                _status_seen(result, dev, st, uid, follow)
+                if addr.group and addr.group in st.groups and (addr.model is None or st.model is not None):
                     targets.add(dev)
             elif kind == "events" and doc.get("update_id") == uid:
                 result.devices[dev] = doc
+                targets.add(dev)
                 follow.progress(dev, doc)
         if targets and all(result.devices.get(t, {}).get("state") in FINAL for t in targets):
             return

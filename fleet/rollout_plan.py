@@ -1,5 +1,5 @@
-"""A new rollout's plan (fleet.rollout): the group's devices from their retained status, the waves,
-the bundle and the version that a failed wave goes back to. The bundles' chunks are published
+"""A new rollout's plan (fleet.rollout): the group's devices that serve the model, from their
+retained status, the waves, the bundle and the version that a failed wave goes back to. The bundles' chunks are published
 (retained); nothing is sent to any device and the record is not written yet."""
 from __future__ import annotations
 
@@ -39,10 +39,16 @@ def plan(bundle: Path, *, inbox: Inbox, client: Client, clock: Clock, say: Calla
     if remote is not None and remote.get("status") in [s.value for s in ACTIVE]:
         raise RolloutError(f"rollout {inbox.id} exists and is {remote.get('status')}",
                            hint=f"edgepack rollout resume {inbox.id}, or abort it first")
-    devices = sorted(e.status.device_id for e in inbox.table.entries(group=group))
-    if not devices:
+    members = inbox.table.entries(group=group)
+    if not members:
         raise RolloutError(f"no device of group {group!r} has reported a status",
                            hint="check the group name and that the devices are connected")
+    devices = sorted(e.status.device_id for e in members if model is None or e.status.for_model(model).model)
+    if len(devices) < len(members):
+        say(f"{len(members) - len(devices)} device(s) of group {group} do not serve model {model}: left out")
+    if not devices:
+        raise RolloutError(f"no device of group {group!r} serves model {model!r}",
+                           hint="push it to them first (edgepack push --model), or check --model")
     p = prepare(bundle, inbox.topics, chunk_size=chunk_size)
     if previous_bundle is not None:
         prev = prepare(previous_bundle, inbox.topics, chunk_size=chunk_size)
