@@ -380,3 +380,18 @@ def test_a_model_rollout_touches_that_model_alone(bundles, second, slow):
         assert all(dev.versions() == {"m": "1.0.0", "b": "1.0.0"} for dev in env.devices.values())
         assert env.devices["d1"].seen == []
     assert all(dev.slots["m"].update is None for dev in env.devices.values())  # m never had an update
+
+
+def test_a_record_from_before_models_resumes_on_the_old_style_topics(bundles):
+    """A rollout record written before several models has no `model`: it drives the devices' own
+    topics (device and group records, as then), and a resumed controller keeps to them."""
+    env = _env(bundles)
+    env.kill_when(lambda r: r["waves"][0]["state"] == "soaking")
+    with pytest.raises(Killed):
+        _start(env, env.controller("A"), device_topic=True)
+    old = {k: v for k, v in env.record().items() if k != "model"}
+    env.broker.publish(T.rollout(RID), dumps(old), retain=True)
+    rec = env.controller("B").resume()
+    assert rec.status == "done" and rec.model is None and set(env.versions().values()) == {"1.1.0"}
+    assert env.broker.doc(T.group_desired("g"))["target"] == "groups/g" and env.broker.doc(GROUP) is None
+    assert not [t for t in env.broker.retained if "/models/" in t]
