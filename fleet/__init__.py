@@ -4,5 +4,5 @@ from fleet.errors import FleetError, RolloutError, RolloutStopped
 from fleet.push import PushResult, clear, push, remove
 from fleet.status import FleetTable, FleetWatcher, status
 
-__all__ = ["push", "remove", "clear", "status", "PushResult", "FleetTable", "FleetWatcher", "FleetError", "RolloutError",
-           "RolloutStopped"]
+__all__ = ["push", "remove", "clear", "status", "PushResult", "FleetTable", "FleetWatcher", "FleetError",
+           "RolloutError", "RolloutStopped"]

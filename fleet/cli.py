@@ -19,7 +19,8 @@ from edgeproto.cli_options import broker_from_options, broker_options
 @click.option("--device-topic", is_flag=True,
               help="Publish on the device's or group's own topic, for agents that predate several models "
                    "(they serve one model, whatever its name).")
-@click.option("--remove", is_flag=True, help="Remove --model from the devices (unload it, delete its files); no BUNDLE.")
+@click.option("--remove", is_flag=True,
+              help="Remove --model from the devices (unload it, delete its files); no BUNDLE.")
 @broker_options
 @click.option("--url", help="Devices download from this http(s):// or file:// URL instead of MQTT chunks.")
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True, help="Bytes per MQTT chunk.")

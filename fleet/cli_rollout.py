@@ -73,8 +73,8 @@ def rollout() -> None:
 @click.option("--lease-seconds", type=float, default=30.0, show_default=True)
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def rollout_start(bundle, group, model, device_topic, sign_key, key_cert, rollout_id, waves, soak_s, wave_timeout, baseline_seconds,
-                  max_failed, max_latency_ratio, max_error_rate, max_nonfinite, min_requests, gate_fields,
+def rollout_start(bundle, group, model, device_topic, sign_key, key_cert, rollout_id, waves, soak_s, wave_timeout,
+                  baseline_seconds, max_failed, max_latency_ratio, max_error_rate, max_nonfinite, min_requests, gate_fields,
                   previous_bundle, allow_interface_change, probation_seconds, probation_requests, lease_seconds,
                   chunk_size, as_json, **kw):
     """Roll BUNDLE out to GROUP's devices in waves, as the new version of one model (--model; the

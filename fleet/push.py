@@ -197,7 +197,7 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     unsigned records. `key_cert` (a certificate or its path) goes with the signature when the key
     is a fleet key certified by a root key. The record's `issued` is now, or just after the
     record already on the topic, so a pusher with a slow clock cannot make its record look older."""
-    Address.of(device=device, group=group)
+    Address.of(device=device, group=group)  # a bad --device or --group fails before the bundle is read
     signer = Signer.load(sign_key, key_cert)
     topics = Topics(broker.topic_prefix)
     p = prepare(bundle, topics, url=url, chunk_size=chunk_size)

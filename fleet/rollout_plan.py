@@ -1,5 +1,6 @@
 """A new rollout's plan (fleet.rollout): the group's devices that serve the model, from their
-retained status, the waves, the bundle and the version that a failed wave goes back to. The bundles' chunks are published
+retained status, the waves, the bundle and the version that a failed wave goes back to. The
+bundles' chunks are published
 (retained); nothing is sent to any device and the record is not written yet."""
 from __future__ import annotations
 

@@ -86,8 +86,8 @@ class _Extra:
         last = self.steps[-1] if self.steps else None
         if update["state"] != "idle" and (last is None or (last["state"], last["update_id"], last["error"]) !=
                                           (update["state"], update["update_id"], update["error"])):
-            self.steps.append({"t": round(at, 3), **{k: update.get(k) for k in ("state", "update_id", "version", "error",
-                                                                                 "model")}})
+            keep = ("state", "update_id", "version", "error", "model")
+            self.steps.append({"t": round(at, 3), **{k: update.get(k) for k in keep}})
 
 
 class FleetView:

@@ -109,7 +109,8 @@ def test_removal_records_are_signed_and_checked_like_updates(keys):
 def test_documents_with_models_follow_the_schemas():
     """What agents with several models write (edgeproto.documents), and what older agents wrote."""
     from edgebundle.manifest import Manifest, TensorSpec
-    from edgeproto.documents import AgentTelemetry, StatusDocument, TelemetryDocument, Totals, model_entry, model_section
+    from edgeproto.documents import (AgentTelemetry, StatusDocument, TelemetryDocument, Totals, model_entry,
+                                     model_section)
     from edgeproto.records import UpdateEvent
 
     m = Manifest(name="b", version="1.0.0", target={"name": "arm-cpu"}, format="tflite", precision="int8",
@@ -157,11 +158,12 @@ def test_fleet_status_lists_each_model():
     t.feed(T.status("d1"), json.dumps({"device_id": "d1", "online": True, "groups": ["g"], **entry, "models": {
         "a": entry, "b": {**entry, "model": {"name": "b", "version": "2.0.0"},
                           "update": {"state": "probation", "update_id": "u"}}}}).encode())
+    window = {"a": {"version": "1.0.0", "inference": {"count": 2, "latency_ms": {"p95": 1.5}}, "totals": {"errors": 1}},
+              "b": {"version": "2.0.0", "inference": {"count": 3, "latency_ms": {"p95": 6.0}}, "totals": {"errors": 3}}}
     t.feed(T.telemetry("d1"), json.dumps({"device_id": "d1", "seq": 1, "inference": {"count": 5},
-                                          "totals": {"count": 5, "errors": 4}, "models": {
-        "a": {"version": "1.0.0", "inference": {"count": 2, "latency_ms": {"p95": 1.5}}, "totals": {"errors": 1}},
-        "b": {"version": "2.0.0", "inference": {"count": 3, "latency_ms": {"p95": 6.0}}, "totals": {"errors": 3}}}}).encode())
-    t.feed(T.status("old"), json.dumps({"device_id": "old", "online": True, "model": {"name": "m", "version": "1"}}).encode())
+                                          "totals": {"count": 5, "errors": 4}, "models": window}).encode())
+    old = {"device_id": "old", "online": True, "model": {"name": "m", "version": "1"}}  # an agent without models
+    t.feed(T.status("old"), json.dumps(old).encode())
     rows = {r["device_id"]: r for r in t.rows()}
     assert [(m["name"], m["version"], m["update"], m["p95_ms"], m["errors"]) for m in rows["d1"]["models"]] == [
         ("a", "1.0.0", None, 1.5, 1), ("b", "2.0.0", "probation", 6.0, 3)]

@@ -54,7 +54,8 @@ def _models_telemetry(dev, seq, *, cls_p95=9.0) -> dict:
     """One window of both models: the device's sum, and each model's own window and totals."""
     det = {"count": 10, "errors": 0, "throughput_ips": 1.0, "latency_ms": {"p95": 2.0}}
     cls = {"count": 20, "errors": 2, "throughput_ips": 2.0, "latency_ms": {"p95": cls_p95}}
-    return {"device_id": dev, "seq": seq, "ts": "2026-11-23T00:00:01+00:00", "model": {"name": "det", "version": "1.0.0"},
+    return {"device_id": dev, "seq": seq, "ts": "2026-11-23T00:00:01+00:00",
+            "model": {"name": "det", "version": "1.0.0"},
             "inference": {"count": 30, "errors": 2, "throughput_ips": 3.0, "latency_ms": {"p95": cls_p95}},
             "totals": {"count": 30 * seq, "errors": 3},
             "models": {"det": {"version": "1.0.0", "inference": det, "totals": {"count": 10 * seq, "errors": 0}},
@@ -383,7 +384,8 @@ def test_fleet_page_in_browser(broker, versions, keys, tmp_path):
 
 _MODELS_JS = """return [...document.querySelectorAll('#devices tbody tr[data-model-of]')].map(tr => ({
   device: tr.dataset.modelOf, model: tr.dataset.model,
-  cells: Object.fromEntries([...tr.cells].filter(td => td.dataset.col).map(td => [td.dataset.col, td.textContent]))}))"""
+  cells: Object.fromEntries([...tr.cells].filter(td => td.dataset.col)
+    .map(td => [td.dataset.col, td.textContent]))}))"""
 
 
 def test_fleet_page_shows_each_model_in_browser(broker):

@@ -162,9 +162,10 @@ class SimDevice:
         self.keyring = Keyring(direct=list(sim.trusted), roots=[], state_path=None)
         self.gate = RecordGate(keyring=self.keyring, limits=Limits(), topic_prefix=self.topics.prefix,
                                sources=SourcePolicy(), state_path=None)
-        mine = [self.topics.model_desired(model)] + [self.topics.group_model_desired(g, model)
-                                                     for g in s.groups] if model else []
-        self._record_topics = mine + [self.topics.desired] + [self.topics.group_desired(g) for g in s.groups]
+        mine = [self.topics.model_desired(model), *(self.topics.group_model_desired(g, model) for g in s.groups)]
+        # the order a record wins in (docs/mqtt-protocol.md): its model's topics, then the old-style ones
+        self._record_topics = (mine if model else []) + [self.topics.desired] + [self.topics.group_desired(g)
+                                                                                  for g in s.groups]
         self._desired: dict[str, Desired | Removal | None] = {}
         self._removed: str | None = None  # update_id of the removal acted on
         self._rng = random.Random(f"{s.seed}-{device_id}")  # str seeds are stable across runs
@@ -242,8 +243,8 @@ class SimDevice:
 
     # ---- MQTT ----
     def status(self) -> dict:
-        model, error, update = self.model.describe() if self.model else None, None if self.model else "no model", \
-            self.updater.summary()
+        model = self.model.describe() if self.model else None
+        error, update = None if self.model else "no model", self.updater.summary()
         models = None if self.model_name is None else {} if self.model is None else {
             self.model_name: model_entry(model=model, error=error, update=update, threads=None, memory=None)}
         return StatusDocument(
