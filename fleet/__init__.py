@@ -1,8 +1,8 @@
 """The fleet side: push bundles to devices, watch the fleet, roll out in gated waves, simulate a
 fleet, configure brokers. Speaks the protocol in edgeproto; never imports the agent or TensorFlow."""
 from fleet.errors import FleetError, RolloutError, RolloutStopped
-from fleet.push import PushResult, clear, push
+from fleet.push import PushResult, clear, push, remove
 from fleet.status import FleetTable, FleetWatcher, status
 
-__all__ = ["push", "clear", "status", "PushResult", "FleetTable", "FleetWatcher", "FleetError", "RolloutError",
-           "RolloutStopped"]
+__all__ = ["push", "remove", "clear", "status", "PushResult", "FleetTable", "FleetWatcher", "FleetError",
+           "RolloutError", "RolloutStopped"]

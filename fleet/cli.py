@@ -12,9 +12,15 @@ from edgeproto.cli_options import broker_from_options, broker_options
 
 
 @click.command()
-@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.argument("bundle", required=False, type=click.Path(exists=True, path_type=Path))
 @click.option("--device", help="Device id.")
 @click.option("--group", help="Fleet group.")
+@click.option("--model", help="The model on the devices to update (default: the bundle's name) or to --remove.")
+@click.option("--device-topic", is_flag=True,
+              help="Publish on the device's or group's own topic, for agents that predate several models "
+                   "(they serve one model, whatever its name).")
+@click.option("--remove", is_flag=True,
+              help="Remove --model from the devices (unload it, delete its files); no BUNDLE.")
 @broker_options
 @click.option("--url", help="Devices download from this http(s):// or file:// URL instead of MQTT chunks.")
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True, help="Bytes per MQTT chunk.")
@@ -29,14 +35,16 @@ from edgeproto.cli_options import broker_from_options, broker_options
               help="Fleet private key that signs the desired record (devices with keys refuse unsigned records).")
 @click.option("--key-cert", type=click.Path(exists=True, path_type=Path),
               help="Certificate of --sign-key from the root key (edgepack keys certify).")
-@click.option("--wait", is_flag=True, help="Follow each device until it commits, fails or rolls back.")
+@click.option("--wait", is_flag=True, help="Follow each device until it commits, fails or rolls back (or removes).")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="With --wait.")
 @click.option("--json", "as_json", is_flag=True)
-def push(bundle, device, group, url, chunk_size, allow_downgrade, allow_interface_change, probation_seconds,
-         probation_requests, max_error_rate, latency_budget_ms, sign_key, key_cert, wait, timeout, as_json, **kw):
-    """Make BUNDLE the desired model of a device or a group (retained: offline devices catch up)."""
+def push(bundle, device, group, model, device_topic, remove, url, chunk_size, allow_downgrade, allow_interface_change,
+         probation_seconds, probation_requests, max_error_rate, latency_budget_ms, sign_key, key_cert, wait, timeout,
+         as_json, **kw):
+    """Make BUNDLE the desired version of a model on a device or a group (retained: offline devices
+    catch up); or, with --remove, take a model off them."""
     from edgeproto.desired import Probation
-    from fleet.push import push as push_bundle
+    from fleet.push import push as push_bundle, remove as remove_model
 
     def show(dev, ev):
         if as_json:
@@ -46,20 +54,30 @@ def push(bundle, device, group, url, chunk_size, allow_downgrade, allow_interfac
         err = f" ({ev['error']})" if ev.get("error") else ""
         click.echo(f"  {dev}: {ev.get('state')}{extra}{err}", err=True)
 
-    res = push_bundle(bundle, broker_from_options(kw), device=device, group=group, url=url, chunk_size=chunk_size,
-                     allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
-                     warn=lambda m: click.echo(f"warning: {m}", err=True),
-                     probation=Probation(seconds=probation_seconds, requests=probation_requests,
-                                         max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
-                     staging_max_p95_ms=latency_budget_ms, wait=wait, timeout=timeout, progress=show,
-                     sign_key=sign_key, key_cert=key_cert)
+    if remove == (bundle is not None):
+        raise click.UsageError("give a BUNDLE to push, or --remove --model NAME (and no bundle)")
+    if remove and device_topic:
+        raise click.UsageError("--remove takes a model off the devices: give --model NAME, not --device-topic")
+    broker = broker_from_options(kw)
+    if remove:
+        res = remove_model(broker, model=model, device=device, group=group, wait=wait, timeout=timeout, progress=show,
+                           sign_key=sign_key, key_cert=key_cert)
+    else:
+        res = push_bundle(bundle, broker, device=device, group=group, model=model, device_topic=device_topic,
+                          url=url, chunk_size=chunk_size, allow_downgrade=allow_downgrade,
+                          allow_interface_change=allow_interface_change,
+                          warn=lambda m: click.echo(f"warning: {m}", err=True),
+                          probation=Probation(seconds=probation_seconds, requests=probation_requests,
+                                              max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
+                          staging_max_p95_ms=latency_budget_ms, wait=wait, timeout=timeout, progress=show,
+                          sign_key=sign_key, key_cert=key_cert)
     d = res.desired
     if as_json:
         click.echo(json.dumps({"topic": res.topic, "desired": d, "devices": res.devices, "warnings": res.warnings},
                               indent=2))
     else:
-        click.echo(f"desired {d['name']} {d['version']} (sha256 {d['sha256'][:16]}..., update {d['update_id']}) "
-                   f"-> {res.topic}")
+        head = "removal" if remove else f"desired {d['name']} {d['version']} (sha256 {d['sha256'][:16]}...)"
+        click.echo(f"{head}, update {d['update_id']} -> {res.topic}")
         for dev, ev in sorted(res.devices.items()):
             click.echo(f"  {dev:<20} {ev.get('state'):<12} {ev.get('error') or ''}")
     if wait and not res.ok:
@@ -133,7 +151,8 @@ def fleet() -> None:
 @click.option("--listen", type=float, default=2.0, show_default=True, help="Seconds to collect live telemetry.")
 @click.option("--json", "as_json", is_flag=True)
 def fleet_status(group, listen, as_json, **kw):
-    """Devices: online, model and version, update state, signed updates, p95 latency, errors, last seen."""
+    """Devices, one line per model: online, model and version, update state, signed updates, p95
+    latency and errors of that model, last seen. --json: the device rows with their `models`."""
     from fleet.status import status
 
     rows = status(broker_from_options(kw), group=group, listen_s=listen)
@@ -141,15 +160,24 @@ def fleet_status(group, listen, as_json, **kw):
         click.echo(json.dumps(rows, indent=2))
         return
     head = ("device", "online", "model", "version", "update", "signed", "p95 ms", "errors", "last seen")
-    table = [head] + [(r["device_id"], {True: "yes", False: "NO"}.get(r["online"], "?"), r["model"] or "-",
-                       r["version"] or "-", r["update"] or "-", {True: "yes", False: "NO"}.get(r["signed_updates"], "?"),
-                       "-" if r["p95_ms"] is None else f"{r['p95_ms']:.2f}",
-                       "-" if r["errors"] is None else str(r["errors"]), r["last_seen"] or "-") for r in rows]
+    table = [head] + [line for r in rows for line in _status_lines(r)]
     w = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for row in table:
         click.echo("  ".join(str(c).ljust(n) for c, n in zip(row, w)).rstrip())
     if not rows:
         click.echo("(no devices have reported)")
+
+
+def _status_lines(r: dict) -> list[tuple]:
+    """A device's lines of `fleet status`: the device's columns on the first, one model per line."""
+    dev = (r["device_id"], {True: "yes", False: "NO"}.get(r["online"], "?"))
+    tail = ({True: "yes", False: "NO"}.get(r["signed_updates"], "?"),)
+    models = r["models"] or [{"name": None, "version": None, "update": None, "p95_ms": r["p95_ms"],
+                              "errors": r["errors"]}]
+    return [(*(dev if i == 0 else ("", "")), m["name"] or "-", m["version"] or "-", m["update"] or "-",
+             *(tail if i == 0 else ("",)), "-" if m["p95_ms"] is None else f"{m['p95_ms']:.2f}",
+             "-" if m["errors"] is None else str(m["errors"]), (r["last_seen"] or "-") if i == 0 else "")
+            for i, m in enumerate(models)]
 
 
 @fleet.command("serve")

@@ -43,6 +43,9 @@ def rollout() -> None:
 @rollout.command("start")
 @click.argument("bundle", type=click.Path(exists=True, path_type=Path))
 @click.option("--group", required=True)
+@click.option("--model", help="The model on the devices to update (default: the bundle's name).")
+@click.option("--device-topic", is_flag=True,
+              help="Use the devices' and group's own topics, for agents that predate several models.")
 @broker_options
 @_signing
 @click.option("--id", "rollout_id", help="Rollout id (default: GROUP-<random>).")
@@ -70,11 +73,12 @@ def rollout() -> None:
 @click.option("--lease-seconds", type=float, default=30.0, show_default=True)
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def rollout_start(bundle, group, sign_key, key_cert, rollout_id, waves, soak_s, wave_timeout, baseline_seconds,
-                  max_failed, max_latency_ratio, max_error_rate, max_nonfinite, min_requests, gate_fields,
+def rollout_start(bundle, group, model, device_topic, sign_key, key_cert, rollout_id, waves, soak_s, wave_timeout,
+                  baseline_seconds, max_failed, max_latency_ratio, max_error_rate, max_nonfinite, min_requests, gate_fields,
                   previous_bundle, allow_interface_change, probation_seconds, probation_requests, lease_seconds,
                   chunk_size, as_json, **kw):
-    """Roll BUNDLE out to GROUP in waves; exits 1 with the reason when a gate stops it."""
+    """Roll BUNDLE out to GROUP's devices in waves, as the new version of one model (--model; the
+    devices' other models are never touched); exits 1 with the reason when a gate stops it."""
     from edgeproto.desired import Probation
     from fleet import rollout as ro
     from fleet.gates import FieldGate, Gates
@@ -88,7 +92,8 @@ def rollout_start(bundle, group, sign_key, key_cert, rollout_id, waves, soak_s, 
                                lease_s=lease_seconds, gates=gates, allow_interface_change=allow_interface_change,
                                probation=Probation(seconds=probation_seconds, requests=probation_requests,
                                                    max_error_rate=max_error_rate))
-    rec = ro.start(bundle, broker_from_options(kw), group=group, settings=settings, rollout_id=rollout_id,
+    rec = ro.start(bundle, broker_from_options(kw), group=group, settings=settings, model=model,
+                   device_topic=device_topic, rollout_id=rollout_id,
                    previous_bundle=previous_bundle, signer=_signer(sign_key, key_cert), chunk_size=chunk_size,
                    say=_say)
     _show(rec, as_json)

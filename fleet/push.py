@@ -1,5 +1,10 @@
 """Push a bundle as desired state (chunks retained on the broker) and follow the devices' update
-events; clear a desired record."""
+events; remove a model from devices (a signed removal record); clear a desired record.
+
+A record addresses one model of a device or a group (`{root}/devices/{id}/models/{name}/desired`,
+`{root}/groups/{g}/models/{name}/desired`; the model's name defaults to the bundle's), or, for agents
+that predate several models, the device's or group's own topic (`device_topic`); docs/mqtt-protocol.md
+says which record a device acts on when both exist."""
 from __future__ import annotations
 
 import hashlib
@@ -17,10 +22,11 @@ from edgebundle.archive import open_bundle
 from edgebundle.errors import InputError
 from edgebundle.trust import parse_time
 from edgeproto.broker import BrokerConfig
-from edgeproto.desired import Desired, MqttTransfer, Probation, UrlTransfer, sign_record
+from edgeproto.bundleref import MODEL_NAME
+from edgeproto.desired import Desired, MqttTransfer, Probation, Removal, UrlTransfer, sign_record
 from edgeproto.mqtt import MqttClient, dumps
-from edgeproto.records import FINAL_STATES
-from edgeproto.topics import Topics
+from edgeproto.records import FINAL_STATES, DeviceStatus
+from edgeproto.topics import Topics, target
 from fleet.conn import Collector, parse_json
 from fleet.errors import FleetError
 
@@ -35,10 +41,53 @@ class PushResult:
     topic: str
     devices: dict[str, dict] = field(default_factory=dict)  # device -> last event
     warnings: list[str] = field(default_factory=list)
+    success: str = "committed"  # the final state that means done ("removed" for a removal)
 
     @property
     def ok(self) -> bool:
-        return all(e.get("state") == "committed" for e in self.devices.values())
+        return all(e.get("state") == self.success for e in self.devices.values())
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a desired record goes: a device or a group, and one of its models (None: the
+    device's or group's own topic, the one agents that predate several models read)."""
+
+    device: str | None = None
+    group: str | None = None
+    model: str | None = None
+
+    @classmethod
+    def of(cls, *, device: str | None, group: str | None, model: str | None = None) -> "Address":
+        if (device is None) == (group is None):
+            raise InputError("give exactly one of --device or --group")
+        name = device if device is not None else group
+        if not _ID.match(name or ""):
+            raise InputError(f"{'device id' if device is not None else 'group'} {name!r} must be 1-64 letters, "
+                             "digits, '.', '_' or '-'")
+        if model is not None and not MODEL_NAME.match(model):
+            raise InputError(f"model name {model!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        return cls(device=device, group=group, model=model)
+
+    @property
+    def target(self) -> str:
+        """The record's `target` ('devices/ID' or 'groups/NAME', + '/models/MODEL')."""
+        return target("devices", self.device, self.model) if self.device else target("groups", self.group, self.model)
+
+
+def model_for(bundle_name: str, *, model: str | None = None, device_topic: bool = False) -> str | None:
+    """The model a record addresses: `model`, else the bundle's name; None with `device_topic`."""
+    if device_topic:
+        if model is not None:
+            raise InputError("--model and --device-topic exclude each other",
+                             hint="--device-topic addresses an agent's only model, whatever its name")
+        return None
+    name = model or bundle_name
+    if not MODEL_NAME.match(name or ""):
+        raise InputError(f"the bundle's name {name!r} cannot name a model on a device (1-64 letters, digits, "
+                         "'.', '_' or '-')", hint="give --model NAME (or --device-topic for agents that predate "
+                                                  "several models)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -87,7 +136,8 @@ def prepare(bundle: Path, topics: Topics, *, url: str | None = None, chunk_size:
 def make_record(p: Prepared, *, target: str, update_id: str, issued: str, signer: Signer = Signer(),
                 allow_downgrade: bool = False, allow_interface_change: bool = False,
                 probation: Probation = Probation(), staging_max_p95_ms: float | None = None) -> dict:
-    """The desired record for `target` ('devices/ID' or 'groups/NAME'), signed when `signer` has a key."""
+    """The desired record for `target` ('devices/ID' or 'groups/NAME', + '/models/MODEL'), signed when
+    `signer` has a key."""
     desired = Desired(update_id=update_id, name=p.name, version=p.version, sha256=p.sha256, size=p.size,
                       transfer=p.transfer, allow_downgrade=allow_downgrade,
                       allow_interface_change=allow_interface_change, probation=probation,
@@ -103,12 +153,19 @@ def publish_record(client: MqttClient, topic: str, doc: dict | None) -> None:
         raise FleetError(f"the broker did not acknowledge the desired record on {topic}")
 
 
+def removal_record(*, target: str, update_id: str, issued: str, signer: Signer = Signer()) -> dict:
+    """A removal for `target` (a model of a device or a group), signed when `signer` has a key."""
+    doc = Removal(update_id=update_id, issued=issued, target=target).to_dict()
+    return sign_record(doc, signer.key, cert=signer.cert) if signer.key is not None else doc
+
+
 def interface_warnings(table, p: Prepared, *, devices: list[str] | None = None, group: str | None = None,
-                       allowed: bool = False) -> list[str]:
-    """Devices (from a FleetTable of retained status) whose running model has another interface."""
+                       allowed: bool = False, model: str | None = None) -> list[str]:
+    """Devices (from a FleetTable of retained status) whose `model` (None: their first) runs a
+    bundle with another interface."""
     entries = [e for e in table.entries(group=group) if devices is None or e.status.device_id in devices]
-    differ = sorted(e.status.device_id for e in entries
-                    if e.status.model and e.status.model.interface and e.status.model.interface != p.interface)
+    running = [(e.status.device_id, e.status.for_model(model).model) for e in entries]
+    differ = sorted(dev for dev, m in running if m and m.interface and m.interface != p.interface)
     if not differ:
         return []
     names = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
@@ -121,6 +178,7 @@ def interface_warnings(table, p: Prepared, *, devices: list[str] | None = None, 
 
 
 def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group: str | None = None,
+         model: str | None = None, device_topic: bool = False,
          url: str | None = None, chunk_size: int = DEFAULT_CHUNK, allow_downgrade: bool = False,
          allow_interface_change: bool = False,
          probation: Probation = Probation(), staging_max_p95_ms: float | None = None,
@@ -128,8 +186,10 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
          progress: Callable[[str, dict], None] = lambda _d, _e: None,
          warn: Callable[[str], None] = lambda _m: None, check_interface: bool = True,
          sign_key=None, key_cert=None) -> PushResult:
-    """Publish the bundle's chunks (retained) and the desired record (retained); with `wait`,
-    follow the target devices' events until each commits, fails, rolls back, or time runs out.
+    """Publish the bundle's chunks (retained) and the desired record (retained) for `model` of the
+    device or group (default: the bundle's name; `device_topic`: their own topic instead, for
+    agents that predate several models); with `wait`, follow the target devices' events until
+    each commits, fails, rolls back, or time runs out.
 
     Before publishing, the devices' retained status is read (`check_interface`): devices whose
     model has another interface than the bundle are named through `warn` and in the result.
@@ -137,15 +197,11 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     unsigned records. `key_cert` (a certificate or its path) goes with the signature when the key
     is a fleet key certified by a root key. The record's `issued` is now, or just after the
     record already on the topic, so a pusher with a slow clock cannot make its record look older."""
-    if (device is None) == (group is None):
-        raise InputError("give exactly one of --device or --group")
-    name = device if device is not None else group
-    if not _ID.match(name or ""):
-        raise InputError(f"{'device id' if device is not None else 'group'} {name!r} must be 1-64 letters, digits, "
-                         "'.', '_' or '-'")
+    Address.of(device=device, group=group)  # a bad --device or --group fails before the bundle is read
     signer = Signer.load(sign_key, key_cert)
     topics = Topics(broker.topic_prefix)
     p = prepare(bundle, topics, url=url, chunk_size=chunk_size)
+    addr = Address.of(device=device, group=group, model=model_for(p.name, model=model, device_topic=device_topic))
     warnings = []
     if check_interface:
         from fleet.status import FleetWatcher
@@ -156,26 +212,61 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
         finally:
             w.stop()
         warnings = interface_warnings(w.table, p, devices=[device] if device else None, group=group,
-                                      allowed=allow_interface_change)
+                                      allowed=allow_interface_change, model=addr.model)
         for msg in warnings:
             warn(msg)
-    target = f"devices/{device}" if device else f"groups/{group}"
-    topic = topics.target_desired(target)
-    watch = [topics.events(), topics.status()] if wait else []
-    conn = Collector(broker, watch, name="push")
+
+    def record(issued: str) -> dict:
+        return make_record(p, target=addr.target, update_id=uuid.uuid4().hex, issued=issued, signer=signer,
+                           allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
+                           probation=probation, staging_max_p95_ms=staging_max_p95_ms)
+
+    result = PushResult(desired={}, topic=topics.target_desired(addr.target), warnings=warnings)
+    return _publish(broker, result, record, chunks=None if url else p, addr=addr,
+                    follow=Follow(timeout=timeout, expect=tuple(expect or ()), progress=progress) if wait else None)
+
+
+def remove(broker: BrokerConfig, *, model: str, device: str | None = None, group: str | None = None,
+           wait: bool = False, timeout: float = 600, expect: list[str] | None = None,
+           progress: Callable[[str, dict], None] = lambda _d, _e: None, sign_key=None, key_cert=None) -> PushResult:
+    """Publish a removal record (retained, signed with `sign_key`) for `model` of the device or
+    group: the devices unload the model and delete its files. With `wait`, follow each device's
+    events until it reports `removed` (or fails, or time runs out)."""
+    if model is None:
+        raise InputError("--remove needs --model NAME (the model to remove)")
+    addr = Address.of(device=device, group=group, model=model)
+    signer = Signer.load(sign_key, key_cert)
+    topics = Topics(broker.topic_prefix)
+    result = PushResult(desired={}, topic=topics.target_desired(addr.target), success="removed")
+    return _publish(broker, result, lambda issued: removal_record(target=addr.target, update_id=uuid.uuid4().hex,
+                                                                  issued=issued, signer=signer),
+                    chunks=None, addr=addr,
+                    follow=Follow(timeout=timeout, expect=tuple(expect or ()), progress=progress) if wait else None)
+
+
+@dataclass(frozen=True)
+class Follow:
+    """How `--wait` follows the devices: for how long, which group members to expect besides those
+    whose retained status names the group, and who hears each event."""
+
+    timeout: float = 600
+    expect: tuple[str, ...] = ()
+    progress: Callable[[str, dict], None] = lambda _d, _e: None
+
+
+def _publish(broker: BrokerConfig, result: PushResult, record: Callable[[str], dict], *, chunks: Prepared | None,
+             addr: Address, follow: Follow | None) -> PushResult:
+    """The record (made for its `issued`) first, so online devices start pulling chunks while they
+    are still being published (the transfer pipelines); offline ones find them retained later."""
+    topics = Topics(broker.topic_prefix)
+    conn = Collector(broker, [topics.events(), topics.status()] if follow else [], name="push")
     try:
-        doc = make_record(p, target=target, update_id=uuid.uuid4().hex, issued=_issued_after(conn, topic),
-                          signer=signer, allow_downgrade=allow_downgrade,
-                          allow_interface_change=allow_interface_change, probation=probation,
-                          staging_max_p95_ms=staging_max_p95_ms)
-        # The record goes first, so online devices start pulling chunks while they are still being
-        # published (the transfer pipelines); offline ones find them retained later.
-        publish_record(conn.client, topic, doc)
-        if not url:
-            publish_chunks(conn.client, p)
-        result = PushResult(desired=doc, topic=topic, warnings=warnings)
-        if wait:
-            _follow(conn, result, device=device, group=group, timeout=timeout, expect=expect, progress=progress)
+        result.desired = record(_issued_after(conn, result.topic))
+        publish_record(conn.client, result.topic, result.desired)
+        if chunks is not None:
+            publish_chunks(conn.client, chunks)
+        if follow:
+            _follow(conn, result, addr=addr, follow=follow)
         return result
     finally:
         conn.stop()
@@ -251,13 +342,15 @@ def publish_chunks(client: MqttClient, p: Prepared, window: int = 64) -> None:
         info.wait_for_publish(60)
 
 
-def _follow(conn: Collector, result: PushResult, *, device, group, timeout, expect, progress) -> None:
+def _follow(conn: Collector, result: PushResult, *, addr: Address, follow: Follow) -> None:
     """Collect events for this update_id; the target set is the device, or the group's members
-    from their retained status (plus `expect`)."""
+    that serve the model (from their retained status) or answer with an event (a model new to
+    them), plus `expect`. A device's status seen through the model also gives a final state whose
+    event this connection missed."""
     uid = result.desired["update_id"]
     topics = Topics(conn.client.cfg.topic_prefix)
-    targets = {device} if device else set(expect or [])
-    deadline = time.monotonic() + timeout
+    targets = {addr.device} if addr.device else set(follow.expect)
+    deadline = time.monotonic() + follow.timeout
     seen = 0
     while time.monotonic() < deadline:
         new, seen = conn.take(seen, 0.5)
@@ -266,25 +359,37 @@ def _follow(conn: Collector, result: PushResult, *, device, group, timeout, expe
             if hit is None or not isinstance(doc, dict):
                 continue
             dev, kind = hit
-            if kind == "status" and group and group in (doc.get("groups") or []) and device is None:
-                targets.add(dev)
+            if kind == "status":
+                st = DeviceStatus.from_dict(dev, doc).for_model(addr.model)
+                _status_seen(result, dev, st, uid, follow)
+                if addr.group and addr.group in st.groups and (addr.model is None or st.model is not None):
+                    targets.add(dev)
             elif kind == "events" and doc.get("update_id") == uid:
                 result.devices[dev] = doc
-                progress(dev, doc)
+                targets.add(dev)
+                follow.progress(dev, doc)
         if targets and all(result.devices.get(t, {}).get("state") in FINAL for t in targets):
             return
     for t in targets:
         if result.devices.get(t, {}).get("state") not in FINAL:
             result.devices[t] = {**result.devices.get(t, {}), "state": "timed_out",
-                                 "error": f"no final state within {timeout:.0f} s"}
+                                 "error": f"no final state within {follow.timeout:.0f} s"}
     if not targets:
-        result.devices["(none)"] = {"state": "timed_out", "error": f"no device of group {group!r} reported"}
+        result.devices["(none)"] = {"state": "timed_out", "error": f"no device of group {addr.group!r} reported"}
 
 
-def clear(broker: BrokerConfig, *, device: str | None = None, group: str | None = None) -> None:
-    """Remove a retained desired record (devices keep what they run)."""
-    topics = Topics(broker.topic_prefix)
-    topic = topics.desired(device) if device else topics.group_desired(group)
+def _status_seen(result: PushResult, dev: str, st: DeviceStatus, uid: str, follow: Follow) -> None:
+    u = st.update
+    if u and u.update_id == uid and u.state in FINAL and result.devices.get(dev, {}).get("state") not in FINAL:
+        result.devices[dev] = {"update_id": uid, "state": u.state, "version": u.version, "error": u.error}
+        follow.progress(dev, result.devices[dev])
+
+
+def clear(broker: BrokerConfig, *, device: str | None = None, group: str | None = None,
+          model: str | None = None) -> None:
+    """Remove a retained desired record (devices keep what they run): the model's, or with no
+    `model` the device's or group's own."""
+    topic = Topics(broker.topic_prefix).target_desired(Address.of(device=device, group=group, model=model).target)
     conn = Collector(broker, [], name="clear")
     try:
         conn.client.publish_wait(topic, b"", qos=1, retain=True)
@@ -292,5 +397,5 @@ def clear(broker: BrokerConfig, *, device: str | None = None, group: str | None 
         conn.stop()
 
 
-__all__ = ["push", "clear", "prepare", "make_record", "publish_record", "publish_chunks", "interface_warnings",
-           "PushResult", "Prepared", "Signer", "DEFAULT_CHUNK"]
+__all__ = ["push", "remove", "clear", "prepare", "make_record", "removal_record", "publish_record", "publish_chunks",
+           "interface_warnings", "model_for", "Address", "PushResult", "Prepared", "Signer", "DEFAULT_CHUNK"]

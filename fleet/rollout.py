@@ -40,11 +40,11 @@ from edgebundle.archive import open_bundle
 from edgebundle.trust import parse_time
 from edgeproto.broker import BrokerConfig
 from edgeproto.records import TelemetryWindow
-from edgeproto.topics import Topics
+from edgeproto.topics import Topics, target
 from fleet.conn import Collector, parse_json
 from fleet.errors import RolloutError, RolloutStopped
 from fleet.gates import Window, baseline_p95, judge_device, judge_wave, plan_waves
-from fleet.push import Prepared, Signer, make_record, publish_record
+from fleet.push import Prepared, Signer, make_record, model_for, publish_record
 from fleet.rollout_lease import Lease
 from fleet.rollout_link import Client, Clock, Inbox, publish_retained
 from fleet.rollout_plan import plan, prepared
@@ -81,6 +81,7 @@ class Controller:
     # ---- the record ----
     def _use(self, record: RolloutRecord) -> RolloutRecord:
         self.record, self.settings = record, record.parsed_settings
+        self.inbox.model = record.model
         return record
 
     def save(self) -> None:
@@ -96,19 +97,32 @@ class Controller:
             raise RolloutError(f"no rollout {self.id!r} on the broker", hint="list them with: edgepack rollout status")
         return self._use(RolloutRecord.from_dict(self.inbox.record))
 
-    def _watch_group(self, group: str) -> None:
+    def _watch_group(self, group: str, model: str | None) -> None:
+        """The group's record for the model; for a model's rollout also the group's own (old-style)
+        record, which a fleet that predates several models may still hold (fleet.rollout_plan)."""
         if self.inbox.group_topic is None:
-            self.inbox.group_topic = self.topics.group_desired(group)
+            self.inbox.group_topic = self.topics.target_desired(target("groups", group, model))
             self.client.subscribe_wait(self.inbox.group_topic)
+            if model is not None:
+                self.inbox.legacy_topic = self.topics.group_desired(group)
+                self.client.subscribe_wait(self.inbox.legacy_topic)
+
+    def _target(self, scope: str, name: str) -> str:
+        """A record's target for the rollout's model (its topic: Topics.target_desired)."""
+        return target(scope, name, self.record.model)
 
     # ---- start ----
-    def create(self, bundle: Path, *, group: str, settings: RolloutSettings, previous_bundle: Path | None = None,
-               chunk_size: int = 1 << 20, settle_s: float = 5.0) -> RolloutRecord:
-        """Plan the rollout (fleet.rollout_plan), take the lease and write the record. Nothing is
-        sent to any device yet."""
-        self._watch_group(group)
+    def create(self, bundle: Path, *, group: str, settings: RolloutSettings, model: str | None = None,
+               device_topic: bool = False, previous_bundle: Path | None = None, chunk_size: int = 1 << 20,
+               settle_s: float = 5.0) -> RolloutRecord:
+        """Plan the rollout of `model` (default: the bundle's name; `device_topic`: the devices' own
+        topics, for agents that predate several models) (fleet.rollout_plan), take the lease and
+        write the record. Nothing is sent to any device yet."""
+        model = model_for(open_bundle(bundle).manifest.name, model=model, device_topic=device_topic)
+        self.inbox.model = model
+        self._watch_group(group, model)
         r = self._use(plan(bundle, inbox=self.inbox, client=self.client, clock=self.clock, say=self.say, group=group,
-                           settings=settings, previous_bundle=previous_bundle, chunk_size=chunk_size,
+                           settings=settings, model=model, previous_bundle=previous_bundle, chunk_size=chunk_size,
                            settle_s=settle_s))
         self.lease.acquire(ttl=settings.lease_s, wait_s=0)
         publish_retained(self.client, self.topics.rollout_control(self.id), None)
@@ -124,7 +138,7 @@ class Controller:
         r = self.record
         if r.status == RolloutStatus.PAUSED.value:
             r.status = RolloutStatus.RUNNING.value
-        self._watch_group(r.group)
+        self._watch_group(r.group, r.model)
         while r.status == RolloutStatus.RUNNING.value:
             if r.current >= len(r.waves):
                 self._finish(r)
@@ -227,8 +241,8 @@ class Controller:
         (at most the wave timeout); then all their per-device records are cleared."""
         s, t0, new = self.settings, self.clock.mono(), r.bundle["sha256"]
         table = self.inbox.table
-        switched = [d for d in devices if (e := table.get(d)) and e.status.model
-                    and e.status.model.bundle_sha256 == new]
+        running = {d: e.status.for_model(r.model).model for d in devices if (e := table.get(d))}
+        switched = [d for d, m in running.items() if m and m.bundle_sha256 == new]
         if switched and r.previous:
             p = prepared(r.previous)
             self._send(p, switched, update_id, allow_downgrade=True, allow_interface_change=True)
@@ -253,10 +267,11 @@ class Controller:
             issued = max(issued, floor + timedelta(milliseconds=1))
         except (ValueError, TypeError):
             pass
-        doc = make_record(p, target=f"groups/{r.group}", update_id=f"{r.id}-group",
+        group = self._target("groups", r.group)
+        doc = make_record(p, target=group, update_id=f"{r.id}-group",
                           issued=issued.isoformat(timespec="milliseconds"), signer=self.signer,
                           allow_interface_change=s.allow_interface_change, probation=s.probation)
-        publish_record(self.client, self.topics.group_desired(r.group), doc)
+        publish_record(self.client, self.topics.target_desired(group), doc)
         self._clear([d for w in r.waves for d in w.devices])
         self._stop(r, RolloutStatus.DONE, None)
         self.say(f"rollout {r.id}: done; group {r.group} desires {p.name} {p.version}")
@@ -265,15 +280,15 @@ class Controller:
         """A per-device desired record for each of `devices` (signed when the signer has a key)."""
         issued = self.clock.iso()
         for dev in devices:
-            target = f"devices/{dev}"
-            doc = make_record(p, target=target, update_id=update_id, issued=issued, signer=self.signer,
+            to = self._target("devices", dev)
+            doc = make_record(p, target=to, update_id=update_id, issued=issued, signer=self.signer,
                               probation=self.settings.probation, **allow)
-            publish_record(self.client, self.topics.target_desired(target), doc)
+            publish_record(self.client, self.topics.target_desired(to), doc)
 
     def _clear(self, devices: list[str]) -> None:
         """Their per-device records go: they fall back to the group's record."""
         for dev in devices:
-            publish_record(self.client, self.topics.desired(dev), None)
+            publish_record(self.client, self.topics.target_desired(self._target("devices", dev)), None)
 
     def _stop(self, r: RolloutRecord, status: RolloutStatus, reason: str | None) -> RolloutRecord:
         r.status, r.reason = status.value, reason
@@ -386,15 +401,19 @@ def _connected(broker: BrokerConfig, rollout_id: str, *, signer: Signer, say: Sa
 
 
 def start(bundle: Path, broker: BrokerConfig, *, group: str, settings: RolloutSettings = RolloutSettings(),
-          rollout_id: str | None = None, previous_bundle: Path | None = None, signer: Signer = Signer(),
-          chunk_size: int = 1 << 20, say: Say = lambda _m: None) -> RolloutRecord:
-    """Create and drive a rollout. RolloutStopped when a gate stopped it (the record says why)."""
+          model: str | None = None, device_topic: bool = False, rollout_id: str | None = None,
+          previous_bundle: Path | None = None, signer: Signer = Signer(), chunk_size: int = 1 << 20,
+          say: Say = lambda _m: None) -> RolloutRecord:
+    """Create and drive a rollout of `model` (default: the bundle's name; `device_topic`: the
+    devices' own topics). RolloutStopped when a gate stopped it (the record says why)."""
     plan_waves(["x"], settings.waves)  # a bad --waves fails before anything is published
     for b in (bundle, previous_bundle):  # a file that is not a bundle fails before the broker is asked
         if b is not None:
             open_bundle(b)
+    model_for(open_bundle(bundle).manifest.name, model=model, device_topic=device_topic)  # so does a bad --model
     with _connected(broker, rollout_id or f"{group}-{uuid.uuid4().hex[:6]}", signer=signer, say=say) as c:
-        c.create(bundle, group=group, settings=settings, previous_bundle=previous_bundle, chunk_size=chunk_size)
+        c.create(bundle, group=group, settings=settings, model=model, device_topic=device_topic,
+                 previous_bundle=previous_bundle, chunk_size=chunk_size)
         return _outcome(c.run())
 
 

@@ -56,7 +56,8 @@ class Inbox:
     """What the controller has heard: its rollout's retained record, lease and control request, the
     group's desired record, the devices' status (a FleetTable), their recent telemetry and the final
     states of their updates (from events, and from the retained status: events are not retained).
-    Fed on the connection's thread, read on the controller's."""
+    Telemetry and status are seen through the rollout's `model` (set once the record names it), so
+    the gates judge that model alone. Fed on the connection's thread, read on the controller's."""
 
     def __init__(self, topics: Topics, rollout_id: str, *, mono: Callable[[], float] = time.monotonic):
         self.topics, self.id, self._mono = topics, rollout_id, mono
@@ -64,10 +65,13 @@ class Inbox:
         self.record: dict | None = None  # the retained rollout record, as published
         self.lease: dict | None = None
         self.control: dict | None = None
+        self.model: str | None = None  # the model the rollout updates (None: the devices' only/first one)
         self.group_desired: dict | None = None
         self.group_topic: str | None = None  # set before subscribing to it
+        self.legacy_desired: dict | None = None  # the group's old-style record, when the rollout is a model's
+        self.legacy_topic: str | None = None
         self._lock = threading.Lock()
-        self._telemetry: dict[str, collections.deque] = {}  # device -> (received mono, version, window)
+        self._telemetry: dict[str, collections.deque] = {}  # device -> (received mono, whole window)
         self._outcomes: dict[str, dict[str, str]] = {}  # update_id -> device -> final state
 
     @property
@@ -85,6 +89,8 @@ class Inbox:
             self.control = parse_json(payload)
         elif topic == self.group_topic:
             self.group_desired = parse_json(payload)
+        elif topic == self.legacy_topic:
+            self.legacy_desired = parse_json(payload)
         else:
             self._device(topic, payload)
 
@@ -100,13 +106,12 @@ class Inbox:
         elif hit[1] == "telemetry":
             tel = TelemetryWindow.from_dict(dev, parse_json(payload))
             with self._lock:
-                self._telemetry.setdefault(dev, collections.deque(maxlen=HISTORY)).append(
-                    (self._mono(), tel.model_version, tel))
-        elif hit[1] == "status":
-            e = self.table.get(dev)
-            u = e.status.update if e else None
-            if u and u.update_id:
-                self._outcome(u.update_id, dev, u.state)
+                self._telemetry.setdefault(dev, collections.deque(maxlen=HISTORY)).append((self._mono(), tel))
+        elif hit[1] == "status" and (e := self.table.get(dev)) is not None:
+            # every model's update: update ids are the rollout's own, whichever model they are for
+            for u in (e.status.update, *(slot.update for slot in e.status.models.values())):
+                if u and u.update_id:
+                    self._outcome(u.update_id, dev, u.state)
 
     def _outcome(self, update_id: str, device: str, state) -> None:
         if state in FINAL_STATES:
@@ -114,9 +119,10 @@ class Inbox:
                 self._outcomes.setdefault(update_id, {})[device] = state
 
     def telemetry(self, device: str) -> list[tuple[float, str | None, TelemetryWindow]]:
-        """(received, model version, window), oldest first, at most HISTORY."""
+        """(received, model version, window) of the rollout's model, oldest first, at most HISTORY."""
         with self._lock:
-            return list(self._telemetry.get(device, ()))
+            got = list(self._telemetry.get(device, ()))
+        return [(t, w.model_version, w) for t, w in ((t, tel.for_model(self.model)) for t, tel in got)]
 
     def outcomes(self, update_id: str) -> dict[str, str]:
         """device -> final state of `update_id` (committed, failed, rolled_back) heard so far."""

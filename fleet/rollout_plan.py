@@ -1,5 +1,6 @@
-"""A new rollout's plan (fleet.rollout): the group's devices from their retained status, the waves,
-the bundle and the version that a failed wave goes back to. The bundles' chunks are published
+"""A new rollout's plan (fleet.rollout): the group's devices that serve the model, from their
+retained status, the waves, the bundle and the version that a failed wave goes back to. The
+bundles' chunks are published
 (retained); nothing is sent to any device and the record is not written yet."""
 from __future__ import annotations
 
@@ -29,32 +30,52 @@ def prepared(d: dict) -> Prepared:
 
 
 def plan(bundle: Path, *, inbox: Inbox, client: Client, clock: Clock, say: Callable[[str], None], group: str,
-         settings: RolloutSettings, previous_bundle: Path | None, chunk_size: int, settle_s: float) -> RolloutRecord:
-    """The record of a new rollout (its first wave pending). `inbox` must already hear the group's
-    desired record: without `previous_bundle` that is what a failed wave goes back to."""
+         settings: RolloutSettings, model: str | None, previous_bundle: Path | None, chunk_size: int,
+         settle_s: float) -> RolloutRecord:
+    """The record of a new rollout of `model` (None: the devices' own topics; its first wave
+    pending). `inbox` must already hear the group's desired record for the model: without
+    `previous_bundle` that is what a failed wave goes back to."""
     _settle(inbox.table, clock, settle_s)
     remote = inbox.record
     if remote is not None and remote.get("status") in [s.value for s in ACTIVE]:
         raise RolloutError(f"rollout {inbox.id} exists and is {remote.get('status')}",
                            hint=f"edgepack rollout resume {inbox.id}, or abort it first")
-    devices = sorted(e.status.device_id for e in inbox.table.entries(group=group))
-    if not devices:
+    members = inbox.table.entries(group=group)
+    if not members:
         raise RolloutError(f"no device of group {group!r} has reported a status",
                            hint="check the group name and that the devices are connected")
+    devices = sorted(e.status.device_id for e in members if model is None or e.status.for_model(model).model)
+    if len(devices) < len(members):
+        say(f"{len(members) - len(devices)} device(s) of group {group} do not serve model {model}: left out")
+    if not devices:
+        raise RolloutError(f"no device of group {group!r} serves model {model!r}",
+                           hint="push it to them first (edgepack push --model), or check --model")
     p = prepare(bundle, inbox.topics, chunk_size=chunk_size)
     if previous_bundle is not None:
         prev = prepare(previous_bundle, inbox.topics, chunk_size=chunk_size)
         publish_chunks(client, prev)
         previous = bundle_dict(prev)
     else:
-        previous = _group_previous(p, group, inbox.group_desired)
+        previous = _group_previous(p, group, _group_record(inbox, model))
     waves = plan_waves(devices, settings.waves)
-    for msg in interface_warnings(inbox.table, p, devices=devices, allowed=settings.allow_interface_change):
+    for msg in interface_warnings(inbox.table, p, devices=devices, allowed=settings.allow_interface_change,
+                                  model=model):
         say(f"warning: {msg}")
     publish_chunks(client, p)
     now = clock.wall()
     return RolloutRecord(id=inbox.id, group=group, bundle=bundle_dict(p), previous=previous,
-                         settings=settings.to_dict(), waves=[Wave(devices=w) for w in waves], created=now, updated=now)
+                         settings=settings.to_dict(), waves=[Wave(devices=w) for w in waves], created=now, updated=now,
+                         model=model)
+
+
+def _group_record(inbox: Inbox, model: str | None):
+    """The group's record for the model. A fleet that predates several models keeps its record on
+    the group's own topic, which its devices' first model follows: a model's first rollout goes
+    back to that one when it names a bundle of the model's name (no migration step)."""
+    legacy = inbox.legacy_desired
+    if inbox.group_desired is None and model is not None and isinstance(legacy, dict) and legacy.get("name") == model:
+        return legacy
+    return inbox.group_desired
 
 
 def _group_previous(p: Prepared, group: str, g) -> dict:

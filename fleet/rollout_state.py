@@ -95,6 +95,7 @@ class RolloutRecord:
     updated: float = field(default_factory=time.time)
     controller: str | None = None
     schema: str = SCHEMA
+    model: str | None = None  # the model on the devices it updates; None: their own (old-style) topics
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +115,8 @@ class RolloutRecord:
 
     def summary_lines(self) -> list[str]:
         b = self.bundle
-        lines = [f"rollout {self.id}: {b['name']} {b['version']} to group {self.group}: {self.status}"
+        of = f" (model {self.model})" if self.model and self.model != b["name"] else ""
+        lines = [f"rollout {self.id}: {b['name']} {b['version']}{of} to group {self.group}: {self.status}"
                  + (f" ({self.reason})" if self.reason else "")]
         for i, w in enumerate(self.waves):
             mark = ">" if i == self.current and self.status in ("running", "paused") else " "

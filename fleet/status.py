@@ -23,17 +23,40 @@ class DeviceEntry:
     updated: float = 0.0  # time.time() of the last message
 
     def row(self) -> dict:
+        """The device: its first model (as one-model agents reported it), the whole device's p95 and
+        errors, and `models`, one row per model."""
         st, tel = self.status, self.telemetry
         m, u = st.model, st.update
-        raw_tel = tel.raw if tel else {}
-        totals = raw_tel.get("totals") if isinstance(raw_tel.get("totals"), dict) else {}
         return {"device_id": st.device_id, "online": st.online, "groups": list(st.groups),
                 "model": m.name if m else None, "version": m.version if m else None,
                 "provider": m.provider if m else None, "interface": m.interface if m else None,
                 "update": u.state if u else None, "update_error": u.error if u else None,
                 "update_issued": u.issued if u else None, "signed_updates": st.signed_updates,
                 "key_serial": st.key_serial, "p95_ms": tel.p95_ms if tel else None,
-                "errors": totals.get("errors"), "last_seen": (tel.ts if tel else None) or st.ts}
+                "errors": _errors(tel), "last_seen": (tel.ts if tel else None) or st.ts, "models": self.models()}
+
+    def models(self) -> list[dict]:
+        """Each model of the device, seen through it (`for_model`): version, update, and p95, errors
+        and throughput from its own telemetry. An agent without `models` lists its one model."""
+        st, tel = self.status, self.telemetry
+        names = list(st.models) or ([st.model.name] if st.model and st.model.name else [])
+        return [_model_row(name, st.for_model(name), tel.for_model(name) if tel else None,
+                           error=st.models[name].error if name in st.models else None) for name in names]
+
+
+def _errors(tel: TelemetryWindow | None) -> int | None:
+    totals = tel.raw.get("totals") if tel else None
+    return totals.get("errors") if isinstance(totals, dict) else None
+
+
+def _model_row(name: str, st: DeviceStatus, tel: TelemetryWindow | None, *, error: str | None) -> dict:
+    m, u = st.model, st.update
+    inference = tel.raw.get("inference") if tel else None
+    return {"name": name, "version": m.version if m else None, "provider": m.provider if m else None,
+            "model_error": error, "update": u.state if u else None, "update_error": u.error if u else None,
+            "update_id": u.update_id if u else None,
+            "p95_ms": tel.p95_ms if tel else None, "errors": _errors(tel),
+            "throughput_ips": inference.get("throughput_ips") if isinstance(inference, dict) else None}
 
 
 class FleetTable:

@@ -71,6 +71,7 @@ class _Extra:
     """What the page keeps beside the FleetTable entry of one device."""
 
     update: dict | None = None  # the latest update step heard (status summary or event), with progress
+    models: dict = field(default_factory=dict)  # model name -> the latest update step its events told
     heard: float = 0.0  # time.time() when this server last heard from the device
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (time heard, p95 ms) per window
     steps: deque = field(default_factory=lambda: deque(maxlen=STEPS))  # recent update steps, oldest first
@@ -85,7 +86,8 @@ class _Extra:
         last = self.steps[-1] if self.steps else None
         if update["state"] != "idle" and (last is None or (last["state"], last["update_id"], last["error"]) !=
                                           (update["state"], update["update_id"], update["error"])):
-            self.steps.append({"t": round(at, 3), **{k: update[k] for k in ("state", "update_id", "version", "error")}})
+            keep = ("state", "update_id", "version", "error", "model")
+            self.steps.append({"t": round(at, 3), **{k: update.get(k) for k in keep}})
 
 
 class FleetView:
@@ -122,8 +124,11 @@ class FleetView:
                 x = self._extra.setdefault(dev, _Extra())
                 x.heard = time.time()
                 pct = (ev.progress or {}).get("percent")
-                x.step({"state": ev.state, "update_id": ev.update_id, "version": ev.version, "error": ev.error,
-                        "final": ev.final, "percent": pct if isinstance(pct, (int, float)) else None}, x.heard)
+                step = {"state": ev.state, "update_id": ev.update_id, "version": ev.version, "error": ev.error,
+                        "final": ev.final, "percent": pct if isinstance(pct, (int, float)) else None, "model": ev.model}
+                x.step(step, x.heard)
+                if ev.model:
+                    x.models[ev.model] = step
                 self._bump(("device", dev))
             return
         if self.table.feed(topic, payload) is None:
@@ -168,6 +173,8 @@ class FleetView:
         raw, tel = entry.status_raw or {}, entry.telemetry
         with self._cond:
             x = self._extra.get(dev) or _Extra()
+            for m in row["models"]:
+                m["update_live"] = dict(x.models[m["name"]]) if m["name"] in x.models else None
             row.update(update_live=dict(x.update) if x.update else None, heard=x.heard or entry.updated,
                        p95_history=[list(p) for p in x.history], update_steps=list(x.steps),
                        model_error=_s(raw, "model_error"), reason=_s(raw, "reason"),

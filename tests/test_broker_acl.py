@@ -112,6 +112,7 @@ def test_acl_keeps_devices_to_their_own_topics(fleet_broker):
         fleet.sub(f"{ROOT}/#")
         forbidden = [f"{ROOT}/devices/dev2/status", f"{ROOT}/devices/dev2/events", f"{ROOT}/devices/dev2/telemetry",
                      f"{ROOT}/devices/dev1/desired", f"{ROOT}/devices/dev2/desired", f"{ROOT}/groups/kitchen/desired",
+                     f"{ROOT}/devices/dev1/models/cls/desired", f"{ROOT}/groups/kitchen/models/cls/desired",
                      f"{ROOT}/bundles/{'0' * 64}/chunks/0", "elsewhere/topic"]
         for t in forbidden:
             dev1.pub(t, b'{"forged": true}', retain=True)
@@ -126,19 +127,22 @@ def test_acl_keeps_devices_to_their_own_topics(fleet_broker):
         assert not set(forbidden) & set(late.topics()), late.topics()
         late.stop()
 
-        # reading: its own desired topic, its groups' and the bundle chunks; nothing of dev2's
-        for t in (f"{ROOT}/devices/dev1/desired", f"{ROOT}/devices/dev2/desired", f"{ROOT}/groups/kitchen/desired",
-                  f"{ROOT}/groups/lab/desired", f"{ROOT}/bundles/{'a' * 64}/chunks/0", f"{ROOT}/devices/dev2/status"):
+        # reading: its own desired topics (its models' too), its groups' and the bundle chunks; nothing of
+        # dev2's or of a group it is not in
+        allowed = {f"{ROOT}/devices/dev1/desired", f"{ROOT}/groups/kitchen/desired",
+                   f"{ROOT}/devices/dev1/models/cls/desired", f"{ROOT}/groups/kitchen/models/cls/desired",
+                   f"{ROOT}/bundles/{'a' * 64}/chunks/0"}
+        refused = {f"{ROOT}/devices/dev2/desired", f"{ROOT}/groups/lab/desired", f"{ROOT}/devices/dev2/status",
+                   f"{ROOT}/devices/dev2/models/cls/desired", f"{ROOT}/groups/lab/models/cls/desired"}
+        for t in sorted(allowed | refused):
             fleet.pub(t, json.dumps({"topic": t}).encode(), retain=True)
-        for t in (f"{ROOT}/devices/dev2/desired", f"{ROOT}/groups/lab/desired", f"{ROOT}/devices/dev2/status",
-                  f"{ROOT}/#", f"{ROOT}/devices/dev1/desired", f"{ROOT}/groups/kitchen/desired",
-                  f"{ROOT}/bundles/{'a' * 64}/chunks/0"):
+        for t in (*sorted(refused), f"{ROOT}/#", f"{ROOT}/devices/+/models/+/desired", f"{ROOT}/devices/dev1/desired",
+                  f"{ROOT}/groups/kitchen/desired", f"{ROOT}/devices/dev1/models/+/desired",
+                  f"{ROOT}/groups/kitchen/models/+/desired", f"{ROOT}/bundles/{'a' * 64}/chunks/0"):
             dev1.sub(t)
-        wait_until(lambda: {f"{ROOT}/devices/dev1/desired", f"{ROOT}/groups/kitchen/desired",
-                            f"{ROOT}/bundles/{'a' * 64}/chunks/0"} <= set(dev1.topics()), 5, what="allowed reads")
+        wait_until(lambda: allowed <= set(dev1.topics()), 5, what="allowed reads")
         time.sleep(0.3)
-        assert not {f"{ROOT}/devices/dev2/desired", f"{ROOT}/groups/lab/desired",
-                    f"{ROOT}/devices/dev2/status"} & set(dev1.topics()), dev1.topics()
+        assert not refused & set(dev1.topics()), dev1.topics()
     finally:
         fleet.stop()
         dev1.stop()

@@ -39,6 +39,29 @@ def _rollout(rid="r1", *, status="running", current=1):
                  "outcomes": {"d2": "committed"}, "readings": {}, "summary": None, "times": {}}]}
 
 
+def _models_status(dev, *, cls_version="2.0.0", cls_update=None) -> dict:
+    """A device serving two models (det first, cls second), as a multi-model agent's status lists them."""
+    def entry(name, version, update):
+        return {"model": {"name": name, "version": version}, "model_error": None, "previous_model": None,
+                "update": update, "threads": 1, "memory": None}
+
+    return {"device_id": dev, "online": True, "groups": ["a"], "ts": "2026-11-23T00:00:00+00:00",
+            "model": {"name": "det", "version": "1.0.0"}, "update": None,
+            "models": {"det": entry("det", "1.0.0", None), "cls": entry("cls", cls_version, cls_update)}}
+
+
+def _models_telemetry(dev, seq, *, cls_p95=9.0) -> dict:
+    """One window of both models: the device's sum, and each model's own window and totals."""
+    det = {"count": 10, "errors": 0, "throughput_ips": 1.0, "latency_ms": {"p95": 2.0}}
+    cls = {"count": 20, "errors": 2, "throughput_ips": 2.0, "latency_ms": {"p95": cls_p95}}
+    return {"device_id": dev, "seq": seq, "ts": "2026-11-23T00:00:01+00:00",
+            "model": {"name": "det", "version": "1.0.0"},
+            "inference": {"count": 30, "errors": 2, "throughput_ips": 3.0, "latency_ms": {"p95": cls_p95}},
+            "totals": {"count": 30 * seq, "errors": 3},
+            "models": {"det": {"version": "1.0.0", "inference": det, "totals": {"count": 10 * seq, "errors": 0}},
+                       "cls": {"version": "2.0.0", "inference": cls, "totals": {"count": 20 * seq, "errors": 3}}}}
+
+
 def _fed() -> FleetView:
     v = FleetView()
     v.feed(f"{ROOT}/devices/d1/status", _status("d1", groups=("a",)))
@@ -65,7 +88,7 @@ def test_view_rows_update_steps_history_and_rollouts():
     assert (d1["model"], d1["version"], d1["p95_ms"], d1["errors"], d1["seq"]) == ("digits", "1.0.0", 3.5, 1, 2)
     assert [p[1] for p in d1["p95_history"]] == [2.5, 3.5]
     assert d1["update_live"] == {"state": "downloading", "update_id": "u1", "version": "1.1.0", "error": None,
-                                 "final": False, "percent": 50.0}
+                                 "final": False, "percent": 50.0, "model": None}  # an agent that predates models
     assert [s["state"] for s in d1["update_steps"]] == ["downloading"]
     d2 = snap["devices"][1]  # an update that ended before the page started: known from the status only
     assert d2["update_live"]["state"] == "committed" and d2["update_live"]["final"]
@@ -103,6 +126,34 @@ def test_view_rows_update_steps_history_and_rollouts():
     v = _fed()
     v.feed(f"{ROOT}/devices/d1/events", b'{"update_id": "u2", "state": "downloading", "progress": {"percent": "x"}}')
     assert v.device("d1")["update_live"]["percent"] is None
+
+
+def test_view_lists_each_model_with_its_own_figures_and_update():
+    """A multi-model device: a row per model with its version, p95, errors and update (from its own
+    events, until the status names a later update); the device row keeps the device's sums."""
+    v = FleetView()
+    v.feed(f"{ROOT}/devices/m1/status", json.dumps(_models_status("m1")).encode())
+    v.feed(f"{ROOT}/devices/m1/telemetry", json.dumps(_models_telemetry("m1", 4)).encode())
+    v.feed(f"{ROOT}/devices/m1/events", json.dumps({"update_id": "u9", "state": "downloading", "model": "cls",
+                                                    "version": "2.1.0", "progress": {"percent": 40.0}}).encode())
+    row = v.device("m1")
+    assert (row["model"], row["p95_ms"], row["errors"]) == ("det", 9.0, 3)  # the device: its first model, its sums
+    det, cls = row["models"]
+    assert (det["name"], det["version"], det["p95_ms"], det["errors"], det["update_live"]) == ("det", "1.0.0", 2.0, 0,
+                                                                                                None)
+    assert (cls["name"], cls["version"], cls["p95_ms"], cls["errors"], cls["throughput_ips"]) == ("cls", "2.0.0", 9.0,
+                                                                                                  3, 2.0)
+    assert cls["update_live"]["state"] == "downloading" and cls["update_live"]["percent"] == 40.0
+    assert row["update_steps"][-1]["model"] == "cls"
+    done = {"state": "committed", "update_id": "u9", "version": "2.1.0"}
+    v.feed(f"{ROOT}/devices/m1/status", json.dumps(_models_status("m1", cls_version="2.1.0", cls_update=done)).encode())
+    cls = v.device("m1")["models"][1]
+    assert (cls["version"], cls["update"], cls["update_id"]) == ("2.1.0", "committed", "u9")
+    one = FleetView()  # an agent that predates models: its one model is the device's
+    one.feed(f"{ROOT}/devices/d1/status", _status("d1"))
+    one.feed(f"{ROOT}/devices/d1/telemetry", _telemetry("d1", 1, 2.5))
+    assert [(m["name"], m["version"], m["p95_ms"], m["errors"]) for m in one.device("d1")["models"]] == [
+        ("digits", "1.0.0", 2.5, 1)]
 
 
 def _get(server, path, host=None):
@@ -233,7 +284,7 @@ def test_fleet_page_over_mosquitto(broker):
         pub.stop()
 
 
-_ROWS_JS = """return [...document.querySelectorAll('#devices tbody tr')].map(tr => ({id: tr.dataset.device,
+_ROWS_JS = """return [...document.querySelectorAll('#devices tbody tr[data-device]')].map(tr => ({id: tr.dataset.device,
   seq: tr.dataset.seq, cells: Object.fromEntries([...tr.cells].map(td => [td.dataset.col, td.textContent]))}))"""
 
 
@@ -329,3 +380,47 @@ def test_fleet_page_in_browser(broker, versions, keys, tmp_path):
     finally:
         north.stop()
         south.stop()
+
+
+_MODELS_JS = """return [...document.querySelectorAll('#devices tbody tr[data-model-of]')].map(tr => ({
+  device: tr.dataset.modelOf, model: tr.dataset.model,
+  cells: Object.fromEntries([...tr.cells].filter(td => td.dataset.col)
+    .map(td => [td.dataset.col, td.textContent]))}))"""
+
+
+def test_fleet_page_shows_each_model_in_browser(broker):
+    """The page in headless Chromium over mosquitto: a two-model device gets a row per model with its
+    version, p95 and errors, live as telemetry and events arrive; a one-model device keeps one row."""
+    from agents import wait_until
+    from browser import console_errors, headless_chrome, screenshot
+    from otakit import Publisher
+
+    pub = Publisher(broker.url)
+    try:
+        pub.publish(f"{ROOT}/devices/multi-1/status", _models_status("multi-1"))
+        pub.publish(f"{ROOT}/devices/solo-1/status", json.loads(_status("solo-1")))
+        with FleetPage(BrokerConfig(url=broker.url), port=0) as page, headless_chrome(height=1200) as d:
+            d.get(page.url)
+
+            def models() -> dict:
+                return {(m["device"], m["model"]): m["cells"] for m in d.execute_script(_MODELS_JS)}
+
+            wait_until(lambda: len(models()) == 2, 15, what="a row per model of multi-1")
+            dev = {r["id"]: r["cells"] for r in d.execute_script(_ROWS_JS)}
+            assert dev["multi-1"]["model"] == "2 models" and dev["solo-1"]["model"] == "digits"
+            assert set(models()) == {("multi-1", "det"), ("multi-1", "cls")}  # solo-1 has no model rows
+            pub.publish(f"{ROOT}/devices/multi-1/telemetry", _models_telemetry("multi-1", 1, cls_p95=7.5), retain=False)
+            m = wait_until(lambda: (lambda x: x if x[("multi-1", "cls")]["p95"] == "7.50" else None)(models()), 10,
+                           what="cls's own p95 on the page")
+            assert (m[("multi-1", "cls")]["version"], m[("multi-1", "cls")]["errors"]) == ("2.0.0", "3")
+            assert (m[("multi-1", "det")]["p95"], m[("multi-1", "det")]["errors"]) == ("2.00", "0")
+            pub.publish(f"{ROOT}/devices/multi-1/events", {"update_id": "u9", "state": "downloading", "model": "cls",
+                                                           "version": "2.1.0", "progress": {"percent": 40.0}},
+                        retain=False)
+            cell = wait_until(lambda: (lambda c: c if "downloading" in c else None)(
+                models()[("multi-1", "cls")]["update"]), 10, what="cls's update on its own row")
+            assert "40%" in cell and "2.1.0" in cell and models()[("multi-1", "det")]["update"] == "-"
+            screenshot(d, "fleet-page-models.png")
+            assert console_errors(d) == []
+    finally:
+        pub.stop()

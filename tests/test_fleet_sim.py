@@ -132,7 +132,8 @@ def bridge_lines(remote_port: int, root: str = "edgepack/v1") -> tuple[str, ...]
     return ("connection devices", f"address 127.0.0.1:{remote_port}", "cleansession true", "try_private true",
             f"topic {root}/devices/+/status in 1", f"topic {root}/devices/+/telemetry in 1",
             f"topic {root}/devices/+/events in 1", f"topic {root}/devices/+/desired out 1",
-            f"topic {root}/groups/+/desired out 1", f"topic {root}/bundles/# out 1", *LIMITS)
+            f"topic {root}/groups/+/desired out 1", f"topic {root}/devices/+/models/+/desired out 1",
+            f"topic {root}/groups/+/models/+/desired out 1", f"topic {root}/bundles/# out 1", *LIMITS)
 
 
 def test_push_through_a_two_broker_bridge(tmp_path, bundles):

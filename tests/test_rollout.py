@@ -122,10 +122,12 @@ def test_good_bundle_goes_through_every_wave(tmp_path, broker, keys, rb):
         assert {r["verdict"] for r in readings.values()} == {"ok"}, readings
         assert all(r["baseline_p95_ms"] and r["requests"] >= 20 for r in readings.values())
         assert set(f.versions().values()) == {"1.1.0"}
-        group = _retained(broker, "edgepack/v1/groups/g/desired")
-        assert group and group[-1]["version"] == "1.1.0"
-        for dev in ("d0", "d1", "d2"):  # the waves' per-device records are gone
+        group = _retained(broker, "edgepack/v1/groups/g/models/m/desired")  # the model's topic (its bundle's name)
+        assert group and group[-1]["version"] == "1.1.0" and rec.model == "m"
+        for dev in ("d0", "d1", "d2"):  # the waves' per-device records are gone; no old-style record was written
+            assert _retained(broker, f"edgepack/v1/devices/{dev}/models/m/desired") == []
             assert _retained(broker, f"edgepack/v1/devices/{dev}/desired") == []
+        assert _retained(broker, "edgepack/v1/groups/g/desired") == []
         assert all(set(c) == {200} for c in f.codes.values())
         assert ro.status(BrokerConfig(url=broker.url), rec.id)[0].status == "done"
     finally:

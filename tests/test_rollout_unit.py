@@ -22,6 +22,11 @@ from fleet.rollout_link import Inbox
 from fleet.rollout_state import RolloutSettings
 
 RID = "r1"
+GROUP = T.group_model_desired("g", "m")  # a rollout's records go to its model's topics (model m: the bundle's name)
+
+
+def DEV(device: str) -> str:
+    return T.model_desired(device, "m")
 
 
 class Killed(Exception):
@@ -79,7 +84,7 @@ def bundles(tmp_path_factory):
     return {v: synthetic_bundle(d / f"m-{v}.edgepack", version=v, size=3000, name="m") for v in ("1.0.0", "1.1.0")}
 
 
-def _env(bundles, n: int = 3, **behaviours: Behaviour) -> Env:
+def _env(bundles, n: int = 3, also: tuple[Path, ...] = (), **behaviours: Behaviour) -> Env:
     env = Env(FakeBroker(), FakeClock(), bundles)
 
     def saved(topic: str, payload: bytes) -> None:
@@ -90,7 +95,7 @@ def _env(bundles, n: int = 3, **behaviours: Behaviour) -> Env:
     env.broker.taps.append(saved)
     for i in range(n):
         dev = f"d{i}"
-        env.devices[dev] = FakeDevice(env.broker, env.clock, dev, bundle=bundles["1.0.0"],
+        env.devices[dev] = FakeDevice(env.broker, env.clock, dev, bundle=bundles["1.0.0"], also=also,
                                       behaviour=behaviours.get(dev, Behaviour()))
     return env
 
@@ -126,9 +131,10 @@ def test_good_bundle_goes_through_every_wave(bundles):
     assert all(r["requests"] >= 20 and r["latency_ratio"] == 1.0 for r in readings.values())
     assert [dev.seen for dev in env.devices.values()] == [["r1-w1", "r1-group"], ["r1-w2", "r1-group"],
                                                           ["r1-w2", "r1-group"]]
-    group = env.broker.doc(T.group_desired("g"))
-    assert group["version"] == "1.1.0" and group["update_id"] == "r1-group" and group["target"] == "groups/g"
-    assert all(env.broker.doc(T.desired(d)) is None for d in env.devices)  # per-device records cleared
+    group = env.broker.doc(GROUP)
+    assert group["version"] == "1.1.0" and group["update_id"] == "r1-group" and group["target"] == "groups/g/models/m"
+    assert all(env.broker.doc(DEV(d)) is None for d in env.devices)  # per-device records cleared
+    assert not [t for t in env.broker.retained if t.endswith("/desired") and t != GROUP]  # no old-style record
     chunks = [t for t in env.broker.retained if "/chunks/" in t]  # both bundles', retained
     assert len(chunks) == sum(-(-b.stat().st_size // 1024) for b in bundles.values())
     assert env.record() == rec.to_dict()
@@ -156,7 +162,7 @@ def test_gate_failure_stops_the_canary_and_sends_it_back(bundles, bad, why):
     assert canary.version == "1.0.0"
     assert canary.seen == (["r1-w1", "r1-w1-back"] if gate_failed else ["r1-w1"])  # back only when it switched
     assert env.devices["d1"].seen == env.devices["d2"].seen == []  # the rest never touched
-    assert env.broker.doc(T.desired("d0")) is None and env.broker.doc(T.group_desired("g")) is None
+    assert env.broker.doc(DEV("d0")) is None and env.broker.doc(GROUP) is None
 
 
 def test_failed_rollback_is_reported_in_the_reason(bundles):
@@ -166,7 +172,7 @@ def test_failed_rollback_is_reported_in_the_reason(bundles):
     rec = _start(env, env.controller("A"))
     assert rec.status == "stopped" and "x its own" in rec.reason
     assert rec.reason.endswith("; rollback did not complete on d0"), rec.reason
-    assert env.devices["d0"].version == "1.1.0" and env.broker.doc(T.desired("d0")) is None
+    assert env.devices["d0"].version == "1.1.0" and env.broker.doc(DEV("d0")) is None
     assert rec.waves[0].times["rollback_s"] >= 20.0  # it waited the wave timeout for the answer
 
 
@@ -274,7 +280,7 @@ def test_abort_requested_while_running(bundles, rollback):
     assert env.devices["d0"].version == ("1.0.0" if rollback else "1.1.0")
     assert env.devices["d0"].seen == (["r1-w1", "r1-abort"] if rollback else ["r1-w1"])
     assert env.devices["d1"].seen == []
-    assert env.broker.doc(T.rollout_control(RID)) is None and env.broker.doc(T.desired("d0")) is None
+    assert env.broker.doc(T.rollout_control(RID)) is None and env.broker.doc(DEV("d0")) is None
     assert env.transitions()[-1][0] == "aborted"
 
 
@@ -308,9 +314,12 @@ def test_create_refuses_what_it_cannot_roll_back(bundles):
     assert env.record() is None and env.said == []  # nothing published, nothing said
 
 
-def test_previous_from_the_group_record_and_issued_after_it(bundles):
+@pytest.mark.parametrize("model", [None, "m"])
+def test_previous_from_the_group_record_and_issued_after_it(bundles, model):
     """No --previous: the group's desired record is what a failed wave goes back to, and the final
-    group record is issued after it even when it was issued 'in the future' (a fast clock)."""
+    group record is issued after it even when it was issued 'in the future' (a fast clock). Both for
+    an old-style rollout (--device-topic) and a model's rollout over a fleet whose record is still
+    old-style (no migration step: the group's own record names a bundle of the model's name)."""
     env = _env(bundles)
     a = env.controller("A")
     from fleet.push import make_record, prepare
@@ -319,11 +328,16 @@ def test_previous_from_the_group_record_and_issued_after_it(bundles):
     old = make_record(p, target="groups/g", update_id="u0", issued="2030-01-01T00:00:00.000+00:00")
     env.broker.publish(T.group_desired("g"), dumps(old), retain=True)
     assert [dev.seen for dev in env.devices.values()] == [["u0"]] * 3  # already running it
-    rec = _start(env, a, previous_bundle=None)
+    rec = _start(env, a, previous_bundle=None, device_topic=model is None)
     assert rec.status == "done" and rec.previous["sha256"] == p.sha256 and rec.previous["version"] == "1.0.0"
-    assert env.broker.doc(T.group_desired("g"))["issued"] == "2030-01-01T00:00:00.001+00:00"
+    assert rec.model == model and set(env.versions().values()) == {"1.1.0"}
+    if model is None:
+        assert env.broker.doc(T.group_desired("g"))["issued"] == "2030-01-01T00:00:00.001+00:00"
+        assert env.broker.doc(GROUP) is None
+    else:  # the model's record is on a topic of its own (replay floors are per topic); the old one stays
+        assert env.broker.doc(GROUP)["version"] == "1.1.0" and env.broker.doc(T.group_desired("g")) == old
     with pytest.raises(RolloutError, match="already has m 1.1.0 as its desired model"):
-        env.controller("C").create(bundles["1.1.0"], group="g", settings=_settings())
+        env.controller("C").create(bundles["1.1.0"], group="g", settings=_settings(), device_topic=model is None)
 
 
 def test_an_active_rollout_is_not_created_twice(bundles):
@@ -333,3 +347,51 @@ def test_an_active_rollout_is_not_created_twice(bundles):
         _start(env, env.controller("A"))
     with pytest.raises(RolloutError, match="rollout r1 exists and is running"):
         _start(env, env.controller("B"))
+
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory):
+    """Model b's bundles (the devices' second model)."""
+    d = tmp_path_factory.mktemp("rollout-unit-b")
+    return {v: synthetic_bundle(d / f"b-{v}.edgepack", version=v, size=3000, name="b") for v in ("1.0.0", "1.1.0")}
+
+
+@pytest.mark.parametrize("slow", [1.0, 2.0])
+def test_a_model_rollout_touches_that_model_alone(bundles, second, slow):
+    """Devices serve m and b: a rollout of b (--model defaults to the bundle's name) publishes on
+    b's topics only, judges b's own telemetry (its 40 ms p95 and 30 requests a second, not the
+    device's sum), and m keeps its version and records whether b passes or goes back."""
+    env = _env(bundles, also=(second["1.0.0"],), d0=Behaviour(slow=slow))
+    published: list[str] = []
+    env.broker.taps.append(lambda topic, _p: published.append(topic) if topic.endswith("/desired") else None)
+    c = env.controller("A")
+    c.create(second["1.1.0"], group="g", settings=_settings(), previous_bundle=second["1.0.0"], chunk_size=1024)
+    rec = c.run()
+    assert rec.model == "b" and set(published) <= {T.model_desired(d, "b") for d in env.devices} | {
+        T.group_model_desired("g", "b")}, published
+    readings = {d: r for w in rec.waves for d, r in w.readings.items()}
+    assert readings["d0"]["baseline_p95_ms"] == 40.0 and readings["d0"]["requests"] % 30 == 0
+    assert readings["d0"]["requests"] <= 30 * 5  # one model's 30 a second over a 4 s soak, not the device's 60
+    if slow == 1.0:
+        assert rec.status == "done" and readings["d0"]["latency_ratio"] == 1.0
+        assert all(dev.versions() == {"m": "1.0.0", "b": "1.1.0"} for dev in env.devices.values())
+    else:
+        assert rec.status == "stopped" and "80.00 ms is 2.00x its own 40.00 ms" in rec.reason, rec.reason
+        assert all(dev.versions() == {"m": "1.0.0", "b": "1.0.0"} for dev in env.devices.values())
+        assert env.devices["d1"].seen == []
+    assert all(dev.slots["m"].update is None for dev in env.devices.values())  # m never had an update
+
+
+def test_a_record_from_before_models_resumes_on_the_old_style_topics(bundles):
+    """A rollout record written before several models has no `model`: it drives the devices' own
+    topics (device and group records, as then), and a resumed controller keeps to them."""
+    env = _env(bundles)
+    env.kill_when(lambda r: r["waves"][0]["state"] == "soaking")
+    with pytest.raises(Killed):
+        _start(env, env.controller("A"), device_topic=True)
+    old = {k: v for k, v in env.record().items() if k != "model"}
+    env.broker.publish(T.rollout(RID), dumps(old), retain=True)
+    rec = env.controller("B").resume()
+    assert rec.status == "done" and rec.model is None and set(env.versions().values()) == {"1.1.0"}
+    assert env.broker.doc(T.group_desired("g"))["target"] == "groups/g" and env.broker.doc(GROUP) is None
+    assert not [t for t in env.broker.retained if "/models/" in t]

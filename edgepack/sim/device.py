@@ -2,7 +2,8 @@
 
 What runs for real, per device: its own MQTT session (edgeproto.mqtt.MqttClient on a shared
 NetLoop) with a Last Will; the RecordGate (strict parsing, signature and replay checks) and
-desired-state resolution (edgeproto.desired.resolve, device beats group); the Updater state
+desired-state resolution (the agent's precedence for its one model: the model's device record, its
+groups' records, then the device's and groups' old-style records); the Updater state
 machine with its MqttChunkFetcher (every chunk and the whole file hash-checked, written to the
 device's own data directory) and bundle verification (every member's sha256, the signature
 when keys are configured); status, update events and telemetry windows (device_agent.stats).
@@ -10,7 +11,10 @@ when keys are configured); status, update events and telemetry windows (device_a
 What is stood in: the runtime. `SimModel` loads nothing and runs nothing; its "inferences" are
 drawn at a configured rate with a latency drawn around the device's own base latency. A
 misbehaving device's model fails staging, runs slower or returns errors once it is on another
-bundle than the one it started with."""
+bundle than the one it started with.
+
+A simulated device serves one model, named after the bundle it starts on (as the agent names a
+model); a removal record for it unloads the model and deletes its files."""
 from __future__ import annotations
 
 import os
@@ -27,8 +31,9 @@ from device_agent.stats import InferenceStats
 from device_agent.store import Store
 from edgebundle.archive import open_bundle, sha256_file
 from edgebundle.interface import interface_hash
-from edgeproto.desired import Desired, Limits, RecordError, resolve
-from edgeproto.documents import StatusDocument, TelemetryDocument, Totals, last_will, model_section, now_iso
+from edgeproto.desired import Desired, Limits, RecordError, Removal
+from edgeproto.documents import (StatusDocument, TelemetryDocument, Totals, last_will, model_entry, model_section,
+                                 now_iso)
 from edgeproto.mqtt import MqttClient, MqttError, Will, dumps
 from edgeproto.topics import DeviceTopics
 
@@ -143,8 +148,12 @@ class SimModel:
 class SimDevice:
     """The updater's Host (device_agent.ota.updater.Host) for one simulated device."""
 
-    def __init__(self, device_id: str, *, sim, faults: frozenset = frozenset(), base_ms: float = 10.0):
+    def __init__(self, device_id: str, *, sim, model: str | None, faults: frozenset = frozenset(),
+                 base_ms: float = 10.0):
+        """`model`: the name of the model it serves (None: the bundle's name is not a model name,
+        so only the old-style topics address it)."""
         self.device_id, self.sim, self.faults, self.base_ms = device_id, sim, faults, base_ms
+        self.model_name = model
         s = sim.settings
         self.topics = DeviceTopics(sim.broker.topic_prefix, device_id)
         self.data = sim.data_dir / device_id
@@ -153,8 +162,12 @@ class SimDevice:
         self.keyring = Keyring(direct=list(sim.trusted), roots=[], state_path=None)
         self.gate = RecordGate(keyring=self.keyring, limits=Limits(), topic_prefix=self.topics.prefix,
                                sources=SourcePolicy(), state_path=None)
-        self._group_topics = [self.topics.group_desired(g) for g in s.groups]
-        self._desired: dict[str, Desired | None] = {}
+        mine = [self.topics.model_desired(model), *(self.topics.group_model_desired(g, model) for g in s.groups)]
+        # the order a record wins in (docs/mqtt-protocol.md): its model's topics, then the old-style ones
+        self._record_topics = (mine if model else []) + [self.topics.desired] + [self.topics.group_desired(g)
+                                                                                  for g in s.groups]
+        self._desired: dict[str, Desired | Removal | None] = {}
+        self._removed: str | None = None  # update_id of the removal acted on
         self._rng = random.Random(f"{s.seed}-{device_id}")  # str seeds are stable across runs
         self._lock = threading.Lock()
         self._traffic_t = time.monotonic()
@@ -217,6 +230,7 @@ class SimDevice:
                         error_rate=m.error_rate if Fault.ERRORS in self.faults and not first else 0.0)
 
     def event(self, doc: dict) -> None:
+        doc = {**doc, "model": doc.get("model") or self.model_name}
         self._send(self.topics.events, dumps({"device_id": self.device_id, "ts": now_iso(), **doc}))
         if (Fault.DROP in self.faults and not self._dropped and doc.get("state") == "downloading"
                 and not doc.get("progress")):
@@ -229,11 +243,15 @@ class SimDevice:
 
     # ---- MQTT ----
     def status(self) -> dict:
+        model = self.model.describe() if self.model else None
+        error, update = None if self.model else "no model", self.updater.summary()
+        models = None if self.model_name is None else {} if self.model is None else {
+            self.model_name: model_entry(model=model, error=error, update=update, threads=None, memory=None)}
         return StatusDocument(
             device_id=self.device_id, ts=now_iso(), groups=tuple(self.sim.settings.groups), agent_version="sim",
-            model=self.model.describe() if self.model else None, model_error=None if self.model else "no model",
-            update=self.updater.summary(), ota={**self.keyring.describe(), "allowed_urls": []},
-            sim={"faults": sorted(f.value for f in self.faults), "base_ms": round(self.base_ms, 3)}).to_dict()
+            model=model, model_error=error, update=update, ota={**self.keyring.describe(), "allowed_urls": []},
+            sim={"faults": sorted(f.value for f in self.faults), "base_ms": round(self.base_ms, 3)},
+            models=models).to_dict()
 
     def _send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         try:
@@ -245,7 +263,7 @@ class SimDevice:
 
     def _on_connect(self) -> None:
         self._send(self.topics.status, dumps(self.status()), retain=True)
-        for topic in [self.topics.desired] + self._group_topics:
+        for topic in self._record_topics:
             self.mqtt.subscribe(topic, qos=1)
         with self._lock:
             backlog, self._backlog = self._backlog, []
@@ -253,17 +271,29 @@ class SimDevice:
             self._send(topic, payload)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic == self.topics.desired or topic in self._group_topics:
+        if topic in self._record_topics:
             try:
-                d = self.gate.accept(payload, topic)
+                self._desired[topic] = self.gate.accept(payload, topic)
             except RecordError as e:
                 self.event({"update_id": e.update_id, "state": "failed", "error": str(e).split("\n")[0]})
                 return
-            self._desired[topic] = d
-            self.updater.set_desired(resolve(self._desired.get(self.topics.desired),
-                                             [self._desired.get(t) for t in self._group_topics]))
+            d = next((r for r in map(self._desired.get, self._record_topics) if r is not None), None)
+            self.updater.set_desired(d if isinstance(d, Desired) else None)
+            if isinstance(d, Removal):
+                self._remove(d)
         else:
             self.updater.on_message(topic, payload)
+
+    def _remove(self, r: Removal) -> None:
+        """Unload the model and delete its files, once per removal record."""
+        if r.update_id == self._removed:
+            return
+        self._removed = r.update_id
+        old = self.swap(None)
+        self.store.deactivate()
+        self.store.prune(set())
+        self.event({"update_id": r.update_id, "state": "removed",
+                    "from_version": old.version if old else None, "note": "unloaded; its files deleted"})
 
     # ---- traffic and telemetry ----
     def catch_up(self) -> None:
@@ -293,9 +323,12 @@ class SimDevice:
         self.catch_up()
         m = self.model
         self._seq += 1
-        doc = TelemetryDocument(device_id=self.device_id, ts=now_iso(), seq=self._seq, inference=self.stats.window(),
-                                totals=Totals(count=self.stats.total, errors=self.stats.total_errors), system={},
-                                model_name=m.name if m else None, model_version=m.version if m else None).to_dict()
+        window, totals = self.stats.window(), Totals(count=self.stats.total, errors=self.stats.total_errors)
+        models = None if self.model_name is None else {} if m is None else {
+            self.model_name: {"version": m.version, "inference": window, "totals": totals.to_dict()}}
+        doc = TelemetryDocument(device_id=self.device_id, ts=now_iso(), seq=self._seq, inference=window,
+                                totals=totals, system={}, model_name=m.name if m else None,
+                                model_version=m.version if m else None, models=models).to_dict()
         try:
             self.mqtt.publish(self.topics.telemetry, dumps(doc), qos=1)
             return True

@@ -14,9 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgebundle.archive import open_bundle
 from edgebundle.errors import InputError
 from edgebundle.signing import load_public_key
 from edgeproto.broker import BrokerConfig
+from edgeproto.bundleref import MODEL_NAME
 from edgeproto.netloop import NetLoop
 from edgepack.sim.device import BundlePool, Fault, SimDevice
 
@@ -103,9 +105,12 @@ class Simulator:
         ids = [f"{s.id_prefix}-{i:04d}" for i in range(s.devices)]
         faults = self.faults_for(ids)
         rng = random.Random(s.seed + 1)
+        name = open_bundle(self.bundle).manifest.name
+        model = name if MODEL_NAME.match(name) else None  # the agent names a model after its bundle
         self.net = NetLoop()
         for d in ids:
-            dev = SimDevice(d, sim=self, faults=frozenset(faults[d]), base_ms=s.latency_ms * rng.uniform(0.5, 1.5))
+            dev = SimDevice(d, sim=self, model=model, faults=frozenset(faults[d]),
+                            base_ms=s.latency_ms * rng.uniform(0.5, 1.5))
             dev.start(self.bundle)
             self.devices.append(dev)
         self._telemetry = threading.Thread(target=self._telemetry_loop, name="sim-telemetry", daemon=True)
