@@ -37,7 +37,8 @@ def mobilenet_bundle(target: str = "arm-cpu", precision: str = "int8", version: 
 
         keras.utils.set_random_seed(0)
         path = CACHE / "mobilenetv2.keras"
-        keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3)).save(path)
+        image = keras.Input((224, 224, 3), name="image")  # one name for every version: the same interface
+        keras.applications.MobileNetV2(weights=None, input_tensor=image).save(path)
         res = build(BuildOptions(model=path, targets=(target,), out_dir=CACHE / precision, name="mobilenetv2",
                                  version=version,
                                  precision=Precision(precision), calibration="random", calibration_samples=50,

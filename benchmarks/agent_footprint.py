@@ -80,7 +80,7 @@ def main() -> None:
         first_start = ready
         # binary tensor extension, as tritonclient sends by default
         blob = bytes(224 * 224 * 3 * 4)
-        head = json.dumps({"inputs": [{"name": "input_layer", "shape": [1, 224, 224, 3], "datatype": "FP32",
+        head = json.dumps({"inputs": [{"name": "image", "shape": [1, 224, 224, 3], "datatype": "FP32",
                                        "parameters": {"binary_data_size": len(blob)}}]}).encode()
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         for _ in range(50):
@@ -91,7 +91,7 @@ def main() -> None:
             r.read()
         agent_rss = rss_mb(proc.pid)
         # plain JSON tensors (150k numbers per request) cost more transient memory
-        body = json.dumps({"inputs": [{"name": "input_layer", "shape": [1, 224, 224, 3], "datatype": "FP32",
+        body = json.dumps({"inputs": [{"name": "image", "shape": [1, 224, 224, 3], "datatype": "FP32",
                                        "data": [0.5] * (224 * 224 * 3)}]}).encode()
         for _ in range(10):
             c.request("POST", "/v2/models/mobilenetv2/infer", body=body)

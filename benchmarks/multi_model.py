@@ -75,12 +75,8 @@ def main() -> None:
 
     a, b1, b2 = digits_bundle(), mobilenet_bundle(), mobilenet_bundle(version="1.1.0")
     body_a = Load.BODY
-    body_b = json.dumps({"inputs": [{"name": "input_layer", "shape": [1, 224, 224, 3], "datatype": "FP32",
+    body_b = json.dumps({"inputs": [{"name": "image", "shape": [1, 224, 224, 3], "datatype": "FP32",
                                      "data": [0.5] * (224 * 224 * 3)}]}).encode()
-    from edgebundle.archive import open_bundle
-
-    b_input = open_bundle(b1).manifest.inputs[0].name
-    body_b = body_b.replace(b'"input_layer"', json.dumps(b_input).encode())
     bodies = {"digits": body_a, "mobilenetv2": body_b}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

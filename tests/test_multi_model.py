@@ -169,11 +169,11 @@ def test_a_model_that_does_not_fit_is_refused_before_staging(tmp_path, broker, v
         w.stop()
 
 
-@pytest.mark.parametrize("phase", ["staging", "probation"])
+@pytest.mark.parametrize("phase", ["downloading", "verifying", "staging", "switching", "probation"])
 def test_a_kill_during_one_models_update_leaves_the_other_serving(tmp_path, broker, versions, keys, phase):
-    """SIGKILL while logm stages or is on probation: after the restart digits serves its version
-    throughout, and logm is back on 1.0.0 (probation: rolled back) or finishes its update (staging
-    resumes, as for a one-model agent)."""
+    """SIGKILL of the agent in each state of logm's update: after the restart digits serves its
+    version and never had an update; logm resumes and commits (before the switch) or is rolled back
+    to 1.0.0 (after it), exactly as a one-model agent does."""
     logm1, logm2 = _logm(tmp_path / "b", keys, "1.0.0"), _logm(tmp_path / "b", keys, "1.1.0")
     extra = ("--bundle", str(versions["v1"]), "--bundle", str(logm1))
     a = agent(tmp_path, broker, None, keys, extra=extra, env={"EDGEPACK_AGENT_FAULT_DELAY": f"{phase}=30"})
@@ -184,7 +184,7 @@ def test_a_kill_during_one_models_update_leaves_the_other_serving(tmp_path, brok
         a.env = None
         a.start()
         assert _version(a, "digits") == "1.0.0"
-        want = {"staging": ("committed", "1.1.0"), "probation": ("rolled_back", "1.0.0")}[phase]
+        want = ("rolled_back", "1.0.0") if phase in ("switching", "probation") else ("committed", "1.1.0")
         wait_until(lambda: state(a.data_dir / "models.d" / "logm") == want[0], 60, what=want[0])
         assert _version(a, "logm") == want[1] and _version(a, "digits") == "1.0.0"
         assert state(a.data_dir) is None

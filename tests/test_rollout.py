@@ -58,8 +58,8 @@ def rb(keys, tmp_path_factory):
 class Fleet:
     """n real agents in group g on m 1.0.0, and a client thread sending input x to each in turn."""
 
-    def __init__(self, tmp_path, broker, bundle, keys, n: int):
-        self.agents = [agent(tmp_path, broker, bundle, keys, device=f"d{i}", group="g", name=f"data{i}")
+    def __init__(self, tmp_path, broker, bundle, keys, n: int, extra: tuple = ()):
+        self.agents = [agent(tmp_path, broker, bundle, keys, device=f"d{i}", group="g", name=f"data{i}", extra=extra)
                        for i in range(n)]
         for a in self.agents:
             a.model_name = "m"
@@ -130,6 +130,32 @@ def test_good_bundle_goes_through_every_wave(tmp_path, broker, keys, rb):
         assert _retained(broker, "edgepack/v1/groups/g/desired") == []
         assert all(set(c) == {200} for c in f.codes.values())
         assert ro.status(BrokerConfig(url=broker.url), rec.id)[0].status == "done"
+    finally:
+        f.stop()
+
+
+def test_rollout_of_one_model_leaves_the_other_alone(tmp_path, broker, keys, rb, versions):
+    """4 real agents, each serving digits (its first model) and m: rolling m out touches neither
+    digits' version, its files nor its records; fleet status lists both models on every device."""
+    from fleet.status import status
+    from otakit import state
+
+    f = Fleet(tmp_path, broker, rb["1.0.0"], keys, 4, extra=("--bundle", str(versions["v1"])))
+    try:
+        rec = _start(broker, rb["1.1.0"], rb, keys, max_latency_ratio=20.0)
+        assert rec.status == "done" and rec.model == "m" and [len(w.devices) for w in rec.waves] == [1, 3]
+        assert set(f.versions().values()) == {"1.1.0"}
+        for a in f.agents:
+            a.model_name = "digits"
+        assert set(f.versions().values()) == {"1.0.0"}
+        assert all(state(a.data_dir) is None and state(a.data_dir / "models.d" / "m") == "committed"
+                   for a in f.agents)  # digits keeps the top level and never had an update
+        rows = wait_until(lambda: (lambda r: r if len(r) == 4 and all(len(x["models"]) == 2 for x in r) else None)(
+            status(BrokerConfig(url=broker.url), group="g", listen_s=1.5)), 30, what="both models in fleet status")
+        for row in rows:
+            got = {m["name"]: (m["version"], m["update"]) for m in row["models"]}
+            assert got == {"digits": ("1.0.0", "idle"), "m": ("1.1.0", "committed")}, row
+        assert all(set(c) == {200} for c in f.codes.values())
     finally:
         f.stop()
 
