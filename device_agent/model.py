@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,8 @@ from edgebundle.errors import BundleError, InputError, RuntimeUnavailableError, 
 from edgebundle.interface import interface_hash
 from edgebundle.manifest import Manifest
 from edgeproto.documents import model_section
+
+log = logging.getLogger("edgepack.agent")
 
 _KINDS = {"f": "float", "i": "int", "u": "int", "b": "bool"}
 
@@ -84,6 +87,7 @@ class Model:
     text: TextEncoder | None = None  # text bundles: tokenizes `{"text": [...]}` requests on the device
     buckets: dict[int, Runtime] = field(default_factory=dict)  # a TFLite text bundle's shorter-length models
     pause: Callable[[], None] | None = None  # while staging: called before each warm-up or golden run (yield)
+    tap: Callable[[dict, dict], None] | None = None  # during an update's shadow phase: sees each request answered
 
     @property
     def name(self) -> str:
@@ -177,10 +181,17 @@ class Model:
         with self._busy_lock:
             self._busy += 1
         try:
-            return self._infer(inputs, raw, stamps)
+            out = self._infer(inputs, raw, stamps)
         finally:
             with self._busy_lock:
                 self._busy -= 1
+        tap = self.tap
+        if tap is not None and not raw:
+            try:
+                tap(inputs, out)
+            except Exception:  # the shadow never costs a request
+                log.exception("shadow tap failed")
+        return out
 
     def _infer(self, inputs: dict, raw: bool, stamps: list[float] | None) -> dict[str, np.ndarray]:
         if TEXT_INPUT in inputs and TEXT_INPUT not in self._names:

@@ -201,8 +201,12 @@ class ModelSlot:
 
     def telemetry(self, stats) -> dict:
         model = self.model
-        return {"version": model.version if model else None, "inference": stats.window(slot=self.name),
-                "totals": stats.totals(self.name)}
+        out = {"version": model.version if model else None, "inference": stats.window(slot=self.name),
+               "totals": stats.totals(self.name)}
+        run = self.updater.shadow_run if self.updater else None
+        if run is not None:
+            out["shadow"] = run.summary()
+        return out
 
     # ---- removal ----
     def remove(self) -> None:

@@ -35,6 +35,21 @@ class Probation:
 
 
 @dataclass(frozen=True)
+class Shadow:
+    """A shadow phase before the switch: the staged model runs beside the serving one on a sampled
+    share of live requests (off the request path) and must agree with it."""
+
+    seconds: float = 60.0
+    rate: float = 0.1  # share of live requests also run on the candidate
+    min_agreement: float = 0.95  # top-1 agreement (class scores), else share of outputs with cosine >= 0.99
+    min_samples: int = 20  # fewer compared requests in the phase: rejected (not enough evidence)
+
+    def to_dict(self) -> dict:
+        return {"seconds": self.seconds, "rate": self.rate, "min_agreement": self.min_agreement,
+                "min_samples": self.min_samples}
+
+
+@dataclass(frozen=True)
 class Desired(BundleRef):
     """The model a device (or group) should run: the bundle (BundleRef) and how to judge it."""
 
@@ -43,6 +58,7 @@ class Desired(BundleRef):
     allow_interface_change: bool = False  # inputs/outputs may differ from the running model's
     probation: Probation = field(default_factory=Probation)
     staging_max_p95_ms: float | None = None
+    shadow: Shadow | None = None  # None: switch right after staging
     issued: str | None = None  # UTC timestamp of the push (replay protection)
     target: str | None = None  # "devices/{id}" or "groups/{name}" [+ "/models/{model}"]: the record's topic
     signature: dict | None = None  # record_signature as received (None: unsigned)
@@ -77,12 +93,14 @@ class Desired(BundleRef):
             raise ValueError("allow_interface_change must be true or false")
         probation = _probation(section(d, "probation", ("seconds", "requests", "max_error_rate", "max_p95_ms")))
         st = section(d, "staging", ("max_p95_ms",))
+        sh = section(d, "shadow", ("seconds", "rate", "min_agreement", "min_samples"))
         when = issued(d)
         target = _target(d)
         sig = signature(d)
         return cls(**vars(ref), update_id=uid, allow_downgrade=allow_downgrade,
                    allow_interface_change=allow_interface_change, probation=probation,
-                   staging_max_p95_ms=_opt_ms(st, "staging.max_p95_ms"), issued=when, target=target,
+                   staging_max_p95_ms=_opt_ms(st, "staging.max_p95_ms"), shadow=_shadow(sh) if sh else None,
+                   issued=when, target=target,
                    signature=sig, source=source)
 
     def to_dict(self) -> dict:
@@ -96,6 +114,8 @@ class Desired(BundleRef):
              "staging": {"max_p95_ms": self.staging_max_p95_ms}, "issued": self.issued}
         if self.allow_interface_change:  # only when set: records of older pushers stay byte-identical
             d["allow_interface_change"] = True
+        if self.shadow is not None:
+            d["shadow"] = self.shadow.to_dict()
         if self.target is not None:
             d["target"] = self.target
         return d
@@ -216,6 +236,14 @@ def _probation(p: dict) -> Probation:
                      max_p95_ms=_opt_ms(p, "probation.max_p95_ms"))
 
 
+def _shadow(p: dict) -> Shadow:
+    return Shadow(seconds=number(p, "shadow.seconds", "seconds", 1.0, 86400.0, Shadow.seconds),
+                  rate=number(p, "shadow.rate", "rate", 0.001, 1.0, Shadow.rate),
+                  min_agreement=number(p, "shadow.min_agreement", "min_agreement", 0.0, 1.0, Shadow.min_agreement),
+                  min_samples=integer(p, "min_samples", 1, 10 ** 6, default=Shadow.min_samples,
+                                      what="shadow.min_samples"))
+
+
 def _opt_ms(d: dict, what: str) -> float | None:
     v = d.get("max_p95_ms")
     if v is None:
@@ -226,5 +254,6 @@ def _opt_ms(d: dict, what: str) -> float | None:
 
 
 __all__ = ["SCHEMA", "SIG_FIELD", "BundleRef", "Desired", "Limits", "MqttTransfer", "Probation", "RecordError", "Removal",
+           "Shadow",
            "parse_record",
            "UrlTransfer", "parse_transfer", "resolve", "sign_record", "signed_bytes", "url_allowed"]

@@ -20,6 +20,7 @@ class UpdateState(str, Enum):
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
     STAGING = "staging"
+    SHADOW = "shadow"  # the staged model runs beside the serving one on sampled live requests
     SWITCHING = "switching"
     PROBATION = "probation"
     COMMITTED = "committed"
@@ -151,6 +152,7 @@ class UpdateEvent:
     error: str | None = None
     note: str | None = None
     model: str | None = None  # the model on the device this update is for (None: an older agent)
+    shadow: dict | None = None  # the shadow phase's figures (agreement, samples, dropped, latency)
 
     @property
     def final(self) -> bool:
@@ -159,7 +161,7 @@ class UpdateEvent:
     def to_dict(self) -> dict:
         return {"update_id": self.update_id, "state": self.state, "model": self.model, "name": self.name,
                 "version": self.version, "sha256": self.sha256, "from_version": self.from_version,
-                "progress": self.progress, "error": self.error, "note": self.note}
+                "progress": self.progress, "error": self.error, "note": self.note, "shadow": self.shadow}
 
     @classmethod
     def from_dict(cls, d) -> "UpdateEvent | None":
@@ -169,7 +171,7 @@ class UpdateEvent:
         return cls(update_id=_str(d, "update_id"), state=_str(d, "state"), name=_str(d, "name"),
                    version=_str(d, "version"), sha256=_str(d, "sha256"), from_version=_str(d, "from_version"),
                    progress=prog if isinstance(prog, dict) else None, error=_str(d, "error"), note=_str(d, "note"),
-                   model=_str(d, "model"))
+                   model=_str(d, "model"), shadow=_obj(d, "shadow") or None)
 
 
 @dataclass(frozen=True)

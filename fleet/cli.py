@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from edgeproto.cli_options import broker_from_options, broker_options
+from fleet.cli_shadow import shadow_from_options, shadow_options
 
 
 @click.command()
@@ -31,6 +32,7 @@ from edgeproto.cli_options import broker_from_options, broker_options
 @click.option("--probation-requests", type=int, default=200, show_default=True)
 @click.option("--max-error-rate", type=float, default=0.02, show_default=True)
 @click.option("--latency-budget-ms", type=float, help="p95 budget for staging and probation.")
+@shadow_options
 @click.option("--sign-key", type=click.Path(exists=True, path_type=Path),
               help="Fleet private key that signs the desired record (devices with keys refuse unsigned records).")
 @click.option("--key-cert", type=click.Path(exists=True, path_type=Path),
@@ -54,6 +56,7 @@ def push(bundle, device, group, model, device_topic, remove, url, chunk_size, al
         err = f" ({ev['error']})" if ev.get("error") else ""
         click.echo(f"  {dev}: {ev.get('state')}{extra}{err}", err=True)
 
+    shadow = shadow_from_options(kw)
     if remove == (bundle is not None):
         raise click.UsageError("give a BUNDLE to push, or --remove --model NAME (and no bundle)")
     if remove and device_topic:
@@ -69,7 +72,7 @@ def push(bundle, device, group, model, device_topic, remove, url, chunk_size, al
                           warn=lambda m: click.echo(f"warning: {m}", err=True),
                           probation=Probation(seconds=probation_seconds, requests=probation_requests,
                                               max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
-                          staging_max_p95_ms=latency_budget_ms, wait=wait, timeout=timeout, progress=show,
+                          staging_max_p95_ms=latency_budget_ms, shadow=shadow, wait=wait, timeout=timeout, progress=show,
                           sign_key=sign_key, key_cert=key_cert)
     d = res.desired
     if as_json:

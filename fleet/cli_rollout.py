@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgeproto.cli_options import broker_from_options, broker_options
+from fleet.cli_shadow import shadow_from_options, shadow_options
 
 
 def _signing(f):
@@ -70,6 +71,7 @@ def rollout() -> None:
 @click.option("--allow-interface-change", is_flag=True)
 @click.option("--probation-seconds", type=float, default=30.0, show_default=True)
 @click.option("--probation-requests", type=int, default=200, show_default=True)
+@shadow_options
 @click.option("--lease-seconds", type=float, default=30.0, show_default=True)
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -90,6 +92,7 @@ def rollout_start(bundle, group, model, device_topic, sign_key, key_cert, rollou
     gates.allowed_failures(1)  # validates --max-failed before anything is published
     settings = RolloutSettings(waves=waves, soak_s=soak_s, wave_timeout_s=wave_timeout, baseline_s=baseline_seconds,
                                lease_s=lease_seconds, gates=gates, allow_interface_change=allow_interface_change,
+                               shadow=shadow_from_options(kw),
                                probation=Probation(seconds=probation_seconds, requests=probation_requests,
                                                    max_error_rate=max_error_rate))
     rec = ro.start(bundle, broker_from_options(kw), group=group, settings=settings, model=model,

@@ -23,7 +23,7 @@ from edgebundle.errors import InputError
 from edgebundle.trust import parse_time
 from edgeproto.broker import BrokerConfig
 from edgeproto.bundleref import MODEL_NAME
-from edgeproto.desired import Desired, MqttTransfer, Probation, Removal, UrlTransfer, sign_record
+from edgeproto.desired import Desired, MqttTransfer, Probation, Removal, Shadow, UrlTransfer, sign_record
 from edgeproto.mqtt import MqttClient, dumps
 from edgeproto.records import FINAL_STATES, DeviceStatus
 from edgeproto.topics import Topics, target
@@ -135,13 +135,14 @@ def prepare(bundle: Path, topics: Topics, *, url: str | None = None, chunk_size:
 
 def make_record(p: Prepared, *, target: str, update_id: str, issued: str, signer: Signer = Signer(),
                 allow_downgrade: bool = False, allow_interface_change: bool = False,
-                probation: Probation = Probation(), staging_max_p95_ms: float | None = None) -> dict:
+                probation: Probation = Probation(), staging_max_p95_ms: float | None = None,
+                shadow: Shadow | None = None) -> dict:
     """The desired record for `target` ('devices/ID' or 'groups/NAME', + '/models/MODEL'), signed when
     `signer` has a key."""
     desired = Desired(update_id=update_id, name=p.name, version=p.version, sha256=p.sha256, size=p.size,
                       transfer=p.transfer, allow_downgrade=allow_downgrade,
                       allow_interface_change=allow_interface_change, probation=probation,
-                      staging_max_p95_ms=staging_max_p95_ms, issued=issued, target=target)
+                      staging_max_p95_ms=staging_max_p95_ms, shadow=shadow, issued=issued, target=target)
     doc = desired.to_dict()
     doc["signature"] = p.bundle_signature  # informative: the bundle's own
     return sign_record(doc, signer.key, cert=signer.cert) if signer.key is not None else doc
@@ -182,7 +183,7 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
          url: str | None = None, chunk_size: int = DEFAULT_CHUNK, allow_downgrade: bool = False,
          allow_interface_change: bool = False,
          probation: Probation = Probation(), staging_max_p95_ms: float | None = None,
-         wait: bool = False, timeout: float = 600, expect: list[str] | None = None,
+         shadow: Shadow | None = None, wait: bool = False, timeout: float = 600, expect: list[str] | None = None,
          progress: Callable[[str, dict], None] = lambda _d, _e: None,
          warn: Callable[[str], None] = lambda _m: None, check_interface: bool = True,
          sign_key=None, key_cert=None) -> PushResult:
@@ -219,7 +220,7 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     def record(issued: str) -> dict:
         return make_record(p, target=addr.target, update_id=uuid.uuid4().hex, issued=issued, signer=signer,
                            allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
-                           probation=probation, staging_max_p95_ms=staging_max_p95_ms)
+                           probation=probation, staging_max_p95_ms=staging_max_p95_ms, shadow=shadow)
 
     result = PushResult(desired={}, topic=topics.target_desired(addr.target), warnings=warnings)
     return _publish(broker, result, record, chunks=None if url else p, addr=addr,

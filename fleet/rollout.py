@@ -180,7 +180,8 @@ class Controller:
             got = self.inbox.outcomes(w.update_id)
             w.outcomes = {d: got[d] for d in w.devices if d in got}
             if len(_failed(w)) > allowed:
-                return self._stopping(r, f"wave {n}: {_failures(w, allowed, 'did not update')}")
+                why = _failures(w, allowed, "did not update", self.inbox.errors(w.update_id))
+                return self._stopping(r, f"wave {n}: {why}")
             if len(w.outcomes) == len(w.devices) or self.clock.mono() > deadline:
                 break
             if self._control_requested():
@@ -191,7 +192,8 @@ class Controller:
             w.outcomes.setdefault(d, "timed_out")
         w.times["update_s"] = round(self.clock.mono() - t0, 2)
         if len(_failed(w)) > allowed:
-            return self._stopping(r, f"wave {n}: {_failures(w, allowed, 'did not update in time or failed')}")
+            why = _failures(w, allowed, "did not update in time or failed", self.inbox.errors(w.update_id))
+            return self._stopping(r, f"wave {n}: {why}")
         return WaveState.SOAKING
 
     def _soaking(self, r: RolloutRecord, w: Wave) -> WaveState:
@@ -270,7 +272,7 @@ class Controller:
         group = self._target("groups", r.group)
         doc = make_record(p, target=group, update_id=f"{r.id}-group",
                           issued=issued.isoformat(timespec="milliseconds"), signer=self.signer,
-                          allow_interface_change=s.allow_interface_change, probation=s.probation)
+                          allow_interface_change=s.allow_interface_change, probation=s.probation, shadow=s.shadow)
         publish_record(self.client, self.topics.target_desired(group), doc)
         self._clear([d for w in r.waves for d in w.devices])
         self._stop(r, RolloutStatus.DONE, None)
@@ -282,7 +284,7 @@ class Controller:
         for dev in devices:
             to = self._target("devices", dev)
             doc = make_record(p, target=to, update_id=update_id, issued=issued, signer=self.signer,
-                              probation=self.settings.probation, **allow)
+                              probation=self.settings.probation, shadow=self.settings.shadow, **allow)
             publish_record(self.client, self.topics.target_desired(to), doc)
 
     def _clear(self, devices: list[str]) -> None:
@@ -378,10 +380,10 @@ def _failed(w: Wave) -> list[str]:
     return sorted(d for d, o in w.outcomes.items() if o != "committed")
 
 
-def _failures(w: Wave, allowed: int, what: str) -> str:
-    bad = _failed(w)
-    return (f"{len(bad)} device(s) {what} (" + ", ".join(f"{d}: {w.outcomes[d]}" for d in bad[:5])
-            + f"; at most {allowed})")
+def _failures(w: Wave, allowed: int, what: str, errors: dict[str, str] | None = None) -> str:
+    bad, errors = _failed(w), errors or {}
+    return (f"{len(bad)} device(s) {what} (" + ", ".join(
+        f"{d}: {w.outcomes[d]}" + (f": {errors[d]}" if d in errors else "") for d in bad[:5]) + f"; at most {allowed})")
 
 
 @contextmanager

@@ -73,6 +73,7 @@ class Inbox:
         self._lock = threading.Lock()
         self._telemetry: dict[str, collections.deque] = {}  # device -> (received mono, whole window)
         self._outcomes: dict[str, dict[str, str]] = {}  # update_id -> device -> final state
+        self._errors: dict[str, dict[str, str]] = {}  # update_id -> device -> the final event's error
 
     @property
     def subscriptions(self) -> list[str]:
@@ -102,7 +103,7 @@ class Inbox:
             if hit[1] == "events":
                 doc = parse_json(payload)
                 if isinstance(doc, dict) and isinstance(doc.get("update_id"), str):
-                    self._outcome(doc["update_id"], hit[0], doc.get("state"))
+                    self._outcome(doc["update_id"], hit[0], doc.get("state"), doc.get("error"))
         elif hit[1] == "telemetry":
             tel = TelemetryWindow.from_dict(dev, parse_json(payload))
             with self._lock:
@@ -111,18 +112,25 @@ class Inbox:
             # every model's update: update ids are the rollout's own, whichever model they are for
             for u in (e.status.update, *(slot.update for slot in e.status.models.values())):
                 if u and u.update_id:
-                    self._outcome(u.update_id, dev, u.state)
+                    self._outcome(u.update_id, dev, u.state, u.error)
 
-    def _outcome(self, update_id: str, device: str, state) -> None:
+    def _outcome(self, update_id: str, device: str, state, error=None) -> None:
         if state in FINAL_STATES:
             with self._lock:
                 self._outcomes.setdefault(update_id, {})[device] = state
+                if isinstance(error, str) and error:
+                    self._errors.setdefault(update_id, {})[device] = error[:300]
 
     def telemetry(self, device: str) -> list[tuple[float, str | None, TelemetryWindow]]:
         """(received, model version, window) of the rollout's model, oldest first, at most HISTORY."""
         with self._lock:
             got = list(self._telemetry.get(device, ()))
         return [(t, w.model_version, w) for t, w in ((t, tel.for_model(self.model)) for t, tel in got)]
+
+    def errors(self, update_id: str) -> dict[str, str]:
+        """device -> why `update_id` failed or rolled back there (the device's own words)."""
+        with self._lock:
+            return dict(self._errors.get(update_id, {}))
 
     def outcomes(self, update_id: str) -> dict[str, str]:
         """device -> final state of `update_id` (committed, failed, rolled_back) heard so far."""

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 
 from edgebundle.errors import InputError
-from edgeproto.desired import Probation
+from edgeproto.desired import Probation, Shadow
 from fleet.gates import Gates
 
 SCHEMA = "edgepack.rollout/1"
@@ -53,6 +53,7 @@ class RolloutSettings:
     gates: Gates = field(default_factory=Gates)
     probation: Probation = field(default_factory=Probation)
     allow_interface_change: bool = False
+    shadow: Shadow | None = None  # each device's update runs a shadow phase first (a wave's failures count it)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -64,7 +65,8 @@ class RolloutSettings:
         return cls(waves=d["waves"], soak_s=float(d["soak_s"]), wave_timeout_s=float(d["wave_timeout_s"]),
                    baseline_s=float(d["baseline_s"]), lease_s=float(d["lease_s"]),
                    gates=Gates.from_dict(d["gates"]), probation=Probation(**d["probation"]),
-                   allow_interface_change=bool(d.get("allow_interface_change")))
+                   allow_interface_change=bool(d.get("allow_interface_change")),
+                   shadow=Shadow(**d["shadow"]) if d.get("shadow") else None)
 
 
 @dataclass

@@ -199,3 +199,16 @@ def test_agent_bench_cli(digits_bundle):
     assert d["latency"]["runs"] >= 5 and d["runtime"]["runtime"] == "litert"
     res = CliRunner().invoke(main, ["bench", "/nonexistent.edgepack"])
     assert res.exit_code == 5 and "does not exist" in res.output
+
+
+def test_shadow_agreement_by_output_kind():
+    """The shadow phase compares outputs as the build's gate does."""
+    from device_agent.shadow import agreement
+
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    assert agreement(p, p[:, ::-1], labelled=False)[:2] == (0, 2)  # class scores: top-1 (permuted: none)
+    assert agreement(p, p + 0.01, labelled=False)[:2] == (2, 2)
+    v = np.array([[1.0, -2.0, 3.0]])
+    assert agreement(v, v * 1.001, labelled=False)[:2] == (1, 1)  # values: cosine >= 0.99
+    assert agreement(v, -v, labelled=False)[:2] == (0, 1)
+    assert agreement(np.array([[1, 2]]), np.array([[1, 3]]), labelled=False)[:2] == (0, 1)  # integers: exact

@@ -24,7 +24,7 @@ MAX_RECORD_BYTES = 4 << 20
 State = UpdateState
 
 ENDED = (State.IDLE, State.COMMITTED, State.ROLLED_BACK, State.FAILED)
-RESUMABLE = (State.DOWNLOADING, State.VERIFYING, State.STAGING)
+RESUMABLE = (State.DOWNLOADING, State.VERIFYING, State.STAGING, State.SHADOW)
 LIVE = (State.SWITCHING, State.PROBATION)  # the new model serves: any failure rolls back
 
 

@@ -56,6 +56,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from device_agent.ota.record import ENDED, LIVE, RESUMABLE, Record, State
+from device_agent.shadow import ShadowRun
 from device_agent.ota.transfer import (Cancelled, ChunkFetcher, MqttChunkFetcher, TransferError, TransferPolicy,
                                       TransientError, fetch_url)
 from device_agent.store import Store, atomic_write
@@ -128,6 +129,8 @@ class Updater:
         self._stop = threading.Event()
         self._candidate_model = None
         self._previous_model = None
+        self.shadow_run: ShadowRun | None = None  # the shadow phase running now (telemetry reads it)
+        self._shadow_figures: dict | None = None  # the last shadow phase's figures, for this update's events
         self._verified = None  # the Bundle VERIFYING checked (staging trusts it: verify once)
         self._retry_at = 0.0
         self._dirty = False  # the record in memory is newer than the one on disk (disk full)
@@ -149,7 +152,7 @@ class Updater:
                     log.error("cannot restore the previous bundle in active.json: %s", e)
                     return
                 self._end(State.ROLLED_BACK, f"the agent restarted during {r.state.value}; {outcome}")
-            elif r.state in (State.VERIFYING, State.STAGING):
+            elif r.state in (State.VERIFYING, State.STAGING, State.SHADOW):
                 r.attempts += 1
                 if r.attempts >= self.settings.max_attempts:
                     self._fail(f"gave up after {r.attempts} attempts: the agent restarted during {r.state.value} "
@@ -269,7 +272,8 @@ class Updater:
 
     def _run(self, d: Desired) -> None:
         handlers = {State.DOWNLOADING: self._downloading, State.VERIFYING: self._verifying,
-                    State.STAGING: self._staging, State.SWITCHING: self._switching, State.PROBATION: self._probation}
+                    State.STAGING: self._staging, State.SHADOW: self._shadow, State.SWITCHING: self._switching,
+                    State.PROBATION: self._probation}
         while self.record.state in handlers and not self._stop.is_set():
             state = self.record.state
             self._inject_fault(state)
@@ -384,6 +388,34 @@ class Updater:
                 model.close()
                 raise UpdateFailed(f"staging: p95 latency {p95:.2f} ms over the budget of {budget} ms")
         self._candidate_model = model
+        return State.SHADOW if d.shadow is not None and active is not None else State.SWITCHING
+
+    def _shadow(self, d: Desired) -> State | None:
+        """The candidate answers a sampled share of live requests beside the serving model, off the
+        request path, for `shadow.seconds`; it is switched in only if it agrees (never served a request)."""
+        if self._candidate_model is None:  # resumed after a restart or a retry: stage again
+            return State.STAGING
+        active = self.host.active_model()
+        if active is None or d.shadow is None:
+            return State.SWITCHING
+        run = ShadowRun(self._candidate_model, d.shadow, output=active.manifest.outputs[0].name,
+                        labelled=active.manifest.labels_file is not None).start()
+        self.shadow_run, active.tap = run, run.offer
+        try:
+            end = self.clock.mono() + d.shadow.seconds
+            while self.clock.mono() < end and not self._superseded():
+                self._stop.wait(0.2)
+        finally:
+            active.tap = None
+            run.stop()
+            self.shadow_run = None
+        if self._superseded():
+            return None  # stopping (a restart stages and shadows again) or a newer update
+        self._shadow_figures = run.summary()
+        why = run.verdict()
+        if why:
+            raise UpdateFailed(why)
+        log.info("update %s: the candidate agrees in shadow", d.update_id, extra={"fields": self._shadow_figures})
         return State.SWITCHING
 
     def _switching(self, d: Desired) -> State:
@@ -578,10 +610,13 @@ class Updater:
                note: str | None = None) -> None:
         r = self.record
         d = r.desired or {}
+        fig = self._shadow_figures if state in (State.SWITCHING, *ENDED) else None
         self.host.event(UpdateEvent(update_id=r.update_id, state=state.value, name=d.get("name"),
                                     version=d.get("version"), sha256=d.get("sha256"),
                                     from_version=(r.previous or {}).get("version"), progress=progress,
-                                    error=error, note=note).to_dict())
+                                    error=error, note=note, shadow=fig).to_dict())
+        if state in ENDED:
+            self._shadow_figures = None
 
     def _inject_fault(self, state: State) -> None:
         delay = self.settings.fault_delays.get(state.value)
