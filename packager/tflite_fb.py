@@ -9,29 +9,29 @@ from edgebundle.manifest import TensorSpec
 from targets import Precision
 
 
-def _schema():
-    from tensorflow.lite.python import schema_py_generated as schema
+def schema():
+    """TensorFlow's generated TFLite schema module (imported on first use)."""
+    from tensorflow.lite.python import schema_py_generated
 
-    return schema
+    return schema_py_generated
 
 
-def _op_names() -> dict[int, str]:
-    schema = _schema()
-    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+def op_names() -> dict[int, str]:
+    return {v: k for k, v in vars(schema().BuiltinOperator).items() if not k.startswith("_")}
 
 
 _TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "bool", 7: "int16", 9: "int8"}
 
 
 def read_model(data: bytes):
-    schema = _schema()
-    return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(data, 0))
+    fb = schema()
+    return fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(data, 0))
 
 
 def ops_with_versions(data: bytes) -> list[tuple[str, int]]:
     """(op name, op version) of each operator of the main subgraph, in execution order."""
     model = read_model(data)
-    names = _op_names()
+    names = op_names()
     codes = []
     for oc in model.operatorCodes:
         code = max(oc.builtinCode, oc.deprecatedBuiltinCode)

@@ -7,10 +7,9 @@ agent's own path (tokenizer, length buckets) about texts the build never saw, ag
 Measured here: x86-cpu's dynamic int8 keeps the cosine (0.993) but only 87-94 % of the neighbours
 (docstring sentences have many near ties: 18 % of them have a runner-up within 0.01 cosine), so the
 build's ranking gate moves on to dynamic-block (97 %). TFLite's dynamic-range int8 (activations
-quantized per row) keeps cosine 0.9988 and passes the build's gate on the validation texts, but keeps
-the neighbour for 94.9 % of these held-out texts (167 of 176): one short of the transformer issue's
-95 %, so TFLite bundles are held at 93 % here until a recipe closes the gap (smoothing activation
-outliers into the weights, which helps ORT, broke TFLite's dynamic range: cosine 0.95)."""
+quantized per row) kept cosine 0.9988 but the neighbour for only 94.9 % of these held-out texts; with
+each attention's value projection back in float (packager/formats/tflite_values.py) 0.9992 and 97.2 %,
+at 0.43-0.45x the fp32 TFLite model (0.38-0.40x before)."""
 from __future__ import annotations
 
 import subprocess
@@ -24,7 +23,7 @@ from textkit import minilm_folder, sentences, torch_sentence_embeddings
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
 pytest.importorskip("torch")
 TARGETS = ("arm-cpu", "rpi5", "x86-cpu", "jetson-gpu")
-MIN_KEPT = {"arm-cpu": 0.93, "rpi5": 0.93}  # the rest: 0.95
+MIN_KEPT = 0.95
 
 # What a user writes: the sentence-transformers recipe around AutoModel, exported by torch.
 EXPORT = r"""
@@ -97,10 +96,11 @@ def _check_all(results, minilm) -> None:
         cands = [(c["candidate"], c["verdict"]) for c in r.report["candidates"]]
         print(f"{target}: {r.report['precision']} cosine mean {mean:.4f} min {low:.4f}, "
               f"nearest neighbour kept {kept:.1%}; {cands}")
-        assert mean >= 0.99 and low >= 0.98 and kept >= MIN_KEPT.get(target, 0.95), (target, mean, low, kept)
+        assert mean >= 0.99 and low >= 0.98 and kept >= MIN_KEPT, (target, mean, low, kept)
         m = open_bundle(r.bundle).manifest
         if target in ("arm-cpu", "rpi5"):
             assert cands[0][0] == "dynamic", cands
+            assert len(m.quantization.get("float_nodes", ())) == 6, m.quantization  # one value projection a layer
             ops = {name for name, _ in ops_with_versions(open_bundle(r.bundle).read(m.model_file))}
             assert "GELU" in ops and not any(op.startswith("Flex") for op in ops), sorted(ops)
             assert m.text.get("buckets"), m.text  # short texts run in a small model
@@ -115,11 +115,10 @@ def test_minilm_folder_builds_for_every_target(minilm):
 
 
 def test_users_own_onnx_export_takes_its_tokenizer(minilm):
-    """x86-cpu only: the graph is the folder's (the same torch recipe), built above for all four
-    targets; what this adds is a user's own export with --tokenizer, judged the same way."""
+    """A user's own export with --tokenizer, built for the same four targets and judged the same way."""
     onnx_path = minilm["dir"] / "own.onnx"
     subprocess.run([sys.executable, "-c", EXPORT, str(minilm["folder"]), str(onnx_path)], check=True, timeout=600)
-    _check_all(_build(onnx_path, minilm, "own", ("x86-cpu",), tokenizer=minilm["folder"]), minilm)
+    _check_all(_build(onnx_path, minilm, "own", tokenizer=minilm["folder"]), minilm)
 
 
 def _nearest(e: np.ndarray) -> np.ndarray:

@@ -21,11 +21,12 @@ import numpy as np
 
 from edgebundle.errors import ConversionError, InputError, UnsupportedOpError
 from packager.candidates import Step
+from packager.formats import tflite_values
 from packager.formats.sensitivity import GraphView, Lowered, Op, fake_quant
 from packager.lint import Finding, Level
 from packager.registry import Artifact, Backend, ConvertContext, bridge, register
 from packager.sources import Source, SourceKind
-from packager.tflite_fb import describe_flatbuffer, detect_precision, ops_with_versions
+from packager.tflite_fb import describe_flatbuffer, detect_precision, ops_with_versions, read_model
 from targets import Format, Precision, TargetProfile
 
 _FLEX = re.compile(r"TF Select ops:\s*([^\n]+)")
@@ -112,11 +113,17 @@ def _fp16(ctx: ConvertContext) -> tuple[bytes, dict]:
 
 
 def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
+    """Dynamic-range int8; a transformer's attention value projections stay in float (tflite_values.py)."""
     import tensorflow as tf
 
     conv = _converter(ctx)
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    return _run(conv, ctx), {"weights": "int8", "activations": "float32 (quantized on the fly)"}
+    data = _run(conv, ctx)
+    details = {"weights": "int8", "activations": "float32 (quantized on the fly)"}
+    if tflite_values.value_projections(read_model(data)):
+        data, kept = tflite_values.float_values(data, TFLiteBackend().fp32(ctx).read_bytes())
+        details.update(weights="int8, attention value projections in float", float_nodes=kept)
+    return data, details
 
 
 def _int16x8(ctx: ConvertContext) -> tuple[bytes, dict]:
