@@ -88,6 +88,7 @@ class Model:
     buckets: dict[int, Runtime] = field(default_factory=dict)  # a TFLite text bundle's shorter-length models
     pause: Callable[[], None] | None = None  # while staging: called before each warm-up or golden run (yield)
     tap: Callable[[dict, dict], None] | None = None  # during an update's shadow phase: sees each request answered
+    memory: object = None  # what the agent admitted it with (device_agent.slot.Memory)
 
     @property
     def name(self) -> str:

@@ -14,6 +14,7 @@ from device_agent.config import AgentConfig
 from device_agent.lifecycle import AgentState, Lifecycle
 from device_agent.model import Model
 from device_agent.repository import AgentRepository
+from device_agent.routing import Desires
 from device_agent.slot import MB, OTHERS, MemoryRefused, ModelSlot, cpu_share, discover, primary_name, slot_name
 from device_agent.profile import ProfilePolicy, Profiler, parse_delays
 from device_agent.ota.gate import RecordGate, SourcePolicy
@@ -63,6 +64,7 @@ class Agent:
         self._wake = threading.Event()
         self._drainer: threading.Thread | None = None
         self._group_topics = {self.topics.group_desired(g) for g in cfg.groups}
+        self.desires = Desires(self.topics, cfg.groups)
         self.api = None
         self.life = Lifecycle(on_change=self.status_changed, healthy=self.healthy)
 
@@ -84,12 +86,16 @@ class Agent:
     def store(self):
         return self.slots[0].store if self.slots else None
 
-    def slot(self, name: str) -> ModelSlot | None:
-        """The slot named `name`, else the one whose model carries that name (a one-model device
-        whose update renamed its model keeps answering to both)."""
+    def slot(self, name: str, *, exact: bool = False) -> ModelSlot | None:
+        """The slot named `name`, else (not `exact`: the API) the one whose model carries that name
+        (a one-model device whose update renamed its model keeps answering to both)."""
         with self._slots_lock:
-            return next((s for s in self.slots if s.name == name), None) or next(
-                (s for s in self.slots if s.model is not None and s.model.name == name), None)
+            return next((s for s in self.slots if s.name == name), None) or (None if exact else next(
+                (s for s in self.slots if s.model is not None and s.model.name == name), None))
+
+    def _first(self) -> ModelSlot | None:
+        """The model at the data directory's top level (old-style records address it)."""
+        return next((s for s in self.slots if s.primary), None)
 
     def _plan_slots(self) -> None:
         """The slots: the first model at the data directory's top level (named by active.json, its
@@ -103,8 +109,13 @@ class Agent:
                 raise InputError(f"two configured bundles are both named {name!r} ({m.bundle})",
                                  hint="each model on a device needs its own name: build with --name")
             configured.append((name, m.bundle, m.threads))
-        primary = ModelSlot(self, primary_name(cfg.data_dir), cfg.data_dir, threads=None)
+        name, recorded = primary_name(cfg.data_dir)
+        primary = ModelSlot(self, name, cfg.data_dir, threads=None)
         slots = [primary] + [ModelSlot(self, p.name, p, threads=None) for p in discover(cfg.data_dir)]
+        if name and not recorded and len(slots) == 1 and len(configured) == 1:
+            # a one-model agent's directory (no name recorded yet): its one bundle is this model,
+            # even when an update renamed the model since
+            configured[0] = (name, *configured[0][1:])
         for name, bundle, threads in configured:
             s = next((x for x in slots if x.name == name), None)
             if s is None and primary.name is None:
@@ -119,14 +130,13 @@ class Agent:
             s.threads = s.threads or cfg.threads or (cpu_share(len(slots)) if len(slots) > 1 else None)
         self.slots = slots
 
-    def _new_slot(self, name: str) -> ModelSlot:
-        """A model a record adds at run time: its own folder (or the top level when there is none)."""
+    def _new_slot(self, name: str, *, top: bool) -> ModelSlot:
+        """A model a record adds at run time: at the top level (`top`: old-style records, or a device
+        with no model at all), else in its own folder."""
         with self._slots_lock:
-            if not self.slots:
-                s = ModelSlot(self, name, self.cfg.data_dir, threads=self.cfg.threads)
-            else:
-                s = ModelSlot(self, name, self.cfg.data_dir / OTHERS / name,
-                              threads=self.cfg.threads or cpu_share(len(self.slots) + 1))
+            root = self.cfg.data_dir if top else self.cfg.data_dir / OTHERS / name
+            s = ModelSlot(self, name, root, threads=self.cfg.threads or (
+                cpu_share(len(self.slots) + 1) if self.slots else None))
             s.start_updater(self._updater_settings(), self._fetcher())
             self.slots.append(s)
         s.updater.start()
@@ -134,12 +144,22 @@ class Agent:
         return s
 
     def remove(self, s: ModelSlot, update_id: str) -> None:
-        """A signed removal: unload the model, delete its files, report `removed`."""
-        version = s.model.version if s.model else None
+        """A signed removal: the model leaves the API now; stopping its update, closing it and
+        deleting its files happen on a thread of their own (never on the MQTT thread), then the
+        `removed` event."""
         with self._slots_lock:
+            if s not in self.slots:
+                return
+            self.slots.remove(s)
+            s.removed = True
+        threading.Thread(target=self._dispose, args=(s, update_id), name=f"remove-{s.name}", daemon=True).start()
+
+    def _dispose(self, s: ModelSlot, update_id: str) -> None:
+        version = s.model.version if s.model else None
+        try:
             s.remove()
-            if s in self.slots:
-                self.slots.remove(s)
+        except Exception:  # the files may stay; the model is gone from the API and the status
+            log.exception("removing model %s", s.name)
         self.stats.forget(s.name)
         self.event({"update_id": update_id, "state": "removed", "model": s.name, "version": version})
         self.models_changed()
@@ -164,7 +184,8 @@ class Agent:
         avail = self.metrics.memory()["available_bytes"]
         reserve, budget = self.cfg.memory_reserve_mb * MB, self.cfg.memory_budget_mb * MB
         with self._slots_lock:
-            taken = sum(s.memory.need_bytes for s in self.slots if s.model is not None and s.memory)
+            held = [m for s in self.slots for m in (s.model, *(s.updater.held() if s.updater else ())) if m is not None]
+        taken = sum(m.memory.need_bytes for m in held if getattr(m, "memory", None))
         why = []
         if avail is not None and need.need_bytes > avail - reserve:
             why.append(f"the {max(avail - reserve, 0) / MB:.0f} MB available (MemAvailable {avail / MB:.0f} MB "
@@ -273,35 +294,39 @@ class Agent:
             topic.startswith(f"{t.prefix}/groups/{g}/models/") for g in self.cfg.groups)
 
     def _route(self, topic: str, model: str | None, d) -> None:
-        """Give an accepted record to the model it addresses: a model's topic names it; the
-        device's and groups' own topics address the first model (one-model devices, old pushers)."""
+        """Give an accepted record to the model it addresses (routing.Desires says which record each
+        model follows). A record for a model the device lacks installs it; a removal never does."""
+        if model is None and isinstance(d, Removal):
+            self.event({"update_id": d.update_id, "state": "failed", "error": "refused: a removal names a model: "
+                        f"publish it on {self.topics.model_desired('NAME')}"})
+            return
         with self._slots_lock:
-            s = self.slot(model) if model else (self.slots[0] if self.slots else None)
-            if s is None and d is not None and not isinstance(d, Removal):
+            self.desires.put(topic, model, d)
+            if model is None:
+                s = self._first()
+                chosen = self.desires.winner(s.name if s else None, first=True)
+                name = s.name if s else getattr(chosen, "name", None)
+            else:
+                s, name = self.slot(model, exact=True), model
+                chosen = self.desires.winner(model, first=bool(s and s.primary))
+            if s is None:
+                if chosen is None or isinstance(chosen, Removal):
+                    return
                 try:
-                    s = self._new_slot(slot_name(model or d.name))
+                    name = slot_name(name)
+                    if model is None and self.slot(name, exact=True) is not None:
+                        raise EdgepackError(f"model {name} is served from {OTHERS}/{name}: address it on its "
+                                            f"model topic ({self.topics.model_desired(name)})")
+                    s = self._new_slot(name, top=model is None or not self.slots)
                 except EdgepackError as e:
-                    self.event({"update_id": d.update_id, "state": "failed", "model": model,
+                    self.event({"update_id": chosen.update_id, "state": "failed", "model": model,
                                 "error": str(e).split("\n")[0]})
                     return
-            if s is None:
-                return
-            s.desired[topic] = d
-            chosen = self._resolve(s)
         if isinstance(chosen, Removal):
-            if s.model is not None or s.updater and s.updater.record.state in RESUMABLE + LIVE:
+            if s.holds_anything():
                 self.remove(s, chosen.update_id)
         elif s.updater:
             s.updater.set_desired(chosen)
-
-    def _resolve(self, s: ModelSlot):
-        """A model's own records first (device, then groups in the configured order); for the first
-        model, then the device's and the groups' own (old-style) records."""
-        t, groups = self.topics, self.cfg.groups
-        order = [t.model_desired(s.name)] + [t.group_model_desired(g, s.name) for g in groups] if s.name else []
-        if s is self.slots[0]:
-            order += [t.desired] + [t.group_desired(g) for g in groups]
-        return next((s.desired[k] for k in order if s.desired.get(k) is not None), None)
 
     def _mqtt_client(self) -> MqttClient | None:
         """The broker session, built but not connected (its chunk fetchers go to the updaters first)."""
@@ -411,7 +436,8 @@ class Agent:
         log.info("serving KServe v2 API", extra={"fields": {"host": self.cfg.api_host, "port": self.api.port}})
         self.life.set(AgentState.LOADING, ", ".join(s.name or "model" for s in self.slots) or None)
         for slot in list(self.slots):
-            slot.load_initial()
+            if not slot.removed:  # a retained removal may have come first
+                slot.load_initial()
         trim_memory()  # verification and extraction buffers
         for slot in list(self.slots):
             slot.updater.start()

@@ -4,8 +4,9 @@ sampled share of live requests, off the request path, and must agree with it.
 The request thread only samples and enqueues (`offer`: a random draw and a put_nowait; never
 blocks): the response never waits for the shadow. One worker runs the candidate on the queued
 inputs and compares its primary output with what the serving model answered, the way the build's
-gate compares (top-1 for class scores, exact for integers, cosine otherwise). The worker keeps to a
-CPU budget (a share of one core): after each run it rests in proportion, and requests sampled while
+gate compares (top-1 for class scores, exact for integers, otherwise cosine and size). The worker
+keeps to a CPU budget (a share of one core, counting the runtime's threads): after each run it rests
+in proportion, and requests sampled while
 it is busy or resting are dropped and counted, never queued without bound."""
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import numpy as np
 from edgeproto.desired import Shadow
 
 log = logging.getLogger("edgepack.agent.ota")
-MIN_COSINE = 0.99  # a float output agrees when its cosine to the serving model's is at least this
+MIN_COSINE = 0.99  # a float output agrees when its cosine to the serving model's is at least this...
+MAX_SCALE_ERROR = 0.1  # ...and its norm is within 10 % of it
 
 
 def agreement(ref: np.ndarray, got: np.ndarray, *, labelled: bool) -> tuple[int, int, float]:
@@ -33,11 +35,17 @@ def agreement(ref: np.ndarray, got: np.ndarray, *, labelled: bool) -> tuple[int,
         return 0, rows, 0.0
     if r.dtype.kind in "iub":
         return int(np.sum(np.all(r == g, axis=1))), rows, float(np.mean(np.all(r == g, axis=1)))
-    r64, g64 = r.astype(np.float64), np.where(np.isfinite(g), g, 0.0).astype(np.float64)
+    r64 = np.where(np.isfinite(r), r, 0.0).astype(np.float64)
+    g64 = np.where(np.isfinite(g), g, 0.0).astype(np.float64)
     nr, ng = np.linalg.norm(r64, axis=1), np.linalg.norm(g64, axis=1)
-    cos = np.where((nr == 0) & (ng == 0), 1.0, np.sum(r64 * g64, axis=1) / np.maximum(nr * ng, 1e-30))
+    both_zero = (nr == 0) & (ng == 0)
+    cos = np.where(both_zero, 1.0, np.sum(r64 * g64, axis=1) / np.maximum(nr * ng, 1e-30))
     scores = r.shape[1] > 1 and (labelled or (np.all(r64 >= -1e-6) and np.allclose(r64.sum(1), 1.0, atol=1e-2)))
-    ok = (r64.argmax(1) == g64.argmax(1)) if scores else cos >= MIN_COSINE
+    if scores:
+        ok = r64.argmax(1) == g64.argmax(1)
+    else:  # direction and size: a scaled output (or a single value off by a factor) does not agree
+        scale = np.where(both_zero, 1.0, ng / np.maximum(nr, 1e-30))
+        ok = (cos >= MIN_COSINE) & (np.abs(scale - 1.0) <= MAX_SCALE_ERROR)
     return int(np.sum(ok)), rows, float(np.mean(cos))
 
 
@@ -47,9 +55,10 @@ class ShadowRun:
     QUEUE = 4
 
     def __init__(self, candidate, settings: Shadow, *, output: str, labelled: bool, cpu_share: float = 0.25,
-                 draw: Callable[[], float] = random.random):
+                 threads: int = 1, draw: Callable[[], float] = random.random):
+        """`threads`: cores the candidate's runtime uses per run (the rest scales with them)."""
         self.candidate, self.settings, self.output, self.labelled = candidate, settings, output, labelled
-        self.cpu_share, self.draw = cpu_share, draw
+        self.cpu_share, self.threads, self.draw = cpu_share, max(1, threads), draw
         self._q: queue.Queue = queue.Queue(maxsize=self.QUEUE)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -104,7 +113,7 @@ class ShadowRun:
                 if ms is not None and len(self._ms) < 100_000:
                     self._ms.append(ms)
                 self.busy_s += spent
-            self._stop.wait(spent * (1 / self.cpu_share - 1))  # the CPU budget: rest in proportion
+            self._stop.wait(spent * (self.threads / self.cpu_share - 1))  # the CPU budget: rest in proportion
 
     def summary(self) -> dict:
         with self._lock:
@@ -113,10 +122,10 @@ class ShadowRun:
             return {"sampled": self.sampled, "compared": self.compared, "agreed": self.agreed,
                     "agreement": round(self.agreed / self.compared, 4) if self.compared else None,
                     "dropped": self.dropped, "errors": self.errors,
-                    "cosine_mean": round(float(np.mean(self._cos)), 5) if self._cos else None,
+                    "cosine_mean": round(float(np.nanmean(self._cos)), 5) if self._cos else None,
                     "candidate_p50_ms": round(float(np.percentile(ms, 50)), 3) if ms is not None else None,
                     "candidate_p95_ms": round(float(np.percentile(ms, 95)), 3) if ms is not None else None,
-                    "cpu_share": round(self.busy_s / elapsed, 4), "seconds": round(elapsed, 1),
+                    "cpu_share": round(self.threads * self.busy_s / elapsed, 4), "seconds": round(elapsed, 1),
                     "min_agreement": self.settings.min_agreement}
 
     def verdict(self) -> str | None:

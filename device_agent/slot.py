@@ -74,10 +74,10 @@ class ModelSlot:
         self.initial = initial  # the configured bundle, used while the slot holds no active one
         self.model: Model | None = None
         self.model_error: str | None = None
-        self.memory: Memory | None = None
         self.updater: Updater | None = None
         self.desired: dict = {}  # topic -> the record accepted there (Desired, Removal or None)
         self.unloaded = False  # the repository API unloaded it: not ready, files kept
+        self.removed = False  # a removal took it off the agent (its files are being deleted)
         self._swap_lock = threading.Lock()
 
     @property
@@ -101,7 +101,11 @@ class ModelSlot:
                 log.warning("%s: %s", self.name or "model", self.model_error)
                 return
             t0 = time.perf_counter()
-            self.model = self.load(path, initial=True)
+            model = self.load(path, initial=True)
+            if self.removed:  # removed while it loaded: never served
+                model.close()
+                return
+            self.model = model
             self.name = self.name or self.model.name
             state = self.store.read_state()
             if self.primary and state.get("model") != self.name:  # the slot keeps its name across renames
@@ -151,7 +155,7 @@ class ModelSlot:
                             bundle=bundle, verified=verified is not None, sha256=sha, pause=pause)
             rss1 = self.agent.metrics.rss_bytes()
             grew = rss1 - rss0 if rss0 and rss1 and rss1 > rss0 else None
-            self.memory = Memory(need.need_bytes, need.source, grew)
+            m.memory = Memory(need.need_bytes, need.source, grew)  # the model's own: admission counts both sides
             return m
 
         why = slow_load(bundle.manifest, cache_dir=cache)
@@ -173,6 +177,8 @@ class ModelSlot:
         with self._swap_lock:
             old, self.model = self.model, model
             self.model_error = None if model else "no verified model to serve"
+            if model is not None:
+                self.unloaded = False  # an update (or a load) serves again
         if model is not None:
             self.name = self.name or model.name
             log.info("serving %s %s", model.name, model.version, extra={"fields": {**model.describe(),
@@ -190,6 +196,17 @@ class ModelSlot:
     @property
     def ready(self) -> bool:
         return self.model is not None and not self.unloaded
+
+    @property
+    def memory(self) -> Memory | None:
+        return getattr(self.model, "memory", None)
+
+    def holds_anything(self) -> bool:
+        """A model, an active bundle, an unloaded one or an update in progress: what a removal removes."""
+        from device_agent.ota.record import LIVE, RESUMABLE
+
+        busy = self.updater is not None and self.updater.record.state in RESUMABLE + LIVE
+        return self.model is not None or self.unloaded or busy or self.store.active_slot() is not None
 
     def entry(self) -> dict:
         """This model in the status's `models`."""
@@ -210,10 +227,11 @@ class ModelSlot:
 
     # ---- removal ----
     def remove(self) -> None:
-        """Stop the updater, close the model and delete the slot's files (the first model's slot
-        keeps the data directory itself, emptied of this model's files)."""
+        """Stop the updater (waiting for its thread, so nothing writes here afterwards), close every
+        model it held and the one serving, and delete the slot's files (the first model's slot keeps
+        the data directory itself, emptied of this model's files)."""
         if self.updater:
-            self.updater.stop()
+            self.updater.discard()
         old = self.swap(None)
         if old is not None:
             old.close()
@@ -228,13 +246,13 @@ class ModelSlot:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def primary_name(data_dir: Path) -> str | None:
-    """The name of the model at the data directory's top level: recorded in active.json, else its
-    active bundle's (a one-model agent's directory), else its first update's; None when empty."""
+def primary_name(data_dir: Path) -> tuple[str | None, bool]:
+    """The name of the model at the data directory's top level and whether active.json recorded it
+    (else: its active bundle's, as a one-model agent left it, else its first update's); None: empty."""
     store = Store(data_dir)
     name = store.read_state().get("model")
     if isinstance(name, str) and MODEL_NAME.match(name):
-        return name
+        return name, True
     path = store.active()
     try:
         name = open_bundle(path).manifest.name if path else None
@@ -244,7 +262,7 @@ def primary_name(data_dir: Path) -> str | None:
         from device_agent.ota.record import Record
 
         name = ((Record.load(Path(data_dir) / "update.json").desired or {}).get("name"))
-    return name if isinstance(name, str) and MODEL_NAME.match(name) else None
+    return (name if isinstance(name, str) and MODEL_NAME.match(name) else None), False
 
 
 def _model_bytes(folder: Path) -> int:

@@ -93,13 +93,14 @@ class Desired(BundleRef):
             raise ValueError("allow_interface_change must be true or false")
         probation = _probation(section(d, "probation", ("seconds", "requests", "max_error_rate", "max_p95_ms")))
         st = section(d, "staging", ("max_p95_ms",))
-        sh = section(d, "shadow", ("seconds", "rate", "min_agreement", "min_samples"))
+        sh = section(d, "shadow", ("seconds", "rate", "min_agreement", "min_samples"))  # {}: every default
         when = issued(d)
         target = _target(d)
         sig = signature(d)
         return cls(**vars(ref), update_id=uid, allow_downgrade=allow_downgrade,
                    allow_interface_change=allow_interface_change, probation=probation,
-                   staging_max_p95_ms=_opt_ms(st, "staging.max_p95_ms"), shadow=_shadow(sh) if sh else None,
+                   staging_max_p95_ms=_opt_ms(st, "staging.max_p95_ms"),
+                   shadow=_shadow(sh) if d.get("shadow") is not None else None,
                    issued=when, target=target,
                    signature=sig, source=source)
 

@@ -178,6 +178,13 @@ def interface_warnings(table, p: Prepared, *, devices: list[str] | None = None, 
             "their clients are ready)"]
 
 
+def old_agents(table, *, devices: list[str] | None = None, group: str | None = None) -> list[str]:
+    """Target devices whose retained status has no `models`: agents that predate several models,
+    which read only their device's and groups' own desired topics."""
+    entries = [e for e in table.entries(group=group) if devices is None or e.status.device_id in devices]
+    return sorted(e.status.device_id for e in entries if e.status_raw is not None and "models" not in e.status_raw)
+
+
 def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group: str | None = None,
          model: str | None = None, device_topic: bool = False,
          url: str | None = None, chunk_size: int = DEFAULT_CHUNK, allow_downgrade: bool = False,
@@ -214,6 +221,10 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
             w.stop()
         warnings = interface_warnings(w.table, p, devices=[device] if device else None, group=group,
                                       allowed=allow_interface_change, model=addr.model)
+        old = old_agents(w.table, devices=[device] if device else None, group=group) if addr.model else []
+        if old:
+            warnings.append(f"{len(old)} device(s) run an agent that predates several models and will not see a "
+                            f"record on the model's topic: {', '.join(old[:8])}; push with --device-topic for them")
         for msg in warnings:
             warn(msg)
 

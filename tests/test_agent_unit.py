@@ -212,3 +212,24 @@ def test_shadow_agreement_by_output_kind():
     assert agreement(v, v * 1.001, labelled=False)[:2] == (1, 1)  # values: cosine >= 0.99
     assert agreement(v, -v, labelled=False)[:2] == (0, 1)
     assert agreement(np.array([[1, 2]]), np.array([[1, 3]]), labelled=False)[:2] == (0, 1)  # integers: exact
+    assert agreement(v, v * 3.0, labelled=False)[:2] == (0, 1)  # same direction, three times the size
+    assert agreement(np.array([[0.2]]), np.array([[5.0]]), labelled=False)[:2] == (0, 1)  # a scalar off by 25x
+
+
+def test_which_record_each_model_follows():
+    """A model's own topics first (device, then groups in order); old-style records only for the model
+    at the top level; a model's records outlive its slot (a removal keeps it removed)."""
+    from device_agent.routing import Desires
+    from edgeproto.topics import DeviceTopics
+
+    t = DeviceTopics("r", "d1")
+    d = Desires(t, ("g1", "g2"))
+    d.put(t.group_desired("g1"), None, "old-group")
+    assert d.winner("a", first=True) == "old-group" and d.winner("b", first=False) is None
+    d.put(t.group_model_desired("g2", "a"), "a", "a-g2")
+    d.put(t.group_model_desired("g1", "a"), "a", "a-g1")
+    assert d.winner("a", first=True) == "a-g1" and d.winner("a", first=False) == "a-g1"
+    d.put(t.model_desired("a"), "a", "removal")
+    assert d.winner("a", first=False) == "removal"
+    d.put(t.model_desired("a"), "a", None)  # cleared: the group's record applies again
+    assert d.winner("a", first=False) == "a-g1" and d.winner(None, first=True) == "old-group"

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import shutil
 import threading
@@ -164,6 +165,8 @@ class Updater:
         self._remove_stale_downloads()
 
     def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return  # one loop per updater, however often the agent asks
         self._thread = threading.Thread(target=self._loop, name="ota", daemon=True)
         self._thread.start()
 
@@ -172,6 +175,20 @@ class Updater:
         self._wake.set()
         if self._thread:
             self._thread.join(timeout=10)
+
+    def held(self) -> tuple:
+        """The models this update holds besides the serving one (staged candidate, previous model)."""
+        return tuple(m for m in (self._candidate_model, self._previous_model) if m is not None)
+
+    def discard(self, wait_s: float = 300.0) -> None:
+        """For a removed model: stop, wait for the loop to end (a step in progress finishes), and
+        close the models it held."""
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=wait_s)
+        for m in self.held():
+            m.close()
+        self._candidate_model = self._previous_model = None
 
     def set_desired(self, d: Desired | None) -> None:
         self._desired = d
@@ -399,7 +416,8 @@ class Updater:
         if active is None or d.shadow is None:
             return State.SWITCHING
         run = ShadowRun(self._candidate_model, d.shadow, output=active.manifest.outputs[0].name,
-                        labelled=active.manifest.labels_file is not None).start()
+                        labelled=active.manifest.labels_file is not None,
+                        threads=getattr(self.host, "threads", None) or os.cpu_count() or 1).start()
         self.shadow_run, active.tap = run, run.offer
         try:
             end = self.clock.mono() + d.shadow.seconds
