@@ -50,11 +50,13 @@ class Memory:
 
 
 def memory_need(manifest: Manifest, model_bytes: int) -> Memory:
-    """A runtime holds the weights once, plus its arena and the interpreter (measured with the
-    digits CNN and MiniLM on ORT and TFLite: RSS growth 1.3-2.1x the model files, +8-20 MB)."""
+    """The build's measurement (manifest runtime.memory_bytes: RSS growth when the clean timing
+    process loaded and ran the model) with a quarter for the device's allocator and the agent's own
+    buffers; else an estimate: a runtime holds the weights once, plus its arena and the interpreter
+    (digits CNN and MiniLM on ORT and TFLite: RSS growth 1.3-2.1x the model files, +8-20 MB)."""
     recorded = manifest.runtime.extra.get("memory_bytes")
-    if isinstance(recorded, int) and recorded > 0:
-        return Memory(need_bytes=recorded, source="manifest")
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0:
+        return Memory(need_bytes=int(recorded * 1.25) + 4 * MB, source="manifest")
     return Memory(need_bytes=int(model_bytes * 2.2) + 24 * MB, source="estimate")
 
 

@@ -198,14 +198,20 @@ class Worker:
 
     def __init__(self):
         self._loaded: dict[ModelSpec, object] = {}
+        self.rss: dict[ModelSpec, int | None] = {}  # RSS growth from loading and first running each model
 
     def _runtime(self, spec: ModelSpec):
         if spec not in self._loaded:
             from edgeruntime.registry import load_runtime
 
-            self._loaded[spec] = load_runtime(spec.path, fmt=spec.format, threads=spec.threads,
-                                              delegates=spec.delegates, providers=spec.providers,
-                                              allow_cpu_fallback=True)
+            _import_runtime(spec.format)  # the library is the agent's once, not each model's
+            before = rss_bytes()
+            rt = load_runtime(spec.path, fmt=spec.format, threads=spec.threads, delegates=spec.delegates,
+                              providers=spec.providers, allow_cpu_fallback=True)
+            rt.run(rt.sample_inputs())  # arenas are allocated on the first run
+            after = rss_bytes()
+            self.rss[spec] = max(after - before, 0) if before and after else None
+            self._loaded[spec] = rt
         return self._loaded[spec]
 
     def handle(self, req: dict) -> dict:
@@ -217,14 +223,36 @@ class Worker:
             fa = ra.prepare(feeds)
             ms = median_latency(lambda: ra.run(fa), budget_s=float(req.get("budget_s", 1.0)))
             return {"a_ms": round(ms, 5), "b_ms": round(ms, 5), "baseline": True, "threads": [a.threads],
-                    "host_cores": host_cores(), "runtime": [ra.details]}
+                    "host_cores": host_cores(), "runtime": [ra.details], "rss_bytes": [self.rss.get(a)]}
         b = ModelSpec.from_dict(req["b"])
         rb = self._runtime(b)
         fa, fb = ra.prepare(feeds), rb.prepare(feeds)  # native dtypes: time the model, not our I/O
         res = compare(lambda: ra.run(fa), lambda: rb.run(fb), budget_s=float(req.get("budget_s", 3.0)),
                       max_rounds=int(req.get("max_rounds", MAX_ROUNDS)), question=str(req.get("question", "verdict")))
         return dict(res.to_dict(), threads=[a.threads, b.threads], host_cores=host_cores(),
-                    runtime=[ra.details, rb.details], question=str(req.get("question", "verdict")))
+                    runtime=[ra.details, rb.details], question=str(req.get("question", "verdict")),
+                    rss_bytes=[self.rss.get(a), self.rss.get(b)])
+
+
+def rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _import_runtime(fmt: str) -> None:
+    try:
+        if fmt == "onnx":
+            import onnxruntime  # noqa: F401
+        elif fmt == "tflite":
+            import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:  # load_runtime says what is missing
+        pass
 
 
 def serve(inp=sys.stdin, out=sys.stdout) -> None:

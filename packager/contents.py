@@ -57,25 +57,31 @@ def _golden_arrays(prefix: str, samples, outputs) -> dict[str, np.ndarray]:
 
 
 def runtime_section(profile: TargetProfile, *, flex: bool, compiled: bool | None,
-                    trt_profile: dict | None = None) -> dict:
+                    trt_profile: dict | None = None, memory_bytes: int | None = None) -> dict:
     """The manifest's runtime settings: what the device loads the model with (a TensorRT
-    optimisation profile only where the build computed one: older manifests lack the key)."""
+    optimisation profile only where the build computed one, the memory the model took when the
+    build loaded and ran it in the clean timing process: older manifests lack those keys)."""
     out = {"name": profile.runtime, "min_version": profile.min_runtime_version, "threads": profile.threads,
            "delegates": list(profile.delegates), "providers": list(profile.providers),
            "tensorrt_fp16": profile.tensorrt_fp16, "tensorrt_engine_cache": profile.tensorrt_engine_cache,
            "cpu_fallback": profile.cpu_fallback, "flex": flex, "edgetpu_compiled": compiled}
-    return dict(out, tensorrt_profile=trt_profile) if trt_profile else out
+    if trt_profile:
+        out["tensorrt_profile"] = trt_profile
+    if memory_bytes:
+        out["memory_bytes"] = int(memory_bytes)
+    return out
 
 
 def manifest(profile: TargetProfile, *, name: str, version: str, precision: str, model_file: str, specs: Specs,
              golden: dict | None, flex: bool = False, compiled: bool | None = None, trt_profile: dict | None = None,
-             **sections) -> Manifest:
+             memory_bytes: int | None = None, **sections) -> Manifest:
     """A bundle's manifest for `profile`; `sections` are the Manifest's optional fields (report, ...)."""
     return Manifest(name=name, version=version,
                     target={"name": profile.name, "sha256": profile.sha256, "profile": profile.to_dict()},
                     format=profile.format.value, precision=precision, model_file=model_file, inputs=specs[0],
                     outputs=specs[1], golden=golden,
-                    runtime=runtime_section(profile, flex=flex, compiled=compiled, trt_profile=trt_profile), **sections)
+                    runtime=runtime_section(profile, flex=flex, compiled=compiled, trt_profile=trt_profile,
+                                            memory_bytes=memory_bytes), **sections)
 
 
 # The tokenizer parity check's texts: casing, accents, punctuation, digits, non-Latin scripts, an

@@ -58,7 +58,7 @@ def package(chosen: Chosen, inputs: BuildInputs, seq: Plan = Plan()) -> TargetRe
         compiled=finished.compiled, quantization=dict(art.quantization, precision=precision.value),
         preprocessing=_preprocessing(opts), provenance=_provenance(inputs), report=report,
         labels_file="labels.txt" if "labels.txt" in files else None, production_ready=production_ready,
-        warnings=tuple(warnings), trt_profile=seq.trt_profile,
+        warnings=tuple(warnings), trt_profile=seq.trt_profile, memory_bytes=_memory(chosen.latency),
         text=contents.text_section(text, settings=seq.settings(text.settings), buckets=seq.buckets)
         if text is not None else None)
     dest = Path(opts.out_dir) / manifest.file_name
@@ -67,6 +67,13 @@ def package(chosen: Chosen, inputs: BuildInputs, seq: Plan = Plan()) -> TargetRe
     report["signed"] = inputs.signer is not None
     report["size_bytes"]["bundle"] = dest.stat().st_size
     return TargetResult(target=profile.name, ok=True, bundle=dest, report=report)
+
+
+def _memory(latency: dict) -> int | None:
+    """The chosen model's RSS growth in the timing worker (loaded and run once): the last model of
+    the timing that chose it (the candidate of a comparison, or fp32 timed on its own)."""
+    rss = (latency or {}).get("rss_bytes") or []
+    return rss[-1] if rss and isinstance(rss[-1], int) and rss[-1] > 0 else None
 
 
 def _sequence_report(seq: Plan) -> dict:

@@ -267,6 +267,7 @@ class CandidateSearch:
             self.inputs.cache.fp32_latency[base] = {
                 "a_ms": res["a_ms"], "b_ms": res["a_ms"], "baseline": True, "threads": res["threads"][:1],
                 "host_cores": res["host_cores"], "runtime": res["runtime"][:1],
+                "rss_bytes": (res.get("rss_bytes") or [None])[:1],
                 "from": f"fp32's side of {res['rounds']} interleaved rounds against {label or art.precision.value}"}
         return res
 

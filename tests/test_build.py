@@ -67,6 +67,9 @@ def test_digits_every_builtin_target(digits_build):
             assert ratio["q1"] <= ratio["median"] <= ratio["q3"] and lat["a_ms"] > 0 and lat["b_ms"] > 0
             assert lat["rounds"] >= 8 and max(lat["threads"]) <= host_cores()
             assert lat["runtime"][1]["runtime"] == ("litert" if m.format == "tflite" else "onnxruntime")
+            # the memory the model took in the clean timing process: what agents admit it by
+            grew = lat["rss_bytes"][1]
+            assert isinstance(grew, int) and 0 <= grew < 200 << 20 and m.runtime.extra.get("memory_bytes") == (grew or None)
     by = {r.target: r for r in res.results}
     assert open_bundle(by["coral"].bundle).manifest.inputs[0].dtype == "uint8"
     assert open_bundle(by["rpi5"].bundle).manifest.inputs[0].dtype == "int8"
