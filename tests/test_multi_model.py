@@ -157,11 +157,11 @@ def test_a_model_that_does_not_fit_is_refused_before_staging(tmp_path, broker, v
     """A second model pushed to a device with a memory budget it would exceed: the update fails
     with the figures, nothing is loaded, the first model serves throughout."""
     w = Watcher(broker.url, ["edgepack/v1/devices/dev1/events"])
-    a = agent(tmp_path, broker, versions["v1"], keys, extra=("--memory-budget-mb", "40"))
+    a = agent(tmp_path, broker, versions["v1"], keys, extra=("--memory-budget-mb", "20"))
     try:
         doc = _publish(broker, keys, _logm(tmp_path / "b", keys, "1.0.0"), "devices/dev1/models/logm")
         ev = w.wait("/events", lambda p: p.get("update_id") == doc["update_id"] and p["state"] == "failed", 60)
-        assert "needs about" in ev["error"] and "of the 40 MB memory budget" in ev["error"], ev["error"]
+        assert "needs about" in ev["error"] and "of the 20 MB memory budget" in ev["error"], ev["error"]
         assert ev["model"] == "logm" and _call(a, "/v2/models/logm/ready", token=None)[0] == 503
         assert _version(a, "digits") == "1.0.0" and _call(a, "/v2/health/ready", token=None)[0] == 200
     finally:
