@@ -177,3 +177,181 @@ def test_fleet_index_publishes_new_chunks_and_drops_unnamed_bundles(tmp_path):
     gone = ix["m"].take_over("B" * 64, b, "t/devices/d1/models/m/desired")
     assert gone == {"A" * 64} and set(ix["m"].bundles) == {"B" * 64}
     assert ModelIndex.from_doc(json.loads(json.dumps(ix["m"].to_doc()))).bundles == ix["m"].bundles
+
+
+# ---- real agents on a real broker ----
+
+def _variant(model: Path, dest: Path, *, layers: str, seed: int) -> Path:
+    """The model with the last layer's weights (`layers="last"`) or every layer's changed, as a
+    fine-tuned head or a full retraining would leave them."""
+    import keras
+
+    m = keras.models.load_model(model)
+    rng = np.random.default_rng(seed)
+    for layer in m.layers[-1:] if layers == "last" else m.layers:
+        layer.set_weights([w + rng.normal(0, 0.05, w.shape).astype(w.dtype) for w in layer.get_weights()])
+    m.save(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def deltas(digits, keys, tmp_path_factory):
+    """digits fp32 bundles, signed: 1.0.0; 1.1.0 with the last layer retrained; 2.0.0 fully retrained."""
+    from packager.build import BuildOptions, build
+    from targets import Precision
+
+    out = tmp_path_factory.mktemp("deltas")
+    sources = {"1.0.0": digits["model"], "1.1.0": _variant(digits["model"], out / "head.keras", layers="last", seed=1),
+               "2.0.0": _variant(digits["model"], out / "all.keras", layers="all", seed=2)}
+    made = {}
+    for version, model in sources.items():
+        res = build(BuildOptions(model=model, targets=("arm-cpu",), out_dir=out / version, name="digits",
+                                 version=version, precision=Precision.FP32, validation=str(digits["validation"]),
+                                 bench_runs=5, bench_seconds=0.2, sign_key=keys / "a.key"))
+        assert res.ok, res.results[0].error
+        made[version] = res.results[0].bundle
+    return made
+
+
+def _push(broker, bundle, keys, **kw):
+    import fleet
+    from edgeproto.broker import BrokerConfig
+    from otakit import QUICK
+
+    return fleet.push(bundle, BrokerConfig(url=broker.url), device="dev1", wait=True, timeout=90, probation=QUICK,
+                      sign_key=keys / "a.key", chunk_size=4096, **kw)
+
+
+def _expected_fetch(new: Path, held: list[Path]) -> tuple[int, CdcParams]:
+    params = CdcParams.for_size(new.stat().st_size)
+    have = {c.sha256 for b in held for c in chunk_file(b, params)}
+    return sum(dict((c.sha256, c.size) for c in chunk_file(new, params) if c.sha256 not in have).values()), params
+
+
+def _delta_push(broker, bundle, keys):
+    """push --delta --wait; returns the result and the update's last download progress."""
+    progress = []
+    res = _push(broker, bundle, keys, delta=True,
+                progress=lambda _d, e: progress.append(e["progress"]) if e.get("progress") else None)
+    assert res.ok, res.devices
+    return res, progress[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.agent
+def test_last_layer_update_fetches_a_fraction_and_old_records_still_work(broker, deltas, keys, tmp_path):
+    from otakit import agent, version
+
+    a = agent(tmp_path, broker, deltas["1.0.0"], keys)
+    try:
+        new = deltas["1.1.0"]
+        expect, _ = _expected_fetch(new, [deltas["1.0.0"]])
+        res, last = _delta_push(broker, new, keys)
+        size = new.stat().st_size
+        assert last["fetched"] == expect and last["fetched"] + last["reused"] == size, last
+        assert last["fetched"] < 0.5 * size, last  # digits is tiny: manifest, golden and zip directory weigh
+        assert res.cost.devices["dev1"] is None  # the index did not know the bundle dev1 started with
+        assert version(a) == "1.1.0"
+        res = _push(broker, deltas["2.0.0"], keys)  # an old-style record (fixed-size chunks) after a delta
+        assert res.ok and version(a) == "2.0.0", res.devices
+    finally:
+        a.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.agent
+def test_device_with_nothing_fetches_everything(broker, deltas, keys, tmp_path):
+    from agents import wait_until
+    from otakit import agent, version
+
+    a = agent(tmp_path, broker, None, keys, start=False).start(wait_ready=False)  # serves nothing: never ready
+    try:
+        wait_until(lambda: a._get("/v2/health/live") == 200, 30, what="agent live")
+        new = deltas["1.1.0"]
+        _, last = _delta_push(broker, new, keys)
+        assert last["reused"] == 0 and last["fetched"] == _expected_fetch(new, [])[0] <= new.stat().st_size
+        assert version(a) == "1.1.0"
+    finally:
+        a.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.agent
+def test_corrupt_local_chunk_is_fetched_instead(broker, deltas, keys, tmp_path):
+    from device_agent.store import Store
+    from otakit import agent, version
+
+    a = agent(tmp_path, broker, deltas["1.0.0"], keys)
+    try:
+        new = deltas["1.1.0"]
+        expect, params = _expected_fetch(new, [deltas["1.0.0"]])
+        store = Store(tmp_path / "data")
+        held = next(store.bundles.glob("*.edgepack"))
+        view = store.chunks(params)  # the list the agent will find cached: it still names the chunk
+        shared = {c.sha256 for c in chunk_file(new, params)}
+        sha, (path, offset, size) = next((s, v) for s, v in view.items() if s in shared and v[2] > 1024)
+        st = held.stat()
+        with open(held, "r+b") as f:
+            f.seek(offset + size // 2)
+            byte = f.read(1)
+            f.seek(offset + size // 2)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        os.utime(held, ns=(st.st_atime_ns, st.st_mtime_ns))
+        _, last = _delta_push(broker, new, keys)
+        assert last["fetched"] == expect + size, (last, expect, size)
+        assert version(a) == "1.1.0"
+    finally:
+        a.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.agent
+def test_kill_during_assembly_resumes_to_a_verified_commit(broker, deltas, keys, tmp_path):
+    from agents import Watcher, wait_until
+    from edgeproto.desired import sign_record
+    from edgebundle.signing import load_private_key
+    from edgeproto.topics import Topics
+    from fleet.delta import publish_delta
+    from fleet.push import make_record, prepare
+    from otakit import Publisher, agent, publish_record, state, version
+
+    a = agent(tmp_path, broker, deltas["1.0.0"], keys)
+    new = deltas["1.1.0"]
+    p = prepare(new, Topics(ROOT), indexes={})
+    doc = make_record(p, target="devices/dev1", update_id="delta-kill", issued=_now())
+    publish_record(broker, sign_record(doc, load_private_key(keys / "a.key")))  # the record, no chunk yet
+    done = tmp_path / "data" / "downloads" / p.sha256[:16] / "chunks.done"
+    wait_until(lambda: done.is_file() and len(done.read_text().split()) >= 3, 30, what="held chunks copied")
+    a.stop("kill")
+    assert state(tmp_path / "data") == "downloading"
+    pub = Publisher(broker.url)
+    try:
+        publish_delta(_Client(pub), new, p.transfer, skip=set())
+    finally:
+        pub.stop()
+    w = Watcher(broker.url, [f"{ROOT}/devices/dev1/events"])
+    a2 = agent(tmp_path, broker, None, keys)
+    try:
+        wait_until(lambda: version(a2) == "1.1.0" and state(tmp_path / "data") == "committed", 60,
+                   what="resumed delta update")
+        prog = [e["progress"] for e in w.of("dev1/events") if e.get("update_id") == "delta-kill" and e.get("progress")]
+        assert prog[-1]["resumed"] > 0 and prog[-1]["bytes"] == new.stat().st_size, prog[-1]
+    finally:
+        w.stop()
+        a2.stop()
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class _Client:
+    """A bare paho publisher as fleet.delta.publish_delta's client (publish returns an info)."""
+
+    def __init__(self, pub):
+        self.pub = pub
+
+    def publish(self, topic, payload, *, qos, retain):
+        return self.pub.c.publish(topic, payload, qos=qos, retain=retain)
