@@ -71,21 +71,19 @@ class ModelIndex:
         return gone
 
 
-def read_indexes(conn: Collector, root: str, *, quiet_s: float = 0.3, max_s: float = 5.0) -> dict[str, ModelIndex]:
-    """Every model's retained index (model -> ModelIndex), read on `conn`: retained messages follow
-    the SUBACK at once, so the read ends when they stop arriving."""
-    topic = index_topic(root)
-    if not conn.client.subscribe_wait(topic, qos=1, timeout=10):
-        raise FleetError(f"the broker did not acknowledge the subscription to {topic}")
+def read_indexes(conn: Collector, root: str, *, quiet_s: float = 0.05, max_s: float = 5.0) -> dict[str, ModelIndex]:
+    """Every model's retained index (model -> ModelIndex) that `conn`, subscribed to
+    index_topic(root) on connect, has collected: retained messages follow the SUBACK at once, so
+    the read ends when they stop arriving (the caller lets them come while it reads device status)."""
+    prefix = index_topic(root)[:-1]
     seen, found = 0, {}
     deadline, last = time.monotonic() + max_s, time.monotonic()
     while time.monotonic() < deadline and time.monotonic() - last < quiet_s:
-        new, seen = conn.take(seen, 0.05)
+        new, seen = conn.take(seen, quiet_s / 2)
         for t, payload in new:
-            if t.startswith(topic[:-1]) and payload:
-                found[t[len(topic) - 1:]] = ModelIndex.from_doc(parse_json(payload))
+            if t.startswith(prefix) and payload:
+                found[t[len(prefix):]] = ModelIndex.from_doc(parse_json(payload))
                 last = time.monotonic()
-    conn.client.unsubscribe(topic)
     return found
 
 

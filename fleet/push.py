@@ -214,11 +214,22 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     Address.of(device=device, group=group)  # a bad --device or --group fails before the bundle is read
     signer = Signer.load(sign_key, key_cert)
     topics = Topics(broker.topic_prefix)
-    indexes = _chunk_indexes(broker) if delta and not url else None
-    p = prepare(bundle, topics, url=url, chunk_size=chunk_size, indexes=indexes, model=model)
+    ix_conn = None
+    if delta and not url:
+        open_bundle(bundle)  # a bad bundle fails before the broker is asked anything
+        ix_conn = Collector(broker, [cdc.index_topic(topics.root)], name="push-index")
+    else:
+        p = prepare(bundle, topics, url=url, chunk_size=chunk_size)
+    try:  # the chunk indexes arrive while the devices' status is read
+        table = _fleet_table(broker) if check_interface or ix_conn else None
+        indexes = cdc.read_indexes(ix_conn, topics.root) if ix_conn else None
+    finally:
+        if ix_conn:
+            ix_conn.stop()
+    if indexes is not None:
+        p = prepare(bundle, topics, chunk_size=chunk_size, indexes=indexes, model=model)
     addr = Address.of(device=device, group=group, model=model_for(p.name, model=model, device_topic=device_topic))
     warnings = []
-    table = _fleet_table(broker) if check_interface or indexes is not None else None
     if check_interface:
         warnings = interface_warnings(table, p, devices=[device] if device else None, group=group,
                                       allowed=allow_interface_change, model=addr.model)
@@ -287,14 +298,6 @@ def _publish(broker: BrokerConfig, result: PushResult, record: Callable[[str], d
         if follow:
             _follow(conn, result, addr=addr, follow=follow)
         return result
-    finally:
-        conn.stop()
-
-
-def _chunk_indexes(broker: BrokerConfig) -> dict[str, cdc.ModelIndex]:
-    conn = Collector(broker, [], name="push-index")
-    try:
-        return cdc.read_indexes(conn, broker.topic_prefix)
     finally:
         conn.stop()
 

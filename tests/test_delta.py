@@ -49,6 +49,10 @@ def test_cdc_record_round_trips_and_refuses_what_does_not_add_up(tmp_path):
     doc = {"schema": "edgepack.desired/1", **{k: v for k, v in _desired(data, t).to_dict().items() if k != "schema"}}
     back = Desired.parse(json.dumps(doc).encode(), source="t", topic_prefix=ROOT)
     assert back.transfer == t and sum(t.chunk_sizes) == len(data)
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent.parent / "docs" / "schemas" / "desired.schema.json").read_text())
+    jsonschema.validate(doc, schema)
     bad = {"chunk_sizes": [*t.chunk_sizes[:-1], t.chunk_sizes[-1] + 1], "topic": f"{ROOT}/bundles",
            "chunking": {"min_size": 512, "avg_size": 2048, "max_size": 16}}
     for field, value in bad.items():
