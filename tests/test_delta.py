@@ -171,11 +171,12 @@ def test_device_with_nothing_fetches_every_chunk_once(tmp_path):
 def test_fleet_index_publishes_new_chunks_and_drops_unnamed_bundles(tmp_path):
     from fleet.delta import ModelIndex, cost
 
-    a = _transfer(os.urandom(50_000), CdcParams(512, 2048, 16384), tmp_path)
+    rng = np.random.default_rng(3)
+    a = _transfer(rng.bytes(200_000), CdcParams(512, 2048, 16384), tmp_path)
     ix = {"m": ModelIndex()}
     assert ix["m"].take_over("A" * 64, a, "t/devices/d1/models/m/desired") == set()
     data = (tmp_path / "blob").read_bytes()
-    b = _transfer(data[:30_000] + os.urandom(2000) + data[30_000:], a.params, tmp_path)
+    b = _transfer(data[:30_000] + rng.bytes(2000) + data[30_000:], a.params, tmp_path)
     c = cost(b, ix, running={"d1": "A" * 64, "d2": None})
     assert c.devices["d2"] is None and 0 < c.devices["d1"] == c.publish_bytes < 0.2 * c.bundle_bytes
     gone = ix["m"].take_over("B" * 64, b, "t/devices/d1/models/m/desired")
