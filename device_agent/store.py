@@ -3,16 +3,21 @@
     DATA_DIR/bundles/<sha256[:16]>-<file name>   verified copies of bundles
     DATA_DIR/models/<sha256[:16]>/               extracted model files (hash-checked)
     DATA_DIR/active.json                         {"bundle": ..., "sha256": ...}, replaced atomically
+    DATA_DIR/chunks/<bundle file>.<min-avg-max>.json   a held bundle's content-defined chunks (delta updates)
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from edgebundle.archive import open_bundle, sha256_file
+from edgebundle.cdc import CdcParams, Chunk, chunk_file
+
+log = logging.getLogger("edgepack.agent")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -44,6 +49,7 @@ class Store:
         self.bundles = self.root / "bundles"
         self.models = self.root / "models"
         self.cache = self.root / "cache"
+        self.chunk_lists = self.root / "chunks"
         for d in (self.bundles, self.models, self.cache):
             d.mkdir(parents=True, exist_ok=True)
         self._digests: dict[str, str] = {}  # file name in bundles/ -> sha256, for those added by this process
@@ -125,3 +131,34 @@ class Store:
                 p.unlink(missing_ok=True)
                 shutil.rmtree(self.model_dir(p.name.split("-")[0]), ignore_errors=True)
                 self._digests.pop(p.name, None)
+                for c in self.chunk_lists.glob(f"{p.name}.*.json"):
+                    c.unlink(missing_ok=True)
+
+    def chunks(self, params: CdcParams) -> dict[str, tuple[Path, int, int]]:
+        """A content-addressed view of the bundles held here (the active one and the previous one):
+        chunk sha256 -> (bundle, offset, size). Each bundle is cut with `params` on first use and
+        its list kept in DATA/chunks/ (valid while the file's size and mtime stay). The view is a
+        hint: whoever copies a chunk re-hashes the bytes it reads."""
+        view: dict[str, tuple[Path, int, int]] = {}
+        for path in sorted(self.bundles.glob("*.edgepack")):
+            for c in self._cut(path, params):
+                view.setdefault(c.sha256, (path, c.offset, c.size))
+        return view
+
+    def _cut(self, bundle: Path, params: CdcParams) -> list[Chunk]:
+        st = bundle.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        cached = self.chunk_lists / f"{bundle.name}.{params.key}.json"
+        try:
+            doc = json.loads(cached.read_text())
+            if doc["stamp"] == stamp:
+                return [Chunk(sha, off, n) for sha, off, n in doc["chunks"]]
+        except (OSError, ValueError, TypeError, KeyError):
+            pass  # none yet, or damaged: cut again
+        chunks = chunk_file(bundle, params)
+        try:
+            atomic_write(cached, json.dumps({"stamp": stamp, "chunks": [[c.sha256, c.offset, c.size]
+                                                                       for c in chunks]}).encode())
+        except OSError as e:  # disk full: the list is cut again next time, nothing else depends on it
+            log.warning("cannot keep the chunk list of %s: %s", bundle.name, e)
+        return chunks

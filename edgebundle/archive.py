@@ -37,6 +37,10 @@ _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, N
                ValueError, struct.error, OverflowError)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
+# Written uncompressed: model files (and the golden arrays, whose inputs rarely change) barely
+# compress, and deflate would let one changed tensor reshuffle every byte after it, so a delta
+# update (edgebundle.cdc) could reuse nothing past the change. Manifest, tokenizer, labels: deflated.
+STORED_SUFFIXES = (".tflite", ".onnx", ".npz")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -115,7 +119,7 @@ def _write_zip(dest: Path, manifest_bytes: bytes, signature: bytes | None, membe
 
 def _info(name: str) -> zipfile.ZipInfo:
     zi = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))  # reproducible archives
-    zi.compress_type = zipfile.ZIP_DEFLATED
+    zi.compress_type = zipfile.ZIP_STORED if name.endswith(STORED_SUFFIXES) else zipfile.ZIP_DEFLATED
     zi.external_attr = (stat.S_IFREG | 0o644) << 16
     return zi
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
+from edgebundle.cdc import CdcParams
 from edgebundle.errors import EdgepackError, InputError
 from edgebundle.jsonsafe import JsonError, loads
 from edgebundle.manifest import Manifest, parse_version
@@ -64,6 +65,33 @@ class MqttTransfer:
 
 
 @dataclass(frozen=True)
+class CdcTransfer:
+    """Content-defined chunks (edgebundle.cdc), each retained on `{topic}/{sha256}` where `topic`
+    is `{root}/chunks`: shared by every version and model, so a device copies the chunks it holds
+    in its own bundles (cut with `params`) and fetches only the others."""
+
+    topic: str
+    params: CdcParams
+    chunk_sha256: tuple[str, ...]
+    chunk_sizes: tuple[int, ...]
+    method: str = "cdc"
+
+    def chunk_topic(self, sha256: str) -> str:
+        return f"{self.topic}/{sha256}"
+
+    def offsets(self) -> list[int]:
+        out, at = [], 0
+        for n in self.chunk_sizes:
+            out.append(at)
+            at += n
+        return out
+
+    def to_dict(self) -> dict:
+        return {"method": "cdc", "topic": self.topic, "chunking": self.params.to_dict(),
+                "chunk_sha256": list(self.chunk_sha256), "chunk_sizes": list(self.chunk_sizes)}
+
+
+@dataclass(frozen=True)
 class UrlTransfer:
     """http(s):// with Range resume, or file://; only from sources the device's config allows."""
 
@@ -83,7 +111,7 @@ class BundleRef:
     version: str
     sha256: str
     size: int
-    transfer: MqttTransfer | UrlTransfer
+    transfer: MqttTransfer | CdcTransfer | UrlTransfer
 
     @property
     def bundle(self) -> "BundleRef":
@@ -112,7 +140,8 @@ def parse_bundle_ref(d: dict, *, limits: Limits, topic_prefix: str | None) -> Bu
     return BundleRef(name=name, version=version, sha256=sha, size=size, transfer=transfer)
 
 
-def parse_transfer(doc: dict, *, sha256: str, size: int, limits: Limits = Limits()) -> MqttTransfer | UrlTransfer:
+def parse_transfer(doc: dict, *, sha256: str, size: int,
+                   limits: Limits = Limits()) -> MqttTransfer | CdcTransfer | UrlTransfer:
     """A transfer object from its JSON form (as in a record); ValueError naming the field."""
     return _transfer(doc, sha=sha256, size=size, limits=limits, topic_prefix=None)
 
@@ -212,12 +241,15 @@ def section(d: dict, key: str, known: tuple[str, ...]) -> dict:
     return v
 
 
-def _transfer(t, *, sha: str, size: int, limits: Limits, topic_prefix: str | None) -> MqttTransfer | UrlTransfer:
+def _transfer(t, *, sha: str, size: int, limits: Limits,
+              topic_prefix: str | None) -> MqttTransfer | CdcTransfer | UrlTransfer:
     if not isinstance(t, dict):
         raise ValueError("transfer must be an object")
     method = t.get("method")
     if method == "mqtt":
         return _mqtt_transfer(t, sha=sha, size=size, limits=limits, topic_prefix=topic_prefix)
+    if method == "cdc":
+        return _cdc_transfer(t, size=size, limits=limits, topic_prefix=topic_prefix)
     if method == "url":
         url = t.get("url")
         if not isinstance(url, str) or len(url) > 2048 or any(ord(c) < 33 for c in url):
@@ -225,7 +257,7 @@ def _transfer(t, *, sha: str, size: int, limits: Limits, topic_prefix: str | Non
         if urlparse(url).scheme not in ("http", "https", "file"):
             raise ValueError("transfer.url must be http://, https:// or file://")
         return UrlTransfer(url=url)
-    raise ValueError(f"unknown transfer method {method!r:.40}; one of 'mqtt', 'url'")
+    raise ValueError(f"unknown transfer method {method!r:.40}; one of 'mqtt', 'cdc', 'url'")
 
 
 def _mqtt_transfer(t: dict, *, sha: str, size: int, limits: Limits, topic_prefix: str | None) -> MqttTransfer:
@@ -245,3 +277,27 @@ def _mqtt_transfer(t: dict, *, sha: str, size: int, limits: Limits, topic_prefix
             isinstance(h, str) and _SHA.match(h) for h in hashes):
         raise ValueError("transfer.chunk_sha256 must list one 64-hex sha256 per chunk")
     return MqttTransfer(topic=topic, chunk_size=csize, chunks=chunks, chunk_sha256=tuple(hashes))
+
+
+def _cdc_transfer(t: dict, *, size: int, limits: Limits, topic_prefix: str | None) -> CdcTransfer:
+    topic = t.get("topic")
+    want = f"{topic_prefix}/chunks" if topic_prefix is not None else None
+    if not isinstance(topic, str) or not _TOPIC.match(topic) or (want is not None and topic != want) \
+            or not topic.endswith("/chunks"):
+        raise ValueError(f"transfer.topic must be {want or '{root}/chunks'}, not {topic!r:.120}")
+    try:
+        params = CdcParams.from_dict(t.get("chunking"))
+    except ValueError as e:
+        raise ValueError(f"transfer.chunking: {e}") from None
+    hashes, sizes = t.get("chunk_sha256"), t.get("chunk_sizes")
+    if not isinstance(hashes, list) or not 1 <= len(hashes) <= limits.max_chunks:
+        raise ValueError(f"transfer.chunk_sha256 must list 1..{limits.max_chunks} chunks ([ota] max_chunks)")
+    if not all(isinstance(h, str) and _SHA.match(h) for h in hashes):
+        raise ValueError("transfer.chunk_sha256 must list one 64-hex sha256 per chunk")
+    most = min(params.max_size, limits.max_chunk_bytes)
+    if not isinstance(sizes, list) or len(sizes) != len(hashes) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= most for n in sizes):
+        raise ValueError(f"transfer.chunk_sizes must list one size in 1..{most} per chunk")
+    if sum(sizes) != size:
+        raise ValueError(f"transfer.chunk_sizes add up to {sum(sizes)} bytes, the bundle is {size}")
+    return CdcTransfer(topic=topic, params=params, chunk_sha256=tuple(hashes), chunk_sizes=tuple(sizes))

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse
 
 from edgebundle import signing
-from edgeproto.bundleref import (SIG_FIELD, TARGET, BundleRef, Limits, MqttTransfer, RecordError, UrlTransfer,
-                                 checked, integer, issued, load_record, number, parse_bundle_ref,
+from edgeproto.bundleref import (SIG_FIELD, TARGET, BundleRef, CdcTransfer, Limits, MqttTransfer, RecordError,
+                                 UrlTransfer, checked, integer, issued, load_record, number, parse_bundle_ref,
                                  parse_transfer, record_id, section, signature)
 
 SCHEMA = "edgepack.desired/1"
@@ -254,7 +254,6 @@ def _opt_ms(d: dict, what: str) -> float | None:
     return float(v)
 
 
-__all__ = ["SCHEMA", "SIG_FIELD", "BundleRef", "Desired", "Limits", "MqttTransfer", "Probation", "RecordError", "Removal",
-           "Shadow",
-           "parse_record",
+__all__ = ["SCHEMA", "SIG_FIELD", "BundleRef", "CdcTransfer", "Desired", "Limits", "MqttTransfer", "Probation",
+           "RecordError", "Removal", "Shadow", "parse_record",
            "UrlTransfer", "parse_transfer", "resolve", "sign_record", "signed_bytes", "url_allowed"]

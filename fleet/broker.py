@@ -109,7 +109,7 @@ def acl_text(setup: MosquittoSetup) -> str:
         lines += ["# collector role: reads what devices report, publishes nothing", f"user {user}",
                   f"topic read {t.status()}", f"topic read {t.telemetry()}", f"topic read {t.events()}", ""]
     for dev in setup.devices:
-        lines += [f"user {dev.device_id}", f"topic read {t.bundle('#')}"]
+        lines += [f"user {dev.device_id}", f"topic read {t.bundle('#')}", f"topic read {root}/chunks/+"]
         lines += [f"topic read {topic}" for g in dev.groups for topic in (t.group_desired(g),
                                                                             t.group_model_desired(g, "+"))]
         lines.append("")

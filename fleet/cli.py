@@ -25,6 +25,8 @@ from fleet.cli_shadow import shadow_from_options, shadow_options
 @broker_options
 @click.option("--url", help="Devices download from this http(s):// or file:// URL instead of MQTT chunks.")
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True, help="Bytes per MQTT chunk.")
+@click.option("--delta", is_flag=True, help="Content-defined chunks: devices fetch only the chunks their bundles lack "
+                                            "(agents that predate delta updates refuse such records).")
 @click.option("--allow-downgrade", is_flag=True, help="Let devices move to a lower version.")
 @click.option("--allow-interface-change", is_flag=True,
               help="Let devices apply a model whose inputs/outputs differ from the running one (clients must be ready).")
@@ -40,8 +42,8 @@ from fleet.cli_shadow import shadow_from_options, shadow_options
 @click.option("--wait", is_flag=True, help="Follow each device until it commits, fails or rolls back (or removes).")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="With --wait.")
 @click.option("--json", "as_json", is_flag=True)
-def push(bundle, device, group, model, device_topic, remove, url, chunk_size, allow_downgrade, allow_interface_change,
-         probation_seconds, probation_requests, max_error_rate, latency_budget_ms, sign_key, key_cert, wait, timeout,
+def push(bundle, device, group, model, device_topic, remove, url, chunk_size, delta, allow_downgrade,
+         allow_interface_change, probation_seconds, probation_requests, max_error_rate, latency_budget_ms, sign_key, key_cert, wait, timeout,
          as_json, **kw):
     """Make BUNDLE the desired version of a model on a device or a group (retained: offline devices
     catch up); or, with --remove, take a model off them."""
@@ -53,6 +55,8 @@ def push(bundle, device, group, model, device_topic, remove, url, chunk_size, al
             return
         prog = ev.get("progress") or {}
         extra = f" {prog.get('percent')}%" if prog else ""
+        if "fetched" in prog:  # a delta: what came over the network, what the device already had
+            extra += f" (fetched {prog['fetched']} of {prog['total']} bytes, {prog.get('reused', 0)} reused)"
         err = f" ({ev['error']})" if ev.get("error") else ""
         click.echo(f"  {dev}: {ev.get('state')}{extra}{err}", err=True)
 
@@ -72,8 +76,9 @@ def push(bundle, device, group, model, device_topic, remove, url, chunk_size, al
                           warn=lambda m: click.echo(f"warning: {m}", err=True),
                           probation=Probation(seconds=probation_seconds, requests=probation_requests,
                                               max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
-                          staging_max_p95_ms=latency_budget_ms, shadow=shadow, wait=wait, timeout=timeout, progress=show,
-                          sign_key=sign_key, key_cert=key_cert)
+                          staging_max_p95_ms=latency_budget_ms, shadow=shadow, wait=wait, timeout=timeout,
+                          progress=show, sign_key=sign_key, key_cert=key_cert, delta=delta,
+                          inform=lambda m: click.echo(m, err=True) if not as_json else None)
     d = res.desired
     if as_json:
         click.echo(json.dumps({"topic": res.topic, "desired": d, "devices": res.devices, "warnings": res.warnings},

@@ -18,15 +18,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
 
-from edgebundle.archive import open_bundle
+from edgebundle.archive import open_bundle, sha256_file
 from edgebundle.errors import InputError
 from edgebundle.trust import parse_time
 from edgeproto.broker import BrokerConfig
 from edgeproto.bundleref import MODEL_NAME
-from edgeproto.desired import Desired, MqttTransfer, Probation, Removal, Shadow, UrlTransfer, sign_record
+from edgeproto.desired import CdcTransfer, Desired, MqttTransfer, Probation, Removal, Shadow, UrlTransfer, sign_record
 from edgeproto.mqtt import MqttClient, dumps
 from edgeproto.records import FINAL_STATES, DeviceStatus
 from edgeproto.topics import Topics, target
+from fleet import delta as cdc
 from fleet.conn import Collector, parse_json
 from fleet.errors import FleetError
 
@@ -42,6 +43,7 @@ class PushResult:
     devices: dict[str, dict] = field(default_factory=dict)  # device -> last event
     warnings: list[str] = field(default_factory=list)
     success: str = "committed"  # the final state that means done ("removed" for a removal)
+    cost: cdc.Cost | None = None  # a delta push: bytes published, and fetched per device
 
     @property
     def ok(self) -> bool:
@@ -99,7 +101,7 @@ class Prepared:
     version: str
     sha256: str
     size: int
-    transfer: MqttTransfer | UrlTransfer
+    transfer: MqttTransfer | CdcTransfer | UrlTransfer
     interface: str  # edgebundle.interface.interface_hash of its manifest
     bundle_signature: dict | None
 
@@ -115,20 +117,27 @@ class Signer:
         return cls(key=key, cert=cert)
 
 
-def prepare(bundle: Path, topics: Topics, *, url: str | None = None, chunk_size: int = DEFAULT_CHUNK) -> Prepared:
+def prepare(bundle: Path, topics: Topics, *, url: str | None = None, chunk_size: int = DEFAULT_CHUNK,
+            indexes: dict[str, cdc.ModelIndex] | None = None, model: str | None = None) -> Prepared:
     """Structure and manifest only: every device re-checks every hash and the signature, so the
-    pusher reads the file once (whole-file and per-chunk sha256 in one pass)."""
+    pusher reads the file once (whole-file and per-chunk sha256 in one pass). `indexes` (a delta
+    push: every model's retained chunk index) cuts it into content-defined chunks instead, alike
+    with the previous version of `model` (default: the bundle's name)."""
     if chunk_size < 1024 or chunk_size > (64 << 20):
         raise InputError("--chunk-size must be between 1 KiB and 64 MiB")
     from edgebundle.interface import interface_hash
 
     b = open_bundle(bundle)
     m = b.manifest
-    sha, hashes = _hashes(bundle, chunk_size)
     size = Path(bundle).stat().st_size
-    transfer = (UrlTransfer(url=url) if url else
-                MqttTransfer(topic=topics.bundle(sha), chunk_size=chunk_size,
-                             chunks=(size + chunk_size - 1) // chunk_size, chunk_sha256=tuple(hashes)))
+    if indexes is not None and not url:
+        sha = sha256_file(bundle)
+        transfer = cdc.cdc_transfer(Path(bundle), topics.root, size=size, previous=indexes.get(model or m.name))
+    else:
+        sha, hashes = _hashes(bundle, chunk_size)
+        transfer = (UrlTransfer(url=url) if url else
+                    MqttTransfer(topic=topics.bundle(sha), chunk_size=chunk_size,
+                                 chunks=(size + chunk_size - 1) // chunk_size, chunk_sha256=tuple(hashes)))
     return Prepared(path=Path(bundle), name=m.name, version=m.version, sha256=sha, size=size, transfer=transfer,
                     interface=interface_hash(m), bundle_signature=parse_json(b.signature) if b.signature else None)
 
@@ -193,7 +202,8 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
          shadow: Shadow | None = None, wait: bool = False, timeout: float = 600, expect: list[str] | None = None,
          progress: Callable[[str, dict], None] = lambda _d, _e: None,
          warn: Callable[[str], None] = lambda _m: None, check_interface: bool = True,
-         sign_key=None, key_cert=None) -> PushResult:
+         sign_key=None, key_cert=None, delta: bool = False,
+         inform: Callable[[str], None] = lambda _m: None) -> PushResult:
     """Publish the bundle's chunks (retained) and the desired record (retained) for `model` of the
     device or group (default: the bundle's name; `device_topic`: their own topic instead, for
     agents that predate several models); with `wait`, follow the target devices' events until
@@ -204,37 +214,56 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     `sign_key` (a private key or its PEM path) signs the record; devices with trusted keys refuse
     unsigned records. `key_cert` (a certificate or its path) goes with the signature when the key
     is a fleet key certified by a root key. The record's `issued` is now, or just after the
-    record already on the topic, so a pusher with a slow clock cannot make its record look older."""
+    record already on the topic, so a pusher with a slow clock cannot make its record look older.
+
+    `delta` publishes content-defined chunks (fleet.delta): only those the broker does not retain
+    yet; what the update costs each device is said through `inform` (and `result.cost`) before
+    publishing. Agents that predate delta updates refuse such a record: push those without it."""
     Address.of(device=device, group=group)  # a bad --device or --group fails before the bundle is read
     signer = Signer.load(sign_key, key_cert)
     topics = Topics(broker.topic_prefix)
-    p = prepare(bundle, topics, url=url, chunk_size=chunk_size)
+    ix_conn = None
+    if delta and not url:
+        open_bundle(bundle)  # a bad bundle fails before the broker is asked anything
+        ix_conn = Collector(broker, [cdc.index_topic(topics.root)], name="push-index")
+    else:
+        p = prepare(bundle, topics, url=url, chunk_size=chunk_size)
+    try:  # the chunk indexes arrive while the devices' status is read
+        table = _fleet_table(broker) if check_interface or ix_conn else None
+        indexes = cdc.read_indexes(ix_conn, topics.root) if ix_conn else None
+    finally:
+        if ix_conn:
+            ix_conn.stop()
+    if indexes is not None:
+        p = prepare(bundle, topics, chunk_size=chunk_size, indexes=indexes, model=model)
     addr = Address.of(device=device, group=group, model=model_for(p.name, model=model, device_topic=device_topic))
     warnings = []
     if check_interface:
-        from fleet.status import FleetWatcher
-
-        w = FleetWatcher(broker, name="push-check", telemetry=False)
-        try:
-            w.settle(quiet_s=0.2, max_s=5.0)
-        finally:
-            w.stop()
-        warnings = interface_warnings(w.table, p, devices=[device] if device else None, group=group,
+        warnings = interface_warnings(table, p, devices=[device] if device else None, group=group,
                                       allowed=allow_interface_change, model=addr.model)
-        old = old_agents(w.table, devices=[device] if device else None, group=group) if addr.model else []
+        old = old_agents(table, devices=[device] if device else None, group=group) if addr.model else []
         if old:
             warnings.append(f"{len(old)} device(s) run an agent that predates several models and will not see a "
                             f"record on the model's topic: {', '.join(old[:8])}; push with --device-topic for them")
         for msg in warnings:
             warn(msg)
+    chunks = None if url else (lambda client: publish_chunks(client, p))
+    cost = None
+    if indexes is not None:
+        cost = cdc.cost(p.transfer, indexes, running=running_bundles(table, device=device, group=group,
+                                                                     model=addr.model))
+        for line in cost.lines():
+            inform(line)
+        chunks = lambda client: _publish_delta(client, p, indexes, model=addr.model or p.name,  # noqa: E731
+                                               desired_topic=result.topic, inform=inform)
 
     def record(issued: str) -> dict:
         return make_record(p, target=addr.target, update_id=uuid.uuid4().hex, issued=issued, signer=signer,
                            allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
                            probation=probation, staging_max_p95_ms=staging_max_p95_ms, shadow=shadow)
 
-    result = PushResult(desired={}, topic=topics.target_desired(addr.target), warnings=warnings)
-    return _publish(broker, result, record, chunks=None if url else p, addr=addr,
+    result = PushResult(desired={}, topic=topics.target_desired(addr.target), warnings=warnings, cost=cost)
+    return _publish(broker, result, record, chunks=chunks, addr=addr,
                     follow=Follow(timeout=timeout, expect=tuple(expect or ()), progress=progress) if wait else None)
 
 
@@ -266,22 +295,57 @@ class Follow:
     progress: Callable[[str, dict], None] = lambda _d, _e: None
 
 
-def _publish(broker: BrokerConfig, result: PushResult, record: Callable[[str], dict], *, chunks: Prepared | None,
-             addr: Address, follow: Follow | None) -> PushResult:
+def _publish(broker: BrokerConfig, result: PushResult, record: Callable[[str], dict], *,
+             chunks: Callable[[MqttClient], None] | None, addr: Address, follow: Follow | None) -> PushResult:
     """The record (made for its `issued`) first, so online devices start pulling chunks while they
-    are still being published (the transfer pipelines); offline ones find them retained later."""
+    are still being published (the transfer pipelines); offline ones find them retained later.
+    `chunks` publishes the bundle's chunks on the same connection."""
     topics = Topics(broker.topic_prefix)
     conn = Collector(broker, [topics.events(), topics.status()] if follow else [], name="push")
     try:
         result.desired = record(_issued_after(conn, result.topic))
         publish_record(conn.client, result.topic, result.desired)
         if chunks is not None:
-            publish_chunks(conn.client, chunks)
+            chunks(conn.client)
         if follow:
             _follow(conn, result, addr=addr, follow=follow)
         return result
     finally:
         conn.stop()
+
+
+def _fleet_table(broker: BrokerConfig):
+    """The devices' retained status (fleet.status.FleetTable), read once before publishing."""
+    from fleet.status import FleetWatcher
+
+    w = FleetWatcher(broker, name="push-check", telemetry=False)
+    try:
+        w.settle(quiet_s=0.2, max_s=5.0)
+    finally:
+        w.stop()
+    return w.table
+
+
+def running_bundles(table, *, device: str | None, group: str | None, model: str | None) -> dict[str, str | None]:
+    """Target device -> sha256 of the bundle it runs for `model` (None: unknown), from retained status."""
+    out: dict[str, str | None] = {}
+    for e in table.entries(group=group):
+        if device is None or e.status.device_id == device:
+            m = e.status.for_model(model).model
+            out[e.status.device_id] = m.bundle_sha256 if m else None
+    if device is not None:
+        out.setdefault(device, None)
+    return out
+
+
+def _publish_delta(client: MqttClient, p: Prepared, indexes: dict[str, cdc.ModelIndex], *, model: str,
+                   desired_topic: str, inform: Callable[[str], None]) -> None:
+    retained = set().union(*(ix.chunks() for ix in indexes.values())) if indexes else set()
+    cdc.publish_delta(client, p.path, p.transfer, skip=retained)
+    cleared = cdc.record_index(client, Topics(client.cfg.topic_prefix).root, model=model, sha256=p.sha256,
+                               t=p.transfer, desired_topic=desired_topic, indexes=indexes)
+    if cleared:
+        inform(f"delta: cleared {cleared} retained chunk(s) that no desired record names any more")
 
 
 def _signer(sign_key, key_cert):
@@ -409,5 +473,5 @@ def clear(broker: BrokerConfig, *, device: str | None = None, group: str | None 
         conn.stop()
 
 
-__all__ = ["push", "remove", "clear", "prepare", "make_record", "removal_record", "publish_record", "publish_chunks",
+__all__ = ["push", "remove", "running_bundles", "clear", "prepare", "make_record", "removal_record", "publish_record", "publish_chunks",
            "interface_warnings", "model_for", "Address", "PushResult", "Prepared", "Signer", "DEFAULT_CHUNK"]

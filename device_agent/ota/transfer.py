@@ -24,7 +24,7 @@ from typing import Callable, Protocol
 from edgebundle.errors import EdgepackError
 from edgeproto.desired import Desired, MqttTransfer, url_allowed
 
-Progress = Callable[[int, int], None]  # (bytes done, total)
+Progress = Callable[..., None]  # (bytes done, total[, transfer]): transfer = {"fetched": ..., "reused": ...}
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,23 @@ class ChunkFetcher(Protocol):
     def fetch(self, d: Desired, workdir: Path, *, progress: Progress, cancelled: Callable[[], bool]) -> Path: ...
 
 
+@dataclass(frozen=True)
+class Pull:
+    """Chunks to pull from retained topics `base + tail(k)` for each key k in `keys`: every payload
+    is checked against `sha256(k)` and `length(k)` before `store(k, payload)` takes it. `tails`
+    maps a topic tail back to its key when tails are not the keys' digits (hashes)."""
+
+    base: str
+    keys: tuple[int, ...]
+    tail: Callable[[int], str]
+    sha256: Callable[[int], str]
+    length: Callable[[int], int]
+    store: Callable[[int, bytes], None]
+    max_len: int
+    tails: dict[str, int] | None = None
+    window: int = 16
+
+
 class MqttChunkFetcher:
     """Pull retained chunks with a bounded window of subscriptions."""
 
@@ -91,24 +108,32 @@ class MqttChunkFetcher:
         self.mqtt, self.window, self.stall_s, self.policy = mqtt, window, stall_s, policy
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
-        self._inbox: dict[int, bytes | int] = {}  # index -> payload, or its length when it is too long
+        self._inbox: dict[int, bytes | int] = {}  # key -> payload, or its length when it is too long
         self._prefix: str | None = None
         self._max_len = 0
         self._count = 0
+        self._tails: dict[str, int] | None = None
 
     def on_message(self, topic: str, payload: bytes) -> bool:
         """Called from the MQTT thread; returns True when the message was a chunk for us. Anything
-        that is not a chunk index of the current transfer, or is longer than a chunk, is dropped
-        here (never buffered)."""
+        that is not a chunk of the current transfer, or is longer than a chunk, is dropped here
+        (never buffered)."""
         with self._lock:
             if self._prefix is None or not topic.startswith(self._prefix):
                 return False
-            tail = topic[len(self._prefix):]
-            if not (tail.isascii() and tail.isdigit() and len(tail) <= 9) or int(tail) >= self._count:
+            key = self._key(topic[len(self._prefix):])
+            if key is None:
                 return True
-            self._inbox[int(tail)] = payload if len(payload) <= self._max_len else len(payload)
+            self._inbox[key] = payload if len(payload) <= self._max_len else len(payload)
             self._arrived.notify_all()
             return True
+
+    def _key(self, tail: str) -> int | None:
+        if self._tails is not None:
+            return self._tails.get(tail)
+        if tail.isascii() and tail.isdigit() and len(tail) <= 9 and int(tail) < self._count:
+            return int(tail)
+        return None
 
     def fetch(self, d: Desired, workdir: Path, *, progress: Progress, cancelled: Callable[[], bool]) -> Path:
         """Chunks go straight to their offset in DATA/downloads/<sha>/bundle.part (indexes of the
@@ -120,28 +145,39 @@ class MqttChunkFetcher:
         final = workdir / "bundle.edgepack"
         if final.is_file():
             return final
-        n, csize, hashes = t.chunks, t.chunk_size, list(t.chunk_sha256)
-        base = t.topic.rstrip("/") + "/chunks/"
-        part, done_file = workdir / "bundle.part", workdir / "chunks.done"
-        length = lambda i: min(csize, d.size - i * csize)  # noqa: E731
-        done = _resume(part, done_file, hashes, csize, d.size)
-        check_space(workdir, sum(length(i) for i in range(n) if i not in done))
-        missing = [i for i in range(n) if i not in done]
-        done_bytes = sum(length(i) for i in done)
+        csize = t.chunk_size
+        lengths = [min(csize, d.size - i * csize) for i in range(t.chunks)]
+        part = PartFile(workdir, size=d.size, offsets=[i * csize for i in range(t.chunks)], lengths=lengths,
+                        hashes=list(t.chunk_sha256))
+        missing = tuple(i for i in range(t.chunks) if i not in part.done)
+        check_space(workdir, d.size - part.bytes_done)
+
+        def store(i: int, payload: bytes) -> None:
+            part.put(i, payload)
+            progress(part.bytes_done, d.size)
+
+        with part:
+            self.pull(Pull(base=t.topic.rstrip("/") + "/chunks/", keys=missing, tail=str,
+                           sha256=t.chunk_sha256.__getitem__, length=lengths.__getitem__, store=store, max_len=csize,
+                           window=self.window), count=t.chunks, cancelled=cancelled)
+            return part.finish(final, sha256=d.sha256)
+
+    def pull(self, job: Pull, *, cancelled: Callable[[], bool], count: int = 0) -> None:
+        """Subscribe to a window of chunk topics at a time (a retained chunk arrives on subscribe),
+        unsubscribe from each once stored, resubscribe to one that does not come; within the
+        slow-retrieval deadline of broker-connected time. TransferError for a chunk that does not
+        match (fatal: retained chunks give the same bytes again), TransientError when too slow."""
+        missing = list(job.keys)
+        remaining = sum(job.length(k) for k in missing)
         with self._lock:
-            self._prefix, self._inbox, self._max_len, self._count = base, {}, csize, n
+            self._prefix, self._inbox, self._max_len = job.base, {}, job.max_len
+            self._count, self._tails = count, job.tails
         outstanding: dict[int, float] = {}
-        held: dict[int, bytes] = {}  # arrived ahead of the hash prefix (at most the window)
-        h, next_i = hashlib.sha256(), 0
-        budget = self.policy.deadline(d.size - done_bytes)  # seconds of broker-connected time
-        connected_s, last_tick = 0.0, time.monotonic()
-        last_progress = time.monotonic()
-        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        budget = self.policy.deadline(remaining)  # seconds of broker-connected time
+        got_bytes, connected_s = 0, 0.0
+        last_tick = last_progress = time.monotonic()
+        topic = lambda k: job.base + job.tail(k)  # noqa: E731
         try:
-            if os.fstat(fd).st_size != d.size:
-                os.ftruncate(fd, d.size)  # sparse: blocks are allocated as chunks land
-            done_log = open(done_file, "a")
-            next_i = _advance(fd, h, next_i, done, held, length, csize)
             while missing or outstanding:
                 if cancelled():
                     raise Cancelled("update cancelled")
@@ -156,70 +192,130 @@ class MqttChunkFetcher:
                 connected_s += now - last_tick
                 last_tick = now
                 if connected_s > budget:
-                    raise TransientError(f"download too slow: {done_bytes} of {d.size} bytes after {connected_s:.0f} s "
-                                         f"(at least {self.policy.min_rate} bytes/s expected)")
-                while missing and len(outstanding) < self.window:
-                    i = missing.pop(0)
-                    self.mqtt.subscribe(base + str(i), qos=1)
-                    outstanding[i] = time.monotonic()
+                    raise TransientError(f"download too slow: {got_bytes} of {remaining} bytes after "
+                                         f"{connected_s:.0f} s (at least {self.policy.min_rate} bytes/s expected)")
+                while missing and len(outstanding) < job.window:
+                    k = missing.pop(0)
+                    self.mqtt.subscribe(topic(k), qos=1)
+                    outstanding[k] = time.monotonic()
                 with self._arrived:
                     if not self._inbox:
                         self._arrived.wait(0.5)
                     got, self._inbox = self._inbox, {}
-                for i, payload in sorted(got.items()):
-                    if i not in outstanding:
+                for k, payload in sorted(got.items()):
+                    if k not in outstanding:
                         continue
-                    self.mqtt.unsubscribe(base + str(i))
-                    del outstanding[i]
-                    if isinstance(payload, int):
-                        raise TransferError(f"chunk {i} is {payload} bytes, more than the chunk size of {csize}: "
-                                            "corrupted or tampered; refusing the update")
-                    digest = hashlib.sha256(payload).hexdigest()
-                    if digest != hashes[i] or len(payload) != length(i):
-                        raise TransferError(f"chunk {i} sha256 {digest[:16]}... does not match the desired record's "
-                                            f"{hashes[i][:16]}...: corrupted or tampered; refusing the update")
-                    try:
-                        os.pwrite(fd, payload, i * csize)
-                        done_log.write(f"{i}\n")
-                        done_log.flush()
-                    except OSError as e:
-                        raise TransferError(f"cannot store chunk {i}: {e}") from None
-                    done.add(i)
-                    held[i] = payload
-                    next_i = _advance(fd, h, next_i, done, held, length, csize)
-                    done_bytes += len(payload)
+                    self.mqtt.unsubscribe(topic(k))
+                    del outstanding[k]
+                    _check(job, k, payload)
+                    job.store(k, payload)
+                    got_bytes += len(payload)
                     last_progress = time.monotonic()
-                    progress(done_bytes, d.size)
-                for i in [i for i, t0 in outstanding.items() if time.monotonic() - t0 > self.stall_s]:
-                    self.mqtt.unsubscribe(base + str(i))  # nothing came: resubscribe (lost SUBACK, broker restart)
-                    del outstanding[i]
-                    missing.insert(0, i)
+                for k in [k for k, t0 in outstanding.items() if time.monotonic() - t0 > self.stall_s]:
+                    self.mqtt.unsubscribe(topic(k))  # nothing came: resubscribe (lost SUBACK, broker restart)
+                    del outstanding[k]
+                    missing.insert(0, k)
                 if time.monotonic() - last_progress > self.policy.stall_s:
                     raise TransientError(f"no chunk arrived for {self.policy.stall_s:.0f} s "
                                          f"({len(missing) + len(outstanding)} left); is the bundle still published?")
-            os.fsync(fd)
-            done_log.close()
-        except (TransferError, OSError) as e:  # fatal, nothing kept (ENOSPC while writing the log or syncing)
-            os.close(fd)
-            fd = -1
-            _discard(part, done_file)
-            if isinstance(e, TransferError):
-                raise
-            raise TransferError(f"cannot store the download: {e}") from None
         finally:
             with self._lock:
                 self._prefix = None
-            for i in outstanding:
-                self.mqtt.unsubscribe(base + str(i))
-            if fd >= 0:
-                os.close(fd)
+            for k in outstanding:
+                self.mqtt.unsubscribe(topic(k))
+
+
+def _check(job: Pull, k: int, payload: bytes | int) -> None:
+    """A chunk as the record lists it, else the update is refused (TransferError)."""
+    name = f"chunk {job.tail(k)[:16]}"
+    if isinstance(payload, int):
+        raise TransferError(f"{name} is {payload} bytes, more than the chunk size of {job.max_len}: "
+                            "corrupted or tampered; refusing the update")
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != job.sha256(k) or len(payload) != job.length(k):
+        raise TransferError(f"{name} sha256 {digest[:16]}... does not match the desired record's "
+                            f"{job.sha256(k)[:16]}...: corrupted or tampered; refusing the update")
+
+
+class PartFile:
+    """DATA/downloads/<sha>/bundle.part being assembled: chunks written at their offsets, their
+    indexes logged in chunks.done (no fsync per chunk: a restart re-hashes each logged chunk and
+    keeps those that match), the whole-file sha256 extended as the contiguous prefix grows. Used
+    as a context manager: a fatal error (TransferError, OSError: ENOSPC) removes both files."""
+
+    def __init__(self, workdir: Path, *, size: int, offsets: list[int], lengths: list[int], hashes: list[str]):
+        self.path, self.done_file = workdir / "bundle.part", workdir / "chunks.done"
+        self.size, self.offsets, self.lengths = size, offsets, lengths
+        self.done = _resume_at(self.path, self.done_file, hashes, offsets, lengths, size)
+        self.bytes_done = sum(lengths[i] for i in self.done)
+        self._held: dict[int, bytes] = {}  # stored ahead of the hash prefix (at most a window)
+        self._hash, self._next = hashlib.sha256(), 0
+        self._fd, self._log = -1, None
+
+    def __enter__(self) -> "PartFile":
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(self._fd).st_size != self.size:
+            os.ftruncate(self._fd, self.size)  # sparse: blocks are allocated as chunks land
+        self._log = open(self.done_file, "a")
+        self._advance()
+        return self
+
+    def put(self, i: int, data: bytes) -> None:
         try:
-            return _complete(h, part, final=final, sha256=d.sha256, what="downloaded")
+            os.pwrite(self._fd, data, self.offsets[i])
+            self._log.write(f"{i}\n")
+            self._log.flush()
+        except OSError as e:
+            raise TransferError(f"cannot store chunk {i}: {e}") from None
+        if i not in self.done:
+            self.bytes_done += len(data)
+            self.done.add(i)
+        self._held[i] = data
+        self._advance()
+
+    def finish(self, final: Path, *, sha256: str) -> Path:
+        """fsync, then the hash computed on the way decides: the file becomes `final`, or goes."""
+        os.fsync(self._fd)
+        self._close()
+        try:
+            return _complete(self._hash, self.path, final=final, sha256=sha256, what="assembled")
         finally:
-            done_file.unlink(missing_ok=True)
+            self.done_file.unlink(missing_ok=True)
+
+    def _advance(self) -> None:
+        while self._next in self.done:
+            i = self._next
+            data = self._held.pop(i, None)
+            if data is None:
+                data = os.pread(self._fd, self.lengths[i], self.offsets[i])
+            self._hash.update(data)
+            self._next += 1
+
+    def _close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self._close()
+        if kind is not None and issubclass(kind, (TransferError, OSError)):  # fatal: nothing kept
+            _discard(self.path, self.done_file)
+            if not issubclass(kind, TransferError):
+                raise TransferError(f"cannot store the download: {exc}") from None
 
 
 def _resume(part: Path, done_file: Path, hashes: list[str], csize: int, size: int) -> set[int]:
+    """Fixed-size chunks stored before a restart, each re-checked against its hash."""
+    n = len(hashes)
+    return _resume_at(part, done_file, hashes, [i * csize for i in range(n)],
+                      [max(0, min(csize, size - i * csize)) for i in range(n)], size)
+
+
+def _resume_at(part: Path, done_file: Path, hashes: list[str], offsets: list[int], lengths: list[int],
+               size: int) -> set[int]:
     """Chunks stored before a restart, each re-checked against its hash (no fsync per chunk)."""
     if not (part.is_file() and done_file.is_file()) or part.stat().st_size != size:
         _discard(part, done_file)
@@ -231,22 +327,11 @@ def _resume(part: Path, done_file: Path, hashes: list[str], csize: int, size: in
                 continue
             i = int(line)
             if 0 <= i < len(hashes):
-                f.seek(i * csize)
-                if hashlib.sha256(f.read(min(csize, size - i * csize))).hexdigest() == hashes[i]:
+                f.seek(offsets[i])
+                if hashlib.sha256(f.read(lengths[i])).hexdigest() == hashes[i]:
                     done.add(i)
     done_file.write_text("".join(f"{i}\n" for i in sorted(done)))
     return done
-
-
-def _advance(fd: int, h, next_i: int, done: set[int], held: dict[int, bytes], length, csize: int) -> int:
-    """Extend the running whole-file hash over every chunk now contiguous with the prefix."""
-    while next_i in done:
-        data = held.pop(next_i, None)
-        if data is None:
-            data = os.pread(fd, length(next_i), next_i * csize)
-        h.update(data)
-        next_i += 1
-    return next_i
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):

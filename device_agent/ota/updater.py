@@ -56,6 +56,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from device_agent.ota.delta import fetch_delta
 from device_agent.ota.record import ENDED, LIVE, RESUMABLE, Record, State
 from device_agent.shadow import ShadowRun
 from device_agent.ota.transfer import (Cancelled, ChunkFetcher, MqttChunkFetcher, TransferError, TransferPolicy,
@@ -64,7 +65,7 @@ from device_agent.store import Store, atomic_write
 from edgebundle.errors import EdgepackError
 from edgebundle.interface import interface_diff
 from edgebundle.manifest import parse_version
-from edgeproto.desired import Desired, MqttTransfer
+from edgeproto.desired import CdcTransfer, Desired, MqttTransfer
 from edgeproto.records import UpdateEvent
 
 __all__ = ["Clock", "Host", "State", "Record", "UpdateFailed", "Updater", "UpdaterSettings"]
@@ -321,9 +322,12 @@ class Updater:
         work = self._workdir(d.sha256)
         work.mkdir(parents=True, exist_ok=True)
         try:
-            if isinstance(d.transfer, MqttTransfer):
-                if self.fetcher is None:
-                    raise UpdateFailed("MQTT transfer needs a broker connection")
+            if isinstance(d.transfer, (MqttTransfer, CdcTransfer)) and self.fetcher is None:
+                raise UpdateFailed("MQTT transfer needs a broker connection")
+            if isinstance(d.transfer, CdcTransfer):  # a delta: what the slot's bundles hold is copied
+                fetch_delta(self.fetcher, d, work, local=self.host.store, progress=self._progress,
+                            cancelled=self._superseded)
+            elif isinstance(d.transfer, MqttTransfer):
                 self.fetcher.fetch(d, work, progress=self._progress, cancelled=self._superseded)
             else:
                 fetch_url(d, work, progress=self._progress, cancelled=self._superseded, policy=self.settings.transfer)
@@ -617,12 +621,15 @@ class Updater:
         slots = (self.host.store.active_slot(), self.record.previous)
         self.host.store.prune({slot["bundle"] for slot in slots if slot})
 
-    def _progress(self, done: int, total: int) -> None:
+    def _progress(self, done: int, total: int, transfer: dict | None = None) -> None:
+        """A downloading event at most every 0.5 s, and the last one always: `transfer` (a delta)
+        says how many of the bytes were fetched and how many the device already had."""
         now = self.clock.mono()
         if now - self._last_progress >= 0.5 or done >= total:
             self._last_progress = now
             self._event(State.DOWNLOADING, progress={"bytes": done, "total": total,
-                                                     "percent": round(100 * done / max(total, 1), 1)})
+                                                     "percent": round(100 * done / max(total, 1), 1),
+                                                     **(transfer or {})})
 
     def _event(self, state: State, *, error: str | None = None, progress: dict | None = None,
                note: str | None = None) -> None:
