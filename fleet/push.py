@@ -224,10 +224,12 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     topics = Topics(broker.topic_prefix)
     ix_conn = None
     if delta and not url:
-        open_bundle(bundle)  # a bad bundle fails before the broker is asked anything
+        name = open_bundle(bundle).manifest.name  # a bad bundle or model name fails before the broker is asked
+        model_for(name, model=model, device_topic=device_topic)
         ix_conn = Collector(broker, [cdc.index_topic(topics.root)], name="push-index")
     else:
         p = prepare(bundle, topics, url=url, chunk_size=chunk_size)
+        model_for(p.name, model=model, device_topic=device_topic)  # before the broker is asked anything
     try:  # the chunk indexes arrive while the devices' status is read
         table = _fleet_table(broker) if check_interface or ix_conn else None
         indexes = cdc.read_indexes(ix_conn, topics.root) if ix_conn else None
