@@ -70,7 +70,7 @@ def _phases(events: list[dict], t_push: float, t_done: float) -> dict[str, tuple
 
     marks, seen = [], set()
     for e in events:
-        if e.get("state") not in seen and e.get("ts"):
+        if e.get("state") not in seen and e.get("ts"):  # (push --wait may add a status-derived one, no ts)
             seen.add(e["state"])
             marks.append((e["state"], datetime.fromisoformat(e["ts"]).timestamp()))
     marks.sort(key=lambda x: x[1])

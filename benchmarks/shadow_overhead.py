@@ -69,12 +69,12 @@ def main() -> None:
             stop(p, broker)
     ev = res.devices["bench"]
     assert ev["state"] == "committed", ev
-    when = {e["state"]: datetime.fromisoformat(e["ts"]).timestamp() for e in reversed(events)}
+    when = {e["state"]: datetime.fromisoformat(e["ts"]).timestamp() for e in reversed(events) if e.get("ts")}
     s = np.array(load.samples)
     steady = s[(s[:, 0] >= t_push - args.steady + 1) & (s[:, 0] < t_push)]
     shadow = s[(s[:, 0] >= when["shadow"]) & (s[:, 0] < when["switching"])]
     (p50a, p99a, na), (p50b, p99b, nb) = _pct(steady), _pct(shadow)
-    fig = ev.get("shadow") or {}
+    fig = next((e["shadow"] for e in reversed(events) if e.get("shadow")), None) or ev.get("shadow") or {}
     print(f"{args.model}: {args.clients} clients; shadow {args.shadow:.0f} s at rate {args.rate}; "
           f"failed requests {int(np.sum(s[:, 2] != 200))}")
     print(f"  no shadow   p50 {p50a:7.2f} ms  p99 {p99a:7.2f} ms  ({na} requests)")

@@ -5,8 +5,8 @@ The request thread only samples and enqueues (`offer`: a random draw and a put_n
 blocks): the response never waits for the shadow. One worker runs the candidate on the queued
 inputs and compares its primary output with what the serving model answered, the way the build's
 gate compares (top-1 for class scores, exact for integers, otherwise cosine and size). The worker
-keeps to a CPU budget (a share of one core, counting the runtime's threads): after each run it rests
-in proportion, and requests sampled while
+keeps to a CPU budget (a tenth of one core, counting the runtime's threads, and at most 20
+comparisons a second): after each run it rests in proportion, and requests sampled while
 it is busy or resting are dropped and counted, never queued without bound."""
 from __future__ import annotations
 
@@ -54,11 +54,15 @@ class ShadowRun:
 
     QUEUE = 4
 
-    def __init__(self, candidate, settings: Shadow, *, output: str, labelled: bool, cpu_share: float = 0.25,
-                 threads: int = 1, draw: Callable[[], float] = random.random):
-        """`threads`: cores the candidate's runtime uses per run (the rest scales with them)."""
+    def __init__(self, candidate, settings: Shadow, *, output: str, labelled: bool, cpu_share: float = 0.1,
+                 max_per_s: float = 20.0, threads: int = 1, draw: Callable[[], float] = random.random):
+        """`threads`: cores the candidate's runtime uses per run (the rest scales with them).
+        `max_per_s`: comparisons a second at most; a small model's run is cheap, but each comparison
+        is Python work under the GIL that live requests wait for (measured: digits at 100/s doubled
+        their p99), and 20 a second is a thousand samples a minute."""
         self.candidate, self.settings, self.output, self.labelled = candidate, settings, output, labelled
         self.cpu_share, self.threads, self.draw = cpu_share, max(1, threads), draw
+        self.min_gap = 1.0 / max_per_s
         self._q: queue.Queue = queue.Queue(maxsize=self.QUEUE)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -113,7 +117,8 @@ class ShadowRun:
                 if ms is not None and len(self._ms) < 100_000:
                     self._ms.append(ms)
                 self.busy_s += spent
-            self._stop.wait(spent * (self.threads / self.cpu_share - 1))  # the CPU budget: rest in proportion
+            # the CPU budget: rest in proportion, and at least the gap between comparisons
+            self._stop.wait(max(spent * (self.threads / self.cpu_share - 1), self.min_gap - spent))
 
     def summary(self) -> dict:
         with self._lock:
