@@ -24,7 +24,6 @@ The job's bundle is never written to the store, never activated, and removed whe
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import time
@@ -36,6 +35,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from device_agent.model import bundle_members_to_extract, load_bundle
+from edgeruntime.timing import rss_bytes
 from device_agent.ota.transfer import Cancelled, MqttChunkFetcher, TransferPolicy, fetch_url
 from edgebundle.errors import EdgepackError, VerificationError
 from edgeproto.desired import Limits, RecordError, UrlTransfer, signed_bytes, url_allowed
@@ -308,15 +308,6 @@ def _bundle_view(job: ProfileJob) -> dict:
 
 def _first(items) -> str | None:
     return items[0] if isinstance(items, (list, tuple)) and items else None
-
-
-def rss_bytes() -> int | None:
-    """Resident set size of this process (Linux /proc), else None."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def parse_delays(text: str) -> dict[str, float]:

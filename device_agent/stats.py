@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeruntime.timing import rss_bytes
+
 
 # Quantile buckets: 1 us .. 1000 s, each 2 % wider than the last, so a quantile read from a bucket
 # (its geometric middle) is within 1 % of the true sample. At most ~1,050 counters per window,
@@ -273,16 +275,7 @@ class HostMetrics:
         self._cpu = (now, cpu)
         return round(100.0 * (cpu - cpu0) / max(now - then, 1e-9), 2)
 
-    @staticmethod
-    def rss_bytes() -> int | None:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
+    rss_bytes = staticmethod(rss_bytes)
 
     @staticmethod
     def memory() -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from typing import Callable
+from typing import Callable, Iterable
 
 from edgeproto.broker import BrokerConfig
 from edgeproto.mqtt import MqttClient
@@ -59,3 +59,19 @@ class Collector:
 
     def stop(self) -> None:
         self.client.stop()
+
+
+def publish_retained(client: MqttClient, messages: Iterable[tuple[str, bytes]], *, window: int = 64) -> int:
+    """Publish (topic, payload) pairs retained at QoS 1 with at most `window` unacknowledged (memory
+    stays flat for big bundles); returns how many."""
+    pending, sent = [], 0
+    for topic, payload in messages:
+        pending.append(client.publish(topic, payload, qos=1, retain=True))
+        sent += 1
+        if len(pending) >= window:
+            for info in pending:
+                info.wait_for_publish(60)
+            pending.clear()
+    for info in pending:
+        info.wait_for_publish(60)
+    return sent

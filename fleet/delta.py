@@ -21,7 +21,7 @@ from pathlib import Path
 from edgebundle.cdc import CdcParams, chunk_file
 from edgeproto.desired import CdcTransfer
 from edgeproto.mqtt import MqttClient, dumps
-from fleet.conn import Collector, parse_json
+from fleet.conn import Collector, parse_json, publish_retained
 from fleet.errors import FleetError
 
 
@@ -138,21 +138,14 @@ def cost(t: CdcTransfer, indexes: dict[str, ModelIndex], *, running: dict[str, s
 def publish_delta(client: MqttClient, bundle: Path, t: CdcTransfer, *, skip: set[str], window: int = 64) -> int:
     """The bundle's chunks not in `skip`, each retained once, a bounded number in flight; returns how many."""
     by_sha, offsets = _distinct(t), dict(zip(t.chunk_sha256, t.offsets()))
-    pending, sent = [], 0
     with open(bundle, "rb") as f:
-        for sha, size in by_sha.items():
-            if sha in skip:
-                continue
-            f.seek(offsets[sha])
-            pending.append(client.publish(t.chunk_topic(sha), f.read(size), qos=1, retain=True))
-            sent += 1
-            if len(pending) >= window:
-                for info in pending:
-                    info.wait_for_publish(60)
-                pending.clear()
-    for info in pending:
-        info.wait_for_publish(60)
-    return sent
+        def chunks():
+            for sha, size in by_sha.items():
+                if sha not in skip:
+                    f.seek(offsets[sha])
+                    yield t.chunk_topic(sha), f.read(size)
+
+        return publish_retained(client, chunks(), window=window)
 
 
 def record_index(client: MqttClient, root: str, *, model: str, sha256: str, t: CdcTransfer, desired_topic: str,

@@ -28,7 +28,7 @@ from edgeproto.mqtt import MqttClient, dumps
 from edgeproto.records import FINAL_STATES, DeviceStatus
 from edgeproto.topics import Topics, target
 from fleet import delta as cdc
-from fleet.conn import Collector, parse_json
+from fleet.conn import Collector, parse_json, publish_retained
 from fleet.errors import FleetError
 
 DEFAULT_CHUNK = 1 << 20
@@ -406,18 +406,9 @@ def _hashes(bundle: Path, chunk_size: int) -> tuple[str, list[str]]:
 def publish_chunks(client: MqttClient, p: Prepared, window: int = 64) -> None:
     """Every chunk, retained, with a bounded number in flight (memory stays flat for big bundles)."""
     transfer = p.transfer
-    pending = []
     with open(p.path, "rb") as f:
-        i = 0
-        while chunk := f.read(transfer.chunk_size):
-            pending.append(client.publish(Topics.chunk(transfer.topic, i), chunk, qos=1, retain=True))
-            i += 1
-            if len(pending) >= window:
-                for info in pending:
-                    info.wait_for_publish(60)
-                pending.clear()
-    for info in pending:
-        info.wait_for_publish(60)
+        chunks = iter(lambda: f.read(transfer.chunk_size), b"")
+        publish_retained(client, ((Topics.chunk(transfer.topic, i), c) for i, c in enumerate(chunks)), window=window)
 
 
 def _follow(conn: Collector, result: PushResult, *, addr: Address, follow: Follow) -> None:
