@@ -190,3 +190,51 @@ def test_a_kill_during_one_models_update_leaves_the_other_serving(tmp_path, brok
         assert state(a.data_dir) is None
     finally:
         a.stop()
+
+
+def test_a_failing_update_of_one_model_leaves_both_serving(tmp_path, broker, versions, keys, sqrt_bundles):
+    """digits + sq: sq 1.1.0 gives NaN on the live (negative) traffic and is rolled back in
+    probation; sq 1.2.0 over its staging latency budget never switches. Throughout, digits serves
+    1.0.0 with no update of its own, and sq serves 1.0.0 after each failure."""
+    from edgeproto.desired import Probation
+
+    w = Watcher(broker.url, ["edgepack/v1/devices/dev1/events"])
+    a = agent(tmp_path, broker, None, keys,
+              extra=("--bundle", str(versions["v1"]), "--bundle", str(sqrt_bundles["1.0.0"])))
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
+                                   "data": [-1.0, -2.0, 3.0, 4.0]}]}).encode()
+    stop, codes = threading.Event(), {"digits": [], "sq": []}
+
+    def traffic():
+        for _ in range(100_000):  # bounded; stopped long before
+            if stop.is_set():
+                return
+            codes["sq"].append(_call(a, "/v2/models/sq/infer", body)[0])
+            codes["digits"].append(_call(a, "/v2/models/digits/infer", _digits_body())[0])
+
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    try:
+        import fleet
+        from edgeproto.broker import BrokerConfig
+
+        def push(bundle, **kw):
+            res = fleet.push(bundle, BrokerConfig(url=broker.url), device="dev1", model="sq", wait=True, timeout=90,
+                             chunk_size=4096, sign_key=keys / "a.key", **kw)
+            return res.devices["dev1"]
+
+        ev = push(sqrt_bundles["1.1.0"], probation=Probation(seconds=20, requests=100_000))
+        assert ev["state"] == "rolled_back" and "NaN/Inf" in ev["error"], ev
+        assert (_version(a, "sq"), _version(a, "digits")) == ("1.0.0", "1.0.0")
+        ev = push(sqrt_bundles["1.2.0"], staging_max_p95_ms=1e-6)
+        assert ev["state"] == "failed" and "over the budget" in ev["error"], ev
+        assert (_version(a, "sq"), _version(a, "digits")) == ("1.0.0", "1.0.0")
+        assert state(a.data_dir) is None  # digits never had an update
+        assert not [e for e in w.of("/events") if e.get("model") == "digits"]
+        stop.set()
+        t.join(15)
+        assert set(codes["digits"]) == {200} and set(codes["sq"]) == {200}, (set(codes["digits"]), set(codes["sq"]))
+    finally:
+        stop.set()
+        a.stop()
+        w.stop()
