@@ -258,8 +258,8 @@ class Agent:
 
     def _subscriptions(self) -> list[str]:
         t = self.topics
-        return [t.desired, t.model_desired(), t.profile_job] + [x for g in self.cfg.groups
-                                                                 for x in (t.group_desired(g), t.group_model_desired(g))]
+        groups = [x for g in self.cfg.groups for x in (t.group_desired(g), t.group_model_desired(g))]
+        return [t.desired, t.model_desired(), t.profile_job, *groups]
 
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)

@@ -30,7 +30,8 @@ def _logm(d: Path, keys: Path, version: str) -> Path:
 
 
 def _call(a, path: str, body: bytes | None = None, token: str | None = TOKEN) -> tuple[int, object]:
-    req = urllib.request.Request(a.base + path, data=body, headers={"Authorization": f"Bearer {token}"} if token else {})
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    req = urllib.request.Request(a.base + path, data=body, headers=auth)
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.status, json.loads(r.read() or b"null")

@@ -18,7 +18,8 @@ from device_agent.ota.keyring import Keyring
 from device_agent.ota.statefile import read_state, write_state
 from edgebundle.errors import EdgepackError
 from edgebundle.trust import parse_time
-from edgeproto.desired import Desired, Limits, RecordError, Removal, UrlTransfer, parse_record, signed_bytes, url_allowed
+from edgeproto.desired import (Desired, Limits, RecordError, Removal, UrlTransfer, parse_record, signed_bytes,
+                               url_allowed)
 
 MAX_SEEN = 512
 
