@@ -10,8 +10,9 @@ statistic needs the live sample's CDF, i.e. a quantile sketch on the device (dat
 native wheel of ~1 MB, not built for every board the agent runs on); binned at the same deciles, KS is
 available from the same counts (`ks` below) and reported beside PSI.
 
-Kinds: `values` (float inputs and outputs: per channel, the last axis when it has 2-64 entries and the
-tensor has 3+ dimensions (images NHWC), else the whole tensor), `tokens` (integer token inputs: the
+Kinds: `values` (float inputs and outputs: each feature on its own when a sample holds 2-64 values
+(an 8x8 image's pixels: a spatial shift shows), else per colour channel (images NHWC with 2-64
+channels), else the whole tensor; the score is the mean PSI over them, `psi_max` the worst), `tokens` (integer token inputs: the
 length of each sample, non-zero ids), `classes` (class-score outputs: the distribution of the top-1)."""
 from __future__ import annotations
 
@@ -73,7 +74,10 @@ def channels(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "classes":
         return x.reshape(x.shape[0], -1).argmax(1).astype(np.float64)[None, :]
     x = np.asarray(x, np.float64)
-    if x.ndim >= 3 and 1 < x.shape[-1] <= MAX_CHANNELS:
+    per_sample = int(np.prod(x.shape[1:])) if x.ndim > 1 else 1
+    if 1 < per_sample <= MAX_CHANNELS:  # small tensors: each feature (pixel, value) its own histogram
+        return x.reshape(x.shape[0], -1).T
+    if x.ndim >= 3 and 1 < x.shape[-1] <= MAX_CHANNELS:  # images: one per colour channel
         return np.moveaxis(x, -1, 0).reshape(x.shape[-1], -1)
     return x.reshape(1, -1)
 
@@ -124,9 +128,9 @@ class Monitor:
         self._lock = threading.Lock()
         self._counts = self._empty()
 
-    def _empty(self) -> dict[str, np.ndarray]:
-        return {r.name: np.zeros((len(r.edges), len(r.edges[0]) + 1 if r.edges else 1), np.int64)
-                for r in self.refs.values()}
+    def _empty(self) -> dict[str, list[np.ndarray]]:
+        """Per tensor, per channel: one count per bin (channels have as many bins as distinct deciles)."""
+        return {r.name: [np.zeros(len(e) + 1, np.int64) for e in r.edges] for r in self.refs.values()}
 
     def observe(self, name: str, x) -> None:
         """One request's tensor (samples on axis 0): at most SAMPLE values per channel, strided."""
@@ -146,24 +150,27 @@ class Monitor:
             v = v[np.isfinite(v)]
             rows.append(np.bincount(np.searchsorted(edges, v, side="right"), minlength=len(edges) + 1))
         with self._lock:
-            self._counts[name] += np.stack(rows)
+            for total, row in zip(self._counts[name], rows):
+                total += row
 
     def window(self, *, reset: bool = True) -> dict:
-        """Per tensor: PSI and KS (the worst channel's) and how many values were counted."""
+        """Per tensor: PSI (mean over features/channels, and the worst), binned KS (the worst) and how many
+        values were counted."""
         with self._lock:
             counts = self._counts
             if reset:
                 self._counts = self._empty()
         out = {}
         for name, c in counts.items():
-            n = int(c.sum())
+            n = int(sum(int(row.sum()) for row in c))
             ref = self.refs[name]
             if n == 0:
-                out[name] = {"psi": None, "ks": None, "values": 0}
+                out[name] = {"psi": None, "psi_max": None, "ks": None, "values": 0}
                 continue
-            p = max(psi(f, row) for f, row in zip(ref.fractions, c) if row.sum())
+            ps = [psi(f, row) for f, row in zip(ref.fractions, c) if row.sum()]
             k = max(ks(f, row) for f, row in zip(ref.fractions, c) if row.sum())
-            out[name] = {"psi": round(p, 4), "ks": round(k, 4), "values": n}
+            out[name] = {"psi": round(float(np.mean(ps)), 4), "psi_max": round(max(ps), 4), "ks": round(k, 4),
+                         "values": n}
         return out
 
 

@@ -31,7 +31,11 @@ def test_own_data_stays_under_the_threshold_and_shifted_data_crosses_it():
         m.observe("image", np.clip(x[None] + 0.3, 0, 1))  # brighter
     shifted = m.window()["image"]
     assert inverted["psi"] > PSI_SHIFTED and shifted["psi"] > PSI_SHIFTED, (inverted, shifted)
-    assert m.window()["image"] == {"psi": None, "ks": None, "values": 0}  # each window starts empty
+    for x in live[:300]:
+        m.observe("image", np.roll(x[None], 1, axis=2))  # shifted one pixel right: per-pixel histograms see it
+    moved = m.window()["image"]
+    assert moved["psi"] > PSI_SHIFTED, moved
+    assert m.window()["image"]["values"] == 0  # each window starts empty
 
 
 def test_kinds_tokens_classes_and_channels():
@@ -49,5 +53,5 @@ def test_kinds_tokens_classes_and_channels():
     probs = rng.dirichlet(np.ones(10), 500).astype(np.float32)
     c = reference("output_0", probs, output=True)
     assert c.kind == "classes" and len(c.fractions[0]) == 10
-    rgb = rng.random((20, 4, 4, 3), dtype=np.float32)
-    assert len(reference("image", rgb).edges) == 3  # one histogram per colour channel
+    rgb = rng.random((20, 8, 8, 3), dtype=np.float32)  # 192 values a sample: per colour channel
+    assert len(reference("image", rgb).edges) == 3 and len(reference("image", rgb[:, :2, :2]).edges) == 12
