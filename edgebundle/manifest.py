@@ -168,6 +168,9 @@ class Manifest:
     # Text models: {"tokenizer": file, "settings": {...}, "golden_texts": [...], "golden_ids": [[...]]};
     # absent (not null) in the JSON of other bundles, so their manifests read as before.
     text: dict | None = None
+    # Drift references: {"inputs": [TensorRef dict], "outputs": [...]} (edgeruntime.drift); absent in
+    # older manifests and for bundles built without data.
+    drift: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.runtime, dict):
@@ -198,6 +201,7 @@ class Manifest:
             "production_ready": self.production_ready,
             "warnings": list(self.warnings),
             **({"text": self.text} if self.text is not None else {}),
+            **({"drift": self.drift} if self.drift is not None else {}),
         }
 
     def to_json(self) -> bytes:
@@ -253,6 +257,10 @@ class Manifest:
         text = d.get("text")
         if text is not None:
             _check_text(text, files)
+        drift = d.get("drift")
+        if drift is not None and not (isinstance(drift, dict) and all(
+                isinstance(drift.get(k, []), list) for k in ("inputs", "outputs"))):
+            raise BundleError("manifest drift must be {inputs: [...], outputs: [...]}")
         return cls(
             name=str(d["name"]),
             version=str(d["version"]),
@@ -272,6 +280,7 @@ class Manifest:
             labels_file=labels,
             production_ready=bool(d.get("production_ready", True)),
             text=text,
+            drift=drift,
             warnings=tuple(str(w) for w in d.get("warnings") or ()),
         )
 

@@ -66,20 +66,24 @@ def kind_of(x: np.ndarray, *, output: bool) -> str:
     return "values"
 
 
-def channels(x: np.ndarray, kind: str) -> np.ndarray:
-    """(channels, values) of one batch of samples (axis 0), the way the kind counts them."""
+def channels(x: np.ndarray, kind: str, limit: int | None = None) -> np.ndarray:
+    """(channels, values) of one batch of samples (axis 0), the way the kind counts them; `limit`:
+    at most that many values per channel, strided before anything is copied (a device's request)."""
     if kind == "tokens":
         lengths = np.count_nonzero(x.reshape(x.shape[0], -1), axis=1)
         return lengths.astype(np.float64)[None, :]
     if kind == "classes":
         return x.reshape(x.shape[0], -1).argmax(1).astype(np.float64)[None, :]
-    x = np.asarray(x, np.float64)
     per_sample = int(np.prod(x.shape[1:])) if x.ndim > 1 else 1
     if 1 < per_sample <= MAX_CHANNELS:  # small tensors: each feature (pixel, value) its own histogram
-        return x.reshape(x.shape[0], -1).T
-    if x.ndim >= 3 and 1 < x.shape[-1] <= MAX_CHANNELS:  # images: one per colour channel
-        return np.moveaxis(x, -1, 0).reshape(x.shape[-1], -1)
-    return x.reshape(1, -1)
+        rows = x.reshape(x.shape[0], -1)
+    elif x.ndim >= 3 and 1 < x.shape[-1] <= MAX_CHANNELS:  # images: one per colour channel
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        rows = x.reshape(-1, 1)
+    if limit and rows.shape[0] > limit:
+        rows = rows[::math.ceil(rows.shape[0] / limit)]
+    return np.asarray(rows, np.float64).T
 
 
 def reference(name: str, x: np.ndarray, *, output: bool = False) -> TensorRef:
@@ -120,17 +124,19 @@ def ks(expected, counts) -> float:
 
 
 class Monitor:
-    """Live counts on the references' bins, one window at a time; thread-safe, bounded memory."""
+    """Live counts on the references' bins, one window at a time; thread-safe, bounded memory, and
+    vectorized: one comparison against every channel's edges at once (edges padded with +inf)."""
 
     def __init__(self, refs: list[TensorRef]):
         self.refs = {r.name: r for r in refs}
-        self._edges = {r.name: [np.asarray(e) for e in r.edges] for r in refs}
+        width = {r.name: max((len(e) for e in r.edges), default=0) for r in refs}
+        self._edges = {r.name: np.array([list(e) + [np.inf] * (width[r.name] - len(e)) for e in r.edges],
+                                        np.float64).reshape(len(r.edges), width[r.name]) for r in refs}
         self._lock = threading.Lock()
         self._counts = self._empty()
 
-    def _empty(self) -> dict[str, list[np.ndarray]]:
-        """Per tensor, per channel: one count per bin (channels have as many bins as distinct deciles)."""
-        return {r.name: [np.zeros(len(e) + 1, np.int64) for e in r.edges] for r in self.refs.values()}
+    def _empty(self) -> dict[str, np.ndarray]:
+        return {n: np.zeros((e.shape[0], e.shape[1] + 1), np.int64) for n, e in self._edges.items()}
 
     def observe(self, name: str, x) -> None:
         """One request's tensor (samples on axis 0): at most SAMPLE values per channel, strided."""
@@ -138,20 +144,17 @@ class Monitor:
         if ref is None:
             return
         x = np.asarray(x)
-        if x.ndim == 0:
-            x = x.reshape(1)
-        ch = channels(x, ref.kind)
-        if ch.shape[0] != len(ref.edges):
+        v = channels(x.reshape(1) if x.ndim == 0 else x, ref.kind, limit=SAMPLE)
+        edges = self._edges[name]
+        if v.shape[0] != edges.shape[0]:
             return  # another layout than the reference's: nothing comparable
-        step = max(1, math.ceil(ch.shape[1] / SAMPLE))
-        rows = []
-        for i, edges in enumerate(self._edges[name]):
-            v = ch[i, ::step]
-            v = v[np.isfinite(v)]
-            rows.append(np.bincount(np.searchsorted(edges, v, side="right"), minlength=len(edges) + 1))
+        ok = np.isfinite(v)
+        bins = (edges[:, None, :] <= np.where(ok, v, 0.0)[..., None]).sum(-1)  # searchsorted(side="right")
+        width = edges.shape[1] + 1
+        flat = (np.arange(edges.shape[0])[:, None] * width + bins)[ok]
+        add = np.bincount(flat, minlength=edges.shape[0] * width).reshape(edges.shape[0], width)
         with self._lock:
-            for total, row in zip(self._counts[name], rows):
-                total += row
+            self._counts[name] += add
 
     def window(self, *, reset: bool = True) -> dict:
         """Per tensor: PSI (mean over features/channels, and the worst), binned KS (the worst) and how many
@@ -162,15 +165,14 @@ class Monitor:
                 self._counts = self._empty()
         out = {}
         for name, c in counts.items():
-            n = int(sum(int(row.sum()) for row in c))
-            ref = self.refs[name]
+            n, ref = int(c.sum()), self.refs[name]
             if n == 0:
                 out[name] = {"psi": None, "psi_max": None, "ks": None, "values": 0}
                 continue
-            ps = [psi(f, row) for f, row in zip(ref.fractions, c) if row.sum()]
-            k = max(ks(f, row) for f, row in zip(ref.fractions, c) if row.sum())
-            out[name] = {"psi": round(float(np.mean(ps)), 4), "psi_max": round(max(ps), 4), "ks": round(k, 4),
-                         "values": n}
+            rows = [(f, row[:len(f)]) for f, row in zip(ref.fractions, c) if row.sum()]
+            ps = [psi(f, row) for f, row in rows]
+            out[name] = {"psi": round(float(np.mean(ps)), 4), "psi_max": round(max(ps), 4),
+                         "ks": round(max(ks(f, row) for f, row in rows), 4), "values": n}
         return out
 
 

@@ -7,6 +7,8 @@ from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
+
 from edgebundle.archive import sha256_file, write_bundle
 from packager import contents
 from packager.data import data_info
@@ -60,13 +62,31 @@ def package(chosen: Chosen, inputs: BuildInputs, seq: Plan = Plan()) -> TargetRe
         labels_file="labels.txt" if "labels.txt" in files else None, production_ready=production_ready,
         warnings=tuple(warnings), trt_profile=seq.trt_profile, memory_bytes=_memory(chosen.latency),
         text=contents.text_section(text, settings=seq.settings(text.settings), buckets=seq.buckets)
-        if text is not None else None)
+        if text is not None else None, drift=_drift(inputs))
     dest = Path(opts.out_dir) / manifest.file_name
     inputs.progress(f"[{profile.name}] {trial.candidate.label}: writing {dest}")
     write_bundle(dest, manifest, files, signer=inputs.signer)
     report["signed"] = inputs.signer is not None
     report["size_bytes"]["bundle"] = dest.stat().st_size
     return TargetResult(target=profile.name, ok=True, bundle=dest, report=report)
+
+
+def _drift(inputs) -> dict | None:
+    """Reference statistics for drift on the device: the calibration and validation inputs, and the
+    float model's outputs on the validation inputs (edgeruntime.drift). None for random data."""
+    from edgeruntime.drift import reference
+
+    data = [d for d in (inputs.calib, inputs.valid) if d is not None and not d.random]
+    samples = [s for d in data for s in d.samples]
+    if not samples or not inputs.reference:
+        return None
+    try:
+        ins = [reference(name, np.stack([s[name] for s in samples])).to_dict() for name in samples[0]]
+        outs = [reference(name, np.stack([np.asarray(r[name]) for r in inputs.reference]), output=True).to_dict()
+                for name in inputs.reference[0]]
+    except (ValueError, KeyError):  # ragged samples (dynamic shapes): no reference, no drift score
+        return None
+    return {"statistic": "psi", "inputs": ins, "outputs": outs}
 
 
 def _memory(latency: dict) -> int | None:
