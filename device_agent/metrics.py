@@ -147,6 +147,10 @@ def render_metrics(agent) -> str:
              [({"model": s.name, "source": s.memory.source}, s.memory.need_bytes) for s in slots if s.memory])
     e.family("edgepack_model_memory_loaded_bytes", "gauge", "RSS growth when the model loaded",
              [({"model": s.name}, s.memory.loaded_bytes) for s in slots if s.memory and s.memory.loaded_bytes])
+    e.family("edgepack_drift_psi", "gauge",
+             "Population Stability Index of a model's input or output against its build's data (last telemetry window)",
+             [({"model": s.name, "tensor": t}, v["psi"]) for s in slots for t, v in (s.drift or {}).items()
+              if v.get("psi") is not None])
     upd = [(s.name, s.updater.summary() if s.updater else {"state": "idle", "attempts": 0}) for s in slots]
     e.family("edgepack_update_state", "gauge", "The over-the-air update's state (1 for the current one)",
              [({"model": n, "state": st.value}, int(st.value == u["state"])) for n, u in upd for st in UpdateState])

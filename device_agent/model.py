@@ -89,6 +89,7 @@ class Model:
     pause: Callable[[], None] | None = None  # while staging: called before each warm-up or golden run (yield)
     tap: Callable[[dict, dict], None] | None = None  # during an update's shadow phase: sees each request answered
     memory: object = None  # what the agent admitted it with (device_agent.slot.Memory)
+    drift: object = None  # edgeruntime.drift.Monitor over this model's live inputs and outputs (the agent's)
 
     @property
     def name(self) -> str:
@@ -186,6 +187,15 @@ class Model:
         finally:
             with self._busy_lock:
                 self._busy -= 1
+        drift = self.drift
+        if drift is not None:
+            try:
+                for name, x in inputs.items():
+                    drift.observe(name, x)
+                for name, y in out.items():
+                    drift.observe(name, y)
+            except Exception:  # statistics never cost a request
+                log.exception("drift statistics failed")
         tap = self.tap
         if tap is not None and not raw:
             try:

@@ -80,6 +80,7 @@ class ModelSlot:
         self.desired: dict = {}  # topic -> the record accepted there (Desired, Removal or None)
         self.unloaded = False  # the repository API unloaded it: not ready, files kept
         self.removed = False  # a removal took it off the agent (its files are being deleted)
+        self.drift: dict | None = None  # the last telemetry window's drift scores (for /metrics)
         self._swap_lock = threading.Lock()
 
     @property
@@ -158,6 +159,7 @@ class ModelSlot:
             rss1 = self.agent.metrics.rss_bytes()
             grew = rss1 - rss0 if rss0 and rss1 and rss1 > rss0 else None
             m.memory = Memory(need.need_bytes, need.source, grew)  # the model's own: admission counts both sides
+            m.drift = drift_monitor(bundle.manifest)
             return m
 
         why = slow_load(bundle.manifest, cache_dir=cache)
@@ -225,6 +227,8 @@ class ModelSlot:
         run = self.updater.shadow_run if self.updater else None
         if run is not None:
             out["shadow"] = run.summary()
+        if model is not None and model.drift is not None:
+            self.drift = out["drift"] = model.drift.window()
         return out
 
     # ---- removal ----
@@ -265,6 +269,20 @@ def primary_name(data_dir: Path) -> tuple[str | None, bool]:
 
         name = ((Record.load(Path(data_dir) / "update.json").desired or {}).get("name"))
     return (name if isinstance(name, str) and MODEL_NAME.match(name) else None), False
+
+
+def drift_monitor(manifest: Manifest):
+    """Live drift statistics on the bundle's references (none in older bundles, or malformed)."""
+    d = manifest.drift
+    if not d:
+        return None
+    from edgeruntime.drift import Monitor, TensorRef
+
+    try:
+        return Monitor([TensorRef.from_dict(r) for r in [*d.get("inputs", []), *d.get("outputs", [])]])
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("%s: drift references unreadable (%s): no drift scores", manifest.name, e)
+        return None
 
 
 def _model_bytes(folder: Path) -> int:

@@ -213,7 +213,8 @@ class TelemetryWindow:
         if not isinstance(m, dict):
             return TelemetryWindow(device_id=self.device_id, seq=self.seq, ts=self.ts)
         doc = {**self.raw, "inference": _obj(m, "inference"), "totals": _obj(m, "totals"),
-               "model": {"name": name, "version": _str(m, "version")}}
+               "model": {"name": name, "version": _str(m, "version")}, "drift": _obj(m, "drift"),
+               "shadow": _obj(m, "shadow")}
         return TelemetryWindow.from_dict(self.device_id, doc)
 
     @classmethod

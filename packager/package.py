@@ -80,12 +80,16 @@ def _drift(inputs) -> dict | None:
     samples = [s for d in data for s in d.samples]
     if not samples or not inputs.reference:
         return None
+    def stacked(arrays: list) -> np.ndarray:  # samples of batch 1 side by side, as requests arrive
+        arrays = [np.asarray(a) for a in arrays]
+        return np.concatenate(arrays) if all(a.ndim and a.shape[0] == 1 for a in arrays) else np.stack(arrays)
+
     try:
-        ins = [reference(name, np.stack([s[name] for s in samples])).to_dict() for name in samples[0]]
-        outs = [reference(name, np.stack([np.asarray(r[name]) for r in inputs.reference]), output=True).to_dict()
+        ins = [reference(name, stacked([s[name] for s in samples])).to_dict() for name in samples[0]]
+        outs = [reference(name, stacked([r[name] for r in inputs.reference]), output=True).to_dict()
                 for name in inputs.reference[0]]
-    except (ValueError, KeyError):  # ragged samples (dynamic shapes): no reference, no drift score
-        return None
+    except (ValueError, KeyError, TypeError, IndexError):  # ragged samples (dynamic shapes), odd dtypes:
+        return None  # no reference, no drift score; never a failed build
     return {"statistic": "psi", "inputs": ins, "outputs": outs}
 
 

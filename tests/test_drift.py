@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from edgeruntime.drift import PSI_SHIFTED, Monitor, TensorRef, reference
 
@@ -55,3 +56,47 @@ def test_kinds_tokens_classes_and_channels():
     assert c.kind == "classes" and len(c.fractions[0]) == 10
     rgb = rng.random((20, 8, 8, 3), dtype=np.float32)  # 192 values a sample: per colour channel
     assert len(reference("image", rgb).edges) == 3 and len(reference("image", rgb[:, :2, :2]).edges) == 12
+
+
+@pytest.mark.slow
+@pytest.mark.agent
+def test_the_agent_scores_drift_per_telemetry_window(tmp_path, broker, versions, keys, digits):
+    """The digits bundle carries its references; a real agent fed its own test images stays under the
+    threshold, fed inverted images crosses it within one telemetry window (telemetry and /metrics)."""
+    import urllib.request
+
+    from agents import Watcher, wait_until
+    from edgebundle.archive import open_bundle
+    from otakit import agent
+
+    m = open_bundle(versions["v1"]).manifest
+    assert [r["name"] for r in m.drift["inputs"]] == ["image"] and m.drift["outputs"][0]["kind"] == "classes"
+    with np.load(digits["validation"]) as z:
+        images = z["image"].astype(np.float32)
+    w = Watcher(broker.url, ["edgepack/v1/devices/dev1/telemetry"])
+    a = agent(tmp_path, broker, versions["v1"], keys)
+
+    def send(batch) -> None:
+        for x in batch:
+            body = json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8, 1], "datatype": "FP32",
+                                           "data": x.reshape(-1).tolist()}]}).encode()
+            urllib.request.urlopen(urllib.request.Request(a.base + "/v2/models/digits/infer", data=body), timeout=10)
+
+    def window(pred):
+        def got(p):
+            d = (((p.get("models") or {}).get("digits") or {}).get("drift") or {}).get("image") or {}
+            return d.get("values", 0) >= 64 * 100 and pred(d["psi"])
+        return w.wait("/telemetry", got, 30)["models"]["digits"]["drift"]
+
+    try:
+        send(images[:150])
+        own = window(lambda psi: True)
+        assert own["image"]["psi"] < PSI_SHIFTED, own
+        send(1.0 - images[:150])
+        inverted = window(lambda psi: psi > PSI_SHIFTED)
+        assert inverted["image"]["psi"] > PSI_SHIFTED and inverted["output_0"]["psi"] is not None, inverted
+        text = urllib.request.urlopen(a.base + "/metrics", timeout=5).read().decode()
+        assert 'edgepack_drift_psi{model="digits",tensor="image"}' in text
+    finally:
+        a.stop()
+        w.stop()
