@@ -200,7 +200,7 @@ class Worker:
         self._loaded: dict[ModelSpec, object] = {}
         self.rss: dict[ModelSpec, int | None] = {}  # RSS growth from loading and first running each model
 
-    def _runtime(self, spec: ModelSpec):
+    def _runtime(self, spec: ModelSpec, feeds: dict):
         if spec not in self._loaded:
             from edgeruntime.registry import load_runtime
 
@@ -208,7 +208,7 @@ class Worker:
             before = rss_bytes()
             rt = load_runtime(spec.path, fmt=spec.format, threads=spec.threads, delegates=spec.delegates,
                               providers=spec.providers, allow_cpu_fallback=True)
-            rt.run(rt.sample_inputs())  # arenas are allocated on the first run
+            rt.run(rt.prepare(feeds))  # arenas are allocated on the first run (the build's own sample)
             after = rss_bytes()
             self.rss[spec] = max(after - before, 0) if before and after else None
             self._loaded[spec] = rt
@@ -218,14 +218,14 @@ class Worker:
         with np.load(req["feeds"], allow_pickle=False) as z:
             feeds = {k: z[k] for k in z.files}
         a = ModelSpec.from_dict(req["a"])
-        ra = self._runtime(a)
+        ra = self._runtime(a, feeds)
         if req.get("b") is None:  # one model on its own: the baseline itself was chosen
             fa = ra.prepare(feeds)
             ms = median_latency(lambda: ra.run(fa), budget_s=float(req.get("budget_s", 1.0)))
             return {"a_ms": round(ms, 5), "b_ms": round(ms, 5), "baseline": True, "threads": [a.threads],
                     "host_cores": host_cores(), "runtime": [ra.details], "rss_bytes": [self.rss.get(a)]}
         b = ModelSpec.from_dict(req["b"])
-        rb = self._runtime(b)
+        rb = self._runtime(b, feeds)
         fa, fb = ra.prepare(feeds), rb.prepare(feeds)  # native dtypes: time the model, not our I/O
         res = compare(lambda: ra.run(fa), lambda: rb.run(fb), budget_s=float(req.get("budget_s", 3.0)),
                       max_rounds=int(req.get("max_rounds", MAX_ROUNDS)), question=str(req.get("question", "verdict")))
