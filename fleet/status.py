@@ -56,7 +56,16 @@ def _model_row(name: str, st: DeviceStatus, tel: TelemetryWindow | None, *, erro
             "model_error": error, "update": u.state if u else None, "update_error": u.error if u else None,
             "update_id": u.update_id if u else None,
             "p95_ms": tel.p95_ms if tel else None, "errors": _errors(tel),
-            "throughput_ips": inference.get("throughput_ips") if isinstance(inference, dict) else None}
+            "throughput_ips": inference.get("throughput_ips") if isinstance(inference, dict) else None,
+            "drift_psi": _worst_psi(tel)}
+
+
+def _worst_psi(tel: TelemetryWindow | None) -> float | None:
+    """The model's most drifted tensor in the window (PSI), None without drift scores."""
+    drift = tel.raw.get("drift") if tel else None
+    scores = [v.get("psi") for v in drift.values() if isinstance(v, dict)] if isinstance(drift, dict) else []
+    scores = [x for x in scores if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    return max(scores) if scores else None
 
 
 class FleetTable:
