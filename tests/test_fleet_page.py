@@ -59,7 +59,9 @@ def _models_telemetry(dev, seq, *, cls_p95=9.0) -> dict:
             "inference": {"count": 30, "errors": 2, "throughput_ips": 3.0, "latency_ms": {"p95": cls_p95}},
             "totals": {"count": 30 * seq, "errors": 3},
             "models": {"det": {"version": "1.0.0", "inference": det, "totals": {"count": 10 * seq, "errors": 0}},
-                       "cls": {"version": "2.0.0", "inference": cls, "totals": {"count": 20 * seq, "errors": 3}}}}
+                       "cls": {"version": "2.0.0", "inference": cls, "totals": {"count": 20 * seq, "errors": 3},
+                               "drift": {"image": {"psi": 1.84, "psi_max": 10.1, "ks": 0.89, "values": 6400},
+                                         "output_0": {"psi": 0.05, "psi_max": 0.05, "ks": 0.01, "values": 100}}}}}
 
 
 def _fed() -> FleetView:
@@ -414,6 +416,9 @@ def test_fleet_page_shows_each_model_in_browser(broker):
                            what="cls's own p95 on the page")
             assert (m[("multi-1", "cls")]["version"], m[("multi-1", "cls")]["errors"]) == ("2.0.0", "3")
             assert (m[("multi-1", "det")]["p95"], m[("multi-1", "det")]["errors"]) == ("2.00", "0")
+            # drift: the model's most drifted tensor; the device row shows its worst model
+            assert (m[("multi-1", "cls")]["drift"], m[("multi-1", "det")]["drift"]) == ("1.84", "-")
+            assert {r["id"]: r["cells"] for r in d.execute_script(_ROWS_JS)}["multi-1"]["drift"] == "1.84"
             pub.publish(f"{ROOT}/devices/multi-1/events", {"update_id": "u9", "state": "downloading", "model": "cls",
                                                            "version": "2.1.0", "progress": {"percent": 40.0}},
                         retain=False)

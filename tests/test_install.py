@@ -265,20 +265,21 @@ def test_building_engine_is_visible_in_status_and_readiness(tmp_path, monkeypatc
     engine build is coming and the runtime load waits for the test. Everything around it is real:
     the agent in process, its API, mosquitto and the retained status."""
     import device_agent.service as service
+    import device_agent.slot as slot  # where each model loads (one slot per model)
     from device_agent.config import load_config
 
     import logging
 
     caplog.set_level(logging.INFO, logger="edgepack")
     release = threading.Event()
-    real_load = service.load_bundle
-    monkeypatch.setattr(service, "slow_load", lambda manifest, cache_dir: "TensorRT engines for this model")
+    real_load = slot.load_bundle
+    monkeypatch.setattr(slot, "slow_load", lambda manifest, cache_dir: "TensorRT engines for this model")
 
     def slow(*args, **kw):
         assert release.wait(30), "never released"
         return real_load(*args, **kw)
 
-    monkeypatch.setattr(service, "load_bundle", slow)
+    monkeypatch.setattr(slot, "load_bundle", slow)
     port = free_port()
     cfg = load_config(env={}, device_id="jet1", data_dir=tmp_path / "data", bundle=log_bundle(tmp_path / "b"),
                       api_port=port, broker=broker.url, telemetry_interval=5)
