@@ -308,6 +308,9 @@ class Agent:
                 name = s.name if s else getattr(chosen, "name", None)
             else:
                 s, name = self.slot(model, exact=True), model
+                first = self._first()
+                if s is None and first is not None and first.name is None and not first.holds_anything():
+                    s, first.name = first, model  # a device with no model yet: its first model, top level
                 chosen = self.desires.winner(model, first=bool(s and s.primary))
             if s is None:
                 if chosen is None or isinstance(chosen, Removal):

@@ -140,16 +140,17 @@ def test_replayed_and_redirected_records_are_refused(broker, versions, keys, tmp
         assert old.ok and version(a) == "0.9.0", old.devices
         new = push(broker, versions["v1"], device="dev1", wait=True, sign=keys / "a.key")
         assert new.ok and version(a) == "1.0.0", new.devices
-        publish_record(broker, old.desired, topic=f"{ROOT}/devices/dev1/desired")  # the captured record, as is
+        assert old.topic == new.topic == f"{ROOT}/devices/dev1/models/digits/desired"  # push's default: the model's
+        publish_record(broker, old.desired, topic=old.topic)  # the captured record, as is, on its own topic
         ev = w.wait("dev1/events", lambda e: e.get("update_id") == old.desired["update_id"]
                     and e.get("state") == "failed")
-        assert "replayed" in ev["error"], ev
+        assert "a replayed record" in ev["error"], ev
         other = push(broker, versions["v09"], device="dev2", allow_downgrade=True, sign=keys / "a.key")
-        publish_record(broker, other.desired, topic=f"{ROOT}/devices/dev1/desired")
+        publish_record(broker, other.desired, topic=old.topic)
         ev = wait_final(w, other.desired["update_id"])
-        assert ev["state"] == "failed" and "meant for 'devices/dev2'" in ev["error"], ev
+        assert ev["state"] == "failed" and "meant for 'devices/dev2/models/digits'" in ev["error"], ev
         # signed by the fleet, but naming 1.1.0 while pinning the 0.9.0 bundle's bytes
-        doc, chunks = record(versions["v09"], target="devices/dev1", version="1.1.0")
+        doc, chunks = record(versions["v09"], target="devices/dev1/models/digits", version="1.1.0")
         doc = sign_record(doc, keys / "a.key")
         publish_record(broker, doc, chunks)
         ev = wait_final(w, doc["update_id"])
