@@ -174,7 +174,7 @@ class Agent:
         """Every model the device is meant to serve serves: each configured one and each with an
         active bundle (one unloaded on purpose, or whose first install failed, does not count)."""
         with self._slots_lock:
-            meant = [s for s in self.slots if not s.unloaded and (s.initial or s.store.active_slot())]
+            meant = [s for s in self.slots if s.meant]
             return all(s.model is not None for s in meant) if meant else any(s.model for s in self.slots)
 
     def admit(self, slot: ModelSlot, need) -> None:

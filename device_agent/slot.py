@@ -74,6 +74,7 @@ class ModelSlot:
         self.store = Store(root)
         self.threads = threads
         self.initial = initial  # the configured bundle, used while the slot holds no active one
+        self._active = self.store.active_slot() is not None  # active.json names a bundle (read on swaps only)
         self.model: Model | None = None
         self.model_error: str | None = None
         self.updater: Updater | None = None
@@ -183,6 +184,7 @@ class ModelSlot:
             self.model_error = None if model else "no verified model to serve"
             if model is not None:
                 self.unloaded = False  # an update (or a load) serves again
+            self._active = self.store.active_slot() is not None
         if model is not None:
             self.name = self.name or model.name
             log.info("serving %s %s", model.name, model.version, extra={"fields": {**model.describe(),
@@ -200,6 +202,12 @@ class ModelSlot:
     @property
     def ready(self) -> bool:
         return self.model is not None and not self.unloaded
+
+    @property
+    def meant(self) -> bool:
+        """The device is meant to serve this model: configured, or with an active bundle (readiness
+        probes ask often: no file is read here)."""
+        return not self.unloaded and (self.initial is not None or self._active)
 
     @property
     def memory(self) -> Memory | None:
