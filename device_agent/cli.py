@@ -71,10 +71,14 @@ def main() -> None:
 @click.option("--api-max-connections", type=int, help="Connections served at once (default 64); more get 503.")
 @click.option("--api-idle-timeout", type=float, help="Seconds an idle connection stays open (default 15).")
 @click.option("--api-request-timeout", type=float, help="Seconds to receive a whole request (default 60).")
+@click.option("--capture-rate", type=float,
+              help="Keep this share of answered requests (inputs and outputs) on disk for `edgepack fleet capture "
+                   "pull` (default 0: off; at most [capture] per_minute a minute; see docs/ota.md#data-capture).")
+@click.option("--capture-max-mb", type=int, help="Each model's capture ring on disk (default 64 MB; oldest go first).")
 def run(config_path, device_id, groups, broker, broker_username, broker_password, broker_ca_file,
         broker_cert_file, broker_key_file, topic_prefix, data_dir, bundles, memory_budget_mb, api_host, api_port, api_token,
         telemetry_interval, threads, log_format, trusted_keys, root_keys, allowed_urls, api_max_connections,
-        api_idle_timeout, api_request_timeout):
+        api_idle_timeout, api_request_timeout, capture_rate, capture_max_mb):
     """Serve the active bundle on the KServe v2 API and report to the broker until SIGTERM."""
     from device_agent.config import load_config
     from device_agent.service import Agent, limit_malloc_arenas, setup_logging
@@ -89,7 +93,8 @@ def run(config_path, device_id, groups, broker, broker_username, broker_password
                       telemetry_interval=telemetry_interval, threads=threads, log_format=log_format,
                       trusted_keys=tuple(trusted_keys) or None, root_keys=tuple(root_keys) or None,
                       allowed_urls=tuple(allowed_urls) or None, api_max_connections=api_max_connections,
-                      api_idle_timeout=api_idle_timeout, api_request_timeout=api_request_timeout)
+                      api_idle_timeout=api_idle_timeout, api_request_timeout=api_request_timeout,
+                      capture_rate=capture_rate, capture_max_mb=capture_max_mb)
     setup_logging(cfg.log_format)
     Agent(cfg).run()
 

@@ -56,6 +56,9 @@ class AgentConfig:
     models: tuple[ModelConfig, ...] = ()  # every configured model; `bundle` is the first one's
     memory_budget_mb: int = 0  # what all models may need together (0: no budget, MemAvailable only)
     memory_reserve_mb: int = 64  # MemAvailable kept free when a model is admitted
+    capture_rate: float = 0.0  # share of answered requests kept on disk for `fleet capture pull` (0: off)
+    capture_per_minute: int = 60  # captured requests a minute, at most
+    capture_max_mb: int = 64  # each model's capture ring on disk
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -78,13 +81,15 @@ _TOML = {"device_id": (None, "device_id"), "groups": (None, "groups"), "data_dir
          "max_chunks": ("ota", "max_chunks"), "max_record_bytes": ("ota", "max_record_bytes"),
          "min_transfer_rate": ("ota", "min_transfer_rate"), "transfer_grace_s": ("ota", "transfer_grace_s"),
          "fault_delay": ("ota", "fault_delay"), "profile_diagnostic_delay": ("profile", "diagnostic_delay"),
-         "memory_budget_mb": (None, "memory_budget_mb"), "memory_reserve_mb": (None, "memory_reserve_mb")}
-_INTS = {"memory_budget_mb", "memory_reserve_mb", "api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes", "api_max_connections",
+         "memory_budget_mb": (None, "memory_budget_mb"), "memory_reserve_mb": (None, "memory_reserve_mb"),
+         "capture_rate": ("capture", "rate"), "capture_per_minute": ("capture", "per_minute"),
+         "capture_max_mb": ("capture", "max_mb")}
+_INTS = {"capture_per_minute", "capture_max_mb", "memory_budget_mb", "memory_reserve_mb", "api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes", "api_max_connections",
          "max_attempts", "max_bundle_bytes", "max_chunks", "max_record_bytes", "min_transfer_rate"}
-_FLOATS = {"telemetry_interval", "api_idle_timeout", "api_request_timeout", "transfer_grace_s"}
+_FLOATS = {"capture_rate", "telemetry_interval", "api_idle_timeout", "api_request_timeout", "transfer_grace_s"}
 _LISTS = ("groups", "trusted_keys", "root_keys", "allowed_urls")
 # lower bounds: a setting below them is an error that names it
-_MIN = {"memory_budget_mb": 0, "memory_reserve_mb": 0, "api_port": 0, "max_body_bytes": 1024, "threads": 1, "buffer_max_messages": 1, "buffer_max_bytes": 1024,
+_MIN = {"capture_rate": 0.0, "capture_per_minute": 1, "capture_max_mb": 1, "memory_budget_mb": 0, "memory_reserve_mb": 0, "api_port": 0, "max_body_bytes": 1024, "threads": 1, "buffer_max_messages": 1, "buffer_max_bytes": 1024,
         "api_max_connections": 1, "max_attempts": 1, "max_bundle_bytes": 1024, "max_chunks": 1,
         "max_record_bytes": 1024, "min_transfer_rate": 1, "telemetry_interval": 1e-3, "api_idle_timeout": 0.1,
         "api_request_timeout": 0.1, "transfer_grace_s": 0.0}
@@ -114,7 +119,7 @@ def _read_toml(path: Path) -> dict:
                 raise InputError(f"config {path}: unknown key(s) in [{section}]: {sorted(unknown or value)}")
         elif section not in known[None]:
             raise InputError(f"config {path}: unknown key {section!r}",
-                             hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer] [ota] [profile]")
+                             hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer] [capture] [ota] [profile]")
     return flat
 
 
@@ -165,6 +170,9 @@ def load_config(*, path: str | Path | None = None, env: dict | None = None, **fl
         if k in _MIN and not merged[k] >= _MIN[k]:
             raise InputError(f"agent setting {k} must be at least {_MIN[k]}, not {merged[k]}"
                              + (" (telemetry interval must be > 0 seconds)" if k == "telemetry_interval" else ""))
+    if merged.get("capture_rate", 0.0) > 1.0:
+        raise InputError(f"capture rate must be a share of requests in 0..1, not {merged['capture_rate']}",
+                         hint="e.g. 0.05 keeps one request in 20 (at most [capture] per_minute a minute)")
     device_id = str(merged.get("device_id") or socket.gethostname().split(".")[0])
     if not _ID.match(device_id):
         raise InputError(f"device id {device_id!r} must be 1-64 letters, digits, '.', '_' or '-'")

@@ -90,6 +90,7 @@ class Model:
     tap: Callable[[dict, dict], None] | None = None  # during an update's shadow phase: sees each request answered
     memory: object = None  # what the agent admitted it with (device_agent.slot.Memory)
     drift: object = None  # edgeruntime.drift.Monitor over this model's live inputs and outputs (the agent's)
+    capture: Callable[[dict, dict], None] | None = None  # while it serves with capture on: Ring.offer
 
     @property
     def name(self) -> str:
@@ -196,12 +197,12 @@ class Model:
                     drift.observe(name, y)
             except Exception:  # statistics never cost a request
                 log.exception("drift statistics failed")
-        tap = self.tap
-        if tap is not None and not raw:
-            try:
-                tap(inputs, out)
-            except Exception:  # the shadow never costs a request
-                log.exception("shadow tap failed")
+        for hook in (self.tap, self.capture) if not raw else ():
+            if hook is not None:
+                try:
+                    hook(inputs, out)
+                except Exception:  # the shadow and capture never cost a request
+                    log.exception("request hook failed")
         return out
 
     def _infer(self, inputs: dict, raw: bool, stamps: list[float] | None) -> dict[str, np.ndarray]:

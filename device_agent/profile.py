@@ -38,7 +38,7 @@ from device_agent.model import bundle_members_to_extract, load_bundle
 from edgeruntime.timing import rss_bytes
 from device_agent.ota.transfer import Cancelled, MqttChunkFetcher, TransferPolicy, fetch_url
 from edgebundle.errors import EdgepackError, VerificationError
-from edgeproto.desired import Limits, RecordError, UrlTransfer, signed_bytes, url_allowed
+from edgeproto.desired import Limits, RecordError, UrlTransfer, url_allowed
 from edgeproto.jobs import ProfileJob
 from edgeproto.mqtt import MqttError, dumps
 
@@ -119,19 +119,10 @@ class Profiler:
 
         if job.target != f"devices/{self.host.device_id}":
             raise refuse(f"it is meant for {job.target!r}, not this device")
-        keyring = self.host.keyring
-        if keyring.enabled:
-            if job.signature is None:
-                raise refuse("the job is not signed, and this device only takes signed jobs (a profile job is "
-                             "as trusted as an update)", hint="run edgepack profile with --sign-key FLEET_KEY")
-            if job.issued is None:
-                raise refuse("a signed job must say when it was issued")
-            from edgebundle.jsonsafe import loads
-
-            try:
-                keyring.verify_record(signed_bytes(loads(payload, max_depth=16)), job.signature)
-            except EdgepackError as e:
-                raise refuse(str(e).split("\n")[0], hint=getattr(e, "hint", None)) from None
+        try:
+            self.host.keyring.verify_job(payload, job.signature, job.issued, what="profile job (as trusted as an update)")
+        except EdgepackError as e:
+            raise refuse(str(e).split("\n")[0], hint=getattr(e, "hint", None)) from None
         if isinstance(job.transfer, UrlTransfer) and not url_allowed(job.transfer.url, self.transfer.allowed_urls):
             raise refuse(f"downloads from {job.transfer.url[:200]!r} are not allowed by this device "
                          "([ota] allowed_urls)")

@@ -16,6 +16,7 @@ from device_agent.model import Model
 from device_agent.repository import AgentRepository
 from device_agent.routing import Desires
 from device_agent.slot import MB, OTHERS, MemoryRefused, ModelSlot, cpu_share, discover, primary_name, slot_name
+from device_agent.capture import CapturePolicy, Capturer
 from device_agent.profile import ProfilePolicy, Profiler, parse_delays
 from device_agent.ota.gate import RecordGate, SourcePolicy
 from device_agent.ota.keyring import Keyring
@@ -58,6 +59,9 @@ class Agent:
                                topic_prefix=self.topics.prefix, sources=SourcePolicy(allowed_urls=cfg.allowed_urls),
                                state_path=cfg.data_dir / "records.json")
         self.profiler: Profiler | None = None
+        self.capture_policy = CapturePolicy(rate=cfg.capture_rate, per_minute=cfg.capture_per_minute,
+                                            max_bytes=cfg.capture_max_mb << 20)
+        self.capturer: Capturer | None = None
         self._buffer_reported = None
         self._slots_lock = threading.RLock()
         self._stop = threading.Event()
@@ -238,6 +242,16 @@ class Agent:
 
     now = staticmethod(now_iso)
 
+    # ---- the capturer's host interface (device_agent.capture.Host) ----
+    @property
+    def root(self) -> str:
+        return self.topics.prefix
+
+    def ring(self, model: str | None):
+        """(name, capture ring) of `model`, or of the first model; (None, None): no such model."""
+        s = self.slot(model) if model else self._first()
+        return (s.name, s.ring) if s is not None and s.name else (None, None)
+
     def status_changed(self) -> None:
         if self.mqtt and self.mqtt.connected.is_set():
             self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
@@ -259,7 +273,7 @@ class Agent:
     def _subscriptions(self) -> list[str]:
         t = self.topics
         groups = [x for g in self.cfg.groups for x in (t.group_desired(g), t.group_model_desired(g))]
-        return [t.desired, t.model_desired(), t.profile_job, *groups]
+        return [t.desired, t.model_desired(), t.profile_job, t.capture_request, *groups]
 
     def _on_connect(self) -> None:
         self.mqtt.publish(self.topics.status, dumps(self.status()), qos=1, retain=True)
@@ -281,6 +295,9 @@ class Agent:
         elif topic == self.topics.profile_job:
             if self.profiler:
                 self.profiler.on_job(payload, topic)
+        elif topic == self.topics.capture_request:
+            if self.capturer:
+                self.capturer.on_request(payload, topic)
         else:  # chunks: a profile job and updates may fetch the same bundle; each takes what it asked for
             if self.profiler:
                 self.profiler.on_message(topic, payload)
@@ -428,6 +445,8 @@ class Agent:
                                  topic_prefix=self.topics.prefix, limits=self.gate.limits,
                                  transfer=self.transfer_policy,
                                  policy=ProfilePolicy(diagnostic_delay_ms=parse_delays(cfg.profile_diagnostic_delay)))
+        self.capturer = Capturer(self, workdir=cfg.data_dir / "capture-out", result_topic=self.topics.capture_result,
+                                 policy=self.capture_policy, limits=self.gate.limits)
         self.api = ApiServer(AgentRepository(self), stats=self.stats, host=cfg.api_host, port=cfg.api_port,
                              token=cfg.api_token, max_body_bytes=cfg.max_body_bytes,
                              limits=ConnectionLimits(max_connections=cfg.api_max_connections,
@@ -493,6 +512,8 @@ class Agent:
         for slot in list(self.slots):
             if slot.model:
                 slot.model.close()
+            if slot.ring:
+                slot.ring.close()
         self.queue.close()
 
 

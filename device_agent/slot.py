@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from device_agent.capture import Ring
 from device_agent.model import Model, bundle_members_to_extract, load_bundle
 from device_agent.ota.updater import Updater, UpdaterSettings
 from device_agent.store import Store
@@ -82,6 +83,8 @@ class ModelSlot:
         self.unloaded = False  # the repository API unloaded it: not ready, files kept
         self.removed = False  # a removal took it off the agent (its files are being deleted)
         self.drift: dict | None = None  # the last telemetry window's drift scores (for /metrics)
+        policy = agent.capture_policy
+        self.ring = Ring(self.root / "capture", policy) if policy.on else None  # captured requests (off by default)
         self._swap_lock = threading.Lock()
 
     @property
@@ -109,6 +112,7 @@ class ModelSlot:
             if self.removed:  # removed while it loaded: never served
                 model.close()
                 return
+            model.capture = self.ring.offer if self.ring else None
             self.model = model
             self.name = self.name or self.model.name
             state = self.store.read_state()
@@ -179,6 +183,8 @@ class ModelSlot:
 
     def swap(self, model: Model | None) -> Model | None:
         """One reference assignment: requests already holding the old model finish on it."""
+        if model is not None:
+            model.capture = self.ring.offer if self.ring else None
         with self._swap_lock:
             old, self.model = self.model, model
             self.model_error = None if model else "no verified model to serve"
@@ -226,7 +232,8 @@ class ModelSlot:
                            error="unloaded through the repository API" if self.unloaded and not self.model_error
                            else self.model_error,
                            update=self.updater.summary() if self.updater else None, threads=self.threads,
-                           memory=self.memory.to_dict() if self.memory else None)
+                           memory=self.memory.to_dict() if self.memory else None,
+                           capture=self.ring.summary() if self.ring else None)
 
     def telemetry(self, stats) -> dict:
         model = self.model
@@ -237,6 +244,8 @@ class ModelSlot:
             out["shadow"] = run.summary()
         if model is not None and model.drift is not None:
             self.drift = out["drift"] = model.drift.window()
+        if self.ring is not None:
+            out["capture"] = self.ring.summary()
         return out
 
     # ---- removal ----
@@ -249,6 +258,9 @@ class ModelSlot:
         old = self.swap(None)
         if old is not None:
             old.close()
+        if self.ring is not None:  # a removed model's captured requests go with it
+            self.ring.close()
+            shutil.rmtree(self.ring.folder, ignore_errors=True)
         if self.primary:
             self.store.deactivate()
             self.store.prune(set())

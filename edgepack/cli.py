@@ -83,10 +83,12 @@ def demo(broker_url, workdir):
 
 def _assemble() -> None:
     from edgepack.sim.cli import simulate
+    from fleet.cli_capture import capture
 
     for cmd in PACKAGER + SIGNING + FLEET + ROLLOUT + (demo,):
         main.add_command(cmd)
     fleet.add_command(simulate)
+    fleet.add_command(capture)
 
 
 _assemble()

@@ -34,11 +34,11 @@ def model_section(manifest: Manifest, *, bundle_sha256: str, interface: str, run
 
 
 def model_entry(*, model: dict | None, error: str | None, update: dict | None, threads: int | None,
-                memory: dict | None) -> dict:
+                memory: dict | None, capture: dict | None = None) -> dict:
     """One model of a device in the status's `models` (keyed by the model's name on the device):
     what it serves, why not, its update and the resources it was given."""
     return {"model": model, "model_error": error, "previous_model": (update or {}).get("previous"),
-            "update": update, "threads": threads, "memory": memory}
+            "update": update, "threads": threads, "memory": memory, **({"capture": capture} if capture else {})}
 
 
 @dataclass(frozen=True)

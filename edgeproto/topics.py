@@ -9,6 +9,9 @@
     {root}/groups/{group}/models/{name}/desired retained desired record for one model of a group
     {root}/devices/{id}/profile/job      profile jobs for one device (fleet -> agent, not retained)
     {root}/devices/{id}/profile/result   profile job progress and results (agent -> fleet, not retained)
+    {root}/devices/{id}/capture/request  capture pulls (fleet -> agent, not retained)
+    {root}/devices/{id}/capture/result   a capture pull's outcome (agent -> fleet, not retained)
+    {root}/devices/{id}/capture/data/{request_id}/chunks/{i}   a pulled file's chunks (agent, retained)
     {root}/bundles/{sha256}/chunks/{i}   retained bundle chunks
     {root}/rollouts/{rollout_id}     retained rollout state (fleet side only)
     {root}/rollouts/{rollout_id}/lease   retained controller lease (fleet side only)
@@ -51,6 +54,12 @@ class Topics:
 
     def profile_result(self, device: str = "+") -> str:
         return self.device(device, "profile/result")
+
+    def capture_request(self, device: str) -> str:
+        return self.device(device, "capture/request")
+
+    def capture_result(self, device: str = "+") -> str:
+        return self.device(device, "capture/result")
 
     def model_desired(self, device: str, model: str) -> str:
         return self.device(device, f"models/{model}/desired")
@@ -154,3 +163,11 @@ class DeviceTopics:
     @property
     def profile_result(self) -> str:
         return self._t.profile_result(self.device_id)
+
+    @property
+    def capture_request(self) -> str:
+        return self._t.capture_request(self.device_id)
+
+    @property
+    def capture_result(self) -> str:
+        return self._t.capture_result(self.device_id)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgebundle.errors import InputError
+from edgeproto.capture import data_topic
 from edgeproto.topics import Topics
 
 
@@ -87,7 +88,8 @@ class MosquittoSetup:
 
 
 def acl_text(setup: MosquittoSetup) -> str:
-    """The ACL: a device publishes only under its own devices/{id}/ (status, telemetry, events),
+    """The ACL: a device publishes only under its own devices/{id}/ (status, telemetry, events, profile
+    results, capture results and data),
     reads its own desired topics (its own and its models'), its groups' (theirs and their models')
     and the bundle chunks; fleet users read and write everything under the root (desired records,
     chunks). Nothing else, no anonymous access."""
@@ -101,7 +103,10 @@ def acl_text(setup: MosquittoSetup) -> str:
              f"pattern read {t.desired('%u')}",
              f"pattern read {t.model_desired('%u', '+')}",
              f"pattern read {t.profile_job('%u')}",
-             f"pattern write {t.profile_result('%u')}", ""]
+             f"pattern write {t.profile_result('%u')}",
+             f"pattern read {t.capture_request('%u')}",
+             f"pattern write {t.capture_result('%u')}",
+             f"pattern write {data_topic(root, '%u', '#')}", ""]
     for user in setup.fleet_users:
         lines += ["# fleet role: desired records, bundle chunks, fleet status", f"user {user}",
                   f"topic readwrite {root}/#", ""]

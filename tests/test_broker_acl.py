@@ -113,11 +113,16 @@ def test_acl_keeps_devices_to_their_own_topics(fleet_broker):
         forbidden = [f"{ROOT}/devices/dev2/status", f"{ROOT}/devices/dev2/events", f"{ROOT}/devices/dev2/telemetry",
                      f"{ROOT}/devices/dev1/desired", f"{ROOT}/devices/dev2/desired", f"{ROOT}/groups/kitchen/desired",
                      f"{ROOT}/devices/dev1/models/cls/desired", f"{ROOT}/groups/kitchen/models/cls/desired",
-                     f"{ROOT}/bundles/{'0' * 64}/chunks/0", "elsewhere/topic"]
+                     f"{ROOT}/bundles/{'0' * 64}/chunks/0", "elsewhere/topic",
+                     f"{ROOT}/devices/dev1/capture/request", f"{ROOT}/devices/dev2/capture/result",
+                     f"{ROOT}/devices/dev2/capture/data/r1/chunks/0"]
         for t in forbidden:
             dev1.pub(t, b'{"forged": true}', retain=True)
+        own = f"{ROOT}/devices/dev1/capture/data/r1/chunks/0"  # its own capture file: allowed
+        dev1.pub(own, b"chunk", retain=True)
         dev1.pub(f"{ROOT}/devices/dev1/status", b'{"online": true}', retain=True)  # allowed: the barrier
         wait_until(lambda: f"{ROOT}/devices/dev1/status" in fleet.topics(), 5, what="dev1's own status")
+        assert own in fleet.topics()
         # the broker handles one client's publishes in order: the forged ones would have come first
         assert not set(forbidden) & set(fleet.topics()), fleet.topics()
         late = Client(port, ca, "fleet", creds["fleet"])  # nothing forged was retained either
@@ -129,16 +134,18 @@ def test_acl_keeps_devices_to_their_own_topics(fleet_broker):
 
         # reading: its own desired topics (its models' too), its groups' and the bundle chunks; nothing of
         # dev2's or of a group it is not in
-        allowed = {f"{ROOT}/devices/dev1/desired", f"{ROOT}/groups/kitchen/desired",
+        allowed = {f"{ROOT}/devices/dev1/desired", f"{ROOT}/groups/kitchen/desired", f"{ROOT}/devices/dev1/capture/request",
                    f"{ROOT}/devices/dev1/models/cls/desired", f"{ROOT}/groups/kitchen/models/cls/desired",
                    f"{ROOT}/bundles/{'a' * 64}/chunks/0"}
         refused = {f"{ROOT}/devices/dev2/desired", f"{ROOT}/groups/lab/desired", f"{ROOT}/devices/dev2/status",
+                   f"{ROOT}/devices/dev2/capture/request",
                    f"{ROOT}/devices/dev2/models/cls/desired", f"{ROOT}/groups/lab/models/cls/desired"}
         for t in sorted(allowed | refused):
             fleet.pub(t, json.dumps({"topic": t}).encode(), retain=True)
         for t in (*sorted(refused), f"{ROOT}/#", f"{ROOT}/devices/+/models/+/desired", f"{ROOT}/devices/dev1/desired",
                   f"{ROOT}/groups/kitchen/desired", f"{ROOT}/devices/dev1/models/+/desired",
-                  f"{ROOT}/groups/kitchen/models/+/desired", f"{ROOT}/bundles/{'a' * 64}/chunks/0"):
+                  f"{ROOT}/groups/kitchen/models/+/desired", f"{ROOT}/bundles/{'a' * 64}/chunks/0",
+                  f"{ROOT}/devices/dev1/capture/request"):
             dev1.sub(t)
         wait_until(lambda: allowed <= set(dev1.topics()), 5, what="allowed reads")
         time.sleep(0.3)

@@ -56,6 +56,21 @@ class Keyring:
                                     "only keys certified by its root key(s)")
         return signing.verify_block(data, block, self.direct, what="record signature")
 
+    def verify_job(self, payload: bytes, block: dict | None, issued: str | None, *, what: str) -> None:
+        """A job sent to this device (profile job, capture request) is as trusted as an update: with
+        keys configured it must be signed and say when it was issued. VerificationError says why not."""
+        if not self.enabled:
+            return
+        if block is None:
+            raise VerificationError(f"the {what} is not signed, and this device only takes signed ones",
+                                    hint="send it with --sign-key FLEET_KEY")
+        if issued is None:
+            raise VerificationError(f"a signed {what} must say when it was issued")
+        from edgebundle.jsonsafe import loads
+        from edgeproto.desired import signed_bytes
+
+        self.verify_record(signed_bytes(loads(payload, max_depth=16)), block)
+
     # ---- bundles ----
     def verify_bundle(self, manifest_bytes: bytes, signature: bytes | None, *, history: bool = False) -> str:
         """Check a bundle's manifest.sig. `history`: any key this device ever accepted (the
