@@ -346,6 +346,43 @@ def test_kill_during_assembly_resumes_to_a_verified_commit(broker, deltas, keys,
         a2.stop()
 
 
+@pytest.mark.slow
+@pytest.mark.agent
+def test_profile_job_with_a_cdc_transfer_copies_held_chunks(broker, deltas, keys, tmp_path):
+    """A profile job naming content-defined chunks (it once failed with a TypeError): only the
+    chunks the serving bundle lacks are on the broker, so the job can only finish by copying."""
+    from agents import Watcher
+    from edgebundle.signing import load_private_key
+    from edgeproto.desired import sign_record
+    from edgeproto.jobs import SCHEMA
+    from edgeproto.topics import Topics
+    from fleet.delta import publish_delta
+    from fleet.push import prepare
+    from otakit import Publisher, agent, version
+
+    a = agent(tmp_path, broker, deltas["1.0.0"], keys)
+    new = deltas["1.1.0"]
+    p = prepare(new, Topics(ROOT), indexes={})
+    held = {c.sha256 for c in chunk_file(deltas["1.0.0"], p.transfer.params)}
+    job = sign_record({"schema": SCHEMA, "job_id": "cdc-job", "target": "devices/dev1", "issued": _now(),
+                       "name": p.name, "version": p.version, "sha256": p.sha256, "size": p.size,
+                       "transfer": p.transfer.to_dict(), "bench": {"runs": 20, "warmup": 2, "max_seconds": 1.0}},
+                      load_private_key(keys / "a.key"))
+    w = Watcher(broker.url, [f"{ROOT}/devices/dev1/profile/result"])
+    pub = Publisher(broker.url)
+    try:
+        assert publish_delta(_Client(pub), new, p.transfer, skip=held) < len(set(p.transfer.chunk_sha256))
+        pub.publish(f"{ROOT}/devices/dev1/profile/job", job, retain=False)
+        r = w.wait("dev1/profile/result", lambda m: m.get("job_id") == "cdc-job" and m.get("state") not in
+                   ("accepted", "running"), timeout=60)
+        assert r["state"] == "done" and r["figures"]["golden_ok"] is True, r
+        assert version(a) == "1.0.0"  # measured, never activated
+    finally:
+        pub.stop()
+        w.stop()
+        a.stop()
+
+
 def _now() -> str:
     from datetime import datetime, timezone
 
