@@ -181,6 +181,11 @@ def test_fleet_index_publishes_new_chunks_and_drops_unnamed_bundles(tmp_path):
     assert c.devices["d2"] is None and 0 < c.devices["d1"] == c.publish_bytes < 0.2 * c.bundle_bytes
     gone = ix["m"].take_over("B" * 64, b, "t/devices/d1/models/m/desired")
     assert gone == {"A" * 64} and set(ix["m"].bundles) == {"B" * 64}
+    # a rollout names its bundle by its own topic until the group's record takes it over
+    assert ix["m"].take_over("A" * 64, a, "t/rollouts/r1") == set() and len(ix["m"].bundles) == 2
+    assert ix["m"].take_over("A" * 64, a, "t/devices/d1/models/m/desired", release=("t/rollouts/r1",)) == {"B" * 64}
+    assert ix["m"].bundles["A" * 64]["topics"] == ["t/devices/d1/models/m/desired"]
+    assert ix["m"].release(("t/devices/d1/models/m/desired",)) == {"A" * 64} and not ix["m"].bundles
     assert ModelIndex.from_doc(json.loads(json.dumps(ix["m"].to_doc()))).bundles == ix["m"].bundles
 
 
@@ -381,6 +386,51 @@ def test_profile_job_with_a_cdc_transfer_copies_held_chunks(broker, deltas, keys
         pub.stop()
         w.stop()
         a.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.agent
+def test_delta_rollout_says_each_device_cost_and_fetches_only_that(broker, deltas, keys, tmp_path):
+    """rollout --delta to a group of 2 whose record a delta push made: the cost said per device
+    before publishing is what each device fetches; once done the group's record names the new
+    bundle in the model's index, and the old version's chunks left the index."""
+    from agents import Watcher
+    from edgeproto.broker import BrokerConfig
+    from fleet import rollout as ro
+    from fleet.delta import ModelIndex
+    from fleet.gates import Gates
+    from fleet.push import Signer
+    from fleet.rollout_state import RolloutSettings
+    from otakit import QUICK, agent, push, version
+
+    old, new = deltas["1.0.0"], deltas["1.1.0"]
+    agents = [agent(tmp_path, broker, old, keys, device=f"d{i}", group="g", name=f"data{i}") for i in range(2)]
+    w = Watcher(broker.url, [f"{ROOT}/devices/+/events"])
+    said: list[str] = []
+    try:
+        push(broker, old, group="g", sign=keys / "a.key", delta=True)  # the group's record, and the index
+        settings = RolloutSettings(waves="1,100%", soak_s=1.0, baseline_s=0.5, wave_timeout_s=60.0, lease_s=3.0,
+                                   probation=QUICK, gates=Gates(max_latency_ratio=50.0, min_requests=0))
+        rec = ro.start(new, BrokerConfig(url=broker.url), group="g", settings=settings,
+                       signer=Signer.load(keys / "a.key"), delta=True, say=said.append)
+        assert rec.status == "done", rec.reason
+        assert [version(a) for a in agents] == ["1.1.0", "1.1.0"]
+        expect, _ = _expected_fetch(new, [old])
+        for dev in ("d0", "d1"):
+            assert f"  {dev}: fetches {expect} of {new.stat().st_size} bytes" in " ".join(said), said
+            prog = [e["progress"] for e in w.of(f"{dev}/events") if e.get("progress") and e.get("version") == "1.1.0"]
+            assert prog[-1]["fetched"] == expect and prog[-1]["reused"] == new.stat().st_size - expect, prog[-1]
+        ix = Watcher(broker.url, [f"{ROOT}/chunks/index/digits"])
+        try:
+            doc = ix.wait("index/digits", lambda d: isinstance(d, dict))
+        finally:
+            ix.stop()
+        bundles = ModelIndex.from_doc(doc).bundles
+        assert [b["topics"] for b in bundles.values()] == [[f"{ROOT}/groups/g/models/digits/desired"]], bundles
+    finally:
+        w.stop()
+        for a in agents:
+            a.stop()
 
 
 def _now() -> str:
