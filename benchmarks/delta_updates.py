@@ -1,17 +1,20 @@
 """Delta updates (content-defined chunks) against today's full transfer, with a loopback mosquitto
 and real agents.
 
-For the digits CNN (arm-cpu int8) and MobileNetV2 with a 10-class head (arm-cpu fp32 and int8):
+For the digits CNN and MobileNetV2 with a 10-class head (arm-cpu fp32 and int8):
 v1.0.0, then 1.1.0 with only the last layer retrained and 2.0.0 with every layer retrained (the
 weights moved by noise, as training would move them; calibration data identical). Each update is
 pushed to a fresh agent running 1.0.0, once as today (`push`, 1 MiB fixed chunks) and once as a
 delta (`push --delta`, after 1.0.0 was pushed as a delta to another device, so its chunks are
 retained as they would be in a fleet). Reported: bytes fetched / bundle, push to active (seconds)
-for both, and the agent's CPU seconds from push to the end of the download. Then, without a
+for both, and the agent's CPU seconds from push to the end of probation (medians of --repeat
+runs, each on a fresh agent). Then, without a
 broker: the assembly's own CPU time and peak Python heap, what storing model members (instead of
-deflating them) costs in bundle size, and bytes fetched per chunk size.
+deflating them) costs in bundle size, bytes fetched per chunk size, and for the last-layer
+update which model-file tensors changed (data or quantization parameters).
 
-    python benchmarks/delta_updates.py [--cases digits-int8,mobilenetv2-fp32,mobilenetv2-int8]
+    python benchmarks/delta_updates.py [--cases digits-fp32,digits-int8,mobilenetv2-fp32,mobilenetv2-int8]
+                                       [--repeat 3]
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import argparse
 import hashlib
 import io
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -202,9 +206,41 @@ def by_chunk_size(old: Path, new: Path) -> list[tuple[int, float, float]]:
     return rows
 
 
+def tensor_diff(old: Path, new: Path) -> dict:
+    """How the two bundles' .tflite files differ: buffers (tensor data) whose bytes are new, shared
+    ones that moved to another index (the converter's order), and tensors, matched by name, whose
+    quantization parameters (scale, zero point) changed."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    def model(bundle: Path):
+        with zipfile.ZipFile(bundle) as z:
+            raw = z.read(next(n for n in z.namelist() if n.endswith(".tflite")))
+        return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
+
+    def quant(m) -> dict[str, tuple]:
+        q = {t.name.decode(): t.quantization for t in m.subgraphs[0].tensors}
+        return {n: (tuple(x.scale), tuple(x.zeroPoint)) for n, x in q.items() if x is not None and x.scale is not None}
+
+    a, b = model(old), model(new)
+    bufs_a = [bytes(x.data) for x in a.buffers if x.data is not None]
+    bufs_b = [bytes(x.data) for x in b.buffers if x.data is not None]
+    at = {x: i for i, x in enumerate(bufs_a)}
+    fresh = [x for x in bufs_b if x not in at]
+    qa, qb = quant(a), quant(b)
+    return {"buffers": len(bufs_b), "new": len(fresh), "new_bytes": sum(map(len, fresh)),
+            "moved": sum(1 for i, x in enumerate(bufs_b) if x in at and at[x] != i),
+            "quant_changed": sorted(n for n in qa.keys() & qb.keys() if qa[n] != qb[n]),
+            "renamed": len(qa.keys() ^ qb.keys())}
+
+
+def _median(runs: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="digits-int8,mobilenetv2-fp32,mobilenetv2-int8")
+    ap.add_argument("--cases", default="digits-fp32,digits-int8,mobilenetv2-fp32,mobilenetv2-int8")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per update (medians reported)")
     args = ap.parse_args()
     from _procs import mosquitto, stop
 
@@ -219,9 +255,11 @@ def main() -> None:
             for n, (case, b) in enumerate(cases.items()):
                 seed(port, b["1.0.0"])
                 for label, version in (("last layer", "1.1.0"), ("all layers", "2.0.0")):
-                    full = update(tmp, port, b["1.0.0"], b[version], delta=False, device=f"f{n}{version}")
-                    dlt = update(tmp, port, b["1.0.0"], b[version], delta=True, device=f"d{n}{version}")
-                    rows.append((case, label, full, dlt))
+                    full, dlt = [], []
+                    for r in range(args.repeat):  # alternated, so a busy spell hits both alike
+                        full.append(update(tmp, port, b["1.0.0"], b[version], delta=False, device=f"f{n}{version}{r}"))
+                        dlt.append(update(tmp, port, b["1.0.0"], b[version], delta=True, device=f"d{n}{version}{r}"))
+                    rows.append((case, label, _median(full), _median(dlt)))
         finally:
             stop(broker)
     print(f"{'case':<18}{'retrained':<12}{'MB':>6}{'fetched':>9}{'published':>10}{'full s':>8}{'delta s':>8}"
@@ -242,6 +280,13 @@ def main() -> None:
     for case, b in cases.items():
         s, d = b["1.0.0"].stat().st_size, deflated_size(b["1.0.0"])
         print(f"{case:<18}{s / 1e6:>10.2f}{d / 1e6:>12.2f}{100 * (s - d) / d:>6.1f}%")
+    print("\nthe model file after the last-layer retrain: buffers with new bytes, shared buffers moved to another "
+          "index, tensors (by name) whose quantization parameters changed")
+    for case, b in cases.items():
+        d = tensor_diff(b["1.0.0"], b["1.1.0"])
+        print(f"{case:<18} new {d['new']} of {d['buffers']} buffers ({d['new_bytes']} bytes), moved {d['moved']}, "
+              f"quantization changed {len(d['quant_changed'])} {', '.join(d['quant_changed'][:4])}, "
+              f"names not in both {d['renamed']}")
     print(f"\n{'case':<18}{'avg chunk':>10}{'fetched':>9}{'+overhead':>10}   (last layer retrained)")
     for case, b in cases.items():
         for avg, pct, with_overhead in by_chunk_size(b["1.0.0"], b["1.1.0"]):

@@ -3,7 +3,8 @@
     job on devices/{id}/profile/job
       -> checks (strict parse, meant for this device, signed when keys are configured, not a
          replay, no other job running, no update in progress)   else: refused
-      -> downloading (the update's chunked transfer: per-chunk and whole-file sha256)
+      -> downloading (the update's transfer: per-chunk and whole-file sha256; a content-defined
+         one copies the chunks the device's bundles hold, as an update does)
       -> verifying (bundle signature when keys are configured; every member's hash)
       -> loading (a second runtime beside the serving model; load time, RSS delta)
       -> golden check (reported, not fatal) -> benchmarking -> done; the bundle is deleted
@@ -36,9 +37,10 @@ import numpy as np
 
 from device_agent.model import bundle_members_to_extract, load_bundle
 from edgeruntime.timing import rss_bytes
+from device_agent.ota.delta import ChunkSource, fetch_delta
 from device_agent.ota.transfer import Cancelled, MqttChunkFetcher, TransferPolicy, fetch_url
 from edgebundle.errors import EdgepackError, VerificationError
-from edgeproto.desired import Limits, RecordError, UrlTransfer, url_allowed
+from edgeproto.desired import CdcTransfer, Limits, RecordError, UrlTransfer, url_allowed
 from edgeproto.jobs import ProfileJob
 from edgeproto.mqtt import MqttError, dumps
 
@@ -61,6 +63,7 @@ class Host(Protocol):
     device_id: str
     mqtt: object
     keyring: object
+    store: ChunkSource | None  # the bundles held here, which a content-defined transfer copies from
 
     def active_model(self): ...
     def updating(self) -> bool: ...
@@ -152,13 +155,7 @@ class Profiler:
             stopping = lambda: self._stop.is_set() or self.host.updating()  # noqa: E731
             cancelled = lambda: stopping() or time.monotonic() > deadline  # noqa: E731
             self._phase(job, "downloading")
-            if isinstance(job.transfer, UrlTransfer):
-                path = fetch_url(job.as_transfer(), work, progress=lambda *_: None, cancelled=cancelled,
-                                 policy=self.transfer)
-            elif self.fetcher is None:
-                raise JobFailed("an MQTT transfer needs a broker connection")
-            else:
-                path = self.fetcher.fetch(job.as_transfer(), work, progress=lambda *_: None, cancelled=cancelled)
+            path = self._fetch(job, work, cancelled)
             self._phase(job, "verifying")
             bundle = self._verify(job, path, work / "model")
             doc["bundle"] = dict(doc["bundle"], precision=bundle.manifest.precision, format=bundle.manifest.format,
@@ -186,6 +183,17 @@ class Profiler:
         (log.info if doc["state"] == "done" else log.warning)(
             "profile job %s %s%s", job.job_id, doc["state"], f": {doc['error']}" if doc.get("error") else "")
         self._publish(doc, wait=True)
+
+    def _fetch(self, job: ProfileJob, work: Path, cancelled: Callable[[], bool]) -> Path:
+        """The job's bundle in `work`, by whichever of the three transfers the job names."""
+        ref, quiet = job.as_transfer(), lambda *_: None
+        if isinstance(job.transfer, UrlTransfer):
+            return fetch_url(ref, work, progress=quiet, cancelled=cancelled, policy=self.transfer)
+        if self.fetcher is None:
+            raise JobFailed("an MQTT transfer needs a broker connection")
+        if isinstance(job.transfer, CdcTransfer):
+            return fetch_delta(self.fetcher, ref, work, local=self.host.store, progress=quiet, cancelled=cancelled)
+        return self.fetcher.fetch(ref, work, progress=quiet, cancelled=cancelled)
 
     def _verify(self, job: ProfileJob, path: Path, model_dir: Path):
         from edgebundle.archive import open_bundle

@@ -74,11 +74,14 @@ def rollout() -> None:
 @shadow_options
 @click.option("--lease-seconds", type=float, default=30.0, show_default=True)
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True)
+@click.option("--delta", is_flag=True,
+              help="Content-defined chunks: publish only those the broker lacks; devices fetch only those they lack "
+                   "(agents that predate delta updates refuse it).")
 @click.option("--json", "as_json", is_flag=True)
 def rollout_start(bundle, group, model, device_topic, sign_key, key_cert, rollout_id, waves, soak_s, wave_timeout,
                   baseline_seconds, max_failed, max_latency_ratio, max_error_rate, max_nonfinite, min_requests, gate_fields,
                   previous_bundle, allow_interface_change, probation_seconds, probation_requests, lease_seconds,
-                  chunk_size, as_json, **kw):
+                  chunk_size, delta, as_json, **kw):
     """Roll BUNDLE out to GROUP's devices in waves, as the new version of one model (--model; the
     devices' other models are never touched); exits 1 with the reason when a gate stops it."""
     from edgeproto.desired import Probation
@@ -98,7 +101,7 @@ def rollout_start(bundle, group, model, device_topic, sign_key, key_cert, rollou
     rec = ro.start(bundle, broker_from_options(kw), group=group, settings=settings, model=model,
                    device_topic=device_topic, rollout_id=rollout_id,
                    previous_bundle=previous_bundle, signer=_signer(sign_key, key_cert), chunk_size=chunk_size,
-                   say=_say)
+                   delta=delta, say=_say)
     _show(rec, as_json)
     if rec.status != "done":
         sys.exit(3 if rec.status == "paused" else 1)

@@ -57,18 +57,27 @@ class ModelIndex:
     def chunks(self) -> set[str]:
         return {c for b in self.bundles.values() for c in b["chunks"]}
 
-    def take_over(self, sha256: str, transfer: CdcTransfer, topic: str) -> set[str]:
-        """The bundle `sha256` is now what `topic` names; returns the bundles that left the index."""
+    def release(self, topics: tuple[str, ...]) -> set[str]:
+        """No bundle is named by `topics` any more; returns the bundles that left the index (no
+        topic names them)."""
         for b in self.bundles.values():
-            b["topics"] = [t for t in b.get("topics", []) if t != topic]
-        entry = self.bundles.setdefault(sha256, {"chunks": list(transfer.chunk_sha256),
-                                                 "sizes": list(transfer.chunk_sizes), "topics": []})
-        entry["topics"] = sorted(set(entry.get("topics", [])) | {topic})
-        self.params = transfer.params
+            b["topics"] = [t for t in b.get("topics", []) if t not in topics]
         gone = {sha for sha, b in self.bundles.items() if not b["topics"]}
         for sha in gone:
             del self.bundles[sha]
         return gone
+
+    def take_over(self, sha256: str, transfer: CdcTransfer, topic: str, *, release: tuple[str, ...] = ()) -> set[str]:
+        """The bundle `sha256` is now what `topic` names (and `release` names nothing any more: a
+        rollout's own name once the group's record names its bundle); returns the bundles that
+        left the index."""
+        entry = self.bundles.setdefault(sha256, {"chunks": list(transfer.chunk_sha256),
+                                                 "sizes": list(transfer.chunk_sizes), "topics": []})
+        gone = self.release((topic, *release))
+        entry["topics"] = sorted(set(entry["topics"]) | {topic})
+        self.bundles[sha256] = entry
+        self.params = transfer.params
+        return gone - {sha256}
 
 
 def read_indexes(conn: Collector, root: str, *, quiet_s: float = 0.05, max_s: float = 5.0) -> dict[str, ModelIndex]:
@@ -123,9 +132,8 @@ def _distinct(t: CdcTransfer) -> dict[str, int]:
 
 def cost(t: CdcTransfer, indexes: dict[str, ModelIndex], *, running: dict[str, str | None]) -> Cost:
     """`running`: target device -> sha256 of the bundle it runs for the model (None: unknown)."""
-    retained = set().union(*(ix.chunks() for ix in indexes.values())) if indexes else set()
-    by_sha = _distinct(t)
-    new = {s: n for s, n in by_sha.items() if s not in retained}
+    by_sha, held = _distinct(t), retained(indexes)
+    new = {s: n for s, n in by_sha.items() if s not in held}
     lists = {sha: set(b["chunks"]) for ix in indexes.values() for sha, b in ix.bundles.items()}
     devices = {}
     for dev, sha in running.items():
@@ -133,6 +141,11 @@ def cost(t: CdcTransfer, indexes: dict[str, ModelIndex], *, running: dict[str, s
         devices[dev] = None if held is None else sum(n for s, n in by_sha.items() if s not in held)
     return Cost(bundle_bytes=sum(t.chunk_sizes), publish_bytes=sum(new.values()), publish_chunks=len(new),
                 devices=devices)
+
+
+def retained(indexes: dict[str, ModelIndex]) -> set[str]:
+    """Every chunk some model's index lists (so retained on the broker already)."""
+    return set().union(*(ix.chunks() for ix in indexes.values())) if indexes else set()
 
 
 def publish_delta(client: MqttClient, bundle: Path, t: CdcTransfer, *, skip: set[str], window: int = 64) -> int:
@@ -148,20 +161,24 @@ def publish_delta(client: MqttClient, bundle: Path, t: CdcTransfer, *, skip: set
         return publish_retained(client, chunks(), window=window)
 
 
-def record_index(client: MqttClient, root: str, *, model: str, sha256: str, t: CdcTransfer, desired_topic: str,
-                 indexes: dict[str, ModelIndex]) -> int:
-    """The model's index after the push (retained), and the chunks no index lists any more cleared;
-    returns how many were cleared."""
+def record_index(client: MqttClient, root: str, *, model: str, sha256: str, t: CdcTransfer,
+                 desired_topic: str | None, indexes: dict[str, ModelIndex], release: tuple[str, ...] = ()) -> int:
+    """The model's index after a push (the bundle now named by `desired_topic`; None: only
+    `release` the topics) retained, and the chunks no index lists any more cleared; returns how
+    many were cleared."""
     ix = indexes.setdefault(model, ModelIndex())
-    before = set().union(*(i.chunks() for i in indexes.values()))
-    ix.take_over(sha256, t, desired_topic)
+    before = retained(indexes)
+    if desired_topic is None:
+        ix.release(release)
+    else:
+        ix.take_over(sha256, t, desired_topic, release=release)
     if not client.publish_wait(index_topic(root, model), dumps(ix.to_doc()), qos=1, retain=True, timeout=30):
         raise FleetError(f"the broker did not acknowledge the chunk index of {model}")
-    unused = before - set().union(*(i.chunks() for i in indexes.values()))
+    unused = before - retained(indexes)
     for sha in sorted(unused):
         client.publish(f"{root}/chunks/{sha}", b"", qos=1, retain=True)
     return len(unused)
 
 
 __all__ = ["ModelIndex", "Cost", "cdc_transfer", "cost", "index_topic", "publish_delta", "read_indexes",
-           "record_index"]
+           "record_index", "retained"]

@@ -342,8 +342,7 @@ def running_bundles(table, *, device: str | None, group: str | None, model: str 
 
 def _publish_delta(client: MqttClient, p: Prepared, indexes: dict[str, cdc.ModelIndex], *, model: str,
                    desired_topic: str, inform: Callable[[str], None]) -> None:
-    retained = set().union(*(ix.chunks() for ix in indexes.values())) if indexes else set()
-    cdc.publish_delta(client, p.path, p.transfer, skip=retained)
+    cdc.publish_delta(client, p.path, p.transfer, skip=cdc.retained(indexes))
     cleared = cdc.record_index(client, Topics(client.cfg.topic_prefix).root, model=model, sha256=p.sha256,
                                t=p.transfer, desired_topic=desired_topic, indexes=indexes)
     if cleared:

@@ -23,7 +23,10 @@ saves earlier where the order matters). Mechanics, all over the existing protoco
 nothing new): a wave's devices get per-device desired records (device beats group); a failed
 wave's devices that switched get a per-device record for the previous version (allow_downgrade);
 at the end the group's record holds the new version and the per-device records are cleared
-(devices joining later get it). One controller drives a rollout at a time, holding a lease
+(devices joining later get it). A delta rollout's bundle travels as content-defined chunks
+(fleet.delta); the model's chunk index names it by the rollout's record topic while the rollout
+runs, by the group's record topic once done (the old version's chunks are then cleared), and by
+nothing once stopped or aborted. One controller drives a rollout at a time, holding a lease
 (fleet.rollout_lease). The MQTT client and the clock are injected (fleet.rollout_link): tests
 drive every transition over an in-memory broker."""
 from __future__ import annotations
@@ -39,8 +42,10 @@ from typing import Callable, Iterator
 from edgebundle.archive import open_bundle
 from edgebundle.trust import parse_time
 from edgeproto.broker import BrokerConfig
+from edgeproto.desired import CdcTransfer
 from edgeproto.records import TelemetryWindow
 from edgeproto.topics import Topics, target
+from fleet import delta as cdc
 from fleet.conn import Collector, parse_json
 from fleet.errors import RolloutError, RolloutStopped
 from fleet.gates import Window, baseline_p95, judge_device, judge_wave, plan_waves
@@ -114,16 +119,16 @@ class Controller:
     # ---- start ----
     def create(self, bundle: Path, *, group: str, settings: RolloutSettings, model: str | None = None,
                device_topic: bool = False, previous_bundle: Path | None = None, chunk_size: int = 1 << 20,
-               settle_s: float = 5.0) -> RolloutRecord:
+               settle_s: float = 5.0, delta: bool = False) -> RolloutRecord:
         """Plan the rollout of `model` (default: the bundle's name; `device_topic`: the devices' own
-        topics, for agents that predate several models) (fleet.rollout_plan), take the lease and
-        write the record. Nothing is sent to any device yet."""
+        topics, for agents that predate several models) (fleet.rollout_plan; `delta`: content-defined
+        chunks), take the lease and write the record. Nothing is sent to any device yet."""
         model = model_for(open_bundle(bundle).manifest.name, model=model, device_topic=device_topic)
         self.inbox.model = model
         self._watch_group(group, model)
         r = self._use(plan(bundle, inbox=self.inbox, client=self.client, clock=self.clock, say=self.say, group=group,
                            settings=settings, model=model, previous_bundle=previous_bundle, chunk_size=chunk_size,
-                           settle_s=settle_s))
+                           settle_s=settle_s, delta=delta))
         self.lease.acquire(ttl=settings.lease_s, wait_s=0)
         publish_retained(self.client, self.topics.rollout_control(self.id), None)
         self.save()
@@ -275,6 +280,7 @@ class Controller:
                           allow_interface_change=s.allow_interface_change, probation=s.probation, shadow=s.shadow)
         publish_record(self.client, self.topics.target_desired(group), doc)
         self._clear([d for w in r.waves for d in w.devices])
+        self._index(r, desired_topic=self.topics.target_desired(group))
         self._stop(r, RolloutStatus.DONE, None)
         self.say(f"rollout {r.id}: done; group {r.group} desires {p.name} {p.version}")
 
@@ -295,7 +301,21 @@ class Controller:
     def _stop(self, r: RolloutRecord, status: RolloutStatus, reason: str | None) -> RolloutRecord:
         r.status, r.reason = status.value, reason
         self.save()
+        if status in (RolloutStatus.STOPPED, RolloutStatus.ABORTED):
+            self._index(r, desired_topic=None)
         return r
+
+    def _index(self, r: RolloutRecord, *, desired_topic: str | None) -> None:
+        """A delta rollout's end: its bundle is named by `desired_topic` (None: by nothing) instead
+        of the rollout; chunks no index lists any more are cleared (fleet.delta)."""
+        p = prepared(r.bundle)
+        if not isinstance(p.transfer, CdcTransfer):
+            return
+        n = cdc.record_index(self.client, self.topics.root, model=r.model or p.name, sha256=p.sha256, t=p.transfer,
+                             desired_topic=desired_topic, indexes=dict(self.inbox.indexes),
+                             release=(self.topics.rollout(self.id),))
+        if n:
+            self.say(f"delta: cleared {n} retained chunk(s) that no desired record names any more")
 
     def _wait(self, seconds: float) -> None:
         end = self.clock.mono() + seconds
@@ -405,9 +425,11 @@ def _connected(broker: BrokerConfig, rollout_id: str, *, signer: Signer, say: Sa
 def start(bundle: Path, broker: BrokerConfig, *, group: str, settings: RolloutSettings = RolloutSettings(),
           model: str | None = None, device_topic: bool = False, rollout_id: str | None = None,
           previous_bundle: Path | None = None, signer: Signer = Signer(), chunk_size: int = 1 << 20,
-          say: Say = lambda _m: None) -> RolloutRecord:
+          delta: bool = False, say: Say = lambda _m: None) -> RolloutRecord:
     """Create and drive a rollout of `model` (default: the bundle's name; `device_topic`: the
-    devices' own topics). RolloutStopped when a gate stopped it (the record says why)."""
+    devices' own topics; `delta`: only the chunks the broker lacks are published, and what the
+    update costs each device is said first). RolloutStopped when a gate stopped it (the record
+    says why)."""
     plan_waves(["x"], settings.waves)  # a bad --waves fails before anything is published
     for b in (bundle, previous_bundle):  # a file that is not a bundle fails before the broker is asked
         if b is not None:
@@ -415,7 +437,7 @@ def start(bundle: Path, broker: BrokerConfig, *, group: str, settings: RolloutSe
     model_for(open_bundle(bundle).manifest.name, model=model, device_topic=device_topic)  # so does a bad --model
     with _connected(broker, rollout_id or f"{group}-{uuid.uuid4().hex[:6]}", signer=signer, say=say) as c:
         c.create(bundle, group=group, settings=settings, model=model, device_topic=device_topic,
-                 previous_bundle=previous_bundle, chunk_size=chunk_size)
+                 previous_bundle=previous_bundle, chunk_size=chunk_size, delta=delta)
         return _outcome(c.run())
 
 

@@ -15,6 +15,7 @@ from edgeproto.mqtt import dumps
 from edgeproto.records import FINAL_STATES, TelemetryWindow
 from edgeproto.topics import Topics
 from fleet.conn import parse_json
+from fleet.delta import ModelIndex, index_topic
 from fleet.errors import RolloutError
 from fleet.status import FleetTable
 
@@ -54,7 +55,7 @@ def publish_retained(client: Client, topic: str, doc: dict | None) -> None:
 
 class Inbox:
     """What the controller has heard: its rollout's retained record, lease and control request, the
-    group's desired record, the devices' status (a FleetTable), their recent telemetry and the final
+    group's desired record, every model's retained chunk index (fleet.delta), the devices' status (a FleetTable), their recent telemetry and the final
     states of their updates (from events, and from the retained status: events are not retained).
     Telemetry and status are seen through the rollout's `model` (set once the record names it), so
     the gates judge that model alone. Fed on the connection's thread, read on the controller's."""
@@ -70,6 +71,8 @@ class Inbox:
         self.group_topic: str | None = None  # set before subscribing to it
         self.legacy_desired: dict | None = None  # the group's old-style record, when the rollout is a model's
         self.legacy_topic: str | None = None
+        self.indexes: dict[str, ModelIndex] = {}  # model -> its chunk index (delta rollouts)
+        self._index_prefix = index_topic(topics.root)[:-1]
         self._lock = threading.Lock()
         self._telemetry: dict[str, collections.deque] = {}  # device -> (received mono, whole window)
         self._outcomes: dict[str, dict[str, str]] = {}  # update_id -> device -> final state
@@ -78,7 +81,8 @@ class Inbox:
     @property
     def subscriptions(self) -> list[str]:
         t, rid = self.topics, self.id
-        return [t.status(), t.telemetry(), t.events(), t.rollout(rid), t.rollout_lease(rid), t.rollout_control(rid)]
+        return [t.status(), t.telemetry(), t.events(), t.rollout(rid), t.rollout_lease(rid), t.rollout_control(rid),
+                index_topic(t.root)]
 
     def feed(self, topic: str, payload: bytes) -> None:
         t = self.topics
@@ -92,6 +96,8 @@ class Inbox:
             self.group_desired = parse_json(payload)
         elif topic == self.legacy_topic:
             self.legacy_desired = parse_json(payload)
+        elif topic.startswith(self._index_prefix):
+            self.indexes[topic[len(self._index_prefix):]] = ModelIndex.from_doc(parse_json(payload) if payload else None)
         else:
             self._device(topic, payload)
 

@@ -1,16 +1,19 @@
 """A new rollout's plan (fleet.rollout): the group's devices that serve the model, from their
 retained status, the waves, the bundle and the version that a failed wave goes back to. The
-bundles' chunks are published
-(retained); nothing is sent to any device and the record is not written yet."""
+bundles' chunks are published (retained); nothing is sent to any device and the record is not
+written yet. A delta rollout (fleet.delta) cuts the bundle into content-defined chunks, says what
+it costs each device and publishes only the chunks no model's index lists; the model's index names
+the bundle by the rollout's record topic until the group's record takes it over (fleet.rollout)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
 from edgeproto.desired import parse_transfer
+from fleet import delta as cdc
 from fleet.errors import RolloutError
 from fleet.gates import plan_waves
-from fleet.push import Prepared, interface_warnings, prepare, publish_chunks
+from fleet.push import Prepared, interface_warnings, prepare, publish_chunks, running_bundles
 from fleet.rollout_link import Client, Clock, Inbox
 from fleet.rollout_state import ACTIVE, RolloutRecord, RolloutSettings, Wave
 from fleet.status import FleetTable
@@ -31,7 +34,7 @@ def prepared(d: dict) -> Prepared:
 
 def plan(bundle: Path, *, inbox: Inbox, client: Client, clock: Clock, say: Callable[[str], None], group: str,
          settings: RolloutSettings, model: str | None, previous_bundle: Path | None, chunk_size: int,
-         settle_s: float) -> RolloutRecord:
+         settle_s: float, delta: bool = False) -> RolloutRecord:
     """The record of a new rollout of `model` (None: the devices' own topics; its first wave
     pending). `inbox` must already hear the group's desired record for the model: without
     `previous_bundle` that is what a failed wave goes back to."""
@@ -50,7 +53,8 @@ def plan(bundle: Path, *, inbox: Inbox, client: Client, clock: Clock, say: Calla
     if not devices:
         raise RolloutError(f"no device of group {group!r} serves model {model!r}",
                            hint="push it to them first (edgepack push --model), or check --model")
-    p = prepare(bundle, inbox.topics, chunk_size=chunk_size)
+    indexes = dict(inbox.indexes) if delta else None
+    p = prepare(bundle, inbox.topics, chunk_size=chunk_size, indexes=indexes, model=model)
     if previous_bundle is not None:
         prev = prepare(previous_bundle, inbox.topics, chunk_size=chunk_size)
         publish_chunks(client, prev)
@@ -61,11 +65,27 @@ def plan(bundle: Path, *, inbox: Inbox, client: Client, clock: Clock, say: Calla
     for msg in interface_warnings(inbox.table, p, devices=devices, allowed=settings.allow_interface_change,
                                   model=model):
         say(f"warning: {msg}")
-    publish_chunks(client, p)
+    if indexes is None:
+        publish_chunks(client, p)
+    else:
+        _publish_delta(client, p, indexes, inbox=inbox, devices=devices, model=model, say=say)
     now = clock.wall()
     return RolloutRecord(id=inbox.id, group=group, bundle=bundle_dict(p), previous=previous,
                          settings=settings.to_dict(), waves=[Wave(devices=w) for w in waves], created=now, updated=now,
                          model=model)
+
+
+def _publish_delta(client: Client, p: Prepared, indexes: dict[str, cdc.ModelIndex], *, inbox: Inbox,
+                   devices: list[str], model: str | None, say: Callable[[str], None]) -> None:
+    """What the update costs each device, said before publishing; then the chunks no index lists,
+    and the model's index naming the bundle by the rollout's record topic (fleet.rollout)."""
+    running = running_bundles(inbox.table, device=None, group=None, model=model)
+    cost = cdc.cost(p.transfer, indexes, running={d: running.get(d) for d in devices})
+    for line in cost.lines():
+        say(line)
+    cdc.publish_delta(client, p.path, p.transfer, skip=cdc.retained(indexes))
+    cdc.record_index(client, inbox.topics.root, model=model or p.name, sha256=p.sha256, t=p.transfer,
+                     desired_topic=inbox.topics.rollout(inbox.id), indexes=indexes)
 
 
 def _group_record(inbox: Inbox, model: str | None):

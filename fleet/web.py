@@ -75,6 +75,8 @@ class _Extra:
     heard: float = 0.0  # time.time() when this server last heard from the device
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))  # (time heard, p95 ms) per window
     steps: deque = field(default_factory=lambda: deque(maxlen=STEPS))  # recent update steps, oldest first
+    transfer: dict | None = None  # the last update's bytes (transfer_view), from its download progress
+    transfers: dict = field(default_factory=dict)  # model name -> its last update's bytes
 
     def step(self, update: dict, at: float, *, from_status: bool = False) -> None:
         """Events are the ordered log of an update; the status summary (published directly, so it
@@ -88,6 +90,17 @@ class _Extra:
                                           (update["state"], update["update_id"], update["error"])):
             keep = ("state", "update_id", "version", "error", "model")
             self.steps.append({"t": round(at, 3), **{k: update.get(k) for k in keep}})
+
+
+def transfer_view(ev: UpdateEvent) -> dict | None:
+    """What an update's download cost, from its progress event: `fetched` bytes (a delta's, this
+    attempt's; None for a full transfer, which fetches what it does not resume) of `total`."""
+    prog = ev.progress or {}
+    total, fetched = prog.get("total"), prog.get("fetched")
+    if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
+        return None
+    return {"update_id": ev.update_id, "version": ev.version, "total": total,
+            "fetched": fetched if isinstance(fetched, int) and not isinstance(fetched, bool) else None}
 
 
 class FleetView:
@@ -129,6 +142,10 @@ class FleetView:
                 x.step(step, x.heard)
                 if ev.model:
                     x.models[ev.model] = step
+                if (t := transfer_view(ev)) is not None:
+                    x.transfer = t
+                    if ev.model:
+                        x.transfers[ev.model] = t
                 self._bump(("device", dev))
             return
         if self.table.feed(topic, payload) is None:
@@ -175,7 +192,9 @@ class FleetView:
             x = self._extra.get(dev) or _Extra()
             for m in row["models"]:
                 m["update_live"] = dict(x.models[m["name"]]) if m["name"] in x.models else None
+                m["transfer"] = x.transfers.get(m["name"])
             row.update(update_live=dict(x.update) if x.update else None, heard=x.heard or entry.updated,
+                       transfer=x.transfer,
                        p95_history=[list(p) for p in x.history], update_steps=list(x.steps),
                        model_error=_s(raw, "model_error"), reason=_s(raw, "reason"),
                        seq=tel.seq if tel else None,

@@ -181,6 +181,11 @@ def test_fleet_index_publishes_new_chunks_and_drops_unnamed_bundles(tmp_path):
     assert c.devices["d2"] is None and 0 < c.devices["d1"] == c.publish_bytes < 0.2 * c.bundle_bytes
     gone = ix["m"].take_over("B" * 64, b, "t/devices/d1/models/m/desired")
     assert gone == {"A" * 64} and set(ix["m"].bundles) == {"B" * 64}
+    # a rollout names its bundle by its own topic until the group's record takes it over
+    assert ix["m"].take_over("A" * 64, a, "t/rollouts/r1") == set() and len(ix["m"].bundles) == 2
+    assert ix["m"].take_over("A" * 64, a, "t/devices/d1/models/m/desired", release=("t/rollouts/r1",)) == {"B" * 64}
+    assert ix["m"].bundles["A" * 64]["topics"] == ["t/devices/d1/models/m/desired"]
+    assert ix["m"].release(("t/devices/d1/models/m/desired",)) == {"A" * 64} and not ix["m"].bundles
     assert ModelIndex.from_doc(json.loads(json.dumps(ix["m"].to_doc()))).bundles == ix["m"].bundles
 
 
@@ -344,6 +349,88 @@ def test_kill_during_assembly_resumes_to_a_verified_commit(broker, deltas, keys,
     finally:
         w.stop()
         a2.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.agent
+def test_profile_job_with_a_cdc_transfer_copies_held_chunks(broker, deltas, keys, tmp_path):
+    """A profile job naming content-defined chunks (it once failed with a TypeError): only the
+    chunks the serving bundle lacks are on the broker, so the job can only finish by copying."""
+    from agents import Watcher
+    from edgebundle.signing import load_private_key
+    from edgeproto.desired import sign_record
+    from edgeproto.jobs import SCHEMA
+    from edgeproto.topics import Topics
+    from fleet.delta import publish_delta
+    from fleet.push import prepare
+    from otakit import Publisher, agent, version
+
+    a = agent(tmp_path, broker, deltas["1.0.0"], keys)
+    new = deltas["1.1.0"]
+    p = prepare(new, Topics(ROOT), indexes={})
+    held = {c.sha256 for c in chunk_file(deltas["1.0.0"], p.transfer.params)}
+    job = sign_record({"schema": SCHEMA, "job_id": "cdc-job", "target": "devices/dev1", "issued": _now(),
+                       "name": p.name, "version": p.version, "sha256": p.sha256, "size": p.size,
+                       "transfer": p.transfer.to_dict(), "bench": {"runs": 20, "warmup": 2, "max_seconds": 1.0}},
+                      load_private_key(keys / "a.key"))
+    w = Watcher(broker.url, [f"{ROOT}/devices/dev1/profile/result"])
+    pub = Publisher(broker.url)
+    try:
+        assert publish_delta(_Client(pub), new, p.transfer, skip=held) < len(set(p.transfer.chunk_sha256))
+        pub.publish(f"{ROOT}/devices/dev1/profile/job", job, retain=False)
+        r = w.wait("dev1/profile/result", lambda m: m.get("job_id") == "cdc-job" and m.get("state") not in
+                   ("accepted", "running"), timeout=60)
+        assert r["state"] == "done" and r["figures"]["golden_ok"] is True, r
+        assert version(a) == "1.0.0"  # measured, never activated
+    finally:
+        pub.stop()
+        w.stop()
+        a.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.agent
+def test_delta_rollout_says_each_device_cost_and_fetches_only_that(broker, deltas, keys, tmp_path):
+    """rollout --delta to a group of 2 whose record a delta push made: the cost said per device
+    before publishing is what each device fetches; once done the group's record names the new
+    bundle in the model's index, and the old version's chunks left the index."""
+    from agents import Watcher
+    from edgeproto.broker import BrokerConfig
+    from fleet import rollout as ro
+    from fleet.delta import ModelIndex
+    from fleet.gates import Gates
+    from fleet.push import Signer
+    from fleet.rollout_state import RolloutSettings
+    from otakit import QUICK, agent, push, version
+
+    old, new = deltas["1.0.0"], deltas["1.1.0"]
+    agents = [agent(tmp_path, broker, old, keys, device=f"d{i}", group="g", name=f"data{i}") for i in range(2)]
+    w = Watcher(broker.url, [f"{ROOT}/devices/+/events"])
+    said: list[str] = []
+    try:
+        push(broker, old, group="g", sign=keys / "a.key", delta=True)  # the group's record, and the index
+        settings = RolloutSettings(waves="1,100%", soak_s=1.0, baseline_s=0.5, wave_timeout_s=60.0, lease_s=3.0,
+                                   probation=QUICK, gates=Gates(max_latency_ratio=50.0, min_requests=0))
+        rec = ro.start(new, BrokerConfig(url=broker.url), group="g", settings=settings,
+                       signer=Signer.load(keys / "a.key"), delta=True, say=said.append)
+        assert rec.status == "done", rec.reason
+        assert [version(a) for a in agents] == ["1.1.0", "1.1.0"]
+        expect, _ = _expected_fetch(new, [old])
+        for dev in ("d0", "d1"):
+            assert f"  {dev}: fetches {expect} of {new.stat().st_size} bytes" in " ".join(said), said
+            prog = [e["progress"] for e in w.of(f"{dev}/events") if e.get("progress") and e.get("version") == "1.1.0"]
+            assert prog[-1]["fetched"] == expect and prog[-1]["reused"] == new.stat().st_size - expect, prog[-1]
+        ix = Watcher(broker.url, [f"{ROOT}/chunks/index/digits"])
+        try:
+            doc = ix.wait("index/digits", lambda d: isinstance(d, dict))
+        finally:
+            ix.stop()
+        bundles = ModelIndex.from_doc(doc).bundles
+        assert [b["topics"] for b in bundles.values()] == [[f"{ROOT}/groups/g/models/digits/desired"]], bundles
+    finally:
+        w.stop()
+        for a in agents:
+            a.stop()
 
 
 def _now() -> str:
