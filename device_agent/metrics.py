@@ -151,6 +151,13 @@ def render_metrics(agent) -> str:
              "Population Stability Index of a model's input or output against its build's data (last telemetry window)",
              [({"model": s.name, "tensor": t}, v["psi"]) for s in slots for t, v in (s.drift or {}).items()
               if v.get("psi") is not None])
+    rings = [(s.name, s.ring.summary()) for s in slots if s.ring is not None]
+    e.family("edgepack_capture_requests", "gauge", "Captured requests on disk (data capture)",
+             [({"model": n}, r["requests"]) for n, r in rings])
+    e.family("edgepack_capture_bytes", "gauge", "Size of the capture ring on disk", [({"model": n}, r["bytes"]) for n, r in rings])
+    e.family("edgepack_capture_dropped_total", "counter",
+             "Requests drawn for capture but not kept: the writer was behind (reason=busy) or over the per-minute cap",
+             [({"model": n, "reason": k}, r[f]) for n, r in rings for k, f in (("busy", "dropped"), ("rate", "rate_limited"))])
     upd = [(s.name, s.updater.summary() if s.updater else {"state": "idle", "attempts": 0}) for s in slots]
     e.family("edgepack_update_state", "gauge", "The over-the-air update's state (1 for the current one)",
              [({"model": n, "state": st.value}, int(st.value == u["state"])) for n, u in upd for st in UpdateState])

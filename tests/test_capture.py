@@ -173,6 +173,8 @@ def test_fleet_pulls_200_real_samples_and_builds_on_them(tmp_path, broker, versi
             body = json.dumps({"inputs": [{"name": "image", "shape": [1, 8, 8, 1], "datatype": "FP32",
                                            "data": x.reshape(-1).tolist()}]}).encode()
             urllib.request.urlopen(urllib.request.Request(a.base + "/v2/models/digits/infer", data=body), timeout=10)
+        text = urllib.request.urlopen(a.base + "/metrics", timeout=5).read().decode()
+        assert 'edgepack_capture_requests{model="digits"}' in text
         run = CliRunner().invoke
         out = tmp_path / "samples.npz"
         unsigned = run(main, ["fleet", "capture", "pull", "--device", "dev1", "-o", str(out), "--broker", broker.url])
