@@ -81,7 +81,8 @@ def run(config_path, device_id, groups, broker, broker_username, broker_password
         api_idle_timeout, api_request_timeout, capture_rate, capture_max_mb):
     """Serve the active bundle on the KServe v2 API and report to the broker until SIGTERM."""
     from device_agent.config import load_config
-    from device_agent.service import Agent, limit_malloc_arenas, setup_logging
+    from device_agent.proc import limit_malloc_arenas, setup_logging
+    from device_agent.service import Agent
 
     limit_malloc_arenas()
     cfg = load_config(path=config_path, device_id=device_id, groups=tuple(groups) or None, broker=broker,

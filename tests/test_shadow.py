@@ -1,6 +1,6 @@
 """Shadow evaluation before the switch (issue 18): a candidate with the serving model's interface
 and speed but permuted class labels is stopped in shadow (never switched, never served a request);
-a good one passes and is switched. Real agent, real mosquitto, real digits traffic."""
+a retrained one (other weights) passes and is switched. Real agent, real mosquitto, real digits traffic."""
 from __future__ import annotations
 
 import json
@@ -34,6 +34,24 @@ def permuted(digits, keys, tmp_path_factory):
     model.save(d / "permuted.keras")
     res = build(BuildOptions(model=d / "permuted.keras", targets=("arm-cpu",), out_dir=d, name="digits",
                              version="1.2.0", precision=Precision.INT8, calibration=str(digits["calibration"]),
+                             validation=str(digits["validation"]), bench_runs=5, bench_seconds=0.2,
+                             sign_key=keys / "a.key"))
+    assert res.ok, res.results[0].error
+    return res.results[0].bundle
+
+
+@pytest.fixture(scope="module")
+def retrained(digits, keys, tmp_path_factory):
+    """digits 1.1.0: the CNN trained 10 more epochs (new weights, same data): a good update."""
+    from packager.build import BuildOptions, build
+    from packager.examples.digits import train
+    from targets import Precision
+
+    d = tmp_path_factory.mktemp("retrained")
+    info = train(d, epochs=10, start=digits["model"])
+    assert info["test_accuracy"] >= 0.9, info
+    res = build(BuildOptions(model=info["model"], targets=("arm-cpu",), out_dir=d / "out", name="digits",
+                             version="1.1.0", precision=Precision.INT8, calibration=str(digits["calibration"]),
                              validation=str(digits["validation"]), bench_runs=5, bench_seconds=0.2,
                              sign_key=keys / "a.key"))
     assert res.ok, res.results[0].error
@@ -79,7 +97,7 @@ def _served(a, ver: str) -> float:
 
 
 def test_a_wrong_model_is_stopped_in_shadow_and_a_good_one_switches(tmp_path, broker, keys, digits, versions,
-                                                                   permuted):
+                                                                   permuted, retrained):
     from edgeproto.desired import Shadow
 
     with np.load(digits["validation"]) as z:
@@ -100,7 +118,11 @@ def test_a_wrong_model_is_stopped_in_shadow_and_a_good_one_switches(tmp_path, br
         states = [e["state"] for e in w.of("/events") if e.get("update_id") == ev["update_id"]]
         assert "shadow" in states and "switching" not in states, states
 
-        res = push(broker, versions["v2"], device="dev1", wait=True, timeout=120, sign=keys / "a.key", shadow=shadow)
+        from edgebundle.archive import open_bundle
+
+        new, old = (open_bundle(b).manifest for b in (retrained, versions["v1"]))
+        assert new.files[new.model_file].sha256 != old.files[old.model_file].sha256  # other weights
+        res = push(broker, retrained, device="dev1", wait=True, timeout=120, sign=keys / "a.key", shadow=shadow)
         ev = res.devices["dev1"]
         assert ev["state"] == "committed", ev
         ev = w.wait("/events", lambda e: e.get("update_id") == ev["update_id"] and e["state"] == "committed", 15)
