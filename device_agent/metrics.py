@@ -151,6 +151,13 @@ def render_metrics(agent) -> str:
              "Population Stability Index of a model's input or output against its build's data (last telemetry window)",
              [({"model": s.name, "tensor": t}, v["psi"]) for s in slots for t, v in (s.drift or {}).items()
               if v.get("psi") is not None])
+    runs = [(s.name, r.summary()) for s in slots if s.updater and (r := s.updater.shadow_run) is not None]
+    e.family("edgepack_shadow_agreement", "gauge",
+             "An update in its shadow phase: share of compared requests on which the candidate agrees",
+             [({"model": n}, r["agreement"]) for n, r in runs if r["agreement"] is not None])
+    e.family("edgepack_shadow_requests", "gauge", "An update in its shadow phase: requests sampled, compared, "
+             "dropped (the worker was behind) and failed on the candidate so far",
+             [({"model": n, "kind": k}, r[k]) for n, r in runs for k in ("sampled", "compared", "dropped", "errors")])
     rings = [(s.name, s.ring.summary()) for s in slots if s.ring is not None]
     e.family("edgepack_capture_requests", "gauge", "Captured requests on disk (data capture)",
              [({"model": n}, r["requests"]) for n, r in rings])

@@ -107,9 +107,26 @@ def test_a_wrong_model_is_stopped_in_shadow_and_a_good_one_switches(tmp_path, br
     traffic = Traffic(a, images)
     shadow = Shadow(seconds=3.0, rate=1.0, min_agreement=0.9, min_samples=10)
     try:
+        seen = []  # /metrics during the shadow phase
+        stop = threading.Event()
+
+        def scrape() -> None:
+            for _ in range(600):
+                if stop.wait(0.2):
+                    return
+                with urllib.request.urlopen(a.base + "/metrics", timeout=5) as r:
+                    seen.extend(x for x in r.read().decode().splitlines() if x.startswith("edgepack_shadow_"))
+
+        scraper = threading.Thread(target=scrape, daemon=True)
+        scraper.start()
         res = push(broker, permuted, device="dev1", wait=True, timeout=120, sign=keys / "a.key", shadow=shadow)
+        stop.set()
+        scraper.join(10)
         ev = res.devices["dev1"]
         assert ev["state"] == "failed" and ev["error"].startswith("rejected in shadow: agreement"), ev
+        assert any(x.startswith('edgepack_shadow_requests{model="digits",kind="compared"}') for x in seen), seen[:5]
+        low = [float(x.rsplit(" ", 1)[1]) for x in seen if x.startswith("edgepack_shadow_agreement{")]
+        assert low and low[-1] < 0.5, low
         # push --wait may end on the retained status; the figures are on the final event
         ev = w.wait("/events", lambda e: e.get("update_id") == ev["update_id"] and e["state"] == "failed", 15)
         fig = ev["shadow"]
