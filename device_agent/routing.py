@@ -27,6 +27,10 @@ class Desires:
     def winner(self, name: str | None, *, first: bool):
         """The record model `name` acts on (Desired, Removal or None); `first`: the model at the
         top level, which old-style records address too."""
+        return self.source(name, first=first)[0]
+
+    def source(self, name: str | None, *, first: bool) -> tuple[object, str | None]:
+        """The record model `name` acts on and the topic it came from ((None, None): none)."""
         t = self.topics
         with self._lock:
             own = self._by.get(name or OLD_STYLE, {}) if name else {}
@@ -34,7 +38,7 @@ class Desires:
             order = [(own, t.model_desired(name)), *((own, t.group_model_desired(g, name)) for g in self.groups)] \
                 if name else []
             order += [(old, t.desired), *((old, t.group_desired(g)) for g in self.groups)] if first else []
-            return next((src[k] for src, k in order if src.get(k) is not None), None)
+            return next(((src[k], k) for src, k in order if src.get(k) is not None), (None, None))
 
 
 __all__ = ["Desires", "OLD_STYLE"]

@@ -320,8 +320,14 @@ class Agent:
             self.desires.put(topic, model, d)
             if model is None:
                 s = self._first()
-                chosen = self.desires.winner(s.name if s else None, first=True)
+                chosen, came = self.desires.source(s.name if s else None, first=True)
                 name = s.name if s else getattr(chosen, "name", None)
+                if chosen is not d and d is not None and model_of(came or "") is not None:
+                    self.event({"update_id": d.update_id, "state": "failed", "model": name,
+                                "error": f"not applied: model {name} follows its own record on {came} "
+                                         f"(update {getattr(chosen, 'update_id', None)}); publish on that topic "
+                                         "(edgepack push without --device-topic)"})
+                    return
             else:
                 s, name = self.slot(model, exact=True), model
                 first = self._first()

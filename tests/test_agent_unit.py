@@ -229,6 +229,7 @@ def test_which_record_each_model_follows():
     d.put(t.group_model_desired("g2", "a"), "a", "a-g2")
     d.put(t.group_model_desired("g1", "a"), "a", "a-g1")
     assert d.winner("a", first=True) == "a-g1" and d.winner("a", first=False) == "a-g1"
+    assert d.source("a", first=True) == ("a-g1", t.group_model_desired("g1", "a"))  # an old-style record loses
     d.put(t.model_desired("a"), "a", "removal")
     assert d.winner("a", first=False) == "removal"
     d.put(t.model_desired("a"), "a", None)  # cleared: the group's record applies again

@@ -132,6 +132,13 @@ def test_one_agent_two_models_each_updated_alone(tmp_path, broker, versions, key
         wait_until(lambda: _version(a, "digits") == "1.1.0", 60, what="digits 1.1.0")
         w.wait("/events", lambda p: p.get("update_id") == legacy["update_id"] and p["state"] == "committed", 30)
         assert _version(a, "logm") == "1.1.0"
+        own = _publish(broker, keys, versions["v2"], "devices/dev1/models/digits")  # digits' own record now
+        w.wait("/events", lambda p: p.get("update_id") == own["update_id"], 30)
+        ignored = _publish(broker, keys, versions["v09"], "devices/dev1")  # an old-style record loses: said so
+        ev = w.wait("/events", lambda p: p.get("update_id") == ignored["update_id"] and p["state"] == "failed", 30)
+        assert ev["error"].startswith("not applied: model digits follows its own record on ") and \
+            own["update_id"] in ev["error"], ev
+        assert _version(a, "digits") == "1.1.0"
 
         assert _call(a, "/v2/repository/models/logm/unload", b"", token=None)[0] == 401
         assert _call(a, "/v2/repository/models/logm/unload", b"")[0] == 200
