@@ -46,68 +46,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import random
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
 
 import numpy as np
 
 from device_agent.ota.delta import fetch_delta
+from device_agent.ota.policy import Clock, Host, UpdaterSettings, backoff_delay, parse_fault_delays
 from device_agent.ota.record import ENDED, LIVE, RESUMABLE, Record, State
 from device_agent.shadow import ShadowRun
-from device_agent.ota.transfer import (Cancelled, ChunkFetcher, MqttChunkFetcher, TransferError, TransferPolicy,
-                                      TransientError, fetch_url)
-from device_agent.store import Store, atomic_write
+from device_agent.ota.transfer import (Cancelled, ChunkFetcher, MqttChunkFetcher, TransferError, TransientError,
+                                      fetch_url)
+from device_agent.store import atomic_write
 from edgebundle.errors import EdgepackError
 from edgebundle.interface import interface_diff
 from edgebundle.manifest import parse_version
 from edgeproto.desired import CdcTransfer, Desired, MqttTransfer
 from edgeproto.records import UpdateEvent
 
-__all__ = ["Clock", "Host", "State", "Record", "UpdateFailed", "Updater", "UpdaterSettings"]
+__all__ = ["Clock", "Host", "State", "Record", "UpdateFailed", "Updater", "UpdaterSettings", "parse_fault_delays"]
 log = logging.getLogger("edgepack.agent.ota")
-
-
-def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rand: Callable[[], float] = random.random) -> float:
-    """Exponential back-off, capped, with full jitter: uniform in [0, min(cap, base * 2^(attempt-1))].
-    After an outage the devices of a fleet spread their retries instead of hitting the model
-    server in lockstep."""
-    return rand() * min(base_s * 2 ** max(attempt - 1, 0), cap_s)
-
-
-@dataclass(frozen=True)
-class Clock:
-    """Wall time (records, events) and monotonic time (deadlines, probation, back-off)."""
-
-    wall: Callable[[], float] = time.time
-    mono: Callable[[], float] = time.monotonic
-
-
-@dataclass(frozen=True)
-class UpdaterSettings:
-    max_attempts: int = 5
-    backoff_s: float = 2.0  # doubles per attempt
-    max_backoff_s: float = 300.0
-    transfer: TransferPolicy = field(default_factory=TransferPolicy)
-    fault_delays: dict = field(default_factory=dict)  # state -> seconds to pause before it (rehearsing crashes)
-
-
-class Host(Protocol):
-    """What the updater needs from the agent (injected, so tests can drive it with fakes)."""
-
-    store: Store
-    mqtt: object  # the MQTT session, when no fetcher is injected
-
-    def active_model(self): ...
-    def swap(self, model): ...
-    def verify(self, path: Path, *, sha256: str): ...  # -> verified Bundle, model files extracted
-    def load(self, path: Path, *, verified=None): ...
-    def event(self, doc: dict) -> None: ...
-    def status_changed(self) -> None: ...
 
 
 class UpdateFailed(EdgepackError):
@@ -648,17 +608,3 @@ class Updater:
         if delay:
             log.warning("fault injection: pausing %.1f s before %s", delay, state.value)
             self._stop.wait(delay)
-
-
-def parse_fault_delays(text: str) -> dict[str, float]:
-    """EDGEPACK_AGENT_FAULT_DELAY="staging=5,probation=2": pause before entering a state, so
-    crash-recovery tests (and operators rehearsing one) can kill the agent at a known point."""
-    out = {}
-    for item in (text or "").split(","):
-        if "=" in item:
-            k, v = item.split("=", 1)
-            try:
-                out[k.strip()] = float(v)
-            except ValueError:
-                pass
-    return out
