@@ -1,6 +1,7 @@
-"""The canonical .tflite layout (packager/formats/tflite_layout.py) on the digits CNN, fp32 and int8,
-converted in a child: outputs bit-identical to the converter's file, the same bytes whatever order the
-converter wrote the buffers in, and a retrained layer changing only its own bytes."""
+"""The canonical .tflite layout (packager/formats/tflite_layout.py) on the digits CNN (fp32 and int8)
+and a tiny attention encoder over token ids (dynamic-range int8), converted in a child: outputs
+bit-identical to the converter's file, the same bytes whatever order the converter wrote the buffers
+in, and a retrained layer changing only its own bytes."""
 from __future__ import annotations
 
 import subprocess
@@ -28,6 +29,14 @@ for name in ("fp32", "int8"):
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         conv.inference_input_type = conv.inference_output_type = tf.int8
     (out / f"{name}.tflite").write_bytes(conv.convert())
+tf.keras.utils.set_random_seed(0)
+ids = tf.keras.Input((16,), dtype="int32", name="input_ids")
+h = tf.keras.layers.Embedding(100, 64)(ids)
+h = tf.keras.layers.LayerNormalization()(h + tf.keras.layers.MultiHeadAttention(2, 32)(h, h))
+text = tf.keras.Model(ids, tf.keras.layers.Dense(8)(tf.keras.layers.GlobalAveragePooling1D()(h)))
+conv = tf.lite.TFLiteConverter.from_keras_model(text)
+conv.optimizations = [tf.lite.Optimize.DEFAULT]
+(out / "text.tflite").write_bytes(conv.convert())
 """
 
 # In a child that never imported TensorFlow: each model's outputs on the same inputs, as raw bytes.
@@ -41,6 +50,7 @@ for path in sys.argv[1:]:
     outs = []
     for _ in range(4):
         x = rng.integers(-128, 128, d["shape"]) if d["dtype"] == np.int8 else rng.random(d["shape"])
+        x = rng.integers(0, 100, d["shape"]) if d["dtype"] == np.int32 else x
         interp.set_tensor(d["index"], x.astype(d["dtype"])); interp.invoke()
         outs.append(interp.get_tensor(interp.get_output_details()[0]["index"]).tobytes().hex())
     print(path, ",".join(outs))
@@ -54,7 +64,7 @@ def models(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("layout")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     subprocess.run([sys.executable, "-c", CONVERT, str(out)], check=True, timeout=420, capture_output=True, env=env)
-    return {name: (out / f"{name}.tflite").read_bytes() for name in ("fp32", "int8")}
+    return {name: (out / f"{name}.tflite").read_bytes() for name in ("fp32", "int8", "text")}
 
 
 def _outputs(tmp_path, models: dict[str, bytes]) -> dict[str, str]:
@@ -66,7 +76,7 @@ def _outputs(tmp_path, models: dict[str, bytes]) -> dict[str, str]:
     return {line.split()[0].rsplit("/", 1)[1][:-len(".tflite")]: line.split()[1] for line in res.stdout.splitlines()}
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "text"])
 def test_outputs_bit_identical_and_layout_deterministic(models, tmp_path, precision):
     from packager.formats.tflite_layout import canonical
 
@@ -96,7 +106,7 @@ def _permuted(data: bytes) -> bytes:
     return convert_object_to_bytearray(model)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "text"])
 def test_same_bytes_whatever_the_converters_buffer_order(models, precision):
     from packager.formats.tflite_layout import canonical
 
