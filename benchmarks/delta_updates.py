@@ -11,7 +11,9 @@ for both, and the agent's CPU seconds from push to the end of probation (medians
 runs, each on a fresh agent). Then, without a
 broker: the assembly's own CPU time and peak Python heap, what storing model members (instead of
 deflating them) costs in bundle size, bytes fetched per chunk size, and for the last-layer
-update which model-file tensors changed (data or quantization parameters).
+update which model-file tensors changed (data or quantization parameters), which bundle members
+the fetched bytes belong to, and the build-time cost of the canonical .tflite layout
+(packager/formats/tflite_layout.py).
 
     python benchmarks/delta_updates.py [--cases digits-fp32,digits-int8,mobilenetv2-fp32,mobilenetv2-int8]
                                        [--repeat 3]
@@ -233,6 +235,55 @@ def tensor_diff(old: Path, new: Path) -> dict:
             "renamed": len(qa.keys() ^ qb.keys())}
 
 
+def by_member(old: Path, new: Path) -> dict[str, int]:
+    """The default chunking's missing bytes of `new` (vs `old`), by the zip member they cover
+    (a member: its local header and data; then the central directory)."""
+    from edgebundle.cdc import CdcParams, chunk_file
+
+    p = CdcParams.for_size(new.stat().st_size)
+    have = {c.sha256 for c in chunk_file(old, p)}
+    with zipfile.ZipFile(new) as z:
+        starts = sorted((i.header_offset, i.filename) for i in z.infolist()) + [(z.start_dir, "zip directory")]
+    out: dict[str, int] = {}
+    for c in chunk_file(new, p):
+        if c.sha256 in have:
+            continue
+        end = c.offset + c.size
+        cuts = [c.offset] + [o for o, _ in starts if c.offset < o < end] + [end]
+        for a, b in zip(cuts, cuts[1:]):
+            name = [n for o, n in starts if o <= a][-1]
+            out[name] = out.get(name, 0) + b - a
+    return out
+
+
+def model_bytes(old: Path, new: Path) -> tuple[int, int, int] | None:
+    """(bytes that differ, in how many runs 64 bytes apart, model size) between the two bundles' model
+    files, when they have the same length (a retrained layer of the same shape); else None."""
+    def raw(bundle: Path) -> bytes:
+        with zipfile.ZipFile(bundle) as z:
+            return z.read(next(n for n in z.namelist() if n.endswith(".tflite")))
+
+    a, b = raw(old), raw(new)
+    if len(a) != len(b):
+        return None
+    diff = np.flatnonzero(np.frombuffer(a, np.uint8) != np.frombuffer(b, np.uint8))
+    return len(diff), int(1 + np.count_nonzero(np.diff(diff) > 64)) if len(diff) else 0, len(b)
+
+
+def layout_cpu(bundle: Path) -> float:
+    """CPU seconds (median of 3) of writing the bundle's model in the canonical layout, as the build does."""
+    from packager.formats.tflite_layout import canonical
+
+    with zipfile.ZipFile(bundle) as z:
+        raw = z.read(next(n for n in z.namelist() if n.endswith(".tflite")))
+    times = []
+    for _ in range(3):
+        t = time.process_time()
+        canonical(raw)
+        times.append(time.process_time() - t)
+    return statistics.median(times)
+
+
 def _median(runs: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -287,6 +338,13 @@ def main() -> None:
         print(f"{case:<18} new {d['new']} of {d['buffers']} buffers ({d['new_bytes']} bytes), moved {d['moved']}, "
               f"quantization changed {len(d['quant_changed'])} {', '.join(d['quant_changed'][:4])}, "
               f"names not in both {d['renamed']}")
+    print("\nlast layer retrained, default chunks: what is fetched, by bundle member (bytes); the model files' "
+          "differing bytes (same length only); CPU of the canonical layout at build time")
+    for case, b in cases.items():
+        diff = model_bytes(b["1.0.0"], b["1.1.0"])
+        print(f"{case:<18}", ", ".join(f"{k} {v}" for k, v in sorted(by_member(b["1.0.0"], b["1.1.0"]).items())),
+              f"| model: {diff[0]} of {diff[2]} bytes differ in {diff[1]} runs" if diff else "| model: other length",
+              f"| layout {1000 * layout_cpu(b['1.0.0']):.0f} ms")
     print(f"\n{'case':<18}{'avg chunk':>10}{'fetched':>9}{'+overhead':>10}   (last layer retrained)")
     for case, b in cases.items():
         for avg, pct, with_overhead in by_chunk_size(b["1.0.0"], b["1.1.0"]):

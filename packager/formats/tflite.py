@@ -21,7 +21,7 @@ import numpy as np
 
 from edgebundle.errors import ConversionError, InputError, UnsupportedOpError
 from packager.candidates import Step
-from packager.formats import tflite_values
+from packager.formats import tflite_layout, tflite_values
 from packager.formats.sensitivity import GraphView, Lowered, Op, fake_quant
 from packager.lint import Finding, Level
 from packager.registry import Artifact, Backend, ConvertContext, bridge, register
@@ -223,14 +223,20 @@ class TFLiteBackend(Backend):
         if self.packages_as_is(ctx.source):
             return self._as_is(ctx, out)
         if ctx.precision is Precision.FP32:
-            shutil.copyfile(self.fp32(ctx), out)
+            self._write(out, self.fp32(ctx).read_bytes())
             return Artifact(path=out, format=self.format, precision=Precision.FP32, quantization=_converted(ctx))
         data, details = MODES[ctx.precision](ctx)
-        out.write_bytes(data)
+        self._write(out, data)
         if ctx.precision in self.calibrated:  # integer kernels are where LiteRT aborted (a BERT's full int8)
             _probe(out, ctx, f"the {ctx.candidate.label} model")
         return Artifact(path=out, format=self.format, precision=ctx.precision,
                         quantization={**details, **_converted(ctx)})
+
+    def _write(self, out: Path, data: bytes) -> None:
+        """A converted model, in the canonical layout that keeps unchanged tensors' bytes across
+        versions for delta updates (tflite_layout.py), before anything validates it. A delegate's
+        backend (Edge TPU) hands its compiler the converter's file as it is."""
+        out.write_bytes(tflite_layout.canonical(data)[0] if self.delegate is None else data)
 
     def _as_is(self, ctx: ConvertContext, out: Path) -> Artifact:
         """A ready .tflite is packaged unchanged; asking for another precision is an error."""
