@@ -107,8 +107,12 @@ class MqttClient:
             log.debug("publish not acknowledged: %s", e)
             return False
 
-    def subscribe(self, topic: str, qos: int = 1) -> None:
-        self._client.subscribe(topic, qos=qos)
+    def subscribe(self, topic: str | list[str], qos: int = 1) -> None:
+        """One topic filter, or several in one SUBSCRIBE packet."""
+        if isinstance(topic, str):
+            self._client.subscribe(topic, qos=qos)
+        elif topic:
+            self._client.subscribe([(t, qos) for t in topic])
 
     def subscribe_wait(self, topic: str, qos: int = 1, timeout: float = 10.0) -> bool:
         """Subscribe and wait for the broker's SUBACK (retained messages follow it at once)."""
@@ -121,8 +125,10 @@ class MqttClient:
         self._subacks.pop(mid, None)
         return ok
 
-    def unsubscribe(self, topic: str) -> None:
-        self._client.unsubscribe(topic)
+    def unsubscribe(self, topic: str | list[str]) -> None:
+        """One topic filter, or several in one UNSUBSCRIBE packet."""
+        if isinstance(topic, str) or topic:
+            self._client.unsubscribe(topic)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         ev = self._subacks.get(mid)

@@ -134,12 +134,13 @@ class FakeMqtt:
         self.connected = threading.Event()
         self.connected.set()
 
-    def subscribe(self, topic, qos=1):
+    def subscribe(self, topics, qos=1):
         for t, p in self.noise:
             self.fetcher.on_message(t, p)
         self.noise = []
-        if topic in self.retained:
-            self.fetcher.on_message(topic, self.retained[topic])
+        for topic in [topics] if isinstance(topics, str) else topics:
+            if topic in self.retained:
+                self.fetcher.on_message(topic, self.retained[topic])
 
     def unsubscribe(self, topic):
         pass

@@ -194,35 +194,40 @@ class MqttChunkFetcher:
                 if connected_s > budget:
                     raise TransientError(f"download too slow: {got_bytes} of {remaining} bytes after "
                                          f"{connected_s:.0f} s (at least {self.policy.min_rate} bytes/s expected)")
+                ask = []  # one SUBSCRIBE for the window's new chunks, one UNSUBSCRIBE per turn
                 while missing and len(outstanding) < job.window:
                     k = missing.pop(0)
-                    self.mqtt.subscribe(topic(k), qos=1)
+                    ask.append(topic(k))
                     outstanding[k] = time.monotonic()
+                self.mqtt.subscribe(ask, qos=1)
                 with self._arrived:
                     if not self._inbox:
                         self._arrived.wait(0.5)
                     got, self._inbox = self._inbox, {}
-                for k, payload in sorted(got.items()):
-                    if k not in outstanding:
-                        continue
-                    self.mqtt.unsubscribe(topic(k))
-                    del outstanding[k]
-                    _check(job, k, payload)
-                    job.store(k, payload)
-                    got_bytes += len(payload)
-                    last_progress = time.monotonic()
-                for k in [k for k, t0 in outstanding.items() if time.monotonic() - t0 > self.stall_s]:
-                    self.mqtt.unsubscribe(topic(k))  # nothing came: resubscribe (lost SUBACK, broker restart)
-                    del outstanding[k]
-                    missing.insert(0, k)
+                done = []
+                try:
+                    for k, payload in sorted(got.items()):
+                        if k not in outstanding:
+                            continue
+                        done.append(topic(k))
+                        del outstanding[k]
+                        _check(job, k, payload)
+                        job.store(k, payload)
+                        got_bytes += len(payload)
+                        last_progress = time.monotonic()
+                    for k in [k for k, t0 in outstanding.items() if time.monotonic() - t0 > self.stall_s]:
+                        done.append(topic(k))  # nothing came: resubscribe (lost SUBACK, broker restart)
+                        del outstanding[k]
+                        missing.insert(0, k)
+                finally:
+                    self.mqtt.unsubscribe(done)
                 if time.monotonic() - last_progress > self.policy.stall_s:
                     raise TransientError(f"no chunk arrived for {self.policy.stall_s:.0f} s "
                                          f"({len(missing) + len(outstanding)} left); is the bundle still published?")
         finally:
             with self._lock:
                 self._prefix = None
-            for k in outstanding:
-                self.mqtt.unsubscribe(topic(k))
+            self.mqtt.unsubscribe([topic(k) for k in outstanding])
 
 
 def _check(job: Pull, k: int, payload: bytes | int) -> None:
