@@ -21,7 +21,8 @@ from edgebundle.errors import BundleError
 
 MIN_AVG = 2 << 10
 MAX_AVG = 1 << 20
-TARGET_CHUNKS = 512  # a bundle of N bytes is cut into chunks of about N / 512 (+ min_size), within the bounds
+TARGET_CHUNKS = 128  # a bundle of N bytes is cut into chunks of about N / 128, within the bounds (docs/benchmarks.md:
+# 512 fetched 1.3 % instead of 2.2 % of MobileNetV2 fp32 after a head retrain, but every chunk costs agent CPU)
 
 
 @dataclass(frozen=True)

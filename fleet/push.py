@@ -232,7 +232,8 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
         model_for(p.name, model=model, device_topic=device_topic)  # before the broker is asked anything
     try:  # the chunk indexes arrive while the devices' status is read
         table = _fleet_table(broker) if check_interface or ix_conn else None
-        indexes = cdc.read_indexes(ix_conn, topics.root) if ix_conn else None
+        # the status read waited for 0.2 s of quiet: the retained indexes (sent right after the SUBACK) are in
+        indexes = cdc.read_indexes(ix_conn, topics.root, quiet_s=0.01) if ix_conn else None
     finally:
         if ix_conn:
             ix_conn.stop()

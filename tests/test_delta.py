@@ -37,7 +37,7 @@ def _desired(data: bytes, t: CdcTransfer) -> Desired:
 
 def test_params_scale_with_the_bundle_and_stay_within_bounds():
     assert CdcParams.for_size(40_000) == CdcParams(512, 2048, 16384)
-    assert CdcParams.for_size(14 << 20).avg_size == 16384
+    assert CdcParams.for_size(14 << 20).avg_size == 65536
     assert CdcParams.for_size(1 << 30).avg_size == 1 << 20
     p = CdcParams.for_size(14 << 20)
     assert p.suits(15 << 20) and not p.suits(2 << 30)  # a next version of similar size is cut alike
