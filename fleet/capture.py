@@ -23,9 +23,8 @@ from edgeproto.broker import BrokerConfig
 from edgeproto.capture import FINAL, MAX_SAMPLES, SCHEMA, data_topic, transfer_from
 from edgeproto.desired import sign_record
 from edgeproto.mqtt import dumps
-from edgeproto.records import DeviceStatus
 from edgeproto.topics import Topics
-from fleet.conn import Collector, parse_json
+from fleet.conn import Collector, parse_json, wait_online
 from fleet.errors import FleetError
 from fleet.push import _ID, Signer
 
@@ -68,7 +67,7 @@ def pull(broker: BrokerConfig, *, device: str, out: Path, model: str | None = No
         doc = sign_record(doc, signer.key, cert=signer.cert)
     conn = Collector(broker, [topics.status(device), topics.capture_result(device)], name="capture")
     try:
-        _wait_online(conn, topics, device, timeouts.status_s)
+        wait_online(conn, topics, device, timeouts.status_s, then="pull again")
         seen = len(conn.messages)
         if not conn.client.publish_wait(topics.capture_request(device), dumps(doc), qos=1, timeout=30):
             raise FleetError(f"the broker did not acknowledge the capture request on {topics.capture_request(device)}")
@@ -82,20 +81,6 @@ def pull(broker: BrokerConfig, *, device: str, out: Path, model: str | None = No
         conn.stop()
     _write(out, data)
     return {**res, "file": str(out)}
-
-
-def _wait_online(conn: Collector, topics: Topics, device: str, wait_s: float) -> None:
-    want, seen, status = topics.status(device), 0, None
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and status is None:
-        new, seen = conn.take(seen, 0.2)
-        status = next((DeviceStatus.from_dict(device, parse_json(p)) for t, p in new if t == want), None)
-    if status is None:
-        raise FleetError(f"device {device!r} has never reported to this broker (no retained status on {want})",
-                         hint="check --device and --broker/--topic-prefix")
-    if not status.online:
-        raise FleetError(f"device {device!r} is offline ({status.reason or 'no reason given'}, since {status.ts})",
-                         hint="start its agent, then pull again")
 
 
 def _result(conn: Collector, topics: Topics, device: str, rid: str, seen: int, timeouts: Timeouts) -> dict:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from typing import Callable, Iterable
 
 from edgeproto.broker import BrokerConfig
 from edgeproto.mqtt import MqttClient
+from edgeproto.records import DeviceStatus
+from edgeproto.topics import Topics
 from fleet.errors import FleetError
 
 
@@ -59,6 +62,23 @@ class Collector:
 
     def stop(self) -> None:
         self.client.stop()
+
+
+def wait_online(conn: Collector, topics: Topics, device: str, wait_s: float, *, then: str) -> DeviceStatus:
+    """The device's retained status, collected by `conn` (subscribed to it); FleetError when the device
+    never reported to this broker or is offline (`then`: what to do once it runs, for the hint)."""
+    want, seen, status = topics.status(device), 0, None
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and status is None:
+        new, seen = conn.take(seen, 0.2)
+        status = next((DeviceStatus.from_dict(device, parse_json(p)) for t, p in new if t == want), None)
+    if status is None:
+        raise FleetError(f"device {device!r} has never reported to this broker (no retained status on {want})",
+                         hint="check --device and --broker/--topic-prefix, and that the agent runs with this broker")
+    if not status.online:
+        raise FleetError(f"device {device!r} is offline ({status.reason or 'no reason given'}, since {status.ts})",
+                         hint=f"start its agent, then {then}")
+    return status
 
 
 def publish_retained(client: MqttClient, messages: Iterable[tuple[str, bytes]], *, window: int = 64) -> int:

@@ -20,7 +20,7 @@ from edgeproto.jobs import SCHEMA, BenchSettings
 from edgeproto.mqtt import dumps
 from edgeproto.records import DeviceStatus, ProfileResult
 from edgeproto.topics import Topics
-from fleet.conn import Collector, parse_json
+from fleet.conn import Collector, parse_json, wait_online
 from fleet.errors import FleetError
 from fleet.push import DEFAULT_CHUNK, Prepared, Signer, _ID, prepare, publish_chunks
 
@@ -52,7 +52,7 @@ def profile(bundles: list[Path], broker: BrokerConfig, *, device: str, bench: Be
     conn = Collector(broker, [topics.status(device), topics.profile_result(device)], name="profile")
     results: list[ProfileResult] = []
     try:
-        _check_online(conn, topics, device, timeouts.status_s)
+        wait_online(conn, topics, device, timeouts.status_s, then="profile again")
         for p in prepared:
             try:
                 results.append(_one(conn, topics, p, device=device, bench=bench, timeouts=timeouts, signer=signer,
@@ -63,23 +63,6 @@ def profile(bundles: list[Path], broker: BrokerConfig, *, device: str, bench: Be
         return results
     finally:
         conn.stop()
-
-
-def _check_online(conn: Collector, topics: Topics, device: str, wait_s: float) -> None:
-    want = topics.status(device)
-    deadline, seen = time.monotonic() + wait_s, 0
-    status = None
-    while time.monotonic() < deadline and status is None:
-        new, seen = conn.take(seen, 0.2)
-        for t, payload in new:
-            if t == want:
-                status = DeviceStatus.from_dict(device, parse_json(payload))
-    if status is None:
-        raise FleetError(f"device {device!r} has never reported to this broker (no retained status on {want})",
-                         hint="check --device and --broker/--topic-prefix, and that the agent runs with this broker")
-    if not status.online:
-        raise FleetError(f"device {device!r} is offline ({status.reason or 'no reason given'}, since {status.ts})",
-                         hint="start its agent, then profile again")
 
 
 def _one(conn: Collector, topics: Topics, p: Prepared, *, device: str, bench: BenchSettings, timeouts: Timeouts,
