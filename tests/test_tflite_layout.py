@@ -63,7 +63,16 @@ def models(tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("layout")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    subprocess.run([sys.executable, "-c", CONVERT, str(out)], check=True, timeout=420, capture_output=True, env=env)
+    res = subprocess.run([sys.executable, "-c", CONVERT, str(out)], timeout=420, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        # Seen once in a full fresh-clone run (exit 1, stderr not kept) and never alone: say why, then
+        # convert in this process as the other build tests do, so the layout is still checked.
+        print("conversion child failed:", res.stderr[-3000:], file=sys.stderr)
+        argv, sys.argv = sys.argv, ["convert", str(out)]
+        try:
+            exec(CONVERT, {"__name__": "convert"})
+        finally:
+            sys.argv = argv
     return {name: (out / f"{name}.tflite").read_bytes() for name in ("fp32", "int8", "text")}
 
 
