@@ -29,6 +29,7 @@ import numpy as np
 from edgebundle.errors import EdgepackError
 from edgeproto.bundleref import Limits, MqttTransfer, RecordError
 from edgeproto.capture import CaptureRequest, data_topic
+from edgeproto.documents import now_iso
 from edgeproto.mqtt import dumps
 
 log = logging.getLogger("edgepack.agent.capture")
@@ -303,13 +304,7 @@ class Capturer:
     def _publish(self, doc: dict) -> None:
         mqtt = self.host.mqtt
         if mqtt is not None:
-            mqtt.publish(self.result_topic, dumps({**doc, "ts": _now()}), qos=1)
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+            mqtt.publish(self.result_topic, dumps({**doc, "ts": now_iso()}), qos=1)
 
 
 __all__ = ["CapturePolicy", "Capturer", "Ring", "pack"]
