@@ -267,6 +267,11 @@ def _mqtt_transfer(t: dict, *, sha: str, size: int, limits: Limits, topic_prefix
     want = f"{topic_prefix}/bundles/{sha}" if topic_prefix is not None else None
     if (want is not None and topic != want) or not topic.endswith(f"/bundles/{sha}"):
         raise ValueError(f"transfer.topic must be {want or '{root}/bundles/{sha256}'}, not {topic!r:.120}")
+    return fixed_chunks(t, topic=topic, size=size, limits=limits)
+
+
+def fixed_chunks(t: dict, *, topic: str, size: int, limits: Limits) -> MqttTransfer:
+    """An mqtt transfer's chunk fields, checked against `size` (the topic is the caller's to check)."""
     csize = integer(t, "chunk_size", 1, limits.max_chunk_bytes, what="transfer.chunk_size")
     chunks = integer(t, "chunks", 1, limits.max_chunks, what="transfer.chunks", hint="[ota] max_chunks")
     if chunks != -(-size // csize):

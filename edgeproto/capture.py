@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgeproto.bundleref import (MODEL_NAME, TARGET, Limits, MqttTransfer, checked, integer, issued, load_record,
-                                 record_id, signature)
+from edgeproto.bundleref import (MODEL_NAME, TARGET, Limits, MqttTransfer, checked, fixed_chunks, integer, issued,
+                                 load_record, record_id, signature)
 
 SCHEMA = "edgepack.capture-request/1"
 MAX_SAMPLES = 100_000
@@ -70,14 +70,7 @@ def transfer_from(doc, *, topic: str, size: int, limits: Limits = Limits()) -> M
     """The result's `transfer` section, checked against the topic this pull's chunks must be on."""
     if not isinstance(doc, dict) or doc.get("method") != "mqtt" or doc.get("topic") != topic:
         raise ValueError(f"transfer must be an mqtt transfer on {topic}")
-    csize = integer(doc, "chunk_size", 1, limits.max_chunk_bytes, what="transfer.chunk_size")
-    chunks = integer(doc, "chunks", 1, limits.max_chunks, what="transfer.chunks")
-    hashes = doc.get("chunk_sha256")
-    if chunks != -(-size // csize) or not isinstance(hashes, list) or len(hashes) != chunks or not all(
-            isinstance(h, str) and len(h) == 64 for h in hashes):
-        raise ValueError(f"transfer: {chunks} chunks of {csize} bytes with {len(hashes or [])} hashes do not "
-                         f"make {size} bytes")
-    return MqttTransfer(topic=topic, chunk_size=csize, chunks=chunks, chunk_sha256=tuple(hashes))
+    return fixed_chunks(doc, topic=topic, size=size, limits=limits)
 
 
 __all__ = ["CaptureRequest", "FINAL", "MAX_SAMPLES", "SCHEMA", "data_topic", "transfer_from"]
