@@ -179,7 +179,8 @@ def pack(paths: list[Path], max_samples: int, out: Path) -> dict:
         n = {len(a) if a.ndim else 0 for a in arrays.values()}
         if len(n) != 1 or 0 in n:
             continue
-        sig = tuple(sorted((k, a.dtype.str, a.shape[1:]) for k, a in arrays.items()))
+        sig = tuple(sorted((k, a.dtype.kind if a.dtype.kind in "US" else a.dtype.str, a.shape[1:])  # texts: any width
+                           for k, a in arrays.items()))
         groups.setdefault(sig, []).append(arrays)
         used.setdefault(sig, []).append(p)
         rows[sig] += n.pop()

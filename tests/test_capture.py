@@ -83,8 +83,10 @@ def test_pack_takes_the_newest_samples_of_one_layout(tmp_path):
         ring.offer({"image": np.zeros((1, 4, 4, 1), np.float32)}, {})  # another layout, oldest
         for i in range(6):
             ring.offer(_x(i, batch=2), {"scores": np.full((2, 10), i, np.float32)})
-        ring.offer({"text": ["héllo", "wörld"]}, {})  # text comes as text
-        _drain(ring, 8)
+        _drain(ring, 7)  # the writer's queue holds 8
+        ring.offer({"text": ["a longer text first"]}, {})
+        ring.offer({"text": ["héllo", "wörld"]}, {})  # text comes as text, of any length
+        _drain(ring, 9)
         held = pack(ring.newest(), 7, tmp_path / "out.npz")
         with np.load(tmp_path / "out.npz", allow_pickle=False) as z:
             img, scores = z["image"], z["output:scores"]
@@ -92,11 +94,12 @@ def test_pack_takes_the_newest_samples_of_one_layout(tmp_path):
         assert img[:, 0, 0, 0].tolist() == [2, 3, 3, 4, 4, 5, 5]  # the newest, oldest first
         assert held["inputs"] == {"image": [[8, 8, 1], "<f4"]} and held["outputs"] == ["scores"]
         assert len(held["used"]) == 4  # the four newest image requests: what --clear deletes
-        text = pack([ring.newest()[0]], 10, tmp_path / "t.npz")
+        text = pack(ring.newest()[:2], 10, tmp_path / "t.npz")
         with np.load(tmp_path / "t.npz", allow_pickle=False) as z:
-            assert text["samples"] == 2 and z["text"].tolist() == ["héllo", "wörld"]
+            assert text["samples"] == 3 and text["skipped"] == 0
+            assert z["text"].tolist() == ["a longer text first", "héllo", "wörld"]
         ring.forget(held["used"])
-        assert ring.summary()["requests"] == 4
+        assert ring.summary()["requests"] == 5
     finally:
         ring.close()
 
