@@ -9,7 +9,7 @@ import time
 from device_agent import __version__
 from device_agent.buffer import DiskQueue, QueueUnwritable
 from device_agent.config import AgentConfig
-from device_agent.lifecycle import AgentState, Lifecycle
+from device_agent.lifecycle import READY_STATES, AgentState, Lifecycle
 from device_agent.model import Model
 from device_agent.proc import trim_memory
 from device_agent.repository import AgentRepository
@@ -175,7 +175,10 @@ class Agent:
 
     def ready(self) -> bool:
         """Every model the device is meant to serve serves: each configured one and each with an
-        active bundle (one unloaded on purpose, or whose first install failed, does not count)."""
+        active bundle (one unloaded on purpose, or whose first install failed, does not count), and
+        the start is over (the models load before the updaters start: not ready in between)."""
+        if self.life.state not in READY_STATES:
+            return False
         with self._slots_lock:
             meant = [s for s in self.slots if s.meant]
             return all(s.model is not None for s in meant) if meant else any(s.model for s in self.slots)
