@@ -129,7 +129,10 @@ def update(tmp: Path, port: int, start: Path, bundle: Path, *, delta: bool, devi
                 first.setdefault(e["state"], _ts(e))
         cpu = _cpu_s(a.pid) - cpu0
         last = [e["progress"] for e in events if e.get("progress")][-1]
-        return {"fetched": last.get("fetched", last["bytes"]), "size": bundle.stat().st_size,
+        fetched = last.get("fetched", last["bytes"])
+        patch_bytes = sum(p["size"] for p in res.desired.get("transfer", {}).get("patches", ()))
+        return {"fetched": fetched, "size": bundle.stat().st_size,
+                "chunks_only": fetched - patch_bytes + last.get("patched", 0),
                 "active_s": first["probation"] - t0, "cpu_s": cpu,
                 "published": res.cost.publish_bytes if res.cost else bundle.stat().st_size}
     finally:
@@ -193,18 +196,29 @@ def deflated_size(bundle: Path) -> int:
     return len(buf.getvalue())
 
 
-def by_chunk_size(old: Path, new: Path) -> list[tuple[int, float, float]]:
-    """(avg chunk size, % of the bundle fetched, % incl. ~360 bytes per chunk of overhead)."""
+def by_chunk_size(old: Path, new: Path) -> list[tuple[int, float, float, float]]:
+    """(avg chunk size, % of the bundle fetched, % incl. ~360 bytes per chunk of overhead, % with
+    patches (fleet.patches' rule) incl. overhead)."""
+    from edgebundle import patch
     from edgebundle.cdc import CdcParams, chunk_file
+    from fleet.patches import MIN_SAVING
 
     rows = []
+    ob, nb = old.read_bytes(), new.read_bytes()
     for avg in (256, 512, 2048, 8192, 16384, 65536):
         p = CdcParams(avg // 4, avg, avg * 8)
-        have = {c.sha256 for c in chunk_file(old, p)}
-        missing = {c.sha256: c.size for c in chunk_file(new, p) if c.sha256 not in have}
-        size = new.stat().st_size
-        rows.append((avg, 100 * sum(missing.values()) / size,
-                     100 * (sum(missing.values()) + OVERHEAD * len(missing)) / size))
+        oc, nc = chunk_file(old, p), chunk_file(new, p)
+        have = {c.sha256: ob[c.offset:c.offset + c.size] for c in oc}
+        missing = {c.sha256: c for c in nc if c.sha256 not in have}
+        plans = patch.plan([(c.sha256, c.size) for c in nc], [(c.sha256, c.size) for c in oc])
+        patched = 0
+        for sha, c in missing.items():
+            bases, anchor = plans[sha]
+            enc = patch.encode(nb[c.offset:c.offset + c.size], b"".join(have[b] for b in bases), anchor=anchor)
+            patched += len(enc) if len(enc) + MIN_SAVING <= c.size else c.size
+        size, raw = len(nb), sum(c.size for c in missing.values())
+        rows.append((avg, 100 * raw / size, 100 * (raw + OVERHEAD * len(missing)) / size,
+                     100 * (patched + OVERHEAD * len(missing)) / size))
     return rows
 
 
@@ -313,13 +327,15 @@ def main() -> None:
                     rows.append((case, label, _median(full), _median(dlt)))
         finally:
             stop(broker)
-    print(f"{'case':<18}{'retrained':<12}{'MB':>6}{'fetched':>9}{'published':>10}{'full s':>8}{'delta s':>8}"
-          f"{'ratio':>7}{'cpu full':>9}{'cpu delta':>10}")
+    print(f"{'case':<18}{'retrained':<12}{'MB':>6}{'fetched':>9}{'no patch':>9}{'published':>10}{'full s':>8}"
+          f"{'delta s':>8}{'ratio':>7}{'cpu full':>9}{'cpu delta':>10}")
     for case, label, full, dlt in rows:
         print(f"{case:<18}{label:<12}{dlt['size'] / 1e6:>6.2f}{100 * dlt['fetched'] / dlt['size']:>8.1f}%"
+              f"{100 * dlt['chunks_only'] / dlt['size']:>8.1f}%"
               f"{100 * dlt['published'] / dlt['size']:>9.1f}%{full['active_s']:>8.3f}{dlt['active_s']:>8.3f}"
               f"{dlt['active_s'] / full['active_s']:>7.2f}{full['cpu_s']:>9.3f}{dlt['cpu_s']:>10.3f}")
-    print("fetched = bytes the device pulled over MQTT / bundle; published = chunks the push had to publish "
+    print("fetched = bytes the device pulled over MQTT (chunks and patches) / bundle; no patch = what the same "
+          "chunks would have cost without patches; published = chunks the push had to publish "
           "(the rest retained); full = today's push (1 MiB chunks); s = push start until the new model serves; "
           "cpu = agent CPU seconds from push to the end of probation")
     print(f"\n{'case':<18}{'retrained':<12}{'assembly cpu s':>15}{'peak heap MB':>13}")
@@ -345,10 +361,11 @@ def main() -> None:
         print(f"{case:<18}", ", ".join(f"{k} {v}" for k, v in sorted(by_member(b["1.0.0"], b["1.1.0"]).items())),
               f"| model: {diff[0]} of {diff[2]} bytes differ in {diff[1]} runs" if diff else "| model: other length",
               f"| layout {1000 * layout_cpu(b['1.0.0']):.0f} ms")
-    print(f"\n{'case':<18}{'avg chunk':>10}{'fetched':>9}{'+overhead':>10}   (last layer retrained)")
+    print(f"\n{'case':<18}{'avg chunk':>10}{'fetched':>9}{'+overhead':>10}{'patched+overhead':>17}"
+          "   (last layer retrained)")
     for case, b in cases.items():
-        for avg, pct, with_overhead in by_chunk_size(b["1.0.0"], b["1.1.0"]):
-            print(f"{case:<18}{avg:>10}{pct:>8.1f}%{with_overhead:>9.1f}%")
+        for avg, pct, with_overhead, patched in by_chunk_size(b["1.0.0"], b["1.1.0"]):
+            print(f"{case:<18}{avg:>10}{pct:>8.1f}%{with_overhead:>9.1f}%{patched:>16.1f}%")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,20 @@ class MqttTransfer:
 
 
 @dataclass(frozen=True)
+class Patch:
+    """A chunk encoded against chunks of an older bundle (edgebundle.patch), retained like a chunk
+    on `{topic}/{sha256}`: a device holding every chunk in `bases` may fetch this instead."""
+
+    chunk: str
+    bases: tuple[str, ...]
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict:
+        return {"chunk": self.chunk, "from": list(self.bases), "sha256": self.sha256, "size": self.size}
+
+
+@dataclass(frozen=True)
 class CdcTransfer:
     """Content-defined chunks (edgebundle.cdc), each retained on `{topic}/{sha256}` where `topic`
     is `{root}/chunks`: shared by every version and model, so a device copies the chunks it holds
@@ -74,6 +88,7 @@ class CdcTransfer:
     params: CdcParams
     chunk_sha256: tuple[str, ...]
     chunk_sizes: tuple[int, ...]
+    patches: tuple[Patch, ...] = ()
     method: str = "cdc"
 
     def chunk_topic(self, sha256: str) -> str:
@@ -87,8 +102,11 @@ class CdcTransfer:
         return out
 
     def to_dict(self) -> dict:
-        return {"method": "cdc", "topic": self.topic, "chunking": self.params.to_dict(),
-                "chunk_sha256": list(self.chunk_sha256), "chunk_sizes": list(self.chunk_sizes)}
+        d = {"method": "cdc", "topic": self.topic, "chunking": self.params.to_dict(),
+             "chunk_sha256": list(self.chunk_sha256), "chunk_sizes": list(self.chunk_sizes)}
+        if self.patches:
+            d["patches"] = [p.to_dict() for p in self.patches]
+        return d
 
 
 @dataclass(frozen=True)
@@ -305,4 +323,27 @@ def _cdc_transfer(t: dict, *, size: int, limits: Limits, topic_prefix: str | Non
         raise ValueError(f"transfer.chunk_sizes must list one size in 1..{most} per chunk")
     if sum(sizes) != size:
         raise ValueError(f"transfer.chunk_sizes add up to {sum(sizes)} bytes, the bundle is {size}")
-    return CdcTransfer(topic=topic, params=params, chunk_sha256=tuple(hashes), chunk_sizes=tuple(sizes))
+    return CdcTransfer(topic=topic, params=params, chunk_sha256=tuple(hashes), chunk_sizes=tuple(sizes),
+                       patches=_patches(t.get("patches"), dict(zip(hashes, sizes)), limits=limits))
+
+
+def _patches(v, sizes: dict[str, int], *, limits: Limits) -> tuple[Patch, ...]:
+    """transfer.patches (optional): each for a listed chunk, smaller than it, from 1..4 bases."""
+    if v is None:
+        return ()
+    if not isinstance(v, list) or len(v) > limits.max_chunks:
+        raise ValueError(f"transfer.patches must be a list of at most {limits.max_chunks} patches")
+    out = []
+    for p in v:
+        if not isinstance(p, dict) or set(p) != {"chunk", "from", "sha256", "size"}:
+            raise ValueError("each of transfer.patches must have exactly chunk, from, sha256 and size")
+        chunk, bases, sha, n = p["chunk"], p["from"], p["sha256"], p["size"]
+        if not (isinstance(chunk, str) and chunk in sizes and isinstance(sha, str) and _SHA.match(sha)):
+            raise ValueError("a patch's chunk must be one of transfer.chunk_sha256 and its sha256 64 hex digits")
+        if not isinstance(bases, list) or not 1 <= len(bases) <= 4 or not all(
+                isinstance(b, str) and _SHA.match(b) for b in bases):
+            raise ValueError("a patch's from must list 1..4 chunk sha256s")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < sizes[chunk]:
+            raise ValueError(f"a patch's size must be an integer in 1..{sizes[chunk] - 1} (less than its chunk)")
+        out.append(Patch(chunk=chunk, bases=tuple(bases), sha256=sha, size=n))
+    return tuple(out)

@@ -56,7 +56,8 @@ def push(bundle, device, group, model, device_topic, remove, url, chunk_size, de
         prog = ev.get("progress") or {}
         extra = f" {prog.get('percent')}%" if prog else ""
         if "fetched" in prog:  # a delta: what came over the network, what the device already had
-            extra += f" (fetched {prog['fetched']} of {prog['total']} bytes, {prog.get('reused', 0)} reused)"
+            patched = f", {prog['patched']} rebuilt from patches" if prog.get("patched") else ""
+            extra += f" (fetched {prog['fetched']} of {prog['total']} bytes, {prog.get('reused', 0)} reused{patched})"
         err = f" ({ev['error']})" if ev.get("error") else ""
         click.echo(f"  {dev}: {ev.get('state')}{extra}{err}", err=True)
 

@@ -48,6 +48,9 @@ class ModelIndex:
             params = None
         bundles = {sha: b for sha, b in (doc.get("bundles") or {}).items()
                    if isinstance(b, dict) and isinstance(b.get("chunks"), list) and isinstance(b.get("sizes"), list)}
+        for b in bundles.values():
+            if not isinstance(b.get("patches", []), list):
+                b["patches"] = []
         return cls(params=params, bundles=bundles)
 
     def to_doc(self) -> dict:
@@ -55,7 +58,8 @@ class ModelIndex:
                 "bundles": self.bundles}
 
     def chunks(self) -> set[str]:
-        return {c for b in self.bundles.values() for c in b["chunks"]}
+        """Every chunk and patch (retained alike) the index's bundles need."""
+        return {c for b in self.bundles.values() for c in (*b["chunks"], *b.get("patches", ()))}
 
     def release(self, topics: tuple[str, ...]) -> set[str]:
         """No bundle is named by `topics` any more; returns the bundles that left the index (no
@@ -73,6 +77,9 @@ class ModelIndex:
         left the index."""
         entry = self.bundles.setdefault(sha256, {"chunks": list(transfer.chunk_sha256),
                                                  "sizes": list(transfer.chunk_sizes), "topics": []})
+        patches = set(entry.get("patches", ())) | {p.sha256 for p in transfer.patches}
+        if patches:
+            entry["patches"] = sorted(patches)
         gone = self.release((topic, *release))
         entry["topics"] = sorted(set(entry["topics"]) | {topic})
         self.bundles[sha256] = entry
@@ -138,9 +145,17 @@ def cost(t: CdcTransfer, indexes: dict[str, ModelIndex], *, running: dict[str, s
     devices = {}
     for dev, sha in running.items():
         held = lists.get(sha) if sha else None
-        devices[dev] = None if held is None else sum(n for s, n in by_sha.items() if s not in held)
-    return Cost(bundle_bytes=sum(t.chunk_sizes), publish_bytes=sum(new.values()), publish_chunks=len(new),
-                devices=devices)
+        if held is None:
+            devices[dev] = None
+            continue
+        best = {}  # the smallest patch this device can use per chunk
+        for p in t.patches:
+            if held.issuperset(p.bases):
+                best[p.chunk] = min(best.get(p.chunk, p.size), p.size)
+        devices[dev] = sum(best.get(s, n) for s, n in by_sha.items() if s not in held)
+    new_patches = {p.sha256: p.size for p in t.patches if p.sha256 not in retained(indexes)}
+    return Cost(bundle_bytes=sum(t.chunk_sizes), publish_bytes=sum(new.values()) + sum(new_patches.values()),
+                publish_chunks=len(new) + len(new_patches), devices=devices)
 
 
 def retained(indexes: dict[str, ModelIndex]) -> set[str]:
@@ -148,11 +163,16 @@ def retained(indexes: dict[str, ModelIndex]) -> set[str]:
     return set().union(*(ix.chunks() for ix in indexes.values())) if indexes else set()
 
 
-def publish_delta(client: MqttClient, bundle: Path, t: CdcTransfer, *, skip: set[str], window: int = 64) -> int:
-    """The bundle's chunks not in `skip`, each retained once, a bounded number in flight; returns how many."""
+def publish_delta(client: MqttClient, bundle: Path, t: CdcTransfer, *, skip: set[str],
+                  patches: dict[str, bytes] | None = None, window: int = 64) -> int:
+    """The bundle's chunks and `patches` (sha256 -> bytes) not in `skip`, each retained once, a
+    bounded number in flight; returns how many."""
     by_sha, offsets = _distinct(t), dict(zip(t.chunk_sha256, t.offsets()))
     with open(bundle, "rb") as f:
         def chunks():
+            for sha, payload in (patches or {}).items():
+                if sha not in skip:
+                    yield t.chunk_topic(sha), payload
             for sha, size in by_sha.items():
                 if sha not in skip:
                     f.seek(offsets[sha])

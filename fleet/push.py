@@ -253,12 +253,13 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     chunks = None if url else (lambda client: publish_chunks(client, p))
     cost = None
     if indexes is not None:
-        cost = cdc.cost(p.transfer, indexes, running=running_bundles(table, device=device, group=group,
-                                                                     model=addr.model))
+        running = running_bundles(table, device=device, group=group, model=addr.model)
+        p, patches = with_patches(broker, p, indexes, running.values())
+        cost = cdc.cost(p.transfer, indexes, running=running)
         for line in cost.lines():
             inform(line)
         chunks = lambda client: _publish_delta(client, p, indexes, model=addr.model or p.name,  # noqa: E731
-                                               desired_topic=result.topic, inform=inform)
+                                               desired_topic=result.topic, inform=inform, patches=patches)
 
     def record(issued: str) -> dict:
         return make_record(p, target=addr.target, update_id=uuid.uuid4().hex, issued=issued, signer=signer,
@@ -341,9 +342,21 @@ def running_bundles(table, *, device: str | None, group: str | None, model: str 
     return out
 
 
+def with_patches(broker: BrokerConfig, p: Prepared, indexes: dict[str, cdc.ModelIndex],
+             running) -> tuple[Prepared, dict[str, bytes]]:
+    """`p` with chunk patches against the bundles the devices run (fleet.patches), and their bytes."""
+    from dataclasses import replace
+
+    from fleet.patches import add_patches
+
+    lists = {sha: b for ix in indexes.values() for sha, b in ix.bundles.items()}
+    t, patches = add_patches(broker, p.path, p.transfer, lists, running)
+    return replace(p, transfer=t), patches
+
+
 def _publish_delta(client: MqttClient, p: Prepared, indexes: dict[str, cdc.ModelIndex], *, model: str,
-                   desired_topic: str, inform: Callable[[str], None]) -> None:
-    cdc.publish_delta(client, p.path, p.transfer, skip=cdc.retained(indexes))
+                   desired_topic: str, inform: Callable[[str], None], patches: dict[str, bytes] | None = None) -> None:
+    cdc.publish_delta(client, p.path, p.transfer, skip=cdc.retained(indexes), patches=patches)
     cleared = cdc.record_index(client, Topics(client.cfg.topic_prefix).root, model=model, sha256=p.sha256,
                                t=p.transfer, desired_topic=desired_topic, indexes=indexes)
     if cleared:

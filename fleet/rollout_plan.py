@@ -13,7 +13,7 @@ from edgeproto.desired import parse_transfer
 from fleet import delta as cdc
 from fleet.errors import RolloutError
 from fleet.gates import plan_waves
-from fleet.push import Prepared, interface_warnings, prepare, publish_chunks, running_bundles
+from fleet.push import Prepared, with_patches, interface_warnings, prepare, publish_chunks, running_bundles
 from fleet.rollout_link import Client, Clock, Inbox
 from fleet.rollout_state import ACTIVE, RolloutRecord, RolloutSettings, Wave
 from fleet.status import FleetTable
@@ -68,7 +68,7 @@ def plan(bundle: Path, *, inbox: Inbox, client: Client, clock: Clock, say: Calla
     if indexes is None:
         publish_chunks(client, p)
     else:
-        _publish_delta(client, p, indexes, inbox=inbox, devices=devices, model=model, say=say)
+        p = _publish_delta(client, p, indexes, inbox=inbox, devices=devices, model=model, say=say)
     now = clock.wall()
     return RolloutRecord(id=inbox.id, group=group, bundle=bundle_dict(p), previous=previous,
                          settings=settings.to_dict(), waves=[Wave(devices=w) for w in waves], created=now, updated=now,
@@ -76,16 +76,22 @@ def plan(bundle: Path, *, inbox: Inbox, client: Client, clock: Clock, say: Calla
 
 
 def _publish_delta(client: Client, p: Prepared, indexes: dict[str, cdc.ModelIndex], *, inbox: Inbox,
-                   devices: list[str], model: str | None, say: Callable[[str], None]) -> None:
-    """What the update costs each device, said before publishing; then the chunks no index lists,
+                   devices: list[str], model: str | None, say: Callable[[str], None]) -> Prepared:
+    """The bundle with chunk patches against what the devices run (fleet.patches), what the update
+    costs each device, said before publishing; then the chunks and patches no index lists,
     and the model's index naming the bundle by the rollout's record topic (fleet.rollout)."""
     running = running_bundles(inbox.table, device=None, group=None, model=model)
-    cost = cdc.cost(p.transfer, indexes, running={d: running.get(d) for d in devices})
+    running = {d: running.get(d) for d in devices}
+    patches = {}
+    if getattr(client, "cfg", None) is not None:  # the bases are read from the broker
+        p, patches = with_patches(client.cfg, p, indexes, running.values())
+    cost = cdc.cost(p.transfer, indexes, running=running)
     for line in cost.lines():
         say(line)
-    cdc.publish_delta(client, p.path, p.transfer, skip=cdc.retained(indexes))
+    cdc.publish_delta(client, p.path, p.transfer, skip=cdc.retained(indexes), patches=patches)
     cdc.record_index(client, inbox.topics.root, model=model or p.name, sha256=p.sha256, t=p.transfer,
                      desired_topic=inbox.topics.rollout(inbox.id), indexes=indexes)
+    return p
 
 
 def _group_record(inbox: Inbox, model: str | None):

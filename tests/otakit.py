@@ -154,3 +154,19 @@ def wait_final(w, update_id: str, device: str = "dev1", timeout: float = 30) -> 
 
 __all__ = ["QUICK", "ROOT", "push", "agent", "version", "infer", "state", "record", "sign_record", "Publisher",
            "publish_record", "events", "wait_final", "wait_until"]
+
+
+class FakeFetcher:
+    """Serves `pull` from a dict of retained chunks (and patches), as MqttChunkFetcher would from
+    the broker; `asked` lists what was pulled, in order."""
+
+    window = 16
+
+    def __init__(self, retained: dict[str, bytes]):
+        self.retained, self.asked = retained, []
+
+    def pull(self, job, *, cancelled, count=0):
+        for k in job.keys:
+            sha = job.sha256(k)
+            self.asked.append(sha)
+            job.store(k, self.retained[sha])
