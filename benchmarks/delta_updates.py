@@ -201,7 +201,7 @@ def by_chunk_size(old: Path, new: Path) -> list[tuple[int, float, float, float]]
     patches (fleet.patches' rule) incl. overhead)."""
     from edgebundle import patch
     from edgebundle.cdc import CdcParams, chunk_file
-    from fleet.patches import MIN_SAVING
+    from fleet.patches import MIN_SAVING, MIN_SHARE
 
     rows = []
     ob, nb = old.read_bytes(), new.read_bytes()
@@ -215,7 +215,7 @@ def by_chunk_size(old: Path, new: Path) -> list[tuple[int, float, float, float]]
         for sha, c in missing.items():
             bases, anchor = plans[sha]
             enc = patch.encode(nb[c.offset:c.offset + c.size], b"".join(have[b] for b in bases), anchor=anchor)
-            patched += len(enc) if len(enc) + MIN_SAVING <= c.size else c.size
+            patched += len(enc) if len(enc) + MIN_SAVING <= (1 - MIN_SHARE) * c.size else c.size
         size, raw = len(nb), sum(c.size for c in missing.values())
         rows.append((avg, 100 * raw / size, 100 * (raw + OVERHEAD * len(missing)) / size,
                      100 * (patched + OVERHEAD * len(missing)) / size))

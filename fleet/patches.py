@@ -1,6 +1,6 @@
 """Chunk patches for a delta push (edgebundle.patch): each new chunk encoded against the chunks of
-the same region in the bundles the target devices run, when that is smaller by more than what the
-record entry costs. The bases' bytes come from the broker, where they are retained (the pusher
+the same region in the bundles the target devices run, when that saves a tenth of the chunk and
+more than what the record entry costs. The bases' bytes come from the broker, where they are retained (the pusher
 needs only the new bundle); a base that does not come is simply not used. Patches are content
 addressed and retained on `{root}/chunks/{sha256}` like chunks, listed in the model's index so
 they are cleared with the bundle that needs them (fleet.delta)."""
@@ -19,7 +19,8 @@ from edgeproto.desired import CdcTransfer
 from edgeproto.broker import BrokerConfig
 from fleet.conn import Collector
 
-MIN_SAVING = 256  # bytes a patch must save over its chunk (its record entry costs about that)
+MIN_SAVING = 256  # bytes a patch must save over its chunk (its record entry costs about that)...
+MIN_SHARE = 0.1  # ...and this share of it: a patch that saves less costs the broker a second copy for little
 MOST_BASES = 2  # the most common running versions patched against
 BATCH = 16  # chunks encoded (and their bases read) at a time
 STOP_BELOW = 0.1  # a batch whose patches save less than this share of its bytes ends the patching
@@ -56,7 +57,7 @@ def add_patches(broker: BrokerConfig, bundle: Path, t: CdcTransfer, lists: dict[
                     f.seek(offsets[chunk])
                     enc = patch.encode(f.read(sizes[chunk]), b"".join(held[b] for b in bases), anchor=anchor)
                     total += sizes[chunk]
-                    if len(enc) + MIN_SAVING <= sizes[chunk]:
+                    if len(enc) + MIN_SAVING <= (1 - MIN_SHARE) * sizes[chunk]:
                         sha = hashlib.sha256(enc).hexdigest()
                         patches.append(Patch(chunk=chunk, bases=bases, sha256=sha, size=len(enc)))
                         payloads[sha] = enc

@@ -207,3 +207,43 @@ def test_fleet_cost_counts_the_patches_a_device_can_use(tmp_path):
     ix["m"].take_over("B" * 64, t, "t/devices/d1/models/m/desired")
     assert {p.sha256 for p in t.patches} <= ix["m"].chunks()
     assert ModelIndex.from_doc(json.loads(json.dumps(ix["m"].to_doc()))).chunks() == ix["m"].chunks()
+
+
+@pytest.mark.agent
+def test_pusher_reads_bases_from_the_broker_and_patches_only_what_pays(broker, tmp_path):
+    """add_patches against bases retained on a real mosquitto: every changed chunk of a small edit
+    gets a patch that decodes to it; a base the broker lacks leaves its chunk unpatched; a version
+    in which every byte moved gets no patch at all."""
+    from edgeproto.broker import BrokerConfig
+    from edgeproto.mqtt import MqttClient
+    from fleet.patches import add_patches
+
+    old, new = _old_new()
+    oc = _chunks(old, tmp_path / "old.bin")
+    t_new = _transfer(_chunks(new, tmp_path / "new.bin"))
+    lists = {"A" * 64: {"chunks": [c.sha256 for c in oc], "sizes": [c.size for c in oc]}}
+    cfg = BrokerConfig(url=broker.url)
+    client = MqttClient(cfg, client_id="seed")
+    client.start()
+    try:
+        assert client.connected.wait(10)
+        kept = oc[:len(oc) // 2]  # the second half of the old version's chunks is not retained
+        for c in kept:
+            assert client.publish_wait(f"{ROOT}/chunks/{c.sha256}", old[c.offset:c.offset + c.size], retain=True)
+    finally:
+        client.stop()
+    t, payloads = add_patches(cfg, tmp_path / "new.bin", t_new, lists, ["A" * 64, None], timeout_s=5)
+    held = {c.sha256: old[c.offset:c.offset + c.size] for c in kept}
+    chunks = {s: new[o:o + n] for s, o, n in zip(t.chunk_sha256, t.offsets(), t.chunk_sizes)}
+    assert t.patches and set(payloads) == {p.sha256 for p in t.patches}
+    for p in t.patches:
+        assert all(b in held for b in p.bases) and len(payloads[p.sha256]) == p.size
+        assert patch.decode(payloads[p.sha256], b"".join(held[b] for b in p.bases), size=len(chunks[p.chunk])) \
+            == chunks[p.chunk]
+    half = sum(c.size for c in kept)
+    assert all(o < half for o, s in zip(t.offsets(), t.chunk_sha256) if s in {p.chunk for p in t.patches})
+    # a full retrain: nothing in common, nothing published besides the chunks
+    other = np.random.default_rng(9).bytes(len(new))
+    t_other = _transfer(_chunks(other, tmp_path / "other.bin"))
+    t2, payloads2 = add_patches(cfg, tmp_path / "other.bin", t_other, lists, ["A" * 64], timeout_s=5)
+    assert t2.patches == () and payloads2 == {}
