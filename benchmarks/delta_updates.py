@@ -149,20 +149,32 @@ def seed(port: int, bundle: Path) -> None:
 
 
 def assembly(old: Path, new: Path) -> tuple[float, int]:
-    """fetch_delta of `new` on a store holding `old`, the missing chunks served from memory:
-    CPU seconds (index + copy + hash, index not cached yet) and the peak Python heap."""
+    """fetch_delta of `new` on a store holding `old`, the missing chunks and their patches (as
+    fleet.patches makes them) served from memory: CPU seconds (index + copy + decode + hash, index
+    not cached yet) and the peak Python heap."""
     from device_agent.ota.delta import fetch_delta
     from device_agent.store import Store
+    from edgebundle import patch
     from edgebundle.cdc import CdcParams, chunk_file
+    from edgeproto.bundleref import Patch
     from edgeproto.desired import CdcTransfer, Desired
+    from fleet.patches import MIN_SAVING, MIN_SHARE
 
     params = CdcParams.for_size(new.stat().st_size)
-    chunks = chunk_file(new, params)
-    data = new.read_bytes()
-    t = CdcTransfer(topic="r/chunks", params=params, chunk_sha256=tuple(c.sha256 for c in chunks),
-                    chunk_sizes=tuple(c.size for c in chunks))
+    chunks, old_chunks = chunk_file(new, params), chunk_file(old, params)
+    data, old_data = new.read_bytes(), old.read_bytes()
+    held = {c.sha256: old_data[c.offset:c.offset + c.size] for c in old_chunks}
     served = {c.sha256: data[c.offset:c.offset + c.size] for c in chunks}
-    del data
+    patches = []
+    plans = patch.plan([(c.sha256, c.size) for c in chunks], [(c.sha256, c.size) for c in old_chunks])
+    for sha, (bases, anchor) in plans.items():
+        enc = patch.encode(served[sha], b"".join(held[b] for b in bases), anchor=anchor)
+        if len(enc) + MIN_SAVING <= (1 - MIN_SHARE) * len(served[sha]):
+            served[hashlib.sha256(enc).hexdigest()] = enc
+            patches.append(Patch(chunk=sha, bases=bases, sha256=hashlib.sha256(enc).hexdigest(), size=len(enc)))
+    t = CdcTransfer(topic="r/chunks", params=params, chunk_sha256=tuple(c.sha256 for c in chunks),
+                    chunk_sizes=tuple(c.size for c in chunks), patches=tuple(patches))
+    del data, old_data, held
 
     class Local:
         window = 16

@@ -124,8 +124,8 @@ class Cost:
     devices: dict[str, int | None]
 
     def lines(self) -> list[str]:
-        out = [f"delta: {self.publish_chunks} new chunk(s), {self.publish_bytes} of {self.bundle_bytes} bytes "
-               "to publish (the rest is retained already)"]
+        out = [f"delta: {self.publish_chunks} new chunk(s) and patch(es), {self.publish_bytes} bytes to publish "
+               f"for a bundle of {self.bundle_bytes} (the rest is retained already)"]
         for dev, n in sorted(self.devices.items()):
             out.append(f"  {dev}: fetches {n} of {self.bundle_bytes} bytes ({100 * n / self.bundle_bytes:.1f} %)"
                        if n is not None else f"  {dev}: runs a bundle the index does not know: up to "

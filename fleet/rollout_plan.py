@@ -13,7 +13,7 @@ from edgeproto.desired import parse_transfer
 from fleet import delta as cdc
 from fleet.errors import RolloutError
 from fleet.gates import plan_waves
-from fleet.push import Prepared, with_patches, interface_warnings, prepare, publish_chunks, running_bundles
+from fleet.push import Prepared, interface_warnings, prepare, publish_chunks, running_bundles, with_patches
 from fleet.rollout_link import Client, Clock, Inbox
 from fleet.rollout_state import ACTIVE, RolloutRecord, RolloutSettings, Wave
 from fleet.status import FleetTable
