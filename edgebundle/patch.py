@@ -32,8 +32,8 @@ def encode(new: bytes, source: bytes, *, anchor: int) -> bytes:
     segs, streams = [], []
     for start in range(0, len(new), SEGMENT) or [0]:
         out = new[start:start + SEGMENT]
-        lo = max(0, min(len(source), anchor + start - (WINDOW - SEGMENT) // 2))
-        hi = max(lo, min(len(source), lo + WINDOW))
+        lo = max(0, min(anchor + start - (WINDOW - SEGMENT) // 2, len(source) - WINDOW))
+        hi = min(len(source), lo + WINDOW)
         z = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zdict=source[lo:hi]) if hi > lo else \
             zlib.compressobj(9, zlib.DEFLATED, -15, 9)
         comp = z.compress(out) + z.flush()
@@ -58,8 +58,8 @@ def decode(patch: bytes, source: bytes, *, size: int) -> bytes:
         if lo + n > len(source) or n > WINDOW or out_len > left or at + comp_len > len(patch):
             raise ValueError("chunk patch segment is out of bounds")
         z = zlib.decompressobj(-15, zdict=source[lo:lo + n]) if n else zlib.decompressobj(-15)
-        try:
-            data = z.decompress(patch[at:at + comp_len], out_len)
+        try:  # out_len + 1: a max_length of 0 would mean no limit, and one byte more shows a long stream
+            data = z.decompress(patch[at:at + comp_len], out_len + 1)
         except zlib.error as e:
             raise ValueError(f"chunk patch does not inflate: {e}") from None
         if len(data) != out_len or not z.eof or z.unconsumed_tail:
@@ -83,21 +83,23 @@ def plan(new: list[tuple[str, int]], old: list[tuple[str, int]], *, margin: int 
         old_at.append(at)
         at += n
     old_end = at
-    first = {}
+    where: dict[str, list[int]] = {}  # every offset of each old chunk (zero tensors repeat)
     for (sha, _), o in zip(old, old_at):
-        first.setdefault(sha, o)
+        where.setdefault(sha, []).append(o)
     new_at, at = [], 0
     for _, n in new:
         new_at.append(at)
         at += n
-    shared = [i for i, (sha, _) in enumerate(new) if sha in first]
+    shared = [i for i, (sha, _) in enumerate(new) if sha in where]
     out: dict[str, tuple[tuple[str, ...], int]] = {}
     for i, (sha, n) in enumerate(new):
-        if sha in first or sha in out or not old:
+        if sha in where or sha in out or not old:
             continue
         k = bisect.bisect_left(shared, i)
         j = shared[k - 1] if k else (shared[k] if k < len(shared) else None)
-        shift = first[new[j][0]] - new_at[j] if j is not None else 0
+        shift = 0
+        if j is not None:  # where that chunk sat in the old file (its occurrence nearest its new offset)
+            shift = min(where[new[j][0]], key=lambda o: abs(o - new_at[j])) - new_at[j]
         lo, hi = max(0, new_at[i] + shift - margin), min(old_end, new_at[i] + n + shift + margin)
         if lo >= hi:
             continue

@@ -139,8 +139,8 @@ def _distinct(t: CdcTransfer) -> dict[str, int]:
 
 def cost(t: CdcTransfer, indexes: dict[str, ModelIndex], *, running: dict[str, str | None]) -> Cost:
     """`running`: target device -> sha256 of the bundle it runs for the model (None: unknown)."""
-    by_sha, held = _distinct(t), retained(indexes)
-    new = {s: n for s, n in by_sha.items() if s not in held}
+    by_sha, on_broker = _distinct(t), retained(indexes)
+    new = {s: n for s, n in by_sha.items() if s not in on_broker}
     lists = {sha: set(b["chunks"]) for ix in indexes.values() for sha, b in ix.bundles.items()}
     devices = {}
     for dev, sha in running.items():
@@ -153,7 +153,7 @@ def cost(t: CdcTransfer, indexes: dict[str, ModelIndex], *, running: dict[str, s
             if held.issuperset(p.bases):
                 best[p.chunk] = min(best.get(p.chunk, p.size), p.size)
         devices[dev] = sum(best.get(s, n) for s, n in by_sha.items() if s not in held)
-    new_patches = {p.sha256: p.size for p in t.patches if p.sha256 not in retained(indexes)}
+    new_patches = {p.sha256: p.size for p in t.patches if p.sha256 not in on_broker}
     return Cost(bundle_bytes=sum(t.chunk_sizes), publish_bytes=sum(new.values()) + sum(new_patches.values()),
                 publish_chunks=len(new) + len(new_patches), devices=devices)
 

@@ -30,43 +30,41 @@ def add_patches(broker: BrokerConfig, bundle: Path, t: CdcTransfer, lists: dict[
                 running: Iterable[str | None], *, timeout_s: float = 10.0) -> tuple[CdcTransfer, dict[str, bytes]]:
     """`t` with patches against the most common bundles in `running` (sha256s; `lists`: bundle
     sha256 -> its index entry, {"chunks", "sizes"}), and the patches' bytes by sha256. Chunks go
-    a batch at a time; when a batch saves little (every byte moved: a full retrain), the rest is
-    left as chunks rather than spend the pusher's time and the broker's bytes on patches."""
+    a batch at a time; when a batch saves little against a version (every byte moved: a full
+    retrain), its other chunks stay chunks rather than spend the pusher's time and the broker's
+    bytes on patches."""
     new = list(zip(t.chunk_sha256, t.chunk_sizes))
-    work, planned = [], set()
-    for sha, _ in Counter(s for s in running if s in lists).most_common(MOST_BASES):
-        for chunk, (bases, anchor) in patch.plan(new, list(zip(lists[sha]["chunks"], lists[sha]["sizes"]))).items():
-            if (chunk, bases) not in planned:
-                planned.add((chunk, bases))
-                work.append((chunk, bases, anchor))
-    if not work:
-        return t, {}
     offsets, sizes = dict(zip(t.chunk_sha256, t.offsets())), dict(new)
-    patches: list[Patch] = []
+    patches: dict[tuple[str, tuple[str, ...]], Patch] = {}
     payloads: dict[str, bytes] = {}
-    reader = _Retained(broker, t)
+    reader = None
     try:
         with open(bundle, "rb") as f:
-            for i in range(0, len(work), BATCH):
-                batch = work[i:i + BATCH]
-                held = reader.get({b for _, bases, _ in batch for b in bases}, timeout_s=timeout_s)
-                total = saved = 0
-                for chunk, bases, anchor in batch:
-                    if not all(b in held for b in bases):
-                        continue
-                    f.seek(offsets[chunk])
-                    enc = patch.encode(f.read(sizes[chunk]), b"".join(held[b] for b in bases), anchor=anchor)
-                    total += sizes[chunk]
-                    if len(enc) + MIN_SAVING <= (1 - MIN_SHARE) * sizes[chunk]:
-                        sha = hashlib.sha256(enc).hexdigest()
-                        patches.append(Patch(chunk=chunk, bases=bases, sha256=sha, size=len(enc)))
-                        payloads[sha] = enc
-                        saved += sizes[chunk] - len(enc)
-                if total and saved < STOP_BELOW * total:
-                    break
+            for sha, _ in Counter(s for s in running if s in lists).most_common(MOST_BASES):
+                work = list(patch.plan(new, list(zip(lists[sha]["chunks"], lists[sha]["sizes"]))).items())
+                for i in range(0, len(work), BATCH):
+                    batch = [(c, bases, anchor) for c, (bases, anchor) in work[i:i + BATCH]
+                             if (c, bases) not in patches]
+                    reader = reader or _Retained(broker, t)
+                    held = reader.get({b for _, bases, _ in batch for b in bases}, timeout_s=timeout_s)
+                    total = saved = 0
+                    for chunk, bases, anchor in batch:
+                        if not all(b in held for b in bases):
+                            continue
+                        f.seek(offsets[chunk])
+                        enc = patch.encode(f.read(sizes[chunk]), b"".join(held[b] for b in bases), anchor=anchor)
+                        total += sizes[chunk]
+                        if len(enc) + MIN_SAVING <= (1 - MIN_SHARE) * sizes[chunk]:
+                            digest = hashlib.sha256(enc).hexdigest()
+                            patches[(chunk, bases)] = Patch(chunk=chunk, bases=bases, sha256=digest, size=len(enc))
+                            payloads[digest] = enc
+                            saved += sizes[chunk] - len(enc)
+                    if total and saved < STOP_BELOW * total:
+                        break
     finally:
-        reader.stop()
-    return replace(t, patches=tuple(patches)), payloads
+        if reader is not None:
+            reader.stop()
+    return replace(t, patches=tuple(patches.values())), payloads
 
 
 class _Retained:
@@ -77,6 +75,9 @@ class _Retained:
         self.t, self.conn, self.seen, self.got = t, Collector(broker, [], name="push-bases"), 0, {}
 
     def get(self, shas: set[str], *, timeout_s: float) -> dict[str, bytes]:
+        """The chunks `shas` that came; those the last batch read and this one needs too (neighbouring
+        chunks share bases) are not read again, the others are let go."""
+        self.got = {s: b for s, b in self.got.items() if s in shas}
         want = {self.t.chunk_topic(s): s for s in shas if s not in self.got}
         if want:
             self.conn.client.subscribe(sorted(want), qos=1)
@@ -84,6 +85,9 @@ class _Retained:
             deadline += timeout_s
             while want and time.monotonic() < deadline and time.monotonic() - last < 1.0:
                 new, self.seen = self.conn.take(self.seen, 0.1)
+                with self.conn.cond:  # kept in `got` (checked) or not wanted: the collector need not hold them
+                    del self.conn.messages[:self.seen]
+                    self.seen = 0
                 for topic, payload in new:
                     sha = want.get(topic)
                     if sha and hashlib.sha256(payload).hexdigest() == sha:

@@ -166,7 +166,11 @@ class FakeFetcher:
         self.retained, self.asked = retained, []
 
     def pull(self, job, *, cancelled, count=0):
+        from device_agent.ota.transfer import TransientError
+
         for k in job.keys:
             sha = job.sha256(k)
             self.asked.append(sha)
+            if sha not in self.retained:  # what the real fetcher says once nothing came for stall_s
+                raise TransientError(f"no chunk arrived ({sha[:16]}... is not retained)")
             job.store(k, self.retained[sha])

@@ -70,6 +70,22 @@ def test_damaged_patches_are_refused_not_inflated():
         assert len(out) == len(chunk)  # decoded to something: never longer; its sha256 then decides
     with pytest.raises(ValueError):
         patch.decode(enc, source, size=len(chunk) - 1)  # a size other than the record's
+    # a segment that says it inflates to 0 bytes (zlib would take 0 as "no limit") over a stream of
+    # 8 MB of zeros: refused after one byte, not inflated
+    import struct
+    import zlib
+
+    z = zlib.compressobj(9, zlib.DEFLATED, -15)
+    bomb_stream = z.compress(bytes(8 << 20)) + z.flush()
+    bomb = b"EPZ1" + struct.pack("<H", 1) + struct.pack("<IIII", 0, 0, 0, len(bomb_stream)) + bomb_stream
+    import tracemalloc
+
+    tracemalloc.start()
+    with pytest.raises(ValueError):
+        patch.decode(bomb, source, size=len(chunk))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < len(bomb) + (1 << 20), peak
     with pytest.raises(ValueError):
         patch.decode(enc, source[:1000], size=len(chunk))  # a dictionary slice past the source
 
@@ -91,6 +107,9 @@ def test_plan_finds_the_old_region_across_a_shift(tmp_path):
         total += len(enc)
     assert total < 0.25 * sum(c.size for c in missing), (total, sum(c.size for c in missing))
     assert patch.plan([("a" * 64, 10)], []) == {}  # nothing held: nothing to patch against
+    # repeated chunks (zero tensors): the shift comes from the occurrence nearest the new offset
+    z, a, b, b2, c = ("z" * 64, 100), ("a" * 64, 100), ("b" * 64, 100), ("e" * 64, 100), ("c" * 64, 100)
+    assert patch.plan([z, a, z, b2, c], [z, a, z, b, c], margin=0) == {b2[0]: ((b[0],), 0)}
 
 
 def _transfer(chunks, patches=()) -> CdcTransfer:
@@ -189,6 +208,11 @@ def test_device_fetches_patches_and_falls_back_to_chunks(tmp_path):
                      patches=(liar, *t.patches[1:]))
     stats, asked = _assemble(store, t2, new, retained2, tmp_path / "w3")
     assert liar.sha256 in asked and victim.chunk in asked, asked
+
+    # a patch the broker does not have (cleared, never published): the chunks are fetched instead
+    gone = {k: v for k, v in retained.items() if k != victim.sha256}
+    stats, asked = _assemble(store, t, new, gone, tmp_path / "w4")
+    assert victim.chunk in asked and stats["patched"] < sum(sizes[s] for s in missing), stats
 
 
 def test_fleet_cost_counts_the_patches_a_device_can_use(tmp_path):

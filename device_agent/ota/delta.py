@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 from typing import Callable, Protocol
 
-from device_agent.ota.transfer import Cancelled, MqttChunkFetcher, PartFile, Progress, Pull, check_space
+from device_agent.ota.transfer import (Cancelled, MqttChunkFetcher, PartFile, Progress, Pull, TransferError,
+                                       TransientError, check_space)
 from edgebundle import patch
 from edgebundle.cdc import CdcParams
 from edgebundle.errors import EdgepackError
@@ -93,7 +94,11 @@ def _usable(patches: tuple[Patch, ...], wanted: dict[str, list[int]],
         if p.chunk in wanted and all(b in held for b in p.bases) and (
                 p.chunk not in out or p.size < out[p.chunk].size):
             out[p.chunk] = p
-    return out
+    one: dict[str, Patch] = {}  # a record naming one patch for two chunks: the first (one key per topic)
+    for c, p in out.items():
+        if all(q.sha256 != p.sha256 for q in one.values()):
+            one[c] = p
+    return one
 
 
 def _pull_patches(fetcher: MqttChunkFetcher, t: CdcTransfer, patches: dict[str, Patch],
@@ -126,6 +131,8 @@ def _pull_patches(fetcher: MqttChunkFetcher, t: CdcTransfer, patches: dict[str, 
                           max_len=t.params.max_size, tails={p.sha256: k for k, p in enumerate(order)},
                           window=max(fetcher.window, min(128, WINDOW_BYTES // t.params.avg_size))),
                      cancelled=cancelled)
+    except (TransferError, TransientError) as e:  # a patch that is bad or gone: its chunk is published too
+        log.warning("chunk patches: %s; fetching the chunks instead", str(e).splitlines()[0])
     finally:
         for fd in files.values():
             os.close(fd)
