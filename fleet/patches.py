@@ -24,15 +24,16 @@ MIN_SHARE = 0.1  # ...and this share of it: a patch that saves less costs the br
 MOST_BASES = 2  # the most common running versions patched against
 BATCH = 16  # chunks encoded (and their bases read) at a time
 STOP_BELOW = 0.1  # a batch whose patches save less than this share of its bytes ends the patching
+MOST_MISSING = 0.5  # a version lacking more of the bundle than this is a full retrain: no patches against it
 
 
 def add_patches(broker: BrokerConfig, bundle: Path, t: CdcTransfer, lists: dict[str, dict],
                 running: Iterable[str | None], *, timeout_s: float = 10.0) -> tuple[CdcTransfer, dict[str, bytes]]:
     """`t` with patches against the most common bundles in `running` (sha256s; `lists`: bundle
     sha256 -> its index entry, {"chunks", "sizes"}), and the patches' bytes by sha256. Chunks go
-    a batch at a time; when a batch saves little against a version (every byte moved: a full
-    retrain), its other chunks stay chunks rather than spend the pusher's time and the broker's
-    bytes on patches."""
+    a batch at a time; against a version that lacks more than half of the bundle, or once a batch
+    saves little against it (every weight moved: a full retrain), chunks stay chunks rather than
+    spend the pusher's time and the broker's bytes on patches (docs/benchmarks.md, delta_updates)."""
     new = list(zip(t.chunk_sha256, t.chunk_sizes))
     offsets, sizes = dict(zip(t.chunk_sha256, t.offsets())), dict(new)
     patches: dict[tuple[str, tuple[str, ...]], Patch] = {}
@@ -41,6 +42,9 @@ def add_patches(broker: BrokerConfig, bundle: Path, t: CdcTransfer, lists: dict[
     try:
         with open(bundle, "rb") as f:
             for sha, _ in Counter(s for s in running if s in lists).most_common(MOST_BASES):
+                have = set(lists[sha]["chunks"])
+                if sum(n for c, n in new if c not in have) > MOST_MISSING * sum(sizes.values()):
+                    continue  # every weight moved: patches would save a few percent for the pusher's time
                 work = list(patch.plan(new, list(zip(lists[sha]["chunks"], lists[sha]["sizes"]))).items())
                 for i in range(0, len(work), BATCH):
                     batch = [(c, bases, anchor) for c, (bases, anchor) in work[i:i + BATCH]
