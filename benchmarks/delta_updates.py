@@ -6,7 +6,9 @@ v1.0.0, then 1.1.0 with only the last layer retrained and 2.0.0 with every layer
 weights moved by noise, as training would move them; calibration data identical). Each update is
 pushed to a fresh agent running 1.0.0, once as today (`push`, 1 MiB fixed chunks) and once as a
 delta (`push --delta`, after 1.0.0 was pushed as a delta to another device, so its chunks are
-retained as they would be in a fleet). Reported: bytes fetched / bundle, push to active (seconds)
+retained as they would be in a fleet; the push adds chunk patches against 1.0.0 where they pay,
+fleet/patches.py). Reported: bytes fetched / bundle (and what the same chunks would cost without
+patches), push to active (seconds)
 for both, and the agent's CPU seconds from push to the end of probation (medians of --repeat
 runs, each on a fresh agent). Then, without a
 broker: the assembly's own CPU time and peak Python heap, what storing model members (instead of
