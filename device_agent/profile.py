@@ -192,7 +192,8 @@ class Profiler:
         if self.fetcher is None:
             raise JobFailed("an MQTT transfer needs a broker connection")
         if isinstance(job.transfer, CdcTransfer):
-            return fetch_delta(self.fetcher, ref, work, local=self.host.store, progress=quiet, cancelled=cancelled)
+            return fetch_delta(self.fetcher, ref, work, local=self.host.store, progress=quiet, cancelled=cancelled,
+                               policy=self.transfer)
         return self.fetcher.fetch(ref, work, progress=quiet, cancelled=cancelled)
 
     def _verify(self, job: ProfileJob, path: Path, model_dir: Path):

@@ -89,6 +89,7 @@ class CdcTransfer:
     chunk_sha256: tuple[str, ...]
     chunk_sizes: tuple[int, ...]
     patches: tuple[Patch, ...] = ()
+    url: str | None = None  # the bundle file over HTTP(S)/file: missing chunks come as byte ranges of it
     method: str = "cdc"
 
     def chunk_topic(self, sha256: str) -> str:
@@ -106,6 +107,8 @@ class CdcTransfer:
              "chunk_sha256": list(self.chunk_sha256), "chunk_sizes": list(self.chunk_sizes)}
         if self.patches:
             d["patches"] = [p.to_dict() for p in self.patches]
+        if self.url:
+            d["url"] = self.url
         return d
 
 
@@ -269,13 +272,16 @@ def _transfer(t, *, sha: str, size: int, limits: Limits,
     if method == "cdc":
         return _cdc_transfer(t, size=size, limits=limits, topic_prefix=topic_prefix)
     if method == "url":
-        url = t.get("url")
-        if not isinstance(url, str) or len(url) > 2048 or any(ord(c) < 33 for c in url):
-            raise ValueError("transfer.url must be a URL of at most 2048 characters without spaces")
-        if urlparse(url).scheme not in ("http", "https", "file"):
-            raise ValueError("transfer.url must be http://, https:// or file://")
-        return UrlTransfer(url=url)
+        return UrlTransfer(url=_url(t.get("url")))
     raise ValueError(f"unknown transfer method {method!r:.40}; one of 'mqtt', 'cdc', 'url'")
+
+
+def _url(url) -> str:
+    if not isinstance(url, str) or len(url) > 2048 or any(ord(c) < 33 for c in url):
+        raise ValueError("transfer.url must be a URL of at most 2048 characters without spaces")
+    if urlparse(url).scheme not in ("http", "https", "file"):
+        raise ValueError("transfer.url must be http://, https:// or file://")
+    return url
 
 
 def _mqtt_transfer(t: dict, *, sha: str, size: int, limits: Limits, topic_prefix: str | None) -> MqttTransfer:
@@ -324,7 +330,8 @@ def _cdc_transfer(t: dict, *, size: int, limits: Limits, topic_prefix: str | Non
     if sum(sizes) != size:
         raise ValueError(f"transfer.chunk_sizes add up to {sum(sizes)} bytes, the bundle is {size}")
     return CdcTransfer(topic=topic, params=params, chunk_sha256=tuple(hashes), chunk_sizes=tuple(sizes),
-                       patches=_patches(t.get("patches"), dict(zip(hashes, sizes)), limits=limits))
+                       patches=_patches(t.get("patches"), dict(zip(hashes, sizes)), limits=limits),
+                       url=_url(t["url"]) if t.get("url") is not None else None)
 
 
 def _patches(v, sizes: dict[str, int], *, limits: Limits) -> tuple[Patch, ...]:

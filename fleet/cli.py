@@ -26,7 +26,8 @@ from fleet.cli_shadow import shadow_from_options, shadow_options
 @click.option("--url", help="Devices download from this http(s):// or file:// URL instead of MQTT chunks.")
 @click.option("--chunk-size", type=int, default=1 << 20, show_default=True, help="Bytes per MQTT chunk.")
 @click.option("--delta", is_flag=True, help="Content-defined chunks: devices fetch only the chunks their bundles lack "
-                                            "(agents that predate delta updates refuse such records).")
+                                            "(with --url: as byte ranges of the bundle there; agents that predate "
+                                            "delta updates refuse such records).")
 @click.option("--allow-downgrade", is_flag=True, help="Let devices move to a lower version.")
 @click.option("--allow-interface-change", is_flag=True,
               help="Let devices apply a model whose inputs/outputs differ from the running one (clients must be ready).")

@@ -130,9 +130,13 @@ def prepare(bundle: Path, topics: Topics, *, url: str | None = None, chunk_size:
     b = open_bundle(bundle)
     m = b.manifest
     size = Path(bundle).stat().st_size
-    if indexes is not None and not url:
+    if indexes is not None:  # with `url`: the chunks are byte ranges of the bundle there, not retained
         sha = sha256_file(bundle)
         transfer = cdc.cdc_transfer(Path(bundle), topics.root, size=size, previous=indexes.get(model or m.name))
+        if url:
+            from dataclasses import replace
+
+            transfer = replace(transfer, url=url)
     else:
         sha, hashes = _hashes(bundle, chunk_size)
         transfer = (UrlTransfer(url=url) if url else
@@ -223,7 +227,7 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     signer = Signer.load(sign_key, key_cert)
     topics = Topics(broker.topic_prefix)
     ix_conn = None
-    if delta and not url:
+    if delta:
         name = open_bundle(bundle).manifest.name  # a bad bundle or model name fails before the broker is asked
         model_for(name, model=model, device_topic=device_topic)
         ix_conn = Collector(broker, [cdc.index_topic(topics.root)], name="push-index")
@@ -238,7 +242,7 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
         if ix_conn:
             ix_conn.stop()
     if indexes is not None:
-        p = prepare(bundle, topics, chunk_size=chunk_size, indexes=indexes, model=model)
+        p = prepare(bundle, topics, url=url, chunk_size=chunk_size, indexes=indexes, model=model)
     addr = Address.of(device=device, group=group, model=model_for(p.name, model=model, device_topic=device_topic))
     warnings = []
     if check_interface:
@@ -254,12 +258,18 @@ def push(bundle: Path, broker: BrokerConfig, *, device: str | None = None, group
     cost = None
     if indexes is not None:
         running = running_bundles(table, device=device, group=group, model=addr.model)
-        p, patches = with_patches(broker, p, indexes, running.values())
-        cost = cdc.cost(p.transfer, indexes, running=running)
-        for line in cost.lines():
-            inform(line)
-        chunks = lambda client: _publish_delta(client, p, indexes, model=addr.model or p.name,  # noqa: E731
-                                               desired_topic=result.topic, inform=inform, patches=patches)
+        if url:  # devices read byte ranges from the URL: nothing to publish, no patches (they live on the broker)
+            cost = cdc.cost(p.transfer, indexes, running=running)
+            inform(f"delta from {url}: devices fetch byte ranges of the bundle there, nothing is published")
+            for line in cost.lines()[1:]:
+                inform(line)
+        else:
+            p, patches = with_patches(broker, p, indexes, running.values())
+            cost = cdc.cost(p.transfer, indexes, running=running)
+            for line in cost.lines():
+                inform(line)
+            chunks = lambda client: _publish_delta(client, p, indexes, model=addr.model or p.name,  # noqa: E731
+                                                   desired_topic=result.topic, inform=inform, patches=patches)
 
     def record(issued: str) -> dict:
         return make_record(p, target=addr.target, update_id=uuid.uuid4().hex, issued=issued, signer=signer,

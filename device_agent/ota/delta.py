@@ -7,7 +7,8 @@ on the way: a corrupt or vanished local copy is simply fetched instead. Only the
 from `{root}/chunks/{sha256}`, once per distinct chunk; where the record offers a patch of a
 missing chunk against chunks held here (edgebundle.patch), the smaller patch is fetched from the
 same place and decoded instead (a base damaged here, or a patch that does not decode to the
-chunk's sha256, falls back to the chunk). The file is assembled in the same
+chunk's sha256, falls back to the chunk). A record with a `url` has the missing chunks read as
+byte ranges of the bundle there instead (device_agent.ota.ranges). The file is assembled in the same
 bundle.part / chunks.done as a fixed-chunk download (a restart keeps and re-checks the chunks in
 place), its sha256 computed as the prefix grows; verification and the signature check then run
 exactly as for a full transfer. A device that holds nothing reusable fetches every chunk."""
@@ -19,8 +20,9 @@ import os
 from pathlib import Path
 from typing import Callable, Protocol
 
+from device_agent.ota.ranges import fetch_ranges
 from device_agent.ota.transfer import (Cancelled, MqttChunkFetcher, PartFile, Progress, Pull, TransferError,
-                                       TransientError, check_space)
+                                       TransferPolicy, TransientError, check_space)
 from edgebundle import patch
 from edgebundle.cdc import CdcParams
 from edgebundle.errors import EdgepackError
@@ -38,7 +40,7 @@ class ChunkSource(Protocol):
 
 
 def fetch_delta(fetcher: MqttChunkFetcher, d: Desired, workdir: Path, *, local: ChunkSource | None,
-                progress: Progress, cancelled: Callable[[], bool]) -> Path:
+                progress: Progress, cancelled: Callable[[], bool], policy: TransferPolicy | None = None) -> Path:
     """Assemble `d`'s bundle in `workdir` (see the module docstring); returns the file, whose
     sha256 is the record's. `progress(done, total, transfer)` reports bytes in place, with
     transfer = {"fetched": pulled over MQTT (chunks and patches), "reused": copied from held
@@ -72,6 +74,13 @@ def fetch_delta(fetcher: MqttChunkFetcher, d: Desired, workdir: Path, *, local: 
                 stats["patched"] += len(data)
             report()
 
+        if t.url:  # byte ranges of the bundle at a URL (device_agent.ota.ranges), no patches
+            offsets = t.offsets()
+            fetch_ranges(t.url, [(offsets[ix[0]], length[sha], sha) for sha, ix in wanted.items()],
+                         store=lambda sha, data: put(sha, data, len(data)), policy=policy or TransferPolicy(),
+                         cancelled=cancelled)
+            report()
+            return part.finish(final, sha256=d.sha256)
         patches = _usable(t.patches, wanted, held)
         if patches:
             _pull_patches(fetcher, t, patches, held, put=put, sizes=length, cancelled=cancelled)

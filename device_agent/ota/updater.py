@@ -286,7 +286,7 @@ class Updater:
                 raise UpdateFailed("MQTT transfer needs a broker connection")
             if isinstance(d.transfer, CdcTransfer):  # a delta: what the slot's bundles hold is copied
                 fetch_delta(self.fetcher, d, work, local=self.host.store, progress=self._progress,
-                            cancelled=self._superseded)
+                            cancelled=self._superseded, policy=self.settings.transfer)
             elif isinstance(d.transfer, MqttTransfer):
                 self.fetcher.fetch(d, work, progress=self._progress, cancelled=self._superseded)
             else:
