@@ -13,7 +13,7 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable
@@ -134,8 +134,6 @@ def prepare(bundle: Path, topics: Topics, *, url: str | None = None, chunk_size:
         sha = sha256_file(bundle)
         transfer = cdc.cdc_transfer(Path(bundle), topics.root, size=size, previous=indexes.get(model or m.name))
         if url:
-            from dataclasses import replace
-
             transfer = replace(transfer, url=url)
     else:
         sha, hashes = _hashes(bundle, chunk_size)
@@ -355,8 +353,6 @@ def running_bundles(table, *, device: str | None, group: str | None, model: str 
 def with_patches(broker: BrokerConfig, p: Prepared, indexes: dict[str, cdc.ModelIndex],
              running) -> tuple[Prepared, dict[str, bytes]]:
     """`p` with chunk patches against the bundles the devices run (fleet.patches), and their bytes."""
-    from dataclasses import replace
-
     from fleet.patches import add_patches
 
     lists = {sha: b for ix in indexes.values() for sha, b in ix.bundles.items()}

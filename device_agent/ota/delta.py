@@ -85,14 +85,19 @@ def fetch_delta(fetcher: MqttChunkFetcher, d: Desired, workdir: Path, *, local: 
         if patches:
             _pull_patches(fetcher, t, patches, held, put=put, sizes=length, cancelled=cancelled)
         order = list(wanted)
-        window = max(fetcher.window, min(128, WINDOW_BYTES // t.params.avg_size))
         fetcher.pull(Pull(base=t.topic + "/", keys=tuple(range(len(order))), tail=order.__getitem__,
                           sha256=order.__getitem__, length=lambda k: length[order[k]],
                           store=lambda k, payload: put(order[k], payload, len(payload)),
-                          max_len=t.params.max_size, tails={s: k for k, s in enumerate(order)}, window=window),
+                          max_len=t.params.max_size, tails={s: k for k, s in enumerate(order)},
+                          window=_window(fetcher, t)),
                      cancelled=cancelled)
         report()
         return part.finish(final, sha256=d.sha256)
+
+
+def _window(fetcher: MqttChunkFetcher, t: CdcTransfer) -> int:
+    """Chunks subscribed at once: about WINDOW_BYTES of them, 16..128."""
+    return max(fetcher.window, min(128, WINDOW_BYTES // t.params.avg_size))
 
 
 def _usable(patches: tuple[Patch, ...], wanted: dict[str, list[int]],
@@ -138,7 +143,7 @@ def _pull_patches(fetcher: MqttChunkFetcher, t: CdcTransfer, patches: dict[str, 
         fetcher.pull(Pull(base=t.topic + "/", keys=tuple(range(len(order))), tail=lambda k: order[k].sha256,
                           sha256=lambda k: order[k].sha256, length=lambda k: order[k].size, store=store,
                           max_len=t.params.max_size, tails={p.sha256: k for k, p in enumerate(order)},
-                          window=max(fetcher.window, min(128, WINDOW_BYTES // t.params.avg_size))),
+                          window=_window(fetcher, t)),
                      cancelled=cancelled)
     except (TransferError, TransientError) as e:  # a patch that is bad or gone: its chunk is published too
         log.warning("chunk patches: %s; fetching the chunks instead", str(e).splitlines()[0])
