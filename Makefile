@@ -3,7 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install corpus demo test test-fast bench hostile clean
+# Two workers, one module each at a time (module fixtures built once): measured fastest on 2 cores
+# (docs/testing.md).
+XDIST ?= -n 2 --dist loadfile
+
+.PHONY: install corpus demo test test-fast test-times bench hostile clean
 
 # onnx2tf (ONNX -> TFLite) pins an older TensorFlow: installed --no-deps (requirements-onnx2tf.txt).
 $(VENV)/.installed: setup.cfg pyproject.toml requirements-onnx2tf.txt
@@ -28,7 +32,14 @@ demo: install
 	$(VENV)/bin/edgepack demo --workdir examples/digits/work
 
 test: install corpus
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra $(XDIST)
+
+# Where the suite's time goes: per module and per fixture (benchmarks/test_times.py, docs/testing.md).
+test-times: install corpus
+	mkdir -p test-artifacts && rm -f test-artifacts/fixtures.jsonl
+	EDGEPACK_FIXTURE_TIMES=$(CURDIR)/test-artifacts/fixtures.jsonl $(PY) -m pytest -q -ra $(XDIST) --durations=0 \
+		> test-artifacts/durations.txt || true
+	$(PY) benchmarks/test_times.py test-artifacts/durations.txt test-artifacts/fixtures.jsonl | tee test-artifacts/test-times.md
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -110,6 +110,9 @@ def _check(opts: BuildOptions) -> None:
         raise InputError("--calibration-samples must be at least 1")
     if not 0 <= opts.max_accuracy_drop <= 100:
         raise InputError(f"--max-accuracy-drop {opts.max_accuracy_drop} is not between 0 and 100 points")
+    if not opts.speed_gate and opts.profile_on is not None:
+        raise InputError("--no-speed-gate and --profile-on contradict each other",
+                         hint="--profile-on lets the device's timings decide the speed gate; drop one of them")
     if not 0 < opts.min_similarity <= 1:
         raise InputError(f"--min-similarity {opts.min_similarity} is not in (0, 1]", hint="e.g. 0.99")
 

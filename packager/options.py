@@ -61,6 +61,7 @@ class BuildOptions:
     image_prep: ImagePreprocessing = ImagePreprocessing()
     labels: Path | None = None
     tokenizer: Path | None = None  # an ONNX text model's tokenizer.json (or the Hugging Face folder it came from)
+    speed_gate: bool = True  # False: auto keeps the first candidate that passes the accuracy gate, untimed
     bench_seconds: float = 2.0  # time budget of each interleaved candidate-vs-fp32 timing
     bench_runs: int = 400  # most interleaved rounds per timing
     sign_key: Path | None = None  # Ed25519 private key: bundles are written signed

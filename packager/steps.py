@@ -30,6 +30,7 @@ from packager.results import Chosen, Trial
 from targets import Precision, TargetProfile
 
 ANALYSIS_SAMPLES = 4
+NOT_TIMED = "--no-speed-gate: not timed on this host"
 MIXED_ROUNDS = 3
 
 
@@ -75,8 +76,10 @@ class CandidateSearch:
             return trial.latency
         if trial.accuracy is None:
             return {"not_timed": "no runtime on this host can run this model"}
-        if self.profile.is_cpu:
+        if self.profile.is_cpu and self.opts.speed_gate:
             return self.latency(trial.artifact, baseline=True)
+        if self.profile.is_cpu:
+            return {"not_timed": NOT_TIMED}
         return {"not_timed": self.backend.not_timed(self.profile)}
 
     # ---- walk ----
@@ -220,7 +223,9 @@ class CandidateSearch:
         """Speed gate: CPU targets, candidates below fp32, --quantize auto."""
         as_is = self.backend.packages_as_is(self.inputs.source)
         quantized = trial.candidate.precision is not Precision.FP32 and not as_is
-        if self.profile.is_cpu and quantized:
+        if not self.opts.speed_gate:
+            trial.latency = {"not_timed": NOT_TIMED}
+        elif self.profile.is_cpu and quantized:
             fp32_size = self.fp32(trial.candidate).stat().st_size
             # Auto's first-pass search asks the host one thing of a smaller candidate: is it slower than fp32?
             # ('faster' only matters to one no smaller, and to --search thorough, which ranks the medians.)
@@ -258,11 +263,14 @@ class CandidateSearch:
         known = self.inputs.cache.fp32_latency.get(base)
         if baseline and known is not None:  # fp32 itself was chosen: it was timed beside the candidates
             return dict(known, profile_threads=self.profile.threads)
-        self.say("timing in a clean process" + ("" if baseline else " against fp32"))
-        res = self.inputs.cache.timer.compare(base, None if baseline else self.backend.host_spec(art.path, self.profile),
-                                              self.inputs.valid.samples[0], budget_s=self.opts.bench_seconds,
-                                              max_rounds=self.opts.bench_runs, question=question)
-        res["profile_threads"] = self.profile.threads
+        cand = None if baseline else self.backend.host_spec(art.path, self.profile)
+        key = (base, cand, question)
+        if key not in self.inputs.cache.comparisons:  # another target with the same file and settings timed it
+            self.say("timing in a clean process" + ("" if baseline else " against fp32"))
+            self.inputs.cache.comparisons[key] = self.inputs.cache.timer.compare(
+                base, cand, self.inputs.valid.samples[0], budget_s=self.opts.bench_seconds,
+                max_rounds=self.opts.bench_runs, question=question)
+        res = dict(self.inputs.cache.comparisons[key], profile_threads=self.profile.threads)
         if not baseline:  # the fp32 side of an interleaved comparison is fp32's own latency, same worker
             self.inputs.cache.fp32_latency[base] = {
                 "a_ms": res["a_ms"], "b_ms": res["a_ms"], "baseline": True, "threads": res["threads"][:1],
@@ -290,7 +298,7 @@ class CandidateSearch:
         if not passed:
             raise self._failure(trials)
         if self.opts.search is Search.THOROUGH and len(passed) > 1:
-            chosen = min(passed, key=lambda t: (t.device_latency or t.latency or {"ratio": {"median": 1.0}})["ratio"]["median"])
+            chosen = min(passed, key=lambda t: (t.device_latency or t.latency or {}).get("ratio", {"median": 1.0})["median"])
             chosen.why = f"fastest of {len(passed)} candidates that pass both gates"
         else:
             chosen = passed[0]

@@ -1,9 +1,13 @@
 """Shared fixtures: small real models generated here (never committed), built once per session."""
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
+import shutil
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -12,15 +16,32 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROCESS_MARKERS = ("broker", "agent")  # tests that start these processes are slow (tests/tiers.py)
 
+# The slowest modules as measured (docs/testing.md), slowest first: they start first, so under xdist's
+# --dist loadfile no long module is left to run alone on one worker at the end.
+SLOW_FIRST = ("test_corpus_text.py", "test_corpus.py", "test_build.py", "test_onnx_tflite.py", "test_text_tflite.py",
+              "test_ota.py", "test_fleet_page.py", "test_keras_transformer.py", "test_demo.py", "test_rollout.py",
+              "test_faults.py", "test_delta.py", "test_shadow.py", "test_report_page.py", "test_api_hostile.py")
+
+
+def pytest_configure(config):
+    if os.environ.get("EDGEPACK_FIXTURE_TIMES"):  # make test-times
+        import fixture_times
+
+        config.pluginmanager.register(fixture_times, "fixture_times")
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Before -m selects: the broker fixture implies the broker marker; broker and agent imply slow."""
+    """Before -m selects: the broker fixture implies the broker marker; broker and agent imply slow.
+    Then the slowest modules move to the front."""
     for item in items:
         if "broker" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.broker)
         if any(item.get_closest_marker(m) for m in PROCESS_MARKERS):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
+
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -31,12 +52,36 @@ def pytest_runtest_setup(item):
     tiers.enter(frozenset(m.name for m in item.iter_markers()))
 
 
+def shared(tmp_path_factory, name: str, make: Callable[[Path], object]):
+    """A session fixture's value made once per run: `make(folder)` fills a folder and returns a
+    picklable value. Under pytest-xdist the first worker to ask makes it in the run's shared temp dir
+    (under a lock) and the others read it, so a model trained or a bundle built here is the same file
+    in every worker (and signed with the same keys)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return make(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent / "shared"
+    root.mkdir(exist_ok=True)
+    done, out = root / f"{name}.pickle", root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if done.exists():
+            return pickle.loads(done.read_bytes())
+        shutil.rmtree(out, ignore_errors=True)  # left by a worker whose make() failed
+        out.mkdir()
+        value = make(out)
+        done.write_bytes(pickle.dumps(value))
+        return value
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):
     """The example's CNN trained on scikit-learn's digits; model + calibration/validation npz."""
+    return shared(tmp_path_factory, "digits", _train_digits)
+
+
+def _train_digits(out: Path) -> dict:
     from packager.examples.digits import train
 
-    out = tmp_path_factory.mktemp("digits")
     info = train(out, epochs=15)
     return {"dir": out, "model": info["model"], "calibration": out / "calibration.npz",
             "validation": out / "validation.npz", "labels": out / "labels.txt", "accuracy": info["test_accuracy"]}
@@ -48,12 +93,15 @@ def digits_build(digits, tmp_path_factory):
     and Coral targets, fp16 for jetson-gpu (symmetric int8 for TensorRT costs digits 1.1 points,
     over the gate). Fixed precisions, so the bundles' types do not depend on this host's timings;
     --quantize auto has its own tests."""
+    return shared(tmp_path_factory, "digits-bundles", lambda out: _build_digits(digits, out))
+
+
+def _build_digits(digits, out: Path):
     from dataclasses import replace
 
     from packager.build import BuildOptions, BuildResult, build
     from targets import Precision
 
-    out = tmp_path_factory.mktemp("digits-bundles")
     opts = BuildOptions(model=digits["model"], targets=("arm-cpu", "coral", "rpi5", "x86-cpu"), out_dir=out,
                         precision=Precision.INT8, calibration=str(digits["calibration"]),
                         validation=str(digits["validation"]), labels=digits["labels"], name="digits",
@@ -115,11 +163,13 @@ def flex_savedmodel(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tabular(tmp_path_factory):
     """The corpus' tabular MLP (Normalization layer in front of raw 0.05..4,000 features)."""
-    from corpus_models import tabular as make
+    def make(out: Path) -> dict:
+        from corpus_models import tabular
 
-    out = tmp_path_factory.mktemp("tabular")
-    model = make(out)
-    return {"model": model, "calibration": out / "tab-calibration.npz", "validation": out / "tab-validation.npz"}
+        model = tabular(out)
+        return {"model": model, "calibration": out / "tab-calibration.npz", "validation": out / "tab-validation.npz"}
+
+    return shared(tmp_path_factory, "tabular", make)
 
 
 @pytest.fixture(scope="session")
@@ -149,20 +199,25 @@ def broker(tmp_path):
 
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory):
-    from edgebundle.signing import generate_keys
+    def make(d: Path) -> Path:
+        from edgebundle.signing import generate_keys
 
-    d = tmp_path_factory.mktemp("keys")
-    generate_keys(d / "a.key", d / "a.pub")
-    generate_keys(d / "b.key", d / "b.pub")
-    return d
+        generate_keys(d / "a.key", d / "a.pub")
+        generate_keys(d / "b.key", d / "b.pub")
+        return d
+
+    return shared(tmp_path_factory, "keys", make)
 
 
 @pytest.fixture(scope="session")
 def versions(digits, keys, tmp_path_factory):
     """digits arm-cpu bundles: 1.0.0, 1.1.0, 0.9.0 signed with key a; 1.1.0 signed with b; 1.1.0 unsigned."""
+    return shared(tmp_path_factory, "versions", lambda out: _build_versions(digits, keys, out))
+
+
+def _build_versions(digits, keys, out: Path) -> dict:
     from packager.build import BuildOptions, build
 
-    out = tmp_path_factory.mktemp("versions")
     made = {}
     for tag, version, key in [("v1", "1.0.0", "a"), ("v2", "1.1.0", "a"), ("v09", "0.9.0", "a"),
                               ("v2b", "1.1.0", "b"), ("v2u", "1.1.0", None)]:
@@ -179,12 +234,15 @@ def versions(digits, keys, tmp_path_factory):
 def sqrt_bundles(keys, tmp_path_factory):
     """'sq' 1.0.0 computes sqrt(|x|); 1.1.0 computes sqrt(x): healthy on the (positive) golden
     inputs, NaN on negative traffic; 1.2.0 computes sqrt(|x|) again (a healthy update)."""
+    return shared(tmp_path_factory, "sq", lambda d: _build_sqrt(keys, d))
+
+
+def _build_sqrt(keys, d: Path) -> dict:
     import keras
 
     from packager.build import BuildOptions, build
     from targets import Precision
 
-    d = tmp_path_factory.mktemp("sq")
     rng = np.random.default_rng(0)
     np.savez(d / "val.npz", x=rng.random((20, 4), dtype=np.float32) + 0.1)
     made = {}

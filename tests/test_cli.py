@@ -33,6 +33,13 @@ def test_missing_model(tmp_path):
     assert code == 2 and "does not exist" in out
 
 
+def test_no_speed_gate_and_profile_on_contradict(tmp_path):
+    p = tmp_path / "m.onnx"
+    p.write_bytes(b"x")
+    code, out = run("build", p, "-t", "x86-cpu", "--no-speed-gate", "--profile-on", "dev1")
+    assert code == 2 and "--no-speed-gate and --profile-on contradict" in out, out
+
+
 def test_unknown_format(tmp_path):
     p = tmp_path / "model.pt"
     p.write_bytes(b"x")

