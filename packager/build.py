@@ -6,6 +6,7 @@ target then walks its candidates (packager/steps.py) and hands the one it keeps 
 calibration, the host timing worker) lives in a BuildCache."""
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from packager.profiles import load_profile
 from packager.results import BuildResult, TargetResult, sensitivity_of
 from packager.sources import ReferenceFailed, Source, attach_tokenizer, detect_kind, load_source, resolve_shapes
 from packager.steps import CandidateSearch
+from packager.store import ENV as CACHE_ENV, Store, digest_path, digest_samples
 from packager.timing import HostTimer
 from targets import TargetProfile
 
@@ -49,9 +51,11 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
             attach_tokenizer(source, opts.tokenizer)
         calib, valid = _datasets(opts, source, profiles, progress)
         progress(f"float reference on {len(valid)} validation samples")
+        store = _store(opts)
+        cache = BuildCache(workdir=work / "cache", timer=timer, store=store,
+                           keyed=_keyed(opts, source, calib, valid) if store else {})
         inputs = BuildInputs(opts=opts, name=name, source=source, calib=calib, valid=valid,
-                             reference=_reference(source, valid), cache=BuildCache(workdir=work / "cache", timer=timer),
-                             progress=progress, signer=signer)
+                             reference=_reference(source, valid), cache=cache, progress=progress, signer=signer)
         searches = [CandidateSearch(inputs, p, work / p.name) for p in profiles]
         refused = _plan(searches, progress)
         results = [_refusal(s, refused[s]) if s in refused else _target(s, inputs) for s in searches]
@@ -115,6 +119,20 @@ def _check(opts: BuildOptions) -> None:
                          hint="--profile-on lets the device's timings decide the speed gate; drop one of them")
     if not 0 < opts.min_similarity <= 1:
         raise InputError(f"--min-similarity {opts.min_similarity} is not in (0, 1]", hint="e.g. 0.99")
+
+
+def _store(opts: BuildOptions) -> Store | None:
+    where = opts.cache_dir or os.environ.get(CACHE_ENV)
+    return Store(Path(where)) if opts.cache and where else None
+
+
+def _keyed(opts: BuildOptions, source: Source, calib: Dataset | None, valid: Dataset) -> dict:
+    """What every build cache key of this build starts from: the model's bytes, its resolved inputs,
+    the calibration data and the sample converters check their result on."""
+    return {"model": digest_path(Path(opts.model)),
+            "inputs": [(s.name, list(s.shape), s.dtype) for s in source.inputs],
+            "calibration": digest_samples(calib.samples) if calib is not None else None,
+            "sample": digest_samples(valid.samples[:1])}
 
 
 def _signer(key_path: Path | None) -> Callable[[bytes], bytes] | None:

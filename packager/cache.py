@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeruntime.timing import ModelSpec
+from packager.store import Store
 from packager.timing import HostTimer
 from targets import CalibrationMethod, Format
 
@@ -39,11 +40,15 @@ class BuildCache:
     bridged: dict[tuple, object] = field(default_factory=dict)  # registry.Bridge results (a path or the error)
     device_profiles: dict[tuple[str, str], dict] = field(default_factory=dict)  # (target, fp32 path) -> device figures
     lengths: dict[int, "BuildCache"] = field(default_factory=dict)  # text length buckets: arm-cpu and rpi5 share one
+    store: Store | None = None  # the cache across builds (--cache-dir), None with --no-cache
+    keyed: dict = field(default_factory=dict)  # what every store key of this build starts from (model, data)
+    stored: set = field(default_factory=set)  # store keys this build has written or read
 
     def at_length(self, length: int) -> "BuildCache":
         """The cache of the source resolved at another sequence length (packager/sequence.py)."""
         if length not in self.lengths:
-            self.lengths[length] = BuildCache(workdir=self.workdir / f"length-{length}", timer=self.timer)
+            self.lengths[length] = BuildCache(workdir=self.workdir / f"length-{length}", timer=self.timer,
+                                              store=self.store, keyed=dict(self.keyed, length=length))
         return self.lengths[length]
 
     def path(self, name: str) -> Path:

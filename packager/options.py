@@ -65,6 +65,8 @@ class BuildOptions:
     bench_seconds: float = 2.0  # time budget of each interleaved candidate-vs-fp32 timing
     bench_runs: int = 400  # most interleaved rounds per timing
     sign_key: Path | None = None  # Ed25519 private key: bundles are written signed
+    cache: bool = True  # False: no build cache (--no-cache)
+    cache_dir: Path | None = None  # the build cache (packager/store.py); None: $EDGEPACK_CACHE_DIR, if set
     profile_on: DeviceTarget | None = None  # the device whose timings decide the speed gate
 
     @property

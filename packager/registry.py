@@ -53,6 +53,7 @@ class Artifact:
     format: Format
     precision: Precision
     quantization: dict = field(default_factory=dict)
+    cached: bool = False  # taken from the build cache (packager/store.py), not converted by this build
 
 
 @dataclass(frozen=True)

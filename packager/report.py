@@ -90,7 +90,7 @@ def build_table(report: dict) -> str:
             crow = [("candidate", "verdict", "size", "host latency vs fp32 (IQR)") + (("device",) if on_device else ())
                     + ("accuracy", "why")]
             for c in cands:
-                crow.append((c["candidate"], c["verdict"], human_bytes(c["size_bytes"]), latency_text(c["latency"]))
+                crow.append((c["candidate"] + (" (cached)" if c.get("cached") else ""), c["verdict"], human_bytes(c["size_bytes"]), latency_text(c["latency"]))
                             + ((device_text(c.get("device_latency")),) if on_device else ())
                             + (accuracy_text(c), c["why"]))
             out += ["  " + line for line in _table(crow)]

@@ -28,6 +28,7 @@ class Trial:
     device_latency: dict | None = None  # the same on the device (--profile-on): decides the speed gate
     sensitivity: list = field(default_factory=list)  # the nodes that lose the most, when computed
     seconds: float = 0.0
+    cached: bool = False  # the converted model came from the build cache
     # Not reported: what the build needs to package or analyse this candidate.
     artifact: Artifact | None = None
     outputs: list = field(default_factory=list)  # its outputs on the validation set
@@ -46,7 +47,8 @@ class Trial:
                 if self.candidate else [], "verdict": self.verdict, "why": self.why, "size_bytes": self.size_bytes,
                 "accuracy_drop_points": acc.get("accuracy_drop_points"), "drop_metric": acc.get("drop_metric"),
                 "top1_agreement": acc.get("top1_agreement"), "cosine_similarity": acc.get("cosine_similarity"),
-                "latency": self.latency, "device_latency": self.device_latency, "seconds": round(self.seconds, 2)}
+                "latency": self.latency, "device_latency": self.device_latency, "seconds": round(self.seconds, 2),
+                "cached": self.cached}
 
 
 def sensitivity_of(trials: list[Trial]) -> list:

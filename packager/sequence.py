@@ -145,7 +145,7 @@ def _bucket(search, chosen: Chosen, inputs: BuildInputs, *, length: int, fits: n
     ctx = replace(search.context(chosen.trial.candidate, work), source=at_length(inputs.source, length),
                   cache=inputs.cache.at_length(length), sample=valid[0],
                   calibration=cut_dataset(inputs.calib, length) if chosen.calibrated else None)
-    art = search.backend.convert(ctx)
+    art = search.convert_stored(ctx)
     rt = search.backend.host_runtime(art.path, chosen.profile)
     try:
         outs = [rt.infer(s) for s in valid]

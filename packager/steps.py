@@ -165,7 +165,7 @@ class CandidateSearch:
                 raise
             trial.verdict, trial.why = "error", str(e).splitlines()[0]
             return trial
-        trial.artifact, trial.size_bytes = art, art.path.stat().st_size
+        trial.artifact, trial.size_bytes, trial.cached = art, art.path.stat().st_size, art.cached
         self._validate(trial)
         if trial.verdict == "not tried":
             self._measure(trial)
@@ -178,15 +178,58 @@ class CandidateSearch:
         key = ArtifactKey(self.profile.format, cand.precision.value, cand.keep_float, self.backend.variant(ctx))
         cached = self.inputs.cache.artifacts.get(key)
         if cached is None:
-            self.say(f"{cand.label}: converting")
             try:
-                cached = self.backend.convert(ctx)
+                cached = self.convert_stored(ctx)
             except ConversionError as e:
                 cached = e
             self.inputs.cache.artifacts[key] = cached
         if isinstance(cached, ConversionError):
             raise cached
         return cached
+
+    def convert_stored(self, ctx: ConvertContext) -> Artifact:
+        """`ctx.candidate` from the build cache across builds (packager/store.py), or converted and kept there."""
+        cand, cache = ctx.candidate, ctx.cache
+        key = self._store_key(ctx, cand)
+        hit = cache.store.get(key, ctx.out_dir) if key else None
+        if hit is not None:
+            self.say(f"{cand.label}: from the build cache")
+            cache.stored.add(key)
+            return Artifact(path=hit.path, format=self.backend.format, precision=cand.precision,
+                            quantization=hit.info, cached=True)
+        self.say(f"{cand.label}: converting")
+        art = self.backend.convert(ctx)
+        if key and not any(p.suffix == ".data" for p in art.path.parent.iterdir()):  # no external weights
+            cache.stored.add(key)
+            cache.store.put(key, art.path, art.quantization)
+            self._keep_fp32(ctx)
+        return art
+
+    def _store_key(self, ctx: ConvertContext, cand: Candidate | None) -> str | None:
+        """What the converter reads, hashed (None: no build cache, or a model packaged as it is).
+        `cand` None: the format's float model."""
+        cache = ctx.cache
+        if cache.store is None or self.backend.packages_as_is(ctx.source):
+            return None
+        parts = {**cache.keyed, "format": self.profile.format.value, "opset": ctx.opset, "allow_flex": ctx.allow_flex,
+                 "what": "fp32" if cand is None else "candidate"}
+        if cand is None:
+            parts.pop("calibration", None)
+        else:
+            parts.update(backend=type(self.backend).__name__, precision=cand.precision.value,
+                         keep_float=list(cand.keep_float), variant=self.backend.variant(ctx),
+                         per_channel=ctx.per_channel, calibration_method=ctx.calibration_method.value)
+            if cand.precision not in self.backend.calibrated:
+                parts.pop("calibration", None)
+        return cache.store.key(parts)
+
+    def _keep_fp32(self, ctx: ConvertContext) -> None:
+        """The float model a conversion made on the way, kept in the build cache too."""
+        path = ctx.cache.fp32.get(self.profile.format)
+        key = self._store_key(ctx, None)
+        if path is not None and key and key not in ctx.cache.stored:
+            ctx.cache.stored.add(key)
+            ctx.cache.store.put(key, path, {})
 
     def _validate(self, trial: Trial) -> None:
         art, inputs = trial.artifact, self.inputs
@@ -280,8 +323,20 @@ class CandidateSearch:
         return res
 
     def fp32(self, cand: Candidate) -> Path:
-        """The format's float model (built once per build; `cand` only names a conversion that fails)."""
-        return self.backend.fp32(self.context(cand))
+        """The format's float model (built once per build, or taken from the build cache; `cand` only
+        names a conversion that fails)."""
+        ctx, fmt = self.context(cand), self.profile.format
+        if fmt in ctx.cache.fp32:
+            return ctx.cache.fp32[fmt]
+        key = self._store_key(ctx, None)
+        hit = ctx.cache.store.get(key, ctx.cache.workdir / f"stored-fp32-{fmt.value}") if key else None
+        if hit is not None:
+            ctx.cache.stored.add(key)
+            ctx.cache.fp32[fmt] = hit.path
+            return hit.path
+        path = self.backend.fp32(ctx)
+        self._keep_fp32(ctx)
+        return path
 
     def _runtime(self, art: Artifact) -> Runtime | None:
         try:

@@ -73,6 +73,19 @@ def shared(tmp_path_factory, name: str, make: Callable[[Path], object]):
         return value
 
 
+@pytest.fixture(scope="session", autouse=True)
+def build_cache(tmp_path_factory) -> Path:
+    """One build cache (packager/store.py) for the run, every xdist worker and child process: a model
+    that several tests build is converted once. Tests that inject converter faults switch it off."""
+    from packager.store import ENV
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    os.environ[ENV] = str(root / "build-cache")
+    return root / "build-cache"
+
+
 @pytest.fixture(scope="session")
 def digits(tmp_path_factory):
     """The example's CNN trained on scikit-learn's digits; model + calibration/validation npz."""

@@ -363,3 +363,33 @@ echo "CONV_2D                        2          Mapped to Edge TPU"
     assert tpu["op_table"][0] == {"op": "CONV_2D", "count": 2, "status": "Mapped to Edge TPU"}
     m = open_bundle(r.bundle).manifest
     assert m.model_file == "model_edgetpu.tflite" and m.runtime.edgetpu_compiled is True
+
+
+def test_build_cache_converts_once_and_never_trusts_a_damaged_entry(digits, tmp_path):
+    """A second build of the same model and data takes every converted model from the cache (the same
+    bytes, the report says so); a damaged entry is deleted and converted again; --no-cache converts."""
+    from edgebundle.archive import open_bundle
+
+    store = tmp_path / "cache"
+    kw = dict(calibration=str(digits["calibration"]), validation=str(digits["validation"]),
+              precision=Precision.INT8, speed_gate=False, cache_dir=store)
+    first = build(_opts(digits["model"], ["arm-cpu", "x86-cpu"], tmp_path / "a", **kw))
+    again = build(_opts(digits["model"], ["arm-cpu", "x86-cpu"], tmp_path / "b", version="1.0.1", **kw))
+    assert first.ok and again.ok
+    for a, b in zip(first.results, again.results):
+        assert [c["cached"] for c in a.report["candidates"]] == [False]
+        assert [c["cached"] for c in b.report["candidates"]] == [True], b.report["candidates"]
+        ma, mb = open_bundle(a.bundle), open_bundle(b.bundle)
+        assert ma.read(ma.manifest.model_file) == mb.read(mb.manifest.model_file)
+        assert mb.manifest.version == "1.0.1"
+    entries = [e for d in store.iterdir() if len(d.name) == 2 for e in d.iterdir()]
+    assert len(entries) >= 4  # two candidates, two float models
+    for e in entries:  # damage every model file: none may be used
+        meta = __import__("json").loads((e / "meta.json").read_text())
+        (e / meta["file"]).write_bytes(b"damaged")
+    third = build(_opts(digits["model"], ["arm-cpu"], tmp_path / "c", **kw))
+    assert third.ok and [c["cached"] for c in third.results[0].report["candidates"]] == [False]
+    m3, ma = open_bundle(third.results[0].bundle), open_bundle(first.results[0].bundle)
+    assert m3.read(m3.manifest.model_file) == ma.read(ma.manifest.model_file)
+    off = build(_opts(digits["model"], ["arm-cpu"], tmp_path / "d", cache=False, **kw))
+    assert [c["cached"] for c in off.results[0].report["candidates"]] == [False]
