@@ -3,9 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-# Two workers, one module each at a time (module fixtures built once): measured fastest on 2 cores
+# Two workers, one module each at a time (module fixtures built once), in collection order (tests/conftest.py
+# puts the slowest modules first; xdist would order them by test count): measured on 2 cores
 # (docs/testing.md).
-XDIST ?= -n 2 --dist loadfile
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install corpus demo test test-fast test-times bench hostile clean
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 LINE = re.compile(r"^\s*([\d.]+)s (setup|call|teardown)\s+(\S+?)(?:::(.*))?$")
-END = re.compile(r"=+ (.*) in ([\d.]+)s")
+END = re.compile(r"^=*\s*(\d+ (?:passed|failed).* in [\d.]+s.*?)\s*=*$")
 
 
 def read_durations(path: Path) -> tuple[dict[str, dict], str]:
@@ -27,8 +27,8 @@ def read_durations(path: Path) -> tuple[dict[str, dict], str]:
             secs, when, module, test = float(m[1]), m[2], m[3], m[4] or ""
             mods[module][when] += secs
             mods[module]["tests"].add(test)
-        elif END.search(line):
-            closing = line.strip("= ")
+        elif END.match(line):
+            closing = END.match(line)[1]
     return {k: {**v, "tests": len(v["tests"])} for k, v in mods.items()}, closing
 
 

@@ -19,8 +19,8 @@ PROCESS_MARKERS = ("broker", "agent")  # tests that start these processes are sl
 # The slowest modules as measured (docs/testing.md), slowest first: they start first, so under xdist's
 # --dist loadfile no long module is left to run alone on one worker at the end.
 SLOW_FIRST = ("test_corpus_text.py", "test_corpus.py", "test_build.py", "test_onnx_tflite.py", "test_text_tflite.py",
-              "test_ota.py", "test_fleet_page.py", "test_keras_transformer.py", "test_demo.py", "test_rollout.py",
-              "test_faults.py", "test_delta.py", "test_shadow.py", "test_report_page.py", "test_api_hostile.py")
+              "test_ota.py", "test_rollout.py", "test_demo.py", "test_keras_transformer.py", "test_text_buckets.py",
+              "test_faults.py", "test_delta.py", "test_shadow.py", "test_api_hostile.py", "test_text_models.py")
 
 
 def pytest_configure(config):

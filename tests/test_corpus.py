@@ -1,7 +1,12 @@
 """The corpus tier: real third-party models (tests/corpus_models.py) built with --quantize auto
 for every target they fit. Each bundle is loaded the way the agent loads it (verified, golden
 check) and checked against the source model's own output in its own runtime, on samples the
-gate did not see. Targets a model cannot reach must refuse it with a clear error."""
+gate did not see. Targets a model cannot reach must refuse it with a clear error.
+
+Only MobileNetV3-small, whose int8 runs slower than fp32 on this host, is built with the speed gate
+(its test checks that auto does not ship the slower candidate); the others are built with
+--no-speed-gate: beside the other xdist worker's conversions host timings are noise, and a noisy
+"slower" verdict sent builds down the ladder (docs/testing.md). benchmarks/corpus.py times them all."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,6 +21,7 @@ from packager.sources import load_source
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
 BY_NAME = {c.name: c for c in CORPUS}
+TIMED = ("mobilenet-v3-small",)  # the model whose speed verdict is under test
 
 
 def _samples(npz, n: int) -> list[dict]:
@@ -48,7 +54,8 @@ def _build(cm, tmp_path, **kw):
     model = cm.path(tmp_path)
     calib, valid = cm.data(model, tmp_path)
     res = build(BuildOptions(model=model, targets=cm.targets, out_dir=tmp_path / "dist", calibration=str(calib),
-                             validation=str(valid), name=cm.name, bench_seconds=0.5, **kw))
+                             validation=str(valid), name=cm.name, bench_seconds=0.5,
+                             speed_gate=cm.name in TIMED, **kw))
     return model, calib, valid, res
 
 

@@ -120,12 +120,13 @@ def test_minilm_folder_builds_for_every_target(minilm):
 
 
 def test_users_own_onnx_export_takes_its_tokenizer(minilm):
-    """A user's own export with --tokenizer, built for one TFLite and one ONNX Runtime target (rpi5
-    shares arm-cpu's conversion and jetson-gpu x86-cpu's ONNX path: the folder test builds all four)
-    and judged the same way."""
+    """A user's own export with --tokenizer, built for x86-cpu (ONNX Runtime) and judged the same way.
+    What --tokenizer does is the same for every target; the TFLite path of a MiniLM export (onnx2tf, a
+    model per length bucket) is the folder test's, whose export is the same torch graph (392 s for
+    both targets, most of it arm-cpu's buckets: docs/testing.md)."""
     onnx_path = minilm["dir"] / "own.onnx"
     subprocess.run([sys.executable, "-c", EXPORT, str(minilm["folder"]), str(onnx_path)], check=True, timeout=600)
-    _check_all(_build(onnx_path, minilm, "own", targets=("arm-cpu", "x86-cpu"), tokenizer=minilm["folder"]), minilm)
+    _check_all(_build(onnx_path, minilm, "own", targets=("x86-cpu",), tokenizer=minilm["folder"]), minilm)
 
 
 def _nearest(e: np.ndarray) -> np.ndarray:
