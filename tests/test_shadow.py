@@ -28,7 +28,7 @@ def permuted(digits, keys, tmp_path_factory):
     d = tmp_path_factory.mktemp("permuted")
     base = keras.models.load_model(digits["model"])
     perm = np.roll(np.eye(10, dtype=np.float32), 1, axis=1)
-    head = keras.layers.Dense(10, use_bias=False, trainable=False)
+    head = keras.layers.Dense(10, use_bias=False, trainable=False, name="permuted_scores")  # unique in any process
     model = keras.Model(base.inputs, head(base.outputs[0]))
     head.set_weights([perm])
     model.save(d / "permuted.keras")
