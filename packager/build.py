@@ -46,12 +46,12 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
         if any(p.is_cpu for p in profiles):  # CPU targets are timed on this host
             timer.start()
         progress(f"loading {opts.model}")
-        source = load_source(opts.model, workdir=work)
+        store = _store(opts)
+        source = load_source(opts.model, workdir=work, store=store)
         if opts.tokenizer:
             attach_tokenizer(source, opts.tokenizer)
         calib, valid = _datasets(opts, source, profiles, progress)
         progress(f"float reference on {len(valid)} validation samples")
-        store = _store(opts)
         cache = BuildCache(workdir=work / "cache", timer=timer, store=store,
                            keyed=_keyed(opts, source, calib, valid) if store else {})
         inputs = BuildInputs(opts=opts, name=name, source=source, calib=calib, valid=valid,

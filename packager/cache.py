@@ -33,6 +33,7 @@ class BuildCache:
     fp32_latency: dict[ModelSpec, dict] = field(default_factory=dict)  # fp32 as timed: its own latency
     # (fp32 spec, candidate spec, question) -> the comparison: arm-cpu and rpi5 time a shared file once
     comparisons: dict[tuple, dict] = field(default_factory=dict)
+    outputs: dict[tuple, list] = field(default_factory=dict)  # (file, runtime settings) -> its validation outputs
     onnx_preprocessed: Path | None = None  # ORT's pre-processing of the fp32 graph, what int8 starts from
     onnx_calibration: dict[CalibrationMethod, Path] = field(default_factory=dict)  # ORT calibration caches
     float_tensors: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict)  # fp32 intermediates

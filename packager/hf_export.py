@@ -91,6 +91,25 @@ def read_folder(path: Path) -> HfFolder:
                     special_tokens=_special_tokens(p))
 
 
+def export_stored(folder: HfFolder, work: Path, *, store=None, opset: int = 17) -> tuple[Path, dict]:
+    """(the ONNX export, what the worker said of it): from the build cache across builds when it
+    holds this folder's export (packager/store.py), else exported and kept there."""
+    dest = work / f"{folder.path.name}.onnx"
+    work.mkdir(parents=True, exist_ok=True)
+    if store is None:
+        return dest, export_onnx(folder, dest, opset=opset)
+    from packager.store import digest_path
+
+    key = store.key({"what": "hf-export", "folder": digest_path(folder.path), "opset": opset,
+                     "task": folder.task.value, "pooling": folder.pooling, "normalize": folder.normalize})
+    hit = store.get(key, work.parent)
+    if hit is not None:
+        return hit.path / dest.name, hit.info
+    ans = export_onnx(folder, dest, opset=opset)
+    store.put(key, work, ans)  # the folder: torch writes the weights of a large model beside the graph
+    return dest, ans
+
+
 def export_onnx(folder: HfFolder, dest: Path, *, opset: int = 17, timeout_s: float = 1800) -> dict:
     """Export the folder's model to `dest` (ONNX, dynamic batch and sequence) in the worker process."""
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]

@@ -311,12 +311,11 @@ class HfSource(OnnxSource):
     """A Hugging Face folder, exported to ONNX in a worker process; from then on an ONNX source
     that carries its tokenizer."""
 
-    def __init__(self, path: Path, kind: SourceKind, workdir: Path):
-        from packager.hf_export import export_onnx, read_folder
+    def __init__(self, path: Path, kind: SourceKind, workdir: Path, store=None):
+        from packager.hf_export import export_stored, read_folder
 
         folder = read_folder(path)
-        onnx_path = workdir / f"{path.name}.onnx"
-        ans = export_onnx(folder, onnx_path)
+        onnx_path, ans = export_stored(folder, workdir / "hf-export", store=store)
         super().__init__(onnx_path, SourceKind.ONNX, workdir)
         self.origin, self.origin_path = SourceKind.HF, path
         self.text = TextInfo(tokenizer=folder.tokenizer, settings=folder.text_settings(ans["inputs"]),
@@ -361,11 +360,13 @@ _LOADERS = {SourceKind.SAVED_MODEL: TFSource, SourceKind.KERAS: TFSource,
             SourceKind.ONNX: OnnxSource, SourceKind.TFLITE: TFLiteSource, SourceKind.HF: HfSource}
 
 
-def load_source(path: str | os.PathLike, *, workdir: Path | None = None) -> Source:
+def load_source(path: str | os.PathLike, *, workdir: Path | None = None, store=None) -> Source:
+    """The model at `path`, loaded; `store` (packager/store.py), when given, keeps what loading converts
+    (a Hugging Face folder's ONNX export) across builds."""
     path = Path(path)
     kind = detect_kind(path)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="edgepack-src-"))
-    src = _LOADERS[kind](path, kind, workdir)
+    src = HfSource(path, kind, workdir, store) if kind is SourceKind.HF else _LOADERS[kind](path, kind, workdir)
     src.sha256 = sha256_path(path)
     return src
 

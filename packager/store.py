@@ -4,8 +4,10 @@ the same model (one more target, another gate, a new version number) converts no
 An entry's key is the SHA-256 of everything the converter reads: the model's bytes, its resolved
 input shapes, the backend, format, precision, float-kept nodes and variant, the calibration data's
 and check sample's bytes, the conversion options and the versions of the tools that convert.
-Each entry holds the model file and meta.json with the file's SHA-256; an entry that fails that
-check (a damaged disk, a half-written file) is deleted and rebuilt, never trusted. Entries are
+Besides candidates it keeps the steps before them: a Hugging Face folder's ONNX export
+(packager/hf_export.py) and onnx2tf's SavedModel (packager/formats/onnx_tflite.py).
+Each entry holds the model file (or folder) and meta.json with its SHA-256 (digest_path); an entry
+that fails that check (a damaged disk, a half-written file) is deleted and rebuilt, never trusted. Entries are
 written to a temporary folder inside the cache and renamed into place, so concurrent builds see a
 whole entry or none. The least recently used entries go once the cache passes its size limit.
 
@@ -92,33 +94,39 @@ class Store:
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def get(self, key: str, dest: Path) -> Hit | None:
-        """The entry's file copied to `dest` (a folder), or None: absent, or damaged (then deleted)."""
+        """The entry's file (or folder) copied to `dest` (a folder), or None: absent, or damaged (then deleted)."""
         entry = self.root / key[:2] / key
         try:
             meta = json.loads((entry / "meta.json").read_text())
-            data = (entry / meta["file"]).read_bytes()
+            kept = entry / meta["file"]
+            if not kept.exists() or digest_path(kept) != meta.get("sha256"):
+                raise ValueError("damaged")  # a damaged disk, a half-deleted entry: rebuilt, never trusted
+            out = Path(dest) / meta["file"]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if kept.is_dir():
+                shutil.copytree(kept, out, dirs_exist_ok=True)
+            else:
+                shutil.copyfile(kept, out)
         except (OSError, ValueError, KeyError, TypeError):
             if entry.exists():
                 shutil.rmtree(entry, ignore_errors=True)
             return None
-        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            shutil.rmtree(entry, ignore_errors=True)  # damaged: rebuilt, never trusted
-            return None
-        dest.mkdir(parents=True, exist_ok=True)
-        out = dest / meta["file"]
-        out.write_bytes(data)
         os.utime(entry)  # recently used
         return Hit(path=out, info=meta.get("info") or {})
 
     def put(self, key: str, src: Path, info: dict) -> bool:
-        """Keep `src` under `key`; False when the cache cannot be written (the build goes on without)."""
+        """Keep `src` (a file or a folder) under `key`; False when the cache cannot be written (the
+        build goes on without)."""
+        src = Path(src)
         entry = self.root / key[:2] / key
         tmp = self.root / "tmp" / uuid.uuid4().hex
         try:
             tmp.mkdir(parents=True)
-            data = Path(src).read_bytes()
-            (tmp / src.name).write_bytes(data)
-            meta = {"file": src.name, "sha256": hashlib.sha256(data).hexdigest(), "info": info}
+            if src.is_dir():
+                shutil.copytree(src, tmp / src.name)
+            else:
+                shutil.copyfile(src, tmp / src.name)
+            meta = {"file": src.name, "sha256": digest_path(tmp / src.name), "info": info}
             (tmp / "meta.json").write_text(json.dumps(meta, default=str))
             entry.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -133,7 +141,7 @@ class Store:
 
     def _prune(self) -> None:
         entries = [e for d in self.root.iterdir() if len(d.name) == 2 and d.is_dir() for e in d.iterdir()]
-        sizes = {e: sum(f.stat().st_size for f in e.iterdir()) for e in entries}
+        sizes = {e: sum(f.stat().st_size for f in e.rglob("*") if f.is_file()) for e in entries}
         total = sum(sizes.values())
         for e in sorted(entries, key=lambda e: e.stat().st_mtime):
             if total <= self.max_bytes:

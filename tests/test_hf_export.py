@@ -35,21 +35,28 @@ def _torch_outputs(folder, kind, feeds):
 @pytest.mark.parametrize("kind,task,output", [("sentence", "feature-extraction", "sentence_embedding"),
                                               ("classifier", "text-classification", "logits"),
                                               ("distilbert", "feature-extraction", "last_hidden_state")])
-def test_export_matches_torch_on_real_text_at_any_length(tmp_path, kind, task, output):
+def test_export_matches_torch_on_real_text_at_any_length(tmp_path, kind, task, output, monkeypatch):
     import onnxruntime as ort
 
     from edgeruntime.text import TextEncoder
-    from packager.hf_export import export_onnx, read_folder
+    from packager import hf_export
+    from packager.hf_export import export_stored, read_folder
+    from packager.store import Store
 
     folder = read_folder(tiny_hf_folder(tmp_path / kind, kind=kind))
     assert folder.task.value == task and folder.output == output
     assert folder.max_length == (48 if kind == "sentence" else 64)
     if kind == "classifier":
         assert folder.labels == ("negative", "neutral", "positive")
-    ans = export_onnx(folder, tmp_path / "model.onnx")
+    store = Store(tmp_path / "cache")
+    path, ans = export_stored(folder, tmp_path / "first", store=store)
     expect_inputs = ["input_ids", "attention_mask"] + ([] if kind == "distilbert" else ["token_type_ids"])
     assert ans["inputs"] == expect_inputs and ans["max_relative_error"] < 1e-4
-    sess = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    # the same folder again: the export comes from the build cache, byte for byte, without the worker
+    monkeypatch.setattr(hf_export, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
+    again, ans2 = export_stored(folder, tmp_path / "again", store=store)
+    assert again.read_bytes() == path.read_bytes() and ans2 == ans
+    sess = ort.InferenceSession(str(again), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == [output]
     enc = TextEncoder.from_file(folder.tokenizer, folder.text_settings(ans["inputs"]))
     for texts in (["Return the value."], sentences(3, seed=5)):  # one short text; a padded batch of three

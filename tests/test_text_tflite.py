@@ -102,8 +102,9 @@ def encoder(tmp_path_factory):
     return tiny_hf_folder(d / "encoder", kind="sentence", act="gelu"), d
 
 
-def _build(encoder, tmp_path, monkeypatch, **opts):
-    """A build whose system temp dir is `tmp_path/tmp` (its children's too): what it leaves there is a leak."""
+def _build(encoder, tmp_path, monkeypatch, *, cached=True, **opts):
+    """A build whose system temp dir is `tmp_path/tmp` (its children's too): what it leaves there is a leak.
+    `cached=False`: the run's build cache off, for a converter that fails on purpose."""
     import tempfile
 
     from packager.build import BuildOptions, build
@@ -112,7 +113,8 @@ def _build(encoder, tmp_path, monkeypatch, **opts):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.delenv("EDGEPACK_CACHE_DIR", raising=False)  # converters fail on purpose here: convert for real
+    if not cached:
+        monkeypatch.delenv("EDGEPACK_CACHE_DIR", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     opts = {"targets": ("arm-cpu",), "bench_seconds": 0.5, **opts}
     res = build(BuildOptions(model=folder, out_dir=tmp_path / "out", name="enc", calibration=str(d / "calib.txt"),
@@ -170,7 +172,7 @@ def test_a_converter_that_aborts_is_one_failed_candidate(encoder, tmp_path, monk
     from packager.formats.tflite_worker import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "int8")
-    res, left = _build(encoder, tmp_path, monkeypatch, search=Search.THOROUGH)
+    res, left = _build(encoder, tmp_path, monkeypatch, search=Search.THOROUGH, cached=False)  # int8 converts, and dies
     assert res.ok, [r.error for r in res.results]
     assert left == []
     rows = {c["candidate"]: c for c in res.results[0].report["candidates"]}

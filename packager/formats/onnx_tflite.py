@@ -86,7 +86,7 @@ class OnnxToTFLite(Bridge):
         key, cache = _key(ctx), ctx.cache.bridged
         if key not in cache:
             try:
-                cache[key] = self._convert(ctx, ctx.cache.path(f"onnx2tf-{len(cache)}"))
+                cache[key] = self._stored(ctx, ctx.cache.path(f"onnx2tf-{len(cache)}"))
             except ConversionError as e:
                 cache[key] = e
         if isinstance(cache[key], ConversionError):
@@ -101,6 +101,24 @@ class OnnxToTFLite(Bridge):
                 "io_layout": f"as the ONNX model ({shapes}); onnx2tf's NHWC transposes are inside the model",
                 "outputs_transposed_back": info.get("transposed_outputs", []),
                 "graph_rewrites": info.get("rewrites", {})}
+
+    def _stored(self, ctx: ConvertContext, work: Path) -> tuple[Path, dict]:
+        """The SavedModel from the build cache across builds (packager/store.py), else converted and
+        kept there: onnx2tf is most of an ONNX model's TFLite conversion (a minute for MiniLM)."""
+        store = ctx.cache.store
+        if store is None:
+            return self._convert(ctx, work)
+        from packager.store import digest_samples
+
+        key = store.key({"what": "onnx2tf", "model": ctx.cache.keyed.get("model") or ctx.source.sha256,
+                         "inputs": [(s.name, list(s.shape), s.dtype) for s in ctx.source.inputs],
+                         "sample": digest_samples([ctx.sample] if ctx.sample else None)})
+        hit = store.get(key, work)
+        if hit is not None:
+            return hit.path, hit.info
+        out, info = self._convert(ctx, work)
+        store.put(key, out, info)
+        return out, info
 
     def _convert(self, ctx: ConvertContext, work: Path) -> tuple[Path, dict]:
         import onnx
