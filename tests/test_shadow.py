@@ -34,7 +34,7 @@ def permuted(digits, keys, tmp_path_factory):
     model.save(d / "permuted.keras")
     res = build(BuildOptions(model=d / "permuted.keras", targets=("arm-cpu",), out_dir=d, name="digits",
                              version="1.2.0", precision=Precision.INT8, calibration=str(digits["calibration"]),
-                             validation=str(digits["validation"]), bench_runs=5, bench_seconds=0.2,
+                             validation=str(digits["validation"]), bench_runs=5, bench_seconds=0.2, speed_gate=False,
                              sign_key=keys / "a.key"))
     assert res.ok, res.results[0].error
     return res.results[0].bundle
@@ -52,7 +52,7 @@ def retrained(digits, keys, tmp_path_factory):
     assert info["test_accuracy"] >= 0.9, info
     res = build(BuildOptions(model=info["model"], targets=("arm-cpu",), out_dir=d / "out", name="digits",
                              version="1.1.0", precision=Precision.INT8, calibration=str(digits["calibration"]),
-                             validation=str(digits["validation"]), bench_runs=5, bench_seconds=0.2,
+                             validation=str(digits["validation"]), bench_runs=5, bench_seconds=0.2, speed_gate=False,
                              sign_key=keys / "a.key"))
     assert res.ok, res.results[0].error
     return res.results[0].bundle

@@ -54,7 +54,7 @@ def sentence(tmp_path_factory):
     texts = sentences(260, seed=11)
     res = build(BuildOptions(model=folder, targets=("x86-cpu", "jetson-gpu", "coral"), out_dir=d / "out", name="enc",
                              calibration=str(_texts(d / "calib.txt", texts[:200])),
-                             validation=str(_texts(d / "valid.txt", texts[200:])), bench_seconds=0.5))
+                             validation=str(_texts(d / "valid.txt", texts[200:])), speed_gate=False))
     return {"folder": folder, "res": res, "held_out": sentences(40, seed=99), "dir": d}
 
 
@@ -157,7 +157,7 @@ def test_classifier_folder_ships_its_labels_and_is_gated_on_labelled_jsonl(tmp_p
     res = build(BuildOptions(model=folder, targets=("x86-cpu",), out_dir=tmp_path / "out", name="clf",
                              calibration=str(_texts(tmp_path / "c.jsonl", texts[:120], labels[:120])),
                              validation=str(_texts(tmp_path / "v.jsonl", texts[120:], labels[120:])),
-                             bench_seconds=0.5))
+                             speed_gate=False))
     [t] = res.results
     assert t.ok, t.error
     assert t.report["accuracy"]["accuracy_drop_points"] is not None  # gated on the labels
@@ -182,7 +182,7 @@ def test_users_own_onnx_export_takes_the_tokenizer_from_its_folder(sentence, tmp
     d = sentence["dir"]
     res = build(BuildOptions(model=onnx_path, targets=("x86-cpu",), out_dir=tmp_path / "out", name="own",
                              tokenizer=sentence["folder"], calibration=str(d / "calib.txt"),
-                             validation=str(d / "valid.txt"), bench_seconds=0.5))
+                             validation=str(d / "valid.txt"), speed_gate=False))
     [t] = res.results
     assert t.ok, t.error
     m = open_bundle(t.bundle).manifest
