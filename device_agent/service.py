@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -24,7 +25,7 @@ from device_agent.ota.record import LIVE, RESUMABLE
 from device_agent.ota.updater import Updater, UpdaterSettings, parse_fault_delays
 from device_agent.stats import HostMetrics, InferenceStats, platform_info
 from edgebundle.archive import open_bundle
-from edgebundle.errors import EdgepackError, InputError
+from edgebundle.errors import BundleError, EdgepackError, InputError
 from edgebundle.signing import load_public_key
 from edgeproto.desired import Limits, RecordError, Removal
 from edgeproto.documents import (AgentStatus, AgentTelemetry, StatusDocument, TelemetryDocument, Totals, last_will,
@@ -43,6 +44,7 @@ class Agent:
         self.slots: list[ModelSlot] = []  # the first one keeps the data directory's top level
         self.started = now_iso()
         self.topics = DeviceTopics(cfg.broker.topic_prefix if cfg.broker else ROOT, cfg.device_id)
+        self._made_data_dir = not cfg.data_dir.exists()  # removed again if the configured bundle is refused
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.queue = DiskQueue(cfg.data_dir / "telemetry.sqlite", max_messages=cfg.buffer_max_messages,
                                max_bytes=cfg.buffer_max_bytes)
@@ -441,8 +443,11 @@ class Agent:
         from device_agent.server import ApiServer, ConnectionLimits, Views
 
         cfg = self.cfg
-        self.mqtt = self._mqtt_client()
         self._plan_slots()
+        for slot in self.slots:  # a configured bundle about to become active is checked whole first
+            if slot.initial is not None and slot.store.active() is None:
+                slot.check_initial()
+        self.mqtt = self._mqtt_client()
         for slot in self.slots:
             slot.start_updater(self._updater_settings(), self._fetcher())
         if cfg.broker and not self.keyring.enabled:
@@ -483,7 +488,13 @@ class Agent:
 
     def run(self, *, ready: threading.Event | None = None) -> None:
         """start(), then emit telemetry every interval until SIGTERM/SIGINT or request_stop()."""
-        self.start()
+        try:
+            self.start()
+        except BundleError:  # a damaged or unsigned configured bundle: nothing started, nothing kept
+            self.queue.close()
+            if self._made_data_dir:
+                shutil.rmtree(self.cfg.data_dir, ignore_errors=True)
+            raise
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self._stop.set())

@@ -21,8 +21,8 @@ from device_agent.capture import Ring
 from device_agent.model import Model, bundle_members_to_extract, load_bundle
 from device_agent.ota.updater import Updater, UpdaterSettings
 from device_agent.store import Store
-from edgebundle.archive import open_bundle
-from edgebundle.errors import EdgepackError
+from edgebundle.archive import open_bundle, sha256_file
+from edgebundle.errors import BundleError, EdgepackError
 from edgebundle.manifest import Manifest
 from edgeproto.bundleref import MODEL_NAME
 from edgeproto.documents import model_entry
@@ -75,6 +75,7 @@ class ModelSlot:
         self.store = Store(root)
         self.threads = threads
         self.initial = initial  # the configured bundle, used while the slot holds no active one
+        self._checked = False  # check_initial() passed
         self._active = self.store.active_slot() is not None  # active.json names a bundle (read on swaps only)
         self.model: Model | None = None
         self.model_error: str | None = None
@@ -96,19 +97,44 @@ class ModelSlot:
         self.updater = Updater(self, self.root, settings=settings, fetcher=fetcher)
         self.updater.recover()  # an update cut off mid-switch rolls back before anything loads
 
+    def check_initial(self) -> None:
+        """The configured bundle, checked whole (signature, every member's hash) before it may
+        become active: BundleError, and nothing is copied in, when it is damaged or unsigned."""
+        b = open_bundle(self.initial)
+        if self.agent.keyring.enabled:
+            self.agent.keyring.verify_bundle(b.manifest_bytes, b.signature, history=True)
+        b.verify()
+        self._checked = True
+
+    def _activate_initial(self) -> Path:
+        if not self._checked:
+            self.check_initial()
+        path, digest = self.store.add(self.initial)
+        self.store.activate(path, digest)
+        return path
+
     def load_initial(self) -> None:
-        """The active bundle of this slot, else its configured initial bundle."""
+        """The active bundle of this slot, else its configured initial bundle (verified first: the
+        agent checks it in start() and exits 5 when it is damaged). An active bundle that no longer
+        loads (a damaged disk) gives way to a configured bundle that verifies."""
         path = self.store.active()
         try:
             if path is None and self.initial is not None:
-                path, digest = self.store.add(self.initial)
-                self.store.activate(path, digest)
+                path = self._activate_initial()
             if path is None:
                 self.model_error = "no bundle: pass --bundle or push one"
                 log.warning("%s: %s", self.name or "model", self.model_error)
                 return
             t0 = time.perf_counter()
-            model = self.load(path, initial=True)
+            try:
+                model = self.load(path, initial=True)
+            except BundleError as e:
+                if self.initial is None or self.store.sha256(path) == sha256_file(self.initial):
+                    raise
+                log.warning("%s: the active bundle %s cannot be loaded (%s); the configured bundle %s replaces it",
+                            self.name or "model", path.name, str(e).splitlines()[0], self.initial)
+                path = self._activate_initial()
+                model = self.load(path, initial=True)
             if self.removed:  # removed while it loaded: never served
                 model.close()
                 return

@@ -63,7 +63,8 @@ class Store:
         open_bundle(src)
         digest = sha256 or sha256_file(src)
         dest = self.bundles / f"{digest[:16]}-{name or src.name}"
-        if not dest.exists():
+        # a copy already there that this process did not add is hashed, not taken on its name's word
+        if not dest.exists() or (dest.name not in self._digests and sha256_file(dest) != digest):
             if move:
                 os.replace(src, dest)
             else:
