@@ -15,8 +15,8 @@ from typing import Callable
 from edgebundle.errors import CalibrationError, EdgepackError, InputError
 from edgebundle.manifest import parse_version
 from packager.cache import BuildCache
-from packager.data import (RANDOM, Dataset, align_texts, data_info, is_images, random_dataset, read_arrays,
-                           require_float_inputs, to_dataset)
+from packager.data import (RANDOM, Dataset, align_texts, check_outputs, data_info, is_images, random_dataset,
+                           read_arrays, require_float_inputs, to_dataset)
 from packager.formats import backend_for, check_pair
 from packager.options import BuildInputs, BuildOptions, Progress
 from packager import sequence
@@ -54,8 +54,12 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
         progress(f"float reference on {len(valid)} validation samples")
         cache = BuildCache(workdir=work / "cache", timer=timer, store=store,
                            keyed=_keyed(opts, source, calib, valid) if store else {})
-        inputs = BuildInputs(opts=opts, name=name, source=source, calib=calib, valid=valid,
-                             reference=_reference(source, valid), cache=cache, progress=progress, signer=signer)
+        reference = _reference(source, valid)
+        warned = check_outputs(valid, reference, source.outputs, labels_file=opts.labels, max_drop=opts.max_accuracy_drop)
+        for w in warned:
+            progress(f"warning: {w}")
+        inputs = BuildInputs(opts=opts, name=name, source=source, calib=calib, valid=valid, reference=reference,
+                             cache=cache, progress=progress, signer=signer, data_warnings=tuple(warned))
         searches = [CandidateSearch(inputs, p, work / p.name) for p in profiles]
         refused = _plan(searches, progress)
         results = [_refusal(s, refused[s]) if s in refused else _target(s, inputs) for s in searches]

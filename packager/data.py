@@ -120,8 +120,14 @@ def read_arrays(spec: str, inputs: list[InputSpec], *, what: str, limit: int | N
     if labels is not None and len(labels) != n:
         raise CalibrationError(f"{path.name}: {len(labels)} labels for {n} samples")
     n = min(n, limit) if limit else n
-    return Arrays({k: v[:n] for k, v in arrays.items()}, None if labels is None else labels[:n],
-                  source=str(path), sha256=_hash(path))
+    arrays = {k: v[:n] for k, v in arrays.items()}
+    for k, v in arrays.items():
+        if v.dtype.kind in "fc" and not np.isfinite(v).all():
+            bad = int((~np.isfinite(v.reshape(len(v), -1))).any(axis=1).sum())
+            raise CalibrationError(f"{path.name}: {bad} of {n} samples of input {k!r} hold NaN or infinite values",
+                                   hint="clean or drop those samples: quantization ranges and accuracy figures "
+                                        "need finite numbers")
+    return Arrays(arrays, None if labels is None else labels[:n], source=str(path), sha256=_hash(path))
 
 
 def to_dataset(data: Arrays, inputs: list[InputSpec]) -> Dataset:
@@ -129,6 +135,32 @@ def to_dataset(data: Arrays, inputs: list[InputSpec]) -> Dataset:
     name = Path(data.source).name
     samples = [{s.name: _fit(data.arrays[s.name][i], s, name) for s in inputs} for i in range(n)]
     return Dataset(samples, data.labels, source=data.source, sha256=data.sha256)
+
+
+def check_outputs(valid: Dataset, reference: list[dict], outputs: list[str], *, labels_file: Path | None,
+                  max_drop: float) -> list[str]:
+    """The data and --labels against what the float model answers, before any conversion: labels in
+    the range of the first output's classes, one name per class. Returns warnings (a validation set
+    too small for the gate to mean much)."""
+    first = np.asarray(reference[0][outputs[0]]) if reference and outputs else None
+    classes = int(first.shape[-1]) if first is not None and first.ndim >= 1 and first.shape[-1] > 1 else None
+    if valid.labels is not None and classes is not None:
+        y = np.asarray(valid.labels)
+        if y.size and (y.min() < 0 or y.max() >= classes):
+            raise CalibrationError(f"{Path(valid.source).name}: labels run from {int(y.min())} to {int(y.max())}, but the "
+                                   f"model's output {outputs[0]!r} has {classes} classes (0-{classes - 1})",
+                                   hint="labels 'y' are class indices of the model's first output")
+    if labels_file is not None:
+        names = [ln for ln in Path(labels_file).read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        if classes is not None and len(names) != classes:
+            raise InputError(f"--labels {Path(labels_file).name} has {len(names)} names for the {classes} classes of "
+                             f"output {outputs[0]!r}", hint="one class name per line, in class index order")
+    warnings = []
+    if valid.labels is not None and not valid.random and 100 / len(valid) > max_drop:
+        warnings.append(f"validation on {len(valid)} labelled samples: one sample is worth {100 / len(valid):.1f} points "
+                        f"of accuracy, more than the gate's {max_drop:g}-point limit; use ~{int(np.ceil(300 / max_drop))}+ "
+                        "samples for the gate to mean something")
+    return warnings
 
 
 def layout(inputs: list[InputSpec]) -> str:
@@ -164,20 +196,30 @@ def _load_npy(path: Path) -> np.ndarray:
         raise CalibrationError(f"{path.name} is not a readable .npy array: {e}") from None
 
 
+UNNAMED = ("x", "arr_0")  # what a single-input model's one array may be called: np.savez(f, x) writes arr_0
+
+
 def _npz(path: Path, inputs: list[InputSpec]) -> tuple[dict, np.ndarray | None]:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(16)
+        raise CalibrationError(f"{path.name} is not a .npz archive (a ZIP of .npy arrays); it starts with {head!r}",
+                               hint="write it with numpy.savez(path, input_name=array, y=labels)")
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (ValueError, OSError) as e:
-        raise CalibrationError(f"{path.name} is not a readable .npz archive: {e}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise CalibrationError(f"{path.name} is not a readable .npz archive (truncated or damaged?): {e}",
+                               hint="write it again with numpy.savez") from None
     labels = data.pop("y", None)
     names = [s.name for s in inputs]
     if all(n in data for n in names):
         return {n: data[n] for n in names}, labels
-    if len(inputs) == 1 and len(data) == 1:  # one unnamed array for a single-input model
-        return {names[0]: next(iter(data.values()))}, labels
-    if len(inputs) == 1 and "x" in data:
-        return {names[0]: data["x"]}, labels
+    unnamed = [k for k in UNNAMED if k in data]
+    if len(inputs) == 1 and unnamed and len(data) == 1:
+        return {names[0]: data[unnamed[0]]}, labels
     raise CalibrationError(f"{path.name} has arrays {sorted(data)} but the model's inputs are {names}",
                            hint=f"name each array after a model input: {layout(inputs)}")
 

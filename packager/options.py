@@ -88,3 +88,4 @@ class BuildInputs:
     cache: BuildCache
     progress: Progress
     signer: Callable[[bytes], bytes] | None
+    data_warnings: tuple[str, ...] = ()  # what the data checks found (data.check_outputs), in every target's report

@@ -131,6 +131,7 @@ def _warnings(chosen: Chosen, inputs: BuildInputs) -> list[str]:
         out.append("calibrated on RANDOM data: this bundle is not fit for production")
     if inputs.valid.random:
         out.append("accuracy figures come from random inputs (no validation data given)")
+    out += inputs.data_warnings
     if not inputs.opts.accuracy_gate:
         out.append("the accuracy gate was switched OFF (--no-accuracy-gate): nothing checked this bundle's accuracy")
     return out
