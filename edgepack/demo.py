@@ -137,6 +137,7 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
             generate_keys(work / "demo.key", work / "demo.pub")
         say("== 2. build signed bundles for every built-in target")
         opts = BuildOptions(model=info["model"], targets=tuple(builtin_names()), out_dir=work / "bundles",
+                            overwrite=True,
                             calibration=str(work / "v1" / "calibration.npz"),
                             validation=str(work / "v1" / "validation.npz"), labels=work / "v1" / "labels.txt",
                             name="digits", version="1.0.0", max_accuracy_drop=1.0, sign_key=work / "demo.key",
@@ -184,7 +185,7 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
 
         say("== 5. build and sign v1.1.0 (trained longer)")
         info2 = train(work / "v2", epochs=15, start=info["model"])  # v1 plus 15 epochs
-        res2 = build(BuildOptions(model=info2["model"], targets=("arm-cpu",), out_dir=work / "bundles",
+        res2 = build(BuildOptions(model=info2["model"], targets=("arm-cpu",), out_dir=work / "bundles", overwrite=True,
                                   calibration=str(work / "v2" / "calibration.npz"),
                                   validation=str(work / "v2" / "validation.npz"), name="digits", version="1.1.0",
                                   max_accuracy_drop=1.0, sign_key=work / "demo.key", bench_runs=30,

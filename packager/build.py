@@ -41,6 +41,7 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
         check_pair(kind.converts_as.value, p.format)
     signer = _signer(opts.sign_key)
     name = opts.name or _default_name(opts.model)
+    _refuse_overwrite(opts, name, profiles)
     with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp, HostTimer(Path(tmp) / "timing") as timer:
         work = Path(tmp)
         if any(p.is_cpu for p in profiles):  # CPU targets are timed on this host
@@ -55,7 +56,8 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
         cache = BuildCache(workdir=work / "cache", timer=timer, store=store,
                            keyed=_keyed(opts, source, calib, valid) if store else {})
         reference = _reference(source, valid)
-        warned = check_outputs(valid, reference, source.outputs, labels_file=opts.labels, max_drop=opts.max_accuracy_drop)
+        warned = check_outputs(valid, reference, source.outputs, labels_file=opts.labels,
+                               max_drop=opts.max_accuracy_drop)
         for w in warned:
             progress(f"warning: {w}")
         inputs = BuildInputs(opts=opts, name=name, source=source, calib=calib, valid=valid, reference=reference,
@@ -123,6 +125,18 @@ def _check(opts: BuildOptions) -> None:
                          hint="--profile-on lets the device's timings decide the speed gate; drop one of them")
     if not 0 < opts.min_similarity <= 1:
         raise InputError(f"--min-similarity {opts.min_similarity} is not in (0, 1]", hint="e.g. 0.99")
+
+
+def _refuse_overwrite(opts: BuildOptions, name: str, profiles: list[TargetProfile]) -> None:
+    """A bundle of the same name, version and target is not replaced without --overwrite: said before
+    anything converts."""
+    if opts.overwrite:
+        return
+    there = [p.name for p in (Path(opts.out_dir) / f"{name}-{opts.version}-{t.name}.edgepack" for t in profiles)
+             if p.exists()]
+    if there:
+        raise InputError(f"{opts.out_dir} already holds {', '.join(there)}",
+                         hint="build a new --version, into another --out-dir, or pass --overwrite to replace it")
 
 
 def _store(opts: BuildOptions) -> Store | None:

@@ -92,6 +92,7 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
               help="Build cache: converted models kept by the model's bytes, data, options and tool versions, so "
                    "a rebuild converts nothing again (default: $EDGEPACK_CACHE_DIR or ~/.cache/edgepack/builds).")
 @click.option("--no-cache", is_flag=True, help="Use no build cache: convert everything.")
+@click.option("--overwrite", is_flag=True, help="Replace bundles of the same name, version and target in the output folder.")
 @click.option("--no-speed-gate", "no_speed_gate", is_flag=True,
               help="Time nothing on this host: auto keeps the first candidate that passes the accuracy gate "
                    "(for loaded build hosts and CI, where timings are noise; the report says not timed).")
@@ -118,7 +119,7 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @broker_options
 @pass_wiring
 def build(wiring, model, targets, out_dir, precision, search, calibration, calibration_samples, calibration_method,
-          per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, min_neighbours, no_gate, cache_dir, no_cache, no_speed_gate, allow_flex,
+          per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, min_neighbours, no_gate, cache_dir, no_cache, overwrite, no_speed_gate, allow_flex,
           name, version, opset, image_scale, image_mean, image_std, labels, tokenizer, sign_key, as_json, html_path, no_html, profile_on, **kw):
     """Convert MODEL (SavedModel dir, Hugging Face folder, .keras/.h5, .onnx, .tflite) into one bundle per target."""
     from packager.build import BuildOptions, build as run_build
@@ -133,7 +134,7 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
         calibration=calibration, calibration_samples=calibration_samples, validation=validation,
         input_shapes=tuple(parse_input_shapes(input_shapes).items()), max_accuracy_drop=max_accuracy_drop,
         min_similarity=min_similarity, min_neighbours=min_neighbours, accuracy_gate=not no_gate,
-        speed_gate=not no_speed_gate, cache=not no_cache, cache_dir=cache_dir or default_cache_dir(), allow_flex=allow_flex, name=name, version=version, opset=opset, per_channel=per_channel,
+        speed_gate=not no_speed_gate, cache=not no_cache, cache_dir=cache_dir or default_cache_dir(), overwrite=overwrite, allow_flex=allow_flex, name=name, version=version, opset=opset, per_channel=per_channel,
         calibration_method=CalibrationMethod(calibration_method) if calibration_method else None,
         image_prep=prep, labels=labels, tokenizer=tokenizer, sign_key=sign_key, profile_on=_device_target(profile_on, kw, wiring))
     result = run_build(opts, progress=_progress(sys.stderr.isatty() or not as_json))

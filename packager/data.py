@@ -147,19 +147,20 @@ def check_outputs(valid: Dataset, reference: list[dict], outputs: list[str], *, 
     if valid.labels is not None and classes is not None:
         y = np.asarray(valid.labels)
         if y.size and (y.min() < 0 or y.max() >= classes):
-            raise CalibrationError(f"{Path(valid.source).name}: labels run from {int(y.min())} to {int(y.max())}, but the "
-                                   f"model's output {outputs[0]!r} has {classes} classes (0-{classes - 1})",
+            raise CalibrationError(f"{Path(valid.source).name}: labels run from {int(y.min())} to {int(y.max())}, "
+                                   f"but the model's output {outputs[0]!r} has {classes} classes (0-{classes - 1})",
                                    hint="labels 'y' are class indices of the model's first output")
     if labels_file is not None:
-        names = [ln for ln in Path(labels_file).read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        text = Path(labels_file).read_text(encoding="utf-8", errors="replace")
+        names = [ln for ln in text.splitlines() if ln.strip()]
         if classes is not None and len(names) != classes:
-            raise InputError(f"--labels {Path(labels_file).name} has {len(names)} names for the {classes} classes of "
-                             f"output {outputs[0]!r}", hint="one class name per line, in class index order")
+            raise InputError(f"--labels {Path(labels_file).name} has {len(names)} names for the {classes} classes "
+                             f"of output {outputs[0]!r}", hint="one class name per line, in class index order")
     warnings = []
     if valid.labels is not None and not valid.random and 100 / len(valid) > max_drop:
-        warnings.append(f"validation on {len(valid)} labelled samples: one sample is worth {100 / len(valid):.1f} points "
-                        f"of accuracy, more than the gate's {max_drop:g}-point limit; use ~{int(np.ceil(300 / max_drop))}+ "
-                        "samples for the gate to mean something")
+        warnings.append(f"validation on {len(valid)} labelled samples: one sample is worth {100 / len(valid):.1f} "
+                        f"points of accuracy, more than the gate's {max_drop:g}-point limit; use "
+                        f"~{int(np.ceil(300 / max_drop))}+ samples for the gate to mean something")
     return warnings
 
 

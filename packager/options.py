@@ -68,6 +68,7 @@ class BuildOptions:
     cache: bool = True  # False: no build cache (--no-cache)
     cache_dir: Path | None = None  # the build cache (packager/store.py); None: $EDGEPACK_CACHE_DIR, if set
     profile_on: DeviceTarget | None = None  # the device whose timings decide the speed gate
+    overwrite: bool = False  # replace a bundle of the same name, version and target in out_dir
 
     @property
     def gate(self) -> Gate:

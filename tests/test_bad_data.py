@@ -97,3 +97,15 @@ def test_a_small_validation_set_says_what_one_sample_is_worth(clf, tmp_path):
     code, text, out = _build(clf, tmp_path, "--validation", tmp_path / "ten.npz")
     assert code == 0, text
     assert "validation on 10 labelled samples: one sample is worth 10.0 points of accuracy" in text, text
+
+
+def test_a_bundle_of_the_same_version_is_not_overwritten_without_a_word(clf, tmp_path):
+    code, text, out = _build(clf, tmp_path, "--validation", clf / "valid.npz", "--name", "clf")
+    assert code == 0, text
+    bundle = out / "clf-1.0.0-x86-cpu.edgepack"
+    before = bundle.read_bytes()
+    code, text, _ = _build(clf, tmp_path, "--validation", clf / "valid.npz", "--name", "clf")
+    assert code == 2 and f"{out} already holds clf-1.0.0-x86-cpu.edgepack" in text and "--overwrite" in text, text
+    assert bundle.read_bytes() == before
+    code, text, _ = _build(clf, tmp_path, "--validation", clf / "valid.npz", "--name", "clf", "--overwrite")
+    assert code == 0, text
