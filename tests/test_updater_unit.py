@@ -149,6 +149,19 @@ def test_happy_path_every_state(setup):
     assert json.loads(u.path.read_text())["ended"][d.update_id] == "committed"
 
 
+def test_a_downgrade_is_refused_on_the_record_before_the_first_byte(setup, monkeypatch):
+    """Issue 24, finding 6: the record names the version, so a lower one fails before any transfer."""
+    from device_agent.ota import updater
+
+    host, u = setup["host"], setup["make"]()
+    monkeypatch.setattr(updater, "fetch_url", lambda *a, **k: pytest.fail("a byte was fetched"))
+    u.set_desired(_desired(_bundle(setup["src"], "0.9.0")))
+    _drive(u)
+    assert u.record.state is State.FAILED and u.record.error.startswith("downgrade refused: 0.9.0 is lower than")
+    assert _states(host) == ["downloading", "failed"] and host.model.version == "1.0.0"
+    assert not any((setup["data"] / "downloads").glob("*/*"))
+
+
 def test_exception_in_probation_rolls_back_never_commits(setup):
     """Finding 10, at the state machine: a handler that raises never skips a state."""
     host, u = setup["host"], setup["make"]()

@@ -279,6 +279,7 @@ class Updater:
 
     # ---- state handlers: each returns the next state (None = wait) ----
     def _downloading(self, d: Desired) -> State | None:
+        self._refuse_downgrade(d.version, d)  # on the record's word, before the first byte
         work = self._workdir(d.sha256)
         work.mkdir(parents=True, exist_ok=True)
         try:
@@ -300,6 +301,12 @@ class Updater:
             raise UpdateFailed(str(e)) from None
         return State.VERIFYING
 
+    def _refuse_downgrade(self, version: str, d: Desired) -> None:
+        active = self.host.active_model()
+        if active is not None and parse_version(version) < parse_version(active.version) and not d.allow_downgrade:
+            raise UpdateFailed(f"downgrade refused: {version} is lower than the running {active.version} "
+                               "(push with --allow-downgrade to roll back on purpose)")
+
     def _verifying(self, d: Desired) -> State:
         work = self._workdir(d.sha256)
         path = work / "bundle.edgepack"
@@ -319,11 +326,11 @@ class Updater:
         if why:
             shutil.rmtree(work, ignore_errors=True)
             raise UpdateFailed(why)
-        active = self.host.active_model()
-        if active is not None and parse_version(m.version) < parse_version(active.version) and not d.allow_downgrade:
+        try:
+            self._refuse_downgrade(m.version, d)  # the manifest's own word (it matches the record's)
+        except UpdateFailed:
             shutil.rmtree(work, ignore_errors=True)
-            raise UpdateFailed(f"downgrade refused: {m.version} is lower than the running {active.version} "
-                               "(push with --allow-downgrade to roll back on purpose)")
+            raise
         if path != stored:
             stored, _ = self.host.store.add(path, move=True, sha256=d.sha256,
                                             name=f"{m.name}-{m.version}-{m.target.get('name')}.edgepack")
