@@ -42,6 +42,13 @@ class EdgepackGroup(click.Group):
             for p in getattr(e, "problems", [])[:20]:
                 click.echo(f"  - {p}", err=True)
             ctx.exit(exit_code(e))
+        except ModuleNotFoundError as e:  # an agent-only install: the packager's frameworks are not there
+            missing = (e.name or str(e)).split(".")[0]
+            click.echo(f"error: `edgepack {ctx.invoked_subcommand}` needs {missing}, which is not installed here "
+                       "(an agent-only install?)", err=True)
+            click.echo("  hint: on a build machine: pip install 'edgepack[packager]'; a device needs only "
+                       "edgepack-agent", err=True)
+            ctx.exit(6)
 
 
 def profile_on_device(bundles: list[Path], target, sign_key: Path | None) -> list[dict]:

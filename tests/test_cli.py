@@ -168,3 +168,40 @@ def test_keys_sign_verify(digits_bundle, tmp_path):
             zout.writestr(zi, data + b"x" if zi.filename == "golden.npz" else data)
     code, out = run("verify", bad, "--pubkey", tmp_path / "a.pub")
     assert code == 5
+
+
+AGENT_ONLY = '''import sys
+BLOCK = {"tensorflow", "tf2onnx", "onnx", "onnx_ir", "torch", "transformers", "keras", "tf_keras", "onnx2tf", "yaml",
+         "amqtt", "sympy"}  # what the packager extra brings and the agent extra does not (setup.cfg)
+
+
+class AgentOnly:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, AgentOnly())
+'''
+
+
+@pytest.mark.slow  # processes
+def test_packager_commands_on_an_agent_only_install_exit_6(tmp_path):
+    """Issue 24, finding 2: a device with `pip install edgepack[agent]` has the `edgepack` command too;
+    a packager command there says what is missing in one line and exits 6 (runtime missing). The
+    install is simulated: a sitecustomize that makes the packager extra's modules unimportable."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(AGENT_ONLY)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    for args in (["targets", "list"], ["build", str(tmp_path / "m.onnx"), "-t", "arm-cpu"]):
+        r = subprocess.run([sys.executable, "-m", "edgepack.cli", *args], capture_output=True, text=True, env=env,
+                           timeout=60)
+        assert r.returncode == 6, (args, r.returncode, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and r.stderr.startswith(f"error: `edgepack {args[0]}` needs "), r.stderr
+        assert "pip install 'edgepack[packager]'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "edgepack.cli", "--help"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0 and "build" in r.stdout, r.stderr
