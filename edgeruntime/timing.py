@@ -56,6 +56,8 @@ class Ratio:
     median: float
     q1: float
     q3: float
+    # the lower end of the lower quartile's ~95 % interval (q1_interval); None: not known (one figure)
+    q1_low: float | None = None
 
     @property
     def resolved(self) -> bool:
@@ -69,7 +71,9 @@ class Ratio:
         and rejecting a candidate only falls back to fp32); a claim of 'faster' needs resolved
         rounds, else 'unresolved' (the gate lets it pass, as within noise)."""
         if self.q1 > 1 + NOISE_FLOOR:
-            return "slower"
+            # slower only once the quartile's interval says so: a loaded host's odd rounds must not flip
+            # a build's choice from one run to the next (then it is a tie, and the smaller candidate ships)
+            return "slower" if self.q1_low is None or self.q1_low > 1 + NOISE_FLOOR else "unresolved"
         if not self.resolved:
             return "unresolved"
         if self.q3 < 1 - NOISE_FLOOR:
@@ -91,9 +95,11 @@ class Comparison:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        low = self.ratio.q1_low
         d["ratio"] = {"median": round(self.ratio.median, 4), "q1": round(self.ratio.q1, 4),
                       "q3": round(self.ratio.q3, 4), "verdict": self.ratio.verdict,
-                      "resolved": self.ratio.resolved}
+                      "resolved": self.ratio.resolved,
+                      "q1_low": round(low, 4) if low is not None and math.isfinite(low) else None}
         d["a_ms"], d["b_ms"], d["seconds"] = round(self.a_ms, 5), round(self.b_ms, 5), round(self.seconds, 2)
         return d
 
@@ -144,23 +150,24 @@ def compare(a: Callable[[], object], b: Callable[[], object], *, budget_s: float
             q1, med, q3 = np.percentile(ratios, [25, 50, 75])
             # Half-width of the median's ~95 % interval (the box plot's notch).
             notch = 1.58 * (q3 - q1) / np.sqrt(len(ratios))
-            stable = notch <= STABLE * med
+            lo, hi = q1_interval(ratios)
+            # A stable median is not enough while a 'slower' verdict is unsure: more rounds settle it.
+            stable = notch <= STABLE * med and not (q1 > 1 + NOISE_FLOOR >= lo)
             # Far from a tie, and the verdict already says so: a median far above 1 over bimodal rounds
             # (lower quartile still near 1) reads 'within noise', so such rounds go on to the budget,
             # as do spread rounds where a claim of faster may still resolve.
-            now = Ratio(float(med), float(q1), float(q3)).verdict
+            now = Ratio(float(med), float(q1), float(q3), lo).verdict
             decided = (med - notch > 1 + 2 * NOISE_FLOOR and now == "slower") or (
                 med + notch < 1 - 2 * NOISE_FLOOR and now == "faster")
             if not (stable or decided):
                 # 'slower' is the lower quartile above the floor: once its interval is wholly above, more
                 # rounds will not undo it; wholly below, they will not make it slower.
-                lo, hi = q1_interval(ratios)
                 decided = lo > 1 + NOISE_FLOOR or (question == "slower" and hi <= 1 + NOISE_FLOOR)
             if stable or decided or time.perf_counter() > deadline:
                 break
     q1, med, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
     return Comparison(a_ms=float(np.median(ta)) * 1e3, b_ms=float(np.median(tb)) * 1e3,
-                      ratio=Ratio(med, q1, q3), rounds=len(ratios), calls_per_block=n,
+                      ratio=Ratio(med, q1, q3, q1_interval(ratios)[0]), rounds=len(ratios), calls_per_block=n,
                       seconds=time.perf_counter() - t_start, stable=bool(stable or decided))
 
 

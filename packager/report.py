@@ -34,6 +34,8 @@ def latency_text(lat: dict | None) -> str:
     r = lat["ratio"]
     if r.get("resolved") is False and r.get("verdict") == "slower":
         return f"{lat['b_ms']:.3f} ms slower ({r['q1']:.2f}-{r['q3']:.2f}x: too spread for one figure)"
+    if r.get("verdict") == "unresolved" and r["q1"] > 1.05:
+        return f"{lat['b_ms']:.3f} ms tie ({r['q1']:.2f}-{r['q3']:.2f}x: not surely slower on this host)"
     if r.get("resolved") is False:
         return f"{lat['b_ms']:.3f} ms unresolved ({r['q1']:.2f}-{r['q3']:.2f}x: too fast to time here)"
     return f"{lat['b_ms']:.3f} ms {r['median']:.2f}x ({r['q1']:.2f}-{r['q3']:.2f})"

@@ -142,6 +142,22 @@ def test_interleaved_timing_tells_slower_from_equal():
     assert Ratio(1.3, 1.2, 1.4).verdict == "slower" and Ratio(0.5, 0.45, 0.6).verdict == "faster"
 
 
+def test_slower_only_when_the_lower_quartiles_interval_says_so():
+    """Issue 24, finding 5: a host's odd rounds must not flip auto's choice between two builds. A lower
+    quartile above the 5 % floor whose ~95 % interval still reaches below it is a tie (the smaller
+    candidate ships), said as such in the report."""
+    from edgeruntime.timing import Ratio, q1_interval
+    from packager.report import latency_text
+
+    assert Ratio(1.6, 1.1, 1.9, q1_low=0.97).verdict == "unresolved"
+    assert Ratio(1.6, 1.1, 1.9, q1_low=1.08).verdict == "slower"
+    rounds = [1.6] * 10 + [0.95] * 4  # a loaded host: most rounds slow, some not
+    q1_low = q1_interval(rounds)[0]
+    assert q1_low < 1.05 and Ratio(1.6, 1.2, 1.6, q1_low).verdict == "unresolved"
+    lat = {"b_ms": 0.02, "ratio": {"median": 1.6, "q1": 1.2, "q3": 1.6, "verdict": "unresolved", "resolved": True}}
+    assert "tie (1.20-1.60x: not surely slower on this host)" in latency_text(lat)
+
+
 def test_lower_quartile_interval_settles_the_slower_verdict():
     """The rounds stop once the lower quartile's interval is on one side of the 5 % floor: no bound
     from a handful of rounds, tight bounds from many that agree."""
