@@ -38,6 +38,39 @@ def tensor_meta(spec) -> dict:
 TEXT_META = {"name": "text", "datatype": BYTES, "shape": [-1]}  # text bundles also take text in place of tokens
 
 
+def model_config(model) -> dict:
+    """Triton's model configuration (GET /v2/models/NAME/config, tritonclient's get_model_config):
+    the batch axis is part of `dims` (max_batch_size 0: requests carry whole tensors)."""
+    man = model.manifest
+
+    def io(spec) -> dict:
+        return {"name": spec.name, "data_type": f"TYPE_{datatype(spec.dtype)}",
+                "dims": list(spec.shape_signature or spec.shape)}
+
+    return {"name": model.name, "platform": f"{man.format}_{model.runtime.details.get('runtime')}",
+            "backend": str(model.runtime.details.get("runtime")), "max_batch_size": 0,
+            "version_policy": {"specific": {"versions": [model.version]}},
+            "input": [io(t) for t in man.inputs], "output": [io(t) for t in man.outputs],
+            "parameters": {k: {"string_value": str(v)} for k, v in (
+                ("precision", man.precision), ("target", man.target.get("name")), ("bundle_sha256", model.bundle_sha256))}}
+
+
+def model_stats(rows) -> dict:
+    """Triton's statistics extension (GET /v2/models[/NAME]/stats, get_inference_statistics) from
+    the agent's per-(model, version) counters: counts and cumulative nanoseconds."""
+    def pair(count: int, us: int) -> dict:
+        return {"count": int(count), "ns": int(us) * 1000}
+
+    return {"model_stats": [{
+        "name": name, "version": version, "last_inference": c.last_ms, "inference_count": c.inferences,
+        "execution_count": c.executions,
+        "inference_stats": {"success": pair(c.success, c.request_us), "fail": pair(c.failure, 0),
+                            "queue": pair(c.success, c.queue_us), "compute_input": pair(c.success, c.input_us),
+                            "compute_infer": pair(c.success, c.infer_us),
+                            "compute_output": pair(c.success, c.output_us)},
+        "batch_stats": []} for (name, version), c in rows]}
+
+
 def decode_request(body: bytes, header_length: str | None) -> tuple[dict, dict[str, np.ndarray], list[dict]]:
     """-> (request JSON, input arrays by name, requested outputs). InferenceError for anything malformed."""
     if header_length is not None:

@@ -20,17 +20,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from device_agent import __version__
-from device_agent.kserve import HEADER_LEN, TEXT_META, decode_request, encode_response, tensor_meta
+from device_agent.kserve import (HEADER_LEN, TEXT_META, decode_request, encode_response, model_config,
+                                  model_stats, tensor_meta)
 from device_agent.linger import Lingering
 from device_agent.model import Model, ModelClosed
-from device_agent.stats import InferenceStats, Phases, has_nonfinite
+from device_agent.stats import InferenceStats, ModelCounters, Phases, has_nonfinite
 from edgebundle.errors import EdgepackError
 
 log = logging.getLogger("edgepack.agent.api")
 
 _AGENT_VIEWS = ("/metrics", "/status", "/stats")
 _REPO = re.compile(r"^/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)/?$")
-_MODEL = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?/?$")
+_MODEL = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+                    r"(?P<action>/ready|/infer|/config|/stats)?/?$")
 
 
 class HttpError(Exception):
@@ -227,6 +229,11 @@ class ApiServer:
             return self._agent_view(method, path, headers)
         if path.startswith("/v2/repository/"):
             return self._repository(method, path, headers, read_body)
+        if path.rstrip("/") == "/v2/models/stats":  # every model's statistics (Triton)
+            if method != "GET":
+                raise HttpError(405, f"{method} is not allowed on {path}")
+            self._authorize(headers)
+            return 200, model_stats(self.stats.per_model())
         m = _MODEL.match(path)
         if not m:
             raise HttpError(404, f"no such endpoint {path}")
@@ -237,6 +244,11 @@ class ApiServer:
         slot, model = self._model(m.group("name"), m.group("version"))
         if action == "/ready":
             return 200, {"name": model.name, "ready": True}
+        if action == "/config":
+            return 200, model_config(model)
+        if action == "/stats":
+            rows = [r for r in self.stats.per_model() if r[0] == (model.name, model.version)]
+            return 200, model_stats(rows or [((model.name, model.version), ModelCounters())])
         if action is None:
             man = model.manifest
             return 200, {

@@ -110,10 +110,11 @@ class ModelCounters:
     """Cumulative per-(model, version) counters and histograms for /metrics (Triton's names)."""
 
     __slots__ = ("success", "failure", "inferences", "executions", "nonfinite", "request_us", "queue_us",
-                 "input_us", "infer_us", "output_us", "request_h", "queue_h", "compute_h")
+                 "input_us", "infer_us", "output_us", "request_h", "queue_h", "compute_h", "last_ms")
 
     def __init__(self):
         self.success = self.failure = self.inferences = self.executions = self.nonfinite = 0
+        self.last_ms = 0  # wall-clock milliseconds of the last successful request (Triton's last_inference)
         self.request_us = self.queue_us = self.input_us = self.infer_us = self.output_us = 0
         self.request_h, self.queue_h, self.compute_h = PromHistogram(), PromHistogram(), PromHistogram()
 
@@ -210,6 +211,7 @@ class InferenceStats:
             if c is None:
                 return
             c.success += 1
+            c.last_ms = int(time.time() * 1000)
             c.executions += 1
             c.inferences += batch
             c.nonfinite += bool(nonfinite)

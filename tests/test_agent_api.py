@@ -78,6 +78,18 @@ def test_tritonclient_unchanged(agent):
         res = c.infer("digits", [inp], outputs=[httpclient.InferRequestedOutput("output_0", binary_data=binary)])
         y = res.as_numpy("output_0")
         assert y.shape == (1, 10) and abs(float(y.sum()) - 1.0) < 0.05
+    # Triton's model configuration and statistics extensions (issue 24, finding 7)
+    cfg = c.get_model_config("digits")
+    assert cfg["name"] == "digits" and cfg["max_batch_size"] == 0 and cfg["backend"] == "litert"
+    assert cfg["input"] == [{"name": "image", "data_type": "TYPE_FP32", "dims": [1, 8, 8, 1]}], cfg["input"]
+    assert [o["name"] for o in cfg["output"]] == ["output_0"]
+    [st] = c.get_inference_statistics("digits")["model_stats"]
+    assert st["name"] == "digits" and st["version"] == "1.0.0" and st["inference_count"] >= 2
+    ok = st["inference_stats"]["success"]
+    assert ok["count"] >= 2 and ok["ns"] > 0 and st["last_inference"] > 1.7e12
+    assert st["inference_stats"]["compute_infer"]["ns"] <= ok["ns"]
+    every = c.get_inference_statistics()["model_stats"]
+    assert [(m["name"], m["version"]) for m in every] == [("digits", "1.0.0")]
     c.close()
 
 
