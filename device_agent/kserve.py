@@ -197,6 +197,12 @@ def _json_data(name: str, data, dtype: np.dtype, dt: str) -> np.ndarray:
     if not isinstance(data, (list, int, float, bool)):
         raise InferenceError(f"input {name!r}: 'data' must be a list of numbers")
     try:
+        if dtype.kind == "f" and dtype.itemsize < 8:  # JSON numbers are doubles: one beyond FP32/FP16 is refused
+            wide = np.asarray(data, dtype=np.float64)
+            top = float(np.abs(wide[np.isfinite(wide)]).max(initial=0.0))
+            if top > float(np.finfo(dtype).max):
+                raise InferenceError(f"input {name!r} holds {top:.3g}, beyond what {dt} holds "
+                                     f"({float(np.finfo(dtype).max):.3g})")
         arr = np.asarray(data, dtype=dtype)
     except (TypeError, ValueError, OverflowError) as e:
         raise InferenceError(f"input {name!r}: data does not fit datatype {dt}: {str(e)[:200]}") from None

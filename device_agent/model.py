@@ -149,6 +149,15 @@ class Model:
             if shape != sig and (len(shape) != len(sig) or any(s >= 0 and s != d for s, d in zip(sig, shape))):
                 raise InferenceError(f"input {name!r} has shape {list(x.shape)}; the model takes "
                                      f"{list(sig)} (-1 = any size)")
+            if x.dtype.kind == "f" and x.size and not np.isfinite(x).all():
+                bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+                raise InferenceError(f"input {name!r} holds {bad} NaN or infinite value(s); the model takes finite "
+                                     "numbers")
+            if x.dtype.kind == "f" and want.kind == "f" and x.dtype.itemsize > want.itemsize and x.size:
+                top = float(np.abs(x).max())
+                if top > float(np.finfo(want).max):
+                    raise InferenceError(f"input {name!r} holds {top:.3g}, beyond what {want.name} holds "
+                                         f"({float(np.finfo(want).max):.3g})")
             if x.dtype is not want and x.dtype != want:
                 if info is not None and info.quantized and x.dtype.kind == "f":
                     x = quantize(x, info)

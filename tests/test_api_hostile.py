@@ -102,10 +102,15 @@ def test_outputs_are_strict_json(agent, tmp_path):
     doc = json.loads(body, parse_constant=no_constants)
     assert doc["outputs"][0]["data"] == [1.0, None, None, None]
     assert np.isnan(np.asarray(doc["outputs"][0]["data"], np.float32)[1:]).all()
-    # and through the server, with a NaN input
-    code, raw = _post(agent, _j({"inputs": [_inp(data=[math.nan] * 64)]}))  # Python clients send bare NaN
-    assert code == 200
-    json.loads(raw, parse_constant=no_constants)
+    # through the server, a NaN input (Python clients send bare NaN) or one beyond float32 is refused
+    # with its reason (issue 24, finding 7), the error in strict JSON too
+    code, raw = _post(agent, _j({"inputs": [_inp(data=[math.nan] * 64)]}))
+    assert code == 400 and "holds 64 NaN or infinite value(s)" in json.loads(raw, parse_constant=no_constants)["error"]
+    code, raw = _post(agent, _j({"inputs": [_inp(data=[1e39] + [0.0] * 63, datatype="FP64")]}))
+    assert code == 400 and "holds 1e+39, beyond what float32 holds" in json.loads(raw)["error"], raw
+    code, raw = _post(agent, _j({"inputs": [_inp(data=[1e39] + [0.0] * 63)]}))  # as FP32: not cast to inf
+    assert code == 400 and "holds 1e+39, beyond what FP32 holds" in json.loads(raw)["error"], raw
+    assert "RuntimeWarning" not in agent.log.read_text()[-20000:]
 
 
 def _raw(port: int, data: bytes, *, timeout: float = 10.0, shut: bool = False) -> bytes:
