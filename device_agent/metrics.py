@@ -142,6 +142,10 @@ def render_metrics(agent) -> str:
                           "provider": d.get("provider") or "", "precision": d.get("precision") or "",
                           "target": d.get("target") or "", "threads": str(s.threads or "")}, 1))
     e.family("edgepack_model_info", "gauge", "The models being served", info)
+    e.family("edgepack_model_provider_missing", "gauge",
+             "Providers the bundle asks for that this host lacks (1 each): a GPU bundle running on the CPU",
+             [({"model": s.name, "provider": p}, 1) for s in slots if s.model is not None
+              for p in s.model.runtime.details.get("skipped") or []])
     e.family("edgepack_model_memory_need_bytes", "gauge",
              "Memory a model needs (its manifest, or estimated from its files): what admission checks",
              [({"model": s.name, "source": s.memory.source}, s.memory.need_bytes) for s in slots if s.memory])

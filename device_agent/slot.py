@@ -146,6 +146,8 @@ class ModelSlot:
                 self.store.write_state({**state, "model": self.name})
             log.info("model ready", extra={"fields": {**self.model.describe(), "slot": self.name,
                                                       "load_ms": round((time.perf_counter() - t0) * 1000, 1)}})
+            for note in self.model.runtime.details.get("notes") or []:
+                log.warning("%s: %s", self.name, note)
         except (EdgepackError, OSError) as e:  # serving nothing, and saying why (status: model_error)
             self.model_error = str(e).split("\n")[0]
             log.error("cannot load bundle %s: %s", path, e)

@@ -82,9 +82,12 @@ class OnnxRuntime(Runtime):
         inputs = tuple(_info(a) for a in sess.get_inputs())
         outputs = tuple(_info(a) for a in sess.get_outputs())
         in_use = sess.get_providers()
+        skipped = [p for p in wanted if p not in in_use]
         details = {"runtime": "onnxruntime", "version": ort.__version__, "providers": in_use,
                    "provider": in_use[0] if in_use else None, "requested": wanted,
-                   "skipped": [p for p in wanted if p not in available], "threads": threads or None}
+                   "skipped": skipped, "threads": threads or None}
+        if skipped and wanted[0] in skipped:  # a GPU bundle on a host without CUDA: say so, never silently
+            details["notes"] = [f"{', '.join(skipped)} not available here: running on {in_use[0] if in_use else '?'}"]
         return cls(inputs=inputs, outputs=outputs, details=details, _session=sess,
                    _out_names=tuple(o.name for o in outputs))
 

@@ -77,12 +77,14 @@ def test_nonfinite_detection():
 # ---- a real agent ----
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A real agent (tiny ONNX log model) reporting to a real mosquitto."""
+    """A real agent (tiny ONNX log model) reporting to a real mosquitto. The bundle asks for Jetson's
+    providers first, as a jetson-gpu bundle does: this host has neither, so it runs on the CPU."""
     from brokers import Broker
 
     d = tmp_path_factory.mktemp("metrics")
     broker = Broker(d / "broker").start()
-    a = AgentProc(d / "data", bundle=log_bundle(d / "b"), broker=broker.url, interval=0.5).start()
+    gpu = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    a = AgentProc(d / "data", bundle=log_bundle(d / "b", providers=gpu), broker=broker.url, interval=0.5).start()
     a.model_name = "logm"
     w = Watcher(broker.url, ["edgepack/v1/devices/dev1/#"])
     yield a, w
@@ -156,6 +158,13 @@ def test_metrics_endpoint_counts_what_the_agent_served(served):
         assert _value(fam, f"{fam.name}_count", **lb) == served_n
     info = fams["edgepack_model_info"].samples[0].labels
     assert info["model"] == "logm" and info["runtime"] == "onnxruntime" and len(info["bundle_sha256"]) == 64
+    # a GPU bundle on a host without CUDA runs on the CPU, and says so: metrics, status, a warning (issue 24)
+    assert info["provider"] == "CPUExecutionProvider"
+    missing = {x.labels["provider"] for x in fams["edgepack_model_provider_missing"].samples if x.value == 1}
+    assert missing == {"TensorrtExecutionProvider", "CUDAExecutionProvider"}, missing
+    note = "TensorrtExecutionProvider, CUDAExecutionProvider not available here: running on CPUExecutionProvider"
+    assert note in _get(a, "/status")[2].decode()
+    assert any('"level": "warning"' in ln and note in ln for ln in a.log.read_text().splitlines())
     assert _value(fams["edgepack_agent_state"], state="serving") == 1
     assert _value(fams["edgepack_agent_state"], state="building engine") == 0
     assert _value(fams["edgepack_update_state"], state="idle") == 1
