@@ -13,7 +13,7 @@ from typing import Callable
 
 import click
 
-from edgebundle.errors import Reported
+from edgebundle.errors import InputError, Reported
 from edgeproto.cli_options import broker_from_options, broker_options
 from packager.candidates import Search
 from targets import CalibrationMethod, Precision
@@ -122,6 +122,14 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
           per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, min_neighbours, no_gate, cache_dir, no_cache, overwrite, no_speed_gate, allow_flex,
           name, version, opset, image_scale, image_mean, image_std, labels, tokenizer, sign_key, as_json, html_path, no_html, profile_on, **kw):
     """Convert MODEL (SavedModel dir, Hugging Face folder, .keras/.h5, .onnx, .tflite) into one bundle per target."""
+    if not Path(model).exists():  # said before the packager and its frameworks load
+        raise InputError(f"model {str(model)!r} does not exist",
+                         hint="pass a SavedModel directory, a Hugging Face folder, a .keras/.h5 file, an .onnx file "
+                              "or a .tflite file")
+    from targets import load_profile
+
+    for t in targets:  # an unknown target or a malformed profile, said before the packager loads
+        load_profile(t)
     from packager.build import BuildOptions, build as run_build
     from packager.data import ImagePreprocessing
     from packager.report import build_table
@@ -163,8 +171,8 @@ def targets() -> None:
 @targets.command("list")
 def targets_list():
     """Built-in target profiles."""
-    from packager.profiles import load_profile
-    from targets import builtin_names
+    from targets import builtin_names, load_profile  # built-ins: checked against the backends by the tests,
+    # so listing them loads no backend (numpy, ONNX, TFLite code): an answer in well under a second
 
     for n in builtin_names():
         p = load_profile(n)

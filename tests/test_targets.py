@@ -7,7 +7,10 @@ from targets import Format, Precision, builtin_names, load_profile
 
 
 def test_builtins_load():
+    from packager.profiles import load_profile as checked  # against what each format's backend can do
+
     names = builtin_names()
+    assert [checked(n) for n in names] == [load_profile(n) for n in names]  # `targets list` reads them unchecked
     assert {"arm-cpu", "jetson-gpu", "coral"} <= set(names)
     coral = load_profile("coral")
     assert coral.format is Format.TFLITE and coral.precisions == (Precision.INT8,)
