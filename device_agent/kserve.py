@@ -31,8 +31,11 @@ def datatype(dtype: str) -> str:
     return _BY_DTYPE.get(np.dtype(dtype).name, "FP32")
 
 
-def tensor_meta(spec) -> dict:
-    return {"name": spec.name, "datatype": datatype(spec.dtype), "shape": list(spec.shape_signature or spec.shape)}
+def tensor_meta(spec, dtype: str | None = None) -> dict:
+    """A tensor as the API takes or answers it: `dtype` (Model.api_dtypes) where that differs from the
+    model file's (an int8-I/O bundle takes and returns float32)."""
+    return {"name": spec.name, "datatype": datatype(dtype or spec.dtype),
+            "shape": list(spec.shape_signature or spec.shape)}
 
 
 TEXT_META = {"name": "text", "datatype": BYTES, "shape": [-1]}  # text bundles also take text in place of tokens
@@ -44,7 +47,7 @@ def model_config(model) -> dict:
     man = model.manifest
 
     def io(spec) -> dict:
-        return {"name": spec.name, "data_type": f"TYPE_{datatype(spec.dtype)}",
+        return {"name": spec.name, "data_type": f"TYPE_{datatype(model.api_dtypes.get(spec.name, spec.dtype))}",
                 "dims": list(spec.shape_signature or spec.shape)}
 
     return {"name": model.name, "platform": f"{man.format}_{model.runtime.details.get('runtime')}",

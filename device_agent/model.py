@@ -114,6 +114,10 @@ class Model:
                              for t in self.manifest.inputs)
         self._names = frozenset(t.name for t in self.manifest.inputs)
         self._dequant = tuple(o for o in self.runtime.outputs if o.quantized)
+        # What the API takes and answers: quantized tensors in float (the agent (de)quantizes them)
+        quantized = {t.name for t in (*self.runtime.inputs, *self.runtime.outputs) if t.quantized}
+        self.api_dtypes = {t.name: "float32" if t.name in quantized else t.dtype
+                           for t in (*self.manifest.inputs, *self.manifest.outputs)}
         self.health = Health()
         # Most texts per run: a static batch axis (TFLite), the TensorRT profile's largest batch, else any number.
         sig = (self.manifest.inputs[0].shape_signature or self.manifest.inputs[0].shape) if self.manifest.inputs else ()

@@ -254,8 +254,9 @@ class ApiServer:
             return 200, {
                 "name": model.name, "versions": [model.version],
                 "platform": f"{man.format}_{model.runtime.details.get('runtime')}",
-                "inputs": [tensor_meta(t) for t in man.inputs] + ([TEXT_META] if man.text else []),
-                "outputs": [tensor_meta(t) for t in man.outputs],
+                "inputs": [tensor_meta(t, model.api_dtypes.get(t.name)) for t in man.inputs]
+                + ([TEXT_META] if man.text else []),
+                "outputs": [tensor_meta(t, model.api_dtypes.get(t.name)) for t in man.outputs],
                 "parameters": {"precision": man.precision, "target": man.target.get("name"),
                                "bundle_sha256": model.bundle_sha256}}
         return self._infer(slot, model, headers, read_body())

@@ -187,6 +187,13 @@ def test_quantized_io_float_and_raw(digits_build, tmp_path):
     assert floats.dtype == np.float32 and raw.dtype == np.int8
     qo = spec_out.quantization
     np.testing.assert_allclose((raw.astype(np.float32) - qo.zero_point) * qo.scale, floats, atol=1e-6)
+    # the API's metadata and config say what a client sends and gets: float32 (issue 24, finding 7)
+    from device_agent.kserve import model_config, tensor_meta
+
+    assert m.api_dtypes == {"image": "float32", "output_0": "float32"}
+    assert tensor_meta(spec_in, m.api_dtypes["image"])["datatype"] == "FP32"
+    cfg = model_config(m)
+    assert [t["data_type"] for t in cfg["input"] + cfg["output"]] == ["TYPE_FP32", "TYPE_FP32"]
 
 
 @pytest.mark.slow
