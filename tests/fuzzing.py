@@ -1,6 +1,6 @@
 """Shared Hypothesis settings and counters for the fuzzers (tests/test_fuzz_*.py).
 
-Normal run: EXAMPLES (default 150: the fast tier's budget) examples per fuzzer. Long run:
+Normal run: EXAMPLES (default 100: the fast tier's budget) examples per fuzzer. Long run:
     EDGEPACK_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest -m fuzz -p no:cacheprovider
 or `python benchmarks/fuzz_figures.py`, which also prints the figures (examples tried, crashes).
 EDGEPACK_FUZZ_REPORT=FILE appends one JSON line per fuzzer: {"fuzzer", "examples", "crashes"}."""
@@ -13,7 +13,7 @@ from collections import Counter
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-EXAMPLES = int(os.environ.get("EDGEPACK_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("EDGEPACK_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                        HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
