@@ -162,6 +162,11 @@ class Model:
                 if top > float(np.finfo(want).max):
                     raise InferenceError(f"input {name!r} holds {top:.3g}, beyond what {want.name} holds "
                                          f"({float(np.finfo(want).max):.3g})")
+            if x.dtype.kind in "iu" and want.kind in "iu" and x.dtype != want and x.size:
+                lo, hi = np.iinfo(want).min, np.iinfo(want).max
+                if int(x.min()) < lo or int(x.max()) > hi:  # astype would wrap them silently
+                    raise InferenceError(f"input {name!r} holds values from {int(x.min())} to {int(x.max())}, "
+                                         f"beyond what {want.name} holds ({lo} to {hi})")
             if x.dtype is not want and x.dtype != want:
                 if info is not None and info.quantized and x.dtype.kind == "f":
                     x = quantize(x, info)

@@ -229,7 +229,7 @@ class ApiServer:
             return self._agent_view(method, path, headers)
         if path.startswith("/v2/repository/"):
             return self._repository(method, path, headers, read_body)
-        if path.rstrip("/") == "/v2/models/stats":  # every model's statistics (Triton)
+        if path.rstrip("/") == "/v2/models/stats" and self.repo.model("stats") is None:  # every model's (Triton)
             if method != "GET":
                 raise HttpError(405, f"{method} is not allowed on {path}")
             self._authorize(headers)

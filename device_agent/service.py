@@ -44,7 +44,10 @@ class Agent:
         self.slots: list[ModelSlot] = []  # the first one keeps the data directory's top level
         self.started = now_iso()
         self.topics = DeviceTopics(cfg.broker.topic_prefix if cfg.broker else ROOT, cfg.device_id)
-        self._made_data_dir = not cfg.data_dir.exists()  # removed again if the configured bundle is refused
+        # a data directory that never held anything: a damaged configured bundle stops the agent (exit 5)
+        # and what this start wrote there goes again; one with history keeps serving what it can
+        self._fresh = not cfg.data_dir.exists() or not any(cfg.data_dir.iterdir())
+        self._made_data_dir = not cfg.data_dir.exists()
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.queue = DiskQueue(cfg.data_dir / "telemetry.sqlite", max_messages=cfg.buffer_max_messages,
                                max_bytes=cfg.buffer_max_bytes)
@@ -445,8 +448,8 @@ class Agent:
         cfg = self.cfg
         self._plan_slots()
         for slot in self.slots:  # a configured bundle about to become active is checked whole first
-            if slot.initial is not None and slot.store.active() is None:
-                slot.check_initial()
+            if self._fresh and slot.initial is not None and slot.store.active() is None:
+                slot.check_initial()  # else load_initial checks it and, damaged, serves nothing (model_error)
         self.mqtt = self._mqtt_client()
         for slot in self.slots:
             slot.start_updater(self._updater_settings(), self._fetcher())
@@ -494,6 +497,12 @@ class Agent:
             self.queue.close()
             if self._made_data_dir:
                 shutil.rmtree(self.cfg.data_dir, ignore_errors=True)
+            elif self._fresh:  # it was empty before this start: empty it again
+                for p in self.cfg.data_dir.iterdir():
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
             raise
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):

@@ -61,6 +61,15 @@ def memory_need(manifest: Manifest, model_bytes: int) -> Memory:
     return Memory(need_bytes=int(model_bytes * 2.2) + 24 * MB, source="estimate")
 
 
+def _damaged(path: Path) -> bool:
+    """The stored bundle file itself no longer reads or verifies (a damaged disk)."""
+    try:
+        open_bundle(path).verify()
+        return False
+    except (BundleError, OSError):
+        return True
+
+
 def slot_name(name: str) -> str:
     """A bundle's name as the name of a model on the device (topics, URLs and folders use it)."""
     if not MODEL_NAME.match(name):
@@ -129,8 +138,8 @@ class ModelSlot:
             try:
                 model = self.load(path, initial=True)
             except BundleError as e:
-                if self.initial is None or self.store.sha256(path) == sha256_file(self.initial):
-                    raise
+                if self.initial is None or not _damaged(path) or self.store.sha256(path) == sha256_file(self.initial):
+                    raise  # a model that fails its golden check on this device is no reason to go back
                 log.warning("%s: the active bundle %s cannot be loaded (%s); the configured bundle %s replaces it",
                             self.name or "model", path.name, str(e).splitlines()[0], self.initial)
                 path = self._activate_initial()

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import json
 import re
-
-import numpy as np
+from functools import lru_cache
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-_STEP = np.zeros(256, np.int8)
-_STEP[[ord("["), ord("{")]] = 1
-_STEP[[ord("]"), ord("}")]] = -1
+
+
+@lru_cache(maxsize=1)
+def _steps():
+    """+1 for [ and {, -1 for ] and }: numpy loads on the first parse, not with every command that
+    imports the protocol (`edgepack --help` answers without it)."""
+    import numpy as np
+
+    step = np.zeros(256, np.int8)
+    step[[ord("["), ord("{")]] = 1
+    step[[ord("]"), ord("}")]] = -1
+    return np, step
 
 
 class JsonError(ValueError):
@@ -24,7 +32,8 @@ class JsonError(ValueError):
 def depth(data: bytes) -> int:
     """Maximum nesting depth of arrays/objects in JSON text (strings are skipped)."""
     stripped = _STRING.sub(b"", data)
-    steps = _STEP[np.frombuffer(stripped, np.uint8)]
+    np, step = _steps()
+    steps = step[np.frombuffer(stripped, np.uint8)]
     return int(np.cumsum(steps, dtype=np.int64).max()) if steps.size else 0
 
 

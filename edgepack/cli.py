@@ -22,6 +22,12 @@ EXIT_CODES = (  # most specific first
 )
 
 
+# What the packager extra brings and the agent extra does not (setup.cfg): missing on a device
+PACKAGER_ONLY = frozenset({"tensorflow", "tf2onnx", "onnx", "onnx_ir", "onnxslim", "onnx2tf", "tf_keras", "keras",
+                           "torch", "transformers", "safetensors", "yaml", "sympy", "amqtt", "onnx_graphsurgeon",
+                           "sng4onnx"})
+
+
 def exit_code(err: EdgepackError | None) -> int:
     for cls, code in EXIT_CODES:
         if isinstance(err, cls):
@@ -43,7 +49,9 @@ class EdgepackGroup(click.Group):
                 click.echo(f"  - {p}", err=True)
             ctx.exit(exit_code(e))
         except ModuleNotFoundError as e:  # an agent-only install: the packager's frameworks are not there
-            missing = (e.name or str(e)).split(".")[0]
+            missing = (e.name or "").split(".")[0]
+            if missing not in PACKAGER_ONLY:
+                raise  # anything else missing is a bug, not an install to fix
             click.echo(f"error: `edgepack {ctx.invoked_subcommand}` needs {missing}, which is not installed here "
                        "(an agent-only install?)", err=True)
             click.echo("  hint: on a build machine: pip install 'edgepack[packager]'; a device needs only "

@@ -167,8 +167,14 @@ def compare(a: Callable[[], object], b: Callable[[], object], *, budget_s: float
                 break
     q1, med, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
     return Comparison(a_ms=float(np.median(ta)) * 1e3, b_ms=float(np.median(tb)) * 1e3,
-                      ratio=Ratio(med, q1, q3, q1_interval(ratios)[0]), rounds=len(ratios), calls_per_block=n,
+                      ratio=Ratio(med, q1, q3, _known(q1_interval(ratios)[0])), rounds=len(ratios), calls_per_block=n,
                       seconds=time.perf_counter() - t_start, stable=bool(stable or decided))
+
+
+def _known(low: float) -> float | None:
+    """The interval's lower end, or None while too few rounds bound it (a slow model may get fewer
+    than 13 in its budget): the verdict then falls back to the lower quartile itself."""
+    return low if math.isfinite(low) else None
 
 
 def median_latency(call: Callable[[], object], *, budget_s: float = 1.0) -> float:

@@ -142,10 +142,18 @@ def check_outputs(valid: Dataset, reference: list[dict], outputs: list[str], *, 
     """The data and --labels against what the float model answers, before any conversion: labels in
     the range of the first output's classes, one name per class. Returns warnings (a validation set
     too small for the gate to mean much)."""
-    first = np.asarray(reference[0][outputs[0]]) if reference and outputs else None
+    from packager.evaluate import output_kind
+
+    # the output the gate reads labels against (evaluate.compare): the first, when it holds class scores
+    scores = bool(reference and outputs) and output_kind(
+        reference, outputs[0], labelled=valid.labels is not None) == "class_scores"
+    first = np.asarray(reference[0][outputs[0]]) if scores else None
     classes = int(first.shape[-1]) if first is not None and first.ndim >= 1 and first.shape[-1] > 1 else None
-    if valid.labels is not None and classes is not None:
-        y = np.asarray(valid.labels)
+    y = np.asarray(valid.labels) if valid.labels is not None else None
+    if y is not None and y.dtype.kind not in "iub":
+        raise CalibrationError(f"{Path(valid.source).name}: labels 'y' are {y.dtype} values; they must be class "
+                               "indices (integers)", hint="drop 'y' for a model that is not a classifier")
+    if y is not None and classes is not None:
         if y.size and (y.min() < 0 or y.max() >= classes):
             raise CalibrationError(f"{Path(valid.source).name}: labels run from {int(y.min())} to {int(y.max())}, "
                                    f"but the model's output {outputs[0]!r} has {classes} classes (0-{classes - 1})",
@@ -157,7 +165,7 @@ def check_outputs(valid: Dataset, reference: list[dict], outputs: list[str], *, 
             raise InputError(f"--labels {Path(labels_file).name} has {len(names)} names for the {classes} classes "
                              f"of output {outputs[0]!r}", hint="one class name per line, in class index order")
     warnings = []
-    if valid.labels is not None and not valid.random and 100 / len(valid) > max_drop:
+    if valid.labels is not None and not valid.random and max_drop > 0 and 100 / len(valid) > max_drop:
         warnings.append(f"validation on {len(valid)} labelled samples: one sample is worth {100 / len(valid):.1f} "
                         f"points of accuracy, more than the gate's {max_drop:g}-point limit; use "
                         f"~{int(np.ceil(300 / max_drop))}+ samples for the gate to mean something")

@@ -92,19 +92,27 @@ def read_folder(path: Path) -> HfFolder:
 
 
 def export_stored(folder: HfFolder, work: Path, *, store=None, opset: int = 17) -> tuple[Path, dict]:
-    """(the ONNX export, what the worker said of it): from the build cache across builds when it
-    holds this folder's export (packager/store.py), else exported and kept there."""
+    """(the ONNX export in `work`, what the worker said of it): from the build cache across builds when
+    it holds this folder's export (packager/store.py), else exported and kept there."""
+    import shutil
+
     dest = work / f"{folder.path.name}.onnx"
-    work.mkdir(parents=True, exist_ok=True)
     if store is None:
+        work.mkdir(parents=True, exist_ok=True)
         return dest, export_onnx(folder, dest, opset=opset)
     from packager.store import digest_path
 
-    key = store.key({"what": "hf-export", "folder": digest_path(folder.path), "opset": opset,
+    key = store.key({"what": "hf-export", "folder": digest_path(folder.path), "file": dest.name, "opset": opset,
                      "task": folder.task.value, "pooling": folder.pooling, "normalize": folder.normalize})
-    hit = store.get(key, work.parent)
-    if hit is not None:
-        return hit.path / dest.name, hit.info
+    staging = work.parent / f".{work.name}-cached"
+    hit = store.get(key, staging)
+    if hit is not None and (hit.path / dest.name).is_file():
+        shutil.rmtree(work, ignore_errors=True)
+        hit.path.rename(work)  # the entry's folder, under this build's name
+        shutil.rmtree(staging, ignore_errors=True)
+        return dest, hit.info
+    shutil.rmtree(staging, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     ans = export_onnx(folder, dest, opset=opset)
     store.put(key, work, ans)  # the folder: torch writes the weights of a large model beside the graph
     return dest, ans

@@ -58,7 +58,7 @@ def digest_path(path: Path) -> str:
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
-        h.update(str(f.relative_to(path)).encode() if path.is_dir() else b"")
+        h.update(str(f.relative_to(path)).encode() + b"\0" if path.is_dir() else b"")
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
@@ -94,24 +94,32 @@ class Store:
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def get(self, key: str, dest: Path) -> Hit | None:
-        """The entry's file (or folder) copied to `dest` (a folder), or None: absent, or damaged (then deleted)."""
+        """The entry's file (or folder) copied to `dest` (a folder), or None: absent, or damaged (then
+        deleted). A failure on the destination's side (a full disk) leaves the entry as it is."""
         entry = self.root / key[:2] / key
         try:
             meta = json.loads((entry / "meta.json").read_text())
             kept = entry / meta["file"]
             if not kept.exists() or digest_path(kept) != meta.get("sha256"):
                 raise ValueError("damaged")  # a damaged disk, a half-deleted entry: rebuilt, never trusted
-            out = Path(dest) / meta["file"]
+        except (OSError, ValueError, KeyError, TypeError):
+            if entry.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            return None
+        out = Path(dest) / meta["file"]
+        try:
             out.parent.mkdir(parents=True, exist_ok=True)
             if kept.is_dir():
                 shutil.copytree(kept, out, dirs_exist_ok=True)
             else:
                 shutil.copyfile(kept, out)
-        except (OSError, ValueError, KeyError, TypeError):
-            if entry.exists():
-                shutil.rmtree(entry, ignore_errors=True)
+            os.utime(entry)  # recently used
+        except OSError:  # no room here, or pruned meanwhile by another build: convert instead
+            if out.is_dir():
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                out.unlink(missing_ok=True)
             return None
-        os.utime(entry)  # recently used
         return Hit(path=out, info=meta.get("info") or {})
 
     def put(self, key: str, src: Path, info: dict) -> bool:

@@ -97,6 +97,16 @@ def test_a_small_validation_set_says_what_one_sample_is_worth(clf, tmp_path):
     code, text, out = _build(clf, tmp_path, "--validation", tmp_path / "ten.npz")
     assert code == 0, text
     assert "validation on 10 labelled samples: one sample is worth 10.0 points of accuracy" in text, text
+    code, text, _ = _build(clf, tmp_path, "--validation", tmp_path / "ten.npz", "--max-accuracy-drop", "0",
+                           "--overwrite")
+    assert code == 0 and "one sample is worth" not in text, text  # a zero-point gate: nothing to divide by
+
+
+def test_labels_that_are_no_class_indices_are_refused(clf, tmp_path):
+    with np.load(clf / "valid.npz") as z:
+        np.savez(tmp_path / "s.npz", image=z["image"], y=np.asarray(["cat"] * len(z["y"])))
+    assert "labels 'y' are <U3 values; they must be class indices" in _refused(clf, tmp_path, "--validation",
+                                                                                  tmp_path / "s.npz")
 
 
 def test_a_bundle_of_the_same_version_is_not_overwritten_without_a_word(clf, tmp_path):

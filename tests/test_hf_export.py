@@ -55,7 +55,7 @@ def test_export_matches_torch_on_real_text_at_any_length(tmp_path, kind, task, o
     # the same folder again: the export comes from the build cache, byte for byte, without the worker
     monkeypatch.setattr(hf_export, "export_onnx", lambda *a, **k: pytest.fail("exported again"))
     again, ans2 = export_stored(folder, tmp_path / "again", store=store)
-    assert again.read_bytes() == path.read_bytes() and ans2 == ans
+    assert again.parent == tmp_path / "again" and again.read_bytes() == path.read_bytes() and ans2 == ans
     sess = ort.InferenceSession(str(again), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == [output]
     enc = TextEncoder.from_file(folder.tokenizer, folder.text_settings(ans["inputs"]))

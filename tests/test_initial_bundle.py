@@ -49,6 +49,27 @@ def test_a_damaged_or_truncated_bundle_exits_5_and_leaves_nothing(tmp_path):
         assert r.returncode == 5, (bad.name, r.returncode, r.stderr[-2000:])
         assert "Traceback" not in r.stderr and r.stderr.startswith(f"error: {bad.name}"), r.stderr
         assert not data.exists(), sorted(p.name for p in data.rglob("*"))  # nothing unverified kept
+    empty = tmp_path / "made-by-the-installer"  # an empty data directory is kept, and left empty
+    empty.mkdir()
+    assert _run(empty, truncated).returncode == 5 and empty.is_dir() and not any(empty.iterdir())
+
+
+def test_a_data_dir_with_history_keeps_running_without_a_damaged_bundle(tmp_path):
+    """A device that served before (here: its model was removed, active.json names none) is not
+    stopped by a damaged --bundle: it stays reachable for updates and serves nothing unverified."""
+    good = log_bundle(tmp_path / "b")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "active.json").write_text("{}")
+    a = AgentProc(data, bundle=_tampered(good, tmp_path / "t.edgepack")).start(wait_ready=False)
+    try:
+        from agents import wait_until
+
+        status = wait_until(lambda: a._get("/v2/health/ready"), 30, what="the API")
+        assert status == 503 and a.proc.poll() is None
+        assert not list((data / "bundles").glob("*.edgepack"))  # nothing unverified copied in
+    finally:
+        a.stop()
 
 
 def test_a_bundle_damaged_on_disk_gives_way_to_a_good_bundle(tmp_path):
