@@ -195,6 +195,7 @@ def test_packager_commands_on_an_agent_only_install_exit_6(tmp_path):
     import sys
 
     (tmp_path / "sitecustomize.py").write_text(AGENT_ONLY)
+    (tmp_path / "m.onnx").write_bytes(b"an ONNX model")  # there: the build gets as far as its imports
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     for args in (["targets", "list"], ["build", str(tmp_path / "m.onnx"), "-t", "arm-cpu"]):
         r = subprocess.run([sys.executable, "-m", "edgepack.cli", *args], capture_output=True, text=True, env=env,

@@ -432,13 +432,14 @@ def test_url_transfer_http_and_file(broker, versions, keys, tmp_path):
 
 
 def test_unsigned_initial_bundle_refused_when_keys_configured(versions, keys, tmp_path):
+    """An unsigned --bundle on a device with trusted keys never becomes active: on a fresh data dir
+    the agent exits 5 saying why and keeps nothing (issue 24; it used to stay up serving nothing)."""
     a = AgentProc(tmp_path / "data", bundle=versions["v2u"], interval=60,
                   extra=("--trusted-key", str(keys / "a.pub"), "--log-format", "text")).start(wait_ready=False)
     try:
-        # the API answers while the bundle loads: wait for the refusal, not just for the API
-        wait_until(lambda: "not signed" in a.log.read_text(), 30, what="unsigned bundle refused")
-        assert a._get("/v2/health/live") == 200
-        assert a._get("/v2/health/ready") == 503  # alive, but serving nothing unverified
+        assert a.proc.wait(60) == 5
+        assert "not signed" in a.log.read_text()
+        assert not any((tmp_path / "data").iterdir())  # the empty data dir it was given stays empty
     finally:
         a.stop()
 
