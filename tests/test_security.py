@@ -91,8 +91,8 @@ def test_file_and_lan_urls_are_not_fetched(broker, versions, keys, tmp_path, key
 
 
 def test_client_nan_inputs_do_not_veto_a_healthy_update(broker, sqrt_bundles, keys, tmp_path):
-    """Finding 3: NaN *inputs* during probation make NaN outputs on any model: they are the
-    client's doing and must not roll back a healthy update."""
+    """Finding 3: NaN *inputs* during probation are the client's doing and must not roll back a healthy
+    update. Since issue 24 the API refuses them (400, before the model runs) instead of answering NaN."""
     a = agent(tmp_path, broker, sqrt_bundles["1.0.0"], keys)
     stop = threading.Event()
     sent = []
@@ -112,7 +112,7 @@ def test_client_nan_inputs_do_not_veto_a_healthy_update(broker, sqrt_bundles, ke
         stop.set()
         t.join(15)
         a.stop()
-    assert set(sent) == {200}
+    assert set(sent) == {400}  # refused, every one: never the model's error
 
 
 def test_broker_without_keys_warns(broker, digits_bundle, keys, tmp_path):
