@@ -323,9 +323,9 @@ def _images(folder: Path, inputs: list[InputSpec], prep: ImagePreprocessing, lim
 
 
 def _hash(path: Path) -> str:
-    from packager.sources import sha256_path
+    from packager.store import digest_path
 
-    return sha256_path(path) if path.exists() else hashlib.sha256(str(path).encode()).hexdigest()
+    return digest_path(path) if path.exists() else hashlib.sha256(str(path).encode()).hexdigest()
 
 
 def data_info(d: Dataset | None) -> dict | None:

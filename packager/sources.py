@@ -2,7 +2,6 @@
 the artifacts converters start from (a SavedModel directory, an ONNX graph, TFLite bytes)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import numpy as np
 from edgebundle.errors import CalibrationError, ConversionError, InputError
 from edgebundle.manifest import TensorSpec
 from edgeruntime.text import STANDARD_INPUTS, TextEncoder, TextSettings, text_settings
+from packager.store import digest_path
 
 Feeds = dict[str, np.ndarray]
 
@@ -60,19 +60,6 @@ def detect_kind(path: Path) -> SourceKind:
         raise InputError(f"cannot tell the format of {path.name!r} (suffix {suffix or 'none'!r})",
                          hint="supported: SavedModel directory, .keras, .h5, .onnx, .tflite")
     return kinds[suffix]
-
-
-def sha256_path(path: Path) -> str:
-    """sha256 of a file, or of a directory's files (names and contents, sorted)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        if path.is_dir():
-            h.update(str(p.relative_to(path)).encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def parse_input_shapes(items: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
@@ -367,7 +354,7 @@ def load_source(path: str | os.PathLike, *, workdir: Path | None = None, store=N
     kind = detect_kind(path)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="edgepack-src-"))
     src = HfSource(path, kind, workdir, store) if kind is SourceKind.HF else _LOADERS[kind](path, kind, workdir)
-    src.sha256 = sha256_path(path)
+    src.sha256 = digest_path(path)
     return src
 
 
