@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("edgepack.agent")
@@ -27,7 +28,7 @@ class DiskQueue:
         self.max_messages, self.max_bytes = max_messages, max_bytes
         self.write_errors = 0  # messages that could not be written (disk full...), since start
         self.last_error: str | None = None  # the last write error, None once a write succeeds again
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a callable payload may read health() inside push()
         self._sending: int | None = None  # the message being published (see sending())
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -49,24 +50,21 @@ class DiskQueue:
         self.last_error = str(e)
         return QueueUnwritable(str(e))
 
-    def next_seq(self) -> int:
-        """A sequence number that keeps counting across restarts (gaps reveal lost messages).
-        QueueUnwritable when it cannot be persisted (no number is handed out then)."""
-        with self._lock:
-            try:
-                self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'seq'")
-                return self._db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]
-            except sqlite3.Error as e:
-                raise self._failed(e) from None
-
-    def push(self, topic: str, payload: bytes) -> int:
+    def push(self, topic: str, payload: bytes | Callable[[int], bytes]) -> int:
         """Append; returns how many old messages were dropped to stay within bounds.
-        QueueUnwritable (counted) when the disk refuses the write."""
+        QueueUnwritable (counted) when the disk refuses the write.
+
+        A callable payload is given the next sequence number (one that keeps counting across
+        restarts, so gaps reveal lost messages), taken in the same transaction as the insert: a
+        kill between the two cannot leave a number used by no message, an uncounted gap."""
         with self._lock:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
                 try:
+                    if callable(payload):
+                        db.execute("UPDATE meta SET value = value + 1 WHERE key = 'seq'")
+                        payload = payload(db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
                     db.execute("INSERT INTO queue (topic, payload, size) VALUES (?, ?, ?)",
                                (topic, payload, len(payload)))
                     count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM queue").fetchone()

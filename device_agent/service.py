@@ -398,7 +398,7 @@ class Agent:
         """Every record goes through the disk queue, so order holds across outages and restarts.
         A full disk drops the sample and counts it (the status says so); the agent keeps going."""
         try:
-            dropped = self.queue.push(self.topics.telemetry, dumps(self.telemetry(self.queue.next_seq())))
+            dropped = self.queue.push(self.topics.telemetry, lambda seq: dumps(self.telemetry(seq)))
             if dropped:
                 log.warning("telemetry buffer full: dropped %d oldest message(s)", dropped)
         except QueueUnwritable:
