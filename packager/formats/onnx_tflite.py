@@ -100,7 +100,9 @@ class OnnxToTFLite(Bridge):
         return {"converted_from": "onnx", "converter": f"onnx2tf {info.get('onnx2tf', '?')}",
                 "io_layout": f"as the ONNX model ({shapes}); onnx2tf's NHWC transposes are inside the model",
                 "outputs_transposed_back": info.get("transposed_outputs", []),
-                "graph_rewrites": info.get("rewrites", {})}
+                "graph_rewrites": info.get("rewrites", {}),
+                # onnx2tf converts first without its strict mode; with it only when those outputs disagreed
+                "onnx2tf_strict_mode": bool(info.get("strict_mode"))}
 
     def _stored(self, ctx: ConvertContext, work: Path) -> tuple[Path, dict]:
         """The SavedModel from the build cache across builds (packager/store.py), else converted and
