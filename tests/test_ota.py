@@ -366,7 +366,7 @@ def test_out_of_disk_fails_cleanly(broker, versions, keys, tmp_path, small_disk)
     big.save(tmp_path / "big.keras")
     res = build(BuildOptions(model=tmp_path / "big.keras", targets=("arm-cpu",), out_dir=tmp_path / "big",
                              name="digits", version="2.0.0", precision=Precision.FP32, bench_runs=3,
-                             bench_seconds=0.1, sign_key=keys / "a.key"))
+                             bench_seconds=0.1, speed_gate=False, sign_key=keys / "a.key"))
     assert res.ok
     a = AgentProc(small_disk / "data", bundle=versions["v1"], broker=broker.url, device_id="dev1", interval=1.0,
                   extra=("--trusted-key", str(keys / "a.pub"))).start()
