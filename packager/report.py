@@ -16,7 +16,16 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _table(rows: list[tuple]) -> list[str]:
+WHY_WIDTH = 64  # the last column ("why") wraps onto lines of its own beyond this
+
+
+def _table(rows: list[tuple], *, wrap_last: int | None = None) -> list[str]:
+    if wrap_last:  # a long last cell goes on under itself, the other cells blank
+        import textwrap
+
+        rows = [row for r in rows for row in
+                [r[:-1] + (part,) if i == 0 else ("",) * (len(r) - 1) + (part,)
+                 for i, part in enumerate(textwrap.wrap(str(r[-1]), wrap_last) or [""])]]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -32,6 +41,10 @@ def latency_text(lat: dict | None) -> str:
     if lat.get("baseline"):
         return f"{lat['b_ms']:.3f} ms (fp32 itself)"
     r = lat["ratio"]
+    load = lat.get("host_load") or {}
+    if load.get("crowded") and r.get("verdict") == "unresolved":
+        return (f"{lat['b_ms']:.3f} ms tie ({r['median']:.2f}x on a busy host: other processes used "
+                f"{load['others_cores']:.1f} cores)")
     if r.get("resolved") is False and r.get("verdict") == "slower":
         return f"{lat['b_ms']:.3f} ms slower ({r['q1']:.2f}-{r['q3']:.2f}x: too spread for one figure)"
     if r.get("verdict") == "unresolved" and r["q1"] > 1.05:
@@ -95,7 +108,7 @@ def build_table(report: dict) -> str:
                 crow.append((c["candidate"] + (" (cached)" if c.get("cached") else ""), c["verdict"], human_bytes(c["size_bytes"]), latency_text(c["latency"]))
                             + ((device_text(c.get("device_latency")),) if on_device else ())
                             + (accuracy_text(c), c["why"]))
-            out += ["  " + line for line in _table(crow)]
+            out += ["  " + line for line in _table(crow, wrap_last=WHY_WIDTH)]
         notes = []
         if not t["ok"]:
             notes.append(f"error: {t['error']}")

@@ -82,3 +82,17 @@ def test_int8_larger_than_fp32_is_flagged(models, cnn_data, digits_build, tmp_pa
     digits = next(x for x in digits_build.results if x.target == "arm-cpu")
     assert digits.report["size_bytes"]["model"] < digits.report["size_bytes"]["fp32_model"]
     assert not any("LARGER" in w for w in digits.report["warnings"])
+
+
+def test_the_candidate_table_wraps_a_long_why():
+    """Issue 24, finding 8: a 163-character "why" made every candidate row wider than a terminal."""
+    from packager.report import WHY_WIDTH, _table
+
+    why = ("int8 missed the gate: drop 3.10 pt > 1.0 pt; kept 4 nodes in float (conv_1, conv_2, dense, "
+           "softmax) and still 1.40 pt; no sensitivity analysis: the interpreter crashed")
+    lines = _table([("candidate", "verdict", "why"), ("int8", "accuracy", why), ("fp32", "chosen", "")],
+                   wrap_last=WHY_WIDTH)
+    start = lines[0].index("why")
+    assert all(len(line) - start <= WHY_WIDTH for line in lines[2:])
+    assert " ".join(line[start:] for line in lines[2:]).split() == why.split()  # every word kept, in order
+    assert lines[2].startswith("int8") and lines[3][:start].strip() == ""  # the rest under the why column
