@@ -50,6 +50,22 @@ def _device_target(device: str | None, kw: dict, wiring: Wiring):
     return DeviceTarget(device=device, broker=broker_from_options(kw), profiler=wiring.device_profiler)
 
 
+def _buckets(text: str | None) -> tuple[int, ...] | None:
+    """--length-buckets: '32,128' -> (32, 128); 'none' -> (); unset -> None (from the data)."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        out = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise InputError(f"--length-buckets {text!r} is not a list of token counts",
+                         hint="e.g. --length-buckets 32,128, or 'none' for one model at max_length")
+    return out
+
+
 def _floats(text: str | None) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -108,6 +124,9 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
               help="An ONNX text model's tokenizer.json (or the Hugging Face folder it came from): shipped in the "
                    "bundle, and .txt/.jsonl data is tokenized with it.")
+@click.option("--length-buckets", "length_buckets",
+              help="TFLite text models: the shorter sequence lengths converted beside max_length, e.g. 32,128, or "
+                   "'none' (default: from the data's token lengths).")
 @click.option("--sign-key", type=click.Path(exists=True, path_type=Path), help="Sign each bundle with this "
                                                                             "Ed25519 private key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one machine-readable report (docs/build-report.md).")
@@ -120,7 +139,7 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @pass_wiring
 def build(wiring, model, targets, out_dir, precision, search, calibration, calibration_samples, calibration_method,
           per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, min_neighbours, no_gate, cache_dir, no_cache, overwrite, no_speed_gate, allow_flex,
-          name, version, opset, image_scale, image_mean, image_std, labels, tokenizer, sign_key, as_json, html_path, no_html, profile_on, **kw):
+          name, version, opset, image_scale, image_mean, image_std, labels, tokenizer, length_buckets, sign_key, as_json, html_path, no_html, profile_on, **kw):
     """Convert MODEL (SavedModel dir, Hugging Face folder, .keras/.h5, .onnx, .tflite) into one bundle per target."""
     if not Path(model).exists():  # said before the packager and its frameworks load
         raise InputError(f"model {str(model)!r} does not exist",
@@ -130,6 +149,7 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
 
     for t in targets:  # an unknown target or a malformed profile, said before the packager loads
         load_profile(t)
+    buckets = _buckets(length_buckets)
     from packager.build import BuildOptions, build as run_build
     from packager.data import ImagePreprocessing
     from packager.report import build_table
@@ -144,7 +164,8 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
         min_similarity=min_similarity, min_neighbours=min_neighbours, accuracy_gate=not no_gate,
         speed_gate=not no_speed_gate, cache=not no_cache, cache_dir=cache_dir or default_cache_dir(), overwrite=overwrite, allow_flex=allow_flex, name=name, version=version, opset=opset, per_channel=per_channel,
         calibration_method=CalibrationMethod(calibration_method) if calibration_method else None,
-        image_prep=prep, labels=labels, tokenizer=tokenizer, sign_key=sign_key, profile_on=_device_target(profile_on, kw, wiring))
+        image_prep=prep, labels=labels, tokenizer=tokenizer, length_buckets=buckets, sign_key=sign_key,
+        profile_on=_device_target(profile_on, kw, wiring))
     result = run_build(opts, progress=_progress(sys.stderr.isatty() or not as_json))
     report = result.to_dict()
     if not no_html:

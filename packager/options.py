@@ -69,6 +69,9 @@ class BuildOptions:
     cache_dir: Path | None = None  # the build cache (packager/store.py); None: $EDGEPACK_CACHE_DIR, if set
     profile_on: DeviceTarget | None = None  # the device whose timings decide the speed gate
     overwrite: bool = False  # replace a bundle of the same name, version and target in out_dir
+    # TFLite text models: the shorter-length models beside max_length (--length-buckets); None: from the
+    # data's token lengths (packager/sequence.py), (): none
+    length_buckets: tuple[int, ...] | None = None
 
     @property
     def gate(self) -> Gate:

@@ -126,7 +126,10 @@ def plan(search, chosen: Chosen, inputs: BuildInputs) -> Plan:
                            f"every text runs at {width} and is cut there",))
     valid_lengths = token_lengths(inputs.valid.samples, source.text.settings)
     buckets, notes = [], []
-    for length in choose_buckets(lengths, top):
+    asked = inputs.opts.length_buckets
+    if asked is not None and any(b >= top for b in asked):
+        notes.append(f"length buckets {sorted(b for b in asked if b >= top)} left out: not below max_length {top}")
+    for length in choose_buckets(lengths, top) if asked is None else sorted({b for b in asked if b < top}):
         inputs.progress(f"[{profile.name}] {chosen.trial.candidate.label} at length {length}: converting")
         try:
             buckets.append(_bucket(search, chosen, inputs, length=length, fits=np.flatnonzero(valid_lengths <= length)))

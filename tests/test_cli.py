@@ -40,6 +40,17 @@ def test_no_speed_gate_and_profile_on_contradict(tmp_path):
     assert code == 2 and "--no-speed-gate and --profile-on contradict" in out, out
 
 
+def test_length_buckets_are_token_counts_or_none(tmp_path):
+    from packager.cli import _buckets
+
+    p = tmp_path / "m.onnx"
+    p.write_bytes(b"x")
+    for bad in ("abc", "32,x", "0", ""):
+        code, out = run("build", p, "-t", "arm-cpu", "--length-buckets", bad)
+        assert code == 2 and "is not a list of token counts" in out, (bad, out)
+    assert (_buckets("32,128"), _buckets("none"), _buckets(None)) == ((32, 128), (), None)
+
+
 def test_unknown_format(tmp_path):
     p = tmp_path / "model.pt"
     p.write_bytes(b"x")
