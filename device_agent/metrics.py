@@ -76,7 +76,10 @@ class Exposition:
 
 _TRITON = (  # (name, help, ModelCounters attribute)
     ("nv_inference_request_success", "Number of successful inference requests", "success"),
-    ("nv_inference_request_failure", "Number of failed inference requests", "failure"),
+    ("nv_inference_request_failure", "Number of failed inference requests (the model failed on a valid request)",
+     "failure"),
+    ("edgepack_inference_rejected_total", "Requests refused before the model ran (bad input: HTTP 400)",
+     "rejected"),
     ("nv_inference_count", "Number of inferences performed (a batch of N counts N)", "inferences"),
     ("nv_inference_exec_count", "Number of model executions performed", "executions"),
     ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds", "request_us"),

@@ -123,6 +123,11 @@ class Model:
         sig = (self.manifest.inputs[0].shape_signature or self.manifest.inputs[0].shape) if self.manifest.inputs else ()
         trt = self.manifest.runtime.tensorrt_profile
         self._text_step = sig[0] if sig and sig[0] > 0 else min(r["max"][0] for r in trt.values()) if trt else 0
+        # A fixed batch axis (TFLite's static shapes: 1): every input and output leads with the same size
+        # b. Requests of N x b items along it run in N runs (0: no such axis; a dynamic one takes any batch).
+        sigs = [tuple(t.shape_signature or t.shape) for t in (*self.manifest.inputs, *self.manifest.outputs)]
+        firsts = {g[0] if g else 0 for g in sigs}
+        self._batch_step = firsts.pop() if len(firsts) == 1 and sigs and min(firsts | {1}) > 0 else 0
 
     def watch(self, on: bool, *, reference: "Model | None" = None) -> None:
         """Count requests, errors, NaN/Inf outputs and latencies (during probation). `reference`
@@ -197,8 +202,19 @@ class Model:
         return self._busy
 
     def infer(self, inputs: dict, *, raw: bool = False, stamps: list[float] | None = None) -> dict[str, np.ndarray]:
-        """Run once. Floats for quantized tensors are (de)quantized unless `raw`. `stamps` (for
-        /metrics) gets three perf_counter() readings: input checked, model lock taken, run done."""
+        """Run once (a batch bigger than a fixed batch axis: once per slice of it, the outputs stacked).
+        Floats for quantized tensors are (de)quantized unless `raw`. `stamps` (for /metrics) gets three
+        perf_counter() readings: input checked, model lock taken, run done."""
+        n = self._batch_of(inputs)
+        if n:
+            b, parts, marks = self._batch_step, [], []
+            for i in range(0, n, b):
+                mine: list[float] | None = [] if stamps is not None else None
+                parts.append(self.infer({k: np.asarray(v)[i:i + b] for k, v in inputs.items()}, raw=raw, stamps=mine))
+                marks.append(mine)
+            if stamps is not None and len(marks[0]) == 3:  # checked, lock taken (first run), done (last run)
+                stamps += (marks[0][0], marks[0][1], marks[-1][-1])
+            return {k: np.concatenate([o[k] for o in parts]) for k in parts[0]}
         with self._busy_lock:
             self._busy += 1
         try:
@@ -222,6 +238,20 @@ class Model:
                 except Exception:  # the shadow and capture never cost a request
                     log.exception("request hook failed")
         return out
+
+    def _batch_of(self, inputs: dict) -> int:
+        """N when every input is a batch of N > b items along the model's fixed batch axis of b (N a
+        multiple of b) and otherwise of its shape; 0 otherwise (validate() says what is wrong)."""
+        b = self._batch_step
+        if not b or TEXT_INPUT in inputs or set(inputs) != self._names:
+            return 0
+        n = set()
+        for name, sig, _, _ in self._inputs:
+            shape = np.shape(inputs[name])
+            if len(shape) != len(sig) or any(s >= 0 and s != d for s, d in zip(sig[1:], shape[1:])):
+                return 0
+            n.add(shape[0])
+        return n.pop() if len(n) == 1 and next(iter(n)) > b and next(iter(n)) % b == 0 else 0
 
     def _infer(self, inputs: dict, raw: bool, stamps: list[float] | None) -> dict[str, np.ndarray]:
         if TEXT_INPUT in inputs and TEXT_INPUT not in self._names:

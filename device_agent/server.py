@@ -341,8 +341,8 @@ class ApiServer:
             nonfinite = has_nonfinite(results.values())
             payload, extra = encode_response(model=model.name, version=model.version, req=req, results=results,
                                              requested=wanted)
-        except EdgepackError as e:  # InferenceError and friends: the client's fault
-            self.stats.record(None, ok=False, model=(model.name, model.version), slot=slot)
+        except EdgepackError as e:  # InferenceError and friends: the request's fault, refused before the model ran
+            self.stats.record(None, ok=False, rejected=True, model=(model.name, model.version), slot=slot)
             raise HttpError(400, str(e).split("\n")[0]) from None
         except Exception as e:  # a runtime failure on valid input: report it, keep serving
             self.stats.record(None, ok=False, model=(model.name, model.version), slot=slot)

@@ -387,7 +387,8 @@ class Agent:
         st, model = self.stats, self.model
         return TelemetryDocument(
             device_id=self.cfg.device_id, ts=now_iso(), seq=seq, inference=st.window(),
-            totals=Totals(count=st.total, errors=st.total_errors, nonfinite=st.total_nonfinite),
+            totals=Totals(count=st.total, errors=st.total_errors, nonfinite=st.total_nonfinite,
+                          rejected=st.totals()["rejected"]),
             system=self.metrics.snapshot(), model_name=model.name if model else None,
             model_version=model.version if model else None,
             agent=AgentTelemetry(buffer=self.queue.health(),

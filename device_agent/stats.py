@@ -109,11 +109,13 @@ class Phases:
 class ModelCounters:
     """Cumulative per-(model, version) counters and histograms for /metrics (Triton's names)."""
 
-    __slots__ = ("success", "failure", "inferences", "executions", "nonfinite", "request_us", "queue_us",
+    __slots__ = ("success", "failure", "rejected", "inferences", "executions", "nonfinite", "request_us", "queue_us",
                  "input_us", "infer_us", "output_us", "request_h", "queue_h", "compute_h", "last_ms")
 
     def __init__(self):
-        self.success = self.failure = self.inferences = self.executions = self.nonfinite = 0
+        # failure: the model failed on a valid request (HTTP 500); rejected: the request was refused
+        # before the model ran (bad input, HTTP 400), the client's error unless an update changed the interface
+        self.success = self.failure = self.rejected = self.inferences = self.executions = self.nonfinite = 0
         self.last_ms = 0  # wall-clock milliseconds of the last successful request (Triton's last_inference)
         self.request_us = self.queue_us = self.input_us = self.infer_us = self.output_us = 0
         self.request_h, self.queue_h, self.compute_h = PromHistogram(), PromHistogram(), PromHistogram()
@@ -122,13 +124,18 @@ class ModelCounters:
 class _Window:
     """One telemetry window (reset each time it is taken) and the totals since the start."""
 
-    __slots__ = ("hist", "errors", "nonfinite", "since", "total", "total_errors", "total_nonfinite")
+    __slots__ = ("hist", "errors", "rejected", "nonfinite", "since", "total", "total_errors", "total_rejected",
+                 "total_nonfinite")
 
     def __init__(self):
-        self.hist, self.errors, self.nonfinite, self.since = LogHistogram(), 0, 0, time.monotonic()
-        self.total = self.total_errors = self.total_nonfinite = 0
+        self.hist, self.errors, self.rejected, self.nonfinite, self.since = LogHistogram(), 0, 0, 0, time.monotonic()
+        self.total = self.total_errors = self.total_rejected = self.total_nonfinite = 0
 
-    def add(self, ms: float | None, *, ok: bool, nonfinite: bool) -> None:
+    def add(self, ms: float | None, *, ok: bool, nonfinite: bool, rejected: bool = False) -> None:
+        if rejected:
+            self.rejected += 1
+            self.total_rejected += 1
+            return
         if not ok:
             self.errors += 1
             self.total_errors += 1
@@ -140,12 +147,13 @@ class _Window:
             self.total_nonfinite += 1
 
     def take(self, reset: bool) -> dict:
-        hist, errors, nonfinite, since = self.hist, self.errors, self.nonfinite, self.since
+        hist, errors, rejected, nonfinite, since = self.hist, self.errors, self.rejected, self.nonfinite, self.since
         stats = hist.summary()  # under the caller's lock: a peek must not race the next record()
         if reset:
-            self.hist, self.errors, self.nonfinite, self.since = LogHistogram(), 0, 0, time.monotonic()
+            self.hist, self.errors, self.rejected, self.nonfinite, self.since = LogHistogram(), 0, 0, 0, time.monotonic()
         span = max(time.monotonic() - since, 1e-9)
-        return {"count": hist.n, "errors": errors, "nonfinite": nonfinite, "window_s": round(span, 3),
+        return {"count": hist.n, "errors": errors, "rejected": rejected, "nonfinite": nonfinite,
+                "window_s": round(span, 3),
                 "throughput_ips": round(hist.n / span, 3), "latency_ms": stats}
 
 
@@ -178,7 +186,8 @@ class InferenceStats:
     def totals(self, slot: str | None = None) -> dict:
         """Inferences since the start: the agent's, or one slot's (a model name on the device)."""
         w = self._all if slot is None else self._slots.get(slot, _Window())
-        return {"count": w.total, "errors": w.total_errors, "nonfinite": w.total_nonfinite}
+        return {"count": w.total, "errors": w.total_errors, "rejected": w.total_rejected,
+                "nonfinite": w.total_nonfinite}
 
     def _counters(self, model: tuple[str, str] | None) -> ModelCounters | None:
         if model is None:
@@ -192,8 +201,9 @@ class InferenceStats:
 
     def record(self, ms: float | None, *, ok: bool = True, nonfinite: bool = False,
                model: tuple[str, str] | None = None, phases: Phases | None = None, batch: int = 1,
-               slot: str | None = None) -> None:
+               slot: str | None = None, rejected: bool = False) -> None:
         """One request: `ms` its latency (successes), `nonfinite` whether a float output held NaN/Inf,
+        `rejected` a request refused before the model ran (bad input: not the model's error),
         `model` (name, version) and `phases` for the per-model /metrics series, `slot` (the model's
         name on the device; default the model's own) for its telemetry window."""
         with self._lock:
@@ -203,10 +213,11 @@ class InferenceStats:
             if w is None and key is not None and len(self._slots) < self.MAX_SLOTS:
                 w = self._slots[key] = _Window()
             for win in (self._all, w) if w is not None else (self._all,):
-                win.add(ms, ok=ok, nonfinite=nonfinite)
-            if not ok:
+                win.add(ms, ok=ok, nonfinite=nonfinite, rejected=rejected)
+            if rejected or not ok:
                 if c is not None:
-                    c.failure += 1
+                    c.rejected += rejected
+                    c.failure += not rejected
                 return
             if c is None:
                 return
@@ -228,7 +239,7 @@ class InferenceStats:
 
     def window(self, *, reset: bool = True, slot: str | None = None) -> dict:
         """The telemetry window since the last reset (the agent's, or one slot's): count, errors,
-        nonfinite, throughput and latency percentiles (ms). `reset=False` peeks (the HTTP /stats view)."""
+        rejected, nonfinite, throughput and latency percentiles (ms). `reset=False` peeks (the HTTP /stats view)."""
         with self._lock:
             w = self._all if slot is None else self._slots.setdefault(slot, _Window())
             return w.take(reset)

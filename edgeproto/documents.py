@@ -90,16 +90,18 @@ class StatusDocument:
 
 @dataclass(frozen=True)
 class Totals:
-    """Inferences since the device started. `nonfinite` None: not counted (a simulated device)."""
+    """Inferences since the device started. `nonfinite`, `rejected` None: not counted (a simulated device)."""
 
     count: int
     errors: int
     nonfinite: int | None = None
+    rejected: int | None = None  # refused as bad input (HTTP 400); `errors` are the model's own failures
 
     def to_dict(self) -> dict:
         d = {"count": self.count, "errors": self.errors}
-        if self.nonfinite is not None:
-            d["nonfinite"] = self.nonfinite
+        for k in ("rejected", "nonfinite"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
         return d
 
 

@@ -183,7 +183,7 @@ class TelemetryWindow:
     seq: int | None = None
     ts: str | None = None
     count: int = 0
-    errors: int = 0
+    errors: int = 0  # the model failed on a valid request (agents before 2026-12-06: refused ones too)
     nonfinite: int = 0
     p95_ms: float | None = None
     window_s: float | None = None
@@ -191,6 +191,8 @@ class TelemetryWindow:
     total_errors: int | None = None
     model_version: str | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+    rejected: int = 0  # requests refused before the model ran (bad input); 0 from older agents
+    total_rejected: int | None = None
 
     def value(self, path: str) -> float | None:
         """A custom numeric field by dotted path ("inference.latency_ms.p99", "system.cpu_percent")."""
@@ -226,7 +228,8 @@ class TelemetryWindow:
                    errors=_int(inf, "errors") or 0, nonfinite=_int(inf, "nonfinite") or 0,
                    p95_ms=_num(_obj(inf, "latency_ms"), "p95"), window_s=_num(inf, "window_s"),
                    total_count=_int(tot, "count"), total_errors=_int(tot, "errors"),
-                   model_version=_str(model, "version"), raw=d)
+                   model_version=_str(model, "version"), raw=d, rejected=_int(inf, "rejected") or 0,
+                   total_rejected=_int(tot, "rejected"))
 
 
 PROFILE_FINAL = ("done", "failed", "refused", "cancelled")

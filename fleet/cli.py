@@ -183,10 +183,11 @@ def _status_lines(r: dict) -> list[tuple]:
     dev = (r["device_id"], {True: "yes", False: "NO"}.get(r["online"], "?"))
     tail = ({True: "yes", False: "NO"}.get(r["signed_updates"], "?"),)
     models = r["models"] or [{"name": None, "version": None, "update": None, "p95_ms": r["p95_ms"],
-                              "errors": r["errors"]}]
+                              "errors": r["errors"], "rejected": r.get("rejected")}]
     return [(*(dev if i == 0 else ("", "")), m["name"] or "-", m["version"] or "-", m["update"] or "-",
              *(tail if i == 0 else ("",)), "-" if m["p95_ms"] is None else f"{m['p95_ms']:.2f}",
-             "-" if m["errors"] is None else str(m["errors"]), (r["last_seen"] or "-") if i == 0 else "")
+             "-" if m["errors"] is None else str(m["errors"]) + (f" (+{m['rejected']} refused)" if m.get("rejected") else ""),
+             (r["last_seen"] or "-") if i == 0 else "")
             for i, m in enumerate(models)]
 
 

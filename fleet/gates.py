@@ -99,6 +99,8 @@ class Window:
     nonfinite: int
     p95_ms: float | None
     fields: dict = field(default_factory=dict)  # custom gate path -> value
+    rejected: int = 0  # requests refused for bad input: counted as failed in a wave, since an update that
+    # changed the interface makes every client's request bad
 
 
 def baseline_p95(windows: list[Window]) -> float | None:
@@ -116,15 +118,19 @@ def judge_device(*, outcome: str | None, baseline: float | None, windows: list[W
         return reading
     count = sum(w.count for w in windows)
     errors = sum(w.errors for w in windows)
+    rejected = sum(w.rejected for w in windows)
     nonfinite = sum(w.nonfinite for w in windows)
     p95s = [w.p95_ms for w in windows if w.count > 0 and w.p95_ms is not None]
     p95 = statistics.median(p95s) if p95s else None
-    reading.update(requests=count, errors=errors, nonfinite=nonfinite, p95_ms=p95)
+    reading.update(requests=count, errors=errors, rejected=rejected, nonfinite=nonfinite, p95_ms=p95)
     reasons = []
     if nonfinite > gates.max_nonfinite:
         reasons.append(f"{nonfinite} inference(s) with NaN/Inf outputs (at most {gates.max_nonfinite})")
-    if count + errors > 0 and errors / (count + errors) > gates.max_error_rate:
-        reasons.append(f"error rate {errors}/{count + errors} over {gates.max_error_rate:.1%}")
+    failed = errors + rejected
+    if count + failed > 0 and failed / (count + failed) > gates.max_error_rate:
+        parts = [f"{n} {what}" for n, what in ((errors, "model error(s)"), (rejected, "refused as bad input"))
+                 if n]
+        reasons.append(f"error rate {failed}/{count + failed} over {gates.max_error_rate:.1%} ({', '.join(parts)})")
     if count < gates.min_requests:
         reading["verdict"] = (Verdict.BREACH if reasons else Verdict.TOO_LITTLE_TRAFFIC).value
         reading["reasons"] = reasons or [f"{count} request(s) during the soak, fewer than {gates.min_requests} "

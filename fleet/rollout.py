@@ -63,7 +63,7 @@ CONTROL_POINTS = (WaveState.PENDING.value, WaveState.UPDATING.value, WaveState.S
 
 def _window(tel: TelemetryWindow, paths: list[str]) -> Window:
     return Window(count=tel.count, errors=tel.errors, nonfinite=tel.nonfinite, p95_ms=tel.p95_ms,
-                  fields={g: tel.value(g) for g in paths})
+                  fields={g: tel.value(g) for g in paths}, rejected=tel.rejected)
 
 
 class Controller:

@@ -33,7 +33,9 @@ class DeviceEntry:
                 "update": u.state if u else None, "update_error": u.error if u else None,
                 "update_issued": u.issued if u else None, "signed_updates": st.signed_updates,
                 "key_serial": st.key_serial, "p95_ms": tel.p95_ms if tel else None,
-                "errors": _errors(tel), "last_seen": (tel.ts if tel else None) or st.ts, "models": self.models()}
+                "errors": _errors(tel), "rejected": _errors(tel, "rejected"),
+                "interval_s": tel.window_s if tel else None,
+                "last_seen": (tel.ts if tel else None) or st.ts, "models": self.models()}
 
     def models(self) -> list[dict]:
         """Each model of the device, seen through it (`for_model`): version, update, and p95, errors
@@ -44,9 +46,11 @@ class DeviceEntry:
                            error=st.models[name].error if name in st.models else None) for name in names]
 
 
-def _errors(tel: TelemetryWindow | None) -> int | None:
+def _errors(tel: TelemetryWindow | None, key: str = "errors") -> int | None:
+    """Since the agent started: `errors` (the model failed) or `rejected` (refused as bad input; None
+    from agents before 2026-12-06, whose errors counted both)."""
     totals = tel.raw.get("totals") if tel else None
-    return totals.get("errors") if isinstance(totals, dict) else None
+    return totals.get(key) if isinstance(totals, dict) else None
 
 
 def _model_row(name: str, st: DeviceStatus, tel: TelemetryWindow | None, *, error: str | None) -> dict:
@@ -55,17 +59,18 @@ def _model_row(name: str, st: DeviceStatus, tel: TelemetryWindow | None, *, erro
     return {"name": name, "version": m.version if m else None, "provider": m.provider if m else None,
             "model_error": error, "update": u.state if u else None, "update_error": u.error if u else None,
             "update_id": u.update_id if u else None,
-            "p95_ms": tel.p95_ms if tel else None, "errors": _errors(tel),
+            "p95_ms": tel.p95_ms if tel else None, "errors": _errors(tel), "rejected": _errors(tel, "rejected"),
             "throughput_ips": inference.get("throughput_ips") if isinstance(inference, dict) else None,
-            "drift_psi": _worst_psi(tel)}
+            **_worst_drift(tel)}
 
 
-def _worst_psi(tel: TelemetryWindow | None) -> float | None:
-    """The model's most drifted tensor in the window (PSI), None without drift scores."""
+def _worst_drift(tel: TelemetryWindow | None) -> dict:
+    """The model's most drifted tensor in the window: its PSI and name (None without drift scores)."""
     drift = tel.raw.get("drift") if tel else None
-    scores = [v.get("psi") for v in drift.values() if isinstance(v, dict)] if isinstance(drift, dict) else []
-    scores = [x for x in scores if isinstance(x, (int, float)) and not isinstance(x, bool)]
-    return max(scores) if scores else None
+    scores = [(v.get("psi"), name) for name, v in drift.items() if isinstance(v, dict)] if isinstance(drift, dict) else []
+    scores = [(x, n) for x, n in scores if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    psi, name = max(scores) if scores else (None, None)
+    return {"drift_psi": psi, "drift_tensor": name}
 
 
 class FleetTable:

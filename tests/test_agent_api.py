@@ -63,6 +63,18 @@ def test_infer_matches_in_process_api(agent, digits_bundle):
     assert out["datatype"] == "FP32" and out["shape"] == [1, 10]
     local = load_bundle(digits_bundle).infer({"image": x})["output_0"]
     np.testing.assert_allclose(np.asarray(out["data"]).reshape(1, 10), local, atol=1e-6)
+    # A batch of 3 on a model whose batch axis is fixed at 1 (TFLite): three runs, outputs stacked
+    # in order, each what it is alone (issue 24, finding 7).
+    xs = np.concatenate([_image(s) for s in (1, 5, 6)])
+    code, res = _req(agent, "/v2/models/digits/infer", _infer_body(xs))
+    assert code == 200 and res["outputs"][0]["shape"] == [3, 10], res
+    got = np.asarray(res["outputs"][0]["data"]).reshape(3, 10)
+    np.testing.assert_allclose(got[0], local[0], atol=1e-6)
+    for i, seed in ((1, 5), (2, 6)):
+        code, one = _req(agent, "/v2/models/digits/infer", _infer_body(_image(seed)))
+        np.testing.assert_allclose(got[i], np.asarray(one["outputs"][0]["data"]), atol=1e-6)
+    code, res = _req(agent, "/v2/models/digits/infer", _infer_body(np.zeros((3, 9, 8, 1), np.float32)))
+    assert code == 400 and "has shape [3, 9, 8, 1]" in res["error"]  # a batch of the wrong shape: as before
 
 
 def test_tritonclient_unchanged(agent):

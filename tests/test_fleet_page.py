@@ -429,3 +429,70 @@ def test_fleet_page_shows_each_model_in_browser(broker):
             assert console_errors(d) == []
     finally:
         pub.stop()
+
+
+_STATE_JS = """return Object.fromEntries([...document.querySelectorAll('#devices tbody tr[data-device]')].map(tr => [
+  tr.dataset.device, {silent: tr.querySelector('[data-col=online]').dataset.silent,
+  state: tr.querySelector('[data-col=online]').textContent, old: tr.querySelector('[data-col=update]').dataset.old,
+  update: tr.querySelector('[data-col=update]').innerHTML, errors: tr.querySelector('[data-col=errors]').textContent,
+  errorsBad: tr.querySelector('[data-col=errors]').classList.contains('bad'),
+  drift: tr.querySelector('[data-col=drift]').title}]))"""
+
+
+def test_fleet_page_says_what_is_stale_refused_drifted_and_rolled_back(broker):
+    """Issue 24, finding 6, in headless Chromium over mosquitto: a device whose last status says online
+    but that sent nothing for ten minutes is "silent"; a failed update two hours old is grey with its age;
+    requests refused as bad input are shown beside the model's errors, not as them; the drift cell says
+    which tensor shifted and what that means; a rolled-back wave is not drawn as committed; 21 devices
+    in the chart get 21 colours."""
+    from datetime import datetime, timedelta, timezone
+
+    from agents import wait_until
+    from browser import console_errors, headless_chrome, screenshot
+    from otakit import Publisher
+
+    ago = lambda **kw: (datetime.now(timezone.utc) - timedelta(**kw)).isoformat()  # noqa: E731
+    pub = Publisher(broker.url)
+    try:
+        pub.publish(f"{ROOT}/devices/quiet-1/status", dict(json.loads(_status("quiet-1")), ts=ago(minutes=10)))
+        pub.publish(f"{ROOT}/devices/old-1/status", dict(json.loads(_status("old-1")), ts=ago(seconds=1), update={
+            "state": "failed", "version": "0.9.0", "error": "downgrade refused", "issued": ago(hours=2)}))
+        pub.publish(f"{ROOT}/devices/new-1/status", dict(_models_status("new-1"), ts=ago(seconds=1), update={
+            "state": "failed", "version": "0.9.0", "error": "downgrade refused", "issued": ago(seconds=30)}))
+        ro = _rollout("r9", status="stopped", current=1)
+        ro["waves"][1].update(state="rolled_back", outcomes={"d2": "committed", "d3": "committed"})
+        pub.publish(f"{ROOT}/rollouts/r9", ro)
+        with FleetPage(BrokerConfig(url=broker.url), port=0) as page, headless_chrome(height=1400) as d:
+            d.get(page.url)
+            wait_until(lambda: len(d.execute_script(_STATE_JS)) == 3, 15, what="three rows")
+            for i in range(21):
+                pub.publish(f"{ROOT}/devices/chart-{i:02d}/status", dict(json.loads(_status(f"chart-{i:02d}")),
+                                                                          ts=ago(seconds=1)))
+                pub.publish(f"{ROOT}/devices/chart-{i:02d}/telemetry", dict(
+                    json.loads(_telemetry(f"chart-{i:02d}", 1, 2.0 + i / 10)), ts=ago(seconds=1),
+                    totals={"count": 10, "errors": 0, "rejected": 5 if i == 0 else 0},
+                    models=None, drift=None), retain=False)
+            pub.publish(f"{ROOT}/devices/new-1/telemetry", dict(json.loads(_models_telemetry("new-1", 1)),
+                                                               ts=ago(seconds=1)), retain=False)
+            rows = wait_until(lambda: (lambda s: s if len(s) == 24 and "+5 refused" in s["chart-00"]["errors"]
+                                       else None)(d.execute_script(_STATE_JS)), 20, what="24 rows, chart-00's refusals")
+            assert rows["quiet-1"]["silent"] == "true" and rows["quiet-1"]["state"].startswith("silent (nothing for 10")
+            assert rows["old-1"]["silent"] == "false" and rows["old-1"]["state"] == "online"
+            assert rows["old-1"]["old"] == "true" and "2.0 h ago" in rows["old-1"]["update"]
+            assert 'class="bad"' not in rows["old-1"]["update"]  # grey, not red
+            assert rows["new-1"]["old"] == "false" and 'class="bad"' in rows["new-1"]["update"]
+            assert rows["chart-00"]["errors"] == "0 +5 refused" and not rows["chart-00"]["errorsBad"]
+            assert "image" in rows["new-1"]["drift"] and "shifted" in rows["new-1"]["drift"]  # psi 1.84
+            box = d.execute_script(_ROLLOUT_JS, "r9")
+            back = box["waves"][1]
+            assert back["state"] == "rolled_back" and "rolled back (2/2 had committed)" in back["text"]
+            assert d.execute_script(
+                "return document.querySelector('.rollout[data-rollout=r9] .wave[data-wave=\"2\"] .bar > span')"
+                ".style.width") == "0%"
+            colors = d.execute_script("return [...document.querySelectorAll('#p95 polyline')].map(p => p.getAttribute('stroke'))")
+            assert len(colors) == 24 and len(set(colors)) == 24, colors
+            assert "23 online" in d.execute_script("return document.getElementById('counts').textContent")
+            screenshot(d, "fleet-page-stale.png")
+            assert console_errors(d) == []
+    finally:
+        pub.stop()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from agents import wait_until
+from agents import Watcher, wait_until
 from brokers import Broker
 from edgeproto.broker import BrokerConfig
 from edgeproto.desired import Probation
@@ -83,6 +83,15 @@ def test_good_bundle_converges_through_every_wave(big_broker, bundles):
         assert all(d.updater.record.state.value == "committed" for d in sim.devices)
     finally:
         sim.stop()
+    # Stopped, the devices say so in their retained status (a clean disconnect sends no Last Will: the
+    # fleet page showed a stopped simulator's devices online for good; issue 24, finding 6).
+    w = Watcher(big_broker.url, ["edgepack/v1/devices/+/status"])
+    try:
+        last = lambda: {p["device_id"]: p for p in w.of("/status")}  # noqa: E731
+        wait_until(lambda: len(last()) == 50, 10, what="50 retained statuses")
+        assert {(p["online"], p["reason"]) for p in last().values()} == {(False, "stopped")}
+    finally:
+        w.stop()
 
 
 def test_two_collectors_share_telemetry_without_loss_or_duplication(big_broker, bundles):

@@ -141,7 +141,9 @@ def test_metrics_endpoint_counts_what_the_agent_served(served):
     lb = {"model": "logm", "version": "1.0.0"}
     served_n = ok + nan
     assert _value(fams["nv_inference_request_success"], **lb) == served_n
-    assert _value(fams["nv_inference_request_failure"], **lb) == bad
+    # bad input is refused, not the model's failure (issue 24, finding 6: 400s turned the fleet page red)
+    assert _value(fams["nv_inference_request_failure"], **lb) == 0
+    assert _value(fams["edgepack_inference_rejected_total"], **lb) == bad
     assert _value(fams["nv_inference_count"], **lb) == served_n
     assert _value(fams["nv_inference_exec_count"], **lb) == served_n
     assert _value(fams["edgepack_inference_nonfinite"], **lb) == nan

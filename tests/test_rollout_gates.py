@@ -35,6 +35,10 @@ def test_error_rate_nonfinite_field_and_too_little_traffic():
     g = Gates(max_error_rate=0.02, min_requests=20, fields=(FieldGate.parse("system.rss_mb<=100"),))
     errs = judge_device(outcome="committed", baseline=1.0, windows=[_w(count=40, errors=10)], gates=g)
     assert errs["verdict"] == "breach" and "error rate 10/50" in errs["reasons"][0]
+    # requests refused as bad input count too: an update that renamed an input breaks every client
+    refused = judge_device(outcome="committed", baseline=1.0, windows=[
+        Window(count=40, errors=0, nonfinite=0, p95_ms=1.0, rejected=10)], gates=g)
+    assert refused["verdict"] == "breach" and refused["reasons"][0].endswith("(10 refused as bad input)")
     nan = judge_device(outcome="committed", baseline=1.0, windows=[_w(nonfinite=1)], gates=g)
     assert nan["verdict"] == "breach" and "NaN/Inf" in nan["reasons"][0]
     fat = judge_device(outcome="committed", baseline=1.0, windows=[_w(**{"system.rss_mb": 180.0})], gates=g)

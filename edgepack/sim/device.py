@@ -241,6 +241,18 @@ class SimDevice:
         if self.mqtt.connected.is_set():
             self._send(self.topics.status, dumps(self.status()), retain=True)
 
+    def say_offline(self):
+        """The retained status says offline (as an agent's does when it stops): a clean disconnect
+        sends no Last Will, and the fleet page would show the device online for good. The publish's
+        handle (wait on it), None when the link is down (then the will covers it)."""
+        if not self.mqtt.connected.is_set():
+            return None
+        try:
+            return self.mqtt.publish(self.topics.status, dumps(dict(self.status(), online=False, reason="stopped")),
+                                     qos=1, retain=True)
+        except MqttError:
+            return None
+
     # ---- MQTT ----
     def status(self) -> dict:
         model = self.model.describe() if self.model else None

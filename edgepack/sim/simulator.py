@@ -166,6 +166,13 @@ class Simulator:
             d.updater._wake.set()
         for d in self.devices:
             d.updater.stop()
+        sent = [h for h in (d.say_offline() for d in self.devices) if h is not None]
+        deadline = time.monotonic() + 10
+        for h in sent:  # all published at once, then acknowledged (bounded: the broker may be gone)
+            try:
+                h.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):  # the link dropped meanwhile: the Last Will says it
+                pass
         for d in self.devices:
             d.mqtt.stop()
         if self.net:
