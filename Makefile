@@ -3,19 +3,30 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-# Two workers, one module each at a time (module fixtures built once), in collection order (tests/conftest.py
-# puts the slowest modules first; xdist would order them by test count): measured on 2 cores
-# (docs/testing.md).
-XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
+# Three workers on two cores: two convert models (one module each at a time, so module fixtures are
+# built once) while the third runs the modules that mostly wait on agents, brokers and timers, one
+# group (tests/conftest.py: WAITS); in collection order, slowest first. Measured: docs/testing.md.
+XDIST ?= -n 3 --dist loadgroup --no-loadscope-reorder
 
 .PHONY: install corpus demo test test-fast test-times bench hostile clean
 
-# onnx2tf (ONNX -> TFLite) pins an older TensorFlow: installed --no-deps (requirements-onnx2tf.txt).
-$(VENV)/.installed: setup.cfg pyproject.toml requirements-onnx2tf.txt
+# What `make demo` needs: the packager and the agent (TensorFlow, ONNX Runtime, LiteRT), no torch.
+$(VENV)/.demo-installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q 'torch==2.13.0+cpu'  # the CPU build for the hf extra (a CUDA build is 5.8 GB)
-	$(PY) -m pip install -q -e '.[packager,onnx-tflite,agent,text,hf,dev]'
+	$(PY) -m pip install -q -e '.[packager,agent]'
+	touch $@
+
+# Everything the suite uses. torch: the CPU build where the index has it (a mirror that serves
+# torch==2.13.0+cpu, else PyTorch's own CPU index); plain PyPI's torch is a multi-GB CUDA build, so
+# without either the Hugging Face tests skip (they say so). onnx2tf (ONNX -> TFLite) pins an older
+# TensorFlow: installed --no-deps (requirements-onnx2tf.txt).
+$(VENV)/.installed: $(VENV)/.demo-installed requirements-onnx2tf.txt
+	$(PY) -m pip install -q 'torch==2.13.0+cpu' 2>/dev/null \
+	  || $(PY) -m pip install -q --retries 0 --timeout 10 --index-url https://download.pytorch.org/whl/cpu 'torch>=2.4' 2>/dev/null \
+	  || echo "note: no CPU build of torch on this index: the Hugging Face tests will skip" \
+	     "(pip install torch --index-url https://download.pytorch.org/whl/cpu adds it)"
+	$(PY) -m pip install -q -e '.[packager,onnx-tflite,agent,text,dev]' 'transformers>=4.44' 'safetensors>=0.4'
 	$(PY) -m pip install -q --no-deps -r requirements-onnx2tf.txt
 	touch $@
 
@@ -29,7 +40,7 @@ install: $(VENV)/.installed
 
 corpus: $(VENV)/corpus/.installed
 
-demo: install
+demo: $(VENV)/.demo-installed
 	$(VENV)/bin/edgepack demo --workdir examples/digits/work
 
 test: install corpus

@@ -301,9 +301,7 @@ class ApiServer:
             if self.views.status is None:
                 raise HttpError(404, "this server has no status document")
             return 200, self.views.status()
-        return 200, {"window": self.stats.window(reset=False),
-                     "totals": {"count": self.stats.total, "errors": self.stats.total_errors,
-                                "nonfinite": self.stats.total_nonfinite}}
+        return 200, {"window": self.stats.window(reset=False), "totals": self.stats.totals()}
 
     def _authorize(self, headers) -> None:
         if self.token:

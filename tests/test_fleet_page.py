@@ -472,7 +472,7 @@ def test_fleet_page_says_what_is_stale_refused_drifted_and_rolled_back(broker):
                     json.loads(_telemetry(f"chart-{i:02d}", 1, 2.0 + i / 10)), ts=ago(seconds=1),
                     totals={"count": 10, "errors": 0, "rejected": 5 if i == 0 else 0},
                     models=None, drift=None), retain=False)
-            pub.publish(f"{ROOT}/devices/new-1/telemetry", dict(json.loads(_models_telemetry("new-1", 1)),
+            pub.publish(f"{ROOT}/devices/new-1/telemetry", dict(_models_telemetry("new-1", 1),
                                                                ts=ago(seconds=1)), retain=False)
             rows = wait_until(lambda: (lambda s: s if len(s) == 24 and "+5 refused" in s["chart-00"]["errors"]
                                        else None)(d.execute_script(_STATE_JS)), 20, what="24 rows, chart-00's refusals")

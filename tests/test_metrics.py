@@ -143,7 +143,7 @@ def test_metrics_endpoint_counts_what_the_agent_served(served):
     assert _value(fams["nv_inference_request_success"], **lb) == served_n
     # bad input is refused, not the model's failure (issue 24, finding 6: 400s turned the fleet page red)
     assert _value(fams["nv_inference_request_failure"], **lb) == 0
-    assert _value(fams["edgepack_inference_rejected_total"], **lb) == bad
+    assert _value(fams["edgepack_inference_rejected"], **lb) == bad  # the parser drops _total
     assert _value(fams["nv_inference_count"], **lb) == served_n
     assert _value(fams["nv_inference_exec_count"], **lb) == served_n
     assert _value(fams["edgepack_inference_nonfinite"], **lb) == nan
@@ -177,7 +177,7 @@ def test_metrics_endpoint_counts_what_the_agent_served(served):
     assert "edgepack_telemetry_buffer_messages" in fams
     # /stats peeks at the telemetry window; the readiness answer names the state
     status, _, body = _get(a, "/stats")
-    assert status == 200 and json.loads(body)["totals"] == {"count": served_n, "errors": bad, "nonfinite": nan}
+    assert status == 200 and json.loads(body)["totals"] == {"count": served_n, "errors": 0, "nonfinite": nan, "rejected": bad}
     assert json.loads(_get(a, "/v2/health/ready")[2]) == {"ready": True, "state": "serving"}
     assert json.loads(_get(a, "/status")[2])["state"]["state"] == "serving"
     # telemetry windows carry `nonfinite`, follow the schema, and add up to what was served
@@ -188,7 +188,8 @@ def test_metrics_endpoint_counts_what_the_agent_served(served):
     jsonschema.validate(last, schema)
     windows = [p["inference"] for p in w.of("/telemetry") if p["seq"] <= last["seq"]]
     assert sum(x["nonfinite"] for x in windows) == nan and sum(x["count"] for x in windows) == served_n
-    assert sum(x["errors"] for x in windows) == bad
+    assert sum(x["errors"] for x in windows) == 0 and sum(x["rejected"] for x in windows) == bad
+    assert last["totals"]["rejected"] == bad and last["totals"]["errors"] == 0
 
 
 @pytest.mark.agent
