@@ -3,10 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-# Three workers on two cores: two convert models (one module each at a time, so module fixtures are
-# built once) while the third runs the modules that mostly wait on agents, brokers and timers, one
-# group (tests/conftest.py: WAITS); in collection order, slowest first. Measured: docs/testing.md.
-XDIST ?= -n 3 --dist loadgroup --no-loadscope-reorder
+# Two workers, one module each at a time (module fixtures built once), in collection order (tests/conftest.py
+# puts the slowest modules first; xdist would order them by test count): measured on 2 cores
+# (docs/testing.md; three workers, the waiting modules grouped on one of them, were slower: run 6).
+XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install corpus demo test test-fast test-times bench hostile clean
 

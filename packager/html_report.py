@@ -47,6 +47,12 @@ def _loss(acc: dict | None) -> tuple[float | None, str]:
     return (None, "") if cos is None else (max(100 * (1 - cos), 0.0), "100 x (1 - cosine similarity)")
 
 
+def _nice(step: float) -> float:
+    """The smallest round step (1, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 x 10^k) at or above `step`."""
+    k = 10 ** math.floor(math.log10(step)) if step > 0 else 1.0
+    return next(m * k for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * k >= step - 1e-12)
+
+
 class _Plot:
     """A scatter plot in SVG with log-scaled x (ratios) and linear y."""
 
@@ -63,7 +69,9 @@ class _Plot:
             lo, hi = 0.0, hi * 1.15
         self.x0, self.x1 = lo, hi if hi > lo else lo + 1
         top = max([y for y in ys if y is not None] + [1.0])
-        self.y0, self.y1 = 0.0, top * 1.15
+        self.ystep = _nice(top * 1.1 / 4)  # four steps of a round size: the top label is the axis' top
+        self.y0, self.y1 = 0.0, self.ystep * 4
+        self.labels: list[tuple[float, float, float]] = []  # placed point labels: (x0, x1, y), to keep them apart
         self.parts = [f'<svg class="chart" data-chart="{_e(chart)}" width="{self.W}" height="{self.H}" viewBox="0 0 {self.W} {self.H}" '
                       f'role="img" aria-label="{_e(ylabel)} against {_e(xlabel)}">']
         self._axes(xlabel, ylabel)
@@ -89,8 +97,8 @@ class _Plot:
         x1 = self.px(1.0)
         p.append(f'<line x1="{x1:.1f}" y1="{self.T}" x2="{x1:.1f}" y2="{b}" stroke="#d0d7de" stroke-dasharray="4 3"/>')
         for i in range(5):
-            y = self.y0 + (self.y1 - self.y0) * i / 4
-            p.append(f'<text x="{self.L - 6}" y="{self.py(y) + 4:.1f}" text-anchor="end">{y:.2g}</text>')
+            y = self.y0 + self.ystep * i
+            p.append(f'<text class="ytick" x="{self.L - 6}" y="{self.py(y) + 4:.1f}" text-anchor="end">{round(y, 6):g}</text>')
         p.append(f'<text x="{(self.L + self.W - self.R) / 2}" y="{self.H - 6}" text-anchor="middle">{_e(xlabel)}</text>')
         p.append(f'<text transform="translate(12 {(self.T + b) / 2}) rotate(-90)" text-anchor="middle">'
                  f'{_e(ylabel)}</text>')
@@ -102,9 +110,17 @@ class _Plot:
             self.parts.append(f'<line x1="{self.px(span[0]):.1f}" y1="{cy:.1f}" x2="{self.px(span[1]):.1f}" '
                               f'y2="{cy:.1f}" stroke="{color}" stroke-width="2" opacity="0.5"/>')
         attrs = " ".join(f'data-{k}="{_e(v)}"' for k, v in data.items())
+        # the label right of the point, or left where it would run past the plot; moved down (then up)
+        # from labels already placed that it would overlap (11 px text: at most ~7 px a character, 14 px a line)
+        width = 7.0 * len(label)
+        lx0 = cx + r + 3 if cx + r + 3 + width <= self.W - 2 else cx - r - 3 - width
+        spots = [min(max(cy + 4 + dy, self.T + 8), self.H - self.B - 2) for dy in (0, 14, -14, 28, -28, 42, -42, 56, -56)]
+        ly = next((y0 for y0 in spots if not any(a < lx0 + width and lx0 < b and abs(y - y0) < 14
+                                                  for a, b, y in self.labels)), spots[0])
+        self.labels.append((lx0, lx0 + width, ly))
         self.parts.append(f'<circle class="pt" cx="{cx:.1f}" cy="{cy:.1f}" r="{r:.1f}" fill="{color}" '
                           f'fill-opacity="0.75" stroke="#1f2328" stroke-width="0.6" {attrs}><title>{_e(title)}'
-                          f'</title></circle><text x="{cx + r + 3:.1f}" y="{cy + 4:.1f}">{_e(label)}</text>')
+                          f'</title></circle><text class="pt-label" x="{lx0:.1f}" y="{ly:.1f}">{_e(label)}</text>')
 
     def svg(self) -> str:
         return "".join(self.parts) + "</svg>"

@@ -16,20 +16,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROCESS_MARKERS = ("broker", "agent")  # tests that start these processes are slow (tests/tiers.py)
 
-# The slowest modules as measured (docs/testing.md), slowest first: they start first, so under xdist no
-# long module is left to run alone on one worker at the end.
+# The slowest modules as measured (docs/testing.md), slowest first: they start first, so under xdist's
+# --dist loadfile no long module is left to run alone on one worker at the end.
 SLOW_FIRST = ("test_corpus_text.py", "test_corpus.py", "test_build.py", "test_onnx_tflite.py", "test_text_tflite.py",
               "test_ota.py", "test_rollout.py", "test_demo.py", "test_keras_transformer.py", "test_text_buckets.py",
               "test_faults.py", "test_delta.py", "test_shadow.py", "test_api_hostile.py", "test_text_models.py")
-# Modules that mostly wait on agents, brokers and timers (probation, soak, telemetry), using little CPU:
-# under `--dist loadgroup` (the Makefile) they are one group, run one after another on one worker while
-# the other workers convert models, so their waiting overlaps the conversions instead of holding a
-# CPU-bound worker's place. Every other module is a group of its own (loadfile: module fixtures once).
-WAITS = ("test_rollout.py", "test_faults.py", "test_ota.py", "test_delta.py", "test_security.py", "test_fleet_sim.py",
-         "test_multi_model.py", "test_update_robustness.py", "test_agent_mqtt.py", "test_fleet_models.py",
-         "test_telemetry_outage.py", "test_broker_acl.py", "test_delta_url.py", "test_initial_bundle.py",
-         "test_capture.py", "test_metrics.py", "test_api_overload.py", "test_agent_api.py", "test_delta_page.py",
-         "test_drift.py", "test_interface.py")
 
 
 def pytest_configure(config):
@@ -48,14 +39,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.broker)
         if any(item.get_closest_marker(m) for m in PROCESS_MARKERS):
             item.add_marker(pytest.mark.slow)
-        module = item.path.name
-        item.add_marker(pytest.mark.xdist_group("waits" if module in WAITS else module))
-    # xdist hands each worker two groups at the start (the second queued behind the first), in this order:
-    # the longest CPU-bound module, the waiting group (one long unit), the next two slowest, then a quick
-    # module (the one queued behind the waiting group), then the rest slowest first
-    rank = {name: i for i, name in enumerate(SLOW_FIRST[:3] + ("waits", "test_quality.py") + SLOW_FIRST[3:])}
-    rank["waits"], rank["test_quality.py"] = 0.5, 2.5
-    items.sort(key=lambda item: rank.get("waits" if item.path.name in WAITS else item.path.name, len(rank)))
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module keeps its order
 
 
 

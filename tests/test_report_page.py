@@ -12,6 +12,21 @@ from edgepack.cli import main
 pytestmark = pytest.mark.slow
 
 
+_LABELS_JS = """return [...document.querySelectorAll('svg.chart')].map(svg => {
+  const w = svg.viewBox.baseVal.width, boxes = [...svg.querySelectorAll('text.pt-label')].map(t => t.getBBox());
+  let overlaps = 0;
+  for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+    const a = boxes[i], b = boxes[j];
+    if (a.x < b.x + b.width && b.x < a.x + a.width && a.y < b.y + b.height && b.y < a.y + a.height) overlaps++;
+  }
+  const ticks = [...svg.querySelectorAll('text.ytick')];
+  const axis = [...svg.querySelectorAll('line')][1];
+  return {chart: svg.dataset.chart, overlaps, clipped: boxes.filter(b => b.x < 0 || b.x + b.width > w).length,
+          ticks: ticks.map(t => t.textContent), topTick: Math.min(...ticks.map(t => t.getBBox().y + t.getBBox().height / 2)),
+          axisTop: Number(axis.getAttribute('y1'))};
+})"""
+
+
 def test_build_report_page(tabular, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -43,5 +58,12 @@ def test_build_report_page(tabular, tmp_path):
         assert "failed (AccuracyGateError)" in coral
         bars = d.find_elements(By.CSS_SELECTOR, "svg.sens rect.bar")
         assert bars and any("norm" in b.get_attribute("data-name") for b in bars)
+        # issue 24, finding 8: point labels neither overlap nor run off a chart; the y axis' ticks are
+        # round steps and the top one is the axis' top (it read 1.1 on an axis to 1.15)
+        for c in d.execute_script(_LABELS_JS):
+            assert c["overlaps"] == 0 and c["clipped"] == 0, c
+            ticks = [float(v) for v in c["ticks"]]
+            assert ticks[0] == 0 and all(abs((b - a) - ticks[1]) < 1e-9 for a, b in zip(ticks, ticks[1:])), c
+            assert abs(c["topTick"] - c["axisTop"]) <= 3, c  # the top label sits at the top of the axis
         shot = screenshot(d, "build-report.png")
     assert shot.stat().st_size > 20_000

@@ -116,7 +116,9 @@ def _build(encoder, tmp_path, monkeypatch, *, cached=True, **opts):
     if not cached:
         monkeypatch.delenv("EDGEPACK_CACHE_DIR", raising=False)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    opts = {"targets": ("arm-cpu",), "bench_seconds": 0.5, **opts}
+    # random weights: many near ties among the 60 validation texts, so dynamic int8 keeps the nearest
+    # neighbour of 93-97 % of them from run to run (one text either side of the default 95 %)
+    opts = {"targets": ("arm-cpu",), "bench_seconds": 0.5, "min_neighbours": 0.9, **opts}
     res = build(BuildOptions(model=folder, out_dir=tmp_path / "out", name="enc", calibration=str(d / "calib.txt"),
                              validation=str(d / "valid.txt"), **opts))
     # .ses: a 51-byte session-id file the native runtimes (ONNX Runtime, LiteRT) write once per temp dir
