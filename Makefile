@@ -10,11 +10,12 @@ XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install corpus demo test test-fast test-times bench hostile clean
 
-# What `make demo` needs: the packager and the agent (TensorFlow, ONNX Runtime, LiteRT), no torch.
+# What `make demo` needs: the packager, the agent and scikit-learn's digits (TensorFlow, ONNX Runtime,
+# LiteRT), no torch.
 $(VENV)/.demo-installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[packager,agent]'
+	$(PY) -m pip install -q -e '.[packager,agent,demo]'
 	touch $@
 
 # Everything the suite uses. torch: the CPU build where the index has it (a mirror that serves

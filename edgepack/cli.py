@@ -50,6 +50,11 @@ class EdgepackGroup(click.Group):
             ctx.exit(exit_code(e))
         except ModuleNotFoundError as e:  # an agent-only install: the packager's frameworks are not there
             missing = (e.name or "").split(".")[0]
+            if missing == "sklearn":  # the demo's digits
+                click.echo("error: `edgepack demo` trains on scikit-learn's digits, and scikit-learn is not "
+                           "installed here", err=True)
+                click.echo("  hint: pip install 'edgepack[demo]' (make demo does)", err=True)
+                ctx.exit(6)
             if missing not in PACKAGER_ONLY:
                 raise  # anything else missing is a bug, not an install to fix
             click.echo(f"error: `edgepack {ctx.invoked_subcommand}` needs {missing}, which is not installed here "

@@ -217,3 +217,9 @@ def test_packager_commands_on_an_agent_only_install_exit_6(tmp_path):
     r = subprocess.run([sys.executable, "-m", "edgepack.cli", "--help"], capture_output=True, text=True, env=env,
                        timeout=60)
     assert r.returncode == 0 and "build" in r.stdout, r.stderr
+    # the packager without the demo extra: `edgepack demo` says what to install (it was a traceback)
+    (tmp_path / "sitecustomize.py").write_text(AGENT_ONLY.replace('BLOCK = {', 'BLOCK = {"sklearn"} or {'))
+    r = subprocess.run([sys.executable, "-m", "edgepack.cli", "demo", "--workdir", str(tmp_path / "w")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 6 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "scikit-learn is not installed" in r.stderr and "pip install 'edgepack[demo]'" in r.stderr
