@@ -123,11 +123,12 @@ class Model:
         sig = (self.manifest.inputs[0].shape_signature or self.manifest.inputs[0].shape) if self.manifest.inputs else ()
         trt = self.manifest.runtime.tensorrt_profile
         self._text_step = sig[0] if sig and sig[0] > 0 else min(r["max"][0] for r in trt.values()) if trt else 0
-        # A fixed batch axis (TFLite's static shapes: 1): every input and output leads with the same size
-        # b. Requests of N x b items along it run in N runs (0: no such axis; a dynamic one takes any batch).
+        # A batch axis fixed at 1 (TFLite's static shapes): every input and output leads with 1 and every
+        # output is fully static. A request of N items along it runs N times, the outputs stacked (0: none;
+        # a dynamic batch axis takes any batch as it is).
         sigs = [tuple(t.shape_signature or t.shape) for t in (*self.manifest.inputs, *self.manifest.outputs)]
-        firsts = {g[0] if g else 0 for g in sigs}
-        self._batch_step = firsts.pop() if len(firsts) == 1 and sigs and min(firsts | {1}) > 0 else 0
+        static_out = all(d > 0 for t in self.manifest.outputs for d in (t.shape_signature or t.shape))
+        self._batch_step = 1 if sigs and static_out and all(g and g[0] == 1 for g in sigs) else 0
 
     def watch(self, on: bool, *, reference: "Model | None" = None) -> None:
         """Count requests, errors, NaN/Inf outputs and latencies (during probation). `reference`

@@ -55,14 +55,27 @@ class HostLoad:
 
     @staticmethod
     def _sample():
+        """(busy seconds of this process's CPUs, this process's CPU seconds, now); None without /proc/stat."""
+        try:
+            mine = os.sched_getaffinity(0)
+        except AttributeError:
+            mine = None
         try:
             with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:9]]
-        except (OSError, ValueError):
+                rows = [line.split() for line in f if line.startswith("cpu")]
+        except OSError:
+            return None
+        # the CPUs this process may run on (a container pinned to 2 of 32 cores reads its own 2), else all
+        picked = [r for r in rows[1:] if mine is not None and r[0][3:].isdigit() and int(r[0][3:]) in mine]
+        busy = 0
+        try:
+            for r in picked or rows[:1]:
+                v = [int(x) for x in r[1:9]]
+                busy += sum(v) - v[3] - (v[4] if len(v) > 4 else 0)
+        except (ValueError, IndexError):
             return None
         t = os.times()
-        busy = (sum(v) - v[3] - (v[4] if len(v) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
-        return busy, t.user + t.system, time.monotonic()
+        return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system, time.monotonic()
 
     def other_cores(self) -> float | None:
         end = self._sample()

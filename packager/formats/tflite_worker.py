@@ -90,19 +90,25 @@ class _Server:
                                      env=env, cwd=Path.home() if Path.home().is_dir() else "/")
 
     def ask(self, request: Path):
-        """0 when the step is done, the child's exit code when it died, "timeout" when it ran out of time."""
+        """0 when the step is done, the child's exit code when it died in the step, "timeout" when it ran
+        out of time; None when it was not there to take the request (it had left, idle)."""
         try:
             self.proc.stdin.write(f"{request}\n".encode())
             self.proc.stdin.flush()
         except OSError:  # it had died (idle, or killed)
             return None
-        ready, _, _ = select.select([self.proc.stdout], [], [], TIMEOUT_S)
-        if not ready:
+        try:
+            ready, _, _ = select.select([self.proc.stdout], [], [], TIMEOUT_S)
+            if not ready:
+                self.close(kill=True)
+                return "timeout"
+            if self.proc.stdout.readline():
+                return 0
+        except BaseException:  # interrupted between request and reply: a later reply would be this one's
             self.close(kill=True)
-            return "timeout"
-        if self.proc.stdout.readline():
-            return 0
-        return self.proc.wait()
+            raise
+        code = self.proc.wait()
+        return None if code == 0 else code  # 0: it was leaving (idle) as the request came, and never read it
 
     def close(self, kill: bool = False) -> None:
         if kill:
@@ -164,6 +170,8 @@ def _tool(step: str) -> str:
 
 
 def _tail(log: Path) -> str:
+    if not log.is_file():
+        return "no output"
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     return "\n".join(lines[-20:]) or "no output"
 
