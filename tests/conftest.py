@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 import subprocess
+from itertools import zip_longest
 from pathlib import Path
 from typing import Callable
 
@@ -16,11 +17,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROCESS_MARKERS = ("broker", "agent")  # tests that start these processes are slow (tests/tiers.py)
 
-# The slowest modules as measured (docs/testing.md), slowest first: they start first, so under xdist's
-# --dist loadfile no long module is left to run alone on one worker at the end.
-SLOW_FIRST = ("test_corpus_text.py", "test_corpus.py", "test_build.py", "test_onnx_tflite.py", "test_text_tflite.py",
-              "test_ota.py", "test_rollout.py", "test_demo.py", "test_keras_transformer.py", "test_text_buckets.py",
-              "test_faults.py", "test_delta.py", "test_shadow.py", "test_api_hostile.py", "test_text_models.py")
+# The longest modules as measured (`make test-times`, docs/testing.md), in the order xdist hands them
+# out (--dist loadfile): longest first, so no long module is left running alone at the end, and the
+# ones that convert (CPU-bound: TensorFlow, onnx2tf, ONNX Runtime) alternate with the ones that mostly
+# wait (agents, brokers, timers), so that while one worker waits the other has work for both cores.
+CONVERTING = ("test_corpus_text.py", "test_corpus.py", "test_build.py", "test_onnx_tflite.py", "test_text_tflite.py",
+              "test_keras_transformer.py", "test_demo.py", "test_text_buckets.py", "test_text_models.py",
+              "test_hf_export.py", "test_report_page.py", "test_cli.py", "test_tflite_layout.py")
+WAITING = ("test_rollout.py", "test_ota.py", "test_faults.py", "test_delta.py", "test_security.py", "test_fleet_sim.py",
+           "test_multi_model.py", "test_shadow.py", "test_agent_mqtt.py", "test_update_robustness.py",
+           "test_fleet_models.py", "test_profile.py", "test_fleet_page.py")
+SLOW_FIRST = CONVERTING[:2] + tuple(m for pair in zip_longest(WAITING, CONVERTING[2:]) for m in pair if m)
 
 
 def pytest_configure(config):

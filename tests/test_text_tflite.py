@@ -118,7 +118,8 @@ def _build(encoder, tmp_path, monkeypatch, *, cached=True, **opts):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     # random weights: many near ties among the 60 validation texts, so dynamic int8 keeps the nearest
     # neighbour of 93-97 % of them from run to run (one text either side of the default 95 %)
-    opts = {"targets": ("arm-cpu",), "bench_seconds": 0.5, "min_neighbours": 0.9, **opts}
+    # one model at max_length: length buckets (a conversion each) are test_text_buckets'
+    opts = {"targets": ("arm-cpu",), "bench_seconds": 0.5, "min_neighbours": 0.9, "length_buckets": (), **opts}
     res = build(BuildOptions(model=folder, out_dir=tmp_path / "out", name="enc", calibration=str(d / "calib.txt"),
                              validation=str(d / "valid.txt"), **opts))
     # .ses: a 51-byte session-id file the native runtimes (ONNX Runtime, LiteRT) write once per temp dir
@@ -148,13 +149,14 @@ def test_exact_gelu_bert_builds_for_arm_cpu_with_the_gelu_builtin(encoder, tmp_p
     from packager.tflite_fb import ops_with_versions
     from textkit import sentences, torch_sentence_embeddings
 
-    res, left = _build(encoder, tmp_path, monkeypatch)
+    # what it converts to is under test, not this host's timings (the speed gate has test_build's tests)
+    res, left = _build(encoder, tmp_path, monkeypatch, speed_gate=False)
     assert res.ok, [r.error for r in res.results]
     assert left == []  # the build folder and every child's scratch are gone
     r = res.results[0]
     first = r.report["candidates"][0]
     assert first["candidate"] == "dynamic", r.report["candidates"]  # a transformer tries dynamic int8 first
-    assert first["verdict"] == "chosen" or "x the fp32 latency" in first["why"], first  # or the measured reason
+    assert first["verdict"] == "chosen", first
     bundle = open_bundle(r.bundle)
     ops = {name for name, _ in ops_with_versions(bundle.read("model.tflite"))}
     assert "GELU" in ops and not any(o.startswith("Flex") for o in ops), sorted(ops)
@@ -174,8 +176,14 @@ def test_a_converter_that_aborts_is_one_failed_candidate(encoder, tmp_path, monk
     from packager.formats.tflite_worker import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "int8")
-    # int8 converts, and dies; what ships is not under test here, so nothing is timed
-    res, left = _build(encoder, tmp_path, monkeypatch, search=Search.THOROUGH, cached=False, speed_gate=False)
+    # The calibrated rungs only (arm-cpu's ladder would convert dynamic, int8-mixed and fp16 too, a
+    # minute that asserts nothing more). int8 converts, and dies; what ships is not under test, so
+    # nothing is timed.
+    profile = tmp_path / "calibrated.yaml"
+    profile.write_text("name: calibrated\nformat: tflite\ndefault_precision: int8\nprecisions: [int8, int16x8, fp32]\n"
+                       "static_shapes: true\nbatch: 1\nruntime: litert\nthreads: 2\n")
+    res, left = _build(encoder, tmp_path, monkeypatch, targets=(str(profile),), search=Search.THOROUGH, cached=False,
+                       speed_gate=False)
     assert res.ok, [r.error for r in res.results]
     assert left == []
     rows = {c["candidate"]: c for c in res.results[0].report["candidates"]}
