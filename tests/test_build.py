@@ -370,9 +370,9 @@ def test_build_cache_converts_once_and_never_trusts_a_damaged_entry(digits, tmp_
     bytes, the report says so); a damaged entry is deleted and converted again; --no-cache converts.
     The calibration and the quantizer ran in one child both times (TensorFlow imported once)."""
     from edgebundle.archive import open_bundle
-    from packager.formats import tflite_worker
+    from packager.formats import served, tflite_worker
 
-    monkeypatch.setattr(tflite_worker, "MAX_STEPS", 1000)
+    monkeypatch.setattr(served, "MAX_STEPS", 1000)
 
     store = tmp_path / "cache"
     kw = dict(calibration=str(digits["calibration"]), validation=str(digits["validation"]),
@@ -380,7 +380,7 @@ def test_build_cache_converts_once_and_never_trusts_a_damaged_entry(digits, tmp_
     first = build(_opts(digits["model"], ["arm-cpu", "x86-cpu"], tmp_path / "a", **kw))
     again = build(_opts(digits["model"], ["arm-cpu", "x86-cpu"], tmp_path / "b", version="1.0.1", **kw))
     assert first.ok and again.ok
-    served = tflite_worker._server.proc.pid
+    pid = served.servers[tflite_worker.MODULE].proc.pid
     for a, b in zip(first.results, again.results):
         assert [c["cached"] for c in a.report["candidates"]] == [False]
         assert [c["cached"] for c in b.report["candidates"]] == [True], b.report["candidates"]
@@ -396,6 +396,6 @@ def test_build_cache_converts_once_and_never_trusts_a_damaged_entry(digits, tmp_
     assert third.ok and [c["cached"] for c in third.results[0].report["candidates"]] == [False]
     m3, ma = open_bundle(third.results[0].bundle), open_bundle(first.results[0].bundle)
     assert m3.read(m3.manifest.model_file) == ma.read(ma.manifest.model_file)
-    assert tflite_worker._server.proc.pid == served  # the same child calibrated and quantized again
+    assert served.servers[tflite_worker.MODULE].proc.pid == pid  # the same child calibrated and quantized again
     off = build(_opts(digits["model"], ["arm-cpu"], tmp_path / "d", cache=False, **kw))
     assert [c["cached"] for c in off.results[0].report["candidates"]] == [False]

@@ -263,3 +263,47 @@ def test_a_model_given_by_a_relative_path_reaches_tflite(tmp_path, monkeypatch):
                              precision=Precision.FP32, calibration=str(calib), validation=str(valid),
                              bench_seconds=0.2, speed_gate=False))
     assert res.ok, [r.error for r in res.results if not r.ok]
+
+
+def _mlp(path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 8)).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"]), helper.make_node("Relu", ["h0"], ["r0"]),
+             helper.make_node("MatMul", ["r0", "w1"], ["h1"]), helper.make_node("Tanh", ["h1"], ["r1"]),
+             helper.make_node("MatMul", ["r1", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_the_served_onnx2tf_child_converts_a_model_as_a_fresh_one_would(tmp_path):
+    """onnx2tf stays imported between conversions (packager/formats/served.py): a model converted after
+    another comes out byte for byte as from a fresh child (its seeds and Keras' layer names set up again
+    before each), and one child converted all three."""
+    from edgebundle.archive import open_bundle
+    from packager.formats import onnx_tflite, served
+
+    _, valid = _data(tmp_path)
+    np.savez(tmp_path / "mlp.npz", x=np.random.default_rng(2).normal(0, 1, (8, 1, 8)).astype(np.float32))
+
+    def fp32(model, data, out):
+        res = build(BuildOptions(model=model, targets=("arm-cpu",), out_dir=tmp_path / out, precision=Precision.FP32,
+                                 validation=str(data), speed_gate=False, cache=False))
+        assert res.ok, res.results[0].error
+        b = open_bundle(res.results[0].bundle)
+        return b.read(b.manifest.model_file)
+
+    if onnx_tflite.WORKER in served.servers:  # an earlier test's child: this one starts its own
+        served.servers.pop(onnx_tflite.WORKER).close()
+    tiny = _tiny_cnn(tmp_path / "tiny.onnx")
+    first = fp32(tiny, valid, "a")
+    pid = served.servers[onnx_tflite.WORKER].proc.pid
+    fp32(_mlp(tmp_path / "mlp.onnx"), tmp_path / "mlp.npz", "b")
+    assert fp32(tiny, valid, "c") == first
+    assert served.servers[onnx_tflite.WORKER].proc.pid == pid

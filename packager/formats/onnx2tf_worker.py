@@ -1,4 +1,6 @@
-"""ONNX -> SavedModel with onnx2tf, in its own process (`python -m packager.formats.onnx2tf_worker REQUEST`).
+"""ONNX -> SavedModel with onnx2tf, in its own process (`python -m packager.formats.onnx2tf_worker REQUEST`,
+or served: `--serve`, packager/formats/served.py, which keeps TensorFlow and onnx2tf imported between
+conversions, 5 s each, and sets up onnx2tf's seeds and Keras' name counters again before each).
 
 onnx2tf changes its process on import (silences every warning, sets TF_USE_LEGACY_KERAS, turns on
 TensorFlow op determinism, lifts the recursion limit, seeds the global RNGs), so it never runs in
@@ -235,8 +237,8 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:400]
 
 
-def main(argv: list[str]) -> int:
-    req = json.loads(Path(argv[0]).read_text())
+def handle(path: Path) -> None:
+    req = json.loads(path.read_text())
     try:
         res = convert(req)
     except SystemExit:  # onnx2tf logs an error and calls sys.exit(1): the build reads the log
@@ -245,6 +247,36 @@ def main(argv: list[str]) -> int:
         res = {"ok": False, "kind": "error", "node": None, "op": None, "message": _first_line(e),
                "trace": traceback.format_exc()[-4000:]}
     Path(req["result"]).write_text(json.dumps(res))
+
+
+def _fresh() -> None:
+    """What onnx2tf's import set up, set up again for the next conversion in a served child: its seeds,
+    and Keras' layer-name counters (a model's op names must not depend on what was converted before)."""
+    import random
+
+    import tensorflow as tf
+    import tf_keras
+
+    tf_keras.backend.clear_session()
+    tf.keras.backend.clear_session()
+    random.seed(0)
+    np.random.seed(0)
+    tf.random.set_seed(0)
+    tf_keras.utils.set_random_seed(0)
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--serve"]:
+        from packager.formats import served
+
+        import onnx2tf  # noqa: F401  first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
+
+        def one(path: Path) -> None:
+            _fresh()
+            handle(path)
+
+        return served.loop(one, lambda path: path.parent / "onnx2tf.log")
+    handle(Path(argv[0]))
     return 0
 
 

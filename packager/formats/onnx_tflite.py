@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from edgebundle.errors import ConversionError, InputError, UnsupportedOpError
-from packager.formats import onnx_rewrite
+from packager.formats import onnx_rewrite, served
 from packager.registry import Bridge, ConvertContext, register_bridge
 from targets import Format
 
 TIMEOUT_S = 1800
+WORKER = "packager.formats.onnx2tf_worker"
 # What onnx2tf needs beyond edgepack's own packages (setup.cfg's onnx-tflite extra, plus
 # requirements-onnx2tf.txt installed with --no-deps).
 MODULES = ("onnx2tf", "tf_keras", "onnx_graphsurgeon", "sng4onnx", "onnxslim")
@@ -152,16 +153,20 @@ class OnnxToTFLite(Bridge):
                "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in src.inputs]}
         (work / "request.json").write_text(json.dumps(req))
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-        with open(work / "onnx2tf.log", "wb") as log:
-            try:
-                cmd = [sys.executable, "-m", "packager.formats.onnx2tf_worker", str(work / "request.json")]
-                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, timeout=TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                raise ConversionError(f"onnx2tf did not convert {src.path.name} within {TIMEOUT_S} s",
-                                      hint="pick an ONNX target, or convert a smaller input shape") from None
+        code = served.ask(WORKER, work / "request.json", env, timeout_s=TIMEOUT_S)
+        if code is None:  # the served child is busy with another thread's conversion
+            with open(work / "onnx2tf.log", "wb") as log:
+                try:
+                    code = subprocess.run([sys.executable, "-m", WORKER, str(work / "request.json")], stdout=log,
+                                          stderr=subprocess.STDOUT, env=env, cwd=work, timeout=TIMEOUT_S).returncode
+                except subprocess.TimeoutExpired:
+                    code = "timeout"
+        if code == "timeout":
+            raise ConversionError(f"onnx2tf did not convert {src.path.name} within {TIMEOUT_S} s",
+                                  hint="pick an ONNX target, or convert a smaller input shape")
         res_path = work / "result.json"
-        if proc.returncode != 0 or not res_path.is_file():
-            raise ConversionError(f"the onnx2tf process ended with code {proc.returncode} converting "
+        if code != 0 or not res_path.is_file():
+            raise ConversionError(f"the onnx2tf process ended with code {code} converting "
                                   f"{src.path.name}: {_last_error(work / 'onnx2tf.log')}",
                                   hint="it may have run out of memory")
         res = json.loads(res_path.read_text())

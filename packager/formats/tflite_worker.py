@@ -12,34 +12,29 @@ EDGEPACK_TEST_WORKER_FAULT=<step> makes the worker abort at that step: for the t
 need a child that really dies of SIGABRT.
 
 The steps that import TensorFlow (calibration and the quantizers: 5-10 s of import each) run in one
-child that stays up between steps (`--serve`), so a build's second TensorFlow step, and the next
+child that stays up between steps (served.py), so a build's second TensorFlow step, and the next
 build's in the same process, skips the import. Each step still writes its own log; a step that kills
-the child fails that candidate only, and the next step starts a new child. The child leaves after
-IDLE_S without a request, or when this process goes (its stdin closes). A probe (LiteRT alone, its
+the child fails that candidate only, and the next step starts a new child. A probe (LiteRT alone, its
 import cheap) keeps a child of its own: it is the step that aborts on a bad model."""
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from edgebundle.errors import ConversionError
+from packager.formats import served
 
 TIMEOUT_S = 1800
-IDLE_S = 300
-MAX_STEPS = 25  # steps per served child: what the converter keeps between steps is let go now and then
 FAULT_ENV = "EDGEPACK_TEST_WORKER_FAULT"
 SERVED = frozenset({"calibrate", "int8", "int16x8"})  # the steps that import TensorFlow
-_VOLATILE = ("PYTEST_CURRENT_TEST", "TF_CPP_MIN_LOG_LEVEL")  # changes between calls; no new child for it
+MODULE = "packager.formats.tflite_worker"
 
 
 def run(step: str, work: Path, *, samples: list[dict], what: str, **req) -> Path:
@@ -54,9 +49,9 @@ def run(step: str, work: Path, *, samples: list[dict], what: str, **req) -> Path
                result=str(work / f"{step}.json"))
     (work / f"{step}-request.json").write_text(json.dumps(req))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    code = _served(work / f"{step}-request.json", env) if step in SERVED else None
+    code = served.ask(MODULE, work / f"{step}-request.json", env, timeout_s=TIMEOUT_S) if step in SERVED else None
     if code is None:  # a probe, or the served child is busy with another thread's step
-        cmd = [sys.executable, "-m", "packager.formats.tflite_worker", str(work / f"{step}-request.json")]
+        cmd = [sys.executable, "-m", MODULE, str(work / f"{step}-request.json")]
         with open(work / f"{step}.log", "wb") as log:
             try:
                 code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work,
@@ -77,92 +72,6 @@ def run(step: str, work: Path, *, samples: list[dict], what: str, **req) -> Path
         err.text = res.get("message") or _tail(work / f"{step}.log")
         raise err
     return Path(req["out"])
-
-
-class _Server:
-    """The child that keeps TensorFlow imported: one request at a time, a path in on its stdin, a line
-    back on its stdout when the step is done."""
-
-    def __init__(self, env: dict):
-        self.key, self.steps = _env_key(env), 0
-        self.proc = subprocess.Popen([sys.executable, "-m", "packager.formats.tflite_worker", "--serve"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env=env, cwd=Path.home() if Path.home().is_dir() else "/")
-
-    def ask(self, request: Path):
-        """0 when the step is done, the child's exit code when it died in the step, "timeout" when it ran
-        out of time; None when it was not there to take the request (it had left, idle)."""
-        try:
-            self.proc.stdin.write(f"{request}\n".encode())
-            self.proc.stdin.flush()
-        except OSError:  # it had died (idle, or killed)
-            return None
-        try:
-            ready, _, _ = select.select([self.proc.stdout], [], [], TIMEOUT_S)
-            if not ready:
-                self.close(kill=True)
-                return "timeout"
-            if self.proc.stdout.readline():
-                return 0
-        except BaseException:  # interrupted between request and reply: a later reply would be this one's
-            self.close(kill=True)
-            raise
-        code = self.proc.wait()
-        return None if code == 0 else code  # 0: it was leaving (idle) as the request came, and never read it
-
-    def close(self, kill: bool = False) -> None:
-        if kill:
-            self.proc.kill()
-        else:
-            try:
-                self.proc.stdin.close()  # it leaves at end of input
-            except OSError:
-                pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-_server: _Server | None = None
-_lock = threading.Lock()
-
-
-def _env_key(env: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in env.items() if k not in _VOLATILE))
-
-
-def _served(request: Path, env: dict):
-    """Run a request in the served child (started, or restarted for a changed environment, as needed);
-    None when another thread is using it."""
-    global _server
-    if not _lock.acquire(blocking=False):
-        return None
-    try:
-        for _ in range(2):  # a child that left while idle is started again once
-            if (_server is None or _server.key != _env_key(env) or _server.proc.poll() is not None
-                    or _server.steps >= MAX_STEPS):
-                if _server is not None:
-                    _server.close()
-                _server = _Server(env)
-            code = _server.ask(request)
-            _server.steps += 1
-            if code is None:
-                _server = None
-                continue
-            if code != 0:
-                _server = None  # it died (or was killed): the next step starts a fresh one
-            return code
-        return None
-    finally:
-        _lock.release()
-
-
-@atexit.register
-def _close_server() -> None:
-    if _server is not None:
-        _server.close()
 
 
 def _tool(step: str) -> str:
@@ -269,34 +178,9 @@ def handle(path: Path) -> None:
     Path(req["result"]).write_text(json.dumps(res))
 
 
-def serve() -> int:
-    """Requests from stdin until it closes or stays quiet for IDLE_S; each step's output (Python's and
-    the native libraries', through fds 1 and 2) goes to that step's log beside its request."""
-    reply = os.fdopen(os.dup(1), "w")
-    while True:
-        ready, _, _ = select.select([sys.stdin], [], [], IDLE_S)
-        line = sys.stdin.readline() if ready else ""
-        if not line:
-            return 0
-        path = Path(line.strip())
-        sys.stdout.flush()
-        sys.stderr.flush()
-        step = json.loads(path.read_text())["step"]
-        with open(path.parent / f"{step}.log", "wb") as log:
-            os.dup2(log.fileno(), 1)
-            os.dup2(log.fileno(), 2)
-        os.chdir(path.parent)
-        handle(path)
-        os.chdir("/")  # not holding the build's folder, which goes when the build ends
-        sys.stdout.flush()
-        sys.stderr.flush()
-        reply.write("done\n")
-        reply.flush()
-
-
 def main(argv: list[str]) -> int:
     if argv == ["--serve"]:
-        return serve()
+        return served.loop(handle, served.step_log)
     handle(Path(argv[0]))
     return 0
 

@@ -1,0 +1,142 @@
+"""A child process that keeps a slow import (TensorFlow: 5-10 s) between conversion steps.
+
+A worker module (tflite_worker, onnx2tf_worker) runs a step either one-shot (`python -m MODULE
+REQUEST`) or served (`python -m MODULE --serve`: request paths on its stdin, one line back on its
+stdout when each step is done). `ask` hands a request to the module's served child, starting one as
+needed: a new one for a changed environment, after MAX_STEPS steps (what a converter keeps between
+steps is let go now and then), or after the last one died. A step that kills the child fails that
+step only. The child leaves after IDLE_S without a request, or when the build's process goes (its
+stdin closes). Each step writes its own log (stdout and stderr, the native libraries' too)."""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Callable
+
+IDLE_S = 300
+MAX_STEPS = 25
+_VOLATILE = ("PYTEST_CURRENT_TEST", "TF_CPP_MIN_LOG_LEVEL")  # changes between calls; no new child for it
+
+
+class Server:
+    """One served child: one request at a time, a path in, a line back when the step is done."""
+
+    def __init__(self, module: str, env: dict):
+        self.key, self.steps = env_key(env), 0
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "--serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env=env, cwd=Path.home() if Path.home().is_dir() else "/")
+
+    def ask(self, request: Path, timeout_s: float):
+        """0 when the step is done, the child's exit code when it died in the step, "timeout" when it ran
+        out of time; None when it was not there to take the request (it had left, idle)."""
+        try:
+            self.proc.stdin.write(f"{request}\n".encode())
+            self.proc.stdin.flush()
+        except OSError:  # it had died (idle, or killed)
+            return None
+        try:
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+            if not ready:
+                self.close(kill=True)
+                return "timeout"
+            if self.proc.stdout.readline():
+                return 0
+        except BaseException:  # interrupted between request and reply: a later reply would be this one's
+            self.close(kill=True)
+            raise
+        code = self.proc.wait()
+        return None if code == 0 else code  # 0: it was leaving (idle) as the request came, and never read it
+
+    def close(self, kill: bool = False) -> None:
+        if kill:
+            self.proc.kill()
+        else:
+            try:
+                self.proc.stdin.close()  # it leaves at end of input
+            except OSError:
+                pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+servers: dict[str, Server] = {}  # module -> its child
+_locks: dict[str, threading.Lock] = {}
+_guard = threading.Lock()
+
+
+def env_key(env: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in env.items() if k not in _VOLATILE))
+
+
+def ask(module: str, request: Path, env: dict, *, timeout_s: float):
+    """Run a request in `module`'s served child (see Server.ask for the answer); None when another
+    thread is using that child, or it could not take the request: the caller runs the step one-shot."""
+    with _guard:
+        lock = _locks.setdefault(module, threading.Lock())
+    if not lock.acquire(blocking=False):
+        return None
+    try:
+        for _ in range(2):  # a child that left while idle is started again once
+            server = servers.get(module)
+            if server is None or server.key != env_key(env) or server.proc.poll() is not None \
+                    or server.steps >= MAX_STEPS:
+                if server is not None:
+                    server.close()
+                server = servers[module] = Server(module, env)
+            code = server.ask(request, timeout_s)
+            server.steps += 1
+            if code is None:
+                servers.pop(module, None)
+                continue
+            if code != 0:
+                servers.pop(module, None)  # it died (or was killed): the next step starts a fresh one
+            return code
+        return None
+    finally:
+        lock.release()
+
+
+@atexit.register
+def _close_all() -> None:
+    for server in list(servers.values()):
+        server.close()
+
+
+def loop(handle: Callable[[Path], None], log_of: Callable[[Path], Path]) -> int:
+    """The child's side: requests from stdin until it closes or stays quiet for IDLE_S; each step's
+    output (Python's and the native libraries', through fds 1 and 2) goes to `log_of(request)`, and it
+    runs in the request's folder."""
+    reply = os.fdopen(os.dup(1), "w")
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], IDLE_S)
+        line = sys.stdin.readline() if ready else ""
+        if not line:
+            return 0
+        path = Path(line.strip())
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(log_of(path), "wb") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+        os.chdir(path.parent)
+        handle(path)
+        os.chdir("/")  # not holding the build's folder, which goes when the build ends
+        sys.stdout.flush()
+        sys.stderr.flush()
+        reply.write("done\n")
+        reply.flush()
+
+
+def step_log(request: Path) -> Path:
+    """tflite_worker's log: `<step>.log` beside its request."""
+    return request.parent / f"{json.loads(request.read_text())['step']}.log"
