@@ -31,7 +31,7 @@ def _say(msg: str) -> None:
 
 
 def _signer(sign_key, key_cert):
-    from fleet.push import Signer
+    from fleet.records import Signer
 
     return Signer.load(sign_key, key_cert)
 

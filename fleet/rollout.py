@@ -49,7 +49,7 @@ from fleet import delta as cdc
 from fleet.conn import Collector, parse_json
 from fleet.errors import RolloutError, RolloutStopped
 from fleet.gates import Window, baseline_p95, judge_device, judge_wave, plan_waves
-from fleet.push import Prepared, Signer, make_record, model_for, publish_record
+from fleet.records import Prepared, Signer, Terms, make_record, model_for, publish_record
 from fleet.rollout_lease import Lease
 from fleet.rollout_link import Client, Clock, Inbox, publish_retained
 from fleet.rollout_plan import plan, prepared
@@ -277,20 +277,23 @@ class Controller:
         group = self._target("groups", r.group)
         doc = make_record(p, target=group, update_id=f"{r.id}-group",
                           issued=issued.isoformat(timespec="milliseconds"), signer=self.signer,
-                          allow_interface_change=s.allow_interface_change, probation=s.probation, shadow=s.shadow)
+                          terms=Terms(allow_interface_change=s.allow_interface_change, probation=s.probation,
+                                      shadow=s.shadow))
         publish_record(self.client, self.topics.target_desired(group), doc)
         self._clear([d for w in r.waves for d in w.devices])
         self._index(r, desired_topic=self.topics.target_desired(group))
         self._stop(r, RolloutStatus.DONE, None)
         self.say(f"rollout {r.id}: done; group {r.group} desires {p.name} {p.version}")
 
-    def _send(self, p: Prepared, devices: list[str], update_id: str, **allow: bool) -> None:
+    def _send(self, p: Prepared, devices: list[str], update_id: str, *, allow_downgrade: bool = False,
+              allow_interface_change: bool) -> None:
         """A per-device desired record for each of `devices` (signed when the signer has a key)."""
-        issued = self.clock.iso()
+        issued, s = self.clock.iso(), self.settings
+        terms = Terms(allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
+                      probation=s.probation, shadow=s.shadow)
         for dev in devices:
             to = self._target("devices", dev)
-            doc = make_record(p, target=to, update_id=update_id, issued=issued, signer=self.signer,
-                              probation=self.settings.probation, shadow=self.settings.shadow, **allow)
+            doc = make_record(p, target=to, update_id=update_id, issued=issued, signer=self.signer, terms=terms)
             publish_record(self.client, self.topics.target_desired(to), doc)
 
     def _clear(self, devices: list[str]) -> None:

@@ -13,10 +13,11 @@ from edgeproto.desired import parse_transfer
 from fleet import delta as cdc
 from fleet.errors import RolloutError
 from fleet.gates import plan_waves
-from fleet.push import Prepared, interface_warnings, prepare, publish_chunks, running_bundles, with_patches
+from fleet.records import Prepared, interface_warnings
 from fleet.rollout_link import Client, Clock, Inbox
 from fleet.rollout_state import ACTIVE, RolloutRecord, RolloutSettings, Wave
 from fleet.status import FleetTable
+from fleet.transfer import prepare, publish_chunks, running_bundles, with_patches
 
 
 def bundle_dict(p: Prepared) -> dict:
