@@ -121,9 +121,10 @@ def update(tmp: Path, port: int, start: Path, bundle: Path, *, delta: bool, devi
     try:
         events: list[dict] = []
         cpu0, t0 = _cpu_s(a.pid), time.time()
-        res = fleet.push(bundle, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), device=device, wait=True,
-                         timeout=300, delta=delta, probation=Probation(seconds=1, requests=10),
-                         progress=lambda d, e: events.append(e))
+        res = fleet.push(bundle, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), fleet.PushOptions(
+            device=device, transfer=fleet.TransferSpec(delta=delta),
+            terms=fleet.Terms(probation=Probation(seconds=1, requests=10)),
+            follow=fleet.Follow(timeout=300, progress=lambda d, e: events.append(e))))
         assert res.ok, res.devices
         first = {}
         for e in events:
@@ -146,8 +147,8 @@ def seed(port: int, bundle: Path) -> None:
     import fleet
     from edgeproto.broker import BrokerConfig
 
-    fleet.push(bundle, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), device="seed", delta=True,
-               check_interface=False)
+    fleet.push(bundle, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"),
+               fleet.PushOptions(device="seed", transfer=fleet.TransferSpec(delta=True), check_interface=False))
 
 
 def assembly(old: Path, new: Path) -> tuple[float, int]:

@@ -119,9 +119,9 @@ def main() -> None:
             time.sleep(args.steady)
             t_push = time.time()
             events = []
-            res = fleet.push(b2, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), device="bench", wait=True,
-                             timeout=300, probation=Probation(seconds=3, requests=10 ** 6),
-                             progress=lambda d, e: events.append(e))
+            res = fleet.push(b2, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), fleet.PushOptions(
+                device="bench", terms=fleet.Terms(probation=Probation(seconds=3, requests=10 ** 6)),
+                follow=fleet.Follow(timeout=300, progress=lambda d, e: events.append(e))))
             t_done = time.time()
             time.sleep(1.0)
         finally:

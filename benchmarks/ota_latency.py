@@ -62,9 +62,10 @@ def main() -> None:
                 raw = min(raw_transfer(bundle, port, tmp / "raw.out") for _ in range(3))
                 events: list[dict] = []
                 t0 = time.time()
-                res = fleet.push(bundle, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), device="bench", wait=True,
-                                 timeout=300, chunk_size=args.chunk_size, probation=Probation(seconds=1, requests=10),
-                                 progress=lambda d, e: events.append(e))
+                res = fleet.push(bundle, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), fleet.PushOptions(
+                    device="bench", transfer=fleet.TransferSpec(chunk_size=args.chunk_size),
+                    terms=fleet.Terms(probation=Probation(seconds=1, requests=10)),
+                    follow=fleet.Follow(timeout=300, progress=lambda d, e: events.append(e))))
                 assert res.ok, res.devices
                 first = {}
                 for e in events:

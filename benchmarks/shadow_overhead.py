@@ -60,10 +60,11 @@ def main() -> None:
             load.start(args.clients)
             time.sleep(args.steady)
             t_push = time.time()
-            res = fleet.push(v2, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), device="bench", wait=True,
-                             timeout=300, probation=Probation(seconds=2, requests=10 ** 6),
-                             shadow=Shadow(seconds=args.shadow, rate=args.rate, min_agreement=0.9, min_samples=1),
-                             progress=lambda d, e: events.append(e))
+            res = fleet.push(v2, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), fleet.PushOptions(
+                device="bench", terms=fleet.Terms(
+                    probation=Probation(seconds=2, requests=10 ** 6),
+                    shadow=Shadow(seconds=args.shadow, rate=args.rate, min_agreement=0.9, min_samples=1)),
+                follow=fleet.Follow(timeout=300, progress=lambda d, e: events.append(e))))
         finally:
             load.stop()
             stop(p, broker)

@@ -43,8 +43,9 @@ def main() -> None:
             time.sleep(args.steady)
             t_push = time.time()
             events = []
-            res = fleet.push(v2, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), device="bench", wait=True, timeout=120,
-                             probation=Probation(seconds=3, requests=10**6), progress=lambda d, e: events.append(e))
+            res = fleet.push(v2, BrokerConfig(url=f"mqtt://127.0.0.1:{port}"), fleet.PushOptions(
+                device="bench", terms=fleet.Terms(probation=Probation(seconds=3, requests=10**6)),
+                follow=fleet.Follow(timeout=120, progress=lambda d, e: events.append(e))))
             time.sleep(1.0)
         finally:
             load.stop()

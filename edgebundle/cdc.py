@@ -75,8 +75,10 @@ class Chunk:
     size: int
 
 
-def chunk_file(path: str | os.PathLike, params: CdcParams) -> list[Chunk]:
-    """The file's content-defined chunks, in order, each with its sha256 (one pass, mmap'd)."""
+def chunk_file(path: str | os.PathLike, params: CdcParams, *, whole=None) -> list[Chunk]:
+    """The file's content-defined chunks, in order, each with its sha256 (one pass, mmap'd).
+    `whole` (a hashlib object) is fed every chunk in order too: the whole file's hash from the
+    same pass, for a caller that needs both."""
     try:
         from pyfastcdc import FastCDC
     except ImportError:
@@ -85,7 +87,12 @@ def chunk_file(path: str | os.PathLike, params: CdcParams) -> list[Chunk]:
     if os.path.getsize(path) == 0:
         return []
     cdc = FastCDC(params.avg_size, min_size=params.min_size, max_size=params.max_size)
-    return [Chunk(hashlib.sha256(c.data).hexdigest(), c.offset, c.length) for c in cdc.cut_file(os.fspath(path))]
+    chunks = []
+    for c in cdc.cut_file(os.fspath(path)):
+        if whole is not None:
+            whole.update(c.data)
+        chunks.append(Chunk(hashlib.sha256(c.data).hexdigest(), c.offset, c.length))
+    return chunks
 
 
 __all__ = ["CdcParams", "Chunk", "chunk_file", "MIN_AVG", "MAX_AVG"]

@@ -199,11 +199,13 @@ def run_demo(*, workdir: Path | None = None, broker_url: str | None = None, say:
         before = dict(clients.versions)
         threads = clients.run(8)
         t0 = time.perf_counter()
-        push = fleet.push(v2, broker, group="demo", wait=True, timeout=120, expect=["demo-pi"],
-                          probation=Probation(seconds=5, requests=500), sign_key=work / "demo.key",
-                          progress=lambda dev, ev: say(f"   {dev}: {ev['state']}"
-                                                       + (f" {ev['progress']['percent']}%" if ev.get("progress") else "")
-                                                       + (f" ({ev['error']})" if ev.get("error") else "")))
+        def progress(dev: str, ev: dict) -> None:
+            say(f"   {dev}: {ev['state']}" + (f" {ev['progress']['percent']}%" if ev.get("progress") else "")
+                + (f" ({ev['error']})" if ev.get("error") else ""))
+
+        push = fleet.push(v2, broker, fleet.PushOptions(
+            group="demo", terms=fleet.Terms(probation=Probation(seconds=5, requests=500)), sign_key=work / "demo.key",
+            follow=fleet.Follow(timeout=120, expect=("demo-pi",), progress=progress)))
         update_s = time.perf_counter() - t0
         time.sleep(1.0)
         clients.stop(threads)

@@ -148,13 +148,40 @@ class Removal:
         return d
 
 
+@dataclass(frozen=True)
+class Received:
+    """A record as it arrived on a desired topic, parsed once: the typed record, and the bytes its
+    `record_signature` covers (signed_bytes of the same parse), for the checks a device makes."""
+
+    record: "Desired | Removal"
+    signed: bytes
+
+
+def receive_record(payload: bytes, *, source: str, limits: Limits = Limits(),
+                   topic_prefix: str | None = None) -> Received | None:
+    """parse_record, with the signed bytes from the same parse; None for a cleared topic."""
+    if not payload:
+        return None
+    doc = _load(payload, source=source, limits=limits)
+    return Received(record=_record(doc, source=source, limits=limits, topic_prefix=topic_prefix),
+                    signed=signed_bytes(doc))
+
+
 def parse_record(payload: bytes, *, source: str, limits: Limits = Limits(),
                  topic_prefix: str | None = None) -> "Desired | Removal | None":
     """What a desired topic holds: a bundle to run (Desired), a removal, or nothing (cleared)."""
     if not payload:
         return None
-    doc = load_record(payload, what="desired record", source=source, limits=limits,
-                      size_hint=" ([ota] max_record_bytes)")
+    return _record(_load(payload, source=source, limits=limits), source=source, limits=limits,
+                   topic_prefix=topic_prefix)
+
+
+def _load(payload: bytes, *, source: str, limits: Limits):
+    return load_record(payload, what="desired record", source=source, limits=limits,
+                       size_hint=" ([ota] max_record_bytes)")
+
+
+def _record(doc, *, source: str, limits: Limits, topic_prefix: str | None) -> "Desired | Removal":
     if isinstance(doc, dict) and doc.get("remove") is not None:
         if doc.get("remove") is not True:
             raise RecordError(f"malformed desired record on {source}: remove must be true when present")
@@ -255,5 +282,5 @@ def _opt_ms(d: dict, what: str) -> float | None:
 
 
 __all__ = ["SCHEMA", "SIG_FIELD", "BundleRef", "CdcTransfer", "Desired", "Limits", "MqttTransfer", "Probation",
-           "RecordError", "Removal", "Shadow", "parse_record",
+           "RecordError", "Received", "Removal", "Shadow", "parse_record", "receive_record",
            "UrlTransfer", "parse_transfer", "resolve", "sign_record", "signed_bytes", "url_allowed"]

@@ -26,7 +26,7 @@ from edgeproto.mqtt import dumps
 from edgeproto.topics import Topics
 from fleet.conn import Collector, parse_json, wait_online
 from fleet.errors import FleetError
-from fleet.push import _ID, Signer
+from fleet.records import TARGET_ID, Signer
 
 SUFFIXES = (".npz", ".txt")
 TEXT = "text"  # the input text models take on the device
@@ -49,7 +49,7 @@ def pull(broker: BrokerConfig, *, device: str, out: Path, model: str | None = No
     (.npz: one array per input plus `output:NAME`; .txt: a text model's texts, one per line).
     Returns the device's result (samples, layout, sha256, size) with `file`."""
     out = Path(out)
-    if not _ID.match(device or ""):
+    if not TARGET_ID.match(device or ""):
         raise InputError(f"device id {device!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if out.suffix not in SUFFIXES:
         raise InputError(f"-o {out.name}: write the samples to a .npz (any model) or a .txt (text models)")

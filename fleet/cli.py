@@ -49,7 +49,9 @@ def push(bundle, device, group, model, device_topic, remove, url, chunk_size, de
     """Make BUNDLE the desired version of a model on a device or a group (retained: offline devices
     catch up); or, with --remove, take a model off them."""
     from edgeproto.desired import Probation
-    from fleet.push import push as push_bundle, remove as remove_model
+    from fleet.push import Follow, PushOptions, push as push_bundle, remove as remove_model
+    from fleet.records import Terms
+    from fleet.transfer import TransferSpec
 
     def show(dev, ev):
         if as_json:
@@ -72,14 +74,16 @@ def push(bundle, device, group, model, device_topic, remove, url, chunk_size, de
         res = remove_model(broker, model=model, device=device, group=group, wait=wait, timeout=timeout, progress=show,
                            sign_key=sign_key, key_cert=key_cert)
     else:
-        res = push_bundle(bundle, broker, device=device, group=group, model=model, device_topic=device_topic,
-                          url=url, chunk_size=chunk_size, allow_downgrade=allow_downgrade,
-                          allow_interface_change=allow_interface_change,
-                          warn=lambda m: click.echo(f"warning: {m}", err=True),
-                          probation=Probation(seconds=probation_seconds, requests=probation_requests,
-                                              max_error_rate=max_error_rate, max_p95_ms=latency_budget_ms),
-                          staging_max_p95_ms=latency_budget_ms, shadow=shadow, wait=wait, timeout=timeout,
-                          progress=show, sign_key=sign_key, key_cert=key_cert, delta=delta,
+        opts = PushOptions(device=device, group=group, model=model, device_topic=device_topic,
+                           transfer=TransferSpec(url=url, chunk_size=chunk_size, delta=delta),
+                           terms=Terms(allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
+                                       probation=Probation(seconds=probation_seconds, requests=probation_requests,
+                                                           max_error_rate=max_error_rate,
+                                                           max_p95_ms=latency_budget_ms),
+                                       staging_max_p95_ms=latency_budget_ms, shadow=shadow),
+                           sign_key=sign_key, key_cert=key_cert,
+                           follow=Follow(timeout=timeout, progress=show) if wait else None)
+        res = push_bundle(bundle, broker, opts, warn=lambda m: click.echo(f"warning: {m}", err=True),
                           inform=lambda m: click.echo(m, err=True) if not as_json else None)
     d = res.desired
     if as_json:

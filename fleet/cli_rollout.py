@@ -30,8 +30,16 @@ def _say(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def _exit(rec) -> None:
+    """Exit 0 once done, 3 when paused, 1 when stopped or aborted."""
+    from fleet.rollout_state import RolloutStatus
+
+    if rec.status != RolloutStatus.DONE:
+        sys.exit(3 if rec.status == RolloutStatus.PAUSED else 1)
+
+
 def _signer(sign_key, key_cert):
-    from fleet.push import Signer
+    from fleet.records import Signer
 
     return Signer.load(sign_key, key_cert)
 
@@ -103,8 +111,7 @@ def rollout_start(bundle, group, model, device_topic, sign_key, key_cert, rollou
                    previous_bundle=previous_bundle, signer=_signer(sign_key, key_cert), chunk_size=chunk_size,
                    delta=delta, say=_say)
     _show(rec, as_json)
-    if rec.status != "done":
-        sys.exit(3 if rec.status == "paused" else 1)
+    _exit(rec)
 
 
 @rollout.command("status")
@@ -136,8 +143,7 @@ def rollout_resume(rollout_id, sign_key, key_cert, as_json, **kw):
 
     rec = ro.resume(broker_from_options(kw), rollout_id, signer=_signer(sign_key, key_cert), say=_say)
     _show(rec, as_json)
-    if rec.status != "done":
-        sys.exit(3 if rec.status == "paused" else 1)
+    _exit(rec)
 
 
 @rollout.command("pause")

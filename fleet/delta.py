@@ -103,12 +103,13 @@ def read_indexes(conn: Collector, root: str, *, quiet_s: float = 0.05, max_s: fl
     return found
 
 
-def cdc_transfer(bundle: Path, root: str, *, size: int, previous: ModelIndex | None) -> CdcTransfer:
+def cdc_transfer(bundle: Path, root: str, *, size: int, previous: ModelIndex | None, whole=None) -> CdcTransfer:
     """The bundle cut into content-defined chunks, with the model's previous parameters when they
-    still suit its size (chunks are only comparable when cut alike)."""
+    still suit its size (chunks are only comparable when cut alike). `whole` (a hashlib object) is
+    fed the file in the same pass (edgebundle.cdc.chunk_file): the file is read once."""
     params = previous.params if previous and previous.params and previous.params.suits(size) else None
     params = params or CdcParams.for_size(size)
-    chunks = chunk_file(bundle, params)
+    chunks = chunk_file(bundle, params, whole=whole)
     return CdcTransfer(topic=f"{root}/chunks", params=params, chunk_sha256=tuple(c.sha256 for c in chunks),
                        chunk_sizes=tuple(c.size for c in chunks))
 

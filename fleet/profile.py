@@ -22,7 +22,8 @@ from edgeproto.records import DeviceStatus, ProfileResult
 from edgeproto.topics import Topics
 from fleet.conn import Collector, parse_json, wait_online
 from fleet.errors import FleetError
-from fleet.push import DEFAULT_CHUNK, Prepared, Signer, _ID, prepare, publish_chunks
+from fleet.records import TARGET_ID, Prepared, Signer
+from fleet.transfer import DEFAULT_CHUNK, prepare, publish_chunks
 
 
 class ProfileRefused(FleetError):
@@ -42,7 +43,7 @@ def profile(bundles: list[Path], broker: BrokerConfig, *, device: str, bench: Be
     """Profile each bundle on `device`, one after the other; returns the final result of each
     (state 'done'). Raises FleetError when the device is unknown, offline or silent, and
     ProfileRefused when it refuses or fails a job (`results` on the error holds the ones before)."""
-    if not _ID.match(device or ""):
+    if not TARGET_ID.match(device or ""):
         raise InputError(f"device id {device!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if not bundles:
         raise InputError("give at least one BUNDLE")

@@ -49,7 +49,7 @@ from fleet import delta as cdc
 from fleet.conn import Collector, parse_json
 from fleet.errors import RolloutError, RolloutStopped
 from fleet.gates import Window, baseline_p95, judge_device, judge_wave, plan_waves
-from fleet.push import Prepared, Signer, make_record, model_for, publish_record
+from fleet.records import Prepared, Signer, Terms, make_record, model_for, publish_record
 from fleet.rollout_lease import Lease
 from fleet.rollout_link import Client, Clock, Inbox, publish_retained
 from fleet.rollout_plan import plan, prepared
@@ -58,7 +58,7 @@ from fleet.rollout_state import ACTIVE, RolloutRecord, RolloutSettings, RolloutS
 Say = Callable[[str], None]
 # a pause or abort request is acted on before these steps (and while they wait), not once a wave
 # has passed (the next one comes first) or is going back (that finishes first)
-CONTROL_POINTS = (WaveState.PENDING.value, WaveState.UPDATING.value, WaveState.SOAKING.value)
+CONTROL_POINTS = (WaveState.PENDING, WaveState.UPDATING, WaveState.SOAKING)
 
 
 def _window(tel: TelemetryWindow, paths: list[str]) -> Window:
@@ -141,23 +141,23 @@ class Controller:
     def run(self) -> RolloutRecord:
         """Drive the record from where it stands to done, stopped, paused or aborted."""
         r = self.record
-        if r.status == RolloutStatus.PAUSED.value:
-            r.status = RolloutStatus.RUNNING.value
+        if r.status == RolloutStatus.PAUSED:
+            r.status = RolloutStatus.RUNNING
         self._watch_group(r.group, r.model)
-        while r.status == RolloutStatus.RUNNING.value:
+        while r.status == RolloutStatus.RUNNING:
             if r.current >= len(r.waves):
                 self._finish(r)
                 break
             w = r.waves[r.current]
             if w.state in CONTROL_POINTS and self._control_requested():
                 break
-            nxt = self._handlers[WaveState(w.state)](r, w)
-            if nxt.value != w.state:
+            nxt = self._handlers[w.state](r, w)
+            if nxt != w.state:
                 self._enter(w, nxt)
         return r
 
     def _enter(self, w: Wave, state: WaveState) -> None:
-        w.state = state.value
+        w.state = state
         self.save()
 
     def _start_wave(self, r: RolloutRecord, w: Wave) -> WaveState:
@@ -277,20 +277,23 @@ class Controller:
         group = self._target("groups", r.group)
         doc = make_record(p, target=group, update_id=f"{r.id}-group",
                           issued=issued.isoformat(timespec="milliseconds"), signer=self.signer,
-                          allow_interface_change=s.allow_interface_change, probation=s.probation, shadow=s.shadow)
+                          terms=Terms(allow_interface_change=s.allow_interface_change, probation=s.probation,
+                                      shadow=s.shadow))
         publish_record(self.client, self.topics.target_desired(group), doc)
         self._clear([d for w in r.waves for d in w.devices])
         self._index(r, desired_topic=self.topics.target_desired(group))
         self._stop(r, RolloutStatus.DONE, None)
         self.say(f"rollout {r.id}: done; group {r.group} desires {p.name} {p.version}")
 
-    def _send(self, p: Prepared, devices: list[str], update_id: str, **allow: bool) -> None:
+    def _send(self, p: Prepared, devices: list[str], update_id: str, *, allow_downgrade: bool = False,
+              allow_interface_change: bool) -> None:
         """A per-device desired record for each of `devices` (signed when the signer has a key)."""
-        issued = self.clock.iso()
+        issued, s = self.clock.iso(), self.settings
+        terms = Terms(allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
+                      probation=s.probation, shadow=s.shadow)
         for dev in devices:
             to = self._target("devices", dev)
-            doc = make_record(p, target=to, update_id=update_id, issued=issued, signer=self.signer,
-                              probation=self.settings.probation, shadow=self.settings.shadow, **allow)
+            doc = make_record(p, target=to, update_id=update_id, issued=issued, signer=self.signer, terms=terms)
             publish_record(self.client, self.topics.target_desired(to), doc)
 
     def _clear(self, devices: list[str]) -> None:
@@ -299,7 +302,7 @@ class Controller:
             publish_record(self.client, self.topics.target_desired(self._target("devices", dev)), None)
 
     def _stop(self, r: RolloutRecord, status: RolloutStatus, reason: str | None) -> RolloutRecord:
-        r.status, r.reason = status.value, reason
+        r.status, r.reason = status, reason
         self.save()
         if status in (RolloutStatus.STOPPED, RolloutStatus.ABORTED):
             self._index(r, desired_topic=None)
@@ -344,7 +347,7 @@ class Controller:
     def abort(self, *, rollback: bool = True) -> RolloutRecord:
         """Stop for good: with `rollback`, every device this rollout switched goes back."""
         r = self.record
-        touched = [d for w in r.waves[: r.current + 1] if w.state != WaveState.PENDING.value for d in w.devices]
+        touched = [d for w in r.waves[: r.current + 1] if w.state != WaveState.PENDING for d in w.devices]
         if rollback and touched:
             self._send_back(r, touched, f"{r.id}-abort")
         else:
@@ -355,14 +358,14 @@ class Controller:
     def resume(self, *, wait_s: float | None = None) -> RolloutRecord:
         """Continue from the retained record, once the lease is ours (a dead controller's expires)."""
         r = self.load()
-        if r.status not in [s.value for s in ACTIVE]:
-            raise RolloutError(f"rollout {self.id} is {r.status}: nothing to resume")
+        if r.status not in ACTIVE:
+            raise RolloutError(f"rollout {self.id} is {r.status.value}: nothing to resume")
         lease_s = self.settings.lease_s
         self.lease.acquire(ttl=lease_s, wait_s=lease_s + 5 if wait_s is None else wait_s)
         publish_retained(self.client, self.topics.rollout_control(self.id), None)
         self.inbox.control = None
         self.listening_since = self.clock.mono()
-        self.say(f"rollout {self.id}: resuming at wave {r.current + 1} ({r.waves[r.current].state})"
+        self.say(f"rollout {self.id}: resuming at wave {r.current + 1} ({r.waves[r.current].state.value})"
                  if r.current < len(r.waves) else f"rollout {self.id}: finishing")
         return self.run()
 
@@ -370,8 +373,8 @@ class Controller:
         """pause or abort: ask the running controller (retained control message); when none holds
         the lease, do it here."""
         r = self.load()
-        if r.status not in [s.value for s in ACTIVE]:
-            raise RolloutError(f"rollout {self.id} is {r.status}")
+        if r.status not in ACTIVE:
+            raise RolloutError(f"rollout {self.id} is {r.status.value}")
         holder, live = (self.inbox.lease or {}).get("holder"), self.lease.held()
         control = self.topics.rollout_control(self.id)
         publish_retained(self.client, control, {"action": action, "rollback": rollback, "ts": self.clock.iso(),
@@ -382,12 +385,12 @@ class Controller:
                 publish_retained(self.client, control, None)
             self._act({"action": action, "rollback": rollback, "by": self.holder})
             return self.record
-        want = {"pause": RolloutStatus.PAUSED.value, "abort": RolloutStatus.ABORTED.value}[action]
+        want = {"pause": RolloutStatus.PAUSED, "abort": RolloutStatus.ABORTED}[action]
         deadline = self.clock.mono() + wait_s
         while self.clock.mono() < deadline:
             remote = self.inbox.record
-            if isinstance(remote, dict) and remote.get("status") in (want, RolloutStatus.DONE.value,
-                                                                     RolloutStatus.STOPPED.value):
+            if isinstance(remote, dict) and RolloutStatus.read(remote.get("status")) in (want, RolloutStatus.DONE,
+                                                                                          RolloutStatus.STOPPED):
                 if action == "pause":
                     publish_retained(self.client, control, None)
                 return RolloutRecord.from_dict(remote)
@@ -449,7 +452,7 @@ def resume(broker: BrokerConfig, rollout_id: str, *, signer: Signer = Signer(), 
 
 
 def _outcome(r: RolloutRecord) -> RolloutRecord:
-    if r.status == RolloutStatus.STOPPED.value:
+    if r.status == RolloutStatus.STOPPED:
         raise RolloutStopped(f"rollout {r.id} stopped: {r.reason}", record=r)
     return r
 

@@ -13,10 +13,11 @@ from edgeproto.desired import parse_transfer
 from fleet import delta as cdc
 from fleet.errors import RolloutError
 from fleet.gates import plan_waves
-from fleet.push import Prepared, interface_warnings, prepare, publish_chunks, running_bundles, with_patches
+from fleet.records import Prepared, interface_warnings
 from fleet.rollout_link import Client, Clock, Inbox
-from fleet.rollout_state import ACTIVE, RolloutRecord, RolloutSettings, Wave
+from fleet.rollout_state import ACTIVE, RolloutRecord, RolloutSettings, RolloutStatus, Wave
 from fleet.status import FleetTable
+from fleet.transfer import prepare, publish_chunks, running_bundles, with_patches
 
 
 def bundle_dict(p: Prepared) -> dict:
@@ -40,7 +41,7 @@ def plan(bundle: Path, *, inbox: Inbox, client: Client, clock: Clock, say: Calla
     `previous_bundle` that is what a failed wave goes back to."""
     _settle(inbox.table, clock, settle_s)
     remote = inbox.record
-    if remote is not None and remote.get("status") in [s.value for s in ACTIVE]:
+    if remote is not None and RolloutStatus.read(remote.get("status")) in ACTIVE:
         raise RolloutError(f"rollout {inbox.id} exists and is {remote.get('status')}",
                            hint=f"edgepack rollout resume {inbox.id}, or abort it first")
     members = inbox.table.entries(group=group)

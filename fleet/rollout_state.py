@@ -24,6 +24,15 @@ class RolloutStatus(str, Enum):
     ABORTED = "aborted"
     DONE = "done"
 
+    @classmethod
+    def read(cls, value) -> "RolloutStatus | None":
+        """A status as a retained record holds it; None for anything else (a damaged record, or
+        one from a newer controller)."""
+        try:
+            return cls(value)
+        except (ValueError, TypeError):
+            return None
+
 
 class WaveState(str, Enum):
     PENDING = "pending"
@@ -72,13 +81,19 @@ class RolloutSettings:
 @dataclass
 class Wave:
     devices: list[str]
-    state: str = WaveState.PENDING.value
+    state: WaveState = WaveState.PENDING
     update_id: str | None = None
     started: float | None = None  # wall time
     outcomes: dict = field(default_factory=dict)  # device -> final update state (or timed_out)
     readings: dict = field(default_factory=dict)  # device -> gate reading
     summary: str | None = None
     times: dict = field(default_factory=dict)  # phase -> seconds (update, soak, rollback)
+
+
+def _wave(d: dict) -> Wave:
+    w = Wave(**d)
+    w.state = WaveState(w.state)
+    return w
 
 
 @dataclass
@@ -89,7 +104,7 @@ class RolloutRecord:
     previous: dict | None  # the same for the version a failed wave goes back to
     settings: dict
     waves: list[Wave]
-    status: str = RolloutStatus.RUNNING.value
+    status: RolloutStatus = RolloutStatus.RUNNING
     current: int = 0
     baseline: dict = field(default_factory=dict)  # device -> pre-update p95 ms
     reason: str | None = None
@@ -100,15 +115,24 @@ class RolloutRecord:
     model: str | None = None  # the model on the devices it updates; None: their own (old-style) topics
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The record as retained (JSON): statuses and states as their strings."""
+        d = asdict(self)
+        d["status"] = self.status.value
+        for w, wave in zip(d["waves"], self.waves):
+            w["state"] = wave.state.value
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "RolloutRecord":
+        """A retained record read back, statuses and states as enums (ValueError for one this
+        version does not know)."""
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             raise InputError(f"not a rollout record (schema {d.get('schema') if isinstance(d, dict) else None!r})")
         d = dict(d)
-        d["waves"] = [Wave(**w) for w in d["waves"]]
-        return cls(**d)
+        d["waves"] = [_wave(w) for w in d["waves"]]
+        rec = cls(**d)
+        rec.status = RolloutStatus(rec.status)
+        return rec
 
     @property
     def parsed_settings(self) -> RolloutSettings:
@@ -118,15 +142,15 @@ class RolloutRecord:
     def summary_lines(self) -> list[str]:
         b = self.bundle
         of = f" (model {self.model})" if self.model and self.model != b["name"] else ""
-        lines = [f"rollout {self.id}: {b['name']} {b['version']}{of} to group {self.group}: {self.status}"
+        lines = [f"rollout {self.id}: {b['name']} {b['version']}{of} to group {self.group}: {self.status.value}"
                  + (f" ({self.reason})" if self.reason else "")]
         for i, w in enumerate(self.waves):
-            mark = ">" if i == self.current and self.status in ("running", "paused") else " "
+            mark = ">" if i == self.current and self.status in ACTIVE else " "
             counts: dict[str, int] = {}
             for r in w.readings.values():
                 counts[r.get("verdict", "?")] = counts.get(r.get("verdict", "?"), 0) + 1
             done = sum(1 for o in w.outcomes.values() if o == "committed")
-            lines.append(f"{mark} wave {i + 1}: {len(w.devices)} device(s), {w.state}; committed {done}"
+            lines.append(f"{mark} wave {i + 1}: {len(w.devices)} device(s), {w.state.value}; committed {done}"
                          + (f"; gates {dict(sorted(counts.items()))}" if counts else "")
                          + (f"; {w.summary}" if w.summary else ""))
         return lines

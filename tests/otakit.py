@@ -19,14 +19,29 @@ QUICK = Probation(seconds=1.5, requests=1000)
 ROOT = "edgepack/v1"
 
 
-def push(broker, bundle, *, device=None, group=None, wait=False, timeout=60, probation=QUICK, sign=None, **kw):
-    """`edgepack push` as a library call; `sign` is the private key that signs the record."""
+def push_options(*, device=None, group=None, model=None, device_topic=False, url=None, chunk_size=4096, delta=False,
+                 allow_downgrade=False, allow_interface_change=False, probation=QUICK, staging_max_p95_ms=None,
+                 shadow=None, sign_key=None, key_cert=None, wait=False, timeout=60, expect=(),
+                 progress=lambda _d, _e: None, check_interface=True):
+    """`edgepack push`'s flags (as keywords) as fleet.PushOptions; small chunks for small test bundles."""
+    from fleet import Follow, PushOptions, Terms, TransferSpec
+
+    return PushOptions(device=device, group=group, model=model, device_topic=device_topic,
+                       transfer=TransferSpec(url=url, chunk_size=chunk_size, delta=delta),
+                       terms=Terms(allow_downgrade=allow_downgrade, allow_interface_change=allow_interface_change,
+                                   probation=probation, staging_max_p95_ms=staging_max_p95_ms, shadow=shadow),
+                       sign_key=sign_key, key_cert=key_cert, check_interface=check_interface,
+                       follow=Follow(timeout=timeout, expect=tuple(expect), progress=progress) if wait else None)
+
+
+def push(broker, bundle, *, sign=None, warn=lambda _m: None, inform=lambda _m: None, **flags):
+    """`edgepack push` as a library call (flags: push_options); `sign` is the private key that signs
+    the record."""
     import fleet
 
     if sign is not None:
-        kw["sign_key"] = sign
-    return fleet.push(bundle, BrokerConfig(url=broker.url), device=device, group=group, wait=wait,
-                      timeout=timeout, probation=probation, chunk_size=4096, **kw)
+        flags["sign_key"] = sign
+    return fleet.push(bundle, BrokerConfig(url=broker.url), push_options(**flags), warn=warn, inform=inform)
 
 
 def agent(tmp_path, broker, bundle, keys, *, device="dev1", group=None, env=None, name="data", extra=(),

@@ -170,8 +170,10 @@ def test_agent_and_push_work_through_the_acl(fleet_broker, versions, keys, tmp_p
     try:
         bc = BrokerConfig(url=fleet_broker["url"], username="fleet", password=creds["fleet"],
                           ca_file=fleet_broker["ca"]).validate()
-        res = fleet.push(versions["v2"], bc, group="kitchen", wait=True, timeout=60, expect=["dev1"],
-                         chunk_size=8192, sign_key=keys / "a.key", probation=Probation(seconds=1, requests=100))
+        res = fleet.push(versions["v2"], bc,
+                         fleet.PushOptions(group="kitchen", transfer=fleet.TransferSpec(chunk_size=8192),
+                                           terms=fleet.Terms(probation=Probation(seconds=1, requests=100)),
+                                           sign_key=keys / "a.key", follow=fleet.Follow(timeout=60, expect=("dev1",))))
         assert res.ok, res.devices
         rows = fleet.status(bc, listen_s=1.5)
         assert [(r["device_id"], r["version"], r["online"]) for r in rows] == [("dev1", "1.1.0", True)]

@@ -209,13 +209,10 @@ def deltas(digits, keys, tmp_path_factory):
     return made
 
 
-def _push(broker, bundle, keys, **kw):
-    import fleet
-    from edgeproto.broker import BrokerConfig
-    from otakit import QUICK
+def _push(broker, bundle, keys, **flags):
+    from otakit import push
 
-    return fleet.push(bundle, BrokerConfig(url=broker.url), device="dev1", wait=True, timeout=90, probation=QUICK,
-                      sign_key=keys / "a.key", chunk_size=4096, **kw)
+    return push(broker, bundle, device="dev1", wait=True, timeout=90, sign=keys / "a.key", **flags)
 
 
 def _expected_fetch(new: Path, held: list[Path]) -> tuple[int, CdcParams]:
@@ -308,7 +305,8 @@ def test_kill_during_assembly_resumes_to_a_verified_commit(broker, deltas, keys,
     from edgebundle.signing import load_private_key
     from edgeproto.topics import Topics
     from fleet.delta import publish_delta
-    from fleet.push import make_record, prepare
+    from fleet.records import make_record
+    from fleet.transfer import prepare
     from otakit import Publisher, agent, publish_record, state, version
 
     a = agent(tmp_path, broker, deltas["1.0.0"], keys)
@@ -348,7 +346,7 @@ def test_profile_job_with_a_cdc_transfer_copies_held_chunks(broker, deltas, keys
     from edgeproto.jobs import SCHEMA
     from edgeproto.topics import Topics
     from fleet.delta import publish_delta
-    from fleet.push import prepare
+    from fleet.transfer import prepare
     from otakit import Publisher, agent, version
 
     a = agent(tmp_path, broker, deltas["1.0.0"], keys)
@@ -385,7 +383,7 @@ def test_delta_rollout_says_each_device_cost_and_fetches_only_that(broker, delta
     from fleet import rollout as ro
     from fleet.delta import ModelIndex
     from fleet.gates import Gates
-    from fleet.push import Signer
+    from fleet.records import Signer
     from fleet.rollout_state import RolloutSettings
     from otakit import QUICK, agent, push, version
 

@@ -147,9 +147,7 @@ def test_refused_url_and_wrong_file_fail_clearly(tmp_path):
 def test_agent_takes_a_delta_from_a_url(broker, versions, keys, tmp_path):
     """A real agent on 1.0.0; `push --delta --url` of 1.1.0 (the same model built again as another
     version) from a local HTTP server: committed, only byte ranges fetched, nothing published."""
-    import fleet
-    from edgeproto.broker import BrokerConfig
-    from otakit import QUICK, agent, version
+    from otakit import agent, push, version
 
     new = versions["v2"]
     srv = Server(new.read_bytes())
@@ -157,9 +155,9 @@ def test_agent_takes_a_delta_from_a_url(broker, versions, keys, tmp_path):
     said = []
     try:
         progress = []
-        res = fleet.push(new, BrokerConfig(url=broker.url), device="dev1", wait=True, timeout=90, probation=QUICK,
-                         sign_key=keys / "a.key", delta=True, url=srv.url, inform=said.append,
-                         progress=lambda _d, e: progress.append(e["progress"]) if e.get("progress") else None)
+        res = push(broker, new, device="dev1", wait=True, timeout=90, sign=keys / "a.key", delta=True, url=srv.url,
+                   chunk_size=1 << 20, inform=said.append,
+                   progress=lambda _d, e: progress.append(e["progress"]) if e.get("progress") else None)
         assert res.ok and version(a) == "1.1.0", res.devices
         last = progress[-1]
         assert 0 < last["fetched"] < new.stat().st_size and last["fetched"] + last["reused"] == new.stat().st_size

@@ -15,7 +15,8 @@ from edgeproto.broker import BrokerConfig
 from edgeproto.desired import Probation, RecordError, Removal
 from edgeproto.topics import Topics
 from edgepack.sim.simulator import SimSettings, Simulator, synthetic_bundle
-from fleet.push import Address, Signer, make_record, model_for, prepare, removal_record
+from fleet.records import Address, Signer, make_record, model_for, removal_record
+from fleet.transfer import prepare
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "docs" / "schemas"
 T = Topics()
@@ -201,8 +202,9 @@ def test_push_goes_to_one_models_topic_and_model_records_beat_old_style(broker, 
     a, b = _sim(broker, mb["a-1.0.0"], "pa"), _sim(broker, mb["b-1.0.0"], "pb")
     bc = BrokerConfig(url=broker.url)
     try:
-        res = fleet.push(mb["b-1.1.0"], bc, group="g", wait=True, timeout=60, probation=QUICK, chunk_size=4096,
-                         expect=[d.device_id for d in b.devices])
+        small, quick = fleet.TransferSpec(chunk_size=4096), fleet.Terms(probation=QUICK)
+        follow = fleet.Follow(timeout=60, expect=tuple(d.device_id for d in b.devices))
+        res = fleet.push(mb["b-1.1.0"], bc, fleet.PushOptions(group="g", transfer=small, terms=quick, follow=follow))
         assert res.topic == T.group_model_desired("g", "b") and res.desired["target"] == "groups/g/models/b"
         assert res.ok and set(res.devices) == {d.device_id for d in b.devices}, res.devices
         assert all(e["model"] == "b" for e in res.devices.values())  # the simulator names its model in events
@@ -211,11 +213,12 @@ def test_push_goes_to_one_models_topic_and_model_records_beat_old_style(broker, 
         assert list(_desired(broker)) == [T.group_model_desired("g", "b")]
         # an old-style record still updates a device's (first) model; a record on the model's topic beats it
         dev = a.devices[0]
-        old = fleet.push(mb["a-1.1.0"], bc, device=dev.device_id, device_topic=True, wait=True, timeout=60,
-                         probation=QUICK, chunk_size=4096)
+        old = fleet.push(mb["a-1.1.0"], bc, fleet.PushOptions(device=dev.device_id, device_topic=True, transfer=small,
+                                                               terms=quick, follow=fleet.Follow(timeout=60)))
         assert old.topic == T.desired(dev.device_id) and old.ok and dev.version == "1.1.0"
-        back = fleet.push(mb["a-1.0.0"], bc, device=dev.device_id, allow_downgrade=True, wait=True, timeout=60,
-                          probation=QUICK, chunk_size=4096)
+        back = fleet.push(mb["a-1.0.0"], bc, fleet.PushOptions(
+            device=dev.device_id, transfer=small, terms=fleet.Terms(allow_downgrade=True, probation=QUICK),
+            follow=fleet.Follow(timeout=60)))
         assert back.topic == T.model_desired(dev.device_id, "a") and back.ok and dev.version == "1.0.0"
         assert a.devices[1].version == "1.0.0" and b.devices[0].version == "1.1.0"
     finally:

@@ -160,8 +160,9 @@ def test_push_through_a_two_broker_bridge(tmp_path, bundles):
             wait_until(lambda: len(w.table.entries(group="g")) == 5, 20, what="5 devices seen through the bridge")
         finally:
             w.stop()
-        res = fleet.push(bundles["1.1.0"], BrokerConfig(url=hub.url), group="g", wait=True, timeout=60,
-                         probation=QUICK, chunk_size=16384)
+        res = fleet.push(bundles["1.1.0"], BrokerConfig(url=hub.url),
+                         fleet.PushOptions(group="g", transfer=fleet.TransferSpec(chunk_size=16384),
+                                           terms=fleet.Terms(probation=QUICK), follow=fleet.Follow(timeout=60)))
         assert res.ok and len(res.devices) == 5, res.devices
         assert set(sim.versions().values()) == {"1.1.0"}
     finally:

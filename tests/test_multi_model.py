@@ -226,10 +226,11 @@ def test_a_failing_update_of_one_model_leaves_both_serving(tmp_path, broker, ver
         import fleet
         from edgeproto.broker import BrokerConfig
 
-        def push(bundle, **kw):
-            res = fleet.push(bundle, BrokerConfig(url=broker.url), device="dev1", model="sq", wait=True, timeout=90,
-                             chunk_size=4096, sign_key=keys / "a.key", **kw)
-            return res.devices["dev1"]
+        def push(bundle, **terms):
+            opts = fleet.PushOptions(device="dev1", model="sq", transfer=fleet.TransferSpec(chunk_size=4096),
+                                     terms=fleet.Terms(**terms), sign_key=keys / "a.key",
+                                     follow=fleet.Follow(timeout=90))
+            return fleet.push(bundle, BrokerConfig(url=broker.url), opts).devices["dev1"]
 
         ev = push(sqrt_bundles["1.1.0"], probation=Probation(seconds=20, requests=100_000))
         assert ev["state"] == "rolled_back" and "NaN/Inf" in ev["error"], ev

@@ -16,7 +16,6 @@ from edgeproto.desired import Probation
 from otakit import Publisher, publish_record, record, sign_record
 
 pytestmark = [pytest.mark.slow, pytest.mark.agent]
-QUICK = Probation(seconds=1.5, requests=1000)
 FLEET_KEY: list[Path] = []  # the fleet key that signs desired records (the agents trust its public half)
 
 
@@ -25,12 +24,11 @@ def _fleet_key(keys):
     FLEET_KEY[:] = [keys / "a.key"]
 
 
-def _push(broker, bundle, *, device=None, group=None, wait=False, timeout=60, probation=QUICK, **kw):
-    import fleet
+def _push(broker, bundle, **flags):
+    from otakit import push
 
-    kw.setdefault("sign_key", FLEET_KEY[0])
-    return fleet.push(bundle, BrokerConfig(url=broker.url), device=device, group=group, wait=wait,
-                      timeout=timeout, probation=probation, chunk_size=4096, **kw)
+    flags.setdefault("sign_key", FLEET_KEY[0])
+    return push(broker, bundle, **flags)
 
 
 def _agent(tmp_path, broker, bundle, keys, *, device="dev1", group=None, env=None, name="data", more=()):

@@ -322,7 +322,8 @@ def test_previous_from_the_group_record_and_issued_after_it(bundles, model):
     old-style (no migration step: the group's own record names a bundle of the model's name)."""
     env = _env(bundles)
     a = env.controller("A")
-    from fleet.push import make_record, prepare
+    from fleet.records import make_record
+    from fleet.transfer import prepare
 
     p = prepare(bundles["1.0.0"], T, chunk_size=1024)
     old = make_record(p, target="groups/g", update_id="u0", issued="2030-01-01T00:00:00.000+00:00")

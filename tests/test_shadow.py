@@ -161,7 +161,7 @@ def test_a_rollout_with_a_shadow_stops_the_wrong_model_in_the_canary(tmp_path, b
     from edgeproto.desired import Probation, Shadow
     from fleet import rollout as ro
     from fleet.errors import RolloutStopped
-    from fleet.push import Signer
+    from fleet.records import Signer
     from fleet.rollout_state import RolloutSettings
 
     with np.load(digits["validation"]) as z:

@@ -18,8 +18,7 @@ from device_agent.ota.keyring import Keyring
 from device_agent.ota.statefile import read_state, write_state
 from edgebundle.errors import EdgepackError
 from edgebundle.trust import parse_time
-from edgeproto.desired import (Desired, Limits, RecordError, Removal, UrlTransfer, parse_record, signed_bytes,
-                               url_allowed)
+from edgeproto.desired import Desired, Limits, RecordError, Removal, UrlTransfer, receive_record, url_allowed
 
 MAX_SEEN = 512
 
@@ -42,18 +41,19 @@ class RecordGate:
 
     def accept(self, payload: bytes, topic: str) -> Desired | Removal | None:
         """The record to act on, None for a cleared topic; RecordError (with the update_id when
-        it could be read) for anything refused, saying why. A removal passes the same checks."""
-        d = parse_record(payload, source=topic, limits=self.limits, topic_prefix=self.prefix)
-        if d is None:
+        it could be read) for anything refused, saying why. A removal passes the same checks. The
+        payload is parsed once (edgeproto.desired.receive_record): the checks read the typed record
+        and the bytes its signature covers."""
+        got = receive_record(payload, source=topic, limits=self.limits, topic_prefix=self.prefix)
+        if got is None:
             return None
-        uid = d.update_id
+        d, uid = got.record, got.record.update_id
 
         def refuse(msg: str, hint: str | None = None):
             return RecordError(f"refused desired record {uid} on {topic}: {msg}", update_id=uid, hint=hint)
 
         if d.target is not None and topic != f"{self.prefix}/{d.target}/desired":
             raise refuse(f"it is meant for {d.target!r}, not this topic (a record replayed onto another topic?)")
-        doc = _doc(payload)
         if self.keyring.enabled:
             if d.signature is None:
                 raise refuse("the record is not signed, and this device only takes signed records",
@@ -61,14 +61,14 @@ class RecordGate:
             if d.target is None or d.issued is None:
                 raise refuse("a signed record must name its target and when it was issued")
             try:
-                self.keyring.verify_record(signed_bytes(doc), d.signature)
+                self.keyring.verify_record(got.signed, d.signature)
             except EdgepackError as e:
                 raise refuse(str(e).split("\n")[0], hint=getattr(e, "hint", None)) from None
         if isinstance(d, Desired) and isinstance(d.transfer, UrlTransfer) and not url_allowed(d.transfer.url, self.sources.allowed_urls):
             raise refuse(f"downloads from {d.transfer.url[:200]!r} are not allowed by this device "
                          f"([ota] allowed_urls: {list(self.sources.allowed_urls) or 'none'})",
                          hint="push over MQTT, or add the URL prefix to the device's [ota] allowed_urls")
-        digest = hashlib.sha256(signed_bytes(doc)).hexdigest()
+        digest = hashlib.sha256(got.signed).hexdigest()
         with self._lock:
             floor = self.floors.get(topic)
             if uid in self.seen:
@@ -106,9 +106,3 @@ def _time(text: str):
         return parse_time(text, what="issued")
     except ValueError:  # a damaged state file: the oldest possible time
         return parse_time("1970-01-01T00:00:00+00:00", what="issued")
-
-
-def _doc(payload: bytes) -> dict:
-    from edgebundle.jsonsafe import loads
-
-    return loads(payload, max_depth=16)
