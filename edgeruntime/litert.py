@@ -1,7 +1,12 @@
 """TFLite models: LiteRT (ai_edge_litert), else tflite_runtime (needs numpy<2)."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +16,33 @@ from edgebundle.errors import RuntimeUnavailableError
 
 EDGETPU_LIB = "libedgetpu.so.1"
 EDGETPU_OP = "edgetpu-custom-op"
+# LiteRT's one native log line at INFO (printed once per process, whatever TF_CPP_MIN_LOG_LEVEL says)
+XNNPACK_INFO = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+_fd2 = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_xnnpack_info():
+    """The native stderr (fd 2) held while LiteRT sets up: everything it wrote is passed on but the
+    XNNPACK INFO line. Under a lock: fd 2 is the process's, and two loads must not swap it twice."""
+    with _fd2:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no fd 2 to hold (a closed stderr): nothing to filter
+            yield
+            return
+        with tempfile.TemporaryFile() as held:
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                held.seek(0)
+                rest = b"".join(ln for ln in held.read().splitlines(keepends=True) if ln.strip() != XNNPACK_INFO)
+                if rest:
+                    os.write(2, rest)
 
 
 def _interpreter_module():
@@ -71,8 +103,10 @@ class LiteRTRuntime(Runtime):
                 notes.append(f"Edge TPU delegate unavailable ({e}); running on the CPU")
         kwargs = {"num_threads": threads} if threads else {}
         try:
-            interp = mod.Interpreter(model_content=model, experimental_delegates=loaded_delegates or None, **kwargs)
-            interp.allocate_tensors()
+            with _without_xnnpack_info():
+                interp = mod.Interpreter(model_content=model, experimental_delegates=loaded_delegates or None,
+                                         **kwargs)
+                interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise RuntimeUnavailableError(f"{dist} could not load {path}: {e}") from None
         # Map signature names to tensor indices without keeping a SignatureRunner alive: a live

@@ -96,3 +96,35 @@ def test_the_candidate_table_wraps_a_long_why():
     assert all(len(line) - start <= WHY_WIDTH for line in lines[2:])
     assert " ".join(line[start:] for line in lines[2:]).split() == why.split()  # every word kept, in order
     assert lines[2].startswith("int8") and lines[3][:start].strip() == ""  # the rest under the why column
+
+
+LOADS = r"""
+import os, sys
+from edgeruntime.litert import XNNPACK_INFO, _without_xnnpack_info
+with _without_xnnpack_info():
+    os.write(2, XNNPACK_INFO + b"\nERROR: a native error the user must see\n")
+os.write(2, b"after\n")
+if len(sys.argv) > 1:
+    from edgeruntime.litert import LiteRTRuntime
+    LiteRTRuntime.load(sys.argv[1])
+    print("loaded")
+"""
+
+
+def test_litert_s_xnnpack_info_line_is_not_printed_and_other_native_lines_are(tmp_path):
+    """Issue 24, finding 8: LiteRT prints 'INFO: Created TensorFlow Lite XNNPACK delegate for CPU.' on fd 2
+    whatever TF_CPP_MIN_LOG_LEVEL says; the runtime adapter holds fd 2 while LiteRT sets up and passes
+    everything else on."""
+    r = subprocess.run([sys.executable, "-c", LOADS], capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == b"ERROR: a native error the user must see\nafter\n", r.stderr
+
+
+@pytest.mark.slow
+def test_loading_a_tflite_bundle_prints_no_litert_info(digits_bundle, tmp_path):
+    from edgebundle.archive import open_bundle
+
+    b = open_bundle(digits_bundle)
+    model = b.extract(tmp_path, [b.manifest.model_file])[b.manifest.model_file]
+    r = subprocess.run([sys.executable, "-c", LOADS, str(model)], capture_output=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == b"loaded", r
+    assert b"XNNPACK" not in r.stderr and r.stderr.endswith(b"after\n"), r.stderr
