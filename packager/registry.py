@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgebundle.errors import InputError
-from edgeruntime import Runtime, load_runtime
+from edgeruntime import LoadSpec, Runtime, load_runtime
 from edgeruntime.timing import ModelSpec, threads_for
 from packager.cache import BuildCache
 from packager.candidates import Candidate, Step
@@ -142,8 +142,8 @@ class Backend(ABC):
 
     def host_runtime(self, path: Path, profile: TargetProfile) -> Runtime:
         spec = self.host_spec(path, profile)
-        return load_runtime(path, fmt=spec.format, threads=spec.threads, delegates=spec.delegates,
-                            providers=spec.providers)
+        return load_runtime(path, LoadSpec(format=spec.format, threads=spec.threads, delegates=spec.delegates,
+                                           providers=spec.providers))
 
     def not_timed(self, profile: TargetProfile) -> str:
         """Why this host cannot time a model the device runs on an accelerator."""
