@@ -130,6 +130,11 @@ class Backend(ABC):
         """Before converting: what this backend's devices need of the source."""
         return []
 
+    def needs_flex(self, art: Artifact) -> bool:
+        """Does the converted model need ops no stock runtime has (TFLite's Flex delegate)? Such a
+        model is packaged unvalidated under --allow-flex; formats without such ops say no."""
+        return False
+
     # ---- this host and the device ----
 
     def host_spec(self, path: Path, profile: TargetProfile) -> ModelSpec:
