@@ -11,8 +11,9 @@ import math
 from pathlib import Path
 
 from packager.figures import Accuracy, DropMetric, Timing
+from packager.formats import backends
 from packager.report import accuracy_text, device_text, human_bytes, latency_text, not_timed
-from packager.results import Verdict
+from packager.results import COMPILE_REPORT, Verdict
 
 COLORS = {Verdict.CHOSEN: "#1a7f37", Verdict.PASSED: "#0969da", Verdict.ACCURACY: "#cf222e", Verdict.SLOWER: "#bc4c00",
           Verdict.NO_GAIN: "#8250df", Verdict.ERROR: "#6e7781", Verdict.SKIPPED: "#6e7781", Verdict.NOT_TRIED: "#6e7781"}
@@ -216,19 +217,31 @@ def _sensitivity(t: dict) -> str:
             "from the float model's intermediate tensors against the candidate's.</p>" + "".join(parts) + "</svg>")
 
 
-def _edgetpu(t: dict) -> str:
-    tpu = t.get("edgetpu")
-    mapping = [f for f in t.get("lint", []) if f["code"].startswith("edgetpu")]
-    if not tpu and not mapping:
+def _sections(t: dict) -> str:
+    """The sections of the backends that report on their own (findings, the device's compile step)."""
+    return "".join(_section(t, title, prefix) for title, prefix in _own_sections())
+
+
+def _own_sections() -> list[tuple[str, str]]:
+    """(heading, lint code prefix) of each backend with a section of its own on the page."""
+    return [(b.report_section, b.lint_prefix) for b in backends() if b.report_section]
+
+
+def _section(t: dict, title: str, prefix: str) -> str:
+    compiled = t.get(COMPILE_REPORT)
+    mapping = [f for f in t.get("lint", []) if f["code"].startswith(prefix)]
+    if not compiled and not mapping:
         return ""
-    out = "<h3>Edge TPU</h3><ul>" + "".join(f"<li><b>{_e(f['level'])}</b> {_e(f['message'])}</li>" for f in mapping)
+    out = f"<h3>{_e(title)}</h3><ul>" + "".join(f"<li><b>{_e(f['level'])}</b> {_e(f['message'])}</li>"
+                                                 for f in mapping)
     out += "</ul>"
-    if tpu and tpu.get("op_table"):
+    if compiled and compiled.get("op_table"):
         out += "<table><tr><th>op</th><th>count</th><th>status</th></tr>" + "".join(
-            f"<tr><td>{_e(r['op'])}</td><td>{r['count']}</td><td>{_e(r['status'])}</td></tr>" for r in tpu["op_table"])
+            f"<tr><td>{_e(r['op'])}</td><td>{r['count']}</td><td>{_e(r['status'])}</td></tr>"
+            for r in compiled["op_table"])
         out += "</table>"
-    elif tpu and not tpu.get("compiled") and tpu.get("instructions") not in t.get("warnings", []):
-        out += f'<p class="warn">{_e(tpu.get("instructions"))}</p>'
+    elif compiled and not compiled.get("compiled") and compiled.get("instructions") not in t.get("warnings", []):
+        out += f'<p class="warn">{_e(compiled.get("instructions"))}</p>'
     return out
 
 
@@ -250,13 +263,14 @@ def _target_section(t: dict) -> str:
     table = ("<table><tr><th>candidate</th><th>verdict</th><th>size</th><th>host latency vs fp32 (IQR)</th>"
              + ("<th>device latency vs fp32 (p50)</th>" if dev else "")
              + f"<th>accuracy</th><th>why</th></tr>{rows}</table>") if rows else ""
+    own = tuple(prefix for _, prefix in _own_sections())  # findings shown in their backend's section
     notes = [f"{f['level']}: [{f['code']}] {f['message']}" for f in t.get("lint", [])
-             if f["level"] != "info" and not f["code"].startswith("edgetpu")]
+             if f["level"] != "info" and not (own and f["code"].startswith(own))]
     notes += [f"WARNING: {w}" for w in t.get("warnings", [])]
     if not_timed(t):
         notes.append(f"latency: {not_timed(t)}")
     note_html = "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>" if notes else ""
-    return head + table + _candidates_chart(t) + note_html + _sensitivity(t) + _edgetpu(t)
+    return head + table + _candidates_chart(t) + note_html + _sensitivity(t) + _sections(t)
 
 
 def render(report: dict) -> str:

@@ -75,7 +75,8 @@ class Backend(ABC):
     ladder_steps: tuple[Step, ...] = ()  # `--quantize auto`, in order of expected speed
     mixed_ok = True  # may a candidate keep nodes in float?
     delegate: str | None = None  # the accelerator delegate whose profiles this backend serves
-    accelerators: tuple[str, ...] = ()  # delegates/providers the host cannot time
+    report_section: str | None = None  # the report page's section of this backend's own (its heading)
+    lint_prefix: str = ""  # the lint codes that section shows
 
     @abstractmethod
     def convert(self, ctx: ConvertContext) -> Artifact:
@@ -152,9 +153,8 @@ class Backend(ABC):
 
     def not_timed(self, profile: TargetProfile) -> str:
         """Why this host cannot time a model the device runs on an accelerator."""
-        accel = [x for x in profile.delegates + profile.providers if x in self.accelerators]
-        return (f"{profile.name} runs this model on {accel[0]}; the host's CPU cannot say how fast it will be "
-                "(measure on the device: edgepack-agent bench)")
+        return (f"{profile.name} runs this model on {profile.accelerators[0]}; the host's CPU cannot say how fast "
+                "it will be (measure on the device: edgepack-agent bench)")
 
     def variant(self, ctx: ConvertContext) -> str:
         """The profile settings (besides format and precision) that change the converted file."""
@@ -213,6 +213,11 @@ def register_bridge(cls: type[Bridge]) -> type[Bridge]:
 def bridge(kind: str, fmt: Format) -> Bridge | None:
     """The bridge that brings `kind` sources to `fmt`, or None when the backend reads them itself."""
     return _BRIDGES.get((kind, fmt))
+
+
+def backends() -> tuple[Backend, ...]:
+    """Every registered backend."""
+    return tuple(_BACKENDS.values())
 
 
 def backend(fmt: Format) -> Backend:

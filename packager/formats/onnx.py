@@ -182,7 +182,6 @@ class OnnxBackend(Backend):
     calibrated = (Precision.INT8,)
     ladder_steps = (Step(Precision.INT8), Step(Precision.INT8, mixed=True), Step(Precision.FP16),
                     Step(Precision.FP16, mixed=True), Step(Precision.FP32))
-    accelerators = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
     def plan(self, source, profile: TargetProfile, asked: Precision) -> tuple[Step, ...]:
         """Graphs whose weights sit in MatMul/Gemm (transformers) try dynamic int8 first on CPU targets,
