@@ -36,6 +36,7 @@ class BuildCache:
     comparisons: dict[tuple, Timing] = field(default_factory=dict)
     outputs: dict[tuple, list] = field(default_factory=dict)  # (file, runtime settings) -> its validation outputs
     onnx_preprocessed: Path | None = None  # ORT's pre-processing of the fp32 graph, what int8 starts from
+    onnx_unprocessed: str | None = None  # why that is the plain graph: ORT's pre-processing failed
     onnx_calibration: dict[CalibrationMethod, Path] = field(default_factory=dict)  # ORT calibration caches
     float_tensors: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict)  # fp32 intermediates
     artifacts: dict[ArtifactKey, object] = field(default_factory=dict)  # registry.Artifact, or the error it raised
