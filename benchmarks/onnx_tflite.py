@@ -24,13 +24,15 @@ MODELS = ("ocr-orientation", "page-orientation", "wake-embedding", "ocr-detector
 
 def figures(r) -> dict:
     """The chosen bundle's figures, or the last candidate's when the target failed."""
-    rows = r.report.get("candidates") or [{}]
-    c = next((c for c in rows if c.get("verdict") == "chosen"), rows[-1])
-    lat = (c.get("latency") or {}).get("ratio") or {}
-    return {"target": r.target, "ok": r.ok, "candidate": c.get("candidate"), "verdict": c.get("verdict"),
-            "cosine": c.get("cosine_similarity"), "top1": c.get("top1_agreement"),
-            "size_kb": round(c["size_bytes"] / 1024, 1) if c.get("size_bytes") else None,
-            "latency_vs_fp32": lat.get("median"), "error": None if r.ok else r.error.splitlines()[0][:140]}
+    from packager.results import Verdict
+
+    t = next((t for t in r.tried if t.verdict is Verdict.CHOSEN), r.tried[-1] if r.tried else None)
+    acc, lat = (t.accuracy, t.latency) if t is not None else (None, None)
+    return {"target": r.target, "ok": r.ok, "candidate": t.label if t else None,
+            "verdict": t.verdict.value if t else None, "cosine": acc.cosine_similarity if acc else None,
+            "top1": acc.top1_agreement if acc else None,
+            "size_kb": round(t.size_bytes / 1024, 1) if t is not None and t.size_bytes else None,
+            "latency_vs_fp32": lat.median if lat else None, "error": None if r.ok else r.error.splitlines()[0][:140]}
 
 
 def main() -> None:

@@ -34,6 +34,21 @@ def dequantize(q: np.ndarray, info: TensorInfo) -> np.ndarray:
     return (q.astype(np.float32) - info.zero_point) * np.float32(info.scale)
 
 
+@dataclass(frozen=True)
+class LoadSpec:
+    """How to load a model file: its format and the runtime settings the device runs it with."""
+
+    format: str  # tflite | onnx
+    threads: int = 0  # 0: the runtime's default
+    delegates: tuple[str, ...] = ()  # LiteRT's
+    providers: tuple[str, ...] = ()  # ONNX Runtime's, in order of preference
+    cache_dir: str | None = None  # where TensorRT keeps its engines
+    trt_fp16: bool = False
+    trt_cache: bool = False
+    trt_profile: dict | None = None  # a manifest's TensorRT optimisation profile
+    allow_cpu_fallback: bool = False  # run on the CPU when a delegate cannot be loaded
+
+
 @dataclass
 class Runtime(ABC):
     """One loaded model. `run` takes and returns the model's native dtypes;
@@ -46,6 +61,11 @@ class Runtime(ABC):
     @abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on native-dtype tensors keyed by input name."""
+
+    @classmethod
+    def plain_delegates(cls, delegates: tuple[str, ...]) -> tuple[str, ...]:
+        """The delegates a model file not compiled for the device's accelerator runs with."""
+        return tuple(delegates)
 
     @classmethod
     def slow_load(cls, *, providers: tuple[str, ...] = (), cache_dir: str | None = None,

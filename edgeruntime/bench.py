@@ -99,7 +99,8 @@ def _open_model(path, tmp: str, *, like=None, threads: int | None):
     with the settings of `like`, the other bundle's manifest). Returns (runtime, manifest)."""
     from pathlib import Path
 
-    from edgeruntime.registry import load_from_manifest, load_runtime
+    from edgeruntime.base import LoadSpec
+    from edgeruntime.registry import load_from_manifest, load_runtime, runtime_for_format
     from edgeruntime.timing import threads_for
     from edgebundle.archive import open_bundle
     from edgebundle.errors import InputError
@@ -108,10 +109,10 @@ def _open_model(path, tmp: str, *, like=None, threads: int | None):
     if path.suffix in (".tflite", ".onnx"):
         if like is None:
             raise InputError(f"{path.name}: compare a bundle against a model file, not two model files")
-        rt = like.runtime
-        return load_runtime(path, fmt=path.suffix[1:], threads=threads or threads_for(rt.threads),
-                            delegates=tuple(d for d in rt.delegates if d != "edgetpu"),
-                            providers=rt.providers, allow_cpu_fallback=True), None
+        rt, fmt = like.runtime, path.suffix[1:]
+        return load_runtime(path, LoadSpec(format=fmt, threads=threads or threads_for(rt.threads),
+                                           delegates=runtime_for_format(fmt).plain_delegates(tuple(rt.delegates)),
+                                           providers=tuple(rt.providers), allow_cpu_fallback=True)), None
     bundle = open_bundle(path)
     m = bundle.manifest
     files = bundle.extract(Path(tmp) / path.name, [m.model_file] + (["golden.npz"] if m.golden else []))

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeruntime.base import Runtime, TensorInfo
+from edgeruntime.base import LoadSpec, Runtime, TensorInfo
 from edgebundle.errors import RuntimeUnavailableError
 
+EDGETPU = "edgetpu"  # the Coral Edge TPU's delegate, as profiles and manifests name it
 EDGETPU_LIB = "libedgetpu.so.1"
 EDGETPU_OP = "edgetpu-custom-op"
 # LiteRT's one native log line at INFO (printed once per process, whatever TF_CPP_MIN_LOG_LEVEL says)
@@ -81,14 +82,15 @@ class LiteRTRuntime(Runtime):
     _out_idx: tuple = ()
 
     @classmethod
-    def load(cls, path: str, *, threads: int = 0, delegates: tuple[str, ...] = (),
-             allow_cpu_fallback: bool = False, interpreter_module=None, **_ignored) -> "LiteRTRuntime":
+    def load(cls, path: str, spec: LoadSpec | None = None, *, interpreter_module=None) -> "LiteRTRuntime":
         # interpreter_module: the packager passes TensorFlow's (with the Flex delegate) for Flex models.
+        spec = spec or LoadSpec(format="tflite")
+        threads, delegates, allow_cpu_fallback = spec.threads, spec.delegates, spec.allow_cpu_fallback
         mod, dist = (interpreter_module, "tensorflow") if interpreter_module else _interpreter_module()
         model = open(path, "rb").read()
         compiled = EDGETPU_OP.encode() in model
         loaded_delegates, notes = [], []
-        if "edgetpu" in delegates:
+        if EDGETPU in delegates:
             try:
                 # dlopen first: LiteRT's Delegate object raises from __del__ when the library is
                 # missing, which prints "Exception ignored" noise on every fallback.
@@ -127,11 +129,16 @@ class LiteRTRuntime(Runtime):
             outputs = tuple(_info(d, d["name"]) for d in outs)
             in_idx = tuple(d["index"] for d in ins)
             out_idx = tuple(d["index"] for d in outs)
-        delegate = "edgetpu" if loaded_delegates else ("xnnpack" if "xnnpack" in delegates else "cpu")
+        delegate = EDGETPU if loaded_delegates else ("xnnpack" if "xnnpack" in delegates else "cpu")
         details = {"runtime": "litert", "package": dist, "version": getattr(mod, "__version__", None) or _dist_version(dist),
                    "delegate": delegate, "edgetpu_compiled": compiled, "threads": threads or None, "notes": notes}
         return cls(inputs=inputs, outputs=outputs, details=details, _interp=interp,
                    _in_idx=in_idx, _out_idx=out_idx)
+
+    @classmethod
+    def plain_delegates(cls, delegates: tuple[str, ...]) -> tuple[str, ...]:
+        """The Edge TPU runs only models its compiler wrote: a plain .tflite goes without it."""
+        return tuple(d for d in delegates if d != EDGETPU)
 
     def __post_init__(self) -> None:
         self._in_pairs = tuple((i.name, idx) for i, idx in zip(self.inputs, self._in_idx))

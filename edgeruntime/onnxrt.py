@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeruntime.base import Runtime, TensorInfo
+from edgeruntime.base import LoadSpec, Runtime, TensorInfo
 from edgebundle.errors import RuntimeUnavailableError
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -54,9 +54,9 @@ class OnnxRuntime(Runtime):
     _out_names: tuple = ()
 
     @classmethod
-    def load(cls, path: str, *, threads: int = 0, providers: tuple[str, ...] = (),
-             cache_dir: str | None = None, trt_fp16: bool = False, trt_cache: bool = False,
-             trt_profile: dict | None = None, **_ignored) -> "OnnxRuntime":
+    def load(cls, path: str, spec: LoadSpec | None = None) -> "OnnxRuntime":
+        spec = spec or LoadSpec(format="onnx")
+        threads, providers = spec.threads, spec.providers
         try:
             import onnxruntime as ort
         except ImportError:
@@ -73,8 +73,8 @@ class OnnxRuntime(Runtime):
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
-        opts = [provider_options(p, cache_dir=cache_dir, trt_fp16=trt_fp16, trt_cache=trt_cache,
-                                 trt_profile=trt_profile) for p in chosen]
+        opts = [provider_options(p, cache_dir=spec.cache_dir, trt_fp16=spec.trt_fp16, trt_cache=spec.trt_cache,
+                                 trt_profile=spec.trt_profile) for p in chosen]
         try:
             sess = ort.InferenceSession(str(path), sess_options=so, providers=chosen, provider_options=opts)
         except Exception as e:  # onnxruntime raises its own untyped exceptions (Fail, InvalidGraph, ...)

@@ -1,7 +1,7 @@
 """Model format -> runtime adapter. Adding a runtime means adding one module and one line."""
 from __future__ import annotations
 
-from edgeruntime.base import Runtime
+from edgeruntime.base import LoadSpec, Runtime
 from edgebundle.errors import BundleError
 
 _RUNTIMES = {
@@ -20,24 +20,20 @@ def runtime_for_format(fmt: str) -> type[Runtime]:
     return getattr(importlib.import_module(module), cls)
 
 
-def load_runtime(path: str, *, fmt: str, threads: int = 0, delegates: tuple[str, ...] = (),
-                 providers: tuple[str, ...] = (), cache_dir: str | None = None, trt_fp16: bool = False,
-                 trt_cache: bool = False, allow_cpu_fallback: bool = False, trt_profile: dict | None = None) -> Runtime:
+def load_runtime(path: str, spec: LoadSpec) -> Runtime:
     """Load a model file with the adapter for its format (imports only that runtime)."""
-    return runtime_for_format(fmt).load(
-        str(path), threads=threads, delegates=tuple(delegates), providers=tuple(providers), cache_dir=cache_dir,
-        trt_fp16=trt_fp16, trt_cache=trt_cache, trt_profile=trt_profile, allow_cpu_fallback=allow_cpu_fallback)
+    return runtime_for_format(spec.format).load(str(path), spec)
 
 
 def load_from_manifest(path: str, manifest, *, cache_dir: str | None = None, threads: int | None = None,
                        allow_cpu_fallback: bool | None = None) -> Runtime:
     """Load a bundle's model with the runtime settings its manifest records."""
     rt = manifest.runtime
-    return load_runtime(
-        path, fmt=manifest.format, threads=rt.threads if threads is None else threads, delegates=rt.delegates,
-        providers=rt.providers, cache_dir=cache_dir, trt_fp16=rt.tensorrt_fp16, trt_cache=rt.tensorrt_engine_cache,
-        trt_profile=rt.tensorrt_profile,
-        allow_cpu_fallback=rt.cpu_fallback if allow_cpu_fallback is None else allow_cpu_fallback)
+    return load_runtime(path, LoadSpec(
+        format=manifest.format, threads=rt.threads if threads is None else threads, delegates=tuple(rt.delegates),
+        providers=tuple(rt.providers), cache_dir=cache_dir, trt_fp16=rt.tensorrt_fp16,
+        trt_cache=rt.tensorrt_engine_cache, trt_profile=rt.tensorrt_profile,
+        allow_cpu_fallback=rt.cpu_fallback if allow_cpu_fallback is None else allow_cpu_fallback))
 
 
 def slow_load(manifest, *, cache_dir: str | None = None) -> str | None:

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from enum import Enum
 from typing import Callable
 
 import numpy as np
@@ -104,6 +105,15 @@ def threads_for(profile_threads: int) -> int:
     return min(profile_threads, cores) if profile_threads > 0 else cores
 
 
+class Speed(str, Enum):
+    """A timing's verdict on B (the candidate) against A (fp32)."""
+
+    SLOWER = "slower"
+    FASTER = "faster"
+    WITHIN_NOISE = "within noise"
+    UNRESOLVED = "unresolved"  # the rounds disagree, or a crowded host: a tie
+
+
 @dataclass(frozen=True)
 class Ratio:
     median: float
@@ -118,7 +128,7 @@ class Ratio:
         return self.q3 - self.q1 <= UNRESOLVED_SPREAD * self.median
 
     @property
-    def verdict(self) -> str:
+    def verdict(self) -> Speed:
         """'slower' / 'faster' only when the whole inter-quartile range says so, beyond the floor.
         'slower' stands even when the rounds are spread (three rounds in four slower is evidence,
         and rejecting a candidate only falls back to fp32); a claim of 'faster' needs resolved
@@ -126,12 +136,12 @@ class Ratio:
         if self.q1 > 1 + NOISE_FLOOR:
             # slower only once the quartile's interval says so: a loaded host's odd rounds must not flip
             # a build's choice from one run to the next (then it is a tie, and the smaller candidate ships)
-            return "slower" if self.q1_low is None or self.q1_low > 1 + NOISE_FLOOR else "unresolved"
+            return Speed.SLOWER if self.q1_low is None or self.q1_low > 1 + NOISE_FLOOR else Speed.UNRESOLVED
         if not self.resolved:
-            return "unresolved"
+            return Speed.UNRESOLVED
         if self.q3 < 1 - NOISE_FLOOR:
-            return "faster"
-        return "within noise"
+            return Speed.FASTER
+        return Speed.WITHIN_NOISE
 
 
 @dataclass(frozen=True)
@@ -150,7 +160,7 @@ class Comparison:
         d = asdict(self)
         low = self.ratio.q1_low
         d["ratio"] = {"median": round(self.ratio.median, 4), "q1": round(self.ratio.q1, 4),
-                      "q3": round(self.ratio.q3, 4), "verdict": self.ratio.verdict,
+                      "q3": round(self.ratio.q3, 4), "verdict": self.ratio.verdict.value,
                       "resolved": self.ratio.resolved,
                       "q1_low": round(low, 4) if low is not None and math.isfinite(low) else None}
         d["a_ms"], d["b_ms"], d["seconds"] = round(self.a_ms, 5), round(self.b_ms, 5), round(self.seconds, 2)
@@ -210,8 +220,8 @@ def compare(a: Callable[[], object], b: Callable[[], object], *, budget_s: float
             # (lower quartile still near 1) reads 'within noise', so such rounds go on to the budget,
             # as do spread rounds where a claim of faster may still resolve.
             now = Ratio(float(med), float(q1), float(q3), lo).verdict
-            decided = (med - notch > 1 + 2 * NOISE_FLOOR and now == "slower") or (
-                med + notch < 1 - 2 * NOISE_FLOOR and now == "faster")
+            decided = (med - notch > 1 + 2 * NOISE_FLOOR and now is Speed.SLOWER) or (
+                med + notch < 1 - 2 * NOISE_FLOOR and now is Speed.FASTER)
             if not (stable or decided):
                 # 'slower' is the lower quartile above the floor: once its interval is wholly above, more
                 # rounds will not undo it; wholly below, they will not make it slower.
@@ -268,12 +278,13 @@ class Worker:
 
     def _runtime(self, spec: ModelSpec, feeds: dict):
         if spec not in self._loaded:
+            from edgeruntime.base import LoadSpec
             from edgeruntime.registry import load_runtime
 
             _import_runtime(spec.format)  # the library is the agent's once, not each model's
             before = rss_bytes()
-            rt = load_runtime(spec.path, fmt=spec.format, threads=spec.threads, delegates=spec.delegates,
-                              providers=spec.providers, allow_cpu_fallback=True)
+            rt = load_runtime(spec.path, LoadSpec(format=spec.format, threads=spec.threads, delegates=spec.delegates,
+                                                  providers=spec.providers, allow_cpu_fallback=True))
             rt.run(rt.prepare(feeds))  # arenas are allocated on the first run (the build's own sample)
             after = rss_bytes()
             self.rss[spec] = max(after - before, 0) if before and after else None
@@ -307,7 +318,7 @@ class Worker:
         d = res.to_dict()
         crowded = during is not None and threads + during > cores + BUSY_SLACK
         if crowded:
-            d["ratio"]["verdict"] = crowded_verdict(res.ratio)
+            d["ratio"]["verdict"] = crowded_verdict(res.ratio).value
         d["host_load"] = {"others_cores_before": _round(before), "others_cores": _round(during),
                           "threads": threads, "crowded": crowded}
         return dict(d, threads=[a.threads, b.threads], host_cores=cores,
@@ -315,12 +326,12 @@ class Worker:
                     rss_bytes=[self.rss.get(a), self.rss.get(b)])
 
 
-def crowded_verdict(ratio: Ratio) -> str:
+def crowded_verdict(ratio: Ratio) -> Speed:
     """The verdict of rounds timed on a crowded host: 'slower' beyond what the crowd can fake, else a
     tie ('unresolved': the build keeps the smaller candidate)."""
-    if ratio.verdict == "slower" and ratio.q1_low is not None and ratio.q1_low > BUSY_FACTOR:
-        return "slower"
-    return "unresolved"
+    if ratio.verdict is Speed.SLOWER and ratio.q1_low is not None and ratio.q1_low > BUSY_FACTOR:
+        return Speed.SLOWER
+    return Speed.UNRESOLVED
 
 
 def _round(v: float | None) -> float | None:

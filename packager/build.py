@@ -22,7 +22,7 @@ from packager.options import BuildInputs, BuildOptions, Progress
 from packager import sequence
 from packager.package import package
 from packager.profiles import load_profile
-from packager.results import BuildResult, TargetResult, sensitivity_of
+from packager.results import BuildResult, Failed, TargetResult, Trial
 from packager.sources import ReferenceFailed, Source, attach_tokenizer, detect_kind, load_source, resolve_shapes
 from packager.steps import CandidateSearch
 from packager.store import ENV as CACHE_ENV, Store, digest_path, digest_samples
@@ -90,23 +90,25 @@ def _plan(searches: list[CandidateSearch], progress: Progress) -> dict[Candidate
 
 
 def _refusal(search: CandidateSearch, e: EdgepackError) -> TargetResult:
-    return TargetResult(target=search.profile.name, ok=False, error=str(e), error_kind=type(e).__name__, exc=e,
-                        report={"format": search.profile.format.value, "candidates": [], "sensitivity": []})
+    return _failed(search, e, ())
 
 
 def _target(search: CandidateSearch, inputs: BuildInputs) -> TargetResult:
     """One target: its chosen candidate packaged, or what failed, with the candidates it tried."""
-    profile = search.profile
     try:
-        chosen = search.run()
-        return package(chosen, inputs, sequence.plan(search, chosen, inputs))
+        outcome = search.run()
+        if not isinstance(outcome, Failed):
+            return package(outcome, inputs, sequence.plan(search, outcome, inputs))
+        error, trials = outcome.error, outcome.trials
     except EdgepackError as e:
-        inputs.progress(f"[{profile.name}] FAILED: {str(e).splitlines()[0]}")
-        trials = getattr(e, "trials", [])
-        report = {"format": profile.format.value, "candidates": [t.to_dict() for t in trials],
-                  "sensitivity": sensitivity_of(trials)}
-        return TargetResult(target=profile.name, ok=False, error=str(e), error_kind=type(e).__name__, exc=e,
-                            report=report)
+        error, trials = e, ()
+    inputs.progress(f"[{search.profile.name}] FAILED: {str(error).splitlines()[0]}")
+    return _failed(search, error, trials)
+
+
+def _failed(search: CandidateSearch, e: EdgepackError, trials: tuple[Trial, ...]) -> TargetResult:
+    return TargetResult(target=search.profile.name, ok=False, format=search.profile.format, trials=trials,
+                        error=str(e), error_kind=type(e).__name__, exc=e)
 
 
 def _check(opts: BuildOptions) -> None:

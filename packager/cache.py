@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeruntime.timing import ModelSpec
+from packager.figures import Timing
 from packager.store import Store
 from packager.timing import HostTimer
 from targets import CalibrationMethod, Format
@@ -30,11 +31,12 @@ class BuildCache:
     workdir: Path
     timer: HostTimer
     fp32: dict[Format, Path] = field(default_factory=dict)
-    fp32_latency: dict[ModelSpec, dict] = field(default_factory=dict)  # fp32 as timed: its own latency
+    fp32_latency: dict[ModelSpec, Timing] = field(default_factory=dict)  # fp32 as timed: its own latency
     # (fp32 spec, candidate spec, question) -> the comparison: arm-cpu and rpi5 time a shared file once
-    comparisons: dict[tuple, dict] = field(default_factory=dict)
+    comparisons: dict[tuple, Timing] = field(default_factory=dict)
     outputs: dict[tuple, list] = field(default_factory=dict)  # (file, runtime settings) -> its validation outputs
     onnx_preprocessed: Path | None = None  # ORT's pre-processing of the fp32 graph, what int8 starts from
+    onnx_unprocessed: str | None = None  # why that is the plain graph: ORT's pre-processing failed
     onnx_calibration: dict[CalibrationMethod, Path] = field(default_factory=dict)  # ORT calibration caches
     float_tensors: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict)  # fp32 intermediates
     artifacts: dict[ArtifactKey, object] = field(default_factory=dict)  # registry.Artifact, or the error it raised

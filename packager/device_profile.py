@@ -12,12 +12,14 @@ sequential timings noisy). The host's interleaved figures are still measured
 and reported beside the device's."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgebundle.archive import write_bundle
 from edgebundle.errors import InputError
 from edgeruntime.timing import NOISE_FLOOR
 from packager import contents
+from packager.figures import DeviceRatio, DeviceTiming, Speed
 from packager.options import BuildInputs, DeviceTarget, Profiler
 from packager.registry import Backend
 from packager.results import Trial
@@ -25,7 +27,7 @@ from targets import TargetProfile
 
 
 def device_latency(trial: Trial, *, inputs: BuildInputs, profile: TargetProfile, backend: Backend, fp32: Path,
-                   work: Path) -> dict:
+                   work: Path) -> DeviceTiming:
     """The candidate against fp32, each profiled on the device (fp32 once per target)."""
     target: DeviceTarget = inputs.opts.profile_on
     cache = inputs.cache.device_profiles
@@ -38,19 +40,32 @@ def device_latency(trial: Trial, *, inputs: BuildInputs, profile: TargetProfile,
     probe.say(f"{label}: profiling on device {target.device}")
     cand = probe.measure(probe.bundle(trial.artifact.path, trial.candidate.precision.value,
                                       work / f"device-{label}.edgepack", outputs=trial.outputs, specs=trial.specs))
-    fa, fb = fp32_figures["latency_ms"], cand["latency_ms"]
-    a, b = fa["p50"], fb["p50"]
-    ratio = b / a if a > 0 else float("inf")
-    if fb["p25"] > (1 + NOISE_FLOOR) * fa["p75"]:
-        verdict = "slower"
-    elif fb["p75"] < (1 - NOISE_FLOOR) * fa["p25"]:
-        verdict = "faster"
+    fa, fb = _Percentiles.of(fp32_figures), _Percentiles.of(cand)
+    ratio = fb.p50 / fa.p50 if fa.p50 > 0 else float("inf")
+    if fb.p25 > (1 + NOISE_FLOOR) * fa.p75:
+        verdict = Speed.SLOWER
+    elif fb.p75 < (1 - NOISE_FLOOR) * fa.p25:
+        verdict = Speed.FASTER
     else:
-        verdict = "within noise"
-    return {"device": target.device, "a_ms": a, "b_ms": b,
-            "ratio": {"median": round(ratio, 4), "q1_vs_q3": round(fb["p25"] / fa["p75"], 4) if fa["p75"] else None,
-                      "verdict": verdict, "of": "p50"},
-            "fp32": _brief(fp32_figures), "candidate": _brief(cand)}
+        verdict = Speed.WITHIN_NOISE
+    return DeviceTiming(device=target.device, a_ms=fa.p50, b_ms=fb.p50,
+                        ratio=DeviceRatio(median=round(ratio, 4), verdict=verdict,
+                                          q1_vs_q3=round(fb.p25 / fa.p75, 4) if fa.p75 else None),
+                        fp32=_brief(fp32_figures), candidate=_brief(cand))
+
+
+@dataclass(frozen=True)
+class _Percentiles:
+    """A profile job's latency percentiles (its figures' latency_ms), in milliseconds."""
+
+    p25: float
+    p50: float
+    p75: float
+
+    @classmethod
+    def of(cls, figures: dict) -> "_Percentiles":
+        ms = figures.get("latency_ms") or {}
+        return cls(p25=ms.get("p25"), p50=ms.get("p50"), p75=ms.get("p75"))
 
 
 def _brief(f: dict) -> dict:

@@ -21,9 +21,12 @@ a search over these embeddings would return wrong.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Mapping
 
 import numpy as np
+
+from packager.figures import Accuracy, DropMetric, OutputAccuracy
 
 Feeds = dict[str, np.ndarray]
 
@@ -90,76 +93,81 @@ def _cosines(r: np.ndarray, g: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, np.sum(r * g, axis=1) / np.maximum(nr * ng, 1e-30))
 
 
-def compare(ref: list[Feeds], got: list[Feeds], outputs: list[str], labels: np.ndarray | None = None) -> dict:
-    """Compare bundle outputs with the reference on the same inputs (see module doc)."""
+def accuracy(ref: list[Feeds], got: list[Feeds], outputs: list[str], labels: np.ndarray | None = None) -> Accuracy:
+    """Bundle outputs against the reference on the same inputs (see module doc)."""
     per_output = {}
     for name in outputs:
         r, g = _stack(ref, name), _stack(got, name)
         finite = np.isfinite(g)
-        diff = np.where(finite, g, 0.0) - r
-        m = {"kind": output_kind(ref, name, labelled=labels is not None and name == outputs[0]), "nan_or_inf": int(np.sum(~finite)),
-             "max_abs_error": float(np.max(np.abs(diff))), "mean_abs_error": float(np.mean(np.abs(diff)))}
-        if m["kind"] == "class_scores":
-            m["top1_agreement"] = float(np.mean(r.argmax(1) == g.argmax(1)))
-        elif m["kind"] == "integers":
-            m["agreement"] = float(np.mean(np.all(r == g, axis=1)))
-        elif m["kind"] == "embeddings":
-            m["neighbour_agreement"] = neighbour_agreement(r, np.where(finite, g, 0.0))
-        m["cosine_similarity"] = float(np.mean(_cosines(r, np.where(finite, g, 0.0))))
+        clean = np.where(finite, g, 0.0)
+        diff = clean - r
+        kind = output_kind(ref, name, labelled=labels is not None and name == outputs[0])
+        top1 = agreement = kept = None
+        if kind == "class_scores":
+            top1 = float(np.mean(r.argmax(1) == g.argmax(1)))
+        elif kind == "integers":
+            agreement = float(np.mean(np.all(r == g, axis=1)))
+        elif kind == "embeddings":
+            kept = neighbour_agreement(r, clean)
         norm = float(np.linalg.norm(r))
-        m["relative_error"] = float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff) > 0)
-        per_output[name] = m
+        per_output[name] = OutputAccuracy(
+            kind=kind, nan_or_inf=int(np.sum(~finite)), max_abs_error=float(np.max(np.abs(diff))),
+            mean_abs_error=float(np.mean(np.abs(diff))), top1_agreement=top1, agreement=agreement,
+            neighbour_agreement=kept, cosine_similarity=float(np.mean(_cosines(r, clean))),
+            relative_error=float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff) > 0))
     primary = outputs[0]
     p = per_output[primary]
-    res = {"samples": len(ref), "primary_output": primary, "outputs": per_output,
-           "top1_agreement": p.get("top1_agreement"), "cosine_similarity": p["cosine_similarity"],
-           "accuracy_reference": None, "accuracy_bundle": None, "accuracy_drop_points": None, "drop_metric": None}
-    if p["kind"] == "class_scores":
+    res = Accuracy(samples=len(ref), primary_output=primary, outputs=per_output, top1_agreement=p.top1_agreement,
+                   cosine_similarity=p.cosine_similarity)
+    if p.kind == "class_scores":
         if labels is not None:
             y = np.asarray(labels)
             y = (y.argmax(-1) if y.ndim == 2 and y.shape[1] > 1 else y.reshape(-1))[: len(ref)].astype(np.int64)
             ra, ga = _stack(ref, primary).argmax(1), _stack(got, primary).argmax(1)
-            res["accuracy_reference"] = float(np.mean(ra == y))
-            res["accuracy_bundle"] = float(np.mean(ga == y))
-            res["accuracy_drop_points"] = round(100 * (res["accuracy_reference"] - res["accuracy_bundle"]), 4)
-            res["drop_metric"] = "accuracy"
-        else:
-            res["accuracy_drop_points"] = round(100 * (1 - p["top1_agreement"]), 4)
-            res["drop_metric"] = "top1_agreement"
+            on_ref, on_bundle = float(np.mean(ra == y)), float(np.mean(ga == y))
+            return replace(res, accuracy_reference=on_ref, accuracy_bundle=on_bundle,
+                           accuracy_drop_points=round(100 * (on_ref - on_bundle), 4), drop_metric=DropMetric.ACCURACY)
+        return replace(res, accuracy_drop_points=round(100 * (1 - p.top1_agreement), 4), drop_metric=DropMetric.TOP1)
     return res
 
 
-def judge(metrics: dict, gate: Gate) -> list[str]:
-    """Why the bundle fails the gate (empty: it passes). NaN/Inf always fails."""
+def compare(ref: list[Feeds], got: list[Feeds], outputs: list[str], labels: np.ndarray | None = None) -> dict:
+    """`accuracy` as the report's JSON holds it."""
+    return accuracy(ref, got, outputs, labels).to_dict()
+
+
+def judge(metrics: Accuracy | Mapping, gate: Gate) -> list[str]:
+    """Why the bundle fails the gate (empty: it passes). NaN/Inf always fails. `metrics` may be a
+    report's JSON (its accuracy section)."""
+    acc = Accuracy.from_dict(metrics) if isinstance(metrics, Mapping) else metrics
     why = []
-    for name, m in metrics["outputs"].items():
-        if m["nan_or_inf"]:
-            why.append(f"{name}: {m['nan_or_inf']} NaN/Inf values")
+    for name, m in acc.outputs.items():
+        if m.nan_or_inf:
+            why.append(f"{name}: {m.nan_or_inf} NaN/Inf values")
     if not gate.enabled:
         return why
-    primary = metrics["primary_output"]
-    for name, m in metrics["outputs"].items():
-        if name == primary and metrics["accuracy_drop_points"] is not None:
-            drop = metrics["accuracy_drop_points"]
+    for name, m in acc.outputs.items():
+        if name == acc.primary_output and acc.accuracy_drop_points is not None:
+            drop = acc.accuracy_drop_points
             if drop > gate.max_drop:
-                what = "accuracy" if metrics["drop_metric"] == "accuracy" else "top-1 agreement"
+                what = (acc.drop_metric or DropMetric.TOP1).text
                 why.append(f"{name}: {what} dropped {drop:.2f} points (max {gate.max_drop:g})")
-        elif m["kind"] == "class_scores":
-            if 100 * (1 - m["top1_agreement"]) > gate.max_drop:
-                why.append(f"{name}: top-1 agreement {100 * m['top1_agreement']:.1f} % "
+        elif m.kind == "class_scores":
+            if 100 * (1 - m.top1_agreement) > gate.max_drop:
+                why.append(f"{name}: top-1 agreement {100 * m.top1_agreement:.1f} % "
                            f"(min {100 - gate.max_drop:g} %)")
-        elif m["kind"] == "integers":
-            if 100 * (1 - m["agreement"]) > gate.max_drop:
-                why.append(f"{name}: {100 * m['agreement']:.1f} % of samples match exactly "
+        elif m.kind == "integers":
+            if 100 * (1 - m.agreement) > gate.max_drop:
+                why.append(f"{name}: {100 * m.agreement:.1f} % of samples match exactly "
                            f"(min {100 - gate.max_drop:g} %)")
         else:
-            if m["cosine_similarity"] < gate.min_similarity:
-                why.append(f"{name}: cosine similarity {m['cosine_similarity']:.4f} (min {gate.min_similarity:g})")
-            if m["relative_error"] > gate.max_relative_error:
-                why.append(f"{name}: relative error {m['relative_error']:.3f} (max {gate.max_relative_error:.3f})")
-            kept = m.get("neighbour_agreement")
+            if m.cosine_similarity < gate.min_similarity:
+                why.append(f"{name}: cosine similarity {m.cosine_similarity:.4f} (min {gate.min_similarity:g})")
+            if m.relative_error > gate.max_relative_error:
+                why.append(f"{name}: relative error {m.relative_error:.3f} (max {gate.max_relative_error:.3f})")
+            kept = m.neighbour_agreement
             if kept is not None and kept < gate.min_neighbours:
-                why.append(f"{name}: nearest neighbour kept for {100 * kept:.1f} % of {metrics['samples']} samples "
+                why.append(f"{name}: nearest neighbour kept for {100 * kept:.1f} % of {acc.samples} samples "
                            f"(min {100 * gate.min_neighbours:g} %)")
     return why
 

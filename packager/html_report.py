@@ -10,10 +10,13 @@ import html
 import math
 from pathlib import Path
 
-from packager.report import accuracy_text, device_text, human_bytes, latency_text
+from packager.figures import Accuracy, DropMetric, Timing
+from packager.formats import backends
+from packager.report import accuracy_text, device_text, human_bytes, latency_text, not_timed
+from packager.results import COMPILE_REPORT, Verdict
 
-COLORS = {"chosen": "#1a7f37", "passed": "#0969da", "accuracy": "#cf222e", "slower": "#bc4c00",
-          "no gain": "#8250df", "error": "#6e7781", "skipped": "#6e7781", "not tried": "#6e7781"}
+COLORS = {Verdict.CHOSEN: "#1a7f37", Verdict.PASSED: "#0969da", Verdict.ACCURACY: "#cf222e", Verdict.SLOWER: "#bc4c00",
+          Verdict.NO_GAIN: "#8250df", Verdict.ERROR: "#6e7781", Verdict.SKIPPED: "#6e7781", Verdict.NOT_TRIED: "#6e7781"}
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#1f2328}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #d0d7de}
@@ -30,20 +33,36 @@ def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _ratio(lat: dict | None) -> float | None:
-    if not lat or "not_timed" in lat:
+def _verdict(row: dict) -> Verdict | None:
+    """A candidate row's verdict (None: one this edgepack does not know)."""
+    try:
+        return Verdict(row.get("verdict"))
+    except ValueError:
         return None
-    return 1.0 if lat.get("baseline") else lat["ratio"]["median"]
 
 
-def _loss(acc: dict | None) -> tuple[float | None, str]:
+def _ratio(lat: dict | None) -> float | None:
+    t = Timing.from_dict(lat or {"not_timed": ""})
+    if t.not_timed is not None:
+        return None
+    return 1.0 if t.baseline else t.median
+
+
+def _spread(lat: dict | None) -> tuple[float, float] | None:
+    """The inter-quartile range of a candidate's latency ratio, when it was compared."""
+    r = Timing.from_dict(lat or {}).ratio
+    return None if r is None else (r.q1, r.q3)
+
+
+def _loss(row: dict | None) -> tuple[float | None, str]:
     """(loss, unit): accuracy drop in points, or 100 x (1 - cosine) for outputs that are not classes."""
-    if not acc:
+    if not row:
         return None, ""
-    if acc.get("accuracy_drop_points") is not None:
-        what = "accuracy" if acc.get("drop_metric") == "accuracy" else "top-1 agreement"
-        return max(acc["accuracy_drop_points"], 0.0), f"{what} drop (points)"
-    cos = acc.get("cosine_similarity")
+    acc = Accuracy.from_dict(row)
+    if acc.accuracy_drop_points is not None:
+        what = (acc.drop_metric or DropMetric.TOP1).text
+        return max(acc.accuracy_drop_points, 0.0), f"{what} drop (points)"
+    cos = acc.cosine_similarity
     return (None, "") if cos is None else (max(100 * (1 - cos), 0.0), "100 x (1 - cosine similarity)")
 
 
@@ -158,8 +177,9 @@ def _candidates_chart(t: dict) -> str:
     lat = (_scatter(t, timed, lambda c: _ratio(c["latency"]), "host latency vs fp32 (IQR)", "latency", log=True)
            if timed else '<p class="muted">Not timed here (accelerator target, or no candidate passed the '
                          'accuracy gate).</p>')
-    legend = "".join(f'<span><i class="dot" style="background:{col}"></i>{_e(v)}</span>' for v, col in COLORS.items()
-                     if v in {c["verdict"] for c in rows})
+    shown = {_verdict(c) for c in rows}
+    legend = "".join(f'<span><i class="dot" style="background:{col}"></i>{_e(v.value)}</span>'
+                     for v, col in COLORS.items() if v in shown)
     return f'<div>{size} {lat}</div><div class="legend">{legend}</div>'
 
 
@@ -169,9 +189,9 @@ def _scatter(t: dict, rows: list[dict], x_of, xlabel: str, chart: str, *, log: b
     plot.point(1.0, 0.0, r=6, color="#ffffff", label="fp32", title="fp32: the reference point, no loss",
                data={"target": t["target"], "candidate": "fp32-reference", "x": 1.0, "y": 0.0})
     for c in rows:
-        x, loss, lat = x_of(c), _loss(c)[0], c.get("latency") or {}
-        span = (lat["ratio"]["q1"], lat["ratio"]["q3"]) if chart == "latency" and lat.get("ratio") else None
-        plot.point(x, loss, r=6, color=COLORS.get(c["verdict"], "#6e7781"), label=c["candidate"], span=span,
+        x, loss = x_of(c), _loss(c)[0]
+        span = _spread(c.get("latency")) if chart == "latency" else None
+        plot.point(x, loss, r=6, color=COLORS.get(_verdict(c), "#6e7781"), label=c["candidate"], span=span,
                    title=f"{c['candidate']}: {c['verdict']}; {human_bytes(c['size_bytes'])}; "
                          f"{latency_text(c.get('latency'))}; {c['why']}",
                    data={"target": t["target"], "candidate": c["candidate"], "verdict": c["verdict"],
@@ -197,19 +217,31 @@ def _sensitivity(t: dict) -> str:
             "from the float model's intermediate tensors against the candidate's.</p>" + "".join(parts) + "</svg>")
 
 
-def _edgetpu(t: dict) -> str:
-    tpu = t.get("edgetpu")
-    mapping = [f for f in t.get("lint", []) if f["code"].startswith("edgetpu")]
-    if not tpu and not mapping:
+def _sections(t: dict) -> str:
+    """The sections of the backends that report on their own (findings, the device's compile step)."""
+    return "".join(_section(t, title, prefix) for title, prefix in _own_sections())
+
+
+def _own_sections() -> list[tuple[str, str]]:
+    """(heading, lint code prefix) of each backend with a section of its own on the page."""
+    return [(b.report_section, b.lint_prefix) for b in backends() if b.report_section]
+
+
+def _section(t: dict, title: str, prefix: str) -> str:
+    compiled = t.get(COMPILE_REPORT)
+    mapping = [f for f in t.get("lint", []) if f["code"].startswith(prefix)]
+    if not compiled and not mapping:
         return ""
-    out = "<h3>Edge TPU</h3><ul>" + "".join(f"<li><b>{_e(f['level'])}</b> {_e(f['message'])}</li>" for f in mapping)
+    out = f"<h3>{_e(title)}</h3><ul>" + "".join(f"<li><b>{_e(f['level'])}</b> {_e(f['message'])}</li>"
+                                                 for f in mapping)
     out += "</ul>"
-    if tpu and tpu.get("op_table"):
+    if compiled and compiled.get("op_table"):
         out += "<table><tr><th>op</th><th>count</th><th>status</th></tr>" + "".join(
-            f"<tr><td>{_e(r['op'])}</td><td>{r['count']}</td><td>{_e(r['status'])}</td></tr>" for r in tpu["op_table"])
+            f"<tr><td>{_e(r['op'])}</td><td>{r['count']}</td><td>{_e(r['status'])}</td></tr>"
+            for r in compiled["op_table"])
         out += "</table>"
-    elif tpu and not tpu.get("compiled") and tpu.get("instructions") not in t.get("warnings", []):
-        out += f'<p class="warn">{_e(tpu.get("instructions"))}</p>'
+    elif compiled and not compiled.get("compiled") and compiled.get("instructions") not in t.get("warnings", []):
+        out += f'<p class="warn">{_e(compiled.get("instructions"))}</p>'
     return out
 
 
@@ -222,7 +254,7 @@ def _target_section(t: dict) -> str:
         head += f'<p><span class="fail">failed ({_e(t["error_kind"])})</span> {_e(t["error"])}</p>'
     cands = t.get("candidates", [])
     dev = any(c.get("device_latency") for c in cands)  # --profile-on: the device's figures decided
-    rows = "".join(f"<tr><td>{_e(c['candidate'])}</td><td style='color:{COLORS.get(c['verdict'], '#000')}'>"
+    rows = "".join(f"<tr><td>{_e(c['candidate'])}</td><td style='color:{COLORS.get(_verdict(c), '#000')}'>"
                    f"{_e(c['verdict'])}</td><td>{_e(human_bytes(c['size_bytes']))}</td>"
                    f"<td>{_e(latency_text(c['latency']))}</td>"
                    + (f"<td>{_e(device_text(c.get('device_latency')))}</td>" if dev else "")
@@ -231,13 +263,14 @@ def _target_section(t: dict) -> str:
     table = ("<table><tr><th>candidate</th><th>verdict</th><th>size</th><th>host latency vs fp32 (IQR)</th>"
              + ("<th>device latency vs fp32 (p50)</th>" if dev else "")
              + f"<th>accuracy</th><th>why</th></tr>{rows}</table>") if rows else ""
+    own = tuple(prefix for _, prefix in _own_sections())  # findings shown in their backend's section
     notes = [f"{f['level']}: [{f['code']}] {f['message']}" for f in t.get("lint", [])
-             if f["level"] != "info" and not f["code"].startswith("edgetpu")]
+             if f["level"] != "info" and not (own and f["code"].startswith(own))]
     notes += [f"WARNING: {w}" for w in t.get("warnings", [])]
-    if (t.get("latency_ms") or {}).get("not_timed"):
-        notes.append(f"latency: {t['latency_ms']['not_timed']}")
+    if not_timed(t):
+        notes.append(f"latency: {not_timed(t)}")
     note_html = "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>" if notes else ""
-    return head + table + _candidates_chart(t) + note_html + _sensitivity(t) + _edgetpu(t)
+    return head + table + _candidates_chart(t) + note_html + _sensitivity(t) + _sections(t)
 
 
 def render(report: dict) -> str:

@@ -13,12 +13,14 @@ from edgebundle.archive import sha256_file, write_bundle
 from packager import contents
 from packager.data import data_info
 from packager.options import BuildInputs, BuildOptions
-from packager.results import Chosen, TargetResult, sensitivity_of
+from packager.figures import Speed
+from packager.results import Chosen, TargetReport, TargetResult, Verdict
 from packager.sequence import Plan
 from targets import Precision
 
 
 def package(chosen: Chosen, inputs: BuildInputs, seq: Plan = Plan()) -> TargetResult:
+    """The bundle, written once its report is complete; the result carries both."""
     opts, profile, trial, finished = inputs.opts, chosen.profile, chosen.trial, chosen.finished
     art, precision = trial.artifact, trial.candidate.precision
     warnings = _warnings(chosen, inputs) + list(finished.warnings) + list(seq.notes)
@@ -37,38 +39,30 @@ def package(chosen: Chosen, inputs: BuildInputs, seq: Plan = Plan()) -> TargetRe
         files["labels.txt"].write_text("".join(f"{name}\n" for name in text.labels))
     if text is not None:
         files["tokenizer.json"] = text.tokenizer
-    size, fp32_size = finished.path.stat().st_size, chosen.fp32.stat().st_size
-    report = {
-        "format": profile.format.value, "precision": precision.value,
-        "candidate": trial.candidate.label, "choice": trial.why,
-        "size_bytes": {"model": size, "fp32_model": fp32_size},
-        "size_ratio": round(size / fp32_size, 4), "latency_ms": chosen.latency,
-        "device_latency": trial.device_latency,
-        "accuracy": trial.accuracy, "gate": opts.gate.to_dict(),
-        "candidates": [t.to_dict() for t in chosen.trials], "lint": [f.to_dict() for f in trial.findings],
-        "warnings": warnings, "quantization": art.quantization, "edgetpu": finished.compile_report,
-        "sensitivity": sensitivity_of(list(chosen.trials)),
-        "fp32_sha256": sha256_file(chosen.fp32),
-    }
-    if seq.buckets or seq.notes or seq.trt_profile:
-        report["sequence"] = _sequence_report(seq)
+    report = TargetReport(
+        format=profile.format, precision=precision, candidate=trial.candidate.label, choice=trial.why,
+        model_bytes=finished.path.stat().st_size, fp32_bytes=chosen.fp32.stat().st_size, latency=chosen.latency,
+        device_latency=trial.device_latency, accuracy=trial.accuracy, gate=opts.gate, trials=chosen.trials,
+        lint=trial.findings, warnings=tuple(warnings), quantization=art.quantization,
+        compile_report=finished.compile_report, fp32_sha256=sha256_file(chosen.fp32),
+        sequence=_sequence_report(seq) if seq.buckets or seq.notes or seq.trt_profile else None,
+        signed=inputs.signer is not None)
     calib = inputs.calib if chosen.calibrated else None
     production_ready = trial.accuracy is not None and not (inputs.valid.random or (calib is not None and calib.random))
     manifest = contents.manifest(
         profile, name=inputs.name, version=opts.version, precision=precision.value, model_file=finished.name,
         specs=trial.specs, golden=golden, flex=any(f.code == "flex-ops" for f in trial.findings),
         compiled=finished.compiled, quantization=dict(art.quantization, precision=precision.value),
-        preprocessing=_preprocessing(opts), provenance=_provenance(inputs), report=report,
+        preprocessing=_preprocessing(opts), provenance=_provenance(inputs), report=report.to_dict(),
         labels_file="labels.txt" if "labels.txt" in files else None, production_ready=production_ready,
-        warnings=tuple(warnings), trt_profile=seq.trt_profile, memory_bytes=_memory(chosen.latency),
+        warnings=tuple(warnings), trt_profile=seq.trt_profile, memory_bytes=chosen.latency.memory,
         text=contents.text_section(text, settings=seq.settings(text.settings), buckets=seq.buckets)
         if text is not None else None, drift=_drift(inputs))
     dest = Path(opts.out_dir) / manifest.file_name
     inputs.progress(f"[{profile.name}] {trial.candidate.label}: writing {dest}")
     write_bundle(dest, manifest, files, signer=inputs.signer)
-    report["signed"] = inputs.signer is not None
-    report["size_bytes"]["bundle"] = dest.stat().st_size
-    return TargetResult(target=profile.name, ok=True, bundle=dest, report=report)
+    return TargetResult(target=profile.name, ok=True, format=profile.format, bundle=dest, built=report,
+                        bundle_bytes=dest.stat().st_size)
 
 
 def _drift(inputs) -> dict | None:
@@ -93,18 +87,11 @@ def _drift(inputs) -> dict | None:
     return {"statistic": "psi", "inputs": ins, "outputs": outs}
 
 
-def _memory(latency: dict) -> int | None:
-    """The chosen model's RSS growth in the timing worker (loaded and run once): the last model of
-    the timing that chose it (the candidate of a comparison, or fp32 timed on its own)."""
-    rss = (latency or {}).get("rss_bytes") or []
-    return rss[-1] if rss and isinstance(rss[-1], int) and rss[-1] > 0 else None
-
-
 def _sequence_report(seq: Plan) -> dict:
     """The report's view of the sequence plan: each bucket's size and accuracy, what was left out."""
     return {"buckets": [{"length": b.length, "file": b.file, "size_bytes": b.path.stat().st_size,
-                         "validated_on": b.accuracy["samples"], "cosine_similarity": b.accuracy["cosine_similarity"],
-                         "accuracy_drop_points": b.accuracy["accuracy_drop_points"]} for b in seq.buckets],
+                         "validated_on": b.accuracy.samples, "cosine_similarity": b.accuracy.cosine_similarity,
+                         "accuracy_drop_points": b.accuracy.accuracy_drop_points} for b in seq.buckets],
             "left_out": list(seq.notes), "tensorrt_profile": seq.trt_profile}
 
 
@@ -112,16 +99,16 @@ def _warnings(chosen: Chosen, inputs: BuildInputs) -> list[str]:
     trial = chosen.trial
     prec, label = trial.candidate.precision, trial.candidate.label
     out = []
-    r = chosen.latency.get("ratio") or {}
-    if r.get("verdict") == "slower" and prec is not Precision.FP32:
-        out.append(f"SLOWER THAN FP32: this {label} bundle runs at {r['median']:.2f}x the fp32 latency "
-                   f"on this host (inter-quartile {r['q1']:.2f}-{r['q3']:.2f}x); use --quantize auto to let the "
+    r = chosen.latency.ratio
+    if r is not None and r.verdict is Speed.SLOWER and prec is not Precision.FP32:
+        out.append(f"SLOWER THAN FP32: this {label} bundle runs at {r.median:.2f}x the fp32 latency "
+                   f"on this host (inter-quartile {r.q1:.2f}-{r.q3:.2f}x); use --quantize auto to let the "
                    "measurement choose, or measure on the device")
     size, fp32_size = trial.artifact.path.stat().st_size, chosen.fp32.stat().st_size
     if prec is not Precision.FP32 and size > fp32_size:
         out.append(f"the {label} model is LARGER than fp32 ({size / fp32_size:.2f}x): what the "
                    "conversion adds (scales, Q/DQ or Cast nodes) outweighs the smaller weights, as in tiny models")
-    skipped = [t.step.label for t in chosen.trials if t.verdict == "skipped" and "calibration" in t.why]
+    skipped = [t.step.label for t in chosen.trials if t.verdict is Verdict.SKIPPED and "calibration" in t.why]
     if skipped:
         out.append(f"{', '.join(skipped)} not tried: no calibration data (pass --calibration to let auto try them)")
     if trial.accuracy is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgebundle.errors import InputError
-from edgeruntime import Runtime, load_runtime
+from edgeruntime import LoadSpec, Runtime, load_runtime
 from edgeruntime.timing import ModelSpec, threads_for
 from packager.cache import BuildCache
 from packager.candidates import Candidate, Step
@@ -75,7 +75,8 @@ class Backend(ABC):
     ladder_steps: tuple[Step, ...] = ()  # `--quantize auto`, in order of expected speed
     mixed_ok = True  # may a candidate keep nodes in float?
     delegate: str | None = None  # the accelerator delegate whose profiles this backend serves
-    accelerators: tuple[str, ...] = ()  # delegates/providers the host cannot time
+    report_section: str | None = None  # the report page's section of this backend's own (its heading)
+    lint_prefix: str = ""  # the lint codes that section shows
 
     @abstractmethod
     def convert(self, ctx: ConvertContext) -> Artifact:
@@ -130,6 +131,11 @@ class Backend(ABC):
         """Before converting: what this backend's devices need of the source."""
         return []
 
+    def needs_flex(self, art: Artifact) -> bool:
+        """Does the converted model need ops no stock runtime has (TFLite's Flex delegate)? Such a
+        model is packaged unvalidated under --allow-flex; formats without such ops say no."""
+        return False
+
     # ---- this host and the device ----
 
     def host_spec(self, path: Path, profile: TargetProfile) -> ModelSpec:
@@ -142,14 +148,13 @@ class Backend(ABC):
 
     def host_runtime(self, path: Path, profile: TargetProfile) -> Runtime:
         spec = self.host_spec(path, profile)
-        return load_runtime(path, fmt=spec.format, threads=spec.threads, delegates=spec.delegates,
-                            providers=spec.providers)
+        return load_runtime(path, LoadSpec(format=spec.format, threads=spec.threads, delegates=spec.delegates,
+                                           providers=spec.providers))
 
     def not_timed(self, profile: TargetProfile) -> str:
         """Why this host cannot time a model the device runs on an accelerator."""
-        accel = [x for x in profile.delegates + profile.providers if x in self.accelerators]
-        return (f"{profile.name} runs this model on {accel[0]}; the host's CPU cannot say how fast it will be "
-                "(measure on the device: edgepack-agent bench)")
+        return (f"{profile.name} runs this model on {profile.accelerators[0]}; the host's CPU cannot say how fast "
+                "it will be (measure on the device: edgepack-agent bench)")
 
     def variant(self, ctx: ConvertContext) -> str:
         """The profile settings (besides format and precision) that change the converted file."""
@@ -208,6 +213,11 @@ def register_bridge(cls: type[Bridge]) -> type[Bridge]:
 def bridge(kind: str, fmt: Format) -> Bridge | None:
     """The bridge that brings `kind` sources to `fmt`, or None when the backend reads them itself."""
     return _BRIDGES.get((kind, fmt))
+
+
+def backends() -> tuple[Backend, ...]:
+    """Every registered backend."""
+    return tuple(_BACKENDS.values())
 
 
 def backend(fmt: Format) -> Backend:

@@ -1,5 +1,8 @@
-"""Human-readable rendering of build reports, manifests and benchmarks."""
+"""Human-readable rendering of build reports, manifests and benchmarks. A report's timings and
+accuracy are read back into their types (packager/figures.py), this build's or an old bundle's."""
 from __future__ import annotations
+
+from packager.figures import Accuracy, DeviceTiming, DropMetric, Speed, Timing
 
 
 def human_bytes(n: float | None) -> str:
@@ -36,45 +39,52 @@ def latency_text(lat: dict | None) -> str:
     """'0.41x (0.40-0.43) 1.071 ms', or why there is no figure."""
     if not lat:
         return "-"
-    if "not_timed" in lat:
+    t = Timing.from_dict(lat)
+    if t.not_timed is not None:
         return "not timed here"
-    if lat.get("baseline"):
-        return f"{lat['b_ms']:.3f} ms (fp32 itself)"
-    r = lat["ratio"]
-    load = lat.get("host_load") or {}
-    if load.get("crowded") and r.get("verdict") == "unresolved":
-        return (f"{lat['b_ms']:.3f} ms tie ({r['median']:.2f}x on a busy host: other processes used "
-                f"{load['others_cores']:.1f} cores)")
-    if r.get("resolved") is False and r.get("verdict") == "slower":
-        return f"{lat['b_ms']:.3f} ms slower ({r['q1']:.2f}-{r['q3']:.2f}x: too spread for one figure)"
-    if r.get("verdict") == "unresolved" and r["q1"] > 1.05:
-        return f"{lat['b_ms']:.3f} ms tie ({r['q1']:.2f}-{r['q3']:.2f}x: not surely slower on this host)"
-    if r.get("resolved") is False:
-        return f"{lat['b_ms']:.3f} ms unresolved ({r['q1']:.2f}-{r['q3']:.2f}x: too fast to time here)"
-    return f"{lat['b_ms']:.3f} ms {r['median']:.2f}x ({r['q1']:.2f}-{r['q3']:.2f})"
+    if t.baseline:
+        return f"{t.b_ms:.3f} ms (fp32 itself)"
+    r = t.ratio
+    if t.host_load is not None and t.host_load.crowded and r.verdict is Speed.UNRESOLVED:
+        return (f"{t.b_ms:.3f} ms tie ({r.median:.2f}x on a busy host: other processes used "
+                f"{t.host_load.others:.1f} cores)")
+    if r.resolved is False and r.verdict is Speed.SLOWER:
+        return f"{t.b_ms:.3f} ms slower ({r.q1:.2f}-{r.q3:.2f}x: too spread for one figure)"
+    if r.verdict is Speed.UNRESOLVED and r.q1 > 1.05:
+        return f"{t.b_ms:.3f} ms tie ({r.q1:.2f}-{r.q3:.2f}x: not surely slower on this host)"
+    if r.resolved is False:
+        return f"{t.b_ms:.3f} ms unresolved ({r.q1:.2f}-{r.q3:.2f}x: too fast to time here)"
+    return f"{t.b_ms:.3f} ms {r.median:.2f}x ({r.q1:.2f}-{r.q3:.2f})"
 
 
 def device_text(lat: dict | None) -> str:
     """'0.95 ms 2.10x on pi-7' (p50 against the fp32 model's p50 on that device), or '-'."""
     if not lat:
         return "-"
-    return f"{lat['b_ms']:.3f} ms {lat['ratio']['median']:.2f}x on {lat['device']}"
+    t = DeviceTiming.from_dict(lat)
+    return f"{t.b_ms:.3f} ms {t.median:.2f}x on {t.device}"
 
 
 def accuracy_text(acc: dict | None) -> str:
     """A report's accuracy section, or a candidate row: the figure its gate looked at first."""
     if not acc:
         return "-"
-    if acc.get("accuracy_bundle") is not None:
-        return f"{_pct(acc['accuracy_bundle'])} (fp32 {_pct(acc['accuracy_reference'])})"
-    if acc.get("drop_metric") == "accuracy" and acc.get("accuracy_drop_points") is not None:
-        return f"drop {acc['accuracy_drop_points']:.2f} pt"
-    if acc.get("top1_agreement") is not None:
-        return f"top-1 agree {_pct(acc['top1_agreement'])}"
-    if acc.get("cosine_similarity") is not None:
-        kept = (acc.get("outputs") or {}).get(acc.get("primary_output"), {}).get("neighbour_agreement")
-        return f"cosine {acc['cosine_similarity']:.4f}" + ("" if kept is None else f", neighbours {_pct(kept)}")
+    a = Accuracy.from_dict(acc)
+    if a.accuracy_bundle is not None:
+        return f"{_pct(a.accuracy_bundle)} (fp32 {_pct(a.accuracy_reference)})"
+    if a.drop_metric is DropMetric.ACCURACY and a.accuracy_drop_points is not None:
+        return f"drop {a.accuracy_drop_points:.2f} pt"
+    if a.top1_agreement is not None:
+        return f"top-1 agree {_pct(a.top1_agreement)}"
+    if a.cosine_similarity is not None:
+        kept = a.primary.neighbour_agreement if a.primary is not None else None
+        return f"cosine {a.cosine_similarity:.4f}" + ("" if kept is None else f", neighbours {_pct(kept)}")
     return "-"
+
+
+def not_timed(t: dict) -> str | None:
+    """Why a target's chosen bundle was not timed on this host (None: it was)."""
+    return Timing.from_dict(t.get("latency_ms") or {}).not_timed
 
 
 def build_table(report: dict) -> str:
@@ -112,8 +122,8 @@ def build_table(report: dict) -> str:
         notes = []
         if not t["ok"]:
             notes.append(f"error: {t['error']}")
-        elif (t.get("latency_ms") or {}).get("not_timed"):
-            notes.append(f"latency: {t['latency_ms']['not_timed']}")
+        elif not_timed(t):
+            notes.append(f"latency: {not_timed(t)}")
         for f in t.get("lint", []):
             if f["level"] != "info":
                 notes.append(f"{f['level']}: [{f['code']}] {f['message']}")

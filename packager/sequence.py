@@ -21,7 +21,8 @@ import numpy as np
 from edgebundle.errors import AccuracyGateError, EdgepackError
 from edgeruntime.text import Role, TextSettings
 from packager.data import Dataset
-from packager.evaluate import compare, golden_tolerance, judge
+from packager.evaluate import accuracy, golden_tolerance, judge
+from packager.figures import Accuracy
 from packager.options import BuildInputs
 from packager.results import Chosen
 from packager.sources import InputSpec, Source
@@ -42,7 +43,7 @@ class Bucket:
     length: int
     path: Path
     file: str  # its name in the bundle
-    accuracy: dict
+    accuracy: Accuracy
     golden_inputs: tuple[dict, ...]
     golden_outputs: tuple[dict, ...]
     atol: float
@@ -156,7 +157,7 @@ def _bucket(search, chosen: Chosen, inputs: BuildInputs, *, length: int, fits: n
         rt.close()
     names = [o.name for o in chosen.trial.specs[1]]
     labels = inputs.valid.labels[fits] if inputs.valid.labels is not None else None
-    acc = compare([inputs.reference[i] for i in fits], outs, names, labels)
+    acc = accuracy([inputs.reference[i] for i in fits], outs, names, labels)
     why = judge(acc, inputs.opts.gate)
     if why:
         raise AccuracyGateError(f"fails the accuracy gate on its {len(fits)} texts: {'; '.join(why)}")

@@ -12,6 +12,7 @@ noise moves the build down the ladder."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from edgebundle.errors import (AccuracyGateError, ConversionError, EdgepackError, InputError,
@@ -22,11 +23,12 @@ from packager.cache import ArtifactKey
 from packager.candidates import Candidate, Search, Step
 from packager.contents import tensor_specs
 from packager.device_profile import device_latency
-from packager.evaluate import compare, judge
+from packager.evaluate import accuracy, judge
+from packager.figures import Speed, Timing
 from packager.formats import backend_for, check_pair, sensitivity
 from packager.options import BuildInputs
 from packager.registry import Artifact, ConvertContext
-from packager.results import Chosen, Trial
+from packager.results import Chosen, Failed, Trial, Verdict
 from targets import Precision, TargetProfile
 
 ANALYSIS_SAMPLES = 4
@@ -60,27 +62,31 @@ class CandidateSearch:
         self.steps = steps
         return steps
 
-    def run(self) -> Chosen:
-        """Walk the steps, keep one candidate and finish it for the device; raises when none passes."""
+    def run(self) -> Chosen | Failed:
+        """Walk the steps, keep one candidate and finish it for the device, or say why none passed
+        (with every candidate tried). Raises on what fails the whole target (bad input, an op the
+        target cannot run, an explicit precision that does not convert)."""
         self.work.mkdir(parents=True, exist_ok=True)
         trials = self._walk(self.steps)
-        trial = self._choose(trials)
+        if not any(t.passed for t in trials):
+            return self._failure(trials)
+        trial, trials = self._choose(trials)
         finished = self.backend.finish(trial.artifact, self.profile, self.work, name=self.inputs.name,
                                        version=self.opts.version)
-        return Chosen(profile=self.profile, trial=trial, trials=tuple(trials), finished=finished,
+        return Chosen(profile=self.profile, trial=trial, trials=trials, finished=finished,
                       latency=self._chosen_latency(trial), fp32=self.fp32(trial.candidate),
                       calibrated=trial.candidate.precision in self.backend.calibrated, work=self.work)
 
-    def _chosen_latency(self, trial: Trial) -> dict:
+    def _chosen_latency(self, trial: Trial) -> Timing:
         if trial.latency:
             return trial.latency
         if trial.accuracy is None:
-            return {"not_timed": "no runtime on this host can run this model"}
+            return Timing.untimed("no runtime on this host can run this model")
         if self.profile.is_cpu and self.opts.speed_gate:
             return self.latency(trial.artifact, baseline=True)
         if self.profile.is_cpu:
-            return {"not_timed": NOT_TIMED}
-        return {"not_timed": self.backend.not_timed(self.profile)}
+            return Timing.untimed(NOT_TIMED)
+        return Timing.untimed(self.backend.not_timed(self.profile))
 
     # ---- walk ----
 
@@ -88,60 +94,62 @@ class CandidateSearch:
         trials: list[Trial] = []
         for step in steps:
             if step.precision in self.backend.calibrated and self.inputs.calib is None:
-                trials.append(Trial(step, verdict="skipped", why="no calibration data (pass --calibration)"))
+                trials.append(Trial(step, verdict=Verdict.SKIPPED, why="no calibration data (pass --calibration)"))
                 continue
-            slower = frozenset(t.step.precision for t in trials if t.verdict == "slower")
+            slower = frozenset(t.step.precision for t in trials if t.verdict is Verdict.SLOWER)
             skip = self.auto and (self.backend.skip(step, slower, self.profile)
                                   or _lost_before(step, trials, self.backend.calibrated))
             if skip:
-                trials.append(Trial(step, verdict="skipped", why=skip))
+                trials.append(Trial(step, verdict=Verdict.SKIPPED, why=skip))
                 continue
             if step.mixed:
-                base = next((t for t in reversed(trials) if t.step == Step(step.precision)), None)
-                if base is None or base.verdict != "accuracy":
+                at = next((i for i in reversed(range(len(trials))) if trials[i].step == Step(step.precision)), None)
+                if at is None or trials[at].verdict is not Verdict.ACCURACY:
                     continue  # keeping nodes in float only helps a candidate that lost accuracy
-                trials += self._mixed(step, base)
+                trials[at], mixed = self._mixed(step, trials[at])  # the plain one, with its analysis
+                trials += mixed
             else:
                 trials.append(self._try(step, Candidate(step.precision)))
             if self.opts.search is Search.FIRST and trials[-1].passed:
                 break
         return trials
 
-    def _mixed(self, step: Step, base: Trial) -> list[Trial]:
+    def _mixed(self, step: Step, base: Trial) -> tuple[Trial, list[Trial]]:
+        """The candidates of a mixed step after `base` (its plain step) lost accuracy; `base` comes
+        back with its sensitivity analysis."""
         out: list[Trial] = []
-        found = self._blame(base)
-        keep: tuple[str, ...] = ()
-        prev = base
+        base = self._blame(base)
+        found, keep, prev = base.blamed, (), base
         for r in range(MIXED_ROUNDS):
-            more = sensitivity.pick(found, keep, limit=2 ** (r + 1))
+            more = sensitivity.pick(list(found), keep, limit=2 ** (r + 1))
             if more == keep:
                 break
             keep = more
             trial = self._try(step, Candidate(step.precision, keep))
-            out.append(trial)
             # Passed, failed otherwise, or keeping nodes in float did not lower the loss at all (the plain
             # candidate's included: then the analysis is not finding where it is lost, and another round
             # of it, ~a conversion and an analysis each, would only find more of the same).
-            if trial.verdict != "accuracy" or _loss(trial) >= _loss(prev):
+            if trial.verdict is not Verdict.ACCURACY or _loss(trial) >= _loss(prev):
+                out.append(trial)
                 break
-            prev = trial
-            found = self._blame(trial)
-        return out
+            trial = self._blame(trial)
+            out.append(trial)
+            prev, found = trial, trial.blamed
+        return base, out
 
-    def _blame(self, trial: Trial) -> list[sensitivity.Blame]:
-        """Sensitivity analysis of a candidate that failed the accuracy gate (kept on the trial)."""
+    def _blame(self, trial: Trial) -> Trial:
+        """`trial` (it failed the accuracy gate) with its sensitivity analysis: the nodes that lose
+        the most, worst first (or, when it cannot run, why not)."""
         if trial.sensitivity or trial.artifact is None:
-            return trial.blamed
+            return trial
         samples = self.inputs.valid.samples[:ANALYSIS_SAMPLES]
         self.say(f"{trial.candidate.label}: which nodes lose the accuracy")
         try:
             view, ref, got = self.backend.graph_view(trial.artifact, self.context(trial.candidate), samples)
         except ConversionError as e:  # e.g. the interpreter aborts on this model without delegates
-            trial.why += f"; no sensitivity analysis: {str(e).splitlines()[0]}"
-            return trial.blamed
-        trial.blamed = sensitivity.blame(view, ref, got)
-        trial.sensitivity = [b.to_dict() for b in trial.blamed[:10]]
-        return trial.blamed
+            return replace(trial, why=f"{trial.why}; no sensitivity analysis: {str(e).splitlines()[0]}")
+        blamed = tuple(sensitivity.blame(view, ref, got))
+        return replace(trial, blamed=blamed, sensitivity=tuple(b.to_dict() for b in blamed[:10]))
 
     def context(self, cand: Candidate, out_dir: Path | None = None) -> ConvertContext:
         """What the backend converts `cand` with, for this target."""
@@ -156,21 +164,17 @@ class CandidateSearch:
 
     def _try(self, step: Step, cand: Candidate) -> Trial:
         t0 = time.perf_counter()
-        trial = Trial(step, cand)
         self._n += 1
         try:
             art = self._convert(cand)
         except ConversionError as e:
             if not self.auto or isinstance(e, UnsupportedOpError):
                 raise
-            trial.verdict, trial.why = "error", str(e).splitlines()[0]
-            return trial
-        trial.artifact, trial.size_bytes, trial.cached = art, art.path.stat().st_size, art.cached
-        self._validate(trial)
-        if trial.verdict == "not tried":
-            self._measure(trial)
-        trial.seconds = time.perf_counter() - t0
-        return trial
+            return Trial(step, cand, verdict=Verdict.ERROR, why=str(e).splitlines()[0])
+        trial = self._validate(Trial(step, cand, artifact=art, size_bytes=art.path.stat().st_size, cached=art.cached))
+        if trial.verdict is Verdict.NOT_TRIED:
+            trial = self._measure(trial)
+        return replace(trial, seconds=time.perf_counter() - t0)
 
     def _convert(self, cand: Candidate) -> Artifact:
         """Convert, or reuse what another target of this build converted to the same file."""
@@ -229,23 +233,25 @@ class CandidateSearch:
             ctx.cache.stored.add(key)
             ctx.cache.store.put(key, path, {})
 
-    def _validate(self, trial: Trial) -> None:
+    def _validate(self, trial: Trial) -> Trial:
+        """`trial` run on the validation set and judged by the accuracy gate (verdict still "not tried"
+        when it passes); raises when the target cannot run it at all."""
         art, inputs = trial.artifact, self.inputs
         try:
             rt = self._runtime(art)
         except RuntimeUnavailableError as e:
             if not self.auto:
                 raise
-            trial.verdict, trial.why = "error", f"converted, but the runtime cannot load it: {str(e).splitlines()[0][:300]}"
-            return
-        trial.specs = tensor_specs(rt, inputs.source, described=lambda: self.backend.describe(art.path),
-                                   sample=inputs.valid.samples[0])
-        trial.findings = self.backend.lint(art, self.profile, allow_flex=self.opts.allow_flex,
-                                           inputs=trial.specs[0], outputs=trial.specs[1])
-        fail_on(trial.findings, self.profile)
+            return replace(trial, verdict=Verdict.ERROR,
+                           why=f"converted, but the runtime cannot load it: {str(e).splitlines()[0][:300]}")
+        specs = tensor_specs(rt, inputs.source, described=lambda: self.backend.describe(art.path),
+                             sample=inputs.valid.samples[0])
+        findings = tuple(self.backend.lint(art, self.profile, allow_flex=self.opts.allow_flex,
+                                           inputs=specs[0], outputs=specs[1]))
+        fail_on(list(findings), self.profile)
+        trial = replace(trial, specs=specs, findings=findings)
         if rt is None:  # Flex ops: no runtime here can run it, so it cannot be judged
-            trial.verdict, trial.why = "passed", "NOT VALIDATED: no runtime on this host has the Flex delegate"
-            return
+            return replace(trial, verdict=Verdict.PASSED, why="NOT VALIDATED: no runtime on this host has the Flex delegate")
         # arm-cpu and rpi5 often validate one shared file in the same host runtime: it runs once
         seen = inputs.cache.outputs
         key = (art.path, type(self.backend).__name__, self.profile.threads, self.profile.providers, self.profile.delegates)
@@ -253,62 +259,58 @@ class CandidateSearch:
             if key not in seen:
                 self.say(f"{trial.candidate.label}: validating on {len(inputs.valid)} samples")
                 seen[key] = [rt.infer(s) for s in inputs.valid.samples]
-            trial.outputs = seen[key]
+            outputs = tuple(seen[key])
         finally:
             rt.close()
-        names = [o.name for o in trial.specs[1]]
+        names = [o.name for o in specs[1]]
         missing = [n for n in names if n not in inputs.reference[0]]
         if missing:
             raise InputError(f"bundle outputs {missing} do not match the reference outputs {sorted(inputs.reference[0])}")
-        trial.accuracy = compare(inputs.reference, trial.outputs, names, inputs.valid.labels)
-        why = judge(trial.accuracy, self.opts.gate)
-        if why:
-            trial.verdict, trial.why = "accuracy", "; ".join(why)
+        acc = accuracy(inputs.reference, list(outputs), names, inputs.valid.labels)
+        why = judge(acc, self.opts.gate)
+        trial = replace(trial, outputs=outputs, accuracy=acc)
+        return replace(trial, verdict=Verdict.ACCURACY, why="; ".join(why)) if why else trial
 
-    def _measure(self, trial: Trial) -> None:
-        """Speed gate: CPU targets, candidates below fp32, --quantize auto."""
+    def _measure(self, trial: Trial) -> Trial:
+        """Speed gate: CPU targets, candidates below fp32, --quantize auto. Returns `trial` timed and judged."""
         as_is = self.backend.packages_as_is(self.inputs.source)
         quantized = trial.candidate.precision is not Precision.FP32 and not as_is
         if not self.opts.speed_gate:
-            trial.latency = {"not_timed": NOT_TIMED}
-        elif self.profile.is_cpu and quantized:
-            fp32_size = self.fp32(trial.candidate).stat().st_size
-            # Auto's first-pass search asks the host one thing of a smaller candidate: is it slower than fp32?
-            # ('faster' only matters to one no smaller, and to --search thorough, which ranks the medians.)
-            only_slower = (self.auto and self.opts.search is Search.FIRST and self.opts.profile_on is None
-                           and trial.size_bytes < fp32_size)
-            trial.latency = self.latency(trial.artifact, label=trial.candidate.label,
-                                         question="slower" if only_slower else "verdict")
-            r = trial.latency["ratio"]
-            if self.opts.profile_on is not None:  # the device's figures decide; the host's are reported beside
-                trial.device_latency = device_latency(trial, inputs=self.inputs, profile=self.profile,
-                                                      backend=self.backend, fp32=self.fp32(trial.candidate),
-                                                      work=self.work)
-                r = trial.device_latency["ratio"]
-                if self.auto and r["verdict"] == "slower":
-                    trial.verdict = "slower"
-                    trial.why = (f"{r['median']:.2f}x the fp32 p50 latency on device {trial.device_latency['device']} "
-                                 f"(host: {trial.latency['ratio']['median']:.2f}x)")
-                    return
-            elif self.auto and r["verdict"] == "slower":
-                trial.verdict = "slower"
-                trial.why = (f"{r['median']:.2f}x the fp32 latency (inter-quartile {r['q1']:.2f}-{r['q3']:.2f}x over "
-                             f"{trial.latency['rounds']} interleaved rounds)")
-                return
-            if self.auto and trial.size_bytes >= fp32_size and r["verdict"] != "faster":
-                trial.verdict = "no gain"
-                trial.why = (f"no smaller than fp32 ({trial.size_bytes / fp32_size:.2f}x) and not faster "
-                             f"({r['median']:.2f}x)")
-                return
-        trial.verdict = "passed"
+            return replace(trial, latency=Timing.untimed(NOT_TIMED), verdict=Verdict.PASSED)
+        if not (self.profile.is_cpu and quantized):
+            return replace(trial, verdict=Verdict.PASSED)
+        fp32_size = self.fp32(trial.candidate).stat().st_size
+        # Auto's first-pass search asks the host one thing of a smaller candidate: is it slower than fp32?
+        # ('faster' only matters to one no smaller, and to --search thorough, which ranks the medians.)
+        only_slower = (self.auto and self.opts.search is Search.FIRST and self.opts.profile_on is None
+                       and trial.size_bytes < fp32_size)
+        host = self.latency(trial.artifact, label=trial.candidate.label,
+                            question="slower" if only_slower else "verdict")
+        trial = replace(trial, latency=host)
+        r = host.ratio
+        if self.opts.profile_on is not None:  # the device's figures decide; the host's are reported beside
+            dev = device_latency(trial, inputs=self.inputs, profile=self.profile, backend=self.backend,
+                                 fp32=self.fp32(trial.candidate), work=self.work)
+            trial, r = replace(trial, device_latency=dev), dev.ratio
+            if self.auto and r.verdict is Speed.SLOWER:
+                return replace(trial, verdict=Verdict.SLOWER, why=f"{r.median:.2f}x the fp32 p50 latency on device "
+                                                                  f"{dev.device} (host: {host.median:.2f}x)")
+        elif self.auto and r.verdict is Speed.SLOWER:
+            return replace(trial, verdict=Verdict.SLOWER,
+                           why=f"{r.median:.2f}x the fp32 latency (inter-quartile {r.q1:.2f}-{r.q3:.2f}x over "
+                               f"{host.rounds} interleaved rounds)")
+        if self.auto and trial.size_bytes >= fp32_size and r.verdict is not Speed.FASTER:
+            return replace(trial, verdict=Verdict.NO_GAIN, why=f"no smaller than fp32 ({trial.size_bytes / fp32_size:.2f}x) "
+                                                               f"and not faster ({r.median:.2f}x)")
+        return replace(trial, verdict=Verdict.PASSED)
 
-    def latency(self, art: Artifact, *, baseline: bool = False, label: str = "", question: str = "verdict") -> dict:
+    def latency(self, art: Artifact, *, baseline: bool = False, label: str = "", question: str = "verdict") -> Timing:
         """The candidate against fp32, interleaved in the clean timing worker (or, for the fp32
         model itself, its own latency)."""
         base = self.backend.host_spec(self.fp32(Candidate(Precision.FP32)), self.profile)
         known = self.inputs.cache.fp32_latency.get(base)
         if baseline and known is not None:  # fp32 itself was chosen: it was timed beside the candidates
-            return dict(known, profile_threads=self.profile.threads)
+            return known.for_profile(self.profile.threads)
         cand = None if baseline else self.backend.host_spec(art.path, self.profile)
         key = (base, cand, question)
         if key not in self.inputs.cache.comparisons:  # another target with the same file and settings timed it
@@ -316,13 +318,9 @@ class CandidateSearch:
             self.inputs.cache.comparisons[key] = self.inputs.cache.timer.compare(
                 base, cand, self.inputs.valid.samples[0], budget_s=self.opts.bench_seconds,
                 max_rounds=self.opts.bench_runs, question=question)
-        res = dict(self.inputs.cache.comparisons[key], profile_threads=self.profile.threads)
+        res = self.inputs.cache.comparisons[key].for_profile(self.profile.threads)
         if not baseline:  # the fp32 side of an interleaved comparison is fp32's own latency, same worker
-            self.inputs.cache.fp32_latency[base] = {
-                "a_ms": res["a_ms"], "b_ms": res["a_ms"], "baseline": True, "threads": res["threads"][:1],
-                "host_cores": res["host_cores"], "runtime": res["runtime"][:1],
-                "rss_bytes": (res.get("rss_bytes") or [None])[:1],
-                "from": f"fp32's side of {res['rounds']} interleaved rounds against {label or art.precision.value}"}
+            self.inputs.cache.fp32_latency[base] = res.own(label=label or art.precision.value)
         return res
 
     def fp32(self, cand: Candidate) -> Path:
@@ -351,49 +349,51 @@ class CandidateSearch:
 
     # ---- choose ----
 
-    def _choose(self, trials: list[Trial]) -> Trial:
+    def _choose(self, trials: list[Trial]) -> tuple[Trial, tuple[Trial, ...]]:
+        """The candidate kept (of those that passed), and the trials with it marked chosen."""
         passed = [t for t in trials if t.passed]
-        if not passed:
-            raise self._failure(trials)
         if self.opts.search is Search.THOROUGH and len(passed) > 1:
-            chosen = min(passed, key=lambda t: (t.device_latency or t.latency or {}).get("ratio", {"median": 1.0})["median"])
-            chosen.why = f"fastest of {len(passed)} candidates that pass both gates"
+            best = min(passed, key=_median)
+            why = f"fastest of {len(passed)} candidates that pass both gates"
         else:
-            chosen = passed[0]
-            chosen.why = chosen.why or ("the precision asked for" if not self.auto
-                                        else "first candidate on the ladder that passes both gates")
-        chosen.verdict = "chosen"
-        return chosen
+            best = passed[0]
+            why = best.why or ("the precision asked for" if not self.auto
+                               else "first candidate on the ladder that passes both gates")
+        chosen = replace(best, verdict=Verdict.CHOSEN, why=why)
+        return chosen, tuple(chosen if t is best else t for t in trials)
 
-    def _failure(self, trials: list[Trial]) -> EdgepackError:
+    def _failure(self, trials: list[Trial]) -> Failed:
         p, last = self.profile, trials[-1]
-        rows = "; ".join(f"{t.candidate.label if t.candidate else t.step.label}: {t.why}" for t in trials)
-        if not any(t.verdict == "accuracy" for t in trials):
-            err = ConversionError(f"{p.name}: no candidate could be built ({rows})",
-                                  hint="try another --quantize or --opset, or another target")
-        else:
-            hint = self.backend.gate_hint(p, last.step.precision, lossy=lambda: [b.text() for b in self._blame(last)])
-            if not self.auto:
-                hint = self._passing_hint(last) or hint
-            err = AccuracyGateError(f"{p.name}: fails the accuracy gate ({rows}); no bundle written", hint=hint)
-        err.trials = trials
-        return err
+        rows = "; ".join(f"{t.label}: {t.why}" for t in trials)
+        if not any(t.verdict is Verdict.ACCURACY for t in trials):
+            return Failed(ConversionError(f"{p.name}: no candidate could be built ({rows})",
+                                          hint="try another --quantize or --opset, or another target"), tuple(trials))
+        analysed: list[Trial] = []  # the last candidate, once the hint asks which nodes lose the accuracy
+
+        def lossy() -> list[str]:
+            analysed.append(self._blame(last))
+            return [b.text() for b in analysed[-1].blamed]
+
+        hint = self.backend.gate_hint(p, last.step.precision, lossy=lossy)
+        if not self.auto:
+            hint = self._passing_hint(last) or hint
+        err = AccuracyGateError(f"{p.name}: fails the accuracy gate ({rows}); no bundle written", hint=hint)
+        return Failed(err, tuple(trials[:-1]) + (analysed[-1] if analysed else last,))
 
     def _passing_hint(self, failed: Trial) -> str | None:
         """After an explicit precision failed: the next precision down the ladder that passes."""
         for step in self.backend.fallbacks(self.profile, failed.step.precision):
             if step.mixed or (step.precision in self.backend.calibrated and self.inputs.calib is None):
                 continue
-            trial = Trial(step, Candidate(step.precision))
+            cand = Candidate(step.precision)
             try:
-                trial.artifact = self._convert(trial.candidate)
-                self._validate(trial)
+                trial = self._validate(Trial(step, cand, artifact=self._convert(cand)))
             except EdgepackError:
                 continue
-            if trial.verdict != "accuracy":
-                acc = trial.accuracy or {}
-                fig = (f"drop {acc['accuracy_drop_points']:.2f} pt" if acc.get("accuracy_drop_points") is not None
-                       else f"cosine {acc.get('cosine_similarity', 0):.4f}")
+            if trial.verdict is not Verdict.ACCURACY:
+                acc = trial.accuracy
+                fig = (f"drop {acc.accuracy_drop_points:.2f} pt" if acc and acc.accuracy_drop_points is not None
+                       else f"cosine {(acc and acc.cosine_similarity) or 0:.4f}")
                 return f"--quantize {step.precision.value} passes the gate ({fig})"
         return None
 
@@ -401,7 +401,7 @@ class CandidateSearch:
 def _lost_before(step: Step, trials: list[Trial], calibrated: tuple[Precision, ...]) -> str | None:
     """A calibrated (activations in integers) precision after dynamic int8 lost the accuracy gate:
     dynamic quantizes the weights alone, so quantizing the activations too only loses more."""
-    lost = any(t.step == Step(Precision.DYNAMIC) and t.verdict == "accuracy" for t in trials)
+    lost = any(t.step == Step(Precision.DYNAMIC) and t.verdict is Verdict.ACCURACY for t in trials)
     if lost and step.precision in calibrated:
         return (f"dynamic int8 (int8 weights only) already failed the accuracy gate; {step.precision.value} "
                 "quantizes the activations too")
@@ -410,16 +410,18 @@ def _lost_before(step: Step, trials: list[Trial], calibrated: tuple[Precision, .
 
 def _loss(trial: Trial) -> float:
     """How far a candidate is from the reference, for comparing rounds of one precision."""
-    acc = trial.accuracy or {}
-    if acc.get("accuracy_drop_points") is not None:
-        return acc["accuracy_drop_points"]
-    return 1 - min(m["cosine_similarity"] for m in acc["outputs"].values()) if acc.get("outputs") else float("inf")
+    return trial.accuracy.loss if trial.accuracy is not None else float("inf")
+
+
+def _median(trial: Trial) -> float:
+    """A passed candidate's latency over fp32's, the device's where it was profiled (1.0: not timed)."""
+    timing = trial.device_latency or trial.latency
+    median = timing.median if timing is not None else None
+    return 1.0 if median is None else median
 
 
 def fail_on(findings: list[lint.Finding], profile: TargetProfile) -> None:
     errs = lint.errors(findings)
     if errs:
-        err = UnsupportedOpError(f"{profile.name}: " + "; ".join(f.message for f in errs),
+        raise UnsupportedOpError(f"{profile.name}: " + "; ".join(f.message for f in errs),
                                  hint="see `edgepack targets show " + profile.name + "` for what this target needs")
-        err.findings = findings
-        raise err

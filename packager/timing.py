@@ -15,6 +15,7 @@ import numpy as np
 
 from edgeruntime.timing import ModelSpec
 from edgebundle.errors import EdgepackError, RuntimeUnavailableError
+from packager.figures import Timing
 
 __all__ = ["HostTimer"]
 
@@ -28,7 +29,7 @@ class HostTimer:
         self._n = 0
 
     def compare(self, baseline: ModelSpec, candidate: ModelSpec | None, feeds: dict[str, np.ndarray], *,
-                budget_s: float, max_rounds: int = 400, question: str = "verdict") -> dict:
+                budget_s: float, max_rounds: int = 400, question: str = "verdict") -> Timing:
         """Interleaved timing of `candidate` against `baseline` (see edgeruntime.timing: `question`
         "slower" ends the rounds once that is settled); with no candidate, the baseline's own latency."""
         self._n += 1
@@ -41,7 +42,7 @@ class HostTimer:
         if not reply.get("ok"):
             raise RuntimeUnavailableError(f"timing on this host failed: {reply.get('error')}")
         reply.pop("ok")
-        return reply
+        return Timing.from_dict(reply)
 
     def _ask(self, req: dict) -> dict:
         proc = self._start()

@@ -50,9 +50,12 @@ class IOType(str, Enum):
 # The precisions a format can do at all (a profile may narrow them further).
 CanDo = Callable[[Format], tuple[Precision, ...]]
 FORMAT_RUNTIMES = {Format.TFLITE: ("litert",), Format.ONNX: ("onnxruntime",)}
-DELEGATES = ("xnnpack", "edgetpu")
+EDGETPU = "edgetpu"  # the Coral Edge TPU's delegate
+DELEGATES = ("xnnpack", EDGETPU)
 PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider",
              "OpenVINOExecutionProvider", "CoreMLExecutionProvider", "XnnpackExecutionProvider")
+# The delegates and providers that run a model off the device's CPU (so this host cannot time it).
+ACCELERATORS = (EDGETPU, "TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 @dataclass(frozen=True)
@@ -89,10 +92,19 @@ class TargetProfile:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     @property
+    def accelerators(self) -> tuple[str, ...]:
+        """The delegates and providers in this profile that run the model off the CPU, in order."""
+        return tuple(x for x in self.delegates + self.providers if x in ACCELERATORS)
+
+    @property
     def is_cpu(self) -> bool:
         """True when the device runs the model on its CPU (no GPU/TPU in the path)."""
-        accelerators = {"edgetpu", "TensorrtExecutionProvider", "CUDAExecutionProvider"}
-        return not (set(self.delegates) | set(self.providers)) & accelerators
+        return not self.accelerators
+
+    @property
+    def on_edgetpu(self) -> bool:
+        """Does the device run the model on a Coral Edge TPU?"""
+        return EDGETPU in self.delegates
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -196,9 +208,9 @@ def _check_consistency(p: TargetProfile, can_do: CanDo | None) -> None:
     if p.activation_dtype is IOType.FLOAT32:
         raise ProfileError(f"profile {src}: 'activation_dtype' is for int8 quantization",
                            hint="allowed values: int8, uint8")
-    if p.edgetpu_compile and "edgetpu" not in p.delegates:
-        raise ProfileError(f"profile {src}: 'edgetpu_compile' needs 'edgetpu' in 'delegates'")
-    if "edgetpu" in p.delegates and (p.precisions != (Precision.INT8,) or not p.static_shapes):
+    if p.edgetpu_compile and not p.on_edgetpu:
+        raise ProfileError(f"profile {src}: 'edgetpu_compile' needs {EDGETPU!r} in 'delegates'")
+    if p.on_edgetpu and (p.precisions != (Precision.INT8,) or not p.static_shapes):
         raise ProfileError(f"profile {src}: the Edge TPU runs only full int8 models with static shapes",
                            hint="set precisions: [int8] and static_shapes: true")
 

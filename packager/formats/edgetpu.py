@@ -19,10 +19,10 @@ from packager.lint import Finding, Level
 from packager.registry import Artifact, Finished, register
 from packager.sources import Source
 from packager.tflite_fb import ops_with_versions
-from targets import Precision, TargetProfile
+from targets import EDGETPU, Precision, TargetProfile
 
 COMPILER = "edgetpu_compiler"
-DELEGATE = "edgetpu"
+DELEGATE = EDGETPU
 # TFLite builtins the Edge TPU compiler can map (Coral's published supported-op table).
 EDGETPU_OPS = frozenset({
     "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS",
@@ -120,7 +120,8 @@ def _input_finding(spec) -> Finding:
 @register
 class EdgeTPUBackend(TFLiteBackend):
     delegate = DELEGATE
-    accelerators = (DELEGATE,)
+    report_section = "Edge TPU"  # its op mapping findings and compile step
+    lint_prefix = "edgetpu"
     mixed_ok = False  # a node kept in float runs on the CPU, and so does everything after it
 
     def lint_source(self, source: Source, profile: TargetProfile) -> list[Finding]:

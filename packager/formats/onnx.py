@@ -15,7 +15,7 @@ from packager.candidates import Step
 from packager.formats import onnx_graph
 from packager.formats.sensitivity import GraphView, Lowered, Op, fake_quant
 from packager.lint import Finding, Level
-from packager.registry import Artifact, Backend, ConvertContext, register
+from packager.registry import Artifact, Backend, ConvertContext, Finished, register
 from targets import CalibrationMethod, Format, IOType, Precision, TargetProfile
 
 _METHODS = {CalibrationMethod.MINMAX: "MinMax", CalibrationMethod.ENTROPY: "Entropy",
@@ -34,7 +34,8 @@ class _Reader:
 
 
 def _preprocessed(ctx: ConvertContext, fp32: Path) -> Path:
-    """ORT's recommended pre-processing (shape inference + optimisation) before quantizing."""
+    """ORT's recommended pre-processing (shape inference + optimisation) before quantizing; where it
+    fails even without symbolic shapes, the plain graph, and `cache.onnx_unprocessed` says why."""
     cache = ctx.cache
     if cache.onnx_preprocessed is None:
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -50,10 +51,20 @@ def _preprocessed(ctx: ConvertContext, fp32: Path) -> Path:
                 onnx_graph.remove_symbolic_leftovers(since=t0)
                 try:
                     quant_pre_process(str(fp32), str(out), skip_symbolic_shape=True)
-                except Exception:  # e.g. the optimizer rejects a subgraph: quantize the plain graph
+                except Exception as e:  # e.g. the optimizer rejects a subgraph: quantize the plain graph, and say so
                     out = fp32
+                    cache.onnx_unprocessed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         cache.onnx_preprocessed = out
     return cache.onnx_preprocessed
+
+
+def _unprocessed(ctx: ConvertContext) -> dict:
+    """The quantization details' record of a graph quantized without ORT's pre-processing."""
+    why = ctx.cache.onnx_unprocessed
+    return {PRE_PROCESSING: f"failed ({why}): the graph was quantized as it is"} if why else {}
+
+
+PRE_PROCESSING = "graph_preprocessing"  # in the quantization details, only when it was skipped
 
 
 def _opset13(path: Path, out: Path) -> Path:
@@ -107,7 +118,8 @@ def _int8(ctx: ConvertContext, fp32: Path, out: Path) -> dict:
         raise ConversionError("onnxruntime's quantizer quantized no node of this graph (its work may sit in "
                               "If/Loop bodies, which it does not enter)", hint="use --quantize fp16 or fp32")
     details = {"weights": "int8", "activations": act.value, "format": "QDQ", "per_channel": ctx.per_channel,
-               "calibration_method": method.value, "calibration_samples": len(ctx.calibration), "io": "float32"}
+               "calibration_method": method.value, "calibration_samples": len(ctx.calibration), "io": "float32",
+               **_unprocessed(ctx)}
     if ctx.candidate.keep_float:
         details["float_nodes"] = list(ctx.candidate.keep_float)
     return details
@@ -140,7 +152,8 @@ def _dynamic(ctx: ConvertContext, fp32: Path, out: Path) -> dict:
                          per_channel=ctx.per_channel, extra_options={"DefaultTensorType": 1})
     except Exception as e:
         raise ConversionError(f"onnxruntime dynamic quantization failed: {str(e).splitlines()[0][:300]}") from None
-    return {"weights": "int8", "activations": "float32 (quantized on the fly)", "per_channel": ctx.per_channel}
+    return {"weights": "int8", "activations": "float32 (quantized on the fly)", "per_channel": ctx.per_channel,
+            **_unprocessed(ctx)}
 
 
 def _dynamic_block(ctx: ConvertContext, fp32: Path, out: Path) -> dict:
@@ -182,7 +195,6 @@ class OnnxBackend(Backend):
     calibrated = (Precision.INT8,)
     ladder_steps = (Step(Precision.INT8), Step(Precision.INT8, mixed=True), Step(Precision.FP16),
                     Step(Precision.FP16, mixed=True), Step(Precision.FP32))
-    accelerators = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
     def plan(self, source, profile: TargetProfile, asked: Precision) -> tuple[Step, ...]:
         """Graphs whose weights sit in MatMul/Gemm (transformers) try dynamic int8 first on CPU targets,
@@ -230,6 +242,13 @@ class OnnxBackend(Backend):
             details = MODES[ctx.precision](ctx, fp32, out)
         return Artifact(path=out, format=self.format, precision=ctx.precision,
                         quantization=dict(details, opset=_opset(out)))
+
+    def finish(self, art: Artifact, profile: TargetProfile, work: Path, *, name: str, version: str) -> Finished:
+        """As converted; a model quantized without ORT's pre-processing says so in the report's warnings."""
+        skipped = art.quantization.get(PRE_PROCESSING)
+        warnings = (f"the {art.precision.value} model skipped onnxruntime's graph pre-processing (shape inference "
+                    f"and optimisation), which may cost it speed or accuracy: {skipped}",) if skipped else ()
+        return Finished(path=art.path, name=art.path.name, warnings=warnings)
 
     def variant(self, ctx: ConvertContext) -> str:
         if ctx.precision is Precision.INT8:
