@@ -282,6 +282,7 @@ def _mlp(path):
     return path
 
 
+@pytest.mark.slow
 def test_the_served_onnx2tf_child_converts_a_model_as_a_fresh_one_would(tmp_path):
     """onnx2tf stays imported between conversions (packager/formats/served.py): a model converted after
     another comes out byte for byte as from a fresh child (its seeds and Keras' layer names set up again

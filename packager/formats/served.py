@@ -21,7 +21,12 @@ from typing import Callable
 
 IDLE_S = 300
 MAX_STEPS = 25
-_VOLATILE = ("PYTEST_CURRENT_TEST", "TF_CPP_MIN_LOG_LEVEL")  # changes between calls; no new child for it
+# Changed between calls without changing what a child does: no new child for them. Most are set by
+# TensorFlow's import, in the build's process too once it has converted in-process (the child sets
+# them again on its own import).
+_VOLATILE = frozenset({"PYTEST_CURRENT_TEST", "TF_CPP_MIN_LOG_LEVEL", "TF2_BEHAVIOR", "KMP_INIT_AT_FORK",
+                       "KMP_DUPLICATE_LIB_OK", "ENABLE_RUNTIME_UPTIME_TELEMETRY", "TPU_ML_PLATFORM",
+                       "TPU_ML_PLATFORM_VERSION", "HDF5_PLUGIN_PATH"})
 
 
 class Server:
