@@ -5,7 +5,6 @@ import contextlib
 import ctypes
 import os
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -29,21 +28,27 @@ def _without_xnnpack_info():
     with _fd2:
         try:
             sys.stderr.flush()
-            saved = os.dup(2)
-        except (OSError, ValueError):  # no fd 2 to hold (a closed stderr): nothing to filter
+            # in memory: the temp dir may be missing, or a small RAM disk on a device
+            held = os.memfd_create("litert-stderr") if hasattr(os, "memfd_create") else None
+            saved = os.dup(2) if held is not None else None
+        except (OSError, ValueError):  # no fd 2 to hold (a closed stderr), or no memfd: nothing filtered
+            held = saved = None
+        if saved is None:
+            if held is not None:
+                os.close(held)
             yield
             return
-        with tempfile.TemporaryFile() as held:
-            os.dup2(held.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-                held.seek(0)
-                rest = b"".join(ln for ln in held.read().splitlines(keepends=True) if ln.strip() != XNNPACK_INFO)
-                if rest:
-                    os.write(2, rest)
+        os.dup2(held, 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.lseek(held, 0, os.SEEK_SET)
+            with os.fdopen(held, "rb") as f:
+                rest = b"".join(ln for ln in f.read().splitlines(keepends=True) if ln.strip() != XNNPACK_INFO)
+            if rest:
+                os.write(2, rest)
 
 
 def _interpreter_module():

@@ -136,6 +136,7 @@ def loop(handle: Callable[[Path], None], log_of: Callable[[Path], Path]) -> int:
         os.chdir(path.parent)
         handle(path)
         os.chdir("/")  # not holding the build's folder, which goes when the build ends
+        _forget_autograph()
         sys.stdout.flush()
         sys.stderr.flush()
         reply.write("done\n")
@@ -145,3 +146,16 @@ def loop(handle: Callable[[Path], None], log_of: Callable[[Path], Path]) -> int:
 def step_log(request: Path) -> Path:
     """tflite_worker's log: `<step>.log` beside its request."""
     return request.parent / f"{json.loads(request.read_text())['step']}.log"
+
+
+def _forget_autograph() -> None:
+    """TensorFlow's autograph writes each function it converts to `__autograph_generated_file*.py` in
+    the temp dir and removes them when the process exits: a child that stays up removes the step's
+    now, so a finished build leaves nothing in TMPDIR (their code is loaded; only tracebacks read them)."""
+    for name in [n for n in sys.modules if n.startswith("__autograph_generated_file")]:
+        path = getattr(sys.modules.pop(name), "__file__", None)
+        if path:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
