@@ -3,10 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-# Two workers, one module each at a time (module fixtures built once), in collection order (tests/conftest.py
-# puts the slowest modules first; xdist would order them by test count): measured on 2 cores
-# (docs/testing.md; three workers, the waiting modules grouped on one of them, were slower: run 6).
-XDIST ?= -n 2 --dist loadfile --no-loadscope-reorder
+# Three workers on 2 cores, one module each at a time (module fixtures built once), in collection order
+# (tests/conftest.py hands out the longest first, converting and waiting modules in turn; xdist would
+# order them by test count). Two workers left the cores 24 % idle while agents and timers waited; a third
+# fills them: 16 min 17 s -> 14 min 2 s (docs/testing.md, runs 10 and 11).
+XDIST ?= -n 3 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install corpus demo test test-fast test-times bench hostile clean
 
