@@ -257,8 +257,7 @@ def _fresh() -> None:
     import tensorflow as tf
     import tf_keras
 
-    tf_keras.backend.clear_session()
-    tf.keras.backend.clear_session()
+    tf_keras.backend.clear_session()  # tf.keras is tf_keras here (onnx2tf set TF_USE_LEGACY_KERAS)
     random.seed(0)
     np.random.seed(0)
     tf.random.set_seed(0)

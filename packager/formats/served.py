@@ -10,7 +10,6 @@ stdin closes). Each step writes its own log (stdout and stderr, the native libra
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import select
 import subprocess
@@ -141,11 +140,6 @@ def loop(handle: Callable[[Path], None], log_of: Callable[[Path], Path]) -> int:
         sys.stderr.flush()
         reply.write("done\n")
         reply.flush()
-
-
-def step_log(request: Path) -> Path:
-    """tflite_worker's log: `<step>.log` beside its request."""
-    return request.parent / f"{json.loads(request.read_text())['step']}.log"
 
 
 def _forget_autograph() -> None:

@@ -180,7 +180,7 @@ def handle(path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     if argv == ["--serve"]:
-        return served.loop(handle, served.step_log)
+        return served.loop(handle, lambda request: request.parent / f"{json.loads(request.read_text())['step']}.log")
     handle(Path(argv[0]))
     return 0
 
