@@ -10,7 +10,7 @@ from typing import Any
 from edgebundle.errors import BundleError
 
 SCHEMA = "edgepack.bundle/1"
-MODEL_FORMATS = ("tflite", "onnx")
+MODEL_FORMATS = ("tflite", "onnx", "genai")  # genai: an ONNX Runtime GenAI decoder folder
 RUNTIME_KEYS = ("name", "min_version", "threads", "delegates", "providers", "tensorrt_fp16",
                 "tensorrt_engine_cache", "cpu_fallback", "flex", "edgetpu_compiled")
 OPTIONAL_RUNTIME_KEYS = ("tensorrt_profile",)  # written only where set: older manifests lack them
@@ -171,6 +171,9 @@ class Manifest:
     # Drift references: {"inputs": [TensorRef dict], "outputs": [...]} (edgeruntime.drift); absent in
     # older manifests and for bundles built without data.
     drift: dict | None = None
+    # Generative models (format "genai"): what the device needs to generate (edgeruntime.genai.Generation
+    # reads it); absent (not null) in every other manifest.
+    generation: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.runtime, dict):
@@ -202,6 +205,7 @@ class Manifest:
             "warnings": list(self.warnings),
             **({"text": self.text} if self.text is not None else {}),
             **({"drift": self.drift} if self.drift is not None else {}),
+            **({"generation": self.generation} if self.generation is not None else {}),
         }
 
     def to_json(self) -> bytes:
@@ -261,6 +265,11 @@ class Manifest:
         if drift is not None and not (isinstance(drift, dict) and all(
                 isinstance(drift.get(k, []), list) for k in ("inputs", "outputs"))):
             raise BundleError("manifest drift must be {inputs: [...], outputs: [...]}")
+        generation = d.get("generation")
+        if (generation is not None) != (d["format"] == "genai"):
+            raise BundleError("manifest generation is required for format genai, and only there")
+        if generation is not None:
+            _check_generation(generation, files)
         return cls(
             name=str(d["name"]),
             version=str(d["version"]),
@@ -281,6 +290,7 @@ class Manifest:
             production_ready=bool(d.get("production_ready", True)),
             text=text,
             drift=drift,
+            generation=generation,
             warnings=tuple(str(w) for w in d.get("warnings") or ()),
         )
 
@@ -342,3 +352,20 @@ def _check_text(text, files: dict) -> None:
     if not ok:
         raise BundleError("manifest text.buckets must be [{length, file (listed in files), golden, atol}], one per "
                           "length of text.settings.buckets below max_length, shortest first")
+
+
+def _check_generation(gen, files: dict) -> None:
+    """The generation section's shape; its meaning is read by edgeruntime.genai on the device."""
+    def ids(v) -> bool:
+        return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+
+    ok = (isinstance(gen, dict) and gen.get("config") in files and gen.get("tokenizer") in files
+          and gen.get("chat_template") in (None, *files) and isinstance(gen.get("defaults"), dict)
+          and _count(gen.get("context_length", -1)) > 0 and _count(gen.get("kv_bytes_per_token", -1)) >= 0
+          and ids(gen.get("eos_token_ids")) and isinstance(gen.get("golden"), list)
+          and all(isinstance(g, dict) and ids(g.get("prompt_ids")) and ids(g.get("ids")) for g in gen["golden"])
+          and 0 <= _number(gen.get("golden_agreement", -1)) <= 1)
+    if not ok:
+        raise BundleError("manifest generation must be {config, tokenizer (listed in files), chat_template (listed, "
+                          "or null), defaults, context_length, kv_bytes_per_token, eos_token_ids, golden: "
+                          "[{prompt_ids, ids}], golden_agreement (0..1)}")

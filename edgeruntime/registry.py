@@ -7,6 +7,7 @@ from edgebundle.errors import BundleError
 _RUNTIMES = {
     "tflite": ("edgeruntime.litert", "LiteRTRuntime"),
     "onnx": ("edgeruntime.onnxrt", "OnnxRuntime"),
+    "genai": ("edgeruntime.genai", "GenAIRuntime"),
 }
 
 

@@ -296,3 +296,29 @@ def _tmpfs(d, size: str):
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:100]})")
     yield d
     subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+# ---- small generative LLMs (tests/llmkit.py) ----
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> Path:
+    """A 2-layer Llama-style causal-LM folder, trained a few seconds on docstrings, with its tokenizer."""
+    from llmkit import tiny_decoder
+
+    return shared(tmp_path_factory, "tiny_llm", lambda d: tiny_decoder(d / "llama"))
+
+
+@pytest.fixture(scope="session")
+def llm_bundles(tiny_llm, keys, tmp_path_factory) -> dict:
+    """Generative x86-cpu bundles of tiny_llm signed with key a: int4 1.0.0 and fp32 1.1.0."""
+    def make(out: Path) -> dict:
+        from functools import partial
+
+        from edgebundle.signing import load_private_key, sign as signature
+        from llmkit import genai_bundle
+
+        sign = partial(signature, private_key=load_private_key(keys / "a.key"))
+        return {"v1": genai_bundle(tiny_llm, out / "v1", precision="int4", version="1.0.0", signer=sign),
+                "v2": genai_bundle(tiny_llm, out / "v2", precision="fp32", version="1.1.0", signer=sign)}
+
+    return shared(tmp_path_factory, "llm_bundles", make)

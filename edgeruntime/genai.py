@@ -1,0 +1,241 @@
+"""Generative decoders: an ONNX Runtime GenAI folder (model.onnx + external weights, genai_config.json,
+tokenizer) behind the runtime adapter. `run` gives teacher-forced logits (golden checks, shadow);
+`generate` streams tokens for one request. One Model serves every request; each request has its own
+Generator (its own KV cache of at most prompt + max_tokens positions)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from edgeruntime.base import LoadSpec, Runtime, TensorInfo
+from edgebundle.errors import InputError, RuntimeUnavailableError
+
+_CUDA = "CUDAExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One request's decoding settings (OpenAI's names). temperature 0 is greedy."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    logprobs: bool = False
+
+    def check(self) -> "Sampling":
+        if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise InputError(f"max_tokens must be a positive integer, not {self.max_tokens!r}")
+        if not (0 <= self.temperature <= 2):
+            raise InputError(f"temperature must be between 0 and 2, not {self.temperature!r}")
+        if not (0 < self.top_p <= 1):
+            raise InputError(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise InputError(f"top_k must be a non-negative integer, not {self.top_k!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token: its id, the text it completes (may be "" while a multi-byte character is
+    still open), its log-probability under the model when asked for, and whether it ends the text."""
+
+    id: int
+    text: str
+    logprob: float | None = None
+    eos: bool = False
+
+
+def _og():
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        raise RuntimeUnavailableError("onnxruntime-genai is not installed",
+                                      hint="pip install 'edgepack[agent-llm]' (onnxruntime-genai)") from None
+    return og
+
+
+def _log_softmax_at(logits: np.ndarray, i: int) -> float:
+    x = logits.astype(np.float64).ravel()
+    m = x.max()
+    return float(x[i] - m - math.log(np.exp(x - m).sum()))
+
+
+@dataclass
+class GenAIRuntime(Runtime):
+    folder: str = ""
+    context_length: int = 0
+    eos_ids: tuple[int, ...] = ()
+    window: int = 0  # sliding-window attention: the KV cache must hold at least this many positions
+    _model: object = None
+    _tokenizer: object = None
+
+    @classmethod
+    def load(cls, path: str, spec: LoadSpec | None = None) -> "GenAIRuntime":
+        """`path`: the decoder's model.onnx (its folder holds genai_config.json and the tokenizer)."""
+        spec = spec or LoadSpec(format="genai")
+        og = _og()
+        folder = os.path.dirname(os.path.abspath(path))
+        config = og.Config(folder)
+        if spec.threads:  # the bundle's thread count: more threads than cores is noise, not speed
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": int(spec.threads), "inter_op_num_threads": 1}}}}))
+        device = "cpu"
+        config.clear_providers()
+        if _CUDA in spec.providers:
+            if og.is_cuda_available():
+                config.append_provider("cuda")
+                device = "cuda"
+            elif not spec.allow_cpu_fallback:
+                raise RuntimeUnavailableError("this bundle runs on CUDA and onnxruntime-genai has no CUDA here",
+                                              hint="install onnxruntime-genai-cuda, or allow the CPU fallback")
+        try:
+            model = og.Model(config)
+            tokenizer = og.Tokenizer(model)
+        except Exception as e:  # og raises plain RuntimeError for every load failure
+            raise RuntimeUnavailableError(f"onnxruntime-genai cannot load {folder}: {e}") from None
+        with open(os.path.join(folder, "genai_config.json")) as f:
+            gc = json.load(f)["model"]
+        eos = gc.get("eos_token_id", [])
+        eos = tuple(eos if isinstance(eos, list) else [eos])
+        vocab = int(gc.get("vocab_size", -1))
+        window = int((gc.get("decoder", {}).get("sliding_window") or {}).get("window_size", 0))
+        return cls(
+            inputs=(TensorInfo("input_ids", (1, -1), "int64"),),
+            outputs=(TensorInfo("logits", (1, -1, vocab), "float32"),),
+            details={"runtime": "onnxruntime-genai", "version": og.__version__, "device": device,
+                     "provider": "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"},
+            folder=folder, context_length=int(gc.get("context_length", 0)), eos_ids=eos, window=window,
+            _model=model, _tokenizer=tokenizer)
+
+    def _capacity(self, n: int) -> int:
+        """KV-cache positions for a sequence of n tokens (a sliding window needs its whole window)."""
+        n = max(n, self.window)
+        return min(n, self.context_length) if self.context_length else n
+
+    # ---- text ----
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise InputError(f"a prompt is text, not {type(text).__name__}")
+        try:
+            return [int(i) for i in self._tokenizer.encode(text)]
+        except Exception as e:  # a lone surrogate, or text the tokenizer cannot take
+            raise InputError(f"the tokenizer refuses this text: {e}") from None
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(np.asarray(list(ids), np.int32)) if len(ids) else ""
+
+    def chat_prompt(self, messages: list[dict], template: str | None) -> str:
+        """The prompt text for chat `messages` through the bundle's chat template."""
+        if not template:
+            raise InputError("this model has no chat template; send a plain prompt to /v1/completions")
+        try:
+            return self._tokenizer.apply_chat_template(json.dumps(messages), template_str=template,
+                                                       add_generation_prompt=True)
+        except Exception as e:
+            raise InputError(f"the chat template cannot render these messages: {e}") from None
+
+    # ---- generation ----
+    def generate(self, prompt_ids: list[int], sampling: Sampling,
+                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[Token]:
+        """Stream up to `sampling.max_tokens` tokens after `prompt_ids`; stops at an end-of-text token
+        (yielded with eos=True and text "") or as soon as `cancelled()` is true between two tokens."""
+        og = _og()
+        sampling.check()
+        if not prompt_ids:
+            raise InputError("the prompt is empty")
+        total = len(prompt_ids) + sampling.max_tokens
+        if self.context_length and total > self.context_length:
+            raise InputError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} "
+                             f"tokens, more than the model's context of {self.context_length}")
+        params = og.GeneratorParams(self._model)
+        opts = {"max_length": self._capacity(total), "do_sample": sampling.temperature > 0}
+        if sampling.temperature > 0:
+            opts.update(temperature=float(sampling.temperature), top_p=float(sampling.top_p),
+                        top_k=int(sampling.top_k) or 0)
+        if sampling.seed is not None:
+            opts["random_seed"] = int(sampling.seed)
+        params.set_search_options(**opts)
+        gen = og.Generator(self._model, params)
+        stream = self._tokenizer.create_stream()
+        try:
+            gen.append_tokens(np.asarray(prompt_ids, np.int32))
+            for _ in range(sampling.max_tokens):
+                if cancelled() or gen.is_done():
+                    return
+                logits = gen.get_logits() if sampling.logprobs else None
+                gen.generate_next_token()
+                tid = int(gen.get_next_tokens()[0])
+                lp = _log_softmax_at(logits, tid) if logits is not None else None
+                if tid in self.eos_ids:
+                    yield Token(tid, "", lp, eos=True)
+                    return
+                yield Token(tid, stream.decode(tid), lp)
+        finally:
+            del gen
+
+    def greedy(self, prompt_ids: list[int], n: int) -> list[int]:
+        return [t.id for t in self.generate(prompt_ids, Sampling(max_tokens=n))]
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits [T, vocab] at every position of `ids`, in one prefill (teacher forcing)."""
+        og = _og()
+        if not len(ids):
+            raise InputError("no tokens")
+        if self.context_length and len(ids) > self.context_length:
+            raise InputError(f"{len(ids)} tokens, more than the model's context of {self.context_length}")
+        params = og.GeneratorParams(self._model)
+        params.set_search_options(max_length=self._capacity(len(ids) + 1), do_sample=False)
+        gen = og.Generator(self._model, params)
+        gen.append_tokens(np.asarray(ids, np.int32))
+        out = np.asarray(gen.get_output("logits"), np.float32)
+        return out.reshape(-1, out.shape[-1])[-len(ids):]
+
+    def teacher_forced(self, prompt_ids: list[int], continuation: list[int]) -> list[int]:
+        """The model's argmax at each position of `continuation` given everything before it."""
+        seq = list(prompt_ids) + list(continuation)
+        top = self.logits(seq[:-1]).argmax(-1)
+        return [int(i) for i in top[len(prompt_ids) - 1:]]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Teacher-forced logits for input_ids [1, T]."""
+        ids = np.asarray(feeds["input_ids"]).reshape(-1)
+        return {"logits": self.logits([int(i) for i in ids])[None]}
+
+    def sample_inputs(self, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        return {"input_ids": np.asarray([self.encode("Hello")], np.int64)}
+
+    def close(self) -> None:
+        self._model = self._tokenizer = None
+
+
+@dataclass(frozen=True)
+class GoldenCheck:
+    agreement: float  # fraction of golden positions whose teacher-forced argmax is the stored token
+    needed: float
+    positions: int
+    failures: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return self.agreement >= self.needed
+
+
+def check_golden(rt: GenAIRuntime, golden: list[dict], needed: float) -> GoldenCheck:
+    """Re-run the bundle's golden prompts teacher-forced on the build's greedy tokens: a device whose
+    kernels differ in rounding may break a near-tie, so it is the share of positions that counts."""
+    hits = total = 0
+    failures = []
+    for i, g in enumerate(golden):
+        got = rt.teacher_forced(g["prompt_ids"], g["ids"])
+        same = sum(a == b for a, b in zip(got, g["ids"]))
+        hits, total = hits + same, total + len(g["ids"])
+        if same < len(g["ids"]):
+            failures.append(f"golden prompt {i}: {same}/{len(g['ids'])} tokens agree")
+    return GoldenCheck(hits / total if total else 1.0, needed, total, tuple(failures))

@@ -1,0 +1,92 @@
+"""A generative bundle: the exported decoder folder (model.onnx + its external weights, genai_config.json,
+tokenizer, chat template) with a manifest of format "genai" whose `generation` section says how the device
+generates: defaults, context length, KV-cache bytes per token, stop tokens and golden prompts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgebundle.archive import write_bundle
+from edgebundle.manifest import Manifest, TensorSpec
+from packager.llm.export import Exported
+from targets import TargetProfile
+
+MODEL_FILE = "model.onnx"
+GOLDEN_AGREEMENT = 0.9  # share of golden positions a device must reproduce (near-ties may flip on other CPUs)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Generation defaults from the source's generation_config.json (OpenAI's names)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    def to_dict(self) -> dict:
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k}
+
+
+@dataclass(frozen=True)
+class Golden:
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    ids: tuple[int, ...]  # the candidate's greedy tokens on the build host
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "prompt_ids": list(self.prompt_ids), "ids": list(self.ids)}
+
+
+@dataclass(frozen=True)
+class Contents:
+    name: str
+    version: str
+    profile: TargetProfile
+    exported: Exported
+    defaults: Defaults
+    golden: tuple[Golden, ...]
+    report: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()
+    threads: int = 0
+
+
+def manifest(c: Contents) -> Manifest:
+    ex = c.exported
+    files = sorted(p.name for p in ex.folder.iterdir() if p.is_file())
+    gen = {"config": "genai_config.json", "tokenizer": "tokenizer.json",
+           "chat_template": "chat_template.jinja" if "chat_template.jinja" in files else None,
+           "defaults": c.defaults.to_dict(), "context_length": ex.context_length,
+           "kv_bytes_per_token": ex.kv_bytes_per_token, "eos_token_ids": list(ex.eos_token_ids),
+           "golden": [g.to_dict() for g in c.golden], "golden_agreement": GOLDEN_AGREEMENT}
+    runtime = {"name": "onnxruntime-genai", "min_version": "0.18.0", "threads": c.threads, "delegates": [],
+               "providers": list(c.providers), "tensorrt_fp16": False, "tensorrt_engine_cache": False,
+               "cpu_fallback": c.profile.cpu_fallback, "flex": False, "edgetpu_compiled": None,
+               "memory_bytes": ex.weight_bytes + ex.kv_bytes_per_token * ex.context_length}
+    return Manifest(
+        name=c.name, version=c.version,
+        target={"name": c.profile.name, "sha256": c.profile.sha256, "profile": c.profile.to_dict()},
+        format="genai", precision=ex.recipe.precision, model_file=MODEL_FILE,
+        inputs=(TensorSpec("input_ids", (1, 16), "int64", shape_signature=(1, -1)),),
+        outputs=(TensorSpec("logits", (1, 16, _vocab(ex)), "float32", shape_signature=(1, -1, _vocab(ex))),),
+        runtime=runtime, quantization={"recipe": ex.recipe.label, "precision": ex.recipe.precision,
+                                       "block_size": ex.recipe.block_size,
+                                       "accuracy_level": ex.recipe.accuracy_level},
+        provenance=dict(c.provenance), report=dict(c.report), warnings=tuple(c.warnings), generation=gen)
+
+
+def _vocab(ex: Exported) -> int:
+    import json
+
+    return int(json.loads((ex.folder / "genai_config.json").read_text())["model"]["vocab_size"])
+
+
+def write(c: Contents, out_dir: Path, *, signer=None) -> Path:
+    m = manifest(c)
+    files = {p.name: p for p in c.exported.folder.iterdir() if p.is_file()}
+    dest = Path(out_dir) / m.file_name
+    write_bundle(dest, m, files, signer=signer)
+    return dest

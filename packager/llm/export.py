@@ -1,0 +1,96 @@
+"""One candidate's export: ONNX Runtime GenAI's model builder in a child process (packager.llm.ogbuild),
+its folder's context length capped for the device, and the facts the bundle records about it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgebundle.errors import ConversionError
+
+BUILD_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one candidate is made: weight precision, int4/int8 block size, MatMulNBits accuracy level
+    (4: int8 activations, CPU's fast path), execution provider the graph is built for."""
+
+    precision: str  # int4 | int8 | fp16 | fp32
+    block_size: int | None = None
+    accuracy_level: int | None = None
+    ep: str = "cpu"
+
+    @property
+    def label(self) -> str:
+        parts = [self.precision]
+        if self.block_size:
+            parts.append(f"b{self.block_size}")
+        if self.accuracy_level:
+            parts.append(f"a{self.accuracy_level}")
+        if self.ep != "cpu":
+            parts.append(self.ep)
+        return "-".join(parts)
+
+    def options(self) -> list[str]:
+        opts = []
+        if self.block_size:
+            opts.append(f"block_size={self.block_size}")
+        if self.accuracy_level:
+            opts.append(f"accuracy_level={self.accuracy_level}")
+        return opts
+
+
+@dataclass(frozen=True)
+class Exported:
+    folder: Path
+    recipe: Recipe
+    weight_bytes: int  # every file of the folder: what the bundle carries
+    context_length: int
+    kv_bytes_per_token: int
+    eos_token_ids: tuple[int, ...]
+
+
+def export(src: Path, out: Path, recipe: Recipe, *, context_length: int | None = None) -> Exported:
+    """Build `recipe` from the causal-LM folder `src` into `out` (replaced)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "packager.llm.ogbuild", str(src), str(out), recipe.precision, recipe.ep,
+           *recipe.options()]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        raise ConversionError(f"onnxruntime-genai's model builder did not finish {recipe.label} in "
+                              f"{BUILD_TIMEOUT_S} s") from None
+    finally:
+        shutil.rmtree(f"{out}.cache", ignore_errors=True)
+    if proc.returncode != 0 or not (out / "genai_config.json").exists():
+        tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-1:] or ["no message"]
+        raise ConversionError(f"onnxruntime-genai's model builder failed on {recipe.label}: {tail[0][:300]}",
+                              hint="is the folder a causal LM that onnxruntime-genai supports (Llama, Qwen2/3, "
+                                   "Gemma 1-3, Phi, Mistral, SmolLM)?")
+    return describe(out, recipe, context_length=context_length)
+
+
+def describe(folder: Path, recipe: Recipe, *, context_length: int | None = None) -> Exported:
+    """The exported folder's facts; with `context_length`, its genai_config is capped to it (the KV cache
+    a device allocates grows with it: a 32k-token context is gigabytes a Pi does not have)."""
+    path = folder / "genai_config.json"
+    cfg = json.loads(path.read_text())
+    model = cfg["model"]
+    if context_length:
+        n = min(int(context_length), int(model["context_length"]))
+        model["context_length"] = n
+        cfg["search"]["max_length"] = min(int(cfg["search"].get("max_length", n)), n)
+        path.write_text(json.dumps(cfg, indent=4) + "\n")
+    dec = model["decoder"]
+    io_bytes = 2 if recipe.precision in ("fp16", "bf16") or recipe.ep == "cuda" else 4
+    kv = 2 * int(dec["num_hidden_layers"]) * int(dec["num_key_value_heads"]) * int(dec["head_size"]) * io_bytes
+    eos = model.get("eos_token_id", [])
+    eos = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+    size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return Exported(folder, recipe, size, int(model["context_length"]), kv, eos)

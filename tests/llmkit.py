@@ -1,0 +1,123 @@
+"""Tiny real causal LMs made in the test: a byte-level BPE tokenizer trained on standard-library
+docstrings, a 2-layer decoder (Llama-, Qwen2- or Gemma3-style config) trained for a few seconds on
+the same text, so its next-token distributions are peaked the way a real model's are (a random
+decoder's near-flat logits make every quantization gate a coin toss). Nothing is downloaded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from textkit import sentences
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def corpus(n: int = 500, *, seed: int = 0) -> list[str]:
+    return sentences(n, seed=seed)
+
+
+def _tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _config(kind: str, vocab: int, context: int):
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                  bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    if kind == "llama":
+        from transformers import LlamaConfig
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if kind == "qwen2":
+        from transformers import Qwen2Config
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    if kind == "gemma3":
+        from transformers import Gemma3TextConfig
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=64, tie_word_embeddings=True)
+    raise ValueError(f"unknown decoder kind {kind!r}")
+
+
+def tiny_decoder(dest: Path, *, kind: str = "llama", steps: int = 120, seed: int = 0,
+                 vocab_size: int = 512, context: int = 256) -> Path:
+    """A Hugging Face causal-LM folder (config, safetensors, tokenizer, generation config, chat
+    template) of a 2-layer decoder trained `steps` Adam steps on docstring sentences."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    texts = corpus()
+    tok = _tokenizer(texts, vocab_size)
+    tok.save_pretrained(dest)
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model: one thread is faster, and leaves the other core to xdist
+    model = AutoModelForCausalLM.from_config(_config(kind, len(tok), context))
+    ids = [tok.bos_token_id] + [i for t in texts for i in tok.encode(t + "\n")]
+    data = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        batch = data[torch.randint(len(data), (16,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    torch.set_num_threads(threads)
+    model.save_pretrained(dest)
+    GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, do_sample=True, temperature=0.7,
+                     top_p=0.9, max_new_tokens=48).save_pretrained(dest)
+    (dest / "train_loss.txt").write_text(f"{loss.item():.4f}\n")
+    return dest
+
+
+if __name__ == "__main__":  # python tests/llmkit.py DEST [KIND]
+    import sys
+    import time
+
+    t = time.perf_counter()
+    out = tiny_decoder(Path(sys.argv[1]), kind=sys.argv[2] if len(sys.argv) > 2 else "llama")
+    print(out, (out / "train_loss.txt").read_text().strip(), f"{time.perf_counter() - t:.1f} s")
+
+
+GOLDEN_PROMPTS = ("The function returns", "This module provides", "Return a list of")
+
+
+def genai_bundle(src: Path, out_dir: Path, *, target: str = "x86-cpu", precision: str = "int4",
+                 version: str = "1.0.0", name: str = "tiny-llm", signer=None, work: Path | None = None) -> Path:
+    """A generative bundle of the folder `src` for `target` (one recipe, no search): export, golden
+    prompts from the exported model's own greedy tokens, manifest, signed write."""
+    from edgeruntime import LoadSpec, load_runtime
+    from packager.llm import bundle
+    from packager.llm.export import Recipe, export
+    from targets import load_profile
+
+    profile = load_profile(target)
+    work = Path(work or out_dir / f".work-{name}-{version}-{target}")
+    recipe = Recipe(precision, block_size=32 if precision == "int4" else None)
+    ex = export(Path(src), work / recipe.label, recipe, context_length=256)
+    rt = load_runtime(str(ex.folder / bundle.MODEL_FILE), LoadSpec(format="genai", threads=1))
+    try:
+        golden = []
+        for p in GOLDEN_PROMPTS:
+            ids = rt.encode(p)
+            golden.append(bundle.Golden(p, tuple(ids), tuple(rt.greedy(ids, 8))))
+    finally:
+        rt.close()
+    c = bundle.Contents(name=name, version=version, profile=profile, exported=ex,
+                        defaults=bundle.Defaults(max_tokens=48, temperature=0.7, top_p=0.9),
+                        golden=tuple(golden), threads=profile.threads,
+                        providers=tuple(p for p in profile.providers if p == "CUDAExecutionProvider"))
+    return bundle.write(c, out_dir, signer=signer)
