@@ -23,12 +23,12 @@ $(VENV)/.demo-installed: setup.cfg pyproject.toml
 # torch==2.13.0+cpu, else PyTorch's own CPU index); plain PyPI's torch is a multi-GB CUDA build, so
 # without either the Hugging Face tests skip (they say so). onnx2tf (ONNX -> TFLite) pins an older
 # TensorFlow: installed --no-deps (requirements-onnx2tf.txt).
-$(VENV)/.installed: $(VENV)/.demo-installed requirements-onnx2tf.txt
+$(VENV)/.installed: $(VENV)/.demo-installed requirements-onnx2tf.txt setup.cfg
 	$(PY) -m pip install -q 'torch==2.13.0+cpu' 2>/dev/null \
 	  || $(PY) -m pip install -q --retries 0 --timeout 10 --index-url https://download.pytorch.org/whl/cpu 'torch>=2.4' 2>/dev/null \
 	  || echo "note: no CPU build of torch on this index: the Hugging Face tests will skip" \
 	     "(pip install torch --index-url https://download.pytorch.org/whl/cpu adds it)"
-	$(PY) -m pip install -q -e '.[packager,onnx-tflite,agent,text,dev]' 'transformers>=4.44' 'safetensors>=0.4'
+	$(PY) -m pip install -q -e '.[packager,onnx-tflite,agent,text,llm,gguf,dev]' 'transformers>=4.44' 'safetensors>=0.4'
 	$(PY) -m pip install -q --no-deps -r requirements-onnx2tf.txt
 	touch $@
 
