@@ -81,9 +81,9 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
               help="Built-in target name or a profile .yaml (repeatable). See `edgepack targets list`.")
 @click.option("--output", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("dist"), show_default=True,
               help="Folder for the bundles.")
-@click.option("--quantize", "precision", type=click.Choice([p.value for p in Precision]), default="auto",
+@click.option("--quantize", "precision", type=click.Choice([p.value for p in Precision] + ["int4"]), default="auto",
               show_default=True, help="Precision; auto = the fastest candidate that passes the gates, measured "
-                                      "(a .tflite stays as it is).")
+                                      "(a .tflite stays as it is). int4: causal LMs only.")
 @click.option("--search", type=click.Choice([m.value for m in Search]), default="first", show_default=True,
               help="auto: keep the first candidate that passes (first) or try all and keep the fastest (thorough).")
 @click.option("--calibration", help="Calibration data: .npz/.npy (first axis = samples), a folder of images, "
@@ -92,7 +92,8 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--calibration-method", type=click.Choice([m.value for m in CalibrationMethod]),
               help="ONNX static int8 calibration (default: the target's).")
 @click.option("--per-channel/--per-tensor", default=None, help="ONNX int8 weight quantization granularity.")
-@click.option("--validation", help=".npz with one array per input and optional labels 'y'.")
+@click.option("--validation", help=".npz with one array per input and optional labels 'y'; causal LMs: held-out "
+                                   "text (.txt, one text per paragraph, or .jsonl with \"text\").")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:D1,D2,...",
               help="Fix dynamic dimensions of an input (repeatable).")
 @click.option("--max-accuracy-drop", type=float, default=1.0, show_default=True,
@@ -103,6 +104,12 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 @click.option("--min-neighbours", type=click.FloatRange(0, 1), default=0.95, show_default=True,
               help="Accuracy gate for embeddings (unit-length vectors): least share of validation samples whose "
                    "nearest neighbour stays the same (0 switches the ranking check off).")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+              help="Causal LMs: least teacher-forced top-1 agreement with the float model (default 0.85).")
+@click.option("--max-ppl-ratio", type=click.FloatRange(1, None), default=None,
+              help="Causal LMs: most perplexity, as a multiple of the float model's (default 1.10).")
+@click.option("--context-length", type=click.IntRange(16, None), default=2048, show_default=True,
+              help="Causal LMs: the context the device serves (its KV cache grows with it).")
 @click.option("--no-accuracy-gate", "no_gate", is_flag=True, help="Switch the accuracy gate off (the report says so).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Build cache: converted models kept by the model's bytes, data, options and tool versions, so "
@@ -149,6 +156,15 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
 
     for t in targets:  # an unknown target or a malformed profile, said before the packager loads
         load_profile(t)
+    from packager.llm.detect import is_causal_lm
+
+    if is_causal_lm(Path(model)):
+        return _build_llm(model, targets, out_dir, precision, validation, no_gate, overwrite, name, version,
+                          sign_key, as_json, kw)
+    if precision == "int4":
+        raise InputError("--quantize int4 is for causal LMs (block-wise int4 weights of a decoder)",
+                         hint="for this model use auto, int8, dynamic, dynamic-block, int16x8, fp16 or fp32")
+    kw = {k: v for k, v in kw.items() if k not in _LLM_ONLY}
     buckets = _buckets(length_buckets)
     from packager.build import BuildOptions, build as run_build
     from packager.data import ImagePreprocessing
@@ -179,6 +195,32 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
         click.echo(build_table(report))
         if not no_html:
             click.echo(f"\nreport: {report['html']}")
+    failed = [r for r in result.results if not r.ok]
+    if failed:
+        raise Reported(failed[0].exc)
+
+
+_LLM_ONLY = ("min_agreement", "max_ppl_ratio", "context_length")
+
+
+def _build_llm(model, targets, out_dir, precision, validation, no_gate, overwrite, name, version, sign_key, as_json,
+               kw) -> None:
+    """A causal LM: its own pipeline (packager/llm/build.py) and table."""
+    from packager.llm import quality
+    from packager.llm.build import LlmOptions, build as build_llm
+    from packager.llm.report import table
+
+    if precision not in ("auto", "int4", "int8", "fp16", "fp32"):
+        raise InputError(f"--quantize {precision} does not apply to a causal LM", hint="use auto, int4, int8, fp16 or fp32")
+    gate = quality.Gate(min_agreement=kw.get("min_agreement") or quality.MIN_AGREEMENT,
+                        max_ppl_ratio=kw.get("max_ppl_ratio") or quality.MAX_PPL_RATIO, enabled=not no_gate)
+    opts = LlmOptions(model=Path(model), targets=tuple(targets), out_dir=Path(out_dir), name=name, version=version,
+                      precision=precision, validation=Path(validation) if validation else None,
+                      context_length=kw.get("context_length") or 2048, gate=gate, sign_key=sign_key,
+                      overwrite=overwrite)
+    result = build_llm(opts, progress=_progress(sys.stderr.isatty() or not as_json))
+    report = result.to_dict()
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else table(report))
     failed = [r for r in result.results if not r.ok]
     if failed:
         raise Reported(failed[0].exc)

@@ -29,6 +29,21 @@ class Defaults:
                 "top_k": self.top_k}
 
 
+def defaults_of(folder: Path) -> Defaults:
+    """The source's generation_config.json as request defaults (greedy where it does not sample)."""
+    import json
+
+    try:
+        g = json.loads((Path(folder) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return Defaults()
+    sample = bool(g.get("do_sample"))
+    return Defaults(max_tokens=int(g.get("max_new_tokens") or 256),
+                    temperature=float(g.get("temperature", 1.0)) if sample else 0.0,
+                    top_p=float(g.get("top_p", 1.0)) if sample else 1.0,
+                    top_k=int(g.get("top_k", 0) or 0) if sample else 0)
+
+
 @dataclass(frozen=True)
 class Golden:
     prompt: str

@@ -1,0 +1,100 @@
+"""The generation gate: each candidate scored against the float reference on the same held-out token ids.
+Teacher-forced top-1 agreement (does the candidate pick the reference's next token?) and the perplexity
+ratio (how much likelier the real text is under the reference than under the candidate)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgebundle.errors import ConversionError
+
+# Defaults measured on Gemma 3 270M (docs/benchmarks.md, "Small LLMs"): int4 block 32 keeps ~90 % of the
+# reference's next tokens; a candidate below 85 % or 10 % more perplexed is visibly worse text.
+MIN_AGREEMENT = 0.85
+MAX_PPL_RATIO = 1.10
+EVAL_TOKENS = 2048
+CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Gate:
+    min_agreement: float = MIN_AGREEMENT
+    max_ppl_ratio: float = MAX_PPL_RATIO
+    enabled: bool = True
+
+    def to_dict(self) -> dict:
+        return {"min_agreement": self.min_agreement, "max_ppl_ratio": self.max_ppl_ratio, "enabled": self.enabled}
+
+
+@dataclass(frozen=True)
+class Reference:
+    chunks: tuple[np.ndarray, ...]  # token ids per chunk
+    top1: np.ndarray  # the reference's argmax at every scored position, all chunks in order
+    nll: np.ndarray  # its negative log-likelihood of the real next token there
+    params: int
+    seconds: float = 0.0
+
+    @property
+    def positions(self) -> int:
+        return int(self.top1.size)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(float(self.nll.mean()))
+
+
+@dataclass(frozen=True)
+class Quality:
+    agreement: float
+    ppl_ratio: float
+    perplexity: float
+    positions: int
+
+    def passes(self, gate: Gate) -> bool:
+        return not gate.enabled or (self.agreement >= gate.min_agreement and self.ppl_ratio <= gate.max_ppl_ratio)
+
+    def to_dict(self) -> dict:
+        return {"agreement": round(self.agreement, 4), "ppl_ratio": round(self.ppl_ratio, 4),
+                "perplexity": round(self.perplexity, 3), "positions": self.positions}
+
+
+def reference(folder: Path, texts: list[str], work: Path, *, max_tokens: int = EVAL_TOKENS,
+              chunk: int = CHUNK) -> Reference:
+    """The float reference in a child process (torch stays out of the build's process)."""
+    import time
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "texts.json").write_text(json.dumps(texts))
+    out = work / "reference.npz"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "packager.llm.reference", str(folder), str(work / "texts.json"),
+                           str(out), str(max_tokens), str(chunk)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not out.exists():
+        tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-1:] or ["no message"]
+        raise ConversionError(f"the float reference (transformers) failed on {folder}: {tail[0][:300]}")
+    z = np.load(out)
+    ids, off = z["ids"], z["offsets"]
+    chunks = tuple(ids[a:b] for a, b in zip(off[:-1], off[1:]))
+    return Reference(chunks, z["top1"], z["nll"], int(z["params"]), time.perf_counter() - t)
+
+
+def score(rt, ref: Reference) -> Quality:
+    """`rt`: an edgeruntime.genai.GenAIRuntime of the candidate."""
+    tops, nlls = [], []
+    for c in ref.chunks:
+        logits = rt.logits([int(i) for i in c])[:-1].astype(np.float64)
+        m = logits.max(-1, keepdims=True)
+        logz = (m[:, 0] + np.log(np.exp(logits - m).sum(-1)))
+        nlls.append(logz - logits[np.arange(len(c) - 1), c[1:]])
+        tops.append(logits.argmax(-1))
+    top, nll = np.concatenate(tops), np.concatenate(nlls)
+    return Quality(agreement=float((top == ref.top1).mean()), ppl_ratio=math.exp(float(nll.mean() - ref.nll.mean())),
+                   perplexity=math.exp(float(nll.mean())), positions=int(top.size))
