@@ -16,7 +16,7 @@ from typing import Callable
 from edgebundle.errors import ConversionError, EdgepackError, InputError
 from packager.llm import bundle
 from packager.llm.detect import is_causal_lm  # noqa: F401  (re-exported)
-from packager.llm.export import Exported, Recipe, export
+from packager.llm.export import Exported, Recipe, export_all
 from packager.llm.quality import Gate, Quality, Reference, reference, score
 from packager.llm.timing import Speed, measure
 from targets import TargetProfile
@@ -154,10 +154,15 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
             work: Path, signer, progress: Progress) -> LlmTarget:
     cands: list[Candidate] = []
     exports: dict[str, Exported] = {}
-    for r in recipes(p, opts.precision):
-        if r.label not in made:  # each recipe is exported and scored once for every target that tries it
-            progress(f"[{p.name}] {r.label}: exporting and scoring")
-            made[r.label] = _scored(r, folder, ref, work, opts)
+    ladder = recipes(p, opts.precision)
+    todo = [r for r in ladder if r.label not in made]  # each recipe is exported and scored once for all targets
+    if todo:
+        progress(f"[{p.name}] exporting {', '.join(r.label for r in todo)}")
+        built = export_all(folder, {r: work / "candidates" / r.label for r in todo}, context_length=opts.context_length)
+        for r in todo:
+            progress(f"[{p.name}] {r.label}: scoring on {ref.positions} tokens")
+            made[r.label] = _scored(r, built[r], ref)
+    for r in ladder:
         c, ex = made[r.label]
         if ex is not None:
             exports[r.label] = ex
@@ -192,13 +197,11 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
     return LlmTarget(p.name, True, dest, tuple(cands), best.recipe.label, why, dest.stat().st_size)
 
 
-def _scored(r: Recipe, folder: Path, ref: Reference, work: Path, opts: LlmOptions) -> tuple[Candidate, Exported | None]:
+def _scored(r: Recipe, ex: Exported | ConversionError, ref: Reference) -> tuple[Candidate, Exported | None]:
     from edgeruntime import LoadSpec, load_runtime
 
-    try:
-        ex = export(folder, work / "candidates" / r.label, r, context_length=opts.context_length)
-    except ConversionError as e:
-        return Candidate(r, verdict="failed export", why=str(e).splitlines()[0]), None
+    if isinstance(ex, ConversionError):
+        return Candidate(r, verdict="failed export", why=str(ex).splitlines()[0]), None
     try:
         rt = load_runtime(str(ex.folder / bundle.MODEL_FILE), LoadSpec(format="genai", threads=_threads(None),
                                                                      allow_cpu_fallback=True))

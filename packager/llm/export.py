@@ -57,23 +57,53 @@ class Exported:
 
 def export(src: Path, out: Path, recipe: Recipe, *, context_length: int | None = None) -> Exported:
     """Build `recipe` from the causal-LM folder `src` into `out` (replaced)."""
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "packager.llm.ogbuild", str(src), str(out), recipe.precision, recipe.ep,
-           *recipe.options()]
+    got = export_all(src, {recipe: out}, context_length=context_length)[recipe]
+    if isinstance(got, ConversionError):
+        raise got
+    return got
+
+
+def export_all(src: Path, jobs: dict[Recipe, Path], *,
+               context_length: int | None = None) -> dict[Recipe, Exported | ConversionError]:
+    """Every recipe of `jobs` built into its folder in one child process (torch imported once); a recipe
+    the builder fails on gets its ConversionError, the others their Exported."""
+    import json
+    import tempfile
+
+    for out in jobs.values():
+        shutil.rmtree(out, ignore_errors=True)
+        Path(f"{out}.status").unlink(missing_ok=True)
+    spec = [{"src": str(src), "out": str(out), "precision": r.precision, "ep": r.ep, "options": r.options()}
+            for r, out in jobs.items()]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, env=env)
+        proc = subprocess.run([sys.executable, "-m", "packager.llm.ogbuild", f.name], capture_output=True,
+                              text=True, timeout=BUILD_TIMEOUT_S * len(jobs), env=env)
     except subprocess.TimeoutExpired:
-        raise ConversionError(f"onnxruntime-genai's model builder did not finish {recipe.label} in "
-                              f"{BUILD_TIMEOUT_S} s") from None
+        proc = None
     finally:
+        os.unlink(f.name)
+    done: dict[Recipe, Exported | ConversionError] = {}
+    for r, out in jobs.items():
         shutil.rmtree(f"{out}.cache", ignore_errors=True)
-    if proc.returncode != 0 or not (out / "genai_config.json").exists():
-        tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-1:] or ["no message"]
-        raise ConversionError(f"onnxruntime-genai's model builder failed on {recipe.label}: {tail[0][:300]}",
-                              hint="is the folder a causal LM that onnxruntime-genai supports (Llama, Qwen2/3, "
-                                   "Gemma 1-3, Phi, Mistral, SmolLM)?")
-    return describe(out, recipe, context_length=context_length)
+        status = Path(f"{out}.status")
+        msg = status.read_text().strip() if status.exists() else (
+            "timed out" if proc is None else _last_line(proc.stderr) or f"exit code {proc.returncode}")
+        status.unlink(missing_ok=True)
+        if msg == "ok" and (out / "genai_config.json").exists():
+            done[r] = describe(out, r, context_length=context_length)
+        else:
+            done[r] = ConversionError(f"onnxruntime-genai's model builder failed on {r.label}: {msg[:300]}",
+                                      hint="is the folder a causal LM that onnxruntime-genai supports (Llama, "
+                                           "Qwen2/3, Gemma 1-3, Phi, Mistral, SmolLM)?")
+    return done
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def describe(folder: Path, recipe: Recipe, *, context_length: int | None = None) -> Exported:

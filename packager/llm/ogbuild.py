@@ -1,6 +1,7 @@
 """Child process: ONNX Runtime GenAI's model builder on a Hugging Face causal-LM folder (imports torch,
-so it never runs in the build's own process). Usage: python -m packager.llm.ogbuild SRC OUT PRECISION EP
-[KEY=VALUE ...] (the builder's extra options, e.g. block_size=32 accuracy_level=4)."""
+so it never runs in the build's own process). Usage: python -m packager.llm.ogbuild JOBS.json, a list of
+{"src", "out", "precision", "ep", "options": ["block_size=32", ...]} run in turn in this one process (torch
+and the builder imported once); each job's outcome goes to OUT.status ("ok" or the error's last line)."""
 from __future__ import annotations
 
 import runpy
@@ -27,14 +28,29 @@ def _gemma3_rope() -> None:
     Gemma3Model.__init__ = patched
 
 
-def main(argv: list[str]) -> None:
-    src, out, precision, ep, *extra = argv
-    _gemma3_rope()
+def run(src: str, out: str, precision: str, ep: str, options: list[str]) -> None:
     sys.argv = ["builder", "-i", src, "-o", out, "-p", precision, "-e", ep, "-c", f"{out}.cache"]
-    if extra:
-        sys.argv += ["--extra_options", *extra]
+    if options:
+        sys.argv += ["--extra_options", *options]
     runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
 
 
+def main(jobs_file: str) -> None:
+    import json
+    import traceback
+
+    _gemma3_rope()
+    for job in json.loads(open(jobs_file).read()):
+        status = f"{job['out']}.status"
+        try:
+            run(job["src"], job["out"], job["precision"], job["ep"], job.get("options") or [])
+            msg = "ok"
+        except BaseException as e:  # noqa: BLE001  one recipe's failure is that candidate's, not the build's
+            lines = [x for x in traceback.format_exception_only(type(e), e) if x.strip()]
+            msg = (lines[-1].strip() if lines else repr(e)) or "failed"
+        with open(status, "w") as f:
+            f.write(msg)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1])
