@@ -6,6 +6,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 from device_agent import __version__
 from device_agent.buffer import DiskQueue, QueueUnwritable
@@ -15,7 +16,8 @@ from device_agent.model import Model
 from device_agent.proc import trim_memory
 from device_agent.repository import AgentRepository
 from device_agent.routing import Desires
-from device_agent.slot import MB, OTHERS, MemoryRefused, ModelSlot, cpu_share, discover, primary_name, slot_name
+from device_agent.slot import (MB, OTHERS, Memory, MemoryRefused, ModelSlot, cpu_share, discover, primary_name,
+                               slot_name)
 from device_agent.capture import CapturePolicy, Capturer
 from device_agent.profile import ProfilePolicy, Profiler, parse_delays
 from device_agent.ota.gate import RecordGate, SourcePolicy
@@ -188,7 +190,12 @@ class Agent:
             meant = [s for s in self.slots if s.meant]
             return all(s.model is not None for s in meant) if meant else any(s.model for s in self.slots)
 
-    def admit(self, slot: ModelSlot, need) -> None:
+    # ---- the slots' host interface (device_agent.slot.SlotHost) ----
+    @property
+    def data_dir(self) -> Path:
+        return self.cfg.data_dir
+
+    def admit(self, name: str | None, need: Memory) -> None:
         """Refuse a model that would not fit before it loads (MemoryRefused names the figures):
         MemAvailable less a reserve, and the configured budget less what the loaded models need
         (the slot's own old model included: it keeps serving until the new one commits)."""
@@ -205,11 +212,11 @@ class Agent:
             why.append(f"the {(budget - taken) / MB:.0f} MB left of the {budget / MB:.0f} MB memory budget "
                        f"({taken / MB:.0f} MB taken by the models loaded)")
         if why:
-            raise MemoryRefused(f"model {slot.name} needs about {need.need_bytes / MB:.0f} MB ({need.source}), "
+            raise MemoryRefused(f"model {name} needs about {need.need_bytes / MB:.0f} MB ({need.source}), "
                                 f"more than {' and '.join(why)}",
                                 hint="free memory, remove or unload a model, or raise memory_budget_mb")
 
-    def yield_to_traffic(self, slot: ModelSlot):
+    def yield_to_traffic(self):
         """While a model stages, each warm-up or golden run first waits (up to 0.25 s) for the
         requests running on the device's models: an update never starves live traffic."""
         def pause() -> None:
@@ -218,6 +225,13 @@ class Agent:
                                                       for s in list(self.slots)):
                 time.sleep(0.002)
         return pause
+
+    def rss_bytes(self) -> int | None:
+        return self.metrics.rss_bytes()
+
+    def building(self, why: str):
+        """The agent's state while a model's first load builds (minutes: systemd is told it lives)."""
+        return self.life.slow_phase(AgentState.BUILDING, why)
 
     def event(self, doc: dict) -> None:
         """Update events share the telemetry queue: durable, ordered, delivered after outages. When
