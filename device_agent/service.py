@@ -15,7 +15,7 @@ from device_agent.lifecycle import READY_STATES, AgentState, Lifecycle
 from device_agent.model import Model
 from device_agent.proc import trim_memory
 from device_agent.repository import AgentRepository
-from device_agent.routing import Desires
+from device_agent.routing import Desires, Route
 from device_agent.slot import (MB, OTHERS, Memory, MemoryRefused, ModelSlot, cpu_share, discover, primary_name,
                                slot_name)
 from device_agent.capture import CapturePolicy, Capturer
@@ -75,6 +75,7 @@ class Agent:
         self._drainer: threading.Thread | None = None
         self._group_topics = {self.topics.group_desired(g) for g in cfg.groups}
         self.desires = Desires(self.topics, cfg.groups)
+        self._routes = self._topic_routes()
         self.api = None
         self.life = Lifecycle(on_change=self.status_changed, healthy=self.healthy)
 
@@ -302,36 +303,55 @@ class Agent:
             self.mqtt.subscribe(topic, qos=1)
         self._wake.set()
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        model = model_of(topic)
-        if topic == self.topics.desired or topic in self._group_topics or (model and self._desired_topic(topic)):
-            try:
-                d = self.gate.accept(payload, topic)
-            except RecordError as e:  # refused: say why, keep acting on what was accepted before
-                log.error("%s", e)
-                self.event({"update_id": e.update_id, "state": "failed", "model": model,
-                            "error": str(e).split("\n")[0]})
-                return
-            self._route(topic, model, d)
-        elif topic == self.topics.profile_job:
-            if self.profiler:
-                self.profiler.on_job(payload, topic)
-        elif topic == self.topics.capture_request:
-            if self.capturer:
-                self.capturer.on_request(payload, topic)
-        else:  # chunks: a profile job and updates may fetch the same bundle; each takes what it asked for
-            if self.profiler:
-                self.profiler.on_message(topic, payload)
-            for s in list(self.slots):
-                if s.updater:
-                    s.updater.on_message(topic, payload)
-
-    def _desired_topic(self, topic: str) -> bool:
+    def _topic_routes(self) -> tuple[Route, ...]:
+        """Who takes a message, in order (the first route whose topic matches): records, profile
+        jobs, capture requests; every other topic may carry chunks a transfer asked for."""
         t = self.topics
-        return topic.startswith(f"{t.prefix}/devices/{self.cfg.device_id}/models/") or any(
-            topic.startswith(f"{t.prefix}/groups/{g}/models/") for g in self.cfg.groups)
+        return (Route(self._record_topic, self._on_record),
+                Route(lambda topic: topic == t.profile_job, self._on_profile_job),
+                Route(lambda topic: topic == t.capture_request, self._on_capture_request),
+                Route(lambda topic: True, self._on_chunks))
 
-    def _route(self, topic: str, model: str | None, d) -> None:
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        next(r for r in self._routes if r.matches(topic)).handle(topic, payload)
+
+    def _record_topic(self, topic: str) -> bool:
+        """A desired record's topic: the device's own, its groups', or a model's on either."""
+        t = self.topics
+        if topic == t.desired or topic in self._group_topics:
+            return True
+        return model_of(topic) is not None and (topic.startswith(f"{t.prefix}/devices/{self.cfg.device_id}/models/")
+                                                or any(topic.startswith(f"{t.prefix}/groups/{g}/models/")
+                                                       for g in self.cfg.groups))
+
+    def _on_record(self, topic: str, payload: bytes) -> None:
+        model = model_of(topic)
+        try:
+            d = self.gate.accept(payload, topic)
+        except RecordError as e:  # refused: say why, keep acting on what was accepted before
+            log.error("%s", e)
+            self.event({"update_id": e.update_id, "state": "failed", "model": model,
+                        "error": str(e).split("\n")[0]})
+            return
+        self._give_record(topic, model, d)
+
+    def _on_profile_job(self, topic: str, payload: bytes) -> None:
+        if self.profiler:
+            self.profiler.on_job(payload, topic)
+
+    def _on_capture_request(self, topic: str, payload: bytes) -> None:
+        if self.capturer:
+            self.capturer.on_request(payload, topic)
+
+    def _on_chunks(self, topic: str, payload: bytes) -> None:
+        """A profile job and updates may fetch the same bundle; each takes what it asked for."""
+        if self.profiler:
+            self.profiler.on_message(topic, payload)
+        for s in list(self.slots):
+            if s.updater:
+                s.updater.on_message(topic, payload)
+
+    def _give_record(self, topic: str, model: str | None, d) -> None:
         """Give an accepted record to the model it addresses (routing.Desires says which record each
         model follows). A record for a model the device lacks installs it; a removal never does."""
         if model is None and isinstance(d, Removal):

@@ -241,3 +241,40 @@ def test_which_record_each_model_follows():
     assert d.winner("a", first=False) == "removal"
     d.put(t.model_desired("a"), "a", None)  # cleared: the group's record applies again
     assert d.winner("a", first=False) == "a-g1" and d.winner(None, first=True) == "old-group"
+
+
+def test_each_topic_goes_where_it_did(tmp_path):
+    """The agent's topic table: records (the device's own, its groups', a model's on either) to the
+    record gate, profile jobs and capture requests to their workers, every other topic to whoever
+    fetches chunks (an unknown one is ignored there). No broker: the handlers are fakes."""
+    from device_agent.service import Agent
+    from edgeproto.desired import RecordError
+    from edgeproto.topics import DeviceTopics
+
+    agent = Agent(load_config(env={}, data_dir=tmp_path / "data", device_id="d1", groups=("g1",), api_port=0))
+    seen: list[tuple[str, str]] = []
+
+    class Gate:
+        def accept(self, payload, topic):
+            seen.append(("record", topic))
+            raise RecordError("refused here", update_id="u1")
+
+    class Worker:
+        def __init__(self, *kinds):
+            for k in kinds:
+                setattr(self, k, lambda *a, k=k: seen.append((k, a[1] if k != "on_message" else a[0])))
+
+    agent.gate = Gate()
+    agent.profiler, agent.capturer = Worker("on_job", "on_message"), Worker("on_request")
+    t, other = agent.topics, DeviceTopics(agent.topics.prefix, "d2")
+    expect = {t.desired: "record", t.group_desired("g1"): "record", t.model_desired("m"): "record",
+              t.group_model_desired("g1", "m"): "record", t.profile_job: "on_job", t.capture_request: "on_request",
+              other.model_desired("m"): "on_message", t.group_model_desired("g2", "m"): "on_message",
+              f"{t.prefix}/bundles/abc/chunks/0": "on_message", "elsewhere/entirely": "on_message"}
+    try:
+        for topic, where in expect.items():
+            seen.clear()
+            agent._on_message(topic, b"{}")
+            assert seen == [(where, topic)], (topic, seen)
+    finally:
+        agent.queue.close()
