@@ -254,8 +254,8 @@ class Agent:
     def device_id(self) -> str:
         return self.cfg.device_id
 
-    def active_model(self) -> Model | None:
-        """The model a profile job yields to: the busiest one now."""
+    def busiest_model(self) -> Model | None:
+        """The model a profile job yields to: the one with the most requests in flight now."""
         models = [s.model for s in self.slots if s.model is not None]
         return max(models, key=lambda m: m.in_flight, default=None)
 

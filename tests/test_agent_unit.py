@@ -278,3 +278,19 @@ def test_each_topic_goes_where_it_did(tmp_path):
             assert seen == [(where, topic)], (topic, seen)
     finally:
         agent.queue.close()
+
+
+def test_a_profile_job_yields_to_the_busiest_model(tmp_path):
+    """The profiler's host answers `busiest_model()` (a slot's `active_model()` is its own model)."""
+    from types import SimpleNamespace
+
+    from device_agent.service import Agent
+
+    agent = Agent(load_config(env={}, data_dir=tmp_path / "data", api_port=0))
+    try:
+        assert agent.busiest_model() is None
+        idle, busy = SimpleNamespace(in_flight=0), SimpleNamespace(in_flight=3)
+        agent.slots = [SimpleNamespace(model=idle), SimpleNamespace(model=None), SimpleNamespace(model=busy)]
+        assert agent.busiest_model() is busy
+    finally:
+        agent.queue.close()
