@@ -521,8 +521,7 @@ class Agent:
 
     def healthy(self) -> bool:
         """For the systemd watchdog: the API and update threads are alive."""
-        threads = [self.api._thread if self.api else None] + [s.updater._thread for s in self.slots if s.updater]
-        return all(t is None or t.is_alive() for t in threads)
+        return (self.api is None or self.api.alive()) and all(s.updater.alive() for s in self.slots if s.updater)
 
     def run(self, *, ready: threading.Event | None = None) -> None:
         """start(), then emit telemetry every interval until SIGTERM/SIGINT or request_stop()."""

@@ -294,3 +294,24 @@ def test_a_profile_job_yields_to_the_busiest_model(tmp_path):
         assert agent.busiest_model() is busy
     finally:
         agent.queue.close()
+
+
+def test_the_watchdog_asks_each_thread_owner_if_it_is_alive(tmp_path):
+    """healthy() (the systemd watchdog's question) asks the API server and each updater `alive()`:
+    an updater whose loop ended makes the agent unhealthy; one not started yet does not."""
+    from types import SimpleNamespace
+
+    from device_agent.ota.updater import Updater
+    from device_agent.service import Agent
+
+    agent = Agent(load_config(env={}, data_dir=tmp_path / "data", api_port=0))
+    u = Updater(SimpleNamespace(mqtt=None), tmp_path / "u")  # idle: its loop asks its host nothing
+    agent.slots = [SimpleNamespace(updater=u), SimpleNamespace(updater=None)]
+    try:
+        assert u.alive() and agent.healthy()
+        u.start()
+        assert u.alive() and agent.healthy()
+        u.stop()
+        assert not u.alive() and not agent.healthy()
+    finally:
+        agent.queue.close()
