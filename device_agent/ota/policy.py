@@ -37,7 +37,8 @@ class UpdaterSettings:
 
 
 class Host(Protocol):
-    """What the updater needs from the agent (injected, so tests can drive it with fakes)."""
+    """What the updater needs from its host, the model's slot (device_agent.slot.ModelSlot; injected,
+    so tests can drive it with fakes)."""
 
     store: Store
     mqtt: object  # the MQTT session, when no fetcher is injected
