@@ -65,7 +65,7 @@ class Host(Protocol):
     keyring: object
     store: ChunkSource | None  # the bundles held here, which a content-defined transfer copies from
 
-    def active_model(self): ...
+    def busiest_model(self): ...  # the serving model with the most requests in flight (None: none)
     def updating(self) -> bool: ...
     def now(self) -> str: ...
     def status_changed(self) -> None: ...
@@ -274,7 +274,7 @@ class Profiler:
         while time.monotonic() <= deadline:
             if stopping():
                 raise Cancelled("profile job cancelled")
-            model = self.host.active_model()
+            model = self.host.busiest_model()
             if model is None or not model.in_flight:
                 break
             time.sleep(self.policy.poll_s)

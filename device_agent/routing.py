@@ -1,5 +1,6 @@
-"""Which record each model of the device follows: the records accepted per topic, kept by the
-model they address (so they outlive a removed model's slot), and the precedence between them.
+"""Which handler takes a message (`Route`: the agent's table of topics), and which record each model
+of the device follows: the records accepted per topic, kept by the model they address (so they
+outlive a removed model's slot), and the precedence between them.
 
 For a model N: devices/{id}/models/N/desired, then groups/{g}/models/N/desired (groups in the
 configured order); for the model at the data directory's top level (the first model, what a
@@ -8,10 +9,20 @@ groups/{g}/desired (old-style records)."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
+from typing import Callable
 
 from edgeproto.topics import DeviceTopics
 
 OLD_STYLE = ""  # the key of the device's and groups' own topics
+
+
+@dataclass(frozen=True)
+class Route:
+    """One row of the agent's topic table: the first row whose `matches` holds takes the message."""
+
+    matches: Callable[[str], bool]  # topic -> whether this row takes it
+    handle: Callable[[str, bytes], None]  # (topic, payload)
 
 
 class Desires:
@@ -41,4 +52,4 @@ class Desires:
             return next(((src[k], k) for src, k in order if src.get(k) is not None), (None, None))
 
 
-__all__ = ["Desires", "OLD_STYLE"]
+__all__ = ["Desires", "OLD_STYLE", "Route"]

@@ -211,6 +211,10 @@ class ApiServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    def alive(self) -> bool:
+        """For the agent's watchdog: False once the serving thread has ended (not before it starts)."""
+        return self._thread is None or self._thread.is_alive()
+
     # ---- routes: (status, JSON-able body) or raw (status, bytes, headers) ----
     def route(self, method: str, path: str, headers, read_body: Callable[[], bytes]):
         if path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/"):

@@ -6,6 +6,7 @@ import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 from device_agent import __version__
 from device_agent.buffer import DiskQueue, QueueUnwritable
@@ -14,8 +15,9 @@ from device_agent.lifecycle import READY_STATES, AgentState, Lifecycle
 from device_agent.model import Model
 from device_agent.proc import trim_memory
 from device_agent.repository import AgentRepository
-from device_agent.routing import Desires
-from device_agent.slot import MB, OTHERS, MemoryRefused, ModelSlot, cpu_share, discover, primary_name, slot_name
+from device_agent.routing import Desires, Route
+from device_agent.slot import (MB, OTHERS, Memory, MemoryRefused, ModelSlot, cpu_share, discover, primary_name,
+                               slot_name)
 from device_agent.capture import CapturePolicy, Capturer
 from device_agent.profile import ProfilePolicy, Profiler, parse_delays
 from device_agent.ota.gate import RecordGate, SourcePolicy
@@ -73,6 +75,7 @@ class Agent:
         self._drainer: threading.Thread | None = None
         self._group_topics = {self.topics.group_desired(g) for g in cfg.groups}
         self.desires = Desires(self.topics, cfg.groups)
+        self._routes = self._topic_routes()
         self.api = None
         self.life = Lifecycle(on_change=self.status_changed, healthy=self.healthy)
 
@@ -188,7 +191,12 @@ class Agent:
             meant = [s for s in self.slots if s.meant]
             return all(s.model is not None for s in meant) if meant else any(s.model for s in self.slots)
 
-    def admit(self, slot: ModelSlot, need) -> None:
+    # ---- the slots' host interface (device_agent.slot.SlotHost) ----
+    @property
+    def data_dir(self) -> Path:
+        return self.cfg.data_dir
+
+    def admit(self, name: str | None, need: Memory) -> None:
         """Refuse a model that would not fit before it loads (MemoryRefused names the figures):
         MemAvailable less a reserve, and the configured budget less what the loaded models need
         (the slot's own old model included: it keeps serving until the new one commits)."""
@@ -205,11 +213,11 @@ class Agent:
             why.append(f"the {(budget - taken) / MB:.0f} MB left of the {budget / MB:.0f} MB memory budget "
                        f"({taken / MB:.0f} MB taken by the models loaded)")
         if why:
-            raise MemoryRefused(f"model {slot.name} needs about {need.need_bytes / MB:.0f} MB ({need.source}), "
+            raise MemoryRefused(f"model {name} needs about {need.need_bytes / MB:.0f} MB ({need.source}), "
                                 f"more than {' and '.join(why)}",
                                 hint="free memory, remove or unload a model, or raise memory_budget_mb")
 
-    def yield_to_traffic(self, slot: ModelSlot):
+    def yield_to_traffic(self):
         """While a model stages, each warm-up or golden run first waits (up to 0.25 s) for the
         requests running on the device's models: an update never starves live traffic."""
         def pause() -> None:
@@ -218,6 +226,13 @@ class Agent:
                                                       for s in list(self.slots)):
                 time.sleep(0.002)
         return pause
+
+    def rss_bytes(self) -> int | None:
+        return self.metrics.rss_bytes()
+
+    def building(self, why: str):
+        """The agent's state while a model's first load builds (minutes: systemd is told it lives)."""
+        return self.life.slow_phase(AgentState.BUILDING, why)
 
     def event(self, doc: dict) -> None:
         """Update events share the telemetry queue: durable, ordered, delivered after outages. When
@@ -239,8 +254,8 @@ class Agent:
     def device_id(self) -> str:
         return self.cfg.device_id
 
-    def active_model(self) -> Model | None:
-        """The model a profile job yields to: the busiest one now."""
+    def busiest_model(self) -> Model | None:
+        """The model a profile job yields to: the one with the most requests in flight now."""
         models = [s.model for s in self.slots if s.model is not None]
         return max(models, key=lambda m: m.in_flight, default=None)
 
@@ -288,36 +303,55 @@ class Agent:
             self.mqtt.subscribe(topic, qos=1)
         self._wake.set()
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        model = model_of(topic)
-        if topic == self.topics.desired or topic in self._group_topics or (model and self._desired_topic(topic)):
-            try:
-                d = self.gate.accept(payload, topic)
-            except RecordError as e:  # refused: say why, keep acting on what was accepted before
-                log.error("%s", e)
-                self.event({"update_id": e.update_id, "state": "failed", "model": model,
-                            "error": str(e).split("\n")[0]})
-                return
-            self._route(topic, model, d)
-        elif topic == self.topics.profile_job:
-            if self.profiler:
-                self.profiler.on_job(payload, topic)
-        elif topic == self.topics.capture_request:
-            if self.capturer:
-                self.capturer.on_request(payload, topic)
-        else:  # chunks: a profile job and updates may fetch the same bundle; each takes what it asked for
-            if self.profiler:
-                self.profiler.on_message(topic, payload)
-            for s in list(self.slots):
-                if s.updater:
-                    s.updater.on_message(topic, payload)
-
-    def _desired_topic(self, topic: str) -> bool:
+    def _topic_routes(self) -> tuple[Route, ...]:
+        """Who takes a message, in order (the first route whose topic matches): records, profile
+        jobs, capture requests; every other topic may carry chunks a transfer asked for."""
         t = self.topics
-        return topic.startswith(f"{t.prefix}/devices/{self.cfg.device_id}/models/") or any(
-            topic.startswith(f"{t.prefix}/groups/{g}/models/") for g in self.cfg.groups)
+        return (Route(self._record_topic, self._on_record),
+                Route(lambda topic: topic == t.profile_job, self._on_profile_job),
+                Route(lambda topic: topic == t.capture_request, self._on_capture_request),
+                Route(lambda topic: True, self._on_chunks))
 
-    def _route(self, topic: str, model: str | None, d) -> None:
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        next(r for r in self._routes if r.matches(topic)).handle(topic, payload)
+
+    def _record_topic(self, topic: str) -> bool:
+        """A desired record's topic: the device's own, its groups', or a model's on either."""
+        t = self.topics
+        if topic == t.desired or topic in self._group_topics:
+            return True
+        return model_of(topic) is not None and (topic.startswith(f"{t.prefix}/devices/{self.cfg.device_id}/models/")
+                                                or any(topic.startswith(f"{t.prefix}/groups/{g}/models/")
+                                                       for g in self.cfg.groups))
+
+    def _on_record(self, topic: str, payload: bytes) -> None:
+        model = model_of(topic)
+        try:
+            d = self.gate.accept(payload, topic)
+        except RecordError as e:  # refused: say why, keep acting on what was accepted before
+            log.error("%s", e)
+            self.event({"update_id": e.update_id, "state": "failed", "model": model,
+                        "error": str(e).split("\n")[0]})
+            return
+        self._give_record(topic, model, d)
+
+    def _on_profile_job(self, topic: str, payload: bytes) -> None:
+        if self.profiler:
+            self.profiler.on_job(payload, topic)
+
+    def _on_capture_request(self, topic: str, payload: bytes) -> None:
+        if self.capturer:
+            self.capturer.on_request(payload, topic)
+
+    def _on_chunks(self, topic: str, payload: bytes) -> None:
+        """A profile job and updates may fetch the same bundle; each takes what it asked for."""
+        if self.profiler:
+            self.profiler.on_message(topic, payload)
+        for s in list(self.slots):
+            if s.updater:
+                s.updater.on_message(topic, payload)
+
+    def _give_record(self, topic: str, model: str | None, d) -> None:
         """Give an accepted record to the model it addresses (routing.Desires says which record each
         model follows). A record for a model the device lacks installs it; a removal never does."""
         if model is None and isinstance(d, Removal):
@@ -487,8 +521,7 @@ class Agent:
 
     def healthy(self) -> bool:
         """For the systemd watchdog: the API and update threads are alive."""
-        threads = [self.api._thread if self.api else None] + [s.updater._thread for s in self.slots if s.updater]
-        return all(t is None or t.is_alive() for t in threads)
+        return (self.api is None or self.api.alive()) and all(s.updater.alive() for s in self.slots if s.updater)
 
     def run(self, *, ready: threading.Event | None = None) -> None:
         """start(), then emit telemetry every interval until SIGTERM/SIGINT or request_stop()."""

@@ -5,8 +5,9 @@ active.json), its own updater (update.json, downloads, retry budget, probation, 
 own thread count. The first model keeps the data directory's top level, as a one-model agent laid it
 out (nothing moves when an agent is upgraded); every other model lives in `models.d/NAME/`.
 
-A slot is the updater's Host for its model (device_agent.ota.updater.Host): the agent around it
-holds what models share (keys, the MQTT session, the telemetry queue, the API)."""
+A slot is the updater's Host for its model (device_agent.ota.updater.Host). It asks the agent around
+it, which holds what models share (keys, the MQTT session, the telemetry queue, the API, the memory
+left), through `SlotHost` only: what a slot may ask, nothing more."""
 from __future__ import annotations
 
 import logging
@@ -16,9 +17,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ContextManager, Protocol
 
-from device_agent.capture import Ring
+from device_agent.capture import CapturePolicy, Ring
 from device_agent.model import Model, bundle_members_to_extract, load_bundle
+from device_agent.ota.keyring import Keyring
 from device_agent.ota.updater import Updater, UpdaterSettings
 from device_agent.store import Store
 from edgebundle.archive import open_bundle, sha256_file
@@ -78,9 +81,27 @@ def slot_name(name: str) -> str:
     return name
 
 
+class SlotHost(Protocol):
+    """What a slot may ask of the agent around it (device_agent.service.Agent; tests pass a fake)."""
+
+    data_dir: Path  # the first model's slot keeps its top level
+    keyring: Keyring  # bundle signatures
+    capture_policy: CapturePolicy  # each slot's ring of captured requests
+    mqtt: object  # the broker session the updater's chunk fetcher rides (None: no broker)
+
+    def admit(self, name: str | None, need: Memory) -> None: ...  # MemoryRefused: it would not fit
+    def yield_to_traffic(self) -> Callable[[], None]: ...  # a staging's pause before each run
+    def rss_bytes(self) -> int | None: ...  # the process's resident memory now
+    def building(self, why: str) -> ContextManager: ...  # the agent's state while a first load builds
+    def models_changed(self) -> None: ...  # a model began or stopped serving
+    def event(self, doc: dict) -> None: ...  # an update event (durable, ordered)
+    def status_changed(self) -> None: ...
+
+
 class ModelSlot:
-    def __init__(self, agent, name: str | None, root: Path, *, threads: int | None, initial: Path | None = None):
-        self.agent, self.name, self.root = agent, name, Path(root)
+    def __init__(self, host: SlotHost, name: str | None, root: Path, *, threads: int | None,
+                 initial: Path | None = None):
+        self.host, self.name, self.root = host, name, Path(root)
         self.store = Store(root)
         self.threads = threads
         self.initial = initial  # the configured bundle, used while the slot holds no active one
@@ -93,13 +114,13 @@ class ModelSlot:
         self.unloaded = False  # the repository API unloaded it: not ready, files kept
         self.removed = False  # a removal took it off the agent (its files are being deleted)
         self.drift: dict | None = None  # the last telemetry window's drift scores (for /metrics)
-        policy = agent.capture_policy
+        policy = host.capture_policy
         self.ring = Ring(self.root / "capture", policy) if policy.on else None  # captured requests (off by default)
         self._swap_lock = threading.Lock()
 
     @property
     def primary(self) -> bool:
-        return self.root == self.agent.cfg.data_dir
+        return self.root == self.host.data_dir
 
     # ---- start ----
     def start_updater(self, settings: UpdaterSettings, fetcher) -> None:
@@ -110,8 +131,8 @@ class ModelSlot:
         """The configured bundle, checked whole (signature, every member's hash) before it may
         become active: BundleError, and nothing is copied in, when it is damaged or unsigned."""
         b = open_bundle(self.initial)
-        if self.agent.keyring.enabled:
-            self.agent.keyring.verify_bundle(b.manifest_bytes, b.signature, history=True)
+        if self.host.keyring.enabled:
+            self.host.keyring.verify_bundle(b.manifest_bytes, b.signature, history=True)
         b.verify()
         self._checked = True
 
@@ -164,13 +185,13 @@ class ModelSlot:
     # ---- the updater's host interface ----
     @property
     def mqtt(self):
-        return self.agent.mqtt
+        return self.host.mqtt
 
     def verify(self, path: Path, *, sha256: str):
         """An update's one verification pass: the signature (keys of the current generation), then
         every member's hash, extracting the model files on the way. Returns the verified Bundle."""
         b = open_bundle(path)
-        keyring = self.agent.keyring
+        keyring = self.host.keyring
         if keyring.enabled:
             keyring.verify_bundle(b.manifest_bytes, b.signature)
         b.verify(extract_to=self.store.model_dir(sha256), extract=bundle_members_to_extract(b.manifest))
@@ -185,20 +206,20 @@ class ModelSlot:
         bundle = verified
         if bundle is None:
             bundle = open_bundle(path)
-            if self.agent.keyring.enabled:
-                self.agent.keyring.verify_bundle(bundle.manifest_bytes, bundle.signature, history=True)
+            if self.host.keyring.enabled:
+                self.host.keyring.verify_bundle(bundle.manifest_bytes, bundle.signature, history=True)
         sha = self.store.sha256(path)
         need = memory_need(bundle.manifest, _model_bytes(self.store.model_dir(sha)) or path.stat().st_size)
         if verified is not None:
-            self.agent.admit(self, need)
+            self.host.admit(self.name, need)
         cache = str(self.store.cache_dir(sha))  # one engine cache per bundle: empty means a build is coming
-        pause = self.agent.yield_to_traffic(self) if not initial else None
-        rss0 = self.agent.metrics.rss_bytes()
+        pause = self.host.yield_to_traffic() if not initial else None
+        rss0 = self.host.rss_bytes()
 
         def load() -> Model:
             m = load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=cache, threads=self.threads,
                             bundle=bundle, verified=verified is not None, sha256=sha, pause=pause)
-            rss1 = self.agent.metrics.rss_bytes()
+            rss1 = self.host.rss_bytes()
             grew = rss1 - rss0 if rss0 and rss1 and rss1 > rss0 else None
             m.memory = Memory(need.need_bytes, need.source, grew)  # the model's own: admission counts both sides
             m.drift = drift_monitor(bundle.manifest)
@@ -210,12 +231,11 @@ class ModelSlot:
         log.info("building %s: this can take minutes; the agent is working, not hung", why)
         if not initial:  # an update's staging: the old model keeps serving, the updater reports progress
             return load()
-        from device_agent.lifecycle import AgentState
-
-        with self.agent.life.slow_phase(AgentState.BUILDING, why):
+        with self.host.building(why):
             return load()
 
     def active_model(self) -> Model | None:
+        """This slot's model (the updater's host interface): what its update replaces."""
         return self.model
 
     def swap(self, model: Model | None) -> Model | None:
@@ -232,14 +252,14 @@ class ModelSlot:
             self.name = self.name or model.name
             log.info("serving %s %s", model.name, model.version, extra={"fields": {**model.describe(),
                                                                                   "slot": self.name}})
-        self.agent.models_changed()
+        self.host.models_changed()
         return old
 
     def event(self, doc: dict) -> None:
-        self.agent.event({**doc, "model": self.name or doc.get("name")})
+        self.host.event({**doc, "model": self.name or doc.get("name")})
 
     def status_changed(self) -> None:
-        self.agent.status_changed()
+        self.host.status_changed()
 
     # ---- views ----
     @property
@@ -363,5 +383,5 @@ def cpu_share(n_models: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, n_models))
 
 
-__all__ = ["Memory", "MemoryRefused", "ModelSlot", "OTHERS", "cpu_share", "discover", "memory_need", "primary_name",
-           "slot_name"]
+__all__ = ["Memory", "MemoryRefused", "ModelSlot", "OTHERS", "SlotHost", "cpu_share", "discover", "memory_need",
+           "primary_name", "slot_name"]

@@ -241,3 +241,77 @@ def test_which_record_each_model_follows():
     assert d.winner("a", first=False) == "removal"
     d.put(t.model_desired("a"), "a", None)  # cleared: the group's record applies again
     assert d.winner("a", first=False) == "a-g1" and d.winner(None, first=True) == "old-group"
+
+
+def test_each_topic_goes_where_it_did(tmp_path):
+    """The agent's topic table: records (the device's own, its groups', a model's on either) to the
+    record gate, profile jobs and capture requests to their workers, every other topic to whoever
+    fetches chunks (an unknown one is ignored there). No broker: the handlers are fakes."""
+    from device_agent.service import Agent
+    from edgeproto.desired import RecordError
+    from edgeproto.topics import DeviceTopics
+
+    agent = Agent(load_config(env={}, data_dir=tmp_path / "data", device_id="d1", groups=("g1",), api_port=0))
+    seen: list[tuple[str, str]] = []
+
+    class Gate:
+        def accept(self, payload, topic):
+            seen.append(("record", topic))
+            raise RecordError("refused here", update_id="u1")
+
+    class Worker:
+        def __init__(self, *kinds):
+            for k in kinds:
+                setattr(self, k, lambda *a, k=k: seen.append((k, a[1] if k != "on_message" else a[0])))
+
+    agent.gate = Gate()
+    agent.profiler, agent.capturer = Worker("on_job", "on_message"), Worker("on_request")
+    t, other = agent.topics, DeviceTopics(agent.topics.prefix, "d2")
+    expect = {t.desired: "record", t.group_desired("g1"): "record", t.model_desired("m"): "record",
+              t.group_model_desired("g1", "m"): "record", t.profile_job: "on_job", t.capture_request: "on_request",
+              other.model_desired("m"): "on_message", t.group_model_desired("g2", "m"): "on_message",
+              f"{t.prefix}/bundles/abc/chunks/0": "on_message", "elsewhere/entirely": "on_message"}
+    try:
+        for topic, where in expect.items():
+            seen.clear()
+            agent._on_message(topic, b"{}")
+            assert seen == [(where, topic)], (topic, seen)
+    finally:
+        agent.queue.close()
+
+
+def test_a_profile_job_yields_to_the_busiest_model(tmp_path):
+    """The profiler's host answers `busiest_model()` (a slot's `active_model()` is its own model)."""
+    from types import SimpleNamespace
+
+    from device_agent.service import Agent
+
+    agent = Agent(load_config(env={}, data_dir=tmp_path / "data", api_port=0))
+    try:
+        assert agent.busiest_model() is None
+        idle, busy = SimpleNamespace(in_flight=0), SimpleNamespace(in_flight=3)
+        agent.slots = [SimpleNamespace(model=idle), SimpleNamespace(model=None), SimpleNamespace(model=busy)]
+        assert agent.busiest_model() is busy
+    finally:
+        agent.queue.close()
+
+
+def test_the_watchdog_asks_each_thread_owner_if_it_is_alive(tmp_path):
+    """healthy() (the systemd watchdog's question) asks the API server and each updater `alive()`:
+    an updater whose loop ended makes the agent unhealthy; one not started yet does not."""
+    from types import SimpleNamespace
+
+    from device_agent.ota.updater import Updater
+    from device_agent.service import Agent
+
+    agent = Agent(load_config(env={}, data_dir=tmp_path / "data", api_port=0))
+    u = Updater(SimpleNamespace(mqtt=None), tmp_path / "u")  # idle: its loop asks its host nothing
+    agent.slots = [SimpleNamespace(updater=u), SimpleNamespace(updater=None)]
+    try:
+        assert u.alive() and agent.healthy()
+        u.start()
+        assert u.alive() and agent.healthy()
+        u.stop()
+        assert not u.alive() and not agent.healthy()
+    finally:
+        agent.queue.close()

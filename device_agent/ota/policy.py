@@ -37,12 +37,13 @@ class UpdaterSettings:
 
 
 class Host(Protocol):
-    """What the updater needs from the agent (injected, so tests can drive it with fakes)."""
+    """What the updater needs from its host, the model's slot (device_agent.slot.ModelSlot; injected,
+    so tests can drive it with fakes)."""
 
     store: Store
     mqtt: object  # the MQTT session, when no fetcher is injected
 
-    def active_model(self): ...
+    def active_model(self): ...  # the model this update replaces (the one serving now)
     def swap(self, model): ...
     def verify(self, path: Path, *, sha256: str): ...  # -> verified Bundle, model files extracted
     def load(self, path: Path, *, verified=None): ...

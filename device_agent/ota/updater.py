@@ -137,6 +137,10 @@ class Updater:
         if self._thread:
             self._thread.join(timeout=10)
 
+    def alive(self) -> bool:
+        """For the agent's watchdog: False once the loop's thread has ended (not before it starts)."""
+        return self._thread is None or self._thread.is_alive()
+
     def held(self) -> tuple:
         """The models this update holds besides the serving one (staged candidate, previous model)."""
         return tuple(m for m in (self._candidate_model, self._previous_model) if m is not None)
