@@ -6,38 +6,14 @@
                            │   └ transient  │   └ retry  │   └ retry  │             └──► ROLLED_BACK
                            └────────────────┴────────────┴──► FAILED  └ crash/raise ─────► ROLLED_BACK
 
-   Resume edges (agent restart, read from DATA/update.json by recover() and the first _step):
-      DOWNLOADING ──► DOWNLOADING   chunks already stored are kept, the rest fetched
-      VERIFYING, STAGING ──► VERIFYING   one attempt counted; at max_attempts ──► FAILED
-      SWITCHING, PROBATION ──► ROLLED_BACK   previous bundle back in active.json before any load
-      VERIFYING ──► DOWNLOADING      the downloaded file is gone (cleaned, disk trouble)
-      STAGING, SWITCHING (in memory: no staged model after a retry) ──► STAGING / VERIFYING
-      any resumable state ──► FAILED ("abandoned")   a newer update_id arrived meanwhile
+   Resume edges after an agent restart (from DATA/update.json): docs/ota.md.
    A pass of the loop that raises (not a handler: the loop itself, or a host call) is retried with
    back-off and an event per attempt; at max_attempts the update in hand ends (FAILED, or
    ROLLED_BACK when live).
 
-- DOWNLOADING: MQTT chunks or an allowed URL into DATA/downloads/<sha>; chunks already stored are
-  kept (a restart resumes); a bad chunk or hash is fatal; too slow or stalled is transient.
-- VERIFYING: one pass over the archive: every hash, the model files extracted on the way; the
-  signature against the keys of the current generation; name/version against the record;
-  anti-rollback (lower version refused unless the signed record allows a downgrade).
-- STAGING: a second runtime instance loads the verified files, warms up, must reproduce the golden
-  outputs and meet the latency budget; its interface (input/output names, dtypes, shapes with
-  dynamic axes) must equal the active model's unless the record allows a change. The old model
-  keeps serving throughout.
-- SWITCHING: the record is persisted, active.json replaced atomically, then one reference swap:
-  requests in flight finish on the old model, new ones go to the new one.
-- PROBATION: error rate, NaN/Inf outputs the model is to blame for, p95 latency and periodic golden
-  probes on the new model for N seconds or M requests. The old model stays loaded.
-- Failures: a deterministic one (bad hash, signature, version, golden check) ends as FAILED at
-  once. A transient one, or an unexpected exception, in DOWNLOADING/VERIFYING/STAGING is retried
-  with back-off, at most `max_attempts` times; a restart during VERIFYING/STAGING counts as an
-  attempt (a model that crashes the runtime ends as FAILED instead of a crash loop). Any failure
-  in SWITCHING/PROBATION (an exception included) rolls back: no state is ever skipped.
-- Crash or power loss: DOWNLOADING/VERIFYING/STAGING resume (the old model serves meanwhile);
-  SWITCHING/PROBATION roll back to the previous bundle, which stays on disk (or to no model,
-  when the device had none).
+What each state does and how it fails (deterministic: FAILED at once; transient or unexpected before
+SWITCHING: retried with back-off up to `max_attempts`, a restart counting as one; any failure in
+SWITCHING/PROBATION: rolled back, the previous bundle kept on disk): docs/ota.md, "States".
 COMMITTED, ROLLED_BACK and FAILED end an update_id through `_end`, the one terminal exit; it is
 not retried; a new push is. Clock and host are injected (tests drive every edge with fakes).
 """
