@@ -14,6 +14,7 @@ from packager.llm.detect import is_causal_lm
 from packager.llm.export import Recipe
 from packager.llm.quality import Quality
 from packager.llm.timing import Speed
+from packager.results import Verdict
 from targets import load_profile
 
 
@@ -44,7 +45,7 @@ def test_each_target_gets_its_ladder_and_coral_is_refused_with_the_reason():
 def _cand(label: str, size: int, tok_s: float, low: float, high: float) -> Candidate:
     precision, *rest = label.split("-")
     r = Recipe(precision, int(rest[0][1:]) if rest else None)
-    return Candidate(r, size, Quality(0.9, 1.01, 10.0, 100), Speed(5.0, tok_s, low, high, 3, 2, 128, 64), "passed")
+    return Candidate(r, size, Quality(0.9, 1.01, 10.0, 100), Speed(5.0, tok_s, low, high, 3, 2, 128, 64), Verdict.PASSED)
 
 
 def test_the_fastest_wins_unless_a_smaller_one_is_within_noise():

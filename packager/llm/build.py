@@ -19,6 +19,7 @@ from packager.llm.detect import is_causal_lm  # noqa: F401  (re-exported)
 from packager.llm.export import Exported, Recipe, export_all
 from packager.llm.quality import Gate, Quality, Reference, reference, score
 from packager.llm.timing import Speed, measure
+from packager.results import Verdict
 from targets import TargetProfile
 
 Progress = Callable[[str], None]
@@ -52,13 +53,13 @@ class Candidate:
     bytes: int = 0
     quality: Quality | None = None
     speed: Speed | None = None
-    verdict: str = ""  # chosen | passed | failed gate | failed export | slower
+    verdict: Verdict = Verdict.NOT_TRIED  # CHOSEN, PASSED, ACCURACY (the generation gate) or ERROR
     why: str = ""
 
     def to_dict(self) -> dict:
         return {"candidate": self.recipe.label, "precision": self.recipe.precision, "bytes": self.bytes,
                 "quality": self.quality.to_dict() if self.quality else None,
-                "speed": self.speed.to_dict() if self.speed else None, "verdict": self.verdict, "why": self.why}
+                "speed": self.speed.to_dict() if self.speed else None, "verdict": self.verdict.value, "why": self.why}
 
 
 @dataclass(frozen=True)
@@ -161,14 +162,13 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
         built = export_all(folder, {r: work / "candidates" / r.label for r in todo}, context_length=opts.context_length)
         for r in todo:
             progress(f"[{p.name}] {r.label}: scoring on {ref.positions} tokens")
-            made[r.label] = _scored(r, built[r], ref)
+            made[r.label] = _scored(r, built[r], ref, opts.gate)
     for r in ladder:
         c, ex = made[r.label]
         if ex is not None:
             exports[r.label] = ex
-        passed = c.quality is not None and c.quality.passes(opts.gate)
-        cands.append(c if not passed else Candidate(r, c.bytes, c.quality, verdict="passed"))
-    passing = [c for c in cands if c.verdict == "passed"]
+        cands.append(c)
+    passing = [c for c in cands if c.verdict is Verdict.PASSED]
     if not passing:
         raise _gate_error(p.name, cands, opts.gate)
     threads = _threads(p)
@@ -179,7 +179,7 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
             made[key] = measure({c.recipe.label: exports[c.recipe.label].folder for c in passing}, threads=threads,
                                 rounds=opts.speed_rounds, new_tokens=opts.new_tokens)
         speeds = made[key]
-        passing = [Candidate(c.recipe, c.bytes, c.quality, speeds[c.recipe.label], "passed") for c in passing]
+        passing = [Candidate(c.recipe, c.bytes, c.quality, speeds[c.recipe.label], Verdict.PASSED) for c in passing]
         cands = [next((t for t in passing if t.recipe == c.recipe), c) for c in cands]
     best, why = choose(passing)
     cands = [_verdict(c, best, why) for c in cands]
@@ -197,21 +197,25 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
     return LlmTarget(p.name, True, dest, tuple(cands), best.recipe.label, why, dest.stat().st_size)
 
 
-def _scored(r: Recipe, ex: Exported | ConversionError, ref: Reference) -> tuple[Candidate, Exported | None]:
+def _scored(r: Recipe, ex: Exported | ConversionError, ref: Reference,
+            gate: Gate) -> tuple[Candidate, Exported | None]:
     from edgeruntime import LoadSpec, load_runtime
 
     if isinstance(ex, ConversionError):
-        return Candidate(r, verdict="failed export", why=str(ex).splitlines()[0]), None
+        return Candidate(r, verdict=Verdict.ERROR, why=str(ex).splitlines()[0]), None
     try:
         rt = load_runtime(str(ex.folder / bundle.MODEL_FILE), LoadSpec(format="genai", threads=_threads(None),
                                                                      allow_cpu_fallback=True))
     except EdgepackError as e:
-        return Candidate(r, ex.weight_bytes, verdict="failed export", why=f"does not load here: {e}"), None
+        return Candidate(r, ex.weight_bytes, verdict=Verdict.ERROR, why=f"does not load here: {e}"), None
     try:
         q = score(rt, ref)
     finally:
         rt.close()
-    return Candidate(r, ex.weight_bytes, q, verdict="scored"), ex
+    if q.passes(gate):
+        return Candidate(r, ex.weight_bytes, q, verdict=Verdict.PASSED), ex
+    return Candidate(r, ex.weight_bytes, q, verdict=Verdict.ACCURACY,
+                     why=f"agreement {q.agreement:.1%}, perplexity x{q.ppl_ratio:.3f}"), ex
 
 
 def choose(passing: list[Candidate]) -> tuple[Candidate, str]:
@@ -236,13 +240,9 @@ def choose(passing: list[Candidate]) -> tuple[Candidate, str]:
 
 def _verdict(c: Candidate, best: Candidate, why: str) -> Candidate:
     if c.recipe == best.recipe:
-        return Candidate(c.recipe, c.bytes, c.quality, best.speed, "chosen", why)
-    if c.verdict == "passed":
-        return Candidate(c.recipe, c.bytes, c.quality, c.speed, "passed", "not chosen")
-    if c.verdict == "scored":
-        q = c.quality
-        return Candidate(c.recipe, c.bytes, q, None, "failed gate",
-                         f"agreement {q.agreement:.1%}, perplexity x{q.ppl_ratio:.3f}")
+        return Candidate(c.recipe, c.bytes, c.quality, best.speed, Verdict.CHOSEN, why)
+    if c.verdict is Verdict.PASSED:
+        return Candidate(c.recipe, c.bytes, c.quality, c.speed, Verdict.PASSED, "not chosen")
     return c
 
 
