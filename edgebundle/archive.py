@@ -40,7 +40,7 @@ _CHUNK = 1 << 20
 # Written uncompressed: model files (and the golden arrays, whose inputs rarely change) barely
 # compress, and deflate would let one changed tensor reshuffle every byte after it, so a delta
 # update (edgebundle.cdc) could reuse nothing past the change. Manifest, tokenizer, labels: deflated.
-STORED_SUFFIXES = (".tflite", ".onnx", ".npz")
+STORED_SUFFIXES = (".tflite", ".onnx", ".npz", ".onnx.data")  # weights: stored, so deltas find them
 
 
 def sha256_file(path: str | os.PathLike) -> str:
