@@ -86,7 +86,8 @@ def test_auto_builds_each_cpu_target_and_refuses_coral(tiny_llm, tmp_path):
     from edgeruntime.genai import check_golden
 
     out = tmp_path / "dist"
-    r = _cli("build", tiny_llm, "-t", "x86-cpu", "-t", "arm-cpu", "-t", "coral", "-o", out, "--name", "lm", "--json")
+    r = _cli("build", tiny_llm, "-t", "x86-cpu", "-t", "arm-cpu", "-t", "coral", "-t", "jetson-gpu", "-o", out,
+             "--name", "lm", "--json")
     assert r.exit_code == 3, r.output  # coral: ConversionError
     report = json.loads(r.output[r.output.index("{"):])
     by = {t["target"]: t for t in report["targets"]}
@@ -103,6 +104,10 @@ def test_auto_builds_each_cpu_target_and_refuses_coral(tiny_llm, tmp_path):
         assert all(c["speed"]["decode_tok_s"] > 0 for c in t["candidates"] if c["verdict"] in ("chosen", "passed"))
         fp32 = next(c for c in t["candidates"] if c["candidate"] == "fp32")
         assert fp32["quality"]["agreement"] > 0.99  # the export itself is the float model
+    jetson = by["jetson-gpu"]  # CUDA graphs: scored on this CPU, not timed on it
+    assert jetson["ok"] and [c["candidate"] for c in jetson["candidates"]] == ["int4-b32-cuda", "fp16-cuda"]
+    assert "no CUDA" in jetson["why"] and all(c["speed"] is None for c in jetson["candidates"])
+    assert verify_bundle(Path(jetson["bundle"])).manifest.runtime.providers == ("CUDAExecutionProvider",)
     # both CPU targets are timed alike on this host: one timing run, the same figures
     assert [c["speed"] for c in by["x86-cpu"]["candidates"]] == [c["speed"] for c in by["arm-cpu"]["candidates"]]
     bundle = Path(by["arm-cpu"]["bundle"])

@@ -172,21 +172,28 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
     if not passing:
         raise _gate_error(p.name, cands, opts.gate)
     threads = _threads(p)
-    if len(passing) > 1:
+    untimed = CUDA in p.providers and not _cuda_here()
+    if untimed:  # CUDA graphs timed on this CPU would rank them by CPU kernels: say so and keep the smallest
+        best = min(passing, key=lambda c: c.bytes)
+        why = ("not timed: this build host has no CUDA; the smallest passing (decode on a Jetson is bound by "
+               "weight bytes read per token)")
+    elif len(passing) > 1:
         key = ("timed", threads, tuple(c.recipe.label for c in passing))
         if key not in made:  # targets timed alike on this host (same threads, same candidates) share it
             progress(f"[{p.name}] timing {len(passing)} candidates, {threads} threads, interleaved")
             made[key] = measure({c.recipe.label: exports[c.recipe.label].folder for c in passing}, threads=threads,
-                                rounds=opts.speed_rounds, new_tokens=opts.new_tokens)
+                                rounds=opts.speed_rounds, new_tokens=opts.new_tokens, cuda=CUDA in p.providers)
         speeds = made[key]
         passing = [Candidate(c.recipe, c.bytes, c.quality, speeds[c.recipe.label], Verdict.PASSED) for c in passing]
         cands = [next((t for t in passing if t.recipe == c.recipe), c) for c in cands]
-    best, why = choose(passing)
+    if not untimed:
+        best, why = choose(passing)
     cands = [_verdict(c, best, why) for c in cands]
     ex = exports[best.recipe.label]
     golden = _golden(ex)
     report = {"candidates": [c.to_dict() for c in cands], "chosen": best.recipe.label, "why": why,
-              "gate": opts.gate.to_dict(), "timed_on": f"this build host ({platform.machine()}, {threads} threads)",
+              "gate": opts.gate.to_dict(), "timed_on": None if untimed else f"this build host ({platform.machine()}, {threads} threads"
+                                                     + (", CUDA" if CUDA in p.providers else "") + ")",
               "kv_bytes_per_token": ex.kv_bytes_per_token, "context_length": ex.context_length}
     contents = bundle.Contents(
         name=name, version=opts.version, profile=p, exported=ex, defaults=bundle.defaults_of(folder),
@@ -329,6 +336,15 @@ def _source_folder(model: Path, work: Path, progress: Progress) -> Path:
         progress(f"reading {model.name} (GGUF) into a float folder")
         return to_folder(model, work / "gguf").folder
     return model
+
+
+def _cuda_here() -> bool:
+    try:
+        import onnxruntime_genai as og
+
+        return bool(og.is_cuda_available())
+    except ImportError:
+        return False
 
 
 def _threads(p: TargetProfile | None) -> int:

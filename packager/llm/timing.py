@@ -37,9 +37,9 @@ class Speed:
 
 
 def measure(folders: dict[str, Path], *, threads: int, prompt_tokens: int = 128, new_tokens: int = 64,
-            rounds: int = 3, timeout_s: float = 1800) -> dict[str, Speed]:
+            rounds: int = 3, timeout_s: float = 1800, cuda: bool = False) -> dict[str, Speed]:
     spec = {"folders": {k: str(v) for k, v in folders.items()}, "threads": threads, "prompt_tokens": prompt_tokens,
-            "new_tokens": new_tokens, "rounds": rounds}
+            "new_tokens": new_tokens, "rounds": rounds, "cuda": cuda}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS=str(threads))
     try:
         proc = subprocess.run([sys.executable, "-m", "packager.llm.timing", json.dumps(spec)], capture_output=True,
@@ -68,6 +68,8 @@ def _child(spec: dict) -> dict:
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": spec["threads"], "inter_op_num_threads": 1}}}}))
         cfg.clear_providers()
+        if spec.get("cuda"):
+            cfg.append_provider("cuda")
         m = og.Model(cfg)
         tok = og.Tokenizer(m)
         ids = list(tok.encode(PROMPT * 40))[: spec["prompt_tokens"]]
