@@ -18,7 +18,7 @@ from packager.llm import bundle
 from packager.llm.detect import is_causal_lm  # noqa: F401  (re-exported)
 from packager.llm.export import Exported, Recipe, export_all
 from packager.llm.quality import Gate, Quality, Reference, reference, score
-from packager.llm.timing import Speed, measure
+from packager.llm.timing import Speed, load_bytes, measure
 from packager.results import Verdict
 from targets import TargetProfile
 
@@ -195,9 +195,13 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
               "gate": opts.gate.to_dict(), "timed_on": None if untimed else f"this build host ({platform.machine()}, {threads} threads"
                                                      + (", CUDA" if CUDA in p.providers else "") + ")",
               "kv_bytes_per_token": ex.kv_bytes_per_token, "context_length": ex.context_length}
+    measured = load_bytes(ex.folder, threads=threads)
+    report["memory"] = {"load_bytes": measured, "kv_bytes_at_context": ex.kv_bytes_per_token * ex.context_length,
+                        "weights_bytes": ex.weight_bytes}
     contents = bundle.Contents(
         name=name, version=opts.version, profile=p, exported=ex, defaults=bundle.defaults_of(folder),
         golden=golden, report=report, provenance=_provenance(opts), threads=p.threads,
+        load_bytes=measured,
         providers=tuple(x for x in p.providers if x == CUDA))
     progress(f"[{p.name}] {best.recipe.label}: writing the bundle")
     dest = bundle.write(contents, opts.out_dir, signer=signer)

@@ -67,6 +67,7 @@ class Contents:
     warnings: tuple[str, ...] = ()
     providers: tuple[str, ...] = ()
     threads: int = 0
+    load_bytes: int = 0  # measured RSS growth of loading the model (timing child); 0: not measured
 
 
 def manifest(c: Contents) -> Manifest:
@@ -80,7 +81,8 @@ def manifest(c: Contents) -> Manifest:
     runtime = {"name": "onnxruntime-genai", "min_version": "0.18.0", "threads": c.threads, "delegates": [],
                "providers": list(c.providers), "tensorrt_fp16": False, "tensorrt_engine_cache": False,
                "cpu_fallback": c.profile.cpu_fallback, "flex": False, "edgetpu_compiled": None,
-               "memory_bytes": ex.weight_bytes + ex.kv_bytes_per_token * ex.context_length}
+               # what loading took (measured; the files' bytes where not) plus the KV cache at the full context
+               "memory_bytes": (c.load_bytes or ex.weight_bytes) + ex.kv_bytes_per_token * ex.context_length}
     return Manifest(
         name=c.name, version=c.version,
         target={"name": c.profile.name, "sha256": c.profile.sha256, "profile": c.profile.to_dict()},

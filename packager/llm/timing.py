@@ -102,5 +102,44 @@ def _child(spec: dict) -> dict:
     return res
 
 
+def load_bytes(folder: Path, *, threads: int, timeout_s: float = 600) -> int:
+    """RSS growth of a fresh process (onnxruntime-genai imported) loading the model and generating a few
+    tokens: what the device's agent grows by for it, before its KV cache; 0 where it cannot be read."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    spec = {"memory": str(folder), "threads": threads}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "packager.llm.timing", json.dumps(spec)], capture_output=True,
+                              text=True, env=env, timeout=timeout_s)
+        return int(json.loads(proc.stdout.strip().splitlines()[-1])["load_bytes"]) if proc.returncode == 0 else 0
+    except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError):
+        return 0
+
+
+def _memory_child(spec: dict) -> dict:
+    import numpy as np
+    import onnxruntime_genai as og
+
+    before = _rss()
+    cfg = og.Config(spec["memory"])
+    cfg.clear_providers()
+    m = og.Model(cfg)
+    p = og.GeneratorParams(m)
+    p.set_search_options(max_length=24, do_sample=False)
+    g = og.Generator(m, p)
+    g.append_tokens(np.asarray(list(og.Tokenizer(m).encode(PROMPT))[:16], np.int32))
+    while not g.is_done():
+        g.generate_next_token()
+    return {"load_bytes": max(0, _rss() - before)}
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(_child(json.loads(sys.argv[1]))))
+    _spec = json.loads(sys.argv[1])
+    print(json.dumps(_memory_child(_spec) if "memory" in _spec else _child(_spec)))
