@@ -226,7 +226,7 @@ class Generation:
                 return
             yield from self._decode(time.perf_counter())
         finally:
-            self.close()
+            self._release()
 
     def _decode(self, started: float) -> Iterator[Piece]:
         stop, text, marks, sent, n = StopText(self.stops), "", [], 0, 0
@@ -274,6 +274,13 @@ class Generation:
                                  total_s=end - self.arrived)
 
     def close(self) -> None:
+        """Stop it (a consumer that stops reading) and give its place back; nothing once it ended.
+        Call it from the thread that iterates."""
+        if self._iter is not None:
+            self._iter.close()
+        self._release()
+
+    def _release(self) -> None:
         if self.state != "done":
             self.owner._leave(self)
 

@@ -39,6 +39,8 @@ class Sampling:
             raise InputError(f"top_p must be in (0, 1], not {self.top_p!r}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise InputError(f"top_k must be a non-negative integer, not {self.top_k!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 1 << 31):
+            raise InputError(f"seed must be an integer from 0 to {(1 << 31) - 1}, not {self.seed!r}")  # og: int32
         if not (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20):
             raise InputError(f"top_logprobs must be an integer from 0 to 20, not {self.top_logprobs!r}")
         return self
