@@ -62,6 +62,38 @@ def test_stop_sequences_hold_back_only_what_could_become_one():
     assert sse({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode() and DONE == b"data: [DONE]\n\n"
 
 
+@pytest.mark.fuzz
+def test_fuzz_generation_requests_are_refused_never_crash():
+    """Mutated valid bodies of each endpoint: a GenRequest or an InputError (a 400), nothing else."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from device_agent.llm_request import parse_chat, parse_completion, parse_generate
+    from edgebundle.errors import InputError
+    from fuzzing import FUZZ, TRIED, mutate, report
+
+    name = "generation request: mutated valid request"
+    valid = ((parse_chat, {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                           "temperature": 0.5, "top_p": 0.9, "stop": ["x"], "stream": True, "logprobs": True,
+                           "top_logprobs": 1, "stream_options": {"include_usage": True}, "n": 1, "seed": 3}),
+             (parse_completion, {"prompt": "hi", "max_tokens": 4, "logprobs": 1, "stop": "x", "top_k": 5}),
+             (parse_generate, {"text_input": "hi", "parameters": {"max_tokens": 4, "temperature": 0,
+                                                                  "stop_words": ["x"], "stream": True}}))
+
+    @FUZZ
+    @given(which=st.integers(0, 2), data=st.data())
+    def run(which, data):
+        parse, doc = valid[which]
+        TRIED[name] += 1
+        try:
+            parse(json.dumps(mutate(doc, data)).encode())
+        except InputError as e:
+            assert str(e)
+
+    run()
+    report(name)
+
+
 # ---- a real agent ----
 
 @pytest.fixture(scope="module")
