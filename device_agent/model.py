@@ -148,6 +148,17 @@ class Model:
     def health_snapshot(self) -> dict:
         return self.health.snapshot()
 
+    def observe(self, *, ok: bool) -> None:
+        """A request served outside infer() (a generation), counted during probation like infer's:
+        a request, and an error when the model failed it. No latency: a generation's time is its
+        length, not the model's health."""
+        if not self._watch:
+            return
+        h = self.health
+        with h.lock:
+            h.requests += 1
+            h.errors += not ok
+
     def validate(self, inputs: dict) -> dict[str, np.ndarray]:
         """Check names, shapes and dtypes against the manifest; return arrays in the
         model's dtypes (floats for quantized inputs are quantized here)."""

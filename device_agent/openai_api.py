@@ -311,6 +311,8 @@ class _Answer:
             outcome, prompt_tokens=run.usage.prompt_tokens, completion_tokens=run.usage.completion_tokens,
             ttft_s=t.ttft_s, decode_tokens=t.decode_tokens, decode_s=t.decode_s, queue_depth=run.queue_depth,
             kv_bytes=run.kv_in_use), model=key, slot=self.slot)
+        if outcome in ("stop", "length", "failed"):
+            self.model.observe(ok=outcome != "failed")  # an update's probation counts generations too
         if outcome in ("stop", "length"):
             input_s = self.admitted - self.t0
             phases = Phases(input_s=input_s, queue_s=max(t.queue_s - input_s, 0.0), infer_s=t.total_s - t.queue_s,

@@ -294,6 +294,12 @@ def test_full_queue_503_and_disconnect_stops_the_generation(agent):
     assert _gauge(agent, "kv_cache_bytes") == 0
     code, _, ok = _post(agent, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
     assert code == 200 and ok["usage"]["completion_tokens"] == 3  # the agent keeps serving
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(agent.base + "/metrics", timeout=5) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    ttft = families["edgepack_generation_time_to_first_token_seconds"]
+    assert ttft.type == "histogram" and any(x.name.endswith("_count") and x.value > 0 for x in ttft.samples)
     with urllib.request.urlopen(agent.base + "/stats", timeout=5) as r:
         gen = json.loads(r.read())["window"]["generation"]
     assert gen["cancelled"] >= 2 and gen["queue_full"] >= 1 and gen["ttft_ms"]["p95"] > 0
