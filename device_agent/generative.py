@@ -229,7 +229,7 @@ class Generation:
             self._release()
 
     def _decode(self, started: float) -> Iterator[Piece]:
-        stop, text, marks, sent, n = StopText(self.stops), "", [], 0, 0
+        stop, made, marks, sent, n = StopText(self.stops), 0, [], 0, 0  # made, sent: characters
         first = last = None
         delay, cut = self.policy.token_delay_s, False
         try:
@@ -240,8 +240,8 @@ class Generation:
                 if tok.eos:
                     self.finish_reason = "stop"
                     break
-                marks.append((len(text), tok))
-                text += tok.text
+                marks.append((made, tok))  # where its text starts
+                made += len(tok.text)
                 emit, cut = stop.feed(tok.text)
                 if emit or cut:
                     sent += len(emit)
