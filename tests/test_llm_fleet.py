@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from agents import wait_until
+from edgeproto.broker import BrokerConfig
+from fleet.status import status
 from otakit import agent, push
 
 pytestmark = [pytest.mark.slow, pytest.mark.agent]
@@ -69,6 +71,10 @@ def test_an_llm_beside_a_cnn_is_updated_by_delta_and_the_cnn_serves_throughout(t
         assert code == 200 and before["usage"]["completion_tokens"] >= 1
         load = Load(a)
         wait_until(lambda: min(load.sent.values()) >= 5, 30, what="both models answering")
+        rows = status(BrokerConfig(url=broker.url), listen_s=2.5)  # telemetry every second: two windows
+        llm = next(m for m in rows[0]["models"] if m["name"] == "tiny-llm")
+        assert llm["decode_tok_s"] > 0 and llm["ttft_p95_ms"] > 0, llm  # what `fleet status` shows per device
+        assert next(m for m in rows[0]["models"] if m["name"] == "digits")["decode_tok_s"] is None
         progress = []
         res = push(broker, llm_bundles["v2"], device="dev1", model="tiny-llm", delta=True, wait=True, timeout=90,
                    sign=keys / "a.key", progress=lambda _d, e: progress.append(e["progress"]) if e.get("progress") else None)
