@@ -31,6 +31,7 @@ from edgeproto.bundleref import Limits, MqttTransfer, RecordError
 from edgeproto.capture import CaptureRequest, data_topic
 from edgeproto.documents import now_iso
 from edgeproto.mqtt import dumps
+from edgeproto.records import JobState
 
 log = logging.getLogger("edgepack.agent.capture")
 OUTPUT = "output:"
@@ -226,7 +227,7 @@ class Capturer:
             req = self._accept(payload, topic)
         except RecordError as e:
             log.error("%s", e)
-            self._publish({"request_id": e.update_id, "state": "refused", "error": str(e).split("\n")[0]})
+            self._publish({"request_id": e.update_id, "state": JobState.REFUSED, "error": str(e).split("\n")[0]})
             return
         threading.Thread(target=self._run, args=(req,), name="capture-pull", daemon=True).start()
 
@@ -265,20 +266,20 @@ class Capturer:
             if ring is None:
                 raise EdgepackError(f"capture is off on this device (model {name}): set [capture] rate in the agent's "
                                     "config (or --capture-rate) to keep samples")
-            self._publish({**doc, "state": "accepted"})
+            self._publish({**doc, "state": JobState.ACCEPTED})
             held = pack(ring.newest(), req.max_samples, out)
             used = held.pop("used")
             if not held["samples"]:
                 raise EdgepackError(f"model {name} has no captured samples yet (capture rate {ring.policy.rate:g})")
-            doc.update(held, state="done", **self._send(req, out))
+            doc.update(held, state=JobState.DONE, **self._send(req, out))
             if req.clear:
                 ring.forget(used)
                 doc["cleared"] = len(used)
         except EdgepackError as e:
-            doc.update(state="failed", error=str(e).split("\n")[0])
+            doc.update(state=JobState.FAILED, error=str(e).split("\n")[0])
         except (OSError, ValueError) as e:
             log.exception("capture pull %s failed", req.request_id)
-            doc.update(state="failed", error=f"{type(e).__name__}: {e}")
+            doc.update(state=JobState.FAILED, error=f"{type(e).__name__}: {e}")
         finally:
             out.unlink(missing_ok=True)
             with self._lock:

@@ -18,11 +18,20 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Callable, Iterator
 
 from edgebundle.errors import InputError, VerificationError
 from edgeruntime.genai import GoldenCheck, Sampling, Token, check_golden
+
+
+class Phase(str, Enum):
+    """Where one generation is: queued, holding the model, finished."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
 
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
@@ -200,7 +209,7 @@ class Generation:
         self.kv_bytes = owner.runtime.kv_positions(len(prompt_ids) + sampling.max_tokens) * owner.kv_bytes_per_token
         self.queue_depth = 0  # requests waiting (this one included) when it was admitted
         self.kv_in_use = 0  # KV-cache bytes of every running generation once this one started
-        self.state = "waiting"  # -> running -> done
+        self.state = Phase.WAITING  # -> RUNNING -> DONE
         self.finish_reason: str | None = None
         self.usage = Usage(len(prompt_ids), 0)
         self.timing = Timing()
@@ -281,7 +290,7 @@ class Generation:
         self._release()
 
     def _release(self) -> None:
-        if self.state != "done":
+        if self.state is not Phase.DONE:
             self.owner._leave(self)
 
 
@@ -399,7 +408,7 @@ class GenerativeModel:
                     self._waiting.popleft()
                     self._running += 1
                     self._kv += gen.kv_bytes
-                    gen.kv_in_use, gen.state = self._kv, "running"
+                    gen.kv_in_use, gen.state = self._kv, Phase.RUNNING
                     self._cond.notify_all()
                     return True
                 self._cond.wait(0.1)
@@ -408,14 +417,14 @@ class GenerativeModel:
 
     def _leave(self, gen: Generation) -> None:
         with self._cond:
-            if gen.state == "running":
+            if gen.state is Phase.RUNNING:
                 self._running -= 1
                 self._kv -= gen.kv_bytes
                 self.totals["prompt_tokens"] += gen.usage.prompt_tokens
                 self.totals["completion_tokens"] += gen.usage.completion_tokens
             elif gen in self._waiting:
                 self._waiting.remove(gen)
-            gen.state = "done"
+            gen.state = Phase.DONE
             self._cond.notify_all()
 
     def close(self, *, drain_s: float = 60.0) -> None:

@@ -43,6 +43,7 @@ from edgebundle.errors import EdgepackError, VerificationError
 from edgeproto.desired import CdcTransfer, Limits, RecordError, UrlTransfer, url_allowed
 from edgeproto.jobs import ProfileJob
 from edgeproto.mqtt import MqttError, dumps
+from edgeproto.records import JobState
 
 log = logging.getLogger("edgepack.agent.profile")
 MIN_RUNS = 5
@@ -102,9 +103,9 @@ class Profiler:
             job = self._accept(payload, topic)
         except RecordError as e:
             log.error("%s", e)
-            self._publish({"job_id": e.update_id, "state": "refused", "error": str(e).split("\n")[0]})
+            self._publish({"job_id": e.update_id, "state": JobState.REFUSED, "error": str(e).split("\n")[0]})
             return
-        self._publish({"job_id": job.job_id, "state": "accepted", "bundle": _bundle_view(job)})
+        self._publish({"job_id": job.job_id, "state": JobState.ACCEPTED, "bundle": _bundle_view(job)})
         self._thread = threading.Thread(target=self._run, args=(job,), name="profile", daemon=True)
         self._thread.start()
 
@@ -139,7 +140,7 @@ class Profiler:
             self._seen[job.job_id] = None
             while len(self._seen) > MAX_SEEN:
                 self._seen.popitem(last=False)
-            self._running = {"state": "running", "job_id": job.job_id, "name": job.name, "version": job.version,
+            self._running = {"state": JobState.RUNNING, "job_id": job.job_id, "name": job.name, "version": job.version,
                              "sha256": job.sha256, "phase": "downloading", "since": self.host.now()}
         self.host.status_changed()
         return job
@@ -162,25 +163,25 @@ class Profiler:
                                  target=bundle.manifest.target.get("name"))
             self._phase(job, "loading")
             doc["figures"] = self._measure(job, path, bundle, work / "model", stopping, deadline)
-            doc["state"] = "done"
+            doc["state"] = JobState.DONE
         except Cancelled:
             why = ("the agent is stopping" if self._stop.is_set() else "an update started" if self.host.updating()
                    else f"the job ran past the device's limit of {self.policy.deadline_s:.0f} s")
-            doc.update(state="cancelled", error=f"cancelled: {why}")
+            doc.update(state=JobState.CANCELLED, error=f"cancelled: {why}")
         except VerificationError as e:  # unsigned, untrusted signer, tampered member: as an update would be
-            doc.update(state="refused", error=f"verification failed: {str(e).splitlines()[0]}")
+            doc.update(state=JobState.REFUSED, error=f"verification failed: {str(e).splitlines()[0]}")
         except EdgepackError as e:
-            doc.update(state="failed", error=str(e).split("\n")[0])
+            doc.update(state=JobState.FAILED, error=str(e).split("\n")[0])
         except Exception as e:  # a model that crashes its runtime's Python side: report, keep serving
             log.exception("profile job %s failed", job.job_id)
-            doc.update(state="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            doc.update(state=JobState.FAILED, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         finally:
             shutil.rmtree(work, ignore_errors=True)  # discarded: never kept, never activated
             with self._lock:
                 self._running = None
             self.host.status_changed()
         doc["seconds"] = round(time.monotonic() - t_job, 3)
-        (log.info if doc["state"] == "done" else log.warning)(
+        (log.info if doc["state"] is JobState.DONE else log.warning)(
             "profile job %s %s%s", job.job_id, doc["state"], f": {doc['error']}" if doc.get("error") else "")
         self._publish(doc, wait=True)
 
@@ -285,7 +286,7 @@ class Profiler:
         with self._lock:
             if self._running is not None:
                 self._running["phase"] = phase
-        self._publish({"job_id": job.job_id, "state": "running", "phase": phase})
+        self._publish({"job_id": job.job_id, "state": JobState.RUNNING, "phase": phase})
 
     def _publish(self, doc: dict, *, wait: bool = False) -> None:
         mqtt = self.host.mqtt

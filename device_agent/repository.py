@@ -7,6 +7,8 @@ from device_agent.model import Model
 from device_agent.ota.record import LIVE, RESUMABLE
 from edgebundle.errors import InputError
 
+READY, UNAVAILABLE = "READY", "UNAVAILABLE"  # KServe's repository index states
+
 
 class AgentRepository:
     def __init__(self, agent):
@@ -36,7 +38,7 @@ class AgentRepository:
             if not s.name:
                 continue
             m = s.model
-            state = "UNAVAILABLE" if s.unloaded or m is None else "READY"
+            state = UNAVAILABLE if s.unloaded or m is None else READY
             reason = "unloaded" if s.unloaded else (s.model_error or "") if m is None else ""
             out.append({"name": s.name, "version": m.version if m else "", "state": state, "reason": reason})
         return out

@@ -25,6 +25,7 @@ from device_agent.kserve import (HEADER_LEN, TEXT_META, decode_request, encode_r
                                   model_stats, tensor_meta)
 from device_agent.linger import Lingering
 from device_agent.model import Model, ModelClosed
+from device_agent.repository import READY
 from device_agent.openai_api import LlmApi, Streamed
 from device_agent.stats import InferenceStats, ModelCounters, Phases, has_nonfinite
 from edgebundle.errors import EdgepackError
@@ -173,7 +174,7 @@ class OneModel:
 
     def index(self) -> list[dict]:
         m = self.get_model()
-        return [{"name": m.name, "version": m.version, "state": "READY", "reason": ""}] if m else []
+        return [{"name": m.name, "version": m.version, "state": READY, "reason": ""}] if m else []
 
     def load(self, name: str) -> None:
         raise HttpError(400, "this server cannot load models")
@@ -289,7 +290,7 @@ class ApiServer:
                 want_ready = bool(json.loads(body or b"{}").get("ready", False))
             except (ValueError, AttributeError):
                 raise HttpError(400, "the index request body must be a JSON object") from None
-            return 200, [e for e in self.repo.index() if not want_ready or e["state"] == "READY"]
+            return 200, [e for e in self.repo.index() if not want_ready or e["state"] == READY]
         m = _REPO.match(path)
         if not m:
             raise HttpError(404, f"no such endpoint {path}")

@@ -88,9 +88,10 @@ def main(ctx) -> None:
 def demo(broker_url, workdir):
     """The whole loop on embedded defaults: build, serve, telemetry, signed OTA update."""
     from edgepack.demo import run_demo
+    from edgeproto.records import UpdateState
 
     s = run_demo(workdir=workdir, broker_url=broker_url, say=lambda m: click.echo(m))
-    ok = s["update_state"] == "committed" and s["requests_failed"] == 0 and s["to_version"] == "1.1.0"
+    ok = s["update_state"] == UpdateState.COMMITTED and s["requests_failed"] == 0 and s["to_version"] == "1.1.0"
     click.echo("== summary")
     click.echo(f"   bundles built and signed: {s['bundles_built']}")
     click.echo(f"   update digits {s['from_version']} -> {s['to_version']}: {s['update_state']} "

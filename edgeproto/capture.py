@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgeproto.records import JobState
 from edgeproto.bundleref import (MODEL_NAME, TARGET, Limits, MqttTransfer, checked, fixed_chunks, integer, issued,
                                  load_record, record_id, signature)
 
 SCHEMA = "edgepack.capture-request/1"
 MAX_SAMPLES = 100_000
-FINAL = ("done", "refused", "failed")
+FINAL = (JobState.DONE, JobState.REFUSED, JobState.FAILED)
 
 
 @dataclass(frozen=True)

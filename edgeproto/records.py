@@ -232,7 +232,18 @@ class TelemetryWindow:
                    total_rejected=_int(tot, "rejected"))
 
 
-PROFILE_FINAL = ("done", "failed", "refused", "cancelled")
+class JobState(str, Enum):
+    """Where a profile job or a capture request is, as its result messages say (str values on the wire)."""
+
+    ACCEPTED = "accepted"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    REFUSED = "refused"
+    CANCELLED = "cancelled"
+
+
+PROFILE_FINAL = (JobState.DONE, JobState.FAILED, JobState.REFUSED, JobState.CANCELLED)
 
 
 @dataclass(frozen=True)

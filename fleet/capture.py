@@ -21,6 +21,7 @@ import numpy as np
 from edgebundle.errors import InputError
 from edgeproto.broker import BrokerConfig
 from edgeproto.capture import FINAL, MAX_SAMPLES, SCHEMA, data_topic, transfer_from
+from edgeproto.records import JobState
 from edgeproto.desired import sign_record
 from edgeproto.mqtt import dumps
 from edgeproto.topics import Topics
@@ -93,7 +94,7 @@ def _result(conn: Collector, topics: Topics, device: str, rid: str, seen: int, t
             if not isinstance(r, dict) or r.get("request_id") != rid:
                 continue
             if r.get("state") in FINAL:
-                if r["state"] != "done":
+                if r["state"] != JobState.DONE:
                     raise CaptureFailed(f"{device} {r['state']} the capture pull: {r.get('error') or 'no reason given'}")
                 return r
             if not accepted:

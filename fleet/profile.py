@@ -18,7 +18,7 @@ from edgeproto.broker import BrokerConfig
 from edgeproto.desired import MqttTransfer, sign_record
 from edgeproto.jobs import SCHEMA, BenchSettings
 from edgeproto.mqtt import dumps
-from edgeproto.records import DeviceStatus, ProfileResult
+from edgeproto.records import DeviceStatus, JobState, ProfileResult
 from edgeproto.topics import Topics
 from fleet.conn import Collector, parse_json, wait_online
 from fleet.errors import FleetError
@@ -108,7 +108,7 @@ def _wait(conn: Collector, topics: Topics, device: str, job_id: str, seen: int, 
                 continue
             progress(r)
             if r.final:
-                if r.state != "done":
+                if r.state != JobState.DONE:
                     raise ProfileRefused(f"{device} {r.state} the profile job for {p.name} {p.version} "
                                          f"({p.path.name}): {r.error or 'no reason given'}")
                 return r

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from edgebundle.errors import InputError
 from edgeproto.broker import BrokerConfig
-from edgeproto.records import FINAL_STATES, UpdateEvent
+from edgeproto.records import FINAL_STATES, UpdateEvent, UpdateState
 from edgeproto.topics import Topics
 from fleet.conn import Collector, parse_json
 from fleet.status import FleetTable
@@ -86,7 +86,7 @@ class _Extra:
             return
         self.update = update
         last = self.steps[-1] if self.steps else None
-        if update["state"] != "idle" and (last is None or (last["state"], last["update_id"], last["error"]) !=
+        if update["state"] != UpdateState.IDLE and (last is None or (last["state"], last["update_id"], last["error"]) !=
                                           (update["state"], update["update_id"], update["error"])):
             keep = ("state", "update_id", "version", "error", "model")
             self.steps.append({"t": round(at, 3), **{k: update.get(k) for k in keep}})

@@ -35,6 +35,7 @@ from edgeproto.desired import Desired, Limits, RecordError, Removal
 from edgeproto.documents import (StatusDocument, TelemetryDocument, Totals, last_will, model_entry, model_section,
                                  now_iso)
 from edgeproto.mqtt import MqttClient, MqttError, Will, dumps
+from edgeproto.records import UpdateState
 from edgeproto.topics import DeviceTopics
 
 MAX_SAMPLES_PER_CATCH_UP = 5000  # after a stall, do not draw minutes of traffic in one go
@@ -232,7 +233,7 @@ class SimDevice:
     def event(self, doc: dict) -> None:
         doc = {**doc, "model": doc.get("model") or self.model_name}
         self._send(self.topics.events, dumps({"device_id": self.device_id, "ts": now_iso(), **doc}))
-        if (Fault.DROP in self.faults and not self._dropped and doc.get("state") == "downloading"
+        if (Fault.DROP in self.faults and not self._dropped and doc.get("state") == UpdateState.DOWNLOADING
                 and not doc.get("progress")):
             self._dropped = True
             self.sim.net.drop(self.mqtt.paho, self.sim.misbehave.drop_s)

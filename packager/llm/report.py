@@ -2,6 +2,8 @@
 speed, as `edgepack build` prints them."""
 from __future__ import annotations
 
+from packager.results import Verdict
+
 
 def _bytes(n) -> str:
     if n is None:
@@ -24,7 +26,7 @@ def table(report: dict) -> str:
         if not t["ok"]:
             rows.append((t["target"], "-", "-", "-", "-", "-", f"FAILED ({t['error_kind']}): {t['error']}"))
             continue
-        c = next(c for c in t["candidates"] if c["verdict"] == "chosen")
+        c = next(c for c in t["candidates"] if c["verdict"] == Verdict.CHOSEN)
         q, s = c["quality"] or {}, c["speed"] or {}
         rows.append((t["target"], t["chosen"], _bytes(t["bundle_bytes"]), f"{q.get('agreement', 0):.1%}",
                      f"{q.get('ppl_ratio', 0):.3f}", f"{s['decode_tok_s']:.1f}" if s else "untimed", t["bundle"]))
@@ -46,6 +48,6 @@ def table(report: dict) -> str:
             crow.append((c["candidate"], c["verdict"], _bytes(c["bytes"]),
                          f"{q['agreement']:.1%}" if q else "-", f"{q['ppl_ratio']:.3f}" if q else "-",
                          f"{s['decode_tok_s']:.1f} ({s['decode_range'][0]:.1f}-{s['decode_range'][1]:.1f})" if s else "-",
-                         f"{s['ttft_ms']:.1f}" if s else "-", c["why"] if c["verdict"] != "chosen" else ""))
+                         f"{s['ttft_ms']:.1f}" if s else "-", c["why"] if c["verdict"] != Verdict.CHOSEN else ""))
         out.append("\n".join("  " + r for r in _rows(crow)))
     return "\n".join(out)
