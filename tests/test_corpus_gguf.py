@@ -3,7 +3,7 @@ packager.llm.gguf and exported fp32 by the model builder: the folder is the mode
 (268 M parameters, Gemma3ForCausalLM, 32k context), its tokenizer gives back the text it was given, and
 the fp32 ONNX gives torch's logits on the same ids, past the 512-token sliding window too.
 
-Measured here (2 busy cores): to_folder 71 s, child peak RSS 3.4 GB, folder 1.11 GB; fp32 export 24 s
+Measured here (2 cores shared, load 2-4.5): to_folder 71-94 s, child peak RSS 3.4 GB, folder 1.11 GB; fp32 export 24 s
 (1.17 GB); logits max |diff| 0.0012 on 59 tokens, 0.0038 on 700, top-1 agreement 100 %.
 onnxruntime-genai 0.18's Tokenizer.encode adds no special tokens, and Gemma without its <bos> degenerates
 ("The capital of France is France. The The The ..."): ids here carry the <bos> transformers' tokenizer adds."""
