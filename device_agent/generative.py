@@ -338,7 +338,7 @@ class GenerativeModel:
         msgs = check_messages(messages)
         if not self.template:
             raise InputError("this model has no chat template; send a plain prompt to /v1/completions")
-        return self.runtime.encode(self.runtime.chat_prompt(msgs, self.template))
+        return self.runtime.encode(self.runtime.chat_prompt(msgs, self.template), special=False)
 
     def check_ids(self, ids) -> list[int]:
         vocab = self.runtime.outputs[0].shape[-1] if self.runtime.outputs else -1

@@ -67,6 +67,24 @@ def _og():
     return og
 
 
+def _special_prefix(tokenizer) -> tuple[int, ...]:
+    """The ids the tokenizer adds before a text when asked for special tokens (onnxruntime-genai 0.18's
+    encode adds none by default, and Gemma without its <bos> degenerates: "France is France. The The")."""
+    plain = [int(i) for i in tokenizer.encode("a")]
+    try:
+        tokenizer.update_options(add_special_tokens="true")
+        full = [int(i) for i in tokenizer.encode("a")]
+    except Exception:  # an older onnxruntime-genai without the option: no prefix known
+        return ()
+    finally:
+        try:
+            tokenizer.update_options(add_special_tokens="false")
+        except Exception:
+            pass
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    return tuple(full[:at]) if at else ()
+
+
 def _log_softmax_at(logits: np.ndarray, i: int) -> float:
     x = logits.astype(np.float64).ravel()
     m = x.max()
@@ -88,6 +106,7 @@ class GenAIRuntime(Runtime):
     context_length: int = 0
     eos_ids: tuple[int, ...] = ()
     window: int = 0  # sliding-window attention: the KV cache must hold at least this many positions
+    prefix: tuple[int, ...] = ()  # the special tokens the tokenizer puts before a text (e.g. <bos>)
     _model: object = None
     _tokenizer: object = None
 
@@ -113,6 +132,7 @@ class GenAIRuntime(Runtime):
         try:
             model = og.Model(config)
             tokenizer = og.Tokenizer(model)
+            prefix = _special_prefix(tokenizer)
         except Exception as e:  # og raises plain RuntimeError for every load failure
             raise RuntimeUnavailableError(f"onnxruntime-genai cannot load {folder}: {e}") from None
         with open(os.path.join(folder, "genai_config.json")) as f:
@@ -126,7 +146,7 @@ class GenAIRuntime(Runtime):
             outputs=(TensorInfo("logits", (1, -1, vocab), "float32"),),
             details={"runtime": "onnxruntime-genai", "version": og.__version__, "device": device,
                      "provider": "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"},
-            folder=folder, context_length=int(gc.get("context_length", 0)), eos_ids=eos, window=window,
+            folder=folder, context_length=int(gc.get("context_length", 0)), eos_ids=eos, window=window, prefix=prefix,
             _model=model, _tokenizer=tokenizer)
 
     def kv_positions(self, n: int) -> int:
@@ -136,13 +156,17 @@ class GenAIRuntime(Runtime):
         return min(n, self.context_length) if self.context_length else n
 
     # ---- text ----
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of `text`; `special`: with the tokens the model's tokenizer puts around a text (Gemma's
+        and Llama's <bos>), as transformers does for a plain prompt. A chat template writes its own, so a
+        rendered chat prompt is encoded with special=False (transformers' apply_chat_template does so too)."""
         if not isinstance(text, str):
             raise InputError(f"a prompt is text, not {type(text).__name__}")
         try:
-            return [int(i) for i in self._tokenizer.encode(text)]
+            ids = [int(i) for i in self._tokenizer.encode(text)]
         except Exception as e:  # a lone surrogate, or text the tokenizer cannot take
             raise InputError(f"the tokenizer refuses this text: {e}") from None
+        return [*self.prefix, *ids] if special else ids
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode(np.asarray(list(ids), np.int32)) if len(ids) else ""
