@@ -233,9 +233,13 @@ class GenAIRuntime(Runtime):
             raise InputError(f"{len(ids)} tokens, more than the model's context of {self.context_length}")
         params = og.GeneratorParams(self._model)
         params.set_search_options(max_length=self.kv_positions(len(ids) + 1), do_sample=False)
-        gen = og.Generator(self._model, params)
-        gen.append_tokens(np.asarray(ids, np.int32))
-        out = np.asarray(gen.get_output("logits"), np.float32)
+        try:
+            gen = og.Generator(self._model, params)
+            gen.append_tokens(np.asarray(ids, np.int32))
+            out = np.asarray(gen.get_output("logits"), np.float32)
+        except RuntimeError as e:  # a kernel this machine's onnxruntime lacks, or out of memory
+            raise RuntimeUnavailableError(f"onnxruntime-genai cannot run this model here: "
+                                          f"{str(e).splitlines()[0][:200]}") from None
         return out.reshape(-1, out.shape[-1])[-len(ids):]
 
     def teacher_forced(self, prompt_ids: list[int], continuation: list[int]) -> list[int]:

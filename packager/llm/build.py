@@ -221,6 +221,9 @@ def _scored(r: Recipe, ex: Exported | ConversionError, ref: Reference,
         return Candidate(r, ex.weight_bytes, verdict=Verdict.ERROR, why=f"does not load here: {e}"), None
     try:
         q = score(rt, ref)
+    except (EdgepackError, RuntimeError) as e:  # onnxruntime-genai raises RuntimeError for a kernel it lacks
+        return Candidate(r, ex.weight_bytes, verdict=Verdict.ERROR,
+                         why=f"does not run here: {str(e).splitlines()[0][:200]}"), None
     finally:
         rt.close()
     if q.passes(gate):

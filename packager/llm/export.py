@@ -42,6 +42,8 @@ class Recipe:
             opts.append(f"block_size={self.block_size}")
         if self.accuracy_level:
             opts.append(f"accuracy_level={self.accuracy_level}")
+        if self.ep == "cuda":  # Q/K RMS norm fused into attention runs on CUDA only: the graph the build
+            opts.append("fuse_qk_norm_gqa=false")  # scores on its CPU must be the graph the device runs
         return opts
 
 
