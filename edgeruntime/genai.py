@@ -1,12 +1,18 @@
 """Generative decoders: an ONNX Runtime GenAI folder (model.onnx + external weights, genai_config.json,
 tokenizer) behind the runtime adapter. `run` gives teacher-forced logits (golden checks, shadow);
 `generate` streams tokens for one request. One Model serves every request; each request has its own
-Generator (its own KV cache of at most prompt + max_tokens positions)."""
+Generator (its own KV cache of at most prompt + max_tokens positions).
+
+A base with LoRA slots takes adapters (onnxruntime adapter files): `load_adapter` beside the base,
+`activate` one for the requests that start from then on (a generator keeps the adapter it started
+with), `unload_adapter` when no generator uses it any more. Every method runs the active adapter
+unless told another (`adapter=NAME`, or None for the bare base)."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -67,14 +73,27 @@ def _log_softmax_at(logits: np.ndarray, i: int) -> float:
     return float(x[i] - m - math.log(np.exp(x - m).sum()))
 
 
+class _Active:
+    def __repr__(self) -> str:
+        return "ACTIVE"
+
+
+ACTIVE = _Active()  # `adapter=` default: the runtime's active adapter (None: the bare base)
+
+
 @dataclass
 class GenAIRuntime(Runtime):
     folder: str = ""
     context_length: int = 0
     eos_ids: tuple[int, ...] = ()
     window: int = 0  # sliding-window attention: the KV cache must hold at least this many positions
+    active_adapter: str | None = None  # what requests run from now on (activate)
     _model: object = None
     _tokenizer: object = None
+    _adapters: object = None  # og.Adapters, made at the first load_adapter
+    _loaded: set = field(default_factory=set)
+    _retired: set = field(default_factory=set)  # unloaded while a generator still used them: freed later
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def load(cls, path: str, spec: LoadSpec | None = None) -> "GenAIRuntime":
@@ -119,6 +138,66 @@ class GenAIRuntime(Runtime):
         n = max(n, self.window)
         return min(n, self.context_length) if self.context_length else n
 
+    # ---- LoRA adapters ----
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(sorted(self._loaded))
+
+    def load_adapter(self, path: str, name: str) -> None:
+        """Load an adapter file beside the base under `name` (not yet active). A file whose weights are
+        not this base's slots is refused here (RuntimeUnavailableError)."""
+        og = _og()
+        with self._lock:
+            self._reap()
+            if name in self._loaded:
+                raise InputError(f"an adapter named {name!r} is already loaded")
+            if self._adapters is None:
+                self._adapters = og.Adapters(self._model)
+            try:
+                self._adapters.load(str(path), name)
+            except Exception as e:  # og raises RuntimeError for a bad file or parameters the model lacks
+                raise RuntimeUnavailableError(f"onnxruntime-genai cannot load adapter {path}: {e}") from None
+            self._loaded.add(name)
+
+    def activate(self, name: str | None) -> str | None:
+        """Requests that start from now on run adapter `name` (None: the bare base); returns the one they
+        ran before. Generations already running keep theirs."""
+        with self._lock:
+            if name is not None and name not in self._loaded:
+                raise InputError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
+            previous, self.active_adapter = self.active_adapter, name
+            return previous
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter `name` (never the active one); its memory is freed once no running generator uses it."""
+        with self._lock:
+            if name == self.active_adapter:
+                raise InputError(f"adapter {name!r} is active; activate another (or None) first")
+            if name in self._loaded:
+                self._loaded.discard(name)
+                self._retired.add(name)
+            self._reap()
+
+    def _reap(self) -> None:
+        for name in list(self._retired):
+            try:
+                self._adapters.unload(name)
+            except Exception:  # noqa: BLE001  og: "Adapter still in use" while a generator holds it; next time
+                continue
+            self._retired.discard(name)
+
+    def _generator(self, params, adapter):
+        """A generator running `adapter` (ACTIVE: the active one; None: the bare base)."""
+        og = _og()
+        with self._lock:
+            name = self.active_adapter if adapter is ACTIVE else adapter
+            gen = og.Generator(self._model, params)
+            if name is not None:
+                if name not in self._loaded:
+                    raise InputError(f"no adapter named {name!r} is loaded")
+                gen.set_active_adapter(self._adapters, name)
+            return gen
+
     # ---- text ----
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
@@ -143,9 +222,10 @@ class GenAIRuntime(Runtime):
 
     # ---- generation ----
     def generate(self, prompt_ids: list[int], sampling: Sampling,
-                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[Token]:
+                 cancelled: Callable[[], bool] = lambda: False, *, adapter=ACTIVE) -> Iterator[Token]:
         """Stream up to `sampling.max_tokens` tokens after `prompt_ids`; stops at an end-of-text token
-        (yielded with eos=True and text "") or as soon as `cancelled()` is true between two tokens."""
+        (yielded with eos=True and text "") or as soon as `cancelled()` is true between two tokens.
+        `adapter`: the LoRA adapter it runs (default: the active one, fixed when the generation starts)."""
         og = _og()
         sampling.check()
         if not prompt_ids:
@@ -162,7 +242,7 @@ class GenAIRuntime(Runtime):
         if sampling.seed is not None:
             opts["random_seed"] = int(sampling.seed)
         params.set_search_options(**opts)
-        gen = og.Generator(self._model, params)
+        gen = self._generator(params, adapter)
         stream = self._tokenizer.create_stream()
         try:
             gen.append_tokens(np.asarray(prompt_ids, np.int32))
@@ -180,10 +260,10 @@ class GenAIRuntime(Runtime):
         finally:
             del gen
 
-    def greedy(self, prompt_ids: list[int], n: int) -> list[int]:
-        return [t.id for t in self.generate(prompt_ids, Sampling(max_tokens=n))]
+    def greedy(self, prompt_ids: list[int], n: int, *, adapter=ACTIVE) -> list[int]:
+        return [t.id for t in self.generate(prompt_ids, Sampling(max_tokens=n), adapter=adapter)]
 
-    def logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, ids: list[int], *, adapter=ACTIVE) -> np.ndarray:
         """Logits [T, vocab] at every position of `ids`, in one prefill (teacher forcing)."""
         og = _og()
         if not len(ids):
@@ -192,15 +272,15 @@ class GenAIRuntime(Runtime):
             raise InputError(f"{len(ids)} tokens, more than the model's context of {self.context_length}")
         params = og.GeneratorParams(self._model)
         params.set_search_options(max_length=self._capacity(len(ids) + 1), do_sample=False)
-        gen = og.Generator(self._model, params)
+        gen = self._generator(params, adapter)
         gen.append_tokens(np.asarray(ids, np.int32))
         out = np.asarray(gen.get_output("logits"), np.float32)
         return out.reshape(-1, out.shape[-1])[-len(ids):]
 
-    def teacher_forced(self, prompt_ids: list[int], continuation: list[int]) -> list[int]:
+    def teacher_forced(self, prompt_ids: list[int], continuation: list[int], *, adapter=ACTIVE) -> list[int]:
         """The model's argmax at each position of `continuation` given everything before it."""
         seq = list(prompt_ids) + list(continuation)
-        top = self.logits(seq[:-1]).argmax(-1)
+        top = self.logits(seq[:-1], adapter=adapter).argmax(-1)
         return [int(i) for i in top[len(prompt_ids) - 1:]]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -212,7 +292,7 @@ class GenAIRuntime(Runtime):
         return {"input_ids": np.asarray([self.encode("Hello")], np.int64)}
 
     def close(self) -> None:
-        self._model = self._tokenizer = None
+        self._model = self._tokenizer = self._adapters = None
 
 
 @dataclass(frozen=True)
@@ -227,13 +307,14 @@ class GoldenCheck:
         return self.agreement >= self.needed
 
 
-def check_golden(rt: GenAIRuntime, golden: list[dict], needed: float) -> GoldenCheck:
+def check_golden(rt: GenAIRuntime, golden: list[dict], needed: float, *, adapter: str | None = None) -> GoldenCheck:
     """Re-run the bundle's golden prompts teacher-forced on the build's greedy tokens: a device whose
-    kernels differ in rounding may break a near-tie, so it is the share of positions that counts."""
+    kernels differ in rounding may break a near-tie, so it is the share of positions that counts.
+    `adapter`: a loaded LoRA adapter's name, for an adapter bundle's golden prompts (None: the base)."""
     hits = total = 0
     failures = []
     for i, g in enumerate(golden):
-        got = rt.teacher_forced(g["prompt_ids"], g["ids"])
+        got = rt.teacher_forced(g["prompt_ids"], g["ids"], adapter=adapter)
         same = sum(a == b for a, b in zip(got, g["ids"]))
         hits, total = hits + same, total + len(g["ids"])
         if same < len(g["ids"]):
