@@ -75,10 +75,12 @@ def main() -> None:
               help="Keep this share of answered requests (inputs and outputs) on disk for `edgepack fleet capture "
                    "pull` (default 0: off; at most [capture] per_minute a minute; see docs/ota.md#data-capture).")
 @click.option("--capture-max-mb", type=int, help="Each model's capture ring on disk (default 64 MB; oldest go first).")
+@click.option("--llm-max-queue", type=int, help="Generation requests that may wait their turn per model (default 8); "
+                                                "more get 503 with Retry-After.")
 def run(config_path, device_id, groups, broker, broker_username, broker_password, broker_ca_file,
         broker_cert_file, broker_key_file, topic_prefix, data_dir, bundles, memory_budget_mb, api_host, api_port, api_token,
         telemetry_interval, threads, log_format, trusted_keys, root_keys, allowed_urls, api_max_connections,
-        api_idle_timeout, api_request_timeout, capture_rate, capture_max_mb):
+        api_idle_timeout, api_request_timeout, capture_rate, capture_max_mb, llm_max_queue):
     """Serve the active bundle on the KServe v2 API and report to the broker until SIGTERM."""
     from device_agent.config import load_config
     from device_agent.proc import limit_malloc_arenas, setup_logging
@@ -95,7 +97,7 @@ def run(config_path, device_id, groups, broker, broker_username, broker_password
                       trusted_keys=tuple(trusted_keys) or None, root_keys=tuple(root_keys) or None,
                       allowed_urls=tuple(allowed_urls) or None, api_max_connections=api_max_connections,
                       api_idle_timeout=api_idle_timeout, api_request_timeout=api_request_timeout,
-                      capture_rate=capture_rate, capture_max_mb=capture_max_mb)
+                      capture_rate=capture_rate, capture_max_mb=capture_max_mb, llm_max_queue=llm_max_queue)
     setup_logging(cfg.log_format)
     Agent(cfg).run()
 

@@ -59,6 +59,9 @@ class AgentConfig:
     capture_rate: float = 0.0  # share of answered requests kept on disk for `fleet capture pull` (0: off)
     capture_per_minute: int = 60  # captured requests a minute, at most
     capture_max_mb: int = 64  # each model's capture ring on disk
+    llm_max_queue: int = 8  # generation requests that may wait for their turn per model; more get 503
+    llm_concurrency: int = 1  # generations running at once per model
+    llm_token_delay_ms: float = 0.0  # a pause after each generated token (diagnostics and tests)
 
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -83,13 +86,14 @@ _TOML = {"device_id": (None, "device_id"), "groups": (None, "groups"), "data_dir
          "fault_delay": ("ota", "fault_delay"), "profile_diagnostic_delay": ("profile", "diagnostic_delay"),
          "memory_budget_mb": (None, "memory_budget_mb"), "memory_reserve_mb": (None, "memory_reserve_mb"),
          "capture_rate": ("capture", "rate"), "capture_per_minute": ("capture", "per_minute"),
-         "capture_max_mb": ("capture", "max_mb")}
-_INTS = {"capture_per_minute", "capture_max_mb", "memory_budget_mb", "memory_reserve_mb", "api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes", "api_max_connections",
+         "capture_max_mb": ("capture", "max_mb"), "llm_max_queue": ("llm", "max_queue"),
+         "llm_concurrency": ("llm", "concurrency"), "llm_token_delay_ms": ("llm", "token_delay_ms")}
+_INTS = {"llm_max_queue", "llm_concurrency", "capture_per_minute", "capture_max_mb", "memory_budget_mb", "memory_reserve_mb", "api_port", "max_body_bytes", "threads", "buffer_max_messages", "buffer_max_bytes", "api_max_connections",
          "max_attempts", "max_bundle_bytes", "max_chunks", "max_record_bytes", "min_transfer_rate"}
-_FLOATS = {"capture_rate", "telemetry_interval", "api_idle_timeout", "api_request_timeout", "transfer_grace_s"}
+_FLOATS = {"llm_token_delay_ms", "capture_rate", "telemetry_interval", "api_idle_timeout", "api_request_timeout", "transfer_grace_s"}
 _LISTS = ("groups", "trusted_keys", "root_keys", "allowed_urls")
 # lower bounds: a setting below them is an error that names it
-_MIN = {"capture_rate": 0.0, "capture_per_minute": 1, "capture_max_mb": 1, "memory_budget_mb": 0, "memory_reserve_mb": 0, "api_port": 0, "max_body_bytes": 1024, "threads": 1, "buffer_max_messages": 1, "buffer_max_bytes": 1024,
+_MIN = {"llm_max_queue": 0, "llm_concurrency": 1, "llm_token_delay_ms": 0.0, "capture_rate": 0.0, "capture_per_minute": 1, "capture_max_mb": 1, "memory_budget_mb": 0, "memory_reserve_mb": 0, "api_port": 0, "max_body_bytes": 1024, "threads": 1, "buffer_max_messages": 1, "buffer_max_bytes": 1024,
         "api_max_connections": 1, "max_attempts": 1, "max_bundle_bytes": 1024, "max_chunks": 1,
         "max_record_bytes": 1024, "min_transfer_rate": 1, "telemetry_interval": 1e-3, "api_idle_timeout": 0.1,
         "api_request_timeout": 0.1, "transfer_grace_s": 0.0}
@@ -119,7 +123,7 @@ def _read_toml(path: Path) -> dict:
                 raise InputError(f"config {path}: unknown key(s) in [{section}]: {sorted(unknown or value)}")
         elif section not in known[None]:
             raise InputError(f"config {path}: unknown key {section!r}",
-                             hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer] [capture] [ota] [profile]")
+                             hint=f"top-level keys: {sorted(known[None])}; sections: [api] [broker] [buffer] [capture] [llm] [ota] [profile]")
     return flat
 
 

@@ -10,7 +10,9 @@ Triton's where they map, so dashboards and alerts written for Triton work unchan
     nv_inference_compute_{input,infer,output}_duration_us
 
 Triton's duration series are counters; the distributions are histograms of their own, in seconds
-as Prometheus recommends: edgepack_inference_{request,queue,compute}_duration_seconds. The rest:
+as Prometheus recommends: edgepack_inference_{request,queue,compute}_duration_seconds. Generative
+models add edgepack_generation_* (requests by outcome, tokens, time to first token, decode rate,
+queue depth, KV cache). The rest:
 model and agent info, agent and update state, NaN/Inf outputs, MQTT link, telemetry buffer,
 host readings and the standard process_* series. docs/metrics.md lists every name.
 """
@@ -112,6 +114,39 @@ def _open_fds() -> int | None:
         return None
 
 
+def _generation(e: Exposition, per_model, slots) -> None:
+    """Text generation: cumulative per (model, version) from the API's records, and the live queue,
+    generations running and KV cache of each generative model serving now."""
+    gens = [({"model": m, "version": v}, c.generation) for (m, v), c in per_model if c.generation is not None]
+    e.family("edgepack_generation_requests_total", "counter",
+             "Generation requests by how they ended: stop (end of text or a stop sequence), length (max_tokens), "
+             "cancelled (the client left), failed, queue_full (refused: HTTP 503)",
+             [({**lb, "outcome": k}, n) for lb, g in gens for k, n in g.outcomes.items()])
+    e.family("edgepack_generation_prompt_tokens_total", "counter", "Prompt tokens of generation requests",
+             [(lb, g.prompt_tokens) for lb, g in gens])
+    e.family("edgepack_generation_completion_tokens_total", "counter", "Tokens generated",
+             [(lb, g.completion_tokens) for lb, g in gens])
+    e.histogram("edgepack_generation_time_to_first_token_seconds",
+                "From a generation request's arrival to its first token (queue and prefill included)",
+                [(lb, g.ttft_h) for lb, g in gens])
+    e.family("edgepack_generation_decode_tokens_total", "counter", "Tokens decoded after each request's first",
+             [(lb, g.decode_tokens) for lb, g in gens])
+    e.family("edgepack_generation_decode_seconds_total", "counter",
+             "Time spent decoding them (rate of tokens / rate of seconds: decode tokens per second)",
+             [(lb, round(g.decode_s, 6)) for lb, g in gens])
+    e.family("edgepack_generation_decode_tokens_per_second", "gauge",
+             "Decode speed of the last generation of two tokens or more",
+             [(lb, round(g.last_tps, 3)) for lb, g in gens if g.last_tps is not None])
+    live = [(s.name, s.model.generation) for s in slots if s.model is not None and s.model.generation is not None]
+    e.family("edgepack_generation_queue_depth", "gauge", "Generation requests waiting for their turn",
+             [({"model": n}, g.waiting) for n, g in live])
+    e.family("edgepack_generation_in_flight", "gauge", "Generations running now",
+             [({"model": n}, g.running) for n, g in live])
+    e.family("edgepack_generation_kv_cache_bytes", "gauge",
+             "KV cache held by the running generations (prompt + max_tokens positions each)",
+             [({"model": n}, g.kv_cache_bytes) for n, g in live])
+
+
 def render_metrics(agent) -> str:
     """The whole exposition for one scrape of `agent` (a device_agent.service.Agent)."""
     e = Exposition()
@@ -127,6 +162,8 @@ def render_metrics(agent) -> str:
                              ("compute", "compute_h", "decode, run and encode, without the queue")):
         e.histogram(f"edgepack_inference_{part}_duration_seconds", f"Inference time: {what}",
                     [({"model": m, "version": v}, getattr(c, attr)) for (m, v), c in per_model])
+
+    _generation(e, per_model, [s for s in list(agent.slots) if s.name])
 
     e.family("edgepack_agent_info", "gauge", "The agent: version and device id",
              [({"version": __version__, "device_id": agent.cfg.device_id}, 1)])

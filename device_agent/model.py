@@ -3,6 +3,9 @@
     from device_agent import load_bundle
     model = load_bundle("digits-1.0.0-arm-cpu.edgepack")
     out = model.infer({"image": x})        # floats in, floats out (quantization handled)
+
+A generative bundle (format "genai") loads the same way; `model.generation` (device_agent.generative)
+generates: `model.generation.complete("Once upon", max_tokens=32).text`.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from device_agent.generative import GenerativeModel, load_generative
 from edgeruntime.base import Runtime, dequantize, quantize
 from edgeruntime.registry import load_from_manifest
 from edgeruntime.text import TextEncoder, TextSettings, parity_problems
@@ -38,6 +42,7 @@ class ModelClosed(RuntimeError):
     """The model was swapped out and closed; the caller should take the current one."""
 
 
+GENAI = "genai"  # generative bundles (edgeruntime.genai)
 MAX_GOLDEN_BYTES = 64 << 20  # golden arrays are loaded into memory
 TEXT_INPUT = "text"  # text bundles take `{"text": [str, ...]}` as well as their token tensors
 # Returned with a text request's outputs, per text: its tokens, whether it was cut at max_length, and
@@ -91,6 +96,7 @@ class Model:
     memory: object = None  # what the agent admitted it with (device_agent.slot.Memory)
     drift: object = None  # edgeruntime.drift.Monitor over this model's live inputs and outputs (the agent's)
     capture: Callable[[dict, dict], None] | None = None  # while it serves with capture on: Ring.offer
+    generation: GenerativeModel | None = None  # genai bundles: text generation (queue, chat template, defaults)
 
     @property
     def name(self) -> str:
@@ -141,6 +147,17 @@ class Model:
 
     def health_snapshot(self) -> dict:
         return self.health.snapshot()
+
+    def observe(self, *, ok: bool) -> None:
+        """A request served outside infer() (a generation), counted during probation like infer's:
+        a request, and an error when the model failed it. No latency: a generation's time is its
+        length, not the model's health."""
+        if not self._watch:
+            return
+        h = self.health
+        with h.lock:
+            h.requests += 1
+            h.errors += not ok
 
     def validate(self, inputs: dict) -> dict[str, np.ndarray]:
         """Check names, shapes and dtypes against the manifest; return arrays in the
@@ -199,8 +216,8 @@ class Model:
 
     @property
     def in_flight(self) -> int:
-        """Requests running or waiting in infer() now (profile jobs pause while any are)."""
-        return self._busy
+        """Requests running or waiting in infer() or a generation now (profile jobs pause while any are)."""
+        return self._busy + (self.generation.active if self.generation is not None else 0)
 
     def infer(self, inputs: dict, *, raw: bool = False, stamps: list[float] | None = None) -> dict[str, np.ndarray]:
         """Run once (a batch bigger than a fixed batch axis: once per slice of it, the outputs stacked).
@@ -434,7 +451,10 @@ class Model:
         return worst
 
     def close(self) -> None:
-        """Release the runtimes once requests running on them have finished."""
+        """Release the runtimes once requests running on them have finished (generations admitted
+        before a swap finish on this model first)."""
+        if self.generation is not None:
+            self.generation.close()
         with self._lock:
             self._closed = True
             for rt in (self.runtime, *self.buckets.values()):
@@ -476,9 +496,12 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
                                   f"not sequence length {b['length']}", hint="rebuild the bundle")
         model.text = _text_encoder(m, model_dir, path.name)
         model.pause = pause
-        model.warm_up(warmup)
-        if check_golden:
-            _check_golden(model, path.name)
+        if m.format == GENAI:  # golden prompts instead of golden tensors; nothing to warm up
+            model.generation = load_generative(runtime, m, model_dir, path.name, check=check_golden, pause=pause)
+        else:
+            model.warm_up(warmup)
+            if check_golden:
+                _check_golden(model, path.name)
         model.pause = None
     except BaseException:
         model.close()
@@ -502,7 +525,10 @@ def _check_golden(model: Model, bundle_name: str) -> None:
 
 def bundle_members_to_extract(m: Manifest) -> list[str]:
     """What the device needs on disk: the model file (and a TFLite text bundle's length buckets), the
-    golden data and a text model's tokenizer."""
+    golden data and a text model's tokenizer; every member of a generative bundle (weights, configuration,
+    tokenizer and chat template sit beside the model file)."""
+    if m.format == GENAI:
+        return sorted(m.files)
     buckets = [b["file"] for b in (m.text or {}).get("buckets") or ()]
     return ([m.model_file] + buckets + ([m.golden["file"]] if m.golden else [])
             + ([m.text["tokenizer"]] if m.text else []))

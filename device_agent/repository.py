@@ -2,6 +2,7 @@
 readiness, and Triton's model repository extension (index, load, unload)."""
 from __future__ import annotations
 
+from device_agent.generative import GenerationPolicy
 from device_agent.model import Model
 from device_agent.ota.record import LIVE, RESUMABLE
 from edgebundle.errors import InputError
@@ -18,6 +19,12 @@ class AgentRepository:
 
     def names(self) -> list[str]:
         return [s.name for s in list(self.agent.slots) if s.name]
+
+    def generation_policy(self) -> GenerationPolicy:
+        """The agent's [llm] settings: queue bound, generations at once, diagnostic token delay."""
+        cfg = self.agent.cfg
+        return GenerationPolicy(max_queue=cfg.llm_max_queue, concurrency=cfg.llm_concurrency,
+                                token_delay_s=cfg.llm_token_delay_ms / 1000)
 
     def ready(self) -> bool:
         return self.agent.ready()

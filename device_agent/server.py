@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import re
+import select
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ from device_agent.kserve import (HEADER_LEN, TEXT_META, decode_request, encode_r
                                   model_stats, tensor_meta)
 from device_agent.linger import Lingering
 from device_agent.model import Model, ModelClosed
+from device_agent.openai_api import LlmApi, Streamed
 from device_agent.stats import InferenceStats, ModelCounters, Phases, has_nonfinite
 from edgebundle.errors import EdgepackError
 
@@ -32,7 +34,8 @@ log = logging.getLogger("edgepack.agent.api")
 _AGENT_VIEWS = ("/metrics", "/status", "/stats")
 _REPO = re.compile(r"^/v2/repository/models/(?P<name>[^/]+)/(?P<action>load|unload)/?$")
 _MODEL = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?"
-                    r"(?P<action>/ready|/infer|/config|/stats)?/?$")
+                    r"(?P<action>/ready|/infer|/config|/stats|/generate|/generate_stream)?/?$")
+_POSTS = ("/infer", "/generate", "/generate_stream")
 
 
 class HttpError(Exception):
@@ -189,6 +192,7 @@ class ApiServer:
         self.repo = OneModel(repository) if callable(repository) else repository
         self.stats, self.token, self.max_body = stats, token, max_body_bytes
         self.views = views
+        self.llm = LlmApi(self.repo, stats)  # text generation: OpenAI's /v1 and the v2 generate extension
         api = self
 
         class Handler(_Handler):
@@ -216,7 +220,9 @@ class ApiServer:
         return self._thread is None or self._thread.is_alive()
 
     # ---- routes: (status, JSON-able body) or raw (status, bytes, headers) ----
-    def route(self, method: str, path: str, headers, read_body: Callable[[], bytes]):
+    def route(self, method: str, path: str, headers, read_body: Callable[[], bytes],
+              cancelled: Callable[[], bool] = lambda: False):
+        """`cancelled`: whether the client has gone (a generation stops when it has)."""
         if path in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/"):
             if method != "GET":
                 raise HttpError(405, f"{method} is not allowed on {path}")
@@ -228,11 +234,15 @@ class ApiServer:
                 if self.views.state:
                     body["state"] = self.views.state()
                 return (200 if ok else 503), body
-            return 200, {"name": "edgepack-agent", "version": __version__, "extensions": ["binary_tensor_data"]}
+            return 200, {"name": "edgepack-agent", "version": __version__,
+                         "extensions": ["binary_tensor_data", "generate"]}
         if path in _AGENT_VIEWS:
             return self._agent_view(method, path, headers)
         if path.startswith("/v2/repository/"):
             return self._repository(method, path, headers, read_body)
+        if path == "/v1" or path.startswith("/v1/"):
+            self._authorize(headers)
+            return self.llm.route(method, path, read_body, cancelled)
         if path.rstrip("/") == "/v2/models/stats" and self.repo.model("stats") is None:  # every model's (Triton)
             if method != "GET":
                 raise HttpError(405, f"{method} is not allowed on {path}")
@@ -243,7 +253,7 @@ class ApiServer:
             raise HttpError(404, f"no such endpoint {path}")
         self._authorize(headers)
         action = m.group("action")
-        if (action == "/infer") != (method == "POST") or method not in ("GET", "POST"):
+        if (action in _POSTS) != (method == "POST") or method not in ("GET", "POST"):
             raise HttpError(405, f"{method} is not allowed on {path}")
         slot, model = self._model(m.group("name"), m.group("version"))
         if action == "/ready":
@@ -263,6 +273,8 @@ class ApiServer:
                 "outputs": [tensor_meta(t, model.api_dtypes.get(t.name)) for t in man.outputs],
                 "parameters": {"precision": man.precision, "target": man.target.get("name"),
                                "bundle_sha256": model.bundle_sha256}}
+        if action in ("/generate", "/generate_stream"):
+            return self.llm.generate(slot, model, read_body(), stream=action == "/generate_stream", cancelled=cancelled)
         return self._infer(slot, model, headers, read_body())
 
     def _repository(self, method: str, path: str, headers, read_body: Callable[[], bytes]):
@@ -448,8 +460,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.deadline(self.connection, None)  # the request is in: inference time is not counted
             return body
 
+        link = ClientLink(self.connection)
         try:
-            res = self.server_api.route(method, path, self.headers, read_body)
+            res = self.server_api.route(method, path, self.headers, read_body, link.gone)
         except HttpError as e:
             res = (e.status, {"error": str(e)})
         except Exception as e:  # never let a request kill the server thread without an answer
@@ -458,6 +471,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.deadline(self.connection, None)
         if not body_read and self.headers.get("Content-Length") not in (None, "0"):
             self.close_connection = True  # unread body: do not reuse the connection
+        if isinstance(res, Streamed):
+            self._stream(res, link)
+            return
         status, payload = res[0], res[1]
         headers = res[2] if len(res) > 2 else {"Content-Type": "application/json"}
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -469,3 +485,55 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+    def _stream(self, res: Streamed, link: "ClientLink") -> None:
+        """Write a response as it is made: chunked (HTTP/1.1, the connection stays open) or up to the
+        connection's close (HTTP/1.0). A failed write means the client has gone: the response is
+        closed there, which stops its generation."""
+        chunked = self.request_version != "HTTP/1.0"
+        try:
+            self.send_response(res.status)
+            for k, v in res.headers.items():
+                self.send_header(k, v)
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.close_connection = True
+                self.send_header("Connection", "close")
+            self.end_headers()
+            for chunk in res.chunks:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError as e:  # the client went away (reset, broken pipe) or stopped reading (timeout)
+            link.broken = True
+            self.close_connection = True
+            log.debug("stream to %s ended: %s", self.address_string(), e)
+        finally:
+            res.close()
+
+
+class ClientLink:
+    """Whether the client of a request has gone: a write to it failed, or it closed its side (the
+    socket reads as ended). Checked between generated tokens, at most every `every_s`."""
+
+    def __init__(self, sock: socket.socket, every_s: float = 0.05):
+        self.sock, self.every_s = sock, every_s
+        self.broken = False
+        self._next = 0.0
+
+    def gone(self) -> bool:
+        if self.broken:
+            return True
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self.every_s
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if readable and not self.sock.recv(1, socket.MSG_PEEK):  # EOF; pipelined bytes are not an end
+                self.broken = True
+        except (OSError, ValueError):  # reset, or already closed
+            self.broken = True
+        return self.broken

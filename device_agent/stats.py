@@ -106,11 +106,86 @@ class Phases:
         return self.input_s + self.queue_s + self.infer_s + self.output_s
 
 
+OUTCOMES = ("stop", "length", "cancelled", "failed", "queue_full")  # how a generation request ended
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """One generation request as the API saw it: how it ended (OUTCOMES), its tokens, time to first
+    token and decode time (seconds; the tokens after the first), the queue it met on arrival and the
+    KV cache held by every running generation once it started."""
+
+    outcome: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    queue_depth: int = 0
+    kv_bytes: int = 0
+
+
+class GenerationCounters:
+    """Cumulative per-(model, version) generation counters for /metrics."""
+
+    __slots__ = ("outcomes", "prompt_tokens", "completion_tokens", "decode_tokens", "decode_s", "ttft_h", "last_tps")
+
+    def __init__(self):
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.prompt_tokens = self.completion_tokens = self.decode_tokens = 0
+        self.decode_s = 0.0
+        self.ttft_h = PromHistogram()
+        self.last_tps: float | None = None  # decode tokens/s of the last generation with two tokens or more
+
+    def add(self, r: GenerationRecord) -> None:
+        self.outcomes[r.outcome] = self.outcomes.get(r.outcome, 0) + 1
+        self.prompt_tokens += r.prompt_tokens
+        self.completion_tokens += r.completion_tokens
+        self.decode_tokens += r.decode_tokens
+        self.decode_s += r.decode_s
+        if r.ttft_s is not None:
+            self.ttft_h.observe(r.ttft_s)
+        if r.decode_tokens and r.decode_s > 0:
+            self.last_tps = r.decode_tokens / r.decode_s
+
+
+class _GenWindow:
+    """A telemetry window's generation figures (`inference.generation`)."""
+
+    __slots__ = ("outcomes", "prompt_tokens", "completion_tokens", "decode_tokens", "decode_s", "ttft", "queue_max",
+                 "kv_max")
+
+    def __init__(self):
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)
+        self.prompt_tokens = self.completion_tokens = self.decode_tokens = self.queue_max = self.kv_max = 0
+        self.decode_s = 0.0
+        self.ttft = LogHistogram()
+
+    def add(self, r: GenerationRecord) -> None:
+        self.outcomes[r.outcome] = self.outcomes.get(r.outcome, 0) + 1
+        self.prompt_tokens += r.prompt_tokens
+        self.completion_tokens += r.completion_tokens
+        self.decode_tokens += r.decode_tokens
+        self.decode_s += r.decode_s
+        if r.ttft_s is not None:
+            self.ttft.add(r.ttft_s * 1000)
+        self.queue_max = max(self.queue_max, r.queue_depth)
+        self.kv_max = max(self.kv_max, r.kv_bytes)
+
+    def to_dict(self) -> dict:
+        o = self.outcomes
+        return {"requests": o["stop"] + o["length"], "cancelled": o["cancelled"], "failed": o["failed"],
+                "queue_full": o["queue_full"], "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "ttft_ms": self.ttft.summary(),
+                "decode_tokens_per_s": round(self.decode_tokens / self.decode_s, 2) if self.decode_s > 0 else None,
+                "queue_depth_max": self.queue_max, "kv_cache_bytes_max": self.kv_max}
+
+
 class ModelCounters:
     """Cumulative per-(model, version) counters and histograms for /metrics (Triton's names)."""
 
     __slots__ = ("success", "failure", "rejected", "inferences", "executions", "nonfinite", "request_us", "queue_us",
-                 "input_us", "infer_us", "output_us", "request_h", "queue_h", "compute_h", "last_ms")
+                 "input_us", "infer_us", "output_us", "request_h", "queue_h", "compute_h", "last_ms", "generation")
 
     def __init__(self):
         # failure: the model failed on a valid request (HTTP 500); rejected: the request was refused
@@ -119,17 +194,19 @@ class ModelCounters:
         self.last_ms = 0  # wall-clock milliseconds of the last successful request (Triton's last_inference)
         self.request_us = self.queue_us = self.input_us = self.infer_us = self.output_us = 0
         self.request_h, self.queue_h, self.compute_h = PromHistogram(), PromHistogram(), PromHistogram()
+        self.generation: GenerationCounters | None = None  # generative models, from their first generation
 
 
 class _Window:
     """One telemetry window (reset each time it is taken) and the totals since the start."""
 
     __slots__ = ("hist", "errors", "rejected", "nonfinite", "since", "total", "total_errors", "total_rejected",
-                 "total_nonfinite")
+                 "total_nonfinite", "gen")
 
     def __init__(self):
         self.hist, self.errors, self.rejected, self.nonfinite, self.since = LogHistogram(), 0, 0, 0, time.monotonic()
         self.total = self.total_errors = self.total_rejected = self.total_nonfinite = 0
+        self.gen: _GenWindow | None = None  # from the first generation on, every window has its figures
 
     def add(self, ms: float | None, *, ok: bool, nonfinite: bool, rejected: bool = False) -> None:
         if rejected:
@@ -149,12 +226,17 @@ class _Window:
     def take(self, reset: bool) -> dict:
         hist, errors, rejected, nonfinite, since = self.hist, self.errors, self.rejected, self.nonfinite, self.since
         stats = hist.summary()  # under the caller's lock: a peek must not race the next record()
+        gen = self.gen.to_dict() if self.gen is not None else None
         if reset:
             self.hist, self.errors, self.rejected, self.nonfinite, self.since = LogHistogram(), 0, 0, 0, time.monotonic()
+            self.gen = _GenWindow() if self.gen is not None else None
         span = max(time.monotonic() - since, 1e-9)
-        return {"count": hist.n, "errors": errors, "rejected": rejected, "nonfinite": nonfinite,
-                "window_s": round(span, 3),
-                "throughput_ips": round(hist.n / span, 3), "latency_ms": stats}
+        out = {"count": hist.n, "errors": errors, "rejected": rejected, "nonfinite": nonfinite,
+               "window_s": round(span, 3),
+               "throughput_ips": round(hist.n / span, 3), "latency_ms": stats}
+        if gen is not None:
+            out["generation"] = gen
+        return out
 
 
 class InferenceStats:
@@ -236,6 +318,21 @@ class InferenceStats:
                 c.output_us += int(phases.output_s * 1e6)
                 c.queue_h.observe(phases.queue_s)
                 c.compute_h.observe(phases.input_s + phases.infer_s + phases.output_s)
+
+    def record_generation(self, r: GenerationRecord, *, model: tuple[str, str], slot: str | None = None) -> None:
+        """A generation request's figures (as well as its record() as a request, where it ran): the
+        per-model counters for /metrics and the telemetry windows' `generation`."""
+        with self._lock:
+            c = self._counters(model)
+            c.generation = c.generation or GenerationCounters()
+            c.generation.add(r)
+            key = slot or model[0]
+            w = self._slots.get(key)
+            if w is None and len(self._slots) < self.MAX_SLOTS:
+                w = self._slots[key] = _Window()
+            for win in (self._all, w) if w is not None else (self._all,):
+                win.gen = win.gen or _GenWindow()
+                win.gen.add(r)
 
     def window(self, *, reset: bool = True, slot: str | None = None) -> dict:
         """The telemetry window since the last reset (the agent's, or one slot's): count, errors,

@@ -34,6 +34,7 @@ class Sampling:
     top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: this many most likely alternatives per position (OpenAI's)
 
     def check(self) -> "Sampling":
         if not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
@@ -44,6 +45,10 @@ class Sampling:
             raise InputError(f"top_p must be in (0, 1], not {self.top_p!r}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise InputError(f"top_k must be a non-negative integer, not {self.top_k!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 1 << 31):
+            raise InputError(f"seed must be an integer from 0 to {(1 << 31) - 1}, not {self.seed!r}")  # og: int32
+        if not (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20):
+            raise InputError(f"top_logprobs must be an integer from 0 to 20, not {self.top_logprobs!r}")
         return self
 
 
@@ -56,6 +61,7 @@ class Token:
     text: str
     logprob: float | None = None
     eos: bool = False
+    top: tuple[tuple[int, float], ...] = ()  # (id, logprob) of the most likely tokens, when asked for
 
 
 def _og():
@@ -71,6 +77,15 @@ def _log_softmax_at(logits: np.ndarray, i: int) -> float:
     x = logits.astype(np.float64).ravel()
     m = x.max()
     return float(x[i] - m - math.log(np.exp(x - m).sum()))
+
+
+def _top(logits: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
+    """The n most likely token ids and their log-probabilities, most likely first."""
+    x = logits.astype(np.float64).ravel()
+    lp = x - x.max()
+    lp -= math.log(np.exp(lp).sum())
+    best = np.argpartition(-lp, n - 1)[:n]
+    return tuple((int(i), float(lp[i])) for i in best[np.argsort(-lp[best], kind="stable")])
 
 
 class _Active:
@@ -133,8 +148,9 @@ class GenAIRuntime(Runtime):
             folder=folder, context_length=int(gc.get("context_length", 0)), eos_ids=eos, window=window,
             _model=model, _tokenizer=tokenizer)
 
-    def _capacity(self, n: int) -> int:
-        """KV-cache positions for a sequence of n tokens (a sliding window needs its whole window)."""
+    def kv_positions(self, n: int) -> int:
+        """KV-cache positions a generator for a sequence of n tokens allocates (a sliding window needs
+        its whole window)."""
         n = max(n, self.window)
         return min(n, self.context_length) if self.context_length else n
 
@@ -235,7 +251,7 @@ class GenAIRuntime(Runtime):
             raise InputError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} "
                              f"tokens, more than the model's context of {self.context_length}")
         params = og.GeneratorParams(self._model)
-        opts = {"max_length": self._capacity(total), "do_sample": sampling.temperature > 0}
+        opts = {"max_length": self.kv_positions(total), "do_sample": sampling.temperature > 0}
         if sampling.temperature > 0:
             opts.update(temperature=float(sampling.temperature), top_p=float(sampling.top_p),
                         top_k=int(sampling.top_k) or 0)
@@ -253,10 +269,11 @@ class GenAIRuntime(Runtime):
                 gen.generate_next_token()
                 tid = int(gen.get_next_tokens()[0])
                 lp = _log_softmax_at(logits, tid) if logits is not None else None
+                top = _top(logits, sampling.top_logprobs) if logits is not None and sampling.top_logprobs else ()
                 if tid in self.eos_ids:
-                    yield Token(tid, "", lp, eos=True)
+                    yield Token(tid, "", lp, eos=True, top=top)
                     return
-                yield Token(tid, stream.decode(tid), lp)
+                yield Token(tid, stream.decode(tid), lp, top=top)
         finally:
             del gen
 
@@ -271,7 +288,7 @@ class GenAIRuntime(Runtime):
         if self.context_length and len(ids) > self.context_length:
             raise InputError(f"{len(ids)} tokens, more than the model's context of {self.context_length}")
         params = og.GeneratorParams(self._model)
-        params.set_search_options(max_length=self._capacity(len(ids) + 1), do_sample=False)
+        params.set_search_options(max_length=self.kv_positions(len(ids) + 1), do_sample=False)
         gen = self._generator(params, adapter)
         gen.append_tokens(np.asarray(ids, np.int32))
         out = np.asarray(gen.get_output("logits"), np.float32)

@@ -166,14 +166,14 @@ def fleet() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def fleet_status(group, listen, as_json, **kw):
     """Devices, one line per model: online, model and version, update state, signed updates, p95
-    latency and errors of that model, last seen. --json: the device rows with their `models`."""
+    latency and errors of that model, decode tokens/s of a generative model, last seen. --json: the device rows with their `models`."""
     from fleet.status import status
 
     rows = status(broker_from_options(kw), group=group, listen_s=listen)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    head = ("device", "online", "model", "version", "update", "signed", "p95 ms", "errors", "last seen")
+    head = ("device", "online", "model", "version", "update", "signed", "p95 ms", "errors", "tok/s", "last seen")
     table = [head] + [line for r in rows for line in _status_lines(r)]
     w = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for row in table:
@@ -191,6 +191,7 @@ def _status_lines(r: dict) -> list[tuple]:
     return [(*(dev if i == 0 else ("", "")), m["name"] or "-", m["version"] or "-", m["update"] or "-",
              *(tail if i == 0 else ("",)), "-" if m["p95_ms"] is None else f"{m['p95_ms']:.2f}",
              "-" if m["errors"] is None else str(m["errors"]) + (f" (+{m['rejected']} refused)" if m.get("rejected") else ""),
+             "-" if m.get("decode_tok_s") is None else f"{m['decode_tok_s']:.1f}",
              (r["last_seen"] or "-") if i == 0 else "")
             for i, m in enumerate(models)]
 

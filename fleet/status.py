@@ -61,7 +61,15 @@ def _model_row(name: str, st: DeviceStatus, tel: TelemetryWindow | None, *, erro
             "update_id": u.update_id if u else None,
             "p95_ms": tel.p95_ms if tel else None, "errors": _errors(tel), "rejected": _errors(tel, "rejected"),
             "throughput_ips": inference.get("throughput_ips") if isinstance(inference, dict) else None,
-            **_worst_drift(tel)}
+            **_generation(inference), **_worst_drift(tel)}
+
+
+def _generation(inference) -> dict:
+    """A generative model's window: decode tokens/s and time to first token (p95); None for others."""
+    gen = inference.get("generation") if isinstance(inference, dict) else None
+    gen = gen if isinstance(gen, dict) else {}
+    ttft = gen.get("ttft_ms") if isinstance(gen.get("ttft_ms"), dict) else {}
+    return {"decode_tok_s": gen.get("decode_tokens_per_s"), "ttft_p95_ms": ttft.get("p95")}
 
 
 def _worst_drift(tel: TelemetryWindow | None) -> dict:

@@ -26,7 +26,7 @@ CONVERTING = ("test_corpus_text.py", "test_corpus.py", "test_build.py", "test_on
               "test_hf_export.py", "test_report_page.py", "test_cli.py", "test_tflite_layout.py", "test_llm_build.py")
 WAITING = ("test_rollout.py", "test_ota.py", "test_faults.py", "test_delta.py", "test_security.py", "test_fleet_sim.py",
            "test_multi_model.py", "test_shadow.py", "test_agent_mqtt.py", "test_update_robustness.py",
-           "test_fleet_models.py", "test_profile.py", "test_fleet_page.py")
+           "test_fleet_models.py", "test_profile.py", "test_fleet_page.py", "test_llm_serve.py", "test_llm_fleet.py")
 SLOW_FIRST = CONVERTING[:2] + tuple(m for pair in zip_longest(WAITING, CONVERTING[2:]) for m in pair if m)
 
 
@@ -310,7 +310,8 @@ def tiny_llm(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llm_bundles(tiny_llm, keys, tmp_path_factory) -> dict:
-    """Generative x86-cpu bundles of tiny_llm signed with key a: int4 1.0.0 and fp32 1.1.0."""
+    """Generative x86-cpu bundles of tiny_llm signed with key a: int4 1.0.0 and int4 1.1.0 (the same weights:
+    what a delta update of a rebuilt model moves)."""
     def make(out: Path) -> dict:
         from functools import partial
 
@@ -319,6 +320,6 @@ def llm_bundles(tiny_llm, keys, tmp_path_factory) -> dict:
 
         sign = partial(signature, private_key=load_private_key(keys / "a.key"))
         return {"v1": genai_bundle(tiny_llm, out / "v1", precision="int4", version="1.0.0", signer=sign),
-                "v2": genai_bundle(tiny_llm, out / "v2", precision="fp32", version="1.1.0", signer=sign)}
+                "v2": genai_bundle(tiny_llm, out / "v2", precision="int4", version="1.1.0", signer=sign)}
 
     return shared(tmp_path_factory, "llm_bundles", make)

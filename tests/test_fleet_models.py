@@ -160,7 +160,9 @@ def test_fleet_status_lists_each_model():
         "a": entry, "b": {**entry, "model": {"name": "b", "version": "2.0.0"},
                           "update": {"state": "probation", "update_id": "u"}}}}).encode())
     window = {"a": {"version": "1.0.0", "inference": {"count": 2, "latency_ms": {"p95": 1.5}}, "totals": {"errors": 1}},
-              "b": {"version": "2.0.0", "inference": {"count": 3, "latency_ms": {"p95": 6.0}}, "totals": {"errors": 3}}}
+              "b": {"version": "2.0.0", "inference": {"count": 3, "latency_ms": {"p95": 6.0}, "generation": {
+                  "requests": 3, "decode_tokens_per_s": 24.5, "ttft_ms": {"p50": 80.0, "p95": 120.0, "p99": 130.0}}},
+                    "totals": {"errors": 3}}}
     t.feed(T.telemetry("d1"), json.dumps({"device_id": "d1", "seq": 1, "inference": {"count": 5},
                                           "totals": {"count": 5, "errors": 4}, "models": window}).encode())
     old = {"device_id": "old", "online": True, "model": {"name": "m", "version": "1"}}  # an agent without models
@@ -171,7 +173,8 @@ def test_fleet_status_lists_each_model():
     assert rows["d1"]["errors"] == 4 and [m["name"] for m in rows["old"]["models"]] == ["m"]
     lines = _status_lines(rows["d1"])
     assert [line[:5] for line in lines] == [("d1", "yes", "a", "1.0.0", "-"), ("", "", "b", "2.0.0", "probation")]
-    assert [line[6:8] for line in lines] == [("1.50", "1"), ("6.00", "3")]
+    assert [line[6:9] for line in lines] == [("1.50", "1", "-"), ("6.00", "3", "24.5")]  # b generates: tok/s
+    assert rows["d1"]["models"][1]["ttft_p95_ms"] == 120.0 and rows["d1"]["models"][0]["decode_tok_s"] is None
 
 
 # ---- simulated devices on mosquitto ----
