@@ -109,6 +109,9 @@ class GenAIRuntime(Runtime):
     _loaded: set = field(default_factory=set)
     _retired: set = field(default_factory=set)  # unloaded while a generator still used them: freed later
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _leases: int = 0  # AdapterViews over this runtime: it is freed when the last one and its owner let go
+    _close_wanted: bool = False
+    _views: int = 0  # adapter views made so far (their adapters' names are numbered)
 
     @classmethod
     def load(cls, path: str, spec: LoadSpec | None = None) -> "GenAIRuntime":
@@ -308,8 +311,83 @@ class GenAIRuntime(Runtime):
     def sample_inputs(self, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         return {"input_ids": np.asarray([self.encode("Hello")], np.int64)}
 
+    def with_adapter(self, path: str, name: str) -> "AdapterView":
+        """This base seen through adapter file `path` (loaded here as `name` and a number: the same file may
+        be open twice, for a model serving and one staged): a runtime of its own for whoever serves the
+        adapted model, sharing the base's weights; closing it unloads the adapter."""
+        with self._lock:
+            self._views += 1
+            n = self._views
+        return AdapterView(self, path, f"{name}#{n}")
+
+    def _lease(self) -> None:
+        with self._lock:
+            if self._model is None:
+                raise RuntimeUnavailableError("the base model is closed")
+            self._leases += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._leases -= 1
+            if self._close_wanted and self._leases <= 0:
+                self._free()
+
     def close(self) -> None:
+        """Release the model; while adapter views still run on it, once the last of them is closed."""
+        with self._lock:
+            self._close_wanted = True
+            if self._leases <= 0:
+                self._free()
+
+    def _free(self) -> None:
         self._model = self._tokenizer = self._adapters = None
+
+
+class AdapterView:
+    """A GenAIRuntime seen through one LoRA adapter: every generation, teacher-forced run and golden check
+    runs the adapter (whatever `adapter=` says); everything else (tokenizer, context, KV sizes, inputs,
+    outputs) is the base's. The base stays loaded while a view of it is open, even once its own owner
+    closed it; closing the view unloads the adapter (freed when its last generation ends)."""
+
+    def __init__(self, base: GenAIRuntime, path: str, name: str):
+        base._lease()
+        try:
+            base.load_adapter(path, name)
+        except BaseException:
+            base._release()
+            raise
+        self.base, self.adapter, self._closed = base, name, False
+        self.details = {**base.details, "adapter": name}
+
+    def __getattr__(self, attr):
+        return getattr(self.base, attr)
+
+    def generate(self, prompt_ids: list[int], sampling: Sampling, cancelled: Callable[[], bool] = lambda: False,
+                 *, adapter=ACTIVE) -> Iterator[Token]:
+        return self.base.generate(prompt_ids, sampling, cancelled, adapter=self.adapter)
+
+    def greedy(self, prompt_ids: list[int], n: int, *, adapter=ACTIVE) -> list[int]:
+        return self.base.greedy(prompt_ids, n, adapter=self.adapter)
+
+    def logits(self, ids: list[int], *, adapter=ACTIVE) -> np.ndarray:
+        return self.base.logits(ids, adapter=self.adapter)
+
+    def teacher_forced(self, prompt_ids: list[int], continuation: list[int], *, adapter=ACTIVE) -> list[int]:
+        return self.base.teacher_forced(prompt_ids, continuation, adapter=self.adapter)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray(feeds["input_ids"]).reshape(-1)
+        return {"logits": self.logits([int(i) for i in ids])[None]}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.base._model is not None:
+                self.base.unload_adapter(self.adapter)
+        finally:
+            self.base._release()
 
 
 @dataclass(frozen=True)
