@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -182,24 +184,31 @@ def test_zero_slots_leave_the_base_outputs_unchanged(kit):
         assert a.greedy(a.encode(PROMPT), 12) == b.greedy(b.encode(PROMPT), 12)
 
 
+@pytest.fixture(scope="module")
+def built(kit, keys, tmp_path_factory) -> dict:
+    """The PEFT adapter built through `edgepack build --adapter` into a signed bundle for the int4 base."""
+    out = tmp_path_factory.mktemp("adapter-bundle")
+    r = _cli("build", kit["src"], "--adapter", kit["adapter"], "--base", kit["bundles"]["int4"], "-t", "x86-cpu",
+             "-o", out, "--name", "fr", "--sign-key", keys / "a.key", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    return {"bundle": Path(report["targets"][0]["bundle"]), "report": report}
+
+
 @pytest.mark.slow
-def test_adapter_bundle_is_small_pinned_and_gives_the_baked_models_outputs(kit, keys, tmp_path):
+def test_adapter_bundle_is_small_pinned_and_gives_the_baked_models_outputs(kit, built, keys, tmp_path):
     from edgebundle.archive import verify_signed
     from edgebundle.manifest import adapter_refusal
     from edgebundle.signing import load_public_key
     from edgeruntime.genai import check_golden
 
     base = kit["bundles"]["int4"]
-    r = _cli("build", kit["src"], "--adapter", kit["adapter"], "--base", base, "-t", "x86-cpu", "-o", tmp_path,
-             "--name", "fr", "--sign-key", keys / "a.key", "--json")
-    assert r.exit_code == 0, r.output
-    report = json.loads(r.output[r.output.index("{"):])
-    t = report["targets"][0]
+    t = built["report"]["targets"][0]
     assert t["format"] == "genai-adapter" and t["quality"]["agreement"] >= 0.85
     assert t["base_quality"]["agreement"] < t["quality"]["agreement"]  # the adapter is what makes the reference
-    bundle, _key = verify_signed(Path(t["bundle"]), [load_public_key(keys / "a.pub")])
+    bundle, _key = verify_signed(built["bundle"], [load_public_key(keys / "a.pub")])
     m, bm = bundle.manifest, verify_signed(base, [load_public_key(keys / "a.pub")])[0].manifest
-    size, base_size = Path(t["bundle"]).stat().st_size, base.stat().st_size
+    size, base_size = built["bundle"].stat().st_size, base.stat().st_size
     print(f"adapter bundle {size} bytes, base bundle {base_size} bytes: {size / base_size:.2%}")
     assert size <= 0.05 * base_size
     a = m.adapter
@@ -248,3 +257,145 @@ def test_adapters_that_do_not_fit_are_refused_before_any_work(kit, tmp_path):
     r = _cli("build", src, "--adapter", wide, "--base", kit["bundles"]["int4"], "-t", "x86-cpu", "-o", tmp_path)
     assert r.exit_code == 2 and "targets k_proj have no slot; rank 8 is above the slots' rank 4" in r.output
     assert not list(tmp_path.glob("*.edgepack"))
+
+
+def _greedy(model, n: int = 12) -> str:
+    return model.generation.complete(PROMPT, max_tokens=n, temperature=0).text
+
+
+@pytest.mark.slow
+def test_the_device_loads_an_adapter_beside_its_base_and_refuses_another_bases(kit, built, tmp_path):
+    from device_agent.model import load_bundle
+
+    base = load_bundle(kit["bundles"]["int4"], model_dir=tmp_path / "b")
+    before = _greedy(base)
+    with pytest.raises(BundleError, match="loads beside its base"):
+        load_bundle(built["bundle"], model_dir=tmp_path / "x")
+    other = load_bundle(kit["bundles"]["fp32"], model_dir=tmp_path / "f")
+    with pytest.raises(BundleError, match=r"adapter pinned to base \w{12} \(tiny-int4 1.0.0\) but this device runs "
+                                          r"\w{12} \(tiny-fp32 1.0.0\)"):
+        load_bundle(built["bundle"], model_dir=tmp_path / "x", base=other)
+    other.close()
+    fr = load_bundle(built["bundle"], model_dir=tmp_path / "a", base=base)  # golden prompts checked with the adapter
+    assert fr.runtime.base is base.runtime and fr.base is base and fr.name == "fr"
+    adapted = _greedy(fr)
+    assert adapted != before and _greedy(base) == before  # the base serves on beside it, unchanged
+    assert base.version_of("fr") is None and fr.version_of("fr") == "1.0.0" and fr.version_of("tiny-int4") == "1.0.0"
+    base.close()  # the base's owner lets go (an update committed the adapter): its weights stay while fr runs
+    again = load_bundle(built["bundle"], model_dir=tmp_path / "a2", base=fr)  # an adapter on the serving adapter's base
+    assert again.base is base and _greedy(again) == adapted
+    fr.close()
+    assert _greedy(again) == adapted and base.runtime._model is not None
+    again.close()
+    assert base.runtime._model is None  # the last view gone: the base's weights are freed
+
+
+def _post(a, body: dict) -> tuple[int, dict]:
+    import urllib.error
+
+    req = urllib.request.Request(a.base + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+class _Clients:
+    """One client asking for completions in a loop until stopped; what did not answer 200 is kept."""
+
+    def __init__(self, a, body: dict):
+        self.sent, self.failed, self._stop = 0, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(a, body), daemon=True)
+        self._thread.start()
+
+    def _run(self, a, body) -> None:
+        while not self._stop.is_set():
+            code, out = _post(a, body)
+            self.sent += 1
+            if code != 200:
+                self.failed.append((code, out))
+
+    def end(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+def _resigned(path: Path, dest: Path, keys: Path, **changes) -> Path:
+    """A copy of an adapter bundle with manifest fields (version, adapter section) changed, signed again."""
+    from functools import partial
+
+    from edgebundle.archive import verify_bundle, write_bundle
+    from edgebundle.signing import load_private_key, sign
+
+    b = verify_bundle(path)
+    files = b.extract(dest / "files")
+    m = b.manifest
+    adapter = dict(m.adapter, **changes.pop("adapter", {}))
+    from dataclasses import replace
+
+    m = replace(m, adapter=adapter, **changes)
+    out = dest / m.file_name
+    write_bundle(out, m, files, signer=partial(sign, private_key=load_private_key(keys / "a.key")))
+    return out
+
+
+@pytest.mark.agent
+def test_an_adapter_pushed_to_a_serving_agent_switches_without_a_failed_request(tmp_path, broker, kit, built, keys):
+    """A real agent serving the int4 base: the adapter pushed over MQTT (to the base's model, by default)
+    is rolled back when the agent dies in probation (the base's outputs again), then committed under load
+    with no failed request (the adapted outputs), kept across a restart (the base loaded for it from the
+    store), and one pinned to another base is refused with the reason while the adapter serves on."""
+    from device_agent.model import load_bundle
+    from otakit import agent, push, state, wait_until
+
+    ref_base = load_bundle(kit["bundles"]["int4"], model_dir=tmp_path / "ref-b")
+    ref = load_bundle(built["bundle"], model_dir=tmp_path / "ref-a", base=ref_base)
+    want_base, want_adapted = _greedy(ref_base), _greedy(ref)
+    ref.close()
+    ref_base.close()
+    body = {"model": "tiny-int4", "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+
+    def text(a) -> str:
+        code, out = _post(a, body)
+        assert code == 200, out
+        return out["choices"][0]["text"]
+
+    a = agent(tmp_path, broker, kit["bundles"]["int4"], keys, env={"EDGEPACK_AGENT_FAULT_DELAY": "probation=30"})
+    try:
+        assert text(a) == want_base
+        push(broker, built["bundle"], device="dev1", sign=keys / "a.key")  # --model defaults to the base's
+        wait_until(lambda: state(a.data_dir) == "probation", 60, what="probation")
+        a.stop("kill")
+        a.env = None
+        a.start()
+        wait_until(lambda: state(a.data_dir) == "rolled_back", 60, what="rolled back")
+        assert text(a) == want_base  # rolled back: the base alone again
+
+        clients = _Clients(a, body)
+        wait_until(lambda: clients.sent >= 3, 30, what="the LLM answering")
+        progress = []
+        res = push(broker, built["bundle"], device="dev1", sign=keys / "a.key", wait=True, timeout=90,
+                   progress=lambda _d, e: progress.append(e["progress"]) if e.get("progress") else None)
+        assert text(a) == want_adapted
+        clients.end()
+        assert res.ok, res.devices
+        assert not clients.failed and clients.sent >= 6, (clients.sent, clients.failed[:3])
+        moved, base_size = progress[-1]["total"], kit["bundles"]["int4"].stat().st_size
+        print(f"adapter push moved {moved} bytes; the base bundle is {base_size}: {moved / base_size:.2%}")
+        assert moved <= 0.05 * base_size
+
+        a.stop()
+        a.start()  # active.json: the adapter, and its base beside it
+        assert text(a) == want_adapted
+
+        other = _resigned(built["bundle"], tmp_path / "other", keys, version="1.0.1",
+                          adapter={"base_sha256": "f" * 64, "base_name": "tiny-int4", "base_version": "0.9.0"})
+        res = push(broker, other, device="dev1", sign=keys / "a.key", wait=True, timeout=60)
+        final = res.devices["dev1"]
+        assert final["state"] == "failed" and "adapter pinned to base ffffffffffff (tiny-int4 0.9.0) but this " \
+                                             "device runs" in final["error"], final
+        assert text(a) == want_adapted
+    finally:
+        a.stop()
