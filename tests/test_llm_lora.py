@@ -324,6 +324,7 @@ class _Clients:
 
 def _resigned(path: Path, dest: Path, keys: Path, **changes) -> Path:
     """A copy of an adapter bundle with manifest fields (version, adapter section) changed, signed again."""
+    from dataclasses import replace
     from functools import partial
 
     from edgebundle.archive import verify_bundle, write_bundle
@@ -331,11 +332,7 @@ def _resigned(path: Path, dest: Path, keys: Path, **changes) -> Path:
 
     b = verify_bundle(path)
     files = b.extract(dest / "files")
-    m = b.manifest
-    adapter = dict(m.adapter, **changes.pop("adapter", {}))
-    from dataclasses import replace
-
-    m = replace(m, adapter=adapter, **changes)
+    m = replace(b.manifest, adapter=dict(b.manifest.adapter, **changes.pop("adapter", {})), **changes)
     out = dest / m.file_name
     write_bundle(out, m, files, signer=partial(sign, private_key=load_private_key(keys / "a.key")))
     return out
