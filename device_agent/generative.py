@@ -456,6 +456,18 @@ def load_generative(runtime, manifest, model_dir: Path, bundle_name: str, *, che
     return model
 
 
+def adapted_generation(base: GenerativeModel, view, manifest, bundle_name: str, *, check: bool = True,
+                       pause: Callable[[], None] | None = None) -> GenerativeModel:
+    """The generation side of a LoRA adapter bundle: `view` (the base's runtime through the adapter) with the
+    base's chat template, defaults and sizes, and a queue of its own. `check`: the adapter's golden prompts
+    (the adapted greedy tokens of the build host) as a bundle's own."""
+    model = GenerativeModel(view, template=base.template, defaults=base.defaults, context_length=base.context_length,
+                            kv_bytes_per_token=base.kv_bytes_per_token, policy=base.policy)
+    if check:
+        verify_golden(view, manifest.adapter, bundle_name, pause=pause)
+    return model
+
+
 def verify_golden(runtime, generation: dict, bundle_name: str, *, pause: Callable[[], None] | None = None) -> GoldenCheck:
     golden, needed = generation.get("golden") or [], float(generation.get("golden_agreement", 1.0))
     drifted = []
@@ -488,5 +500,5 @@ def verify_golden(runtime, generation: dict, bundle_name: str, *, pause: Callabl
 
 
 __all__ = ["Completion", "Defaults", "Generation", "GenerationClosed", "GenerationPolicy", "GenerativeModel", "Piece",
-           "QueueFull", "StopText", "Timing", "Usage", "check_messages", "check_stops", "check_text", "load_generative",
+           "QueueFull", "StopText", "Timing", "Usage", "adapted_generation", "check_messages", "check_stops", "check_text", "load_generative",
            "verify_golden"]

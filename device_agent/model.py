@@ -5,7 +5,9 @@
     out = model.infer({"image": x})        # floats in, floats out (quantization handled)
 
 A generative bundle (format "genai") loads the same way; `model.generation` (device_agent.generative)
-generates: `model.generation.complete("Once upon", max_tokens=32).text`.
+generates: `model.generation.complete("Once upon", max_tokens=32).text`. A LoRA adapter bundle (format
+"genai-adapter") loads beside the base it is pinned to, sharing its weights:
+`load_bundle("fr-1.0.0-arm-cpu.edgepack", base=model).generation.complete(...)`.
 """
 from __future__ import annotations
 
@@ -19,14 +21,14 @@ from typing import Callable
 
 import numpy as np
 
-from device_agent.generative import GenerativeModel, load_generative
+from device_agent.generative import GenerativeModel, adapted_generation, load_generative
 from edgeruntime.base import Runtime, dequantize, quantize
 from edgeruntime.registry import load_from_manifest
 from edgeruntime.text import TextEncoder, TextSettings, parity_problems
 from edgebundle.archive import Bundle, open_bundle, sha256_file
 from edgebundle.errors import BundleError, InputError, RuntimeUnavailableError, VerificationError
 from edgebundle.interface import interface_hash
-from edgebundle.manifest import Manifest
+from edgebundle.manifest import Manifest, adapter_refusal
 from edgeproto.documents import model_section
 
 log = logging.getLogger("edgepack.agent")
@@ -43,6 +45,7 @@ class ModelClosed(RuntimeError):
 
 
 GENAI = "genai"  # generative bundles (edgeruntime.genai)
+ADAPTER = "genai-adapter"  # LoRA adapters of generative bundles: loaded beside their base
 MAX_GOLDEN_BYTES = 64 << 20  # golden arrays are loaded into memory
 TEXT_INPUT = "text"  # text bundles take `{"text": [str, ...]}` as well as their token tensors
 # Returned with a text request's outputs, per text: its tokens, whether it was cut at max_length, and
@@ -97,6 +100,9 @@ class Model:
     drift: object = None  # edgeruntime.drift.Monitor over this model's live inputs and outputs (the agent's)
     capture: Callable[[dict, dict], None] | None = None  # while it serves with capture on: Ring.offer
     generation: GenerativeModel | None = None  # genai bundles: text generation (queue, chat template, defaults)
+    base: "Model | None" = None  # an adapter bundle's: the genai model whose weights it runs on
+    base_slot: dict | None = None  # an adapter's base bundle as its slot's store names it ({"bundle", "sha256"})
+    owns_base: bool = False  # the base was loaded for this adapter alone (an agent restart): closed with it
 
     @property
     def name(self) -> str:
@@ -105,6 +111,16 @@ class Model:
     @property
     def version(self) -> str:
         return self.manifest.version
+
+    def version_of(self, name: str) -> str | None:
+        """The running version an update named `name` must not go below (anti-rollback): this model's. A
+        base with LoRA slots, and an adapter on it, compare only bundles of their own names (an adapter's
+        versions are its own line, not its base's); None: nothing to compare with."""
+        slotted = (self.manifest.generation or {}).get("lora")
+        if self.base is None and not slotted:
+            return self.version
+        lineage = {self.name: self.version, **({self.base.name: self.base.version} if self.base else {})}
+        return lineage.get(name)
 
     def describe(self) -> dict:
         """Status-topic view of the model (name, version, sha256, runtime in use)."""
@@ -459,26 +475,38 @@ class Model:
             self._closed = True
             for rt in (self.runtime, *self.buckets.values()):
                 rt.close()
+        if self.owns_base and self.base is not None:
+            self.base.close()
 
 
 def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, threads: int | None = None,
                 cache_dir: str | None = None, allow_cpu_fallback: bool | None = None, check_golden: bool = True,
                 warmup: int = 3, bundle: Bundle | None = None, verified: bool = False,
-                sha256: str | None = None, pause: Callable[[], None] | None = None) -> Model:
+                sha256: str | None = None, pause: Callable[[], None] | None = None, base: Model | None = None) -> Model:
     """Verify and load a bundle. One pass over the archive checks every member's hash and
     extracts the model file and golden.npz into `model_dir` (default: a folder next to the
     bundle keyed by its sha256); the model is then warmed up and its golden outputs checked (a
     mismatch raises VerificationError). `bundle` + `verified=True`: the caller already ran that
     pass (Bundle.verify with extraction into `model_dir`), so nothing is hashed twice. `pause` runs
-    before each warm-up and golden run: staging beside live models yields to their requests."""
+    before each warm-up and golden run: staging beside live models yields to their requests. An adapter
+    bundle needs `base`, the loaded genai model (or an adapter on it) whose weights it is pinned to."""
     path = Path(path)
     bundle = bundle or open_bundle(path)
     m = bundle.manifest
     digest = sha256 or sha256_file(path)
     model_dir = Path(model_dir) if model_dir else path.parent / f".{path.name}.{digest[:16]}"
     wanted = bundle_members_to_extract(m)
+    if m.format == ADAPTER:  # refused before anything is hashed or loaded when the base is not its own
+        base = base.base if base is not None and base.base is not None else base
+        why = "an adapter bundle loads beside its base: none is loaded" if base is None else adapter_refusal(
+            base.manifest, m)
+        if why:
+            raise BundleError(f"{path.name}: {why}", hint="push the adapter to the model running its base (push "
+                                                           "--model BASE_NAME), or the base it was built for first")
     if not verified:
         bundle.verify(extract_to=model_dir, extract=wanted)  # every file's hash, before anything is loaded
+    if m.format == ADAPTER:
+        return _adapted(base, m, model_dir, path, digest, check=check_golden, pause=pause)
     target = model_dir / m.model_file
     golden = model_dir / m.golden["file"] if m.golden else None
     if golden is not None and golden.stat().st_size > MAX_GOLDEN_BYTES:
@@ -509,6 +537,20 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
     return model
 
 
+def _adapted(base: Model, m: Manifest, model_dir: Path, path: Path, digest: str, *, check: bool,
+             pause: Callable[[], None] | None) -> Model:
+    """An adapter bundle's model: the base's runtime seen through the adapter (the weights loaded once),
+    its own generation queue with the base's chat template and defaults, its golden prompts checked."""
+    view = base.runtime.with_adapter(str(model_dir / m.model_file), f"{m.name}-{m.version}-{digest[:12]}")
+    model = Model(manifest=m, runtime=view, bundle_sha256=digest, bundle_path=path, base=base)
+    try:
+        model.generation = adapted_generation(base.generation, view, m, path.name, check=check, pause=pause)
+    except BaseException:
+        model.close()
+        raise
+    return model
+
+
 def _check_golden(model: Model, bundle_name: str) -> None:
     res = model.check_golden()
     if res["ok"]:
@@ -527,7 +569,7 @@ def bundle_members_to_extract(m: Manifest) -> list[str]:
     """What the device needs on disk: the model file (and a TFLite text bundle's length buckets), the
     golden data and a text model's tokenizer; every member of a generative bundle (weights, configuration,
     tokenizer and chat template sit beside the model file)."""
-    if m.format == GENAI:
+    if m.format in (GENAI, ADAPTER):
         return sorted(m.files)
     buckets = [b["file"] for b in (m.text or {}).get("buckets") or ()]
     return ([m.model_file] + buckets + ([m.golden["file"]] if m.golden else [])

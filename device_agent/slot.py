@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Protocol
 
 from device_agent.capture import CapturePolicy, Ring
-from device_agent.model import Model, bundle_members_to_extract, load_bundle
+from device_agent.model import ADAPTER, Model, bundle_members_to_extract, load_bundle
 from device_agent.ota.keyring import Keyring
 from device_agent.ota.updater import Updater, UpdaterSettings
 from device_agent.store import Store
@@ -214,11 +214,20 @@ class ModelSlot:
             self.host.admit(self.name, need)
         cache = str(self.store.cache_dir(sha))  # one engine cache per bundle: empty means a build is coming
         pause = self.host.yield_to_traffic() if not initial else None
+        base, owns = self._base_for(bundle.manifest) if bundle.manifest.format == ADAPTER else (None, False)
         rss0 = self.host.rss_bytes()
 
         def load() -> Model:
-            m = load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=cache, threads=self.threads,
-                            bundle=bundle, verified=verified is not None, sha256=sha, pause=pause)
+            try:
+                m = load_bundle(path, model_dir=self.store.model_dir(sha), cache_dir=cache, threads=self.threads,
+                                bundle=bundle, verified=verified is not None, sha256=sha, pause=pause, base=base)
+            except BaseException:
+                if owns:
+                    base.close()
+                raise
+            if base is not None:  # an adapter: active.json names its base beside it
+                m.base_slot = {"bundle": self.store.ref(m.base.bundle_path), "sha256": m.base.bundle_sha256}
+                m.owns_base = owns
             rss1 = self.host.rss_bytes()
             grew = rss1 - rss0 if rss0 and rss1 and rss1 > rss0 else None
             m.memory = Memory(need.need_bytes, need.source, grew)  # the model's own: admission counts both sides
@@ -233,6 +242,19 @@ class ModelSlot:
             return load()
         with self.host.building(why):
             return load()
+
+    def _base_for(self, manifest: Manifest) -> tuple[Model | None, bool]:
+        """The model an adapter bundle loads beside: the one serving here (or the base under the adapter
+        serving here), else (an agent restart with an adapter active) the base bundle active.json names
+        beside it, loaded for the adapter alone (True: the adapter owns it)."""
+        current = self.model.base if self.model is not None and self.model.base is not None else self.model
+        if current is not None or manifest.adapter is None:
+            return current, False
+        ref = (self.store.read_state().get("base") or {}).get("bundle")
+        if not ref or not self.store.path(ref).is_file():
+            return None, False
+        log.info("%s: loading base %s for adapter %s", self.name or "model", Path(ref).name, manifest.name)
+        return self.load(self.store.path(ref), initial=True), True
 
     def active_model(self) -> Model | None:
         """This slot's model (the updater's host interface): what its update replaces."""

@@ -2,7 +2,8 @@
 
     DATA_DIR/bundles/<sha256[:16]>-<file name>   verified copies of bundles
     DATA_DIR/models/<sha256[:16]>/               extracted model files (hash-checked)
-    DATA_DIR/active.json                         {"bundle": ..., "sha256": ...}, replaced atomically
+    DATA_DIR/active.json                         {"bundle": ..., "sha256": ...}, replaced atomically; an adapter
+                                                 bundle (genai-adapter) has "base": {"bundle", "sha256"} beside
     DATA_DIR/chunks/<bundle file>.<min-avg-max>.json   a held bundle's content-defined chunks (delta updates)
 """
 from __future__ import annotations
@@ -108,16 +109,23 @@ class Store:
         return p if p and p.is_file() else None
 
     def active_slot(self) -> dict | None:
-        """{"bundle": ref, "sha256": ...} as active.json names it; None when it names none."""
+        """{"bundle": ref, "sha256": ...} as active.json names it (and "base", the bundle an adapter runs on);
+        None when it names none."""
         st = self.read_state()
-        return {"bundle": st["bundle"], "sha256": st.get("sha256")} if st.get("bundle") else None
+        if not st.get("bundle"):
+            return None
+        return {"bundle": st["bundle"], "sha256": st.get("sha256"), **({"base": st["base"]} if st.get("base") else {})}
 
     def active_sha256(self) -> str | None:
         return self.read_state().get("sha256")
 
-    def activate(self, path: Path, sha256: str) -> None:
+    def activate(self, path: Path, sha256: str, *, base: dict | None = None) -> None:
+        """`path` becomes the active bundle; `base`: the bundle an adapter bundle runs on ({"bundle", "sha256"})."""
         state = self.read_state()
         state.update(bundle=self.ref(path), sha256=sha256)
+        state.pop("base", None)
+        if base:
+            state["base"] = {"bundle": base["bundle"], "sha256": base["sha256"]}
         self.write_state(state)
 
     def deactivate(self) -> None:

@@ -10,7 +10,9 @@ from typing import Any
 from edgebundle.errors import BundleError
 
 SCHEMA = "edgepack.bundle/1"
-MODEL_FORMATS = ("tflite", "onnx", "genai")  # genai: an ONNX Runtime GenAI decoder folder
+# genai: an ONNX Runtime GenAI decoder folder; genai-adapter: a LoRA adapter for a genai bundle's slots
+MODEL_FORMATS = ("tflite", "onnx", "genai", "genai-adapter")
+GENAI_WEIGHTS = "model.onnx.data"  # a genai bundle's external weights: what an adapter is pinned to
 RUNTIME_KEYS = ("name", "min_version", "threads", "delegates", "providers", "tensorrt_fp16",
                 "tensorrt_engine_cache", "cpu_fallback", "flex", "edgetpu_compiled")
 OPTIONAL_RUNTIME_KEYS = ("tensorrt_profile",)  # written only where set: older manifests lack them
@@ -174,10 +176,19 @@ class Manifest:
     # Generative models (format "genai"): what the device needs to generate (edgeruntime.genai.Generation
     # reads it); absent (not null) in every other manifest.
     generation: dict | None = None
+    # LoRA adapters (format "genai-adapter"): the base it is pinned to, its golden prompts; absent elsewhere.
+    adapter: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.runtime, dict):
             object.__setattr__(self, "runtime", RuntimeSpec.from_dict(self.runtime))
+
+    @property
+    def weights_sha256(self) -> str:
+        """What pins an adapter to this (genai) bundle: its weights file's sha256 (the model file's where the
+        weights are inline), so a rebuild of the same weights still matches while any other base does not."""
+        entry = self.files.get(GENAI_WEIGHTS) or self.files.get(self.model_file)
+        return entry.sha256 if entry else ""
 
     def with_files(self, files: dict[str, FileEntry]) -> "Manifest":
         return replace(self, files=dict(files))
@@ -206,6 +217,7 @@ class Manifest:
             **({"text": self.text} if self.text is not None else {}),
             **({"drift": self.drift} if self.drift is not None else {}),
             **({"generation": self.generation} if self.generation is not None else {}),
+            **({"adapter": self.adapter} if self.adapter is not None else {}),
         }
 
     def to_json(self) -> bytes:
@@ -270,6 +282,11 @@ class Manifest:
             raise BundleError("manifest generation is required for format genai, and only there")
         if generation is not None:
             _check_generation(generation, files)
+        adapter = d.get("adapter")
+        if (adapter is not None) != (d["format"] == "genai-adapter"):
+            raise BundleError("manifest adapter is required for format genai-adapter, and only there")
+        if adapter is not None:
+            _check_adapter(adapter)
         return cls(
             name=str(d["name"]),
             version=str(d["version"]),
@@ -291,6 +308,7 @@ class Manifest:
             text=text,
             drift=drift,
             generation=generation,
+            adapter=adapter,
             warnings=tuple(str(w) for w in d.get("warnings") or ()),
         )
 
@@ -298,6 +316,23 @@ class Manifest:
     def file_name(self) -> str:
         """Canonical bundle file name: NAME-VERSION-TARGET.edgepack."""
         return f"{self.name}-{self.version}-{self.target.get('name', 'custom')}.edgepack"
+
+
+def adapter_refusal(base: Manifest, adapter: Manifest) -> str | None:
+    """Why `adapter` (a genai-adapter bundle) cannot run on `base` (the genai bundle a device runs), or None:
+    its pin (the base's weights sha256) and the slots it fills must both be the base's."""
+    if adapter.adapter is None:
+        return f"{adapter.name} {adapter.version} is a {adapter.format} bundle, not a LoRA adapter"
+    a = adapter.adapter
+    if base.format != "genai":
+        return f"adapter {adapter.name} {adapter.version} needs a generative base; this slot runs a {base.format} model"
+    if a["base_sha256"] != base.weights_sha256:
+        return (f"adapter pinned to base {a['base_sha256'][:12]} ({a['base_name']} {a['base_version']}) but this "
+                f"device runs {base.weights_sha256[:12]} ({base.name} {base.version})")
+    if (base.generation or {}).get("lora") != a["slots"]:
+        return (f"adapter {adapter.name} {adapter.version} fills LoRA slots that {base.name} {base.version} "
+                "does not have")
+    return None
 
 
 def _count(v) -> int:
@@ -356,16 +391,45 @@ def _check_text(text, files: dict) -> None:
 
 def _check_generation(gen, files: dict) -> None:
     """The generation section's shape; its meaning is read by edgeruntime.genai on the device."""
-    def ids(v) -> bool:
-        return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
-
     ok = (isinstance(gen, dict) and gen.get("config") in files and gen.get("tokenizer") in files
           and gen.get("chat_template") in (None, *files) and isinstance(gen.get("defaults"), dict)
           and _count(gen.get("context_length", -1)) > 0 and _count(gen.get("kv_bytes_per_token", -1)) >= 0
-          and ids(gen.get("eos_token_ids")) and isinstance(gen.get("golden"), list)
-          and all(isinstance(g, dict) and ids(g.get("prompt_ids")) and ids(g.get("ids")) for g in gen["golden"])
+          and _ids(gen.get("eos_token_ids")) and isinstance(gen.get("golden"), list)
+          and all(isinstance(g, dict) and _ids(g.get("prompt_ids")) and _ids(g.get("ids")) for g in gen["golden"])
           and 0 <= _number(gen.get("golden_agreement", -1)) <= 1)
     if not ok:
         raise BundleError("manifest generation must be {config, tokenizer (listed in files), chat_template (listed, "
                           "or null), defaults, context_length, kv_bytes_per_token, eos_token_ids, golden: "
                           "[{prompt_ids, ids}], golden_agreement (0..1)}")
+    if gen.get("lora") is not None and not _lora_slots(gen["lora"]):
+        raise BundleError("manifest generation.lora must be {rank, dtype (float32 or float16), targets: [names], "
+                          "parameters: {name: [dims]}} (at least one parameter)")
+
+
+def _ids(v) -> bool:
+    return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+
+
+def _lora_slots(lora) -> bool:
+    """LoRA slots (packager.llm.lora.Slots): rank, dtype, targets, parameters {name: [dims]}."""
+    return (isinstance(lora, dict) and _count(lora.get("rank", -1)) > 0 and lora.get("dtype") in ("float32", "float16")
+            and isinstance(lora.get("targets"), list) and all(isinstance(t, str) for t in lora["targets"])
+            and isinstance(lora.get("parameters"), dict) and len(lora["parameters"]) > 0
+            and all(isinstance(n, str) and isinstance(s, list) and len(s) == 2 and all(_count(x) > 0 for x in s)
+                    for n, s in lora["parameters"].items()))
+
+
+def _check_adapter(a) -> None:
+    """The adapter section's shape (read by the agent when it stages an adapter next to its base)."""
+    ok = (isinstance(a, dict) and isinstance(a.get("base_sha256"), str)
+          and re.fullmatch(r"[0-9a-f]{64}", a["base_sha256"])
+          and isinstance(a.get("base_name"), str) and isinstance(a.get("base_version"), str)
+          and _count(a.get("rank", -1)) > 0 and isinstance(a.get("targets"), list)
+          and all(isinstance(t, str) for t in a["targets"]) and _lora_slots(a.get("slots"))
+          and isinstance(a.get("golden"), list)
+          and all(isinstance(g, dict) and _ids(g.get("prompt_ids")) and _ids(g.get("ids")) for g in a["golden"])
+          and 0 <= _number(a.get("golden_agreement", -1)) <= 1)
+    if not ok:
+        raise BundleError("manifest adapter must be {base_sha256 (64 hex digits), base_name, base_version, rank, "
+                          "targets: [names], slots: {rank, dtype, targets, parameters}, golden: [{prompt_ids, ids}], "
+                          "golden_agreement (0..1)}")

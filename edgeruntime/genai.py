@@ -1,12 +1,18 @@
 """Generative decoders: an ONNX Runtime GenAI folder (model.onnx + external weights, genai_config.json,
 tokenizer) behind the runtime adapter. `run` gives teacher-forced logits (golden checks, shadow);
 `generate` streams tokens for one request. One Model serves every request; each request has its own
-Generator (its own KV cache of at most prompt + max_tokens positions)."""
+Generator (its own KV cache of at most prompt + max_tokens positions).
+
+A base with LoRA slots takes adapters (onnxruntime adapter files): `load_adapter` beside the base,
+`activate` one for the requests that start from then on (a generator keeps the adapter it started
+with), `unload_adapter` when no generator uses it any more. Every method runs the active adapter
+unless told another (`adapter=NAME`, or None for the bare base)."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -100,6 +106,14 @@ def _top(logits: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(i), float(lp[i])) for i in best[np.argsort(-lp[best], kind="stable")])
 
 
+class _Active:
+    def __repr__(self) -> str:
+        return "ACTIVE"
+
+
+ACTIVE = _Active()  # `adapter=` default: the runtime's active adapter (None: the bare base)
+
+
 @dataclass
 class GenAIRuntime(Runtime):
     folder: str = ""
@@ -107,8 +121,16 @@ class GenAIRuntime(Runtime):
     eos_ids: tuple[int, ...] = ()
     window: int = 0  # sliding-window attention: the KV cache must hold at least this many positions
     prefix: tuple[int, ...] = ()  # the special tokens the tokenizer puts before a text (e.g. <bos>)
+    active_adapter: str | None = None  # what requests run from now on (activate)
     _model: object = None
     _tokenizer: object = None
+    _adapters: object = None  # og.Adapters, made at the first load_adapter
+    _loaded: set = field(default_factory=set)
+    _retired: set = field(default_factory=set)  # unloaded while a generator still used them: freed later
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _leases: int = 0  # AdapterViews over this runtime: it is freed when the last one and its owner let go
+    _close_wanted: bool = False
+    _views: int = 0  # adapter views made so far (their adapters' names are numbered)
 
     @classmethod
     def load(cls, path: str, spec: LoadSpec | None = None) -> "GenAIRuntime":
@@ -155,6 +177,66 @@ class GenAIRuntime(Runtime):
         n = max(n, self.window)
         return min(n, self.context_length) if self.context_length else n
 
+    # ---- LoRA adapters ----
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(sorted(self._loaded))
+
+    def load_adapter(self, path: str, name: str) -> None:
+        """Load an adapter file beside the base under `name` (not yet active). A file whose weights are
+        not this base's slots is refused here (RuntimeUnavailableError)."""
+        og = _og()
+        with self._lock:
+            self._reap()
+            if name in self._loaded:
+                raise InputError(f"an adapter named {name!r} is already loaded")
+            if self._adapters is None:
+                self._adapters = og.Adapters(self._model)
+            try:
+                self._adapters.load(str(path), name)
+            except Exception as e:  # og raises RuntimeError for a bad file or parameters the model lacks
+                raise RuntimeUnavailableError(f"onnxruntime-genai cannot load adapter {path}: {e}") from None
+            self._loaded.add(name)
+
+    def activate(self, name: str | None) -> str | None:
+        """Requests that start from now on run adapter `name` (None: the bare base); returns the one they
+        ran before. Generations already running keep theirs."""
+        with self._lock:
+            if name is not None and name not in self._loaded:
+                raise InputError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.adapters) or 'none'})")
+            previous, self.active_adapter = self.active_adapter, name
+            return previous
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter `name` (never the active one); its memory is freed once no running generator uses it."""
+        with self._lock:
+            if name == self.active_adapter:
+                raise InputError(f"adapter {name!r} is active; activate another (or None) first")
+            if name in self._loaded:
+                self._loaded.discard(name)
+                self._retired.add(name)
+            self._reap()
+
+    def _reap(self) -> None:
+        for name in list(self._retired):
+            try:
+                self._adapters.unload(name)
+            except Exception:  # noqa: BLE001  og: "Adapter still in use" while a generator holds it; next time
+                continue
+            self._retired.discard(name)
+
+    def _generator(self, params, adapter):
+        """A generator running `adapter` (ACTIVE: the active one; None: the bare base)."""
+        og = _og()
+        with self._lock:
+            name = self.active_adapter if adapter is ACTIVE else adapter
+            gen = og.Generator(self._model, params)
+            if name is not None:
+                if name not in self._loaded:
+                    raise InputError(f"no adapter named {name!r} is loaded")
+                gen.set_active_adapter(self._adapters, name)
+            return gen
+
     # ---- text ----
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids of `text`; `special`: with the tokens the model's tokenizer puts around a text (Gemma's
@@ -183,9 +265,10 @@ class GenAIRuntime(Runtime):
 
     # ---- generation ----
     def generate(self, prompt_ids: list[int], sampling: Sampling,
-                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[Token]:
+                 cancelled: Callable[[], bool] = lambda: False, *, adapter=ACTIVE) -> Iterator[Token]:
         """Stream up to `sampling.max_tokens` tokens after `prompt_ids`; stops at an end-of-text token
-        (yielded with eos=True and text "") or as soon as `cancelled()` is true between two tokens."""
+        (yielded with eos=True and text "") or as soon as `cancelled()` is true between two tokens.
+        `adapter`: the LoRA adapter it runs (default: the active one, fixed when the generation starts)."""
         og = _og()
         sampling.check()
         if not prompt_ids:
@@ -202,7 +285,7 @@ class GenAIRuntime(Runtime):
         if sampling.seed is not None:
             opts["random_seed"] = int(sampling.seed)
         params.set_search_options(**opts)
-        gen = og.Generator(self._model, params)
+        gen = self._generator(params, adapter)
         stream = self._tokenizer.create_stream()
         try:
             gen.append_tokens(np.asarray(prompt_ids, np.int32))
@@ -221,10 +304,10 @@ class GenAIRuntime(Runtime):
         finally:
             del gen
 
-    def greedy(self, prompt_ids: list[int], n: int) -> list[int]:
-        return [t.id for t in self.generate(prompt_ids, Sampling(max_tokens=n))]
+    def greedy(self, prompt_ids: list[int], n: int, *, adapter=ACTIVE) -> list[int]:
+        return [t.id for t in self.generate(prompt_ids, Sampling(max_tokens=n), adapter=adapter)]
 
-    def logits(self, ids: list[int]) -> np.ndarray:
+    def logits(self, ids: list[int], *, adapter=ACTIVE) -> np.ndarray:
         """Logits [T, vocab] at every position of `ids`, in one prefill (teacher forcing)."""
         og = _og()
         if not len(ids):
@@ -234,7 +317,7 @@ class GenAIRuntime(Runtime):
         params = og.GeneratorParams(self._model)
         params.set_search_options(max_length=self.kv_positions(len(ids) + 1), do_sample=False)
         try:
-            gen = og.Generator(self._model, params)
+            gen = self._generator(params, adapter)
             gen.append_tokens(np.asarray(ids, np.int32))
             out = np.asarray(gen.get_output("logits"), np.float32)
         except RuntimeError as e:  # a kernel this machine's onnxruntime lacks, or out of memory
@@ -242,10 +325,10 @@ class GenAIRuntime(Runtime):
                                           f"{str(e).splitlines()[0][:200]}") from None
         return out.reshape(-1, out.shape[-1])[-len(ids):]
 
-    def teacher_forced(self, prompt_ids: list[int], continuation: list[int]) -> list[int]:
+    def teacher_forced(self, prompt_ids: list[int], continuation: list[int], *, adapter=ACTIVE) -> list[int]:
         """The model's argmax at each position of `continuation` given everything before it."""
         seq = list(prompt_ids) + list(continuation)
-        top = self.logits(seq[:-1]).argmax(-1)
+        top = self.logits(seq[:-1], adapter=adapter).argmax(-1)
         return [int(i) for i in top[len(prompt_ids) - 1:]]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -256,8 +339,83 @@ class GenAIRuntime(Runtime):
     def sample_inputs(self, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         return {"input_ids": np.asarray([self.encode("Hello")], np.int64)}
 
+    def with_adapter(self, path: str, name: str) -> "AdapterView":
+        """This base seen through adapter file `path` (loaded here as `name` and a number: the same file may
+        be open twice, for a model serving and one staged): a runtime of its own for whoever serves the
+        adapted model, sharing the base's weights; closing it unloads the adapter."""
+        with self._lock:
+            self._views += 1
+            n = self._views
+        return AdapterView(self, path, f"{name}#{n}")
+
+    def _lease(self) -> None:
+        with self._lock:
+            if self._model is None:
+                raise RuntimeUnavailableError("the base model is closed")
+            self._leases += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._leases -= 1
+            if self._close_wanted and self._leases <= 0:
+                self._free()
+
     def close(self) -> None:
-        self._model = self._tokenizer = None
+        """Release the model; while adapter views still run on it, once the last of them is closed."""
+        with self._lock:
+            self._close_wanted = True
+            if self._leases <= 0:
+                self._free()
+
+    def _free(self) -> None:
+        self._model = self._tokenizer = self._adapters = None
+
+
+class AdapterView:
+    """A GenAIRuntime seen through one LoRA adapter: every generation, teacher-forced run and golden check
+    runs the adapter (whatever `adapter=` says); everything else (tokenizer, context, KV sizes, inputs,
+    outputs) is the base's. The base stays loaded while a view of it is open, even once its own owner
+    closed it; closing the view unloads the adapter (freed when its last generation ends)."""
+
+    def __init__(self, base: GenAIRuntime, path: str, name: str):
+        base._lease()
+        try:
+            base.load_adapter(path, name)
+        except BaseException:
+            base._release()
+            raise
+        self.base, self.adapter, self._closed = base, name, False
+        self.details = {**base.details, "adapter": name}
+
+    def __getattr__(self, attr):
+        return getattr(self.base, attr)
+
+    def generate(self, prompt_ids: list[int], sampling: Sampling, cancelled: Callable[[], bool] = lambda: False,
+                 *, adapter=ACTIVE) -> Iterator[Token]:
+        return self.base.generate(prompt_ids, sampling, cancelled, adapter=self.adapter)
+
+    def greedy(self, prompt_ids: list[int], n: int, *, adapter=ACTIVE) -> list[int]:
+        return self.base.greedy(prompt_ids, n, adapter=self.adapter)
+
+    def logits(self, ids: list[int], *, adapter=ACTIVE) -> np.ndarray:
+        return self.base.logits(ids, adapter=self.adapter)
+
+    def teacher_forced(self, prompt_ids: list[int], continuation: list[int], *, adapter=ACTIVE) -> list[int]:
+        return self.base.teacher_forced(prompt_ids, continuation, adapter=self.adapter)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray(feeds["input_ids"]).reshape(-1)
+        return {"logits": self.logits([int(i) for i in ids])[None]}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.base._model is not None:
+                self.base.unload_adapter(self.adapter)
+        finally:
+            self.base._release()
 
 
 @dataclass(frozen=True)
@@ -272,13 +430,14 @@ class GoldenCheck:
         return self.agreement >= self.needed
 
 
-def check_golden(rt: GenAIRuntime, golden: list[dict], needed: float) -> GoldenCheck:
+def check_golden(rt: GenAIRuntime, golden: list[dict], needed: float, *, adapter: str | None = None) -> GoldenCheck:
     """Re-run the bundle's golden prompts teacher-forced on the build's greedy tokens: a device whose
-    kernels differ in rounding may break a near-tie, so it is the share of positions that counts."""
+    kernels differ in rounding may break a near-tie, so it is the share of positions that counts.
+    `adapter`: a loaded LoRA adapter's name, for an adapter bundle's golden prompts (None: the base)."""
     hits = total = 0
     failures = []
     for i, g in enumerate(golden):
-        got = rt.teacher_forced(g["prompt_ids"], g["ids"])
+        got = rt.teacher_forced(g["prompt_ids"], g["ids"], adapter=adapter)
         same = sum(a == b for a, b in zip(got, g["ids"]))
         hits, total = hits + same, total + len(g["ids"])
         if same < len(g["ids"]):

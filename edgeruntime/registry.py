@@ -8,6 +8,7 @@ _RUNTIMES = {
     "tflite": ("edgeruntime.litert", "LiteRTRuntime"),
     "onnx": ("edgeruntime.onnxrt", "OnnxRuntime"),
     "genai": ("edgeruntime.genai", "GenAIRuntime"),
+    "genai-adapter": ("edgeruntime.genai", "GenAIRuntime"),  # runs on its base's GenAIRuntime (with_adapter)
 }
 
 

@@ -24,8 +24,8 @@ from edgeproto.topics import Topics
 from fleet import delta as cdc
 from fleet import transfer
 from fleet.conn import Collector, parse_json
-from fleet.records import (Address, Prepared, Signer, Terms, interface_warnings, make_record, model_for, old_agents,
-                           publish_record, removal_record)
+from fleet.records import (Address, Prepared, Signer, Terms, default_model, interface_warnings, make_record, model_for,
+                           old_agents, publish_record, removal_record)
 from fleet.transfer import DEFAULT_CHUNK, TransferSpec, publish_chunks, running_bundles, with_patches
 
 FINAL = FINAL_STATES
@@ -118,7 +118,7 @@ def push(bundle: Path, broker: BrokerConfig, options: PushOptions = PushOptions(
     o.transfer.check()
     b = open_bundle(bundle)  # a bad bundle or model name fails before the broker is asked
     addr = Address.of(device=o.device, group=o.group,
-                      model=model_for(b.manifest.name, model=o.model, device_topic=o.device_topic))
+                      model=model_for(default_model(b.manifest), model=o.model, device_topic=o.device_topic))
     topics = Topics(broker.topic_prefix)
     survey = _survey(broker, topics, statuses=o.check_interface or o.transfer.delta, indexes=o.transfer.delta)
     if o.transfer.delta:
@@ -160,7 +160,7 @@ def _delta(b: Bundle, topics: Topics, spec: TransferSpec, *, broker: BrokerConfi
     the bundles the target devices run; only what no model's index lists is published, then the
     model's index names the bundle by the record's topic. With a URL the devices read byte ranges
     there: nothing is published, and no patches (they live on the broker)."""
-    indexes, model = survey.indexes, addr.model or b.manifest.name
+    indexes, model = survey.indexes, addr.model or default_model(b.manifest)
     p = transfer.delta(b, topics, previous=indexes.get(model), url=spec.url)
     running = running_bundles(survey.table, device=addr.device, group=addr.group, model=addr.model)
     if spec.url:

@@ -53,6 +53,12 @@ class Address:
         return target("devices", self.device, self.model) if self.device else target("groups", self.group, self.model)
 
 
+def default_model(manifest) -> str:
+    """The model a bundle updates unless told (--model): the one of its name; a LoRA adapter bundle's, the
+    model running its base (it is loaded beside it, sharing its weights)."""
+    return manifest.adapter["base_name"] if manifest.adapter else manifest.name
+
+
 def model_for(bundle_name: str, *, model: str | None = None, device_topic: bool = False) -> str | None:
     """The model a record addresses: `model`, else the bundle's name; None with `device_topic`."""
     if device_topic:

@@ -49,7 +49,7 @@ from fleet import delta as cdc
 from fleet.conn import Collector, parse_json
 from fleet.errors import RolloutError, RolloutStopped
 from fleet.gates import Window, baseline_p95, judge_device, judge_wave, plan_waves
-from fleet.records import Prepared, Signer, Terms, make_record, model_for, publish_record
+from fleet.records import Prepared, Signer, Terms, default_model, make_record, model_for, publish_record
 from fleet.rollout_lease import Lease
 from fleet.rollout_link import Client, Clock, Inbox, publish_retained
 from fleet.rollout_plan import plan, prepared
@@ -123,7 +123,7 @@ class Controller:
         """Plan the rollout of `model` (default: the bundle's name; `device_topic`: the devices' own
         topics, for agents that predate several models) (fleet.rollout_plan; `delta`: content-defined
         chunks), take the lease and write the record. Nothing is sent to any device yet."""
-        model = model_for(open_bundle(bundle).manifest.name, model=model, device_topic=device_topic)
+        model = model_for(default_model(open_bundle(bundle).manifest), model=model, device_topic=device_topic)
         self.inbox.model = model
         self._watch_group(group, model)
         r = self._use(plan(bundle, inbox=self.inbox, client=self.client, clock=self.clock, say=self.say, group=group,
@@ -437,7 +437,8 @@ def start(bundle: Path, broker: BrokerConfig, *, group: str, settings: RolloutSe
     for b in (bundle, previous_bundle):  # a file that is not a bundle fails before the broker is asked
         if b is not None:
             open_bundle(b)
-    model_for(open_bundle(bundle).manifest.name, model=model, device_topic=device_topic)  # so does a bad --model
+    model_for(default_model(open_bundle(bundle).manifest), model=model,
+              device_topic=device_topic)  # so does a bad --model
     with _connected(broker, rollout_id or f"{group}-{uuid.uuid4().hex[:6]}", signer=signer, say=say) as c:
         c.create(bundle, group=group, settings=settings, model=model, device_topic=device_topic,
                  previous_bundle=previous_bundle, chunk_size=chunk_size, delta=delta)

@@ -110,6 +110,15 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
               help="Causal LMs: most perplexity, as a multiple of the float model's (default 1.10).")
 @click.option("--context-length", type=click.IntRange(16, None), default=2048, show_default=True,
               help="Causal LMs: the context the device serves (its KV cache grows with it).")
+@click.option("--lora-slots", "lora_slots", metavar="r=RANK,targets=NAME,...|ADAPTER_DIR",
+              help="Causal LMs: give the base LoRA slots (zero, so its outputs stay the base's) that adapter bundles "
+                   "fill on the device without reloading it: a rank and projections (q_proj, k_proj, v_proj, o_proj, "
+                   "gate_proj, up_proj, down_proj or all-linear), or a PEFT adapter folder to take them from.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Causal LMs: build this PEFT LoRA adapter folder into an adapter bundle for --base (MODEL: the "
+                   "folder the base was built from, the float reference of the gate).")
+@click.option("--base", "base_bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --adapter: the base bundle (built with --lora-slots) the adapter is pinned to.")
 @click.option("--no-accuracy-gate", "no_gate", is_flag=True, help="Switch the accuracy gate off (the report says so).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Build cache: converted models kept by the model's bytes, data, options and tool versions, so "
@@ -147,7 +156,8 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 def build(wiring, model, targets, out_dir, precision, search, calibration, calibration_samples, calibration_method,
           per_channel, validation, input_shapes, max_accuracy_drop, min_similarity, min_neighbours, no_gate, cache_dir, no_cache, overwrite, no_speed_gate, allow_flex,
           name, version, opset, image_scale, image_mean, image_std, labels, tokenizer, length_buckets, sign_key, as_json, html_path, no_html, profile_on, **kw):
-    """Convert MODEL (SavedModel dir, Hugging Face folder, .keras/.h5, .onnx, .tflite) into one bundle per target."""
+    """Convert MODEL (SavedModel dir, Hugging Face folder, .keras/.h5, .onnx, .tflite) into one bundle per target.
+    With --adapter and --base: a LoRA adapter bundle for that base (MODEL: the folder the base was built from)."""
     if not Path(model).exists():  # said before the packager and its frameworks load
         raise InputError(f"model {str(model)!r} does not exist",
                          hint="pass a SavedModel directory, a Hugging Face folder, a .keras/.h5 file, an .onnx file "
@@ -158,9 +168,20 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
         load_profile(t)
     from packager.llm.detect import is_causal_lm
 
+    lora_slots, adapter, base_bundle = kw.pop("lora_slots"), kw.pop("adapter"), kw.pop("base_bundle")
+    if (adapter is None) != (base_bundle is None):
+        raise click.UsageError("--adapter and --base go together: the adapter folder and the base bundle it is for")
+    if (adapter or lora_slots) and not is_causal_lm(Path(model)):
+        raise InputError(f"--{'adapter' if adapter else 'lora-slots'} is for causal LMs; {model} is not one",
+                         hint="MODEL is the Hugging Face causal-LM folder (or GGUF file) the base is built from")
+    if adapter:
+        if lora_slots:
+            raise click.UsageError("--lora-slots builds a base; --adapter builds an adapter for one: pass one of them")
+        return _build_adapter(model, adapter, base_bundle, targets, out_dir, validation, no_gate, overwrite, name,
+                              version, sign_key, as_json, kw)
     if is_causal_lm(Path(model)):
         return _build_llm(model, targets, out_dir, precision, validation, no_gate, overwrite, name, version,
-                          sign_key, as_json, kw)
+                          sign_key, as_json, kw, lora_slots)
     if precision == "int4":
         raise InputError("--quantize int4 is for causal LMs (block-wise int4 weights of a decoder)",
                          hint="for this model use auto, int8, dynamic, dynamic-block, int16x8, fp16 or fp32")
@@ -203,27 +224,48 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
 _LLM_ONLY = ("min_agreement", "max_ppl_ratio", "context_length")
 
 
-def _build_llm(model, targets, out_dir, precision, validation, no_gate, overwrite, name, version, sign_key, as_json,
-               kw) -> None:
-    """A causal LM: its own pipeline (packager/llm/build.py) and table."""
+def _llm_gate(kw, no_gate):
     from packager.llm import quality
+
+    return quality.Gate(min_agreement=kw.get("min_agreement") or quality.MIN_AGREEMENT,
+                        max_ppl_ratio=kw.get("max_ppl_ratio") or quality.MAX_PPL_RATIO, enabled=not no_gate)
+
+
+def _build_llm(model, targets, out_dir, precision, validation, no_gate, overwrite, name, version, sign_key, as_json,
+               kw, lora_slots=None) -> None:
+    """A causal LM: its own pipeline (packager/llm/build.py) and table."""
     from packager.llm.build import LlmOptions, build as build_llm
+    from packager.llm.lora import parse_slots
     from packager.llm.report import table
 
     if precision not in ("auto", "int4", "int8", "fp16", "fp32"):
         raise InputError(f"--quantize {precision} does not apply to a causal LM", hint="use auto, int4, int8, fp16 or fp32")
-    gate = quality.Gate(min_agreement=kw.get("min_agreement") or quality.MIN_AGREEMENT,
-                        max_ppl_ratio=kw.get("max_ppl_ratio") or quality.MAX_PPL_RATIO, enabled=not no_gate)
     opts = LlmOptions(model=Path(model), targets=tuple(targets), out_dir=Path(out_dir), name=name, version=version,
                       precision=precision, validation=Path(validation) if validation else None,
-                      context_length=kw.get("context_length") or 2048, gate=gate, sign_key=sign_key,
-                      overwrite=overwrite)
+                      context_length=kw.get("context_length") or 2048, gate=_llm_gate(kw, no_gate), sign_key=sign_key,
+                      overwrite=overwrite, lora_slots=parse_slots(lora_slots) if lora_slots else None)
     result = build_llm(opts, progress=_progress(sys.stderr.isatty() or not as_json))
     report = result.to_dict()
     click.echo(json.dumps(report, indent=2, default=str) if as_json else table(report))
     failed = [r for r in result.results if not r.ok]
     if failed:
         raise Reported(failed[0].exc)
+
+
+def _build_adapter(model, adapter, base, targets, out_dir, validation, no_gate, overwrite, name, version, sign_key,
+                   as_json, kw) -> None:
+    """A LoRA adapter for a base bundle with slots: one adapter bundle (packager/llm/adapter.py)."""
+    from packager.llm.adapter import AdapterOptions, build_adapter, table
+
+    if len(targets) != 1:
+        raise click.UsageError("an adapter is built for its base's one target: pass -t once")
+    opts = AdapterOptions(model=Path(model), adapter=Path(adapter), base=Path(base), target=targets[0],
+                          out_dir=Path(out_dir), name=name, version=version,
+                          validation=Path(validation) if validation else None, gate=_llm_gate(kw, no_gate),
+                          sign_key=sign_key, overwrite=overwrite)
+    result = build_adapter(opts, progress=_progress(sys.stderr.isatty() or not as_json))
+    report = result.to_dict()
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else table(report))
 
 
 @click.group()

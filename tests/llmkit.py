@@ -96,18 +96,30 @@ GOLDEN_PROMPTS = ("The function returns", "This module provides", "Return a list
 
 
 def genai_bundle(src: Path, out_dir: Path, *, target: str = "x86-cpu", precision: str = "int4",
-                 version: str = "1.0.0", name: str = "tiny-llm", signer=None, work: Path | None = None) -> Path:
+                 version: str = "1.0.0", name: str = "tiny-llm", signer=None, work: Path | None = None,
+                 lora_slots: str | None = None) -> Path:
     """A generative bundle of the folder `src` for `target` (one recipe, no search): export, golden
-    prompts from the exported model's own greedy tokens, manifest, signed write."""
+    prompts from the exported model's own greedy tokens, manifest, signed write. `lora_slots`: as
+    `--lora-slots` takes it."""
+    from packager.llm.export import Recipe, export
+    from packager.llm.lora import parse_slots
+
+    work = Path(work or out_dir / f".work-{name}-{version}-{target}")
+    recipe = Recipe(precision, block_size=32 if precision == "int4" else None)
+    ex = export(Path(src), work / recipe.label, recipe, context_length=256,
+                lora=parse_slots(lora_slots) if lora_slots else None)
+    return write_genai(ex, out_dir, target=target, version=version, name=name, signer=signer)
+
+
+def write_genai(ex, out_dir: Path, *, target: str = "x86-cpu", version: str = "1.0.0", name: str = "tiny-llm",
+                signer=None) -> Path:
+    """The bundle of an exported decoder (packager.llm.export.Exported): golden prompts from its own greedy
+    tokens, manifest, signed write."""
     from edgeruntime import LoadSpec, load_runtime
     from packager.llm import bundle
-    from packager.llm.export import Recipe, export
     from targets import load_profile
 
     profile = load_profile(target)
-    work = Path(work or out_dir / f".work-{name}-{version}-{target}")
-    recipe = Recipe(precision, block_size=32 if precision == "int4" else None)
-    ex = export(Path(src), work / recipe.label, recipe, context_length=256)
     rt = load_runtime(str(ex.folder / bundle.MODEL_FILE), LoadSpec(format="genai", threads=1))
     try:
         golden = []
@@ -121,3 +133,59 @@ def genai_bundle(src: Path, out_dir: Path, *, target: str = "x86-cpu", precision
                         golden=tuple(golden), threads=profile.threads,
                         providers=tuple(p for p in profile.providers if p == "CUDAExecutionProvider"))
     return bundle.write(c, out_dir, signer=signer)
+
+
+def builder_jobs(jobs: list[dict]) -> None:
+    """Run the model builder child (packager.llm.ogbuild) on raw jobs ({"src", "out", "precision", "ep",
+    "options", "lora"}) in one process: several exports for the price of one torch import."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump([dict({"ep": "cpu", "options": [], "lora": None}, **j) for j in jobs], f)
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        proc = subprocess.run([sys.executable, "-m", "packager.llm.ogbuild", f.name], capture_output=True, text=True,
+                              env=env)
+    finally:
+        os.unlink(f.name)
+    for j in jobs:
+        status = Path(f"{j['out']}.status")
+        said = status.read_text() if status.exists() else proc.stderr[-2000:]
+        assert said == "ok", said
+        status.unlink()
+
+
+ADAPTER_TEXT = ("Edge devices answer in French. Bonjour, je suis un petit modele. Merci beaucoup, au revoir. ")
+
+
+def train_adapter(base: Path, dest: Path, *, rank: int = 4, targets=("q_proj", "v_proj", "down_proj"),
+                  steps: int = 40, seed: int = 0) -> Path:
+    """A PEFT LoRA adapter of the causal-LM folder `base` trained `steps` Adam steps on ADAPTER_TEXT
+    repeated: distinctive enough that the adapted model's greedy text differs from the base's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0))
+    ids = tok(ADAPTER_TEXT * 24)["input_ids"]
+    data = torch.tensor(ids[: len(ids) // 64 * 64]).view(-1, 64)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=data, labels=data).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    torch.set_num_threads(threads)
+    model.save_pretrained(dest)
+    return Path(dest)

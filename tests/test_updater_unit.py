@@ -37,11 +37,16 @@ class FakeClock:
 
 
 class FakeModel:
+    base_slot = None  # an adapter bundle's base (device_agent.model.Model)
+
     def __init__(self, path: Path, *, health=None):
         m = open_bundle(path).manifest
         self.manifest = m
         self.name, self.version, self.bundle_sha256 = m.name, m.version, sha256_file(path)
         self.closed, self.watched, self._health = False, False, health
+
+    def version_of(self, name):
+        return self.version
 
     def watch(self, on, *, reference=None):
         self.watched = on

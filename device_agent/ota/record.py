@@ -99,10 +99,11 @@ class Record:
                 raise ValueError(f"{key} must be an object")
         for key in ("previous", "candidate"):
             slot = d.get(key)
-            if slot is not None and not (isinstance(slot.get("bundle"), str) and isinstance(slot.get("sha256"), str)
-                                         and ".." not in Path(slot["bundle"]).parts
-                                         and not Path(slot["bundle"]).is_absolute()):
-                raise ValueError(f"{key} must name a bundle inside the data directory")
+            for s in (slot, (slot or {}).get("base")):  # base: the bundle an adapter runs on
+                if s is not None and not (isinstance(s, dict) and isinstance(s.get("bundle"), str)
+                                          and isinstance(s.get("sha256"), str) and ".." not in Path(s["bundle"]).parts
+                                          and not Path(s["bundle"]).is_absolute()):
+                    raise ValueError(f"{key} must name a bundle inside the data directory")
         since, attempts, ended = d.get("since", 0.0), d.get("attempts", 0), d.get("ended", {})
         if isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since):
             raise ValueError("since must be a number")

@@ -283,8 +283,9 @@ class Updater:
 
     def _refuse_downgrade(self, version: str, d: Desired) -> None:
         active = self.host.active_model()
-        if active is not None and parse_version(version) < parse_version(active.version) and not d.allow_downgrade:
-            raise UpdateFailed(f"downgrade refused: {version} is lower than the running {active.version} "
+        running = active.version_of(d.name) if active is not None else None
+        if running is not None and parse_version(version) < parse_version(running) and not d.allow_downgrade:
+            raise UpdateFailed(f"downgrade refused: {version} is lower than the running {running} "
                                "(push with --allow-downgrade to roll back on purpose)")
 
     def _verifying(self, d: Desired) -> State:
@@ -395,7 +396,8 @@ class Updater:
         self.record.previous = {**slot, "version": old.version if old else None} if slot else None
         self._write(self.record)  # before active.json changes: a crash from here on rolls back
         cand = self.record.candidate
-        self.host.store.activate(self.host.store.path(cand["bundle"]), cand["sha256"])
+        self.host.store.activate(self.host.store.path(cand["bundle"]), cand["sha256"],
+                                 base=self._candidate_model.base_slot)  # an adapter: the bundle it runs on
         self._candidate_model.watch(True, reference=old)
         self._previous_model = self.host.swap(self._candidate_model)  # one reference swap
         self._candidate_model = None
@@ -477,7 +479,7 @@ class Updater:
         if cand is None or store.active_sha256() != cand:
             return "the switch had not happened: the previous model stays"
         if prev and store.path(prev["bundle"]).is_file():
-            store.activate(store.path(prev["bundle"]), prev["sha256"])
+            store.activate(store.path(prev["bundle"]), prev["sha256"], base=prev.get("base"))
             return f"rolled back to {prev.get('version')}"
         store.deactivate()
         return "rolled back to no model (the device had none before)"
@@ -564,9 +566,10 @@ class Updater:
         self._verified = None
 
     def _prune(self) -> None:
-        """Keep the active bundle and the previous one (the rollback slot); drop the rest."""
-        slots = (self.host.store.active_slot(), self.record.previous)
-        self.host.store.prune({slot["bundle"] for slot in slots if slot})
+        """Keep the active bundle and the previous one (the rollback slot), and the bases adapters among them
+        run on; drop the rest."""
+        slots = [s for s in (self.host.store.active_slot(), self.record.previous) if s]
+        self.host.store.prune({ref for s in slots for ref in (s["bundle"], (s.get("base") or {}).get("bundle")) if ref})
 
     def _progress(self, done: int, total: int, transfer: dict | None = None) -> None:
         """A downloading event at most every 0.5 s, and the last one always: `transfer` (a delta)

@@ -17,6 +17,7 @@ from edgebundle.errors import ConversionError, EdgepackError, InputError
 from packager.llm import bundle
 from packager.llm.detect import is_causal_lm  # noqa: F401  (re-exported)
 from packager.llm.export import Exported, Recipe, export_all
+from packager.llm.lora import SlotSpec
 from packager.llm.quality import Gate, Quality, Reference, reference, score
 from packager.llm.timing import Speed, load_bytes, measure
 from packager.results import Verdict
@@ -45,6 +46,7 @@ class LlmOptions:
     overwrite: bool = False
     speed_rounds: int = 3
     new_tokens: int = 64
+    lora_slots: SlotSpec | None = None  # every candidate carries these LoRA slots (zero: the base's outputs)
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,10 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
     ladder = recipes(p, opts.precision)
     todo = [r for r in ladder if r.label not in made]  # each recipe is exported and scored once for all targets
     if todo:
-        progress(f"[{p.name}] exporting {', '.join(r.label for r in todo)}")
-        built = export_all(folder, {r: work / "candidates" / r.label for r in todo}, context_length=opts.context_length)
+        slots = f" with LoRA slots (rank {opts.lora_slots.rank})" if opts.lora_slots else ""
+        progress(f"[{p.name}] exporting {', '.join(r.label for r in todo)}{slots}")
+        built = export_all(folder, {r: work / "candidates" / r.label for r in todo}, context_length=opts.context_length,
+                           lora=opts.lora_slots)
         for r in todo:
             progress(f"[{p.name}] {r.label}: scoring on {ref.positions} tokens")
             made[r.label] = _scored(r, built[r], ref, opts.gate)

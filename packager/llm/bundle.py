@@ -78,6 +78,8 @@ def manifest(c: Contents) -> Manifest:
            "defaults": c.defaults.to_dict(), "context_length": ex.context_length,
            "kv_bytes_per_token": ex.kv_bytes_per_token, "eos_token_ids": list(ex.eos_token_ids),
            "golden": [g.to_dict() for g in c.golden], "golden_agreement": GOLDEN_AGREEMENT}
+    if ex.lora is not None:  # LoRA slots: adapter bundles (packager.llm.adapter) fill them
+        gen["lora"] = ex.lora.to_dict()
     runtime = {"name": "onnxruntime-genai", "min_version": "0.18.0", "threads": c.threads, "delegates": [],
                "providers": list(c.providers), "tensorrt_fp16": False, "tensorrt_engine_cache": False,
                "cpu_fallback": c.profile.cpu_fallback, "flex": False, "edgetpu_compiled": None,

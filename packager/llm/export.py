@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgebundle.errors import ConversionError
+from packager.llm.lora import SlotSpec, Slots, slots_of
 
 BUILD_TIMEOUT_S = 3600
 
@@ -55,28 +56,31 @@ class Exported:
     context_length: int
     kv_bytes_per_token: int
     eos_token_ids: tuple[int, ...]
+    lora: Slots | None = None  # the LoRA slots the graph carries (packager.llm.lora)
 
 
-def export(src: Path, out: Path, recipe: Recipe, *, context_length: int | None = None) -> Exported:
-    """Build `recipe` from the causal-LM folder `src` into `out` (replaced)."""
-    got = export_all(src, {recipe: out}, context_length=context_length)[recipe]
+def export(src: Path, out: Path, recipe: Recipe, *, context_length: int | None = None,
+           lora: SlotSpec | None = None) -> Exported:
+    """Build `recipe` from the causal-LM folder `src` into `out` (replaced), with `lora` slots if given."""
+    got = export_all(src, {recipe: out}, context_length=context_length, lora=lora)[recipe]
     if isinstance(got, ConversionError):
         raise got
     return got
 
 
-def export_all(src: Path, jobs: dict[Recipe, Path], *,
-               context_length: int | None = None) -> dict[Recipe, Exported | ConversionError]:
+def export_all(src: Path, jobs: dict[Recipe, Path], *, context_length: int | None = None,
+               lora: SlotSpec | None = None) -> dict[Recipe, Exported | ConversionError]:
     """Every recipe of `jobs` built into its folder in one child process (torch imported once); a recipe
-    the builder fails on gets its ConversionError, the others their Exported."""
+    the builder fails on gets its ConversionError, the others their Exported. With `lora`, every one
+    carries those LoRA slots."""
     import json
     import tempfile
 
     for out in jobs.values():
         shutil.rmtree(out, ignore_errors=True)
         Path(f"{out}.status").unlink(missing_ok=True)
-    spec = [{"src": str(src), "out": str(out), "precision": r.precision, "ep": r.ep, "options": r.options()}
-            for r, out in jobs.items()]
+    spec = [{"src": str(src), "out": str(out), "precision": r.precision, "ep": r.ep, "options": r.options(),
+             "lora": lora.to_job() if lora else None} for r, out in jobs.items()]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
@@ -90,6 +94,7 @@ def export_all(src: Path, jobs: dict[Recipe, Path], *,
     done: dict[Recipe, Exported | ConversionError] = {}
     for r, out in jobs.items():
         shutil.rmtree(f"{out}.cache", ignore_errors=True)
+        shutil.rmtree(f"{out}.lora-template", ignore_errors=True)
         status = Path(f"{out}.status")
         msg = status.read_text().strip() if status.exists() else (
             "timed out" if proc is None else _last_line(proc.stderr) or f"exit code {proc.returncode}")
@@ -125,4 +130,4 @@ def describe(folder: Path, recipe: Recipe, *, context_length: int | None = None)
     eos = model.get("eos_token_id", [])
     eos = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
     size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    return Exported(folder, recipe, size, int(model["context_length"]), kv, eos)
+    return Exported(folder, recipe, size, int(model["context_length"]), kv, eos, slots_of(folder))

@@ -8,7 +8,7 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,8 @@ class Reference:
     nll: np.ndarray  # its negative log-likelihood of the real next token there
     params: int
     seconds: float = 0.0
+    lora: dict = field(default_factory=dict)  # with an adapter: (layer, module, "A"|"B") -> its graph weight
+
 
     @property
     def positions(self) -> int:
@@ -66,8 +68,9 @@ class Quality:
 
 
 def reference(folder: Path, texts: list[str], work: Path, *, max_tokens: int = EVAL_TOKENS,
-              chunk: int = CHUNK) -> Reference:
-    """The float reference in a child process (torch stays out of the build's process)."""
+              chunk: int = CHUNK, adapter: Path | None = None) -> Reference:
+    """The float reference in a child process (torch stays out of the build's process); with `adapter` (a
+    PEFT LoRA folder) the adapted model's, and the adapter's weights as the ONNX graph computes them."""
     import time
 
     work.mkdir(parents=True, exist_ok=True)
@@ -76,14 +79,16 @@ def reference(folder: Path, texts: list[str], work: Path, *, max_tokens: int = E
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "packager.llm.reference", str(folder), str(work / "texts.json"),
-                           str(out), str(max_tokens), str(chunk)], capture_output=True, text=True, env=env)
+                           str(out), str(max_tokens), str(chunk), *([str(adapter)] if adapter else [])],
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not out.exists():
         tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-1:] or ["no message"]
         raise ConversionError(f"the float reference (transformers) failed on {folder}: {tail[0][:300]}")
     z = np.load(out)
     ids, off = z["ids"], z["offsets"]
     chunks = tuple(ids[a:b] for a, b in zip(off[:-1], off[1:]))
-    return Reference(chunks, z["top1"], z["nll"], int(z["params"]), time.perf_counter() - t)
+    lora = {(int(k.split("/")[1]), k.split("/")[2], k.split("/")[3]): z[k] for k in z.files if k.startswith("lora/")}
+    return Reference(chunks, z["top1"], z["nll"], int(z["params"]), time.perf_counter() - t, lora)
 
 
 def score(rt, ref: Reference) -> Quality:
