@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from typing import Callable
@@ -24,9 +24,10 @@ import numpy as np
 from device_agent.generative import GenerativeModel, adapted_generation, load_generative
 from edgeruntime.base import Runtime, dequantize, quantize
 from edgeruntime.registry import load_from_manifest
-from edgeruntime.text import TextEncoder, TextSettings, parity_problems
+from device_agent.textload import text_encoder
+from edgeruntime.text import TextEncoder
 from edgebundle.archive import Bundle, open_bundle, sha256_file
-from edgebundle.errors import BundleError, InputError, RuntimeUnavailableError, VerificationError
+from edgebundle.errors import BundleError, InputError, VerificationError
 from edgebundle.interface import interface_hash
 from edgebundle.manifest import Manifest, adapter_refusal
 from edgeproto.documents import model_section
@@ -522,7 +523,7 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
             if any(t.shape[-1:] != (b["length"],) for t in rt.inputs):
                 raise BundleError(f"{path.name}: length bucket {b['file']} takes {[list(t.shape) for t in rt.inputs]}, "
                                   f"not sequence length {b['length']}", hint="rebuild the bundle")
-        model.text = _text_encoder(m, model_dir, path.name)
+        model.text = text_encoder(m, model_dir, path.name)
         model.pause = pause
         if m.format == GENAI:  # golden prompts instead of golden tensors; nothing to warm up
             model.generation = load_generative(runtime, m, model_dir, path.name, check=check_golden, pause=pause)
@@ -574,38 +575,6 @@ def bundle_members_to_extract(m: Manifest) -> list[str]:
     buckets = [b["file"] for b in (m.text or {}).get("buckets") or ()]
     return ([m.model_file] + buckets + ([m.golden["file"]] if m.golden else [])
             + ([m.text["tokenizer"]] if m.text else []))
-
-
-def _text_encoder(m: Manifest, model_dir: Path, bundle_name: str) -> TextEncoder | None:
-    """A text bundle's tokenizer, after its parity check: the golden texts must give the ids the
-    build computed, or a drifted tokenizer library would feed the model other tokens than it was
-    validated on. None where `tokenizers` is not installed (token tensors still work)."""
-    if not m.text:
-        return None
-    try:
-        settings = _fixed_length(TextSettings.from_dict(m.text["settings"]), m)
-        enc = TextEncoder.from_file(model_dir / m.text["tokenizer"], settings)
-    except RuntimeUnavailableError:
-        return None
-    except InputError as e:
-        raise BundleError(f"{bundle_name}: {e}") from None
-    problems = parity_problems(enc, m.text["golden_texts"], m.text["golden_ids"])
-    if problems:
-        raise VerificationError(f"{bundle_name}: this device's tokenizer does not reproduce the bundle's golden "
-                                f"token ids ({len(problems)} of {len(m.text['golden_texts'])} texts differ)",
-                                problems=problems, hint="install the tokenizers version the bundle was built with "
-                                                        "(see its provenance), or rebuild the bundle")
-    return enc
-
-
-def _fixed_length(settings: TextSettings, m: Manifest) -> TextSettings:
-    """A text model with a fixed sequence length and no buckets (a TFLite bundle of an older edgepack)
-    takes every text padded to that length, and cut there."""
-    sig = (m.inputs[0].shape_signature or m.inputs[0].shape) if m.inputs else ()
-    if settings.buckets or len(sig) != 2 or sig[1] <= 0:
-        return settings
-    n = min(settings.max_length, sig[1])
-    return replace(settings, max_length=n, buckets=(n,))
 
 
 def _stacked(parts: list[np.ndarray]) -> np.ndarray:
