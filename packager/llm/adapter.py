@@ -93,7 +93,8 @@ def check_fit(cfg: dict, slots: lora.Slots, base_name: str) -> None:
 
 def build_adapter(opts: AdapterOptions, *, progress: Progress = lambda _m: None) -> AdapterBuild:
     from edgebundle.archive import verify_bundle, write_bundle
-    from packager.llm.build import _default_name, _provenance, _signer, validation_texts
+    from packager.llm.build import validation_texts
+    from packager.llm import common
 
     t0 = time.perf_counter()
     cfg = lora.peft_config(opts.adapter)
@@ -110,13 +111,13 @@ def build_adapter(opts: AdapterOptions, *, progress: Progress = lambda _m: None)
                          hint="an adapter is built for its base's target: pass that -t")
     slots = lora.Slots.from_dict(bm.generation["lora"])
     check_fit(cfg, slots, opts.base.name)
-    name = opts.name or _default_name(opts.adapter)
+    name = opts.name or common.default_name(opts.adapter)
     dest = Path(opts.out_dir) / f"{name}-{opts.version}-{opts.target}.edgepack"
     if dest.exists() and not opts.overwrite:
         raise InputError(f"{opts.out_dir} already holds {dest.name}",
                          hint="build a new --version, into another --out-dir, or pass --overwrite to replace it")
     texts, text_source = validation_texts(opts.validation)
-    signer = _signer(opts.sign_key)
+    signer = common.signer(opts.sign_key)
     with tempfile.TemporaryDirectory(prefix="edgepack-adapter-") as tmp:
         work = Path(tmp)
         folder = work / "base"
@@ -138,7 +139,7 @@ def build_adapter(opts: AdapterOptions, *, progress: Progress = lambda _m: None)
                                 "perplexity": round(ref.perplexity, 3), "seconds": round(ref.seconds, 1)}}
         m = _manifest(opts, name, bm, cfg, slots, golden, path.stat().st_size,
                       report={"quality": q.to_dict(), "base_quality": q0.to_dict(), **shared},
-                      provenance=dict(_provenance(opts), adapter=str(opts.adapter), base_bundle=str(opts.base)))
+                      provenance=dict(common.provenance(opts), adapter=str(opts.adapter), base_bundle=str(opts.base)))
         progress(f"writing {dest.name}")
         write_bundle(dest, m, {lora.ADAPTER_FILE: path}, signer=signer)
     return AdapterBuild(name, opts.version, opts.target, dest, dest.stat().st_size, Path(opts.base),
@@ -148,9 +149,9 @@ def build_adapter(opts: AdapterOptions, *, progress: Progress = lambda _m: None)
 def _scored(model_file: Path, adapter_file: Path, ref, base_golden: list[dict]):
     """The adapter's quality, the bare base's, and the adapted greedy tokens on the base's golden prompts."""
     from edgeruntime import LoadSpec, load_runtime
-    from packager.llm.build import _threads
+    from packager.llm import common
 
-    rt = load_runtime(str(model_file), LoadSpec(format="genai", threads=_threads(None), allow_cpu_fallback=True))
+    rt = load_runtime(str(model_file), LoadSpec(format="genai", threads=common.threads(None), allow_cpu_fallback=True))
     try:
         rt.load_adapter(str(adapter_file), CANDIDATE)
         rt.activate(CANDIDATE)

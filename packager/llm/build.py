@@ -5,7 +5,6 @@ Edge TPU) is refused before anything is exported."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import tempfile
 import time
@@ -15,6 +14,7 @@ from typing import Callable
 
 from edgebundle.errors import ConversionError, EdgepackError, InputError
 from packager.llm import bundle
+from packager.llm import common
 from packager.llm.detect import is_causal_lm  # noqa: F401  (re-exported)
 from packager.llm.export import Exported, Recipe, export_all
 from packager.llm.lora import SlotSpec
@@ -127,10 +127,10 @@ def build(opts: LlmOptions, *, progress: Progress = lambda _m: None) -> LlmBuild
 
     t0 = time.perf_counter()
     profiles = [load_profile(t) for t in opts.targets]
-    name = opts.name or _default_name(opts.model)
+    name = opts.name or common.default_name(opts.model)
     _refuse_overwrite(opts, name, profiles)
     texts, text_source = validation_texts(opts.validation)
-    signer = _signer(opts.sign_key)
+    signer = common.signer(opts.sign_key)
     refused = {p.name: refusal(p) for p in profiles}
     todo = [p for p in profiles if not refused[p.name]]
     results: dict[str, LlmTarget] = {n: _failed(n, ConversionError(why)) for n, why in refused.items() if why}
@@ -175,8 +175,8 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
     passing = [c for c in cands if c.verdict is Verdict.PASSED]
     if not passing:
         raise _gate_error(p.name, cands, opts.gate)
-    threads = _threads(p)
-    untimed = CUDA in p.providers and not _cuda_here()
+    threads = common.threads(p)
+    untimed = CUDA in p.providers and not common.cuda_here()
     if untimed:  # CUDA graphs timed on this CPU would rank them by CPU kernels: say so and keep the smallest
         best = min(passing, key=lambda c: c.bytes)
         why = ("not timed: this build host has no CUDA; the smallest passing (decode on a Jetson is bound by "
@@ -204,7 +204,7 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
                         "weights_bytes": ex.weight_bytes}
     contents = bundle.Contents(
         name=name, version=opts.version, profile=p, exported=ex, defaults=bundle.defaults_of(folder),
-        golden=golden, report=report, provenance=_provenance(opts), threads=p.threads,
+        golden=golden, report=report, provenance=common.provenance(opts), threads=p.threads,
         load_bytes=measured,
         providers=tuple(x for x in p.providers if x == CUDA))
     progress(f"[{p.name}] {best.recipe.label}: writing the bundle")
@@ -219,7 +219,7 @@ def _scored(r: Recipe, ex: Exported | ConversionError, ref: Reference,
     if isinstance(ex, ConversionError):
         return Candidate(r, verdict=Verdict.ERROR, why=str(ex).splitlines()[0]), None
     try:
-        rt = load_runtime(str(ex.folder / bundle.MODEL_FILE), LoadSpec(format="genai", threads=_threads(None),
+        rt = load_runtime(str(ex.folder / bundle.MODEL_FILE), LoadSpec(format="genai", threads=common.threads(None),
                                                                      allow_cpu_fallback=True))
     except EdgepackError as e:
         return Candidate(r, ex.weight_bytes, verdict=Verdict.ERROR, why=f"does not load here: {e}"), None
@@ -279,7 +279,7 @@ def _golden(ex: Exported) -> tuple[bundle.Golden, ...]:
     """The chosen candidate's own greedy tokens on fixed prompts: the device re-checks them at load."""
     from edgeruntime import LoadSpec, load_runtime
 
-    rt = load_runtime(str(ex.folder / bundle.MODEL_FILE), LoadSpec(format="genai", threads=_threads(None),
+    rt = load_runtime(str(ex.folder / bundle.MODEL_FILE), LoadSpec(format="genai", threads=common.threads(None),
                                                                  allow_cpu_fallback=True))
     try:
         out = []
@@ -349,27 +349,14 @@ def _source_folder(model: Path, work: Path, progress: Progress) -> Path:
     return model
 
 
-def _cuda_here() -> bool:
-    try:
-        import onnxruntime_genai as og
-
-        return bool(og.is_cuda_available())
-    except ImportError:
-        return False
 
 
-def _threads(p: TargetProfile | None) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(p.threads, cores)) if p is not None and p.threads else cores
 
 
 def _failed(target: str, e: EdgepackError) -> LlmTarget:
     return LlmTarget(target, False, error=str(e).splitlines()[0], exc=e)
 
 
-def _default_name(model: Path) -> str:
-    stem = model.name if model.is_dir() else model.stem
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip(".-") or "model"
 
 
 def _refuse_overwrite(opts: LlmOptions, name: str, profiles: list[TargetProfile]) -> None:
@@ -382,24 +369,4 @@ def _refuse_overwrite(opts: LlmOptions, name: str, profiles: list[TargetProfile]
                          hint="build a new --version, into another --out-dir, or pass --overwrite to replace it")
 
 
-def _signer(key_path: Path | None):
-    if not key_path:
-        return None
-    from edgebundle import signing
-
-    key = signing.load_private_key(key_path)
-    return lambda manifest_bytes: signing.sign(manifest_bytes, key)
-
-
-def _provenance(opts: LlmOptions) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def v(dist: str) -> str | None:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return None
-
-    return {"source": str(opts.model), "tool": "edgepack", "onnxruntime-genai": v("onnxruntime-genai"),
-            "transformers": v("transformers"), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
