@@ -11,7 +11,10 @@ round by round. Cases:
   HTTP stream's cost shows;
 - llama.cpp (llama-cpp-python, in process) on each --gguf file, when llama_cpp imports;
 - ONNX Runtime GenAI in process on each --genai folder (e.g. the model builder's int4).
-Also prints the agent's RSS while serving each bundle. Every case is timed in this process or the agent,
+With --gate-folder (the float model's Hugging Face folder, e.g. the GGUF read into one) every case is also
+scored the way `edgepack build` gates a candidate: teacher-forced top-1 agreement and perplexity ratio
+against transformers' fp32 model on the same token ids (standard-library docstrings), so the fastest
+anchor *that passes the same gate* can be named. Also prints the agent's RSS while serving each bundle. Every case is timed in this process or the agent,
 never in a process that imported torch or TensorFlow."""
 from __future__ import annotations
 
@@ -35,6 +38,11 @@ PROMPT = ("The history of the printing press begins in the fifteenth century, wh
           "in more than two hundred cities across Europe, and the price of a book fell to a fraction of what a "
           "hand-copied manuscript had cost. Scholars could compare identical copies of a text for the first time, "
           "and errors that had crept in over centuries of copying could be found and corrected. ")
+
+
+from packager.llm.quality import Gate  # noqa: E402  (after sys.path)
+
+GATE = Gate()
 
 
 def _free_port() -> int:
@@ -124,6 +132,7 @@ class LlamaCpp:
     def __init__(self, path: Path, threads: int):
         from llama_cpp import Llama
 
+        self.path = str(path)
         self.llm = Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=1024, verbose=False)
 
     def tokens(self, text: str) -> list[int]:
@@ -151,6 +160,42 @@ class GenAIFolder(InProcess):
         self.rt = load_runtime(str(Path(folder) / "model.onnx"), LoadSpec(format="genai", threads=threads))
 
 
+def _quality(a, cases) -> dict:
+    """Each case scored against the float model on the same ids (packager.llm.quality)."""
+    import numpy as np
+
+    from packager.llm.build import validation_texts
+    from packager.llm.quality import Quality, reference, score
+
+    ref = reference(a.gate_folder, validation_texts(None)[0], Path(tempfile.mkdtemp(prefix="llm-bench-ref-")))
+    out = {}
+    for k, (runner, _ids) in cases.items():
+        if isinstance(runner, InProcess):
+            out[k] = score(runner.rt, ref)
+        elif isinstance(runner, LlamaCpp):
+            from llama_cpp import Llama
+
+            llm = Llama(model_path=runner.path, n_ctx=1024, logits_all=True, n_threads=a.threads, verbose=False)
+            tops, nlls = [], []
+            for c in ref.chunks:
+                llm.reset()
+                llm.eval([int(i) for i in c])
+                x = np.asarray(llm.scores[: len(c) - 1], np.float64)
+                m = x.max(-1, keepdims=True)
+                nlls.append(m[:, 0] + np.log(np.exp(x - m).sum(-1)) - x[np.arange(len(c) - 1), c[1:]])
+                tops.append(x.argmax(-1))
+            top, nll = np.concatenate(tops), np.concatenate(nlls)
+            out[k] = Quality(float((top == ref.top1).mean()), float(np.exp(nll.mean() - ref.nll.mean())),
+                             float(np.exp(nll.mean())), int(top.size))
+        # the agent's HTTP case is the same bundle as its in-process case: scored there
+    for k in list(cases):
+        if k.endswith("(agent HTTP stream)"):
+            twin = k.replace("(agent HTTP stream)", "(runtime in process)")
+            if twin in out:
+                out[k] = out[twin]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", action="append", default=[], type=Path)
@@ -160,6 +205,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gate-folder", type=Path, help="score every case against this float model (the build's gate)")
     a = ap.parse_args()
     cases, agents, ids_of = {}, [], {}
     for b in a.bundle:
@@ -181,6 +227,7 @@ def main() -> None:
         label, path = spec.split("=", 1)
         g = GenAIFolder(Path(path), a.threads)
         cases[f"onnxruntime-genai {label} (in process)"] = (g, g.rt.encode(PROMPT * 4)[: a.prompt_tokens])
+    quality = _quality(a, cases) if a.gate_folder else {}
     for runner, ids in cases.values():  # warm-up: first-run allocations are not speed
         runner.run(ids, 8)
     got = {k: [] for k in cases}
@@ -191,11 +238,13 @@ def main() -> None:
             got[k].append(runner.run(ids, a.new_tokens))
     print(f"\n{a.prompt_tokens}-token prompt, {a.new_tokens} new tokens, greedy, {a.threads} threads, "
           f"median of {a.rounds} ({os.uname().machine})")
-    print(f"{'case':<64} {'TTFT ms':>9} {'decode tok/s':>13} {'tokens':>7}")
+    print(f"{'case':<64} {'TTFT ms':>9} {'decode tok/s':>13} {'tokens':>7}" + ("  agreement  ppl ratio  gate" if quality else ""))
     for k in names:
         ttft = statistics.median(x[0] for x in got[k]) * 1e3
         tps = statistics.median(x[1] for x in got[k])
-        print(f"{k:<64} {ttft:>9.1f} {tps:>13.2f} {got[k][0][2]:>7}")
+        q = quality.get(k)
+        extra = (f"  {q.agreement:>9.1%}  {q.ppl_ratio:>9.3f}  {'pass' if q.passes(GATE) else 'FAIL'}" if q else "")
+        print(f"{k:<64} {ttft:>9.1f} {tps:>13.2f} {got[k][0][2]:>7}" + extra)
     for agent, b in zip(agents, a.bundle):
         print(f"agent RSS serving {b.name}: {agent.rss_mb():.0f} MB (bundle {b.stat().st_size / 2**20:.0f} MB)")
         agent.close()

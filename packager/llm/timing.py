@@ -62,7 +62,7 @@ def _child(spec: dict) -> dict:
     import numpy as np
     import onnxruntime_genai as og
 
-    models = {}
+    models, windows = {}, {}
     for label, folder in spec["folders"].items():
         cfg = og.Config(folder)
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
@@ -74,13 +74,16 @@ def _child(spec: dict) -> dict:
         tok = og.Tokenizer(m)
         ids = list(tok.encode(PROMPT * 40))[: spec["prompt_tokens"]]
         models[label] = (m, np.asarray(ids, np.int32))
+        with open(os.path.join(folder, "genai_config.json")) as f:
+            dec = json.load(f)["model"]["decoder"]
+        windows[id(m)] = int((dec.get("sliding_window") or {}).get("window_size", 0))
     n = spec["new_tokens"]
     res = {k: {"ttft_s": [], "decode_tok_s": [], "prompt_tokens": int(v[1].size)} for k, v in models.items()}
 
     def once(m, ids) -> tuple[float, float]:
         p = og.GeneratorParams(m)
-        total = int(ids.size) + n
-        p.set_search_options(max_length=total, min_length=total, do_sample=False)
+        total = int(ids.size) + n  # a sliding-window model needs a KV cache of at least its window
+        p.set_search_options(max_length=max(total, windows[id(m)]), min_length=total, do_sample=False)
         g = og.Generator(m, p)
         t0 = time.perf_counter()
         g.append_tokens(ids)
@@ -123,11 +126,13 @@ def _memory_child(spec: dict) -> dict:
     cfg = og.Config(spec["memory"])
     cfg.clear_providers()
     m = og.Model(cfg)
+    with open(os.path.join(spec["memory"], "genai_config.json")) as f:
+        window = (json.load(f)["model"]["decoder"].get("sliding_window") or {}).get("window_size", 0)
     p = og.GeneratorParams(m)
-    p.set_search_options(max_length=24, do_sample=False)
+    p.set_search_options(max_length=max(24, int(window)), min_length=24, do_sample=False)
     g = og.Generator(m, p)
     g.append_tokens(np.asarray(list(og.Tokenizer(m).encode(PROMPT))[:16], np.int32))
-    while not g.is_done():
+    for _ in range(8):
         g.generate_next_token()
     return {"load_bytes": max(0, _rss() - before)}
 
