@@ -56,7 +56,7 @@ class Agent:
         self.dir = Path(tempfile.mkdtemp(prefix="llm-bench-"))
         self.port = _free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "device_agent.cli", "--bundle", str(bundle), "--data-dir", str(self.dir / "data"),
+            [sys.executable, "-m", "device_agent.cli", "run", "--bundle", str(bundle), "--data-dir", str(self.dir / "data"),
              "--api-port", str(self.port), "--threads", str(threads), "--log-format", "text"],
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "agent.log", "w"), cwd=ROOT,
             env=dict(os.environ, PYTHONPATH=str(ROOT)))
