@@ -64,12 +64,15 @@ class Agent:
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2) as r:
-                    self.model = json.load(r)["data"][0]["id"]
+                    data = json.load(r)["data"]
+                if data:  # the API answers while the model still loads: an empty list until then
+                    self.model = data[0]["id"]
                     return
             except OSError:
-                if self.proc.poll() is not None:
-                    raise SystemExit(f"agent exited: {(self.dir / 'agent.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+                pass
+            if self.proc.poll() is not None:
+                raise SystemExit(f"agent exited: {(self.dir / 'agent.log').read_text()[-2000:]}")
+            time.sleep(0.5)
         raise SystemExit("agent not ready in 300 s")
 
     def rss_mb(self) -> float:
