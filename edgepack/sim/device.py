@@ -102,6 +102,12 @@ class SimModel:
         self._lat: list[float] = []
         self._p95: float | None = None
         self._interface = interface_hash(manifest)
+        self.base, self.base_slot = None, None  # what an adapter model has (the updater asks): none here
+
+    def version_of(self, name: str) -> str | None:
+        """The version an update must not go below (the updater asks a Model): a simulated model has no
+        LoRA adapters, so one line of versions."""
+        return self.version
 
     def describe(self) -> dict:
         return model_section(self.manifest, bundle_sha256=self.bundle_sha256, interface=self._interface,
