@@ -127,7 +127,7 @@ def test_auto_builds_each_cpu_target_and_refuses_coral(tiny_llm, tmp_path):
 @pytest.mark.slow
 def test_a_gate_nothing_passes_fails_the_target_and_writes_nothing(tiny_llm, tmp_path):
     out = tmp_path / "dist"
-    r = _cli("build", tiny_llm, "-t", "x86-cpu", "-o", out, "--quantize", "int4", "--min-agreement", "0.999")
-    assert r.exit_code == 4, r.output
-    assert "no candidate passed the generation gate" in r.output and "int4-b32-a4: agreement" in r.output
+    r = _cli("build", tiny_llm, "-t", "x86-cpu", "-o", out, "--quantize", "int8", "--min-agreement", "0.999")
+    assert r.exit_code == 4, r.output  # int8 keeps ~99 % of the next tokens: one export, and short of 99.9 %
+    assert "no candidate passed the generation gate" in r.output and "int8-b32-a4: agreement" in r.output
     assert not list(out.glob("*.edgepack")) if out.exists() else True
