@@ -23,7 +23,7 @@ PROCESS_MARKERS = ("broker", "agent")  # tests that start these processes are sl
 # wait (agents, brokers, timers), so that while one worker waits the other has work for both cores.
 CONVERTING = ("test_corpus_gguf.py", "test_corpus_text.py", "test_corpus.py", "test_build.py", "test_onnx_tflite.py", "test_text_tflite.py",
               "test_keras_transformer.py", "test_demo.py", "test_text_buckets.py", "test_text_models.py",
-              "test_hf_export.py", "test_report_page.py", "test_cli.py", "test_tflite_layout.py", "test_llm_build.py", "test_llm_gguf.py",
+              "test_hf_export.py", "test_report_page.py", "test_cli.py", "test_tflite_layout.py", "test_llm_build.py",
               "test_llm_lora.py")
 WAITING = ("test_rollout.py", "test_ota.py", "test_faults.py", "test_delta.py", "test_security.py", "test_fleet_sim.py",
            "test_multi_model.py", "test_shadow.py", "test_agent_mqtt.py", "test_update_robustness.py",
