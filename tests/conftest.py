@@ -317,10 +317,12 @@ def llm_bundles(tiny_llm, keys, tmp_path_factory) -> dict:
         from functools import partial
 
         from edgebundle.signing import load_private_key, sign as signature
-        from llmkit import genai_bundle
+        from llmkit import write_genai
+        from packager.llm.export import Recipe, export
 
         sign = partial(signature, private_key=load_private_key(keys / "a.key"))
-        return {"v1": genai_bundle(tiny_llm, out / "v1", precision="int4", version="1.0.0", signer=sign),
-                "v2": genai_bundle(tiny_llm, out / "v2", precision="int4", version="1.1.0", signer=sign)}
+        ex = export(tiny_llm, out / "int4", Recipe("int4", block_size=32), context_length=256)  # one export, two versions
+        return {"v1": write_genai(ex, out / "v1", version="1.0.0", signer=sign),
+                "v2": write_genai(ex, out / "v2", version="1.1.0", signer=sign)}
 
     return shared(tmp_path_factory, "llm_bundles", make)

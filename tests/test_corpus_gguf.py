@@ -3,7 +3,7 @@ packager.llm.gguf and exported fp32 by the model builder: the folder is the mode
 (268 M parameters, Gemma3ForCausalLM, 32k context), its tokenizer gives back the text it was given, and
 the fp32 ONNX gives torch's logits on the same ids, past the 512-token sliding window too.
 
-Measured here (2 cores shared, load 2-4.5): to_folder 71-94 s, child peak RSS 3.4 GB, folder 1.11 GB; fp32 export 24 s
+Measured here (2 cores shared, load 2-4.5): to_folder 71-94 s (31 s quiet since the fast array reader), child peak RSS 3.0-3.4 GB, folder 1.11 GB; fp32 export 24 s
 (1.17 GB); logits max |diff| 0.0012 on 59 tokens, 0.0038 on 700, top-1 agreement 100 %.
 onnxruntime-genai 0.18's Tokenizer.encode adds no special tokens, and Gemma without its <bos> degenerates
 ("The capital of France is France. The The The ..."): edgeruntime.genai puts it before a plain prompt, as
@@ -33,9 +33,18 @@ def gemma(tmp_path_factory):
     path = gemma3_270m_gguf()
     if path is None:
         pytest.skip("Gemma 3 270M's GGUF is not in the corpus (make corpus)")
+    from transformers import AutoTokenizer
+
+    from edgeruntime import LoadSpec, load_runtime
+
     d = tmp_path_factory.mktemp("gemma3-gguf")
     src = to_folder(path, d / "folder")
-    return {"src": src, "fp32": export(src.folder, d / "fp32", Recipe("fp32"))}
+    fp32 = export(src.folder, d / "fp32", Recipe("fp32"))
+    rt = load_runtime(str(fp32.folder / "model.onnx"), LoadSpec(format="genai", threads=2))  # 1.1 GB: loaded once
+    try:
+        yield {"src": src, "fp32": fp32, "rt": rt, "tok": AutoTokenizer.from_pretrained(src.folder)}
+    finally:
+        rt.close()
 
 
 def test_folder_is_gemma3_270m(gemma):
@@ -53,39 +62,24 @@ def test_folder_is_gemma3_270m(gemma):
 
 
 def test_tokenizer_round_trip(gemma):
-    from transformers import AutoTokenizer
-
-    from edgeruntime import LoadSpec, load_runtime
-
-    tok = AutoTokenizer.from_pretrained(gemma["src"].folder)
-    rt = load_runtime(str(gemma["fp32"].folder / "model.onnx"), LoadSpec(format="genai", threads=2))
-    try:
-        for t in sentences(40, seed=11) + ["Ça coûte 3,50 € — naïve café, 東京, emoji 🙂, tabs\tand  spaces"]:
-            ids = tok(t)["input_ids"]
-            assert ids[0] == BOS
-            assert tok.decode(ids, skip_special_tokens=True) == t
-            assert rt.encode(t) == ids  # the same tokenizer in the device's runtime, with its <bos>
-            assert rt.encode(t, special=False) == ids[1:]  # a chat template writes its own
-            assert rt.decode(ids[1:]) == t
-    finally:
-        rt.close()
+    tok, rt = gemma["tok"], gemma["rt"]
+    for t in sentences(40, seed=11) + ["Ça coûte 3,50 € — naïve café, 東京, emoji 🙂, tabs\tand  spaces"]:
+        ids = tok(t)["input_ids"]
+        assert ids[0] == BOS
+        assert tok.decode(ids, skip_special_tokens=True) == t
+        assert rt.encode(t) == ids  # the same tokenizer in the device's runtime, with its <bos>
+        assert rt.encode(t, special=False) == ids[1:]  # a chat template writes its own
+        assert rt.decode(ids[1:]) == t
 
 
 def test_fp32_export_gives_torch_logits(gemma):
     """576 tokens: the first 512 inside every layer's window, the rest past the sliding layers' window."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from edgeruntime import LoadSpec, load_runtime
-
-    tok = AutoTokenizer.from_pretrained(gemma["src"].folder)
-    ids = tok(" ".join(sentences(60, seed=5)))["input_ids"][:576]
+    ids = gemma["tok"](" ".join(sentences(60, seed=5)))["input_ids"][:576]
     assert len(ids) == 576
-    rt = load_runtime(str(gemma["fp32"].folder / "model.onnx"), LoadSpec(format="genai", threads=2))
-    try:
-        got = rt.logits(ids)
-    finally:
-        rt.close()
+    got = gemma["rt"].logits(ids)
     model = AutoModelForCausalLM.from_pretrained(gemma["src"].folder, dtype=torch.float32).eval()
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()

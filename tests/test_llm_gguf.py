@@ -147,6 +147,35 @@ def test_header_reads_metadata_and_tensors(tmp_path):
     assert h.metadata["tokenizer.ggml.tokens"].length == 282  # long arrays are skipped, their length kept
 
 
+def test_fast_reader_parses_as_gguf_py_does(tmp_path):
+    """The child's reader (arrays read straight from the buffer) gives gguf-py's fields part for part."""
+    import gguf
+
+    from packager.llm.gguf import fast_reader
+
+    path = random_gguf(tmp_path / "r.gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "arrays.gguf"), "llama")
+    w.add_token_list(["a", "", "日本", "<s>"])
+    w.add_token_scores([0.5, -1.0, 2.25, 0.0])
+    w.add_token_types([1, 3, 1, 3])
+    w.add_array("test.empty", [])
+    w.add_array("test.bools", [True, False])
+    w.add_tensor("t", np.arange(6, dtype=np.float32).reshape(2, 3))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for p in (path, tmp_path / "arrays.gguf"):
+        want, got = gguf.GGUFReader(p), fast_reader()(p)
+        assert list(want.fields) == list(got.fields)
+        for key, a in want.fields.items():
+            b = got.fields[key]
+            assert (a.types, a.data, len(a.parts)) == (b.types, b.data, len(b.parts)), key
+            assert all(np.array_equal(a.parts[i], b.parts[i]) for i in a.data) and a.contents() == b.contents(), key
+        assert [(t.name, t.data_offset) for t in want.tensors] == [(t.name, t.data_offset) for t in got.tensors]
+        assert all(np.array_equal(x.data, y.data) for x, y in zip(want.tensors, got.tensors))
+
+
 @pytest.mark.parametrize("cut", ["data", "tensor-table", "vocabulary"])
 def test_truncated_gguf_is_refused(tmp_path, cut):
     p = random_gguf(tmp_path / "whole.gguf")
