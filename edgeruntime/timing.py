@@ -187,11 +187,14 @@ def q1_interval(ratios: list[float]) -> tuple[float, float]:
 
 
 def compare(a: Callable[[], object], b: Callable[[], object], *, budget_s: float = 3.0,
-            min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS, question: str = "verdict") -> Comparison:
+            min_rounds: int = MIN_ROUNDS, max_rounds: int = MAX_ROUNDS, question: str = "verdict",
+            slower_bound: Callable[[], float] = lambda: 1 + NOISE_FLOOR) -> Comparison:
     """Time `b` against `a` in alternating blocks until the median ratio is stable, the verdict is
     clear (or `budget_s` is spent, with at least `min_rounds` rounds). A `question` of "slower" says
     the caller needs only to know whether `b` is slower (a speed gate, for a candidate that does not
-    need to be faster to be worth it): the rounds then also stop once that answer is settled."""
+    need to be faster to be worth it): the rounds then also stop once that answer is settled.
+    `slower_bound()`: what the lower quartile's interval must clear before the rounds stop on "slower"
+    (the worker raises it while the host is crowded, where the verdict will need that much)."""
     t_start = time.perf_counter()
     for _ in range(3):  # warm-up: first calls allocate, JIT kernels, fill caches
         a()
@@ -220,12 +223,13 @@ def compare(a: Callable[[], object], b: Callable[[], object], *, budget_s: float
             # (lower quartile still near 1) reads 'within noise', so such rounds go on to the budget,
             # as do spread rounds where a claim of faster may still resolve.
             now = Ratio(float(med), float(q1), float(q3), lo).verdict
-            decided = (med - notch > 1 + 2 * NOISE_FLOOR and now is Speed.SLOWER) or (
+            bound = slower_bound()
+            decided = (med - notch > 1 + 2 * NOISE_FLOOR and now is Speed.SLOWER and lo > bound) or (
                 med + notch < 1 - 2 * NOISE_FLOOR and now is Speed.FASTER)
             if not (stable or decided):
                 # 'slower' is the lower quartile above the floor: once its interval is wholly above, more
                 # rounds will not undo it; wholly below, they will not make it slower.
-                decided = lo > 1 + NOISE_FLOOR or (question == "slower" and hi <= 1 + NOISE_FLOOR)
+                decided = lo > bound or (question == "slower" and hi <= 1 + NOISE_FLOOR)
             if stable or decided or time.perf_counter() > deadline:
                 break
     q1, med, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
@@ -312,11 +316,18 @@ class Worker:
         rb = self._runtime(b, feeds)
         fa, fb = ra.prepare(feeds), rb.prepare(feeds)  # native dtypes: time the model, not our I/O
         load = HostLoad()
+
+        def crowded_now(during: float | None) -> bool:
+            return during is not None and threads + during > cores + BUSY_SLACK
+
+        # On a crowded host "slower" must clear BUSY_FACTOR (crowded_verdict): the rounds go on until it does
+        # or the budget ends, rather than stop at the quiet host's bound and then read a tie.
         res = compare(lambda: ra.run(fa), lambda: rb.run(fb), budget_s=float(req.get("budget_s", 3.0)),
-                      max_rounds=int(req.get("max_rounds", MAX_ROUNDS)), question=str(req.get("question", "verdict")))
+                      max_rounds=int(req.get("max_rounds", MAX_ROUNDS)), question=str(req.get("question", "verdict")),
+                      slower_bound=lambda: BUSY_FACTOR if crowded_now(load.other_cores()) else 1 + NOISE_FLOOR)
         during = load.other_cores()
         d = res.to_dict()
-        crowded = during is not None and threads + during > cores + BUSY_SLACK
+        crowded = crowded_now(during)
         if crowded:
             d["ratio"]["verdict"] = crowded_verdict(res.ratio).value
         d["host_load"] = {"others_cores_before": _round(before), "others_cores": _round(during),

@@ -360,3 +360,22 @@ def test_ratio_too_spread_to_mean_anything_is_reported_unresolved():
     assert not spread.resolved and spread.verdict == "slower"
     lat["ratio"].update(median=16.0, q1=6.0, q3=24.0, resolved=False, verdict="slower")
     assert "slower (6.00-24.00x" in latency_text(lat)
+
+
+def test_a_crowded_hosts_bound_keeps_the_rounds_going():
+    """On a crowded host "slower" must clear BUSY_FACTOR: 13 spread rounds settled at the quiet bound then read
+    a tie (the speed-gate test shipped int16x8 at 9x fp32). With a bound above what the rounds show, they go
+    on to the budget instead of stopping."""
+    import itertools
+
+    from edgeruntime.timing import compare as ab
+
+    def spread():  # 3 ms and 6 ms calls in turn: blocks of three calls differ, the median is not settled
+        pause = itertools.cycle([0.003, 0.006])
+        return lambda: time.sleep(next(pause))
+
+    quiet = ab(lambda: time.sleep(0.001), spread(), budget_s=1.5)
+    assert quiet.ratio.verdict == "slower" and quiet.seconds < 1.0, quiet  # settled early, at the quiet bound
+    high = ab(lambda: time.sleep(0.001), spread(), budget_s=1.5, slower_bound=lambda: 9.0)
+    assert high.seconds >= 1.5 and high.rounds > quiet.rounds, (quiet, high)
+    assert high.ratio.verdict == "slower"  # the verdict itself is the quiet rule's; crowded_verdict raises it
