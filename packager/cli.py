@@ -181,7 +181,7 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
                               version, sign_key, as_json, kw)
     if is_causal_lm(Path(model)):
         return _build_llm(model, targets, out_dir, precision, validation, no_gate, overwrite, name, version,
-                          sign_key, as_json, kw, lora_slots)
+                          sign_key, as_json, dict(kw, cache_dir=cache_dir, no_cache=no_cache), lora_slots)
     if precision == "int4":
         raise InputError("--quantize int4 is for causal LMs (block-wise int4 weights of a decoder)",
                          hint="for this model use auto, int8, dynamic, dynamic-block, int16x8, fp16 or fp32")
@@ -237,13 +237,15 @@ def _build_llm(model, targets, out_dir, precision, validation, no_gate, overwrit
     from packager.llm.build import LlmOptions, build as build_llm
     from packager.llm.lora import parse_slots
     from packager.llm.report import table
+    from packager.store import default_dir as default_cache_dir
 
     if precision not in ("auto", "int4", "int8", "fp16", "fp32"):
         raise InputError(f"--quantize {precision} does not apply to a causal LM", hint="use auto, int4, int8, fp16 or fp32")
     opts = LlmOptions(model=Path(model), targets=tuple(targets), out_dir=Path(out_dir), name=name, version=version,
                       precision=precision, validation=Path(validation) if validation else None,
                       context_length=kw.get("context_length") or 2048, gate=_llm_gate(kw, no_gate), sign_key=sign_key,
-                      overwrite=overwrite, lora_slots=parse_slots(lora_slots) if lora_slots else None)
+                      overwrite=overwrite, lora_slots=parse_slots(lora_slots) if lora_slots else None,
+                      cache=not kw.get("no_cache"), cache_dir=kw.get("cache_dir") or default_cache_dir())
     result = build_llm(opts, progress=_progress(sys.stderr.isatty() or not as_json))
     report = result.to_dict()
     click.echo(json.dumps(report, indent=2, default=str) if as_json else table(report))

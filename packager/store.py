@@ -32,7 +32,7 @@ ENV = "EDGEPACK_CACHE_DIR"
 MAX_BYTES = 4 << 30
 # The packages whose code turns a model into another: a new version of any of them is a new key.
 TOOLS = ("edgepack", "tensorflow-cpu", "tensorflow", "tf-keras", "keras", "tf2onnx", "onnx", "onnxruntime",
-         "ai-edge-litert", "onnx2tf", "onnxslim", "torch", "transformers")
+         "ai-edge-litert", "onnx2tf", "onnxslim", "torch", "transformers", "onnxruntime-genai", "gguf", "peft")
 
 
 def default_dir() -> Path:

@@ -234,7 +234,7 @@ def test_auto_speed_gate_moves_down_the_ladder(digits, tmp_path):
     assert r.report["latency_ms"]["from"].endswith("interleaved rounds against int16x8"), r.report["latency_ms"]
     # Asked for explicitly, the slow precision is built, with the warning in capitals.
     res = build(_opts(digits["model"], [str(prof)], tmp_path / "out2", precision=Precision.INT16X8,
-                      calibration=str(digits["calibration"]), validation=str(digits["validation"])))
+                      calibration=str(digits["calibration"]), validation=str(digits["validation"]), bench_seconds=2.0))
     assert res.ok and any(w.startswith("SLOWER THAN FP32") for w in res.results[0].report["warnings"])
 
 

@@ -123,11 +123,49 @@ def test_auto_builds_each_cpu_target_and_refuses_coral(tiny_llm, tmp_path):
     assert check_golden(rt, gen["golden"], gen["golden_agreement"]).agreement == 1.0  # same host, same kernels
     rt.close()
 
+    # A rebuild with a gate nothing passes: the reference and the int8 export come from the build cache (the
+    # suite's EDGEPACK_CACHE_DIR), the target fails, nothing is written.
+    again = tmp_path / "again"
+    r = _cli("build", tiny_llm, "-t", "x86-cpu", "-o", again, "--quantize", "int8", "--min-agreement", "0.999", "--json")
+    assert r.exit_code == 4, r.output  # int8 keeps ~99 % of the next tokens: short of 99.9 %
+    report = json.loads(r.output[r.output.index("{"):])
+    assert report["shared"]["reference"]["from_cache"] is True, report["shared"]
+    assert "no candidate passed the generation gate" in report["targets"][0]["error"]
+    assert "int8-b32-a4: agreement" in report["targets"][0]["error"]
+    assert not again.exists() or not list(again.glob("*.edgepack"))
 
-@pytest.mark.slow
-def test_a_gate_nothing_passes_fails_the_target_and_writes_nothing(tiny_llm, tmp_path):
-    out = tmp_path / "dist"
-    r = _cli("build", tiny_llm, "-t", "x86-cpu", "-o", out, "--quantize", "int8", "--min-agreement", "0.999")
-    assert r.exit_code == 4, r.output  # int8 keeps ~99 % of the next tokens: one export, and short of 99.9 %
-    assert "no candidate passed the generation gate" in r.output and "int8-b32-a4: agreement" in r.output
-    assert not list(out.glob("*.edgepack")) if out.exists() else True
+
+def test_llm_cache_entries_are_keyed_by_bytes_and_never_trusted_damaged(tmp_path, monkeypatch):
+    """packager/llm/cache.py over the build cache: a folder kept and fetched back whole; another source's
+    bytes, another recipe or other texts are other keys; a damaged entry is not used (and is gone)."""
+    from packager.llm import cache
+    from packager.llm.export import _key
+
+    st = cache.store(tmp_path / "cache")
+    monkeypatch.delenv("EDGEPACK_CACHE_DIR", raising=False)
+    assert cache.store(None) is None and cache.store(tmp_path / "cache", enabled=False) is None
+    monkeypatch.setenv("EDGEPACK_CACHE_DIR", str(tmp_path / "env"))
+    assert cache.store(None).root == tmp_path / "env"
+    lm = tmp_path / "lm"
+    lm.mkdir()
+    (lm / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    src = cache.Source.of(st, lm)
+    k8, k4 = _key(src, Recipe("int8", 32, 4), None), _key(src, Recipe("int4", 32, 4), None)
+    assert k8 != k4 and k8 == _key(cache.Source.of(st, lm), Recipe("int8", 32, 4), None)
+    (lm / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "x": 1}')
+    assert _key(cache.Source.of(st, lm), Recipe("int8", 32, 4), None) != k8  # the folder's bytes, not its path
+    assert src.key("llm-reference", texts=cache.text_digest(["a"])) != src.key("llm-reference", texts=cache.text_digest(["b"]))
+
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / "model.onnx").write_bytes(b"onnx" * 100)
+    (made / "genai_config.json").write_text("{}")
+    cache.keep(st, k8, made)
+    out = tmp_path / "work" / "int8"
+    out.parent.mkdir()
+    assert cache.fetch(st, k8, out) and (out / "model.onnx").read_bytes() == b"onnx" * 100
+    assert not cache.fetch(st, k4, tmp_path / "work" / "int4") and not (tmp_path / "work" / "int4").exists()
+    kept = next((tmp_path / "cache").rglob("model.onnx"))
+    kept.write_bytes(b"damaged")
+    assert not cache.fetch(st, k8, tmp_path / "work" / "again") and not kept.exists()
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["int8"]  # no landing folders left behind

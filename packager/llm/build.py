@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Callable
 
 from edgebundle.errors import ConversionError, EdgepackError, InputError
-from packager.llm import bundle
-from packager.llm import common
+from packager.llm import bundle, cache, common
 from packager.llm.detect import is_causal_lm  # noqa: F401  (re-exported)
 from packager.llm.export import Exported, Recipe, export_all
 from packager.llm.lora import SlotSpec
 from packager.llm.quality import Gate, Quality, Reference, reference, score
 from packager.llm.timing import Speed, load_bytes, measure
 from packager.results import Verdict
+from packager.store import Store
 from targets import TargetProfile
 
 Progress = Callable[[str], None]
@@ -47,6 +47,8 @@ class LlmOptions:
     speed_rounds: int = 3
     new_tokens: int = 64
     lora_slots: SlotSpec | None = None  # every candidate carries these LoRA slots (zero: the base's outputs)
+    cache: bool = True  # the build cache (packager/llm/cache.py), where cache_dir or $EDGEPACK_CACHE_DIR names one
+    cache_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -138,15 +140,18 @@ def build(opts: LlmOptions, *, progress: Progress = lambda _m: None) -> LlmBuild
     with tempfile.TemporaryDirectory(prefix="edgepack-llm-") as tmp:
         work = Path(tmp)
         if todo:
-            folder = _source_folder(Path(opts.model), work, progress)
+            st = cache.store(opts.cache_dir, opts.cache)
+            folder = _source_folder(Path(opts.model), work, st, progress)
+            src = cache.Source.of(st, folder)
             progress(f"float reference (transformers, fp32) on {len(texts)} held-out texts")
-            ref = reference(folder, texts, work / "reference")
+            ref = reference(folder, texts, work / "reference", cache=src)
             shared.update(reference={"parameters": ref.params, "positions": ref.positions,
-                                     "perplexity": round(ref.perplexity, 3), "seconds": round(ref.seconds, 1)})
+                                     "perplexity": round(ref.perplexity, 3), "seconds": round(ref.seconds, 1),
+                                     "from_cache": ref.cached})
             made: dict = {}  # recipe label -> (Candidate, Exported | None); timing key -> speeds
             for p in todo:
                 try:
-                    results[p.name] = _target(p, opts, name, folder, ref, made, work, signer, progress)
+                    results[p.name] = _target(p, opts, name, folder, ref, made, work, signer, progress, src)
                 except EdgepackError as e:
                     results[p.name] = _failed(p.name, e)
     return LlmBuild(str(opts.model), name, opts.version, tuple(results[p.name] for p in profiles),
@@ -154,7 +159,7 @@ def build(opts: LlmOptions, *, progress: Progress = lambda _m: None) -> LlmBuild
 
 
 def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Reference, made: dict,
-            work: Path, signer, progress: Progress) -> LlmTarget:
+            work: Path, signer, progress: Progress, src: cache.Source | None) -> LlmTarget:
     cands: list[Candidate] = []
     exports: dict[str, Exported] = {}
     ladder = recipes(p, opts.precision)
@@ -163,7 +168,7 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
         slots = f" with LoRA slots (rank {opts.lora_slots.rank})" if opts.lora_slots else ""
         progress(f"[{p.name}] exporting {', '.join(r.label for r in todo)}{slots}")
         built = export_all(folder, {r: work / "candidates" / r.label for r in todo}, context_length=opts.context_length,
-                           lora=opts.lora_slots)
+                           lora=opts.lora_slots, cache=src)
         for r in todo:
             progress(f"[{p.name}] {r.label}: scoring on {ref.positions} tokens")
             made[r.label] = _scored(r, built[r], ref, opts.gate)
@@ -338,25 +343,27 @@ def _docstrings() -> list[str]:
     return out
 
 
-def _source_folder(model: Path, work: Path, progress: Progress) -> Path:
+def _source_folder(model: Path, work: Path, st: Store | None, progress: Progress) -> Path:
     if model.is_file():  # a GGUF file: dequantized to a Hugging Face folder (packager/llm/gguf.py)
         try:
-            from packager.llm.gguf import to_folder
+            from packager.llm.gguf import read_header, to_folder
         except ImportError:
             raise InputError("GGUF sources are not supported by this edgepack") from None
+        read_header(model)  # a file that is no GGUF is refused before it is hashed or looked up
+        key = st.key({"kind": "gguf-folder", "gguf": cache.digest_path(model)}) if st else None
+        if st and cache.fetch(st, key, work / "gguf"):
+            progress(f"{model.name} (GGUF): its float folder from the build cache")
+            return work / "gguf"
         progress(f"reading {model.name} (GGUF) into a float folder")
-        return to_folder(model, work / "gguf").folder
+        folder = to_folder(model, work / "gguf").folder
+        cache.keep(st, key, folder)
+        return folder
     return model
-
-
-
 
 
 
 def _failed(target: str, e: EdgepackError) -> LlmTarget:
     return LlmTarget(target, False, error=str(e).splitlines()[0], exc=e)
-
-
 
 
 def _refuse_overwrite(opts: LlmOptions, name: str, profiles: list[TargetProfile]) -> None:

@@ -9,9 +9,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgebundle.errors import ConversionError
 from packager.llm.lora import SlotSpec, Slots, slots_of
+
+if TYPE_CHECKING:
+    from packager.llm.cache import Source
 
 BUILD_TIMEOUT_S = 3600
 
@@ -69,16 +73,25 @@ def export(src: Path, out: Path, recipe: Recipe, *, context_length: int | None =
 
 
 def export_all(src: Path, jobs: dict[Recipe, Path], *, context_length: int | None = None,
-               lora: SlotSpec | None = None) -> dict[Recipe, Exported | ConversionError]:
+               lora: SlotSpec | None = None, cache: Source | None = None) -> dict[Recipe, Exported | ConversionError]:
     """Every recipe of `jobs` built into its folder in one child process (torch imported once); a recipe
     the builder fails on gets its ConversionError, the others their Exported. With `lora`, every one
-    carries those LoRA slots."""
+    carries those LoRA slots. With `cache`, a recipe exported before from the same folder is copied back."""
     import json
     import tempfile
 
-    for out in jobs.values():
+    from packager.llm.cache import fetch, keep
+
+    keys = {r: _key(cache, r, lora) for r in jobs} if cache else {}
+    done: dict[Recipe, Exported | ConversionError] = {}
+    for r, out in jobs.items():
         shutil.rmtree(out, ignore_errors=True)
         Path(f"{out}.status").unlink(missing_ok=True)
+        if cache and fetch(cache.store, keys[r], out):
+            done[r] = describe(out, r, context_length=context_length)
+    jobs = {r: out for r, out in jobs.items() if r not in done}
+    if not jobs:
+        return done
     spec = [{"src": str(src), "out": str(out), "precision": r.precision, "ep": r.ep, "options": r.options(),
              "lora": lora.to_job() if lora else None} for r, out in jobs.items()]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -91,7 +104,6 @@ def export_all(src: Path, jobs: dict[Recipe, Path], *, context_length: int | Non
         proc = None
     finally:
         os.unlink(f.name)
-    done: dict[Recipe, Exported | ConversionError] = {}
     for r, out in jobs.items():
         shutil.rmtree(f"{out}.cache", ignore_errors=True)
         shutil.rmtree(f"{out}.lora-template", ignore_errors=True)
@@ -100,12 +112,23 @@ def export_all(src: Path, jobs: dict[Recipe, Path], *, context_length: int | Non
             "timed out" if proc is None else _last_line(proc.stderr) or f"exit code {proc.returncode}")
         status.unlink(missing_ok=True)
         if msg == "ok" and (out / "genai_config.json").exists():
+            if cache:
+                keep(cache.store, keys[r], out)  # as the builder wrote it: describe() caps the context after
             done[r] = describe(out, r, context_length=context_length)
         else:
             done[r] = ConversionError(f"onnxruntime-genai's model builder failed on {r.label}: {msg[:300]}",
                                       hint="is the folder a causal LM that onnxruntime-genai supports (Llama, "
                                            "Qwen2/3, Gemma 1-3, Phi, Mistral, SmolLM)?")
     return done
+
+
+def _key(cache: Source, r: Recipe, lora: SlotSpec | None) -> str:
+    from packager.llm.cache import digest_path
+
+    slots = lora.to_job() if lora else None
+    if slots and slots.get("template"):  # a PEFT folder: its bytes, not its path
+        slots = dict(slots, template=digest_path(Path(slots["template"])))
+    return cache.key("llm-export", precision=r.precision, ep=r.ep, options=r.options(), lora=slots)
 
 
 def _last_line(text: str | None) -> str:

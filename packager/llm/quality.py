@@ -10,10 +10,14 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgebundle.errors import ConversionError
+
+if TYPE_CHECKING:
+    from packager.llm.cache import Source
 
 # Defaults measured on Gemma 3 270M (docs/benchmarks.md, "Small LLMs"): int4 block 32 keeps ~90 % of the
 # reference's next tokens; a candidate below 85 % or 10 % more perplexed is visibly worse text.
@@ -41,6 +45,7 @@ class Reference:
     params: int
     seconds: float = 0.0
     lora: dict = field(default_factory=dict)  # with an adapter: (layer, module, "A"|"B") -> its graph weight
+    cached: bool = False  # read back from the build cache, not computed by this build
 
 
     @property
@@ -68,34 +73,45 @@ class Quality:
 
 
 def reference(folder: Path, texts: list[str], work: Path, *, max_tokens: int = EVAL_TOKENS,
-              chunk: int = CHUNK, adapter: Path | None = None) -> Reference:
+              chunk: int = CHUNK, adapter: Path | None = None, cache: Source | None = None) -> Reference:
     """The float reference in a child process (torch stays out of the build's process); with `adapter` (a
-    PEFT LoRA folder) the adapted model's, and the adapter's weights as the ONNX graph computes them."""
+    PEFT LoRA folder) the adapted model's, and the adapter's weights as the ONNX graph computes them.
+    With `cache`, a reference made before of the same folder, texts and adapter is read back instead."""
     import time
 
+    from packager.llm.cache import digest_path, fetch, keep, text_digest
+
     work.mkdir(parents=True, exist_ok=True)
-    (work / "texts.json").write_text(json.dumps(texts))
     out = work / "reference.npz"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    key = cache.key("llm-reference", texts=text_digest(texts), max_tokens=max_tokens, chunk=chunk,
+                    adapter=digest_path(adapter) if adapter else None) if cache else None
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "packager.llm.reference", str(folder), str(work / "texts.json"),
-                           str(out), str(max_tokens), str(chunk), *([str(adapter)] if adapter else [])],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not out.exists():
-        tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-1:] or ["no message"]
-        raise ConversionError(f"the float reference (transformers) failed on {folder}: {tail[0][:300]}")
+    cached = bool(cache and fetch(cache.store, key, out))
+    if not cached:
+        (work / "texts.json").write_text(json.dumps(texts))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        proc = subprocess.run([sys.executable, "-m", "packager.llm.reference", str(folder), str(work / "texts.json"),
+                               str(out), str(max_tokens), str(chunk), *([str(adapter)] if adapter else [])],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0 or not out.exists():
+            tail = [line for line in (proc.stderr or "").splitlines() if line.strip()][-1:] or ["no message"]
+            raise ConversionError(f"the float reference (transformers) failed on {folder}: {tail[0][:300]}")
+        if cache:
+            keep(cache.store, key, out)
     z = np.load(out)
     ids, off = z["ids"], z["offsets"]
     chunks = tuple(ids[a:b] for a, b in zip(off[:-1], off[1:]))
     lora = {(int(k.split("/")[1]), k.split("/")[2], k.split("/")[3]): z[k] for k in z.files if k.startswith("lora/")}
-    return Reference(chunks, z["top1"], z["nll"], int(z["params"]), time.perf_counter() - t, lora)
+    return Reference(chunks, z["top1"], z["nll"], int(z["params"]), time.perf_counter() - t, lora, cached)
 
 
 def score(rt, ref: Reference) -> Quality:
     """`rt`: an edgeruntime.genai.GenAIRuntime of the candidate."""
     tops, nlls = [], []
     for c in ref.chunks:
-        logits = rt.logits([int(i) for i in c])[:-1].astype(np.float64)
+        # float32: the log-sum-exp is shifted by the row's max, so its error stays ~1e-6 nats; float64 over
+        # Gemma's 262k-token rows doubled the scoring time (40-60 s a candidate here)
+        logits = rt.logits([int(i) for i in c])[:-1].astype(np.float32, copy=False)
         m = logits.max(-1, keepdims=True)
         logz = (m[:, 0] + np.log(np.exp(logits - m).sum(-1)))
         nlls.append(logz - logits[np.arange(len(c) - 1), c[1:]])

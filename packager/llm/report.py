@@ -36,8 +36,8 @@ def table(report: dict) -> str:
     gate_text = ("OFF" if not gate.get("enabled", True) else
                  f"top-1 agreement >= {gate.get('min_agreement'):.0%}, perplexity ratio <= {gate.get('max_ppl_ratio')}")
     out.append(f"\nreference: {ref.get('parameters', 0) / 1e6:.1f} M parameters, perplexity {ref.get('perplexity')} on "
-               f"{ref.get('positions')} tokens of {v.get('source')}; gate: {gate_text}; build took "
-               f"{report['seconds']:.1f} s")
+               f"{ref.get('positions')} tokens of {v.get('source')}{' (from the build cache)' if ref.get('from_cache') else ''}; "
+               f"gate: {gate_text}; build took {report['seconds']:.1f} s")
     for t in report["targets"]:
         if not t["candidates"]:
             continue
