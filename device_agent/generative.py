@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from edgebundle.errors import InputError, VerificationError
+from edgebundle.generation import GenerationDefaults
 from edgeruntime.genai import GoldenCheck, Sampling, Token, check_golden
 
 
@@ -58,21 +59,6 @@ class QueueFull(RuntimeError):
 
 class GenerationClosed(RuntimeError):
     """The model was swapped out and is closing; the caller should take the current one."""
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """The bundle's generation defaults (manifest generation.defaults), used where a request is silent."""
-
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Defaults":
-        return cls(max_tokens=int(d.get("max_tokens", 128)), temperature=float(d.get("temperature", 0.0)),
-                   top_p=float(d.get("top_p", 1.0)), top_k=int(d.get("top_k") or 0))
 
 
 @dataclass(frozen=True)
@@ -297,7 +283,7 @@ class Generation:
 class GenerativeModel:
     """A loaded genai bundle's generation side (Model.generation). Thread-safe: requests queue here."""
 
-    def __init__(self, runtime, *, template: str | None, defaults: Defaults, context_length: int,
+    def __init__(self, runtime, *, template: str | None, defaults: GenerationDefaults, context_length: int,
                  kv_bytes_per_token: int, policy: GenerationPolicy = GenerationPolicy()):
         self.runtime, self.template, self.defaults, self.policy = runtime, template, defaults, policy
         self.context_length = int(context_length or runtime.context_length)
@@ -448,7 +434,7 @@ def load_generative(runtime, manifest, model_dir: Path, bundle_name: str, *, che
     bundle asks), else VerificationError, as a tensor bundle's golden outputs."""
     g = manifest.generation
     template = (Path(model_dir) / g["chat_template"]).read_text(encoding="utf-8") if g.get("chat_template") else None
-    model = GenerativeModel(runtime, template=template, defaults=Defaults.from_dict(g.get("defaults") or {}),
+    model = GenerativeModel(runtime, template=template, defaults=GenerationDefaults.from_dict(g.get("defaults") or {}),
                             context_length=int(g.get("context_length") or 0),
                             kv_bytes_per_token=int(g.get("kv_bytes_per_token") or 0))
     if check:
@@ -499,6 +485,6 @@ def verify_golden(runtime, generation: dict, bundle_name: str, *, pause: Callabl
     return res
 
 
-__all__ = ["Completion", "Defaults", "Generation", "GenerationClosed", "GenerationPolicy", "GenerativeModel", "Piece",
+__all__ = ["Completion", "Generation", "GenerationClosed", "GenerationPolicy", "GenerativeModel", "Piece",
            "QueueFull", "StopText", "Timing", "Usage", "adapted_generation", "check_messages", "check_stops", "check_text", "load_generative",
            "verify_golden"]

@@ -125,17 +125,15 @@ class GenerationRecord:
     kv_bytes: int = 0
 
 
-class GenerationCounters:
-    """Cumulative per-(model, version) generation counters for /metrics."""
+class _GenerationSums:
+    """What /metrics' counters and a telemetry window both sum over generations."""
 
-    __slots__ = ("outcomes", "prompt_tokens", "completion_tokens", "decode_tokens", "decode_s", "ttft_h", "last_tps")
+    __slots__ = ("outcomes", "prompt_tokens", "completion_tokens", "decode_tokens", "decode_s")
 
     def __init__(self):
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.prompt_tokens = self.completion_tokens = self.decode_tokens = 0
         self.decode_s = 0.0
-        self.ttft_h = PromHistogram()
-        self.last_tps: float | None = None  # decode tokens/s of the last generation with two tokens or more
 
     def add(self, r: GenerationRecord) -> None:
         self.outcomes[r.outcome] = self.outcomes.get(r.outcome, 0) + 1
@@ -143,30 +141,38 @@ class GenerationCounters:
         self.completion_tokens += r.completion_tokens
         self.decode_tokens += r.decode_tokens
         self.decode_s += r.decode_s
+
+
+class GenerationCounters(_GenerationSums):
+    """Cumulative per-(model, version) generation counters for /metrics."""
+
+    __slots__ = ("ttft_h", "last_tps")
+
+    def __init__(self):
+        super().__init__()
+        self.ttft_h = PromHistogram()
+        self.last_tps: float | None = None  # decode tokens/s of the last generation with two tokens or more
+
+    def add(self, r: GenerationRecord) -> None:
+        super().add(r)
         if r.ttft_s is not None:
             self.ttft_h.observe(r.ttft_s)
         if r.decode_tokens and r.decode_s > 0:
             self.last_tps = r.decode_tokens / r.decode_s
 
 
-class _GenWindow:
+class _GenWindow(_GenerationSums):
     """A telemetry window's generation figures (`inference.generation`)."""
 
-    __slots__ = ("outcomes", "prompt_tokens", "completion_tokens", "decode_tokens", "decode_s", "ttft", "queue_max",
-                 "kv_max")
+    __slots__ = ("ttft", "queue_max", "kv_max")
 
     def __init__(self):
-        self.outcomes = dict.fromkeys(OUTCOMES, 0)
-        self.prompt_tokens = self.completion_tokens = self.decode_tokens = self.queue_max = self.kv_max = 0
-        self.decode_s = 0.0
+        super().__init__()
+        self.queue_max = self.kv_max = 0
         self.ttft = LogHistogram()
 
     def add(self, r: GenerationRecord) -> None:
-        self.outcomes[r.outcome] = self.outcomes.get(r.outcome, 0) + 1
-        self.prompt_tokens += r.prompt_tokens
-        self.completion_tokens += r.completion_tokens
-        self.decode_tokens += r.decode_tokens
-        self.decode_s += r.decode_s
+        super().add(r)
         if r.ttft_s is not None:
             self.ttft.add(r.ttft_s * 1000)
         self.queue_max = max(self.queue_max, r.queue_depth)

@@ -115,6 +115,7 @@ def write_genai(ex, out_dir: Path, *, target: str = "x86-cpu", version: str = "1
                 signer=None) -> Path:
     """The bundle of an exported decoder (packager.llm.export.Exported): golden prompts from its own greedy
     tokens, manifest, signed write."""
+    from edgebundle.generation import GenerationDefaults
     from edgeruntime import LoadSpec, load_runtime
     from packager.llm import bundle
     from targets import load_profile
@@ -129,7 +130,7 @@ def write_genai(ex, out_dir: Path, *, target: str = "x86-cpu", version: str = "1
     finally:
         rt.close()
     c = bundle.Contents(name=name, version=version, profile=profile, exported=ex,
-                        defaults=bundle.Defaults(max_tokens=48, temperature=0.7, top_p=0.9),
+                        defaults=GenerationDefaults(max_tokens=48, temperature=0.7, top_p=0.9),
                         golden=tuple(golden), threads=profile.threads,
                         providers=tuple(p for p in profile.providers if p == "CUDAExecutionProvider"))
     return bundle.write(c, out_dir, signer=signer)

@@ -122,7 +122,7 @@ def test_cli_wiring_of_slots_and_adapters(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "not projections a slot can sit on" in r.output
     seen = {}
 
-    def fake_export_all(src, jobs, *, context_length=None, lora=None):
+    def fake_export_all(src, jobs, *, context_length=None, lora=None, cache=None):
         seen["lora"] = lora
         raise InputError("stop here")
 

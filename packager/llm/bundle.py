@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgebundle.archive import write_bundle
+from edgebundle.generation import GenerationDefaults
 from edgebundle.manifest import Manifest, TensorSpec
 from packager.llm.export import Exported
 from targets import TargetProfile
@@ -15,33 +16,19 @@ MODEL_FILE = "model.onnx"
 GOLDEN_AGREEMENT = 0.9  # share of golden positions a device must reproduce (near-ties may flip on other CPUs)
 
 
-@dataclass(frozen=True)
-class Defaults:
-    """Generation defaults from the source's generation_config.json (OpenAI's names)."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-
-    def to_dict(self) -> dict:
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k}
-
-
-def defaults_of(folder: Path) -> Defaults:
+def defaults_of(folder: Path) -> GenerationDefaults:
     """The source's generation_config.json as request defaults (greedy where it does not sample)."""
     import json
 
     try:
         g = json.loads((Path(folder) / "generation_config.json").read_text())
     except (OSError, ValueError):
-        return Defaults()
+        return GenerationDefaults()
     sample = bool(g.get("do_sample"))
-    return Defaults(max_tokens=int(g.get("max_new_tokens") or 256),
-                    temperature=float(g.get("temperature", 1.0)) if sample else 0.0,
-                    top_p=float(g.get("top_p", 1.0)) if sample else 1.0,
-                    top_k=int(g.get("top_k", 0) or 0) if sample else 0)
+    return GenerationDefaults(max_tokens=int(g.get("max_new_tokens") or 256),
+                              temperature=float(g.get("temperature", 1.0)) if sample else 0.0,
+                              top_p=float(g.get("top_p", 1.0)) if sample else 1.0,
+                              top_k=int(g.get("top_k", 0) or 0) if sample else 0)
 
 
 @dataclass(frozen=True)
@@ -60,7 +47,7 @@ class Contents:
     version: str
     profile: TargetProfile
     exported: Exported
-    defaults: Defaults
+    defaults: GenerationDefaults
     golden: tuple[Golden, ...]
     report: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
