@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # (tests/conftest.py hands out the longest first, converting and waiting modules in turn; xdist would
 # order them by test count). Two workers left the cores 24 % idle while agents and timers waited; a third
 # filled them: 16 min 17 s -> 14 min 2 s (docs/testing.md, runs 10 and 11); a fourth, with the small-LLM
-# tests' agents and children waiting too: 16 min 0 s -> 15 min 24 s (runs 18 and 19).
+# tests' agents and children waiting too: 16 min 0 s -> 15 min 24 s (runs 19 and 20).
 XDIST ?= -n 4 --dist loadfile --no-loadscope-reorder
 
 .PHONY: install corpus demo test test-fast test-times bench hostile clean
