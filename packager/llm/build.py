@@ -255,7 +255,7 @@ def choose(passing: list[Candidate]) -> tuple[Candidate, str]:
         return best, f"fastest passing: {best.speed.decode_tok_s:.1f} tok/s"
     others = ", ".join(c.recipe.label for c in tied if c is not best)
     if best is fastest:
-        return best, (f"fastest passing ({best.speed.decode_tok_s:.1f} tok/s) and the smallest of those within noise "
+        return best, (f"fastest passing ({best.speed.decode_tok_s:.1f} tok/s) and smaller than those within noise "
                       f"of it ({others})")
     return best, (f"tied on speed with {others} ({best.speed.decode_tok_s:.1f} vs {fastest.speed.decode_tok_s:.1f} "
                   f"tok/s: rounds overlap or within {TIE:.0%}): the smallest")
