@@ -141,8 +141,7 @@ def build(opts: LlmOptions, *, progress: Progress = lambda _m: None) -> LlmBuild
         work = Path(tmp)
         if todo:
             st = cache.store(opts.cache_dir, opts.cache)
-            folder = _source_folder(Path(opts.model), work, st, progress)
-            src = cache.Source.of(st, folder)
+            folder, src = _source_folder(Path(opts.model), work, st, progress)
             progress(f"float reference (transformers, fp32) on {len(texts)} held-out texts")
             ref = reference(folder, texts, work / "reference", cache=src)
             shared.update(reference={"parameters": ref.params, "positions": ref.positions,
@@ -343,23 +342,26 @@ def _docstrings() -> list[str]:
     return out
 
 
-def _source_folder(model: Path, work: Path, st: Store | None, progress: Progress) -> Path:
-    if model.is_file():  # a GGUF file: dequantized to a Hugging Face folder (packager/llm/gguf.py)
-        try:
-            from packager.llm.gguf import read_header, to_folder
-        except ImportError:
-            raise InputError("GGUF sources are not supported by this edgepack") from None
-        read_header(model)  # a file that is no GGUF is refused before it is hashed or looked up
-        key = st.key({"kind": "gguf-folder", "gguf": cache.digest_path(model)}) if st else None
-        if st and cache.fetch(st, key, work / "gguf"):
-            progress(f"{model.name} (GGUF): its float folder from the build cache")
-            return work / "gguf"
-        progress(f"reading {model.name} (GGUF) into a float folder")
-        folder = to_folder(model, work / "gguf").folder
-        cache.keep(st, key, folder)
-        return folder
-    return model
-
+def _source_folder(model: Path, work: Path, st: Store | None,
+                   progress: Progress) -> tuple[Path, cache.Source | None]:
+    """The causal-LM folder to build from, and what the build cache knows it by: a folder by its bytes, a
+    GGUF file's float folder by the GGUF's bytes (the folder is made from them alone: no second hash)."""
+    if not model.is_file():
+        return model, cache.Source.of(st, model)
+    try:  # a GGUF file: dequantized to a Hugging Face folder (packager/llm/gguf.py)
+        from packager.llm.gguf import read_header, to_folder
+    except ImportError:
+        raise InputError("GGUF sources are not supported by this edgepack") from None
+    read_header(model)  # a file that is no GGUF is refused before it is hashed or looked up
+    src = cache.Source(st, "gguf:" + cache.digest_path(model)) if st else None
+    key = src.key("gguf-folder") if src else None
+    if src and cache.fetch(st, key, work / "gguf"):
+        progress(f"{model.name} (GGUF): its float folder from the build cache")
+        return work / "gguf", src
+    progress(f"reading {model.name} (GGUF) into a float folder")
+    folder = to_folder(model, work / "gguf").folder
+    cache.keep(st, key, folder)
+    return folder, src
 
 
 def _failed(target: str, e: EdgepackError) -> LlmTarget:
