@@ -6,7 +6,6 @@ target then walks its candidates (packager/steps.py) and hands the one it keeps 
 calibration, the host timing worker) lives in a BuildCache."""
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from packager.profiles import load_profile
 from packager.results import BuildResult, Failed, TargetResult, Trial
 from packager.sources import ReferenceFailed, Source, attach_tokenizer, detect_kind, load_source, resolve_shapes
 from packager.steps import CandidateSearch
-from packager.store import ENV as CACHE_ENV, Store, digest_path, digest_samples
+from packager.store import digest_path, digest_samples, open_store
 from packager.timing import HostTimer
 from targets import TargetProfile
 
@@ -47,7 +46,7 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
         if any(p.is_cpu for p in profiles):  # CPU targets are timed on this host
             timer.start()
         progress(f"loading {opts.model}")
-        store = _store(opts)
+        store = open_store(opts.cache_dir, opts.cache)
         source = load_source(opts.model, workdir=work, store=store)
         if opts.tokenizer:
             attach_tokenizer(source, opts.tokenizer)
@@ -141,9 +140,6 @@ def _refuse_overwrite(opts: BuildOptions, name: str, profiles: list[TargetProfil
                          hint="build a new --version, into another --out-dir, or pass --overwrite to replace it")
 
 
-def _store(opts: BuildOptions) -> Store | None:
-    where = opts.cache_dir or os.environ.get(CACHE_ENV)
-    return Store(Path(where)) if opts.cache and where else None
 
 
 def _keyed(opts: BuildOptions, source: Source, calib: Dataset | None, valid: Dataset) -> dict:

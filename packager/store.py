@@ -41,6 +41,13 @@ def default_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgepack" / "builds"
 
 
+def open_store(cache_dir: Path | None, enabled: bool = True) -> "Store | None":
+    """The store `cache_dir` (else $EDGEPACK_CACHE_DIR) names; None when switched off or unnamed (the
+    library caches only where a folder is named; the CLI names default_dir())."""
+    where = cache_dir or os.environ.get(ENV)
+    return Store(Path(where)) if enabled and where else None
+
+
 @lru_cache(maxsize=1)
 def tool_versions() -> tuple[tuple[str, str | None], ...]:
     def version(name: str) -> str | None:

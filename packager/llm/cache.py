@@ -11,13 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from packager.store import ENV, Store, digest_path
-
-
-def store(cache_dir: Path | None, enabled: bool = True) -> Store | None:
-    """The store `cache_dir` (else $EDGEPACK_CACHE_DIR) names; None when switched off or unnamed."""
-    where = cache_dir or os.environ.get(ENV)
-    return Store(Path(where)) if enabled and where else None
+from packager.store import Store, digest_path, open_store as store  # noqa: F401  (store: re-exported)
 
 
 def fetch(st: Store | None, key: str, out: Path) -> bool:
