@@ -93,14 +93,14 @@ class _Probe:
     def bundle(self, model: Path, precision: str, dest: Path, *, outputs=None, specs=None) -> Path:
         """A bundle that only a profile job will ever load: the model file, golden outputs, runtime settings."""
         inputs, p = self.inputs, self.target_profile
-        samples = inputs.valid.samples[:contents.GOLDEN_COUNT]
         if outputs is None or not specs or not specs[0]:
             rt = self.backend.host_runtime(model, p)
             try:
-                specs = contents.tensor_specs(rt, inputs.source, described=None, sample=samples[0])
-                outputs = [rt.infer(s) for s in samples]
+                specs = contents.tensor_specs(rt, inputs.source, described=None, sample=inputs.valid.samples[0])
+                outputs = [rt.infer(s) for s in inputs.fed(specs[0])[:contents.GOLDEN_COUNT]]
             finally:
                 rt.close()
+        samples = inputs.fed(specs[0])[:contents.GOLDEN_COUNT]  # what the outputs came from
         gpath = dest.with_suffix(".golden.npz")
         golden = contents.write_golden(gpath, samples, outputs, precision=precision)
         name = f"model{model.suffix}"

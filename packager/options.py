@@ -93,3 +93,12 @@ class BuildInputs:
     progress: Progress
     signer: Callable[[bytes], bytes] | None
     data_warnings: tuple[str, ...] = ()  # what the data checks found (data.check_outputs), in every target's report
+    # The validation texts at their own lengths, where padding does not change the source's outputs
+    # (build.py checks): the reference is computed on them, and so is a candidate that takes any length.
+    trimmed: tuple[dict, ...] | None = None
+
+    def fed(self, specs_in) -> list[dict]:
+        """The validation samples a converted model with these input specs is run on: each text at its own
+        length where the model takes any length (as the device runs it), else as loaded (padded)."""
+        any_length = bool(specs_in) and all(len(t.shape_signature) == 2 and t.shape_signature[1] < 0 for t in specs_in)
+        return list(self.trimmed) if self.trimmed and any_length else self.valid.samples

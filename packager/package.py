@@ -28,7 +28,7 @@ def package(chosen: Chosen, inputs: BuildInputs, seq: Plan = Plan()) -> TargetRe
     golden = None
     if trial.outputs:
         gpath = chosen.work / "golden.npz"
-        golden = contents.write_golden(gpath, inputs.valid.samples, trial.outputs, precision=precision.value,
+        golden = contents.write_golden(gpath, inputs.fed(trial.specs[0]), trial.outputs, precision=precision.value,
                                        buckets=seq.buckets)
         files["golden.npz"] = gpath
     text = inputs.source.text

@@ -131,7 +131,7 @@ def plan(search, chosen: Chosen, inputs: BuildInputs) -> Plan:
     if asked is not None and any(b >= top for b in asked):
         notes.append(f"length buckets {sorted(b for b in asked if b >= top)} left out: not below max_length {top}")
     for length in choose_buckets(lengths, top) if asked is None else sorted({b for b in asked if b < top}):
-        inputs.progress(f"[{profile.name}] {chosen.trial.candidate.label} at length {length}: converting")
+        inputs.progress(f"[{profile.name}] {chosen.trial.candidate.label}: length bucket {length}")
         try:
             buckets.append(_bucket(search, chosen, inputs, length=length, fits=np.flatnonzero(valid_lengths <= length)))
         except EdgepackError as e:
@@ -149,12 +149,17 @@ def _bucket(search, chosen: Chosen, inputs: BuildInputs, *, length: int, fits: n
     ctx = replace(search.context(chosen.trial.candidate, work), source=at_length(inputs.source, length),
                   cache=inputs.cache.at_length(length), sample=valid[0],
                   calibration=cut_dataset(inputs.calib, length) if chosen.calibrated else None)
-    art = search.convert_stored(ctx)
-    rt = search.backend.host_runtime(art.path, chosen.profile)
-    try:
-        outs = [rt.infer(s) for s in valid]
-    finally:
-        rt.close()
+    art = search.convert_shared(ctx)  # arm-cpu and rpi5: one conversion, one validation
+
+    def run() -> list[dict]:
+        rt = search.backend.host_runtime(art.path, chosen.profile)
+        try:
+            return [rt.infer(s) for s in valid]
+        finally:
+            rt.close()
+
+    outs = search.outputs_once(ctx.cache, art.path, run,
+                               f"{chosen.trial.candidate.label} at length {length}: validating on {len(valid)} texts")
     names = [o.name for o in chosen.trial.specs[1]]
     labels = inputs.valid.labels[fits] if inputs.valid.labels is not None else None
     acc = accuracy([inputs.reference[i] for i in fits], outs, names, labels)
@@ -174,6 +179,17 @@ def at_length(source: Source, length: int) -> Source:
     src = copy.copy(source)
     src.inputs = [InputSpec(s.name, s.signature, s.dtype, tuple(s.shape[:-1]) + (length,)) for s in source.inputs]
     return src
+
+
+def own_lengths(source: Source, data: Dataset) -> list[dict] | None:
+    """Each text sample cut to its own token length (its padding dropped), for a text model whose inputs
+    all take any length and that reads an attention mask; None for any other model or random data."""
+    text = source.text
+    if text is None or data.random or not any(r is Role.MASK for _, r in text.settings.inputs):
+        return None
+    if not source.inputs or not all(len(s.signature) == 2 and s.signature[1] is None for s in source.inputs):
+        return None
+    return [cut(s, max(int(n), 1)) for s, n in zip(data.samples, token_lengths(data.samples, text.settings))]
 
 
 def cut(sample: dict, length: int) -> dict:

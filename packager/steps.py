@@ -177,16 +177,20 @@ class CandidateSearch:
         return replace(trial, seconds=time.perf_counter() - t0)
 
     def _convert(self, cand: Candidate) -> Artifact:
-        """Convert, or reuse what another target of this build converted to the same file."""
-        ctx = self.context(cand, self.work / f"{self._n}-{cand.label}")
+        return self.convert_shared(self.context(cand, self.work / f"{self._n}-{cand.label}"))
+
+    def convert_shared(self, ctx: ConvertContext) -> Artifact:
+        """Convert, or reuse what another target of this build converted to the same file (ctx.cache: the
+        source's, or one length bucket's)."""
+        cand = ctx.candidate
         key = ArtifactKey(self.profile.format, cand.precision.value, cand.keep_float, self.backend.variant(ctx))
-        cached = self.inputs.cache.artifacts.get(key)
+        cached = ctx.cache.artifacts.get(key)
         if cached is None:
             try:
                 cached = self.convert_stored(ctx)
             except ConversionError as e:
                 cached = e
-            self.inputs.cache.artifacts[key] = cached
+            ctx.cache.artifacts[key] = cached
         if isinstance(cached, ConversionError):
             raise cached
         return cached
@@ -252,14 +256,10 @@ class CandidateSearch:
         trial = replace(trial, specs=specs, findings=findings)
         if rt is None:  # Flex ops: no runtime here can run it, so it cannot be judged
             return replace(trial, verdict=Verdict.PASSED, why="NOT VALIDATED: no runtime on this host has the Flex delegate")
-        # arm-cpu and rpi5 often validate one shared file in the same host runtime: it runs once
-        seen = inputs.cache.outputs
-        key = (art.path, type(self.backend).__name__, self.profile.threads, self.profile.providers, self.profile.delegates)
         try:
-            if key not in seen:
-                self.say(f"{trial.candidate.label}: validating on {len(inputs.valid)} samples")
-                seen[key] = [rt.infer(s) for s in inputs.valid.samples]
-            outputs = tuple(seen[key])
+            fed = inputs.fed(specs[0])
+            outputs = tuple(self.outputs_once(inputs.cache, art.path, lambda: [rt.infer(s) for s in fed],
+                                              f"{trial.candidate.label}: validating on {len(inputs.valid)} samples"))
         finally:
             rt.close()
         names = [o.name for o in specs[1]]
@@ -270,6 +270,16 @@ class CandidateSearch:
         why = judge(acc, self.opts.gate)
         trial = replace(trial, outputs=outputs, accuracy=acc)
         return replace(trial, verdict=Verdict.ACCURACY, why="; ".join(why)) if why else trial
+
+    def outputs_once(self, cache, path: Path, run, note: str) -> list[dict]:
+        """run(): the validation outputs of the model at `path`, once per build: arm-cpu and rpi5 often
+        validate one shared file in the same host runtime (cache: the source's or a length bucket's)."""
+        p = self.profile
+        key = (path, type(self.backend).__name__, p.threads, p.providers, p.delegates)
+        if key not in cache.outputs:
+            self.say(note)
+            cache.outputs[key] = run()
+        return cache.outputs[key]
 
     def _measure(self, trial: Trial) -> Trial:
         """Speed gate: CPU targets, candidates below fp32, --quantize auto. Returns `trial` timed and judged."""

@@ -68,12 +68,13 @@ def minilm(tmp_path_factory):
             "want": torch_sentence_embeddings(folder, held_out, max_length=256)}
 
 
-def _build(model, minilm, out, targets=TARGETS, **kw):
+def _build(model, minilm, out, targets=TARGETS, said=None, **kw):
     from packager.build import BuildOptions, build
 
     d = minilm["dir"]
     res = build(BuildOptions(model=model, targets=targets, out_dir=d / out, name="minilm",
-                             calibration=str(d / "calib.txt"), validation=str(d / "valid.txt"), speed_gate=False, **kw))
+                             calibration=str(d / "calib.txt"), validation=str(d / "valid.txt"), speed_gate=False, **kw),
+                progress=(said if said is not None else []).append)
     assert res.ok, [r.error for r in res.results]
     return {r.target: r for r in res.results}
 
@@ -120,7 +121,11 @@ def test_minilm_folder_builds_for_every_target(minilm):
     # One length bucket (32: 83 % of these texts) beside max_length 256, not the three the data would
     # choose: a bucket is a minute of conversion, and choosing them is test_text_buckets'. x86-cpu is
     # the next test's: the same torch graph through the same ONNX Runtime ladder (docs/testing.md).
-    _check_all(_build(minilm["folder"], minilm, "folder", targets=FOLDER_TARGETS, length_buckets=(32,)), minilm)
+    said = []
+    _check_all(_build(minilm["folder"], minilm, "folder", targets=FOLDER_TARGETS, said=said, length_buckets=(32,)), minilm)
+    # arm-cpu and rpi5 share their model files: each length converted and validated once, for both
+    assert sum(m.endswith("dynamic: converting") for m in said) == 2, said
+    assert sum("at length 32: validating" in m for m in said) == 1, said
 
 
 def test_users_own_onnx_export_takes_its_tokenizer(minilm):

@@ -341,3 +341,70 @@ def test_agent_answers_each_text_from_its_bucket_over_kserve(built, tmp_path):
         np.testing.assert_allclose(got, ref["sentence_embedding"], atol=1e-5)
     finally:
         a.stop()
+
+
+# ---- fast: the reference and any-length targets run each text at its own length ----
+
+def _pooling_onnx(path: Path, kind: str) -> Path:
+    """A tiny text encoder over [batch, sequence] ids and mask: "masked" mean-pools the real tokens (padding
+    changes nothing), "unmasked" pools every position, "tokens" returns a vector per position."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.random.default_rng(0).standard_normal((50, 4)).astype(np.float32), "table")
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["e"]),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["m", "last"], ["m3"])]
+    if kind == "masked":
+        nodes += [helper.make_node("Mul", ["e", "m3"], ["em"]),
+                  helper.make_node("ReduceSum", ["em", "one"], ["s"], keepdims=0),
+                  helper.make_node("ReduceSum", ["m3", "one"], ["n"], keepdims=0),
+                  helper.make_node("Div", ["s", "n"], ["y"])]
+    elif kind == "unmasked":
+        nodes += [helper.make_node("Mul", ["m3", "zero"], ["z"]), helper.make_node("Add", ["e", "z"], ["ez"]),
+                  helper.make_node("ReduceMean", ["ez"], ["y"], axes=[1], keepdims=0)]
+    else:
+        nodes += [helper.make_node("Mul", ["e", "m3"], ["y"])]
+    seq = ["batch", "sequence"]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, seq),
+                     helper.make_tensor_value_info("attention_mask", TensorProto.INT64, seq)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 4] if kind == "tokens" else ["batch", 4])],
+        [table, numpy_helper.from_array(np.array([-1], np.int64), "last"),
+         numpy_helper.from_array(np.array([1], np.int64), "one"), numpy_helper.from_array(np.float32(0), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("kind,trimmed", [("masked", True), ("unmasked", False), ("tokens", False)])
+def test_texts_run_unpadded_only_where_padding_changes_nothing(tmp_path, kind, trimmed):
+    from packager.build import _reference
+    from packager.data import Dataset
+    from packager.options import BuildInputs
+    from packager.sources import SourceKind, TextInfo, load_source
+
+    src = load_source(_pooling_onnx(tmp_path / f"{kind}.onnx", kind), workdir=tmp_path)
+    assert src.kind is SourceKind.ONNX
+    src.text = TextInfo(tokenizer=tmp_path / "tokenizer.json", settings=replace(SETTINGS, max_length=16))
+    lengths = (3, 9, 16, 5)
+    samples = [{"input_ids": np.pad(np.arange(2, 2 + n)[None], ((0, 0), (0, 16 - n))),
+                "attention_mask": (np.arange(16) < n).astype(np.int64)[None]} for n in lengths]
+    refs, cut = _reference(src, Dataset(samples))
+    assert (cut is not None) == trimmed
+    padded = [src.reference(s) for s in samples]
+    for got, want in zip(refs, padded):  # the reference is the source's answer on each text either way
+        if kind != "tokens":
+            np.testing.assert_allclose(got["y"], want["y"], rtol=1e-6, atol=1e-6)
+    if not trimmed:
+        return
+    assert [s["input_ids"].shape for s in cut] == [(1, n) for n in lengths]
+    assert all(s["attention_mask"].all() for s in cut)
+    # a converted model that takes any length is validated on the texts as they are; a fixed-length one padded
+    from edgebundle.manifest import TensorSpec
+
+    inputs = BuildInputs(opts=None, name="t", source=src, calib=None, valid=Dataset(samples), reference=refs,
+                         cache=None, progress=print, signer=None, trimmed=tuple(cut))
+    spec = lambda sig: tuple(TensorSpec(n, (1, 16), "int64", shape_signature=sig) for n in ("input_ids", "attention_mask"))  # noqa: E731
+    assert inputs.fed(spec((-1, -1))) == list(cut) and inputs.fed(spec((1, 16))) is samples
