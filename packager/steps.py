@@ -83,7 +83,7 @@ class CandidateSearch:
         if trial.accuracy is None:
             return Timing.untimed("no runtime on this host can run this model")
         if self.profile.is_cpu and self.opts.speed_gate:
-            return self.latency(trial.artifact, baseline=True)
+            return self.latency(trial.artifact, baseline=True, sample=self.inputs.fed(trial.specs[0])[0])
         if self.profile.is_cpu:
             return Timing.untimed(NOT_TIMED)
         return Timing.untimed(self.backend.not_timed(self.profile))
@@ -294,7 +294,7 @@ class CandidateSearch:
         # ('faster' only matters to one no smaller, and to --search thorough, which ranks the medians.)
         only_slower = (self.auto and self.opts.search is Search.FIRST and self.opts.profile_on is None
                        and trial.size_bytes < fp32_size)
-        host = self.latency(trial.artifact, label=trial.candidate.label,
+        host = self.latency(trial.artifact, label=trial.candidate.label, sample=self.inputs.fed(trial.specs[0])[0],
                             question="slower" if only_slower else "verdict")
         trial = replace(trial, latency=host)
         r = host.ratio
@@ -314,8 +314,10 @@ class CandidateSearch:
                                                                f"and not faster ({r.median:.2f}x)")
         return replace(trial, verdict=Verdict.PASSED)
 
-    def latency(self, art: Artifact, *, baseline: bool = False, label: str = "", question: str = "verdict") -> Timing:
-        """The candidate against fp32, interleaved in the clean timing worker (or, for the fp32
+    def latency(self, art: Artifact, *, sample: dict, baseline: bool = False, label: str = "",
+                question: str = "verdict") -> Timing:
+        """The candidate against fp32 on `sample` (the first validation sample as the model takes it: a text
+        at its own length where it takes any), interleaved in the clean timing worker (or, for the fp32
         model itself, its own latency)."""
         base = self.backend.host_spec(self.fp32(Candidate(Precision.FP32)), self.profile)
         known = self.inputs.cache.fp32_latency.get(base)
@@ -326,7 +328,7 @@ class CandidateSearch:
         if key not in self.inputs.cache.comparisons:  # another target with the same file and settings timed it
             self.say("timing in a clean process" + ("" if baseline else " against fp32"))
             self.inputs.cache.comparisons[key] = self.inputs.cache.timer.compare(
-                base, cand, self.inputs.valid.samples[0], budget_s=self.opts.bench_seconds,
+                base, cand, sample, budget_s=self.opts.bench_seconds,
                 max_rounds=self.opts.bench_runs, question=question)
         res = self.inputs.cache.comparisons[key].for_profile(self.profile.threads)
         if not baseline:  # the fp32 side of an interleaved comparison is fp32's own latency, same worker
