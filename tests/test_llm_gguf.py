@@ -174,6 +174,15 @@ def test_fast_reader_parses_as_gguf_py_does(tmp_path):
             assert all(np.array_equal(a.parts[i], b.parts[i]) for i in a.data) and a.contents() == b.contents(), key
         assert [(t.name, t.data_offset) for t in want.tensors] == [(t.name, t.data_offset) for t in got.tensors]
         assert all(np.array_equal(x.data, y.data) for x, y in zip(want.tensors, got.tensors))
+        if importlib.util.find_spec("transformers") is not None:  # the child's element parser: transformers' values
+            from transformers.integrations.ggml import _gguf_parse_value
+
+            from packager.llm.gguf import parse_value
+
+            for key, f in got.fields.items():
+                want_v = [_gguf_parse_value(f.parts[i], f.types) for i in f.data]
+                got_v = [parse_value(f.parts[i], f.types) for i in f.data]
+                assert got_v == want_v and [type(v) for v in got_v] == [type(v) for v in want_v], key
 
 
 @pytest.mark.parametrize("cut", ["data", "tensor-table", "vocabulary"])

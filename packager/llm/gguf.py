@@ -350,12 +350,43 @@ def _dequantized() -> dict:
 def _read_once() -> None:
     """transformers parses the file with gguf's GGUFReader for the config, the tokenizer and the weights:
     parse it once (the reader is read-only, a memory map, so sharing it is safe), with its arrays read
-    straight from the buffer (fast_reader)."""
+    straight from the buffer (fast_reader). It then turns every metadata value into Python, element by
+    element, once for each of the three: the config's and the tokenizer's (the same call) are made once,
+    and array elements take a direct path (Gemma 3 270M: 3 x 2.6 s -> 2 x 0.5 s)."""
+    import copy
     import functools
 
     import gguf
+    import transformers.modeling_gguf_pytorch_utils as hf_gguf
 
     gguf.GGUFReader = functools.lru_cache(maxsize=1)(fast_reader())
+    load = hf_gguf.load_gguf_checkpoint
+    metadata = functools.lru_cache(maxsize=2)(lambda path: load(path, return_tensors=False))
+
+    def load_once(path, return_tensors=False, **kw):
+        if return_tensors or kw:
+            return load(path, return_tensors=return_tensors, **kw)
+        return copy.deepcopy(metadata(str(path)))  # callers pop from what they get
+
+    hf_gguf._gguf_parse_value, hf_gguf.load_gguf_checkpoint = parse_value, load_once
+
+
+_INTS, _FLOATS = frozenset((0, 1, 2, 3, 4, 5, 10, 11)), frozenset((6, 12))  # gguf's value type codes
+
+
+def parse_value(value, types):
+    """transformers' _gguf_parse_value, with a direct path for array elements (strings, ints, floats)."""
+    if type(types) is list and len(types) == 2 and types[0] == 9:
+        t = types[1]
+        if t == 8:
+            return value.tobytes().decode()
+        if t in _INTS:
+            return int(value[0])
+        if t in _FLOATS:
+            return float(value[0])
+    from transformers.integrations.ggml import _gguf_parse_value
+
+    return _gguf_parse_value(value, types)
 
 
 def fast_reader():
