@@ -217,13 +217,14 @@ def compare(a: Callable[[], object], b: Callable[[], object], *, budget_s: float
             # Half-width of the median's ~95 % interval (the box plot's notch).
             notch = 1.58 * (q3 - q1) / np.sqrt(len(ratios))
             lo, hi = q1_interval(ratios)
-            # A stable median is not enough while a 'slower' verdict is unsure: more rounds settle it.
-            stable = notch <= STABLE * med and not (q1 > 1 + NOISE_FLOOR >= lo)
+            bound = slower_bound()
+            # A stable median is not enough while a 'slower' verdict is unsure (its interval not yet above
+            # the bound, which a crowded host raises): more rounds settle it.
+            stable = notch <= STABLE * med and not (q1 > 1 + NOISE_FLOOR and lo <= bound)
             # Far from a tie, and the verdict already says so: a median far above 1 over bimodal rounds
             # (lower quartile still near 1) reads 'within noise', so such rounds go on to the budget,
             # as do spread rounds where a claim of faster may still resolve.
             now = Ratio(float(med), float(q1), float(q3), lo).verdict
-            bound = slower_bound()
             decided = (med - notch > 1 + 2 * NOISE_FLOOR and now is Speed.SLOWER and lo > bound) or (
                 med + notch < 1 - 2 * NOISE_FLOOR and now is Speed.FASTER)
             if not (stable or decided):

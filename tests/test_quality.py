@@ -365,7 +365,8 @@ def test_ratio_too_spread_to_mean_anything_is_reported_unresolved():
 def test_a_crowded_hosts_bound_keeps_the_rounds_going():
     """On a crowded host "slower" must clear BUSY_FACTOR: 13 spread rounds settled at the quiet bound then read
     a tie (the speed-gate test shipped int16x8 at 9x fp32). With a bound above what the rounds show, they go
-    on to the budget instead of stopping."""
+    on to the budget instead of stopping, whether the rounds spread or agree (blocks of an even number of
+    calls here: every round the same, a settled median, which stopped them at 13 rounds too)."""
     import itertools
 
     from edgeruntime.timing import compare as ab
@@ -379,3 +380,5 @@ def test_a_crowded_hosts_bound_keeps_the_rounds_going():
     high = ab(lambda: time.sleep(0.001), spread(), budget_s=0.6, slower_bound=lambda: 9.0)
     assert high.seconds >= 0.6 and high.rounds > quiet.rounds, (quiet, high)
     assert high.ratio.verdict == "slower"  # the verdict itself is the quiet rule's; crowded_verdict raises it
+    steady = ab(lambda: time.sleep(0.001), lambda: time.sleep(0.004), budget_s=0.6, slower_bound=lambda: 9.0)
+    assert steady.seconds >= 0.6 and steady.rounds > 13, steady  # a settled median below the bound goes on too
