@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 from edgebundle.errors import InputError, VerificationError
 from edgebundle.generation import GenerationDefaults
 from edgeruntime.genai import GoldenCheck, Sampling, Token, check_golden
+from edgeruntime.text import check_text
 
 
 class Phase(str, Enum):
@@ -108,18 +109,6 @@ class Completion:
     finish_reason: str  # "stop" (end of text or a stop sequence), "length" (max_tokens) or "cancelled"
     usage: Usage
     timing: Timing
-
-
-def check_text(text: str, where: str) -> str:
-    """Text a tokenizer can take: a string that is valid Unicode (JSON can carry lone surrogates)."""
-    if not isinstance(text, str):
-        raise InputError(f"{where} must be a string, not {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InputError(f"{where} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
-                         f"{e.start}") from None
-    return text
 
 
 def check_messages(messages) -> list[dict]:

@@ -135,7 +135,24 @@ class TextEncoder:
     def _encode(self, texts: list[str]):
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise InputError("text inputs must be a list of strings")
-        return self._tok.encode_batch(list(texts))
+        for i, t in enumerate(texts):
+            check_text(t, f"text {i}")
+        try:
+            return self._tok.encode_batch(list(texts))
+        except Exception as e:  # whatever else the tokenizer library refuses is the request's fault too
+            raise InputError(f"the tokenizer refuses these texts: {str(e).splitlines()[0][:200]}") from None
+
+
+def check_text(text: str, where: str) -> str:
+    """Text a tokenizer can take: a string that is valid Unicode (JSON can carry lone surrogates)."""
+    if not isinstance(text, str):
+        raise InputError(f"{where} must be a string, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where} is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start}") from None
+    return text
 
 
 def text_settings(tokenizer_json, inputs: list[str], *, max_length: int, special_tokens: dict,

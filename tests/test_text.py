@@ -77,3 +77,14 @@ def test_bad_settings_and_bad_input_are_clear_errors(tok_path):
 def test_settings_round_trip(tok_path):
     s = TextSettings(max_length=32, inputs=INPUTS, buckets=(16, 32), lowercase=True, special_tokens={"cls": "[CLS]"})
     assert TextSettings.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_text_the_tokenizer_cannot_take_is_the_requests_error(tok_path):
+    """JSON carries lone surrogates; the tokenizer library raises a bare TypeError on them. Both are InputError
+    (a 400 over HTTP), naming the text and the character."""
+    enc = TextEncoder.from_file(tok_path, TextSettings(max_length=16, inputs=INPUTS))
+    for texts, where in ((["fine", "\udcff x"], "text 1"), (["ok\ud800"], "text 0")):
+        with pytest.raises(InputError) as e:
+            enc.encode(texts)
+        assert where in str(e.value) and "lone surrogate" in str(e.value), e.value
+    assert enc.encode(["a\x00b is fine"]).lengths[0] > 2  # a NUL is text the tokenizer takes

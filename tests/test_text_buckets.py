@@ -339,6 +339,13 @@ def test_agent_answers_each_text_from_its_bucket_over_kserve(built, tmp_path):
         assert out["text_length"]["data"] == [32, 48] and out["text_length"]["datatype"] == "INT64"
         got = np.asarray(out["sentence_embedding"]["data"], np.float32).reshape(out["sentence_embedding"]["shape"])
         np.testing.assert_allclose(got, ref["sentence_embedding"], atol=1e-5)
+        # a lone surrogate (JSON can carry one) is the request's fault: a 400 naming it, and the agent serves on
+        bad = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["\udcff x"]}]}
+        req = urllib.request.Request(a.base + "/v2/models/enc/infer", data=json.dumps(bad).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 400 and "lone surrogate" in err.value.read().decode()
+        assert a._get("/v2/health/ready") == 200
     finally:
         a.stop()
 
