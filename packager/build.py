@@ -15,6 +15,7 @@ import numpy as np
 
 from edgebundle.errors import CalibrationError, EdgepackError, InputError
 from edgebundle.manifest import parse_version
+from edgeruntime.text import Role, TextSettings
 from packager.cache import BuildCache
 from packager.data import (RANDOM, Dataset, align_texts, check_outputs, data_info, is_images, random_dataset,
                            read_arrays, require_float_inputs, to_dataset)
@@ -24,8 +25,9 @@ from packager import sequence
 from packager.package import package
 from packager.profiles import load_profile
 from packager.results import BuildResult, Failed, TargetResult, Trial
-from packager.sources import ReferenceFailed, Source, attach_tokenizer, detect_kind, load_source, resolve_shapes
-from packager.steps import CandidateSearch
+from packager.sources import (InputSpec, ReferenceFailed, Source, SourceKind, TextInfo, attach_tokenizer, detect_kind,
+                              load_source, resolve_shapes)
+from packager.steps import CandidateSearch, fail_on
 from packager.store import digest_path, digest_samples, open_store
 from packager.timing import HostTimer
 from targets import TargetProfile
@@ -43,6 +45,8 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
     signer = _signer(opts.sign_key)
     name = opts.name or _default_name(opts.model)
     _refuse_overwrite(opts, name, profiles)
+    if kind is SourceKind.HF:
+        _refuse_text_up_front(Path(opts.model), profiles)
     with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp, HostTimer(Path(tmp) / "timing") as timer:
         work = Path(tmp)
         if any(p.is_cpu for p in profiles):  # CPU targets are timed on this host
@@ -76,6 +80,26 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
                 "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in source.inputs]}
         return BuildResult(model=str(opts.model), source_format=source.format_name, results=results,
                            seconds=time.perf_counter() - t0, shared=info, name=name, version=opts.version)
+
+
+def _refuse_text_up_front(folder: Path, profiles: list[TargetProfile]) -> None:
+    """A Hugging Face folder is a text model (token-id inputs) before it is exported (minutes for a
+    base-size encoder): when every target refuses text models (coral), say so now. With a target that
+    builds, the refusal comes with the plan, after the export the others need anyway."""
+    from packager.hf_export import read_folder
+
+    f = read_folder(folder)
+    src = Source(path=folder, kind=SourceKind.HF, inputs=[InputSpec("input_ids", (None, None), "int64", (1, f.max_length))],
+                 text=TextInfo(tokenizer=folder / "tokenizer.json",
+                               settings=TextSettings(max_length=f.max_length, inputs=(("input_ids", Role.IDS),))))
+    refused = []
+    for p in profiles:
+        try:
+            fail_on(backend_for(p).lint_source(src, p), p)
+        except EdgepackError as e:
+            refused.append(e)
+    if refused and len(refused) == len(profiles):
+        raise refused[0]
 
 
 def _plan(searches: list[CandidateSearch], progress: Progress) -> dict[CandidateSearch, EdgepackError]:

@@ -88,3 +88,22 @@ def test_text_the_tokenizer_cannot_take_is_the_requests_error(tok_path):
             enc.encode(texts)
         assert where in str(e.value) and "lone surrogate" in str(e.value), e.value
     assert enc.encode(["a\x00b is fine"]).lengths[0] > 2  # a NUL is text the tokenizer takes
+
+
+def test_coral_refuses_a_hugging_face_folder_before_exporting_it(tok_path, tmp_path):
+    """Every target refuses the text model: the build says so before the export (minutes for a base-size
+    encoder). The weights file here is empty: an export would fail on it with another error."""
+    from edgebundle.errors import UnsupportedOpError
+    from edgepack.cli import exit_code
+    from packager.build import BuildOptions, build
+
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"],
+                                                    "max_position_embeddings": 64}))
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer.json").write_text(tok_path.read_text())
+    with pytest.raises(UnsupportedOpError) as e:
+        build(BuildOptions(model=folder, targets=("coral",), out_dir=tmp_path / "out"))
+    assert "coral cannot run this text model" in str(e.value) and exit_code(e.value) == 3
+    assert not (tmp_path / "out").exists()
