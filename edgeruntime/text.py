@@ -135,11 +135,11 @@ class TextEncoder:
     def _encode(self, texts: list[str]):
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise InputError("text inputs must be a list of strings")
-        for i, t in enumerate(texts):
-            check_text(t, f"text {i}")
         try:
             return self._tok.encode_batch(list(texts))
-        except Exception as e:  # whatever else the tokenizer library refuses is the request's fault too
+        except Exception as e:  # a lone surrogate (named below), or whatever else the library refuses: the request's fault
+            for i, t in enumerate(texts):
+                check_text(t, f"text {i}")
             raise InputError(f"the tokenizer refuses these texts: {str(e).splitlines()[0][:200]}") from None
 
 
