@@ -36,7 +36,7 @@ def test_causal_lm_sources_are_told_from_their_config_or_suffix(tmp_path):
 
 def test_each_target_gets_its_ladder_and_coral_is_refused_with_the_reason():
     cpu = [r.label for r in recipes(load_profile("arm-cpu"), "auto")]
-    assert cpu == ["int4-b32-a4", "int4-b128-a4", "int8-b32-a4", "fp32"]
+    assert cpu == ["int4-b32-a4", "int4-b128-a4", "int8-b32-a4", "int8-b128-a4", "fp32"]
     assert [r.label for r in recipes(load_profile("x86-cpu"), "int4")] == ["int4-b32-a4", "int4-b128-a4"]
     assert {r.ep for r in recipes(load_profile("jetson-gpu"), "auto")} == {"cuda"}
     assert "Edge TPU" in refusal(load_profile("coral")) and refusal(load_profile("rpi5")) is None
@@ -97,7 +97,7 @@ def test_auto_builds_each_cpu_target_and_refuses_coral(tiny_llm, tmp_path):
         t = by[name]
         assert t["ok"], t
         labels = [c["candidate"] for c in t["candidates"]]
-        assert labels == ["int4-b32-a4", "int4-b128-a4", "int8-b32-a4", "fp32"]
+        assert labels == ["int4-b32-a4", "int4-b128-a4", "int8-b32-a4", "int8-b128-a4", "fp32"]
         chosen = next(c for c in t["candidates"] if c["verdict"] == "chosen")
         q = chosen["quality"]
         assert q["agreement"] >= gate["min_agreement"] and q["ppl_ratio"] <= gate["max_ppl_ratio"]

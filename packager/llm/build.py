@@ -113,12 +113,16 @@ def refusal(profile: TargetProfile) -> str | None:
 
 
 def recipes(profile: TargetProfile, precision: str) -> list[Recipe]:
-    """The candidates a target tries: block-wise int4 at two block sizes, int8 and the float model. fp16 on a
+    """The candidates a target tries: block-wise int4 and int8, each at two block sizes, and the float model.
+    The block size is a speed choice as much as an accuracy one: decoding reads every weight once per token,
+    and int8 block 128 reads 3 % fewer bytes (fp32 scales) in a faster kernel than block 32 (Gemma 3 270M on 2
+    x86 threads: 37.9 vs 30.4 tok/s, agreement 94.0 vs 96.4 %): which passes and wins is measured. fp16 on a
     CPU is left out: ONNX Runtime's CPU kernels compute it in fp32 after a cast (a size choice, not speed)."""
     if CUDA in profile.providers:
         ladder = [Recipe("int4", 32, ep="cuda"), Recipe("fp16", ep="cuda")]
     else:
-        ladder = [Recipe("int4", 32, 4), Recipe("int4", 128, 4), Recipe("int8", 32, 4), Recipe("fp32")]
+        ladder = [Recipe("int4", 32, 4), Recipe("int4", 128, 4), Recipe("int8", 32, 4), Recipe("int8", 128, 4),
+                  Recipe("fp32")]
     if precision != "auto":
         ladder = [r for r in ladder if r.precision == precision] or [Recipe(precision, ep=ladder[0].ep)]
     return ladder
