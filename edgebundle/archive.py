@@ -7,9 +7,11 @@ sha256 and size, and hashes are checked while the bytes stream out.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import shutil
 import stat
 import struct
 import tempfile
@@ -19,7 +21,7 @@ from pathlib import Path
 import zlib
 from typing import Callable, Iterable
 
-from edgebundle.errors import BundleError, VerificationError
+from edgebundle.errors import BundleError, OutputError, VerificationError
 from edgebundle.manifest import FileEntry, Manifest
 
 MANIFEST = "manifest.json"
@@ -112,9 +114,23 @@ def _write_zip(dest: Path, manifest_bytes: bytes, signature: bytes | None, membe
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in _NO_ROOM:
+            raise _no_room(dest, e) from None
         raise
+
+
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _no_room(dest: Path, e: OSError) -> OutputError:
+    try:
+        free = f"{shutil.disk_usage(dest.parent).free / 1e6:,.0f} MB are free there now"
+    except OSError:
+        free = "check the space there"
+    return OutputError(f"cannot write {dest.name} in {dest.parent}: {e.strerror or e} (nothing was left behind)",
+                       hint=f"{free}; free some, or write the bundles elsewhere (-o DIR)")
 
 
 def _info(name: str) -> zipfile.ZipInfo:
@@ -186,9 +202,11 @@ class Bundle:
     def _extract_one(self, zf: zipfile.ZipFile, name: str, dest_dir: Path) -> Path:
         dest_dir.mkdir(parents=True, exist_ok=True)
         target = dest_dir / name  # name was checked against _NAME on open
-        tmp = target.with_name(f".{name}.part")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=dest_dir)  # its own: two
+        tmp = Path(tmp)  # processes may extract the same bundle into a shared cache at once
         try:
-            with open(tmp, "wb") as f:
+            os.fchmod(fd, file_mode())
+            with os.fdopen(fd, "wb") as f:
                 self._stream(zf, name, f.write)
                 f.flush()
                 os.fsync(f.fileno())

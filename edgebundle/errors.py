@@ -54,6 +54,10 @@ class VerificationError(BundleError):
         self.problems = list(problems or [])
 
 
+class OutputError(EdgepackError):
+    """A result could not be written where it goes (a full disk, a read-only or foreign directory)."""
+
+
 class RuntimeUnavailableError(EdgepackError):
     """The runtime or delegate a bundle needs is not installed here."""
 

@@ -3,6 +3,7 @@ import json
 import stat
 import zipfile
 
+import numpy as np
 import pytest
 
 from edgebundle.archive import MANIFEST, open_bundle, verify_bundle, write_bundle
@@ -147,6 +148,37 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(OSError):
         write_bundle(tmp_path / "b.edgepack", _manifest(), {"model.tflite": f})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path):
+    """The file-size limit of a child process (RLIMIT_FSIZE: EFBIG past 64 KiB, as a full disk gives ENOSPC)
+    stops a 1 MB bundle half-written: OutputError naming the file and the space, no .part left behind."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    (tmp_path / "model.tflite").write_bytes(np.random.default_rng(0).bytes(1 << 20))  # incompressible
+    code = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_bundle_format import _manifest
+        from pathlib import Path
+        from edgebundle.archive import write_bundle
+        from edgebundle.errors import OutputError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit raises EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        try:
+            write_bundle(Path({str(tmp_path / "out" / "b.edgepack")!r}), _manifest(),
+                         {{"model.tflite": Path({str(tmp_path / "model.tflite")!r})}})
+        except OutputError as e:
+            print(e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot write b.edgepack in" in r.stdout and "File too large" in r.stdout, r.stdout
+    assert "MB are free there now" in r.stdout and "-o DIR" in r.stdout
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_semver_ordering():
