@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from device_agent import extracted
 from device_agent.generative import GenerativeModel, adapted_generation, load_generative
 from edgeruntime.base import Runtime, dequantize, quantize
 from edgeruntime.registry import load_from_manifest
@@ -485,9 +486,9 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
                 warmup: int = 3, bundle: Bundle | None = None, verified: bool = False,
                 sha256: str | None = None, pause: Callable[[], None] | None = None, base: Model | None = None) -> Model:
     """Verify and load a bundle. One pass over the archive checks every member's hash and
-    extracts the model file and golden.npz into `model_dir` (default: a folder next to the
-    bundle keyed by its sha256); the model is then warmed up and its golden outputs checked (a
-    mismatch raises VerificationError). `bundle` + `verified=True`: the caller already ran that
+    extracts the model file and golden.npz into `model_dir` (default: the user's extraction cache,
+    device_agent/extracted.py, a folder keyed by the bundle's sha256, never beside the bundle); the model
+    is then warmed up and its golden outputs checked (a mismatch raises VerificationError). `bundle` + `verified=True`: the caller already ran that
     pass (Bundle.verify with extraction into `model_dir`), so nothing is hashed twice. `pause` runs
     before each warm-up and golden run: staging beside live models yields to their requests. An adapter
     bundle needs `base`, the loaded genai model (or an adapter on it) whose weights it is pinned to."""
@@ -495,7 +496,8 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
     bundle = bundle or open_bundle(path)
     m = bundle.manifest
     digest = sha256 or sha256_file(path)
-    model_dir = Path(model_dir) if model_dir else path.parent / f".{path.name}.{digest[:16]}"
+    cached = model_dir is None
+    model_dir = extracted.folder(digest) if cached else Path(model_dir)
     wanted = bundle_members_to_extract(m)
     if m.format == ADAPTER:  # refused before anything is hashed or loaded when the base is not its own
         base = base.base if base is not None and base.base is not None else base
@@ -506,6 +508,8 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
                                                            "--model BASE_NAME), or the base it was built for first")
     if not verified:
         bundle.verify(extract_to=model_dir, extract=wanted)  # every file's hash, before anything is loaded
+    if cached:
+        extracted.prune(keep=model_dir)
     if m.format == ADAPTER:
         return _adapted(base, m, model_dir, path, digest, check=check_golden, pause=pause)
     target = model_dir / m.model_file

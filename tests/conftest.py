@@ -91,6 +91,8 @@ def build_cache(tmp_path_factory) -> Path:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
     os.environ[ENV] = str(root / "build-cache")
+    # the in-process loader's extraction cache (device_agent/extracted.py): this worker's, not the user's
+    os.environ["EDGEPACK_EXTRACT_DIR"] = str(tmp_path_factory.getbasetemp() / "extracted")
     return root / "build-cache"
 
 

@@ -315,3 +315,42 @@ def test_the_watchdog_asks_each_thread_owner_if_it_is_alive(tmp_path):
         assert not u.alive() and not agent.healthy()
     finally:
         agent.queue.close()
+
+
+def test_the_in_process_loader_extracts_into_its_cache_never_beside_the_bundle(tmp_path, monkeypatch):
+    """device_agent/extracted.py: one folder per bundle (by sha256) in the extraction cache; the least
+    recently loaded are evicted past the size limit, never the one just loaded or one in use."""
+    import os
+
+    from device_agent import extracted, load_bundle
+    from tinybundles import log_bundle
+
+    monkeypatch.setenv(extracted.ENV_DIR, str(tmp_path / "cache"))
+    src = tmp_path / "mine"
+    bundle = log_bundle(src)
+    before = sorted(p.name for p in src.iterdir())
+    m = load_bundle(bundle)
+    try:
+        assert m.infer({"x": np.full((1, 4), np.e, np.float32)})["y"] == pytest.approx(1.0)
+    finally:
+        m.close()
+    assert sorted(p.name for p in src.iterdir()) == before  # nothing hidden next to the user's files
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert (entry / "model.onnx").is_file() and not list(entry.glob(".*.part"))
+
+    now = 1_000_000.0
+    for i, size in enumerate((300, 200, 100)):  # oldest first, all long unused
+        d = tmp_path / "cache" / f"old{i}"
+        d.mkdir()
+        (d / "w.bin").write_bytes(b"x" * size)
+        os.utime(d, (now - 3600 + i, now - 3600 + i))
+    os.utime(entry, (now - 10, now - 10))  # loaded just now by someone
+    keep = tmp_path / "cache" / "old0"
+    removed = extracted.prune(keep, max_bytes=250, now=now)
+    assert [p.name for p in removed] == ["old1", "old2"]  # old0 is kept (`keep`), the recent one is in use
+    assert keep.exists() and entry.exists()
+    monkeypatch.setenv(extracted.ENV_LIMIT, "1.5G")
+    assert extracted.limit() == int(1.5 * 2**30)
+    monkeypatch.setenv(extracted.ENV_LIMIT, "lots")
+    with pytest.raises(InputError, match="EDGEPACK_EXTRACT_LIMIT"):
+        extracted.limit()
