@@ -13,8 +13,10 @@ round by round. Cases:
 - ONNX Runtime GenAI in process on each --genai folder (e.g. the model builder's int4).
 With --gate-folder (the float model's Hugging Face folder, e.g. the GGUF read into one) every case is also
 scored the way `edgepack build` gates a candidate: teacher-forced top-1 agreement and perplexity ratio
-against transformers' fp32 model on the same token ids (standard-library docstrings), so the fastest
-anchor *that passes the same gate* can be named. Also prints the agent's RSS while serving each bundle. Every case is timed in this process or the agent,
+against transformers' fp32 model on the same token ids, so the fastest anchor *that passes the same gate*
+can be named. The texts are held out from the build: --gate-texts FILE, or by default prose paragraphs
+of Python's language reference (pydoc_data; a build without --validation scores on module docstrings).
+--score-only BUNDLE scores a bundle without timing it (a Jetson's CUDA graph on a CPU host). Also prints the agent's RSS while serving each bundle. Every case is timed in this process or the agent,
 never in a process that imported torch or TensorFlow."""
 from __future__ import annotations
 
@@ -115,7 +117,8 @@ class InProcess:
         b = verify_bundle(bundle)
         folder = Path(tempfile.mkdtemp(prefix="llm-bench-rt-"))
         b.extract(folder)
-        self.rt = load_runtime(str(folder / b.manifest.model_file), LoadSpec(format="genai", threads=threads))
+        self.rt = load_runtime(str(folder / b.manifest.model_file), LoadSpec(format="genai", threads=threads,
+                                                                             allow_cpu_fallback=True))
 
     def run(self, prompt_ids: list[int], n: int) -> tuple[float, float, int]:
         from edgeruntime.genai import Sampling
@@ -163,6 +166,26 @@ class GenAIFolder(InProcess):
         self.rt = load_runtime(str(Path(folder) / "model.onnx"), LoadSpec(format="genai", threads=threads))
 
 
+def heldout_texts(n: int = 40) -> list[str]:
+    """English prose a default build never scores on: paragraphs of the language reference that ships with
+    Python (pydoc_data.topics), without its grammar and code blocks."""
+    import re
+
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        for para in topics[key].split("\n\n"):
+            lines = para.splitlines()
+            if any(line.startswith("   ") or "::=" in line or set(line) <= set("*=-") for line in lines):
+                continue
+            text = re.sub(r"\s+", " ", para).strip()
+            if len(text) >= 200:
+                out.append(text)
+                break  # one paragraph a topic: many subjects, few tokens
+    return out[:n]
+
+
 def _quality(a, cases) -> dict:
     """Each case scored against the float model on the same ids (packager.llm.quality)."""
     import numpy as np
@@ -170,7 +193,10 @@ def _quality(a, cases) -> dict:
     from packager.llm.build import validation_texts
     from packager.llm.quality import Quality, reference, score
 
-    ref = reference(a.gate_folder, validation_texts(None)[0], Path(tempfile.mkdtemp(prefix="llm-bench-ref-")))
+    texts = validation_texts(a.gate_texts)[0] if a.gate_texts else heldout_texts()
+    ref = reference(a.gate_folder, texts, Path(tempfile.mkdtemp(prefix="llm-bench-ref-")))
+    print(f"gate texts: {a.gate_texts or 'language-reference prose (pydoc_data)'}: {len(texts)} texts, "
+          f"{ref.positions} positions, float perplexity {ref.perplexity:.2f}")
     out = {}
     for k, (runner, _ids) in cases.items():
         if isinstance(runner, InProcess):
@@ -209,6 +235,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gate-folder", type=Path, help="score every case against this float model (the build's gate)")
+    ap.add_argument("--gate-texts", type=Path, help="held-out texts for the gate (.txt/.jsonl, as --validation)")
+    ap.add_argument("--score-only", action="append", default=[], type=Path,
+                    help="a bundle to score against --gate-folder, not timed")
     a = ap.parse_args()
     cases, agents, ids_of = {}, [], {}
     for b in a.bundle:
@@ -230,7 +259,14 @@ def main() -> None:
         label, path = spec.split("=", 1)
         g = GenAIFolder(Path(path), a.threads)
         cases[f"onnxruntime-genai {label} (in process)"] = (g, g.rt.encode(PROMPT * 4)[: a.prompt_tokens])
-    quality = _quality(a, cases) if a.gate_folder else {}
+    scored = {f"{b.name} (scored, not timed)": (InProcess(b, a.threads), None) for b in a.score_only}
+    quality = _quality(a, {**cases, **scored}) if a.gate_folder else {}
+    for k, (runner, _ids) in scored.items():
+        q = quality.get(k)
+        if q:
+            print(f"{k:<64} agreement {q.agreement:.1%}, ppl ratio {q.ppl_ratio:.3f}: "
+                  f"{'pass' if q.passes(GATE) else 'FAIL'}")
+        runner.rt.close()
     for runner, ids in cases.values():  # warm-up: first-run allocations are not speed
         runner.run(ids, 8)
     got = {k: [] for k in cases}
@@ -254,4 +290,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import shutil
+
+    tempfile.tempdir = tempfile.mkdtemp(prefix="llm-bench-")  # agents' data, extracted bundles: ~1 GB each
+    try:
+        main()
+    finally:
+        shutil.rmtree(tempfile.tempdir, ignore_errors=True)
