@@ -28,7 +28,7 @@ from edgeruntime.registry import load_from_manifest
 from device_agent.textload import text_encoder
 from edgeruntime.text import TextEncoder
 from edgebundle.archive import Bundle, open_bundle, sha256_file
-from edgebundle.errors import BundleError, InputError, VerificationError
+from edgebundle.errors import BundleError, InputError, RuntimeUnavailableError, VerificationError
 from edgebundle.interface import interface_hash
 from edgebundle.manifest import Manifest, adapter_refusal
 from edgeproto.documents import model_section
@@ -521,9 +521,12 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
                                  allow_cpu_fallback=allow_cpu_fallback)
     model = Model(manifest=m, runtime=runtime, bundle_sha256=digest, bundle_path=path, golden_path=golden)
     try:
-        for b in (m.text or {}).get("buckets") or ():  # one interpreter per length: no resize at request time
-            rt = model.buckets[b["length"]] = load_from_manifest(str(model_dir / b["file"]), m, cache_dir=cache_dir,
-                                                                 threads=threads, allow_cpu_fallback=allow_cpu_fallback)
+        for b in (m.text or {}).get("buckets") or ():  # a model per length: no resize at request time
+            if b.get("signature"):  # a signature of the model file: the weights are its buffers, held once
+                rt = model.buckets[b["length"]] = _signature(runtime, b["signature"], path.name)
+            else:  # bundles before 2026-12: a file of its own
+                rt = model.buckets[b["length"]] = load_from_manifest(str(model_dir / b["file"]), m, cache_dir=cache_dir,
+                                                                     threads=threads, allow_cpu_fallback=allow_cpu_fallback)
             if any(t.shape[-1:] != (b["length"],) for t in rt.inputs):
                 raise BundleError(f"{path.name}: length bucket {b['file']} takes {[list(t.shape) for t in rt.inputs]}, "
                                   f"not sequence length {b['length']}", hint="rebuild the bundle")
@@ -540,6 +543,17 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
         model.close()
         raise
     return model
+
+
+def _signature(runtime: Runtime, key: str, bundle_name: str) -> Runtime:
+    sibling = getattr(runtime, "signature", None)
+    if sibling is None:
+        raise BundleError(f"{bundle_name}: its length buckets are signatures of one model, which the "
+                          f"{runtime.details.get('runtime')} runtime cannot select", hint="rebuild the bundle")
+    try:
+        return sibling(key)
+    except RuntimeUnavailableError as e:
+        raise BundleError(f"{bundle_name}: {e}", hint="the model file does not match its manifest: rebuild the bundle") from None
 
 
 def _adapted(base: Model, m: Manifest, model_dir: Path, path: Path, digest: str, *, check: bool,
@@ -576,7 +590,7 @@ def bundle_members_to_extract(m: Manifest) -> list[str]:
     tokenizer and chat template sit beside the model file)."""
     if m.format in (GENAI, ADAPTER):
         return sorted(m.files)
-    buckets = [b["file"] for b in (m.text or {}).get("buckets") or ()]
+    buckets = [b["file"] for b in (m.text or {}).get("buckets") or () if b["file"] != m.model_file]
     return ([m.model_file] + buckets + ([m.golden["file"]] if m.golden else [])
             + ([m.text["tokenizer"]] if m.text else []))
 

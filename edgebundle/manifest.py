@@ -382,10 +382,12 @@ def _check_text(text, files: dict) -> None:
         return
     ok = (isinstance(buckets, list) and all(
         isinstance(b, dict) and b.get("file") in files and _count(b.get("length", -1)) > 0
-        and _count(b.get("golden", -1)) >= 0 and _number(b.get("atol")) >= 0 for b in buckets)
+        and _count(b.get("golden", -1)) >= 0 and _number(b.get("atol")) >= 0
+        and (b.get("signature") is None or (isinstance(b["signature"], str) and b["signature"] != "")) for b in buckets)
         and [b["length"] for b in buckets] == list(text["settings"].get("buckets") or [None])[:-1])
     if not ok:
-        raise BundleError("manifest text.buckets must be [{length, file (listed in files), golden, atol}], one per "
+        raise BundleError("manifest text.buckets must be [{length, file (listed in files), golden, atol, signature "
+                          "(optional: the file's signature that runs it)}], one per "
                           "length of text.settings.buckets below max_length, shortest first")
 
 

@@ -85,6 +85,8 @@ class LiteRTRuntime(Runtime):
     _interp: object = None
     _in_idx: tuple = ()
     _out_idx: tuple = ()
+    _key: str | None = None  # the signature it runs
+    _runner: object = None  # set once a model's other signatures are in use (see signature())
 
     @classmethod
     def load(cls, path: str, spec: LoadSpec | None = None, *, interpreter_module=None) -> "LiteRTRuntime":
@@ -121,7 +123,8 @@ class LiteRTRuntime(Runtime):
         sigs = interp._get_full_signature_list() or {}
         by_index = {d["index"]: d for d in interp.get_input_details() + interp.get_output_details()}
         if sigs:
-            sig = sigs["serving_default"] if "serving_default" in sigs else sigs[sorted(sigs)[0]]
+            key = "serving_default" if "serving_default" in sigs else sorted(sigs)[0]
+            sig = sigs[key]
             ins, outs = sig["inputs"], sig["outputs"]
             in_names, out_names = sorted(ins), sorted(outs)
             inputs = tuple(_info(by_index[ins[n]], n) for n in in_names)
@@ -129,6 +132,7 @@ class LiteRTRuntime(Runtime):
             in_idx = tuple(ins[n] for n in in_names)
             out_idx = tuple(outs[n] for n in out_names)
         else:  # e.g. older edgetpu_compiler output: fall back to tensor names
+            key = None
             ins, outs = interp.get_input_details(), interp.get_output_details()
             inputs = tuple(_info(d, d["name"]) for d in ins)
             outputs = tuple(_info(d, d["name"]) for d in outs)
@@ -138,7 +142,23 @@ class LiteRTRuntime(Runtime):
         details = {"runtime": "litert", "package": dist, "version": getattr(mod, "__version__", None) or _dist_version(dist),
                    "delegate": delegate, "edgetpu_compiled": compiled, "threads": threads or None, "notes": notes}
         return cls(inputs=inputs, outputs=outputs, details=details, _interp=interp,
-                   _in_idx=in_idx, _out_idx=out_idx)
+                   _in_idx=in_idx, _out_idx=out_idx, _key=key)
+
+    def signature(self, key: str) -> "LiteRTRuntime":
+        """Another signature of the same model (a text bundle's length bucket: its weights are this model's
+        buffers, held once). From then on both run through signature runners: the interpreter's raw API
+        refuses to invoke while a runner lives."""
+        sigs = self._interp.get_signature_list()
+        if key not in sigs or self._key is None:
+            raise RuntimeUnavailableError(f"the model has no signature {key!r} (it has {sorted(sigs)})")
+        runner = self._interp.get_signature_runner(key)
+        ins, outs = runner.get_input_details(), runner.get_output_details()
+        other = LiteRTRuntime(inputs=tuple(_info(ins[n], n) for n in sorted(ins)),
+                              outputs=tuple(_info(outs[n], n) for n in sorted(outs)),
+                              details=dict(self.details, signature=key), _interp=self._interp, _key=key, _runner=runner)
+        if self._runner is None:
+            self._runner = self._interp.get_signature_runner(self._key)
+        return other
 
     @classmethod
     def plain_delegates(cls, delegates: tuple[str, ...]) -> tuple[str, ...]:
@@ -150,6 +170,8 @@ class LiteRTRuntime(Runtime):
         self._out_pairs = tuple((o.name, idx) for o, idx in zip(self.outputs, self._out_idx))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._runner is not None:
+            return self._runner(**{i.name: feeds[i.name] for i in self.inputs})
         it = self._interp
         set_tensor, get_tensor = it.set_tensor, it.get_tensor
         for name, idx in self._in_pairs:
@@ -162,7 +184,7 @@ class LiteRTRuntime(Runtime):
         return [d["op_name"] for d in self._interp._get_ops_details()]
 
     def close(self) -> None:
-        self._interp = None
+        self._interp = self._runner = None
 
 
 def _dist_version(dist: str) -> str | None:

@@ -15,7 +15,7 @@ from packager.data import data_info
 from packager.options import BuildInputs, BuildOptions
 from packager.figures import Speed
 from packager.results import Chosen, TargetReport, TargetResult, Verdict
-from packager.sequence import Plan
+from packager.sequence import Plan, share_weights
 from targets import Precision
 
 
@@ -24,7 +24,9 @@ def package(chosen: Chosen, inputs: BuildInputs, seq: Plan = Plan()) -> TargetRe
     opts, profile, trial, finished = inputs.opts, chosen.profile, chosen.trial, chosen.finished
     art, precision = trial.artifact, trial.candidate.precision
     warnings = _warnings(chosen, inputs) + list(finished.warnings) + list(seq.notes)
-    files = {finished.name: finished.path, **{b.file: b.path for b in seq.buckets}}
+    main, seq = share_weights(seq, finished.path, chosen.work / "shared" / finished.name)
+    files = {finished.name: main, **{b.file: b.path for b in seq.buckets if b.signature is None}}
+    model_bytes = main.stat().st_size + sum(b.path.stat().st_size for b in seq.buckets if b.signature is None)
     golden = None
     if trial.outputs:
         gpath = chosen.work / "golden.npz"
@@ -41,7 +43,9 @@ def package(chosen: Chosen, inputs: BuildInputs, seq: Plan = Plan()) -> TargetRe
         files["tokenizer.json"] = text.tokenizer
     report = TargetReport(
         format=profile.format, precision=precision, candidate=trial.candidate.label, choice=trial.why,
-        model_bytes=finished.path.stat().st_size, fp32_bytes=chosen.fp32.stat().st_size, latency=chosen.latency,
+        model_bytes=model_bytes, bucket_bytes=model_bytes - finished.path.stat().st_size,
+        fp32_bytes=chosen.fp32.stat().st_size,
+        latency=chosen.latency,
         device_latency=trial.device_latency, accuracy=trial.accuracy, gate=opts.gate, trials=chosen.trials,
         lint=trial.findings, warnings=tuple(warnings), quantization=art.quantization,
         compile_report=finished.compile_report, fp32_sha256=sha256_file(chosen.fp32),
@@ -89,7 +93,8 @@ def _drift(inputs) -> dict | None:
 
 def _sequence_report(seq: Plan) -> dict:
     """The report's view of the sequence plan: each bucket's size and accuracy, what was left out."""
-    return {"buckets": [{"length": b.length, "file": b.file, "size_bytes": b.path.stat().st_size,
+    return {"buckets": [{"length": b.length, "file": b.file, "signature": b.signature,
+                         "size_bytes": b.path.stat().st_size if b.own_bytes is None else b.own_bytes,
                          "validated_on": b.accuracy.samples, "cosine_similarity": b.accuracy.cosine_similarity,
                          "accuracy_drop_points": b.accuracy.accuracy_drop_points} for b in seq.buckets],
             "left_out": list(seq.notes), "tensorrt_profile": seq.trt_profile}

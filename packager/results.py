@@ -121,7 +121,7 @@ class TargetReport:
     precision: Precision
     candidate: str
     choice: str  # why this candidate
-    model_bytes: int
+    model_bytes: int  # every model file the bundle carries: the main model and each length bucket's
     fp32_bytes: int
     latency: Timing
     device_latency: DeviceTiming | None
@@ -135,10 +135,13 @@ class TargetReport:
     fp32_sha256: str
     sequence: dict | None  # text models: length buckets and TensorRT profile (packager/package.py)
     signed: bool
+    bucket_bytes: int = 0  # of model_bytes, the length buckets' models
 
     def to_dict(self, *, bundle_bytes: int | None = None) -> dict:
         """The JSON; with the written bundle's size, as the build report has it (size and signature)."""
         size = {"model": self.model_bytes, "fp32_model": self.fp32_bytes}
+        if self.bucket_bytes:
+            size["buckets"] = self.bucket_bytes
         if bundle_bytes is not None:
             size["bundle"] = bundle_bytes
         d = {"format": self.format.value, "precision": self.precision.value, "candidate": self.candidate,

@@ -3,8 +3,8 @@
 - TFLite: resizing an interpreter's inputs re-initialises XNNPACK (every kernel prepared again,
   about a run's cost), so a bundle holds one model per length bucket instead. The candidate search
   runs at max_length; the precision it chose is then converted again at each smaller bucket,
-  validated against the source on the validation texts that fit it, and packaged beside the main
-  model. The agent runs each text in the smallest bucket that holds it. A bucket that does not
+  validated against the source on the validation texts that fit it, and packaged in the main
+  model's file as a signature of its own over the same weight buffers (share_weights). The agent runs each text in the smallest bucket that holds it. A bucket that does not
   convert or fails the gate is left out and said so: its texts run in the next larger one.
 - jetson-gpu: the TensorRT EP builds its engine for one optimisation profile (min/opt/max shape of
   each dynamic input); the bundle records one from the data (opt: the median length) and the agent
@@ -47,10 +47,13 @@ class Bucket:
     golden_inputs: tuple[dict, ...]
     golden_outputs: tuple[dict, ...]
     atol: float
+    signature: str | None = None  # set by share_weights: a signature of the main model's file, not a file
+    own_bytes: int | None = None  # then: the weight bytes it could not share with the main model
 
     def to_dict(self) -> dict:
         """The manifest's entry (text.buckets)."""
-        return {"length": self.length, "file": self.file, "golden": len(self.golden_inputs), "atol": self.atol}
+        d = {"length": self.length, "file": self.file, "golden": len(self.golden_inputs), "atol": self.atol}
+        return dict(d, signature=self.signature) if self.signature else d
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,27 @@ def plan(search, chosen: Chosen, inputs: BuildInputs) -> Plan:
             notes.append(f"length bucket {length} left out (its texts run at the next length): "
                          f"{str(e).splitlines()[0][:300]}")
     return Plan(buckets=tuple(buckets), notes=tuple(notes))
+
+
+def share_weights(seq: Plan, main: Path, dest: Path) -> tuple[Path, Plan]:
+    """The main model and its length buckets as one .tflite at `dest` (named as the main model), a
+    signature per bucket over one copy of the weights (packager.tflite_fb.merge_signatures): the bundle
+    carries them once and the device holds them once. Unchanged when there is nothing to share or the
+    models cannot be merged."""
+    from packager.formats.tflite_layout import canonical
+    from packager.tflite_fb import merge_signatures
+
+    if not seq.buckets:
+        return main, seq
+    got = merge_signatures(main.read_bytes(), {f"len{b.length}": b.path.read_bytes() for b in seq.buckets})
+    if got is None:
+        return main, seq
+    data, own = got
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(canonical(data)[0])  # the layout that keeps delta updates small (tflite_layout.py)
+    buckets = tuple(replace(b, file=dest.name, signature=f"len{b.length}", own_bytes=own[f"len{b.length}"])
+                    for b in seq.buckets)
+    return dest, replace(seq, buckets=buckets)
 
 
 def _bucket(search, chosen: Chosen, inputs: BuildInputs, *, length: int, fits: np.ndarray) -> Bucket:

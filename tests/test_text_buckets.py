@@ -216,13 +216,17 @@ def test_arm_bundle_holds_validated_buckets_ending_at_max_length(built):
     m = b.manifest
     assert m.text["settings"]["buckets"] == [32, 48] and m.text["settings"]["max_length"] == 48
     [bucket] = m.text["buckets"]
-    assert bucket["length"] == 32 and bucket["file"] in m.files and bucket["golden"] == 3
-    assert [s.shape for s in m.inputs] == [(1, 48)] * 3  # the main model is the max_length one
+    assert bucket == dict(bucket, length=32, file=m.model_file, signature="len32", golden=3)  # one file
+    assert [s.shape for s in m.inputs] == [(1, 48)] * 3  # the main model (default signature): max_length
     with zipfile.ZipFile(built["bundles"]["arm-cpu"]) as z:
-        assert sorted(z.namelist()) == sorted(["manifest.json", *m.files])
+        assert sorted(z.namelist()) == sorted(["manifest.json", "golden.npz", "model.tflite", "tokenizer.json"])
     seq = built["reports"]["arm-cpu"]["sequence"]
     assert seq["buckets"][0]["cosine_similarity"] >= 0.99 and seq["buckets"][0]["validated_on"] >= 10
     assert seq["left_out"] == []
+    size = built["reports"]["arm-cpu"]["size_bytes"]  # what the bundle carries: the weights once
+    assert size["model"] == m.files[m.model_file].size  # this tiny model's graph outweighs its weights:
+    assert 0 < seq["buckets"][0]["size_bytes"] < size["buckets"] < 0.5 * size["model"]  # MiniLM's is test_corpus_text's
+    assert built["reports"]["arm-cpu"]["size_ratio"] == round(size["model"] / size["fp32_model"], 4)
 
 
 @pytest.mark.slow
@@ -299,27 +303,60 @@ def test_an_older_single_model_tflite_text_bundle_still_loads_and_pads_to_its_le
     text = {k: v for k, v in m.text.items() if k != "buckets"}
     text["settings"] = dict(text["settings"], buckets=[])  # what edgepack wrote before buckets
     old = tmp_path / "old.edgepack"
-    files = {n: parts / n for n in m.files if n != m.text["buckets"][0]["file"]}
-    write_bundle(old, replace(m, text=text), files)
+    (parts / m.model_file).write_bytes(_split((parts / m.model_file).read_bytes(), "serving_default"))
+    write_bundle(old, replace(m, text=text), {n: parts / n for n in m.files})
     out, model = _infer(old, [SHORT, LONG])
     assert model.buckets == {} and out["text_length"].tolist() == [48, 48]
     new, _ = _infer(src, [SHORT, LONG])
     np.testing.assert_allclose(out["sentence_embedding"], new["sentence_embedding"], atol=2e-3)
 
 
+def _split(merged: bytes, key: str) -> bytes:
+    """The signature `key` of a merged .tflite as a model of its own (every buffer kept): the file an
+    edgepack before shared weights wrote for a length bucket."""
+    import flatbuffers
+
+    from packager.tflite_fb import read_model
+
+    m = read_model(merged)
+    [sig] = [s for s in m.signatureDefs if s.signatureKey.decode() == key]
+    m.subgraphs, sig.subgraphIndex, sig.signatureKey = [m.subgraphs[sig.subgraphIndex]], 0, "serving_default"
+    m.signatureDefs = [sig]
+    b = flatbuffers.Builder(1 << 20)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
 @pytest.mark.slow
-def test_a_bucket_file_of_the_wrong_length_is_refused_at_load(built, tmp_path):
+def test_an_older_bundle_with_a_file_per_bucket_still_loads_and_a_wrong_one_is_refused(built, tmp_path):
     from device_agent import load_bundle
     from edgebundle.archive import write_bundle
 
     src = built["bundles"]["arm-cpu"]
     m, parts = _unpacked(src, tmp_path)
-    bucket = m.text["buckets"][0]["file"]
-    (parts / bucket).write_bytes((parts / m.model_file).read_bytes())  # the 48-token model where 32 belongs
-    bad = tmp_path / "swapped.edgepack"
-    write_bundle(bad, m, {n: parts / n for n in m.files})
+    (parts / "model.len32.tflite").write_bytes(_split((parts / m.model_file).read_bytes(), "len32"))
+    bucket = {k: v for k, v in m.text["buckets"][0].items() if k != "signature"}
+    old_text = dict(m.text, buckets=[dict(bucket, file="model.len32.tflite")])
+    old = tmp_path / "old.edgepack"
+    write_bundle(old, replace(m, text=old_text), {**{n: parts / n for n in m.files}, "model.len32.tflite":
+                                                   parts / "model.len32.tflite"})
+    (out, model), (new, _) = _infer(old, [SHORT, LONG]), _infer(src, [SHORT, LONG])
+    assert sorted(model.buckets) == [32] and out["text_length"].tolist() == [32, 48]
+    np.testing.assert_array_equal(out["sentence_embedding"], new["sentence_embedding"])  # the same graphs
+
+    (parts / "model.len32.tflite").write_bytes((parts / m.model_file).read_bytes())  # the 48-token model there
+    swapped = tmp_path / "swapped.edgepack"
+    write_bundle(swapped, replace(m, text=old_text), {**{n: parts / n for n in m.files}, "model.len32.tflite":
+                                                       parts / "model.len32.tflite"})
     with pytest.raises(BundleError, match="length bucket model.len32.tflite takes .*not sequence length 32"):
-        load_bundle(bad)
+        load_bundle(swapped)
+    for sig, why in (("serving_default", "length bucket model.tflite takes .*not sequence length 32"),
+                     ("len7", "has no signature 'len7'")):  # a manifest that names the wrong graph
+        bad = tmp_path / f"{sig}.edgepack"
+        write_bundle(bad, replace(m, text=dict(m.text, buckets=[dict(bucket, signature=sig)])),
+                     {n: parts / n for n in m.files})
+        with pytest.raises(BundleError, match=why):
+            load_bundle(bad)
 
 
 @pytest.mark.agent

@@ -1,0 +1,84 @@
+"""Length buckets as signatures of one .tflite (packager.tflite_fb.merge_signatures, LiteRTRuntime.signature)
+on two FULLY_CONNECTED models written with the schema's object API (no converter): rows 8 and rows 2 of
+the same weights, each with a bias of its own. The merged file stores the shared weights once and each
+signature computes what its own model computed; the main graph keeps running beside the bucket's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgebundle.errors import RuntimeUnavailableError
+
+K, N = 16, 64  # outputs, inputs: a 4 KB weight matrix
+
+
+def _fc(rows: int, w: np.ndarray, bias: np.ndarray) -> bytes:
+    import flatbuffers
+
+    from packager.tflite_fb import schema
+
+    fb = schema()
+
+    def buffer(a=None):
+        b = fb.BufferT()
+        b.data = None if a is None else np.frombuffer(np.ascontiguousarray(a, np.float32).tobytes(), np.uint8)
+        return b
+
+    def tensor(name, shape, buf):
+        t = fb.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, shape, fb.TensorType.FLOAT32, buf
+        return t
+
+    def mapped(name, index):
+        t = fb.TensorMapT()
+        t.name, t.tensorIndex = name, index
+        return t
+
+    code = fb.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = fb.BuiltinOperator.FULLY_CONNECTED
+    code.version = 1
+    op = fb.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 1, 2], [3]
+    op.builtinOptionsType, op.builtinOptions = fb.BuiltinOptions.FullyConnectedOptions, fb.FullyConnectedOptionsT()
+    graph = fb.SubGraphT()
+    graph.tensors = [tensor("x", [rows, N], 3), tensor("w", [K, N], 1), tensor("b", [K], 2), tensor("y", [rows, K], 4)]
+    graph.inputs, graph.outputs, graph.operators = [0], [3], [op]
+    sig = fb.SignatureDefT()
+    sig.signatureKey, sig.subgraphIndex, sig.inputs, sig.outputs = "serving_default", 0, [mapped("x", 0)], [mapped("y", 3)]
+    model = fb.ModelT()
+    model.version, model.operatorCodes, model.subgraphs, model.signatureDefs = 3, [code], [graph], [sig]
+    model.buffers = [buffer(), buffer(w), buffer(bias), buffer(), buffer()]
+    b = flatbuffers.Builder(1024)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def test_buckets_merged_into_one_file_share_the_weights_and_compute_the_same(tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    from edgeruntime.litert import LiteRTRuntime
+    from packager.formats.tflite_layout import canonical
+    from packager.tflite_fb import merge_signatures
+
+    rng = np.random.default_rng(3)
+    w, b8, b2 = rng.normal(size=(K, N)), rng.normal(size=K), rng.normal(size=K)
+    main, short = _fc(8, w, b8), _fc(2, w, b2)
+    data, own = merge_signatures(main, {"len2": short})
+    assert own == {"len2": 4 * K}  # its bias; the weights are the main model's
+    assert len(data) < len(main) + 4 * K + 1024 < len(main) + len(short)  # the 4 KB of weights not stored twice
+    (tmp_path / "m.tflite").write_bytes(canonical(data)[0])
+
+    x8, x2 = rng.normal(size=(8, N)).astype(np.float32), rng.normal(size=(2, N)).astype(np.float32)
+    rt = LiteRTRuntime.load(str(tmp_path / "m.tflite"))
+    before = rt.run({"x": x8})["y"]  # the raw tensor API, as any single-graph model runs
+    bucket = rt.signature("len2")
+    assert [t.shape for t in bucket.inputs] == [(2, N)] and [t.shape for t in rt.inputs] == [(8, N)]
+    np.testing.assert_allclose(bucket.run({"x": x2})["y"], x2 @ w.T + b2, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rt.run({"x": x8})["y"], x8 @ w.T + b8, rtol=1e-4, atol=1e-4)  # beside a live runner
+    np.testing.assert_array_equal(rt.run({"x": x8})["y"], before)
+    with pytest.raises(RuntimeUnavailableError, match="no signature 'len4'"):
+        rt.signature("len4")
+    rt.close()
+    bucket.close()
+
+    two = _fc(8, w, b8)  # a graph of two subgraphs (control flow) is left alone: the caller keeps its files
+    assert merge_signatures(data, {"len8": two}) is None
