@@ -37,10 +37,12 @@ def _text_source(max_length: int = 128, names=("input_ids", "attention_mask")):
 # ---- fast: bucket choice, lengths, the TensorRT profile and its provider options ----
 
 @pytest.mark.parametrize("lengths,max_length,want", [
-    ([10] * 20 + [25] * 60 + [60] * 20, 128, (16, 32, 64)),  # p10 -> 16, median -> 32, p90 -> 64
+    ([10] * 20 + [25] * 60 + [60] * 20, 128, (16, 32, 64)),  # from p10 (-> 16), doubling below max_length
+    ([10] * 20 + [25] * 60 + [60] * 20, 384, (16, 32, 64, 128, 256)),  # 128 tokens run at 128, not 384
     ([18] * 30 + [31] * 40 + [48] * 30, 48, (32,)),  # 64 would pass max_length: the main model covers it
-    ([3, 4, 5, 5, 6], 128, (8,)),  # never below 8 tokens
+    ([3, 4, 5, 5, 6], 128, (8, 16, 32, 64)),  # never below 8 tokens; longer traffic than the data's covered
     ([128] * 5, 128, ()),  # every text at max_length: nothing smaller to build
+    ([5] * 10, 4096, (32, 64, 128, 256, 512, 1024, 2048)),  # at most 7 below the main model: the longest kept
     ([], 128, ()),
 ])
 def test_buckets_come_from_the_data_lengths_as_powers_of_two_below_max_length(lengths, max_length, want):
@@ -48,6 +50,8 @@ def test_buckets_come_from_the_data_lengths_as_powers_of_two_below_max_length(le
 
     got = choose_buckets(np.asarray(lengths), max_length)
     assert got == want and len(got) < MOST_BUCKETS
+    steps = got + (max_length,)
+    assert all(b <= 2 * a for a, b in zip(steps, steps[1:]))  # no text past the first runs at over 2x its length
     assert TextSettings(max_length=max_length, inputs=SETTINGS.inputs, buckets=got + (max_length,))  # valid settings
 
 
