@@ -110,6 +110,9 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
               help="Causal LMs: most perplexity, as a multiple of the float model's (default 1.10).")
 @click.option("--context-length", type=click.IntRange(16, None), default=2048, show_default=True,
               help="Causal LMs: the context the device serves (its KV cache grows with it).")
+@click.option("--chat-template", "chat_template", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Causal LMs: a Jinja chat template file for the bundle's chat endpoints, in place of the source's "
+                   "(a GGUF or folder without one serves /v1/completions only).")
 @click.option("--lora-slots", "lora_slots", metavar="r=RANK,targets=NAME,...|ADAPTER_DIR",
               help="Causal LMs: give the base LoRA slots (zero, so its outputs stay the base's) that adapter bundles "
                    "fill on the device without reloading it: a rank and projections (q_proj, k_proj, v_proj, o_proj, "
@@ -169,6 +172,12 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
     from packager.llm.detect import is_causal_lm
 
     lora_slots, adapter, base_bundle = kw.pop("lora_slots"), kw.pop("adapter"), kw.pop("base_bundle")
+    if kw.get("chat_template") and adapter:
+        raise InputError("--chat-template goes with the base's build: an adapter bundle serves with its base's template",
+                         hint="rebuild the base with --chat-template, then the adapter")
+    if kw.get("chat_template") and not is_causal_lm(Path(model)):
+        raise InputError(f"--chat-template is for causal LMs; {model} is not one",
+                         hint="a chat template turns messages into a decoder's prompt: it has no use for this model")
     if (adapter is None) != (base_bundle is None):
         raise click.UsageError("--adapter and --base go together: the adapter folder and the base bundle it is for")
     if (adapter or lora_slots) and not is_causal_lm(Path(model)):
@@ -221,7 +230,7 @@ def build(wiring, model, targets, out_dir, precision, search, calibration, calib
         raise Reported(failed[0].exc)
 
 
-_LLM_ONLY = ("min_agreement", "max_ppl_ratio", "context_length")
+_LLM_ONLY = ("min_agreement", "max_ppl_ratio", "context_length", "chat_template")
 
 
 def _llm_gate(kw, no_gate):
@@ -245,7 +254,8 @@ def _build_llm(model, targets, out_dir, precision, validation, no_gate, overwrit
                       precision=precision, validation=Path(validation) if validation else None,
                       context_length=kw.get("context_length") or 2048, gate=_llm_gate(kw, no_gate), sign_key=sign_key,
                       overwrite=overwrite, lora_slots=parse_slots(lora_slots) if lora_slots else None,
-                      cache=not kw.get("no_cache"), cache_dir=kw.get("cache_dir") or default_cache_dir())
+                      cache=not kw.get("no_cache"), cache_dir=kw.get("cache_dir") or default_cache_dir(),
+                      chat_template=kw.get("chat_template"))
     result = build_llm(opts, progress=_progress(sys.stderr.isatty() or not as_json))
     report = result.to_dict()
     click.echo(json.dumps(report, indent=2, default=str) if as_json else table(report))

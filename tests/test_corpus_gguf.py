@@ -55,6 +55,8 @@ def test_folder_is_gemma3_270m(gemma):
     assert 260e6 < src.parameters < 275e6, src.parameters  # 268,098,176: embedding tied with the output
     assert dict(src.tensor_types) == {"F32": 109, "Q5_0": 81, "Q4_K": 27, "Q8_0": 10, "Q6_K": 9}
     assert src.context_length == 32768 and src.eos_token_ids == (1,)
+    assert not src.chat_template and not (src.folder / "chat_template.jinja").exists()  # none in this GGUF: a
+    # bundle of it serves /v1/completions; chat needs `edgepack build --chat-template FILE` (README, Small LLMs)
     cfg = json.loads((src.folder / "config.json").read_text())
     assert cfg["sliding_window"] == 512 and cfg["layer_types"].count("full_attention") == 3
     assert "quantization_config" not in cfg

@@ -79,6 +79,27 @@ def test_a_tensor_precision_on_a_causal_lm_is_refused_at_once(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_chat_template_that_cannot_serve_is_refused_before_any_work(tmp_path):
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    bad = {"syntax.jinja": ("{% for m in messages %}{{ m['content'] }}\n{% endfor", "syntax.jinja:2: not a Jinja"),
+           "blind.jinja": ("<start>{{ bos_token }}", "does not read `messages`")}
+    for name, (text, why) in bad.items():
+        (tmp_path / name).write_text(text)
+        r = _cli("build", tmp_path / "lm", "-t", "x86-cpu", "-o", tmp_path / "out", "--chat-template", tmp_path / name)
+        assert r.exit_code == 2 and why in r.output, r.output  # no weights: any later step would fail otherwise
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    (tmp_path / "m.onnx").write_bytes(b"not read")
+    r = _cli("build", tmp_path / "m.onnx", "-t", "x86-cpu", "-o", tmp_path / "out", "--chat-template",
+             tmp_path / "chatml.jinja")
+    assert r.exit_code == 2 and "--chat-template is for causal LMs" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_auto_builds_each_cpu_target_and_refuses_coral(tiny_llm, tmp_path):
     from edgebundle.archive import verify_bundle
@@ -86,8 +107,9 @@ def test_auto_builds_each_cpu_target_and_refuses_coral(tiny_llm, tmp_path):
     from edgeruntime.genai import check_golden
 
     out = tmp_path / "dist"
+    (tmp_path / "chatml.jinja").write_text(CHATML)  # in place of the folder's own template
     r = _cli("build", tiny_llm, "-t", "x86-cpu", "-t", "arm-cpu", "-t", "coral", "-t", "jetson-gpu", "-o", out,
-             "--name", "lm", "--json")
+             "--name", "lm", "--json", "--chat-template", tmp_path / "chatml.jinja")
     assert r.exit_code == 3, r.output  # coral: ConversionError
     report = json.loads(r.output[r.output.index("{"):])
     by = {t["target"]: t for t in report["targets"]}
@@ -121,6 +143,8 @@ def test_auto_builds_each_cpu_target_and_refuses_coral(tiny_llm, tmp_path):
     verify_bundle(bundle).extract(folder)
     rt = load_runtime(str(folder / m.model_file), LoadSpec(format="genai", threads=1))
     assert check_golden(rt, gen["golden"], gen["golden_agreement"]).agreement == 1.0  # same host, same kernels
+    assert (folder / gen["chat_template"]).read_text() == CHATML
+    assert rt.chat_prompt([{"role": "user", "content": "Hi"}], CHATML) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     rt.close()
 
     # A rebuild with a gate nothing passes: the reference and the int8 export come from the build cache (the

@@ -29,6 +29,7 @@ TIE = 0.05  # decode speeds within 5 % of each other are a tie on any host: the 
 GOLDEN_PROMPTS = ("The capital of France is", "Here is a short story about a robot:",
                   "def fibonacci(n):", "Water boils at a temperature of")
 GOLDEN_TOKENS = 16
+TEMPLATE_FILE = "chat_template.jinja"  # what the bundle's generation section names (packager/llm/bundle.py)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class LlmOptions:
     speed_rounds: int = 3
     new_tokens: int = 64
     lora_slots: SlotSpec | None = None  # every candidate carries these LoRA slots (zero: the base's outputs)
+    chat_template: Path | None = None  # a Jinja file the bundle carries in place of the source's template
     cache: bool = True  # the build cache (packager/llm/cache.py), where cache_dir or $EDGEPACK_CACHE_DIR names one
     cache_dir: Path | None = None
 
@@ -136,6 +138,7 @@ def build(opts: LlmOptions, *, progress: Progress = lambda _m: None) -> LlmBuild
     name = opts.name or common.default_name(opts.model)
     _refuse_overwrite(opts, name, profiles)
     texts, text_source = validation_texts(opts.validation)
+    template = chat_template(opts.chat_template) if opts.chat_template else None
     signer = common.signer(opts.sign_key)
     refused = {p.name: refusal(p) for p in profiles}
     todo = [p for p in profiles if not refused[p.name]]
@@ -154,7 +157,7 @@ def build(opts: LlmOptions, *, progress: Progress = lambda _m: None) -> LlmBuild
             made: dict = {}  # recipe label -> (Candidate, Exported | None); timing key -> speeds
             for p in todo:
                 try:
-                    results[p.name] = _target(p, opts, name, folder, ref, made, work, signer, progress, src)
+                    results[p.name] = _target(p, opts, name, folder, ref, made, work, signer, progress, src, template)
                 except EdgepackError as e:
                     results[p.name] = _failed(p.name, e)
     return LlmBuild(str(opts.model), name, opts.version, tuple(results[p.name] for p in profiles),
@@ -162,7 +165,7 @@ def build(opts: LlmOptions, *, progress: Progress = lambda _m: None) -> LlmBuild
 
 
 def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Reference, made: dict,
-            work: Path, signer, progress: Progress, src: cache.Source | None) -> LlmTarget:
+            work: Path, signer, progress: Progress, src: cache.Source | None, template: str | None) -> LlmTarget:
     cands: list[Candidate] = []
     exports: dict[str, Exported] = {}
     ladder = recipes(p, opts.precision)
@@ -202,6 +205,8 @@ def _target(p: TargetProfile, opts: LlmOptions, name: str, folder: Path, ref: Re
         best, why = choose(passing)
     cands = [_verdict(c, best, why) for c in cands]
     ex = exports[best.recipe.label]
+    if template is not None:  # the bundle carries the export folder's files: the template goes in there
+        (ex.folder / TEMPLATE_FILE).write_text(template, encoding="utf-8")
     golden = _golden(ex)
     report = {"candidates": [c.to_dict() for c in cands], "chosen": best.recipe.label, "why": why,
               "gate": opts.gate.to_dict(), "timed_on": None if untimed else f"this build host ({platform.machine()}, {threads} threads"
@@ -283,13 +288,41 @@ def _gate_error(target: str, cands: list[Candidate], gate: Gate) -> EdgepackErro
                                   "validation text is the kind of text the model was trained on")
 
 
+def chat_template(path: Path) -> str:
+    """A --chat-template file's text, refused before any work when it is not a Jinja template."""
+    import jinja2
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        jinja2.Environment().parse(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the chat template {path}: {e}", hint="a UTF-8 Jinja file") from None
+    except jinja2.TemplateSyntaxError as e:
+        raise InputError(f"{path}:{e.lineno}: not a Jinja template: {e.message}",
+                         hint="the template a Hugging Face tokenizer_config.json holds as chat_template, in a file")
+    if "messages" not in text:
+        raise InputError(f"{path} does not read `messages`: a chat template turns them into the prompt",
+                         hint="e.g. {% for m in messages %}...{{ m['content'] }}...{% endfor %}")
+    return text
+
+
 def _golden(ex: Exported) -> tuple[bundle.Golden, ...]:
-    """The chosen candidate's own greedy tokens on fixed prompts: the device re-checks them at load."""
+    """The chosen candidate's own greedy tokens on fixed prompts: the device re-checks them at load. Its chat
+    template, if any, must render a conversation in the device's tokenizer (onnxruntime-genai's engine)."""
     from edgeruntime import LoadSpec, load_runtime
 
     rt = load_runtime(str(ex.folder / bundle.MODEL_FILE), LoadSpec(format="genai", threads=common.threads(None),
                                                                  allow_cpu_fallback=True))
     try:
+        if (ex.folder / TEMPLATE_FILE).is_file():
+            try:
+                rt.chat_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                                {"role": "user", "content": "Name a river."}],
+                               (ex.folder / TEMPLATE_FILE).read_text(encoding="utf-8"))
+            except InputError as e:
+                raise InputError(f"the chat template does not render a conversation on the device's tokenizer: {e}",
+                                 hint="a template for this model's roles (system, user, assistant), as "
+                                      "transformers renders it") from None
         out = []
         for p in GOLDEN_PROMPTS:
             ids = rt.encode(p)
