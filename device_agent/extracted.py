@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -41,30 +42,51 @@ def limit() -> int:
                          hint="bytes, or a number with K, M or G (e.g. 2G)") from None
 
 
+_live: dict[Path, int] = {}  # folders of models loaded in this process (count of holders): never evicted
+_lock = threading.Lock()
+
+
 def folder(digest: str) -> Path:
-    """The folder for the bundle with this sha256, created and marked as just used."""
+    """The folder for the bundle with this sha256, created, marked as just used and held for this process
+    until release() (Model.close)."""
     d = root() / digest[:16]
     d.mkdir(parents=True, exist_ok=True)
     os.utime(d)
+    with _lock:
+        _live[d] = _live.get(d, 0) + 1
     return d
+
+
+def release(d: Path) -> None:
+    with _lock:
+        if _live.get(d, 0) > 1:
+            _live[d] -= 1
+        else:
+            _live.pop(d, None)
 
 
 def prune(keep: Path, *, max_bytes: int | None = None, now: float | None = None) -> list[Path]:
     """Evict the least recently used folders until the cache holds `max_bytes` (default: the limit);
-    `keep` and folders used in the last IN_USE_S seconds stay even past it. Returns what was removed."""
+    `keep`, folders of models loaded in this process and folders used in the last IN_USE_S seconds (by
+    another process, maybe) stay even past it. Returns what was removed."""
     max_bytes = limit() if max_bytes is None else max_bytes
     now = time.time() if now is None else now
     entries = []
     for d in root().iterdir():
-        if d.is_dir() and not d.is_symlink():
-            size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
-            entries.append((d.stat().st_mtime, d, size))
+        try:  # another process may be extracting (a .part renamed) or evicting meanwhile
+            if d.is_dir() and not d.is_symlink():
+                size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+                entries.append((d.stat().st_mtime, d, size))
+        except OSError:
+            continue
     total = sum(size for _, _, size in entries)
     removed = []
+    with _lock:
+        live = set(_live)
     for mtime, d, size in sorted(entries, key=lambda e: e[0]):
         if total <= max_bytes:
             break
-        if d == keep or now - mtime < IN_USE_S:
+        if d == keep or d in live or now - mtime < IN_USE_S:
             continue
         shutil.rmtree(d, ignore_errors=True)
         total -= size

@@ -105,6 +105,7 @@ class Model:
     base: "Model | None" = None  # an adapter bundle's: the genai model whose weights it runs on
     base_slot: dict | None = None  # an adapter's base bundle as its slot's store names it ({"bundle", "sha256"})
     owns_base: bool = False  # the base was loaded for this adapter alone (an agent restart): closed with it
+    extracted: Path | None = None  # its folder in the in-process extraction cache, held until close
 
     @property
     def name(self) -> str:
@@ -479,6 +480,9 @@ class Model:
                 rt.close()
         if self.owns_base and self.base is not None:
             self.base.close()
+        if self.extracted is not None:
+            extracted.release(self.extracted)
+            self.extracted = None
 
 
 def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, threads: int | None = None,
@@ -487,17 +491,16 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
                 sha256: str | None = None, pause: Callable[[], None] | None = None, base: Model | None = None) -> Model:
     """Verify and load a bundle. One pass over the archive checks every member's hash and
     extracts the model file and golden.npz into `model_dir` (default: the user's extraction cache,
-    device_agent/extracted.py, a folder keyed by the bundle's sha256, never beside the bundle); the model
-    is then warmed up and its golden outputs checked (a mismatch raises VerificationError). `bundle` + `verified=True`: the caller already ran that
-    pass (Bundle.verify with extraction into `model_dir`), so nothing is hashed twice. `pause` runs
+    device_agent/extracted.py, a folder keyed by the bundle's sha256, never beside the bundle, held while
+    the model is loaded); the model is then warmed up and its golden outputs checked (a mismatch raises
+    VerificationError). `bundle` + `verified=True`: the caller already ran that pass (Bundle.verify with
+    extraction into `model_dir`), so nothing is hashed twice. `pause` runs
     before each warm-up and golden run: staging beside live models yields to their requests. An adapter
     bundle needs `base`, the loaded genai model (or an adapter on it) whose weights it is pinned to."""
     path = Path(path)
     bundle = bundle or open_bundle(path)
     m = bundle.manifest
     digest = sha256 or sha256_file(path)
-    cached = model_dir is None
-    model_dir = extracted.folder(digest) if cached else Path(model_dir)
     wanted = bundle_members_to_extract(m)
     if m.format == ADAPTER:  # refused before anything is hashed or loaded when the base is not its own
         base = base.base if base is not None and base.base is not None else base
@@ -506,12 +509,31 @@ def load_bundle(path: str | Path, *, model_dir: str | Path | None = None, thread
         if why:
             raise BundleError(f"{path.name}: {why}", hint="push the adapter to the model running its base (push "
                                                            "--model BASE_NAME), or the base it was built for first")
-    if not verified:
-        bundle.verify(extract_to=model_dir, extract=wanted)  # every file's hash, before anything is loaded
-    if cached:
-        extracted.prune(keep=model_dir)
-    if m.format == ADAPTER:
-        return _adapted(base, m, model_dir, path, digest, check=check_golden, pause=pause)
+    cached = model_dir is None
+    model_dir = extracted.folder(digest) if cached else Path(model_dir)  # cached: held until Model.close
+    try:
+        if cached:  # room first, then the bundle's own bytes counted
+            extracted.prune(keep=model_dir)
+        if not verified:
+            bundle.verify(extract_to=model_dir, extract=wanted)  # every file's hash, before anything is loaded
+        if cached:
+            extracted.prune(keep=model_dir)
+        if m.format == ADAPTER:
+            model = _adapted(base, m, model_dir, path, digest, check=check_golden, pause=pause)
+        else:
+            model = _loaded(m, model_dir, path, digest, cache_dir=cache_dir, threads=threads,
+                            allow_cpu_fallback=allow_cpu_fallback, check_golden=check_golden, warmup=warmup,
+                            pause=pause)
+    except BaseException:
+        if cached:
+            extracted.release(model_dir)
+        raise
+    model.extracted = model_dir if cached else None
+    return model
+
+
+def _loaded(m: Manifest, model_dir: Path, path: Path, digest: str, *, cache_dir, threads, allow_cpu_fallback,
+            check_golden: bool, warmup: int, pause) -> Model:
     target = model_dir / m.model_file
     golden = model_dir / m.golden["file"] if m.golden else None
     if golden is not None and golden.stat().st_size > MAX_GOLDEN_BYTES:

@@ -98,11 +98,12 @@ def file_mode() -> int:
 def _write_zip(dest: Path, manifest_bytes: bytes, signature: bytes | None, members: dict) -> None:
     """Write the archive to a temporary file next to `dest`, fsync, rename. `members` maps a
     name to a callable opening its content for reading (streamed, never fully in memory)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = None
     try:
-        os.fchmod(fd, file_mode())  # mkstemp's 0600 would keep web servers and CI artifacts out
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         with os.fdopen(fd, "wb") as raw:
+            os.fchmod(raw.fileno(), file_mode())  # mkstemp's 0600 would keep web servers and CI artifacts out
             with zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_DEFLATED) as zf:
                 zf.writestr(_info(MANIFEST), manifest_bytes)
                 if signature is not None:
@@ -115,7 +116,8 @@ def _write_zip(dest: Path, manifest_bytes: bytes, signature: bytes | None, membe
             os.fsync(raw.fileno())
         os.replace(tmp, dest)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in _NO_ROOM:
             raise _no_room(dest, e) from None
         raise
@@ -205,8 +207,8 @@ class Bundle:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=dest_dir)  # its own: two
         tmp = Path(tmp)  # processes may extract the same bundle into a shared cache at once
         try:
-            os.fchmod(fd, file_mode())
             with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), file_mode())
                 self._stream(zf, name, f.write)
                 f.flush()
                 os.fsync(f.fileno())

@@ -151,15 +151,17 @@ def plan(search, chosen: Chosen, inputs: BuildInputs) -> Plan:
     return Plan(buckets=tuple(buckets), notes=tuple(notes))
 
 
-def share_weights(seq: Plan, main: Path, dest: Path) -> tuple[Path, Plan]:
+def share_weights(seq: Plan, main: Path, dest: Path, *, compiled: bool = False) -> tuple[Path, Plan]:
     """The main model and its length buckets as one .tflite at `dest` (named as the main model), a
     signature per bucket over one copy of the weights (packager.tflite_fb.merge_signatures): the bundle
-    carries them once and the device holds them once. Unchanged when there is nothing to share or the
-    models cannot be merged."""
+    carries them once and the device holds them once. Checked here before it is used: each signature on its
+    bucket's golden inputs gives that bucket's golden outputs, the main graph what the main file gives.
+    Unchanged when there is nothing to share, the models cannot be merged (or are an Edge TPU compiler's),
+    or the check fails (then a note says so)."""
     from packager.formats.tflite_layout import canonical
     from packager.tflite_fb import merge_signatures
 
-    if not seq.buckets:
+    if not seq.buckets or compiled:
         return main, seq
     got = merge_signatures(main.read_bytes(), {f"len{b.length}": b.path.read_bytes() for b in seq.buckets})
     if got is None:
@@ -167,9 +169,41 @@ def share_weights(seq: Plan, main: Path, dest: Path) -> tuple[Path, Plan]:
     data, own = got
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(canonical(data)[0])  # the layout that keeps delta updates small (tflite_layout.py)
+    why = _merged_differs(dest, main, seq.buckets)
+    if why:
+        return main, replace(seq, notes=seq.notes + (f"length buckets kept as files of their own: {why}",))
     buckets = tuple(replace(b, file=dest.name, signature=f"len{b.length}", own_bytes=own[f"len{b.length}"])
                     for b in seq.buckets)
     return dest, replace(seq, buckets=buckets)
+
+
+def _merged_differs(merged: Path, main: Path, buckets: tuple[Bucket, ...]) -> str | None:
+    from edgebundle.errors import EdgepackError
+    from edgeruntime.base import LoadSpec
+    from edgeruntime.litert import LiteRTRuntime
+
+    try:
+        one, whole = LiteRTRuntime.load(str(main), LoadSpec(format="tflite")), LiteRTRuntime.load(str(merged), LoadSpec(format="tflite"))
+    except EdgepackError as e:
+        return f"the merged model does not load here ({str(e).splitlines()[0][:200]})"
+    try:
+        zeros = {t.name: np.zeros(t.shape, t.dtype) for t in one.inputs}
+        want = one.run(zeros)
+        for b in buckets:
+            rt = whole.signature(f"len{b.length}")
+            for feeds, outs in zip(b.golden_inputs, b.golden_outputs):
+                got = rt.run(feeds)
+                if any(not np.allclose(got[k], v, rtol=0, atol=b.atol) for k, v in outs.items()):
+                    return f"its signature len{b.length} does not give that bucket's golden outputs"
+        got = whole.run(zeros)
+        if any(not np.array_equal(got[k], v) for k, v in want.items()):
+            return "its main graph does not give the main model's outputs"
+    except (EdgepackError, KeyError, ValueError, RuntimeError) as e:
+        return f"the merged model does not run here ({str(e).splitlines()[0][:200]})"
+    finally:
+        one.close()
+        whole.close()
+    return None
 
 
 def _bucket(search, chosen: Chosen, inputs: BuildInputs, *, length: int, fits: np.ndarray) -> Bucket:

@@ -107,13 +107,15 @@ def merge_signatures(main: bytes, others: dict[str, bytes]) -> tuple[bytes, dict
 
     fb = schema()
 
-    def mergeable(m) -> bool:
-        return (len(m.subgraphs or ()) == 1 and len(m.signatureDefs or ()) == 1
-                and not any(b.offset for b in m.buffers or ()))
+    from packager.formats.tflite_layout import unsupported
+
+    def mergeable(m) -> bool:  # one graph, one signature, and what the canonical layout can write
+        return len(m.subgraphs or ()) == 1 and len(m.signatureDefs or ()) == 1 and unsupported(m) is None
 
     merged = read_model(main)
-    if not mergeable(merged):
+    if not mergeable(merged) or "serving_default" in others:
         return None
+    merged.signatureDefs[0].signatureKey = "serving_default"  # the main graph: what a runtime picks by name
     seen: dict[bytes, int] = {}
     for i, buf in enumerate(merged.buffers):
         if buf.data is not None and len(buf.data):

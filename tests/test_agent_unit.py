@@ -332,11 +332,15 @@ def test_the_in_process_loader_extracts_into_its_cache_never_beside_the_bundle(t
     m = load_bundle(bundle)
     try:
         assert m.infer({"x": np.full((1, 4), np.e, np.float32)})["y"] == pytest.approx(1.0)
+        (entry,) = (tmp_path / "cache").iterdir()
+        assert extracted.prune(tmp_path / "other", max_bytes=0, now=2e9) == []  # loaded here: held
     finally:
         m.close()
     assert sorted(p.name for p in src.iterdir()) == before  # nothing hidden next to the user's files
-    (entry,) = (tmp_path / "cache").iterdir()
     assert (entry / "model.onnx").is_file() and not list(entry.glob(".*.part"))
+    assert extracted.prune(tmp_path / "other", max_bytes=0, now=2e9) == [entry]  # closed: evictable
+    m = load_bundle(bundle)  # extracted again
+    m.close()
 
     now = 1_000_000.0
     for i, size in enumerate((300, 200, 100)):  # oldest first, all long unused

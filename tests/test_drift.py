@@ -86,17 +86,20 @@ def test_the_agent_scores_drift_per_telemetry_window(tmp_path, broker, versions,
     def window(batch, pred):
         """Images sent until a telemetry window has counted 100 of them: a window is one telemetry interval,
         and on a loaded host 150 requests can straddle two (CI run 27 waited 30 s on a window that never
-        held 100). Bounded: 40 rounds of 50 requests, 60 s."""
+        held 100). Bounded: 60 s, at most 400 rounds of 50 requests."""
         def got(p):
             d = (((p.get("models") or {}).get("digits") or {}).get("drift") or {}).get("image") or {}
             return d.get("values", 0) >= 64 * 100 and pred(d["psi"])
         deadline = time.monotonic() + 60
-        for i in range(40):
+        for i in range(400):
             send(batch[(i % 3) * 50:][:50])
             p = next((p for p in reversed(w.of("/telemetry")) if got(p)), None)
-            if p is not None or time.monotonic() > deadline:
+            if p is not None:
+                return p["models"]["digits"]["drift"]
+            if time.monotonic() > deadline:
                 break
-        return (p or w.wait("/telemetry", got, 5))["models"]["digits"]["drift"]
+            time.sleep(0.05)
+        raise TimeoutError(f"no telemetry window counted 100 images in 60 s: {w.of('/telemetry')[-1:]}")
 
     try:
         own = window(images[:150], lambda psi: True)

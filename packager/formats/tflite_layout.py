@@ -38,7 +38,7 @@ _LAST = (1 << 31,)
 def canonical(data: bytes) -> tuple[bytes, str | None]:
     """(the model in canonical layout, None), or (`data` unchanged, why it was left as it is)."""
     model = read_model(data)
-    why = _unsupported(model)
+    why = unsupported(model)
     if why:
         return data, why
     rank = _graph_order(model)
@@ -55,7 +55,8 @@ def canonical(data: bytes) -> tuple[bytes, str | None]:
     return _serialize(model, rank), None
 
 
-def _unsupported(model) -> str | None:
+def unsupported(model) -> str | None:
+    """Why the model cannot be written again here (buffers outside the flatbuffer, custom ops), or None."""
     if model.externalBuffers or model.externalBufferGroups or any(b.offset > 1 for b in model.buffers or []):
         return "its buffers are stored outside the flatbuffer"
     if not model.buffers or _size(model.buffers[0]):
