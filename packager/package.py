@@ -24,7 +24,8 @@ def package(chosen: Chosen, inputs: BuildInputs, seq: Plan = Plan()) -> TargetRe
     opts, profile, trial, finished = inputs.opts, chosen.profile, chosen.trial, chosen.finished
     art, precision = trial.artifact, trial.candidate.precision
     warnings = _warnings(chosen, inputs) + list(finished.warnings) + list(seq.notes)
-    main, seq = share_weights(seq, finished.path, chosen.work / "shared" / finished.name, compiled=finished.compiled is not None)
+    main, seq = share_weights(seq, finished.path, chosen.work / "shared" / finished.name,
+                              compiled=finished.compiled is not None)
     files = {finished.name: main, **{b.file: b.path for b in seq.buckets if b.signature is None}}
     model_bytes = main.stat().st_size + sum(b.path.stat().st_size for b in seq.buckets if b.signature is None)
     golden = None

@@ -4,8 +4,9 @@
   about a run's cost), so a bundle holds one model per length bucket instead. The candidate search
   runs at max_length; the precision it chose is then converted again at each smaller bucket,
   validated against the source on the validation texts that fit it, and packaged in the main
-  model's file as a signature of its own over the same weight buffers (share_weights). The agent runs each text in the smallest bucket that holds it. A bucket that does not
-  convert or fails the gate is left out and said so: its texts run in the next larger one.
+  model's file as a signature of its own over the same weight buffers (share_weights). The agent
+  runs each text in the smallest bucket that holds it. A bucket that does not convert or fails the
+  gate is left out and said so: its texts run in the next larger one.
 - jetson-gpu: the TensorRT EP builds its engine for one optimisation profile (min/opt/max shape of
   each dynamic input); the bundle records one from the data (opt: the median length) and the agent
   passes it to the EP. ONNX Runtime on a CPU takes any length: requests run unpadded.
@@ -153,13 +154,13 @@ def plan(search, chosen: Chosen, inputs: BuildInputs) -> Plan:
 
 def share_weights(seq: Plan, main: Path, dest: Path, *, compiled: bool = False) -> tuple[Path, Plan]:
     """The main model and its length buckets as one .tflite at `dest` (named as the main model), a
-    signature per bucket over one copy of the weights (packager.tflite_fb.merge_signatures): the bundle
+    signature per bucket over one copy of the weights (packager/formats/tflite_merge.py): the bundle
     carries them once and the device holds them once. Checked here before it is used: each signature on its
     bucket's golden inputs gives that bucket's golden outputs, the main graph what the main file gives.
     Unchanged when there is nothing to share, the models cannot be merged (or are an Edge TPU compiler's),
     or the check fails (then a note says so)."""
     from packager.formats.tflite_layout import canonical
-    from packager.tflite_fb import merge_signatures
+    from packager.formats.tflite_merge import merge_signatures
 
     if not seq.buckets or compiled:
         return main, seq
@@ -183,7 +184,8 @@ def _merged_differs(merged: Path, main: Path, buckets: tuple[Bucket, ...]) -> st
     from edgeruntime.litert import LiteRTRuntime
 
     try:
-        one, whole = LiteRTRuntime.load(str(main), LoadSpec(format="tflite")), LiteRTRuntime.load(str(merged), LoadSpec(format="tflite"))
+        one = LiteRTRuntime.load(str(main), LoadSpec(format="tflite"))
+        whole = LiteRTRuntime.load(str(merged), LoadSpec(format="tflite"))
     except EdgepackError as e:
         return f"the merged model does not load here ({str(e).splitlines()[0][:200]})"
     try:

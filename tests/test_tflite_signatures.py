@@ -1,4 +1,4 @@
-"""Length buckets as signatures of one .tflite (packager.tflite_fb.merge_signatures, LiteRTRuntime.signature)
+"""Length buckets as signatures of one .tflite (packager/formats/tflite_merge.py, LiteRTRuntime.signature)
 on two FULLY_CONNECTED models written with the schema's object API (no converter): rows 8 and rows 2 of
 the same weights, each with a bias of its own. The merged file stores the shared weights once and each
 signature computes what its own model computed; the main graph keeps running beside the bucket's."""
@@ -44,7 +44,8 @@ def _fc(rows: int, w: np.ndarray, bias: np.ndarray) -> bytes:
     graph.tensors = [tensor("x", [rows, N], 3), tensor("w", [K, N], 1), tensor("b", [K], 2), tensor("y", [rows, K], 4)]
     graph.inputs, graph.outputs, graph.operators = [0], [3], [op]
     sig = fb.SignatureDefT()
-    sig.signatureKey, sig.subgraphIndex, sig.inputs, sig.outputs = "serving_default", 0, [mapped("x", 0)], [mapped("y", 3)]
+    sig.signatureKey, sig.subgraphIndex = "serving_default", 0
+    sig.inputs, sig.outputs = [mapped("x", 0)], [mapped("y", 3)]
     model = fb.ModelT()
     model.version, model.operatorCodes, model.subgraphs, model.signatureDefs = 3, [code], [graph], [sig]
     model.buffers = [buffer(), buffer(w), buffer(bias), buffer(), buffer()]
@@ -57,7 +58,7 @@ def test_buckets_merged_into_one_file_share_the_weights_and_compute_the_same(tmp
     pytest.importorskip("ai_edge_litert")
     from edgeruntime.litert import LiteRTRuntime
     from packager.formats.tflite_layout import canonical
-    from packager.tflite_fb import merge_signatures
+    from packager.formats.tflite_merge import merge_signatures
 
     rng = np.random.default_rng(3)
     w, b8, b2 = rng.normal(size=(K, N)), rng.normal(size=K), rng.normal(size=K)
