@@ -23,9 +23,9 @@ def package(chosen: Chosen, inputs: BuildInputs, seq: Plan = Plan()) -> TargetRe
     """The bundle, written once its report is complete; the result carries both."""
     opts, profile, trial, finished = inputs.opts, chosen.profile, chosen.trial, chosen.finished
     art, precision = trial.artifact, trial.candidate.precision
-    warnings = _warnings(chosen, inputs) + list(finished.warnings) + list(seq.notes)
     main, seq = share_weights(seq, finished.path, chosen.work / "shared" / finished.name,
                               compiled=finished.compiled is not None)
+    warnings = _warnings(chosen, inputs) + list(finished.warnings) + list(seq.notes)  # share_weights' note too
     files = {finished.name: main, **{b.file: b.path for b in seq.buckets if b.signature is None}}
     model_bytes = main.stat().st_size + sum(b.path.stat().st_size for b in seq.buckets if b.signature is None)
     golden = None

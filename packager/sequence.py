@@ -29,7 +29,7 @@ from packager.results import Chosen
 from packager.sources import InputSpec, Source
 from targets import Format, TargetProfile
 
-QUANTILES = (0.1, 0.5, 0.9)  # each names a bucket: the power of two at or above that share of the lengths
+SHORTEST_QUANTILE = 0.1  # the shortest bucket: the power of two at or above this share of the lengths
 MIN_BUCKET = 8
 MOST_BUCKETS = 8  # the main model and up to 7 below it: 8 ... 512 for a 1,024-token model
 GOLDEN_PER_BUCKET = 3
@@ -92,7 +92,7 @@ def choose_buckets(lengths, max_length: int) -> tuple[int, ...]:
     at build time and a few kB in the bundle."""
     if len(lengths) == 0:
         return ()
-    smallest = max(MIN_BUCKET, 1 << int(np.ceil(np.log2(max(float(np.quantile(lengths, QUANTILES[0])), 1)))))
+    smallest = max(MIN_BUCKET, 1 << int(np.ceil(np.log2(max(float(np.quantile(lengths, SHORTEST_QUANTILE)), 1)))))
     sizes = []
     while smallest < max_length:
         sizes.append(smallest)
