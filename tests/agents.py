@@ -52,7 +52,7 @@ class AgentProc:
         self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,
                                      preexec_fn=self.preexec)
         if wait_ready:
-            wait_until(lambda: self._get("/v2/health/ready") == 200 or self.proc.poll() is not None, 30,
+            wait_until(lambda: self._get("/v2/health/ready") == 200 or self.proc.poll() is not None, 60,
                        what="agent ready")
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
         return self
