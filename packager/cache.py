@@ -39,6 +39,9 @@ class BuildCache:
     onnx_unprocessed: str | None = None  # why that is the plain graph: ORT's pre-processing failed
     onnx_calibration: dict[CalibrationMethod, Path] = field(default_factory=dict)  # ORT calibration caches
     float_tensors: dict[Path, dict[str, np.ndarray]] = field(default_factory=dict)  # fp32 intermediates
+    # fp32 tensors' max |value| per channel on calibration data, by name (dynamic range's smoothing):
+    # shared with the length buckets, so that every bucket's weights come out the same and are shared
+    ranges: dict[str, np.ndarray] = field(default_factory=dict)
     artifacts: dict[ArtifactKey, object] = field(default_factory=dict)  # registry.Artifact, or the error it raised
     bridged: dict[tuple, object] = field(default_factory=dict)  # registry.Bridge results (a path or the error)
     device_profiles: dict[tuple[str, str], dict] = field(default_factory=dict)  # (target, fp32 path) -> device figures
@@ -51,7 +54,8 @@ class BuildCache:
         """The cache of the source resolved at another sequence length (packager/sequence.py)."""
         if length not in self.lengths:
             self.lengths[length] = BuildCache(workdir=self.workdir / f"length-{length}", timer=self.timer,
-                                              store=self.store, keyed=dict(self.keyed, length=length))
+                                              store=self.store, keyed=dict(self.keyed, length=length),
+                                              ranges=self.ranges)
         return self.lengths[length]
 
     def path(self, name: str) -> Path:

@@ -117,6 +117,10 @@ class Backend(ABC):
         """Why `auto` does not try `step` on `profile` (the precisions in `slower` were slower than fp32)."""
         return None
 
+    def reads_calibration(self, precision: Precision) -> bool:
+        """Does converting `precision` read the calibration data (part of its build-cache key)?"""
+        return precision in self.calibrated
+
     # ---- sources packaged as they are ----
 
     def packages_as_is(self, source: Source) -> bool:

@@ -221,8 +221,8 @@ class CandidateSearch:
             return None
         parts = {**cache.keyed, "format": self.profile.format.value, "opset": ctx.opset, "allow_flex": ctx.allow_flex,
                  "what": "fp32" if cand is None else "candidate"}
-        if cand is None or cand.precision not in self.backend.calibrated:
-            parts.pop("calibration", None)  # only calibrated precisions read the calibration data
+        if cand is None or not self.backend.reads_calibration(cand.precision):
+            parts.pop("calibration", None)  # only some precisions read the calibration data
         if cand is not None:
             parts.update(backend=type(self.backend).__name__, precision=cand.precision.value,
                          keep_float=list(cand.keep_float), variant=self.backend.variant(ctx),

@@ -247,7 +247,7 @@ def test_matmul_graphs_try_dynamic_int8_first_on_tflite_cpu_targets(tmp_path):
     src = load_source(tmp_path / "dense.onnx", workdir=tmp_path)
     arm = load_profile("arm-cpu")
     labels = [s.label for s in backend_for(arm).plan(src, arm, Precision.AUTO)]
-    assert labels == ["dynamic", "int8", "int8-mixed", "int16x8", "fp16", "fp32"]
+    assert labels == ["dynamic", "dynamic-mixed", "int8", "int8-mixed", "int16x8", "fp16", "fp32"]
     assert [s.label for s in backend_for(arm).plan(src, arm, Precision.INT8)] == ["int8"]
     coral = load_profile("coral")
     assert "dynamic" not in [s.label for s in backend_for(coral).plan(src, coral, Precision.AUTO)]

@@ -45,6 +45,9 @@ class GraphView:
     alias: dict  # candidate tensor name -> float model tensor name holding the same value
     lowered: tuple[Lowered, ...]
     channel_axis: int  # -1 for NHWC (TFLite), 1 for NCHW (ONNX)
+    # What a node must add to be blamed for certain. A view of only the ops that can be kept in float
+    # (dynamic range: its hybrid ops) ranks them all: 0.
+    node_limit: float = NODE_LIMIT
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Blame:
     name: str
     op: str
     error: float
+    limit: float = NODE_LIMIT  # above it the finding is significant
 
     def text(self) -> str:
         if self.what == "tensor":
@@ -170,7 +174,7 @@ def blame(view: GraphView, ref: dict[str, np.ndarray], got: dict[str, np.ndarray
         if e > 0:
             nodes = tuple(dict.fromkeys(producers.get(r, []) + consumers.get(r, [])))
             if nodes:
-                found.append(Blame(nodes, "tensor", r, kinds.get(nodes[0], "?"), e))
+                found.append(Blame(nodes, "tensor", r, kinds.get(nodes[0], "?"), e, TENSOR_LIMIT))
     for op in view.ops:
         outs = [e for e in (err(t) for t in op.outputs) if e == e]
         ins = [e for e in (err(t) for t in op.inputs) if e == e]
@@ -178,7 +182,7 @@ def blame(view: GraphView, ref: dict[str, np.ndarray], got: dict[str, np.ndarray
             continue
         added = max(outs) - (max(ins) if ins else 0.0)
         if added > 0:
-            found.append(Blame((op.name,), "node", op.name, op.kind, added))
+            found.append(Blame((op.name,), "node", op.name, op.kind, added, view.node_limit))
     found.sort(key=lambda b: -b.error)
     unique = {}
     for b in found:  # a tensor can be reached twice (a graph input and its quantized copy)
@@ -187,7 +191,7 @@ def blame(view: GraphView, ref: dict[str, np.ndarray], got: dict[str, np.ndarray
 
 
 def significant(b: Blame) -> bool:
-    return b.error > (TENSOR_LIMIT if b.what == "tensor" else NODE_LIMIT)
+    return b.error > b.limit
 
 
 def pick(found: list[Blame], already: tuple[str, ...], *, limit: int) -> tuple[str, ...]:
