@@ -7,7 +7,7 @@ loaded, 2 threads, batch 1, interleaved rounds) at 16 and 128 tokens, three time
 x86-cpu: the `--quantize auto` bundle against ORT fp32 (the folder's export), ORT dynamic int8
 (quantize_dynamic, per-channel QInt8: ORT's BERT recipe, what Optimum's avx2/arm64 presets do) and
 ORT's transformer optimizer (attention, skip-LayerNorm, GELU fusions) alone and followed by the same
-dynamic int8. Each is judged by the build's own gate on held-out texts against torch (cosine >= 0.99
+dynamic int8 or by edgepack's dynamic-block (MatMulNBits 8-bit, block 128). Each is judged by the build's own gate on held-out texts against torch (cosine >= 0.99
 mean, >= 0.98 min, nearest neighbour kept for >= 95 %); the ratio is to the fastest anchor that passes.
 arm-cpu: the auto bundle against the fp32 TFLite bundle (`--quantize fp32`), both run by the agent
 from text (tokenizer and length buckets included), so a 16-token text runs in its small bucket.
@@ -80,8 +80,20 @@ def anchors(fp32: Path, out: Path, cfg: dict) -> dict[str, Path]:
                    hidden_size=cfg["hidden_size"], opt_level=1).save_model_to_file(str(opt))
     quantize_dynamic(str(opt), str(opt_dyn), weight_type=QuantType.QInt8, per_channel=True,
                      extra_options={"DefaultTensorType": 1})
+    # the optimizer's fused graph, then edgepack's dynamic-block recipe (MatMulNBits 8-bit, block 128)
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from packager.formats.onnx import BLOCK
+
+    opt_block = out / "ort-optimized-block.onnx"
+    q = MatMulNBitsQuantizer(onnx.load(str(opt)), bits=8, block_size=BLOCK, is_symmetric=True, accuracy_level=4,
+                             algo_config=DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=True,
+                                                                      accuracy_level=4, bits=8))
+    q.process()
+    q.model.save_model_to_file(str(opt_block), use_external_data_format=False)
     return {"ORT fp32": fp32, "ORT dynamic int8": dyn, "ORT optimizer (fp32)": opt,
-            "ORT optimizer + dynamic int8": opt_dyn}
+            "ORT optimizer + dynamic int8": opt_dyn, "ORT optimizer + dynamic-block": opt_block}
 
 
 def nearest(e: np.ndarray) -> np.ndarray:

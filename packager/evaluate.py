@@ -136,6 +136,23 @@ def compare(ref: list[Feeds], got: list[Feeds], outputs: list[str], labels: np.n
     return accuracy(ref, got, outputs, labels).to_dict()
 
 
+def no_worse(acc: Accuracy, than: Accuracy, samples: int) -> bool:
+    """Is `acc` as close to the reference as `than`, on the same `samples`? Within one sample's worth
+    of agreement (top-1, exact, nearest neighbour) and 1e-4 of cosine: a length bucket against the
+    chosen model, which computes the same thing padded further."""
+    one = 1 / max(samples, 1)
+    for name, m in acc.outputs.items():
+        o = than.outputs.get(name)
+        if o is None or m.nan_or_inf > o.nan_or_inf:
+            return False
+        pairs = ((m.top1_agreement, o.top1_agreement, one), (m.agreement, o.agreement, one),
+                 (m.neighbour_agreement, o.neighbour_agreement, one), (m.cosine_similarity, o.cosine_similarity, 1e-4))
+        if any(a is not None and b is not None and a < b - tol for a, b, tol in pairs):
+            return False
+    drop, base = acc.accuracy_drop_points, than.accuracy_drop_points
+    return drop is None or base is None or drop <= base + 100 * one
+
+
 def judge(metrics: Accuracy | Mapping, gate: Gate) -> list[str]:
     """Why the bundle fails the gate (empty: it passes). NaN/Inf always fails. `metrics` may be a
     report's JSON (its accuracy section)."""

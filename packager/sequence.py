@@ -5,8 +5,9 @@
   runs at max_length; the precision it chose is then converted again at each smaller bucket,
   validated against the source on the validation texts that fit it, and packaged in the main
   model's file as a signature of its own over the same weight buffers (share_weights). The agent
-  runs each text in the smallest bucket that holds it. A bucket that does not convert or fails the
-  gate is left out and said so: its texts run in the next larger one.
+  runs each text in the smallest bucket that holds it. A bucket that does not convert, or fails the
+  gate where the chosen model passes on the same texts, is left out and said so: its texts run in
+  the next larger one.
 - jetson-gpu: the TensorRT EP builds its engine for one optimisation profile (min/opt/max shape of
   each dynamic input); the bundle records one from the data (opt: the median length) and the agent
   passes it to the EP. ONNX Runtime on a CPU takes any length: requests run unpadded.
@@ -22,7 +23,7 @@ import numpy as np
 from edgebundle.errors import AccuracyGateError, EdgepackError
 from edgeruntime.text import Role, TextSettings
 from packager.data import Dataset
-from packager.evaluate import accuracy, golden_tolerance, judge
+from packager.evaluate import accuracy, golden_tolerance, judge, no_worse
 from packager.figures import Accuracy
 from packager.options import BuildInputs
 from packager.results import Chosen
@@ -50,6 +51,7 @@ class Bucket:
     atol: float
     signature: str | None = None  # set by share_weights: a signature of the main model's file, not a file
     own_bytes: int | None = None  # then: the weight bytes it could not share with the main model
+    note: str = ""  # kept though it missed the gate on its texts, and why (the report's notes)
 
     def to_dict(self) -> dict:
         """The manifest's entry (text.buckets)."""
@@ -146,6 +148,7 @@ def plan(search, chosen: Chosen, inputs: BuildInputs) -> Plan:
         inputs.progress(f"[{profile.name}] {chosen.trial.candidate.label}: length bucket {length}")
         try:
             buckets.append(_bucket(search, chosen, inputs, length=length, fits=np.flatnonzero(valid_lengths <= length)))
+            notes += [buckets[-1].note] if buckets[-1].note else []
         except EdgepackError as e:
             notes.append(f"length bucket {length} left out (its texts run at the next length): "
                          f"{str(e).splitlines()[0][:300]}")
@@ -230,16 +233,24 @@ def _bucket(search, chosen: Chosen, inputs: BuildInputs, *, length: int, fits: n
                                f"{chosen.trial.candidate.label} at length {length}: validating on {len(valid)} texts")
     names = [o.name for o in chosen.trial.specs[1]]
     labels = inputs.valid.labels[fits] if inputs.valid.labels is not None else None
-    acc = accuracy([inputs.reference[i] for i in fits], outs, names, labels)
-    why = judge(acc, inputs.opts.gate)
+    ref = [inputs.reference[i] for i in fits]
+    acc = accuracy(ref, outs, names, labels)
+    why, note = judge(acc, inputs.opts.gate), ""
     if why:
-        raise AccuracyGateError(f"fails the accuracy gate on its {len(fits)} texts: {'; '.join(why)}")
+        # The chosen model passed on every validation text; on a subset of them it may not (MPNet's
+        # neighbours: 94.4 % of the 196 texts that fit 32 tokens). A bucket that does as well as it on
+        # those texts computes what was chosen; only one that does worse is left out.
+        main = accuracy(ref, [chosen.trial.outputs[i] for i in fits], names, labels) if chosen.trial.outputs else None
+        if main is None or not judge(main, inputs.opts.gate) or not no_worse(acc, main, len(fits)):
+            raise AccuracyGateError(f"fails the accuracy gate on its {len(fits)} texts: {'; '.join(why)}")
+        note = (f"length bucket {length} kept: on its {len(fits)} texts it misses the gate ({'; '.join(why)}) "
+                f"no more than the chosen model does on the same texts (which passed on all {len(inputs.valid)})")
     finished = search.backend.finish(art, chosen.profile, work, name=inputs.name, version=inputs.opts.version)
     stem, suffix = Path(chosen.finished.name).stem, Path(chosen.finished.name).suffix
     n = GOLDEN_PER_BUCKET
     return Bucket(length=length, path=finished.path, file=f"{stem}.len{length}{suffix}", accuracy=acc,
                   golden_inputs=tuple(valid[:n]), golden_outputs=tuple(outs[:n]),
-                  atol=golden_tolerance(chosen.trial.candidate.precision.value, outs[:n]))
+                  atol=golden_tolerance(chosen.trial.candidate.precision.value, outs[:n]), note=note)
 
 
 def at_length(source: Source, length: int) -> Source:

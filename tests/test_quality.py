@@ -52,6 +52,24 @@ def test_embeddings_face_the_ranking_check():
     assert not judge(m, Gate(min_neighbours=0.0))
 
 
+def test_a_bucket_no_worse_than_the_chosen_model_on_its_texts():
+    """A length bucket that misses the ranking gate on its texts is kept when the chosen model misses it
+    on the same texts as much (packager/sequence.py): within one text's worth of neighbours and 1e-4
+    of cosine; one that reorders more is not."""
+    from packager.evaluate import accuracy, no_worse
+
+    rng = np.random.default_rng(3)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    ref = unit(np.repeat(rng.normal(size=(8, 32)), 3, axis=0) + 0.05 * rng.normal(size=(24, 32)))
+    chosen = unit(ref + 0.05 * rng.normal(size=ref.shape))
+    acc = lambda got: accuracy(_rows(ref), _rows(got), ["out"])  # noqa: E731
+    main = acc(chosen)
+    assert judge(main, Gate())  # the chosen model misses on these texts too
+    assert no_worse(acc(chosen + 1e-6), main, 24)  # the same model, padded further: the same answers
+    assert not no_worse(acc(unit(ref + 0.2 * rng.normal(size=ref.shape))), main, 24)  # worse: left out
+    assert no_worse(acc(ref), main, 24) and not no_worse(main, acc(ref), 24)
+
+
 def test_gate_on_class_scores_with_and_without_labels():
     rng = np.random.default_rng(1)
     ref = rng.dirichlet(np.ones(4), size=200)

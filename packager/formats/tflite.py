@@ -145,15 +145,45 @@ RANGE_SAMPLES = 16  # calibration samples the smoothing's activation ranges come
 
 
 def _ranges(ctx: ConvertContext, fp32: Path, names: set[str]) -> dict[str, np.ndarray]:
-    """Max |value| per channel (last axis) of the named fp32 tensors on calibration samples; kept in
-    the build cache, which the length buckets share."""
+    """Max |value| per channel (last axis) of the named fp32 tensors on calibration samples, from the
+    main model (at max_length): kept in the build cache, which the length buckets share, and in the
+    cache across builds beside the candidate, so that a bucket converted after a main model that came
+    from there gets the same ranges, hence the same weights (shared), as when it was converted."""
     have = ctx.cache.ranges
+    if names - have.keys():
+        have.update(_stored_ranges(ctx))
     missing = names - have.keys()
     samples = ctx.calibration.samples[:RANGE_SAMPLES] if ctx.calibration else ([ctx.sample] if ctx.sample else [])
     if missing and samples:
         got = _tensors(fp32.read_bytes(), samples, missing)[0]
         have.update({n: np.abs(v).reshape(-1, v.shape[-1]).max(axis=0) for n, v in got.items() if v.ndim >= 2})
+        if "length" not in ctx.cache.keyed:  # the main model's: what its buckets must use
+            _keep_ranges(ctx, have)
     return {n: have[n] for n in names if n in have}
+
+
+def _ranges_key(ctx: ConvertContext) -> str | None:
+    k, store = ctx.cache.keyed, ctx.cache.store
+    return store.key({"what": "smoothing-ranges", "model": k.get("model"), "inputs": k.get("inputs"),
+                      "calibration": k.get("calibration"), "allow_flex": ctx.allow_flex}) if store else None
+
+
+def _stored_ranges(ctx: ConvertContext) -> dict[str, np.ndarray]:
+    key = _ranges_key(ctx)
+    hit = ctx.cache.store.get(key, ctx.cache.path("ranges")) if key else None
+    if hit is None:
+        return {}
+    with np.load(hit.path) as z:
+        return {n: z[f"r{i}"] for i, n in enumerate(hit.info.get("names", []))}
+
+
+def _keep_ranges(ctx: ConvertContext, ranges: dict[str, np.ndarray]) -> None:
+    key = _ranges_key(ctx)
+    if key:
+        names = sorted(ranges)
+        out = ctx.cache.path("smoothing-ranges.npz")
+        np.savez(out, **{f"r{i}": ranges[n] for i, n in enumerate(names)})
+        ctx.cache.store.put(key, out, {"names": names})
 
 
 def _int16x8(ctx: ConvertContext) -> tuple[bytes, dict]:
