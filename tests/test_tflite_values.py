@@ -54,9 +54,10 @@ def test_value_projection_weights_come_back_in_float(tmp_path):
     subprocess.run([sys.executable, "-c", CONVERT, str(WIDTH), str(tmp_path)], check=True, timeout=300,
                    capture_output=True)
     fp32, dynamic = (tmp_path / "fp32.tflite").read_bytes(), (tmp_path / "dynamic.tflite").read_bytes()
+    fp32_weights = tflite_values.float_weights(read_model(fp32))
     assert len(tflite_values.value_projections(read_model(dynamic))) == 1
     assert tflite_values.value_projections(read_model(fp32))  # found by shape, whatever the weights' type
-    mixed, names = tflite_values.float_values(dynamic, fp32)
+    mixed, names = tflite_values.float_values(dynamic, fp32_weights)
     assert len(names) == 1 and "value" in names[0], names
     model = read_model(mixed)
     types = {t.name.decode(): t.type for t in model.subgraphs[0].tensors}
@@ -75,9 +76,9 @@ def test_value_projection_weights_come_back_in_float(tmp_path):
     weights = [read_model(dynamic).subgraphs[0].tensors[op.inputs[1]].name.decode() for op in hybrid]
     assert len(hybrid) == 3 and names[0] in weights, weights
     query = next(w for w in weights if "query" in w)
-    more, kept = tflite_values.float_values(dynamic, fp32, (query,))
+    more, kept = tflite_values.float_values(dynamic, fp32_weights, (query,))
     assert sorted(kept) == sorted([names[0], query]) and len(tflite_values.hybrid_ops(read_model(more))) == 1
-    assert tflite_values.float_values(dynamic, fp32, ("no such weight",))[1] == names
+    assert tflite_values.float_values(dynamic, fp32_weights, ("no such weight",))[1] == names
 
 
 def test_smoothing_divides_the_outlier_channel_out_of_the_rows_scale(tmp_path):

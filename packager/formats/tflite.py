@@ -130,11 +130,11 @@ def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
     if not keep and not transformer:
         return data, details  # as the converter wrote it
     fp32 = TFLiteBackend().fp32(ctx)
-    data, kept = tflite_values.float_values(data, fp32.read_bytes(), keep)
+    weights = tflite_values.float_weights(read_model(fp32.read_bytes()))  # read once, for both steps
+    data, kept = tflite_values.float_values(data, weights, keep)
     parts = ["the attention value projections"] * transformer + [f"{len(keep)} more projections"] * bool(keep)
     details.update(weights=f"int8; in float (stored as fp16): {' and '.join(parts)}", float_nodes=kept)
     if transformer:  # the LayerNorm outputs' outlier channels
-        weights = tflite_values.float_weights(read_model(fp32.read_bytes()))
         data, smoothed = tflite_smooth.smooth(data, weights, lambda names: _ranges(ctx, fp32, names))
         if smoothed:
             details["smoothed"] = len(smoothed)  # projections whose inputs are divided per channel (tflite_smooth.py)

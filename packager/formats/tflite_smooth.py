@@ -62,7 +62,7 @@ def smooth(dynamic: bytes, weights: dict[bytes, np.ndarray], ranges: Callable[[s
 def _divided(model, x: int, s: np.ndarray) -> int:
     """A MUL by 1/s after tensor `x`, placed right after x's producer (or first, for a graph input);
     returns its output tensor's index."""
-    from packager.formats.tflite_values import _empty_buffer, _opcode
+    from packager.formats.tflite_values import empty_buffer, opcode_index
 
     schema = fb_schema()
     graph = model.subgraphs[0]
@@ -76,10 +76,10 @@ def _divided(model, x: int, s: np.ndarray) -> int:
     src = graph.tensors[x]
     out.shape, out.type, out.name = list(src.shape), schema.TensorType.FLOAT32, src.name + SUFFIX.encode()
     out.shapeSignature = src.shapeSignature
-    out.buffer = _empty_buffer(model)
+    out.buffer = empty_buffer(model)
     graph.tensors += [inv, out]
     mul = schema.OperatorT()
-    mul.opcodeIndex = _opcode(model, schema.BuiltinOperator.MUL, version=1)
+    mul.opcodeIndex = opcode_index(model, schema.BuiltinOperator.MUL, version=1)
     mul.inputs = np.array([x, len(graph.tensors) - 2], np.int32)
     mul.outputs = np.array([len(graph.tensors) - 1], np.int32)
     mul.builtinOptionsType = schema.BuiltinOptions.MulOptions

@@ -25,15 +25,16 @@ from packager.tflite_fb import op_names, read_model, schema as fb_schema
 _THROUGH = frozenset({"RESHAPE", "TRANSPOSE"})
 
 
-def float_values(dynamic: bytes, fp32: bytes, keep: tuple[str, ...] = ()) -> tuple[bytes, list[str]]:
+def float_values(dynamic: bytes, weights: dict[bytes, np.ndarray],
+                 keep: tuple[str, ...] = ()) -> tuple[bytes, list[str]]:
     """(the dynamic-range model with its attention value projections' weights, and those of the hybrid
-    ops whose weight tensors `keep` names, in float (stored as fp16); the names of the weights put back)."""
+    ops whose weight tensors `keep` names, in float (stored as fp16); the names of the weights put back).
+    `weights`: the fp32 model's constants by tensor name (float_weights)."""
     from tensorflow.lite.tools.flatbuffer_utils import convert_object_to_bytearray
 
     schema = fb_schema()
     model = read_model(dynamic)
     graph = model.subgraphs[0]
-    weights = float_weights(read_model(fp32))
     names = []
     wanted = set(keep)
     ops = value_projections(model) + [op for op in hybrid_ops(model)
@@ -60,15 +61,15 @@ def _half(model, op, w: np.ndarray) -> None:
     half.shape, half.type, half.name = list(t.shape), schema.TensorType.FLOAT16, t.name + b"/fp16"
     half.buffer = t.buffer  # its buffer now holds the fp16 values; the float32 tensor has none
     model.buffers[t.buffer].data = np.frombuffer(w.astype(np.float16).tobytes(), np.uint8)
-    t.type, t.quantization, t.buffer = schema.TensorType.FLOAT32, None, _empty_buffer(model)
+    t.type, t.quantization, t.buffer = schema.TensorType.FLOAT32, None, empty_buffer(model)
     graph.tensors.append(half)
     deq = schema.OperatorT()
-    deq.opcodeIndex = _opcode(model, schema.BuiltinOperator.DEQUANTIZE, version=3)  # version 3: fp16 input
+    deq.opcodeIndex = opcode_index(model, schema.BuiltinOperator.DEQUANTIZE, version=3)  # version 3: fp16 input
     deq.inputs, deq.outputs = np.array([len(graph.tensors) - 1], np.int32), np.array([op.inputs[1]], np.int32)
     graph.operators.insert(next(i for i, o in enumerate(graph.operators) if o is op), deq)
 
 
-def _empty_buffer(model) -> int:
+def empty_buffer(model) -> int:
     """Index of a buffer without data (TFLite's convention: buffer 0), added when there is none."""
     schema = fb_schema()
     if model.buffers and (model.buffers[0].data is None or len(model.buffers[0].data) == 0):
@@ -77,7 +78,8 @@ def _empty_buffer(model) -> int:
     return len(model.buffers) - 1
 
 
-def _opcode(model, builtin: int, *, version: int) -> int:
+def opcode_index(model, builtin: int, *, version: int) -> int:
+    """Index of the builtin's operator code (raised to `version`), added when the model has none."""
     for i, oc in enumerate(model.operatorCodes):
         if max(oc.builtinCode, oc.deprecatedBuiltinCode) == builtin:
             oc.version = max(oc.version, version)
