@@ -6,6 +6,11 @@
 - `import device_agent`, target <= 0.3 s (and the modules `run` imports, for reference).
 
     python benchmarks/agent_footprint.py
+    python benchmarks/agent_footprint.py --text BUNDLE   # a text bundle with length buckets
+
+--text: the agent's RSS once a text of each bucket's length ran (target: 1.5x the model's bytes + 150 MB,
+issue 27), beside LiteRT alone holding the model both ways: the Interpreter (XNNPACK packs the weights
+per signature) and CompiledModel with XNNPACK's weight cache (packed once; what the agent uses).
 """
 from __future__ import annotations
 
@@ -67,7 +72,75 @@ def runtime_only_rss(model_file: Path) -> tuple[float, float]:
     return before, after
 
 
+_BOTH_WAYS = """
+import sys, numpy as np
+def rss(): return [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmRSS')][0]
+path, way = sys.argv[1], sys.argv[2]
+base = rss()
+if way == 'interpreter':
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=path)
+    for key in it.get_signature_list():
+        r = it.get_signature_runner(key)
+        r(**{n: np.ones(d['shape'], d['dtype']) for n, d in r.get_input_details().items()})
+else:
+    sys.path.insert(0, sys.argv[3])
+    from edgeruntime.litert import LiteRTRuntime, metadata_interpreter
+    rt = LiteRTRuntime.load(path)
+    for key in metadata_interpreter(path).get_signature_list():
+        s = rt.signature(key)
+        s.run(s.sample_inputs())
+print(base, rss())
+"""
+
+
+def text_footprint(bundle: Path) -> None:
+    """The agent serving a text bundle, every bucket run once; LiteRT alone both ways beside it."""
+    import zipfile
+
+    from _procs import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    with zipfile.ZipFile(bundle) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        model_bytes = z.getinfo(manifest["model_file"]).file_size
+        buckets = manifest["text"]["settings"]["buckets"] or [manifest["text"]["settings"]["max_length"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        cmd = [sys.executable, "-m", "device_agent.cli", "run", "--data-dir", f"{tmp}/d", "--api-port", str(port),
+               "--telemetry-interval", "600", "--log-format", "text", "--bundle", str(bundle)]
+        proc, ready = start_to_ready(cmd, port)
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            for length in buckets:  # about that many tokens: each bucket's model runs
+                text = " ".join(["word"] * max(1, length - 4))
+                body = json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]})
+                c.request("POST", f"/v2/models/{manifest['name']}/infer", body=body.encode())
+                r = c.getresponse()
+                assert r.status == 200, r.read()[:300]
+                r.read()
+            agent = rss_mb(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(15)
+        model_file = next(Path(tmp, "d", "models").rglob(manifest["model_file"]))
+        ways = {}
+        for way in ("interpreter", "compiled"):
+            out = subprocess.run([sys.executable, "-c", _BOTH_WAYS, str(model_file), way, str(root)],
+                                 capture_output=True, text=True, check=True)
+            before, after = map(float, out.stdout.strip().splitlines()[-1].split())
+            ways[way] = after - before
+    goal = 1.5 * model_bytes / 1e6 + 150
+    print(f"bundle: {bundle.name} ({bundle.stat().st_size / 1e6:.1f} MB; model {model_bytes / 1e6:.1f} MB; "
+          f"buckets {buckets}); ready in {ready:.1f} s")
+    print(f"agent RSS after a text of each bucket's length: {agent:.1f} MB (target <= 1.5x model + 150 = {goal:.0f} MB)")
+    print(f"  LiteRT alone, every signature run once: Interpreter +{ways['interpreter']:.1f} MB, "
+          f"CompiledModel with XNNPACK's weight cache +{ways['compiled']:.1f} MB")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--text"]:
+        return text_footprint(Path(sys.argv[2]))
     from _bundles import mobilenet_bundle
     from _procs import free_port
 

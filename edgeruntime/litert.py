@@ -22,9 +22,10 @@ _fd2 = threading.Lock()
 
 
 @contextlib.contextmanager
-def _without_xnnpack_info():
+def _without_xnnpack_info(*, chatter: bool = False):
     """The native stderr (fd 2) held while LiteRT sets up: everything it wrote is passed on but the
-    XNNPACK INFO line. Under a lock: fd 2 is the process's, and two loads must not swap it twice."""
+    XNNPACK INFO line (`chatter`: and every INFO and WARNING line, which CompiledModel's set-up writes
+    by the dozen). Under a lock: fd 2 is the process's, and two loads must not swap it twice."""
     with _fd2:
         try:
             sys.stderr.flush()
@@ -46,9 +47,14 @@ def _without_xnnpack_info():
             os.close(saved)
             os.lseek(held, 0, os.SEEK_SET)
             with os.fdopen(held, "rb") as f:
-                rest = b"".join(ln for ln in f.read().splitlines(keepends=True) if ln.strip() != XNNPACK_INFO)
+                rest = b"".join(ln for ln in f.read().splitlines(keepends=True) if not _noise(ln, chatter))
             if rest:
                 os.write(2, rest)
+
+
+def _noise(line: bytes, chatter: bool) -> bool:
+    line = line.strip()
+    return line == XNNPACK_INFO or chatter and line.startswith((b"INFO: ", b"WARNING: ", b"\xe2\x94\x94"))
 
 
 def _interpreter_module():
@@ -110,6 +116,10 @@ class LiteRTRuntime(Runtime):
                         hint="install libedgetpu1-std from Coral's apt repository and plug in the "
                              "Edge TPU; a compiled model cannot run without it") from None
                 notes.append(f"Edge TPU delegate unavailable ({e}); running on the CPU")
+        if not loaded_delegates and interpreter_module is None and dist == "ai-edge-litert":
+            compiled = _compiled(path, threads, compiled)
+            if compiled is not None:
+                return compiled
         kwargs = {"num_threads": threads} if threads else {}
         try:
             with _without_xnnpack_info():
@@ -185,6 +195,42 @@ class LiteRTRuntime(Runtime):
 
     def close(self) -> None:
         self._interp = self._runner = None
+
+
+def metadata_interpreter(path: str):
+    """An interpreter that only describes the model: no delegate, no tensors allocated."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    return Interpreter(model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+
+
+def _compiled(path: str, threads: int, edgetpu_compiled: bool) -> Runtime | None:
+    """A model with several signatures through CompiledModel (litert_compiled.py: each weight packed once
+    for all of them), when this LiteRT has it and the signatures' tensors suit it; else None."""
+    from edgeruntime import litert_compiled
+
+    if not litert_compiled.available():
+        return None
+    try:
+        meta = metadata_interpreter(path)
+    except (ValueError, RuntimeError):
+        return None  # the Interpreter's load says why
+    sigs = meta.get_signature_list()
+    if len(sigs) < 2:
+        return None
+    infos = {}
+    for key in sigs:
+        runner = meta.get_signature_runner(key)
+        ins, outs = runner.get_input_details(), runner.get_output_details()
+        infos[key] = (tuple(_info(ins[n], n) for n in sorted(ins)), tuple(_info(outs[n], n) for n in sorted(outs)))
+    del meta, runner
+    if not litert_compiled.runnable(infos):
+        return None
+    key = "serving_default" if "serving_default" in infos else sorted(infos)[0]
+    details = {"runtime": "litert", "package": "ai-edge-litert", "version": _dist_version("ai-edge-litert"),
+               "delegate": "xnnpack", "edgetpu_compiled": edgetpu_compiled, "threads": threads or None, "notes": []}
+    with _without_xnnpack_info(chatter=True):
+        return litert_compiled.CompiledRuntime.load(path, infos, key, threads=threads, details=details)
 
 
 def _dist_version(dist: str) -> str | None:

@@ -1,13 +1,15 @@
 """Length buckets as signatures of one .tflite (packager/formats/tflite_merge.py, LiteRTRuntime.signature)
 on two FULLY_CONNECTED models written with the schema's object API (no converter): rows 8 and rows 2 of
 the same weights, each with a bias of its own. The merged file stores the shared weights once and each
-signature computes what its own model computed; the main graph keeps running beside the bucket's."""
+signature computes what its own model computed; the main graph keeps running beside the bucket's.
+A model of several signatures runs through LiteRT's CompiledModel (edgeruntime/litert_compiled.py),
+whose XNNPACK weight cache packs each weight once for all of them."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgebundle.errors import RuntimeUnavailableError
+from edgebundle.errors import InputError, RuntimeUnavailableError
 
 K, N = 16, 64  # outputs, inputs: a 4 KB weight matrix
 
@@ -70,7 +72,8 @@ def test_buckets_merged_into_one_file_share_the_weights_and_compute_the_same(tmp
 
     x8, x2 = rng.normal(size=(8, N)).astype(np.float32), rng.normal(size=(2, N)).astype(np.float32)
     rt = LiteRTRuntime.load(str(tmp_path / "m.tflite"))
-    before = rt.run({"x": x8})["y"]  # the raw tensor API, as any single-graph model runs
+    assert rt.details["api"] == "compiled-model" and "2 signatures" in rt.details["weights"]
+    before = rt.run({"x": x8})["y"]
     bucket = rt.signature("len2")
     assert [t.shape for t in bucket.inputs] == [(2, N)] and [t.shape for t in rt.inputs] == [(8, N)]
     np.testing.assert_allclose(bucket.run({"x": x2})["y"], x2 @ w.T + b2, rtol=1e-4, atol=1e-4)
@@ -78,6 +81,8 @@ def test_buckets_merged_into_one_file_share_the_weights_and_compute_the_same(tmp
     np.testing.assert_array_equal(rt.run({"x": x8})["y"], before)
     with pytest.raises(RuntimeUnavailableError, match="no signature 'len4'"):
         rt.signature("len4")
+    with pytest.raises(InputError, match=r"shape \[2, 64\]; the model takes \[8, 64\]"):
+        rt.run({"x": x2})
     rt.close()
     bucket.close()
 
@@ -103,3 +108,58 @@ def test_outputs_that_are_nan_on_zeros_still_merge(tmp_path):
     merged, plan = share_weights(Plan(buckets=(bucket,)), tmp_path / "main.tflite", tmp_path / "out" / "model.tflite")
     assert not plan.notes and merged.name == "model.tflite", plan.notes
     assert plan.buckets[0].signature == "len2"
+
+
+def _cast(rows: int) -> bytes:
+    """int64 ids [rows] -> CAST -> float32: a tensor type TensorBuffer does not take (ids, as text models have)."""
+    import flatbuffers
+
+    from packager.tflite_fb import schema
+
+    fb = schema()
+    code = fb.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = fb.BuiltinOperator.CAST
+    code.version = 1
+    op = fb.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0], [1]
+    tensors = []
+    for name, kind in (("ids", fb.TensorType.INT64), ("y", fb.TensorType.FLOAT32)):
+        t = fb.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, [rows], kind, 0
+        tensors.append(t)
+    graph = fb.SubGraphT()
+    graph.tensors, graph.inputs, graph.outputs, graph.operators = tensors, [0], [1], [op]
+    sig = fb.SignatureDefT()
+    sig.signatureKey, sig.subgraphIndex, sig.inputs, sig.outputs = "serving_default", 0, [fb.TensorMapT()], [fb.TensorMapT()]
+    (sig.inputs[0].name, sig.inputs[0].tensorIndex), (sig.outputs[0].name, sig.outputs[0].tensorIndex) = ("ids", 0), ("y", 1)
+    model = fb.ModelT()
+    model.version, model.operatorCodes, model.subgraphs, model.buffers = 3, [code], [graph], [fb.BufferT()]
+    model.signatureDefs = [sig]
+    b = flatbuffers.Builder(1024)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def test_int64_ids_cross_the_compiled_model_and_it_leaves_stderr_quiet(tmp_path):
+    """TensorBuffer takes no int64: ids go through as raw int32 pairs. LiteRT's environment logs INFO
+    lines as it is made and as C++ tears it down after Python: none of them reach an agent's log."""
+    pytest.importorskip("ai_edge_litert")
+    import subprocess
+    import sys
+
+    from packager.formats.tflite_merge import merge_signatures
+
+    data, _ = merge_signatures(_cast(6), {"len3": _cast(3)})
+    (tmp_path / "ids.tflite").write_bytes(data)
+    code = f"""
+import numpy as np
+from edgeruntime.litert import LiteRTRuntime
+rt = LiteRTRuntime.load({str(tmp_path / "ids.tflite")!r})
+three = rt.signature("len3")
+ids = np.array([2**40 + 7, -5, 123456789012], np.int64)
+print(rt.details["api"], three.run({{"ids": ids}})["y"].tolist(), rt.run({{"ids": np.arange(6)}})["y"].tolist())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(" ", 1) == ["compiled-model", f"{[2.0**40, -5.0, 123456790528.0]} {[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]}\n"]  # as float32 holds them
+    assert out.stderr == ""
