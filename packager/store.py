@@ -97,8 +97,9 @@ class Store:
     max_bytes: int = MAX_BYTES
 
     def key(self, parts: dict) -> str:
-        # format: what edgepack's own recipes make of the same parts (2: TFLite dynamic smoothed, fp16 values)
-        doc = {"parts": parts, "tools": tool_versions(), "format": 2}
+        # format: what edgepack's own recipes make of the same parts (2: TFLite dynamic smoothed, fp16 values;
+        # 3: its embedding tables per row)
+        doc = {"parts": parts, "tools": tool_versions(), "format": 3}
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def get(self, key: str, dest: Path) -> Hit | None:

@@ -124,3 +124,55 @@ x[..., 3] *= 30
 want = run(sys.argv[2], x)
 print(*(max(float(np.abs(g - w).max()) for g, w in zip(run(p, x), want)) for p in sys.argv[3:]))
 """
+
+
+# In a child: fp32 and dynamic-range models of an embedding lookup whose rows differ in size 300x.
+TABLE = r"""
+import sys, numpy as np, tensorflow as tf
+out = sys.argv[1]
+rng = np.random.default_rng(2)
+table = (rng.normal(0, 1, (64, 32)) * np.geomspace(0.01, 3, 64)[:, None]).astype(np.float32)
+
+@tf.function(input_signature=[tf.TensorSpec([1, 6], tf.int32)])
+def embed(ids):
+    return {"y": tf.gather(table, ids)}
+
+for name, opt in (("fp32", []), ("dynamic", [tf.lite.Optimize.DEFAULT])):
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([embed.get_concrete_function()], embed)
+    conv.optimizations = opt
+    open(f"{out}/{name}.tflite", "wb").write(conv.convert())
+"""
+
+# In a child: each model's largest error, relative to the size of the row it looked up, against fp32.
+LOOKUPS = r"""
+import sys, numpy as np
+from ai_edge_litert.interpreter import Interpreter
+def run(path, ids):
+    i = Interpreter(model_path=path); i.allocate_tensors()
+    i.set_tensor(i.get_input_details()[0]["index"], ids); i.invoke()
+    return i.get_tensor(i.get_output_details()[0]["index"])
+ids = np.array([[0, 1, 5, 30, 62, 63]], np.int32)
+want = run(sys.argv[1], ids)
+size = np.abs(want).max(axis=-1, keepdims=True)
+print(*(float((np.abs(run(p, ids) - want) / size).max()) for p in sys.argv[2:]))
+"""
+
+
+def test_embedding_tables_get_a_scale_per_row(tmp_path):
+    """tflite_tables: the converter's one scale for a whole GATHER table leaves a small row a level or
+    two; a scale per row (a second GATHER of the scales and a MUL after the DEQUANTIZE) keeps every
+    row to int8's own precision, at the same table bytes."""
+    from packager.formats import tflite_tables, tflite_values
+    from packager.tflite_fb import ops_with_versions, read_model
+
+    subprocess.run([sys.executable, "-c", TABLE, str(tmp_path)], check=True, timeout=300, capture_output=True)
+    fp32, dynamic = (tmp_path / "fp32.tflite").read_bytes(), (tmp_path / "dynamic.tflite").read_bytes()
+    assert [op for op, _ in ops_with_versions(dynamic)] == ["GATHER", "DEQUANTIZE"]  # the converter's pattern
+    rows, names = tflite_tables.per_row(dynamic, tflite_values.float_weights(read_model(fp32)))
+    assert len(names) == 1 and [op for op, _ in ops_with_versions(rows)] == ["GATHER", "DEQUANTIZE", "GATHER", "MUL"]
+    assert len(rows) < len(dynamic) + 64 * 4 + 1024  # the table's bytes, plus a float scale per row
+    (tmp_path / "rows.tflite").write_bytes(rows)
+    out = subprocess.run([sys.executable, "-c", LOOKUPS, *(str(tmp_path / f"{n}.tflite") for n in
+                          ("fp32", "dynamic", "rows"))], check=True, timeout=120, capture_output=True, text=True)
+    plain, better = map(float, out.stdout.split()[-2:])
+    assert better <= 0.5 / 127 + 1e-6 < 0.1 < plain, (better, plain)  # half a level of its own row; 10 % of it before

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgebundle.errors import ConversionError, InputError, UnsupportedOpError
 from packager.candidates import Step
-from packager.formats import tflite_layout, tflite_smooth, tflite_values
+from packager.formats import tflite_layout, tflite_smooth, tflite_tables, tflite_values
 from packager.formats.sensitivity import GraphView, Lowered, Op, fake_quant
 from packager.lint import Finding, Level
 from packager.registry import Artifact, Backend, ConvertContext, bridge, register
@@ -138,6 +138,9 @@ def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
         data, smoothed = tflite_smooth.smooth(data, weights, lambda names: _ranges(ctx, fp32, names))
         if smoothed:
             details["smoothed"] = len(smoothed)  # projections whose inputs are divided per channel (tflite_smooth.py)
+    data, tables = tflite_tables.per_row(data, weights)  # the embeddings: a scale per row, not per table
+    if tables:
+        details["tables_per_row"] = tables
     return data, details
 
 
