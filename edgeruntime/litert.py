@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import sys
 import threading
@@ -100,8 +101,7 @@ class LiteRTRuntime(Runtime):
         spec = spec or LoadSpec(format="tflite")
         threads, delegates, allow_cpu_fallback = spec.threads, spec.delegates, spec.allow_cpu_fallback
         mod, dist = (interpreter_module, "tensorflow") if interpreter_module else _interpreter_module()
-        model = open(path, "rb").read()
-        compiled = EDGETPU_OP.encode() in model
+        compiled = _has(path, EDGETPU_OP.encode())
         loaded_delegates, notes = [], []
         if EDGETPU in delegates:
             try:
@@ -121,6 +121,7 @@ class LiteRTRuntime(Runtime):
             if compiled is not None:
                 return compiled
         kwargs = {"num_threads": threads} if threads else {}
+        model = open(path, "rb").read()
         try:
             with _without_xnnpack_info():
                 interp = mod.Interpreter(model_content=model, experimental_delegates=loaded_delegates or None,
@@ -195,6 +196,15 @@ class LiteRTRuntime(Runtime):
 
     def close(self) -> None:
         self._interp = self._runner = None
+
+
+def _has(path: str, needle: bytes) -> bool:
+    """Whether the file holds `needle`, read through a map (not a copy of a model of hundreds of MB)."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(needle) >= 0
+    except (OSError, ValueError):  # an empty file cannot be mapped; the load says what is wrong with it
+        return False
 
 
 def metadata_interpreter(path: str):
