@@ -40,6 +40,9 @@ def broker_options(url_help: str):
 @click.version_option(package_name="edgepack", message="edgepack-agent %(version)s")
 def main() -> None:
     """edgepack device agent: serve a bundle locally, report over MQTT."""
+    from edgeruntime.quiet import quiet_native_exit
+
+    quiet_native_exit()  # first: LiteRT's exit-time log lines after everything else's last words
 
 
 @main.command()

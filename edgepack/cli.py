@@ -78,6 +78,9 @@ def profile_on_device(bundles: list[Path], target, sign_key: Path | None) -> lis
 @click.pass_context
 def main(ctx) -> None:
     """Package trained models into verified bundles for edge devices."""
+    from edgeruntime.quiet import quiet_native_exit
+
+    quiet_native_exit()  # first: LiteRT's exit-time log lines after everything else's last words
     ctx.obj = Wiring(device_profiler=profile_on_device)
 
 

@@ -117,9 +117,9 @@ class LiteRTRuntime(Runtime):
                              "Edge TPU; a compiled model cannot run without it") from None
                 notes.append(f"Edge TPU delegate unavailable ({e}); running on the CPU")
         if not loaded_delegates and interpreter_module is None and dist == "ai-edge-litert":
-            compiled = _compiled(path, threads, compiled)
-            if compiled is not None:
-                return compiled
+            shared = _compiled(path, threads, compiled, notes)
+            if shared is not None:
+                return shared
         kwargs = {"num_threads": threads} if threads else {}
         model = open(path, "rb").read()
         try:
@@ -214,9 +214,10 @@ def metadata_interpreter(path: str):
     return Interpreter(model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
 
 
-def _compiled(path: str, threads: int, edgetpu_compiled: bool) -> Runtime | None:
+def _compiled(path: str, threads: int, edgetpu_compiled: bool, notes: list[str]) -> Runtime | None:
     """A model with several signatures through CompiledModel (litert_compiled.py: each weight packed once
-    for all of them), when this LiteRT has it and the signatures' tensors suit it; else None."""
+    for all of them), when this LiteRT has it and the signatures' tensors suit it; else None (and, when
+    CompiledModel refused it, a note: the Interpreter runs it, each signature with its own packed weights)."""
     from edgeruntime import litert_compiled
 
     if not litert_compiled.available():
@@ -238,9 +239,14 @@ def _compiled(path: str, threads: int, edgetpu_compiled: bool) -> Runtime | None
         return None
     key = "serving_default" if "serving_default" in infos else sorted(infos)[0]
     details = {"runtime": "litert", "package": "ai-edge-litert", "version": _dist_version("ai-edge-litert"),
-               "delegate": "xnnpack", "edgetpu_compiled": edgetpu_compiled, "threads": threads or None, "notes": []}
-    with _without_xnnpack_info(chatter=True):
-        return litert_compiled.CompiledRuntime.load(path, infos, key, threads=threads, details=details)
+               "delegate": "xnnpack", "edgetpu_compiled": edgetpu_compiled, "threads": threads or None,
+               "notes": list(notes)}
+    try:
+        with _without_xnnpack_info(chatter=True):
+            return litert_compiled.CompiledRuntime.load(path, infos, key, threads=threads, details=details)
+    except RuntimeUnavailableError as e:
+        notes.append(f"{e}; loaded with the Interpreter, which holds the weights once per signature")
+        return None
 
 
 def _dist_version(dist: str) -> str | None:

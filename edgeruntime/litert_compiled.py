@@ -1,12 +1,13 @@
 """A TFLite model with several signatures (a text bundle's length buckets) run through LiteRT's
 CompiledModel with XNNPACK's in-memory weight cache. The Interpreter's XNNPACK delegate packs every
 weight once per signature; the cache packs it once for all of them (MPNet arm-cpu, three buckets:
-485 MB resident after each bucket ran once, 196 MB this way; the same latency)."""
+485 MB resident after each bucket ran once, 196 MB this way; the same latency).
+
+The price: CompiledModel's run holds the GIL (the Interpreter's invoke releases it), so while a
+request runs the agent's other threads wait for it (an MPNet 384-token run: ~150 ms on 2 x86 cores).
+Single-signature models, where there is nothing to share, keep the Interpreter."""
 from __future__ import annotations
 
-import atexit
-import os
-import sys
 import threading
 from dataclasses import dataclass
 
@@ -39,18 +40,7 @@ def _environment():
         if _env is None:
             _env = Environment.create(options=EnvironmentOptions(compiler_plugin_path="/nonexistent",
                                                                  dispatch_library_path="/nonexistent"))
-            atexit.register(_quiet_exit)
         return _env
-
-
-def _quiet_exit() -> None:
-    """LiteRT's environments log INFO lines from C++ destructors after Python has finished (no API
-    sets its log level): fd 2 goes to /dev/null once the process's own last words are out."""
-    try:
-        sys.stderr.flush()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    except (OSError, ValueError):
-        pass
 
 
 def _carrier(dtype: np.dtype) -> tuple[np.dtype, int] | None:
@@ -127,11 +117,11 @@ class CompiledRuntime(Runtime):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for p in self._ins:
-            x = np.ascontiguousarray(feeds[p.info.name], p.info.dtype)
-            if x.shape != p.info.shape:
-                raise InputError(f"input {p.info.name!r} has shape {list(x.shape)}; the model takes "
-                                 f"{list(p.info.shape)}")
-            p.buffer.write(x.view(p.carrier))
+            x = np.asarray(feeds[p.info.name])
+            if x.shape != p.info.shape or x.dtype != p.info.dtype:
+                raise InputError(f"input {p.info.name!r} is {x.dtype} {list(x.shape)}; the model takes "
+                                 f"{p.info.dtype} {list(p.info.shape)}")
+            p.buffer.write(np.ascontiguousarray(x).reshape(-1).view(p.carrier))
         self._model.run_by_index(self._index, [p.buffer for p in self._ins], [p.buffer for p in self._outs])
         return {p.info.name: p.buffer.read(p.count, p.carrier).view(p.info.dtype).reshape(p.info.shape)
                 for p in self._outs}
@@ -147,5 +137,6 @@ class CompiledRuntime(Runtime):
 
 def runnable(infos: dict) -> bool:
     """Fixed shapes and dtypes TensorBuffer carries: what this path runs (else the Interpreter's)."""
-    return all(all(d > 0 for d in t.shape) and _carrier(np.dtype(t.dtype)) is not None
-               for ins, outs in infos.values() for t in ins + outs)
+    return all(ins and outs for ins, outs in infos.values()) and all(
+        all(d > 0 for d in t.shape) and _carrier(np.dtype(t.dtype)) is not None
+        for ins, outs in infos.values() for t in ins + outs)

@@ -32,6 +32,9 @@ SLOW_FIRST = CONVERTING[:3] + tuple(m for pair in zip_longest(WAITING, CONVERTIN
 
 
 def pytest_configure(config):
+    from edgeruntime.quiet import quiet_native_exit
+
+    quiet_native_exit()  # as the CLIs do: LiteRT's exit-time log lines stay out of the run's output
     if os.environ.get("EDGEPACK_FIXTURE_TIMES"):  # make test-times
         import fixture_times
 

@@ -81,7 +81,7 @@ def test_buckets_merged_into_one_file_share_the_weights_and_compute_the_same(tmp
     np.testing.assert_array_equal(rt.run({"x": x8})["y"], before)
     with pytest.raises(RuntimeUnavailableError, match="no signature 'len4'"):
         rt.signature("len4")
-    with pytest.raises(InputError, match=r"shape \[2, 64\]; the model takes \[8, 64\]"):
+    with pytest.raises(InputError, match=r"is float32 \[2, 64\]; the model takes float32 \[8, 64\]"):
         rt.run({"x": x2})
     rt.close()
     bucket.close()
@@ -142,7 +142,8 @@ def _cast(rows: int) -> bytes:
 
 def test_int64_ids_cross_the_compiled_model_and_it_leaves_stderr_quiet(tmp_path):
     """TensorBuffer takes no int64: ids go through as raw int32 pairs. LiteRT's environment logs INFO
-    lines as it is made and as C++ tears it down after Python: none of them reach an agent's log."""
+    lines as it is made and as C++ tears it down after Python: none of them reach an agent's log.
+    The ids' dtype and shape are checked (TensorBuffer would take any bytes of the right count)."""
     pytest.importorskip("ai_edge_litert")
     import subprocess
     import sys
@@ -154,12 +155,20 @@ def test_int64_ids_cross_the_compiled_model_and_it_leaves_stderr_quiet(tmp_path)
     code = f"""
 import numpy as np
 from edgeruntime.litert import LiteRTRuntime
+from edgeruntime.quiet import quiet_native_exit
+quiet_native_exit()  # as the agent's and the CLI's entry points do
 rt = LiteRTRuntime.load({str(tmp_path / "ids.tflite")!r})
 three = rt.signature("len3")
 ids = np.array([2**40 + 7, -5, 123456789012], np.int64)
 print(rt.details["api"], three.run({{"ids": ids}})["y"].tolist(), rt.run({{"ids": np.arange(6)}})["y"].tolist())
+try:
+    three.run({{"ids": ids.astype(np.int32)}})
+except Exception as e:
+    print(type(e).__name__, e)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split(" ", 1) == ["compiled-model", f"{[2.0**40, -5.0, 123456790528.0]} {[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]}\n"]  # as float32 holds them
+    first, refused = out.stdout.splitlines()
+    assert first.split(" ", 1) == ["compiled-model", f"{[2.0**40, -5.0, 123456790528.0]} {[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]}"]  # as float32 holds them
+    assert refused == "InputError input 'ids' is int32 [3]; the model takes int64 [3]"
     assert out.stderr == ""

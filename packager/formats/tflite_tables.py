@@ -36,6 +36,10 @@ def per_row(dynamic: bytes, weights: dict[bytes, np.ndarray]) -> tuple[bytes, li
     for op in graph.operators:
         for i in op.inputs:
             readers.setdefault(int(i), []).append(op)
+    holders: dict[int, int] = {}  # buffer -> tensors over it, in every subgraph (a length bucket's included)
+    for g in model.subgraphs:
+        for t in g.tensors:
+            holders[t.buffer] = holders.get(t.buffer, 0) + 1
     done = []
     for op in list(graph.operators):
         if kind(op) != "GATHER" or len(op.inputs) != 2:
@@ -47,7 +51,9 @@ def per_row(dynamic: bytes, weights: dict[bytes, np.ndarray]) -> tuple[bytes, li
         axis = getattr(op.builtinOptions, "axis", 0)
         if (table.type != schema.TensorType.INT8 or q is None or q.scale is None or len(q.scale) != 1
                 or w is None or len(table.shape) != 2 or w.size != int(np.prod(table.shape)) or axis != 0
-                or getattr(op.builtinOptions, "batchDims", 0) or len(users) != 1 or kind(users[0]) != "DEQUANTIZE"):
+                or getattr(op.builtinOptions, "batchDims", 0) or len(users) != 1 or kind(users[0]) != "DEQUANTIZE"
+                or len(readers[int(op.inputs[0])]) != 1 or holders[table.buffer] != 1):  # a table read elsewhere
+            # (a tied output projection) keeps its one scale: the other reader knows no row scales
             continue
         _split(model, op, users[0], w.reshape(table.shape))
         done.append(table.name.decode())
@@ -72,9 +78,11 @@ def _split(model, gather, deq, w: np.ndarray) -> None:
     out_i = int(deq.outputs[0])  # the float rows: now the MUL's output, under the same name
     out = graph.tensors[out_i]
 
-    def tensor(name: bytes, shape, data: np.ndarray | None = None) -> int:
+    def tensor(name: bytes, shape, data: np.ndarray | None = None, signature=None) -> int:
         t = schema.TensorT()
         t.name, t.shape, t.type = name, list(shape), schema.TensorType.FLOAT32
+        if signature is not None:
+            t.shapeSignature = list(signature)
         if data is None:
             from packager.formats.tflite_values import empty_buffer
 
@@ -90,8 +98,9 @@ def _split(model, gather, deq, w: np.ndarray) -> None:
     from packager.formats.tflite_values import opcode_index
 
     scales = tensor(table.name + SUFFIX, (scale.size, 1), scale)
-    picked = tensor(out.name + SUFFIX, list(out.shape[:-1]) + [1])
-    raw = tensor(out.name + b"/unscaled", out.shape)
+    sig = None if out.shapeSignature is None else list(out.shapeSignature)
+    picked = tensor(out.name + SUFFIX, list(out.shape[:-1]) + [1], signature=sig and sig[:-1] + [1])
+    raw = tensor(out.name + b"/unscaled", out.shape, signature=sig)
     deq.outputs = np.array([raw], np.int32)
     pick = schema.OperatorT()
     pick.opcodeIndex, pick.inputs, pick.outputs = gather.opcodeIndex, np.array([scales, gather.inputs[1]], np.int32), \
