@@ -158,7 +158,7 @@ def _ranges(ctx: ConvertContext, fp32: Path, names: set[str]) -> dict[str, np.nd
     missing = names - have.keys()
     samples = ctx.calibration.samples[:RANGE_SAMPLES] if ctx.calibration else ([ctx.sample] if ctx.sample else [])
     if missing and samples:
-        got = _tensors(fp32.read_bytes(), samples, missing)[0]
+        got = _named(fp32.read_bytes(), samples, missing)
         have.update({n: np.abs(v).reshape(-1, v.shape[-1]).max(axis=0) for n, v in got.items() if v.ndim >= 2})
         if "length" not in ctx.cache.keyed:  # the main model's: what its buckets must use
             _keep_ranges(ctx, have)
@@ -414,6 +414,36 @@ def _qparams(d: dict) -> tuple[float | None, int | None]:
         return None, None
     return float(scales[0]), int(q["zero_points"][0])
 
+
+
+def _named(data: bytes, samples: list[dict], names: set[str]) -> dict[str, np.ndarray]:
+    """The named tensors of a float model on `samples`, stacked on axis 0: made outputs of the graph and
+    run as the device runs it (XNNPACK), not with every tensor kept by the reference kernels (MPNet's
+    384-token model: 0.36 s a sample instead of 3.1 s). Names not in the graph are left out."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = read_model(data)
+    graph = model.subgraphs[0]
+    index = {t.name.decode(): i for i, t in enumerate(graph.tensors)}
+    extra = [index[n] for n in sorted(names) if n in index]
+    graph.outputs = np.array(list(graph.outputs) + [i for i in extra if i not in set(graph.outputs)], np.int32)
+    from tensorflow.lite.tools.flatbuffer_utils import convert_object_to_bytearray
+
+    interp = Interpreter(model_content=bytes(convert_object_to_bytearray(model)))
+    interp.allocate_tensors()
+    sigs = interp._get_full_signature_list() or {}
+    sig = sigs.get("serving_default") or (sigs[sorted(sigs)[0]] if sigs else None)
+    by_name = {d["name"]: d["index"] for d in interp.get_input_details()}
+    dtypes = {d["index"]: d["dtype"] for d in interp.get_input_details()}
+    rows: dict[int, list] = {i: [] for i in extra}
+    for feeds in samples:
+        for name, x in feeds.items():
+            idx = sig["inputs"][name] if sig and name in sig["inputs"] else by_name[name]
+            interp.set_tensor(idx, np.asarray(x).astype(dtypes[idx]))
+        interp.invoke()
+        for i in extra:
+            rows[i].append(interp.get_tensor(i))
+    return {graph.tensors[i].name.decode(): np.stack(v) for i, v in rows.items() if v}
 
 
 def _tensors(data: bytes, samples: list[dict], names: set[str] | None = None):
