@@ -85,7 +85,8 @@ if way == 'interpreter':
         r(**{n: np.ones(d['shape'], d['dtype']) for n, d in r.get_input_details().items()})
 else:
     sys.path.insert(0, sys.argv[3])
-    from edgeruntime.litert import LiteRTRuntime, metadata_interpreter
+    from edgeruntime.litert import LiteRTRuntime
+    from edgeruntime.litert_compiled import metadata_interpreter
     rt = LiteRTRuntime.load(path)
     for key in metadata_interpreter(path).get_signature_list():
         s = rt.signature(key)

@@ -207,13 +207,6 @@ def _has(path: str, needle: bytes) -> bool:
         return False
 
 
-def metadata_interpreter(path: str):
-    """An interpreter that only describes the model: no delegate, no tensors allocated."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    return Interpreter(model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-
-
 def _compiled(path: str, threads: int, edgetpu_compiled: bool, notes: list[str]) -> Runtime | None:
     """A model with several signatures through CompiledModel (litert_compiled.py: each weight packed once
     for all of them), when this LiteRT has it and the signatures' tensors suit it; else None (and, when
@@ -223,7 +216,7 @@ def _compiled(path: str, threads: int, edgetpu_compiled: bool, notes: list[str])
     if not litert_compiled.available():
         return None
     try:
-        meta = metadata_interpreter(path)
+        meta = litert_compiled.metadata_interpreter(path)
     except (ValueError, RuntimeError):
         return None  # the Interpreter's load says why
     sigs = meta.get_signature_list()

@@ -127,12 +127,17 @@ class CompiledRuntime(Runtime):
                 for p in self._outs}
 
     def ops(self) -> list[str]:
-        from edgeruntime.litert import metadata_interpreter
-
         return [d["op_name"] for d in metadata_interpreter(self._path)._get_ops_details()]
 
     def close(self) -> None:
         self._model = self._ins = self._outs = None
+
+
+def metadata_interpreter(path: str):
+    """An interpreter that only describes the model: no delegate, no tensors allocated."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    return Interpreter(model_path=path, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
 
 
 def runnable(infos: dict) -> bool:
