@@ -53,6 +53,9 @@ def _without_xnnpack_info(*, chatter: bool = False):
                 os.write(2, rest)
 
 
+without_xnnpack_info = _without_xnnpack_info  # for the packager's own interpreters (packager/formats/tflite.py)
+
+
 def _noise(line: bytes, chatter: bool) -> bool:
     line = line.strip()
     return line == XNNPACK_INFO or chatter and line.startswith((b"INFO: ", b"WARNING: ", b"\xe2\x94\x94"))

@@ -42,6 +42,8 @@ class BuildCache:
     # fp32 tensors' max |value| per channel on calibration data, by name (dynamic range's smoothing):
     # shared with the length buckets, so that every bucket's weights come out the same and are shared
     ranges: dict[str, np.ndarray] = field(default_factory=dict)
+    # the main fp32 model's weights by tensor name, shared with the length buckets (tflite._float_weights)
+    weights: dict[bytes, np.ndarray] = field(default_factory=dict)
     artifacts: dict[ArtifactKey, object] = field(default_factory=dict)  # registry.Artifact, or the error it raised
     bridged: dict[tuple, object] = field(default_factory=dict)  # registry.Bridge results (a path or the error)
     device_profiles: dict[tuple[str, str], dict] = field(default_factory=dict)  # (target, fp32 path) -> device figures
@@ -55,7 +57,7 @@ class BuildCache:
         if length not in self.lengths:
             self.lengths[length] = BuildCache(workdir=self.workdir / f"length-{length}", timer=self.timer,
                                               store=self.store, keyed=dict(self.keyed, length=length),
-                                              ranges=self.ranges)
+                                              ranges=self.ranges, weights=self.weights)
         return self.lengths[length]
 
     def path(self, name: str) -> Path:

@@ -129,13 +129,12 @@ def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
     transformer = bool(tflite_values.value_projections(read_model(data)))
     if not keep and not transformer:
         return data, details  # as the converter wrote it
-    fp32 = TFLiteBackend().fp32(ctx)
-    weights = tflite_values.float_weights(read_model(fp32.read_bytes()))  # read once, for both steps
+    weights = _float_weights(ctx, read_model(data))  # read once, for every step
     data, kept = tflite_values.float_values(data, weights, keep)
     parts = ["the attention value projections"] * transformer + [f"{len(keep)} more projections"] * bool(keep)
     details.update(weights=f"int8; in float (stored as fp16): {' and '.join(parts)}", float_nodes=kept)
     if transformer:  # the LayerNorm outputs' outlier channels
-        data, smoothed = tflite_smooth.smooth(data, weights, lambda names: _ranges(ctx, fp32, names))
+        data, smoothed = tflite_smooth.smooth(data, weights, lambda names: _ranges(ctx, names))
         if smoothed:
             details["smoothed"] = len(smoothed)  # projections whose inputs are divided per channel (tflite_smooth.py)
     data, tables = tflite_tables.per_row(data, weights)  # the embeddings: a scale per row, not per table
@@ -144,10 +143,25 @@ def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
     return data, details
 
 
+def _float_weights(ctx: ConvertContext, dynamic) -> dict[bytes, np.ndarray]:
+    """The fp32 model's weights by tensor name. A length bucket's are the main model's (the same graph
+    through onnx2tf at another length: the same constants under the same names), which saves converting
+    its fp32 model (MPNet: ~20 s and a 5.9 GB converter a bucket); when one it needs is missing there or
+    of another size, its own fp32 model is converted."""
+    shared = ctx.cache.weights
+    if "length" in ctx.cache.keyed and shared and tflite_values.covered(dynamic, shared):
+        return shared
+    weights = tflite_values.float_weights(read_model(TFLiteBackend().fp32(ctx).read_bytes()))
+    if "length" not in ctx.cache.keyed:
+        shared.clear()
+        shared.update(weights)
+    return weights
+
+
 RANGE_SAMPLES = 16  # calibration samples the smoothing's activation ranges come from
 
 
-def _ranges(ctx: ConvertContext, fp32: Path, names: set[str]) -> dict[str, np.ndarray]:
+def _ranges(ctx: ConvertContext, names: set[str]) -> dict[str, np.ndarray]:
     """Max |value| per channel (last axis) of the named fp32 tensors on calibration samples, from the
     main model (at max_length): kept in the build cache, which the length buckets share, and in the
     cache across builds beside the candidate, so that a bucket converted after a main model that came
@@ -158,7 +172,7 @@ def _ranges(ctx: ConvertContext, fp32: Path, names: set[str]) -> dict[str, np.nd
     missing = names - have.keys()
     samples = ctx.calibration.samples[:RANGE_SAMPLES] if ctx.calibration else ([ctx.sample] if ctx.sample else [])
     if missing and samples:
-        got = _named(fp32.read_bytes(), samples, missing)
+        got = _named(TFLiteBackend().fp32(ctx).read_bytes(), samples, missing)
         have.update({n: np.abs(v).reshape(-1, v.shape[-1]).max(axis=0) for n, v in got.items() if v.ndim >= 2})
         if "length" not in ctx.cache.keyed:  # the main model's: what its buckets must use
             _keep_ranges(ctx, have)
@@ -429,8 +443,11 @@ def _named(data: bytes, samples: list[dict], names: set[str]) -> dict[str, np.nd
     graph.outputs = np.array(list(graph.outputs) + [i for i in extra if i not in set(graph.outputs)], np.int32)
     from tensorflow.lite.tools.flatbuffer_utils import convert_object_to_bytearray
 
-    interp = Interpreter(model_content=bytes(convert_object_to_bytearray(model)))
-    interp.allocate_tensors()
+    from edgeruntime.litert import without_xnnpack_info
+
+    with without_xnnpack_info():
+        interp = Interpreter(model_content=bytes(convert_object_to_bytearray(model)))
+        interp.allocate_tensors()
     sigs = interp._get_full_signature_list() or {}
     sig = sigs.get("serving_default") or (sigs[sorted(sigs)[0]] if sigs else None)
     by_name = {d["name"]: d["index"] for d in interp.get_input_details()}

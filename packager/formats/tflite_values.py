@@ -130,6 +130,19 @@ def value_projections(model) -> list:
     return out
 
 
+def covered(model, weights: dict[bytes, np.ndarray]) -> bool:
+    """Whether `weights` holds, at their sizes, every int8 constant of `model`'s main subgraph: what the
+    dynamic recipe may put back in float or re-quantize (projection weights, embedding tables)."""
+    schema = fb_schema()
+    for t in model.subgraphs[0].tensors:
+        data = model.buffers[t.buffer].data
+        if t.type == schema.TensorType.INT8 and data is not None and len(data):
+            w = weights.get(t.name)
+            if w is None or w.size != int(np.prod(t.shape)):
+                return False
+    return True
+
+
 def float_weights(model) -> dict[bytes, np.ndarray]:
     """float32 constants of the main subgraph, by tensor name."""
     schema = fb_schema()
