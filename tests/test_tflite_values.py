@@ -12,6 +12,14 @@ import pytest
 pytestmark = pytest.mark.slow
 WIDTH = 64  # 64 x 64 weights: above the converter's 1024-element floor for quantizing a weight
 
+# The end of a child that converts `fn` to the fp32 and dynamic-range models the tests compare.
+BOTH = r"""
+for name, opt in (("fp32", []), ("dynamic", [tf.lite.Optimize.DEFAULT])):
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    conv.optimizations = opt
+    open(f"{out}/{name}.tflite", "wb").write(conv.convert())
+"""
+
 # In a child: TFLite fp32 and dynamic-range models of softmax(q k^T) v with named projections.
 CONVERT = r"""
 import sys, numpy as np, tensorflow as tf
@@ -24,24 +32,24 @@ def attend(x):
     q, k, v = (tf.matmul(x, dense[n], name=n) for n in ("query", "key", "value"))
     p = tf.nn.softmax(tf.matmul(q, k, transpose_b=True))
     return {"y": tf.matmul(p, v)}
-
-for name, opt in (("fp32", []), ("dynamic", [tf.lite.Optimize.DEFAULT])):
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([attend.get_concrete_function()], attend)
-    conv.optimizations = opt
-    open(f"{out}/{name}.tflite", "wb").write(conv.convert())
-"""
+fn = attend
+""" + BOTH
 
 
-# In a child: LiteRT must not share a process that imported TensorFlow first (the dynamic-range kernels
-# then compute wrong results: docs/benchmarks.md, text_models). Prints each model's max error to fp32.
-ERRORS = r"""
-import sys, numpy as np
+# A child's helper: the model's one output on its one input, in LiteRT.
+RUN = r"""
 from ai_edge_litert.interpreter import Interpreter
 def run(path, x):
     interp = Interpreter(model_path=path); interp.allocate_tensors()
     interp.set_tensor(interp.get_input_details()[0]["index"], x); interp.invoke()
     return interp.get_tensor(interp.get_output_details()[0]["index"])
-x = np.random.default_rng(1).normal(size=(1, 8, int(sys.argv[1]))).astype(np.float32)
+"""
+
+# In a child: LiteRT must not share a process that imported TensorFlow first (the dynamic-range kernels
+# then compute wrong results: docs/benchmarks.md, text_models). Prints each model's max error to fp32.
+ERRORS = r"""
+import sys, numpy as np
+""" + RUN + r"""x = np.random.default_rng(1).normal(size=(1, 8, int(sys.argv[1]))).astype(np.float32)
 want = run(sys.argv[2], x)
 print(*(float(np.abs(run(p, x) - want).max()) for p in sys.argv[3:]))
 """
@@ -136,22 +144,13 @@ table = (rng.normal(0, 1, (64, 32)) * np.geomspace(0.01, 3, 64)[:, None]).astype
 @tf.function(input_signature=[tf.TensorSpec([1, 6], tf.int32)])
 def embed(ids):
     return {"y": tf.gather(table, ids)}
-
-for name, opt in (("fp32", []), ("dynamic", [tf.lite.Optimize.DEFAULT])):
-    conv = tf.lite.TFLiteConverter.from_concrete_functions([embed.get_concrete_function()], embed)
-    conv.optimizations = opt
-    open(f"{out}/{name}.tflite", "wb").write(conv.convert())
-"""
+fn = embed
+""" + BOTH
 
 # In a child: each model's largest error, relative to the size of the row it looked up, against fp32.
 LOOKUPS = r"""
 import sys, numpy as np
-from ai_edge_litert.interpreter import Interpreter
-def run(path, ids):
-    i = Interpreter(model_path=path); i.allocate_tensors()
-    i.set_tensor(i.get_input_details()[0]["index"], ids); i.invoke()
-    return i.get_tensor(i.get_output_details()[0]["index"])
-ids = np.array([[0, 1, 5, 30, 62, 63]], np.int32)
+""" + RUN + r"""ids = np.array([[0, 1, 5, 30, 62, 63]], np.int32)
 want = run(sys.argv[1], ids)
 size = np.abs(want).max(axis=-1, keepdims=True)
 print(*(float((np.abs(run(p, ids) - want) / size).max()) for p in sys.argv[2:]))
