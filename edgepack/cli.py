@@ -4,6 +4,7 @@ this module registers them, adds what needs both (demo, fleet simulate), wires t
 jobs into `build --profile-on`, and alone maps the exception family to exit codes."""
 from __future__ import annotations
 
+import atexit
 import sys
 from pathlib import Path
 
@@ -73,14 +74,21 @@ def profile_on_device(bundles: list[Path], target, sign_key: Path | None) -> lis
     return [r.figures for r in results]
 
 
+def _quiet_native_exit() -> None:
+    """edgeruntime.quiet's exit handler, imported only when LiteRT's CompiledModel ran (importing
+    edgeruntime costs every command numpy's import)."""
+    if "edgeruntime.litert_compiled" in sys.modules:
+        from edgeruntime.quiet import silence
+
+        silence()
+
+
 @click.group(cls=EdgepackGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgepack", message="edgepack %(version)s")
 @click.pass_context
 def main(ctx) -> None:
     """Package trained models into verified bundles for edge devices."""
-    from edgeruntime.quiet import quiet_native_exit
-
-    quiet_native_exit()  # first: LiteRT's exit-time log lines after everything else's last words
+    atexit.register(_quiet_native_exit)  # first: LiteRT's exit-time log lines after everything else's last words
     ctx.obj = Wiring(device_profiler=profile_on_device)
 
 

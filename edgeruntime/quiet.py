@@ -16,10 +16,10 @@ def quiet_native_exit() -> None:
     global _registered
     if not _registered:
         _registered = True
-        atexit.register(_silence)
+        atexit.register(silence)
 
 
-def _silence() -> None:
+def silence() -> None:
     compiled = sys.modules.get("edgeruntime.litert_compiled")
     if compiled is None or getattr(compiled, "_env", None) is None:
         return
