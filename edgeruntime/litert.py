@@ -23,7 +23,7 @@ _fd2 = threading.Lock()
 
 
 @contextlib.contextmanager
-def _without_xnnpack_info(*, chatter: bool = False):
+def without_xnnpack_info(*, chatter: bool = False):
     """The native stderr (fd 2) held while LiteRT sets up: everything it wrote is passed on but the
     XNNPACK INFO line (`chatter`: and every INFO and WARNING line, which CompiledModel's set-up writes
     by the dozen). Under a lock: fd 2 is the process's, and two loads must not swap it twice."""
@@ -51,9 +51,6 @@ def _without_xnnpack_info(*, chatter: bool = False):
                 rest = b"".join(ln for ln in f.read().splitlines(keepends=True) if not _noise(ln, chatter))
             if rest:
                 os.write(2, rest)
-
-
-without_xnnpack_info = _without_xnnpack_info  # for the packager's own interpreters (packager/formats/tflite.py)
 
 
 def _noise(line: bytes, chatter: bool) -> bool:
@@ -126,7 +123,7 @@ class LiteRTRuntime(Runtime):
         kwargs = {"num_threads": threads} if threads else {}
         model = open(path, "rb").read()
         try:
-            with _without_xnnpack_info():
+            with without_xnnpack_info():
                 interp = mod.Interpreter(model_content=model, experimental_delegates=loaded_delegates or None,
                                          **kwargs)
                 interp.allocate_tensors()
@@ -166,9 +163,8 @@ class LiteRTRuntime(Runtime):
         if key not in sigs or self._key is None:
             raise RuntimeUnavailableError(f"the model has no signature {key!r} (it has {sorted(sigs)})")
         runner = self._interp.get_signature_runner(key)
-        ins, outs = runner.get_input_details(), runner.get_output_details()
-        other = LiteRTRuntime(inputs=tuple(_info(ins[n], n) for n in sorted(ins)),
-                              outputs=tuple(_info(outs[n], n) for n in sorted(outs)),
+        inputs, outputs = _described(runner)
+        other = LiteRTRuntime(inputs=inputs, outputs=outputs,
                               details=dict(self.details, signature=key), _interp=self._interp, _key=key, _runner=runner)
         if self._runner is None:
             self._runner = self._interp.get_signature_runner(self._key)
@@ -201,6 +197,12 @@ class LiteRTRuntime(Runtime):
         self._interp = self._runner = None
 
 
+def _described(runner) -> tuple[tuple[TensorInfo, ...], tuple[TensorInfo, ...]]:
+    """A signature runner's inputs and outputs, sorted by name."""
+    ins, outs = runner.get_input_details(), runner.get_output_details()
+    return tuple(_info(ins[n], n) for n in sorted(ins)), tuple(_info(outs[n], n) for n in sorted(outs))
+
+
 def _has(path: str, needle: bytes) -> bool:
     """Whether the file holds `needle`, read through a map (not a copy of a model of hundreds of MB)."""
     try:
@@ -227,10 +229,8 @@ def _compiled(path: str, threads: int, edgetpu_compiled: bool, notes: list[str])
         return None
     infos = {}
     for key in sigs:
-        runner = meta.get_signature_runner(key)
-        ins, outs = runner.get_input_details(), runner.get_output_details()
-        infos[key] = (tuple(_info(ins[n], n) for n in sorted(ins)), tuple(_info(outs[n], n) for n in sorted(outs)))
-    del meta, runner
+        infos[key] = _described(meta.get_signature_runner(key))
+    del meta
     if not litert_compiled.runnable(infos):
         return None
     key = "serving_default" if "serving_default" in infos else sorted(infos)[0]
@@ -238,7 +238,7 @@ def _compiled(path: str, threads: int, edgetpu_compiled: bool, notes: list[str])
                "delegate": "xnnpack", "edgetpu_compiled": edgetpu_compiled, "threads": threads or None,
                "notes": list(notes)}
     try:
-        with _without_xnnpack_info(chatter=True):
+        with without_xnnpack_info(chatter=True):
             return litert_compiled.CompiledRuntime.load(path, infos, key, threads=threads, details=details)
     except RuntimeUnavailableError as e:
         notes.append(f"{e}; loaded with the Interpreter, which holds the weights once per signature")

@@ -64,7 +64,7 @@ class _Port:
 
     @classmethod
     def make(cls, info: TensorInfo, buffer) -> "_Port":
-        carrier, per = _carrier(np.dtype(info.dtype))
+        carrier, per = _carrier(info.dtype)
         return cls(info, buffer, carrier, int(np.prod(info.shape)) * per)
 
 
@@ -76,6 +76,7 @@ class CompiledRuntime(Runtime):
     _index: int = 0
     _ins: tuple = ()  # _Port per input, in the signature's order
     _outs: tuple = ()
+    _buffers: tuple = ()  # (input buffers, output buffers), as run_by_index takes them
     _infos: dict = None  # signature -> (inputs, outputs) as TensorInfos
 
     @classmethod
@@ -108,7 +109,8 @@ class CompiledRuntime(Runtime):
         ports_in = tuple(_Port.make(by_name[n], b) for n, b in zip(names["inputs"], model.create_input_buffers(index)))
         ports_out = tuple(_Port.make(by_name[n], b) for n, b in zip(names["outputs"], model.create_output_buffers(index)))
         return cls(inputs=ins, outputs=outs, details=details, _model=model, _path=path, _key=key, _index=index,
-                   _ins=ports_in, _outs=ports_out, _infos=infos)
+                   _ins=ports_in, _outs=ports_out, _infos=infos,
+                   _buffers=([p.buffer for p in ports_in], [p.buffer for p in ports_out]))
 
     def signature(self, key: str) -> "CompiledRuntime":
         if key not in self._infos:
@@ -122,7 +124,7 @@ class CompiledRuntime(Runtime):
                 raise InputError(f"input {p.info.name!r} is {x.dtype} {list(x.shape)}; the model takes "
                                  f"{p.info.dtype} {list(p.info.shape)}")
             p.buffer.write(np.ascontiguousarray(x).reshape(-1).view(p.carrier))
-        self._model.run_by_index(self._index, [p.buffer for p in self._ins], [p.buffer for p in self._outs])
+        self._model.run_by_index(self._index, *self._buffers)
         return {p.info.name: p.buffer.read(p.count, p.carrier).view(p.info.dtype).reshape(p.info.shape)
                 for p in self._outs}
 
@@ -130,7 +132,7 @@ class CompiledRuntime(Runtime):
         return [d["op_name"] for d in metadata_interpreter(self._path)._get_ops_details()]
 
     def close(self) -> None:
-        self._model = self._ins = self._outs = None
+        self._model = self._ins = self._outs = self._buffers = None
 
 
 def metadata_interpreter(path: str):

@@ -100,8 +100,8 @@ def test_the_candidate_table_wraps_a_long_why():
 
 LOADS = r"""
 import os, sys
-from edgeruntime.litert import XNNPACK_INFO, _without_xnnpack_info
-with _without_xnnpack_info():
+from edgeruntime.litert import XNNPACK_INFO, without_xnnpack_info
+with without_xnnpack_info():
     os.write(2, XNNPACK_INFO + b"\nERROR: a native error the user must see\n")
 os.write(2, b"after\n")
 if len(sys.argv) > 1:

@@ -126,10 +126,11 @@ def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
     data = out.read_bytes()
     details = {"weights": "int8", "activations": "float32 (quantized on the fly)"}
     keep = tuple(ctx.candidate.keep_float)
-    transformer = bool(tflite_values.value_projections(read_model(data)))
+    converted = read_model(data)
+    transformer = bool(tflite_values.value_projections(converted))
     if not keep and not transformer:
         return data, details  # as the converter wrote it
-    weights = _float_weights(ctx, read_model(data))  # read once, for every step
+    weights = _float_weights(ctx, converted)  # read once, for every step
     data, kept = tflite_values.float_values(data, weights, keep)
     parts = ["the attention value projections"] * transformer + [f"{len(keep)} more projections"] * bool(keep)
     details.update(weights=f"int8; in float (stored as fp16): {' and '.join(parts)}", float_nodes=kept)
@@ -435,16 +436,15 @@ def _named(data: bytes, samples: list[dict], names: set[str]) -> dict[str, np.nd
     run as the device runs it (XNNPACK), not with every tensor kept by the reference kernels (MPNet's
     384-token model: 0.36 s a sample instead of 3.1 s). Names not in the graph are left out."""
     from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.tools.flatbuffer_utils import convert_object_to_bytearray
+
+    from edgeruntime.litert import without_xnnpack_info
 
     model = read_model(data)
     graph = model.subgraphs[0]
     index = {t.name.decode(): i for i, t in enumerate(graph.tensors)}
     extra = [index[n] for n in sorted(names) if n in index]
     graph.outputs = np.array(list(graph.outputs) + [i for i in extra if i not in set(graph.outputs)], np.int32)
-    from tensorflow.lite.tools.flatbuffer_utils import convert_object_to_bytearray
-
-    from edgeruntime.litert import without_xnnpack_info
-
     with without_xnnpack_info():
         interp = Interpreter(model_content=bytes(convert_object_to_bytearray(model)))
         interp.allocate_tensors()
