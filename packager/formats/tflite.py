@@ -21,7 +21,7 @@ import numpy as np
 
 from edgebundle.errors import ConversionError, InputError, UnsupportedOpError
 from packager.candidates import Step
-from packager.formats import tflite_layout, tflite_smooth, tflite_tables, tflite_values
+from packager.formats import tflite_converter, tflite_layout, tflite_smooth, tflite_tables, tflite_values
 from packager.formats.sensitivity import GraphView, Lowered, Op, fake_quant
 from packager.lint import Finding, Level
 from packager.registry import Artifact, Backend, ConvertContext, bridge, register
@@ -45,17 +45,16 @@ def _converted(ctx: ConvertContext) -> dict:
     return via.details(ctx) if via else {}
 
 
-def _converter(ctx: ConvertContext):
+def _tflite(ctx: ConvertContext, mode: str) -> bytes:
+    """The SavedModel converted by TFLiteConverter (`mode`: fp32, fp16 or dynamic; tflite_converter.py).
+    A big one made by a bridge (onnx2tf) converts in a child of its own, which gives the converter's
+    memory back when it exits (MPNet: 4 GB, most of it kept by the process that converted)."""
     saved = _saved_model(ctx)  # first: a bridge refuses unconvertible ops before TensorFlow loads
-    import tensorflow as tf
-
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved))
-    if ctx.allow_flex:
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
-    return conv
-
-
-def _run(conv, ctx: ConvertContext) -> bytes:
+    bridged = bridge(ctx.source.kind.value, Format.TFLITE) is not None
+    if bridged and tflite_converter.saved_model_bytes(saved) >= tflite_converter.CHILD_BYTES:
+        return _in_child("convert", ctx, what=f"the {mode} conversion", samples=[], saved_model=saved, mode=mode,
+                         allow_flex=ctx.allow_flex, lean_import=True)
+    conv = tflite_converter.converter(str(saved), mode, allow_flex=ctx.allow_flex, lean_import=bridged)
     try:
         return conv.convert()
     except Exception as e:  # ConverterError, plus assorted MLIR/RuntimeErrors
@@ -104,12 +103,7 @@ def _int8(ctx: ConvertContext) -> tuple[bytes, dict]:
 
 
 def _fp16(ctx: ConvertContext) -> tuple[bytes, dict]:
-    import tensorflow as tf
-
-    conv = _converter(ctx)
-    conv.optimizations = [tf.lite.Optimize.DEFAULT]
-    conv.target_spec.supported_types = [tf.float16]
-    return _run(conv, ctx), {"weights": "float16", "activations": "float32"}
+    return _tflite(ctx, "fp16"), {"weights": "float16", "activations": "float32"}
 
 
 def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
@@ -118,11 +112,7 @@ def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
     keeping weights in float is that model with those weights put back."""
     out = ctx.cache.path("tflite-dynamic.tflite")
     if not out.is_file():
-        import tensorflow as tf
-
-        conv = _converter(ctx)
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        out.write_bytes(_run(conv, ctx))
+        out.write_bytes(_tflite(ctx, "dynamic"))
     data = out.read_bytes()
     details = {"weights": "int8", "activations": "float32 (quantized on the fly)"}
     keep = tuple(ctx.candidate.keep_float)
@@ -173,8 +163,7 @@ def _ranges(ctx: ConvertContext, names: set[str]) -> dict[str, np.ndarray]:
     missing = names - have.keys()
     samples = ctx.calibration.samples[:RANGE_SAMPLES] if ctx.calibration else ([ctx.sample] if ctx.sample else [])
     if missing and samples:
-        got = _named(TFLiteBackend().fp32(ctx).read_bytes(), samples, missing)
-        have.update({n: np.abs(v).reshape(-1, v.shape[-1]).max(axis=0) for n, v in got.items() if v.ndim >= 2})
+        have.update(_channel_maxima(TFLiteBackend().fp32(ctx).read_bytes(), samples, missing))
         if "length" not in ctx.cache.keyed:  # the main model's: what its buckets must use
             _keep_ranges(ctx, have)
     return {n: have[n] for n in names if n in have}
@@ -295,7 +284,7 @@ class TFLiteBackend(Backend):
             if self.packages_as_is(ctx.source):
                 shutil.copyfile(ctx.source.path, out)
             else:
-                out.write_bytes(_run(_converter(ctx), ctx))
+                out.write_bytes(_tflite(ctx, "fp32"))
             cache.fp32[Format.TFLITE] = out
         return cache.fp32[Format.TFLITE]
 
@@ -431,10 +420,11 @@ def _qparams(d: dict) -> tuple[float | None, int | None]:
 
 
 
-def _named(data: bytes, samples: list[dict], names: set[str]) -> dict[str, np.ndarray]:
-    """The named tensors of a float model on `samples`, stacked on axis 0: made outputs of the graph and
-    run as the device runs it (XNNPACK), not with every tensor kept by the reference kernels (MPNet's
-    384-token model: 0.36 s a sample instead of 3.1 s). Names not in the graph are left out."""
+def _channel_maxima(data: bytes, samples: list[dict], names: set[str]) -> dict[str, np.ndarray]:
+    """Max |value| per channel (last axis) over `samples` of the named tensors (of 2 or more dimensions)
+    of a float model: made outputs of the graph and run as the device runs it (XNNPACK), not with every
+    tensor kept by the reference kernels (MPNet's 384-token model: 0.36 s a sample instead of 3.1 s).
+    Reduced sample by sample: MPNet's would be 3 GB kept. Names not in the graph are left out."""
     from ai_edge_litert.interpreter import Interpreter
     from tensorflow.lite.tools.flatbuffer_utils import convert_object_to_bytearray
 
@@ -452,15 +442,18 @@ def _named(data: bytes, samples: list[dict], names: set[str]) -> dict[str, np.nd
     sig = sigs.get("serving_default") or (sigs[sorted(sigs)[0]] if sigs else None)
     by_name = {d["name"]: d["index"] for d in interp.get_input_details()}
     dtypes = {d["index"]: d["dtype"] for d in interp.get_input_details()}
-    rows: dict[int, list] = {i: [] for i in extra}
+    maxima: dict[int, np.ndarray] = {}
     for feeds in samples:
         for name, x in feeds.items():
             idx = sig["inputs"][name] if sig and name in sig["inputs"] else by_name[name]
             interp.set_tensor(idx, np.asarray(x).astype(dtypes[idx]))
         interp.invoke()
         for i in extra:
-            rows[i].append(interp.get_tensor(i))
-    return {graph.tensors[i].name.decode(): np.stack(v) for i, v in rows.items() if v}
+            t = interp.get_tensor(i)
+            if t.ndim >= 2:
+                m = np.abs(t).reshape(-1, t.shape[-1]).max(axis=0)
+                maxima[i] = np.maximum(maxima[i], m) if i in maxima else m
+    return {graph.tensors[i].name.decode(): m for i, m in maxima.items()}
 
 
 def _tensors(data: bytes, samples: list[dict], names: set[str] | None = None):

@@ -15,7 +15,9 @@ The steps that import TensorFlow (calibration and the quantizers: 5-10 s of impo
 child that stays up between steps (served.py), so a build's second TensorFlow step, and the next
 build's in the same process, skips the import. Each step still writes its own log; a step that kills
 the child fails that candidate only, and the next step starts a new child. A probe (LiteRT alone, its
-import cheap) keeps a child of its own: it is the step that aborts on a bad model."""
+import cheap) keeps a child of its own: it is the step that aborts on a bad model. So does `convert`
+(fp32, fp16 or dynamic range of a big SavedModel, tflite_converter.py): its child exits when it is
+done, and the converter's memory goes with it."""
 from __future__ import annotations
 
 import json
@@ -33,7 +35,7 @@ from packager.formats import served
 
 TIMEOUT_S = 1800
 FAULT_ENV = "EDGEPACK_TEST_WORKER_FAULT"
-SERVED = frozenset({"calibrate", "int8", "int16x8"})  # the steps that import TensorFlow
+SERVED = frozenset({"calibrate", "int8", "int16x8"})  # TensorFlow steps that share one child (not `convert`)
 MODULE = "packager.formats.tflite_worker"
 
 
@@ -105,6 +107,15 @@ def _converter(req: dict, samples: list[dict]):
     return conv
 
 
+def convert(req: dict, samples: list[dict]) -> bytes:
+    """fp32, fp16 or dynamic range, for a SavedModel big enough that its converter's memory must go
+    when the conversion is done (tflite_converter.py): never served, so the child exits after it."""
+    from packager.formats import tflite_converter
+
+    return tflite_converter.converter(req["saved_model"], req["mode"], allow_flex=req["allow_flex"],
+                                      lean_import=req["lean_import"]).convert()
+
+
 def calibrate(req: dict, samples: list[dict]) -> bytes:
     """The float model with calibration statistics (what QuantizationDebugger starts from too)."""
     import tensorflow as tf
@@ -158,7 +169,7 @@ def probe(req: dict, samples: list[dict]) -> None:
         print(f"the interpreter raised (reported by the build's validation): {e}")
 
 
-STEPS = {"calibrate": calibrate, "int8": int8, "int16x8": int16x8, "probe": probe}
+STEPS = {"convert": convert, "calibrate": calibrate, "int8": int8, "int16x8": int16x8, "probe": probe}
 
 
 def handle(path: Path) -> None:
