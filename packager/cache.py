@@ -44,6 +44,8 @@ class BuildCache:
     ranges: dict[str, np.ndarray] = field(default_factory=dict)
     # the main fp32 model's weights by tensor name, shared with the length buckets (tflite._float_weights)
     weights: dict[bytes, np.ndarray] = field(default_factory=dict)
+    # source sha256 -> (the ONNX graph onnx2tf converts, its rewrites): one per source, for every length
+    bridge_onnx: dict[str, tuple[Path, dict]] = field(default_factory=dict)
     artifacts: dict[ArtifactKey, object] = field(default_factory=dict)  # registry.Artifact, or the error it raised
     bridged: dict[tuple, object] = field(default_factory=dict)  # registry.Bridge results (a path or the error)
     device_profiles: dict[tuple[str, str], dict] = field(default_factory=dict)  # (target, fp32 path) -> device figures
@@ -57,7 +59,8 @@ class BuildCache:
         if length not in self.lengths:
             self.lengths[length] = BuildCache(workdir=self.workdir / f"length-{length}", timer=self.timer,
                                               store=self.store, keyed=dict(self.keyed, length=length),
-                                              ranges=self.ranges, weights=self.weights)
+                                              ranges=self.ranges, weights=self.weights,
+                                              bridge_onnx=self.bridge_onnx)
         return self.lengths[length]
 
     def path(self, name: str) -> Path:

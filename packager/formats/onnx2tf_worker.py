@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from packager.formats.onnx_rewrite import weightless
+
 # Node names onnx2tf turns into TensorFlow name scopes must match this.
 _SCOPE = re.compile(r"[^A-Za-z0-9_.\-/]")
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
@@ -105,14 +107,21 @@ def prepare(path: Path, shapes: dict[str, list[int]]):
         seen.add(node.name)
     relu6_sigmoids(model)
     _plain_output_names(model)
-    model = shape_inference.infer_shapes(model, data_prop=True)
+    model = weightless(lambda m: shape_inference.infer_shapes(m, data_prop=True), model)
     try:
         import onnxslim
+        import onnxslim.core
 
-        model = onnxslim.slim(model)  # folds Shape/Gather/Reshape chains onnx2tf mis-reads
+        infer = onnxslim.core.shape_infer  # what slim() imports when it runs, between its passes
+        onnxslim.core.shape_infer = lambda m: weightless(infer, m)
+        try:
+            model = onnxslim.slim(model)  # folds Shape/Gather/Reshape chains onnx2tf mis-reads
+        finally:
+            onnxslim.core.shape_infer = infer
     except Exception:  # a graph onnxslim cannot fold is still worth a try unfolded
         pass
     return model
+
 
 
 def _ref_outputs(path: Path, names: list[str], feeds: dict) -> list[np.ndarray]:

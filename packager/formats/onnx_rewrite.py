@@ -36,6 +36,39 @@ def opset_of(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
+HELD = 4096  # float initializers of this many elements or more are weights, never a shape's values
+
+
+def weightless(infer, model):
+    """`infer(model)`, a pass over the graph that copies the model (shape inference, the opset
+    converter), run with the big float weights' bytes held aside as external data it never reads,
+    then put back in `model` and in what `infer` returned. MPNet's 440 MB made each of onnxslim's
+    shape inferences 14 s, most of it copying the weights."""
+    from onnx import TensorProto
+
+    held = {}
+    for t in model.graph.initializer:
+        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and t.raw_data and np.prod(t.dims) >= HELD:
+            held[t.name] = t.raw_data
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            t.external_data.add(key="location", value="edgepack-held-aside")
+
+    def give_back(m):
+        for t in m.graph.initializer:
+            if t.name in held and t.data_location == TensorProto.EXTERNAL:
+                del t.external_data[:]
+                t.data_location = TensorProto.DEFAULT
+                t.raw_data = held[t.name]
+        return m
+
+    try:
+        out = infer(model)
+    finally:
+        give_back(model)
+    return give_back(out) if out is not model else out
+
+
 def _upgrade(model, version: int):
     """(the model at `version`, None) or (None, why): onnx's converter lacks adapters for some ops."""
     from onnx import version_converter
@@ -43,7 +76,7 @@ def _upgrade(model, version: int):
     if opset_of(model) >= version:
         return model, None
     try:
-        return version_converter.convert_version(model, version), None
+        return weightless(lambda m: version_converter.convert_version(m, version), model), None
     except Exception as e:  # onnx raises plain errors for ops it cannot adapt
         return None, f"the graph could not be upgraded to opset {version}: {str(e).splitlines()[0][:200]}"
 
@@ -52,13 +85,11 @@ class _Graph:
     """Constants, producers and consumers of one graph, for pattern matching."""
 
     def __init__(self, model):
-        from onnx import numpy_helper
-
         g = model.graph
-        self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.consts = {t.name: t for t in g.initializer}  # TensorProtos: read only when one is a scalar
         for n in g.node:
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+                self.consts[n.output[0]] = n.attribute[0].t
         self.producer = {o: n for n in g.node for o in n.output}
         self.users: dict[str, list] = {}
         for n in g.node:
@@ -67,8 +98,10 @@ class _Graph:
         self.outputs = {o.name for o in g.output}
 
     def scalar(self, name: str) -> float | None:
+        from onnx import numpy_helper
+
         c = self.consts.get(name)
-        return float(c.reshape(())) if c is not None and c.size == 1 else None
+        return float(numpy_helper.to_array(c).reshape(())) if c is not None and np.prod(c.dims) == 1 else None
 
     def only_user(self, name: str, op: str):
         """The single consumer of `name` when it is an `op` (and `name` is no graph output)."""

@@ -124,8 +124,6 @@ class OnnxToTFLite(Bridge):
         return out, info
 
     def _convert(self, ctx: ConvertContext, work: Path) -> tuple[Path, dict]:
-        import onnx
-
         self.check()
         src = ctx.source
         names = [s.name for s in src.inputs if not _TF_NAME.match(s.name)]
@@ -133,18 +131,8 @@ class OnnxToTFLite(Bridge):
             raise InputError(f"input name(s) {names} of {src.path.name} cannot be TFLite signature names",
                              hint="rename the inputs (letters, digits and _ . / - only; e.g. input_names=[...] "
                                   "in torch.onnx.export), or pick an ONNX target")
-        model, rewrites = _rewritten(src.model)
-        bad = unsupported_ops(model)
-        if bad:
-            err = UnsupportedOpError(
-                f"{src.path.name} uses ONNX ops that onnx2tf cannot convert to TFLite: {', '.join(bad)}",
-                hint="pick an ONNX target (x86-cpu, jetson-gpu), or re-export the model without those ops "
-                     "(e.g. a lower/higher opset, or the post-processing outside the model)")
-            err.ops = bad
-            raise err
         work.mkdir(parents=True, exist_ok=True)
-        bridged = work / "bridge.onnx"  # what onnx2tf converts; ONNX Runtime validates against the source
-        onnx.save(model, str(bridged))
+        bridged, rewrites = _bridge_onnx(ctx, work)
         sample = ctx.sample or {s.name: np.zeros(s.shape, s.dtype) for s in src.inputs}
         np.savez(work / "sample.npz", **{s.name: np.asarray(sample[s.name]).reshape(s.shape) for s in src.inputs})
         # absolute: the worker runs in another directory, and a MODEL given as a relative path must still resolve
@@ -174,6 +162,28 @@ class OnnxToTFLite(Bridge):
             res["message"] = res["message"] or _last_error(work / "onnx2tf.log")
             raise _error(res, src.path.name)
         return Path(req["out"]), dict(res, rewrites=rewrites)
+
+
+def _bridge_onnx(ctx: ConvertContext, work: Path) -> tuple[Path, dict]:
+    """The graph onnx2tf converts, written once per source: every length bucket converts the same graph
+    (its rewrite and write cost MPNet ~5 s a length)."""
+    import onnx
+
+    src = ctx.source
+    if src.sha256 not in ctx.cache.bridge_onnx:
+        model, rewrites = _rewritten(src.model)
+        bad = unsupported_ops(model)
+        if bad:
+            err = UnsupportedOpError(
+                f"{src.path.name} uses ONNX ops that onnx2tf cannot convert to TFLite: {', '.join(bad)}",
+                hint="pick an ONNX target (x86-cpu, jetson-gpu), or re-export the model without those ops "
+                     "(e.g. a lower/higher opset, or the post-processing outside the model)")
+            err.ops = bad
+            raise err
+        bridged = work / "bridge.onnx"  # what onnx2tf converts; ONNX Runtime validates against the source
+        onnx.save(model, str(bridged))
+        ctx.cache.bridge_onnx[src.sha256] = (bridged.resolve(), rewrites)
+    return ctx.cache.bridge_onnx[src.sha256]
 
 
 def _rewritten(model) -> tuple[object, dict]:
