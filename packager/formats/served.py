@@ -5,8 +5,10 @@ REQUEST`) or served (`python -m MODULE --serve`: request paths on its stdin, one
 stdout when each step is done). `ask` hands a request to the module's served child, starting one as
 needed: a new one for a changed environment, after MAX_STEPS steps (what a converter keeps between
 steps is let go now and then), or after the last one died. A step that kills the child fails that
-step only. The child leaves after IDLE_S without a request, or when the build's process goes (its
-stdin closes). Each step writes its own log (stdout and stderr, the native libraries' too)."""
+step only. The child leaves after IDLE_S without a request, when the build's process goes (its
+stdin closes), or after a step that left it holding more than KEEP_BYTES (a big model's conversion:
+onnx2tf's child kept 4.7 GB after MPNet's, for the rest of the build). Each step writes its own log
+(stdout and stderr, the native libraries' too)."""
 from __future__ import annotations
 
 import atexit
@@ -20,6 +22,7 @@ from typing import Callable
 
 IDLE_S = 300
 MAX_STEPS = 25
+KEEP_BYTES = 2 << 30
 # Changed between calls without changing what a child does: no new child for them. Most are set by
 # TensorFlow's import, in the build's process too once it has converted in-process (the child sets
 # them again on its own import).
@@ -140,6 +143,17 @@ def loop(handle: Callable[[Path], None], log_of: Callable[[Path], Path]) -> int:
         sys.stderr.flush()
         reply.write("done\n")
         reply.flush()
+        if _resident() > KEEP_BYTES:
+            return 0  # the parent's next request starts a fresh child
+
+
+def _resident() -> int:
+    """This process's resident bytes now (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _forget_autograph() -> None:
