@@ -21,7 +21,7 @@ PROCESS_MARKERS = ("broker", "agent")  # tests that start these processes are sl
 # out (--dist loadfile): longest first, so no long module is left running alone at the end, and the
 # ones that convert (CPU-bound: TensorFlow, onnx2tf, ONNX Runtime) alternate with the ones that mostly
 # wait (agents, brokers, timers), so that while one worker waits the other has work for both cores.
-CONVERTING = ("test_corpus_gguf.py", "test_corpus_text.py", "test_corpus.py", "test_build.py", "test_onnx_tflite.py", "test_text_tflite.py",
+CONVERTING = ("test_corpus_mpnet.py", "test_corpus_gguf.py", "test_corpus_text.py", "test_corpus.py", "test_build.py", "test_onnx_tflite.py", "test_text_tflite.py",
               "test_keras_transformer.py", "test_demo.py", "test_text_buckets.py", "test_text_models.py",
               "test_hf_export.py", "test_report_page.py", "test_cli.py", "test_tflite_layout.py", "test_llm_build.py",
               "test_llm_lora.py")

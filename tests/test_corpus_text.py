@@ -18,10 +18,9 @@ import importlib.util
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from textkit import minilm_folder, sentences, torch_sentence_embeddings
+from textkit import judge_embeddings, minilm_folder, sentences, torch_sentence_embeddings
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
 if missing := [m for m in ('torch',) if importlib.util.find_spec(m) is None]:  # found, not imported: collection stays fast
@@ -79,26 +78,12 @@ def _build(model, minilm, out, targets=TARGETS, said=None, **kw):
     return {r.target: r for r in res.results}
 
 
-def _judge(bundle, minilm) -> tuple[float, float, float]:
-    """(cosine mean, cosine min, nearest neighbours kept) of the bundle's text answers against torch."""
-    from device_agent import load_bundle
-
-    model = load_bundle(bundle, allow_cpu_fallback=True)
-    try:
-        got = np.concatenate([model.infer({"text": [t]})["sentence_embedding"] for t in minilm["held_out"]])
-    finally:
-        model.close()
-    want = minilm["want"]
-    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1)
-    return float(cos.mean()), float(cos.min()), float((_nearest(got) == _nearest(want)).mean())
-
-
 def _check_all(results, minilm) -> None:
     from edgebundle.archive import open_bundle
     from packager.tflite_fb import ops_with_versions
 
     for target, r in results.items():
-        mean, low, kept = _judge(r.bundle, minilm)
+        mean, low, kept = judge_embeddings(r.bundle, minilm["held_out"], minilm["want"])
         cands = [(c["candidate"], c["verdict"]) for c in r.report["candidates"]]
         print(f"{target}: {r.report['precision']} cosine mean {mean:.4f} min {low:.4f}, "
               f"nearest neighbour kept {kept:.1%}; {cands}")
@@ -138,10 +123,3 @@ def test_users_own_onnx_export_takes_its_tokenizer(minilm):
     onnx_path = minilm["dir"] / "own.onnx"
     subprocess.run([sys.executable, "-c", EXPORT, str(minilm["folder"]), str(onnx_path)], check=True, timeout=600)
     _check_all(_build(onnx_path, minilm, "own", targets=("x86-cpu",), tokenizer=minilm["folder"]), minilm)
-
-
-def _nearest(e: np.ndarray) -> np.ndarray:
-    """Each text's nearest other text in the same model's embedding space."""
-    s = e @ e.T
-    np.fill_diagonal(s, -np.inf)
-    return s.argmax(axis=1)

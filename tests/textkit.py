@@ -126,3 +126,24 @@ def torch_sentence_embeddings(folder: Path, texts: list[str], *, max_length: int
             v = h.last_hidden_state[0].mean(0).numpy()
             out.append(v / np.linalg.norm(v))
     return np.stack(out)
+
+
+def judge_embeddings(bundle: Path, held_out: list[str], want: np.ndarray) -> tuple[float, float, float]:
+    """(cosine mean, cosine min, nearest neighbours kept) of a sentence-embedding bundle's answers, asked
+    in text through the agent's loader one text at a time, against `want` (torch's)."""
+    from device_agent import load_bundle
+
+    model = load_bundle(bundle, allow_cpu_fallback=True)
+    try:
+        got = np.concatenate([model.infer({"text": [t]})["sentence_embedding"] for t in held_out])
+    finally:
+        model.close()
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1)
+    return float(cos.mean()), float(cos.min()), float((_nearest(got) == _nearest(want)).mean())
+
+
+def _nearest(e: np.ndarray) -> np.ndarray:
+    """Each text's nearest other text in the same model's embedding space."""
+    s = e @ e.T
+    np.fill_diagonal(s, -np.inf)
+    return s.argmax(axis=1)
