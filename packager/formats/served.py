@@ -22,7 +22,7 @@ from typing import Callable
 
 IDLE_S = 300
 MAX_STEPS = 25
-KEEP_BYTES = 2 << 30
+KEEP_BYTES = int(os.environ.get("EDGEPACK_SERVED_KEEP_BYTES") or 2 << 30)  # the variable: for the tests
 # Changed between calls without changing what a child does: no new child for them. Most are set by
 # TensorFlow's import, in the build's process too once it has converted in-process (the child sets
 # them again on its own import).
@@ -35,7 +35,7 @@ class Server:
     """One served child: one request at a time, a path in, a line back when the step is done."""
 
     def __init__(self, module: str, env: dict):
-        self.key, self.steps = env_key(env), 0
+        self.key, self.steps, self.leaving = env_key(env), 0, False
         self.proc = subprocess.Popen([sys.executable, "-m", module, "--serve"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      env=env, cwd=Path.home() if Path.home().is_dir() else "/")
@@ -53,7 +53,9 @@ class Server:
             if not ready:
                 self.close(kill=True)
                 return "timeout"
-            if self.proc.stdout.readline():
+            line = self.proc.stdout.readline()
+            if line:
+                self.leaving = line.strip() == b"done leaving"  # it holds too much: it exits now
                 return 0
         except BaseException:  # interrupted between request and reply: a later reply would be this one's
             self.close(kill=True)
@@ -105,6 +107,9 @@ def ask(module: str, request: Path, env: dict, *, timeout_s: float):
             if code is None:
                 servers.pop(module, None)
                 continue
+            if server.leaving:
+                servers.pop(module, None)
+                server.close()
             if code != 0:
                 servers.pop(module, None)  # it died (or was killed): the next step starts a fresh one
             return code
@@ -123,6 +128,8 @@ def loop(handle: Callable[[Path], None], log_of: Callable[[Path], Path]) -> int:
     """The child's side: requests from stdin until it closes or stays quiet for IDLE_S; each step's
     output (Python's and the native libraries', through fds 1 and 2) goes to `log_of(request)`, and it
     runs in the request's folder."""
+    from edgeruntime.timing import rss_bytes
+
     reply = os.fdopen(os.dup(1), "w")
     while True:
         ready, _, _ = select.select([sys.stdin], [], [], IDLE_S)
@@ -141,19 +148,11 @@ def loop(handle: Callable[[Path], None], log_of: Callable[[Path], Path]) -> int:
         _forget_autograph()
         sys.stdout.flush()
         sys.stderr.flush()
-        reply.write("done\n")
+        leaving = (rss_bytes() or 0) > KEEP_BYTES
+        reply.write("done leaving\n" if leaving else "done\n")
         reply.flush()
-        if _resident() > KEEP_BYTES:
-            return 0  # the parent's next request starts a fresh child
-
-
-def _resident() -> int:
-    """This process's resident bytes now (0 where /proc is not there)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+        if leaving:  # the parent lets this child go and starts a fresh one for its next request
+            os._exit(0)  # not through the libraries' exit handlers: one that fails must not look like a crash
 
 
 def _forget_autograph() -> None:

@@ -49,6 +49,8 @@ def run(step: str, work: Path, *, samples: list[dict], what: str, **req) -> Path
                                               for k, v in s.items()})
     req = dict(req, step=step, samples=str(work / f"{step}-samples.npz"), out=str(work / f"{step}.tflite"),
                result=str(work / f"{step}.json"))
+    for stale in (req["result"], req["out"]):  # an earlier step of this name in this folder must not answer
+        Path(stale).unlink(missing_ok=True)
     (work / f"{step}-request.json").write_text(json.dumps(req))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
     code = served.ask(MODULE, work / f"{step}-request.json", env, timeout_s=TIMEOUT_S) if step in SERVED else None

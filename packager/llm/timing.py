@@ -122,7 +122,9 @@ def _memory_child(spec: dict) -> dict:
     import numpy as np
     import onnxruntime_genai as og
 
-    before = _rss()
+    from edgeruntime.timing import rss_bytes
+
+    before = rss_bytes() or 0
     cfg = og.Config(spec["memory"])
     cfg.clear_providers()
     m = og.Model(cfg)
@@ -134,15 +136,7 @@ def _memory_child(spec: dict) -> dict:
     g.append_tokens(np.asarray(list(og.Tokenizer(m).encode(PROMPT))[:16], np.int32))
     for _ in range(8):
         g.generate_next_token()
-    return {"load_bytes": max(0, _rss() - before)}
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    return {"load_bytes": max(0, (rss_bytes() or 0) - before)}
 
 
 if __name__ == "__main__":
