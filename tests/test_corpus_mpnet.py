@@ -3,16 +3,20 @@ packages (make corpus), as its Hugging Face folder, built once for arm-cpu with 
 --no-speed-gate`, and asked in text through the agent's loader about 176 texts the build never saw,
 against torch: cosine >= 0.99 mean and >= 0.98 min, nearest neighbour kept >= 95 % (issue 27's gate).
 
-What the suite's budget leaves room for (~2.5 min of CPU, most of it the 384-token model's onnx2tf
-run and two conversions): arm-cpu, the target that needs the most to pass on this model (dynamic
-range with the value projections in float, smoothing, the token embeddings quantized per row), and
-no length bucket (a minute each; test_text_buckets chooses them, test_corpus_text shows one shared).
+Opt-in (`make test-heavy`, or EDGEPACK_HEAVY=1): the suite's budget has no room for it. Even cut to
+arm-cpu alone and no length bucket it is ~3.8 min of CPU (179 s alone on a quiet host: the 384-token
+model's onnx2tf run, two conversions, validation and the judge at 384 tokens), and it took the suite
+from 8.5-9.3 to 10 min 25 s here, ~16.6 min on the project's CI host (docs/testing.md, runs 40-42).
+arm-cpu is the target that needs the most to pass on this model (dynamic range with the value
+projections in float, smoothing, the token embeddings quantized per row); test_text_buckets chooses
+buckets, test_corpus_text shows one shared.
 MiniLM's builds cover x86-cpu's move from dynamic to dynamic-block, jetson-gpu's fp16 and rpi5 sharing
 arm-cpu's files; MPNet's four-target build with buckets is benchmarked by hand (docs/benchmarks.md:
 x86-cpu dynamic-block 96.0 %, jetson-gpu fp16 100 % on 176 held-out texts)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -20,6 +24,9 @@ from corpus_models import mpnet_folder
 from textkit import judge_embeddings, sentences, torch_sentence_embeddings
 
 pytestmark = [pytest.mark.slow, pytest.mark.corpus]
+if not os.environ.get("EDGEPACK_HEAVY"):
+    pytest.skip("MPNet's build is outside the suite's budget: make test-heavy (EDGEPACK_HEAVY=1) runs it",
+                allow_module_level=True)
 if missing := [m for m in ('torch',) if importlib.util.find_spec(m) is None]:
     pytest.skip(f"{missing[0]} is not installed", allow_module_level=True)
 
