@@ -23,7 +23,6 @@ from pathlib import Path
 # A SavedModel this big converts in a child of its own: the process that converts keeps most of the
 # converter's memory after it (MPNet: RSS 3.5 GB after converting in a fresh 0.6 GB process).
 CHILD_BYTES = 256 << 20
-MODES = ("fp32", "fp16", "dynamic")
 
 
 def saved_model_bytes(path: Path) -> int:
