@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # tests' agents and children waiting too: 16 min 0 s -> 15 min 24 s (runs 19 and 20).
 XDIST ?= -n 4 --dist loadfile --no-loadscope-reorder
 
-.PHONY: install corpus demo test test-fast test-heavy test-times bench hostile clean
+.PHONY: install corpus demo test test-fast test-times bench hostile clean
 
 # What `make demo` needs: the packager, the agent and scikit-learn's digits (TensorFlow, ONNX Runtime,
 # LiteRT), no torch.
@@ -58,10 +58,6 @@ test-times: install corpus
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
-
-# Real models too big for the suite's budget (tests/test_corpus_mpnet.py: MPNet for arm-cpu, ~3 min).
-test-heavy: install corpus
-	EDGEPACK_HEAVY=1 $(PY) -m pytest -q -ra tests/test_corpus_mpnet.py
 
 bench: install corpus
 	$(PY) benchmarks/build_multi_target.py
