@@ -13,6 +13,7 @@ in NHWC are transposed back). So the validation data, the golden outputs and the
 the same as for the ONNX model."""
 from __future__ import annotations
 
+import gc
 import json
 import re
 import sys
@@ -84,12 +85,13 @@ def _plain_output_names(model) -> None:
 
 
 def prepare(path: Path, shapes: dict[str, list[int]]):
-    """The ONNX graph with static input shapes, every node named, shapes folded (onnxslim), and
-    HardSigmoid in a form the Edge TPU maps."""
+    """(The ONNX graph with static input shapes, every node named, shapes folded (onnxslim), and
+    HardSigmoid in a form the Edge TPU maps; its output names as they were)."""
     import onnx
     from onnx import shape_inference
 
     model = onnx.load(str(path))
+    onnx_names = [o.name for o in model.graph.output]
     for vi in model.graph.input:
         if vi.name in shapes:
             dims = vi.type.tensor_type.shape.dim
@@ -113,14 +115,22 @@ def prepare(path: Path, shapes: dict[str, list[int]]):
         import onnxslim.core
 
         infer = onnxslim.core.shape_infer  # what slim() imports when it runs, between its passes
-        onnxslim.core.shape_infer = lambda m: weightless(infer, m)
+
+        def lean(m):
+            # Each pass drops a graph-surgeon graph, a cycle holding a whole model: with TensorFlow's
+            # objects in the heap, Python's collector reached them only after several passes
+            # (MPNet: +440 MB a pass, 5.5 GB at the end of slim instead of 3.2).
+            _trim()
+            return weightless(infer, m)
+
+        onnxslim.core.shape_infer = lean
         try:
             model = onnxslim.slim(model)  # folds Shape/Gather/Reshape chains onnx2tf mis-reads
         finally:
             onnxslim.core.shape_infer = infer
     except Exception:  # a graph onnxslim cannot fold is still worth a try unfolded
         pass
-    return model
+    return model, onnx_names
 
 
 
@@ -169,10 +179,13 @@ def convert(req: dict) -> dict:
 
     src, out = Path(req["onnx"]), Path(req["out"])
     shapes = {i["name"]: i["shape"] for i in req["inputs"]}
-    model = prepare(src, shapes)
+    model, onnx_names = prepare(src, shapes)
     static = out.parent / (out.name + "-static.onnx")
     onnx.save(model, str(static))
     nodes = {n.name: n.op_type for n in model.graph.node}
+    names = [o.name for o in model.graph.output]  # as prepared (plain)
+    del model  # onnx2tf reads the file: a copy of the weights fewer while it runs
+    _trim()
     layout_4d = [i["name"] for i in req["inputs"] if len(i["shape"]) in (3, 4, 5)]
     with np.load(req["sample"]) as z:
         feeds = {i["name"]: z[i["name"]] for i in req["inputs"]}
@@ -183,10 +196,15 @@ def convert(req: dict) -> dict:
         np.save(out.parent / f"sample-{i}.npy", x)
         custom.append([name, str(out.parent / f"sample-{i}.npy")])
     np.save(Path.cwd() / _ONNX2TF_SAMPLE, np.zeros((1, 1, 1, 3), np.float32))
-    names = [o.name for o in model.graph.output]  # as prepared (plain)
-    onnx_names = [o.name for o in onnx.load(str(src), load_external_data=False).graph.output]
+    refs = None
+    try:  # now, while this process holds little: ONNX Runtime's session is another copy of the weights
+        refs = _ref_outputs(static, names, feeds)
+    except Exception:  # asked again after onnx2tf, whose error names the node
+        pass
+    _trim()
+    _trim_after_dummy_inference()
     order = [i["name"] for i in req["inputs"]]
-    strict, refs = False, None
+    strict = False
     while True:
         try:
             keras_model = onnx2tf.convert(
@@ -205,7 +223,8 @@ def convert(req: dict) -> dict:
             node = getattr(e, "onnx_op_name", None)
             return {"ok": False, "kind": "op", "node": node, "op": nodes.get(node), "message": _first_line(e)}
         got = [np.asarray(g) for g in (got if isinstance(got, (list, tuple)) else [got])]
-        refs = _ref_outputs(static, names, feeds) if refs is None else refs  # after onnx2tf: its error names the node
+        _trim()
+        refs = _ref_outputs(static, names, feeds) if refs is None else refs
         if strict or _agrees(got, refs):
             break
         strict = True
@@ -239,6 +258,38 @@ def convert(req: dict) -> dict:
     archive.write_out(str(out))
     return {"ok": True, "transposed_outputs": [n for n, p in zip(onnx_names, perms) if p],
             "onnx2tf": onnx2tf.__version__, "strict_mode": strict}
+
+
+def _trim_after_dummy_inference() -> None:
+    """onnx2tf runs the whole graph in ONNX Runtime first (a graph-surgeon copy, an exported copy,
+    its bytes and a session: four copies of the weights): let them go before it builds the Keras
+    model. Once per process (this one converts nothing else)."""
+    o2t = sys.modules["onnx2tf.onnx2tf"]
+    dummy = o2t.dummy_onnx_inference
+    if getattr(dummy, "edgepack_trims", False):
+        return
+
+    def then_trim(*args, **kwargs):
+        try:
+            return dummy(*args, **kwargs)
+        finally:
+            _trim()
+
+    then_trim.edgepack_trims = True
+    o2t.dummy_onnx_inference = then_trim
+
+
+def _trim() -> None:
+    """Give what this process no longer holds back to the system: graph-surgeon graphs are cycles
+    that hold whole models (Python's collector reaches them late with TensorFlow's objects in the
+    heap), and glibc keeps freed weight-sized blocks in its heap."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _first_line(e: BaseException) -> str:

@@ -45,10 +45,12 @@ _AWAY = "edgepack-held-aside"
 
 def weightless(infer, model):
     """`infer(model)`, a pass over the graph that copies the model (shape inference, the opset
-    converter), run with the big weights' bytes held aside as external data it never reads, then
-    put back in `model` and in what `infer` returned. MPNet's 440 MB made each of onnxslim's shape
-    inferences 14 s, most of it copying the weights. Only float initializers that every user reads
-    as a weight (MatMul's B, Gather's table...) are held, and none in a graph with subgraphs."""
+    converter), run on a copy whose big weights are held aside as external data it never reads;
+    what `infer` returns gets them back. MPNet's 440 MB made each of onnxslim's shape inferences
+    14 s, most of it copying the weights. Only float initializers that every user reads as a weight
+    (MatMul's B, Gather's table...) are held, and none in a graph with subgraphs. The caller's
+    model is never touched: protobuf keeps a cleared field's bytes until the whole message goes, so
+    clearing and setting its weights again would double what it holds."""
     from onnx import AttributeProto, TensorProto
 
     g = model.graph
@@ -58,30 +60,56 @@ def weightless(infer, model):
             return infer(model)  # a subgraph may read an outer initializer by name
         for i, name in enumerate(n.input):
             uses.setdefault(name, set()).add(_WEIGHT_INPUTS.get(n.op_type) == i)
-    held = {}
-    for t in g.initializer:
-        if (t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and t.raw_data and np.prod(t.dims) >= HELD
-                and uses.get(t.name) == {True} and t.name not in held):
-            held[t.name] = t.raw_data
-            t.ClearField("raw_data")
-            t.data_location = TensorProto.EXTERNAL
-            t.external_data.add(key="location", value=_AWAY)
-
-    def give_back(m):
-        for t in m.graph.initializer:
+    held = {t.name: t for t in g.initializer
+            if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16) and t.raw_data and np.prod(t.dims) >= HELD
+            and uses.get(t.name) == {True}}
+    if not held:
+        return infer(model)
+    out = infer(_without(model, held))
+    if out is not None:
+        for t in out.graph.initializer:
             if t.data_location == TensorProto.EXTERNAL and any(e.value == _AWAY for e in t.external_data):
                 if t.name not in held:
                     raise ValueError(f"a pass renamed the held-aside weight {t.name!r}")
                 del t.external_data[:]
                 t.ClearField("data_location")
-                t.raw_data = held[t.name]
-        return m
+                t.raw_data = held[t.name].raw_data
+    return out
 
-    try:
-        out = infer(model)
-    finally:
-        give_back(model)
-    return give_back(out) if out is not None and out is not model else out
+
+def _without(model, held: dict):
+    """A copy of `model` whose initializers named in `held` carry no bytes, only an external-data
+    marker (built field by field: a whole copy would copy the weights)."""
+    from onnx import TensorProto
+
+    lite = type(model)()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _set(lite, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _set(lite.graph, field, value)
+    for t in model.graph.initializer:
+        new = lite.graph.initializer.add()
+        if t.name not in held:
+            new.CopyFrom(t)
+            continue
+        for field, value in t.ListFields():
+            if field.name != "raw_data":
+                _set(new, field, value)
+        new.data_location = TensorProto.EXTERNAL
+        new.external_data.add(key="location", value=_AWAY)
+    return lite
+
+
+def _set(msg, field, value) -> None:
+    repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+    if repeated:
+        getattr(msg, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(msg, field.name).CopyFrom(value)
+    else:
+        setattr(msg, field.name, value)
 
 
 def _upgrade(model, version: int):
