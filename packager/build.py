@@ -126,6 +126,7 @@ def _target(search: CandidateSearch, inputs: BuildInputs) -> TargetResult:
     """One target: its chosen candidate packaged, or what failed, with the candidates it tried."""
     try:
         outcome = search.run()
+        inputs.cache.timer.release()  # what follows (buckets, packaging) times nothing
         if not isinstance(outcome, Failed):
             return package(outcome, inputs, sequence.plan(search, outcome, inputs))
         error, trials = outcome.error, outcome.trials

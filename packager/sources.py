@@ -262,23 +262,32 @@ class OnnxSource(Source):
         import onnx
 
         try:
-            self.model = onnx.load(str(path))
-            onnx.checker.check_model(self.model)
+            model = onnx.load(str(path))
+            onnx.checker.check_model(model)
         except Exception as e:  # protobuf DecodeError, ValidationError, ...
             raise InputError(f"{path.name} is not a valid ONNX model: {_first_line(e)}",
                              hint="re-export it, and check it with python -m onnx.checker") from None
         from onnx import helper
 
-        init = {i.name for i in self.model.graph.initializer}
-        for vi in self.model.graph.input:
+        init = {i.name for i in model.graph.initializer}
+        for vi in model.graph.input:
             if vi.name in init:
                 continue
             t = vi.type.tensor_type
             dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim)
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name
             self.inputs.append(InputSpec(vi.name, dims, dtype))
-        self.outputs = [o.name for o in self.model.graph.output]
+        self.outputs = [o.name for o in model.graph.output]
+        self.matmul_weight_share = matmul_weight_share(model)  # what auto's TFLite ladder asks of the graph
         self._session = None
+
+    @property
+    def model(self):
+        """The graph, read again when asked (once a build, by the TFLite bridge): the build does not
+        hold a base-size model's weights for its whole run (MPNet: 440 MB)."""
+        import onnx
+
+        return onnx.load(str(self.path))
 
     def reference(self, feeds: Feeds) -> Feeds:
         if self._session is None:
@@ -292,6 +301,20 @@ class OnnxSource(Source):
             return dict(zip(self.outputs, self._session.run(self.outputs, feeds)))
         except Exception as e:  # onnxruntime's Fail/InvalidArgument/RuntimeException
             raise ReferenceFailed(f"onnxruntime cannot run {self.path.name} on this data: {_first_line(e)}") from None
+
+
+def matmul_weight_share(model) -> float:
+    """The share of the weights (elements) that feed MatMul/Gemm rather than Conv: near 1 for
+    transformers and MLPs, near 0 for CNNs."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    dense = conv = 0
+    for n in model.graph.node:
+        w = sum(sizes.get(i, 0) for i in n.input[1:])
+        if n.op_type in ("MatMul", "Gemm"):
+            dense += w
+        elif n.op_type in ("Conv", "ConvTranspose"):
+            conv += w
+    return dense / (dense + conv) if dense + conv else 0.0
 
 
 class HfSource(OnnxSource):

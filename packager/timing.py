@@ -44,6 +44,15 @@ class HostTimer:
         reply.pop("ok")
         return Timing.from_dict(reply)
 
+    def release(self) -> None:
+        """The worker closes the models it holds (a base-size encoder's fp32 baseline and candidate:
+        ~1 GB) while the build converts; one that is not running is not started."""
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                self._ask({"release": True})
+            except EdgepackError:  # it died: the next timing starts another
+                pass
+
     def _ask(self, req: dict) -> dict:
         proc = self._start()
         try:

@@ -160,6 +160,33 @@ def test_interleaved_timing_tells_slower_from_equal():
     assert Ratio(1.3, 1.2, 1.4).verdict == "slower" and Ratio(0.5, 0.45, 0.6).verdict == "faster"
 
 
+def test_timing_worker_releases_its_models_when_asked(tmp_path):
+    """The build asks its timing worker to close what it holds once a target is timed (MPNet's fp32
+    baseline and candidate: ~1 GB beside the next conversion); a later request loads again."""
+    import io
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeruntime.timing import serve
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.savez(tmp_path / "feeds.npz", x=np.ones((1, 4), np.float32))
+    spec = {"path": str(tmp_path / "m.onnx"), "format": "onnx", "threads": 1}
+    one = {"a": spec, "b": None, "feeds": str(tmp_path / "feeds.npz"), "budget_s": 0.05}
+    out = io.StringIO()
+    serve(io.StringIO("\n".join(json.dumps(r) for r in (one, {"release": True}, {"release": True}, one)) + "\n"), out)
+    replies = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r.get("released") for r in replies] == [None, 1, 0, None], replies
+    assert replies[0]["ok"] and replies[3]["ok"] and replies[3]["a_ms"] > 0, replies
+
+
 def test_slower_only_when_the_lower_quartiles_interval_says_so():
     """Issue 24, finding 5: a host's odd rounds must not flip auto's choice between two builds. A lower
     quartile above the 5 % floor whose ~95 % interval still reaches below it is a tie (the smaller

@@ -310,8 +310,7 @@ class OnnxBackend(Backend):
 
 
 def _matmul_heavy(source) -> bool:
-    model = getattr(source, "model", None)
-    return model is not None and onnx_graph.matmul_weight_share(model) >= 0.5
+    return getattr(source, "matmul_weight_share", 0.0) >= 0.5
 
 
 def _opset(path: Path) -> int | None:

@@ -321,15 +321,3 @@ def _feeds(sample: dict, names: set) -> dict:
     return {k: v for k, v in sample.items() if k in names}
 
 
-def matmul_weight_share(model) -> float:
-    """The share of the weights (elements) that feed MatMul/Gemm rather than Conv: near 1 for
-    transformers and MLPs, near 0 for CNNs."""
-    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
-    dense = conv = 0
-    for n in model.graph.node:
-        w = sum(sizes.get(i, 0) for i in n.input[1:])
-        if n.op_type in ("MatMul", "Gemm"):
-            dense += w
-        elif n.op_type in ("Conv", "ConvTranspose"):
-            conv += w
-    return dense / (dense + conv) if dense + conv else 0.0

@@ -405,10 +405,7 @@ class TFLiteBackend(Backend):
 
 def _dense(source: Source) -> bool:
     """Most weights feed MatMul/Gemm (an ONNX source: transformers, MLPs), not convolutions."""
-    from packager.formats import onnx_graph
-
-    model = getattr(source, "model", None)
-    return model is not None and onnx_graph.matmul_weight_share(model) >= 0.5
+    return getattr(source, "matmul_weight_share", 0.0) >= 0.5
 
 
 def _qparams(d: dict) -> tuple[float | None, int | None]:
