@@ -275,7 +275,7 @@ class ModelSpec:
 
 class Worker:
     """Keeps loaded models between requests (the fp32 baseline is compared with several
-    candidates) until asked to release them, and answers `compare` requests."""
+    candidates) and answers `compare` requests."""
 
     def __init__(self):
         self._loaded: dict[ModelSpec, object] = {}
@@ -296,18 +296,7 @@ class Worker:
             self._loaded[spec] = rt
         return self._loaded[spec]
 
-    def release(self) -> int:
-        """Close every loaded model (the build is done timing a target: its buckets and the next
-        target's conversions need the memory more than a warm fp32 baseline)."""
-        n = len(self._loaded)
-        for rt in self._loaded.values():
-            rt.close()
-        self._loaded.clear()
-        return n
-
     def handle(self, req: dict) -> dict:
-        if req.get("release"):
-            return {"released": self.release()}
         with np.load(req["feeds"], allow_pickle=False) as z:
             feeds = {k: z[k] for k in z.files}
         a = ModelSpec.from_dict(req["a"])

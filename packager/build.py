@@ -61,6 +61,7 @@ def build(opts: BuildOptions, *, progress: Progress = lambda _m: None) -> BuildR
         cache = BuildCache(workdir=work / "cache", timer=timer, store=store,
                            keyed=_keyed(opts, source, calib, valid) if store else {})
         reference, trimmed = _reference(source, valid)
+        source.release_reference()
         if trimmed:
             valid.notes.append("texts run at their own lengths for the reference and for targets that take any "
                                "length (the source gives the same outputs without the padding)")
@@ -125,8 +126,10 @@ def _refusal(search: CandidateSearch, e: EdgepackError) -> TargetResult:
 def _target(search: CandidateSearch, inputs: BuildInputs) -> TargetResult:
     """One target: its chosen candidate packaged, or what failed, with the candidates it tried."""
     try:
-        outcome = search.run()
-        inputs.cache.timer.release()  # what follows (buckets, packaging) times nothing
+        try:
+            outcome = search.run()
+        finally:
+            inputs.cache.timer.release()  # what follows (buckets, packaging) times nothing
         if not isinstance(outcome, Failed):
             return package(outcome, inputs, sequence.plan(search, outcome, inputs))
         error, trials = outcome.error, outcome.trials

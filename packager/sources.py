@@ -1,5 +1,6 @@
 """Source models: detect the format, load once, expose inputs, a float reference and
-the artifacts converters start from (a SavedModel directory, an ONNX graph, TFLite bytes)."""
+the artifacts converters start from (a SavedModel directory, an ONNX graph read again when asked,
+TFLite bytes)."""
 from __future__ import annotations
 
 import os
@@ -168,6 +169,9 @@ class Source:
     def reference(self, feeds: Feeds) -> Feeds:
         raise NotImplementedError
 
+    def release_reference(self) -> None:
+        """Let go of what `reference` loaded (the build asks for the reference once, then converts)."""
+
     def input_specs(self) -> tuple[TensorSpec, ...]:
         return tuple(TensorSpec(name=s.name, shape=s.shape, dtype=s.dtype,
                                 shape_signature=tuple(-1 if d is None else d for d in s.signature))
@@ -288,6 +292,9 @@ class OnnxSource(Source):
         import onnx
 
         return onnx.load(str(self.path))
+
+    def release_reference(self) -> None:
+        self._session = None  # another copy of the weights (MPNet: ~400 MB) the build's children need more
 
     def reference(self, feeds: Feeds) -> Feeds:
         if self._session is None:

@@ -21,7 +21,8 @@ __all__ = ["HostTimer"]
 
 
 class HostTimer:
-    """One worker process per build, started on first use; models stay loaded in it."""
+    """One worker process at a time, started on first use; models stay loaded in it until the build
+    releases it (a target timed)."""
 
     def __init__(self, workdir: Path):
         self._dir = Path(workdir)
@@ -45,13 +46,10 @@ class HostTimer:
         return Timing.from_dict(reply)
 
     def release(self) -> None:
-        """The worker closes the models it holds (a base-size encoder's fp32 baseline and candidate:
-        ~1 GB) while the build converts; one that is not running is not started."""
-        if self._proc is not None and self._proc.poll() is None:
-            try:
-                self._ask({"release": True})
-            except EdgepackError:  # it died: the next timing starts another
-                pass
+        """The worker exits, and its models' memory with it (a base-size encoder's fp32 baseline and
+        candidate: ~1 GB beside the build's next conversions); the next timing starts a fresh one, so
+        a model's memory is still measured as its own growth of a clean process, not reused heap."""
+        self.close()
 
     def _ask(self, req: dict) -> dict:
         proc = self._start()

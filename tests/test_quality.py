@@ -160,16 +160,15 @@ def test_interleaved_timing_tells_slower_from_equal():
     assert Ratio(1.3, 1.2, 1.4).verdict == "slower" and Ratio(0.5, 0.45, 0.6).verdict == "faster"
 
 
-def test_timing_worker_releases_its_models_when_asked(tmp_path):
-    """The build asks its timing worker to close what it holds once a target is timed (MPNet's fp32
-    baseline and candidate: ~1 GB beside the next conversion); a later request loads again."""
-    import io
-    import json
-
+def test_timing_worker_goes_when_released(tmp_path):
+    """Once a target is timed the build releases its timing worker: the process exits with the models
+    it held (MPNet's fp32 baseline and candidate: ~1 GB beside the next conversions), and the next
+    timing starts a fresh one, which measures a model's memory as the growth of a clean process."""
     import onnx
     from onnx import TensorProto, helper
 
-    from edgeruntime.timing import serve
+    from edgeruntime.timing import ModelSpec
+    from packager.timing import HostTimer
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
@@ -177,14 +176,17 @@ def test_timing_worker_releases_its_models_when_asked(tmp_path):
                               opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(tmp_path / "m.onnx"))
-    np.savez(tmp_path / "feeds.npz", x=np.ones((1, 4), np.float32))
-    spec = {"path": str(tmp_path / "m.onnx"), "format": "onnx", "threads": 1}
-    one = {"a": spec, "b": None, "feeds": str(tmp_path / "feeds.npz"), "budget_s": 0.05}
-    out = io.StringIO()
-    serve(io.StringIO("\n".join(json.dumps(r) for r in (one, {"release": True}, {"release": True}, one)) + "\n"), out)
-    replies = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [r.get("released") for r in replies] == [None, 1, 0, None], replies
-    assert replies[0]["ok"] and replies[3]["ok"] and replies[3]["a_ms"] > 0, replies
+    spec, feeds = ModelSpec(path=str(tmp_path / "m.onnx"), format="onnx", threads=1), {"x": np.ones((1, 4), np.float32)}
+    with HostTimer(tmp_path / "timing") as timer:
+        first = timer.compare(spec, None, feeds, budget_s=0.05)
+        proc = timer._proc
+        timer.release()
+        assert proc.poll() is not None and timer._proc is None
+        timer.release()  # nothing running: nothing started
+        assert timer._proc is None
+        again = timer.compare(spec, None, feeds, budget_s=0.05)
+        assert timer._proc is not None and timer._proc.pid != proc.pid
+    assert first.a_ms > 0 and again.a_ms > 0 and again.rss_bytes[0] is not None, (first, again)
 
 
 def test_slower_only_when_the_lower_quartiles_interval_says_so():

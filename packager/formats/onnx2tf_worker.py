@@ -27,6 +27,9 @@ from packager.formats.onnx_rewrite import weightless
 # Node names onnx2tf turns into TensorFlow name scopes must match this.
 _SCOPE = re.compile(r"[^A-Za-z0-9_.\-/]")
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+# A graph this big (MPNet: 436 MB) has its copies let go as the conversion goes (_trim).
+TRIM_BYTES = 64 << 20
+_trimming = False
 # Read from the working directory (else downloaded from GitHub) by onnx2tf for 3-channel image inputs.
 _ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
@@ -177,7 +180,9 @@ def convert(req: dict) -> dict:
     import onnx2tf  # first, in this process only: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
     import tensorflow as tf
 
+    global _trimming
     src, out = Path(req["onnx"]), Path(req["out"])
+    _trimming = src.stat().st_size >= TRIM_BYTES
     shapes = {i["name"]: i["shape"] for i in req["inputs"]}
     model, onnx_names = prepare(src, shapes)
     static = out.parent / (out.name + "-static.onnx")
@@ -263,7 +268,7 @@ def convert(req: dict) -> dict:
 def _trim_after_dummy_inference() -> None:
     """onnx2tf runs the whole graph in ONNX Runtime first (a graph-surgeon copy, an exported copy,
     its bytes and a session: four copies of the weights): let them go before it builds the Keras
-    model. Once per process (this one converts nothing else)."""
+    model. Once per process (a served child converts many models: the flag stops a second wrap)."""
     o2t = sys.modules["onnx2tf.onnx2tf"]
     dummy = o2t.dummy_onnx_inference
     if getattr(dummy, "edgepack_trims", False):
@@ -282,9 +287,12 @@ def _trim_after_dummy_inference() -> None:
 def _trim() -> None:
     """Give what this process no longer holds back to the system: graph-surgeon graphs are cycles
     that hold whole models (Python's collector reaches them late with TensorFlow's objects in the
-    heap), and glibc keeps freed weight-sized blocks in its heap."""
+    heap), and glibc keeps freed weight-sized blocks in its heap. Only for a big model: a collection
+    costs ~0.2 s with TensorFlow loaded, and a conversion calls this ~10 times."""
     import ctypes
 
+    if not _trimming:
+        return
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -171,7 +171,7 @@ def _bridge_onnx(ctx: ConvertContext, work: Path) -> tuple[Path, dict]:
 
     src = ctx.source
     if src.sha256 not in ctx.cache.bridge_onnx:
-        model, rewrites = _rewritten(src.model)
+        model, rewrites = onnx_rewrite.for_tflite(src.model)  # a fresh read: rewritten in place
         bad = unsupported_ops(model)
         if bad:
             err = UnsupportedOpError(
@@ -184,15 +184,6 @@ def _bridge_onnx(ctx: ConvertContext, work: Path) -> tuple[Path, dict]:
         onnx.save(model, str(bridged))
         ctx.cache.bridge_onnx[src.sha256] = (bridged.resolve(), rewrites)
     return ctx.cache.bridge_onnx[src.sha256]
-
-
-def _rewritten(model) -> tuple[object, dict]:
-    """A copy of the source graph with the ops TFLite lacks rewritten (onnx_rewrite.py)."""
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return onnx_rewrite.for_tflite(copy)
 
 
 def _key(ctx: ConvertContext) -> tuple:
