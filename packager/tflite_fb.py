@@ -30,6 +30,16 @@ def read_model(data: bytes):
     return fb.ModelT.InitFromObj(fb.Model.GetRootAsModel(data, 0))
 
 
+def write_model(model) -> bytes:
+    """A model object (read_model's) as .tflite bytes: what TensorFlow's flatbuffer_utils does,
+    without importing TensorFlow into the build's process (~1 GB of it, beside the converters)."""
+    import flatbuffers
+
+    builder = flatbuffers.Builder(1 << 20)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
 def ops_with_versions(data: bytes) -> list[tuple[str, int]]:
     """(op name, op version) of each operator of the main subgraph, in execution order."""
     model = read_model(data)

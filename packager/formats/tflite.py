@@ -26,7 +26,7 @@ from packager.formats.sensitivity import GraphView, Lowered, Op, fake_quant
 from packager.lint import Finding, Level
 from packager.registry import Artifact, Backend, ConvertContext, bridge, register
 from packager.sources import Source, SourceKind
-from packager.tflite_fb import describe_flatbuffer, detect_precision, ops_with_versions, read_model
+from packager.tflite_fb import describe_flatbuffer, detect_precision, ops_with_versions, read_model, write_model
 from targets import Format, Precision, TargetProfile
 
 _FLEX = re.compile(r"TF Select ops:\s*([^\n]+)")
@@ -423,7 +423,6 @@ def _channel_maxima(data: bytes, samples: list[dict], names: set[str]) -> dict[s
     tensor kept by the reference kernels (MPNet's 384-token model: 0.36 s a sample instead of 3.1 s).
     Reduced sample by sample: MPNet's would be 3 GB kept. Names not in the graph are left out."""
     from ai_edge_litert.interpreter import Interpreter
-    from tensorflow.lite.tools.flatbuffer_utils import convert_object_to_bytearray
 
     from edgeruntime.litert import without_xnnpack_info
 
@@ -433,7 +432,7 @@ def _channel_maxima(data: bytes, samples: list[dict], names: set[str]) -> dict[s
     extra = [index[n] for n in sorted(names) if n in index]
     graph.outputs = np.array(list(graph.outputs) + [i for i in extra if i not in set(graph.outputs)], np.int32)
     with without_xnnpack_info():
-        interp = Interpreter(model_content=bytes(convert_object_to_bytearray(model)))
+        interp = Interpreter(model_content=bytes(write_model(model)))
         interp.allocate_tensors()
     sigs = interp._get_full_signature_list() or {}
     sig = sigs.get("serving_default") or (sigs[sorted(sigs)[0]] if sigs else None)

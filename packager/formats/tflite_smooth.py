@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from packager.tflite_fb import read_model, schema as fb_schema
+from packager.tflite_fb import read_model, schema as fb_schema, write_model
 
 ALPHA = 0.5  # all-mpnet-base-v2: 0.75 lost more neighbours than 0.5 (dynamic and every mixed round failed)
 SUFFIX = "/smoothed"  # the divided input's name: the input's, with this
@@ -28,7 +28,6 @@ def smooth(dynamic: bytes, weights: dict[bytes, np.ndarray], ranges: Callable[[s
     """(`dynamic` with its hybrid ops smoothed, the names of the weights it re-quantized). `weights`:
     fp32 constants by tensor name; `ranges(names)`: each named tensor's max |value| per channel (last
     axis) in the fp32 model."""
-    from tensorflow.lite.tools.flatbuffer_utils import convert_object_to_bytearray
 
     from packager.formats.tflite_values import hybrid_ops
 
@@ -56,7 +55,7 @@ def smooth(dynamic: bytes, weights: dict[bytes, np.ndarray], ranges: Callable[[s
             _requantize(model, graph.tensors[op.inputs[1]], m * s[None, :])
             op.inputs = np.array([scaled, *list(op.inputs)[1:]], np.int32)  # (read-only as read)
             done.append(graph.tensors[op.inputs[1]].name.decode())
-    return (convert_object_to_bytearray(model) if done else dynamic), done
+    return (write_model(model) if done else dynamic), done
 
 
 def _divided(model, x: int, s: np.ndarray) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from packager.tflite_fb import op_names, read_model, schema as fb_schema
+from packager.tflite_fb import op_names, read_model, schema as fb_schema, write_model
 
 SUFFIX = b"/row_scales"
 
@@ -21,7 +21,6 @@ SUFFIX = b"/row_scales"
 def per_row(dynamic: bytes, weights: dict[bytes, np.ndarray]) -> tuple[bytes, list[str]]:
     """(`dynamic` with each int8 GATHER table that a DEQUANTIZE reads quantized per row, the tables'
     names). `weights`: the fp32 model's constants by tensor name (tflite_values.float_weights)."""
-    from tensorflow.lite.tools.flatbuffer_utils import convert_object_to_bytearray
 
     schema = fb_schema()
     model = read_model(dynamic)
@@ -57,7 +56,7 @@ def per_row(dynamic: bytes, weights: dict[bytes, np.ndarray]) -> tuple[bytes, li
             continue
         _split(model, op, users[0], w.reshape(table.shape))
         done.append(table.name.decode())
-    return (convert_object_to_bytearray(model) if done else dynamic), done
+    return (write_model(model) if done else dynamic), done
 
 
 def _unit(t) -> None:

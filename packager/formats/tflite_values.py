@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from packager.tflite_fb import op_names, read_model, schema as fb_schema
+from packager.tflite_fb import op_names, read_model, schema as fb_schema, write_model
 
 _THROUGH = frozenset({"RESHAPE", "TRANSPOSE"})
 
@@ -30,7 +30,6 @@ def float_values(dynamic: bytes, weights: dict[bytes, np.ndarray],
     """(the dynamic-range model with its attention value projections' weights, and those of the hybrid
     ops whose weight tensors `keep` names, in float (stored as fp16); the names of the weights put back).
     `weights`: the fp32 model's constants by tensor name (float_weights)."""
-    from tensorflow.lite.tools.flatbuffer_utils import convert_object_to_bytearray
 
     schema = fb_schema()
     model = read_model(dynamic)
@@ -46,7 +45,7 @@ def float_values(dynamic: bytes, weights: dict[bytes, np.ndarray],
             continue
         _half(model, op, w)
         names.append(t.name.decode())
-    return (convert_object_to_bytearray(model) if names else dynamic), names
+    return (write_model(model) if names else dynamic), names
 
 
 def _half(model, op, w: np.ndarray) -> None:
