@@ -27,9 +27,6 @@ from packager.formats.onnx_rewrite import weightless
 # Node names onnx2tf turns into TensorFlow name scopes must match this.
 _SCOPE = re.compile(r"[^A-Za-z0-9_.\-/]")
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-# A graph this big (MPNet: 436 MB) has its copies let go as the conversion goes (_trim).
-TRIM_BYTES = 64 << 20
-_trimming = False
 # Read from the working directory (else downloaded from GitHub) by onnx2tf for 3-channel image inputs.
 _ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 
@@ -180,9 +177,8 @@ def convert(req: dict) -> dict:
     import onnx2tf  # first, in this process only: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
     import tensorflow as tf
 
-    global _trimming
+    _freeze_imports()
     src, out = Path(req["onnx"]), Path(req["out"])
-    _trimming = src.stat().st_size >= TRIM_BYTES
     shapes = {i["name"]: i["shape"] for i in req["inputs"]}
     model, onnx_names = prepare(src, shapes)
     static = out.parent / (out.name + "-static.onnx")
@@ -284,15 +280,26 @@ def _trim_after_dummy_inference() -> None:
     o2t.dummy_onnx_inference = then_trim
 
 
+def _freeze_imports() -> None:
+    """TensorFlow's and onnx2tf's import-time objects left out of every later collection (once per
+    process, before its first conversion): a full collection then costs ~0 s instead of ~0.2 s, and
+    _trim runs ~10 times a conversion."""
+    global _frozen
+    if not _frozen:
+        gc.collect()
+        gc.freeze()
+        _frozen = True
+
+
+_frozen = False
+
+
 def _trim() -> None:
     """Give what this process no longer holds back to the system: graph-surgeon graphs are cycles
     that hold whole models (Python's collector reaches them late with TensorFlow's objects in the
-    heap), and glibc keeps freed weight-sized blocks in its heap. Only for a big model: a collection
-    costs ~0.2 s with TensorFlow loaded, and a conversion calls this ~10 times."""
+    heap), and glibc keeps freed weight-sized blocks in its heap."""
     import ctypes
 
-    if not _trimming:
-        return
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
