@@ -3,7 +3,7 @@ each bucket's graph a subgraph of the main model's flatbuffer, every constant bu
 from __future__ import annotations
 
 from packager.formats.tflite_layout import unsupported
-from packager.tflite_fb import read_model, schema as fb_schema
+from packager.tflite_fb import read_model, schema as fb_schema, write_model
 
 
 def merge_signatures(main: bytes, others: dict[str, bytes]) -> tuple[bytes, dict[str, int]] | None:
@@ -13,8 +13,6 @@ def merge_signatures(main: bytes, others: dict[str, bytes]) -> tuple[bytes, dict
     each key could not share; None when a model is not one subgraph with one signature (control flow) or
     keeps its weights outside the flatbuffer (over 2 GB): left as they are."""
     import hashlib
-
-    import flatbuffers
 
     fb = fb_schema()
 
@@ -59,9 +57,7 @@ def merge_signatures(main: bytes, others: dict[str, bytes]) -> tuple[bytes, dict
         sig.signatureKey, sig.subgraphIndex = key, len(merged.subgraphs)
         merged.subgraphs.append(sub)
         merged.signatureDefs.append(sig)
-    builder = flatbuffers.Builder(1 << 20)
-    builder.Finish(merged.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output()), own
+    return write_model(merged), own
 
 
 def _code_key(oc) -> tuple:

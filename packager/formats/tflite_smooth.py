@@ -28,7 +28,6 @@ def smooth(dynamic: bytes, weights: dict[bytes, np.ndarray], ranges: Callable[[s
     """(`dynamic` with its hybrid ops smoothed, the names of the weights it re-quantized). `weights`:
     fp32 constants by tensor name; `ranges(names)`: each named tensor's max |value| per channel (last
     axis) in the fp32 model."""
-
     from packager.formats.tflite_values import hybrid_ops
 
     model = read_model(dynamic)

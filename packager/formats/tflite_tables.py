@@ -21,7 +21,6 @@ SUFFIX = b"/row_scales"
 def per_row(dynamic: bytes, weights: dict[bytes, np.ndarray]) -> tuple[bytes, list[str]]:
     """(`dynamic` with each int8 GATHER table that a DEQUANTIZE reads quantized per row, the tables'
     names). `weights`: the fp32 model's constants by tensor name (tflite_values.float_weights)."""
-
     schema = fb_schema()
     model = read_model(dynamic)
     graph = model.subgraphs[0]

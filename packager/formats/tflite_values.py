@@ -30,7 +30,6 @@ def float_values(dynamic: bytes, weights: dict[bytes, np.ndarray],
     """(the dynamic-range model with its attention value projections' weights, and those of the hybrid
     ops whose weight tensors `keep` names, in float (stored as fp16); the names of the weights put back).
     `weights`: the fp32 model's constants by tensor name (float_weights)."""
-
     schema = fb_schema()
     model = read_model(dynamic)
     graph = model.subgraphs[0]
