@@ -350,9 +350,10 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 2)
 
 
-def rss_bytes() -> int | None:
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """A process's resident memory (this one's by default; None where /proc cannot say)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024

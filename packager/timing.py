@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeruntime.timing import ModelSpec
+from edgeruntime.timing import ModelSpec, rss_bytes
 from edgebundle.errors import EdgepackError, RuntimeUnavailableError
 from packager.figures import Timing
 
 __all__ = ["HostTimer"]
+
+RELEASE_BYTES = 256 << 20  # a worker holding this much exits when released (numpy and a runtime: ~100 MB)
 
 
 class HostTimer:
@@ -46,10 +48,12 @@ class HostTimer:
         return Timing.from_dict(reply)
 
     def release(self) -> None:
-        """The worker exits, and its models' memory with it (a base-size encoder's fp32 baseline and
-        candidate: ~1 GB beside the build's next conversions); the next timing starts a fresh one, so
-        a model's memory is still measured as its own growth of a clean process, not reused heap."""
-        self.close()
+        """A worker holding RELEASE_BYTES or more exits, and its models' memory with it (a base-size
+        encoder's fp32 baseline and candidate: ~1 GB beside the build's next conversions); the next
+        timing starts a fresh one, so a model's memory is still measured as its own growth of a clean
+        process, not reused heap. A small one stays (a fresh start costs ~1 s, many times a suite)."""
+        if self._proc is not None and (rss_bytes(self._proc.pid) or 0) >= RELEASE_BYTES:
+            self.close()
 
     def _ask(self, req: dict) -> dict:
         proc = self._start()
