@@ -158,7 +158,7 @@ def test_tls_with_client_certificate_and_password(digits_bundle, tmp_path):
                              pki["ca"], "--broker-cert-file", pki["client_cert"], "--broker-key-file",
                              pki["client_key"])).start()
         try:
-            st = w.wait("tls1/status", lambda p: p["online"], timeout=20)
+            st = w.wait("tls1/status", lambda p: p["online"] and p["model"] is not None, timeout=20)
             assert st["model"]["name"] == "digits"
         finally:
             a.stop()
