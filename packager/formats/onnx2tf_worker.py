@@ -13,15 +13,18 @@ in NHWC are transposed back). So the validation data, the golden outputs and the
 the same as for the ONNX model."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import re
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
 import numpy as np
 
+from packager.formats import onnx2tf_dummy, served
 from packager.formats.onnx_rewrite import weightless
 
 # Node names onnx2tf turns into TensorFlow name scopes must match this.
@@ -125,7 +128,8 @@ def prepare(path: Path, shapes: dict[str, list[int]]):
 
         onnxslim.core.shape_infer = lean
         try:
-            model = onnxslim.slim(model)  # folds Shape/Gather/Reshape chains onnx2tf mis-reads
+            with _weights_read_when_asked("onnxslim.third_party.onnx_graphsurgeon.ir.tensor"):
+                model = onnxslim.slim(model)  # folds Shape/Gather/Reshape chains onnx2tf mis-reads
         finally:
             onnxslim.core.shape_infer = infer
     except Exception:  # a graph onnxslim cannot fold is still worth a try unfolded
@@ -203,16 +207,17 @@ def convert(req: dict) -> dict:
     except Exception:  # asked again after onnx2tf, whose error names the node
         pass
     _trim()
-    _trim_after_dummy_inference()
     order = [i["name"] for i in req["inputs"]]
     strict = False
     while True:
         try:
-            keras_model = onnx2tf.convert(
-                input_onnx_file_path=str(static), output_folder_path=str(out.parent / (out.name + "-onnx2tf")),
-                disable_model_save=True, not_use_onnxsim=True, not_use_opname_auto_generate=True,
-                non_verbose=True, verbosity="error", keep_ncw_or_nchw_or_ncdhw_input_names=layout_4d or None,
-                custom_input_op_name_np_data_path=custom, disable_strict_mode=not strict)
+            with tempfile.TemporaryDirectory(dir=out.parent) as scratch, onnx2tf_dummy.lean(Path(scratch), _trim), \
+                    _weights_read_when_asked():
+                keras_model = onnx2tf.convert(
+                    input_onnx_file_path=str(static), output_folder_path=str(out.parent / (out.name + "-onnx2tf")),
+                    disable_model_save=True, not_use_onnxsim=True, not_use_opname_auto_generate=True,
+                    non_verbose=True, verbosity="error", keep_ncw_or_nchw_or_ncdhw_input_names=layout_4d or None,
+                    custom_input_op_name_np_data_path=custom, disable_strict_mode=not strict)
             got = keras_model([tf.constant(feeds[n]) for n in order] if len(order) > 1 else tf.constant(feeds[order[0]]),
                               training=False)
         except (Exception, SystemExit) as e:  # onnx2tf raises whatever its op converters raise, or exits
@@ -241,9 +246,11 @@ def convert(req: dict) -> dict:
         perms.append(perm)
     specs = [tf.TensorSpec(i["shape"], tf.as_dtype(i["dtype"]), name=i["name"]) for i in req["inputs"]]
     ref_shapes = [tuple(r.shape) for r in refs]
+    held = [keras_model]  # its one reference, let go once traced: then the weights are the trace's alone
+    del keras_model, got
 
     def serve(*args):
-        ys = keras_model(list(args) if len(args) > 1 else args[0], training=False)
+        ys = held[0](list(args) if len(args) > 1 else args[0], training=False)
         ys = ys if isinstance(ys, (list, tuple)) else [ys]
         res = {}
         for name, y, perm, shape in zip(onnx_names, ys, perms, ref_shapes):
@@ -251,33 +258,95 @@ def convert(req: dict) -> dict:
             res[name] = tf.reshape(y, shape) if not y.shape.is_fully_defined() else y
         return res
 
-    import tf_keras
+    def trace():
+        traced = tf.function(serve, input_signature=specs).get_concrete_function()
+        held.clear()
+        return traced
 
-    archive = tf_keras.export.ExportArchive()  # tracks the Lambda layers' constants, as onnx2tf's own export
-    archive.track(keras_model)
-    archive.add_endpoint(name="serving_default", fn=serve, input_signature=specs)
-    archive.write_out(str(out))
+    _write_saved_model(trace, specs, out)
     return {"ok": True, "transposed_outputs": [n for n, p in zip(onnx_names, perms) if p],
             "onnx2tf": onnx2tf.__version__, "strict_mode": strict}
 
 
-def _trim_after_dummy_inference() -> None:
-    """onnx2tf runs the whole graph in ONNX Runtime first (a graph-surgeon copy, an exported copy,
-    its bytes and a session: four copies of the weights): let them go before it builds the Keras
-    model. Once per process (a served child converts many models: the flag stops a second wrap)."""
-    o2t = sys.modules["onnx2tf.onnx2tf"]
-    dummy = o2t.dummy_onnx_inference
-    if getattr(dummy, "edgepack_trims", False):
-        return
+KEEP_BYTES = 1 << 30  # the served child leaves after a conversion that left it holding more
 
-    def then_trim(*args, **kwargs):
-        try:
-            return dummy(*args, **kwargs)
-        finally:
-            _trim()
+# A captured float tensor this big becomes a variable in the SavedModel; smaller ones stay constants.
+VARIABLE_ELEMENTS = 1024
 
-    then_trim.edgepack_trims = True
-    o2t.dummy_onnx_inference = then_trim
+
+def _write_saved_model(trace, specs: list, out: Path) -> None:
+    """What `trace()` returns (a concrete function whose captures hold onnx2tf's weights as constants),
+    written as a SavedModel whose weights are variables: the graph is imported again with each weight
+    read from a variable. TFLiteConverter freezes them back into the same constants (the same ops and
+    buffers, MPNet's outputs bit for bit; the weights' tensor names change), but reads them from the
+    checkpoint one by one, not from a GraphDef that holds them all: its peak on MPNet 4.1 -> 2.2 GB
+    (dynamic range), 4.6 -> 3.1 GB (fp32). Each weight is freed as its variable takes it."""
+    import tensorflow as tf
+
+    traced = trace()  # here, not the caller's: this frame holds the last reference and lets it go
+    graph = traced.graph
+    graph_def = graph.as_graph_def()  # captures are placeholders here: no weights in it
+    captured = [t for _, t in graph.captures]
+    inputs = [t.name for t in traced.inputs if all(t is not c for c in captured)]  # in the order of `specs`
+    outputs = tf.nest.pack_sequence_as(traced.structured_outputs, [t.name for t in traced.outputs])
+    handles = {id(v.handle): v for v in traced.variables}
+    values = [(value, placeholder.name) for value, placeholder in graph.captures]
+    del traced, graph, captured
+    _trim()
+    weights, kept, small = [], [], []  # (placeholder, variable) for weights and Keras' own; (placeholder, value)
+    for i, (value, name) in enumerate(values):
+        values[i] = None  # this loop's copy is the last reference: freed as its variable takes it
+        if value.dtype == tf.resource:
+            kept.append((name, handles[id(value)]))
+        elif value.dtype.is_floating and value.shape.num_elements() >= VARIABLE_ELEMENTS:
+            weights.append((name, tf.Variable(value, trainable=False, name=f"weight_{len(weights)}")))
+        else:
+            small.append((name, value.numpy()))
+        del value
+
+    def call(*args):
+        feeds = dict(zip(inputs, args))
+        feeds.update({name: v.read_value() for name, v in weights})
+        # the handle itself, captured: an Identity in between would stop the converter from freezing it
+        feeds.update({name: tf.compat.v1.get_default_graph().capture(v.handle) for name, v in kept})
+        feeds.update({name: tf.constant(value) for name, value in small})
+        names = tf.nest.flatten(outputs)
+        got = tf.graph_util.import_graph_def(graph_def, input_map=feeds, return_elements=names, name="")
+        return tf.nest.pack_sequence_as(outputs, got)
+
+    module = tf.Module()
+    module.weights = [v for _, v in weights + kept]
+    module.serve = tf.function(call, input_signature=specs)
+    tf.saved_model.save(module, str(out), signatures={"serving_default": module.serve.get_concrete_function()})
+
+
+@contextlib.contextmanager
+def _weights_read_when_asked(module: str = "onnx_graphsurgeon.ir.tensor"):
+    """Graph surgeon's constants keep the array of their first read for good: onnx2tf reads every
+    weight once to build its TensorFlow constant, so its graph ended up holding a second copy of the
+    weights beside the ONNX model's (MPNet: 440 MB); onnxslim (its own copy of graph surgeon, `module`)
+    the same. While the block runs, a big one is read from the ONNX tensor each time it is asked for
+    (a few times per weight in a conversion) and not kept."""
+    import importlib
+
+    tensor = importlib.import_module(module)
+    Constant, LazyValues = tensor.Constant, tensor.LazyValues  # noqa: N806 (classes)
+    cached = Constant.values
+
+    def read(self):
+        lazy = self._values
+        if isinstance(lazy, LazyValues) and lazy.nbytes >= UNCACHED_BYTES:
+            return lazy.load()
+        return cached.fget(self)
+
+    Constant.values = property(read, cached.fset)
+    try:
+        yield
+    finally:
+        Constant.values = cached
+
+
+UNCACHED_BYTES = 1 << 16
 
 
 def _freeze_imports() -> None:
@@ -295,16 +364,9 @@ _frozen = False
 
 
 def _trim() -> None:
-    """Give what this process no longer holds back to the system: graph-surgeon graphs are cycles
-    that hold whole models (Python's collector reaches them late with TensorFlow's objects in the
-    heap), and glibc keeps freed weight-sized blocks in its heap."""
-    import ctypes
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    """served.trim, called ~10 times a conversion: with TensorFlow's objects in the heap, Python's
+    collector reaches onnxslim's and onnx2tf's dropped graphs late."""
+    served.trim()
 
 
 def _first_line(e: BaseException) -> str:
@@ -341,15 +403,15 @@ def _fresh() -> None:
 
 def main(argv: list[str]) -> int:
     if argv == ["--serve"]:
-        from packager.formats import served
-
         import onnx2tf  # noqa: F401  first: it sets TF_USE_LEGACY_KERAS before TensorFlow loads
 
         def one(path: Path) -> None:
             _fresh()
             handle(path)
 
-        return served.loop(one, lambda path: path.parent / "onnx2tf.log")
+        # leaves after a big model (MPNet: 1.8 GB held, beside the next step's TFLite converter child);
+        # a small one's leaves it at ~0.6 GB, TensorFlow's and onnx2tf's imports
+        return served.loop(one, lambda path: path.parent / "onnx2tf.log", keep_bytes=KEEP_BYTES)
     handle(Path(argv[0]))
     return 0
 

@@ -65,7 +65,7 @@ def weightless(infer, model):
             and uses.get(t.name) == {True}}
     if not held:
         return infer(model)
-    out = infer(_without(model, held))
+    out = infer(without(model, held))
     if out is not None:
         for t in out.graph.initializer:
             if t.data_location == TensorProto.EXTERNAL and any(e.value == _AWAY for e in t.external_data):
@@ -77,9 +77,9 @@ def weightless(infer, model):
     return out
 
 
-def _without(model, held: dict):
+def without(model, held: dict, *, marked: bool = True):
     """A copy of `model` whose initializers named in `held` carry no bytes, only an external-data
-    marker (built field by field: a whole copy would copy the weights)."""
+    marker (`marked`; else nothing) (built field by field: a whole copy would copy the weights)."""
     from onnx import TensorProto
 
     lite = type(model)()
@@ -97,8 +97,9 @@ def _without(model, held: dict):
         for field, value in t.ListFields():
             if field.name != "raw_data":
                 _set(new, field, value)
-        new.data_location = TensorProto.EXTERNAL
-        new.external_data.add(key="location", value=_AWAY)
+        if marked:
+            new.data_location = TensorProto.EXTERNAL
+            new.external_data.add(key="location", value=_AWAY)
     return lite
 
 

@@ -113,7 +113,7 @@ class OnnxToTFLite(Bridge):
             return self._convert(ctx, work)
         from packager.store import digest_samples
 
-        key = store.key({"what": "onnx2tf", "model": ctx.cache.keyed.get("model") or ctx.source.sha256,
+        key = store.key({"what": "onnx2tf", "weights": "variables", "model": ctx.cache.keyed.get("model") or ctx.source.sha256,
                          "inputs": [(s.name, list(s.shape), s.dtype) for s in ctx.source.inputs],
                          "sample": digest_samples([ctx.sample] if ctx.sample else None)})
         hit = store.get(key, work)

@@ -124,10 +124,11 @@ def _close_all() -> None:
         server.close()
 
 
-def loop(handle: Callable[[Path], None], log_of: Callable[[Path], Path]) -> int:
+def loop(handle: Callable[[Path], None], log_of: Callable[[Path], Path], *, keep_bytes: int | None = None) -> int:
     """The child's side: requests from stdin until it closes or stays quiet for IDLE_S; each step's
     output (Python's and the native libraries', through fds 1 and 2) goes to `log_of(request)`, and it
-    runs in the request's folder."""
+    runs in the request's folder. It leaves after a step that left it holding more than `keep_bytes`
+    (KEEP_BYTES unless the child says less)."""
     from edgeruntime.timing import rss_bytes
 
     reply = os.fdopen(os.dup(1), "w")
@@ -148,11 +149,25 @@ def loop(handle: Callable[[Path], None], log_of: Callable[[Path], Path]) -> int:
         _forget_autograph()
         sys.stdout.flush()
         sys.stderr.flush()
-        leaving = (rss_bytes() or 0) > KEEP_BYTES
+        trim()  # what the step let go, given back before it is weighed
+        leaving = (rss_bytes() or 0) > (KEEP_BYTES if keep_bytes is None else min(keep_bytes, KEEP_BYTES))
         reply.write("done leaving\n" if leaving else "done\n")
         reply.flush()
         if leaving:  # the parent lets this child go and starts a fresh one for its next request
             os._exit(0)  # not through the libraries' exit handlers: one that fails must not look like a crash
+
+
+def trim() -> None:
+    """Give what this process no longer holds back to the system: cycles Python's collector would reach
+    late (graph-surgeon graphs hold whole models), and the freed blocks glibc keeps in its heap."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _forget_autograph() -> None:
