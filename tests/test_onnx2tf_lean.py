@@ -12,9 +12,6 @@ import textwrap
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
-
-
 def _model(path):
     """ids (1, 16) -> Gather E (100 x 64) -> MatMul W0 (64 x 128) + b -> Relu -> MatMul W1 (128 x 64)
     -> ReduceMean over the last axis, kept -> Sub: `y` (1, 16, 64); every weight over 4 KB."""
@@ -38,6 +35,7 @@ def _model(path):
     return path, sum(v.size for v in w.values() if v.size >= 1024)
 
 
+@pytest.mark.slow
 def test_the_dummy_run_gives_onnx2tf_the_same_outputs_from_one_copy_of_the_weights(tmp_path):
     """onnx2tf's own dummy_onnx_inference and the lean one, on the same graph and data: the same
     outputs, in the same order, the lean ones mapped from files; the weights it fed were held."""
@@ -73,6 +71,7 @@ def test_the_dummy_run_gives_onnx2tf_the_same_outputs_from_one_copy_of_the_weigh
     assert len(list((tmp_path / "outs").glob("*.npy"))) == 7
 
 
+@pytest.mark.slow
 def test_the_saved_model_keeps_the_weights_as_variables_and_converts_to_the_same_model(tmp_path):
     import onnxruntime as ort
     import tensorflow as tf
@@ -110,3 +109,22 @@ def test_the_saved_model_keeps_the_weights_as_variables_and_converts_to_the_same
     runner = Interpreter(model_content=data).get_signature_runner()
     got = runner(ids=ids)["y"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_stay_in_the_graph_where_a_subgraph_may_read_them_or_ort_takes_no_numpy_for_them(tmp_path):
+    """Held (fed at run time): big initializers of a type ONNX Runtime takes from NumPy; none in a graph
+    with an If, whose branches may read an outer initializer by name."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from packager.formats.onnx2tf_dummy import _held
+
+    model = onnx.load(_model(tmp_path / "m.onnx")[0])
+    assert sorted(_held(model)) == ["E", "W0", "W1"]  # b: 512 bytes, under HELD_BYTES
+    bf16 = helper.make_tensor("B", TensorProto.BFLOAT16, [4096], vals=b"\0" * 8192, raw=True)
+    model.graph.initializer.append(bf16)
+    assert "B" not in _held(model)
+    branch = helper.make_graph([helper.make_node("Identity", ["W0"], ["z"])], "then", [],
+                               [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    model.graph.node.append(helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch))
+    assert _held(model) == {}

@@ -12,6 +12,7 @@ files in `folder`, handed back mapped read-only: the conversion reads the ones i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sys
 from pathlib import Path
 
@@ -31,16 +32,19 @@ def lean(folder: Path, then=lambda: None):
     functions = sys.modules["onnx2tf.utils.common_functions"]
     dummy = o2t.dummy_onnx_inference
 
+    names = itertools.count()  # the outputs' files, unique for the whole block
+
     def run(*args, onnx_graph, **kwargs):
-        held = {t.name: t for t in onnx_graph.graph.initializer
-                if t.HasField("raw_data") and t.ByteSize() >= HELD_BYTES}
         runtime = functions.ort
-        functions.ort = _Runtime(runtime, held, folder, then)
+        functions.ort = shim = _Runtime(runtime, _held(onnx_graph), folder, then, names)
         try:
-            return dummy(*args, onnx_graph=without(onnx_graph, held, marked=False), **kwargs)
+            return dummy(*args, onnx_graph=without(onnx_graph, shim.held, marked=False), **kwargs)
+        except Exception as e:  # onnx2tf would go on without the outputs: then its own way, as before
+            print(f"edgepack: the lean dummy run failed ({type(e).__name__}: {str(e)[:200]}); onnx2tf's own runs")
         finally:
             functions.ort = runtime
             then()
+        return dummy(*args, onnx_graph=onnx_graph, **kwargs)
 
     o2t.dummy_onnx_inference = run
     try:
@@ -49,12 +53,27 @@ def lean(folder: Path, then=lambda: None):
         o2t.dummy_onnx_inference = dummy
 
 
+# What ONNX Runtime takes as a NumPy input (bfloat16, float8... stay in the graph).
+_FED = frozenset({1, 2, 3, 5, 6, 7, 10, 11})  # FLOAT, UINT8, INT8, INT16, INT32, INT64, FLOAT16, DOUBLE
+
+
+def _held(model) -> dict:
+    """The initializers fed at run time; none in a graph with subgraphs (a subgraph may read an outer
+    initializer by name, which graph surgeon then exports into it, bytes and all)."""
+    from onnx import AttributeProto
+
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+        return {}
+    return {t.name: t for t in model.graph.initializer
+            if t.data_type in _FED and t.HasField("raw_data") and t.ByteSize() >= HELD_BYTES}
+
+
 class _Runtime:
     """onnxruntime as common_functions sees it during the dummy run: the same module but for
     InferenceSession."""
 
-    def __init__(self, ort, held: dict, folder: Path, trim):
-        self._ort, self._held, self._folder, self._trim = ort, held, folder, trim
+    def __init__(self, ort, held: dict, folder: Path, trim, names):
+        self._ort, self.held, self._folder, self._trim, self._names = ort, held, folder, trim, names
 
     def __getattr__(self, name):
         return getattr(self._ort, name)
@@ -64,9 +83,10 @@ class _Runtime:
         from onnx import helper, numpy_helper
 
         model = onnx.load_model_from_string(path_or_bytes)  # small: the weights carry no bytes
-        inits = [t for t in model.graph.initializer if t.name not in self._held]
+        inits = [t for t in model.graph.initializer if t.name not in self.held]
+        fed = [t.name for t in model.graph.initializer if t.name in self.held]  # graph surgeon drops unused ones
         for t in model.graph.initializer:
-            if t.name in self._held:
+            if t.name in self.held:
                 model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         del model.graph.initializer[:]
         model.graph.initializer.extend(inits)
@@ -81,14 +101,14 @@ class _Runtime:
             return self._ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=providers,
                                               **kwargs)
 
-        weights = {name: numpy_helper.to_array(t) for name, t in self._held.items()}
-        return _Session(session, list(model.graph.output), weights, self._folder, self._trim)
+        weights = {name: numpy_helper.to_array(self.held[name]) for name in fed}
+        return _Session(session, list(model.graph.output), weights, self._folder, self._trim, self._names)
 
 
 class _Session:
-    def __init__(self, session, outputs: list, weights: dict, folder: Path, trim):
+    def __init__(self, session, outputs: list, weights: dict, folder: Path, trim, names):
         self._session, self._outputs, self._weights = session, outputs, weights
-        self._folder, self._trim = folder, trim
+        self._folder, self._trim, self._names = folder, trim, names
 
     def __getattr__(self, name):  # what else onnx2tf asks of a session, from one with every output
         return getattr(self._session(self._outputs), name)
@@ -106,7 +126,10 @@ class _Session:
             if size >= CHUNK_BYTES or i == len(names) - 1:
                 values = self._session([meta[n] for n in chunk]).run(chunk, feeds, *args)
                 for n, value in zip(chunk, values):
-                    path = self._folder / f"out-{len(out)}.npy"
+                    if not isinstance(value, np.ndarray) or value.dtype.hasobject:  # strings, sequences: as they are
+                        out[n] = value
+                        continue
+                    path = self._folder / f"out-{next(self._names)}.npy"
                     np.save(path, value)
                     out[n] = np.load(path, mmap_mode="r")
                 chunk, size, values = [], 0, None

@@ -217,7 +217,8 @@ def convert(req: dict) -> dict:
                     input_onnx_file_path=str(static), output_folder_path=str(out.parent / (out.name + "-onnx2tf")),
                     disable_model_save=True, not_use_onnxsim=True, not_use_opname_auto_generate=True,
                     non_verbose=True, verbosity="error", keep_ncw_or_nchw_or_ncdhw_input_names=layout_4d or None,
-                    custom_input_op_name_np_data_path=custom, disable_strict_mode=not strict)
+                    custom_input_op_name_np_data_path=custom, disable_strict_mode=not strict,
+                    onnxruntime_output_memmap=False)  # onnx2tf_dummy keeps them on disk already
             got = keras_model([tf.constant(feeds[n]) for n in order] if len(order) > 1 else tf.constant(feeds[order[0]]),
                               training=False)
         except (Exception, SystemExit) as e:  # onnx2tf raises whatever its op converters raise, or exits
@@ -297,6 +298,8 @@ def _write_saved_model(trace, specs: list, out: Path) -> None:
     for i, (value, name) in enumerate(values):
         values[i] = None  # this loop's copy is the last reference: freed as its variable takes it
         if value.dtype == tf.resource:
+            if id(value) not in handles:
+                raise ValueError("the converted model captures a resource that is not a variable")
             kept.append((name, handles[id(value)]))
         elif value.dtype.is_floating and value.shape.num_elements() >= VARIABLE_ELEMENTS:
             weights.append((name, tf.Variable(value, trainable=False, name=f"weight_{len(weights)}")))
