@@ -3,6 +3,7 @@ one calibration pass per format, the float model's intermediate tensors for the
 sensitivity analysis, and the host timing worker."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,32 @@ class ArtifactKey:
     variant: str
 
 
+class Weights(Mapping):
+    """Float weights by tensor name, kept on disk (a .npy file each) and mapped when one is read (copy on
+    write: the reader may change its array): the length buckets read the main model's, and between
+    them the build holds none while its children convert (MPNet: 440 MB)."""
+
+    def __init__(self):
+        self._files: dict[bytes, Path] = {}
+
+    def keep(self, weights: dict[bytes, np.ndarray], folder: Path) -> None:
+        """These weights instead of any kept before, written to `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        self._files = {}
+        for i, (name, value) in enumerate(weights.items()):
+            np.save(folder / f"{i}.npy", value)
+            self._files[name] = folder / f"{i}.npy"
+
+    def __getitem__(self, name: bytes) -> np.ndarray:
+        return np.load(self._files[name], mmap_mode="c")
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
 @dataclass
 class BuildCache:
     workdir: Path
@@ -43,7 +70,7 @@ class BuildCache:
     # shared with the length buckets, so that every bucket's weights come out the same and are shared
     ranges: dict[str, np.ndarray] = field(default_factory=dict)
     # the main fp32 model's weights by tensor name, shared with the length buckets (tflite._float_weights)
-    weights: dict[bytes, np.ndarray] = field(default_factory=dict)
+    weights: Weights = field(default_factory=Weights)
     # source sha256 -> (the ONNX graph onnx2tf converts, its rewrites): one per source, for every length
     bridge_onnx: dict[str, tuple[Path, dict]] = field(default_factory=dict)
     artifacts: dict[ArtifactKey, object] = field(default_factory=dict)  # registry.Artifact, or the error it raised

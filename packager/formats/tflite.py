@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def _dynamic(ctx: ConvertContext) -> tuple[bytes, dict]:
     return data, details
 
 
-def _float_weights(ctx: ConvertContext, dynamic) -> dict[bytes, np.ndarray]:
+def _float_weights(ctx: ConvertContext, dynamic) -> Mapping[bytes, np.ndarray]:
     """The fp32 model's weights by tensor name. A length bucket's are the main model's (the same graph
     through onnx2tf at another length: the same constants under the same names), which saves converting
     its fp32 model (MPNet: ~20 s and a 5.9 GB converter a bucket); when one it needs is missing there or
@@ -144,8 +145,7 @@ def _float_weights(ctx: ConvertContext, dynamic) -> dict[bytes, np.ndarray]:
         return shared
     weights = tflite_values.float_weights(read_model(TFLiteBackend().fp32(ctx).read_bytes()))
     if "length" not in ctx.cache.keyed:
-        shared.clear()
-        shared.update(weights)
+        shared.keep(weights, ctx.cache.path("float-weights"))
     return weights
 
 
