@@ -20,7 +20,7 @@ import numpy as np
 
 from packager.formats.onnx_rewrite import without
 
-CHUNK_BYTES = 128 << 20  # outputs per run: the run's own copies of them are this big at most
+CHUNK_BYTES = 256 << 20  # outputs per run: the run's own copies of them are this big at most
 HELD_BYTES = 1 << 12  # initializers this big are fed to the session at run time; smaller ones stay in the graph
 
 
