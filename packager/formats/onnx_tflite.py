@@ -141,7 +141,7 @@ class OnnxToTFLite(Bridge):
                "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in src.inputs]}
         (work / "request.json").write_text(json.dumps(req))
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-        served.trim()  # the build's own freed heap back first: the child's memory comes on top of it
+        served.trim(collect=False)  # glibc's freed heap back first: the child comes on top of it
         code = served.ask(WORKER, work / "request.json", env, timeout_s=TIMEOUT_S)
         if code is None:  # the served child is busy with another thread's conversion
             with open(work / "onnx2tf.log", "wb") as log:

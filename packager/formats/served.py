@@ -157,13 +157,16 @@ def loop(handle: Callable[[Path], None], log_of: Callable[[Path], Path], *, keep
             os._exit(0)  # not through the libraries' exit handlers: one that fails must not look like a crash
 
 
-def trim() -> None:
+def trim(*, collect: bool = True) -> None:
     """Give what this process no longer holds back to the system: cycles Python's collector would reach
-    late (graph-surgeon graphs hold whole models), and the freed blocks glibc keeps in its heap."""
+    late (graph-surgeon graphs hold whole models; `collect`), and the freed blocks glibc keeps in its
+    heap. A full collection costs 0.2-0.5 s in a process with TensorFlow's objects in it (a test
+    worker); glibc's trim alone ~0 s."""
     import ctypes
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

@@ -42,7 +42,7 @@ MODULE = "packager.formats.tflite_worker"
 def run(step: str, work: Path, *, samples: list[dict], what: str, **req) -> Path:
     """Run `step` in a child; the model file it wrote (none for a probe). Raises ConversionError when the child failed
     (its error text as `text`), crashed or ran out of time."""
-    served.trim()  # the build's own freed heap back first: the child's memory comes on top of it
+    served.trim(collect=False)  # glibc's freed heap back first: the child comes on top of it
     work = work.resolve()  # the child runs in `work`: every path it is given is absolute
     req = {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in req.items()}
     work.mkdir(parents=True, exist_ok=True)
