@@ -32,6 +32,9 @@ _SCOPE = re.compile(r"[^A-Za-z0-9_.\-/]")
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 # Read from the working directory (else downloaded from GitHub) by onnx2tf for 3-channel image inputs.
 _ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+KEEP_BYTES = 1 << 30  # the served child leaves after a conversion that left it holding more
+VARIABLE_ELEMENTS = 1024  # a captured float tensor this big is a variable in the SavedModel; smaller, a constant
+UNCACHED_BYTES = 1 << 16  # a graph-surgeon constant this big is read each time it is asked for, not kept
 
 
 def relu6_sigmoids(model) -> int:
@@ -269,12 +272,6 @@ def convert(req: dict) -> dict:
             "onnx2tf": onnx2tf.__version__, "strict_mode": strict}
 
 
-KEEP_BYTES = 1 << 30  # the served child leaves after a conversion that left it holding more
-
-# A captured float tensor this big becomes a variable in the SavedModel; smaller ones stay constants.
-VARIABLE_ELEMENTS = 1024
-
-
 def _write_saved_model(trace, specs: list, out: Path) -> None:
     """What `trace()` returns (a concrete function whose captures hold onnx2tf's weights as constants),
     written as a SavedModel whose weights are variables: the graph is imported again with each weight
@@ -347,9 +344,6 @@ def _weights_read_when_asked(module: str = "onnx_graphsurgeon.ir.tensor"):
         yield
     finally:
         Constant.values = cached
-
-
-UNCACHED_BYTES = 1 << 16
 
 
 def _freeze_imports() -> None:
