@@ -66,9 +66,9 @@ class AgentProc:
 
     model_name = "digits"
 
-    def _get(self, path: str) -> int | None:
+    def _get(self, path: str, timeout: float = 1.0) -> int | None:
         try:
-            with urllib.request.urlopen(self.base + path, timeout=1) as r:
+            with urllib.request.urlopen(self.base + path, timeout=timeout) as r:
                 return r.status
         except urllib.error.HTTPError as e:
             return e.code

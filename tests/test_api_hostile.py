@@ -178,7 +178,9 @@ def test_idle_connections_cannot_starve_the_api(digits_bundle, tmp_path):
         time.sleep(0.5)
         cpu0 = _cpu_s(a.proc.pid)
         t0 = time.monotonic()
-        code = a._get("/v2/health/live")  # a new client gets a prompt answer: served, or 503 while full
+        # a new client gets a prompt answer: served, or 503 while full (within the 2 s the assert allows: on
+        # a loaded CI host the answer took over _get's usual 1 s, run 52)
+        code = a._get("/v2/health/live", timeout=2)
         assert code in (200, 503) and time.monotonic() - t0 < 2, code
         assert _threads(a.proc.pid) < 16 + 20
         time.sleep(1.0)
